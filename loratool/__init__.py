@@ -1,0 +1,44 @@
+"""loratool: an offline toolkit for LoRA adapters on safetensors checkpoints.
+
+Every command of the CLI is a function here of the same name::
+
+    import loratool
+    loratool.extract("base/", "finetuned/", output="adapter/", rank=16)
+    loratool.merge("base/", ["adapter/"], output="merged/")
+
+Imports are lazy so that ``import loratool`` (and ``loratool --help``) do not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import LoraToolError
+
+if TYPE_CHECKING:
+    from .adapter import Adapter, LoraModule, load_adapter, save_adapter
+    from .checkpoint import open_checkpoint
+    from .ops.combine import combine, resize
+    from .ops.extract import extract
+    from .ops.hub import pull, push
+    from .ops.inspect import inspect
+    from .ops.merge import merge, unmerge
+    from .ops.validate import validate
+
+_EXPORTS = {
+    "extract": "ops.extract", "merge": "ops.merge", "unmerge": "ops.merge", "combine": "ops.combine",
+    "resize": "ops.combine", "inspect": "ops.inspect", "validate": "ops.validate", "push": "ops.hub",
+    "pull": "ops.hub",
+    "load_adapter": "adapter", "save_adapter": "adapter", "Adapter": "adapter", "LoraModule": "adapter",
+    "open_checkpoint": "checkpoint",
+}  # fmt: skip
+
+__all__ = ["LoraToolError", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'loratool' has no attribute {name!r}")

@@ -1,0 +1,182 @@
+"""The in-memory adapter: LoRA factors per module, whole tensors, and the config they came with.
+
+Names follow the field (microsoft/LoRA, PEFT): ``lora_A`` is (r, in), ``lora_B`` is (out, r) and
+``scaling`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). The delta a module adds to its base
+weight depends on the layer kind:
+
+- ``linear``:    W (out, in)   += scaling * B @ A
+- ``conv1d``:    W (in, out)   += scaling * (B @ A).T   (GPT-2 ``Conv1D``, PEFT's fan_in_fan_out)
+- ``embedding``: W (num, dim)  += scaling * (B @ A).T   (PEFT's lora_embedding_A (r, num), _B (dim, r))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import InputFileError, MissingInputError
+
+if TYPE_CHECKING:
+    import torch
+
+Kind = Literal["linear", "conv1d", "embedding"]
+KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding")
+
+# init_lora_weights values whose adapters were trained against a rewritten base weight.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module's factors and how they scale."""
+
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r)
+    alpha: float
+    kind: Kind = "linear"
+    use_rslora: bool = False
+    bias: torch.Tensor | None = None  # lora_B.bias, (out,), scaled like the delta
+    magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.lora_A.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.lora_B.shape[0])
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.rank, use_rslora=self.use_rslora)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the base weight this module adapts."""
+        if self.kind == "linear":
+            return (self.out_features, self.in_features)
+        return (self.in_features, self.out_features)
+
+    @property
+    def num_params(self) -> int:
+        return self.lora_A.numel() + self.lora_B.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter in memory.
+
+    ``modules`` maps module paths as in the base model (``model.layers.0.self_attn.q_proj``, no
+    ``base_model.model.`` prefix) to factors. ``whole`` maps base-model tensor names to tensors
+    that replace the base's (PEFT's ``modules_to_save`` and ``.base_layer.`` entries).
+    ``config`` is the PEFT ``adapter_config.json`` content (built or as read), ``metadata`` the
+    safetensors header.
+    """
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: Literal["peft", "kohya"] = "peft"
+    path: str | None = None
+
+    @property
+    def num_params(self) -> int:
+        return sum(m.num_params for m in self.modules.values()) + sum(t.numel() for t in self.whole.values())
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora")) or any(m.magnitude is not None for m in self.modules.values())
+
+    @property
+    def init_lora_weights(self) -> str:
+        return str(self.config.get("init_lora_weights", True)).lower()
+
+    @property
+    def rewrites_base(self) -> bool:
+        return self.init_lora_weights.startswith(BASE_REWRITING_INITS)
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        value = self.config.get("base_model_name_or_path")
+        return str(value) if value else None
+
+    def ranks(self) -> dict[str, int]:
+        return {p: m.rank for p, m in self.modules.items()}
+
+
+def lora_scaling(alpha: float, r: int, *, use_rslora: bool = False) -> float:
+    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def pattern_lookup(patterns: Mapping[str, Any], module_path: str) -> Any | None:
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: first key (a regex) matching the path's end.
+
+    Keys match as ``re.match(rf"(.*\\.)?({key})$", module_path)``, in mapping order.
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return None
+
+
+def module_alpha(config: Mapping[str, Any], module_path: str) -> float:
+    found = pattern_lookup(config.get("alpha_pattern") or {}, module_path)
+    return float(found if found is not None else config.get("lora_alpha", 8))
+
+
+def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapter:
+    """Read a PEFT adapter directory or a kohya ``.safetensors`` file.
+
+    Args:
+        path: a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``, or a
+            single kohya-format ``.safetensors`` file.
+        allow_pickle: accept ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
+
+    Raises:
+        InputFileError: not an adapter, corrupt file, unsupported PEFT type.
+    """
+    from .formats import kohya, peft
+
+    p = Path(path)
+    if not p.exists():
+        raise MissingInputError("no such adapter", path=str(p))
+    if p.is_dir():
+        return peft.read_peft(p, allow_pickle=allow_pickle)
+    if p.name == "adapter_config.json":
+        return peft.read_peft(p.parent, allow_pickle=allow_pickle)
+    if p.suffix == ".safetensors":
+        return kohya.read_kohya(p)
+    raise InputFileError(
+        "not an adapter",
+        path=str(p),
+        fix="give a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "
+        "or a kohya .safetensors file",
+    )
+
+
+def save_adapter(
+    adapter: Adapter,
+    out: str | os.PathLike[str],
+    *,
+    format: Literal["peft", "kohya"] = "peft",
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    readme: str | None = None,
+) -> Path:
+    """Write an adapter atomically: a PEFT directory, or a kohya ``.safetensors`` file."""
+    from .formats import kohya, peft
+
+    if format == "kohya":
+        return kohya.write_kohya(adapter, Path(out), force=force, dtype=dtype)
+    return peft.write_peft(adapter, Path(out), force=force, dtype=dtype, readme=readme)

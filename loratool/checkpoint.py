@@ -1,0 +1,338 @@
+"""Reading checkpoints: one safetensors file, a directory, or a sharded set with an index.
+
+Everything that touches ``safetensors`` for reading lives here. Listing a checkpoint reads only the
+headers; tensors are read one at a time from memory-mapped files, so a 100 GB model can be walked
+with the memory of its largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InputFileError, MissingInputError, MissingKeyError
+
+if TYPE_CHECKING:
+    import torch
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+# safetensors dtype name -> (torch dtype name, bytes per element)
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a safetensors dtype name (``"BF16"``) or a user spelling (``"bf16"``)."""
+    import torch
+
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "FLOAT32": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16,
+        "FP32": torch.float32, "FP16": torch.float16, "HALF": torch.float16, "FLOAT": torch.float32,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }  # fmt: skip
+    try:
+        return table[name.upper()]
+    except KeyError:
+        raise InputFileError(
+            f"unknown dtype '{name}'", fix="use one of float32, float16, bfloat16 (or F32, F16, BF16)"
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    import torch
+
+    table = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+        torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    }  # fmt: skip
+    return table[dtype]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says of one tensor: no data is read to know it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors name: "F32", "BF16", ...
+    file: str  # file name relative to the checkpoint root
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
+
+
+class Checkpoint:
+    """A checkpoint opened for streaming reads.
+
+    Use :func:`open_checkpoint` to make one. ``keys()`` and ``info()`` come from headers;
+    ``get()`` reads one tensor, memory-mapped.
+    """
+
+    def __init__(self, path: Path, files: list[Path], *, index_file: Path | None, allow_pickle: bool):
+        self.path = path
+        self.root = path if path.is_dir() else path.parent
+        self.files = files
+        self.index_file = index_file
+        self._infos: dict[str, TensorInfo] = {}
+        self._handles: dict[str, Any] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
+        for f in files:
+            if f.suffix in PICKLE_SUFFIXES:
+                self._open_pickle(f, allow_pickle)
+            else:
+                self._open_safetensors(f)
+
+    # -- opening -------------------------------------------------------------------------------
+    def _open_safetensors(self, file: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        rel = file.name
+        try:
+            handle = safe_open(str(file), framework="pt")
+            names = list(handle.keys())
+            infos = []
+            for name in names:
+                s = handle.get_slice(name)
+                infos.append(TensorInfo(name, tuple(s.get_shape()), s.get_dtype(), rel))
+            meta = handle.metadata() or {}
+        except SafetensorError as e:
+            raise InputFileError(
+                f"not a readable safetensors file ({e})",
+                path=str(file),
+                fix="the file is truncated or corrupt: download or copy it again",
+            ) from None
+        except OSError as e:
+            raise InputFileError(f"cannot read the file ({e.strerror})", path=str(file)) from None
+        self._handles[rel] = handle
+        self.metadata[rel] = dict(meta)
+        offsets = read_header_offsets(file)
+        for info in sorted(infos, key=lambda i: offsets.get(i.name, 0)):
+            self._add(info)
+
+    def _open_pickle(self, file: Path, allow_pickle: bool) -> None:
+        if not allow_pickle:
+            raise InputFileError(
+                "refusing to read a pickle file: unpickling can run arbitrary code",
+                path=str(file),
+                fix="convert it to .safetensors, or pass --allow-pickle if you trust its source "
+                "(it is then loaded with torch.load(weights_only=True))",
+            )
+        import torch
+
+        try:
+            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many kinds here; all mean "unreadable"
+            raise InputFileError(f"cannot load the pickle file ({e})", path=str(file)) from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InputFileError("the pickle file does not hold a flat dict of tensors", path=str(file))
+        self._pickled[file.name] = state
+        for name, t in state.items():
+            self._add(TensorInfo(name, tuple(t.shape), dtype_name(t.dtype), file.name))
+
+    def _add(self, info: TensorInfo) -> None:
+        if info.name in self._infos:
+            raise InputFileError(
+                f"tensor '{info.name}' appears in both {self._infos[info.name].file} and {info.file}",
+                path=str(self.path),
+                fix="a sharded checkpoint must hold each tensor once",
+            )
+        self._infos[info.name] = info
+
+    # -- listing (headers only) -----------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Tensor names, shard by shard, in on-disk order within each shard."""
+        return list(self._infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise MissingKeyError("not in the checkpoint", path=str(self.path), key=key) from None
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(i.numel for i in self._infos.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    @property
+    def header_metadata(self) -> dict[str, str]:
+        """The first file's header metadata (all shards of one checkpoint normally agree)."""
+        return next(iter(self.metadata.values()), {}) if self.metadata else {}
+
+    def config(self) -> dict[str, Any]:
+        """``config.json`` beside the weights, or ``{}``."""
+        cfg = self.root / "config.json"
+        if not cfg.is_file():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputFileError(f"config.json is not valid JSON ({e})", path=str(cfg)) from None
+
+    # -- reading --------------------------------------------------------------------------------
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (CPU, the stored dtype)."""
+        info = self.info(key)
+        if info.file in self._pickled:
+            return self._pickled[info.file][key]
+        from safetensors import SafetensorError
+
+        try:
+            return self._handles[info.file].get_tensor(key)
+        except SafetensorError as e:
+            raise InputFileError(f"cannot read tensor '{key}' ({e})", path=str(self.root / info.file)) from None
+
+    def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self.keys() if keys is None else keys:
+            yield key, self.get(key)
+
+    def file_paths(self) -> list[Path]:
+        """Every file the checkpoint consists of (shards and index), for hashing and provenance."""
+        paths = list(self.files)
+        if self.index_file is not None:
+            paths.append(self.index_file)
+        return paths
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_header_offsets(file: Path) -> dict[str, int]:
+    """Start offset of each tensor in a safetensors file, from its header alone.
+
+    ``safe_open`` lists keys sorted by name; reading in on-disk order keeps I/O sequential.
+    """
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+
+
+def resolve_checkpoint_files(path: str | os.PathLike[str]) -> tuple[Path, list[Path], Path | None]:
+    """Find the weight files of a checkpoint path. Returns (path, files, index_file)."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingInputError("no such file or directory", path=str(p))
+    if p.is_file():
+        if p.name.endswith(".index.json"):
+            return _from_index(p.parent, p)
+        if not p.name.endswith(WEIGHT_SUFFIXES):
+            raise InputFileError(
+                "not a checkpoint file", path=str(p), fix="give a .safetensors file or a model directory"
+            )
+        return p, [p], None
+    indexes = sorted(p.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise InputFileError(
+            f"several index files ({', '.join(i.name for i in indexes)})",
+            path=str(p),
+            fix="keep one *.safetensors.index.json per model directory",
+        )
+    if indexes:
+        return _from_index(p, indexes[0])
+    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
+        if (p / name).is_file():
+            return p, [p / name], None
+    singles = sorted(p.glob("*.safetensors"))
+    if len(singles) == 1:
+        return p, singles, None
+    pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    if len(pickles) == 1:
+        return p, pickles, None
+    found = ", ".join(f.name for f in singles) or "none"
+    raise InputFileError(
+        f"no model.safetensors or *.safetensors.index.json in the directory (safetensors files: {found})",
+        path=str(p),
+        fix="point at the model file itself, or at a directory holding one checkpoint",
+    )
+
+
+def _from_index(root: Path, index: Path) -> tuple[Path, list[Path], Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputFileError(
+            f"not a valid index file ({type(e).__name__}: {e})",
+            path=str(index),
+            fix="an index needs a 'weight_map' object of tensor name -> shard file",
+        ) from None
+    paths = [root / f for f in files]
+    for f in paths:
+        if not f.is_file():
+            raise MissingInputError(
+                f"shard '{f.name}' is named in {index.name} but missing",
+                path=str(f),
+                fix="download the missing shard or fix the index",
+            )
+    return root, paths, index
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint for streaming reads (headers now, tensors on demand).
+
+    Args:
+        path: a ``.safetensors`` file, a directory with ``model.safetensors``, or a sharded
+            directory with ``*.safetensors.index.json``.
+        allow_pickle: accept ``.bin``/``.pt`` files, loaded with ``torch.load(weights_only=True)``.
+
+    Raises:
+        InputFileError: missing, corrupt or truncated files; pickle without ``allow_pickle``.
+    """
+    root, files, index = resolve_checkpoint_files(path)
+    ckpt = Checkpoint(root, files, index_file=index, allow_pickle=allow_pickle)
+    if index is not None:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = [k for k, f in weight_map.items() if k not in ckpt]
+        if missing:
+            raise MissingKeyError(
+                f"{len(missing)} tensor(s) listed in {index.name} are not in their shards",
+                path=str(index),
+                key=missing[0],
+                fix="the index and the shards come from different saves: download them again",
+            )
+    return ckpt

@@ -1,0 +1,292 @@
+"""The ``loratool`` command line: parse, call one library function, print.
+
+Errors are mapped to exit codes in one place (:class:`_Group`): a :class:`LoraToolError` exits 1
+with its message, a usage error exits 2, and ``LORATOOL_DEBUG=1`` shows the traceback. torch is
+imported only inside commands, so ``loratool --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ._version import __version__
+from .errors import LoraToolError
+
+DEBUG_ENV = "LORATOOL_DEBUG"
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        try:
+            return super().invoke(ctx)
+        except LoraToolError as e:
+            if debug:
+                raise
+            click.secho(f"error: {e}", err=True, fg="red")
+            ctx.exit(1)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug of ours: say so without a traceback unless asked
+            if debug:
+                raise
+            click.secho(
+                f"error: unexpected {type(e).__name__}: {e}\n"
+                f"This is a loratool bug; set {DEBUG_ENV}=1 for the traceback and report it.",
+                err=True,
+                fg="red",
+            )
+            ctx.exit(1)
+
+
+class _AdapterSpec(click.ParamType):
+    """``PATH`` or ``PATH:SCALE`` (``adapter/:0.5``, ``style.safetensors:-1``)."""
+
+    name = "ADAPTER[:SCALE]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, float]:
+        if isinstance(value, tuple):
+            return value
+        head, sep, tail = str(value).rpartition(":")
+        if sep and head:
+            try:
+                return head, float(tail)
+            except ValueError:
+                pass
+        return str(value), 1.0
+
+
+ADAPTER_SPEC = _AdapterSpec()
+
+
+def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    payload = result.to_json() if hasattr(result, "to_json") else result
+    for w in (payload.get("warnings") or []) if isinstance(payload, dict) else []:
+        click.secho(f"warning: {w}", err=True, fg="yellow")
+    if as_json:
+        click.echo(json.dumps(payload, indent=2, default=str))
+    else:
+        click.echo(human(payload))
+
+
+def _opts(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Shared options, by name, in a fixed order."""
+    table: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+        "output": click.option("-o", "--output", required=True, type=click.Path(), help="Where to write (required)."),
+        "device": click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        "dtype": click.option("--dtype", default=None, help="Output dtype: float32, bfloat16, float16 (default: keep)."),
+        "force": click.option("--force", is_flag=True, help="Replace an existing output."),
+        "quiet": click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+        "json": click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout."),
+        "pickle": click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (torch.load weights_only=True)."),
+        "fifo": click.option(
+            "--fan-in-fan-out/--no-fan-in-fan-out",
+            default=None,
+            help="Treat 2-D weights as GPT-2 Conv1D (in, out). Default: from config.json's model_type.",
+        ),
+    }
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        for n in reversed(names):
+            f = table[n](f)
+        return f
+
+    return deco
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="loratool")
+def cli() -> None:
+    """loratool: extract, merge, unmerge, combine, resize, validate, push and pull LoRA adapters.
+
+    Works on safetensors checkpoint files, offline, on CPU or CUDA.
+
+    \b
+    Examples:
+      loratool extract base/ finetuned/ -r 16 -o adapter/
+      loratool merge base/ adapter/ -o merged/
+      loratool inspect adapter/ --json
+
+    Set LORATOOL_DEBUG=1 to see tracebacks.
+    """
+
+
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("finetuned", type=click.Path())
+@click.option("-r", "--rank", type=click.IntRange(min=1), default=None,
+              help="Rank per module [default: 16]; with --energy/--budget, the highest rank allowed.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Per module, the smallest rank keeping this share of the delta's energy (sum S^2).")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="Total LoRA parameters, spent where each rank buys the most energy.")
+@click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
+@click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
+@click.option("--n-iter", type=click.IntRange(min=0), default=2, show_default=True, help="Power iterations.")
+@click.option("--include", default=None, help="Regex: only module paths it matches (re.search) become LoRA.")
+@click.option("--exclude", default=None, help="Regex: module paths it matches do not become LoRA.")
+@click.option("--keep-full", default=None,
+              help="Regex: changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option("--base-model-id", default=None, help="The base's Hub id, recorded in the adapter config.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
+def extract(base: str, finetuned: str, rank: int | None, energy: float | None, budget: int | None, svd: str,
+            oversample: int, n_iter: int, include: str | None, exclude: str | None, keep_full: str | None,
+            fmt: str, base_model_id: str | None, seed: int, output: str, device: str, dtype: str | None,
+            fan_in_fan_out: bool | None, force: bool, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+    """Extract a LoRA adapter from FINETUNED - BASE by truncated SVD.
+
+    \b
+    Examples:
+      loratool extract base/ finetuned/ -r 16 -o adapter/
+      loratool extract base/ ft/ --energy 0.9 -r 64 -o adapter/
+      loratool extract base/ ft/ --budget 2000000 -o adapter/ --svd exact
+    """  # noqa: D301
+    from .ops.extract import extract as run
+
+    if rank is None and energy is None and budget is None:
+        rank = 16
+    result = run(base, finetuned, output=output, rank=rank, energy=energy, budget=budget, svd=svd,  # type: ignore[arg-type]
+                 oversample=oversample, n_iter=n_iter, device=device, dtype=dtype, include=include,
+                 exclude=exclude, keep_full=keep_full, fan_in_fan_out=fan_in_fan_out, format=fmt,  # type: ignore[arg-type]
+                 base_model_id=base_model_id, force=force, allow_pickle=allow_pickle, seed=seed,
+                 show_progress=not quiet)  # fmt: skip
+    _emit(result, as_json, _extract_text)
+
+
+def _extract_text(d: dict[str, Any]) -> str:
+    lines = [f"{'module':<48} {'shape':>13} {'rank':>5} {'rel.err':>9} {'energy':>7}"]
+    for m in d["modules"]:
+        shape = "x".join(map(str, m["shape"]))
+        lines.append(f"{m['module']:<48} {shape:>13} {m['rank']:>5} {m['relative_error']:>9.3e} {m['energy_kept']:>7.2%}")
+    s = d["summary"]
+    if s["modules"]:
+        lines.append(
+            f"{s['modules']} modules, {d['trainable_parameters']:,} parameters, max relative error "
+            f"{s['max_relative_error']:.3e}, min energy kept {s['min_energy_kept']:.2%}"
+        )
+    lines.append(f"wrote {d['output']}")
+    return "\n".join(lines)
+
+
+def _merge_text(d: dict[str, Any]) -> str:
+    text = f"{d['operation']}: {d['tensors_changed']} tensor(s) changed, {d['tensors_replaced']} replaced; wrote {d['output']}"
+    if "check" in d:
+        c = d["check"]
+        text += (
+            f"\ncheck against the original base: max |diff| {c['max_abs_diff']:.3e}, relative {c['relative_diff']:.3e}, "
+            f"max {c['max_rounding_units']:.2f} unit(s) of rounding, {c['elements_differing']:,} of {c['elements']:,} elements differ"
+        )
+    return text
+
+
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
+@_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
+def merge(base: str, adapters: tuple[tuple[str, float], ...], output: str, device: str, dtype: str | None,
+          fan_in_fan_out: bool | None, force: bool, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+    """Merge adapters into BASE: W + scale * scaling * B @ A, a full checkpoint.
+
+    Each ADAPTER is a PEFT directory or a kohya .safetensors file, optionally with :SCALE.
+    The output keeps BASE's layout (tensor names, shards, index, config and tokenizer files).
+
+    \b
+    Examples:
+      loratool merge base/ adapter/ -o merged/
+      loratool merge base/ chat/ style/:0.5 -o merged/ --dtype bfloat16
+    """
+    from .ops.merge import merge as run
+
+    result = run(base, list(adapters), output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
+                 force=force, allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
+    _emit(result, as_json, _merge_text)
+
+
+@cli.command()
+@click.argument("merged", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
+@click.option("--check", "check", type=click.Path(), default=None,
+              help="The original base: report how far the result is from it (max, relative, units of rounding).")
+@_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
+def unmerge(merged: str, adapters: tuple[tuple[str, float], ...], check: str | None, output: str, device: str,
+            dtype: str | None, fan_in_fan_out: bool | None, force: bool, allow_pickle: bool, quiet: bool,
+            as_json: bool) -> None:
+    """Take merged adapters back out of MERGED: W - scale * scaling * B @ A.
+
+    In bf16/fp16 a merge/unmerge round trip lands within one unit of rounding of the original
+    (not bit-exact); --check BASE measures it.
+
+    \b
+    Examples:
+      loratool unmerge merged/ adapter/ -o restored/ --check base/
+    """
+    from .ops.merge import unmerge as run
+
+    result = run(merged, list(adapters), output=output, check=check, device=device, dtype=dtype,
+                 fan_in_fan_out=fan_in_fan_out, force=force, allow_pickle=allow_pickle,
+                 show_progress=not quiet)  # fmt: skip
+    _emit(result, as_json, _merge_text)
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@_opts("pickle", "json")
+def inspect(path: str, allow_pickle: bool, as_json: bool) -> None:
+    """Show what a checkpoint or an adapter holds (checkpoints: from headers only).
+
+    \b
+    Examples:
+      loratool inspect model/
+      loratool inspect adapter/ --json
+    """
+    from .ops.inspect import inspect as run
+
+    _emit(run(path, allow_pickle=allow_pickle), as_json, _inspect_text)
+
+
+def _inspect_text(d: dict[str, Any]) -> str:
+    if d["kind"] == "checkpoint":
+        shards = ", ".join(f"{s['file']} ({s['tensors']})" for s in d["shards"])
+        lines = [
+            f"checkpoint {d['path']}",
+            f"  tensors {d['tensors']:,}   parameters {d['parameters']:,}   bytes {d['bytes']:,}",
+            f"  dtypes {d['dtypes']}   model_type {d['model_type']}",
+            f"  files {shards}" + (f"   index {d['index']}" if d["index"] else ""),
+        ]
+    else:
+        lines = [
+            f"adapter {d['path']} ({d['format']})",
+            f"  modules {d['module_count']}   ranks {d['ranks']}   trainable parameters {d['trainable_parameters']:,}",
+            f"  dtypes {d['dtypes']}   rslora {d['use_rslora']}   dora {d['use_dora']}   bytes {d['bytes']:,}",
+            f"  base model {d['base_model_name_or_path']}",
+        ]
+        for m in d["modules"]:
+            lines.append(f"  {m['module']:<48} {m['kind']:<9} r={m['rank']:<4} alpha={m['alpha']:<6g} scaling={m['scaling']:.4g}")
+        if d["whole_tensors"]:
+            lines.append(f"  whole tensors: {', '.join(d['whole_tensors'])}")
+    if d.get("provenance"):
+        p = d["provenance"]
+        lines.append(f"  made by loratool {p.get('version')} {p.get('operation')} at {p.get('created')}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so atomic outputs clean up their temporary files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cli(prog_name="loratool")
+
+
+if __name__ == "__main__":
+    main()

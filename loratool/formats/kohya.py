@@ -1,0 +1,152 @@
+"""kohya-ss single-file adapters: ``<prefix>.lora_down.weight`` (r, in), ``.lora_up.weight`` (out, r),
+``.alpha`` (a scalar); scaling = alpha / r.
+
+kohya prefixes replace the dots of a module path with underscores, which cannot be undone from the
+file alone (``self_attn`` has an underscore too). loratool therefore records the exact module path
+and layer kind of every prefix in the header (``loratool_modules``); a kohya file from elsewhere
+keeps its prefixes as paths, and :func:`resolve_paths` maps them onto a checkpoint's tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..adapter import Adapter, LoraModule
+from ..checkpoint import open_checkpoint
+from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
+from ..output import atomic_output
+
+if TYPE_CHECKING:
+    import torch
+
+_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<slot>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
+MODULES_KEY = "loratool_modules"
+
+
+def kohya_prefix(module_path: str) -> str:
+    return "lora_" + module_path.replace(".", "_")
+
+
+def read_kohya(file: Path) -> Adapter:
+    """Read a kohya ``.safetensors`` adapter."""
+    import torch
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    with open_checkpoint(file) as ckpt:
+        metadata = ckpt.header_metadata
+        for key in ckpt.keys():
+            m = _KEY.match(key)
+            if m is None:
+                if key.endswith(("lora_A.weight", "lora_B.weight", "lora_embedding_A")):
+                    raise InputFileError(
+                        "this is a PEFT adapter's weights file, not a kohya file",
+                        path=str(file),
+                        fix="pass the adapter's directory (with adapter_config.json) instead",
+                    )
+                raise InputFileError(
+                    f"unexpected tensor '{key}' in a kohya adapter",
+                    path=str(file),
+                    fix="kohya files hold <prefix>.lora_down.weight, .lora_up.weight and .alpha",
+                )
+            groups.setdefault(m["prefix"], {})[m["slot"]] = ckpt.get(key)
+    known = json.loads(metadata.get(MODULES_KEY, "{}"))
+    modules = {}
+    for prefix, slots in groups.items():
+        down, up = slots.get("lora_down.weight"), slots.get("lora_up.weight")
+        if down is None or up is None:
+            raise MissingKeyError("has only one of lora_down/lora_up", path=str(file), key=prefix)
+        down = down.flatten(1) if down.dim() == 4 else down  # 1x1 convs store (r, in, 1, 1)
+        up = up.flatten(1) if up.dim() == 4 else up
+        if down.shape[0] != up.shape[1]:
+            raise ShapeMismatchError(
+                "lora_down (r, in) and lora_up (out, r) disagree on r",
+                path=str(file),
+                key=prefix,
+                got=f"down {list(down.shape)}, up {list(up.shape)}",
+            )
+        r = down.shape[0]
+        alpha = float(slots["alpha"].item()) if "alpha" in slots else float(r)
+        info = known.get(prefix, {})
+        modules[info.get("path", prefix)] = LoraModule(
+            lora_A=down,
+            lora_B=up,
+            alpha=alpha,
+            kind=info.get("kind", "linear"),
+            magnitude=slots.get("dora_scale"),
+        )
+    config = {"peft_type": "LORA", "lora_alpha": None, "r": None}
+    if "ss_base_model_name_or_path" in metadata:
+        config["base_model_name_or_path"] = metadata["ss_base_model_name_or_path"]
+    return Adapter(modules=modules, config=config, metadata=metadata, format="kohya", path=str(file))
+
+
+def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write ``adapter`` as one kohya ``.safetensors`` file. rsLoRA scaling is folded into alpha."""
+    import torch
+    from safetensors.torch import save_file
+
+    if adapter.whole:
+        raise InputFileError(
+            f"kohya files cannot hold whole tensors ({', '.join(sorted(adapter.whole)[:3])}...)",
+            fix="write the PEFT format instead, or leave out --keep-full",
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    modules_meta = {}
+    for path, m in adapter.modules.items():
+        prefix = kohya_prefix(path)
+        if prefix in modules_meta:
+            raise InputFileError(f"modules '{modules_meta[prefix]['path']}' and '{path}' share a kohya name")
+        a, b = m.lora_A.detach().cpu(), m.lora_B.detach().cpu()
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        tensors[f"{prefix}.lora_down.weight"] = a.contiguous()
+        tensors[f"{prefix}.lora_up.weight"] = b.contiguous()
+        # kohya scales by alpha / r: store the alpha that gives this module's exact scaling.
+        tensors[f"{prefix}.alpha"] = torch.tensor(m.scaling * m.rank, dtype=torch.float32)
+        modules_meta[prefix] = {"path": path, "kind": m.kind}
+    ranks = {m.rank for m in adapter.modules.values()}
+    alphas = {m.scaling * m.rank for m in adapter.modules.values()}
+    metadata = {k: v for k, v in adapter.metadata.items() if k != "format"}
+    metadata.update(
+        {
+            "format": "pt",
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+            "ss_network_alpha": str(_num(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+            MODULES_KEY: json.dumps(modules_meta, sort_keys=True),
+        }
+    )
+    if adapter.base_model_name_or_path:
+        metadata["ss_base_model_name_or_path"] = adapter.base_model_name_or_path
+    with atomic_output(out, force=force, directory=False) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def resolve_paths(adapter: Adapter, module_paths: list[str]) -> dict[str, str]:
+    """Map each module of ``adapter`` onto one of ``module_paths`` (a checkpoint's modules).
+
+    Exact paths map to themselves; kohya prefixes map when the underscored path ends the prefix
+    (``lora_unet_down_0_attn`` -> ``down.0.attn``). Unmatched modules are left out of the result.
+    """
+    by_underscore: dict[str, list[str]] = {}
+    for p in module_paths:
+        by_underscore.setdefault(p.replace(".", "_"), []).append(p)
+    known = set(module_paths)
+    found = {}
+    for name in adapter.modules:
+        if name in known:
+            found[name] = name
+            continue
+        stem = name[len("lora_") :] if name.startswith("lora_") else name
+        candidates = [p for u, ps in by_underscore.items() if stem == u or stem.endswith("_" + u) for p in ps]
+        if candidates:
+            found[name] = max(candidates, key=len)  # the longest tail is the most specific match
+    return found

@@ -1,0 +1,234 @@
+"""PEFT adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The reader is tolerant, as PEFT's loader is: keys with or without ``base_model.model.``, with or
+without an adapter name inside (``lora_A.default.weight``), F32/F16/BF16. The writer emits exactly
+what ``PeftModel.from_pretrained`` expects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import Adapter, LoraModule, module_alpha
+from ..checkpoint import open_checkpoint
+from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError
+from ..output import atomic_output
+
+if TYPE_CHECKING:
+    import torch
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+_FACTOR = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")
+_EMBED = re.compile(r"^(?P<path>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?$")
+_MAGNITUDE = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector(?:\.(?P<name>[^.]+))?(?:\.weight)?$")
+
+
+def strip_prefix(key: str) -> str:
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
+
+
+def base_key(key: str) -> str:
+    """The base-model tensor a whole-tensor adapter entry replaces."""
+    key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+    return key.replace(".base_layer.", ".")
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise MissingInputError(
+            f"no {CONFIG_NAME} in the adapter directory",
+            path=str(directory),
+            fix="a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors",
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputFileError(f"not valid JSON ({e})", path=str(cfg_path)) from None
+    if not isinstance(config, dict):
+        raise InputFileError("must hold a JSON object", path=str(cfg_path))
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise InputFileError(
+            f"peft_type is {peft_type!r}; loratool handles LoRA adapters only", path=str(cfg_path)
+        )
+    return config
+
+
+def weights_path(directory: Path, *, allow_pickle: bool) -> Path:
+    st = directory / WEIGHTS_NAME
+    if st.is_file():
+        return st
+    if (directory / PICKLE_WEIGHTS_NAME).is_file():
+        if allow_pickle:
+            return directory / PICKLE_WEIGHTS_NAME
+        raise InputFileError(
+            f"the adapter's weights are a pickle file ({PICKLE_WEIGHTS_NAME})",
+            path=str(directory),
+            fix="re-save it with safetensors, or pass --allow-pickle if you trust its source",
+        )
+    raise MissingInputError(f"no {WEIGHTS_NAME} in the adapter directory", path=str(directory))
+
+
+def read_peft(directory: Path, *, allow_pickle: bool = False) -> Adapter:
+    """Read a PEFT LoRA adapter directory into an :class:`Adapter`."""
+    config = read_config(directory)
+    wpath = weights_path(directory, allow_pickle=allow_pickle)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
+    names: set[str] = set()
+    with open_checkpoint(wpath, allow_pickle=allow_pickle) as ckpt:
+        metadata = ckpt.header_metadata
+        for raw_key in ckpt.keys():
+            key = strip_prefix(raw_key)
+            tensor = ckpt.get(raw_key)
+            if m := _FACTOR.match(key):
+                slot = f"{m['ab']}.{m['param']}"
+            elif m := _EMBED.match(key):
+                slot = f"E{m['ab']}"
+            elif m := _MAGNITUDE.match(key):
+                slot = "magnitude"
+            else:
+                whole[base_key(key)] = tensor
+                continue
+            if m["name"]:
+                names.add(m["name"])
+            parts.setdefault(m["path"], {})[slot] = tensor
+    if len(names) > 1:
+        raise InputFileError(
+            f"the file holds several adapters ({', '.join(sorted(names))})",
+            path=str(wpath),
+            fix="save each adapter to its own directory",
+        )
+    use_rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    modules = {}
+    for path, slots in parts.items():
+        modules[path] = _module_from_slots(path, slots, config, use_rslora, fan_in_fan_out, wpath)
+    return Adapter(modules=modules, whole=whole, config=config, metadata=metadata, format="peft", path=str(directory))
+
+
+def _module_from_slots(
+    path: str, slots: dict[str, torch.Tensor], config: dict[str, Any], use_rslora: bool, fifo: bool, file: Path
+) -> LoraModule:
+    if "EA" in slots or "EB" in slots:
+        a, b, kind = slots.get("EA"), slots.get("EB"), "embedding"
+    else:
+        a, b, kind = slots.get("A.weight"), slots.get("B.weight"), ("conv1d" if fifo else "linear")
+    if a is None or b is None:
+        which = "lora_A" if a is None else "lora_B"
+        raise MissingKeyError(
+            f"module has one LoRA factor but not {which}",
+            path=str(file),
+            key=path,
+            fix="the adapter file is incomplete: re-save it",
+        )
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise ShapeMismatchError(
+            "lora_A (r, in) and lora_B (out, r) do not share a rank",
+            path=str(file),
+            key=path,
+            expected="A (r, in), B (out, r)",
+            got=f"A {list(a.shape)}, B {list(b.shape)}",
+        )
+    return LoraModule(
+        lora_A=a,
+        lora_B=b,
+        alpha=module_alpha(config, path),
+        kind=kind,  # type: ignore[arg-type]
+        use_rslora=use_rslora,
+        bias=slots.get("B.bias"),
+        magnitude=slots.get("magnitude"),
+    )
+
+
+def build_config(adapter: Adapter) -> dict[str, Any]:
+    """An ``adapter_config.json`` that makes PEFT rebuild every module's rank and scaling exactly.
+
+    The most common rank and alpha become ``r``/``lora_alpha``; other modules get full-path entries
+    in ``rank_pattern``/``alpha_pattern``. Full paths (not suffixes) cannot shadow one another.
+    """
+    cfg = dict(adapter.config)
+    modules = adapter.modules
+    rslora = {m.use_rslora for m in modules.values()}
+    if len(rslora) > 1:
+        raise InputFileError("modules disagree on use_rslora; PEFT has one flag per adapter")
+    if modules:
+        r = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+        alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+        cfg["r"] = r
+        cfg["lora_alpha"] = _number(alpha)
+        cfg["rank_pattern"] = {p: m.rank for p, m in modules.items() if m.rank != r}
+        cfg["alpha_pattern"] = {p: _number(m.alpha) for p, m in modules.items() if m.alpha != alpha}
+        cfg["use_rslora"] = rslora.pop()
+        cfg["target_modules"] = sorted(modules)
+        cfg["fan_in_fan_out"] = any(m.kind == "conv1d" for m in modules.values())
+        cfg["use_dora"] = any(m.magnitude is not None for m in modules.values())
+        cfg["lora_bias"] = any(m.bias is not None for m in modules.values())
+    to_save = sorted({k.rsplit(".", 1)[0] for k in adapter.whole} - set(modules))
+    cfg["modules_to_save"] = to_save or None
+    defaults = {
+        "peft_type": "LORA", "bias": "none", "lora_dropout": 0.0, "init_lora_weights": True,
+        "inference_mode": True, "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "layers_to_transform": None, "layers_pattern": None,
+    }  # fmt: skip
+    for k, v in defaults.items():
+        cfg.setdefault(k, v)
+    return cfg
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors``, keyed as PEFT saves them."""
+    out: dict[str, torch.Tensor] = {}
+
+    def put(key: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[PREFIX + key] = t.contiguous()
+
+    for path, m in adapter.modules.items():
+        if m.kind == "embedding":
+            put(f"{path}.lora_embedding_A", m.lora_A)
+            put(f"{path}.lora_embedding_B", m.lora_B)
+        else:
+            put(f"{path}.lora_A.weight", m.lora_A)
+            put(f"{path}.lora_B.weight", m.lora_B)
+            if m.bias is not None:
+                put(f"{path}.lora_B.bias", m.bias)
+        if m.magnitude is not None:
+            put(f"{path}.lora_magnitude_vector", m.magnitude)
+    for key, t in adapter.whole.items():
+        module, param = key.rsplit(".", 1)
+        # A whole tensor of a LoRA-wrapped module lives on its base layer; others are modules_to_save.
+        put(f"{module}.base_layer.{param}" if module in adapter.modules else key, t)
+    return out
+
+
+def write_peft(
+    adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None, readme: str | None = None
+) -> Path:
+    """Write ``adapter`` as a PEFT adapter directory at ``out``, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = state_dict(adapter, dtype)
+    config = build_config(adapter)
+    metadata = {"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
+    with atomic_output(out, force=force, directory=True) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if readme is not None:
+            (tmp / "README.md").write_text(readme)
+    return out

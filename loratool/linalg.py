@@ -1,0 +1,182 @@
+"""The math of loratool, as pure functions over tensors: no I/O, no printing.
+
+Float32 (or float64 where noted) inside; the device is the input's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .adapter import Kind
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, kind: Kind) -> torch.Tensor:
+    """The float32 delta a LoRA module adds to its base weight, in that weight's layout."""
+    a = lora_A.to(torch.float32)
+    b = lora_B.to(lora_A.device, torch.float32)
+    delta = b @ a  # (out, r) @ (r, in) -> (out, in)
+    if kind != "linear":
+        delta = delta.T  # Conv1D stores (in, out); embeddings (num, dim) with A (r, num), B (dim, r)
+    return delta.mul_(scaling) if scaling != 1.0 else delta
+
+
+def delta_as_out_in(delta: torch.Tensor, kind: Kind) -> torch.Tensor:
+    """A base-layout delta turned into the (out, in) orientation the factors use."""
+    return delta if kind == "linear" else delta.T
+
+
+# -- truncated SVD --------------------------------------------------------------------------------
+@dataclass
+class TruncatedSVD:
+    """``U`` (m, k), ``S`` (k,), ``Vh`` (k, n) with k >= the rank that will be kept, plus the
+    squared Frobenius norm of the matrix they approximate (float64, for exact energy shares)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    total_energy: float
+
+    def energy(self, rank: int) -> float:
+        """Sum of the top ``rank`` squared singular values (float64)."""
+        return float(self.S[:rank].double().square().sum())
+
+
+def exact_svd(matrix: torch.Tensor, k: int | None = None) -> TruncatedSVD:
+    """Exact thin SVD (``torch.linalg.svd(full_matrices=False)``), truncated to ``k``."""
+    m = matrix.to(torch.float32)
+    U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+    k = S.shape[0] if k is None else min(k, S.shape[0])
+    return TruncatedSVD(U[:, :k], S[:k], Vh[:k], _sq_norm(m))
+
+
+def randomized_svd(
+    matrix: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 8,
+    n_iter: int = 2,
+    generator: torch.Generator | None = None,
+) -> TruncatedSVD:
+    """Top-``k`` SVD by a randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4).
+
+    ``n_iter`` power iterations, each re-orthonormalized by QR, sharpen a slowly decaying spectrum.
+    Falls back to the exact SVD when ``k + oversample`` reaches the smaller dimension.
+    """
+    m = matrix.to(torch.float32)
+    rows, cols = m.shape
+    width = k + oversample
+    if width >= min(rows, cols):
+        return exact_svd(m, k)
+    transpose = rows < cols  # work on the tall orientation: the sketch is (max, width)
+    a = m.T if transpose else m
+    gen_device = generator.device if generator is not None else a.device
+    omega = torch.randn(a.shape[1], width, generator=generator, device=gen_device).to(a.device)
+    q, _ = torch.linalg.qr(a @ omega)  # (m, n) @ (n, w) -> (m, w)
+    for _ in range(n_iter):
+        z, _ = torch.linalg.qr(a.T @ q)  # (n, m) @ (m, w) -> (n, w)
+        q, _ = torch.linalg.qr(a @ z)  # (m, n) @ (n, w) -> (m, w)
+    small = q.T @ a  # (w, m) @ (m, n) -> (w, n)
+    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+    u = q @ u_small  # (m, w) @ (w, w) -> (m, w)
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    if transpose:
+        u, vh = vh.T, u.T
+    return TruncatedSVD(u, s, vh, _sq_norm(m))
+
+
+def factored_svd(
+    Bs: list[torch.Tensor], As: list[torch.Tensor], k: int | None = None, *, dtype: torch.dtype = torch.float64
+) -> TruncatedSVD:
+    """Exact truncated SVD of ``sum_i B_i @ A_i`` without forming the (out, in) matrix.
+
+    Stack the factors, B = [B_1 .. B_n] (out, R) and A = [A_1; ..; A_n] (R, in); with B = Qb Rb
+    and A^T = Qa Ra, the sum is Qb (Rb Ra^T) Qa^T, so the SVD of the small (R, R) core gives it.
+    Computed in float64 by default: the core is tiny and the energy shares then stay exact.
+    """
+    b = torch.cat([x.to(dtype) for x in Bs], dim=1)  # (out, R)
+    a = torch.cat([x.to(b.device, dtype) for x in As], dim=0)  # (R, in)
+    qb, rb = torch.linalg.qr(b)  # (out, R'), (R', R)
+    qa, ra = torch.linalg.qr(a.T)  # (in, R'), (R', R)
+    core = rb @ ra.T  # (R', R) @ (R, R') -> (R', R')
+    uc, s, vch = torch.linalg.svd(core)
+    k = s.shape[0] if k is None else min(k, s.shape[0])
+    u = qb @ uc[:, :k]  # (out, R') @ (R', k) -> (out, k)
+    vh = vch[:k] @ qa.T  # (k, R') @ (R', in) -> (k, in)
+    return TruncatedSVD(u, s[:k], vh, float(core.double().square().sum()))
+
+
+def split_factors(svd: TruncatedSVD, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors of a rank-``rank`` truncation: B = U sqrt(S) (out, r), A = sqrt(S) Vh (r, in)."""
+    root = svd.S[:rank].sqrt()
+    b = (svd.U[:, :rank] * root).to(dtype)  # (out, r) * (r,) -> (out, r)
+    a = (root[:, None] * svd.Vh[:rank]).to(dtype)  # (r, 1) * (r, in) -> (r, in)
+    return b.contiguous(), a.contiguous()
+
+
+def _sq_norm(m: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2)
+
+
+# -- rank rules -------------------------------------------------------------------------------------
+def rank_for_energy(S: torch.Tensor, total_energy: float, fraction: float, cap: int) -> int:
+    """Smallest r <= cap whose top-r squared singular values keep ``fraction`` of ``total_energy``."""
+    if total_energy <= 0:
+        return 0
+    kept = torch.cumsum(S.double().square(), 0) / total_energy
+    reached = torch.nonzero(kept >= fraction - 1e-12)
+    r = int(reached[0]) + 1 if reached.numel() else S.shape[0]
+    return max(1, min(r, cap))
+
+
+def allocate_budget(spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: int) -> dict[str, int]:
+    """Spend ``budget`` parameters across modules where each rank buys the most energy per parameter.
+
+    Module m's j-th rank costs ``costs[m]`` (= in + out) parameters and removes ``S_m[j]^2`` of
+    squared error. Singular values fall within a module, so the marginal gains are sorted and the
+    greedy choice over all modules is optimal (up to the last, partly fitting step).
+    Returns rank per module (0 where nothing was bought).
+    """
+    gains: list[tuple[float, str, int]] = []
+    for name, s in spectra.items():
+        per_param = (s.double().square() / costs[name]).tolist()
+        gains.extend((g, name, j) for j, g in enumerate(per_param))
+    gains.sort(key=lambda t: (-t[0], t[1], t[2]))
+    ranks = dict.fromkeys(spectra, 0)
+    left = budget
+    for gain, name, j in gains:
+        if gain <= 0:
+            break
+        # within a module ranks are bought in order: j is always ranks[name] here
+        if j == ranks[name] and costs[name] <= left:
+            ranks[name] += 1
+            left -= costs[name]
+    return ranks
+
+
+def relative_error(svd: TruncatedSVD, rank: int) -> float:
+    """||M - M_r||_F / ||M||_F from the spectrum alone (the truncation is an orthogonal projection)."""
+    if svd.total_energy <= 0:
+        return 0.0
+    return math.sqrt(max(0.0, svd.total_energy - svd.energy(rank)) / svd.total_energy)
+
+
+def residual_error(matrix: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor) -> float:
+    """||M - B @ A||_F / ||M||_F, formed directly (consumes ``matrix`` in place).
+
+    The spectral identity cancels catastrophically in float32 when the fit is nearly exact; one
+    extra (out, r) @ (r, in) product is cheap next to the SVD and gives the error to the last bit.
+    """
+    norm = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
+    if norm == 0:
+        return 0.0
+    matrix.addmm_(lora_B.to(matrix.dtype), lora_A.to(matrix.dtype), alpha=-1)  # (out, r) @ (r, in)
+    return float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) / norm
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())

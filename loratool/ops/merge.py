@@ -1,0 +1,389 @@
+"""``loratool merge`` and ``loratool unmerge``: W' = W +/- sum_i s_i * scaling_i * B_i @ A_i.
+
+Streams the checkpoint one tensor at a time, in float32 on the chosen device, with one cast at the
+end. The output keeps the input's layout: the same tensor names in the same shards, the index, and
+the directory's other files (config, tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter, Kind, LoraModule, load_adapter
+from ..checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
+from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
+from .extract import CONV1D_MODEL_TYPES
+from ..formats.kohya import resolve_paths
+from ..output import CheckpointWriter, TensorSpec, atomic_output, check_output, copy_aux_files, patch_header_metadata
+from ..provenance import InputHasher, encode, make_record
+from ..runtime import prefetch, progress, resolve_device
+
+AdapterArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float] | Adapter
+
+
+@dataclass
+class _Term:
+    """One adapter module's contribution to one base tensor."""
+
+    module: LoraModule
+    kind: Kind
+    factor: float  # sign * user scale * module scaling
+    bias_key: str | None = None
+
+
+@dataclass
+class RoundTripCheck:
+    """How far an unmerged checkpoint is from the original base."""
+
+    max_abs_diff: float = 0.0
+    relative_diff: float = 0.0  # ||out - base||_F / ||base||_F over all tensors
+    max_rounding_units: float = 0.0  # largest difference in units of rounding of the stored dtype
+    elements_differing: int = 0
+    elements: int = 0
+    _sq_diff: float = 0.0
+    _sq_base: float = 0.0
+
+    def add(self, out: torch.Tensor, ref: torch.Tensor, merged: torch.Tensor) -> None:
+        """Compare one restored tensor with the original; ``merged`` is the unmerge's input."""
+        if not out.is_floating_point():
+            return
+        diff = out.double() - ref.double()
+        if diff.numel():
+            self.max_abs_diff = max(self.max_abs_diff, float(diff.abs().max()))
+            # A round trip rounds twice, at the magnitude of the merged and of the restored value.
+            scale = torch.maximum(ref.double().abs(), merged.double().abs())
+            units = diff.abs() / unit_of_rounding(scale, out.dtype)
+            self.max_rounding_units = max(self.max_rounding_units, float(units.max()))
+        self._sq_diff += float(diff.square().sum())
+        self._sq_base += float(ref.double().square().sum())
+        self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
+        self.elements_differing += int((out != ref).sum())
+        self.elements += out.numel()
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def unit_of_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s values at magnitude ``x`` (float64): 2^(exponent - mantissa bits)."""
+    info = torch.finfo(dtype)
+    mantissa_bits = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}[dtype]
+    _, exp = torch.frexp(x.clamp_min(info.tiny))  # x = m * 2^exp, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(x), exp - 1 - mantissa_bits)
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    operation: str
+    tensors_changed: int
+    tensors_replaced: int
+    tensors: int
+    check: RoundTripCheck | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "output": str(self.output),
+            "operation": self.operation,
+            "tensors": self.tensors,
+            "tensors_changed": self.tensors_changed,
+            "tensors_replaced": self.tensors_replaced,
+            "warnings": self.warnings,
+        }
+        if self.check is not None:
+            d["check"] = self.check.to_json()
+        return d
+
+
+def merge(
+    base: str | os.PathLike[str],
+    adapters: Sequence[AdapterArg],
+    *,
+    output: str | os.PathLike[str],
+    device: str = "auto",
+    dtype: str | None = None,
+    fan_in_fan_out: bool | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    show_progress: bool = True,
+) -> MergeResult:
+    """Merge LoRA adapters into a checkpoint: W' = W + sum_i s_i * scaling_i * B_i @ A_i.
+
+    Args:
+        base: the checkpoint (file or model directory) the adapters were trained on.
+        adapters: adapter paths, or ``(path, scale)`` pairs (scale defaults to 1).
+        output: where to write the merged checkpoint (a file for a file, a directory for a directory).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: the output's dtype for floating tensors (default: the base's).
+        fan_in_fan_out: treat LoRA targets as GPT-2 ``Conv1D``; default from the adapter and config.
+        force: replace an existing output.
+
+    Raises:
+        MissingKeyError: an adapter module has no matching tensor in the base.
+        ShapeMismatchError: an adapter module does not fit its tensor.
+        UnsupportedAdapterError: adapters trained on a rewritten base (PiSSA, OLoRA, ...), DoRA.
+        NonFiniteError: the merged weight holds NaN or Inf.
+
+    Example:
+        >>> loratool.merge("base/", ["adapter/", ("style/", 0.5)], output="merged/")
+    """
+    return _apply(+1, base, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
+                  force=force, allow_pickle=allow_pickle, show_progress=show_progress)  # fmt: skip
+
+
+def unmerge(
+    merged: str | os.PathLike[str],
+    adapters: Sequence[AdapterArg],
+    *,
+    output: str | os.PathLike[str],
+    check: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    fan_in_fan_out: bool | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    show_progress: bool = True,
+) -> MergeResult:
+    """Take merged adapters back out: W = W' - sum_i s_i * scaling_i * B_i @ A_i.
+
+    In float32 the round trip is exact to rounding; in bf16/fp16 each element may land one unit
+    of rounding away from the original. ``check`` (the original base) measures exactly that.
+
+    Args:
+        merged: the merged checkpoint.
+        adapters: the adapters (and scales) that were merged.
+        output: where to write the restored checkpoint.
+        check: the original base; the result reports the largest and relative difference from it.
+
+    Raises:
+        UnsupportedAdapterError: DoRA adapters (their merge cannot be undone from files alone).
+
+    Example:
+        >>> loratool.unmerge("merged/", ["adapter/"], output="restored/", check="base/")
+    """
+    return _apply(-1, merged, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
+                  force=force, allow_pickle=allow_pickle, show_progress=show_progress, check=check)  # fmt: skip
+
+
+def _load_all(adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool) -> list[tuple[Adapter, float, str]]:
+    loaded = []
+    for item in adapters:
+        scale = 1.0
+        if isinstance(item, tuple):
+            item, scale = item
+        adapter = item if isinstance(item, Adapter) else load_adapter(item, allow_pickle=allow_pickle)
+        name = adapter.path or "adapter"
+        if adapter.rewrites_base:
+            raise UnsupportedAdapterError(
+                f"init_lora_weights={adapter.config.get('init_lora_weights')!r} trained this adapter against a "
+                "rewritten base weight, so adding it to the original base gives wrong weights",
+                path=name,
+                fix="convert it first with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))",
+            )
+        if adapter.use_dora:
+            what = "unmerged" if sign < 0 else "merged by loratool yet"
+            why = "its column norms depend on the merged weight" if sign < 0 else "DoRA merge is not implemented"
+            raise UnsupportedAdapterError(
+                f"DoRA adapters (use_dora) cannot be {what}: {why}",
+                path=name,
+                fix="use PEFT's merge_and_unload() for DoRA, and keep the original base to undo it",
+            )
+        loaded.append((adapter, float(scale), name))
+    if not loaded:
+        raise MissingKeyError("no adapter given", fix="name at least one ADAPTER")
+    return loaded
+
+
+def _plan(
+    ckpt: Checkpoint, loaded: list[tuple[Adapter, float, str]], sign: int, fan_in_fan_out: bool | None
+) -> tuple[dict[str, list[_Term]], dict[str, torch.Tensor]]:
+    """Which adapter modules add to which tensors, checked before any work is done."""
+    config = ckpt.config()
+    gpt2 = config.get("model_type") in CONV1D_MODEL_TYPES
+    module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
+    terms: dict[str, list[_Term]] = {}
+    replace: dict[str, torch.Tensor] = {}
+    for adapter, scale, name in loaded:
+        for key, t in adapter.whole.items():
+            if key not in ckpt:
+                raise MissingKeyError(
+                    "the adapter replaces this tensor, but the base has no such tensor",
+                    path=name,
+                    key=key,
+                    fix="is this adapter for another model?",
+                )
+            replace[key] = t
+        found = resolve_paths(adapter, module_paths)
+        for path, module in adapter.modules.items():
+            if path not in found:
+                raise MissingKeyError(
+                    "the adapter has this module, but the base has no matching '<module>.weight'",
+                    path=name,
+                    key=path,
+                    fix="is this adapter for another model? Check base_model_name_or_path in adapter_config.json",
+                )
+            key = found[path] + ".weight"
+            shape = tuple(replace[key].shape) if key in replace else ckpt.info(key).shape
+            kind = _kind(module, shape, fan_in_fan_out, gpt2)
+            expected = module.weight_shape if kind == module.kind else (module.weight_shape[1], module.weight_shape[0])
+            if shape != expected:
+                raise ShapeMismatchError(
+                    f"the adapter's {module.kind} module does not fit the base weight",
+                    path=name,
+                    key=key,
+                    expected=list(expected),
+                    got=list(shape),
+                    fix="is this adapter for another model (or size of it)?",
+                )
+            bias_key = None
+            if module.bias is not None:
+                bias_key = found[path] + ".bias"
+                if bias_key not in ckpt:
+                    raise UnsupportedAdapterError(
+                        "the adapter has lora_bias but the base layer has no bias", path=name, key=key
+                    )
+            terms.setdefault(key, []).append(_Term(module, kind, sign * scale * module.scaling, bias_key))
+    return terms, replace
+
+
+def _kind(module: LoraModule, shape: tuple[int, ...], override: bool | None, gpt2: bool) -> Kind:
+    """The layer kind, from the adapter, the override and config, and shapes where they decide it."""
+    if module.kind == "embedding":
+        return "embedding"
+    want_conv1d = override if override is not None else (module.kind == "conv1d" or gpt2)
+    out_in = (module.out_features, module.in_features)
+    if want_conv1d and shape == out_in and out_in[0] != out_in[1]:
+        return "linear"  # e.g. GPT-2's lm_head is a Linear even where the rest are Conv1D
+    if not want_conv1d and shape == out_in[::-1] and out_in[0] != out_in[1] and module.kind == "conv1d":
+        return "conv1d"
+    return "conv1d" if want_conv1d else "linear"
+
+
+def _add_terms(w: torch.Tensor, terms: list[_Term]) -> torch.Tensor:
+    """w (float32, base layout) += sum of the terms, in place."""
+    for t in terms:
+        a = t.module.lora_A.to(w.device, torch.float32)
+        b = t.module.lora_B.to(w.device, torch.float32)
+        target = w if t.kind == "linear" else w.T  # a transposed view writes through to w
+        target.addmm_(b, a, alpha=t.factor)  # (out, r) @ (r, in) -> (out, in)
+    return w
+
+
+def _apply(
+    sign: int,
+    base: str | os.PathLike[str],
+    adapters: Sequence[AdapterArg],
+    *,
+    output: str | os.PathLike[str],
+    device: str,
+    dtype: str | None,
+    fan_in_fan_out: bool | None,
+    force: bool,
+    allow_pickle: bool,
+    show_progress: bool,
+    check: str | os.PathLike[str] | None = None,
+) -> MergeResult:
+    operation = "merge" if sign > 0 else "unmerge"
+    adapter_paths = [a[0] if isinstance(a, tuple) else a for a in adapters if not isinstance(a, Adapter)]
+    out = check_output(output, force=force, inputs=[base, *adapter_paths])  # type: ignore[list-item]
+    dev = resolve_device(device)
+    loaded = _load_all(adapters, sign, allow_pickle)
+    out_dtype = torch_dtype(dtype) if dtype else None
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+        terms, replace = _plan(ckpt, loaded, sign, fan_in_fan_out)
+        bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
+        reference = open_checkpoint(check, allow_pickle=allow_pickle) if check is not None else None
+        adapter_files = [f for a, _, _ in loaded if a.path for f in _adapter_files(Path(a.path))]
+        hasher = InputHasher([*ckpt.file_paths(), *adapter_files])
+        layout = _layout(ckpt, replace, out_dtype)
+        params = {
+            "adapters": [{"path": n, "scale": s} for _, s, n in loaded], "device": str(dev),
+            "dtype": dtype, "fan_in_fan_out": fan_in_fan_out,
+        }  # fmt: skip
+        placeholder = encode(make_record(operation, params, hasher.placeholder()))
+        result = MergeResult(out, operation, len(terms) + len(bias_terms), len(replace), len(ckpt))
+        result.check = RoundTripCheck() if reference is not None else None
+        single_file = ckpt.path.is_file()
+        with atomic_output(out, force=force, directory=not single_file) as tmp:
+            root = tmp.parent if single_file else tmp
+            shards = [(tmp.name if single_file else fname, specs) for fname, specs in layout]
+            writer = CheckpointWriter(root, shards, metadata={"format": "pt", **placeholder}, index_name=None)
+            try:
+                stream = prefetch(((k, replace[k] if k in replace else ckpt.get(k)) for k in ckpt.keys()))
+                for key, w_in in progress(stream, total=len(ckpt), desc=operation, enabled=show_progress):
+                    w = _updated(key, w_in, terms.get(key), bias_terms.get(key), dev)
+                    target = out_dtype if (out_dtype is not None and w.is_floating_point()) else w_in.dtype
+                    w = w.to("cpu", target)
+                    if result.check is not None and reference is not None:
+                        result.check.add(w, _reference_tensor(reference, key), w_in)
+                    writer.write(key, w)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            final = encode(make_record(operation, params, hasher.result()))
+            for fname, _ in shards:
+                patch_header_metadata(root / fname, {"format": "pt", **final})
+            if not single_file:
+                copy_aux_files(ckpt.root, tmp)
+                if ckpt.index_file is not None:
+                    _rewrite_index(ckpt.index_file, tmp, layout)
+        if reference is not None:
+            reference.close()
+    return result
+
+
+def _updated(key: str, w: torch.Tensor, terms: list[_Term] | None, bias: _Term | None, dev: torch.device) -> torch.Tensor:
+    if not terms and bias is None:
+        return w
+    w32 = w.to(dev, torch.float32, copy=True)
+    if terms:
+        _add_terms(w32, terms)
+    if bias is not None and bias.module.bias is not None:
+        w32.add_(bias.module.bias.to(dev, torch.float32), alpha=bias.factor)
+    if not bool(torch.isfinite(w32).all()):
+        raise NonFiniteError(
+            "the merged weight holds NaN or Inf",
+            key=key,
+            fix="check the adapter's factors and the scale you gave (loratool validate ADAPTER)",
+        )
+    return w32
+
+
+def _layout(ckpt: Checkpoint, replace: dict[str, torch.Tensor], out_dtype: torch.dtype | None) -> list[tuple[str, list[TensorSpec]]]:
+    """The input's shards, tensor order and shapes, with the output dtype."""
+    layout: dict[str, list[TensorSpec]] = {}
+    for info in ckpt.infos():
+        shape = tuple(replace[info.name].shape) if info.name in replace else info.shape
+        dt = info.dtype
+        if out_dtype is not None and dt in ("F64", "F32", "F16", "BF16"):
+            dt = dtype_name(out_dtype)
+        layout.setdefault(info.file, []).append(TensorSpec(info.name, shape, dt))
+    return list(layout.items())
+
+
+def _rewrite_index(index: Path, out_dir: Path, layout: list[tuple[str, list[TensorSpec]]]) -> None:
+    data = json.loads(index.read_text())
+    data.setdefault("metadata", {})["total_size"] = sum(s.nbytes for _, specs in layout for s in specs)
+    data["weight_map"] = {s.name: fname for fname, specs in layout for s in specs}
+    (out_dir / index.name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _reference_tensor(reference: Checkpoint, key: str) -> torch.Tensor:
+    if key not in reference:
+        raise MissingKeyError("--check BASE lacks this tensor", path=str(reference.path), key=key)
+    return reference.get(key)
+
+
+def _adapter_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return [p for p in (path / "adapter_model.safetensors", path / "adapter_config.json") if p.is_file()]

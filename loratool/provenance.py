@@ -1,0 +1,112 @@
+"""Provenance: what every file loratool writes says about how it was made.
+
+The record is one JSON string under the ``loratool`` key of the safetensors header: tool version,
+operation, parameters, inputs (path as given, size, sha256), creation time, and the per-module
+report where there is one. ``schemas/provenance.schema.json`` describes it.
+
+Hashing multi-GB inputs is I/O bound, so :class:`InputHasher` does it on a background thread while
+the operation computes; ``hashlib`` releases the GIL on large updates.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+
+PROVENANCE_KEY = "loratool"
+SHA256_PLACEHOLDER = "0" * 64
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, Any]) -> str:
+    """A digest of tensor names, dtypes, shapes and bytes, independent of file layout."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+class InputHasher:
+    """Hash input files on a background thread; :meth:`result` waits for the digests."""
+
+    def __init__(self, files: Iterable[str | os.PathLike[str]], *, enabled: bool = True) -> None:
+        self.files = [Path(f) for f in files]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratool-sha256")
+        self._futures: list[Future[str]] = [
+            self._pool.submit(sha256_file, f) if enabled else _done(SHA256_PLACEHOLDER) for f in self.files
+        ]
+        self._pool.shutdown(wait=False)
+
+    def placeholder(self) -> list[dict[str, Any]]:
+        return [{"path": str(f), "size": f.stat().st_size, "sha256": SHA256_PLACEHOLDER} for f in self.files]
+
+    def result(self) -> list[dict[str, Any]]:
+        return [
+            {"path": str(f), "size": f.stat().st_size, "sha256": fut.result()}
+            for f, fut in zip(self.files, self._futures)
+        ]
+
+
+def _done(value: str) -> Future[str]:
+    fut: Future[str] = Future()
+    fut.set_result(value)
+    return fut
+
+
+def make_record(
+    operation: str,
+    parameters: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    *,
+    report: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "tool": "loratool",
+        "version": __version__,
+        "operation": operation,
+        "parameters": parameters,
+        "inputs": inputs,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    if report is not None:
+        record["report"] = report
+    if extra:
+        record.update(extra)
+    return record
+
+
+def encode(record: dict[str, Any]) -> dict[str, str]:
+    """Header metadata entries for a record."""
+    return {PROVENANCE_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))}
+
+
+def decode(metadata: dict[str, str]) -> dict[str, Any] | None:
+    raw = metadata.get(PROVENANCE_KEY)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"_invalid_json": raw[:200]}
+    return value if isinstance(value, dict) else {"_invalid_json": raw[:200]}

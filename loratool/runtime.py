@@ -1,0 +1,96 @@
+"""What every operation needs from its surroundings: a device, progress bars, regexes, prefetching."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from queue import Queue
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .errors import LoraToolError
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` means CUDA when present; ``cuda``/``cuda:N`` fail clearly when it is not."""
+    import torch
+
+    text = "auto" if spec is None else str(spec)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise LoraToolError(f"unknown device '{text}'", fix="use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoraToolError("CUDA was asked for but is not available", fix="use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LoraToolError(
+                f"there is no {device} (this machine has {torch.cuda.device_count()} CUDA device(s))",
+                fix="pick an index below the device count",
+            )
+    return device
+
+
+def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterable[T]:
+    """A tqdm bar on stderr (shown only past a second of work), or the plain iterable."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="tensor", delay=1.0, dynamic_ncols=True, leave=False)
+
+
+def compile_regex(pattern: str | None, option: str) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise LoraToolError(f"{option} {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``items`` on a background thread, up to ``depth`` ahead of the consumer.
+
+    Reading (memory-mapped page faults, dtype conversion) then overlaps computing on the previous
+    item. Exceptions from the producer surface in the consumer, in order.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    queue: Queue[tuple[str, Any]] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put(("item", item))
+            queue.put(("end", None))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            queue.put(("error", e))
+
+    thread = threading.Thread(target=produce, name="loratool-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            while not queue.empty():
+                queue.get_nowait()
+            thread.join(timeout=0.05)
