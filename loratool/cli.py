@@ -132,7 +132,7 @@ def cli() -> None:
               help="Total LoRA parameters, spent where each rank buys the most energy.")
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
 @click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
-@click.option("--n-iter", type=click.IntRange(min=0), default=2, show_default=True, help="Power iterations.")
+@click.option("--n-iter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations.")
 @click.option("--include", default=None, help="Regex: only module paths it matches (re.search) become LoRA.")
 @click.option("--exclude", default=None, help="Regex: module paths it matches do not become LoRA.")
 @click.option("--keep-full", default=None,

@@ -59,7 +59,7 @@ def randomized_svd(
     k: int,
     *,
     oversample: int = 8,
-    n_iter: int = 2,
+    n_iter: int = 4,
     generator: torch.Generator | None = None,
 ) -> TruncatedSVD:
     """Top-``k`` SVD by a randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4).

@@ -88,7 +88,7 @@ def extract(
     budget: int | None = None,
     svd: Literal["randomized", "exact"] = "randomized",
     oversample: int = 8,
-    n_iter: int = 2,
+    n_iter: int = 4,
     device: str = "auto",
     dtype: str | None = None,
     include: str | None = None,
@@ -150,7 +150,7 @@ def extract(
         hasher = InputHasher([*b.file_paths(), *f.file_paths()])
         config = f.config() or b.config()
         conv1d = fan_in_fan_out if fan_in_fan_out is not None else config.get("model_type") in CONV1D_MODEL_TYPES
-        tied = _tied_keys(keys, config)
+        tied = _tied_output(keys, config)  # (output embedding module, input embedding key) or None
         out_dtype = torch_dtype(dtype) if dtype else None
         result = ExtractResult(output=out, adapter=Adapter(), report=[])
         pending: list[_Pending] = []
@@ -177,9 +177,8 @@ def extract(
             if out_dtype is None:
                 out_dtype = wf.dtype
             module = key[: -len(".weight")] if key.endswith(".weight") else key
-            if key in tied:
-                result.warnings.append(f"{key} is tied to {tied[key]}; written once, as {tied[key]}")
-                continue
+            if tied and key == tied[0] + ".weight":
+                continue  # the same tensor as the input embedding: its factors are reused below
             lora_ok = delta.dim() == 2 and key.endswith(".weight") and _selected(module, inc, exc)
             if not lora_ok:
                 norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
@@ -211,6 +210,8 @@ def extract(
 
         if budget is not None:
             _spend_budget(pending, budget, modules, reports, result)
+        if tied and tied[1][: -len(".weight")] in modules:
+            _tie_output_embedding(tied[0], tied[1][: -len(".weight")], modules, reports, result)
         if not modules and not result.adapter.whole:
             raise LoraToolError(
                 "the fine-tune does not differ from the base in any tensor loratool can extract",
@@ -275,13 +276,31 @@ def _paired_keys(b: Checkpoint, f: Checkpoint) -> list[str]:
     return b.keys()
 
 
-def _tied_keys(keys: list[str], config: dict[str, Any]) -> dict[str, str]:
-    """``lm_head.weight`` -> the embedding it is tied to, when config.json says they are tied."""
-    if not config.get("tie_word_embeddings", config.get("model_type") in CONV1D_MODEL_TYPES):
-        return {}
+def _tied_output(keys: list[str], config: dict[str, Any]) -> tuple[str, str] | None:
+    """(``lm_head``, input embedding key) when config.json ties the output to the input embedding.
+
+    A tied checkpoint stores the matrix once (GPT-2 has no ``lm_head.weight``), or twice with equal
+    values; either way the fine-tune changed both uses of it at once.
+    """
+    archs = [str(a) for a in config.get("architectures") or []]
+    if not config.get("tie_word_embeddings", True) or not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return None
     embeds = [k for k in keys if k.endswith(".weight") and EMBEDDING_NAME.search(k[: -len(".weight")])]
-    heads = [k for k in keys if k.rsplit(".", 2)[-2:] == ["lm_head", "weight"]]
-    return {h: embeds[0] for h in heads} if embeds else {}
+    embeds = [k for k in embeds if "embed_tokens" in k or "wte" in k or "word_embeddings" in k] or embeds
+    return ("lm_head", embeds[0]) if embeds else None
+
+
+def _tie_output_embedding(
+    head: str, embed: str, modules: dict[str, LoraModule], reports: dict[str, ModuleReport], result: ExtractResult
+) -> None:
+    """Give the tied output layer the embedding's factors, transposed, so PEFT applies the delta to
+    both uses of the shared matrix (PEFT adapts each module separately)."""
+    e = modules[embed]
+    # embedding: delta (num, dim) = (B_e @ A_e).T = A_e.T @ B_e.T = B_head @ A_head
+    modules[head] = LoraModule(lora_A=e.lora_B.T.contiguous(), lora_B=e.lora_A.T.contiguous(), alpha=e.alpha)
+    r = reports[embed]
+    reports[head] = ModuleReport(head, r.shape, r.rank, r.relative_error, r.energy_kept, "linear")
+    result.warnings.append(f"{head} is tied to {embed}: it gets the same factors, transposed")
 
 
 def _selected(module: str, inc: re.Pattern[str] | None, exc: re.Pattern[str] | None) -> bool:

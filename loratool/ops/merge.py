@@ -220,9 +220,20 @@ def _plan(
                     key=key,
                     fix="is this adapter for another model?",
                 )
+            is_base_layer = key.rsplit(".", 1)[0] in adapter.modules
+            if sign < 0 and not is_base_layer:
+                raise UnsupportedAdapterError(
+                    "the adapter replaces this tensor whole (modules_to_save), so its original value "
+                    "is not in the adapter and cannot be restored",
+                    path=name,
+                    key=key,
+                    fix="restore from the original base checkpoint instead",
+                )
             replace[key] = t
         found = resolve_paths(adapter, module_paths)
         for path, module in adapter.modules.items():
+            if path not in found and _is_tied_copy(path, module, adapter, found, config):
+                continue  # the shared matrix is stored once, under the input embedding
             if path not in found:
                 raise MissingKeyError(
                     "the adapter has this module, but the base has no matching '<module>.weight'",
@@ -250,8 +261,23 @@ def _plan(
                     raise UnsupportedAdapterError(
                         "the adapter has lora_bias but the base layer has no bias", path=name, key=key
                     )
+            if sign < 0 and key in adapter.whole:
+                continue  # the adapter stores this base layer's original weight: restoring it is the unmerge
             terms.setdefault(key, []).append(_Term(module, kind, sign * scale * module.scaling, bias_key))
     return terms, replace
+
+
+def _is_tied_copy(path: str, module: LoraModule, adapter: Adapter, found: dict[str, str], config: dict[str, Any]) -> bool:
+    """An output layer tied to an embedding, absent from the checkpoint, whose factors are the
+    embedding module's transposed (what extract writes for tied weights): merging it would add the
+    same delta to the shared matrix twice."""
+    if not config.get("tie_word_embeddings", True):
+        return False
+    for other_path, other in adapter.modules.items():
+        if other.kind == "embedding" and other_path in found and other.rank == module.rank:
+            if torch.equal(other.lora_B.T, module.lora_A) and torch.equal(other.lora_A.T, module.lora_B):
+                return other.scaling == module.scaling
+    return False
 
 
 def _kind(module: LoraModule, shape: tuple[int, ...], override: bool | None, gpt2: bool) -> Kind:

@@ -1,0 +1,67 @@
+"""Choose the randomized SVD's defaults by measurement.
+
+For matrices with slowly decaying spectra (power laws S_i ~ i^-p, the shape of real fine-tune
+deltas) and planted low-rank-plus-noise ones, print the worst ratio of the randomized relative
+error to the exact SVD's at the same rank, over a grid of oversampling and power iterations,
+with the time each takes relative to the exact SVD.
+
+    python bench/svd_defaults.py [--size 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from loratool.linalg import exact_svd, randomized_svd, relative_error, residual_error, split_factors
+
+
+def with_spectrum(m: int, n: int, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g))
+    return (u * s) @ v.T  # (m, k) @ (k, n) -> (m, n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--ranks", default="8,16,64")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    n = args.size
+    k = n // 2
+    i = torch.arange(1, k + 1, dtype=torch.float32)
+    cases = {
+        "power 0.3": i**-0.3,
+        "power 0.5": i**-0.5,
+        "power 1.0": i**-1.0,
+        "rank16+noise": torch.where(i <= 16, 1.0, 0.02),
+    }
+    mats = {name: with_spectrum(n, 2 * n if "noise" in name else n // 2 * 3, s, g) for name, s in cases.items()}
+    ranks = [int(r) for r in args.ranks.split(",")]
+    exact_err, exact_time = {}, {}
+    for name, m in mats.items():
+        t = time.perf_counter()
+        svd = exact_svd(m)
+        exact_time[name] = time.perf_counter() - t
+        for r in ranks:
+            exact_err[name, r] = relative_error(svd, r)
+    print(f"{'oversample':>10} {'n_iter':>6} {'worst err ratio':>16} {'mean time / exact':>18}")
+    for oversample in (4, 8, 16, 32):
+        for n_iter in (1, 2, 3, 4, 6):
+            worst, times = 1.0, []
+            for name, m in mats.items():
+                for r in ranks:
+                    t = time.perf_counter()
+                    svd = randomized_svd(m, r, oversample=oversample, n_iter=n_iter, generator=g)
+                    times.append((time.perf_counter() - t) / exact_time[name])
+                    b, a = split_factors(svd, r)
+                    worst = max(worst, residual_error(m.clone(), b, a) / exact_err[name, r])
+            print(f"{oversample:>10} {n_iter:>6} {worst:>16.5f} {sum(times) / len(times):>18.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Tiny models and adapters for tests (no network, seconds to build)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+
+def llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+
+
+def tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config()) if kind == "llama" else GPT2LMHeadModel(gpt2_config())
+    return model.to(dtype).eval()
+
+
+def load_model(kind: str, path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    cls = LlamaForCausalLM if kind == "llama" else GPT2LMHeadModel
+    return cls.from_pretrained(path, dtype=dtype).eval()
+
+
+def logits(model, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 over every file under ``path`` (names and bytes), to prove inputs are untouched."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def peft_adapter(model, targets, *, r=4, alpha=8, seed=0, **config):
+    """A PEFT model whose lora_B are random (PEFT starts them at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.copy_((0.1 * torch.randn(p.shape, generator=g)).to(p.dtype))
+    return pm.eval()

@@ -1,0 +1,198 @@
+"""Checkpoint reading and writing: round trips, atomicity, bad input, header-only listing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loratool.checkpoint import open_checkpoint
+from loratool.errors import InputFileError, MissingInputError, OutputExistsError
+from loratool.output import (
+    SafetensorsStreamWriter,
+    TensorSpec,
+    atomic_output,
+    patch_header_metadata,
+    write_checkpoint,
+)
+from loratool.checkpoint import dtype_name
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def tensors(dtype: torch.dtype, n: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = {f"layers.{i}.w": torch.randn(16 + i, 8, generator=g).to(dtype) for i in range(n)}
+    out["scalar"] = torch.tensor(3.0).to(dtype)
+    out["empty"] = torch.zeros(0, 4, dtype=dtype)
+    out["ids"] = torch.arange(10)
+    return out
+
+
+def specs(ts: dict[str, torch.Tensor]) -> list[TensorSpec]:
+    return [TensorSpec(k, tuple(v.shape), dtype_name(v.dtype)) for k, v in ts.items()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("max_shard", [10**9, 700], ids=["single", "sharded"])
+def test_write_then_read_is_bit_exact(tmp_path: Path, dtype: torch.dtype, max_shard: int) -> None:
+    ts = tensors(dtype)
+    with atomic_output(tmp_path / "ckpt", force=False, directory=True) as tmp:
+        names = write_checkpoint(tmp, iter(ts.items()), specs(ts), max_shard_bytes=max_shard, metadata={"a": "b"})
+    assert (len(names) > 1) == (max_shard == 700)
+    with open_checkpoint(tmp_path / "ckpt") as ck:
+        assert ck.keys() == list(ts)  # on-disk order is the written order
+        for k, v in ts.items():
+            got = ck.get(k)
+            assert got.dtype == v.dtype and got.shape == v.shape
+            assert torch.equal(got.view(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)) if v.numel() else True
+        assert ck.header_metadata["a"] == "b"
+    # what we stream is what safetensors itself reads
+    for f in names:
+        loaded = load_file(str(tmp_path / "ckpt" / f))
+        for k, v in loaded.items():
+            assert torch.equal(v, ts[k])
+    if len(names) > 1:
+        index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(ts)
+        assert names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+
+
+def test_patched_header_keeps_file_valid(tmp_path: Path) -> None:
+    ts = tensors(torch.float32, 2)
+    f = tmp_path / "x.safetensors"
+    w = SafetensorsStreamWriter(f, specs(ts), {"loratool": "0" * 64})
+    for k, v in ts.items():
+        w.write(k, v)
+    w.close()
+    patch_header_metadata(f, {"loratool": "f" * 64})
+    with open_checkpoint(f) as ck:
+        assert ck.header_metadata == {"loratool": "f" * 64}
+        assert torch.equal(ck.get("layers.1.w"), ts["layers.1.w"])
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    ts = tensors(torch.float32)
+
+    def failing():
+        for i, item in enumerate(ts.items()):
+            if i == 3:
+                raise RuntimeError("disk full (simulated)")
+            yield item
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        with atomic_output(tmp_path / "out", force=False, directory=True) as tmp:
+            write_checkpoint(tmp, failing(), specs(ts), max_shard_bytes=700)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_forced_write_keeps_the_old_output(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(target, force=True, directory=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (target / "keep.txt").read_text() == "old"
+
+
+def test_existing_output_is_refused_without_force(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError, match="--force"):
+        with atomic_output(tmp_path / "out", force=False, directory=True):
+            pass
+
+
+def test_stream_writer_checks_declared_layout(tmp_path: Path) -> None:
+    w = SafetensorsStreamWriter(tmp_path / "x.safetensors", [TensorSpec("a", (2, 2), "F32")])
+    with pytest.raises(ValueError, match="'a'.*expected \\[2, 2\\] F32, got \\[3\\] F32"):
+        w.write("a", torch.zeros(3))
+    w.abort()
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+def _model(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file({"w": torch.randn(64, 64), "b": torch.randn(64)}, str(d / "model.safetensors"))
+    return d
+
+
+def test_truncated_file(tmp_path: Path, cli) -> None:
+    d = _model(tmp_path)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(InputFileError, match="truncated or corrupt"):
+        open_checkpoint(d)
+    r = cli("inspect", d)
+    assert r.exit_code == 1
+    assert "model.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_garbage_header(tmp_path: Path, cli) -> None:
+    f = tmp_path / "bad.safetensors"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbagegarbagega")
+    r = cli("inspect", f)
+    assert r.exit_code == 1 and "bad.safetensors" in r.stderr and "not a readable safetensors file" in r.stderr
+
+
+def test_missing_shard(tmp_path: Path, cli) -> None:
+    d = tmp_path / "sharded"
+    d.mkdir()
+    save_file({"a": torch.zeros(2)}, str(d / "model-00001-of-00002.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(MissingInputError, match="shard 'model-00002-of-00002.safetensors' is named in"):
+        open_checkpoint(d)
+    r = cli("inspect", d)
+    assert r.exit_code == 1 and "model-00002-of-00002.safetensors" in r.stderr
+
+
+def test_pickle_refused_without_allow(tmp_path: Path, cli) -> None:
+    d = tmp_path / "pt"
+    d.mkdir()
+    torch.save({"w": torch.ones(3, 3)}, d / "pytorch_model.bin")
+    r = cli("inspect", d)
+    assert r.exit_code == 1
+    assert "pytorch_model.bin" in r.stderr and "--allow-pickle" in r.stderr
+    r = cli("inspect", d, "--allow-pickle", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["tensors"] == 1
+
+
+def test_missing_path(cli, tmp_path: Path) -> None:
+    r = cli("inspect", tmp_path / "nope")
+    assert r.exit_code == 1 and "no such file or directory" in r.stderr
+
+
+# -- listing reads headers only ------------------------------------------------------------------------
+def test_listing_reads_no_tensor(fixtures: Path, monkeypatch) -> None:
+    from loratool.checkpoint import Checkpoint
+    from loratool.ops.inspect import inspect
+
+    calls = []
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: calls.append(key))
+    info = inspect(fixtures / "llama-ft")
+    assert info["tensors"] == 21 and info["index"] == "model.safetensors.index.json"
+    assert calls == []
+
+
+def test_inspect_of_a_large_checkpoint_does_not_load_it(tmp_path: Path) -> None:
+    big = tmp_path / "big.safetensors"
+    save_file({f"t{i}": torch.zeros(4096, 4096) for i in range(4)}, str(big))  # 256 MiB on disk
+    code = (
+        "import resource, sys, torch, safetensors, loratool;"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"info = loratool.inspect({str(big)!r});"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "print(info['parameters'], (after - before) // 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) == 4 * 4096 * 4096
+    assert int(out[1]) < 64, f"inspect grew RSS by {out[1]} MiB for a 256 MiB file"

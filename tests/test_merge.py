@@ -1,0 +1,202 @@
+"""`loratool merge`/`unmerge` against PEFT's merge_and_unload and the formula W + s * scaling * B @ A."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import file_digest, load_model, peft_adapter, tiny_model
+from loratool.adapter import load_adapter
+from loratool.checkpoint import open_checkpoint
+from loratool.linalg import lora_delta
+from loratool.ops.merge import merge, unit_of_rounding, unmerge
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"], "gpt2": ["c_attn", "c_fc", "c_proj"]}
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ck:
+        return {k: ck.get(k) for k in ck.keys()}
+
+
+def make(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32, seed: int = 0, name: str = "adapter", **cfg):
+    base_dir = tmp_path / f"base-{kind}-{str(dtype)[6:]}"
+    if not base_dir.exists():
+        tiny_model(kind, dtype=dtype).save_pretrained(base_dir)
+    cfg.setdefault("r", 4)
+    cfg.setdefault("alpha", 8)
+    pm = peft_adapter(load_model(kind, base_dir, dtype), TARGETS[kind], seed=seed, **cfg)
+    pm.save_pretrained(tmp_path / name)
+    return base_dir, tmp_path / name
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_equals_peft_merge_and_unload(tmp_path: Path, kind: str, dtype: torch.dtype) -> None:
+    from peft import PeftModel
+
+    base, adapter = make(tmp_path, kind, dtype, use_rslora=True, rank_pattern={"v_proj": 2, "c_fc": 2})
+    merge(base, [adapter], output=tmp_path / "ours", show_progress=False)
+    ours = state(tmp_path / "ours")
+    peft = PeftModel.from_pretrained(load_model(kind, base, dtype), adapter).merge_and_unload().state_dict()
+    changed = 0
+    for k, v in ours.items():
+        ref = peft[k]
+        assert v.dtype == ref.dtype == dtype, k
+        if dtype == torch.float32:
+            assert torch.allclose(v, ref, rtol=1e-6, atol=1e-7), k
+        else:
+            # PEFT rounds the delta to bf16 before adding; we add in float32 and round once.
+            units = (v.double() - ref.double()).abs() / unit_of_rounding(ref.double().abs(), dtype)
+            assert float(units.max()) <= 1.0, (k, float(units.max()))
+        changed += not torch.equal(v, state(base)[k])
+    assert changed >= 6
+
+
+def test_two_adapters_merge_to_the_sum(tmp_path: Path, cli) -> None:
+    base, a1 = make(tmp_path, "llama", seed=1, name="a1")
+    _, a2 = make(tmp_path, "llama", seed=2, name="a2", r=2, alpha=3)
+    r = cli("merge", base, a1, f"{a2}:-0.5", "-o", tmp_path / "m", "-q", "--json")
+    assert r.exit_code == 0, r.stderr
+    got, w = state(tmp_path / "m"), state(base)
+    expected = {k: v.clone() for k, v in w.items()}
+    for path, scale in ((a1, 1.0), (a2, -0.5)):
+        for mpath, m in load_adapter(path).modules.items():
+            expected[mpath + ".weight"] += scale * lora_delta(m.lora_A, m.lora_B, m.scaling, m.kind)
+    for k in w:
+        assert torch.allclose(got[k], expected[k], rtol=1e-6, atol=1e-7), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_merge_then_unmerge_returns_the_base(tmp_path: Path, dtype: torch.dtype) -> None:
+    base, adapter = make(tmp_path, "llama", dtype)
+    merge(base, [adapter], output=tmp_path / "m", show_progress=False)
+    res = unmerge(tmp_path / "m", [adapter], output=tmp_path / "u", check=base, show_progress=False)
+    w, u = state(base), state(tmp_path / "u")
+    if dtype == torch.float32:
+        for k in w:
+            assert torch.allclose(u[k], w[k], rtol=1e-6, atol=1e-7), k
+        assert res.check.relative_diff < 1e-6
+    # one unit of rounding per element at most, measured and asserted
+    assert res.check.max_rounding_units <= 1.0
+    assert res.check.elements == sum(v.numel() for v in w.values())
+    if dtype != torch.float32:
+        assert res.check.elements_differing > 0  # bf16/fp16 round trips are not bit-exact: say so
+
+
+def test_sharded_input_gives_identically_sharded_output(tmp_path: Path, fixtures: Path) -> None:
+    merge(fixtures / "llama-ft", [fixtures / "llama-peft-adapter"], output=tmp_path / "m", show_progress=False)
+    src = json.loads((fixtures / "llama-ft" / "model.safetensors.index.json").read_text())
+    out = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert out["weight_map"] == src["weight_map"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(p.name for p in (fixtures / "llama-ft").iterdir())
+    for shard in set(src["weight_map"].values()):
+        assert list(load_file(str(tmp_path / "m" / shard))) == list(load_file(str(fixtures / "llama-ft" / shard)))
+    assert (tmp_path / "m" / "config.json").read_text() == (fixtures / "llama-ft" / "config.json").read_text()
+
+
+def test_kohya_adapter_with_scale(tmp_path: Path, fixtures: Path) -> None:
+    merge(fixtures / "llama-base", [(fixtures / "llama-kohya.safetensors", 0.5)], output=tmp_path / "m", show_progress=False)
+    got, w = state(tmp_path / "m"), state(fixtures / "llama-base")
+    kohya = load_file(str(fixtures / "llama-kohya.safetensors"))
+    key = "model.layers.1.mlp.gate_proj.weight"
+    prefix = "lora_model_layers_1_mlp_gate_proj"
+    up, down, alpha = kohya[f"{prefix}.lora_up.weight"], kohya[f"{prefix}.lora_down.weight"], kohya[f"{prefix}.alpha"]
+    expected = w[key] + 0.5 * (alpha / 4) * (up @ down)
+    assert torch.allclose(got[key], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_provenance_in_every_shard(tmp_path: Path, fixtures: Path) -> None:
+    from loratool.provenance import decode, sha256_file
+
+    merge(fixtures / "llama-ft", [fixtures / "llama-peft-adapter"], output=tmp_path / "m", show_progress=False)
+    with open_checkpoint(tmp_path / "m") as ck:
+        for meta in ck.metadata.values():
+            rec = decode(meta)
+            assert rec["operation"] == "merge"
+            digests = {Path(i["path"]).name: i["sha256"] for i in rec["inputs"]}
+            assert digests["model-00001-of-00002.safetensors"] == sha256_file(fixtures / "llama-ft" / "model-00001-of-00002.safetensors")
+            assert digests["adapter_model.safetensors"] == sha256_file(fixtures / "llama-peft-adapter" / "adapter_model.safetensors")
+
+
+# -- refusals: exit 1, a message, nothing written --------------------------------------------------------
+def _edit_config(adapter: Path, **changes) -> None:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _refused(cli, tmp_path: Path, args: list, message: str) -> None:
+    before = file_digest(tmp_path)
+    r = cli(*args, "-o", tmp_path / "out", "-q")
+    assert r.exit_code == 1, r.stdout
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+    assert file_digest(tmp_path) == before
+
+
+def test_refuses_base_rewriting_adapters(tmp_path: Path, cli) -> None:
+    base, adapter = make(tmp_path, "llama")
+    _edit_config(adapter, init_lora_weights="pissa_niter_4")
+    _refused(cli, tmp_path, ["merge", base, adapter], "rewritten base weight")
+
+
+def test_refuses_to_unmerge_dora(tmp_path: Path, cli) -> None:
+    base, adapter = make(tmp_path, "llama", use_dora=True)
+    _refused(cli, tmp_path, ["unmerge", base, adapter], "DoRA adapters (use_dora) cannot be unmerged")
+
+
+def test_refuses_adapter_for_another_model(tmp_path: Path, cli, fixtures: Path) -> None:
+    _, adapter = make(tmp_path, "gpt2")
+    _refused(cli, tmp_path, ["merge", fixtures / "llama-base", adapter], "is this adapter for another model?")
+
+
+def test_refuses_shape_mismatch(tmp_path: Path, cli) -> None:
+    base, adapter = make(tmp_path, "llama")
+    f = adapter / "adapter_model.safetensors"
+    ts = load_file(str(f))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    ts[key] = torch.zeros(40, 4)
+    save_file(ts, str(f), metadata={"format": "pt"})
+    _refused(cli, tmp_path, ["merge", base, adapter], "tensor 'model.layers.0.self_attn.q_proj.weight': the adapter's linear module does not fit")
+
+
+def test_refuses_non_finite_result(tmp_path: Path, cli) -> None:
+    base, adapter = make(tmp_path, "llama")
+    f = adapter / "adapter_model.safetensors"
+    ts = load_file(str(f))
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    ts[key][0, 0] = float("inf")
+    save_file(ts, str(f), metadata={"format": "pt"})
+    _refused(cli, tmp_path, ["merge", base, adapter], "tensor 'model.layers.1.mlp.down_proj.weight': the merged weight holds NaN or Inf")
+
+
+def test_failure_midway_leaves_no_output_and_inputs_intact(tmp_path: Path, fixtures: Path, monkeypatch) -> None:
+    from loratool import output
+
+    written = []
+    real = output.SafetensorsStreamWriter.write
+
+    def failing(self, name, tensor):
+        if len(written) == 5:
+            raise OSError("No space left on device (simulated)")
+        written.append(name)
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(output.SafetensorsStreamWriter, "write", failing)
+    before = file_digest(fixtures)
+    with pytest.raises(OSError, match="simulated"):
+        merge(fixtures / "llama-ft", [fixtures / "llama-peft-adapter"], output=tmp_path / "m", show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert file_digest(fixtures) == before
+
+
+def test_output_equal_to_input_is_refused(tmp_path: Path, cli) -> None:
+    base, adapter = make(tmp_path, "llama")
+    r = cli("merge", base, adapter, "-o", base, "--force")
+    assert r.exit_code == 1 and "the output is one of the inputs" in r.stderr
