@@ -172,11 +172,12 @@ def save_adapter(
     format: Literal["peft", "kohya"] = "peft",
     force: bool = False,
     dtype: torch.dtype | None = None,
-    readme: str | None = None,
+    card: bool = True,
 ) -> Path:
-    """Write an adapter atomically: a PEFT directory, or a kohya ``.safetensors`` file."""
+    """Write an adapter atomically: a PEFT directory (with a README.md model card unless
+    ``card=False``), or a kohya ``.safetensors`` file."""
     from .formats import kohya, peft
 
     if format == "kohya":
         return kohya.write_kohya(adapter, Path(out), force=force, dtype=dtype)
-    return peft.write_peft(adapter, Path(out), force=force, dtype=dtype, readme=readme)
+    return peft.write_peft(adapter, Path(out), force=force, dtype=dtype, card=card)

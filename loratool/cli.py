@@ -282,6 +282,36 @@ def _inspect_text(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--no-values", is_flag=True, help="Skip reading tensors (finite values, recorded digest).")
+@_opts("json")
+def validate(adapter: str, no_values: bool, as_json: bool) -> None:
+    """Check ADAPTER's metadata against schemas/ and its structure against its tensors.
+
+    Lists every problem at once with its path; exits 0 when valid, 1 when not.
+
+    \b
+    Examples:
+      loratool validate adapter/
+      loratool validate adapter/ --json
+    """
+    from .ops.validate import validate as run
+
+    report = run(adapter, check_values=not no_values)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    elif report.valid:
+        checked = ", tensor digest checked" if report.sha256_checked else ""
+        click.echo(f"valid: {report.path} ({report.format}, {report.modules} modules{checked})")
+    else:
+        click.echo(f"invalid: {report.path} ({len(report.problems)} problem(s))", err=True)
+        for p in report.problems:
+            click.echo(f"  {p}", err=True)
+    if not report.valid:
+        sys.exit(1)
+
+
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so atomic outputs clean up their temporary files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -14,7 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,17 +33,29 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 16 * 1024 * 1024) -> 
     return h.hexdigest()
 
 
-def tensors_sha256(tensors: dict[str, Any]) -> str:
-    """A digest of tensor names, dtypes, shapes and bytes, independent of file layout."""
+def tensors_sha256(names: Iterable[str], get: Callable[[str], Any]) -> str:
+    """A digest of tensor names, dtypes, shapes and bytes, independent of the file layout.
+
+    ``get`` reads one tensor, so a large file is hashed one tensor at a time.
+    """
     import torch
 
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
+    for name in sorted(names):
+        t = get(name).detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+def with_tensors_digest(metadata: dict[str, str], tensors: dict[str, Any]) -> dict[str, str]:
+    """Add ``tensors_sha256`` of the tensors about to be written to the provenance record, if any."""
+    record = decode(metadata)
+    if record is None or "_invalid_json" in record:
+        return metadata
+    record["tensors_sha256"] = tensors_sha256(tensors, tensors.__getitem__)
+    return {**metadata, **encode(record)}
 
 
 class InputHasher:

@@ -18,6 +18,7 @@ from ..adapter import Adapter, LoraModule
 from ..checkpoint import open_checkpoint
 from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
 from ..output import atomic_output
+from ..provenance import with_tensors_digest
 
 if TYPE_CHECKING:
     import torch
@@ -121,6 +122,7 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
     )
     if adapter.base_model_name_or_path:
         metadata["ss_base_model_name_or_path"] = adapter.base_model_name_or_path
+    metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=False) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out

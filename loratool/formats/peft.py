@@ -17,6 +17,7 @@ from ..adapter import Adapter, LoraModule, module_alpha
 from ..checkpoint import open_checkpoint
 from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError
 from ..output import atomic_output
+from ..provenance import with_tensors_digest
 
 if TYPE_CHECKING:
     import torch
@@ -218,17 +219,21 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
 
 
 def write_peft(
-    adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None, readme: str | None = None
+    adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None, card: bool = True
 ) -> Path:
-    """Write ``adapter`` as a PEFT adapter directory at ``out``, atomically."""
+    """Write ``adapter`` as a PEFT adapter directory at ``out``, atomically, with a model card."""
     from safetensors.torch import save_file
+
+    from ..card import render_card
+    from ..provenance import decode
 
     tensors = state_dict(adapter, dtype)
     config = build_config(adapter)
     metadata = {"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
+    metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if readme is not None:
-            (tmp / "README.md").write_text(readme)
+        if card:
+            (tmp / "README.md").write_text(render_card(config, decode(metadata)))
     return out

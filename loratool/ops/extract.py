@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from ..adapter import Adapter, Kind, LoraModule, save_adapter
+from ..card import check_base_model_id, is_hub_id
 from ..checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from ..errors import LoraToolError, MissingKeyError, NonFiniteError, ShapeMismatchError
 from ..linalg import (
@@ -136,6 +137,7 @@ def extract(
         >>> loratool.extract("base/", "finetuned/", output="adapter/", rank=16)
     """
     _check_rank_options(rank, energy, budget, svd)
+    check_base_model_id(base_model_id)
     out = check_output(output, force=force, inputs=[base, finetuned])
     dev = resolve_device(device)
     inc, exc = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
@@ -327,6 +329,8 @@ def _spend_budget(
 
 def _adapter_config(model_config: dict[str, Any], base_model_id: str | None) -> dict[str, Any]:
     archs = model_config.get("architectures") or []
+    if base_model_id is None and is_hub_id(model_config.get("_name_or_path")):
+        base_model_id = model_config["_name_or_path"]  # a Hub id the base's config.json records
     task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") or str(a).endswith("LMHeadModel") for a in archs) else None
     return {
         "peft_type": "LORA",

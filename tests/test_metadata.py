@@ -1,0 +1,149 @@
+"""Schemas, provenance, `loratool validate` and model cards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import FIXTURES
+from loratool.card import is_hub_id, render_card
+from loratool.ops.extract import extract
+from loratool.ops.validate import validate
+from loratool.provenance import decode
+from loratool.schema import check, check_schemas
+
+CASES = json.loads((FIXTURES / "metadata" / "cases.json").read_text())
+
+
+def test_schemas_are_valid_json_schema_2020_12() -> None:
+    check_schemas()
+
+
+@pytest.mark.parametrize("case", CASES["valid"], ids=lambda c: c["name"])
+def test_valid_configs(case) -> None:
+    assert check(case["config"], case["schema"]) == []
+
+
+@pytest.mark.parametrize("case", CASES["invalid"], ids=lambda c: c["name"])
+def test_invalid_configs_name_path_and_message(case) -> None:
+    assert check(case["config"], case["schema"]) == [(case["path"], case["message"])]
+
+
+def test_all_problems_are_reported_at_once_and_sorted() -> None:
+    problems = check({"peft_type": "LORA", "r": 0, "bias": "x", "lora_dropout": 2}, "adapter_config")
+    assert [p for p, _ in problems] == ["$.bias", "$.lora_dropout", "$.r"]
+
+
+def test_schemas_ship_with_the_package() -> None:
+    from loratool.schema import schema_dir
+
+    assert (schema_dir() / "provenance.schema.json").is_file()
+
+
+# -- validate -------------------------------------------------------------------------------------------
+@pytest.fixture
+def ours(tmp_path: Path) -> Path:
+    extract(FIXTURES / "llama-base", FIXTURES / "llama-ft", output=tmp_path / "a", rank=4, show_progress=False)
+    return tmp_path / "a"
+
+
+def test_peft_written_and_loratool_written_adapters_validate(ours: Path, cli) -> None:
+    assert validate(FIXTURES / "llama-peft-adapter").valid
+    assert validate(FIXTURES / "llama-kohya.safetensors").valid
+    report = validate(ours)
+    assert report.valid and report.sha256_checked and report.modules == 8
+    r = cli("validate", ours, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["valid"] is True
+
+
+def _edit(adapter: Path, **changes) -> None:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _tensors(adapter: Path, edit) -> None:
+    f = adapter / "adapter_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    ts = load_file(str(f))
+    edit(ts)
+    save_file(ts, str(f), metadata=meta)
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    "breakage, path, message",
+    [
+        (lambda a: _edit(a, r=8), "tensors/model.layers.0.mlp.down_proj", "rank 4 disagrees with the config (r says 8)"),
+        (lambda a: _edit(a, target_modules=["q_proj"]), "tensors/model.layers.0.mlp.up_proj",
+         "has LoRA weights but target_modules does not select this module"),
+        (lambda a: _tensors(a, lambda t: t.pop(f"{Q}.lora_B.weight")), "tensors/model.layers.0.self_attn.q_proj",
+         "has lora_A but not lora_B"),
+        (lambda a: _tensors(a, lambda t: t.__setitem__(f"{Q}.lora_A.weight", torch.ones(4, 32, dtype=torch.int32))),
+         f"tensors/{Q}.lora_A.weight", "dtype I32 is not floating point"),
+        (lambda a: _tensors(a, lambda t: t[f"{Q}.lora_A.weight"].__setitem__((0, 0), float("nan"))),
+         f"tensors/{Q}.lora_A.weight", "holds NaN or Inf"),
+        (lambda a: _tensors(a, lambda t: t[f"{Q}.lora_A.weight"].mul_(1.001)),
+         "header/loratool.tensors_sha256", "does not match the tensors: the file was changed after loratool wrote it"),
+        (lambda a: _edit(a, lora_dropout=3), "$.lora_dropout", "lora_dropout must be a number from 0 to 1 (got 3)"),
+    ],
+    ids=["rank vs r", "target_modules", "missing lora_B", "integer dtype", "nan", "tampered", "schema"],
+)
+def test_broken_adapters_are_reported(ours: Path, cli, breakage, path, message) -> None:
+    breakage(ours)
+    report = validate(ours)
+    assert not report.valid
+    assert any(p.path == path and message in p.message for p in report.problems), report.problems
+    r = cli("validate", ours)
+    assert r.exit_code == 1 and path in r.stderr
+
+
+def test_validate_missing_adapter(cli, tmp_path: Path) -> None:
+    r = cli("validate", tmp_path / "nope")
+    assert r.exit_code == 1 and "no such file" in r.stderr
+
+
+def test_validate_streams_and_does_not_use_load_adapter(ours: Path, monkeypatch) -> None:
+    import loratool.adapter
+
+    monkeypatch.setattr(loratool.adapter, "load_adapter", lambda *a, **k: pytest.fail("loaded whole"))
+    assert validate(ours).valid
+
+
+# -- provenance and cards --------------------------------------------------------------------------------
+def test_provenance_record_matches_its_schema(ours: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(ours / "adapter_model.safetensors"), "pt") as f:
+        record = decode(f.metadata())
+    assert check(record, "provenance") == []
+    assert record["tool"] == "loratool" and record["operation"] == "extract"
+
+
+def test_card_front_matter_never_holds_a_local_path(tmp_path: Path) -> None:
+    local = tmp_path / "my-base"
+    local.mkdir()
+    card = render_card({"r": 4, "base_model_name_or_path": str(local)}, None)
+    assert "base_model:" not in card and str(local) not in card
+    card = render_card({"r": 4}, None, base_model_id="meta-llama/Llama-3.2-1B")
+    front = card.split("---")[1]
+    assert 'base_model: "meta-llama/Llama-3.2-1B"' in front and "base_model_relation: adapter" in front
+    assert '"base_model:adapter:meta-llama/Llama-3.2-1B"' in front and "library_name: peft" in front
+    assert not is_hub_id("./models/base") and not is_hub_id("/abs/path") and is_hub_id("gpt2")
+
+
+def test_extract_card_carries_the_report(ours: Path, tmp_path: Path, cli) -> None:
+    text = (ours / "README.md").read_text()
+    assert "| `model.layers.0.self_attn.q_proj` | 4 |" in text
+    r = cli("extract", FIXTURES / "llama-base", FIXTURES / "llama-ft", "-o", tmp_path / "x", "--base-model-id", str(tmp_path))
+    assert r.exit_code == 1 and "is not a Hub repo id" in r.stderr
