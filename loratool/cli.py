@@ -240,6 +240,82 @@ def unmerge(merged: str, adapters: tuple[tuple[str, float], ...], check: str | N
     _emit(result, as_json, _merge_text)
 
 
+def _combine_text(d: dict[str, Any]) -> str:
+    lines = [f"{'module':<48} {'rank':>5} {'rel.err':>9} {'energy':>7}"]
+    for m in d["modules"]:
+        lines.append(f"{m['module']:<48} {m['rank']:>5} {m['relative_error']:>9.3e} {m['energy_kept']:>7.2%}")
+    s = d["summary"]
+    if s["modules"]:
+        lines.append(f"{s['modules']} modules, {d['trainable_parameters']:,} parameters, max relative error {s['max_relative_error']:.3e}")
+    lines.append(f"{d['operation']} ({d['method']}): wrote {d['output']}")
+    return "\n".join(lines)
+
+
+_FORMAT = click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+_BASE_ID = click.option("--base-model-id", default=None, help="The base's Hub id, recorded in the config and card.")
+_BASE = click.option("--base", type=click.Path(), default=None,
+                     help="A checkpoint whose module paths name the modules of kohya inputs (headers only).")
+_ENERGY = click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
+                       help="Per module, the smallest rank keeping this share of the energy (capped by -r).")
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
+@click.option("--method", type=click.Choice(["cat", "svd", "linear"]), default="cat", show_default=True,
+              help="cat: exact; svd: exact truncation to -r; linear: PEFT's per-factor average (approximate).")
+@click.option("-r", "--rank", type=click.IntRange(min=1), default=None, help="Output rank for --method svd.")
+@_ENERGY
+@_FORMAT
+@_BASE_ID
+@_BASE
+@_opts("output", "device", "dtype", "force", "pickle", "quiet", "json")
+def combine(adapters: tuple[tuple[str, float], ...], method: str, rank: int | None, energy: float | None, fmt: str,
+            base_model_id: str | None, base: str | None, output: str, device: str, dtype: str | None, force: bool, allow_pickle: bool,
+            quiet: bool, as_json: bool) -> None:
+    """Combine ADAPTERS (each optionally :WEIGHT, negative allowed) into one adapter.
+
+    The result holds sum_i w_i * scaling_i * B_i @ A_i with scaling 1, whatever the sources'
+    ranks, alphas and rsLoRA flags.
+
+    \b
+    Examples:
+      loratool combine chat/ code/ -o mix/                         # exact, rank = sum of ranks
+      loratool combine chat/:1 toxic/:-0.5 --method svd -r 32 -o mix/
+    """
+    from .ops.combine import combine as run
+
+    result = run(list(adapters), output=output, method=method, rank=rank, energy=energy, device=device,  # type: ignore[arg-type]
+                 dtype=dtype, format=fmt, base_model_id=base_model_id, base=base, force=force,  # type: ignore[arg-type]
+                 allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
+    _emit(result, as_json, _combine_text)
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("-r", "--rank", type=click.IntRange(min=1), default=None, help="The new rank (the cap with --energy).")
+@_ENERGY
+@_FORMAT
+@_BASE_ID
+@_BASE
+@_opts("output", "device", "dtype", "force", "pickle", "quiet", "json")
+def resize(adapter: str, rank: int | None, energy: float | None, fmt: str, base_model_id: str | None,
+           base: str | None, output: str,
+           device: str, dtype: str | None, force: bool, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+    """Re-truncate ADAPTER's rank by an exact SVD of its factors.
+
+    \b
+    Examples:
+      loratool resize adapter/ -r 8 -o small/
+      loratool resize adapter/ --energy 0.95 -o small/ --format kohya
+    """
+    from .ops.combine import resize as run
+
+    result = run(adapter, output=output, rank=rank, energy=energy, device=device, dtype=dtype, format=fmt,  # type: ignore[arg-type]
+                 base_model_id=base_model_id, base=base, force=force, allow_pickle=allow_pickle,
+                 show_progress=not quiet)  # fmt: skip
+    _emit(result, as_json, _combine_text)
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
 @_opts("pickle", "json")

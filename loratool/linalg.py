@@ -110,6 +110,13 @@ def factored_svd(
     return TruncatedSVD(u, s[:k], vh, float(core.double().square().sum()))
 
 
+def factored_sq_norm(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> float:
+    """||sum_i B_i @ A_i||_F^2 from the factors: tr((B^T B)(A A^T)) with B, A stacked (float64)."""
+    b = torch.cat([x.double() for x in Bs], dim=1)  # (out, R)
+    a = torch.cat([x.to(b.device, torch.float64) for x in As], dim=0)  # (R, in)
+    return float(((b.T @ b) * (a @ a.T)).sum())  # (R, R) * (R, R), summed = the trace of the product
+
+
 def split_factors(svd: TruncatedSVD, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors of a rank-``rank`` truncation: B = U sqrt(S) (out, r), A = sqrt(S) Vh (r, in)."""
     root = svd.S[:rank].sqrt()

@@ -62,6 +62,6 @@ def peft_adapter(model, targets, *, r=4, alpha=8, seed=0, **config):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:  # the factors PEFT starts at zero
                 p.copy_((0.1 * torch.randn(p.shape, generator=g)).to(p.dtype))
     return pm.eval()

@@ -1,0 +1,295 @@
+"""``loratool combine`` and ``loratool resize``: mixes of adapters, always in factored form.
+
+Each source's weight w_i and scaling s_i are folded into its factors, so the output has scaling 1
+(``lora_alpha = r``, ``use_rslora: false``) and nothing depends on how PEFT resolves patterns later.
+
+- ``cat``: exact. B = [c_1 B_1, ..., c_n B_n], A = [c_1' A_1; ...; c_n' A_n] with
+  c_i c_i' = w_i s_i (the magnitude split evenly, the sign on A as in PEFT).
+- ``svd``: the exact rank-R truncated SVD of sum_i w_i s_i B_i A_i, from the factors (QR of the
+  stacked factors, SVD of the small core; see :func:`loratool.linalg.factored_svd`). The dense
+  (out, in) matrix is never formed.
+- ``linear``: PEFT's per-factor weighted average (equal ranks only). Approximate: the product of
+  averages is not the average of products.
+
+``resize`` is ``svd`` with one source.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..adapter import Adapter, LoraModule, load_adapter, save_adapter
+from ..card import check_base_model_id
+from ..checkpoint import open_checkpoint, torch_dtype
+from ..errors import LoraToolError, ShapeMismatchError, UnsupportedAdapterError
+from ..formats.kohya import resolve_paths
+from ..linalg import factored_sq_norm, factored_svd, rank_for_energy, relative_error, split_factors
+from ..output import check_output
+from ..provenance import InputHasher, encode, make_record
+from ..report import ModuleReport, summarize
+from ..runtime import progress, resolve_device
+
+Method = Literal["cat", "svd", "linear"]
+SourceArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float]
+
+
+@dataclass
+class CombineResult:
+    output: Path
+    operation: str
+    method: str
+    adapter: Adapter
+    report: list[ModuleReport]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "operation": self.operation,
+            "method": self.method,
+            "summary": summarize(self.report),
+            "trainable_parameters": self.adapter.num_params,
+            "modules": [r.to_json() for r in self.report],
+            "warnings": self.warnings,
+        }
+
+
+def combine(
+    adapters: Sequence[SourceArg],
+    *,
+    output: str | os.PathLike[str],
+    method: Method = "cat",
+    rank: int | None = None,
+    energy: float | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    format: Literal["peft", "kohya"] = "peft",
+    base_model_id: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    show_progress: bool = True,
+) -> CombineResult:
+    """Combine adapters linearly: sum_i w_i * scaling_i * B_i @ A_i, as one adapter.
+
+    Args:
+        adapters: adapter paths or ``(path, weight)`` pairs (weights may be negative).
+        output: the adapter to write.
+        method: ``cat`` (exact), ``svd`` (exact truncation to ``rank``/``energy``), ``linear``
+            (PEFT's per-factor average; approximate).
+        rank: the output rank for ``svd`` (default: the largest source rank).
+        energy: for ``svd``, the smallest rank per module keeping this share of the energy
+            (capped by ``rank`` when given).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: the factors' dtype (default: the first source's).
+        format: ``peft`` or ``kohya``.
+        base: a checkpoint whose module paths name the modules of kohya sources (headers only).
+
+    Raises:
+        UnsupportedAdapterError: DoRA sources; ``linear`` with unequal ranks or modules.
+        ShapeMismatchError: sources disagree on a module's shape or kind.
+
+    Example:
+        >>> loratool.combine([("chat/", 1.0), ("toxic/", -0.5)], output="mix/", method="svd", rank=32)
+    """
+    return _run("combine", adapters, output=output, method=method, rank=rank, energy=energy, device=device,
+                dtype=dtype, format=format, base_model_id=base_model_id, base=base, force=force,
+                allow_pickle=allow_pickle, show_progress=show_progress)  # fmt: skip
+
+
+def resize(
+    adapter: str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str],
+    rank: int | None = None,
+    energy: float | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    format: Literal["peft", "kohya"] = "peft",
+    base_model_id: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    show_progress: bool = True,
+) -> CombineResult:
+    """Re-truncate an adapter to ``rank`` (or per module by ``energy``), exactly, in factored form.
+
+    Resizing to a rank at or above a module's rank is lossless.
+
+    Example:
+        >>> loratool.resize("adapter/", output="small/", rank=8)
+    """
+    if rank is None and energy is None:
+        raise LoraToolError("resize needs -r/--rank or --energy", fix="e.g. loratool resize adapter/ -r 8 -o out/")
+    return _run("resize", [adapter], output=output, method="svd", rank=rank, energy=energy, device=device,
+                dtype=dtype, format=format, base_model_id=base_model_id, base=base, force=force,
+                allow_pickle=allow_pickle, show_progress=show_progress)  # fmt: skip
+
+
+def _run(
+    operation: str,
+    sources: Sequence[SourceArg],
+    *,
+    output: str | os.PathLike[str],
+    method: Method,
+    rank: int | None,
+    energy: float | None,
+    device: str,
+    dtype: str | None,
+    format: Literal["peft", "kohya"],
+    base_model_id: str | None,
+    base: str | os.PathLike[str] | None,
+    force: bool,
+    allow_pickle: bool,
+    show_progress: bool,
+) -> CombineResult:
+    if method not in ("cat", "svd", "linear"):
+        raise LoraToolError(f"unknown --method {method!r}", fix="use cat, svd or linear")
+    if method != "svd" and (rank is not None or energy is not None):
+        raise LoraToolError(f"-r/--energy apply to --method svd, not {method}")
+    if rank is not None and rank < 1:
+        raise LoraToolError(f"rank must be at least 1 (got {rank})")
+    if energy is not None and not 0 < energy <= 1:
+        raise LoraToolError(f"--energy must be in (0, 1] (got {energy})")
+    check_base_model_id(base_model_id)
+    pairs = [(s, 1.0) if not isinstance(s, tuple) else s for s in sources]
+    if not pairs:
+        raise LoraToolError("no adapter given", fix="name at least one ADAPTER")
+    out = check_output(output, force=force, inputs=[p for p, _ in pairs])
+    dev = resolve_device(device)
+    loaded = [(load_adapter(p, allow_pickle=allow_pickle), float(w), str(p)) for p, w in pairs]
+    _check_sources(loaded, method)
+    warnings = _align_kohya_names(loaded, _module_paths(base, allow_pickle) if base is not None else [])
+    hasher = InputHasher([f for a, _, _ in loaded for f in _files(Path(a.path or ""))])
+    out_dtype = torch_dtype(dtype) if dtype else next(iter(loaded[0][0].modules.values())).lora_A.dtype
+    paths = list(dict.fromkeys(p for a, _, _ in loaded for p in a.modules))
+    result = CombineResult(out, operation, method, Adapter(), [], warnings)
+    cap = rank if rank is not None else (max(m.rank for a, _, _ in loaded for m in a.modules.values()) if energy is None else None)
+    for path in progress(paths, total=len(paths), desc=operation, enabled=show_progress):
+        terms = [(a.modules[path], w) for a, w, _ in loaded if path in a.modules]
+        module, report = _combine_module(path, terms, method, cap, energy, dev)
+        result.adapter.modules[path] = module
+        result.report.append(report)
+    for a, _, name in loaded:
+        for key, t in a.whole.items():
+            if key in result.adapter.whole and not torch.equal(result.adapter.whole[key], t):
+                raise UnsupportedAdapterError(
+                    "two sources replace this tensor whole with different values", path=name, key=key,
+                    fix="whole tensors (modules_to_save) cannot be mixed linearly: drop one",
+                )  # fmt: skip
+            result.adapter.whole[key] = t
+    if method == "linear":
+        result.warnings.append("--method linear averages the factors, as PEFT does: the result is approximate")
+    first = loaded[0][0]
+    result.adapter.config = {
+        "peft_type": "LORA", "use_rslora": False, "init_lora_weights": True,
+        "task_type": first.config.get("task_type"),
+        "base_model_name_or_path": base_model_id or first.base_model_name_or_path,
+    }  # fmt: skip
+    params = {"adapters": [{"path": n, "weight": w} for _, w, n in loaded], "method": method, "rank": rank,
+              "energy": energy, "format": format, "dtype": str(out_dtype).replace("torch.", "")}  # fmt: skip
+    record = make_record(operation, params, hasher.result(), report=[r.to_json() for r in result.report])
+    result.adapter.metadata = encode(record)
+    save_adapter(result.adapter, out, format=format, force=force, dtype=out_dtype)
+    return result
+
+
+def _check_sources(loaded: list[tuple[Adapter, float, str]], method: str) -> None:
+    for a, _, name in loaded:
+        if a.use_dora:
+            raise UnsupportedAdapterError(
+                "DoRA adapters (use_dora) cannot be combined: their magnitude vectors do not add up linearly",
+                path=name,
+            )
+    if method == "linear":
+        ranks = {m.rank for a, _, _ in loaded for m in a.modules.values()}
+        modules = {frozenset(a.modules) for a, _, _ in loaded}
+        if len(ranks) > 1 or len(modules) > 1:
+            raise UnsupportedAdapterError(
+                f"--method linear needs equal ranks and identical modules (ranks found: {sorted(ranks)})",
+                fix="use --method cat (exact) or --method svd -r R",
+            )
+
+
+def _combine_module(
+    path: str, terms: list[tuple[LoraModule, float]], method: str, cap: int | None, energy: float | None, dev: torch.device
+) -> tuple[LoraModule, ModuleReport]:
+    first = terms[0][0]
+    for m, _ in terms:
+        if m.kind != first.kind or m.weight_shape != first.weight_shape:
+            raise ShapeMismatchError(
+                "sources disagree on this module", key=path,
+                expected=f"{first.kind} {list(first.weight_shape)}", got=f"{m.kind} {list(m.weight_shape)}",
+            )  # fmt: skip
+    Bs, As = [], []
+    for m, w in terms:
+        c = w * m.scaling
+        root = math.sqrt(abs(c))
+        Bs.append(m.lora_B.to(dev, torch.float32) * root)
+        As.append(m.lora_A.to(dev, torch.float32) * (root if c >= 0 else -root))  # the sign on A, as PEFT does
+    bias = _combined_bias(terms, dev)
+    shape = first.weight_shape
+    if method == "linear":
+        b, a = torch.stack(Bs).sum(0), torch.stack(As).sum(0)  # (out, r), (r, in)
+        r = b.shape[1]
+        # how far the product of averages is from the exact sum: ||sum_i B_i A_i - B A|| / ||sum_i B_i A_i||
+        total = factored_sq_norm(Bs, As)
+        err = math.sqrt(factored_sq_norm([*Bs, -b], [*As, a]) / total) if total > 0 else 0.0
+        report = ModuleReport(path, shape, r, err, max(0.0, 1.0 - err * err), first.kind)
+    elif method == "cat":
+        b, a = torch.cat(Bs, dim=1), torch.cat(As, dim=0)  # (out, R), (R, in)
+        r = b.shape[1]
+        report = ModuleReport(path, shape, r, 0.0, 1.0, first.kind)
+    else:
+        svd = factored_svd(Bs, As)
+        k = min(cap or svd.S.shape[0], svd.S.shape[0])
+        r = k if energy is None else rank_for_energy(svd.S, svd.total_energy, energy, k)
+        r = max(r, 1)
+        b, a = split_factors(svd, r)
+        kept = svd.energy(r) / svd.total_energy if svd.total_energy > 0 else 1.0
+        report = ModuleReport(path, shape, r, relative_error(svd, r), kept, first.kind)
+    module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=float(r), kind=first.kind, bias=bias)
+    return module, report
+
+
+def _module_paths(base: str | os.PathLike[str], allow_pickle: bool) -> list[str]:
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
+        return [k[: -len(".weight")] for k in ck.keys() if k.endswith(".weight")]
+
+
+def _align_kohya_names(loaded: list[tuple[Adapter, float, str]], base_paths: list[str]) -> list[str]:
+    """Rename kohya prefixes (``lora_model_layers_0_q_proj``) to module paths (``model.layers.0.q_proj``)
+    of the base checkpoint, or of the other sources, so that one module is combined as one."""
+    known = sorted({*base_paths, *(p for a, _, _ in loaded if a.format == "peft" for p in a.modules)})
+    warnings = []
+    for a, _, name in loaded:
+        if a.format != "kohya":
+            continue
+        found = resolve_paths(a, known) if known else {}
+        unmapped = [p for p in a.modules if p not in found and "." not in p]
+        a.modules = {found.get(p, p): m for p, m in a.modules.items()}
+        if unmapped:
+            warnings.append(
+                f"{name}: {len(unmapped)} kohya module name(s) (like {unmapped[0]}) map to no module path "
+                "of the base or the other sources and are kept as they are (pass --base CHECKPOINT to name them)"
+            )
+    return warnings
+
+
+def _combined_bias(terms: list[tuple[LoraModule, float]], dev: torch.device) -> torch.Tensor | None:
+    """lora_B.bias adds like the delta (scaled by w * scaling): exact for every method."""
+    parts = [m.bias.to(dev, torch.float32) * (w * m.scaling) for m, w in terms if m.bias is not None]
+    return torch.stack(parts).sum(0).cpu() if parts else None
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return [p for p in (path / "adapter_model.safetensors", path / "adapter_config.json") if p.is_file()]

@@ -1,0 +1,173 @@
+"""`loratool combine`/`resize` against dense oracles and PEFT's add_weighted_adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import load_model, logits, peft_adapter, tiny_model
+from loratool.adapter import load_adapter
+from loratool.linalg import lora_delta
+from loratool.ops.combine import combine, resize
+
+TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+
+
+def dense(path: Path) -> dict[str, torch.Tensor]:
+    a = load_adapter(path)
+    return {p: lora_delta(m.lora_A, m.lora_B, m.scaling, m.kind).double() for p, m in a.modules.items()}
+
+
+@pytest.fixture
+def sources(tmp_path: Path):
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    specs = [
+        dict(r=4, alpha=8, seed=1),
+        dict(r=2, alpha=3, seed=2, use_rslora=True, rank_pattern={"down_proj": 3}),
+        dict(r=6, alpha=6, seed=3, targets=["q_proj", "up_proj"]),
+    ]
+    paths = []
+    for i, spec in enumerate(specs):
+        targets = spec.pop("targets", TARGETS)
+        pm = peft_adapter(load_model("llama", base), targets, **spec)
+        pm.save_pretrained(tmp_path / f"s{i}")
+        paths.append(tmp_path / f"s{i}")
+    return base, paths
+
+
+WEIGHTS = [1.0, -0.5, 0.7]
+
+
+def weighted_sum(paths: list[Path]) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    for p, w in zip(paths, WEIGHTS):
+        for mod, d in dense(p).items():
+            total[mod] = total.get(mod, 0) + w * d
+    return total
+
+
+def test_cat_is_the_exact_weighted_sum(tmp_path: Path, sources) -> None:
+    _, paths = sources
+    res = combine(list(zip(paths, WEIGHTS)), output=tmp_path / "cat", method="cat", show_progress=False)
+    got, expected = dense(tmp_path / "cat"), weighted_sum(paths)
+    assert set(got) == set(expected)  # the union of modules
+    for mod in expected:
+        assert torch.allclose(got[mod], expected[mod], rtol=1e-5, atol=1e-7), mod
+    out = load_adapter(tmp_path / "cat")
+    assert all(m.scaling == 1.0 for m in out.modules.values())
+    assert out.config["use_rslora"] is False
+    assert out.modules["model.layers.0.self_attn.q_proj"].rank == 4 + 2 + 6
+    assert all(r.relative_error == 0.0 for r in res.report)
+
+
+def test_cat_output_loads_in_peft_with_the_dense_sums_outputs(tmp_path: Path, sources) -> None:
+    from peft import PeftModel
+
+    base, paths = sources
+    combine(list(zip(paths, WEIGHTS)), output=tmp_path / "cat", show_progress=False)
+    model = PeftModel.from_pretrained(load_model("llama", base), tmp_path / "cat").eval()
+    reference = load_model("llama", base)
+    sd = reference.state_dict()
+    for mod, d in weighted_sum(paths).items():
+        sd[mod + ".weight"] = (sd[mod + ".weight"].double() + d).float()
+    reference.load_state_dict(sd)
+    assert torch.allclose(logits(model), logits(reference), atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_svd_reaches_the_optimal_error(tmp_path: Path, sources, rank: int) -> None:
+    _, paths = sources
+    res = combine(list(zip(paths, WEIGHTS)), output=tmp_path / "svd", method="svd", rank=rank, show_progress=False)
+    got, expected = dense(tmp_path / "svd"), weighted_sum(paths)
+    for r in res.report:
+        target = expected[r.module]
+        s = torch.linalg.svdvals(target)  # float64: the optimum at this rank (Eckart-Young)
+        best = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
+        actual = float((got[r.module] - target).norm() / target.norm())
+        assert r.rank == min(rank, int(torch.linalg.matrix_rank(target.float())))  # never above the mix's rank
+        assert actual == pytest.approx(best, rel=1e-5, abs=1e-6), r.module
+        assert r.relative_error == pytest.approx(best, rel=1e-5, abs=1e-6), r.module
+
+
+def test_svd_matches_peft_add_weighted_adapter(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    pm = peft_adapter(load_model("llama", base), ["q_proj", "v_proj"], r=4, alpha=8, seed=1)
+    pm.save_pretrained(tmp_path / "a")
+    pm2 = peft_adapter(load_model("llama", base), ["q_proj", "v_proj"], r=4, alpha=4, seed=2)
+    pm2.save_pretrained(tmp_path / "b")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model("llama", base), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [0.8, 0.3], "mix", combination_type="svd", svd_rank=3)
+    combine([(tmp_path / "a", 0.8), (tmp_path / "b", 0.3)], output=tmp_path / "ours", method="svd", rank=3, show_progress=False)
+    ours = dense(tmp_path / "ours")
+    for name, layer in model.named_modules():
+        if hasattr(layer, "lora_A") and "mix" in layer.lora_A:
+            mod = name.removeprefix("base_model.model.")
+            peft_delta = layer.get_delta_weight("mix").double()
+            assert torch.allclose(ours[mod], peft_delta, rtol=1e-4, atol=1e-6), mod
+
+
+def test_linear_matches_peft_and_reports_its_error(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    for i, name in enumerate("ab"):
+        peft_adapter(load_model("llama", base), ["q_proj", "v_proj"], r=4, alpha=8, seed=i).save_pretrained(tmp_path / name)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model("llama", base), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [0.6, -0.4], "mix", combination_type="linear")
+    res = combine([(tmp_path / "a", 0.6), (tmp_path / "b", -0.4)], output=tmp_path / "ours", method="linear", show_progress=False)
+    ours = dense(tmp_path / "ours")
+    exact = {k: 0.6 * v for k, v in dense(tmp_path / "a").items()}
+    for k, v in dense(tmp_path / "b").items():
+        exact[k] = exact[k] - 0.4 * v
+    for name, layer in model.named_modules():
+        if hasattr(layer, "lora_A") and "mix" in layer.lora_A:
+            mod = name.removeprefix("base_model.model.")
+            assert torch.allclose(ours[mod], layer.get_delta_weight("mix").double(), rtol=1e-5, atol=1e-7)
+    for r in res.report:  # the reported error is the real distance from the exact mix
+        real = float((ours[r.module] - exact[r.module]).norm() / exact[r.module].norm())
+        assert r.relative_error == pytest.approx(real, rel=1e-6) and r.relative_error > 0.01
+    assert any("approximate" in w for w in res.warnings)
+
+
+def test_resize_to_the_same_rank_is_lossless(tmp_path: Path, fixtures: Path) -> None:
+    res = resize(fixtures / "llama-peft-adapter", output=tmp_path / "r", rank=4, show_progress=False)
+    got, expected = dense(tmp_path / "r"), dense(fixtures / "llama-peft-adapter")
+    for mod in expected:
+        assert torch.allclose(got[mod], expected[mod], rtol=1e-5, atol=1e-7), mod
+    assert max(r.relative_error for r in res.report) < 1e-6
+
+
+def test_resize_by_energy(tmp_path: Path, fixtures: Path) -> None:
+    res = resize(fixtures / "llama-peft-adapter", output=tmp_path / "r", energy=0.8, show_progress=False)
+    assert all(r.energy_kept >= 0.8 - 1e-9 for r in res.report)
+    assert any(r.rank < 4 for r in res.report)
+
+
+def test_kohya_output_and_base_naming(tmp_path: Path, fixtures: Path, cli) -> None:
+    r = cli("combine", fixtures / "llama-peft-adapter", f"{fixtures / 'llama-kohya.safetensors'}:-1", "--base",
+            fixtures / "llama-base", "--format", "kohya", "-o", tmp_path / "mix.safetensors", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    a = load_adapter(tmp_path / "mix.safetensors")
+    assert "model.layers.0.self_attn.k_proj" in a.modules and "model.layers.0.self_attn.q_proj" in a.modules
+
+
+def test_refusals(tmp_path: Path, sources, cli) -> None:
+    _, paths = sources
+    r = cli("combine", *paths, "--method", "linear", "-o", tmp_path / "x")
+    assert r.exit_code == 1 and "--method linear needs equal ranks" in r.stderr
+    r = cli("combine", *paths, "-r", 4, "-o", tmp_path / "x")
+    assert r.exit_code == 1 and "apply to --method svd" in r.stderr
+    base = tmp_path / "base"
+    peft_adapter(load_model("llama", base), ["q_proj"], use_dora=True).save_pretrained(tmp_path / "dora")
+    r = cli("combine", paths[0], tmp_path / "dora", "-o", tmp_path / "x")
+    assert r.exit_code == 1 and "DoRA adapters (use_dora) cannot be combined" in r.stderr
+    assert not (tmp_path / "x").exists()
