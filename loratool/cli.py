@@ -388,6 +388,67 @@ def validate(adapter: str, no_values: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+_ENDPOINT = click.option("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co).")
+_REVISION = click.option("--revision", default=None, help="Branch, tag or commit id (default: main).")
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.argument("repo_id")
+@_REVISION
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("-m", "--message", default=None, help="Commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@_BASE_ID
+@_ENDPOINT
+@_opts("json")
+def push(adapter: str, repo_id: str, revision: str | None, private: bool, message: str | None, create_pr: bool,
+         base_model_id: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Validate ADAPTER and upload it, with a model card, to REPO_ID in one commit.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed. Re-pushing unchanged
+    files makes no commit.
+
+    \b
+    Examples:
+      loratool push adapter/ me/my-adapter --private --base-model-id meta-llama/Llama-3.2-1B
+      loratool push adapter/ me/my-adapter --revision v2 -m "rank 32"
+    """
+    from .ops.hub import push as run
+
+    result = run(adapter, repo_id, revision=revision, private=private, message=message, create_pr=create_pr,
+                 base_model_id=base_model_id, endpoint=endpoint)  # fmt: skip
+
+    def text(d: dict[str, Any]) -> str:
+        if not d["changed"]:
+            return f"{d['repo_id']}@{d['revision']} already holds these files: no commit made ({d['commit_id']})"
+        where = d["pull_request_url"] or d["commit_url"]
+        return f"pushed {', '.join(d['uploaded'])} to {d['repo_id']}@{d['revision']}\ncommit {d['commit_id']}\n{where}"
+
+    _emit(result, as_json, text)
+
+
+@cli.command()
+@click.argument("repo_id")
+@_REVISION
+@_ENDPOINT
+@_opts("output", "force", "json")
+def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, force: bool, as_json: bool) -> None:
+    """Download the adapter in REPO_ID into -o OUT, checking every file's checksum.
+
+    Works offline from the cache (HF_HUB_OFFLINE=1) for a revision pulled before.
+
+    \b
+    Examples:
+      loratool pull me/my-adapter -o adapter/
+      loratool pull me/my-adapter --revision 0a1b2c... -o adapter/
+    """
+    from .ops.hub import pull as run
+
+    result = run(repo_id, output=output, revision=revision, endpoint=endpoint, force=force)
+    _emit(result, as_json, lambda d: f"pulled {d['repo_id']}@{d['commit_id'][:12]} into {d['output']} (checksums verified)")
+
+
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so atomic outputs clean up their temporary files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

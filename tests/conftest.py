@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,15 @@ from click.testing import CliRunner
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# huggingface_hub reads these once, at import: set them before anything imports it. Caches and
+# tokens live in a temporary HF_HOME; the only Hub the tests talk to is tests/hub_server.py.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="loratool-test-hf-")
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("HF_ENDPOINT", None)
+os.environ["HF_TOKEN"] = "hf_test_token_do_not_print"
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # the test Hub speaks plain LFS, not Xet
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

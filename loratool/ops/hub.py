@@ -1,0 +1,296 @@
+"""``loratool push`` / ``loratool pull``: adapters to and from the Hugging Face Hub.
+
+The one module that imports ``huggingface_hub``. One ``HfApi(endpoint=..., token=...)`` serves
+every call, so the endpoint never depends on when ``HF_ENDPOINT`` was read. Uploads go in one
+commit (adapter files and the model card); downloads are checked against the sha256 (LFS files)
+or git blob sha1 (small files) that the Hub lists, because the client itself checks only sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..card import check_base_model_id, render_card
+from ..errors import ChecksumError, HubError, LoraToolError, MetadataError
+from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..output import atomic_output, check_output
+from ..provenance import decode
+from .validate import validate
+
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    commit_url: str
+    commit_id: str
+    revision: str
+    pull_request_url: str | None = None
+    uploaded: list[str] = field(default_factory=list)
+    changed: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PullResult:
+    repo_id: str
+    output: Path
+    revision: str
+    commit_id: str
+    files: dict[str, str]  # file -> verified digest ("sha256:..." or "git-sha1:...")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "output": str(self.output)}
+
+
+def _api(endpoint: str | None, token: str | bool | None):  # type: ignore[no-untyped-def]
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Map huggingface_hub's exceptions onto loratool messages that say what to do."""
+    from huggingface_hub import errors as e
+
+    rev = revision or "main"
+    try:
+        yield
+    except e.RevisionNotFoundError:
+        raise HubError(f"revision '{rev}' not found in {repo_id}", fix="check the branch, tag or commit id") from None
+    except e.GatedRepoError:
+        raise HubError(f"{repo_id} is gated", fix="accept its conditions on the Hub page, then retry") from None
+    except e.RepositoryNotFoundError as err:
+        if _status(err) in (401, 403):
+            raise _token_error(repo_id) from None
+        raise HubError(
+            f"repository {repo_id} not found (or it is private and your token cannot see it)",
+            fix="check the repo id; for a private repo set HF_TOKEN or run `hf auth login`",
+        ) from None
+    except e.RemoteEntryNotFoundError:
+        raise HubError(f"{repo_id}@{rev} holds no {CONFIG_NAME}", fix="is it a PEFT adapter repo?") from None
+    except e.LocalEntryNotFoundError:
+        raise HubError(
+            f"{repo_id}@{rev} is not in the local cache and the Hub cannot be reached (offline mode?)",
+            fix="pull once while online, pin a commit id, or unset HF_HUB_OFFLINE",
+        ) from None
+    except e.OfflineModeIsEnabled:
+        raise HubError("HF_HUB_OFFLINE is set, and this needs the Hub", fix="unset HF_HUB_OFFLINE") from None
+    except e.HfHubHTTPError as err:
+        status = _status(err)
+        if status in (401, 403):
+            raise _token_error(repo_id) from None
+        if status == 429:
+            raise HubError("the Hub is rate-limiting these requests", fix="wait a minute and retry") from None
+        if status is not None and status >= 500:
+            raise HubError(f"the Hub answered {status} (a server error)", fix="retry later") from None
+        raise HubError(f"the Hub refused the request ({status}): {_first_line(err)}") from None
+    except (OSError, ConnectionError) as err:
+        if isinstance(err, LoraToolError):
+            raise
+        raise HubError(f"cannot reach the Hub ({type(err).__name__})", fix="check the network and --endpoint") from None
+
+
+def _status(err: Exception) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _token_error(repo_id: str) -> HubError:
+    return HubError(
+        f"the Hub rejected the token for {repo_id}",
+        fix="set HF_TOKEN to a valid token with the needed permission (write, to push), or run `hf auth login`",
+    )
+
+
+def push(
+    adapter: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    message: str | None = None,
+    create_pr: bool = False,
+    base_model_id: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+) -> PushResult:
+    """Validate an adapter directory, then upload it with its model card in one commit.
+
+    Args:
+        adapter: a PEFT adapter directory.
+        repo_id: ``namespace/name`` on the Hub (created if needed).
+        revision: a branch to commit to (created from main if needed).
+        private: create the repo private.
+        message: the commit message.
+        create_pr: open a pull request instead of committing to the branch.
+        base_model_id: the base model's Hub id for the card (never a local path).
+        endpoint: the Hub URL (default: ``HF_ENDPOINT`` or the public Hub).
+        token: the token (default: ``HF_TOKEN`` or the stored login).
+
+    Returns:
+        A :class:`PushResult` with the commit URL and id; an unchanged re-push makes no commit
+        (``changed`` is False and the id is the current head).
+
+    Raises:
+        MetadataError: the adapter fails validation (nothing is uploaded).
+        HubError: not found, revision not found, bad token, rate limit, network.
+
+    Example:
+        >>> loratool.push("adapter/", "me/my-adapter", private=True)
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    directory = Path(adapter)
+    if not directory.is_dir():
+        raise LoraToolError("push takes a PEFT adapter directory", path=str(directory))
+    check_base_model_id(base_model_id)
+    report = validate(directory)
+    if not report.valid:
+        listing = "; ".join(str(p) for p in report.problems)
+        raise MetadataError(
+            f"the adapter is not valid, so it was not pushed: {listing}",
+            path=str(directory),
+            problems=[(p.path, p.message) for p in report.problems],
+            fix="run `loratool validate` and fix what it lists",
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
+        record = decode(f.metadata() or {})
+    card = render_card(read_config(directory), record, base_model_id=base_model_id)
+    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name)) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    api = _api(endpoint, token)
+    with _hub_errors(repo_id, revision):
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        head = api.repo_info(repo_id, revision=revision).sha
+        info = api.create_commit(
+            repo_id,
+            operations=ops,
+            commit_message=message or f"Upload LoRA adapter with loratool ({len(ops)} files)",
+            revision=revision,
+            create_pr=create_pr,
+        )
+    return PushResult(
+        repo_id=repo_id,
+        commit_url=info.commit_url,
+        commit_id=info.oid,
+        revision=revision or "main",
+        pull_request_url=info.pr_url,
+        uploaded=[op.path_in_repo for op in ops],
+        changed=info.oid != head,
+    )
+
+
+def pull(
+    repo_id: str,
+    *,
+    output: str | os.PathLike[str],
+    revision: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    force: bool = False,
+) -> PullResult:
+    """Download an adapter's files at ``revision`` into ``output``, verified and validated.
+
+    Every file is checked against the digest the Hub lists for it (sha256 for LFS files, the git
+    blob sha1 for small ones); offline (``HF_HUB_OFFLINE=1``) against the digests the cache
+    recorded when it downloaded them. Nothing appears at ``output`` unless every check passes.
+
+    Example:
+        >>> loratool.pull("me/my-adapter", output="adapter/", revision="v1.0")
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    out = check_output(output, force=force)
+    api = _api(endpoint, token)
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    with _hub_errors(repo_id, revision):
+        expected: dict[str, tuple[str, str]] = {}
+        if not offline:
+            commit = api.repo_info(repo_id, revision=revision).sha
+            entries = api.list_repo_tree(repo_id, revision=commit, recursive=True)
+            for entry in entries:
+                if getattr(entry, "lfs", None) is not None:
+                    expected[entry.path] = ("sha256", entry.lfs.sha256)
+                elif hasattr(entry, "blob_id"):
+                    expected[entry.path] = ("git-sha1", entry.blob_id)
+            if CONFIG_NAME not in expected:
+                raise HubError(f"{repo_id}@{revision or 'main'} holds no {CONFIG_NAME}", fix="is it a PEFT adapter repo?")
+            revision_arg = commit
+        else:
+            revision_arg = revision
+        snapshot = Path(
+            snapshot_download(
+                repo_id, revision=revision_arg, allow_patterns=list(ADAPTER_FILES), endpoint=api.endpoint, token=token
+            )
+        )
+    commit_id = snapshot.name
+    verified = {}
+    for name in ADAPTER_FILES:
+        local = snapshot / name
+        if not local.exists():
+            if name == "README.md":
+                continue
+            raise HubError(f"{repo_id}@{revision or 'main'} holds no {name}", fix="is it a PEFT adapter repo?")
+        algo, digest = expected.get(name) or _cached_digest(local)
+        actual = _digest(local, algo)
+        if actual != digest:
+            _evict(local)
+            raise ChecksumError(
+                f"{name} does not match the {algo} the Hub lists (expected {digest[:16]}..., got {actual[:16]}...)",
+                fix="the download was corrupted; it was removed from the cache: pull again",
+            )
+        verified[name] = f"{algo}:{digest}"
+    with atomic_output(out, force=force, directory=True) as tmp:
+        for name in verified:
+            shutil.copyfile(snapshot / name, tmp / name)
+        report = validate(tmp)
+        if not report.valid:
+            raise MetadataError(
+                "the pulled adapter is not valid: " + "; ".join(str(p) for p in report.problems),
+                problems=[(p.path, p.message) for p in report.problems],
+            )
+    return PullResult(repo_id, out, revision or "main", commit_id, verified)
+
+
+def _digest(path: Path, algo: str) -> str:
+    if algo == "sha256":
+        h = hashlib.sha256()
+    else:  # git's blob id: sha1 over "blob <size>\0" and the content
+        h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached_digest(local: Path) -> tuple[str, str]:
+    """Offline: the cache names each blob by the etag it was served with (sha256 or git sha1)."""
+    blob = local.resolve().name
+    return ("sha256", blob) if len(blob) == 64 else ("git-sha1", blob)
+
+
+def _evict(local: Path) -> None:
+    with contextlib.suppress(OSError):
+        target = local.resolve()
+        local.unlink()
+        target.unlink()

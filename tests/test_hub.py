@@ -1,0 +1,201 @@
+"""`loratool push`/`pull` with the real huggingface_hub client against tests/hub_server.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES
+from hub_server import HubServer
+from loratool.errors import ChecksumError, HubError, MetadataError
+from loratool.ops.extract import extract
+from loratool.ops.hub import pull, push
+
+TOKEN = os.environ["HF_TOKEN"]
+
+
+@pytest.fixture(scope="session")
+def hub():
+    server = HubServer(TOKEN).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    extract(FIXTURES / "llama-base", FIXTURES / "llama-ft", output=root / "r4", rank=4, show_progress=False)
+    extract(FIXTURES / "llama-base", FIXTURES / "llama-ft", output=root / "r2", rank=2, show_progress=False)
+    return root / "r4", root / "r2"
+
+
+def same_files(a: Path, b: Path) -> None:
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_push_then_pull_is_bit_identical(hub, adapters, tmp_path: Path, cli) -> None:
+    r4, _ = adapters
+    r = cli("push", r4, "me/roundtrip", "--endpoint", hub.url, "--json", "--base-model-id", "meta-llama/Llama-3.2-1B")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["changed"] and out["commit_url"].startswith(hub.url) and len(out["commit_id"]) == 40
+    repo = hub.state.repos["me/roundtrip"]
+    files = repo.commits[repo.refs["main"]]
+    assert files["adapter_model.safetensors"].lfs and not files["adapter_config.json"].lfs  # LFS vs regular
+    r = cli("pull", "me/roundtrip", "-o", tmp_path / "pulled", "--endpoint", hub.url)
+    assert r.exit_code == 0, r.stderr
+    same_files(r4, tmp_path / "pulled")
+    card = (tmp_path / "pulled" / "README.md").read_text()
+    assert 'base_model: "meta-llama/Llama-3.2-1B"' in card
+    # the token travelled as a bearer token and was never printed
+    assert any(auth == f"Bearer {TOKEN}" for _, path, auth in hub.state.requests if path.startswith("/api/"))
+    assert TOKEN not in r.stdout + r.stderr
+
+
+def test_the_card_never_carries_a_local_path(hub, adapters, tmp_path: Path) -> None:
+    r4, _ = adapters
+    local = tmp_path / "adapter"
+    shutil.copytree(r4, local)
+    cfg = json.loads((local / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(FIXTURES / "llama-base")  # what PEFT writes for a local base
+    (local / "adapter_config.json").write_text(json.dumps(cfg))
+    push(local, "me/localpath", endpoint=hub.url)
+    repo = hub.state.repos["me/localpath"]
+    card = repo.commits[repo.refs["main"]]["README.md"].data.decode()
+    assert "base_model:" not in card.split("---")[1] and str(FIXTURES) not in card
+
+
+def test_unchanged_repush_makes_no_commit(hub, adapters) -> None:
+    r4, _ = adapters
+    first = push(r4, "me/noop", endpoint=hub.url)
+    before = hub.state.commits_made
+    again = push(r4, "me/noop", endpoint=hub.url)
+    assert hub.state.commits_made == before
+    assert not again.changed and again.commit_id == first.commit_id
+
+
+def test_pinned_revisions_give_the_old_files(hub, adapters, tmp_path: Path) -> None:
+    r4, r2 = adapters
+    v1 = push(r4, "me/pinned", endpoint=hub.url)
+    hub.state.tag("me/pinned", "v1")
+    push(r2, "me/pinned", endpoint=hub.url, message="rank 2")
+    pull("me/pinned", output=tmp_path / "head", endpoint=hub.url)
+    same_files(r2, tmp_path / "head")
+    pull("me/pinned", output=tmp_path / "tag", revision="v1", endpoint=hub.url)
+    same_files(r4, tmp_path / "tag")
+    res = pull("me/pinned", output=tmp_path / "sha", revision=v1.commit_id, endpoint=hub.url)
+    same_files(r4, tmp_path / "sha")
+    assert res.commit_id == v1.commit_id
+
+
+def test_offline_pull_of_a_pinned_commit(hub, adapters, tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    r4, _ = adapters
+    info = push(r4, "me/offline", endpoint=hub.url)
+    pull("me/offline", output=tmp_path / "online", revision=info.commit_id, endpoint=hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    seen = len(hub.state.requests)
+    res = pull("me/offline", output=tmp_path / "offline", revision=info.commit_id, endpoint=hub.url)
+    assert len(hub.state.requests) == seen  # not one request
+    same_files(r4, tmp_path / "offline")
+    assert res.files["adapter_model.safetensors"].startswith("sha256:")
+    with pytest.raises(HubError, match="not in the local cache"):
+        pull("me/never-pulled", output=tmp_path / "x", revision="a" * 40, endpoint=hub.url)
+
+
+def test_corrupted_download_is_caught_and_nothing_is_left(hub, adapters, tmp_path: Path, cli) -> None:
+    r4, _ = adapters
+    push(r4, "me/corrupt", endpoint=hub.url)
+    hub.state.corrupt.add("adapter_model.safetensors")
+    try:
+        r = cli("pull", "me/corrupt", "-o", tmp_path / "out", "--endpoint", hub.url)
+    finally:
+        hub.state.corrupt.clear()
+    assert r.exit_code == 1
+    assert "adapter_model.safetensors does not match the sha256 the Hub lists" in r.stderr
+    assert not (tmp_path / "out").exists()
+    # the bad blob was evicted from the cache: a second pull downloads it again, correctly
+    pull("me/corrupt", output=tmp_path / "out", endpoint=hub.url)
+    same_files(r4, tmp_path / "out")
+
+
+def test_invalid_metadata_blocks_a_push(hub, adapters, tmp_path: Path, cli) -> None:
+    r4, _ = adapters
+    bad = tmp_path / "bad"
+    shutil.copytree(r4, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["lora_dropout"] = 5
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    r = cli("push", bad, "me/invalid", "--endpoint", hub.url)
+    assert r.exit_code == 1
+    assert "not valid, so it was not pushed" in r.stderr and "$.lora_dropout" in r.stderr
+    assert "me/invalid" not in hub.state.repos
+    with pytest.raises(MetadataError) as info:
+        push(bad, "me/invalid", endpoint=hub.url)
+    assert info.value.problems == [("$.lora_dropout", "lora_dropout must be a number from 0 to 1 (got 5)")]
+
+
+@pytest.mark.parametrize(
+    "repo, revision, message",
+    [
+        ("me/does-not-exist", None, "repository me/does-not-exist not found"),
+        ("me/roundtrip-errors", "no-such-branch", "revision 'no-such-branch' not found in me/roundtrip-errors"),
+        ("me/empty", None, "holds no adapter_config.json"),
+    ],
+)
+def test_not_found_errors(hub, adapters, tmp_path: Path, cli, repo, revision, message) -> None:
+    r4, _ = adapters
+    if repo == "me/roundtrip-errors":
+        push(r4, repo, endpoint=hub.url)
+    if repo == "me/empty" and repo not in hub.state.repos:
+        from huggingface_hub import HfApi
+
+        HfApi(endpoint=hub.url).create_repo(repo)
+    args = ["pull", repo, "-o", tmp_path / "out", "--endpoint", hub.url] + (["--revision", revision] if revision else [])
+    r = cli(*args)
+    assert r.exit_code == 1
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_bad_token(hub, adapters, tmp_path: Path, cli, monkeypatch) -> None:
+    r4, _ = adapters
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_value")
+    r = cli("push", r4, "me/badtoken", "--endpoint", hub.url)
+    assert r.exit_code == 1
+    assert "the Hub rejected the token" in r.stderr and "HF_TOKEN" in r.stderr
+    assert "hf_wrong_token_value" not in r.stdout + r.stderr
+
+
+def test_branch_and_pull_request(hub, adapters) -> None:
+    r4, r2 = adapters
+    push(r4, "me/branches", endpoint=hub.url)
+    res = push(r2, "me/branches", endpoint=hub.url, revision="rank2")
+    repo = hub.state.repos["me/branches"]
+    assert repo.refs["rank2"] == res.commit_id != repo.refs["main"]
+    pr = push(r2, "me/branches", endpoint=hub.url, create_pr=True)
+    assert pr.pull_request_url and repo.refs["refs/pr/1"] == pr.commit_id
+
+
+def test_pulled_adapter_loads_in_peft_from_the_repo_id(hub, adapters, monkeypatch) -> None:
+    import huggingface_hub
+    import torch
+    from huggingface_hub import constants
+    from peft import PeftModel
+
+    from helpers import load_model, logits
+
+    r4, _ = adapters
+    push(r4, "me/peftload", endpoint=hub.url)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)  # the module-level HfApi() PEFT uses
+    from_hub = PeftModel.from_pretrained(load_model("llama", FIXTURES / "llama-base"), "me/peftload").eval()
+    local = PeftModel.from_pretrained(load_model("llama", FIXTURES / "llama-base"), r4).eval()
+    assert torch.equal(logits(from_hub), logits(local))
