@@ -135,13 +135,14 @@ def module_alpha(config: Mapping[str, Any], module_path: str) -> float:
     return float(found if found is not None else config.get("lora_alpha", 8))
 
 
-def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapter:
+def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, lazy: bool = False) -> Adapter:
     """Read a PEFT adapter directory or a kohya ``.safetensors`` file.
 
     Args:
         path: a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``, or a
             single kohya-format ``.safetensors`` file.
         allow_pickle: accept ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
+        lazy: read headers only; factors are ``meta`` tensors with the stored shapes and dtypes.
 
     Raises:
         InputFileError: not an adapter, corrupt file, unsupported PEFT type.
@@ -152,11 +153,11 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) ->
     if not p.exists():
         raise MissingInputError("no such adapter", path=str(p))
     if p.is_dir():
-        return peft.read_peft(p, allow_pickle=allow_pickle)
+        return peft.read_peft(p, allow_pickle=allow_pickle, lazy=lazy)
     if p.name == "adapter_config.json":
-        return peft.read_peft(p.parent, allow_pickle=allow_pickle)
+        return peft.read_peft(p.parent, allow_pickle=allow_pickle, lazy=lazy)
     if p.suffix == ".safetensors":
-        return kohya.read_kohya(p)
+        return kohya.read_kohya(p, lazy=lazy)
     raise InputFileError(
         "not an adapter",
         path=str(p),

@@ -219,6 +219,13 @@ class Checkpoint:
         except SafetensorError as e:
             raise InputFileError(f"cannot read tensor '{key}' ({e})", path=str(self.root / info.file)) from None
 
+    def get_meta(self, key: str) -> torch.Tensor:
+        """A tensor with the stored shape and dtype on the ``meta`` device: no data is read."""
+        import torch
+
+        info = self.info(key)
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
+
     def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.keys() if keys is None else keys:
             yield key, self.get(key)

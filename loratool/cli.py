@@ -70,6 +70,8 @@ ADAPTER_SPEC = _AdapterSpec()
 
 
 def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return
     payload = result.to_json() if hasattr(result, "to_json") else result
     for w in (payload.get("warnings") or []) if isinstance(payload, dict) else []:
         click.secho(f"warning: {w}", err=True, fg="yellow")

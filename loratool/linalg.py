@@ -46,12 +46,15 @@ class TruncatedSVD:
         return float(self.S[:rank].double().square().sum())
 
 
-def exact_svd(matrix: torch.Tensor, k: int | None = None) -> TruncatedSVD:
-    """Exact thin SVD (``torch.linalg.svd(full_matrices=False)``), truncated to ``k``."""
+def exact_svd(matrix: torch.Tensor, k: int | None = None, *, sq_norm: float | None = None) -> TruncatedSVD:
+    """Exact thin SVD (``torch.linalg.svd(full_matrices=False)``), truncated to ``k``.
+
+    ``sq_norm`` is ||matrix||_F^2 when the caller knows it already.
+    """
     m = matrix.to(torch.float32)
     U, S, Vh = torch.linalg.svd(m, full_matrices=False)
     k = S.shape[0] if k is None else min(k, S.shape[0])
-    return TruncatedSVD(U[:, :k], S[:k], Vh[:k], _sq_norm(m))
+    return TruncatedSVD(U[:, :k], S[:k], Vh[:k], _sq_norm(m) if sq_norm is None else sq_norm)
 
 
 def randomized_svd(
@@ -61,6 +64,7 @@ def randomized_svd(
     oversample: int = 8,
     n_iter: int = 4,
     generator: torch.Generator | None = None,
+    sq_norm: float | None = None,
 ) -> TruncatedSVD:
     """Top-``k`` SVD by a randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4).
 
@@ -71,7 +75,7 @@ def randomized_svd(
     rows, cols = m.shape
     width = k + oversample
     if width >= min(rows, cols):
-        return exact_svd(m, k)
+        return exact_svd(m, k, sq_norm=sq_norm)
     transpose = rows < cols  # work on the tall orientation: the sketch is (max, width)
     a = m.T if transpose else m
     gen_device = generator.device if generator is not None else a.device
@@ -86,7 +90,7 @@ def randomized_svd(
     u, s, vh = u[:, :k], s[:k], vh[:k]
     if transpose:
         u, vh = vh.T, u.T
-    return TruncatedSVD(u, s, vh, _sq_norm(m))
+    return TruncatedSVD(u, s, vh, _sq_norm(m) if sq_norm is None else sq_norm)
 
 
 def factored_svd(
@@ -126,7 +130,7 @@ def split_factors(svd: TruncatedSVD, rank: int, dtype: torch.dtype = torch.float
 
 
 def _sq_norm(m: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2)
+    return float(torch.linalg.vector_norm(m)) ** 2  # float32 accumulates blockwise: ~1e-7 relative
 
 
 # -- rank rules -------------------------------------------------------------------------------------
@@ -172,18 +176,23 @@ def relative_error(svd: TruncatedSVD, rank: int) -> float:
     return math.sqrt(max(0.0, svd.total_energy - svd.energy(rank)) / svd.total_energy)
 
 
-def residual_error(matrix: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor) -> float:
+def residual_error(matrix: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, *, norm: float | None = None) -> float:
     """||M - B @ A||_F / ||M||_F, formed directly (consumes ``matrix`` in place).
 
     The spectral identity cancels catastrophically in float32 when the fit is nearly exact; one
     extra (out, r) @ (r, in) product is cheap next to the SVD and gives the error to the last bit.
     """
-    norm = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
+    if norm is None:
+        norm = float(torch.linalg.vector_norm(matrix))
     if norm == 0:
         return 0.0
     matrix.addmm_(lora_B.to(matrix.dtype), lora_A.to(matrix.dtype), alpha=-1)  # (out, r) @ (r, in)
-    return float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) / norm
+    return float(torch.linalg.vector_norm(matrix)) / norm
 
 
 def is_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. Any such element makes the sum non-finite, so one cheap reduction
+    settles the common case; only a non-finite sum (or an overflow) needs the elementwise check."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
     return bool(torch.isfinite(t).all())

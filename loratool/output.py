@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -156,6 +158,7 @@ class SafetensorsStreamWriter:
             self._file.close()
             raise RuntimeError(f"{self.path.name}: closed before tensor '{missing}' was written")
         self._file.flush()
+        os.fsync(self._file.fileno())  # now, while the next shard is computed, not all at the end
         self._file.close()
 
     def abort(self) -> None:
@@ -246,6 +249,47 @@ class CheckpointWriter:
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.abort()
+
+
+class BackgroundWriter:
+    """Hands ``write`` calls to a thread, up to ``depth`` tensors behind, so that writing (and
+    flushing) one tensor overlaps computing the next. Errors surface on the next call."""
+
+    def __init__(self, writer: CheckpointWriter, depth: int = 2) -> None:
+        self._writer = writer
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loratool-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write(*item)
+                except BaseException as e:  # handed to the caller on its next call
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise()
+        self._queue.put((name, tensor))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+        self._writer.close()
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(None)
+            self._thread.join()
+        self._writer.abort()
 
 
 def write_checkpoint(

@@ -196,3 +196,13 @@ def test_inspect_of_a_large_checkpoint_does_not_load_it(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) == 4 * 4096 * 4096
     assert int(out[1]) < 64, f"inspect grew RSS by {out[1]} MiB for a 256 MiB file"
+
+
+def test_inspecting_an_adapter_reads_headers_only(fixtures: Path, monkeypatch) -> None:
+    from loratool.checkpoint import Checkpoint
+    from loratool.ops.inspect import inspect
+
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: pytest.fail(f"read {key}"))
+    info = inspect(fixtures / "llama-peft-adapter")
+    assert info["module_count"] == 6 and info["ranks"] == {4: 5, 2: 1}
+    assert {m["module"]: m["scaling"] for m in info["modules"]}["model.layers.0.mlp.down_proj"] == 1.0  # alpha 4 / r 4

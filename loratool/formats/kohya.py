@@ -31,8 +31,8 @@ def kohya_prefix(module_path: str) -> str:
     return "lora_" + module_path.replace(".", "_")
 
 
-def read_kohya(file: Path) -> Adapter:
-    """Read a kohya ``.safetensors`` adapter."""
+def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
+    """Read a kohya ``.safetensors`` adapter (``lazy``: factors as shapes only, on ``meta``)."""
     import torch
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -52,7 +52,8 @@ def read_kohya(file: Path) -> Adapter:
                     path=str(file),
                     fix="kohya files hold <prefix>.lora_down.weight, .lora_up.weight and .alpha",
                 )
-            groups.setdefault(m["prefix"], {})[m["slot"]] = ckpt.get(key)
+            read = ckpt.get_meta if lazy and m["slot"] != "alpha" else ckpt.get  # alphas are scalars: read them
+            groups.setdefault(m["prefix"], {})[m["slot"]] = read(key)
     known = json.loads(metadata.get(MODULES_KEY, "{}"))
     modules = {}
     for prefix, slots in groups.items():

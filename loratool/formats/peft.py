@@ -79,8 +79,8 @@ def weights_path(directory: Path, *, allow_pickle: bool) -> Path:
     raise MissingInputError(f"no {WEIGHTS_NAME} in the adapter directory", path=str(directory))
 
 
-def read_peft(directory: Path, *, allow_pickle: bool = False) -> Adapter:
-    """Read a PEFT LoRA adapter directory into an :class:`Adapter`."""
+def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False) -> Adapter:
+    """Read a PEFT LoRA adapter directory into an :class:`Adapter` (``lazy``: shapes only, on ``meta``)."""
     config = read_config(directory)
     wpath = weights_path(directory, allow_pickle=allow_pickle)
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -90,7 +90,7 @@ def read_peft(directory: Path, *, allow_pickle: bool = False) -> Adapter:
         metadata = ckpt.header_metadata
         for raw_key in ckpt.keys():
             key = strip_prefix(raw_key)
-            tensor = ckpt.get(raw_key)
+            tensor = ckpt.get_meta(raw_key) if lazy else ckpt.get(raw_key)
             if m := _FACTOR.match(key):
                 slot = f"{m['ab']}.{m['param']}"
             elif m := _EMBED.match(key):

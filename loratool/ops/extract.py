@@ -8,8 +8,10 @@ reported as dropped with the norm of what is lost.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +27,7 @@ from ..linalg import (
     allocate_budget,
     delta_as_out_in,
     exact_svd,
+    is_finite,
     randomized_svd,
     rank_for_energy,
     relative_error,
@@ -34,7 +37,8 @@ from ..linalg import (
 from ..output import check_output
 from ..provenance import InputHasher, encode, make_record
 from ..report import Dropped, ModuleReport, summarize
-from ..runtime import compile_regex, prefetch, progress, resolve_device
+from ..distributed import balanced_share, current
+from ..runtime import compile_regex, prefetch, progress, resolve_device, upcast
 
 # transformers model types whose 2-D projection weights are GPT-2 ``Conv1D`` (stored (in, out)).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -143,100 +147,193 @@ def extract(
     inc, exc = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
     keep = compile_regex(keep_full, "--keep-full")
     cap = rank if rank is not None else DEFAULT_CAP
-    gen = torch.Generator(device="cpu").manual_seed(seed)
 
+    options = _Options(rank, energy, budget, svd, oversample, n_iter, seed, cap, inc, exc, keep, dev)
+    d = current()
     with open_checkpoint(base, allow_pickle=allow_pickle) as b, open_checkpoint(
         finetuned, allow_pickle=allow_pickle
     ) as f:
         keys = _paired_keys(b, f)
-        hasher = InputHasher([*b.file_paths(), *f.file_paths()])
+        hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
         conv1d = fan_in_fan_out if fan_in_fan_out is not None else config.get("model_type") in CONV1D_MODEL_TYPES
         tied = _tied_output(keys, config)  # (output embedding module, input embedding key) or None
-        out_dtype = torch_dtype(dtype) if dtype else None
-        result = ExtractResult(output=out, adapter=Adapter(), report=[])
-        pending: list[_Pending] = []
-        modules: dict[str, LoraModule] = {}
-        reports: dict[str, ModuleReport] = {}
+        skip = {tied[0] + ".weight"} if tied else set()  # the same matrix as the input embedding
+        owner = balanced_share(((k, b.info(k).nbytes) for k in keys), d.world)
+        mine = [k for k in keys if owner[k] == d.rank and k not in skip]
+        error: BaseException | None = None
+        try:
+            part = _extract_keys(b, f, mine, options, conv1d, prefetch_depth, show_progress and d.is_main)
+        except BaseException as e:  # every rank must hear of it before anyone waits on the others
+            error, part = e, _Partial()
+        d.agree(error)
+        whole = _Partial.join(d.all_gather(part), keys)
 
-        def read_pair(key: str) -> tuple[str, torch.Tensor, torch.Tensor]:
-            return key, b.get(key), f.get(key)
-
-        pairs = prefetch((read_pair(k) for k in keys), depth=prefetch_depth)
-        for key, wb, wf in progress(pairs, total=len(keys), desc="extract", enabled=show_progress):
-            for name, t in (("base", wb), ("fine-tune", wf)):
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
-            if not wb.is_floating_point():
-                if not torch.equal(wb, wf):
-                    norm = float(torch.linalg.vector_norm(wf.double() - wb.double()))
-                    result.dropped.append(Dropped(key, norm, "an integer tensor changed"))
-                continue
-            delta = wf.to(dev, torch.float32) - wb.to(dev, torch.float32)
-            if not bool(delta.any()):
-                result.unchanged += 1
-                continue
-            if out_dtype is None:
-                out_dtype = wf.dtype
-            module = key[: -len(".weight")] if key.endswith(".weight") else key
-            if tied and key == tied[0] + ".weight":
-                continue  # the same tensor as the input embedding: its factors are reused below
-            lora_ok = delta.dim() == 2 and key.endswith(".weight") and _selected(module, inc, exc)
-            if not lora_ok:
-                norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-                if keep and keep.search(key):
-                    result.adapter.whole[key] = wf
-                    result.kept_whole.append(key)
-                else:
-                    why = "not a 2-D weight" if delta.dim() != 2 or not key.endswith(".weight") else "not selected"
-                    result.dropped.append(Dropped(key, norm, f"{why}; pass --keep-full to store it whole"))
-                continue
-            kind: Kind = "embedding" if EMBEDDING_NAME.search(module) else ("conv1d" if conv1d else "linear")
-            matrix = delta_as_out_in(delta, kind)  # (out, in), the factors' orientation
-            k = min(cap, *matrix.shape)
-            if rank is not None and rank > min(matrix.shape) and budget is None and energy is None:
-                result.warnings.append(f"{module}: rank {rank} clamped to {k}, the smaller side of {list(delta.shape)}")
-            decomposed = (
-                exact_svd(matrix, k)
-                if svd == "exact"
-                else randomized_svd(matrix, k, oversample=oversample, n_iter=n_iter, generator=gen)
-            )
-            if budget is not None:
-                pending.append(_Pending(key, module, kind, tuple(delta.shape), decomposed))  # type: ignore[arg-type]
-                continue
-            r = k if energy is None else rank_for_energy(decomposed.S, decomposed.total_energy, energy, k)
-            lora_b, lora_a = split_factors(decomposed, r)
-            err = residual_error(matrix, lora_b, lora_a)  # consumes delta, which is no longer needed
-            modules[module] = LoraModule(lora_A=lora_a.cpu(), lora_B=lora_b.cpu(), alpha=float(r), kind=kind)
-            reports[module] = ModuleReport(module, tuple(delta.shape), r, err, decomposed.energy(r) / decomposed.total_energy, kind)  # type: ignore[arg-type]
-
-        if budget is not None:
-            _spend_budget(pending, budget, modules, reports, result)
-        if tied and tied[1][: -len(".weight")] in modules:
-            _tie_output_embedding(tied[0], tied[1][: -len(".weight")], modules, reports, result)
-        if not modules and not result.adapter.whole:
-            raise LoraToolError(
-                "the fine-tune does not differ from the base in any tensor loratool can extract",
-                path=str(finetuned),
-                fix="check that BASE and FT are different checkpoints (and --include/--exclude)",
-            )
-        for d in result.dropped:
-            result.warnings.append(f"dropped {d.key} (norm of change {d.norm:.4g}): {d.reason}")
-        result.report = [reports[m] for m in modules]
-        result.adapter.modules = modules
-        result.adapter.config = _adapter_config(config, base_model_id)
-        params = {
-            "rank": rank, "energy": energy, "budget": budget, "svd": svd, "oversample": oversample,
-            "n_iter": n_iter, "include": include, "exclude": exclude, "keep_full": keep_full,
-            "fan_in_fan_out": conv1d, "format": format, "seed": seed, "dtype": str(out_dtype).replace("torch.", ""),
-        }  # fmt: skip
+    result = ExtractResult(output=out, adapter=Adapter(), report=[], dropped=whole.dropped,
+                           kept_whole=whole.kept_whole, unchanged=whole.unchanged, warnings=whole.warnings)  # fmt: skip
+    result.adapter.whole = whole.whole
+    modules, reports = whole.modules, whole.reports
+    if budget is not None:
+        _spend_budget(whole.pending, budget, modules, reports, result)
+        order = {m: i for i, m in enumerate(k.removesuffix(".weight") for k in keys)}
+        modules = dict(sorted(modules.items(), key=lambda kv: order[kv[0]]))
+    if tied and tied[1][: -len(".weight")] in modules:
+        _tie_output_embedding(tied[0], tied[1][: -len(".weight")], modules, reports, result)
+    if not modules and not result.adapter.whole:
+        raise LoraToolError(
+            "the fine-tune does not differ from the base in any tensor loratool can extract",
+            path=str(finetuned),
+            fix="check that BASE and FT are different checkpoints (and --include/--exclude)",
+        )
+    for dropped in result.dropped:
+        result.warnings.append(f"dropped {dropped.key} (norm of change {dropped.norm:.4g}): {dropped.reason}")
+    out_dtype = torch_dtype(dtype) if dtype else whole.dtype
+    result.report = [reports[m] for m in modules]
+    result.adapter.modules = modules
+    result.adapter.config = _adapter_config(config, base_model_id)
+    params = {
+        "rank": rank, "energy": energy, "budget": budget, "svd": svd, "oversample": oversample,
+        "n_iter": n_iter, "include": include, "exclude": exclude, "keep_full": keep_full,
+        "fan_in_fan_out": conv1d, "format": format, "seed": seed, "dtype": str(out_dtype).replace("torch.", ""),
+    }  # fmt: skip
+    if d.is_main:
         record = make_record(
             "extract", params, hasher.result(), report=[r.to_json() for r in result.report],
-            extra={"dropped": [d.to_json() for d in result.dropped]},
+            extra={"dropped": [x.to_json() for x in result.dropped]},
         )  # fmt: skip
         result.adapter.metadata = encode(record)
         save_adapter(result.adapter, out, format=format, force=force, dtype=out_dtype)
+    d.barrier()  # the output exists on every rank's return
     return result
+
+
+@dataclass
+class _Options:
+    rank: int | None
+    energy: float | None
+    budget: int | None
+    svd: str
+    oversample: int
+    n_iter: int
+    seed: int
+    cap: int
+    include: re.Pattern[str] | None
+    exclude: re.Pattern[str] | None
+    keep: re.Pattern[str] | None
+    device: torch.device
+
+
+@dataclass
+class _Partial:
+    """What one process extracted from its share of the tensors."""
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    reports: dict[str, ModuleReport] = field(default_factory=dict)
+    pending: list[_Pending] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept_whole: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # key -> dtype of changed tensors
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return next(iter(self.dtypes.values()), None)
+
+    @staticmethod
+    def join(parts: list[_Partial], keys: list[str]) -> _Partial:
+        """Every process's share, in checkpoint order: the same result whatever the split."""
+        order = {k: i for i, k in enumerate(keys)}
+
+        def by_key(module_or_key: str) -> int:
+            return order.get(module_or_key, order.get(module_or_key + ".weight", len(order)))
+
+        out = _Partial(unchanged=sum(p.unchanged for p in parts))
+        for field_name in ("modules", "reports", "whole", "dtypes"):
+            merged = {k: v for p in parts for k, v in getattr(p, field_name).items()}
+            setattr(out, field_name, dict(sorted(merged.items(), key=lambda kv: by_key(kv[0]))))
+        out.pending = sorted((x for p in parts for x in p.pending), key=lambda x: order[x.key])
+        out.dropped = sorted((x for p in parts for x in p.dropped), key=lambda x: order[x.key])
+        out.kept_whole = sorted((x for p in parts for x in p.kept_whole), key=lambda x: order[x])
+        out.warnings = [w for p in parts for w in p.warnings]
+        return out
+
+
+def _extract_keys(
+    b: Checkpoint, f: Checkpoint, keys: list[str], o: _Options, conv1d: bool, depth: int, show: bool
+) -> _Partial:
+    """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
+    part = _Partial()
+
+    def read_pair(key: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+        # On the prefetch thread: reading, upcasting, subtracting and measuring the delta overlap
+        # the previous module's SVD on the main thread. One norm tells changed (> 0) and finite.
+        wb, wf = b.get(key), f.get(key)
+        if not wb.is_floating_point():
+            return key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0
+        delta = upcast(wf, o.device, copy=True).sub_(wb.to(o.device, non_blocking=True))  # fp32 -= stored
+        norm = float(torch.linalg.vector_norm(delta))
+        if not math.isfinite(norm) and not is_finite(delta):  # NaN or Inf on either side reaches it
+            name = "base" if not is_finite(wb) else "fine-tune"
+            raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
+        return key, wb, wf, delta, norm
+
+    pairs = prefetch((read_pair(k) for k in keys), depth=depth)
+    for key, wb, wf, delta, norm in progress(pairs, total=len(keys), desc="extract", enabled=show):
+        if norm == 0:
+            part.unchanged += 1
+            continue
+        if delta is None:
+            norm = float(torch.linalg.vector_norm(wf.double() - wb.double()))
+            part.dropped.append(Dropped(key, norm, "an integer tensor changed"))
+            continue
+        part.dtypes[key] = wf.dtype
+        module = key[: -len(".weight")] if key.endswith(".weight") else key
+        if not (delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude)):
+            if o.keep and o.keep.search(key):
+                part.whole[key] = wf
+                part.kept_whole.append(key)
+            else:
+                why = "not a 2-D weight" if delta.dim() != 2 or not key.endswith(".weight") else "not selected"
+                part.dropped.append(Dropped(key, norm, f"{why}; pass --keep-full to store it whole"))
+            continue
+        _factor(key, module, delta, norm, o, conv1d, part)
+    return part
+
+
+def _factor(key: str, module: str, delta: torch.Tensor, norm: float, o: _Options, conv1d: bool, part: _Partial) -> None:
+    """Truncated SVD of one delta into LoRA factors (or, for --budget, a spectrum to allocate later)."""
+    kind: Kind = "embedding" if EMBEDDING_NAME.search(module) else ("conv1d" if conv1d else "linear")
+    matrix = delta_as_out_in(delta, kind)  # (out, in), the factors' orientation
+    k = min(o.cap, *matrix.shape)
+    if o.rank is not None and o.rank > min(matrix.shape) and o.budget is None and o.energy is None:
+        part.warnings.append(f"{module}: rank {o.rank} clamped to {k}, the smaller side of {list(delta.shape)}")
+    if o.svd == "exact":
+        decomposed = exact_svd(matrix, k, sq_norm=norm**2)
+    else:
+        gen = _generator(o.seed, module)
+        decomposed = randomized_svd(matrix, k, oversample=o.oversample, n_iter=o.n_iter, generator=gen, sq_norm=norm**2)
+    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    if o.budget is not None:
+        part.pending.append(_Pending(key, module, kind, shape, _to_cpu(decomposed)))
+        return
+    r = k if o.energy is None else rank_for_energy(decomposed.S, decomposed.total_energy, o.energy, k)
+    lora_b, lora_a = split_factors(decomposed, r)
+    err = residual_error(matrix, lora_b, lora_a, norm=norm)  # consumes delta, no longer needed
+    part.modules[module] = LoraModule(lora_A=lora_a.cpu(), lora_B=lora_b.cpu(), alpha=float(r), kind=kind)
+    kept = decomposed.energy(r) / decomposed.total_energy
+    part.reports[module] = ModuleReport(module, shape, r, err, kept, kind)
+
+
+def _to_cpu(svd: TruncatedSVD) -> TruncatedSVD:
+    return TruncatedSVD(svd.U.cpu(), svd.S.cpu(), svd.Vh.cpu(), svd.total_energy)
+
+
+def _generator(seed: int, module: str) -> torch.Generator:
+    """A generator per module, so a module's factors do not depend on which others are extracted,
+    in what order, or by which process."""
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
 
 
 def _check_rank_options(rank: int | None, energy: float | None, budget: int | None, svd: str) -> None:

@@ -15,8 +15,9 @@ def inspect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict
     """Describe a checkpoint or an adapter.
 
     A checkpoint is described from its headers alone (no tensor is read): tensor and parameter
-    counts, dtypes, shards, bytes. An adapter (small by nature) is read: format, modules, ranks,
-    alphas and scalings, target modules, trainable parameters, dtypes, header metadata.
+    counts, dtypes, shards, bytes. An adapter is described from its headers and config (kohya
+    alphas, scalars, are the only values read): format, modules, ranks, alphas and scalings,
+    target modules, trainable parameters, dtypes, header metadata.
 
     Returns:
         A JSON-ready dict; ``kind`` is ``"checkpoint"`` or ``"adapter"``.
@@ -64,7 +65,7 @@ def _inspect_checkpoint(p: Path, allow_pickle: bool) -> dict[str, Any]:
 def _inspect_adapter(p: Path, allow_pickle: bool) -> dict[str, Any]:
     from ..adapter import load_adapter
 
-    a = load_adapter(p, allow_pickle=allow_pickle)
+    a = load_adapter(p, allow_pickle=allow_pickle, lazy=True)  # headers only, however large
     modules = [
         {
             "module": name,

@@ -7,6 +7,7 @@ the directory's other files (config, tokenizer).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -21,9 +22,11 @@ from ..checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
 from .extract import CONV1D_MODEL_TYPES
 from ..formats.kohya import resolve_paths
-from ..output import CheckpointWriter, TensorSpec, atomic_output, check_output, copy_aux_files, patch_header_metadata
+from ..output import BackgroundWriter, CheckpointWriter, TensorSpec, atomic_output, check_output, copy_aux_files, patch_header_metadata
 from ..provenance import InputHasher, encode, make_record
-from ..runtime import prefetch, progress, resolve_device
+from ..linalg import is_finite
+from ..distributed import balanced_share, current
+from ..runtime import prefetch, progress, resolve_device, upcast
 
 AdapterArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float] | Adapter
 
@@ -66,6 +69,20 @@ class RoundTripCheck:
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements_differing += int((out != ref).sum())
         self.elements += out.numel()
+
+    @staticmethod
+    def combine(parts: list[RoundTripCheck]) -> RoundTripCheck:
+        """The check over all ranks' shares."""
+        out = RoundTripCheck()
+        for p in parts:
+            out.max_abs_diff = max(out.max_abs_diff, p.max_abs_diff)
+            out.max_rounding_units = max(out.max_rounding_units, p.max_rounding_units)
+            out.elements_differing += p.elements_differing
+            out.elements += p.elements
+            out._sq_diff += p._sq_diff
+            out._sq_base += p._sq_base
+        out.relative_diff = (out._sq_diff / out._sq_base) ** 0.5 if out._sq_base else 0.0
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -323,59 +340,92 @@ def _apply(
     dev = resolve_device(device)
     loaded = _load_all(adapters, sign, allow_pickle)
     out_dtype = torch_dtype(dtype) if dtype else None
-    with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+    d = current()
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt, contextlib.ExitStack() as stack:
         terms, replace = _plan(ckpt, loaded, sign, fan_in_fan_out)
         bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
-        reference = open_checkpoint(check, allow_pickle=allow_pickle) if check is not None else None
+        reference = stack.enter_context(open_checkpoint(check, allow_pickle=allow_pickle)) if check else None
         adapter_files = [f for a, _, _ in loaded if a.path for f in _adapter_files(Path(a.path))]
-        hasher = InputHasher([*ckpt.file_paths(), *adapter_files])
+        hasher = InputHasher([*ckpt.file_paths(), *adapter_files], enabled=d.is_main)
         layout = _layout(ckpt, replace, out_dtype)
         params = {
             "adapters": [{"path": n, "scale": s} for _, s, n in loaded], "device": str(dev),
             "dtype": dtype, "fan_in_fan_out": fan_in_fan_out,
         }  # fmt: skip
-        placeholder = encode(make_record(operation, params, hasher.placeholder()))
         result = MergeResult(out, operation, len(terms) + len(bias_terms), len(replace), len(ckpt))
-        result.check = RoundTripCheck() if reference is not None else None
         single_file = ckpt.path.is_file()
-        with atomic_output(out, force=force, directory=not single_file) as tmp:
-            root = tmp.parent if single_file else tmp
-            shards = [(tmp.name if single_file else fname, specs) for fname, specs in layout]
-            writer = CheckpointWriter(root, shards, metadata={"format": "pt", **placeholder}, index_name=None)
-            try:
-                stream = prefetch(((k, replace[k] if k in replace else ckpt.get(k)) for k in ckpt.keys()))
-                for key, w_in in progress(stream, total=len(ckpt), desc=operation, enabled=show_progress):
-                    w = _updated(key, w_in, terms.get(key), bias_terms.get(key), dev)
-                    target = out_dtype if (out_dtype is not None and w.is_floating_point()) else w_in.dtype
-                    w = w.to("cpu", target)
-                    if result.check is not None and reference is not None:
-                        result.check.add(w, _reference_tensor(reference, key), w_in)
-                    writer.write(key, w)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            final = encode(make_record(operation, params, hasher.result()))
-            for fname, _ in shards:
-                patch_header_metadata(root / fname, {"format": "pt", **final})
-            if not single_file:
-                copy_aux_files(ckpt.root, tmp)
-                if ckpt.index_file is not None:
-                    _rewrite_index(ckpt.index_file, tmp, layout)
-        if reference is not None:
-            reference.close()
+        # Each rank writes a size-balanced share of the shards into rank 0's temporary directory.
+        tmp = stack.enter_context(atomic_output(out, force=force, directory=not single_file)) if d.is_main else None
+        tmp = Path(d.broadcast(str(tmp)))
+        root = tmp.parent if single_file else tmp
+        shards = [(tmp.name if single_file else fname, specs) for fname, specs in layout]
+        owner = balanced_share(((f, sum(x.nbytes for x in specs)) for f, specs in shards), d.world)
+        mine = [(f, specs) for f, specs in shards if owner[f] == d.rank]
+        placeholder = {"format": "pt", **encode(make_record(operation, params, hasher.placeholder()))}
+        check_part = RoundTripCheck() if reference is not None else None
+        error: BaseException | None = None
+        try:
+            stream = _Stream(ckpt, replace, terms, bias_terms, dev, out_dtype, reference, check_part)
+            stream.write(root, mine, placeholder, show_progress and d.is_main, operation)
+        except BaseException as e:  # every rank must hear of it before anyone waits on the others
+            error = e
+        d.agree(error)
+        final = {"format": "pt", **encode(make_record(operation, params, hasher.result()))} if d.is_main else None
+        final = d.broadcast(final)
+        for fname, _ in mine:
+            patch_header_metadata(root / fname, final)
+        if check_part is not None:
+            result.check = RoundTripCheck.combine(d.all_gather(check_part))
+        d.barrier()
+        if d.is_main and not single_file:
+            copy_aux_files(ckpt.root, tmp)
+            if ckpt.index_file is not None:
+                _rewrite_index(ckpt.index_file, tmp, layout)
+    d.barrier()  # rank 0 has moved the output into place
     return result
+
+
+@dataclass
+class _Stream:
+    """One pass over a share of the checkpoint: read, add the terms in float32, cast once, write."""
+
+    ckpt: Checkpoint
+    replace: dict[str, torch.Tensor]
+    terms: dict[str, list[_Term]]
+    bias_terms: dict[str, _Term]
+    device: torch.device
+    out_dtype: torch.dtype | None
+    reference: Checkpoint | None
+    check: RoundTripCheck | None
+
+    def write(self, root: Path, shards: list[tuple[str, list[TensorSpec]]], metadata: dict[str, str], show: bool,
+              desc: str) -> None:  # fmt: skip
+        writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None))
+        keys = [s.name for _, specs in shards for s in specs]
+        try:
+            stream = prefetch((k, self.replace[k] if k in self.replace else self.ckpt.get(k)) for k in keys)
+            for key, w_in in progress(stream, total=len(keys), desc=desc, enabled=show):
+                w = _updated(key, w_in, self.terms.get(key), self.bias_terms.get(key), self.device)
+                target = self.out_dtype if (self.out_dtype is not None and w.is_floating_point()) else w_in.dtype
+                w = w.to("cpu", target)
+                if self.check is not None and self.reference is not None:
+                    self.check.add(w, _reference_tensor(self.reference, key), w_in)
+                writer.write(key, w)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
 
 def _updated(key: str, w: torch.Tensor, terms: list[_Term] | None, bias: _Term | None, dev: torch.device) -> torch.Tensor:
     if not terms and bias is None:
         return w
-    w32 = w.to(dev, torch.float32, copy=True)
+    w32 = upcast(w, dev, copy=True)
     if terms:
         _add_terms(w32, terms)
     if bias is not None and bias.module.bias is not None:
         w32.add_(bias.module.bias.to(dev, torch.float32), alpha=bias.factor)
-    if not bool(torch.isfinite(w32).all()):
+    if not is_finite(w32):
         raise NonFiniteError(
             "the merged weight holds NaN or Inf",
             key=key,

@@ -1,0 +1,93 @@
+"""Merge: loratool merge of a rank-16 adapter into a sharded bf16 Llama-shaped checkpoint, against a
+plain copy of the same files (flushed to disk, as loratool's outputs are) in the same run.
+
+    python bench/bench_merge.py --workdir /tmp/loratool-bench [--layers 16]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_extract import ensure_pair
+from common import bench_main, copy_tree, fresh, machine, measure, read_floor
+
+from loratool.adapter import Adapter, LoraModule, save_adapter
+from loratool.checkpoint import open_checkpoint
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_adapter(base: Path, out: Path, rank: int) -> Path:
+    """Random rank-``rank`` factors on every projection (bf16), as a fine-tuned LoRA would have."""
+    if (out / "adapter_config.json").exists():
+        return out
+    g = torch.Generator().manual_seed(0)
+    modules = {}
+    with open_checkpoint(base) as ck:
+        for info in ck.infos():
+            module = info.name.removesuffix(".weight")
+            if module.rsplit(".", 1)[-1] in TARGETS:
+                o, i = info.shape
+                modules[module] = LoraModule(
+                    lora_A=(torch.randn(rank, i, generator=g) / i**0.5).bfloat16(),
+                    lora_B=(torch.randn(o, rank, generator=g) * 1e-3).bfloat16(),
+                    alpha=2.0 * rank,
+                )
+    save_adapter(Adapter(modules=modules, config={"peft_type": "LORA"}), out, force=True)
+    return out
+
+
+def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 4) -> dict[str, Any]:
+    pair = ensure_pair(workdir, layers)
+    adapter = make_adapter(pair / "base", workdir / f"adapter-l{layers}", rank)
+    floor = read_floor(pair / "base")
+    copy = copy_tree(pair / "base", fresh(workdir / "copy"))
+    merged = measure("merge", _args=[str(pair / "base"), [str(adapter)]], output=str(fresh(workdir / "merged")),
+                     device=device, show_progress=False)  # fmt: skip
+    copy_again = copy_tree(pair / "base", fresh(workdir / "copy"))  # before and after: the machine drifts
+    small = ensure_pair(workdir, small_layers)
+    small_adapter = make_adapter(small / "base", workdir / f"adapter-l{small_layers}", rank)
+    merged_small = measure("merge", _args=[str(small / "base"), [str(small_adapter)]],
+                           output=str(fresh(workdir / "merged-small")), device=device, show_progress=False)  # fmt: skip
+    fresh(workdir / "copy")
+    copy_s = (copy + copy_again) / 2
+    return {
+        "machine": machine(),
+        "layers": layers,
+        "rank": rank,
+        "device": device,
+        "gib": sum(f.stat().st_size for f in (pair / "base").iterdir()) / 2**30,
+        "shards": len(list((pair / "base").glob("*.safetensors"))),
+        "read_floor_s": floor,
+        "copy_s": copy_s,
+        "merge_s": merged["seconds"],
+        "merge_vs_copy": merged["seconds"] / copy_s,
+        "tensors_changed": merged["result"]["tensors_changed"],
+        "peak_anon_mib": merged["peak_anon_mib"],
+        "peak_anon_mib_small": merged_small["peak_anon_mib"],
+        "small_layers": small_layers,
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"merge a rank-{r['rank']} adapter into {r['gib']:.2f} GiB of bf16 weights in {r['shards']} shards "
+            f"({r['layers']} layers, {r['tensors_changed']} tensors changed), device {r['device']}",
+            f"  read floor                      {r['read_floor_s']:8.1f} s",
+            f"  plain copy (+ fsync)            {r['copy_s']:8.1f} s",
+            f"  loratool merge                  {r['merge_s']:8.1f} s   {r['merge_vs_copy']:.2f}x the copy",
+            f"  peak private memory             {r['peak_anon_mib']:.0f} MiB at {r['layers']} layers, "
+            f"{r['peak_anon_mib_small']:.0f} MiB at {r['small_layers']} layers",
+        ]
+    )
+
+
+def main() -> None:
+    bench_main(__doc__, run, report, layers=16, rank=16)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(op: str, **kwargs: Any) -> dict[str, Any]:
+    """Run ``loratool.<op>(**kwargs)`` in a fresh process; returns seconds, peak memory, result."""
+    out = subprocess.run(
+        [sys.executable, str(HERE / "measure.py"), op, json.dumps(kwargs, default=str)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"{op} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def read_floor(*paths: Path) -> float:
+    """Seconds to read every file under ``paths`` once (16 MiB reads): the least any tool must spend."""
+    t = time.perf_counter()
+    for p in paths:
+        for f in sorted(p.rglob("*") if p.is_dir() else [p]):
+            if f.is_file():
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.read(1 << 24):
+                        pass
+    return time.perf_counter() - t
+
+
+def copy_tree(src: Path, dst: Path, *, fsync: bool = True) -> float:
+    """Seconds for a plain copy of a model directory (flushed to disk like loratool's outputs)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    t = time.perf_counter()
+    shutil.copytree(src, dst)
+    if fsync:
+        for f in dst.rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+    return time.perf_counter() - t
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, {gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")  # fmt: skip
+
+
+def fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return path
+
+
+def bench_main(doc: str | None, run: Callable[..., dict[str, Any]], report: Callable[[dict[str, Any]], str], *,
+               layers: int, rank: int) -> None:  # fmt: skip
+    """The command line every bench script shares: --workdir, --layers, --rank, --device."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratool-bench"))
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--rank", type=int, default=rank)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(report(run(args.workdir, args.layers, args.rank, args.device)))

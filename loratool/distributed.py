@@ -1,0 +1,107 @@
+"""Scale-out over ``torch.distributed``: run under ``torchrun`` (or inside an initialized process group)
+and each rank takes a disjoint, size-balanced share of the work.
+
+Nothing here schedules by itself: ``torchrun`` starts the processes, ``torch.distributed`` moves
+the (small) results, and every operation stays a plain function that also runs in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import LoraToolError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the group: ``rank`` of ``world`` (0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj``, on every rank."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank failed (so none waits forever at the next barrier)."""
+        errors = self.all_gather(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, message = failed[0]
+            raise LoraToolError(f"rank {rank} failed: {message}")
+
+
+def current() -> Dist:
+    """The process group this process belongs to; joins the one ``torchrun`` describes if needed."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return Dist()
+    if not dist.is_available():
+        return Dist()
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Dist()
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def local_cuda_index() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def balanced_share(sizes: Iterable[tuple[str, int]], world: int) -> dict[str, int]:
+    """Assign items to ranks, largest first, each to the least loaded rank (LPT scheduling).
+
+    Deterministic: every rank computes the same assignment from the same sizes.
+    """
+    load = [0] * world
+    owner = {}
+    for name, size in sorted(sizes, key=lambda t: (-t[1], t[0])):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += size
+    return owner

@@ -1,0 +1,49 @@
+"""CUDA paths give the CPU's results (skipped cleanly where there is no GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratool.adapter import load_adapter
+from loratool.checkpoint import open_checkpoint
+from loratool.linalg import lora_delta
+from loratool.ops.combine import combine
+from loratool.ops.extract import extract
+from loratool.ops.merge import merge
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def deltas(path: Path) -> dict[str, torch.Tensor]:
+    return {p: lora_delta(m.lora_A, m.lora_B, m.scaling, m.kind) for p, m in load_adapter(path).modules.items()}
+
+
+@pytest.mark.parametrize("svd", ["randomized", "exact"])
+def test_extract_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path, svd: str) -> None:
+    for device in ("cpu", "cuda"):
+        extract(fixtures / "llama-base", fixtures / "llama-ft", output=tmp_path / device, rank=4, svd=svd,
+                device=device, show_progress=False)  # fmt: skip
+    cpu, gpu = deltas(tmp_path / "cpu"), deltas(tmp_path / "cuda")
+    for k in cpu:
+        assert torch.allclose(cpu[k], gpu[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_merge_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
+    for device in ("cpu", "cuda"):
+        merge(fixtures / "llama-ft", [fixtures / "llama-peft-adapter"], output=tmp_path / device, device=device,
+              show_progress=False)  # fmt: skip
+    with open_checkpoint(tmp_path / "cpu") as a, open_checkpoint(tmp_path / "cuda") as b:
+        for k in a.keys():
+            assert torch.allclose(a.get(k), b.get(k), rtol=1e-6, atol=1e-7), k
+
+
+def test_combine_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
+    sources = [(fixtures / "llama-peft-adapter", 1.0), (fixtures / "llama-peft-adapter", -0.25)]
+    for device in ("cpu", "cuda"):
+        combine(sources, output=tmp_path / device, method="svd", rank=3, device=device, show_progress=False)
+    cpu, gpu = deltas(tmp_path / "cpu"), deltas(tmp_path / "cuda")
+    for k in cpu:
+        assert torch.allclose(cpu[k], gpu[k], rtol=1e-4, atol=1e-6), k
