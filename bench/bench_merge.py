@@ -39,20 +39,22 @@ def make_adapter(base: Path, out: Path, rank: int) -> Path:
     return out
 
 
-def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 4) -> dict[str, Any]:
+def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 4, repeats: int = 3) -> dict[str, Any]:
     pair = ensure_pair(workdir, layers)
     adapter = make_adapter(pair / "base", workdir / f"adapter-l{layers}", rank)
     floor = read_floor(pair / "base")
-    copy = copy_tree(pair / "base", fresh(workdir / "copy"))
-    merged = measure("merge", _args=[str(pair / "base"), [str(adapter)]], output=str(fresh(workdir / "merged")),
-                     device=device, show_progress=False)  # fmt: skip
-    copy_again = copy_tree(pair / "base", fresh(workdir / "copy"))  # before and after: the machine drifts
+    copies, merges = [], []
+    for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
+        copies.append(copy_tree(pair / "base", fresh(workdir / "copy")))
+        fresh(workdir / "copy")
+        merged = measure("merge", _args=[str(pair / "base"), [str(adapter)]], output=str(fresh(workdir / "merged")),
+                         device=device, show_progress=False)  # fmt: skip
+        merges.append(merged["seconds"])
+        fresh(workdir / "merged")
     small = ensure_pair(workdir, small_layers)
     small_adapter = make_adapter(small / "base", workdir / f"adapter-l{small_layers}", rank)
     merged_small = measure("merge", _args=[str(small / "base"), [str(small_adapter)]],
                            output=str(fresh(workdir / "merged-small")), device=device, show_progress=False)  # fmt: skip
-    fresh(workdir / "copy")
-    copy_s = (copy + copy_again) / 2
     return {
         "machine": machine(),
         "layers": layers,
@@ -61,9 +63,11 @@ def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 
         "gib": sum(f.stat().st_size for f in (pair / "base").iterdir()) / 2**30,
         "shards": len(list((pair / "base").glob("*.safetensors"))),
         "read_floor_s": floor,
-        "copy_s": copy_s,
-        "merge_s": merged["seconds"],
-        "merge_vs_copy": merged["seconds"] / copy_s,
+        "copy_s": min(copies),
+        "merge_s": min(merges),
+        "merge_vs_copy": min(merges) / min(copies),
+        "copy_runs": copies,
+        "merge_runs": merges,
         "tensors_changed": merged["result"]["tensors_changed"],
         "peak_anon_mib": merged["peak_anon_mib"],
         "peak_anon_mib_small": merged_small["peak_anon_mib"],
@@ -77,8 +81,9 @@ def report(r: dict[str, Any]) -> str:
             f"merge a rank-{r['rank']} adapter into {r['gib']:.2f} GiB of bf16 weights in {r['shards']} shards "
             f"({r['layers']} layers, {r['tensors_changed']} tensors changed), device {r['device']}",
             f"  read floor                      {r['read_floor_s']:8.1f} s",
-            f"  plain copy (+ fsync)            {r['copy_s']:8.1f} s",
-            f"  loratool merge                  {r['merge_s']:8.1f} s   {r['merge_vs_copy']:.2f}x the copy",
+            f"  plain copy (+ fsync)            {r['copy_s']:8.1f} s   best of {', '.join(f'{x:.1f}' for x in r['copy_runs'])}",
+            f"  loratool merge                  {r['merge_s']:8.1f} s   best of {', '.join(f'{x:.1f}' for x in r['merge_runs'])}",
+            f"  merge / copy                    {r['merge_vs_copy']:8.2f}x",
             f"  peak private memory             {r['peak_anon_mib']:.0f} MiB at {r['layers']} layers, "
             f"{r['peak_anon_mib_small']:.0f} MiB at {r['small_layers']} layers",
         ]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from .checkpoint import DTYPE_SIZES, PICKLE_SUFFIXES, dtype_name
 from .errors import InputFileError, OutputExistsError, ShapeMismatchError
+from .runtime import BufferPool
 
 if TYPE_CHECKING:
     import torch
@@ -165,6 +166,12 @@ class SafetensorsStreamWriter:
         self._file.close()
 
 
+def _cpu() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
+
+
 def _u8() -> torch.dtype:
     import torch
 
@@ -255,9 +262,10 @@ class BackgroundWriter:
     """Hands ``write`` calls to a thread, up to ``depth`` tensors behind, so that writing (and
     flushing) one tensor overlaps computing the next. Errors surface on the next call."""
 
-    def __init__(self, writer: CheckpointWriter, depth: int = 2) -> None:
+    def __init__(self, writer: CheckpointWriter, depth: int = 2, pool: BufferPool | None = None) -> None:
         self._writer = writer
-        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=depth)
+        self._pool = pool
+        self._queue: queue.Queue[tuple[str, torch.Tensor, torch.dtype | None, bool] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="loratool-writer", daemon=True)
         self._thread.start()
@@ -266,17 +274,31 @@ class BackgroundWriter:
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self._writer.write(*item)
+                    self._write(*item)
                 except BaseException as e:  # handed to the caller on its next call
                     self._error = e
+
+    def _write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None, recycle: bool) -> None:
+        if dtype is None or (tensor.dtype == dtype and tensor.device.type == "cpu"):
+            self._writer.write(name, tensor)
+        elif self._pool is None:
+            self._writer.write(name, tensor.to("cpu", dtype))
+        else:  # cast into a reused buffer, and hand it back once written
+            out = self._pool.take(tensor.shape, dtype, _cpu()).copy_(tensor)
+            self._writer.write(name, out)
+            self._pool.give(out)
+        if recycle and self._pool is not None:
+            self._pool.give(tensor)
 
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None, *, recycle: bool = False) -> None:
+        """Queue ``tensor`` (cast to ``dtype`` on the writer thread, if given) for writing;
+        ``recycle``: ``tensor`` came from the pool and goes back to it once written."""
         self._raise()
-        self._queue.put((name, tensor))
+        self._queue.put((name, tensor, dtype, recycle))
 
     def close(self) -> None:
         self._queue.put(None)

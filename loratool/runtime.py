@@ -48,6 +48,36 @@ def upcast(t: torch.Tensor, device: torch.device, *, copy: bool = False) -> torc
     return t.to(device, torch.float32, copy=copy)
 
 
+class BufferPool:
+    """Reusable tensors by element count and dtype.
+
+    A fresh 64 MB tensor costs the kernel 16,000 page faults and zeroing every time; streaming a
+    model allocates one per weight, so without reuse that system time rivals the arithmetic.
+    Buffers come back with :meth:`give`; the pool holds at most what was in flight at once.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype, str], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        import torch
+
+        n = 1
+        for d in shape:
+            n *= d
+        with self._lock:
+            free = self._free.get((n, dtype, str(device)))
+            flat = free.pop() if free else None
+        if flat is None:
+            flat = torch.empty(n, dtype=dtype, device=device)
+        return flat.view(tuple(shape))
+
+    def give(self, t: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((t.numel(), t.dtype, str(t.device)), []).append(t.reshape(-1))
+
+
 def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterable[T]:
     """A tqdm bar on stderr (shown only past a second of work), or the plain iterable."""
     if not enabled:

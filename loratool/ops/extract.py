@@ -38,7 +38,7 @@ from ..output import check_output
 from ..provenance import InputHasher, encode, make_record
 from ..report import Dropped, ModuleReport, summarize
 from ..distributed import balanced_share, current
-from ..runtime import compile_regex, prefetch, progress, resolve_device, upcast
+from ..runtime import BufferPool, compile_regex, prefetch, progress, resolve_device, upcast
 
 # transformers model types whose 2-D projection weights are GPT-2 ``Conv1D`` (stored (in, out)).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -265,6 +265,7 @@ def _extract_keys(
 ) -> _Partial:
     """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
     part = _Partial()
+    pool = BufferPool()
 
     def read_pair(key: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
         # On the prefetch thread: reading, upcasting, subtracting and measuring the delta overlap
@@ -272,7 +273,10 @@ def _extract_keys(
         wb, wf = b.get(key), f.get(key)
         if not wb.is_floating_point():
             return key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0
-        delta = upcast(wf, o.device, copy=True).sub_(wb.to(o.device, non_blocking=True))  # fp32 -= stored
+        if o.device.type == "cuda":
+            delta = upcast(wf, o.device, copy=True).sub_(upcast(wb, o.device))
+        else:  # widened into a reused buffer: fresh 64 MB allocations cost more than the subtraction
+            delta = pool.take(wf.shape, torch.float32, o.device).copy_(wf).sub_(wb)
         norm = float(torch.linalg.vector_norm(delta))
         if not math.isfinite(norm) and not is_finite(delta):  # NaN or Inf on either side reaches it
             name = "base" if not is_finite(wb) else "fine-tune"
@@ -281,25 +285,33 @@ def _extract_keys(
 
     pairs = prefetch((read_pair(k) for k in keys), depth=depth)
     for key, wb, wf, delta, norm in progress(pairs, total=len(keys), desc="extract", enabled=show):
-        if norm == 0:
-            part.unchanged += 1
-            continue
-        if delta is None:
-            norm = float(torch.linalg.vector_norm(wf.double() - wb.double()))
-            part.dropped.append(Dropped(key, norm, "an integer tensor changed"))
-            continue
+        _handle(key, wb, wf, delta, norm, o, conv1d, part)
+        if delta is not None and o.device.type != "cuda":
+            pool.give(delta)  # consumed; its memory serves the next delta
+    return part
+
+
+def _handle(
+    key: str, wb: torch.Tensor, wf: torch.Tensor, delta: torch.Tensor | None, norm: float, o: _Options,
+    conv1d: bool, part: _Partial,
+) -> None:  # fmt: skip
+    """One tensor: unchanged, an integer change (dropped), whole (kept or dropped), or LoRA factors."""
+    if norm == 0:
+        part.unchanged += 1
+    elif delta is None:
+        change = float(torch.linalg.vector_norm(wf.double() - wb.double()))
+        part.dropped.append(Dropped(key, change, "an integer tensor changed"))
+    else:
         part.dtypes[key] = wf.dtype
         module = key[: -len(".weight")] if key.endswith(".weight") else key
-        if not (delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude)):
-            if o.keep and o.keep.search(key):
-                part.whole[key] = wf
-                part.kept_whole.append(key)
-            else:
-                why = "not a 2-D weight" if delta.dim() != 2 or not key.endswith(".weight") else "not selected"
-                part.dropped.append(Dropped(key, norm, f"{why}; pass --keep-full to store it whole"))
-            continue
-        _factor(key, module, delta, norm, o, conv1d, part)
-    return part
+        if delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude):
+            _factor(key, module, delta, norm, o, conv1d, part)
+        elif o.keep and o.keep.search(key):
+            part.whole[key] = wf
+            part.kept_whole.append(key)
+        else:
+            why = "not a 2-D weight" if delta.dim() != 2 or not key.endswith(".weight") else "not selected"
+            part.dropped.append(Dropped(key, norm, f"{why}; pass --keep-full to store it whole"))
 
 
 def _factor(key: str, module: str, delta: torch.Tensor, norm: float, o: _Options, conv1d: bool, part: _Partial) -> None:

@@ -26,7 +26,7 @@ from ..output import BackgroundWriter, CheckpointWriter, TensorSpec, atomic_outp
 from ..provenance import InputHasher, encode, make_record
 from ..linalg import is_finite
 from ..distributed import balanced_share, current
-from ..runtime import prefetch, progress, resolve_device, upcast
+from ..runtime import BufferPool, prefetch, progress, resolve_device, upcast
 
 AdapterArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float] | Adapter
 
@@ -397,41 +397,50 @@ class _Stream:
     out_dtype: torch.dtype | None
     reference: Checkpoint | None
     check: RoundTripCheck | None
+    pool: BufferPool = field(default_factory=BufferPool)
 
     def write(self, root: Path, shards: list[tuple[str, list[TensorSpec]]], metadata: dict[str, str], show: bool,
               desc: str) -> None:  # fmt: skip
-        writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None))
+        # Three stages on three threads: read and upcast (prefetch), add the terms (here), and
+        # round to the output dtype and write (BackgroundWriter).
+        writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None), pool=self.pool)
         keys = [s.name for _, specs in shards for s in specs]
         try:
-            stream = prefetch((k, self.replace[k] if k in self.replace else self.ckpt.get(k)) for k in keys)
-            for key, w_in in progress(stream, total=len(keys), desc=desc, enabled=show):
-                w = _updated(key, w_in, self.terms.get(key), self.bias_terms.get(key), self.device)
-                target = self.out_dtype if (self.out_dtype is not None and w.is_floating_point()) else w_in.dtype
-                w = w.to("cpu", target)
+            for key, w_in, w32 in progress(prefetch(map(self._read, keys)), total=len(keys), desc=desc, enabled=show):
+                target = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
+                w = w_in if w32 is None else self._add(key, w32)
                 if self.check is not None and self.reference is not None:
+                    w = w.to("cpu", target)
                     self.check.add(w, _reference_tensor(self.reference, key), w_in)
-                writer.write(key, w)
+                writer.write(key, w, target, recycle=w is w32 and self.device.type == "cpu")
             writer.close()
         except BaseException:
             writer.abort()
             raise
 
+    def _read(self, key: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        w = self.replace[key] if key in self.replace else self.ckpt.get(key)
+        changes = key in self.terms or key in self.bias_terms
+        if not changes:
+            return key, w, None
+        if self.device.type == "cuda":
+            return key, w, upcast(w, self.device, copy=True)
+        return key, w, self.pool.take(w.shape, torch.float32, self.device).copy_(w)  # widened into a reused buffer
 
-def _updated(key: str, w: torch.Tensor, terms: list[_Term] | None, bias: _Term | None, dev: torch.device) -> torch.Tensor:
-    if not terms and bias is None:
-        return w
-    w32 = upcast(w, dev, copy=True)
-    if terms:
-        _add_terms(w32, terms)
-    if bias is not None and bias.module.bias is not None:
-        w32.add_(bias.module.bias.to(dev, torch.float32), alpha=bias.factor)
-    if not is_finite(w32):
-        raise NonFiniteError(
-            "the merged weight holds NaN or Inf",
-            key=key,
-            fix="check the adapter's factors and the scale you gave (loratool validate ADAPTER)",
-        )
-    return w32
+    def _add(self, key: str, w32: torch.Tensor) -> torch.Tensor:
+        """w32 (float32, a private copy) plus every term for ``key``; refuses a non-finite result."""
+        if key in self.terms:
+            _add_terms(w32, self.terms[key])
+        bias = self.bias_terms.get(key)
+        if bias is not None and bias.module.bias is not None:
+            w32.add_(bias.module.bias.to(w32.device, torch.float32), alpha=bias.factor)
+        if not is_finite(w32):
+            raise NonFiniteError(
+                "the merged weight holds NaN or Inf",
+                key=key,
+                fix="check the adapter's factors and the scale you gave (loratool validate ADAPTER)",
+            )
+        return w32
 
 
 def _layout(ckpt: Checkpoint, replace: dict[str, torch.Tensor], out_dtype: torch.dtype | None) -> list[tuple[str, list[TensorSpec]]]:
