@@ -94,24 +94,35 @@ def randomized_svd(
 
 
 def factored_svd(
-    Bs: list[torch.Tensor], As: list[torch.Tensor], k: int | None = None, *, dtype: torch.dtype = torch.float64
+    Bs: list[torch.Tensor], As: list[torch.Tensor], k: int | None = None, *, dtype: torch.dtype = torch.float32
 ) -> TruncatedSVD:
     """Exact truncated SVD of ``sum_i B_i @ A_i`` without forming the (out, in) matrix.
 
     Stack the factors, B = [B_1 .. B_n] (out, R) and A = [A_1; ..; A_n] (R, in); with B = Qb Rb
-    and A^T = Qa Ra, the sum is Qb (Rb Ra^T) Qa^T, so the SVD of the small (R, R) core gives it.
-    Computed in float64 by default: the core is tiny and the energy shares then stay exact.
+    and A^T = Qa Ra (Householder QR in ``dtype``), the sum is Qb (Rb Ra^T) Qa^T, so the SVD of
+    the small (R, R) core gives it. The core is formed and decomposed in float64, so the energy
+    shares (and the errors reported from them) do not cancel away; Qb and Qa are never formed,
+    only applied to the k kept singular vectors (``ormqr``).
     """
     b = torch.cat([x.to(dtype) for x in Bs], dim=1)  # (out, R)
     a = torch.cat([x.to(b.device, dtype) for x in As], dim=0)  # (R, in)
-    qb, rb = torch.linalg.qr(b)  # (out, R'), (R', R)
-    qa, ra = torch.linalg.qr(a.T)  # (in, R'), (R', R)
-    core = rb @ ra.T  # (R', R) @ (R, R') -> (R', R')
-    uc, s, vch = torch.linalg.svd(core)
+    hb, tau_b = torch.geqrf(b)  # b = Qb @ Rb, reflectors in hb
+    ha, tau_a = torch.geqrf(a.T.contiguous())  # a.T = Qa @ Ra
+    rb = hb[: min(b.shape)].triu().double()  # (R', R)
+    ra = ha[: min(a.shape)].triu().double()  # (R'', R)
+    core = rb @ ra.T  # (R', R) @ (R, R'') -> (R', R'')
+    uc, s, vch = torch.linalg.svd(core, full_matrices=False)
     k = s.shape[0] if k is None else min(k, s.shape[0])
-    u = qb @ uc[:, :k]  # (out, R') @ (R', k) -> (out, k)
-    vh = vch[:k] @ qa.T  # (k, R') @ (R', in) -> (k, in)
-    return TruncatedSVD(u, s[:k], vh, float(core.double().square().sum()))
+    u = _apply_q(hb, tau_b, uc[:, :k].to(dtype))  # (out, k) = Qb @ [uc; 0]
+    v = _apply_q(ha, tau_a, vch[:k].T.to(dtype))  # (in, k) = Qa @ [vc; 0]
+    return TruncatedSVD(u, s[:k], v.T, float(core.square().sum()))  # S stays float64: exact energy shares
+
+
+def _apply_q(h: torch.Tensor, tau: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """Q @ [small; 0] for the Q whose Householder reflectors ``geqrf`` left in ``h``, ``tau``."""
+    padded = torch.zeros(h.shape[0], small.shape[1], dtype=small.dtype, device=small.device)
+    padded[: small.shape[0]] = small
+    return torch.ormqr(h, tau, padded)
 
 
 def factored_sq_norm(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> float:

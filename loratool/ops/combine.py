@@ -159,7 +159,7 @@ def _run(
     if energy is not None and not 0 < energy <= 1:
         raise LoraToolError(f"--energy must be in (0, 1] (got {energy})")
     check_base_model_id(base_model_id)
-    pairs = [(s, 1.0) if not isinstance(s, tuple) else s for s in sources]
+    pairs = [tuple(s) if isinstance(s, (tuple, list)) else (s, 1.0) for s in sources]
     if not pairs:
         raise LoraToolError("no adapter given", fix="name at least one ADAPTER")
     out = check_output(output, force=force, inputs=[p for p, _ in pairs])

@@ -194,7 +194,7 @@ def _load_all(adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool) -> 
     loaded = []
     for item in adapters:
         scale = 1.0
-        if isinstance(item, tuple):
+        if isinstance(item, (tuple, list)):
             item, scale = item
         adapter = item if isinstance(item, Adapter) else load_adapter(item, allow_pickle=allow_pickle)
         name = adapter.path or "adapter"
@@ -335,7 +335,7 @@ def _apply(
     check: str | os.PathLike[str] | None = None,
 ) -> MergeResult:
     operation = "merge" if sign > 0 else "unmerge"
-    adapter_paths = [a[0] if isinstance(a, tuple) else a for a in adapters if not isinstance(a, Adapter)]
+    adapter_paths = [a[0] if isinstance(a, (tuple, list)) else a for a in adapters if not isinstance(a, Adapter)]
     out = check_output(output, force=force, inputs=[base, *adapter_paths])  # type: ignore[list-item]
     dev = resolve_device(device)
     loaded = _load_all(adapters, sign, allow_pickle)
