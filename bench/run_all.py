@@ -51,9 +51,10 @@ def main() -> None:
             f"Produced by `{command.strip()}` on {dt.date.today().isoformat()}.",
             f"Machine: {machine()}.",
             "",
-            "Each ratio compares runs made in the same invocation. Page cache was warm (the inputs were",
-            "just written or read). 'Peak private memory' is the largest RssAnon the process reached above",
-            "its state after importing torch; memory-mapped checkpoint pages are page cache, not counted.",
+            "Each ratio compares runs made in the same invocation, on inputs the script wrote or read shortly",
+            "before (so they may sit in the page cache). 'Peak private memory' is the largest RssAnon the",
+            "process reached above its state after importing torch; memory-mapped checkpoint pages are page",
+            "cache the kernel can drop, and are not counted.",
             "",
             *sections,
         ]

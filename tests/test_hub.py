@@ -199,3 +199,24 @@ def test_pulled_adapter_loads_in_peft_from_the_repo_id(hub, adapters, monkeypatc
     from_hub = PeftModel.from_pretrained(load_model("llama", FIXTURES / "llama-base"), "me/peftload").eval()
     local = PeftModel.from_pretrained(load_model("llama", FIXTURES / "llama-base"), r4).eval()
     assert torch.equal(logits(from_hub), logits(local))
+
+
+@pytest.mark.skipif(not os.environ.get("LORATOOL_HUB_SMOKE_TOKEN"), reason="opt-in: set LORATOOL_HUB_SMOKE_TOKEN")
+def test_smoke_against_the_real_hub(adapters, tmp_path: Path, monkeypatch) -> None:
+    """Push a private repo to huggingface.co, pull it back, delete it (needs network and a write token)."""
+    import uuid
+
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # the real Hub wants Xet
+    token = os.environ["LORATOOL_HUB_SMOKE_TOKEN"]
+    endpoint = "https://huggingface.co"
+    api = HfApi(endpoint=endpoint, token=token)
+    repo = f"{api.whoami()['name']}/loratool-smoke-{uuid.uuid4().hex[:8]}"
+    r4, _ = adapters
+    try:
+        push(r4, repo, private=True, endpoint=endpoint, token=token)
+        pull(repo, output=tmp_path / "pulled", endpoint=endpoint, token=token)
+        same_files(r4, tmp_path / "pulled")
+    finally:
+        api.delete_repo(repo, missing_ok=True)

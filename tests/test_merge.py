@@ -204,3 +204,33 @@ def test_output_equal_to_input_is_refused(tmp_path: Path, cli) -> None:
     base, adapter = make(tmp_path, "llama")
     r = cli("merge", base, adapter, "-o", base, "--force")
     assert r.exit_code == 1 and "the output is one of the inputs" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "kind, config",
+    [("gpt2", {"lora_bias": True}), ("llama", {"modules_to_save": ["norm"]})],
+    ids=["lora_bias", "modules_to_save"],
+)
+def test_biases_and_whole_modules_merge_as_peft_does(tmp_path: Path, kind: str, config: dict) -> None:
+    from peft import PeftModel
+
+    base, adapter = make(tmp_path, kind, **config)
+    if "modules_to_save" in config:  # give the saved module a value of its own
+        f = adapter / "adapter_model.safetensors"
+        ts = load_file(str(f))
+        ts["base_model.model.model.norm.weight"] = ts["base_model.model.model.norm.weight"] + 0.5
+        save_file(ts, str(f), metadata={"format": "pt"})
+    else:  # PEFT starts lora_B.bias at zero
+        f = adapter / "adapter_model.safetensors"
+        ts = load_file(str(f))
+        for k in ts:
+            if k.endswith("lora_B.bias"):
+                ts[k] = torch.randn(ts[k].shape, generator=torch.Generator().manual_seed(1)) * 0.1
+        save_file(ts, str(f), metadata={"format": "pt"})
+    merge(base, [adapter], output=tmp_path / "ours", show_progress=False)
+    ours = state(tmp_path / "ours")
+    peft = PeftModel.from_pretrained(load_model(kind, base), adapter).merge_and_unload().state_dict()
+    changed = [k for k in ours if not torch.equal(ours[k], state(base)[k])]
+    assert any(k.endswith(".bias") for k in changed) or "model.norm.weight" in changed
+    for k, v in ours.items():
+        assert torch.allclose(v, peft[k], rtol=1e-6, atol=1e-7), k
