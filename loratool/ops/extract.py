@@ -36,8 +36,8 @@ from ..linalg import (
 )
 from ..output import check_output
 from ..provenance import InputHasher, encode, make_record
-from ..report import Dropped, ModuleReport, summarize
 from ..distributed import balanced_share, current
+from ..report import Dropped, ModuleReport, summarize
 from ..runtime import BufferPool, compile_regex, prefetch, progress, resolve_device, upcast
 
 # transformers model types whose 2-D projection weights are GPT-2 ``Conv1D`` (stored (in, out)).
