@@ -1,10 +1,12 @@
 """Run the benchmark suite and write docs/benchmarks.md from what it measured.
 
-    python bench/run_all.py [--workdir /tmp/loratool-bench] [--layers 16] [--device cpu]
+    python bench/run_all.py [--workdir /tmp/loratool-bench] [--layers 16] [--device cpu] [--only combine]
 
 Every figure is a ratio against a baseline run in the same invocation (these machines are noisy):
 extract (randomized and exact) vs the exact full-SVD approach, merge vs a plain copy, combine-svd vs
 the dense approach; peak private memory for each, and the read floor beside the figures.
+``--only`` re-runs some benches and keeps the other sections of the document as they were; each
+section says which command produced it, when, and on what machine.
 Needs about 10 GB of free disk in --workdir for the default 16-layer pair.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +24,21 @@ import bench_merge
 from common import machine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+BENCHES = {"extract": bench_extract, "merge": bench_merge, "combine": bench_combine}
+INTRO = """# Benchmarks
+
+Written by `bench/run_all.py`; each section names the command that produced it.
+
+Each ratio compares runs made in the same invocation, on inputs the script wrote or read shortly
+before (so they may sit in the page cache). 'Peak private memory' is the largest RssAnon the
+process reached above its state after importing torch; memory-mapped checkpoint pages are page
+cache the kernel can drop, and are not counted.
+"""
+
+
+def sections(text: str) -> dict[str, str]:
+    found = re.findall(r"<!-- section:(\w+) -->\n(.*?)<!-- /section -->\n", text, flags=re.S)
+    return dict(found)
 
 
 def main() -> None:
@@ -29,36 +47,23 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--combine-layers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=None)
     ap.add_argument("--out", type=Path, default=DOCS)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for name, bench, kwargs in (
-        ("extract", bench_extract, dict(layers=args.layers, rank=16)),
-        ("merge", bench_merge, dict(layers=args.layers, rank=16)),
-        ("combine", bench_combine, dict(layers=args.combine_layers, rank=64)),
-    ):
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        result = bench.run(args.workdir, device=args.device, **kwargs)
-        text = bench.report(result)
-        print(text, flush=True)
-        sections.append(f"### {name}\n\n```\n{text}\n```\n")
+    kept = sections(args.out.read_text()) if args.out.exists() else {}
     command = "python bench/run_all.py " + " ".join(sys.argv[1:])
-    body = "\n".join(
-        [
-            "# Benchmarks",
-            "",
-            f"Produced by `{command.strip()}` on {dt.date.today().isoformat()}.",
-            f"Machine: {machine()}.",
-            "",
-            "Each ratio compares runs made in the same invocation, on inputs the script wrote or read shortly",
-            "before (so they may sit in the page cache). 'Peak private memory' is the largest RssAnon the",
-            "process reached above its state after importing torch; memory-mapped checkpoint pages are page",
-            "cache the kernel can drop, and are not counted.",
-            "",
-            *sections,
-        ]
-    )
+    for name in args.only or list(BENCHES):
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        layers = args.combine_layers if name == "combine" else args.layers
+        rank = 64 if name == "combine" else 16
+        result = BENCHES[name].run(args.workdir, layers, rank, args.device)
+        text = BENCHES[name].report(result)
+        print(text, flush=True)
+        kept[name] = (
+            f"### {name}\n\n`{command.strip()}` on {dt.date.today().isoformat()}; {machine()}.\n\n```\n{text}\n```\n"
+        )
+    body = INTRO + "".join(f"\n<!-- section:{n} -->\n{kept[n]}<!-- /section -->\n" for n in BENCHES if n in kept)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(body)
     print(f"wrote {args.out}", file=sys.stderr)

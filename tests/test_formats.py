@@ -100,9 +100,10 @@ def test_peft_directory_with_adapter_name_and_no_prefix(tmp_path: Path) -> None:
     assert list(a.modules) == ["model.q"] and a.modules["model.q"].scaling == 2.0
 
 
-def test_not_an_adapter(tmp_path: Path, cli) -> None:
+def test_not_a_lora_adapter(tmp_path: Path, cli, fixtures: Path) -> None:
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
-    r = cli("merge", "nowhere", tmp_path / "cfg", "-o", tmp_path / "o")
+    r = cli("merge", fixtures / "llama-base", tmp_path / "cfg", "-o", tmp_path / "o")
     assert r.exit_code == 1
-    assert "LoRA adapters only" in r.stderr or "no such file" in r.stderr
+    assert "peft_type is 'IA3'; loratool handles LoRA adapters only" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -173,17 +172,11 @@ def _run(
     paths = list(dict.fromkeys(p for a, _, _ in loaded for p in a.modules))
     result = CombineResult(out, operation, method, Adapter(), [], warnings)
     cap = rank if rank is not None else (max(m.rank for a, _, _ in loaded for m in a.modules.values()) if energy is None else None)
-    def one(path: str) -> tuple[LoraModule, ModuleReport]:
+    for path in progress(paths, total=len(paths), desc=operation, enabled=show_progress):
         terms = [(a.modules[path], w) for a, w, _ in loaded if path in a.modules]
-        return _combine_module(path, terms, method, cap, energy, dev)
-
-    # LAPACK's QR and SVD of these small matrices run on one core: modules go side by side.
-    workers = 1 if dev.type == "cuda" else max(1, min(4, torch.get_num_threads()))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loratool-combine") as pool:
-        done = progress(pool.map(one, paths), total=len(paths), desc=operation, enabled=show_progress)
-        for path, (module, report) in zip(paths, done):
-            result.adapter.modules[path] = module
-            result.report.append(report)
+        module, report = _combine_module(path, terms, method, cap, energy, dev)
+        result.adapter.modules[path] = module
+        result.report.append(report)
     for a, _, name in loaded:
         for key, t in a.whole.items():
             if key in result.adapter.whole and not torch.equal(result.adapter.whole[key], t):
