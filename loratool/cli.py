@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -454,6 +455,8 @@ def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, 
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so atomic outputs clean up their temporary files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # torch warns at import when numpy is absent; loratool never needs numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     cli(prog_name="loratool")
 
 

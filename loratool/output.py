@@ -13,6 +13,7 @@ after it is complete and flushed, so an interrupted run leaves nothing at the ta
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import queue
@@ -148,9 +149,9 @@ class SafetensorsStreamWriter:
                 expected=f"{list(spec.shape)} {spec.dtype}",
                 got=f"{list(tensor.shape)} {dtype_name(tensor.dtype)}",
             )
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        flat = tensor.detach().to("cpu").contiguous()
         if flat.numel():
-            self._file.write(memoryview(flat.view(_u8()).numpy()))
+            self._file.write(tensor_bytes(flat))  # flat stays alive across the write
         self._next += 1
 
     def close(self) -> None:
@@ -172,10 +173,25 @@ def _cpu() -> torch.device:
     return torch.device("cpu")
 
 
-def _u8() -> torch.dtype:
-    import torch
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy and without numpy (torch does not
+    require it). The caller keeps ``t`` alive while the view is in use."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
-    return torch.uint8
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file from a dict (``safetensors.torch.save_file`` needs numpy, which
+    torch does not bring; this needs nothing)."""
+    specs = [TensorSpec(k, tuple(t.shape), dtype_name(t.dtype)) for k, t in tensors.items()]
+    writer = SafetensorsStreamWriter(path, specs, metadata)
+    try:
+        for k, t in tensors.items():
+            writer.write(k, t)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 # -- sharded checkpoints --------------------------------------------------------------------------

@@ -38,14 +38,14 @@ def tensors_sha256(names: Iterable[str], get: Callable[[str], Any]) -> str:
 
     ``get`` reads one tensor, so a large file is hashed one tensor at a time.
     """
-    import torch
+    from .output import tensor_bytes
 
     h = hashlib.sha256()
     for name in sorted(names):
         t = get(name).detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            h.update(tensor_bytes(t))
     return h.hexdigest()
 
 

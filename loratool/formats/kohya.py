@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..adapter import Adapter, LoraModule
 from ..checkpoint import open_checkpoint
 from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
-from ..output import atomic_output
+from ..output import atomic_output, save_tensors
 from ..provenance import with_tensors_digest
 
 if TYPE_CHECKING:
@@ -88,8 +88,6 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
 def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write ``adapter`` as one kohya ``.safetensors`` file. rsLoRA scaling is folded into alpha."""
     import torch
-    from safetensors.torch import save_file
-
     if adapter.whole:
         raise InputFileError(
             f"kohya files cannot hold whole tensors ({', '.join(sorted(adapter.whole)[:3])}...)",
@@ -125,7 +123,7 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
         metadata["ss_base_model_name_or_path"] = adapter.base_model_name_or_path
     metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=False) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tmp, tensors, metadata)
     return out
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter, LoraModule, module_alpha
 from ..checkpoint import open_checkpoint
 from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError
-from ..output import atomic_output
+from ..output import atomic_output, save_tensors
 from ..provenance import with_tensors_digest
 
 if TYPE_CHECKING:
@@ -222,8 +222,6 @@ def write_peft(
     adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None, card: bool = True
 ) -> Path:
     """Write ``adapter`` as a PEFT adapter directory at ``out``, atomically, with a model card."""
-    from safetensors.torch import save_file
-
     from ..card import render_card
     from ..provenance import decode
 
@@ -232,7 +230,7 @@ def write_peft(
     metadata = {"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
     metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=True) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if card:
             (tmp / "README.md").write_text(render_card(config, decode(metadata)))
