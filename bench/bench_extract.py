@@ -15,9 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common import bench_main, fresh, machine, measure, read_floor
-
 import synth
+from common import bench_main, fresh, machine, measure, read_floor
 
 
 def ensure_pair(workdir: Path, layers: int, preset: str = "1b") -> Path:

@@ -38,7 +38,7 @@ class PeakMemory:
             self.rss = max(self.rss, _status_kib("VmRSS"))
             time.sleep(0.005)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 

@@ -24,7 +24,9 @@ SHAPES_1B = dict(hidden=2048, intermediate=8192, layers=16, kv_dim=512, vocab=32
 SHAPES_7B = dict(hidden=4096, intermediate=11008, layers=32, kv_dim=4096, vocab=32000)
 
 
-def llama_specs(hidden: int, intermediate: int, layers: int, kv_dim: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+def llama_specs(
+    hidden: int, intermediate: int, layers: int, kv_dim: int, vocab: int
+) -> list[tuple[str, tuple[int, ...]]]:
     specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}"

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .errors import LoraToolError
 
-if TYPE_CHECKING:
-    from .adapter import Adapter, LoraModule, load_adapter, save_adapter
-    from .checkpoint import open_checkpoint
-    from .ops.combine import combine, resize
-    from .ops.extract import extract
-    from .ops.hub import pull, push
-    from .ops.inspect import inspect
-    from .ops.merge import merge, unmerge
-    from .ops.validate import validate
+if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
+    from .adapter import Adapter, LoraModule, load_adapter, save_adapter  # noqa: F401
+    from .checkpoint import open_checkpoint  # noqa: F401
+    from .ops.combine import combine, resize  # noqa: F401
+    from .ops.extract import extract  # noqa: F401
+    from .ops.hub import pull, push  # noqa: F401
+    from .ops.inspect import inspect  # noqa: F401
+    from .ops.merge import merge, unmerge  # noqa: F401
+    from .ops.validate import validate  # noqa: F401
 
 _EXPORTS = {
     "extract": "ops.extract", "merge": "ops.merge", "unmerge": "ops.merge", "combine": "ops.combine",

@@ -48,7 +48,9 @@ def render_card(config: dict[str, Any], record: dict[str, Any] | None, *, base_m
                  'model = PeftModel.from_pretrained(model, "<this repo>")', "```", ""]  # fmt: skip
     if record:
         body += ["## How it was made", ""]
-        body.append(f"`loratool {record.get('operation')}` (loratool {record.get('version')}, {record.get('created')}).")
+        body.append(
+            f"`loratool {record.get('operation')}` (loratool {record.get('version')}, {record.get('created')})."
+        )
         params = {k: v for k, v in (record.get("parameters") or {}).items() if v is not None}
         if params:
             body += ["", "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(params.items()))]
@@ -56,7 +58,16 @@ def render_card(config: dict[str, Any], record: dict[str, Any] | None, *, base_m
             body += ["", "| input | sha256 |", "| --- | --- |"]
             body += [f"| `{Path(i['path']).name}` | `{i['sha256']}` |" for i in record["inputs"]]
         if record.get("report"):
-            body += ["", "## Per-module report", "", "| module | rank | relative error | energy kept |", "| --- | ---: | ---: | ---: |"]
-            body += [f"| `{r['module']}` | {r['rank']} | {r['relative_error']:.3e} | {r['energy_kept']:.2%} |" for r in record["report"]]
+            body += [
+                "",
+                "## Per-module report",
+                "",
+                "| module | rank | relative error | energy kept |",
+                "| --- | ---: | ---: | ---: |",
+            ]
+            body += [
+                f"| `{r['module']}` | {r['rank']} | {r['relative_error']:.3e} | {r['energy_kept']:.2%} |"
+                for r in record["report"]
+            ]
         body.append("")
     return "\n".join(front + body)

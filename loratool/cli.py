@@ -87,7 +87,9 @@ def _opts(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     table: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
         "output": click.option("-o", "--output", required=True, type=click.Path(), help="Where to write (required)."),
         "device": click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        "dtype": click.option("--dtype", default=None, help="Output dtype: float32, bfloat16, float16 (default: keep)."),
+        "dtype": click.option(
+            "--dtype", default=None, help="Output dtype: float32, bfloat16, float16 (default: keep)."
+        ),
         "force": click.option("--force", is_flag=True, help="Replace an existing output."),
         "quiet": click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
         "json": click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout."),
@@ -127,27 +129,63 @@ def cli() -> None:
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("finetuned", type=click.Path())
-@click.option("-r", "--rank", type=click.IntRange(min=1), default=None,
-              help="Rank per module [default: 16]; with --energy/--budget, the highest rank allowed.")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Per module, the smallest rank keeping this share of the delta's energy (sum S^2).")
-@click.option("--budget", type=click.IntRange(min=1), default=None,
-              help="Total LoRA parameters, spent where each rank buys the most energy.")
+@click.option(
+    "-r",
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rank per module [default: 16]; with --energy/--budget, the highest rank allowed.",
+)
+@click.option(
+    "--energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Per module, the smallest rank keeping this share of the delta's energy (sum S^2).",
+)
+@click.option(
+    "--budget",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Total LoRA parameters, spent where each rank buys the most energy.",
+)
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
 @click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
 @click.option("--n-iter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations.")
 @click.option("--include", default=None, help="Regex: only module paths it matches (re.search) become LoRA.")
 @click.option("--exclude", default=None, help="Regex: module paths it matches do not become LoRA.")
-@click.option("--keep-full", default=None,
-              help="Regex: changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.")
+@click.option(
+    "--keep-full",
+    default=None,
+    help="Regex: changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.",
+)
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
 @click.option("--base-model-id", default=None, help="The base's Hub id, recorded in the adapter config.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
-def extract(base: str, finetuned: str, rank: int | None, energy: float | None, budget: int | None, svd: str,
-            oversample: int, n_iter: int, include: str | None, exclude: str | None, keep_full: str | None,
-            fmt: str, base_model_id: str | None, seed: int, output: str, device: str, dtype: str | None,
-            fan_in_fan_out: bool | None, force: bool, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+def extract(
+    base: str,
+    finetuned: str,
+    rank: int | None,
+    energy: float | None,
+    budget: int | None,
+    svd: str,
+    oversample: int,
+    n_iter: int,
+    include: str | None,
+    exclude: str | None,
+    keep_full: str | None,
+    fmt: str,
+    base_model_id: str | None,
+    seed: int,
+    output: str,
+    device: str,
+    dtype: str | None,
+    fan_in_fan_out: bool | None,
+    force: bool,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Extract a LoRA adapter from FINETUNED - BASE by truncated SVD.
 
     \b
@@ -172,7 +210,9 @@ def _extract_text(d: dict[str, Any]) -> str:
     lines = [f"{'module':<48} {'shape':>13} {'rank':>5} {'rel.err':>9} {'energy':>7}"]
     for m in d["modules"]:
         shape = "x".join(map(str, m["shape"]))
-        lines.append(f"{m['module']:<48} {shape:>13} {m['rank']:>5} {m['relative_error']:>9.3e} {m['energy_kept']:>7.2%}")
+        lines.append(
+            f"{m['module']:<48} {shape:>13} {m['rank']:>5} {m['relative_error']:>9.3e} {m['energy_kept']:>7.2%}"
+        )
     s = d["summary"]
     if s["modules"]:
         lines.append(
@@ -184,12 +224,16 @@ def _extract_text(d: dict[str, Any]) -> str:
 
 
 def _merge_text(d: dict[str, Any]) -> str:
-    text = f"{d['operation']}: {d['tensors_changed']} tensor(s) changed, {d['tensors_replaced']} replaced; wrote {d['output']}"
+    text = (
+        f"{d['operation']}: {d['tensors_changed']} tensor(s) changed, {d['tensors_replaced']} replaced; "
+        f"wrote {d['output']}"
+    )
     if "check" in d:
         c = d["check"]
         text += (
-            f"\ncheck against the original base: max |diff| {c['max_abs_diff']:.3e}, relative {c['relative_diff']:.3e}, "
-            f"max {c['max_rounding_units']:.2f} unit(s) of rounding, {c['elements_differing']:,} of {c['elements']:,} elements differ"
+            f"\ncheck against the original base: max |diff| {c['max_abs_diff']:.3e}, "
+            f"relative {c['relative_diff']:.3e}, max {c['max_rounding_units']:.2f} unit(s) of rounding, "
+            f"{c['elements_differing']:,} of {c['elements']:,} elements differ"
         )
     return text
 
@@ -198,8 +242,18 @@ def _merge_text(d: dict[str, Any]) -> str:
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
 @_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
-def merge(base: str, adapters: tuple[tuple[str, float], ...], output: str, device: str, dtype: str | None,
-          fan_in_fan_out: bool | None, force: bool, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+def merge(
+    base: str,
+    adapters: tuple[tuple[str, float], ...],
+    output: str,
+    device: str,
+    dtype: str | None,
+    fan_in_fan_out: bool | None,
+    force: bool,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Merge adapters into BASE: W + scale * scaling * B @ A, a full checkpoint.
 
     Each ADAPTER is a PEFT directory or a kohya .safetensors file, optionally with :SCALE.
@@ -220,12 +274,27 @@ def merge(base: str, adapters: tuple[tuple[str, float], ...], output: str, devic
 @cli.command()
 @click.argument("merged", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
-@click.option("--check", "check", type=click.Path(), default=None,
-              help="The original base: report how far the result is from it (max, relative, units of rounding).")
+@click.option(
+    "--check",
+    "check",
+    type=click.Path(),
+    default=None,
+    help="The original base: report how far the result is from it (max, relative, units of rounding).",
+)
 @_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
-def unmerge(merged: str, adapters: tuple[tuple[str, float], ...], check: str | None, output: str, device: str,
-            dtype: str | None, fan_in_fan_out: bool | None, force: bool, allow_pickle: bool, quiet: bool,
-            as_json: bool) -> None:
+def unmerge(
+    merged: str,
+    adapters: tuple[tuple[str, float], ...],
+    check: str | None,
+    output: str,
+    device: str,
+    dtype: str | None,
+    fan_in_fan_out: bool | None,
+    force: bool,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Take merged adapters back out of MERGED: W - scale * scaling * B @ A.
 
     In bf16/fp16 a merge/unmerge round trip lands within one unit of rounding of the original
@@ -249,32 +318,61 @@ def _combine_text(d: dict[str, Any]) -> str:
         lines.append(f"{m['module']:<48} {m['rank']:>5} {m['relative_error']:>9.3e} {m['energy_kept']:>7.2%}")
     s = d["summary"]
     if s["modules"]:
-        lines.append(f"{s['modules']} modules, {d['trainable_parameters']:,} parameters, max relative error {s['max_relative_error']:.3e}")
+        lines.append(
+            f"{s['modules']} modules, {d['trainable_parameters']:,} parameters, "
+            f"max relative error {s['max_relative_error']:.3e}"
+        )
     lines.append(f"{d['operation']} ({d['method']}): wrote {d['output']}")
     return "\n".join(lines)
 
 
 _FORMAT = click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
 _BASE_ID = click.option("--base-model-id", default=None, help="The base's Hub id, recorded in the config and card.")
-_BASE = click.option("--base", type=click.Path(), default=None,
-                     help="A checkpoint whose module paths name the modules of kohya inputs (headers only).")
-_ENERGY = click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
-                       help="Per module, the smallest rank keeping this share of the energy (capped by -r).")
+_BASE = click.option(
+    "--base",
+    type=click.Path(),
+    default=None,
+    help="A checkpoint whose module paths name the modules of kohya inputs (headers only).",
+)
+_ENERGY = click.option(
+    "--energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Per module, the smallest rank keeping this share of the energy (capped by -r).",
+)
 
 
 @cli.command()
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
-@click.option("--method", type=click.Choice(["cat", "svd", "linear"]), default="cat", show_default=True,
-              help="cat: exact; svd: exact truncation to -r; linear: PEFT's per-factor average (approximate).")
+@click.option(
+    "--method",
+    type=click.Choice(["cat", "svd", "linear"]),
+    default="cat",
+    show_default=True,
+    help="cat: exact; svd: exact truncation to -r; linear: PEFT's per-factor average (approximate).",
+)
 @click.option("-r", "--rank", type=click.IntRange(min=1), default=None, help="Output rank for --method svd.")
 @_ENERGY
 @_FORMAT
 @_BASE_ID
 @_BASE
 @_opts("output", "device", "dtype", "force", "pickle", "quiet", "json")
-def combine(adapters: tuple[tuple[str, float], ...], method: str, rank: int | None, energy: float | None, fmt: str,
-            base_model_id: str | None, base: str | None, output: str, device: str, dtype: str | None, force: bool, allow_pickle: bool,
-            quiet: bool, as_json: bool) -> None:
+def combine(
+    adapters: tuple[tuple[str, float], ...],
+    method: str,
+    rank: int | None,
+    energy: float | None,
+    fmt: str,
+    base_model_id: str | None,
+    base: str | None,
+    output: str,
+    device: str,
+    dtype: str | None,
+    force: bool,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Combine ADAPTERS (each optionally :WEIGHT, negative allowed) into one adapter.
 
     The result holds sum_i w_i * scaling_i * B_i @ A_i with scaling 1, whatever the sources'
@@ -301,9 +399,21 @@ def combine(adapters: tuple[tuple[str, float], ...], method: str, rank: int | No
 @_BASE_ID
 @_BASE
 @_opts("output", "device", "dtype", "force", "pickle", "quiet", "json")
-def resize(adapter: str, rank: int | None, energy: float | None, fmt: str, base_model_id: str | None,
-           base: str | None, output: str,
-           device: str, dtype: str | None, force: bool, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+def resize(
+    adapter: str,
+    rank: int | None,
+    energy: float | None,
+    fmt: str,
+    base_model_id: str | None,
+    base: str | None,
+    output: str,
+    device: str,
+    dtype: str | None,
+    force: bool,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Re-truncate ADAPTER's rank by an exact SVD of its factors.
 
     \b
@@ -352,7 +462,9 @@ def _inspect_text(d: dict[str, Any]) -> str:
             f"  base model {d['base_model_name_or_path']}",
         ]
         for m in d["modules"]:
-            lines.append(f"  {m['module']:<48} {m['kind']:<9} r={m['rank']:<4} alpha={m['alpha']:<6g} scaling={m['scaling']:.4g}")
+            lines.append(
+                f"  {m['module']:<48} {m['kind']:<9} r={m['rank']:<4} alpha={m['alpha']:<6g} scaling={m['scaling']:.4g}"
+            )
         if d["whole_tensors"]:
             lines.append(f"  whole tensors: {', '.join(d['whole_tensors'])}")
     if d.get("provenance"):
@@ -405,8 +517,17 @@ _REVISION = click.option("--revision", default=None, help="Branch, tag or commit
 @_BASE_ID
 @_ENDPOINT
 @_opts("json")
-def push(adapter: str, repo_id: str, revision: str | None, private: bool, message: str | None, create_pr: bool,
-         base_model_id: str | None, endpoint: str | None, as_json: bool) -> None:
+def push(
+    adapter: str,
+    repo_id: str,
+    revision: str | None,
+    private: bool,
+    message: str | None,
+    create_pr: bool,
+    base_model_id: str | None,
+    endpoint: str | None,
+    as_json: bool,
+) -> None:
     """Validate ADAPTER and upload it, with a model card, to REPO_ID in one commit.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed. Re-pushing unchanged
@@ -449,7 +570,11 @@ def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, 
     from .ops.hub import pull as run
 
     result = run(repo_id, output=output, revision=revision, endpoint=endpoint, force=force)
-    _emit(result, as_json, lambda d: f"pulled {d['repo_id']}@{d['commit_id'][:12]} into {d['output']} (checksums verified)")
+    _emit(
+        result,
+        as_json,
+        lambda d: f"pulled {d['repo_id']}@{d['commit_id'][:12]} into {d['output']} (checksums verified)",
+    )
 
 
 def main() -> None:

@@ -132,7 +132,9 @@ def factored_sq_norm(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> float:
     return float(((b.T @ b) * (a @ a.T)).sum())  # (R, R) * (R, R), summed = the trace of the product
 
 
-def split_factors(svd: TruncatedSVD, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def split_factors(
+    svd: TruncatedSVD, rank: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors of a rank-``rank`` truncation: B = U sqrt(S) (out, r), A = sqrt(S) Vh (r, in)."""
     root = svd.S[:rank].sqrt()
     b = (svd.U[:, :rank] * root).to(dtype)  # (out, r) * (r,) -> (out, r)
@@ -187,7 +189,9 @@ def relative_error(svd: TruncatedSVD, rank: int) -> float:
     return math.sqrt(max(0.0, svd.total_energy - svd.energy(rank)) / svd.total_energy)
 
 
-def residual_error(matrix: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, *, norm: float | None = None) -> float:
+def residual_error(
+    matrix: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, *, norm: float | None = None
+) -> float:
     """||M - B @ A||_F / ||M||_F, formed directly (consumes ``matrix`` in place).
 
     The spectral identity cancels catastrophically in float32 when the fit is nearly exact; one

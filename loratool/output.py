@@ -58,8 +58,10 @@ def check_output(target: str | os.PathLike[str], *, force: bool, inputs: Iterabl
     out = Path(target)
     for src in inputs:
         src_p = Path(src)
-        if out.exists() and src_p.exists() and (
-            out.resolve() == src_p.resolve() or out.resolve() in src_p.resolve().parents
+        if (
+            out.exists()
+            and src_p.exists()
+            and (out.resolve() == src_p.resolve() or out.resolve() in src_p.resolve().parents)
         ):
             raise OutputExistsError(
                 "the output is one of the inputs", path=str(out), fix="choose another -o/--output path"
@@ -310,7 +312,9 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None, *, recycle: bool = False) -> None:
+    def write(
+        self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None, *, recycle: bool = False
+    ) -> None:
         """Queue ``tensor`` (cast to ``dtype`` on the writer thread, if given) for writing;
         ``recycle``: ``tensor`` came from the pool and goes back to it once written."""
         self._raise()

@@ -199,7 +199,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def lfs_batch(self, repo_id: str, query) -> None:
         body = json.loads(self._body())
-        if (repo := self._repo(repo_id)) is None:
+        if self._repo(repo_id) is None:
             return
         objects = []
         for o in body["objects"]:
@@ -333,7 +333,12 @@ def _route(method: str, seg: list[str]) -> tuple[str, tuple] | None:
         return None
     if method == "PUT" and seg[:1] == ["lfs-upload"]:
         return "lfs_upload", (seg[1],)
-    if method == "POST" and len(seg) >= 6 and seg[1].endswith(".git") and seg[2:] == ["info", "lfs", "objects", "batch"]:
+    if (
+        method == "POST"
+        and len(seg) >= 6
+        and seg[1].endswith(".git")
+        and seg[2:] == ["info", "lfs", "objects", "batch"]
+    ):
         return "lfs_batch", (f"{seg[0]}/{seg[1][:-4]}",)
     if len(seg) >= 5 and seg[2] == "resolve":
         args = (f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loratool.checkpoint import open_checkpoint
+from loratool.checkpoint import dtype_name, open_checkpoint
 from loratool.errors import InputFileError, MissingInputError, OutputExistsError
 from loratool.output import (
     SafetensorsStreamWriter,
@@ -20,7 +20,6 @@ from loratool.output import (
     patch_header_metadata,
     write_checkpoint,
 )
-from loratool.checkpoint import dtype_name
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -147,7 +146,10 @@ def test_missing_shard(tmp_path: Path, cli) -> None:
     d = tmp_path / "sharded"
     d.mkdir()
     save_file({"a": torch.zeros(2)}, str(d / "model-00001-of-00002.safetensors"))
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(MissingInputError, match="shard 'model-00002-of-00002.safetensors' is named in"):
         open_checkpoint(d)

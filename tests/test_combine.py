@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import load_model, logits, peft_adapter, tiny_model
+
 from loratool.adapter import load_adapter
 from loratool.linalg import lora_delta
 from loratool.ops.combine import combine, resize
@@ -104,7 +104,13 @@ def test_svd_matches_peft_add_weighted_adapter(tmp_path: Path) -> None:
     model = PeftModel.from_pretrained(load_model("llama", base), tmp_path / "a", adapter_name="a")
     model.load_adapter(tmp_path / "b", adapter_name="b")
     model.add_weighted_adapter(["a", "b"], [0.8, 0.3], "mix", combination_type="svd", svd_rank=3)
-    combine([(tmp_path / "a", 0.8), (tmp_path / "b", 0.3)], output=tmp_path / "ours", method="svd", rank=3, show_progress=False)
+    combine(
+        [(tmp_path / "a", 0.8), (tmp_path / "b", 0.3)],
+        output=tmp_path / "ours",
+        method="svd",
+        rank=3,
+        show_progress=False,
+    )
     ours = dense(tmp_path / "ours")
     for name, layer in model.named_modules():
         if hasattr(layer, "lora_A") and "mix" in layer.lora_A:
@@ -117,13 +123,17 @@ def test_linear_matches_peft_and_reports_its_error(tmp_path: Path) -> None:
     base = tmp_path / "base"
     tiny_model("llama").save_pretrained(base)
     for i, name in enumerate("ab"):
-        peft_adapter(load_model("llama", base), ["q_proj", "v_proj"], r=4, alpha=8, seed=i).save_pretrained(tmp_path / name)
+        peft_adapter(load_model("llama", base), ["q_proj", "v_proj"], r=4, alpha=8, seed=i).save_pretrained(
+            tmp_path / name
+        )
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_model("llama", base), tmp_path / "a", adapter_name="a")
     model.load_adapter(tmp_path / "b", adapter_name="b")
     model.add_weighted_adapter(["a", "b"], [0.6, -0.4], "mix", combination_type="linear")
-    res = combine([(tmp_path / "a", 0.6), (tmp_path / "b", -0.4)], output=tmp_path / "ours", method="linear", show_progress=False)
+    res = combine(
+        [(tmp_path / "a", 0.6), (tmp_path / "b", -0.4)], output=tmp_path / "ours", method="linear", show_progress=False
+    )
     ours = dense(tmp_path / "ours")
     exact = {k: 0.6 * v for k, v in dense(tmp_path / "a").items()}
     for k, v in dense(tmp_path / "b").items():

@@ -48,7 +48,9 @@ def test_two_ranks_extract_like_one(tmp_path: Path, fixtures: Path) -> None:
     assert list(one) == list(two)
     for k in one:
         assert torch.equal(one[k], two[k]), k
-    assert (tmp_path / "one" / "adapter_config.json").read_text() == (tmp_path / "two" / "adapter_config.json").read_text()
+    assert (tmp_path / "one" / "adapter_config.json").read_text() == (
+        tmp_path / "two" / "adapter_config.json"
+    ).read_text()
     assert r.stdout.count("wrote") == 1  # rank 0 speaks for both
 
 

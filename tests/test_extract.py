@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import file_digest, load_model, logits, tiny_model
 from safetensors.torch import save_file
 
-from helpers import file_digest, load_model, logits, tiny_model
 from loratool.adapter import load_adapter
 from loratool.linalg import lora_delta
 from loratool.ops.extract import extract
@@ -130,7 +130,9 @@ def test_energy_and_budget_rules(tmp_path: Path) -> None:
 
 def test_include_exclude_and_kohya_output(tmp_path: Path) -> None:
     base, ft, deltas = planted_pair(tmp_path)
-    res = extract(base, ft, output=tmp_path / "k.safetensors", rank=4, exclude="^b$", format="kohya", show_progress=False)
+    res = extract(
+        base, ft, output=tmp_path / "k.safetensors", rank=4, exclude="^b$", format="kohya", show_progress=False
+    )
     assert [r.module for r in res.report] == ["a"]
     assert [d.key for d in res.dropped] == ["b.weight"]
     a = load_adapter(tmp_path / "k.safetensors")
@@ -168,7 +170,10 @@ def _rewrite(path: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"a__weight": torch.zeros(48, 33)}, "tensor 'a.weight': base and fine-tune shapes differ (expected [48, 32], got [48, 33])"),
+        (
+            {"a__weight": torch.zeros(48, 33)},
+            "tensor 'a.weight': base and fine-tune shapes differ (expected [48, 32], got [48, 33])",
+        ),
         ({"a__weight": None}, "tensor 'a.weight': the fine-tune lacks this tensor"),
         ({"b__weight": torch.full((40, 64), float("nan"))}, "tensor 'b.weight': the fine-tune holds NaN or Inf"),
     ],

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import logits, peft_adapter, tiny_model
 
-from helpers import load_model, logits, peft_adapter, tiny_model
 from loratool.adapter import Adapter, LoraModule, load_adapter, save_adapter
 from loratool.linalg import lora_delta
 
@@ -32,7 +32,9 @@ def test_reads_adapter_written_by_peft(tmp_path: Path, kind: str, use_rslora: bo
         layer = peft_layers[path]
         assert m.rank == layer.r["default"]
         assert m.scaling == pytest.approx(layer.scaling["default"], rel=1e-12)
-        assert torch.allclose(lora_delta(m.lora_A, m.lora_B, m.scaling, m.kind), layer.get_delta_weight("default"), atol=1e-7)
+        assert torch.allclose(
+            lora_delta(m.lora_A, m.lora_B, m.scaling, m.kind), layer.get_delta_weight("default"), atol=1e-7
+        )
     if kind == "gpt2":
         assert ours.modules["transformer.h.0.attn.c_attn"].kind == "conv1d"
         assert ours.modules["transformer.wte"].kind == "embedding"

@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURES
 from hub_server import HubServer
-from loratool.errors import ChecksumError, HubError, MetadataError
+
+from loratool.errors import HubError, MetadataError
 from loratool.ops.extract import extract
 from loratool.ops.hub import pull, push
 
@@ -157,7 +157,9 @@ def test_not_found_errors(hub, adapters, tmp_path: Path, cli, repo, revision, me
         from huggingface_hub import HfApi
 
         HfApi(endpoint=hub.url).create_repo(repo)
-    args = ["pull", repo, "-o", tmp_path / "out", "--endpoint", hub.url] + (["--revision", revision] if revision else [])
+    args = ["pull", repo, "-o", tmp_path / "out", "--endpoint", hub.url] + (
+        ["--revision", revision] if revision else []
+    )
     r = cli(*args)
     assert r.exit_code == 1
     assert message in r.stderr, r.stderr
@@ -186,10 +188,9 @@ def test_branch_and_pull_request(hub, adapters) -> None:
 def test_pulled_adapter_loads_in_peft_from_the_repo_id(hub, adapters, monkeypatch) -> None:
     import huggingface_hub
     import torch
+    from helpers import load_model, logits
     from huggingface_hub import constants
     from peft import PeftModel
-
-    from helpers import load_model, logits
 
     r4, _ = adapters
     push(r4, "me/peftload", endpoint=hub.url)

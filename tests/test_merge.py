@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import file_digest, load_model, peft_adapter, tiny_model
 from safetensors.torch import load_file, save_file
 
-from helpers import file_digest, load_model, peft_adapter, tiny_model
 from loratool.adapter import load_adapter
 from loratool.checkpoint import open_checkpoint
 from loratool.linalg import lora_delta
@@ -97,14 +97,21 @@ def test_sharded_input_gives_identically_sharded_output(tmp_path: Path, fixtures
     src = json.loads((fixtures / "llama-ft" / "model.safetensors.index.json").read_text())
     out = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert out["weight_map"] == src["weight_map"]
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(p.name for p in (fixtures / "llama-ft").iterdir())
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(
+        p.name for p in (fixtures / "llama-ft").iterdir()
+    )
     for shard in set(src["weight_map"].values()):
         assert list(load_file(str(tmp_path / "m" / shard))) == list(load_file(str(fixtures / "llama-ft" / shard)))
     assert (tmp_path / "m" / "config.json").read_text() == (fixtures / "llama-ft" / "config.json").read_text()
 
 
 def test_kohya_adapter_with_scale(tmp_path: Path, fixtures: Path) -> None:
-    merge(fixtures / "llama-base", [(fixtures / "llama-kohya.safetensors", 0.5)], output=tmp_path / "m", show_progress=False)
+    merge(
+        fixtures / "llama-base",
+        [(fixtures / "llama-kohya.safetensors", 0.5)],
+        output=tmp_path / "m",
+        show_progress=False,
+    )
     got, w = state(tmp_path / "m"), state(fixtures / "llama-base")
     kohya = load_file(str(fixtures / "llama-kohya.safetensors"))
     key = "model.layers.1.mlp.gate_proj.weight"
@@ -123,8 +130,12 @@ def test_provenance_in_every_shard(tmp_path: Path, fixtures: Path) -> None:
             rec = decode(meta)
             assert rec["operation"] == "merge"
             digests = {Path(i["path"]).name: i["sha256"] for i in rec["inputs"]}
-            assert digests["model-00001-of-00002.safetensors"] == sha256_file(fixtures / "llama-ft" / "model-00001-of-00002.safetensors")
-            assert digests["adapter_model.safetensors"] == sha256_file(fixtures / "llama-peft-adapter" / "adapter_model.safetensors")
+            assert digests["model-00001-of-00002.safetensors"] == sha256_file(
+                fixtures / "llama-ft" / "model-00001-of-00002.safetensors"
+            )
+            assert digests["adapter_model.safetensors"] == sha256_file(
+                fixtures / "llama-peft-adapter" / "adapter_model.safetensors"
+            )
 
 
 # -- refusals: exit 1, a message, nothing written --------------------------------------------------------
@@ -167,7 +178,12 @@ def test_refuses_shape_mismatch(tmp_path: Path, cli) -> None:
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     ts[key] = torch.zeros(40, 4)
     save_file(ts, str(f), metadata={"format": "pt"})
-    _refused(cli, tmp_path, ["merge", base, adapter], "tensor 'model.layers.0.self_attn.q_proj.weight': the adapter's linear module does not fit")
+    _refused(
+        cli,
+        tmp_path,
+        ["merge", base, adapter],
+        "tensor 'model.layers.0.self_attn.q_proj.weight': the adapter's linear module does not fit",
+    )
 
 
 def test_refuses_non_finite_result(tmp_path: Path, cli) -> None:
@@ -177,7 +193,12 @@ def test_refuses_non_finite_result(tmp_path: Path, cli) -> None:
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
     ts[key][0, 0] = float("inf")
     save_file(ts, str(f), metadata={"format": "pt"})
-    _refused(cli, tmp_path, ["merge", base, adapter], "tensor 'model.layers.1.mlp.down_proj.weight': the merged weight holds NaN or Inf")
+    _refused(
+        cli,
+        tmp_path,
+        ["merge", base, adapter],
+        "tensor 'model.layers.1.mlp.down_proj.weight': the merged weight holds NaN or Inf",
+    )
 
 
 def test_failure_midway_leaves_no_output_and_inputs_intact(tmp_path: Path, fixtures: Path, monkeypatch) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES
 from loratool.card import is_hub_id, render_card
 from loratool.ops.extract import extract
 from loratool.ops.validate import validate
@@ -84,17 +83,36 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 @pytest.mark.parametrize(
     "breakage, path, message",
     [
-        (lambda a: _edit(a, r=8), "tensors/model.layers.0.mlp.down_proj", "rank 4 disagrees with the config (r says 8)"),
-        (lambda a: _edit(a, target_modules=["q_proj"]), "tensors/model.layers.0.mlp.up_proj",
-         "has LoRA weights but target_modules does not select this module"),
-        (lambda a: _tensors(a, lambda t: t.pop(f"{Q}.lora_B.weight")), "tensors/model.layers.0.self_attn.q_proj",
-         "has lora_A but not lora_B"),
-        (lambda a: _tensors(a, lambda t: t.__setitem__(f"{Q}.lora_A.weight", torch.ones(4, 32, dtype=torch.int32))),
-         f"tensors/{Q}.lora_A.weight", "dtype I32 is not floating point"),
-        (lambda a: _tensors(a, lambda t: t[f"{Q}.lora_A.weight"].__setitem__((0, 0), float("nan"))),
-         f"tensors/{Q}.lora_A.weight", "holds NaN or Inf"),
-        (lambda a: _tensors(a, lambda t: t[f"{Q}.lora_A.weight"].mul_(1.001)),
-         "header/loratool.tensors_sha256", "does not match the tensors: the file was changed after loratool wrote it"),
+        (
+            lambda a: _edit(a, r=8),
+            "tensors/model.layers.0.mlp.down_proj",
+            "rank 4 disagrees with the config (r says 8)",
+        ),
+        (
+            lambda a: _edit(a, target_modules=["q_proj"]),
+            "tensors/model.layers.0.mlp.up_proj",
+            "has LoRA weights but target_modules does not select this module",
+        ),
+        (
+            lambda a: _tensors(a, lambda t: t.pop(f"{Q}.lora_B.weight")),
+            "tensors/model.layers.0.self_attn.q_proj",
+            "has lora_A but not lora_B",
+        ),
+        (
+            lambda a: _tensors(a, lambda t: t.__setitem__(f"{Q}.lora_A.weight", torch.ones(4, 32, dtype=torch.int32))),
+            f"tensors/{Q}.lora_A.weight",
+            "dtype I32 is not floating point",
+        ),
+        (
+            lambda a: _tensors(a, lambda t: t[f"{Q}.lora_A.weight"].__setitem__((0, 0), float("nan"))),
+            f"tensors/{Q}.lora_A.weight",
+            "holds NaN or Inf",
+        ),
+        (
+            lambda a: _tensors(a, lambda t: t[f"{Q}.lora_A.weight"].mul_(1.001)),
+            "header/loratool.tensors_sha256",
+            "does not match the tensors: the file was changed after loratool wrote it",
+        ),
         (lambda a: _edit(a, lora_dropout=3), "$.lora_dropout", "lora_dropout must be a number from 0 to 1 (got 3)"),
     ],
     ids=["rank vs r", "target_modules", "missing lora_B", "integer dtype", "nan", "tampered", "schema"],
@@ -145,5 +163,13 @@ def test_card_front_matter_never_holds_a_local_path(tmp_path: Path) -> None:
 def test_extract_card_carries_the_report(ours: Path, tmp_path: Path, cli) -> None:
     text = (ours / "README.md").read_text()
     assert "| `model.layers.0.self_attn.q_proj` | 4 |" in text
-    r = cli("extract", FIXTURES / "llama-base", FIXTURES / "llama-ft", "-o", tmp_path / "x", "--base-model-id", str(tmp_path))
+    r = cli(
+        "extract",
+        FIXTURES / "llama-base",
+        FIXTURES / "llama-ft",
+        "-o",
+        tmp_path / "x",
+        "--base-model-id",
+        str(tmp_path),
+    )
     assert r.exit_code == 1 and "is not a Hub repo id" in r.stderr

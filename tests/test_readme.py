@@ -20,7 +20,10 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_help_lists_every_command_without_importing_torch() -> None:
-    code = "import sys; from loratool.cli import cli; cli(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    code = (
+        "import sys; from loratool.cli import cli; "
+        "cli(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
     for command in ("extract", "merge", "unmerge", "inspect"):

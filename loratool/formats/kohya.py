@@ -33,7 +33,6 @@ def kohya_prefix(module_path: str) -> str:
 
 def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
     """Read a kohya ``.safetensors`` adapter (``lazy``: factors as shapes only, on ``meta``)."""
-    import torch
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     with open_checkpoint(file) as ckpt:
@@ -88,6 +87,7 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
 def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write ``adapter`` as one kohya ``.safetensors`` file. rsLoRA scaling is folded into alpha."""
     import torch
+
     if adapter.whole:
         raise InputFileError(
             f"kohya files cannot hold whole tensors ({', '.join(sorted(adapter.whole)[:3])}...)",

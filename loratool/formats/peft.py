@@ -58,9 +58,7 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise InputFileError("must hold a JSON object", path=str(cfg_path))
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise InputFileError(
-            f"peft_type is {peft_type!r}; loratool handles LoRA adapters only", path=str(cfg_path)
-        )
+        raise InputFileError(f"peft_type is {peft_type!r}; loratool handles LoRA adapters only", path=str(cfg_path))
     return config
 
 

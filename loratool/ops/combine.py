@@ -171,7 +171,11 @@ def _run(
     out_dtype = torch_dtype(dtype) if dtype else next(iter(loaded[0][0].modules.values())).lora_A.dtype
     paths = list(dict.fromkeys(p for a, _, _ in loaded for p in a.modules))
     result = CombineResult(out, operation, method, Adapter(), [], warnings)
-    cap = rank if rank is not None else (max(m.rank for a, _, _ in loaded for m in a.modules.values()) if energy is None else None)
+    cap = (
+        rank
+        if rank is not None
+        else (max(m.rank for a, _, _ in loaded for m in a.modules.values()) if energy is None else None)
+    )
     for path in progress(paths, total=len(paths), desc=operation, enabled=show_progress):
         terms = [(a.modules[path], w) for a, w, _ in loaded if path in a.modules]
         module, report = _combine_module(path, terms, method, cap, energy, dev)
@@ -219,7 +223,12 @@ def _check_sources(loaded: list[tuple[Adapter, float, str]], method: str) -> Non
 
 
 def _combine_module(
-    path: str, terms: list[tuple[LoraModule, float]], method: str, cap: int | None, energy: float | None, dev: torch.device
+    path: str,
+    terms: list[tuple[LoraModule, float]],
+    method: str,
+    cap: int | None,
+    energy: float | None,
+    dev: torch.device,
 ) -> tuple[LoraModule, ModuleReport]:
     first = terms[0][0]
     for m, _ in terms:

@@ -21,6 +21,7 @@ import torch
 from ..adapter import Adapter, Kind, LoraModule, save_adapter
 from ..card import check_base_model_id, is_hub_id
 from ..checkpoint import Checkpoint, open_checkpoint, torch_dtype
+from ..distributed import balanced_share, current
 from ..errors import LoraToolError, MissingKeyError, NonFiniteError, ShapeMismatchError
 from ..linalg import (
     TruncatedSVD,
@@ -36,7 +37,6 @@ from ..linalg import (
 )
 from ..output import check_output
 from ..provenance import InputHasher, encode, make_record
-from ..distributed import balanced_share, current
 from ..report import Dropped, ModuleReport, summarize
 from ..runtime import BufferPool, compile_regex, prefetch, progress, resolve_device, upcast
 
@@ -150,9 +150,10 @@ def extract(
 
     options = _Options(rank, energy, budget, svd, oversample, n_iter, seed, cap, inc, exc, keep, dev)
     d = current()
-    with open_checkpoint(base, allow_pickle=allow_pickle) as b, open_checkpoint(
-        finetuned, allow_pickle=allow_pickle
-    ) as f:
+    with (
+        open_checkpoint(base, allow_pickle=allow_pickle) as b,
+        open_checkpoint(finetuned, allow_pickle=allow_pickle) as f,
+    ):
         keys = _paired_keys(b, f)
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
@@ -394,7 +395,9 @@ def _tied_output(keys: list[str], config: dict[str, Any]) -> tuple[str, str] | N
     values; either way the fine-tune changed both uses of it at once.
     """
     archs = [str(a) for a in config.get("architectures") or []]
-    if not config.get("tie_word_embeddings", True) or not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+    if not config.get("tie_word_embeddings", True) or not any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs
+    ):
         return None
     embeds = [k for k in keys if k.endswith(".weight") and EMBEDDING_NAME.search(k[: -len(".weight")])]
     embeds = [k for k in embeds if "embed_tokens" in k or "wte" in k or "word_embeddings" in k] or embeds
@@ -419,7 +422,11 @@ def _selected(module: str, inc: re.Pattern[str] | None, exc: re.Pattern[str] | N
 
 
 def _spend_budget(
-    pending: list[_Pending], budget: int, modules: dict[str, LoraModule], reports: dict[str, ModuleReport], result: ExtractResult
+    pending: list[_Pending],
+    budget: int,
+    modules: dict[str, LoraModule],
+    reports: dict[str, ModuleReport],
+    result: ExtractResult,
 ) -> None:
     spectra = {p.module: p.svd.S for p in pending}
     costs = {p.module: p.svd.U.shape[0] + p.svd.Vh.shape[1] for p in pending}

@@ -174,7 +174,10 @@ def push(
     with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
         record = decode(f.metadata() or {})
     card = render_card(read_config(directory), record, base_model_id=base_model_id)
-    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name)) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    ops = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name))
+        for name in (CONFIG_NAME, WEIGHTS_NAME)
+    ]
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     api = _api(endpoint, token)
     with _hub_errors(repo_id, revision):
@@ -234,7 +237,9 @@ def pull(
                 elif hasattr(entry, "blob_id"):
                     expected[entry.path] = ("git-sha1", entry.blob_id)
             if CONFIG_NAME not in expected:
-                raise HubError(f"{repo_id}@{revision or 'main'} holds no {CONFIG_NAME}", fix="is it a PEFT adapter repo?")
+                raise HubError(
+                    f"{repo_id}@{revision or 'main'} holds no {CONFIG_NAME}", fix="is it a PEFT adapter repo?"
+                )
             revision_arg = commit
         else:
             revision_arg = revision

@@ -19,14 +19,22 @@ import torch
 
 from ..adapter import Adapter, Kind, LoraModule, load_adapter
 from ..checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
-from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
-from .extract import CONV1D_MODEL_TYPES
-from ..formats.kohya import resolve_paths
-from ..output import BackgroundWriter, CheckpointWriter, TensorSpec, atomic_output, check_output, copy_aux_files, patch_header_metadata
-from ..provenance import InputHasher, encode, make_record
-from ..linalg import is_finite
 from ..distributed import balanced_share, current
+from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
+from ..formats.kohya import resolve_paths
+from ..linalg import is_finite
+from ..output import (
+    BackgroundWriter,
+    CheckpointWriter,
+    TensorSpec,
+    atomic_output,
+    check_output,
+    copy_aux_files,
+    patch_header_metadata,
+)
+from ..provenance import InputHasher, encode, make_record
 from ..runtime import BufferPool, prefetch, progress, resolve_device, upcast
+from .extract import CONV1D_MODEL_TYPES
 
 AdapterArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float] | Adapter
 
@@ -284,7 +292,9 @@ def _plan(
     return terms, replace
 
 
-def _is_tied_copy(path: str, module: LoraModule, adapter: Adapter, found: dict[str, str], config: dict[str, Any]) -> bool:
+def _is_tied_copy(
+    path: str, module: LoraModule, adapter: Adapter, found: dict[str, str], config: dict[str, Any]
+) -> bool:
     """An output layer tied to an embedding, absent from the checkpoint, whose factors are the
     embedding module's transposed (what extract writes for tied weights): merging it would add the
     same delta to the shared matrix twice."""
@@ -443,7 +453,9 @@ class _Stream:
         return w32
 
 
-def _layout(ckpt: Checkpoint, replace: dict[str, torch.Tensor], out_dtype: torch.dtype | None) -> list[tuple[str, list[TensorSpec]]]:
+def _layout(
+    ckpt: Checkpoint, replace: dict[str, torch.Tensor], out_dtype: torch.dtype | None
+) -> list[tuple[str, list[TensorSpec]]]:
     """The input's shards, tensor order and shapes, with the output dtype."""
     layout: dict[str, list[TensorSpec]] = {}
     for info in ckpt.infos():

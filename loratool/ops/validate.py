@@ -143,7 +143,9 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
         m = _FACTOR.match(short) or _EMBED.match(short) or _MAGNITUDE.match(short)
         if m is None:
             continue  # whole tensors (modules_to_save, base_layer) have no factor structure
-        slot = "magnitude" if m.re is _MAGNITUDE else f"{m['ab']}{'.bias' if m.groupdict().get('param') == 'bias' else ''}"
+        slot = (
+            "magnitude" if m.re is _MAGNITUDE else f"{m['ab']}{'.bias' if m.groupdict().get('param') == 'bias' else ''}"
+        )
         factors.setdefault(m["path"], {})[slot] = ckpt.info(key).shape
     report.modules = len(factors)
     r_default = config.get("r", 8)
@@ -151,19 +153,27 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
     for module, slots in sorted(factors.items()):
         where = f"tensors/{module}"
         if "A" not in slots or "B" not in slots:
-            report.add(where, f"has {'lora_A' if 'A' in slots else 'lora_B'} but not {'lora_B' if 'A' in slots else 'lora_A'}")
+            report.add(
+                where, f"has {'lora_A' if 'A' in slots else 'lora_B'} but not {'lora_B' if 'A' in slots else 'lora_A'}"
+            )
             continue
         a, b = slots["A"], slots["B"]
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            report.add(where, f"lora_A {list(a)} and lora_B {list(b)} do not share a rank (A is (r, in), B is (out, r))")
+            report.add(
+                where, f"lora_A {list(a)} and lora_B {list(b)} do not share a rank (A is (r, in), B is (out, r))"
+            )
             continue
         expected = pattern_lookup(ranks, module)
         expected = r_default if expected is None else expected
         if isinstance(expected, int) and a[0] != expected:
             source = "rank_pattern" if pattern_lookup(ranks, module) is not None else "r"
-            report.add(where, f"rank {a[0]} disagrees with the config ({source} says {expected}): PEFT would fail to load it")
+            report.add(
+                where, f"rank {a[0]} disagrees with the config ({source} says {expected}): PEFT would fail to load it"
+            )
         if not _targets(config, module):
-            report.add(where, "has LoRA weights but target_modules does not select this module: PEFT would not load them")
+            report.add(
+                where, "has LoRA weights but target_modules does not select this module: PEFT would not load them"
+            )
         if "B.bias" in slots and not config.get("lora_bias", False):
             report.add(where, "has lora_B.bias but lora_bias is not true in the config")
 
