@@ -42,7 +42,7 @@ class LoraToolError(Exception):
         if self.expected is not None or self.got is not None:
             parts.append(f" (expected {self.expected}, got {self.got})")
         if self.fix:
-            parts.append(f". {self.fix}")
+            parts.append(f". {self.fix[:1].upper()}{self.fix[1:]}")
         return "".join(parts)
 
     def __str__(self) -> str:  # KeyError-style subclasses would otherwise quote the message

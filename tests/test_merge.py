@@ -168,7 +168,7 @@ def test_refuses_to_unmerge_dora(tmp_path: Path, cli) -> None:
 
 def test_refuses_adapter_for_another_model(tmp_path: Path, cli, fixtures: Path) -> None:
     _, adapter = make(tmp_path, "gpt2")
-    _refused(cli, tmp_path, ["merge", fixtures / "llama-base", adapter], "is this adapter for another model?")
+    _refused(cli, tmp_path, ["merge", fixtures / "llama-base", adapter], "Is this adapter for another model?")
 
 
 def test_refuses_shape_mismatch(tmp_path: Path, cli) -> None:
