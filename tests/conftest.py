@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ FIXTURES = ROOT / "fixtures"
 # huggingface_hub reads these once, at import: set them before anything imports it. Caches and
 # tokens live in a temporary HF_HOME; the only Hub the tests talk to is tests/hub_server.py.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="loratool-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("HF_ENDPOINT", None)
 os.environ["HF_TOKEN"] = "hf_test_token_do_not_print"
