@@ -29,7 +29,8 @@ def make(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32, seed: in
         tiny_model(kind, dtype=dtype).save_pretrained(base_dir)
     cfg.setdefault("r", 4)
     cfg.setdefault("alpha", 8)
-    pm = peft_adapter(load_model(kind, base_dir, dtype), TARGETS[kind], seed=seed, **cfg)
+    targets = cfg.pop("targets", TARGETS[kind])
+    pm = peft_adapter(load_model(kind, base_dir, dtype), targets, seed=seed, **cfg)
     pm.save_pretrained(tmp_path / name)
     return base_dir, tmp_path / name
 
@@ -255,3 +256,33 @@ def test_biases_and_whole_modules_merge_as_peft_does(tmp_path: Path, kind: str, 
     assert any(k.endswith(".bias") for k in changed) or "model.norm.weight" in changed
     for k, v in ours.items():
         assert torch.allclose(v, peft[k], rtol=1e-6, atol=1e-7), k
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_merge_equals_peft(tmp_path: Path, kind: str) -> None:
+    from peft import PeftModel
+
+    targets = ["q_proj", "v_proj", "down_proj", "lm_head"] if kind == "llama" else ["c_attn", "c_fc"]
+    base, adapter = make(tmp_path, kind, use_dora=True, targets=targets)
+    f = adapter / "adapter_model.safetensors"
+    ts = load_file(str(f))
+    g = torch.Generator().manual_seed(3)
+    for k in ts:  # move the magnitudes off their initial norms, so the rescaling shows
+        if "lora_magnitude_vector" in k:
+            ts[k] = ts[k] * (1 + 0.1 * torch.rand(ts[k].shape, generator=g))
+    save_file(ts, str(f), metadata={"format": "pt"})
+    merge(base, [adapter], output=tmp_path / "ours", show_progress=False)
+    ours = state(tmp_path / "ours")
+    peft = PeftModel.from_pretrained(load_model(kind, base), adapter).merge_and_unload().state_dict()
+    changed = 0
+    for k, v in ours.items():
+        assert torch.allclose(v, peft[k], rtol=1e-5, atol=1e-6), (k, float((v - peft[k]).abs().max()))
+        changed += not torch.equal(v, state(base)[k])
+    assert changed >= 4
+
+
+def test_dora_refuses_a_scale_and_company(tmp_path: Path, cli) -> None:
+    base, dora = make(tmp_path, "llama", use_dora=True, name="dora", targets=["q_proj"])
+    _, other = make(tmp_path, "llama", name="other", seed=2)
+    _refused(cli, tmp_path, ["merge", base, f"{dora}:0.5"], "a DoRA adapter merges at scale 1 only (got 0.5)")
+    _refused(cli, tmp_path, ["merge", base, dora, other], "a DoRA module and another adapter change this weight")

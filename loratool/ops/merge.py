@@ -213,13 +213,12 @@ def _load_all(adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool) -> 
                 path=name,
                 fix="convert it first with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))",
             )
-        if adapter.use_dora:
-            what = "unmerged" if sign < 0 else "merged by loratool yet"
-            why = "its column norms depend on the merged weight" if sign < 0 else "DoRA merge is not implemented"
+        if adapter.use_dora and sign < 0:
             raise UnsupportedAdapterError(
-                f"DoRA adapters (use_dora) cannot be {what}: {why}",
+                "DoRA adapters (use_dora) cannot be unmerged: the merge rescaled each row by a norm "
+                "that only the original weight determines",
                 path=name,
-                fix="use PEFT's merge_and_unload() for DoRA, and keep the original base to undo it",
+                fix="keep the original base checkpoint to go back to",
             )
         loaded.append((adapter, float(scale), name))
     if not loaded:
@@ -288,8 +287,39 @@ def _plan(
                     )
             if sign < 0 and key in adapter.whole:
                 continue  # the adapter stores this base layer's original weight: restoring it is the unmerge
+            if module.magnitude is not None:
+                _check_dora(module, kind, scale, name, key)
             terms.setdefault(key, []).append(_Term(module, kind, sign * scale * module.scaling, bias_key))
+    for key, ts in terms.items():
+        if len(ts) > 1 and any(t.module.magnitude is not None for t in ts):
+            raise UnsupportedAdapterError(
+                "a DoRA module and another adapter change this weight: DoRA rescales the whole row, so the "
+                "result would depend on the order",
+                key=key,
+                fix="merge the DoRA adapter on its own, then the others into its output",
+            )
     return terms, replace
+
+
+def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: str) -> None:
+    """DoRA merges as PEFT's does: linear and Conv1D layers, at the adapter's own scale."""
+    if kind == "embedding":
+        raise UnsupportedAdapterError("DoRA on embeddings cannot be merged by loratool yet", path=name, key=key)
+    if scale != 1.0:
+        raise UnsupportedAdapterError(
+            f"a DoRA adapter merges at scale 1 only (got {scale}): its magnitudes are absolute",
+            path=name,
+            key=key,
+            fix="drop the :SCALE of this adapter",
+        )
+    if tuple(module.magnitude.shape) != (module.out_features,):  # type: ignore[union-attr]
+        raise ShapeMismatchError(
+            "lora_magnitude_vector does not match the layer's output size",
+            path=name,
+            key=key,
+            expected=[module.out_features],
+            got=list(module.magnitude.shape),  # type: ignore[union-attr]
+        )
 
 
 def _is_tied_copy(
@@ -441,6 +471,9 @@ class _Stream:
         """w32 (float32, a private copy) plus every term for ``key``; refuses a non-finite result."""
         if key in self.terms:
             _add_terms(w32, self.terms[key])
+            dora = next((t for t in self.terms[key] if t.module.magnitude is not None), None)
+            if dora is not None:
+                _dora_rescale(w32, dora)
         bias = self.bias_terms.get(key)
         if bias is not None and bias.module.bias is not None:
             w32.add_(bias.module.bias.to(w32.device, torch.float32), alpha=bias.factor)
@@ -451,6 +484,16 @@ class _Stream:
                 fix="check the adapter's factors and the scale you gave (loratool validate ADAPTER)",
             )
         return w32
+
+
+def _dora_rescale(w: torch.Tensor, term: _Term) -> None:
+    """DoRA: each output row of W + delta is rescaled to its learned magnitude, in place.
+
+    W' = m / ||W + delta||_row * (W + delta), rows in the (out, in) orientation as PEFT computes them.
+    """
+    m = term.module.magnitude.to(w.device, torch.float32)  # type: ignore[union-attr]
+    rows = w if term.kind == "linear" else w.T  # (out, in) view; Conv1D stores (in, out)
+    rows.mul_((m / torch.linalg.vector_norm(rows, dim=1))[:, None])  # (out, in) * (out, 1)
 
 
 def _layout(
