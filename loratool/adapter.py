@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     import torch
 
 Kind = Literal["linear", "conv1d", "embedding"]
-KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding")
 
 # init_lora_weights values whose adapters were trained against a rewritten base weight.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -109,9 +108,6 @@ class Adapter:
     def base_model_name_or_path(self) -> str | None:
         value = self.config.get("base_model_name_or_path")
         return str(value) if value else None
-
-    def ranks(self) -> dict[str, int]:
-        return {p: m.rank for p, m in self.modules.items()}
 
 
 def lora_scaling(alpha: float, r: int, *, use_rslora: bool = False) -> float:

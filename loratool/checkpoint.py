@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,10 +224,6 @@ class Checkpoint:
 
         info = self.info(key)
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
-
-    def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in self.keys() if keys is None else keys:
-            yield key, self.get(key)
 
     def file_paths(self) -> list[Path]:
         """Every file the checkpoint consists of (shards and index), for hashing and provenance."""

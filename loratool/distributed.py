@@ -89,10 +89,6 @@ def current() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
-def local_cuda_index() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def balanced_share(sizes: Iterable[tuple[str, int]], world: int) -> dict[str, int]:
     """Assign items to ranks, largest first, each to the least loaded rank (LPT scheduling).
 

@@ -65,3 +65,15 @@ def peft_adapter(model, targets, *, r=4, alpha=8, seed=0, **config):
             if "lora_B" in name or "lora_embedding_A" in name:  # the factors PEFT starts at zero
                 p.copy_((0.1 * torch.randn(p.shape, generator=g)).to(p.dtype))
     return pm.eval()
+
+
+def edit_tensors(file: Path, edit) -> None:
+    """Rewrite a safetensors file after ``edit(tensors)`` changed its dict, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(file))
+    edit(tensors)
+    save_file(tensors, str(file), metadata=metadata)

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import file_digest, load_model, peft_adapter, tiny_model
-from safetensors.torch import load_file, save_file
+from helpers import edit_tensors, file_digest, load_model, peft_adapter, tiny_model
+from safetensors.torch import load_file
 
 from loratool.adapter import load_adapter
 from loratool.checkpoint import open_checkpoint
 from loratool.linalg import lora_delta
 from loratool.ops.merge import merge, unit_of_rounding, unmerge
 
+WEIGHTS = "adapter_model.safetensors"
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"], "gpt2": ["c_attn", "c_fc", "c_proj"]}
 
 
@@ -174,11 +175,8 @@ def test_refuses_adapter_for_another_model(tmp_path: Path, cli, fixtures: Path) 
 
 def test_refuses_shape_mismatch(tmp_path: Path, cli) -> None:
     base, adapter = make(tmp_path, "llama")
-    f = adapter / "adapter_model.safetensors"
-    ts = load_file(str(f))
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    ts[key] = torch.zeros(40, 4)
-    save_file(ts, str(f), metadata={"format": "pt"})
+    edit_tensors(adapter / WEIGHTS, lambda ts: ts.__setitem__(key, torch.zeros(40, 4)))
     _refused(
         cli,
         tmp_path,
@@ -189,11 +187,8 @@ def test_refuses_shape_mismatch(tmp_path: Path, cli) -> None:
 
 def test_refuses_non_finite_result(tmp_path: Path, cli) -> None:
     base, adapter = make(tmp_path, "llama")
-    f = adapter / "adapter_model.safetensors"
-    ts = load_file(str(f))
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
-    ts[key][0, 0] = float("inf")
-    save_file(ts, str(f), metadata={"format": "pt"})
+    edit_tensors(adapter / WEIGHTS, lambda ts: ts[key].__setitem__((0, 0), float("inf")))
     _refused(
         cli,
         tmp_path,
@@ -237,18 +232,16 @@ def test_biases_and_whole_modules_merge_as_peft_does(tmp_path: Path, kind: str, 
     from peft import PeftModel
 
     base, adapter = make(tmp_path, kind, **config)
-    if "modules_to_save" in config:  # give the saved module a value of its own
-        f = adapter / "adapter_model.safetensors"
-        ts = load_file(str(f))
-        ts["base_model.model.model.norm.weight"] = ts["base_model.model.model.norm.weight"] + 0.5
-        save_file(ts, str(f), metadata={"format": "pt"})
-    else:  # PEFT starts lora_B.bias at zero
-        f = adapter / "adapter_model.safetensors"
-        ts = load_file(str(f))
+
+    def give_values(ts: dict[str, torch.Tensor]) -> None:
+        g = torch.Generator().manual_seed(1)
         for k in ts:
-            if k.endswith("lora_B.bias"):
-                ts[k] = torch.randn(ts[k].shape, generator=torch.Generator().manual_seed(1)) * 0.1
-        save_file(ts, str(f), metadata={"format": "pt"})
+            if k == "base_model.model.model.norm.weight":  # give the saved module a value of its own
+                ts[k] = ts[k] + 0.5
+            elif k.endswith("lora_B.bias"):  # PEFT starts lora_B.bias at zero
+                ts[k] = torch.randn(ts[k].shape, generator=g) * 0.1
+
+    edit_tensors(adapter / WEIGHTS, give_values)
     merge(base, [adapter], output=tmp_path / "ours", show_progress=False)
     ours = state(tmp_path / "ours")
     peft = PeftModel.from_pretrained(load_model(kind, base), adapter).merge_and_unload().state_dict()
@@ -264,13 +257,14 @@ def test_dora_merge_equals_peft(tmp_path: Path, kind: str) -> None:
 
     targets = ["q_proj", "v_proj", "down_proj", "lm_head"] if kind == "llama" else ["c_attn", "c_fc"]
     base, adapter = make(tmp_path, kind, use_dora=True, targets=targets)
-    f = adapter / "adapter_model.safetensors"
-    ts = load_file(str(f))
-    g = torch.Generator().manual_seed(3)
-    for k in ts:  # move the magnitudes off their initial norms, so the rescaling shows
-        if "lora_magnitude_vector" in k:
-            ts[k] = ts[k] * (1 + 0.1 * torch.rand(ts[k].shape, generator=g))
-    save_file(ts, str(f), metadata={"format": "pt"})
+
+    def move_magnitudes(ts: dict[str, torch.Tensor]) -> None:  # off their initial norms, so the rescaling shows
+        g = torch.Generator().manual_seed(3)
+        for k in ts:
+            if "lora_magnitude_vector" in k:
+                ts[k] = ts[k] * (1 + 0.1 * torch.rand(ts[k].shape, generator=g))
+
+    edit_tensors(adapter / WEIGHTS, move_magnitudes)
     merge(base, [adapter], output=tmp_path / "ours", show_progress=False)
     ours = state(tmp_path / "ours")
     peft = PeftModel.from_pretrained(load_model(kind, base), adapter).merge_and_unload().state_dict()

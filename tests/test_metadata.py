@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURES
-from safetensors.torch import load_file, save_file
+from helpers import edit_tensors
 
 from loratool.card import is_hub_id, render_card
 from loratool.ops.extract import extract
@@ -67,14 +67,7 @@ def _edit(adapter: Path, **changes) -> None:
 
 
 def _tensors(adapter: Path, edit) -> None:
-    f = adapter / "adapter_model.safetensors"
-    from safetensors import safe_open
-
-    with safe_open(str(f), "pt") as h:
-        meta = h.metadata()
-    ts = load_file(str(f))
-    edit(ts)
-    save_file(ts, str(f), metadata=meta)
+    edit_tensors(adapter / "adapter_model.safetensors", edit)
 
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
