@@ -24,9 +24,10 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from .checkpoint import DTYPE_SIZES, PICKLE_SUFFIXES, dtype_name
+from .directio import DIRECT_MIN_BYTES, DirectFile
 from .errors import InputFileError, OutputExistsError, ShapeMismatchError
 from .runtime import BufferPool
 
@@ -134,7 +135,7 @@ class SafetensorsStreamWriter:
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-        self._file: BinaryIO = open(path, "wb")
+        self._file = DirectFile(path, direct=offset >= DIRECT_MIN_BYTES)
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
 
@@ -159,14 +160,12 @@ class SafetensorsStreamWriter:
     def close(self) -> None:
         if self._next != len(self._specs):
             missing = self._specs[self._next].name
-            self._file.close()
+            self._file.abort()
             raise RuntimeError(f"{self.path.name}: closed before tensor '{missing}' was written")
-        self._file.flush()
-        os.fsync(self._file.fileno())  # now, while the next shard is computed, not all at the end
-        self._file.close()
+        self._file.close()  # fsyncs now, while the next shard is computed, not all at the end
 
     def abort(self) -> None:
-        self._file.close()
+        self._file.abort()
 
 
 def _cpu() -> torch.device:

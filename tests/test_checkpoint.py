@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loratool import directio, output
 from loratool.checkpoint import dtype_name, open_checkpoint
+from loratool.directio import ALIGN, DirectFile
 from loratool.errors import InputFileError, MissingInputError, OutputExistsError
 from loratool.output import (
     SafetensorsStreamWriter,
@@ -39,7 +44,11 @@ def specs(ts: dict[str, torch.Tensor]) -> list[TensorSpec]:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("max_shard", [10**9, 700], ids=["single", "sharded"])
-def test_write_then_read_is_bit_exact(tmp_path: Path, dtype: torch.dtype, max_shard: int) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_write_then_read_is_bit_exact(
+    tmp_path: Path, dtype: torch.dtype, max_shard: int, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(output, "DIRECT_MIN_BYTES", 0 if direct else 2**62)
     ts = tensors(dtype)
     with atomic_output(tmp_path / "ckpt", force=False, directory=True) as tmp:
         names = write_checkpoint(tmp, iter(ts.items()), specs(ts), max_shard_bytes=max_shard, metadata={"a": "b"})
@@ -114,6 +123,60 @@ def test_stream_writer_checks_declared_layout(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'a'.*expected \\[2, 2\\] F32, got \\[3\\] F32"):
         w.write("a", torch.zeros(3))
     w.abort()
+
+
+# -- direct I/O -------------------------------------------------------------------------------------
+def _chunks(seed: int) -> list[bytes]:
+    """Chunk sizes that straddle the alignment and the (shrunk) staging buffer, and end unaligned."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [1, 7, ALIGN - 1, ALIGN, 3 * ALIGN + 5, 0, 5 * ALIGN, 13]
+    return [bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist()) for n in sizes]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_direct_file_writes_exact_bytes(tmp_path: Path, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(directio, "STAGING_BYTES", 2 * ALIGN)
+    chunks = _chunks(0)
+    f = DirectFile(tmp_path / "x.bin", direct=direct)
+    if direct and not f.direct:
+        f.abort()
+        pytest.skip("this file system refuses O_DIRECT")
+    for c in chunks:
+        f.write(c)
+    f.close()
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(chunks)
+
+
+def test_direct_file_falls_back_when_writes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some file systems accept O_DIRECT at open and refuse it at write (EINVAL)."""
+    monkeypatch.setattr(directio, "STAGING_BYTES", 2 * ALIGN)
+    real_write, refused = directio.os.write, []
+
+    def write(fd: int, data) -> int:
+        if os.get_blocking(fd) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(directio.os, "write", write)
+    chunks = _chunks(1)
+    f = DirectFile(tmp_path / "x.bin", direct=True)
+    if not f.direct:
+        f.abort()
+        pytest.skip("this file system refuses O_DIRECT")
+    for c in chunks:
+        f.write(c)
+    f.close()
+    assert refused and not f.direct
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(chunks)
+
+
+def test_direct_io_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORATOOL_DIRECT_IO", "0")
+    f = DirectFile(tmp_path / "x.bin", direct=True)
+    f.write(b"abc")
+    f.close()
+    assert not f.direct and (tmp_path / "x.bin").read_bytes() == b"abc"
 
 
 # -- bad input ---------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from ..output import (
     patch_header_metadata,
 )
 from ..provenance import InputHasher, encode, make_record
-from ..runtime import BufferPool, prefetch, progress, resolve_device, upcast
+from ..runtime import BufferPool, compute_threads, prefetch, progress, resolve_device, upcast
 from .extract import CONV1D_MODEL_TYPES
 
 AdapterArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float] | Adapter
@@ -441,33 +441,70 @@ class _Stream:
 
     def write(self, root: Path, shards: list[tuple[str, list[TensorSpec]]], metadata: dict[str, str], show: bool,
               desc: str) -> None:  # fmt: skip
-        # Three stages on three threads: read and upcast (prefetch), add the terms (here), and
-        # round to the output dtype and write (BackgroundWriter).
+        # Three stages on three threads: read (prefetch), add the terms (here), and write
+        # (BackgroundWriter, which also rounds to the output dtype where that is left to it).
         writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None), pool=self.pool)
         keys = [s.name for _, specs in shards for s in specs]
-        try:
-            for key, w_in, w32 in progress(prefetch(map(self._read, keys)), total=len(keys), desc=desc, enabled=show):
-                target = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
-                w = w_in if w32 is None else self._add(key, w32)
-                if self.check is not None and self.reference is not None:
-                    w = w.to("cpu", target)
-                    self.check.add(w, _reference_tensor(self.reference, key), w_in)
-                writer.write(key, w, target, recycle=w is w32 and self.device.type == "cpu")
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+        threads = compute_threads() if self.device.type == "cpu" else contextlib.nullcontext()
+        with threads:
+            try:
+                for key, w_in, w32 in progress(prefetch(map(self._read, keys)), total=len(keys), desc=desc,
+                                               enabled=show):  # fmt: skip
+                    w, out_dtype, pooled = self._result(key, w_in, w32)
+                    writer.write(key, w, out_dtype, recycle=pooled)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+
+    def _result(self, key: str, w_in: torch.Tensor, w32: torch.Tensor | None) -> tuple[torch.Tensor, torch.dtype, bool]:
+        """The result for ``key`` (the input where nothing changes), the dtype to write it in, and
+        whether the tensor is the pool's (the writer hands it back once written)."""
+        out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
+        if w32 is None and self._blocked(key):
+            w, pooled = self._merge_blocked(key, w_in, out_dtype), True
+        elif w32 is None:
+            w, pooled = w_in, False
+        else:
+            w, pooled = self._add(key, w32, out_dtype), self.device.type == "cpu"
+        if self.check is not None and self.reference is not None:
+            w = w.to("cpu", out_dtype)
+            self.check.add(w, _reference_tensor(self.reference, key), w_in)
+        return w, out_dtype, pooled
+
+    def _blocked(self, key: str) -> bool:
+        """On CPU, plain LoRA terms on a matrix go through :func:`merge_rows`, a block of rows at a time."""
+        ts = self.terms.get(key)
+        return (
+            self.device.type == "cpu"
+            and ts is not None
+            and key not in self.bias_terms
+            and all(t.module.magnitude is None for t in ts)
+        )
 
     def _read(self, key: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         w = self.replace[key] if key in self.replace else self.ckpt.get(key)
         changes = key in self.terms or key in self.bias_terms
-        if not changes:
+        if not changes or self._blocked(key):
             return key, w, None
         if self.device.type == "cuda":
             return key, w, upcast(w, self.device, copy=True)
         return key, w, self.pool.take(w.shape, torch.float32, self.device).copy_(w)  # widened into a reused buffer
 
-    def _add(self, key: str, w32: torch.Tensor) -> torch.Tensor:
+    def _merge_blocked(self, key: str, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        out = self.pool.take(w.shape, out_dtype, self.device)
+        factors = [_row_factors(t) for t in self.terms[key]]
+        scratch = self.pool.take((max(BLOCK_ELEMENTS, w.shape[1]),), torch.float32, self.device)  # >= one row
+        try:
+            merge_rows(w, factors, out, scratch, key=key)
+        except BaseException:
+            self.pool.give(out)
+            raise
+        finally:
+            self.pool.give(scratch)
+        return out
+
+    def _add(self, key: str, w32: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """w32 (float32, a private copy) plus every term for ``key``; refuses a non-finite result."""
         if key in self.terms:
             _add_terms(w32, self.terms[key])
@@ -477,13 +514,57 @@ class _Stream:
         bias = self.bias_terms.get(key)
         if bias is not None and bias.module.bias is not None:
             w32.add_(bias.module.bias.to(w32.device, torch.float32), alpha=bias.factor)
-        if not is_finite(w32):
-            raise NonFiniteError(
-                "the merged weight holds NaN or Inf",
-                key=key,
-                fix="check the adapter's factors and the scale you gave (loratool validate ADAPTER)",
-            )
+        _require_finite(w32, out_dtype, key)
         return w32
+
+
+BLOCK_ELEMENTS = 1 << 20  # float32 scratch of 4 MiB: a block stays in cache through all its steps
+
+
+def _row_factors(t: _Term) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(left, right, factor) with delta = factor * left @ right in the stored weight's layout."""
+    a, b = t.module.lora_A.float(), t.module.lora_B.float()
+    if t.kind == "linear":
+        return b, a, t.factor  # (out, r) @ (r, in)
+    return a.T, b.T, t.factor  # Conv1D and embeddings store the transpose: (in, r) @ (r, out)
+
+
+def merge_rows(
+    w: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]],
+    out: torch.Tensor,
+    scratch: torch.Tensor,
+    *,
+    key: str,
+) -> None:
+    """out = round(w + sum factor * left @ right), a block of rows at a time, in float32.
+
+    Widening, the rank-r product, the finiteness check and the final rounding each stream the
+    whole weight through memory once when done tensor by tensor; on a block that fits in cache
+    they cost a fraction of that. ``scratch`` (float32, at least one row) bounds the block size.
+    """
+    rows, cols = w.shape
+    step = max(1, scratch.numel() // max(cols, 1))
+    assert scratch.numel() >= cols, "scratch must hold a row"
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = scratch[: (stop - start) * cols].view(stop - start, cols).copy_(w[start:stop])
+        for left, right, factor in factors:
+            block.addmm_(left[start:stop], right, alpha=factor)
+        _require_finite(block, out.dtype, key)
+        out[start:stop].copy_(block)
+
+
+def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str) -> None:
+    """Refuse NaN or Inf in a merged weight, and values that would round to Inf in float16."""
+    overflow = out_dtype == torch.float16 and w32.numel() and float(w32.abs().max()) > torch.finfo(out_dtype).max
+    if overflow or not is_finite(w32):
+        raise NonFiniteError(
+            "the merged weight does not fit float16" if overflow else "the merged weight holds NaN or Inf",
+            key=key,
+            fix="check the adapter's factors and the scale you gave (loratool validate ADAPTER)"
+            + (", or write another --dtype" if overflow else ""),
+        )
 
 
 def _dora_rescale(w: torch.Tensor, term: _Term) -> None:
