@@ -96,33 +96,53 @@ def randomized_svd(
 def factored_svd(
     Bs: list[torch.Tensor], As: list[torch.Tensor], k: int | None = None, *, dtype: torch.dtype = torch.float32
 ) -> TruncatedSVD:
-    """Exact truncated SVD of ``sum_i B_i @ A_i`` without forming the (out, in) matrix.
+    """Exact truncated SVD of ``sum_i B_i @ A_i`` without forming the (out, in) matrix."""
+    return FactoredSVD.of(Bs, As, dtype=dtype).truncate(k)
 
-    Stack the factors, B = [B_1 .. B_n] (out, R) and A = [A_1; ..; A_n] (R, in); with B = Qb Rb
-    and A^T = Qa Ra (Householder QR in ``dtype``), the sum is Qb (Rb Ra^T) Qa^T, so the SVD of
-    the small (R, R) core gives it. The core is formed and decomposed in float64, so the energy
-    shares (and the errors reported from them) do not cancel away; Qb and Qa are never formed,
-    only applied to the k kept singular vectors (``ormqr``).
+
+@dataclass
+class FactoredSVD:
+    """The spectrum of ``M = sum_i B_i @ A_i`` from its factors, and its singular vectors on demand.
+
+    Stack the factors, B = [B_1 .. B_n] (out, R) and A = [A_1; ..; A_n] (R, in). With Householder
+    QRs B = Qb Rb and A^T = Qa Ra (``geqrf``, in ``dtype``), M = Qb (Rb Ra^T) Qa^T, so the SVD of
+    the small core Rb Ra^T = Uc S Vc^T gives M's. The core is formed and decomposed in float64, so
+    the energy shares (and the errors reported from them) do not cancel away.
+
+    The vectors need neither Q: from core vc = s uc and core^T uc = s vc,
+    u = Qb uc = Qb Rb Ra^T vc / s = B (Ra^T vc) / s and v = A^T (Rb^T uc) / s,
+    one (out, R) @ (R, k) product each, only for the k vectors kept.
     """
-    b = torch.cat([x.to(dtype) for x in Bs], dim=1)  # (out, R)
-    a = torch.cat([x.to(b.device, dtype) for x in As], dim=0)  # (R, in)
-    hb, tau_b = torch.geqrf(b)  # b = Qb @ Rb, reflectors in hb
-    ha, tau_a = torch.geqrf(a.T.contiguous())  # a.T = Qa @ Ra
-    rb = hb[: min(b.shape)].triu().double()  # (R', R)
-    ra = ha[: min(a.shape)].triu().double()  # (R'', R)
-    core = rb @ ra.T  # (R', R) @ (R, R'') -> (R', R'')
-    uc, s, vch = torch.linalg.svd(core, full_matrices=False)
-    k = s.shape[0] if k is None else min(k, s.shape[0])
-    u = _apply_q(hb, tau_b, uc[:, :k].to(dtype))  # (out, k) = Qb @ [uc; 0]
-    v = _apply_q(ha, tau_a, vch[:k].T.to(dtype))  # (in, k) = Qa @ [vc; 0]
-    return TruncatedSVD(u, s[:k], v.T, float(core.square().sum()))  # S stays float64: exact energy shares
 
+    b: torch.Tensor  # (out, R), in dtype
+    a: torch.Tensor  # (R, in)
+    rb: torch.Tensor  # (R', R), float64
+    ra: torch.Tensor  # (R'', R)
+    uc: torch.Tensor  # (R', K), float64
+    S: torch.Tensor  # (K,), float64
+    vc: torch.Tensor  # (R'', K)
+    total_energy: float
 
-def _apply_q(h: torch.Tensor, tau: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
-    """Q @ [small; 0] for the Q whose Householder reflectors ``geqrf`` left in ``h``, ``tau``."""
-    padded = torch.zeros(h.shape[0], small.shape[1], dtype=small.dtype, device=small.device)
-    padded[: small.shape[0]] = small
-    return torch.ormqr(h, tau, padded)
+    @classmethod
+    def of(cls, Bs: list[torch.Tensor], As: list[torch.Tensor], *, dtype: torch.dtype = torch.float32) -> FactoredSVD:
+        b = torch.cat([x.to(dtype) for x in Bs], dim=1)  # (out, R)
+        a = torch.cat([x.to(b.device, dtype) for x in As], dim=0)  # (R, in)
+        rb = torch.geqrf(b)[0][: min(b.shape)].triu().double()  # b = Qb @ Rb; (R', R)
+        ra = torch.geqrf(a.T.contiguous())[0][: min(a.shape)].triu().double()  # a.T = Qa @ Ra; (R'', R)
+        core = rb @ ra.T  # (R', R) @ (R, R'') -> (R', R'')
+        uc, s, vch = torch.linalg.svd(core, full_matrices=False)
+        return cls(b, a, rb, ra, uc, s, vch.T, float(core.square().sum()))
+
+    def truncate(self, k: int | None = None) -> TruncatedSVD:
+        """U (out, k), S (k,), Vh (k, in) of the top k. Directions whose singular value is below
+        the working precision times the largest are zero in M as stored, and get zero vectors."""
+        k = self.S.shape[0] if k is None else min(k, self.S.shape[0])
+        s = self.S[:k]
+        floor = float(self.S[0]) * torch.finfo(self.b.dtype).eps if k else 0.0
+        inv = torch.where(s > floor, 1.0 / s, torch.zeros_like(s))  # (k,)
+        u = self.b @ ((self.ra.T @ self.vc[:, :k]) * inv).to(self.b.dtype)  # (out, R) @ (R, k)
+        vh = ((self.rb.T @ self.uc[:, :k]) * inv).T.to(self.a.dtype) @ self.a  # (k, R) @ (R, in)
+        return TruncatedSVD(u, s, vh, self.total_energy)  # S stays float64: exact energy shares
 
 
 def factored_sq_norm(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,17 @@ def test_resize_to_the_same_rank_is_lossless(tmp_path: Path, fixtures: Path) -> 
     for mod in expected:
         assert torch.allclose(got[mod], expected[mod], rtol=1e-5, atol=1e-7), mod
     assert max(r.relative_error for r in res.report) < 1e-6
+
+
+def test_svd_of_a_sum_that_cancels_is_zero_not_nan(tmp_path: Path, fixtures: Path) -> None:
+    """A - A: the core is zero up to float32 rounding of the QRs, and so is the result."""
+    adapter = fixtures / "llama-peft-adapter"
+    res = combine([(adapter, 1.0), (adapter, -1.0)], output=tmp_path / "z", method="svd", rank=4, show_progress=False)
+    source = dense(adapter)
+    for mod, delta in dense(tmp_path / "z").items():
+        assert torch.isfinite(delta).all(), mod
+        assert float(delta.abs().max()) <= 1e-6 * float(source[mod].abs().max()), mod
+    assert all(math.isfinite(r.relative_error) for r in res.report)
 
 
 def test_resize_by_energy(tmp_path: Path, fixtures: Path) -> None:

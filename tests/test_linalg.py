@@ -71,6 +71,19 @@ def test_factored_svd_equals_dense_svd(dtype: torch.dtype) -> None:
     assert residual_error(dense.clone(), b, a) == pytest.approx(relative_error(d, 6), rel=1e-4)
 
 
+def test_factored_svd_of_dependent_factors_is_exact_and_finite() -> None:
+    """Stacked factors with shared columns: the core is singular, the kept vectors stay finite."""
+    g = torch.Generator().manual_seed(4)
+    b, a = torch.randn(30, 3, generator=g), torch.randn(3, 20, generator=g)
+    Bs, As = [b, b, 2 * b[:, :1]], [a, -0.5 * a, a[:1]]  # rank 3 in 7 stacked columns
+    dense = sum(x @ y for x, y in zip(Bs, As))
+    f = factored_svd(Bs, As, 7)
+    assert torch.isfinite(f.U).all() and torch.isfinite(f.Vh).all()
+    bf, af = split_factors(f, 7)
+    assert torch.allclose(bf @ af, dense, rtol=1e-5, atol=1e-5)
+    assert float(f.S[3:].max()) < 1e-6 * float(f.S[0])
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     s=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=30),

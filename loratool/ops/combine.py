@@ -30,11 +30,11 @@ from ..card import check_base_model_id
 from ..checkpoint import open_checkpoint, torch_dtype
 from ..errors import LoraToolError, ShapeMismatchError, UnsupportedAdapterError
 from ..formats.kohya import resolve_paths
-from ..linalg import factored_sq_norm, factored_svd, rank_for_energy, relative_error, split_factors
+from ..linalg import FactoredSVD, factored_sq_norm, rank_for_energy, relative_error, split_factors
 from ..output import check_output
 from ..provenance import InputHasher, encode, make_record
 from ..report import ModuleReport, summarize
-from ..runtime import progress, resolve_device
+from ..runtime import map_on_cores, progress, resolve_device
 
 Method = Literal["cat", "svd", "linear"]
 SourceArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float]
@@ -176,9 +176,15 @@ def _run(
         if rank is not None
         else (max(m.rank for a, _, _ in loaded for m in a.modules.values()) if energy is None else None)
     )
-    for path in progress(paths, total=len(paths), desc=operation, enabled=show_progress):
+
+    def combine_one(path: str) -> tuple[LoraModule, ModuleReport]:
         terms = [(a.modules[path], w) for a, w, _ in loaded if path in a.modules]
-        module, report = _combine_module(path, terms, method, cap, energy, dev)
+        return _combine_module(path, terms, method, cap, energy, dev)
+
+    results = map_on_cores(combine_one, paths, enabled=dev.type == "cpu")
+    for path, (module, report) in zip(
+        paths, progress(results, total=len(paths), desc=operation, enabled=show_progress)
+    ):
         result.adapter.modules[path] = module
         result.report.append(report)
     for a, _, name in loaded:
@@ -257,10 +263,11 @@ def _combine_module(
         r = b.shape[1]
         report = ModuleReport(path, shape, r, 0.0, 1.0, first.kind)
     else:
-        svd = factored_svd(Bs, As)
-        k = min(cap or svd.S.shape[0], svd.S.shape[0])
-        r = k if energy is None else rank_for_energy(svd.S, svd.total_energy, energy, k)
+        spectrum = FactoredSVD.of(Bs, As)
+        k = min(cap or spectrum.S.shape[0], spectrum.S.shape[0])
+        r = k if energy is None else rank_for_energy(spectrum.S, spectrum.total_energy, energy, k)
         r = max(r, 1)
+        svd = spectrum.truncate(r)
         b, a = split_factors(svd, r)
         kept = svd.energy(r) / svd.total_energy if svd.total_energy > 0 else 1.0
         report = ModuleReport(path, shape, r, relative_error(svd, r), kept, first.kind)
