@@ -2,7 +2,7 @@
 plain copy of the same files (flushed to disk, as loratool's outputs are) in the same run, and
 against the read + write floor (the same bytes read, then written through loratool's writer).
 
-On the 2-core CI VM a plain copy swings between 2 and 8 s for 2 GiB: buffered writes fault in
+On the 2-core CI VM a plain copy swings between 2 and 9 s for 2 GiB: buffered writes fault in
 page-cache pages the host has reclaimed. loratool writes with O_DIRECT and does not pay that, so
 the copy is timed best of three, alternated with the merges, and the floor is shown beside it.
 

@@ -4,7 +4,8 @@
 
 Every figure is a ratio against a baseline run in the same invocation (these machines are noisy):
 extract (randomized and exact) vs the exact full-SVD approach, merge vs a plain copy, combine-svd vs
-the dense approach; peak private memory for each, and the read floor beside the figures.
+the dense approach; peak private memory for each, and the read floor beside the figures; and
+buffered vs O_DIRECT writes (write_paths), which explains the copy baseline's swings.
 ``--only`` re-runs some benches and keeps the other sections of the document as they were; each
 section says which command produced it, when, and on what machine.
 Needs about 10 GB of free disk in --workdir for the default 16-layer pair.
@@ -21,10 +22,11 @@ from pathlib import Path
 import bench_combine
 import bench_extract
 import bench_merge
+import write_paths
 from common import machine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-BENCHES = {"extract": bench_extract, "merge": bench_merge, "combine": bench_combine}
+BENCHES = {"extract": bench_extract, "merge": bench_merge, "combine": bench_combine, "write_paths": write_paths}
 INTRO = """# Benchmarks
 
 Written by `bench/run_all.py`; each section names the command that produced it.
@@ -33,6 +35,12 @@ Each ratio compares runs made in the same invocation, on inputs the script wrote
 before (so they may sit in the page cache). 'Peak private memory' is the largest RssAnon the
 process reached above its state after importing torch; memory-mapped checkpoint pages are page
 cache the kernel can drop, and are not counted.
+
+On the 2-core VM, writing a fresh file through the page cache costs far more kernel time than
+the copy itself whenever the host has reclaimed the guest's free memory, so a plain copy of the
+same files swings between about 2 and 9 s from run to run (the write_paths section measures it).
+loratool writes large files with O_DIRECT and does not pay that; the merge section shows the
+read + write floor through that same writer beside the copy.
 """
 
 
@@ -57,7 +65,10 @@ def main() -> None:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         layers = args.combine_layers if name == "combine" else args.layers
         rank = 64 if name == "combine" else 16
-        result = BENCHES[name].run(args.workdir, layers, rank, args.device)
+        if name == "write_paths":
+            result = write_paths.run(args.workdir)
+        else:
+            result = BENCHES[name].run(args.workdir, layers, rank, args.device)
         text = BENCHES[name].report(result)
         print(text, flush=True)
         kept[name] = (

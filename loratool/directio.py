@@ -2,9 +2,10 @@
 
 A buffered ``write`` copies every byte into freshly allocated page-cache pages. For a checkpoint
 that is written once and not read back, that copy is pure cost, and on virtual machines whose
-free memory the host reclaims it dominates: 2 GiB took 8 s of kernel time on the 2-core CI
-machine, against 1.5 s of wall time (and 0.1 s of CPU) with ``O_DIRECT``, where the disk reads
-straight from our buffer (``bench/bench_merge.py`` shows the effect on a whole merge).
+free memory the host reclaims it dominates: ``bench/write_paths.py`` measured 7 to 9 s of kernel
+time for 2 GiB on the 2-core CI machine, against under 2 s of wall time and 0.2 s of kernel time
+with ``O_DIRECT``, where the disk reads straight from our buffer (``bench/bench_merge.py`` shows
+the effect on a whole merge).
 
 ``O_DIRECT`` wants the buffer address, the file offset and the length aligned to the device's
 block size, so :class:`DirectFile` stages data in a page-aligned buffer, writes it in full
@@ -23,6 +24,7 @@ from pathlib import Path
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 STAGING_BYTES = 16 * 1024 * 1024
 DIRECT_MIN_BYTES = 64 * 1024 * 1024  # below this, the page cache costs little and is simpler
+_REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}  # what file systems say to O_DIRECT
 
 
 def direct_io_enabled() -> bool:
@@ -46,7 +48,7 @@ class DirectFile:
                 self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
                 self._direct = True
             except OSError as e:
-                if e.errno != errno.EINVAL:
+                if e.errno not in _REFUSED:
                     raise
         if not self._direct:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -79,7 +81,7 @@ class DirectFile:
             try:
                 _write_all(self._fd, stage[:length])
             except OSError as e:
-                if e.errno != errno.EINVAL:
+                if e.errno not in _REFUSED:
                     raise
                 self._fall_back()  # the file system took the open but refuses direct writes
                 _write_all(self._fd, stage[:length])

@@ -153,7 +153,7 @@ def test_direct_file_falls_back_when_writes_are_refused(tmp_path: Path, monkeypa
     real_write, refused = directio.os.write, []
 
     def write(fd: int, data) -> int:
-        if os.get_blocking(fd) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(len(data))
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
