@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import load_model, logits, peft_adapter, tiny_model
+from safetensors.torch import load_file
 
 from loratool.adapter import load_adapter
 from loratool.linalg import lora_delta
@@ -91,6 +92,22 @@ def test_svd_reaches_the_optimal_error(tmp_path: Path, sources, rank: int) -> No
         assert r.rank == min(rank, int(torch.linalg.matrix_rank(target.float())))  # never above the mix's rank
         assert actual == pytest.approx(best, rel=1e-5, abs=1e-6), r.module
         assert r.relative_error == pytest.approx(best, rel=1e-5, abs=1e-6), r.module
+
+
+def test_svd_does_not_depend_on_the_core_count(tmp_path: Path, sources, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modules are decomposed one per core, each call single-threaded: the same bytes on any machine."""
+    from loratool import runtime
+
+    _, paths = sources
+    outputs = []
+    for cores in (1, 3):
+        monkeypatch.setattr(runtime, "available_cores", lambda cores=cores: cores)
+        out = tmp_path / f"svd-{cores}"
+        combine(list(zip(paths, WEIGHTS)), output=out, method="svd", rank=3, show_progress=False)
+        outputs.append(load_file(str(out / "adapter_model.safetensors")))
+    assert outputs[0].keys() == outputs[1].keys()
+    for k in outputs[0]:
+        assert torch.equal(outputs[0][k], outputs[1][k]), k
 
 
 def test_svd_matches_peft_add_weighted_adapter(tmp_path: Path) -> None:
