@@ -166,3 +166,20 @@ def test_extract_card_carries_the_report(ours: Path, tmp_path: Path, cli) -> Non
         str(tmp_path),
     )
     assert r.exit_code == 1 and "is not a Hub repo id" in r.stderr
+
+
+def test_input_hasher_hashes_files_side_by_side(tmp_path: Path, monkeypatch) -> None:
+    """Several hashing threads (as on a many-core machine) give each file its own sha256, in order."""
+    import hashlib
+
+    from loratool import provenance
+
+    monkeypatch.setattr(provenance, "available_cores", lambda: 8)
+    files = []
+    for i, size in enumerate([0, 1, 5000, 1 << 20, 3]):
+        f = tmp_path / f"f{i}.bin"
+        f.write_bytes(bytes((i * 7 + j) % 256 for j in range(size)))
+        files.append(f)
+    got = provenance.InputHasher(files).result()
+    assert [r["sha256"] for r in got] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert [r["size"] for r in got] == [f.stat().st_size for f in files]
