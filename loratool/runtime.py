@@ -105,7 +105,8 @@ def compute_threads(reserved: int = 1) -> contextlib.AbstractContextManager[int]
     Streaming operations hash, read and write on background threads while the main thread
     computes. Left at every core, torch's OpenMP workers spin between the many short kernels of a
     blocked loop and take the cores those threads need: on 2 cores, a profile of merge found a
-    quarter of its CPU time in OpenMP's spin-wait. An explicit lower thread count (``OMP_NUM_THREADS``, ``torch.set_num_threads``) is kept.
+    quarter of its CPU time in OpenMP's spin-wait. An explicit lower thread count
+    (``OMP_NUM_THREADS``, ``torch.set_num_threads``) is kept.
     """
     import torch
 
