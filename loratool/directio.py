@@ -40,7 +40,6 @@ class DirectFile:
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
         self.path = path
-        self.size = 0  # bytes accepted by write()
         self._fd = -1
         self._direct = False
         if direct and direct_io_enabled():
@@ -62,7 +61,6 @@ class DirectFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        self.size += len(view)
         if self._stage is None:
             _write_all(self._fd, view)
             return

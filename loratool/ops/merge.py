@@ -473,14 +473,10 @@ class _Stream:
         return w, out_dtype, pooled
 
     def _blocked(self, key: str) -> bool:
-        """On CPU, plain LoRA terms on a matrix go through :func:`merge_rows`, a block of rows at a time."""
+        """On CPU, plain LoRA terms on a matrix go through :func:`merge_rows`, a block of rows at a time
+        (DoRA rescales whole rows of the result, and a ``lora_bias`` adds to a separate 1-D tensor)."""
         ts = self.terms.get(key)
-        return (
-            self.device.type == "cpu"
-            and ts is not None
-            and key not in self.bias_terms
-            and all(t.module.magnitude is None for t in ts)
-        )
+        return self.device.type == "cpu" and ts is not None and all(t.module.magnitude is None for t in ts)
 
     def _read(self, key: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         w = self.replace[key] if key in self.replace else self.ckpt.get(key)
