@@ -19,7 +19,7 @@ from bench_extract import ensure_pair
 from common import bench_main, copy_tree, direct_copy_tree, fresh, machine, measure, read_floor
 
 from loratool.adapter import Adapter, LoraModule, save_adapter
-from loratool.checkpoint import open_checkpoint
+from loratool.io.checkpoint import open_checkpoint
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -61,7 +61,7 @@ def copy_tree(src: Path, dst: Path, *, fsync: bool = True) -> float:
 def direct_copy_tree(src: Path, dst: Path) -> float:
     """Seconds to read every file under ``src`` and write it through loratool's own writer
     (``O_DIRECT`` where the file system has it): the read + write floor of a streaming job."""
-    from loratool.directio import DirectFile
+    from loratool.io.directio import DirectFile
 
     if dst.exists():
         shutil.rmtree(dst)

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from shards import parse_size, write_checkpoint
 
-from loratool.checkpoint import dtype_name
-from loratool.output import TensorSpec, parse_size, write_checkpoint
+from loratool.io.checkpoint import dtype_name
+from loratool.io.writer import TensorSpec
 
 SHAPES_1B = dict(hidden=2048, intermediate=8192, layers=16, kv_dim=512, vocab=32000)
 SHAPES_7B = dict(hidden=4096, intermediate=11008, layers=32, kv_dim=4096, vocab=32000)

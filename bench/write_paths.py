@@ -2,7 +2,7 @@
 
     python bench/write_paths.py --workdir /tmp/loratool-bench [--gib 2] [--repeats 3] [--pause 3]
 
-Why loratool writes large outputs with O_DIRECT (``loratool/directio.py``): on VMs whose host
+Why loratool writes large outputs with O_DIRECT (``loratool/io/directio.py``): on VMs whose host
 reclaims the guest's free memory, every fresh page-cache page costs a fault to the host, and the
 kernel time of a buffered write dwarfs the copy. The pause lets freed memory go back to the host,
 as it does between two real runs. Prints wall and kernel (system) seconds of each run.
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loratool.directio import DirectFile
+from loratool.io.directio import DirectFile
 
 
 def write_file(path: Path, gib: float, direct: bool, chunk: bytes) -> tuple[float, float]:

@@ -18,8 +18,9 @@ from ._version import __version__
 from .errors import LoraToolError
 
 if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
-    from .adapter import Adapter, LoraModule, load_adapter, save_adapter  # noqa: F401
-    from .checkpoint import open_checkpoint  # noqa: F401
+    from .adapter import Adapter, LoraModule  # noqa: F401
+    from .formats import load_adapter, save_adapter  # noqa: F401
+    from .io.checkpoint import open_checkpoint  # noqa: F401
     from .ops.combine import combine, resize  # noqa: F401
     from .ops.extract import extract  # noqa: F401
     from .ops.hub import pull, push  # noqa: F401
@@ -31,8 +32,8 @@ _EXPORTS = {
     "extract": "ops.extract", "merge": "ops.merge", "unmerge": "ops.merge", "combine": "ops.combine",
     "resize": "ops.combine", "inspect": "ops.inspect", "validate": "ops.validate", "push": "ops.hub",
     "pull": "ops.hub",
-    "load_adapter": "adapter", "save_adapter": "adapter", "Adapter": "adapter", "LoraModule": "adapter",
-    "open_checkpoint": "checkpoint",
+    "load_adapter": "formats", "save_adapter": "formats", "Adapter": "adapter", "LoraModule": "adapter",
+    "open_checkpoint": "io.checkpoint",
 }  # fmt: skip
 
 __all__ = ["LoraToolError", "__version__", *_EXPORTS]

@@ -12,19 +12,25 @@ weight depends on the layer kind:
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-
-from .errors import InputFileError, MissingInputError
 
 if TYPE_CHECKING:
     import torch
 
 Kind = Literal["linear", "conv1d", "embedding"]
+
+
+def stored_transposed(kind: Kind) -> bool:
+    """The orientation rule, owned here: does ``kind``'s base weight store the transpose of B @ A?
+
+    Linear weights are (out, in), like B @ A. GPT-2 ``Conv1D`` stores (in, out), and an embedding
+    (num, dim) with A (r, num) and B (dim, r): both hold (B @ A).T.
+    """
+    return kind != "linear"
+
 
 # init_lora_weights values whose adapters were trained against a rewritten base weight.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -61,9 +67,8 @@ class LoraModule:
     @property
     def weight_shape(self) -> tuple[int, int]:
         """Shape of the base weight this module adapts."""
-        if self.kind == "linear":
-            return (self.out_features, self.in_features)
-        return (self.in_features, self.out_features)
+        out_in = (self.out_features, self.in_features)
+        return out_in[::-1] if stored_transposed(self.kind) else out_in
 
     @property
     def num_params(self) -> int:
@@ -129,52 +134,3 @@ def pattern_lookup(patterns: Mapping[str, Any], module_path: str) -> Any | None:
 def module_alpha(config: Mapping[str, Any], module_path: str) -> float:
     found = pattern_lookup(config.get("alpha_pattern") or {}, module_path)
     return float(found if found is not None else config.get("lora_alpha", 8))
-
-
-def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, lazy: bool = False) -> Adapter:
-    """Read a PEFT adapter directory or a kohya ``.safetensors`` file.
-
-    Args:
-        path: a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``, or a
-            single kohya-format ``.safetensors`` file.
-        allow_pickle: accept ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
-        lazy: read headers only; factors are ``meta`` tensors with the stored shapes and dtypes.
-
-    Raises:
-        InputFileError: not an adapter, corrupt file, unsupported PEFT type.
-    """
-    from .formats import kohya, peft
-
-    p = Path(path)
-    if not p.exists():
-        raise MissingInputError("no such adapter", path=str(p))
-    if p.is_dir():
-        return peft.read_peft(p, allow_pickle=allow_pickle, lazy=lazy)
-    if p.name == "adapter_config.json":
-        return peft.read_peft(p.parent, allow_pickle=allow_pickle, lazy=lazy)
-    if p.suffix == ".safetensors":
-        return kohya.read_kohya(p, lazy=lazy)
-    raise InputFileError(
-        "not an adapter",
-        path=str(p),
-        fix="give a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "
-        "or a kohya .safetensors file",
-    )
-
-
-def save_adapter(
-    adapter: Adapter,
-    out: str | os.PathLike[str],
-    *,
-    format: Literal["peft", "kohya"] = "peft",
-    force: bool = False,
-    dtype: torch.dtype | None = None,
-    card: bool = True,
-) -> Path:
-    """Write an adapter atomically: a PEFT directory (with a README.md model card unless
-    ``card=False``), or a kohya ``.safetensors`` file."""
-    from .formats import kohya, peft
-
-    if format == "kohya":
-        return kohya.write_kohya(adapter, Path(out), force=force, dtype=dtype)
-    return peft.write_peft(adapter, Path(out), force=force, dtype=dtype, card=card)

@@ -8,7 +8,7 @@ the (small) results, and every operation stays a plain function that also runs i
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -67,6 +67,26 @@ class Dist:
         if failed:
             rank, message = failed[0]
             raise LoraToolError(f"rank {rank} failed: {message}")
+
+    def share(self, sizes: Iterable[tuple[str, int]]) -> list[str]:
+        """The names this rank owns under a size-balanced split (:func:`balanced_share`), in the given order."""
+        items = list(sizes)
+        owner = balanced_share(items, self.world)
+        return [name for name, _ in items if owner[name] == self.rank]
+
+    def gather(self, work: Callable[[], T]) -> list[T]:
+        """Run this rank's ``work``, then every rank's result, in rank order, on every rank.
+
+        If any rank fails, every rank raises (so none waits forever at the next collective call).
+        """
+        error: BaseException | None = None
+        result: T | None = None
+        try:
+            result = work()
+        except BaseException as e:  # every rank must hear of it before anyone waits on the others
+            error = e
+        self.agree(error)
+        return self.all_gather(result)  # type: ignore[arg-type]  # no rank failed: each has its result
 
 
 def current() -> Dist:

@@ -6,28 +6,99 @@ Float32 (or float64 where noted) inside; the device is the input's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .adapter import Kind
+from .adapter import Kind, stored_transposed
+
+# (left, right, factor): a term ``factor * left @ right`` already in the stored weight's layout
+RowFactors = tuple[torch.Tensor, torch.Tensor, float]
+
+
+# -- orientation and the delta --------------------------------------------------------------------
+def out_in(w: torch.Tensor, kind: Kind) -> torch.Tensor:
+    """The (out, in) view of a tensor in ``kind``'s stored layout, and back (a view: writes go through).
+
+    The rule itself is :func:`loratool.adapter.stored_transposed`.
+    """
+    return w.T if stored_transposed(kind) else w
 
 
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, kind: Kind) -> torch.Tensor:
     """The float32 delta a LoRA module adds to its base weight, in that weight's layout."""
     a = lora_A.to(torch.float32)
     b = lora_B.to(lora_A.device, torch.float32)
-    delta = b @ a  # (out, r) @ (r, in) -> (out, in)
-    if kind != "linear":
-        delta = delta.T  # Conv1D stores (in, out); embeddings (num, dim) with A (r, num), B (dim, r)
+    delta = out_in(b @ a, kind)  # (out, r) @ (r, in) -> (out, in), then the stored layout
     return delta.mul_(scaling) if scaling != 1.0 else delta
 
 
-def delta_as_out_in(delta: torch.Tensor, kind: Kind) -> torch.Tensor:
-    """A base-layout delta turned into the (out, in) orientation the factors use."""
-    return delta if kind == "linear" else delta.T
+# -- merge kernels --------------------------------------------------------------------------------
+def add_lora(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, factor: float, kind: Kind) -> torch.Tensor:
+    """``w`` (float32, stored layout) += factor * B @ A, in place; returns ``w``."""
+    a = lora_A.to(w.device, torch.float32)
+    b = lora_B.to(w.device, torch.float32)
+    out_in(w, kind).addmm_(b, a, alpha=factor)  # (out, r) @ (r, in) -> (out, in), written through the view
+    return w
+
+
+def row_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, factor: float, kind: Kind) -> RowFactors:
+    """(left, right, factor) with delta = factor * left @ right in the stored weight's layout, so a
+    block of the weight's rows needs only the matching rows of ``left``."""
+    a, b = lora_A.float(), lora_B.float()
+    if stored_transposed(kind):
+        return a.T, b.T, factor  # (in, r) @ (r, out): the transpose of B @ A
+    return b, a, factor  # (out, r) @ (r, in)
+
+
+def merge_rows(
+    w: torch.Tensor,
+    factors: list[RowFactors],
+    out: torch.Tensor,
+    scratch: torch.Tensor,
+    check: Callable[[torch.Tensor], None] | None = None,
+) -> None:
+    """out = round(w + sum factor * left @ right), a block of rows at a time, in float32.
+
+    Widening, the rank-r product, a ``check`` of the float32 block and the final rounding each
+    stream the whole weight through memory once when done tensor by tensor; on a block that fits
+    in cache they cost a fraction of that. ``scratch`` (float32, at least one row) bounds the
+    block size; ``out`` has ``w``'s shape and the output dtype.
+    """
+    rows, cols = w.shape
+    if scratch.numel() < cols:
+        raise ValueError(f"scratch of {scratch.numel()} elements cannot hold a row of {cols}")
+    step = max(1, scratch.numel() // max(cols, 1))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = scratch[: (stop - start) * cols].view(stop - start, cols).copy_(w[start:stop])  # (rows', cols)
+        for left, right, factor in factors:
+            block.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
+        if check is not None:
+            check(block)
+        out[start:stop].copy_(block)
+
+
+def dora_rescale(w: torch.Tensor, magnitude: torch.Tensor, kind: Kind) -> torch.Tensor:
+    """DoRA: each output row of ``w`` (= W + delta, float32) is rescaled to its learned magnitude, in place.
+
+    W' = m / ||W + delta||_row * (W + delta), rows in the (out, in) orientation as PEFT computes them.
+    """
+    m = magnitude.to(w.device, torch.float32)  # (out,)
+    rows = out_in(w, kind)  # (out, in) view
+    rows.mul_((m / torch.linalg.vector_norm(rows, dim=1))[:, None])  # (out, in) * (out, 1)
+    return w
+
+
+_MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}
+
+
+def unit_of_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s values at magnitude ``x`` (float64): 2^(exponent - mantissa bits)."""
+    info = torch.finfo(dtype)
+    _, exp = torch.frexp(x.clamp_min(info.tiny))  # x = m * 2^exp, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(x), exp - 1 - _MANTISSA_BITS[dtype])
 
 
 # -- truncated SVD --------------------------------------------------------------------------------

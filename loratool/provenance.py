@@ -46,7 +46,7 @@ def tensors_sha256(names: Iterable[str], get: Callable[[str], Any]) -> str:
 
     ``get`` reads one tensor, so a large file is hashed one tensor at a time.
     """
-    from .output import tensor_bytes
+    from .io.writer import tensor_bytes
 
     h = hashlib.sha256()
     for name in sorted(names):

@@ -1,15 +1,13 @@
-"""What every operation needs from its surroundings: a device, progress bars, regexes, prefetching."""
+"""What every operation needs from its surroundings: a device, CPU threads, progress bars, regexes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from queue import Queue
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import LoraToolError
 
@@ -40,46 +38,6 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
                 fix="pick an index below the device count",
             )
     return device
-
-
-def upcast(t: torch.Tensor, device: torch.device, *, copy: bool = False) -> torch.Tensor:
-    """``t`` as float32 on ``device``. To CUDA the stored dtype travels (half the bytes of float32)
-    from page-locked memory, asynchronously, and is widened on the GPU."""
-    import torch
-
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True).to(torch.float32)
-    return t.to(device, torch.float32, copy=copy)
-
-
-class BufferPool:
-    """Reusable tensors by element count and dtype.
-
-    A fresh 64 MB tensor costs the kernel 16,000 page faults and zeroing every time; streaming a
-    model allocates one per weight, so without reuse that system time rivals the arithmetic.
-    Buffers come back with :meth:`give`; the pool holds at most what was in flight at once.
-    """
-
-    def __init__(self) -> None:
-        self._free: dict[tuple[int, torch.dtype, str], list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        import torch
-
-        n = 1
-        for d in shape:
-            n *= d
-        with self._lock:
-            free = self._free.get((n, dtype, str(device)))
-            flat = free.pop() if free else None
-        if flat is None:
-            flat = torch.empty(n, dtype=dtype, device=device)
-        return flat.view(tuple(shape))
-
-    def give(self, t: torch.Tensor) -> None:
-        with self._lock:
-            self._free.setdefault((t.numel(), t.dtype, str(t.device)), []).append(t.reshape(-1))
 
 
 def available_cores() -> int:
@@ -152,43 +110,3 @@ def compile_regex(pattern: str | None, option: str) -> re.Pattern[str] | None:
         return re.compile(pattern)
     except re.error as e:
         raise LoraToolError(f"{option} {pattern!r} is not a valid regular expression ({e})") from None
-
-
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Iterate ``items`` on a background thread, up to ``depth`` ahead of the consumer.
-
-    Reading (memory-mapped page faults, dtype conversion) then overlaps computing on the previous
-    item. Exceptions from the producer surface in the consumer, in order.
-    """
-    if depth <= 0:
-        yield from items
-        return
-    queue: Queue[tuple[str, Any]] = Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                queue.put(("item", item))
-            queue.put(("end", None))
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            queue.put(("error", e))
-
-    thread = threading.Thread(target=produce, name="loratool-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            while not queue.empty():
-                queue.get_nowait()
-            thread.join(timeout=0.05)

@@ -14,17 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loratool import directio, output
-from loratool.checkpoint import dtype_name, open_checkpoint
-from loratool.directio import ALIGN, DirectFile
 from loratool.errors import InputFileError, MissingInputError, OutputExistsError
-from loratool.output import (
-    SafetensorsStreamWriter,
-    TensorSpec,
-    atomic_output,
-    patch_header_metadata,
-    write_checkpoint,
-)
+from loratool.io import directio, writer
+from loratool.io.atomic import atomic_output
+from loratool.io.checkpoint import dtype_name, open_checkpoint
+from loratool.io.directio import ALIGN, DirectFile
+from loratool.io.header import patch_metadata
+from loratool.io.writer import SafetensorsStreamWriter, TensorSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from shards import write_checkpoint  # noqa: E402  (bench/ makes the synthetic checkpoints)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -48,7 +47,7 @@ def specs(ts: dict[str, torch.Tensor]) -> list[TensorSpec]:
 def test_write_then_read_is_bit_exact(
     tmp_path: Path, dtype: torch.dtype, max_shard: int, direct: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(output, "DIRECT_MIN_BYTES", 0 if direct else 2**62)
+    monkeypatch.setattr(writer, "DIRECT_MIN_BYTES", 0 if direct else 2**62)
     ts = tensors(dtype)
     with atomic_output(tmp_path / "ckpt", force=False, directory=True) as tmp:
         names = write_checkpoint(tmp, iter(ts.items()), specs(ts), max_shard_bytes=max_shard, metadata={"a": "b"})
@@ -78,7 +77,7 @@ def test_patched_header_keeps_file_valid(tmp_path: Path) -> None:
     for k, v in ts.items():
         w.write(k, v)
     w.close()
-    patch_header_metadata(f, {"loratool": "f" * 64})
+    patch_metadata(f, {"loratool": "f" * 64})
     with open_checkpoint(f) as ck:
         assert ck.header_metadata == {"loratool": "f" * 64}
         assert torch.equal(ck.get("layers.1.w"), ts["layers.1.w"])
@@ -238,7 +237,7 @@ def test_missing_path(cli, tmp_path: Path) -> None:
 
 # -- listing reads headers only ------------------------------------------------------------------------
 def test_listing_reads_no_tensor(fixtures: Path, monkeypatch) -> None:
-    from loratool.checkpoint import Checkpoint
+    from loratool.io.checkpoint import Checkpoint
     from loratool.ops.inspect import inspect
 
     calls = []
@@ -264,7 +263,7 @@ def test_inspect_of_a_large_checkpoint_does_not_load_it(tmp_path: Path) -> None:
 
 
 def test_inspecting_an_adapter_reads_headers_only(fixtures: Path, monkeypatch) -> None:
-    from loratool.checkpoint import Checkpoint
+    from loratool.io.checkpoint import Checkpoint
     from loratool.ops.inspect import inspect
 
     monkeypatch.setattr(Checkpoint, "get", lambda self, key: pytest.fail(f"read {key}"))

@@ -10,7 +10,7 @@ import torch
 from helpers import load_model, logits, peft_adapter, tiny_model
 from safetensors.torch import load_file
 
-from loratool.adapter import load_adapter
+from loratool.formats import load_adapter
 from loratool.linalg import lora_delta
 from loratool.ops.combine import combine, resize
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loratool.adapter import load_adapter
-from loratool.checkpoint import open_checkpoint
+from loratool.formats import load_adapter
+from loratool.io.checkpoint import open_checkpoint
 from loratool.linalg import lora_delta
 from loratool.ops.combine import combine
 from loratool.ops.extract import extract

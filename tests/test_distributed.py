@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loratool.checkpoint import open_checkpoint
 from loratool.distributed import balanced_share
+from loratool.io.checkpoint import open_checkpoint
 
 
 def loratool(*args: object, ranks: int) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import torch
 from helpers import file_digest, load_model, logits, tiny_model
 from safetensors.torch import save_file
 
-from loratool.adapter import load_adapter
+from loratool.formats import load_adapter
 from loratool.linalg import lora_delta
 from loratool.ops.extract import extract
 from loratool.provenance import decode

@@ -11,11 +11,11 @@ import torch
 from helpers import edit_tensors, file_digest, load_model, peft_adapter, tiny_model
 from safetensors.torch import load_file
 
-from loratool.adapter import load_adapter
-from loratool.checkpoint import open_checkpoint
-from loratool.linalg import lora_delta
+from loratool.formats import load_adapter
+from loratool.io.checkpoint import open_checkpoint
+from loratool.linalg import lora_delta, unit_of_rounding
 from loratool.ops import merge as merge_ops
-from loratool.ops.merge import merge, unit_of_rounding, unmerge
+from loratool.ops.merge import merge, unmerge
 
 WEIGHTS = "adapter_model.safetensors"
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"], "gpt2": ["c_attn", "c_fc", "c_proj"]}
@@ -221,7 +221,7 @@ def test_refuses_float16_overflow(tmp_path: Path, cli) -> None:
 
 
 def test_failure_midway_leaves_no_output_and_inputs_intact(tmp_path: Path, fixtures: Path, monkeypatch) -> None:
-    from loratool import output
+    from loratool.io import writer as output
 
     written = []
     real = output.SafetensorsStreamWriter.write

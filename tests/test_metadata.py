@@ -12,6 +12,7 @@ from helpers import edit_tensors
 
 from loratool.card import is_hub_id, render_card
 from loratool.ops.extract import extract
+from loratool.io.checkpoint import open_checkpoint
 from loratool.ops.validate import validate
 from loratool.provenance import decode
 from loratool.schema import check, check_schemas
@@ -124,11 +125,30 @@ def test_validate_missing_adapter(cli, tmp_path: Path) -> None:
     assert r.exit_code == 1 and "no such file" in r.stderr
 
 
-def test_validate_streams_and_does_not_use_load_adapter(ours: Path, monkeypatch) -> None:
-    import loratool.adapter
+def test_validate_streams_one_tensor_at_a_time(ours: Path, monkeypatch) -> None:
+    """validate reads every tensor (finite values, digest) but never holds more than one or two."""
+    import weakref
 
-    monkeypatch.setattr(loratool.adapter, "load_adapter", lambda *a, **k: pytest.fail("loaded whole"))
-    assert validate(ours).valid
+    from loratool.formats import kohya, peft
+    from loratool.io.checkpoint import Checkpoint
+
+    for module, name in ((peft, "read_peft"), (kohya, "read_kohya")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("loaded the adapter whole"))
+    real_get, alive, peak, reads = Checkpoint.get, [], [0], []
+
+    def get(self, key):
+        t = real_get(self, key)
+        alive[:] = [r for r in alive if r() is not None] + [weakref.ref(t)]
+        peak[0] = max(peak[0], len(alive))
+        reads.append(key)
+        return t
+
+    monkeypatch.setattr(Checkpoint, "get", get)
+    report = validate(ours)
+    assert report.valid and report.sha256_checked
+    with open_checkpoint(ours / "adapter_model.safetensors") as ck:
+        assert set(reads) == set(ck.keys())  # every value was looked at...
+    assert peak[0] <= 2  # ...one at a time
 
 
 # -- provenance and cards --------------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""Adapter file formats: reading and writing, dispatched by path (PEFT directory or kohya file).
+
+Each format module exposes one public key parser (``parse_key``) used by its reader and by
+``validate``, a reader and a writer. :mod:`loratool.adapter` holds the in-memory model only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from ..adapter import Adapter
+from ..errors import InputFileError, MissingInputError
+
+if TYPE_CHECKING:
+    import torch
+
+Format = Literal["peft", "kohya"]
+
+
+def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, lazy: bool = False) -> Adapter:
+    """Read a PEFT adapter directory or a kohya ``.safetensors`` file.
+
+    Args:
+        path: a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``, or a
+            single kohya-format ``.safetensors`` file.
+        allow_pickle: accept ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
+        lazy: read headers only; factors are ``meta`` tensors with the stored shapes and dtypes.
+
+    Raises:
+        InputFileError: not an adapter, corrupt file, unsupported PEFT type.
+
+    Example:
+        >>> adapter = loratool.load_adapter("adapter/")
+        >>> {path: m.rank for path, m in adapter.modules.items()}
+    """
+    from . import kohya, peft
+
+    p = Path(path)
+    if not p.exists():
+        raise MissingInputError("no such adapter", path=str(p))
+    if p.is_dir():
+        return peft.read_peft(p, allow_pickle=allow_pickle, lazy=lazy)
+    if p.name == peft.CONFIG_NAME:
+        return peft.read_peft(p.parent, allow_pickle=allow_pickle, lazy=lazy)
+    if p.suffix == ".safetensors":
+        return kohya.read_kohya(p, lazy=lazy)
+    raise InputFileError(
+        "not an adapter",
+        path=str(p),
+        fix="give a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "
+        "or a kohya .safetensors file",
+    )
+
+
+def save_adapter(
+    adapter: Adapter,
+    out: str | os.PathLike[str],
+    *,
+    format: Format = "peft",
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    card: bool = True,
+) -> Path:
+    """Write an adapter atomically: a PEFT directory (with a README.md model card unless
+    ``card=False``), or a kohya ``.safetensors`` file.
+
+    Example:
+        >>> loratool.save_adapter(adapter, "copy/", dtype=torch.bfloat16)
+    """
+    from . import kohya, peft
+
+    if format == "kohya":
+        return kohya.write_kohya(adapter, Path(out), force=force, dtype=dtype)
+    return peft.write_peft(adapter, Path(out), force=force, dtype=dtype, card=card)

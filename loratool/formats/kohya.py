@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..adapter import Adapter, LoraModule
-from ..checkpoint import open_checkpoint
 from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
-from ..output import atomic_output, save_tensors
+from ..io.atomic import atomic_output
+from ..io.checkpoint import open_checkpoint
+from ..io.writer import save_tensors
 from ..provenance import with_tensors_digest
 
 if TYPE_CHECKING:
@@ -25,6 +26,17 @@ if TYPE_CHECKING:
 
 _KEY = re.compile(r"^(?P<prefix>.+)\.(?P<slot>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
 MODULES_KEY = "loratool_modules"
+
+
+class KohyaKey(NamedTuple):
+    prefix: str  # lora_<module path with dots as underscores>
+    slot: str  # lora_down.weight, lora_up.weight, alpha or dora_scale
+
+
+def parse_key(key: str) -> KohyaKey | None:
+    """Parse a key of a kohya file; None when it is not one."""
+    m = _KEY.match(key)
+    return KohyaKey(m["prefix"], m["slot"]) if m else None
 
 
 def kohya_prefix(module_path: str) -> str:
@@ -38,8 +50,8 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
     with open_checkpoint(file) as ckpt:
         metadata = ckpt.header_metadata
         for key in ckpt.keys():
-            m = _KEY.match(key)
-            if m is None:
+            parsed = parse_key(key)
+            if parsed is None:
                 if key.endswith(("lora_A.weight", "lora_B.weight", "lora_embedding_A")):
                     raise InputFileError(
                         "this is a PEFT adapter's weights file, not a kohya file",
@@ -51,8 +63,8 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
                     path=str(file),
                     fix="kohya files hold <prefix>.lora_down.weight, .lora_up.weight and .alpha",
                 )
-            read = ckpt.get_meta if lazy and m["slot"] != "alpha" else ckpt.get  # alphas are scalars: read them
-            groups.setdefault(m["prefix"], {})[m["slot"]] = read(key)
+            read = ckpt.get_meta if lazy and parsed.slot != "alpha" else ckpt.get  # alphas are scalars: read them
+            groups.setdefault(parsed.prefix, {})[parsed.slot] = read(key)
     known = json.loads(metadata.get(MODULES_KEY, "{}"))
     modules = {}
     for prefix, slots in groups.items():

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule, module_alpha
-from ..checkpoint import open_checkpoint
 from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError
-from ..output import atomic_output, save_tensors
+from ..io.atomic import atomic_output
+from ..io.checkpoint import open_checkpoint
+from ..io.writer import save_tensors
 from ..provenance import with_tensors_digest
 
 if TYPE_CHECKING:
@@ -30,6 +32,37 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 _FACTOR = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")
 _EMBED = re.compile(r"^(?P<path>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?$")
 _MAGNITUDE = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector(?:\.(?P<name>[^.]+))?(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class PeftKey:
+    """What a PEFT adapter key names: a LoRA factor, bias or DoRA magnitude of one module."""
+
+    module: str  # the module path in the base model, without ``base_model.model.``
+    slot: str  # lora_A, lora_B, lora_B.bias, lora_embedding_A, lora_embedding_B or magnitude
+    adapter_name: str | None = None  # ``default`` in ``lora_A.default.weight``
+
+    @property
+    def factor(self) -> str | None:
+        """``A`` or ``B`` for a factor (linear or embedding), else None."""
+        return self.slot[-1] if self.slot in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") else None
+
+
+def parse_key(key: str) -> PeftKey | None:
+    """Parse a key of ``adapter_model.safetensors``; None for a whole tensor (modules_to_save, base_layer).
+
+    Accepts keys with or without ``base_model.model.`` and with or without an adapter name.
+    """
+    short = strip_prefix(key)
+    if m := _FACTOR.match(short):
+        slot = f"lora_{m['ab']}" + (".bias" if m["param"] == "bias" else "")
+    elif m := _EMBED.match(short):
+        slot = f"lora_embedding_{m['ab']}"
+    elif m := _MAGNITUDE.match(short):
+        slot = "magnitude"
+    else:
+        return None
+    return PeftKey(m["path"], slot, m["name"])
 
 
 def strip_prefix(key: str) -> str:
@@ -87,20 +120,14 @@ def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False
     with open_checkpoint(wpath, allow_pickle=allow_pickle) as ckpt:
         metadata = ckpt.header_metadata
         for raw_key in ckpt.keys():
-            key = strip_prefix(raw_key)
             tensor = ckpt.get_meta(raw_key) if lazy else ckpt.get(raw_key)
-            if m := _FACTOR.match(key):
-                slot = f"{m['ab']}.{m['param']}"
-            elif m := _EMBED.match(key):
-                slot = f"E{m['ab']}"
-            elif m := _MAGNITUDE.match(key):
-                slot = "magnitude"
-            else:
-                whole[base_key(key)] = tensor
+            parsed = parse_key(raw_key)
+            if parsed is None:
+                whole[base_key(strip_prefix(raw_key))] = tensor
                 continue
-            if m["name"]:
-                names.add(m["name"])
-            parts.setdefault(m["path"], {})[slot] = tensor
+            if parsed.adapter_name:
+                names.add(parsed.adapter_name)
+            parts.setdefault(parsed.module, {})[parsed.slot] = tensor
     if len(names) > 1:
         raise InputFileError(
             f"the file holds several adapters ({', '.join(sorted(names))})",
@@ -118,10 +145,10 @@ def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False
 def _module_from_slots(
     path: str, slots: dict[str, torch.Tensor], config: dict[str, Any], use_rslora: bool, fifo: bool, file: Path
 ) -> LoraModule:
-    if "EA" in slots or "EB" in slots:
-        a, b, kind = slots.get("EA"), slots.get("EB"), "embedding"
+    if "lora_embedding_A" in slots or "lora_embedding_B" in slots:
+        a, b, kind = slots.get("lora_embedding_A"), slots.get("lora_embedding_B"), "embedding"
     else:
-        a, b, kind = slots.get("A.weight"), slots.get("B.weight"), ("conv1d" if fifo else "linear")
+        a, b, kind = slots.get("lora_A"), slots.get("lora_B"), ("conv1d" if fifo else "linear")
     if a is None or b is None:
         which = "lora_A" if a is None else "lora_B"
         raise MissingKeyError(
@@ -144,9 +171,21 @@ def _module_from_slots(
         alpha=module_alpha(config, path),
         kind=kind,  # type: ignore[arg-type]
         use_rslora=use_rslora,
-        bias=slots.get("B.bias"),
+        bias=slots.get("lora_B.bias"),
         magnitude=slots.get("magnitude"),
     )
+
+
+def new_config(*, base_model_name_or_path: str | None, task_type: str | None) -> dict[str, Any]:
+    """The starting ``adapter_config.json`` of an adapter loratool makes (extract, combine, resize):
+    scaling folded into the factors' alphas, so no rsLoRA; :func:`build_config` fills in the rest."""
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type,
+        "use_rslora": False,
+        "init_lora_weights": True,
+    }
 
 
 def build_config(adapter: Adapter) -> dict[str, Any]:

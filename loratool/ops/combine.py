@@ -25,13 +25,15 @@ from typing import Any, Literal
 
 import torch
 
-from ..adapter import Adapter, LoraModule, load_adapter, save_adapter
+from ..adapter import Adapter, LoraModule
 from ..card import check_base_model_id
-from ..checkpoint import open_checkpoint, torch_dtype
 from ..errors import LoraToolError, ShapeMismatchError, UnsupportedAdapterError
+from ..formats import load_adapter, save_adapter
 from ..formats.kohya import resolve_paths
+from ..formats.peft import new_config
+from ..io.atomic import check_output
+from ..io.checkpoint import open_checkpoint, torch_dtype
 from ..linalg import FactoredSVD, factored_sq_norm, rank_for_energy, relative_error, split_factors
-from ..output import check_output
 from ..provenance import InputHasher, encode, make_record
 from ..report import ModuleReport, summarize
 from ..runtime import map_on_cores, progress, resolve_device
@@ -198,11 +200,9 @@ def _run(
     if method == "linear":
         result.warnings.append("--method linear averages the factors, as PEFT does: the result is approximate")
     first = loaded[0][0]
-    result.adapter.config = {
-        "peft_type": "LORA", "use_rslora": False, "init_lora_weights": True,
-        "task_type": first.config.get("task_type"),
-        "base_model_name_or_path": base_model_id or first.base_model_name_or_path,
-    }  # fmt: skip
+    result.adapter.config = new_config(
+        base_model_name_or_path=base_model_id or first.base_model_name_or_path, task_type=first.config.get("task_type")
+    )
     params = {"adapters": [{"path": n, "weight": w} for _, w, n in loaded], "method": method, "rank": rank,
               "energy": energy, "format": format, "dtype": str(out_dtype).replace("torch.", "")}  # fmt: skip
     record = make_record(operation, params, hasher.result(), report=[r.to_json() for r in result.report])

@@ -18,34 +18,32 @@ from typing import Any, Literal
 
 import torch
 
-from ..adapter import Adapter, Kind, LoraModule, save_adapter
+from .. import arch
+from ..adapter import Adapter, Kind, LoraModule
 from ..card import check_base_model_id, is_hub_id
-from ..checkpoint import Checkpoint, open_checkpoint, torch_dtype
-from ..distributed import balanced_share, current
+from ..distributed import current
 from ..errors import LoraToolError, MissingKeyError, NonFiniteError, ShapeMismatchError
+from ..formats import save_adapter
+from ..formats.peft import new_config
+from ..io.atomic import check_output
+from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from ..linalg import (
     TruncatedSVD,
     allocate_budget,
-    delta_as_out_in,
     exact_svd,
     is_finite,
+    out_in,
     randomized_svd,
     rank_for_energy,
     relative_error,
     residual_error,
     split_factors,
 )
-from ..output import check_output
+from ..pipeline import BufferPool, give_back, stream, upcast, widen
 from ..provenance import InputHasher, encode, make_record
 from ..report import Dropped, ModuleReport, summarize
-from ..runtime import BufferPool, compile_regex, prefetch, progress, resolve_device, upcast
+from ..runtime import compile_regex, resolve_device
 
-# transformers model types whose 2-D projection weights are GPT-2 ``Conv1D`` (stored (in, out)).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-EMBEDDING_NAME = re.compile(
-    r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings|"
-    r"token_type_embeddings|embeddings|embedding|tok_embeddings|shared)$"
-)
 DEFAULT_CAP = 256  # highest rank --energy/--budget consider when -r does not say
 
 
@@ -157,18 +155,13 @@ def extract(
         keys = _paired_keys(b, f)
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
-        conv1d = fan_in_fan_out if fan_in_fan_out is not None else config.get("model_type") in CONV1D_MODEL_TYPES
-        tied = _tied_output(keys, config)  # (output embedding module, input embedding key) or None
+        conv1d = arch.uses_conv1d(config, fan_in_fan_out)
+        tied = arch.tied_output(keys, config)  # (output embedding module, input embedding key) or None
         skip = {tied[0] + ".weight"} if tied else set()  # the same matrix as the input embedding
-        owner = balanced_share(((k, b.info(k).nbytes) for k in keys), d.world)
-        mine = [k for k in keys if owner[k] == d.rank and k not in skip]
-        error: BaseException | None = None
-        try:
-            part = _extract_keys(b, f, mine, options, conv1d, prefetch_depth, show_progress and d.is_main)
-        except BaseException as e:  # every rank must hear of it before anyone waits on the others
-            error, part = e, _Partial()
-        d.agree(error)
-        whole = _Partial.join(d.all_gather(part), keys)
+        mine = [k for k in d.share((k, b.info(k).nbytes) for k in keys) if k not in skip]
+        show = show_progress and d.is_main
+        parts = d.gather(lambda: _extract_keys(b, f, mine, options, conv1d, prefetch_depth, show))
+        whole = _Partial.join(parts, keys)
 
     result = ExtractResult(output=out, adapter=Adapter(), report=[], dropped=whole.dropped,
                            kept_whole=whole.kept_whole, unchanged=whole.unchanged, warnings=whole.warnings)  # fmt: skip
@@ -274,21 +267,17 @@ def _extract_keys(
         wb, wf = b.get(key), f.get(key)
         if not wb.is_floating_point():
             return key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0
-        if o.device.type == "cuda":
-            delta = upcast(wf, o.device, copy=True).sub_(upcast(wb, o.device))
-        else:  # widened into a reused buffer: fresh 64 MB allocations cost more than the subtraction
-            delta = pool.take(wf.shape, torch.float32, o.device).copy_(wf).sub_(wb)
+        delta = widen(wf, o.device, pool).sub_(upcast(wb, o.device) if o.device.type == "cuda" else wb)
         norm = float(torch.linalg.vector_norm(delta))
         if not math.isfinite(norm) and not is_finite(delta):  # NaN or Inf on either side reaches it
             name = "base" if not is_finite(wb) else "fine-tune"
             raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
         return key, wb, wf, delta, norm
 
-    pairs = prefetch((read_pair(k) for k in keys), depth=depth)
-    for key, wb, wf, delta, norm in progress(pairs, total=len(keys), desc="extract", enabled=show):
+    for key, wb, wf, delta, norm in stream(read_pair, keys, desc="extract", show=show, depth=depth):
         _handle(key, wb, wf, delta, norm, o, conv1d, part)
-        if delta is not None and o.device.type != "cuda":
-            pool.give(delta)  # consumed; its memory serves the next delta
+        if delta is not None:
+            give_back(delta, pool)  # consumed; its memory serves the next delta
     return part
 
 
@@ -317,8 +306,8 @@ def _handle(
 
 def _factor(key: str, module: str, delta: torch.Tensor, norm: float, o: _Options, conv1d: bool, part: _Partial) -> None:
     """Truncated SVD of one delta into LoRA factors (or, for --budget, a spectrum to allocate later)."""
-    kind: Kind = "embedding" if EMBEDDING_NAME.search(module) else ("conv1d" if conv1d else "linear")
-    matrix = delta_as_out_in(delta, kind)  # (out, in), the factors' orientation
+    kind = arch.module_kind(module, conv1d)
+    matrix = out_in(delta, kind)  # (out, in), the factors' orientation
     k = min(o.cap, *matrix.shape)
     if o.rank is not None and o.rank > min(matrix.shape) and o.budget is None and o.energy is None:
         part.warnings.append(f"{module}: rank {o.rank} clamped to {k}, the smaller side of {list(delta.shape)}")
@@ -388,22 +377,6 @@ def _paired_keys(b: Checkpoint, f: Checkpoint) -> list[str]:
     return b.keys()
 
 
-def _tied_output(keys: list[str], config: dict[str, Any]) -> tuple[str, str] | None:
-    """(``lm_head``, input embedding key) when config.json ties the output to the input embedding.
-
-    A tied checkpoint stores the matrix once (GPT-2 has no ``lm_head.weight``), or twice with equal
-    values; either way the fine-tune changed both uses of it at once.
-    """
-    archs = [str(a) for a in config.get("architectures") or []]
-    if not config.get("tie_word_embeddings", True) or not any(
-        a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs
-    ):
-        return None
-    embeds = [k for k in keys if k.endswith(".weight") and EMBEDDING_NAME.search(k[: -len(".weight")])]
-    embeds = [k for k in embeds if "embed_tokens" in k or "wte" in k or "word_embeddings" in k] or embeds
-    return ("lm_head", embeds[0]) if embeds else None
-
-
 def _tie_output_embedding(
     head: str, embed: str, modules: dict[str, LoraModule], reports: dict[str, ModuleReport], result: ExtractResult
 ) -> None:
@@ -444,14 +417,6 @@ def _spend_budget(
 
 
 def _adapter_config(model_config: dict[str, Any], base_model_id: str | None) -> dict[str, Any]:
-    archs = model_config.get("architectures") or []
     if base_model_id is None and is_hub_id(model_config.get("_name_or_path")):
         base_model_id = model_config["_name_or_path"]  # a Hub id the base's config.json records
-    task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") or str(a).endswith("LMHeadModel") for a in archs) else None
-    return {
-        "peft_type": "LORA",
-        "base_model_name_or_path": base_model_id,
-        "task_type": task,
-        "use_rslora": False,
-        "init_lora_weights": True,
-    }
+    return new_config(base_model_name_or_path=base_model_id, task_type=arch.task_type(model_config))

@@ -20,9 +20,10 @@ from typing import Any
 from ..card import check_base_model_id, render_card
 from ..errors import ChecksumError, HubError, LoraToolError, MetadataError
 from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_config
-from ..output import atomic_output, check_output
+from ..io.atomic import atomic_output, check_output
+from ..io.header import header_metadata
 from ..provenance import decode
-from .validate import validate
+from ..validation import validate_adapter
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 
@@ -160,7 +161,7 @@ def push(
     if not directory.is_dir():
         raise LoraToolError("push takes a PEFT adapter directory", path=str(directory))
     check_base_model_id(base_model_id)
-    report = validate(directory)
+    report = validate_adapter(directory)
     if not report.valid:
         listing = "; ".join(str(p) for p in report.problems)
         raise MetadataError(
@@ -169,10 +170,7 @@ def push(
             problems=[(p.path, p.message) for p in report.problems],
             fix="run `loratool validate` and fix what it lists",
         )
-    from safetensors import safe_open
-
-    with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
-        record = decode(f.metadata() or {})
+    record = decode(header_metadata(directory / WEIGHTS_NAME))
     card = render_card(read_config(directory), record, base_model_id=base_model_id)
     ops = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name))
@@ -268,7 +266,7 @@ def pull(
     with atomic_output(out, force=force, directory=True) as tmp:
         for name in verified:
             shutil.copyfile(snapshot / name, tmp / name)
-        report = validate(tmp)
+        report = validate_adapter(tmp)
         if not report.valid:
             raise MetadataError(
                 "the pulled adapter is not valid: " + "; ".join(str(p) for p in report.problems),

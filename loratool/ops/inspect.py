@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import open_checkpoint
+from ..io.checkpoint import open_checkpoint
 from ..provenance import decode
 
 
@@ -63,7 +63,7 @@ def _inspect_checkpoint(p: Path, allow_pickle: bool) -> dict[str, Any]:
 
 
 def _inspect_adapter(p: Path, allow_pickle: bool) -> dict[str, Any]:
-    from ..adapter import load_adapter
+    from ..formats import load_adapter
 
     a = load_adapter(p, allow_pickle=allow_pickle, lazy=True)  # headers only, however large
     modules = [

@@ -17,24 +17,20 @@ from typing import Any
 
 import torch
 
-from ..adapter import Adapter, Kind, LoraModule, load_adapter
-from ..checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
-from ..distributed import balanced_share, current
+from .. import arch
+from ..adapter import Adapter, Kind, LoraModule
+from ..distributed import current
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
+from ..formats import load_adapter
 from ..formats.kohya import resolve_paths
-from ..linalg import is_finite
-from ..output import (
-    BackgroundWriter,
-    CheckpointWriter,
-    TensorSpec,
-    atomic_output,
-    check_output,
-    copy_aux_files,
-    patch_header_metadata,
-)
+from ..io.atomic import atomic_output, check_output
+from ..io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
+from ..io.header import patch_metadata
+from ..io.writer import CheckpointWriter, TensorSpec, copy_aux_files
+from ..linalg import add_lora, dora_rescale, is_finite, merge_rows, row_factors, unit_of_rounding
+from ..pipeline import BackgroundWriter, BufferPool, stream, widen
 from ..provenance import InputHasher, encode, make_record
-from ..runtime import BufferPool, compute_threads, prefetch, progress, resolve_device, upcast
-from .extract import CONV1D_MODEL_TYPES
+from ..runtime import compute_threads, resolve_device
 
 AdapterArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float] | Adapter
 
@@ -94,14 +90,6 @@ class RoundTripCheck:
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-
-def unit_of_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype``'s values at magnitude ``x`` (float64): 2^(exponent - mantissa bits)."""
-    info = torch.finfo(dtype)
-    mantissa_bits = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}[dtype]
-    _, exp = torch.frexp(x.clamp_min(info.tiny))  # x = m * 2^exp, m in [0.5, 1)
-    return torch.ldexp(torch.ones_like(x), exp - 1 - mantissa_bits)
 
 
 @dataclass
@@ -231,7 +219,7 @@ def _plan(
 ) -> tuple[dict[str, list[_Term]], dict[str, torch.Tensor]]:
     """Which adapter modules add to which tensors, checked before any work is done."""
     config = ckpt.config()
-    gpt2 = config.get("model_type") in CONV1D_MODEL_TYPES
+    conv1d_model = arch.uses_conv1d(config)
     module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
     terms: dict[str, list[_Term]] = {}
     replace: dict[str, torch.Tensor] = {}
@@ -267,7 +255,8 @@ def _plan(
                 )
             key = found[path] + ".weight"
             shape = tuple(replace[key].shape) if key in replace else ckpt.info(key).shape
-            kind = _kind(module, shape, fan_in_fan_out, gpt2)
+            kind = arch.weight_kind(module.kind, (module.out_features, module.in_features), shape,
+                                     override=fan_in_fan_out, conv1d_model=conv1d_model)  # fmt: skip
             expected = module.weight_shape if kind == module.kind else (module.weight_shape[1], module.weight_shape[0])
             if shape != expected:
                 raise ShapeMismatchError(
@@ -328,36 +317,13 @@ def _is_tied_copy(
     """An output layer tied to an embedding, absent from the checkpoint, whose factors are the
     embedding module's transposed (what extract writes for tied weights): merging it would add the
     same delta to the shared matrix twice."""
-    if not config.get("tie_word_embeddings", True):
+    if not arch.ties_word_embeddings(config):
         return False
     for other_path, other in adapter.modules.items():
         if other.kind == "embedding" and other_path in found and other.rank == module.rank:
             if torch.equal(other.lora_B.T, module.lora_A) and torch.equal(other.lora_A.T, module.lora_B):
                 return other.scaling == module.scaling
     return False
-
-
-def _kind(module: LoraModule, shape: tuple[int, ...], override: bool | None, gpt2: bool) -> Kind:
-    """The layer kind, from the adapter, the override and config, and shapes where they decide it."""
-    if module.kind == "embedding":
-        return "embedding"
-    want_conv1d = override if override is not None else (module.kind == "conv1d" or gpt2)
-    out_in = (module.out_features, module.in_features)
-    if want_conv1d and shape == out_in and out_in[0] != out_in[1]:
-        return "linear"  # e.g. GPT-2's lm_head is a Linear even where the rest are Conv1D
-    if not want_conv1d and shape == out_in[::-1] and out_in[0] != out_in[1] and module.kind == "conv1d":
-        return "conv1d"
-    return "conv1d" if want_conv1d else "linear"
-
-
-def _add_terms(w: torch.Tensor, terms: list[_Term]) -> torch.Tensor:
-    """w (float32, base layout) += sum of the terms, in place."""
-    for t in terms:
-        a = t.module.lora_A.to(w.device, torch.float32)
-        b = t.module.lora_B.to(w.device, torch.float32)
-        target = w if t.kind == "linear" else w.T  # a transposed view writes through to w
-        target.addmm_(b, a, alpha=t.factor)  # (out, r) @ (r, in) -> (out, in)
-    return w
 
 
 def _apply(
@@ -399,23 +365,23 @@ def _apply(
         tmp = Path(d.broadcast(str(tmp)))
         root = tmp.parent if single_file else tmp
         shards = [(tmp.name if single_file else fname, specs) for fname, specs in layout]
-        owner = balanced_share(((f, sum(x.nbytes for x in specs)) for f, specs in shards), d.world)
-        mine = [(f, specs) for f, specs in shards if owner[f] == d.rank]
+        mine = d.share((f, sum(x.nbytes for x in specs)) for f, specs in shards)
         placeholder = {"format": "pt", **encode(make_record(operation, params, hasher.placeholder()))}
-        check_part = RoundTripCheck() if reference is not None else None
-        error: BaseException | None = None
-        try:
-            stream = _Stream(ckpt, replace, terms, bias_terms, dev, out_dtype, reference, check_part)
-            stream.write(root, mine, placeholder, show_progress and d.is_main, operation)
-        except BaseException as e:  # every rank must hear of it before anyone waits on the others
-            error = e
-        d.agree(error)
+
+        def write_share() -> RoundTripCheck | None:
+            check_part = RoundTripCheck() if reference is not None else None
+            share = _Stream(ckpt, replace, terms, bias_terms, dev, out_dtype, reference, check_part)
+            share.write(root, [(f, specs) for f, specs in shards if f in mine], placeholder,
+                         show_progress and d.is_main, operation)  # fmt: skip
+            return check_part
+
+        checks = d.gather(write_share)
         final = {"format": "pt", **encode(make_record(operation, params, hasher.result()))} if d.is_main else None
         final = d.broadcast(final)
-        for fname, _ in mine:
-            patch_header_metadata(root / fname, final)
-        if check_part is not None:
-            result.check = RoundTripCheck.combine(d.all_gather(check_part))
+        for fname in mine:
+            patch_metadata(root / fname, final)
+        if reference is not None:
+            result.check = RoundTripCheck.combine([c for c in checks if c is not None])
         d.barrier()
         if d.is_main and not single_file:
             copy_aux_files(ckpt.root, tmp)
@@ -448,8 +414,7 @@ class _Stream:
         threads = compute_threads() if self.device.type == "cpu" else contextlib.nullcontext()
         with threads:
             try:
-                for key, w_in, w32 in progress(prefetch(map(self._read, keys)), total=len(keys), desc=desc,
-                                               enabled=show):  # fmt: skip
+                for key, w_in, w32 in stream(self._read, keys, desc=desc, show=show):
                     w, out_dtype, pooled = self._result(key, w_in, w32)
                     writer.write(key, w, out_dtype, recycle=pooled)
                 writer.close()
@@ -483,16 +448,14 @@ class _Stream:
         changes = key in self.terms or key in self.bias_terms
         if not changes or self._blocked(key):
             return key, w, None
-        if self.device.type == "cuda":
-            return key, w, upcast(w, self.device, copy=True)
-        return key, w, self.pool.take(w.shape, torch.float32, self.device).copy_(w)  # widened into a reused buffer
+        return key, w, widen(w, self.device, self.pool)
 
     def _merge_blocked(self, key: str, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         out = self.pool.take(w.shape, out_dtype, self.device)
-        factors = [_row_factors(t) for t in self.terms[key]]
+        factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind) for t in self.terms[key]]
         scratch = self.pool.take((max(BLOCK_ELEMENTS, w.shape[1]),), torch.float32, self.device)  # >= one row
         try:
-            merge_rows(w, factors, out, scratch, key=key)
+            merge_rows(w, factors, out, scratch, check=lambda block: _require_finite(block, out_dtype, key))
         except BaseException:
             self.pool.give(out)
             raise
@@ -503,10 +466,11 @@ class _Stream:
     def _add(self, key: str, w32: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """w32 (float32, a private copy) plus every term for ``key``; refuses a non-finite result."""
         if key in self.terms:
-            _add_terms(w32, self.terms[key])
+            for t in self.terms[key]:
+                add_lora(w32, t.module.lora_A, t.module.lora_B, t.factor, t.kind)
             dora = next((t for t in self.terms[key] if t.module.magnitude is not None), None)
-            if dora is not None:
-                _dora_rescale(w32, dora)
+            if dora is not None and dora.module.magnitude is not None:
+                dora_rescale(w32, dora.module.magnitude, dora.kind)
         bias = self.bias_terms.get(key)
         if bias is not None and bias.module.bias is not None:
             w32.add_(bias.module.bias.to(w32.device, torch.float32), alpha=bias.factor)
@@ -515,40 +479,6 @@ class _Stream:
 
 
 BLOCK_ELEMENTS = 1 << 20  # float32 scratch of 4 MiB: a block stays in cache through all its steps
-
-
-def _row_factors(t: _Term) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(left, right, factor) with delta = factor * left @ right in the stored weight's layout."""
-    a, b = t.module.lora_A.float(), t.module.lora_B.float()
-    if t.kind == "linear":
-        return b, a, t.factor  # (out, r) @ (r, in)
-    return a.T, b.T, t.factor  # Conv1D and embeddings store the transpose: (in, r) @ (r, out)
-
-
-def merge_rows(
-    w: torch.Tensor,
-    factors: list[tuple[torch.Tensor, torch.Tensor, float]],
-    out: torch.Tensor,
-    scratch: torch.Tensor,
-    *,
-    key: str,
-) -> None:
-    """out = round(w + sum factor * left @ right), a block of rows at a time, in float32.
-
-    Widening, the rank-r product, the finiteness check and the final rounding each stream the
-    whole weight through memory once when done tensor by tensor; on a block that fits in cache
-    they cost a fraction of that. ``scratch`` (float32, at least one row) bounds the block size.
-    """
-    rows, cols = w.shape
-    step = max(1, scratch.numel() // max(cols, 1))
-    assert scratch.numel() >= cols, "scratch must hold a row"
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        block = scratch[: (stop - start) * cols].view(stop - start, cols).copy_(w[start:stop])
-        for left, right, factor in factors:
-            block.addmm_(left[start:stop], right, alpha=factor)
-        _require_finite(block, out.dtype, key)
-        out[start:stop].copy_(block)
 
 
 def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str) -> None:
@@ -561,16 +491,6 @@ def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str) -> None
             fix="check the adapter's factors and the scale you gave (loratool validate ADAPTER)"
             + (", or write another --dtype" if overflow else ""),
         )
-
-
-def _dora_rescale(w: torch.Tensor, term: _Term) -> None:
-    """DoRA: each output row of W + delta is rescaled to its learned magnitude, in place.
-
-    W' = m / ||W + delta||_row * (W + delta), rows in the (out, in) orientation as PEFT computes them.
-    """
-    m = term.module.magnitude.to(w.device, torch.float32)  # type: ignore[union-attr]
-    rows = w if term.kind == "linear" else w.T  # (out, in) view; Conv1D stores (in, out)
-    rows.mul_((m / torch.linalg.vector_norm(rows, dim=1))[:, None])  # (out, in) * (out, 1)
 
 
 def _layout(

@@ -1,230 +1,29 @@
-"""``loratool validate``: an adapter's metadata against ``schemas/``, and its structure against its tensors.
-
-Reports every problem at once, sorted, each with a path (``$.r`` in the config,
-``tensors/<key>`` for a tensor, ``header/loratool...`` for the provenance record) and a plain
-message. Tensors are read one at a time, so a large adapter is never loaded whole.
-"""
+"""``loratool validate``: an adapter's metadata against ``schemas/``, and its structure against its tensors."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from ..adapter import pattern_lookup
-from ..checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
-from ..errors import LoraToolError
-from ..formats.kohya import _KEY as KOHYA_KEY
-from ..formats.peft import _EMBED, _FACTOR, _MAGNITUDE, CONFIG_NAME, strip_prefix, weights_path
-from ..provenance import PROVENANCE_KEY, decode, tensors_sha256
-from ..schema import check
-
-
-@dataclass
-class Problem:
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-@dataclass
-class ValidationReport:
-    """The verdict on one adapter: ``valid`` is True when ``problems`` is empty."""
-
-    path: str
-    format: str
-    problems: list[Problem] = field(default_factory=list)
-    modules: int = 0
-    sha256_checked: bool = False
-
-    @property
-    def valid(self) -> bool:
-        return not self.problems
-
-    def add(self, path: str, message: str) -> None:
-        self.problems.append(Problem(path, message))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "format": self.format,
-            "valid": self.valid,
-            "modules": self.modules,
-            "sha256_checked": self.sha256_checked,
-            "problems": [{"path": p.path, "message": p.message} for p in self.problems],
-        }
+from ..validation import ValidationReport, validate_adapter
 
 
 def validate(adapter: str | os.PathLike[str], *, check_values: bool = True) -> ValidationReport:
     """Validate an adapter's metadata and structure.
+
+    Reports every problem at once, sorted, each with a path (``$.r`` in the config,
+    ``tensors/<key>`` for a tensor, ``header/loratool...`` for the provenance record) and a plain
+    message. Tensors are read one at a time, so a large adapter is never loaded whole.
 
     Args:
         adapter: a PEFT adapter directory or a kohya ``.safetensors`` file.
         check_values: also read every tensor to check it is finite and matches the recorded digest.
 
     Returns:
-        A :class:`ValidationReport`; it never raises for an invalid adapter (``valid`` says).
+        A :class:`~loratool.validation.ValidationReport`; it never raises for an invalid adapter
+        (``valid`` says).
 
     Example:
         >>> report = loratool.validate("adapter/")
         >>> report.valid, [str(p) for p in report.problems]
     """
-    p = Path(adapter)
-    if not p.exists():
-        report = ValidationReport(str(p), "unknown")
-        report.add("$", "no such file or directory")
-        return report
-    if p.is_dir():
-        report = ValidationReport(str(p), "peft")
-        config = _check_config(p, report)
-        try:
-            wpath = weights_path(p, allow_pickle=False)
-        except LoraToolError as e:
-            report.add("tensors", e.message)
-            return _sorted(report)
-    else:
-        report = ValidationReport(str(p), "kohya")
-        config, wpath = None, p
-    try:
-        ckpt = open_checkpoint(wpath)
-    except LoraToolError as e:
-        report.add("tensors", e.message)
-        return _sorted(report)
-    with ckpt:
-        if config is not None:
-            _check_peft_structure(ckpt, config, report)
-        else:
-            _check_kohya_structure(ckpt, report)
-        _check_dtypes(ckpt, report)
-        _check_provenance(ckpt, report, check_values)
-    return _sorted(report)
-
-
-def _sorted(report: ValidationReport) -> ValidationReport:
-    unique = sorted({(p.path, p.message) for p in report.problems})
-    report.problems = [Problem(path, message) for path, message in unique]
-    return report
-
-
-def _check_config(directory: Path, report: ValidationReport) -> dict[str, Any] | None:
-    cfg_path = directory / CONFIG_NAME
-    if not cfg_path.is_file():
-        report.add("$", f"no {CONFIG_NAME} in the adapter directory")
-        return None
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        report.add("$", f"{CONFIG_NAME} is not valid JSON ({e})")
-        return None
-    for path, message in check(config, "adapter_config"):
-        report.add(path, message)
-    return config if isinstance(config, dict) else None
-
-
-def _targets(config: dict[str, Any], module: str) -> bool:
-    """PEFT's rule: a string is a full-match regex; a list matches names or dotted suffixes."""
-    targets = config.get("target_modules")
-    if targets is None or targets == "all-linear":
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
-
-
-def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: ValidationReport) -> None:
-    factors: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key in ckpt.keys():
-        short = strip_prefix(key)
-        m = _FACTOR.match(short) or _EMBED.match(short) or _MAGNITUDE.match(short)
-        if m is None:
-            continue  # whole tensors (modules_to_save, base_layer) have no factor structure
-        slot = (
-            "magnitude" if m.re is _MAGNITUDE else f"{m['ab']}{'.bias' if m.groupdict().get('param') == 'bias' else ''}"
-        )
-        factors.setdefault(m["path"], {})[slot] = ckpt.info(key).shape
-    report.modules = len(factors)
-    r_default = config.get("r", 8)
-    ranks = config.get("rank_pattern") or {}
-    for module, slots in sorted(factors.items()):
-        where = f"tensors/{module}"
-        if "A" not in slots or "B" not in slots:
-            report.add(
-                where, f"has {'lora_A' if 'A' in slots else 'lora_B'} but not {'lora_B' if 'A' in slots else 'lora_A'}"
-            )
-            continue
-        a, b = slots["A"], slots["B"]
-        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            report.add(
-                where, f"lora_A {list(a)} and lora_B {list(b)} do not share a rank (A is (r, in), B is (out, r))"
-            )
-            continue
-        expected = pattern_lookup(ranks, module)
-        expected = r_default if expected is None else expected
-        if isinstance(expected, int) and a[0] != expected:
-            source = "rank_pattern" if pattern_lookup(ranks, module) is not None else "r"
-            report.add(
-                where, f"rank {a[0]} disagrees with the config ({source} says {expected}): PEFT would fail to load it"
-            )
-        if not _targets(config, module):
-            report.add(
-                where, "has LoRA weights but target_modules does not select this module: PEFT would not load them"
-            )
-        if "B.bias" in slots and not config.get("lora_bias", False):
-            report.add(where, "has lora_B.bias but lora_bias is not true in the config")
-
-
-def _check_kohya_structure(ckpt: Checkpoint, report: ValidationReport) -> None:
-    groups: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key in ckpt.keys():
-        m = KOHYA_KEY.match(key)
-        if m is None:
-            report.add(f"tensors/{key}", "not a kohya key (<prefix>.lora_down.weight, .lora_up.weight, .alpha)")
-            continue
-        groups.setdefault(m["prefix"], {})[m["slot"]] = ckpt.info(key).shape
-    report.modules = len(groups)
-    for prefix, slots in sorted(groups.items()):
-        down, up = slots.get("lora_down.weight"), slots.get("lora_up.weight")
-        if down is None or up is None:
-            report.add(f"tensors/{prefix}", "needs both lora_down.weight and lora_up.weight")
-        elif down[0] != up[1]:
-            report.add(f"tensors/{prefix}", f"lora_down {list(down)} and lora_up {list(up)} disagree on the rank")
-        if "alpha" in slots and slots["alpha"] not in ((), (1,)):
-            report.add(f"tensors/{prefix}.alpha", f"alpha must be a scalar (got shape {list(slots['alpha'])})")
-
-
-def _check_dtypes(ckpt: Checkpoint, report: ValidationReport) -> None:
-    for info in ckpt.infos():
-        if info.dtype not in FLOAT_DTYPES:
-            report.add(f"tensors/{info.name}", f"dtype {info.dtype} is not floating point (F32, F16, BF16)")
-
-
-def _check_provenance(ckpt: Checkpoint, report: ValidationReport, check_values: bool) -> None:
-    import torch
-
-    record = decode(ckpt.header_metadata)
-    if record is not None:
-        if "_invalid_json" in record:
-            report.add(f"header/{PROVENANCE_KEY}", "is not valid JSON")
-            record = None
-        else:
-            for path, message in check(record, "provenance"):
-                report.add(f"header/{PROVENANCE_KEY}{path[1:]}", message)
-    if not check_values:
-        return
-    for key in ckpt.keys():
-        t = ckpt.get(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            report.add(f"tensors/{key}", "holds NaN or Inf")
-    if record is not None and "tensors_sha256" in record:
-        digest = tensors_sha256(ckpt.keys(), ckpt.get)
-        report.sha256_checked = True
-        if digest != record["tensors_sha256"]:
-            report.add(
-                f"header/{PROVENANCE_KEY}.tensors_sha256",
-                "does not match the tensors: the file was changed after loratool wrote it",
-            )
+    return validate_adapter(adapter, check_values=check_values)

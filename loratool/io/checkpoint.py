@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputFileError, MissingInputError, MissingKeyError
+from ..errors import InputFileError, MissingInputError, MissingKeyError
+from .header import read_header, tensor_offsets
 
 if TYPE_CHECKING:
     import torch
@@ -127,7 +127,7 @@ class Checkpoint:
             raise InputFileError(f"cannot read the file ({e.strerror})", path=str(file)) from None
         self._handles[rel] = handle
         self.metadata[rel] = dict(meta)
-        offsets = read_header_offsets(file)
+        offsets = tensor_offsets(read_header(file))
         for info in sorted(infos, key=lambda i: offsets.get(i.name, 0)):
             self._add(info)
 
@@ -241,17 +241,6 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def read_header_offsets(file: Path) -> dict[str, int]:
-    """Start offset of each tensor in a safetensors file, from its header alone.
-
-    ``safe_open`` lists keys sorted by name; reading in on-disk order keeps I/O sequential.
-    """
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
 
 
 def resolve_checkpoint_files(path: str | os.PathLike[str]) -> tuple[Path, list[Path], Path | None]:

@@ -1,0 +1,88 @@
+"""Model conventions: what a checkpoint's tensor names and ``config.json`` say about its layers.
+
+The one place that knows which model types store GPT-2 ``Conv1D`` weights, which names are
+embeddings, when an output layer is tied to the input embedding, and which PEFT task type a
+model has. Quantization and expert layouts belong here too. Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .adapter import Kind
+
+# transformers model types whose 2-D projection weights are GPT-2 ``Conv1D`` (stored (in, out)).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+EMBEDDING_NAME = re.compile(
+    r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings|"
+    r"token_type_embeddings|embeddings|embedding|tok_embeddings|shared)$"
+)
+# input embeddings an output layer can be tied to, most specific first
+_TOKEN_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")
+OUTPUT_LAYER = "lm_head"
+
+
+def uses_conv1d(config: Mapping[str, Any], override: bool | None = None) -> bool:
+    """Whether the model's 2-D weights are GPT-2 ``Conv1D``: the user's override, else config.json's model_type."""
+    return override if override is not None else config.get("model_type") in CONV1D_MODEL_TYPES
+
+
+def is_embedding(module_path: str) -> bool:
+    return EMBEDDING_NAME.search(module_path) is not None
+
+
+def module_kind(module_path: str, conv1d: bool) -> Kind:
+    """The layer kind of a 2-D weight named ``<module_path>.weight``, from its name and the model's convention."""
+    if is_embedding(module_path):
+        return "embedding"
+    return "conv1d" if conv1d else "linear"
+
+
+def weight_kind(
+    kind: Kind, out_in: tuple[int, int], shape: tuple[int, ...], *, override: bool | None, conv1d_model: bool
+) -> Kind:
+    """The layer kind an adapter module of ``kind`` and (out, in) size takes on a base weight of ``shape``.
+
+    The user's ``override`` decides, else the adapter's kind or the model's convention; where the
+    shape can tell (a non-square weight), it has the last word: GPT-2's ``lm_head`` is a Linear
+    among Conv1D layers.
+    """
+    if kind == "embedding":
+        return "embedding"
+    want_conv1d = override if override is not None else (kind == "conv1d" or conv1d_model)
+    square = out_in[0] == out_in[1]
+    if want_conv1d and shape == out_in and not square:
+        return "linear"
+    if not want_conv1d and shape == out_in[::-1] and not square and kind == "conv1d":
+        return "conv1d"
+    return "conv1d" if want_conv1d else "linear"
+
+
+def ties_word_embeddings(config: Mapping[str, Any]) -> bool:
+    """transformers' default: an output layer shares the input embedding unless config.json says not."""
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def is_causal_lm(config: Mapping[str, Any]) -> bool:
+    archs = [str(a) for a in config.get("architectures") or []]
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def task_type(config: Mapping[str, Any]) -> str | None:
+    """PEFT's ``task_type`` for a model config (``CAUSAL_LM`` or unknown)."""
+    return "CAUSAL_LM" if is_causal_lm(config) else None
+
+
+def tied_output(keys: list[str], config: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(output layer module, input embedding key) when config.json ties the output to the input embedding.
+
+    A tied checkpoint stores the matrix once (GPT-2 has no ``lm_head.weight``), or twice with equal
+    values; either way a fine-tune changed both uses of it at once.
+    """
+    if not ties_word_embeddings(config) or not is_causal_lm(config):
+        return None
+    embeds = [k for k in keys if k.endswith(".weight") and is_embedding(k[: -len(".weight")])]
+    embeds = [k for k in embeds if any(name in k for name in _TOKEN_EMBEDDINGS)] or embeds
+    return (OUTPUT_LAYER, embeds[0]) if embeds else None

@@ -1,0 +1,197 @@
+"""The streaming pipeline shared by extract and merge: read ahead, widen on the device, compute, write behind.
+
+A checkpoint streams through three threads, one tensor (or a small window) at a time::
+
+    prefetch thread          main thread               writer thread
+    read + widen(tensor) ->  compute on float32   ->   cast, write, fsync (BackgroundWriter)
+
+Buffer ownership, stated once: :func:`widen` hands the caller a float32 tensor that it owns; on
+CPU it comes from the :class:`BufferPool`. The owner either gives it back with
+``pool.give(t)`` once consumed, or passes it to :meth:`BackgroundWriter.write` with
+``recycle=True``, after which it belongs to the writer, which gives it back once written. A
+tensor read from a checkpoint (memory-mapped) is never given to the pool. So peak memory is a
+few tensors, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from .runtime import progress
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def upcast(t: torch.Tensor, device: torch.device, *, copy: bool = False) -> torch.Tensor:
+    """``t`` as float32 on ``device``. To CUDA the stored dtype travels (half the bytes of float32)
+    from page-locked memory, asynchronously, and is widened on the GPU."""
+    import torch
+
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True).to(torch.float32)
+    return t.to(device, torch.float32, copy=copy)
+
+
+class BufferPool:
+    """Reusable tensors by element count and dtype.
+
+    A fresh 64 MB tensor costs the kernel 16,000 page faults and zeroing every time; streaming a
+    model allocates one per weight, so without reuse that system time rivals the arithmetic.
+    Buffers come back with :meth:`give`; the pool holds at most what was in flight at once.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype, str], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        import torch
+
+        n = 1
+        for d in shape:
+            n *= d
+        with self._lock:
+            free = self._free.get((n, dtype, str(device)))
+            flat = free.pop() if free else None
+        if flat is None:
+            flat = torch.empty(n, dtype=dtype, device=device)
+        return flat.view(tuple(shape))
+
+    def give(self, t: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((t.numel(), t.dtype, str(t.device)), []).append(t.reshape(-1))
+
+
+def widen(t: torch.Tensor, device: torch.device, pool: BufferPool) -> torch.Tensor:
+    """A private float32 copy of ``t`` on ``device``, which the caller owns (see the module docstring).
+
+    On CPU it is widened into a reused buffer: fresh 64 MB allocations cost more than the
+    arithmetic done on them.
+    """
+    import torch
+
+    if device.type == "cuda":
+        return upcast(t, device, copy=True)
+    return pool.take(t.shape, torch.float32, device).copy_(t)
+
+
+def give_back(t: torch.Tensor, pool: BufferPool) -> None:
+    """Return a tensor :func:`widen` made once it is consumed (CUDA tensors are left to torch's caching allocator)."""
+    if t.device.type != "cuda":
+        pool.give(t)
+
+
+def stream(fn: Callable[[T], R], items: list[T], *, desc: str, show: bool, depth: int = 2) -> Iterable[R]:
+    """``map(fn, items)`` computed ``depth`` items ahead on the prefetch thread, with a progress bar."""
+    return progress(prefetch(map(fn, items), depth=depth), total=len(items), desc=desc, enabled=show)
+
+
+class _Writer(Protocol):
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``items`` on a background thread, up to ``depth`` ahead of the consumer.
+
+    Reading (memory-mapped page faults, dtype conversion) then overlaps computing on the previous
+    item. Exceptions from the producer surface in the consumer, in order.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(("item", item))
+            q.put(("end", None))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put(("error", e))
+
+    thread = threading.Thread(target=produce, name="loratool-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            while not q.empty():
+                q.get_nowait()
+            thread.join(timeout=0.05)
+
+
+class BackgroundWriter:
+    """Hands ``write`` calls to a thread, up to ``depth`` tensors behind, so that writing (and
+    flushing) one tensor overlaps computing the next. Errors surface on the next call."""
+
+    def __init__(self, writer: _Writer, depth: int = 2, pool: BufferPool | None = None) -> None:
+        self._writer = writer
+        self._pool = pool
+        self._queue: queue.Queue[tuple[str, torch.Tensor, torch.dtype | None, bool] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loratool-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as e:  # handed to the caller on its next call
+                    self._error = e
+
+    def _write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None, recycle: bool) -> None:
+        if dtype is None or (tensor.dtype == dtype and tensor.device.type == "cpu"):
+            self._writer.write(name, tensor)
+        elif self._pool is None:
+            self._writer.write(name, tensor.to("cpu", dtype))
+        else:  # cast into a reused buffer, and hand it back once written
+            out = self._pool.take(tensor.shape, dtype, torch.device("cpu")).copy_(tensor)
+            self._writer.write(name, out)
+            self._pool.give(out)
+        if recycle and self._pool is not None:
+            self._pool.give(tensor)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(
+        self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None, *, recycle: bool = False
+    ) -> None:
+        """Queue ``tensor`` (cast to ``dtype`` on the writer thread, if given) for writing;
+        ``recycle``: ``tensor`` came from the pool and goes back to it once written."""
+        self._raise()
+        self._queue.put((name, tensor, dtype, recycle))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+        self._writer.close()
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(None)
+            self._thread.join()
+        self._writer.abort()
