@@ -8,7 +8,9 @@ imported only inside commands, so ``loratool --help`` is instant.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -50,63 +52,152 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+# -- parameter types: values are checked at the boundary, and a bad one is a usage error (exit 2) --
 class _AdapterSpec(click.ParamType):
-    """``PATH`` or ``PATH:SCALE`` (``adapter/:0.5``, ``style.safetensors:-1``)."""
+    """``PATH`` or ``PATH:SCALE`` (``adapter/:0.5``, ``style.safetensors:-1``); the scale must be finite."""
 
     name = "ADAPTER[:SCALE]"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, float]:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, float]:
         if isinstance(value, tuple):
             return value
         head, sep, tail = str(value).rpartition(":")
         if sep and head:
             try:
-                return head, float(tail)
+                scale = float(tail)
             except ValueError:
-                pass
+                return str(value), 1.0  # a ':' in the path itself
+            if not math.isfinite(scale):
+                self.fail(f"the scale of {head!r} is {tail!r}: give a finite number", param, ctx)
+            return head, scale
         return str(value), 1.0
 
 
+class _Dtype(click.ParamType):
+    """A floating dtype for outputs: float32, bfloat16, float16 (and F32, BF16, fp16 ... spellings)."""
+
+    name = "DTYPE"
+    _NAMES = {
+        "float32": "float32", "f32": "float32", "fp32": "float32", "float": "float32",
+        "bfloat16": "bfloat16", "bf16": "bfloat16",
+        "float16": "float16", "f16": "float16", "fp16": "float16", "half": "float16",
+    }  # fmt: skip
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        name = self._NAMES.get(str(value).lower())
+        if name is None:
+            self.fail(f"{value!r} is not an output dtype: use float32, bfloat16 or float16", param, ctx)
+        return name
+
+
+class _Device(click.ParamType):
+    """auto, cpu, cuda or cuda:N (whether that device exists is checked when the command runs)."""
+
+    name = "DEVICE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+            self.fail(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N", param, ctx)
+        return text
+
+
+class _Regex(click.ParamType):
+    """A Python regular expression (kept as text; compiled here once to check it)."""
+
+    name = "REGEX"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            re.compile(str(value))
+        except re.error as e:
+            self.fail(f"{value!r} is not a valid regular expression ({e})", param, ctx)
+        return str(value)
+
+
 ADAPTER_SPEC = _AdapterSpec()
+REGEX = _Regex()
+ENERGY_RANGE = click.FloatRange(0, 1, min_open=True)
+
+# -- shared options, declared once ------------------------------------------------------------------
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+OUTPUT: Decorator = click.option("-o", "--output", required=True, type=click.Path(), help="Where to write (required).")
+DEVICE: Decorator = click.option(
+    "--device", type=_Device(), default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+)
+DTYPE: Decorator = click.option(
+    "--dtype", type=_Dtype(), default=None, help="Output dtype: float32, bfloat16, float16 (default: keep)."
+)
+FORCE: Decorator = click.option("--force", is_flag=True, help="Replace an existing output.")
+QUIET: Decorator = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+JSON: Decorator = click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout.")
+PICKLE: Decorator = click.option(
+    "--allow-pickle", is_flag=True, help="Accept .bin/.pt (torch.load weights_only=True)."
+)
+FAN_IN_FAN_OUT: Decorator = click.option(
+    "--fan-in-fan-out/--no-fan-in-fan-out",
+    default=None,
+    help="Treat 2-D weights as GPT-2 Conv1D (in, out). Default: from config.json's model_type.",
+)
+FORMAT: Decorator = click.option(
+    "--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True, help="Output format."
+)
+BASE_MODEL_ID: Decorator = click.option(
+    "--base-model-id", default=None, help="The base's Hub id, recorded in the adapter config and card."
+)
+KOHYA_BASE: Decorator = click.option(
+    "--base",
+    type=click.Path(),
+    default=None,
+    help="A checkpoint whose module paths name the modules of kohya inputs (headers only).",
+)
+RANK: Decorator = click.option(
+    "-r",
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The rank: of every module (extract, default 16), or of the output (combine --method svd, resize). "
+    "With --energy or --budget, the highest rank allowed.",
+)
+ENERGY: Decorator = click.option(
+    "--energy",
+    type=ENERGY_RANGE,
+    default=None,
+    help="Per module, the smallest rank keeping this share of the energy (sum S^2), capped by -r.",
+)
+ENDPOINT: Decorator = click.option(
+    "--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)."
+)
+REVISION: Decorator = click.option("--revision", default=None, help="Branch, tag or commit id (default: main).")
 
 
-def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
-        return
-    payload = result.to_json() if hasattr(result, "to_json") else result
-    for w in (payload.get("warnings") or []) if isinstance(payload, dict) else []:
-        click.secho(f"warning: {w}", err=True, fg="yellow")
-    if as_json:
-        click.echo(json.dumps(payload, indent=2, default=str))
-    else:
-        click.echo(human(payload))
+def options(*decorators: Decorator) -> Decorator:
+    """Apply shared options in the order listed (as they appear in --help)."""
 
-
-def _opts(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Shared options, by name, in a fixed order."""
-    table: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
-        "output": click.option("-o", "--output", required=True, type=click.Path(), help="Where to write (required)."),
-        "device": click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        "dtype": click.option(
-            "--dtype", default=None, help="Output dtype: float32, bfloat16, float16 (default: keep)."
-        ),
-        "force": click.option("--force", is_flag=True, help="Replace an existing output."),
-        "quiet": click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
-        "json": click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout."),
-        "pickle": click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (torch.load weights_only=True)."),
-        "fifo": click.option(
-            "--fan-in-fan-out/--no-fan-in-fan-out",
-            default=None,
-            help="Treat 2-D weights as GPT-2 Conv1D (in, out). Default: from config.json's model_type.",
-        ),
-    }
-
-    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
-        for n in reversed(names):
-            f = table[n](f)
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for d in reversed(decorators):
+            f = d(f)
         return f
 
-    return deco
+    return apply
+
+
+def _emit(result: Any, as_json: bool, human: Callable[[Any], str], *, failed: bool = False) -> None:
+    """Print a result: JSON on stdout, or text (on stderr when ``failed``); warnings on stderr.
+
+    Under torchrun, rank 0 speaks for all. A ``failed`` result exits 1 once printed.
+    """
+    if int(os.environ.get("RANK", "0")) == 0:
+        payload = result.to_json() if hasattr(result, "to_json") else result
+        for w in (payload.get("warnings") or []) if isinstance(payload, dict) else []:
+            click.secho(f"warning: {w}", err=True, fg="yellow")
+        if as_json:
+            click.echo(json.dumps(payload, indent=2, default=str))
+        else:
+            click.echo(human(payload), err=failed)
+    if failed:
+        sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -129,19 +220,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("finetuned", type=click.Path())
-@click.option(
-    "-r",
-    "--rank",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Rank per module [default: 16]; with --energy/--budget, the highest rank allowed.",
-)
-@click.option(
-    "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Per module, the smallest rank keeping this share of the delta's energy (sum S^2).",
-)
+@options(RANK, ENERGY)
 @click.option(
     "--budget",
     type=click.IntRange(min=1),
@@ -151,17 +230,16 @@ def cli() -> None:
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
 @click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
 @click.option("--n-iter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations.")
-@click.option("--include", default=None, help="Regex: only module paths it matches (re.search) become LoRA.")
-@click.option("--exclude", default=None, help="Regex: module paths it matches do not become LoRA.")
+@click.option("--include", type=REGEX, default=None, help="Only module paths it matches (re.search) become LoRA.")
+@click.option("--exclude", type=REGEX, default=None, help="Module paths it matches do not become LoRA.")
 @click.option(
     "--keep-full",
+    type=REGEX,
     default=None,
-    help="Regex: changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.",
+    help="Changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.",
 )
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
-@click.option("--base-model-id", default=None, help="The base's Hub id, recorded in the adapter config.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
-@_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
+@options(FORMAT, BASE_MODEL_ID, OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
 def extract(
     base: str,
     finetuned: str,
@@ -196,6 +274,8 @@ def extract(
     """  # noqa: D301
     from .ops.extract import extract as run
 
+    if energy is not None and budget is not None:
+        raise click.UsageError("--energy and --budget are two rank rules: give one")
     if rank is None and energy is None and budget is None:
         rank = 16
     result = run(base, finetuned, output=output, rank=rank, energy=energy, budget=budget, svd=svd,  # type: ignore[arg-type]
@@ -241,7 +321,7 @@ def _merge_text(d: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
-@_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
+@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
 def merge(
     base: str,
     adapters: tuple[tuple[str, float], ...],
@@ -281,7 +361,7 @@ def merge(
     default=None,
     help="The original base: report how far the result is from it (max, relative, units of rounding).",
 )
-@_opts("output", "device", "dtype", "fifo", "force", "pickle", "quiet", "json")
+@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
 def unmerge(
     merged: str,
     adapters: tuple[tuple[str, float], ...],
@@ -326,20 +406,6 @@ def _combine_text(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_FORMAT = click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
-_BASE_ID = click.option("--base-model-id", default=None, help="The base's Hub id, recorded in the config and card.")
-_BASE = click.option(
-    "--base",
-    type=click.Path(),
-    default=None,
-    help="A checkpoint whose module paths name the modules of kohya inputs (headers only).",
-)
-_ENERGY = click.option(
-    "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Per module, the smallest rank keeping this share of the energy (capped by -r).",
-)
 
 
 @cli.command()
@@ -351,12 +417,7 @@ _ENERGY = click.option(
     show_default=True,
     help="cat: exact; svd: exact truncation to -r; linear: PEFT's per-factor average (approximate).",
 )
-@click.option("-r", "--rank", type=click.IntRange(min=1), default=None, help="Output rank for --method svd.")
-@_ENERGY
-@_FORMAT
-@_BASE_ID
-@_BASE
-@_opts("output", "device", "dtype", "force", "pickle", "quiet", "json")
+@options(RANK, ENERGY, FORMAT, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET, JSON)
 def combine(
     adapters: tuple[tuple[str, float], ...],
     method: str,
@@ -385,6 +446,9 @@ def combine(
     """
     from .ops.combine import combine as run
 
+    if method != "svd" and (rank is not None or energy is not None):
+        raise click.UsageError(f"-r/--rank and --energy apply to --method svd, not {method}")
+
     result = run(list(adapters), output=output, method=method, rank=rank, energy=energy, device=device,  # type: ignore[arg-type]
                  dtype=dtype, format=fmt, base_model_id=base_model_id, base=base, force=force,  # type: ignore[arg-type]
                  allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
@@ -393,12 +457,7 @@ def combine(
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@click.option("-r", "--rank", type=click.IntRange(min=1), default=None, help="The new rank (the cap with --energy).")
-@_ENERGY
-@_FORMAT
-@_BASE_ID
-@_BASE
-@_opts("output", "device", "dtype", "force", "pickle", "quiet", "json")
+@options(RANK, ENERGY, FORMAT, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET, JSON)
 def resize(
     adapter: str,
     rank: int | None,
@@ -423,6 +482,9 @@ def resize(
     """
     from .ops.combine import resize as run
 
+    if rank is None and energy is None:
+        raise click.UsageError("resize needs -r/--rank or --energy (e.g. loratool resize adapter/ -r 8 -o out/)")
+
     result = run(adapter, output=output, rank=rank, energy=energy, device=device, dtype=dtype, format=fmt,  # type: ignore[arg-type]
                  base_model_id=base_model_id, base=base, force=force, allow_pickle=allow_pickle,
                  show_progress=not quiet)  # fmt: skip
@@ -431,7 +493,7 @@ def resize(
 
 @cli.command()
 @click.argument("path", type=click.Path())
-@_opts("pickle", "json")
+@options(PICKLE, JSON)
 def inspect(path: str, allow_pickle: bool, as_json: bool) -> None:
     """Show what a checkpoint or an adapter holds (checkpoints: from headers only).
 
@@ -476,7 +538,7 @@ def _inspect_text(d: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("adapter", type=click.Path())
 @click.option("--no-values", is_flag=True, help="Skip reading tensors (finite values, recorded digest).")
-@_opts("json")
+@options(JSON)
 def validate(adapter: str, no_values: bool, as_json: bool) -> None:
     """Check ADAPTER's metadata against schemas/ and its structure against its tensors.
 
@@ -490,33 +552,26 @@ def validate(adapter: str, no_values: bool, as_json: bool) -> None:
     from .ops.validate import validate as run
 
     report = run(adapter, check_values=not no_values)
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-    elif report.valid:
-        checked = ", tensor digest checked" if report.sha256_checked else ""
-        click.echo(f"valid: {report.path} ({report.format}, {report.modules} modules{checked})")
-    else:
-        click.echo(f"invalid: {report.path} ({len(report.problems)} problem(s))", err=True)
-        for p in report.problems:
-            click.echo(f"  {p}", err=True)
-    if not report.valid:
-        sys.exit(1)
+    _emit(report, as_json, _validate_text, failed=not report.valid)
 
 
-_ENDPOINT = click.option("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co).")
-_REVISION = click.option("--revision", default=None, help="Branch, tag or commit id (default: main).")
+def _validate_text(d: dict[str, Any]) -> str:
+    if d["valid"]:
+        checked = ", tensor digest checked" if d["sha256_checked"] else ""
+        return f"valid: {d['path']} ({d['format']}, {d['modules']} modules{checked})"
+    lines = [f"invalid: {d['path']} ({len(d['problems'])} problem(s))"]
+    lines += [f"  {p['path']}: {p['message']}" for p in d["problems"]]
+    return "\n".join(lines)
 
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
 @click.argument("repo_id")
-@_REVISION
+@REVISION
 @click.option("--private", is_flag=True, help="Create the repository private.")
 @click.option("-m", "--message", default=None, help="Commit message.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
-@_BASE_ID
-@_ENDPOINT
-@_opts("json")
+@options(BASE_MODEL_ID, ENDPOINT, JSON)
 def push(
     adapter: str,
     repo_id: str,
@@ -554,9 +609,7 @@ def push(
 
 @cli.command()
 @click.argument("repo_id")
-@_REVISION
-@_ENDPOINT
-@_opts("output", "force", "json")
+@options(REVISION, ENDPOINT, OUTPUT, FORCE, JSON)
 def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, force: bool, as_json: bool) -> None:
     """Download the adapter in REPO_ID into -o OUT, checking every file's checksum.
 

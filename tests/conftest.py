@@ -42,6 +42,6 @@ def cli():
     runner = CliRunner()
 
     def run(*args: object):
-        return runner.invoke(group, [str(a) for a in args], catch_exceptions=False)
+        return runner.invoke(group, [str(a) for a in args], catch_exceptions=False, prog_name="loratool")
 
     return run

@@ -204,7 +204,7 @@ def test_refusals(tmp_path: Path, sources, cli) -> None:
     r = cli("combine", *paths, "--method", "linear", "-o", tmp_path / "x")
     assert r.exit_code == 1 and "--method linear needs equal ranks" in r.stderr
     r = cli("combine", *paths, "-r", 4, "-o", tmp_path / "x")
-    assert r.exit_code == 1 and "apply to --method svd" in r.stderr
+    assert r.exit_code == 2 and "apply to --method svd" in r.stderr  # a usage error
     base = tmp_path / "base"
     peft_adapter(load_model("llama", base), ["q_proj"], use_dora=True).save_pretrained(tmp_path / "dora")
     r = cli("combine", paths[0], tmp_path / "dora", "-o", tmp_path / "x")

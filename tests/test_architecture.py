@@ -1,0 +1,91 @@
+"""The package's layout rules, read from the source with ``ast`` (see README, Development)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "loratool"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> tuple[set[str], set[str]]:
+    """(loratool modules, outside top-level packages) that ``path`` imports, lazily or not."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    inside, outside = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                (inside if alias.name.split(".")[0] == "loratool" else outside).add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                # ``from . import x`` names a submodule when x is one
+                for alias in node.names if not node.module else [None]:
+                    sub = f"{target}.{alias.name}" if alias is not None else target
+                    inside.add(sub if _exists(sub) else target)
+            elif node.module and node.module.split(".")[0] == "loratool":
+                inside.add(node.module)
+            elif node.module:
+                outside.add(node.module)
+    return {m for m in inside if m != name}, {m.split(".")[0] for m in outside}
+
+
+def _exists(module: str) -> bool:
+    rel = Path(*module.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").is_file() or (PACKAGE / rel / "__init__.py").is_file()
+
+
+GRAPH = {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_the_graph_was_read() -> None:
+    assert "loratool.ops.merge" in GRAPH and "loratool.linalg" in GRAPH["loratool.ops.merge"][0]
+    assert "loratool.io.checkpoint" in GRAPH["loratool.formats.peft"][0]
+
+
+def test_no_import_cycles() -> None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(GRAPH.get(m, (set(), set()))[0]):
+            if state.get(n) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*path[path.index(n) :], n]))
+            if n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in GRAPH:
+        if m not in state and m != "loratool":  # the package's lazy __getattr__ hands out everything
+            visit(m, [m])
+
+
+def test_no_operation_imports_another() -> None:
+    for m, (inside, _) in GRAPH.items():
+        if m.startswith("loratool.ops."):
+            others = {n for n in inside if n.startswith("loratool.ops")}
+            assert not others, f"{m} imports {sorted(others)}: move the shared part out of ops/"
+
+
+def test_the_adapter_model_depends_on_errors_only() -> None:
+    assert GRAPH["loratool.adapter"][0] <= {"loratool.errors"}
+
+
+@pytest.mark.parametrize(
+    ("library", "home"),
+    [("safetensors", "loratool.io."), ("huggingface_hub", "loratool.ops.hub"), ("jsonschema", "loratool.schema"),
+     ("click", "loratool.cli"), ("tqdm", "loratool.runtime")],
+)  # fmt: skip
+def test_each_outside_library_enters_through_one_module(library: str, home: str) -> None:
+    users = {m for m, (_, outside) in GRAPH.items() if library in outside}
+    assert users and all(m.startswith(home) for m in users), f"{library} is imported by {sorted(users)}"

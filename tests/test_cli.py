@@ -1,0 +1,69 @@
+"""The command line's contract: usage errors exit 2 with click's usage text, failed operations exit 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+
+BASE = FIXTURES / "llama-base"
+FT = FIXTURES / "llama-ft"
+ADAPTER = FIXTURES / "llama-peft-adapter"
+
+USAGE_ERRORS = [
+    (["extract", BASE, FT, "--energy", "0.9", "--budget", "100"], "--energy and --budget"),
+    (["extract", BASE, FT, "--energy", "1.5"], "--energy"),
+    (["extract", BASE, FT, "--include", "(unclosed"], "not a valid regular expression"),
+    (["extract", BASE, FT, "--exclude", "*"], "not a valid regular expression"),
+    (["extract", BASE, FT, "--keep-full", "[a-"], "not a valid regular expression"),
+    (["extract", BASE, FT, "-r", "0"], "--rank"),
+    (["merge", BASE, ADAPTER, "--dtype", "int8"], "not an output dtype"),
+    (["merge", BASE, ADAPTER, "--device", "tpu"], "not a device"),
+    (["merge", BASE, f"{ADAPTER}:nan"], "give a finite number"),
+    (["unmerge", BASE, f"{ADAPTER}:inf"], "give a finite number"),
+    (["combine", f"{ADAPTER}:-inf", ADAPTER], "give a finite number"),
+    (["combine", ADAPTER, ADAPTER, "-r", "4"], "apply to --method svd"),
+    (["combine", ADAPTER, ADAPTER, "--method", "linear", "--energy", "0.5"], "apply to --method svd"),
+    (["combine", ADAPTER, "--method", "ties"], "--method"),
+    (["resize", ADAPTER], "resize needs -r/--rank or --energy"),
+    (["extract", BASE], "Missing argument"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"), USAGE_ERRORS, ids=lambda v: " ".join(map(str, v))[:60] if isinstance(v, list) else None
+)
+def test_usage_errors_exit_2_and_write_nothing(cli, tmp_path: Path, args: list[object], phrase: str) -> None:
+    out = tmp_path / "out"
+    r = cli(*args, "-o", out)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("Usage: loratool") and phrase in r.stderr
+    assert not out.exists()
+
+
+OPERATION_FAILURES = [
+    (["extract", BASE, FIXTURES / "gpt2-ft"], "lacks this tensor"),
+    (["merge", FIXTURES / "gpt2-base", ADAPTER], "the base has no matching"),
+    (["merge", BASE, "no-such-adapter/"], "no such adapter"),
+    (["inspect", "no-such-path"], "no such file"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"), OPERATION_FAILURES, ids=lambda v: str(v[0]) if isinstance(v, list) else None
+)
+def test_failed_operations_exit_1_with_the_cause(cli, tmp_path: Path, args: list[object], phrase: str) -> None:
+    out = tmp_path / "out"
+    extra = [] if args[0] == "inspect" else ["-o", out]
+    r = cli(*args, *extra)
+    assert r.exit_code == 1, r.output
+    assert r.stderr.startswith("error: ") and phrase in r.stderr and "Usage:" not in r.stderr
+    assert not out.exists()
+
+
+def test_validate_reports_through_the_emitter(cli, tmp_path: Path) -> None:
+    r = cli("validate", ADAPTER)
+    assert r.exit_code == 0 and r.stdout.startswith("valid: ")
+    r = cli("validate", tmp_path / "nope", "--json")
+    assert r.exit_code == 1 and '"valid": false' in r.stdout
