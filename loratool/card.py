@@ -39,7 +39,7 @@ def render_card(config: dict[str, Any], record: dict[str, Any] | None, *, base_m
         tags.append(f"base_model:adapter:{base}")
     front += ["tags:"] + [f"- {json.dumps(t)}" for t in tags] + ["---", ""]
     body = [f"# LoRA adapter{f' for {base}' if base else ''}", ""]
-    ranks = sorted({config.get("r")} | set((config.get("rank_pattern") or {}).values()) - {None})
+    ranks = sorted({int(r) for r in [config.get("r"), *(config.get("rank_pattern") or {}).values()] if r is not None})
     body.append(f"A LoRA adapter (ranks {', '.join(map(str, ranks)) or '?'}) written by loratool.")
     body.append("")
     if base:

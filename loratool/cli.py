@@ -53,7 +53,7 @@ class _Group(click.Group):
 
 
 # -- parameter types: values are checked at the boundary, and a bad one is a usage error (exit 2) --
-class _AdapterSpec(click.ParamType):
+class _AdapterSpec(click.ParamType):  # type: ignore[type-arg]
     """``PATH`` or ``PATH:SCALE`` (``adapter/:0.5``, ``style.safetensors:-1``); the scale must be finite."""
 
     name = "ADAPTER[:SCALE]"
@@ -73,7 +73,7 @@ class _AdapterSpec(click.ParamType):
         return str(value), 1.0
 
 
-class _Dtype(click.ParamType):
+class _Dtype(click.ParamType):  # type: ignore[type-arg]
     """A floating dtype for outputs: float32, bfloat16, float16 (and F32, BF16, fp16 ... spellings)."""
 
     name = "DTYPE"
@@ -90,7 +90,7 @@ class _Dtype(click.ParamType):
         return name
 
 
-class _Device(click.ParamType):
+class _Device(click.ParamType):  # type: ignore[type-arg]
     """auto, cpu, cuda or cuda:N (whether that device exists is checked when the command runs)."""
 
     name = "DEVICE"
@@ -102,7 +102,7 @@ class _Device(click.ParamType):
         return text
 
 
-class _Regex(click.ParamType):
+class _Regex(click.ParamType):  # type: ignore[type-arg]
     """A Python regular expression (kept as text; compiled here once to check it)."""
 
     name = "REGEX"
@@ -132,9 +132,7 @@ DTYPE: Decorator = click.option(
 FORCE: Decorator = click.option("--force", is_flag=True, help="Replace an existing output.")
 QUIET: Decorator = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 JSON: Decorator = click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout.")
-PICKLE: Decorator = click.option(
-    "--allow-pickle", is_flag=True, help="Accept .bin/.pt (torch.load weights_only=True)."
-)
+PICKLE: Decorator = click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt (torch.load weights_only=True).")
 FAN_IN_FAN_OUT: Decorator = click.option(
     "--fan-in-fan-out/--no-fan-in-fan-out",
     default=None,
@@ -404,8 +402,6 @@ def _combine_text(d: dict[str, Any]) -> str:
         )
     lines.append(f"{d['operation']} ({d['method']}): wrote {d['output']}")
     return "\n".join(lines)
-
-
 
 
 @cli.command()

@@ -100,7 +100,8 @@ def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", en
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, total=total, desc=desc, unit="tensor", delay=1.0, dynamic_ncols=True, leave=False)
+    bar: Iterable[T] = tqdm(items, total=total, desc=desc, unit="tensor", delay=1.0, dynamic_ncols=True, leave=False)
+    return bar
 
 
 def compile_regex(pattern: str | None, option: str) -> re.Pattern[str] | None:

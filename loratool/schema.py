@@ -24,7 +24,8 @@ def schema_dir() -> Path:
 
 @cache
 def load_schema(name: str) -> dict[str, Any]:
-    return json.loads((schema_dir() / f"{name}.schema.json").read_text())
+    schema: dict[str, Any] = json.loads((schema_dir() / f"{name}.schema.json").read_text())
+    return schema
 
 
 def json_path(parts: Any) -> str:

@@ -29,14 +29,14 @@ def imports(path: Path) -> tuple[set[str], set[str]]:
                 base = package.split(".")
                 base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
-                # ``from . import x`` names a submodule when x is one
-                for alias in node.names if not node.module else [None]:
-                    sub = f"{target}.{alias.name}" if alias is not None else target
-                    inside.add(sub if _exists(sub) else target)
-            elif node.module and node.module.split(".")[0] == "loratool":
-                inside.add(node.module)
-            elif node.module:
-                outside.add(node.module)
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "loratool":
+                outside.add(target)
+                continue
+            for alias in node.names:  # ``from x import y`` imports module x.y when y is one
+                sub = f"{target}.{alias.name}"
+                inside.add(sub if _exists(sub) else target)
     return {m for m in inside if m != name}, {m.split(".")[0] for m in outside}
 
 

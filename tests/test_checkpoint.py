@@ -247,6 +247,7 @@ def test_listing_reads_no_tensor(fixtures: Path, monkeypatch) -> None:
     assert calls == []
 
 
+@pytest.mark.slow
 def test_inspect_of_a_large_checkpoint_does_not_load_it(tmp_path: Path) -> None:
     big = tmp_path / "big.safetensors"
     save_file({f"t{i}": torch.zeros(4096, 4096) for i in range(4)}, str(big))  # 256 MiB on disk

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,15 +12,36 @@ from helpers import load_model, logits, peft_adapter, tiny_model
 from safetensors.torch import load_file
 
 from loratool.formats import load_adapter
-from loratool.linalg import lora_delta
 from loratool.ops.combine import combine, resize
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 
 
 def dense(path: Path) -> dict[str, torch.Tensor]:
-    a = load_adapter(path)
-    return {p: lora_delta(m.lora_A, m.lora_B, m.scaling, m.kind).double() for p, m in a.modules.items()}
+    """Each module's delta (float64, in its weight's layout), independently of loratool's reader: the
+    tensors through safetensors, rank and scaling through PEFT's own config and pattern rules."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    cfg = LoraConfig.from_pretrained(str(path))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    out = {}
+    for key, a in tensors.items():
+        for a_suffix, b_suffix, transposed in (
+            (".lora_A.weight", ".lora_B.weight", cfg.fan_in_fan_out),
+            (".lora_embedding_A", ".lora_embedding_B", True),
+        ):
+            if not key.endswith(a_suffix):
+                continue
+            mod = key.removeprefix("base_model.model.").removesuffix(a_suffix)
+            b = tensors[key.removesuffix(a_suffix) + b_suffix]  # (out, r)
+            r = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), mod), cfg.r)
+            alpha = cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), mod), cfg.lora_alpha)
+            assert a.shape[0] == r == b.shape[1], f"{mod}: PEFT would build rank {r}, the file holds {a.shape[0]}"
+            scaling = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+            d = scaling * (b.double() @ a.double())  # (out, r) @ (r, in)
+            out[mod] = d.T if transposed else d
+    return out
 
 
 @pytest.fixture
@@ -58,10 +80,13 @@ def test_cat_is_the_exact_weighted_sum(tmp_path: Path, sources) -> None:
     assert set(got) == set(expected)  # the union of modules
     for mod in expected:
         assert torch.allclose(got[mod], expected[mod], rtol=1e-5, atol=1e-7), mod
-    out = load_adapter(tmp_path / "cat")
-    assert all(m.scaling == 1.0 for m in out.modules.values())
-    assert out.config["use_rslora"] is False
-    assert out.modules["model.layers.0.self_attn.q_proj"].rank == 4 + 2 + 6
+    cfg = json.loads((tmp_path / "cat" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is False and cfg["lora_alpha"] == cfg["r"]  # scaling 1 everywhere
+    assert all(cfg["alpha_pattern"][k] == v for k, v in cfg["rank_pattern"].items())
+    q = load_file(str(tmp_path / "cat" / "adapter_model.safetensors"))[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    ]
+    assert q.shape[0] == 4 + 2 + 6
     assert all(r.relative_error == 0.0 for r in res.report)
 
 

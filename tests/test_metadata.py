@@ -11,8 +11,8 @@ from conftest import FIXTURES
 from helpers import edit_tensors
 
 from loratool.card import is_hub_id, render_card
-from loratool.ops.extract import extract
 from loratool.io.checkpoint import open_checkpoint
+from loratool.ops.extract import extract
 from loratool.ops.validate import validate
 from loratool.provenance import decode
 from loratool.schema import check, check_schemas

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -35,6 +36,7 @@ def test_usage_error_exits_2(cli) -> None:
     assert r.exit_code == 2
 
 
+@pytest.mark.slow
 def test_the_main_jobs_need_no_numpy(tmp_path, fixtures) -> None:
     """A fresh install has no numpy (torch does not require it): extract, merge, validate without it."""
     code = (

@@ -6,17 +6,30 @@ Each format module exposes one public key parser (``parse_key``) used by its rea
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..adapter import Adapter
-from ..errors import InputFileError, MissingInputError
+from ..errors import InputFileError, LoraToolError, MissingInputError
 
 if TYPE_CHECKING:
     import torch
 
 Format = Literal["peft", "kohya"]
+PathArg = str | os.PathLike[str]
+# what the API takes for an adapter: a path, an Adapter, or either with a scale (weight)
+AdapterArg = PathArg | Adapter | tuple[PathArg, float] | tuple[Adapter, float]
+
+
+def split_scale(item: AdapterArg) -> tuple[PathArg | Adapter, float]:
+    """``(adapter, scale)`` from an API argument; the scale defaults to 1 and must be finite."""
+    source, scale = item if isinstance(item, (tuple, list)) else (item, 1.0)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        name = source.path if isinstance(source, Adapter) else str(source)
+        raise LoraToolError(f"the scale of this adapter is {scale!r}", path=name, fix="give a finite number")
+    return source, float(scale)
 
 
 def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, lazy: bool = False) -> Adapter:

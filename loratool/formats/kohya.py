@@ -106,7 +106,7 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
             fix="write the PEFT format instead, or leave out --keep-full",
         )
     tensors: dict[str, torch.Tensor] = {}
-    modules_meta = {}
+    modules_meta: dict[str, dict[str, str]] = {}
     for path, m in adapter.modules.items():
         prefix = kohya_prefix(path)
         if prefix in modules_meta:

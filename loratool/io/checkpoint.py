@@ -110,7 +110,7 @@ class Checkpoint:
 
         rel = file.name
         try:
-            handle = safe_open(str(file), framework="pt")
+            handle: Any = safe_open(str(file), framework="pt")  # safetensors ships no type hints
             names = list(handle.keys())
             infos = []
             for name in names:
@@ -201,7 +201,8 @@ class Checkpoint:
         if not cfg.is_file():
             return {}
         try:
-            return json.loads(cfg.read_text())
+            config: dict[str, Any] = json.loads(cfg.read_text())
+            return config
         except (OSError, json.JSONDecodeError) as e:
             raise InputFileError(f"config.json is not valid JSON ({e})", path=str(cfg)) from None
 
@@ -214,7 +215,8 @@ class Checkpoint:
         from safetensors import SafetensorError
 
         try:
-            return self._handles[info.file].get_tensor(key)
+            tensor: torch.Tensor = self._handles[info.file].get_tensor(key)
+            return tensor
         except SafetensorError as e:
             raise InputFileError(f"cannot read tensor '{key}' ({e})", path=str(self.root / info.file)) from None
 

@@ -21,14 +21,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from ..adapter import Adapter, LoraModule
 from ..card import check_base_model_id
 from ..errors import LoraToolError, ShapeMismatchError, UnsupportedAdapterError
-from ..formats import load_adapter, save_adapter
+from ..formats import PathArg, load_adapter, save_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..formats.peft import new_config
 from ..io.atomic import check_output
@@ -39,7 +39,7 @@ from ..report import ModuleReport, summarize
 from ..runtime import map_on_cores, progress, resolve_device
 
 Method = Literal["cat", "svd", "linear"]
-SourceArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float]
+SourceArg = PathArg | tuple[PathArg, float]
 
 
 @dataclass
@@ -161,12 +161,12 @@ def _run(
     if energy is not None and not 0 < energy <= 1:
         raise LoraToolError(f"--energy must be in (0, 1] (got {energy})")
     check_base_model_id(base_model_id)
-    pairs = [tuple(s) if isinstance(s, (tuple, list)) else (s, 1.0) for s in sources]
+    pairs = [cast("tuple[PathArg, float]", split_scale(s)) for s in sources]
     if not pairs:
         raise LoraToolError("no adapter given", fix="name at least one ADAPTER")
     out = check_output(output, force=force, inputs=[p for p, _ in pairs])
     dev = resolve_device(device)
-    loaded = [(load_adapter(p, allow_pickle=allow_pickle), float(w), str(p)) for p, w in pairs]
+    loaded = [(load_adapter(p, allow_pickle=allow_pickle), w, str(p)) for p, w in pairs]
     _check_sources(loaded, method)
     warnings = _align_kohya_names(loaded, _module_paths(base, allow_pickle) if base is not None else [])
     hasher = InputHasher([f for a, _, _ in loaded for f in _files(Path(a.path or ""))])

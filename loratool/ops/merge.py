@@ -21,7 +21,7 @@ from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
 from ..distributed import current
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
-from ..formats import load_adapter
+from ..formats import AdapterArg, load_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
@@ -31,8 +31,6 @@ from ..linalg import add_lora, dora_rescale, is_finite, merge_rows, row_factors,
 from ..pipeline import BackgroundWriter, BufferPool, stream, widen
 from ..provenance import InputHasher, encode, make_record
 from ..runtime import compute_threads, resolve_device
-
-AdapterArg = str | os.PathLike[str] | tuple[str | os.PathLike[str], float] | Adapter
 
 
 @dataclass
@@ -189,10 +187,8 @@ def unmerge(
 def _load_all(adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool) -> list[tuple[Adapter, float, str]]:
     loaded = []
     for item in adapters:
-        scale = 1.0
-        if isinstance(item, (tuple, list)):
-            item, scale = item
-        adapter = item if isinstance(item, Adapter) else load_adapter(item, allow_pickle=allow_pickle)
+        source, scale = split_scale(item)
+        adapter = source if isinstance(source, Adapter) else load_adapter(source, allow_pickle=allow_pickle)
         name = adapter.path or "adapter"
         if adapter.rewrites_base:
             raise UnsupportedAdapterError(
@@ -208,7 +204,7 @@ def _load_all(adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool) -> 
                 path=name,
                 fix="keep the original base checkpoint to go back to",
             )
-        loaded.append((adapter, float(scale), name))
+        loaded.append((adapter, scale, name))
     if not loaded:
         raise MissingKeyError("no adapter given", fix="name at least one ADAPTER")
     return loaded
@@ -341,8 +337,8 @@ def _apply(
     check: str | os.PathLike[str] | None = None,
 ) -> MergeResult:
     operation = "merge" if sign > 0 else "unmerge"
-    adapter_paths = [a[0] if isinstance(a, (tuple, list)) else a for a in adapters if not isinstance(a, Adapter)]
-    out = check_output(output, force=force, inputs=[base, *adapter_paths])  # type: ignore[list-item]
+    sources = [split_scale(a)[0] for a in adapters]
+    out = check_output(output, force=force, inputs=[base, *(s for s in sources if not isinstance(s, Adapter))])
     dev = resolve_device(device)
     loaded = _load_all(adapters, sign, allow_pickle)
     out_dtype = torch_dtype(dtype) if dtype else None
@@ -379,7 +375,7 @@ def _apply(
         final = {"format": "pt", **encode(make_record(operation, params, hasher.result()))} if d.is_main else None
         final = d.broadcast(final)
         for fname in mine:
-            patch_metadata(root / fname, final)
+            patch_metadata(root / fname, final or {})
         if reference is not None:
             result.check = RoundTripCheck.combine([c for c in checks if c is not None])
         d.barrier()
