@@ -16,7 +16,8 @@ import torch
 from common import bench_main, fresh, machine, measure
 from synth import SHAPES_1B, llama_specs
 
-from loratool.adapter import Adapter, LoraModule, load_adapter, save_adapter
+from loratool.adapter import Adapter, LoraModule
+from loratool.formats import load_adapter, save_adapter
 
 WEIGHTS = [1.0, 0.5, -0.3, 0.8]
 

@@ -18,7 +18,8 @@ import torch
 from bench_extract import ensure_pair
 from common import bench_main, copy_tree, direct_copy_tree, fresh, machine, measure, read_floor
 
-from loratool.adapter import Adapter, LoraModule, save_adapter
+from loratool.adapter import Adapter, LoraModule
+from loratool.formats import save_adapter
 from loratool.io.checkpoint import open_checkpoint
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -8,10 +8,12 @@ model has. Quantization and expert layouts belong here too. Nothing here reads f
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .adapter import Kind
+from .errors import UnsupportedCheckpointError
 
 # transformers model types whose 2-D projection weights are GPT-2 ``Conv1D`` (stored (in, out)).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -86,3 +88,63 @@ def tied_output(keys: list[str], config: Mapping[str, Any]) -> tuple[str, str] |
     embeds = [k for k in keys if k.endswith(".weight") and is_embedding(k[: -len(".weight")])]
     embeds = [k for k in embeds if any(name in k for name in _TOKEN_EMBEDDINGS)] or embeds
     return (OUTPUT_LAYER, embeds[0]) if embeds else None
+
+
+# -- quantized checkpoints ----------------------------------------------------------------------------
+_FLOAT_LOW_BITS = ("F8_", "F6_", "F4")  # safetensors names of float8/6/4 dtypes
+_SCALE_COMPANIONS = {
+    "weight_scale_inv": "fp8 (block-scaled)", "weight_scale": "fp8 (scaled)", "input_scale": "fp8 (scaled)",
+}  # fmt: skip
+_BNB = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What says a checkpoint is quantized: the method and the first piece of evidence."""
+
+    method: str  # quant_method from config.json, else what the tensors look like
+    evidence: str
+
+    def __str__(self) -> str:
+        return f"{self.method} ({self.evidence})"
+
+
+def detect_quantization(config: Mapping[str, Any], tensors: Iterable[tuple[str, str]]) -> Quantization | None:
+    """A quantized checkpoint's method, from config.json's ``quantization_config`` or the tensors.
+
+    ``tensors`` are (name, safetensors dtype) pairs, from headers. Evidence in the tensors: float8
+    (or narrower) dtypes; FP8 scale companions (``weight_scale_inv``, ``weight_scale``,
+    ``input_scale``); packed integers (``qweight`` with ``qzeros``/``scales``/``g_idx``);
+    bitsandbytes state (``absmax``, ``quant_map``, ``quant_state``); MXFP4 ``_blocks``/``_scales``.
+    """
+    qc = config.get("quantization_config") or config.get("compression_config")
+    if isinstance(qc, Mapping) and qc:
+        method = str(qc.get("quant_method") or qc.get("format") or "unknown")
+        return Quantization(method, "config.json quantization_config")
+    names = [(n, d) for n, d in tensors]
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in names}
+    for name, dtype in names:
+        if dtype.startswith(_FLOAT_LOW_BITS):
+            return Quantization("fp8" if dtype.startswith("F8_") else "low-bit float", f"tensor '{name}' is {dtype}")
+    for name, _ in names:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _SCALE_COMPANIONS:
+            return Quantization(_SCALE_COMPANIONS[leaf], f"tensor '{name}'")
+        if leaf == "qweight":
+            return Quantization("gptq/awq (packed integers)", f"tensor '{name}'")
+        if leaf in _BNB or "quant_state" in leaf:
+            return Quantization("bitsandbytes", f"tensor '{name}'")
+        if leaf.endswith("_blocks") and leaf[: -len("_blocks")] + "_scales" in leaves:
+            return Quantization("mxfp4", f"tensor '{name}'")
+    return None
+
+
+def refuse_quantized(found: Quantization | None, path: str, operation: str) -> None:
+    """Until loratool supports a quantized layout, it refuses it: adding a delta to packed or scaled
+    numbers as if they were plain weights writes a wrong checkpoint without a sign."""
+    if found is not None:
+        raise UnsupportedCheckpointError(
+            f"the checkpoint is quantized: {found}; {operation} would treat quantized numbers as plain weights",
+            path=path,
+            fix=f"{operation} a dequantized (float32/bfloat16/float16) copy of the checkpoint instead",
+        )

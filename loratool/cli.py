@@ -8,6 +8,7 @@ imported only inside commands, so ``loratool --help`` is instant.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -624,6 +625,19 @@ def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, 
         as_json,
         lambda d: f"pulled {d['repo_id']}@{d['commit_id'][:12]} into {d['output']} (checksums verified)",
     )
+
+
+class _EchoHandler(logging.Handler):
+    """loratool's log records (warnings of the library itself) as ``warning: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.secho(f"{record.levelname.lower()}: {record.getMessage()}", err=True, fg="yellow")
+
+
+_log = logging.getLogger("loratool")
+_log.addHandler(_EchoHandler(logging.WARNING))
+_log.propagate = False
 
 
 def main() -> None:

@@ -73,8 +73,16 @@ class UnsupportedAdapterError(LoraToolError, ValueError):
     """The adapter is valid, but the asked operation cannot be done correctly on it (DoRA, PiSSA...)."""
 
 
+class UnsupportedCheckpointError(LoraToolError, ValueError):
+    """The checkpoint is valid, but loratool cannot operate on it correctly (e.g. quantized weights)."""
+
+
 class OutputExistsError(LoraToolError, FileExistsError):
     """The output path exists and ``force`` was not given."""
+
+
+class OutputLocationError(LoraToolError, OSError):
+    """The output's location cannot be created or written (read-only, a file where a folder is needed)."""
 
 
 class MetadataError(LoraToolError, ValueError):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import pattern_lookup
-from .errors import LoraToolError
+from .errors import LoraToolError, MetadataError
 from .formats import kohya, peft
 from .io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from .provenance import PROVENANCE_KEY, decode, tensors_sha256
@@ -42,6 +42,7 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     modules: int = 0
     sha256_checked: bool = False
+    warnings: list[Problem] = field(default_factory=list)  # what readers may take differently; not invalid
 
     @property
     def valid(self) -> bool:
@@ -58,10 +59,13 @@ class ValidationReport:
             "modules": self.modules,
             "sha256_checked": self.sha256_checked,
             "problems": [{"path": p.path, "message": p.message} for p in self.problems],
+            "warnings": [str(w) for w in self.warnings],
         }
 
 
-def validate_adapter(adapter: str | os.PathLike[str], *, check_values: bool = True) -> ValidationReport:
+def validate_adapter(
+    adapter: str | os.PathLike[str], *, check_values: bool = True, allow_pickle: bool = False
+) -> ValidationReport:
     """Validate an adapter's metadata and structure.
 
     Args:
@@ -84,7 +88,7 @@ def validate_adapter(adapter: str | os.PathLike[str], *, check_values: bool = Tr
         report = ValidationReport(str(p), "peft")
         config = _check_config(p, report)
         try:
-            wpath = peft.weights_path(p, allow_pickle=False)
+            wpath = peft.weights_path(p, allow_pickle=allow_pickle)
         except LoraToolError as e:
             report.add("tensors", e.message)
             return _sorted(report)
@@ -92,7 +96,7 @@ def validate_adapter(adapter: str | os.PathLike[str], *, check_values: bool = Tr
         report = ValidationReport(str(p), "kohya")
         config, wpath = None, p
     try:
-        ckpt = open_checkpoint(wpath)
+        ckpt = open_checkpoint(wpath, allow_pickle=allow_pickle)
     except LoraToolError as e:
         report.add("tensors", e.message)
         return _sorted(report)
@@ -104,6 +108,29 @@ def validate_adapter(adapter: str | os.PathLike[str], *, check_values: bool = Tr
         _check_dtypes(ckpt, report)
         _check_provenance(ckpt, report, check_values)
     return _sorted(report)
+
+
+def require_valid(
+    adapter: str | os.PathLike[str], refusal: str, *, check_values: bool = False, allow_pickle: bool = False
+) -> list[str]:
+    """Refuse what ``validate`` rejects before an operation acts on it (by default from headers and
+    config only, which is cheap); ``refusal`` says what happens ("merge refuses it").
+
+    Returns the warnings (what another reader may take differently) for the operation to pass on.
+
+    Raises:
+        MetadataError: the adapter fails validation; the message lists every problem.
+    """
+    report = validate_adapter(adapter, check_values=check_values, allow_pickle=allow_pickle)
+    if not report.valid:
+        listing = "; ".join(str(p) for p in report.problems)
+        raise MetadataError(
+            f"the adapter is not valid, so {refusal}: {listing}",
+            path=str(adapter),
+            problems=[(p.path, p.message) for p in report.problems],
+            fix="run `loratool validate` on it and fix what it lists",
+        )
+    return [f"{adapter}: {w}" for w in report.warnings]
 
 
 def _sorted(report: ValidationReport) -> ValidationReport:
@@ -193,6 +220,26 @@ def _check_kohya_structure(ckpt: Checkpoint, report: ValidationReport) -> None:
             report.add(f"tensors/{prefix}", f"lora_down {list(down)} and lora_up {list(up)} disagree on the rank")
         if "alpha" in slots and slots["alpha"] not in ((), (1,)):
             report.add(f"tensors/{prefix}.alpha", f"alpha must be a scalar (got shape {list(slots['alpha'])})")
+        elif "alpha" not in slots and down is not None:
+            _check_missing_alpha(prefix, down[0], ckpt.header_metadata.get("ss_network_alpha"), report)
+
+
+def _check_missing_alpha(prefix: str, rank: int, recorded: str | None, report: ValidationReport) -> None:
+    """A kohya module without ``.alpha`` is scaled by alpha = r (scaling 1) by kohya's loader; when the
+    header records another network alpha, which one was meant cannot be told."""
+    try:
+        header_alpha = float(recorded) if recorded is not None else None
+    except ValueError:
+        header_alpha = None  # "Dynamic" or text: no single alpha is claimed
+    where = f"tensors/{prefix}.alpha"
+    if header_alpha is not None and header_alpha != rank:
+        report.add(
+            where,
+            f"is missing, and the header's ss_network_alpha is {recorded}: kohya's loader would scale by "
+            f"alpha = r = {rank} (scaling 1), the header says {header_alpha / rank:g}; add the alpha tensor",
+        )
+    else:
+        report.warnings.append(Problem(where, f"is missing: scaled by alpha = r = {rank} (scaling 1), as kohya does"))
 
 
 def _check_dtypes(ckpt: Checkpoint, report: ValidationReport) -> None:

@@ -199,16 +199,28 @@ def test_refuses_shape_mismatch(tmp_path: Path, cli) -> None:
     )
 
 
-def test_refuses_non_finite_result(tmp_path: Path, cli) -> None:
+def test_refuses_non_finite_factors_naming_the_adapter_tensor(tmp_path: Path, cli) -> None:
     base, adapter = make(tmp_path, "llama")
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
     edit_tensors(adapter / WEIGHTS, lambda ts: ts[key].__setitem__((0, 0), float("inf")))
-    _refused(
-        cli,
-        tmp_path,
-        ["merge", base, adapter],
-        "tensor 'model.layers.1.mlp.down_proj.weight': the merged weight holds NaN or Inf",
+    for command in ("merge", "unmerge"):
+        _refused(cli, tmp_path, [command, base, adapter],
+                 "tensor 'model.layers.1.mlp.down_proj.lora_A': holds NaN or Inf")  # fmt: skip
+
+
+def test_non_finite_base_is_blamed_on_the_base(tmp_path: Path, cli) -> None:
+    base, adapter = make(tmp_path, "llama")
+    edit_tensors(
+        base / "model.safetensors",
+        lambda ts: ts["model.layers.1.mlp.down_proj.weight"].__setitem__((0, 0), float("nan")),
     )
+    _refused(cli, tmp_path, ["merge", base, adapter],
+             "tensor 'model.layers.1.mlp.down_proj.weight': the base checkpoint holds NaN or Inf")  # fmt: skip
+
+
+def test_overflow_from_a_huge_scale_says_so(tmp_path: Path, cli) -> None:
+    base, adapter = make(tmp_path, "llama")
+    _refused(cli, tmp_path, ["merge", base, f"{adapter}:1e38"], "adding the adapter overflowed float32")
 
 
 def test_refuses_float16_overflow(tmp_path: Path, cli) -> None:
@@ -243,7 +255,7 @@ def test_failure_midway_leaves_no_output_and_inputs_intact(tmp_path: Path, fixtu
 def test_output_equal_to_input_is_refused(tmp_path: Path, cli) -> None:
     base, adapter = make(tmp_path, "llama")
     r = cli("merge", base, adapter, "-o", base, "--force")
-    assert r.exit_code == 1 and "the output is one of the inputs" in r.stderr
+    assert r.exit_code == 1 and "the output would replace the input" in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..adapter import Adapter
-from ..errors import InputFileError, LoraToolError, MissingInputError
+from ..errors import InputFileError, LoraToolError, MissingInputError, NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -53,13 +53,36 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
     p = Path(path)
     if not p.exists():
         raise MissingInputError("no such adapter", path=str(p))
-    if p.is_dir():
-        return peft.read_peft(p, allow_pickle=allow_pickle, lazy=lazy)
-    if p.name == peft.CONFIG_NAME:
-        return peft.read_peft(p.parent, allow_pickle=allow_pickle, lazy=lazy)
-    if p.suffix == ".safetensors":
-        return kohya.read_kohya(p, lazy=lazy)
-    raise InputFileError(
+    if p.is_dir() or p.name == peft.CONFIG_NAME:
+        adapter = peft.read_peft(p if p.is_dir() else p.parent, allow_pickle=allow_pickle, lazy=lazy)
+    elif p.suffix == ".safetensors":
+        adapter = kohya.read_kohya(p, lazy=lazy)
+    else:
+        raise _not_an_adapter(p)
+    if not lazy:
+        _require_finite(adapter)
+    return adapter
+
+
+def _require_finite(adapter: Adapter) -> None:
+    """NaN or Inf in a factor would go on into every weight it touches: refuse it here, naming it."""
+    from ..linalg import is_finite
+
+    tensors = [
+        (f"{path}.{slot}", t)
+        for path, m in adapter.modules.items()
+        for slot, t in (("lora_A", m.lora_A), ("lora_B", m.lora_B), ("lora_B.bias", m.bias), ("magnitude", m.magnitude))
+        if t is not None
+    ]
+    for key, t in [*tensors, *adapter.whole.items()]:
+        if not is_finite(t):
+            raise NonFiniteError(
+                "holds NaN or Inf", path=adapter.path, key=key, fix="the adapter is broken: export or train it again"
+            )
+
+
+def _not_an_adapter(p: Path) -> InputFileError:
+    return InputFileError(
         "not an adapter",
         path=str(p),
         fix="give a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "

@@ -1,39 +1,109 @@
-"""Outputs appear whole or not at all.
+"""Outputs appear whole or not at all, never in place of an input, and never over another run's.
 
-Every output goes to a hidden temporary path beside the target and is renamed into place only
-after it is complete and flushed, so an interrupted run leaves nothing at the target path.
+Every output is written to a hidden temporary path beside the target, flushed, and renamed into
+place. The temporary name carries the writer's host and process id
+(``.NAME.loratool-tmp-HOST-PID-TAG``), so a later run writing to the same place can tell litter
+left by a killed run (``kill -9``, power loss) from a run still at work, and removes only the
+former. The final rename happens under a lock on the output's folder and refuses an output that
+appeared meanwhile unless ``force`` was given: of two runs racing to one output, one wins and the
+other fails naming the path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import OutputExistsError
+from ..errors import LoraToolError, OutputExistsError, OutputLocationError
+
+log = logging.getLogger("loratool")
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_LITTER = re.compile(r"^\.(?P<name>.+)\.loratool-(?:tmp|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
-def check_output(target: str | os.PathLike[str], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
-    """Refuse an existing output without ``force``, and an output that is one of the inputs."""
-    out = Path(target)
-    for src in inputs:
-        src_p = Path(src)
-        if (
-            out.exists()
-            and src_p.exists()
-            and (out.resolve() == src_p.resolve() or out.resolve() in src_p.resolve().parents)
-        ):
-            raise OutputExistsError(
-                "the output is one of the inputs", path=str(out), fix="choose another -o/--output path"
-            )
-    if out.exists() and not force:
-        raise OutputExistsError("the output exists", path=str(out), fix="pass --force to replace it")
+# -- what an output may not touch ---------------------------------------------------------------------
+def _protected(inputs: Iterable[str | os.PathLike[str]]) -> list[tuple[Path, bool]]:
+    """(real path, whether everything inside it is input too) for each input a command reads.
+
+    A folder (a model directory, a PEFT adapter) is read as a whole. A file is read alone, with the
+    ``config.json`` beside it; an index file stands for its whole folder (it points at the shards).
+    """
+    out: list[tuple[Path, bool]] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            continue
+        real = Path(os.path.realpath(p))
+        if real.is_dir() or real.name.endswith(".index.json"):
+            out.append((real if real.is_dir() else real.parent, True))
+        else:
+            out.append((real, False))
+            out.append((real.parent / "config.json", False))
     return out
 
 
+def _clashes(out: Path, protected: Path, whole: bool) -> bool:
+    """``out`` is ``protected``, contains it, or lies inside it while it is read as a whole."""
+    return out == protected or out in protected.parents or (whole and protected in out.parents)
+
+
+def check_output(target: str | os.PathLike[str], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Refuse an output that is, contains, or lies inside an input (with or without ``force``), an
+    existing output without ``force`` (a dangling symlink counts), and a location that cannot be
+    written; all before any work is done.
+
+    Raises:
+        OutputExistsError: the output exists, or would replace or sit inside an input.
+        OutputLocationError: the output's folder cannot be created or written.
+    """
+    out = Path(target)
+    candidates = {Path(os.path.abspath(out)), Path(os.path.realpath(out))}
+    for protected, whole in _protected(inputs):
+        if any(_clashes(c, protected, whole) for c in candidates):
+            inside = whole and protected in Path(os.path.realpath(out)).parents
+            raise OutputExistsError(
+                f"the output {'lies inside' if inside else 'would replace'} the input {protected}",
+                path=str(out),
+                fix="choose an -o/--output path outside every input (--force never replaces an input)",
+            )
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputExistsError("the output exists", path=str(out), fix="pass --force to replace it")
+    _check_writable(out)
+    return out
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a probe file in the nearest existing folder above ``out``."""
+    folder = Path(os.path.abspath(out)).parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputLocationError(
+            f"{folder} is a file, so no folder can be made there", path=str(out), fix="choose another -o/--output path"
+        )
+    probe = folder / f".loratool-probe-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputLocationError(
+            f"cannot write in {folder} ({e.strerror or e})",
+            path=str(out),
+            fix="choose an -o/--output path on a writable file system",
+        ) from None
+
+
+# -- writing --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_output(target: str | os.PathLike[str], *, force: bool, directory: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; move it to ``target`` only if the block succeeds.
@@ -42,24 +112,89 @@ def atomic_output(target: str | os.PathLike[str], *, force: bool, directory: boo
     ``target`` is left as it was.
     """
     out = check_output(target, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.loratool-tmp-{tag}"
-    if directory:
-        tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputLocationError(f"cannot create the output's folder ({e.strerror or e})", path=str(out)) from None
+    sweep_litter(out)
+    tmp = out.parent / f".{out.name}.loratool-tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        if directory:
+            tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.loratool-old-{tag}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            _remove(old)
+        _commit(tmp, out, force=force)
+    except OSError as e:
+        _remove(tmp)
+        if isinstance(e, LoraToolError):
+            raise
+        raise OutputLocationError(f"writing the output failed ({e.strerror or e})", path=str(out)) from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _commit(tmp: Path, out: Path, *, force: bool) -> None:
+    """Rename ``tmp`` to ``out``; without ``force``, refuse an ``out`` that another run made meanwhile."""
+    with _folder_lock(out.parent):
+        exists = out.exists() or out.is_symlink()
+        if exists and not force:
+            raise OutputExistsError(
+                "the output appeared while this run was writing it (another run wrote it first)",
+                path=str(out),
+                fix="pass --force to replace it, or write to another path",
+            )
+        old = None
+        if exists:
+            old = out.parent / f".{out.name}.loratool-old-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    if old is not None:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the folder itself, held for a check and a rename (milliseconds)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without flock: the rename is still atomic
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def sweep_litter(out: Path) -> list[Path]:
+    """Remove temporary copies of ``out`` whose writer (on this host) is gone; say so. Returns them."""
+    removed: list[Path] = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _LITTER.match(entry.name)
+        if m is None or m["name"] != out.name or m["host"] != _HOST or _alive(int(m["pid"])):
+            continue
+        _remove(entry)
+        removed.append(entry)
+        log.warning("removed %s, left behind by an interrupted loratool run (process %s)", entry, m["pid"])
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _remove(p: Path) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..arch import Quantization, detect_quantization
 from ..errors import InputFileError, MissingInputError, MissingKeyError
 from .header import read_header, tensor_offsets
 
@@ -142,7 +143,7 @@ class Checkpoint:
         import torch
 
         try:
-            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            state = _torch_load(file)
         except Exception as e:  # torch raises many kinds here; all mean "unreadable"
             raise InputFileError(f"cannot load the pickle file ({e})", path=str(file)) from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -206,6 +207,10 @@ class Checkpoint:
         except (OSError, json.JSONDecodeError) as e:
             raise InputFileError(f"config.json is not valid JSON ({e})", path=str(cfg)) from None
 
+    def quantization(self) -> Quantization | None:
+        """How the checkpoint is quantized (config.json, tensor dtypes and names), or None."""
+        return detect_quantization(self.config(), ((i.name, i.dtype) for i in self._infos.values()))
+
     # -- reading --------------------------------------------------------------------------------
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (CPU, the stored dtype)."""
@@ -243,6 +248,19 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _torch_load(file: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped where the file allows it: the legacy
+    (pre-zip) format cannot be mapped, so it is read whole."""
+    import torch
+
+    try:
+        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(file), map_location="cpu", weights_only=True)
 
 
 def resolve_checkpoint_files(path: str | os.PathLike[str]) -> tuple[Path, list[Path], Path | None]:
@@ -294,7 +312,9 @@ def _from_index(root: Path, index: Path) -> tuple[Path, list[Path], Path]:
             path=str(index),
             fix="an index needs a 'weight_map' object of tensor name -> shard file",
         ) from None
-    paths = [root / f for f in files]
+    if not all(isinstance(f, str) for f in files):
+        raise InputFileError("the weight_map's values must be shard file names", path=str(index))
+    paths = [_inside(root, f, index) for f in files]
     for f in paths:
         if not f.is_file():
             raise MissingInputError(
@@ -303,6 +323,19 @@ def _from_index(root: Path, index: Path) -> tuple[Path, list[Path], Path]:
                 fix="download the missing shard or fix the index",
             )
     return root, paths, index
+
+
+def _inside(root: Path, name: str, index: Path) -> Path:
+    """The shard ``name`` of an index, which must resolve inside the checkpoint's folder."""
+    shard = root / name
+    real_root = Path(os.path.realpath(root))
+    if Path(name).is_absolute() or real_root not in Path(os.path.realpath(shard)).parents:
+        raise InputFileError(
+            f"the index names shard '{name}', which lies outside the checkpoint's folder",
+            path=str(index),
+            fix="shards must be files inside the folder (no absolute paths, '..' or links leaving it)",
+        )
+    return shard
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:

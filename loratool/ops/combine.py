@@ -37,6 +37,7 @@ from ..linalg import FactoredSVD, factored_sq_norm, rank_for_energy, relative_er
 from ..provenance import InputHasher, encode, make_record
 from ..report import ModuleReport, summarize
 from ..runtime import map_on_cores, progress, resolve_device
+from ..validation import require_valid
 
 Method = Literal["cat", "svd", "linear"]
 SourceArg = PathArg | tuple[PathArg, float]
@@ -164,11 +165,12 @@ def _run(
     pairs = [cast("tuple[PathArg, float]", split_scale(s)) for s in sources]
     if not pairs:
         raise LoraToolError("no adapter given", fix="name at least one ADAPTER")
-    out = check_output(output, force=force, inputs=[p for p, _ in pairs])
+    out = check_output(output, force=force, inputs=[*(p for p, _ in pairs), *([base] if base is not None else [])])
     dev = resolve_device(device)
     loaded = [(load_adapter(p, allow_pickle=allow_pickle), w, str(p)) for p, w in pairs]
+    warnings = [w for p, _ in pairs for w in require_valid(p, f"{operation} refuses it", allow_pickle=allow_pickle)]
     _check_sources(loaded, method)
-    warnings = _align_kohya_names(loaded, _module_paths(base, allow_pickle) if base is not None else [])
+    warnings += _align_kohya_names(loaded, _module_paths(base, allow_pickle) if base is not None else [])
     hasher = InputHasher([f for a, _, _ in loaded for f in _files(Path(a.path or ""))])
     out_dtype = torch_dtype(dtype) if dtype else next(iter(loaded[0][0].modules.values())).lora_A.dtype
     paths = list(dict.fromkeys(p for a, _, _ in loaded for p in a.modules))

@@ -152,6 +152,8 @@ def extract(
         open_checkpoint(base, allow_pickle=allow_pickle) as b,
         open_checkpoint(finetuned, allow_pickle=allow_pickle) as f,
     ):
+        for ck in (b, f):
+            arch.refuse_quantized(ck.quantization(), str(ck.path), "extract")
         keys = _paired_keys(b, f)
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
@@ -173,6 +175,12 @@ def extract(
         modules = dict(sorted(modules.items(), key=lambda kv: order[kv[0]]))
     if tied and tied[1][: -len(".weight")] in modules:
         _tie_output_embedding(tied[0], tied[1][: -len(".weight")], modules, reports, result)
+    if budget is not None and whole.pending and not modules and not result.adapter.whole:
+        cheapest = min(p.svd.U.shape[0] + p.svd.Vh.shape[1] for p in whole.pending)
+        raise LoraToolError(
+            f"--budget {budget} buys no rank: the cheapest module needs {cheapest} parameters (out + in) for rank 1",
+            fix=f"give a --budget of at least {cheapest}",
+        )
     if not modules and not result.adapter.whole:
         raise LoraToolError(
             "the fine-tune does not differ from the base in any tensor loratool can extract",

@@ -23,7 +23,7 @@ from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_config
 from ..io.atomic import atomic_output, check_output
 from ..io.header import header_metadata
 from ..provenance import decode
-from ..validation import validate_adapter
+from ..validation import require_valid, validate_adapter
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 
@@ -161,15 +161,7 @@ def push(
     if not directory.is_dir():
         raise LoraToolError("push takes a PEFT adapter directory", path=str(directory))
     check_base_model_id(base_model_id)
-    report = validate_adapter(directory)
-    if not report.valid:
-        listing = "; ".join(str(p) for p in report.problems)
-        raise MetadataError(
-            f"the adapter is not valid, so it was not pushed: {listing}",
-            path=str(directory),
-            problems=[(p.path, p.message) for p in report.problems],
-            fix="run `loratool validate` and fix what it lists",
-        )
+    require_valid(directory, "it was not pushed", check_values=True)
     record = decode(header_metadata(directory / WEIGHTS_NAME))
     card = render_card(read_config(directory), record, base_model_id=base_model_id)
     ops = [

@@ -57,6 +57,7 @@ def _inspect_checkpoint(p: Path, allow_pickle: bool) -> dict[str, Any]:
             "shards": [{"file": f, "tensors": n} for f, n in per_file.items()],
             "index": ck.index_file.name if ck.index_file else None,
             "model_type": ck.config().get("model_type"),
+            "quantization": str(q) if (q := ck.quantization()) else None,
             "provenance": record,
             "metadata": {k: v for k, v in ck.header_metadata.items() if k != "loratool"},
         }

@@ -31,6 +31,7 @@ from ..linalg import add_lora, dora_rescale, is_finite, merge_rows, row_factors,
 from ..pipeline import BackgroundWriter, BufferPool, stream, widen
 from ..provenance import InputHasher, encode, make_record
 from ..runtime import compute_threads, resolve_device
+from ..validation import require_valid
 
 
 @dataclass
@@ -184,11 +185,17 @@ def unmerge(
                   force=force, allow_pickle=allow_pickle, show_progress=show_progress, check=check)  # fmt: skip
 
 
-def _load_all(adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool) -> list[tuple[Adapter, float, str]]:
-    loaded = []
+def _load_all(
+    adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool
+) -> tuple[list[tuple[Adapter, float, str]], list[str]]:
+    """The adapters and their scales, each checked as validate checks it (headers), and the warnings."""
+    loaded, warnings = [], []
     for item in adapters:
         source, scale = split_scale(item)
         adapter = source if isinstance(source, Adapter) else load_adapter(source, allow_pickle=allow_pickle)
+        if not isinstance(source, Adapter):
+            refusal = f"{'merge' if sign > 0 else 'unmerge'} refuses it"
+            warnings += require_valid(source, refusal, allow_pickle=allow_pickle)
         name = adapter.path or "adapter"
         if adapter.rewrites_base:
             raise UnsupportedAdapterError(
@@ -207,13 +214,14 @@ def _load_all(adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool) -> 
         loaded.append((adapter, scale, name))
     if not loaded:
         raise MissingKeyError("no adapter given", fix="name at least one ADAPTER")
-    return loaded
+    return loaded, warnings
 
 
 def _plan(
     ckpt: Checkpoint, loaded: list[tuple[Adapter, float, str]], sign: int, fan_in_fan_out: bool | None
 ) -> tuple[dict[str, list[_Term]], dict[str, torch.Tensor]]:
     """Which adapter modules add to which tensors, checked before any work is done."""
+    arch.refuse_quantized(ckpt.quantization(), str(ckpt.path), "merge" if sign > 0 else "unmerge")
     config = ckpt.config()
     conv1d_model = arch.uses_conv1d(config)
     module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
@@ -338,9 +346,10 @@ def _apply(
 ) -> MergeResult:
     operation = "merge" if sign > 0 else "unmerge"
     sources = [split_scale(a)[0] for a in adapters]
-    out = check_output(output, force=force, inputs=[base, *(s for s in sources if not isinstance(s, Adapter))])
+    inputs = [base, *(s for s in sources if not isinstance(s, Adapter)), *([check] if check is not None else [])]
+    out = check_output(output, force=force, inputs=inputs)
     dev = resolve_device(device)
-    loaded = _load_all(adapters, sign, allow_pickle)
+    loaded, warnings = _load_all(adapters, sign, allow_pickle)
     out_dtype = torch_dtype(dtype) if dtype else None
     d = current()
     with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt, contextlib.ExitStack() as stack:
@@ -354,7 +363,7 @@ def _apply(
             "adapters": [{"path": n, "scale": s} for _, s, n in loaded], "device": str(dev),
             "dtype": dtype, "fan_in_fan_out": fan_in_fan_out,
         }  # fmt: skip
-        result = MergeResult(out, operation, len(terms) + len(bias_terms), len(replace), len(ckpt))
+        result = MergeResult(out, operation, len(terms) + len(bias_terms), len(replace), len(ckpt), warnings=warnings)
         single_file = ckpt.path.is_file()
         # Each rank writes a size-balanced share of the shards into rank 0's temporary directory.
         tmp = stack.enter_context(atomic_output(out, force=force, directory=not single_file)) if d.is_main else None
@@ -427,7 +436,7 @@ class _Stream:
         elif w32 is None:
             w, pooled = w_in, False
         else:
-            w, pooled = self._add(key, w32, out_dtype), self.device.type == "cpu"
+            w, pooled = self._add(key, w32, out_dtype, w_in), self.device.type == "cpu"
         if self.check is not None and self.reference is not None:
             w = w.to("cpu", out_dtype)
             self.check.add(w, _reference_tensor(self.reference, key), w_in)
@@ -451,7 +460,7 @@ class _Stream:
         factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind) for t in self.terms[key]]
         scratch = self.pool.take((max(BLOCK_ELEMENTS, w.shape[1]),), torch.float32, self.device)  # >= one row
         try:
-            merge_rows(w, factors, out, scratch, check=lambda block: _require_finite(block, out_dtype, key))
+            merge_rows(w, factors, out, scratch, check=lambda block: _require_finite(block, out_dtype, key, w))
         except BaseException:
             self.pool.give(out)
             raise
@@ -459,8 +468,8 @@ class _Stream:
             self.pool.give(scratch)
         return out
 
-    def _add(self, key: str, w32: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """w32 (float32, a private copy) plus every term for ``key``; refuses a non-finite result."""
+    def _add(self, key: str, w32: torch.Tensor, out_dtype: torch.dtype, w_in: torch.Tensor) -> torch.Tensor:
+        """w32 (float32, a private copy of ``w_in``) plus every term for ``key``; refuses a non-finite result."""
         if key in self.terms:
             for t in self.terms[key]:
                 add_lora(w32, t.module.lora_A, t.module.lora_B, t.factor, t.kind)
@@ -470,22 +479,31 @@ class _Stream:
         bias = self.bias_terms.get(key)
         if bias is not None and bias.module.bias is not None:
             w32.add_(bias.module.bias.to(w32.device, torch.float32), alpha=bias.factor)
-        _require_finite(w32, out_dtype, key)
+        _require_finite(w32, out_dtype, key, w_in)
         return w32
 
 
 BLOCK_ELEMENTS = 1 << 20  # float32 scratch of 4 MiB: a block stays in cache through all its steps
 
 
-def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str) -> None:
-    """Refuse NaN or Inf in a merged weight, and values that would round to Inf in float16."""
-    overflow = out_dtype == torch.float16 and w32.numel() and float(w32.abs().max()) > torch.finfo(out_dtype).max
-    if overflow or not is_finite(w32):
+def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str, base: torch.Tensor) -> None:
+    """Refuse NaN or Inf in a merged weight, and values that would round to Inf in float16, naming the
+    cause: the base itself (adapters are checked when loaded), or a delta too large for the dtype."""
+    if not is_finite(w32):
+        if not is_finite(base):
+            raise NonFiniteError(
+                "the base checkpoint holds NaN or Inf in this tensor", key=key, fix="repair or download the base again"
+            )
         raise NonFiniteError(
-            "the merged weight does not fit float16" if overflow else "the merged weight holds NaN or Inf",
+            "adding the adapter overflowed float32 (values beyond 3.4e38)",
             key=key,
-            fix="check the adapter's factors and the scale you gave (loratool validate ADAPTER)"
-            + (", or write another --dtype" if overflow else ""),
+            fix="the scale you gave or the adapter's factors are far too large: check them (loratool inspect ADAPTER)",
+        )
+    if out_dtype == torch.float16 and w32.numel() and float(w32.abs().max()) > torch.finfo(out_dtype).max:
+        raise NonFiniteError(
+            "the merged weight does not fit float16 (values beyond 65504)",
+            key=key,
+            fix="check the scale you gave and the adapter's factors, or write another --dtype",
         )
 
 
