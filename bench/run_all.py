@@ -74,7 +74,8 @@ def main() -> None:
         kept[name] = (
             f"### {name}\n\n`{command.strip()}` on {dt.date.today().isoformat()}; {machine()}.\n\n```\n{text}\n```\n"
         )
-    body = INTRO + "".join(f"\n<!-- section:{n} -->\n{kept[n]}<!-- /section -->\n" for n in BENCHES if n in kept)
+    order = [n for n in BENCHES if n in kept] + [n for n in kept if n not in BENCHES]  # others' sections too
+    body = INTRO + "".join(f"\n<!-- section:{n} -->\n{kept[n]}<!-- /section -->\n" for n in order)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(body)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -123,9 +123,6 @@ def detect_quantization(config: Mapping[str, Any], tensors: Iterable[tuple[str, 
         return Quantization(method, "config.json quantization_config")
     names = [(n, d) for n, d in tensors]
     leaves = {n.rsplit(".", 1)[-1] for n, _ in names}
-    for name, dtype in names:
-        if dtype.startswith(_FLOAT_LOW_BITS):
-            return Quantization("fp8" if dtype.startswith("F8_") else "low-bit float", f"tensor '{name}' is {dtype}")
     for name, _ in names:
         leaf = name.rsplit(".", 1)[-1]
         if leaf in _SCALE_COMPANIONS:
@@ -136,6 +133,9 @@ def detect_quantization(config: Mapping[str, Any], tensors: Iterable[tuple[str, 
             return Quantization("bitsandbytes", f"tensor '{name}'")
         if leaf.endswith("_blocks") and leaf[: -len("_blocks")] + "_scales" in leaves:
             return Quantization("mxfp4", f"tensor '{name}'")
+    for name, dtype in names:  # after the companions, which name the layout more precisely
+        if dtype.startswith(_FLOAT_LOW_BITS):
+            return Quantization("fp8" if dtype.startswith("F8_") else "low-bit float", f"tensor '{name}' is {dtype}")
     return None
 
 

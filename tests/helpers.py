@@ -77,3 +77,17 @@ def edit_tensors(file: Path, edit) -> None:
     tensors = load_file(str(file))
     edit(tensors)
     save_file(tensors, str(file), metadata=metadata)
+
+
+def load_adapter_deltas(path: Path) -> dict[str, torch.Tensor]:
+    """B @ A (float64) per module of a PEFT adapter directory, read with safetensors alone."""
+    from safetensors.torch import load_file
+
+    ts = load_file(str(path / "adapter_model.safetensors"))
+    out = {}
+    for key, a in ts.items():
+        for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
+            if key.endswith(a_suffix):
+                module = key[: -len(a_suffix)]
+                out[module] = ts[module + b_suffix].double() @ a.double()  # (out, r) @ (r, in)
+    return out

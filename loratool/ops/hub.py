@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,13 @@ class PullResult:
 def _api(endpoint: str | None, token: str | bool | None):  # type: ignore[no-untyped-def]
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
+    url = endpoint or os.environ.get("HF_ENDPOINT") or None
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            where = "--endpoint" if endpoint else "HF_ENDPOINT"
+            raise HubError(f"{where} {url!r} is not an http(s) URL", fix="give one like https://huggingface.co")
+    return HfApi(endpoint=url, token=token)
 
 
 @contextlib.contextmanager
@@ -68,6 +75,11 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     rev = revision or "main"
     try:
         yield
+    except e.HFValidationError as err:
+        raise HubError(
+            f"{repo_id!r} is not a valid repo id ({_first_line(err)})",
+            fix="use namespace/name: letters, digits, '-', '_' and '.', at most 96 characters",
+        ) from None
     except e.RevisionNotFoundError:
         raise HubError(f"revision '{rev}' not found in {repo_id}", fix="check the branch, tag or commit id") from None
     except e.GatedRepoError:
@@ -97,10 +109,19 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         if status is not None and status >= 500:
             raise HubError(f"the Hub answered {status} (a server error)", fix="retry later") from None
         raise HubError(f"the Hub refused the request ({status}): {_first_line(err)}") from None
-    except (OSError, ConnectionError) as err:
-        if isinstance(err, LoraToolError):
+    except Exception as err:
+        if isinstance(err, LoraToolError) or not _is_network_error(err):
             raise
-        raise HubError(f"cannot reach the Hub ({type(err).__name__})", fix="check the network and --endpoint") from None
+        raise HubError(
+            f"cannot reach the Hub ({type(err).__name__}: {_first_line(err)})",
+            fix="check the network, and --endpoint or HF_ENDPOINT",
+        ) from None
+
+
+def _is_network_error(err: Exception) -> bool:
+    """Failures of the transport (the HTTP client huggingface_hub uses, or the OS), not of loratool."""
+    transport = ("httpx", "httpcore", "requests", "urllib3")  # httpx2 too: prefixes of the package name
+    return isinstance(err, (OSError, ConnectionError)) or type(err).__module__.startswith(transport)
 
 
 def _status(err: Exception) -> int | None:

@@ -1,0 +1,351 @@
+"""Bad input, faults and races: nothing destroyed, nothing silently wrong, no litter.
+
+Every case of the bad-input suite asserts the exit code, the message's key phrase, that nothing
+appeared at -o, that the inputs are byte-for-byte unchanged, and that no temporary file is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES
+from helpers import edit_tensors, file_digest
+from safetensors.torch import load_file, save_file
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def litter(root: Path) -> list[Path]:
+    """Temporary files and folders any loratool run may leave."""
+    return [p for p in root.rglob(".*") if ".loratool-" in p.name]
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """Private copies of the shipped fixtures (so a broken test cannot damage them)."""
+    for name in ("llama-base", "llama-ft", "llama-peft-adapter", "gpt2-base"):
+        shutil.copytree(FIXTURES / name, tmp_path / name)
+    shutil.copy(FIXTURES / "llama-kohya.safetensors", tmp_path / "kohya.safetensors")
+    return tmp_path
+
+
+def _config(adapter: Path, **changes: object) -> None:
+    path = adapter / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def _index(ckpt: Path, **remap: str) -> None:
+    path = ckpt / "model.safetensors.index.json"
+    data = json.loads(path.read_text())
+    data["weight_map"].update(remap)
+    path.write_text(json.dumps(data))
+
+
+# -- the suite: (prepare the work folder, arguments, exit code, phrase) -------------------------------------
+Case = tuple[Callable[[Path], None], Callable[[Path], list[object]], int, str]
+
+
+def _nothing(w: Path) -> None:
+    pass
+
+
+def _truncate(w: Path) -> None:
+    f = w / "llama-base" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+
+
+def _corrupt_header(w: Path) -> None:
+    f = w / "llama-base" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"not json at!"
+    f.write_bytes(bytes(data))
+
+
+def _pickle_base(w: Path) -> None:
+    st = w / "llama-base" / "model.safetensors"
+    torch.save(load_file(str(st)), w / "llama-base" / "pytorch_model.bin")
+    st.unlink()
+
+
+def _outside_shard(w: Path) -> None:
+    ft = w / "llama-ft"
+    shutil.move(ft / "model-00002-of-00002.safetensors", w / "stolen.safetensors")
+    index = json.loads((ft / "model.safetensors.index.json").read_text())
+    _index(ft, **{k: "../stolen.safetensors" for k, v in index["weight_map"].items() if v.startswith("model-00002")})
+
+
+def _absolute_shard(w: Path) -> None:
+    ft = w / "llama-ft"
+    index = json.loads((ft / "model.safetensors.index.json").read_text())
+    target = str(ft / "model-00002-of-00002.safetensors")
+    _index(ft, **{k: target for k, v in index["weight_map"].items() if v.startswith("model-00002")})
+
+
+def _symlinked_shard(w: Path) -> None:
+    ft = w / "llama-ft"
+    shard = ft / "model-00002-of-00002.safetensors"
+    shutil.move(shard, w / "elsewhere.safetensors")
+    shard.symlink_to(w / "elsewhere.safetensors")
+
+
+def _fp8_base(w: Path) -> None:
+    f = w / "llama-base" / "model.safetensors"
+    ts = load_file(str(f))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    ts[key] = ts[key].to(torch.float8_e4m3fn)
+    ts[key.replace(".weight", ".weight_scale_inv")] = torch.ones(1, 1)
+    save_file(ts, str(f))
+
+
+def _quant_config(w: Path) -> None:
+    cfg = json.loads((w / "llama-base" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (w / "llama-base" / "config.json").write_text(json.dumps(cfg))
+
+
+def _nan_factor(w: Path) -> None:
+    edit_tensors(w / "llama-peft-adapter" / ADAPTER_WEIGHTS, lambda ts: ts[Q_A].__setitem__((0, 0), float("nan")))
+
+
+def _kohya_without_alpha(w: Path) -> None:
+    f = w / "kohya.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        meta = dict(h.metadata())
+    ts = load_file(str(f))
+    first_alpha = next(k for k in ts if k.endswith(".alpha"))
+    del ts[first_alpha]
+    meta["ss_network_alpha"] = "1"
+    save_file(ts, str(f), metadata=meta)
+
+
+def _dangling_link(w: Path) -> None:
+    (w / "out").symlink_to(w / "nowhere")
+
+
+def _link_to_base(w: Path) -> None:
+    (w / "out").symlink_to(w / "llama-base")
+
+
+def _file_as_folder(w: Path) -> None:
+    (w / "afile").write_text("x")
+
+
+BASE, FT, ADAPTER, KOHYA = "llama-base", "llama-ft", "llama-peft-adapter", "kohya.safetensors"
+
+CASES: dict[str, Case] = {
+    # 1. --force never destroys an input
+    "unmerge -o its --check base": (_nothing, lambda w: ["unmerge", w / FT, w / ADAPTER, "--check", w / BASE,
+                                                          "-o", w / BASE, "--force"], 1, "would replace the input"),
+    "-o the parent of an option's path": (lambda w: shutil.copytree(w / BASE, w / "sub" / BASE),
+                                          lambda w: ["unmerge", w / FT, w / ADAPTER, "--check", w / "sub" / BASE,
+                                                     "-o", w / "sub", "--force"], 1, "would replace the input"),
+    "-o the parent of the inputs": (_nothing, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w, "--force"], 1,
+                                    "would replace the input"),
+    "-o inside an input folder": (_nothing, lambda w: ["extract", w / BASE, w / FT, "-r", "2", "-o",
+                                                       w / BASE / "adapter"], 1, "lies inside the input"),
+    "-o a kohya --base": (_nothing, lambda w: ["combine", w / KOHYA, "--base", w / BASE, "-o", w / BASE, "--force"], 1,
+                          "would replace the input"),
+    "-o a link to an input": (_link_to_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out", "--force"], 1,
+                              "would replace the input"),
+    "-o a dangling link": (_dangling_link, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                           "the output exists"),
+    # 2. non-finite numbers
+    "scale nan": (_nothing, lambda w: ["merge", w / BASE, f"{w / ADAPTER}:nan", "-o", w / "out"], 2,
+                  "give a finite number"),
+    "NaN factor, combine cat": (_nan_factor, lambda w: ["combine", w / ADAPTER, w / ADAPTER, "-o", w / "out"], 1,
+                                "self_attn.q_proj.lora_A': holds NaN or Inf"),
+    "NaN factor, combine svd": (_nan_factor, lambda w: ["combine", w / ADAPTER, "--method", "svd", "-r", "2", "-o",
+                                                        w / "out"], 1, "holds NaN or Inf"),
+    "NaN factor, resize": (_nan_factor, lambda w: ["resize", w / ADAPTER, "-r", "2", "-o", w / "out"], 1,
+                           "holds NaN or Inf"),
+    # 5. the environment
+    "-o under /proc": (_nothing, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", "/proc/loratool-out"], 1,
+                       "cannot write in /proc"),
+    "-o under a file": (_file_as_folder, lambda w: ["extract", w / BASE, w / FT, "-o", w / "afile" / "out"], 1,
+                        "is a file, so no folder can be made there"),
+    "Hub unreachable, pull": (_nothing, lambda w: ["pull", "me/adapter", "--endpoint", "http://127.0.0.1:9", "-o",
+                                                   w / "out"], 1, "cannot reach the Hub (ConnectError"),
+    "Hub unreachable, push": (_nothing, lambda w: ["push", w / ADAPTER, "me/adapter", "--endpoint",
+                                                   "http://127.0.0.1:9"], 1, "cannot reach the Hub"),
+    "malformed endpoint": (_nothing, lambda w: ["pull", "me/adapter", "--endpoint", "localhost:8080", "-o",
+                                                w / "out"], 1, "is not an http(s) URL"),
+    "invalid repo id": (_nothing, lambda w: ["pull", "me//bad id", "--endpoint", "http://127.0.0.1:9", "-o", w / "out"],
+                        1, "is not a valid repo id"),
+    # 6. merge refuses what validate rejects
+    "config r disagrees": (lambda w: _config(w / ADAPTER, r=8), lambda w: ["merge", w / BASE, w / ADAPTER, "-o",
+                                                                           w / "out"], 1, "disagrees with the config"),
+    "config r = 0": (lambda w: _config(w / ADAPTER, r=0), lambda w: ["unmerge", w / BASE, w / ADAPTER, "-o", w / "out"],
+                     1, "$.r"),
+    "target_modules select nothing": (lambda w: _config(w / ADAPTER, target_modules=["o_proj"]),
+                                      lambda w: ["combine", w / ADAPTER, "-o", w / "out"], 1,
+                                      "target_modules does not select this module"),
+    "kohya alpha missing, header disagrees": (_kohya_without_alpha, lambda w: ["resize", w / KOHYA, "-r", "2", "-o",
+                                                                               w / "out.safetensors"], 1,
+                                              "ss_network_alpha is 1"),
+    # 7. index files pointing outside the checkpoint
+    "shard ../": (_outside_shard, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
+                  "lies outside the checkpoint's folder"),
+    "shard absolute": (_absolute_shard, lambda w: ["inspect", w / FT], 1, "lies outside the checkpoint's folder"),
+    "shard symlink out": (_symlinked_shard, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
+                          "lies outside the checkpoint's folder"),
+    # 8. quantized checkpoints
+    "fp8 base, merge": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                        "the checkpoint is quantized: fp8"),
+    "gptq config, extract": (_quant_config, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
+                             "the checkpoint is quantized: gptq"),
+    "fp8 base, unmerge": (_fp8_base, lambda w: ["unmerge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                          "quantized: fp8 (block-scaled)"),
+    # 9. messages that say what happened
+    "budget too small": (_nothing, lambda w: ["extract", w / BASE, w / FT, "--budget", "3", "-o", w / "out"], 1,
+                         "--budget 3 buys no rank"),
+    # bad files and mismatched models
+    "truncated base": (_truncate, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                       "truncated or corrupt"),
+    "corrupt header": (_corrupt_header, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
+                       "not a readable safetensors file"),
+    "pickle base": (_pickle_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                    "refusing to read a pickle file"),
+    "adapter for another model": (_nothing, lambda w: ["merge", w / "gpt2-base", w / ADAPTER, "-o", w / "out"], 1,
+                                  "Is this adapter for another model"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(cli, work: Path, name: str) -> None:
+    prepare, args, code, phrase = CASES[name]
+    prepare(work)
+    before = file_digest(work)
+    r = cli(*args(work))
+    assert r.exit_code == code, r.output
+    assert phrase in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "loratool bug" not in r.stderr
+    for out in (work / "out", work / "out.safetensors", Path("/proc/loratool-out")):
+        assert not out.exists() or out.is_symlink()
+    assert file_digest(work) == before  # every input intact, nothing added
+    assert not litter(work)
+
+
+def test_a_legacy_pickle_loads_with_allow_pickle(cli, work: Path) -> None:
+    """The pre-zip torch.save format cannot be memory-mapped; it is read whole, still weights_only."""
+    st = work / BASE / "model.safetensors"
+    torch.save(load_file(str(st)), work / BASE / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    st.unlink()
+    r = cli("inspect", work / BASE, "--allow-pickle", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["tensors"] > 0
+
+
+def test_a_missing_alpha_is_a_warning_when_nothing_disagrees(cli, work: Path) -> None:
+    f = work / KOHYA
+    ts = load_file(str(f))
+    del ts[next(k for k in ts if k.endswith(".alpha"))]
+    save_file(ts, str(f))  # no header: no ss_network_alpha to disagree with
+    r = cli("resize", f, "-r", 2, "-o", work / "out.safetensors", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert "is missing: scaled by alpha = r" in r.stderr
+
+
+def test_inspect_names_the_quantization(cli, work: Path) -> None:
+    _fp8_base(work)
+    r = cli("inspect", work / BASE, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["quantization"].startswith("fp8 (block-scaled)")
+
+
+# -- faults and races, in real processes --------------------------------------------------------------------
+def _big_pair(root: Path) -> tuple[Path, Path]:
+    """A base large enough that a merge takes a moment (zeros: fast to make), and an adapter for it."""
+    base = root / "base"
+    base.mkdir()
+    n, d = 6, 2048
+    tensors = {f"layers.{i}.proj.weight": torch.zeros(d, d) for i in range(n)}
+    save_file(tensors, str(base / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    adapter = {}
+    for i in range(n):
+        adapter[f"base_model.model.layers.{i}.proj.lora_A.weight"] = torch.randn(2, d, generator=g)
+        adapter[f"base_model.model.layers.{i}.proj.lora_B.weight"] = torch.randn(d, 2, generator=g)
+    (root / "adapter").mkdir()
+    save_file(adapter, str(root / "adapter" / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["proj"]}
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    return base, root / "adapter"
+
+
+def _merge_cmd(base: Path, adapter: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out), "-q", "--device", "cpu"]
+
+
+def _check_merged(out: Path, adapter: Path) -> None:
+    merged = load_file(str(out))
+    factors = load_file(str(adapter / ADAPTER_WEIGHTS))
+    for i in range(6):
+        a = factors[f"base_model.model.layers.{i}.proj.lora_A.weight"]
+        b = factors[f"base_model.model.layers.{i}.proj.lora_B.weight"]
+        assert torch.allclose(merged[f"layers.{i}.proj.weight"], b @ a, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_kill_9_midway_then_a_rerun_cleans_up_and_succeeds(tmp_path: Path) -> None:
+    base, adapter = _big_pair(tmp_path)
+    out = tmp_path / "merged.safetensors"
+    proc = subprocess.Popen(_merge_cmd(base / "model.safetensors", adapter, out), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until it is writing its temporary output
+        tmp = [p for p in litter(tmp_path) if p.is_file() and p.stat().st_size > 0]
+        if tmp or proc.poll() is not None:
+            break
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the merge finished before it could be killed"
+    left = litter(tmp_path)
+    assert left and not out.exists()  # what kill -9 leaves: a temporary file, no output
+    rerun = subprocess.run(_merge_cmd(base / "model.safetensors", adapter, out), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "left behind by an interrupted loratool run" in rerun.stderr
+    assert not litter(tmp_path)
+    _check_merged(out, adapter)
+
+
+@pytest.mark.slow
+def test_two_runs_racing_to_one_output_one_wins(tmp_path: Path) -> None:
+    base, adapter = _big_pair(tmp_path)
+    out = tmp_path / "merged.safetensors"
+    procs = [subprocess.Popen(_merge_cmd(base / "model.safetensors", adapter, out), stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]  # fmt: skip
+    results = [(p.wait(), p.stderr.read() if p.stderr else "") for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert str(out) in loser and ("appeared while this run was writing it" in loser or "the output exists" in loser)
+    assert not litter(tmp_path)
+    _check_merged(out, adapter)
+
+
+def test_a_temporary_of_a_live_writer_is_left_alone(tmp_path: Path) -> None:
+    from loratool.io.atomic import _HOST, sweep_litter
+
+    out = tmp_path / "merged"
+    mine = tmp_path / f".merged.loratool-tmp-{_HOST}-{os.getpid()}-0123abcd"
+    other_host = tmp_path / ".merged.loratool-tmp-elsewhere-1-0123abcd"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".merged.loratool-tmp-{_HOST}-{gone.stdout.strip()}-0123abcd"
+    for p in (mine, other_host, dead):
+        p.mkdir()
+    assert sweep_litter(out) == [dead]
+    assert mine.exists() and other_host.exists() and not dead.exists()
