@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from .adapter import Kind
 from .errors import UnsupportedCheckpointError
@@ -139,12 +139,121 @@ def detect_quantization(config: Mapping[str, Any], tensors: Iterable[tuple[str, 
     return None
 
 
-def refuse_quantized(found: Quantization | None, path: str, operation: str) -> None:
-    """Until loratool supports a quantized layout, it refuses it: adding a delta to packed or scaled
-    numbers as if they were plain weights writes a wrong checkpoint without a sign."""
-    if found is not None:
-        raise UnsupportedCheckpointError(
-            f"the checkpoint is quantized: {found}; {operation} would treat quantized numbers as plain weights",
-            path=path,
-            fix=f"{operation} a dequantized (float32/bfloat16/float16) copy of the checkpoint instead",
-        )
+@dataclass(frozen=True)
+class Fp8Scheme:
+    """How an FP8 weight is scaled: one scale (``tensor``), one per output row (``channel``), or
+    one per ``block`` = (rows, cols) tile, the last tiles ragged where the shape does not divide.
+    The real weight is ``q * scale`` (DeepSeek's ``weight_scale_inv``, compressed-tensors' and
+    FBGEMM's ``weight_scale`` all multiply)."""
+
+    kind: str  # "tensor", "channel" or "block"
+    block: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """An FP8 weight's scale tensor and how it applies."""
+
+    scale_key: str
+    scheme: Fp8Scheme
+
+
+@dataclass
+class Fp8Layout:
+    """An FP8 checkpoint loratool can dequantize and requantize exactly as it was laid out."""
+
+    method: str  # config.json's quant_method
+    weights: dict[str, Fp8Weight]  # FP8 weight key -> its scale
+    companions: set[str]  # every scale tensor (weights' and activations'): kept, or dropped when dequantizing
+
+    @property
+    def block(self) -> tuple[int, int] | None:
+        return next((w.scheme.block for w in self.weights.values() if w.scheme.block), None)
+
+    def describe(self) -> dict[str, Any]:
+        kinds = sorted({w.scheme.kind for w in self.weights.values()})
+        return {"method": self.method, "schemes": kinds, "block": self.block, "quantized_weights": sorted(self.weights)}
+
+
+_FP8_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
+_SCALES = ("weight_scale_inv", "weight_scale")  # multiply the FP8 weight
+_ACTIVATION_SCALES = ("input_scale", "output_scale", "input_scale_ub", "k_scale", "v_scale")
+
+
+def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]]) -> Fp8Layout | None:
+    """The FP8 layout of a checkpoint (None when it is not quantized).
+
+    ``tensors`` maps names to (shape, safetensors dtype), from headers. Supported: block-scaled FP8
+    (``quant_method: fp8`` with ``weight_block_size``, DeepSeek-V3 and Qwen3 FP8), compressed-tensors
+    ``float-quantized`` 8-bit weights (per tensor, channel or block), FBGEMM FP8 (per channel).
+
+    Raises:
+        UnsupportedCheckpointError: any other quantization, or an FP8 layout this cannot read exactly.
+    """
+    found = detect_quantization(config, ((n, d) for n, (_, d) in tensors.items()))
+    if found is None:
+        return None
+    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    method = str(qc.get("quant_method") or "")
+    if not method and found.method.startswith("fp8"):
+        _refuse(found, "config.json has no quantization_config saying how its FP8 scales apply")
+    if method not in _FP8_METHODS or (method == "compressed-tensors" and not _float8_groups(qc)):
+        _refuse(found, "only FP8 (block-scaled, compressed-tensors float, FBGEMM) is supported")
+    block = _config_block(qc)
+    weights = {}
+    for name, (shape, dtype) in tensors.items():
+        if not dtype.startswith("F8_"):
+            continue
+        if len(shape) != 2:
+            _refuse(found, f"the FP8 tensor '{name}' is {len(shape)}-D; only 2-D weights are supported")
+        stem = name[: -len("weight")] if name.endswith("weight") else name + "_"
+        scale_key = next((stem + s for s in _SCALES if stem + s in tensors), None)
+        if scale_key is None:
+            _refuse(found, f"the FP8 tensor '{name}' has no {stem}weight_scale(_inv) beside it")
+        weights[name] = Fp8Weight(scale_key, _scheme(found, name, shape, tensors[scale_key][0], block))
+    companions = {n for n in tensors if n.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES)}
+    return Fp8Layout(method, weights, companions)
+
+
+def _float8_groups(qc: Mapping[str, Any]) -> bool:
+    """compressed-tensors: float-quantized 8-bit weights in every config group."""
+    groups = qc.get("config_groups") or {}
+    if qc.get("format") not in ("float-quantized", "naive-quantized") or not groups:
+        return False
+    specs = [g.get("weights") or {} for g in groups.values() if isinstance(g, Mapping)]
+    return all(s.get("type") == "float" and s.get("num_bits") == 8 for s in specs)
+
+
+def _config_block(qc: Mapping[str, Any]) -> tuple[int, int] | None:
+    sizes = [qc.get("weight_block_size")]
+    sizes += [(g.get("weights") or {}).get("block_structure") for g in (qc.get("config_groups") or {}).values()]
+    for size in sizes:
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            return int(size[0]), int(size[1])
+    return None
+
+
+def _scheme(
+    found: Quantization, name: str, shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None
+) -> Fp8Scheme:
+    """Which scheme a scale's shape says, checked against the weight's shape and the config's block."""
+    numel = 1
+    for d in scale_shape:
+        numel *= d
+    out_f, in_f = shape
+    if numel == 1:
+        return Fp8Scheme("tensor")
+    if tuple(scale_shape) in ((out_f, 1), (out_f,)):
+        return Fp8Scheme("channel")
+    if block is not None and tuple(scale_shape) == (-(-out_f // block[0]), -(-in_f // block[1])):
+        return Fp8Scheme("block", block)
+    _refuse(found, f"the scale of '{name}' has shape {list(scale_shape)}, which fits no known scheme for "
+                   f"a {list(shape)} weight (block size from config.json: {block})")  # fmt: skip
+    raise AssertionError  # unreachable: _refuse raises
+
+
+def _refuse(found: Quantization, why: str) -> NoReturn:
+    raise UnsupportedCheckpointError(
+        f"the checkpoint is quantized: {found}; {why}",
+        fix="merge into (or extract from) the unquantized checkpoint, then quantize the result",
+    )

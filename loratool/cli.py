@@ -511,6 +511,7 @@ def _inspect_text(d: dict[str, Any]) -> str:
             f"checkpoint {d['path']}",
             f"  tensors {d['tensors']:,}   parameters {d['parameters']:,}   bytes {d['bytes']:,}",
             f"  dtypes {d['dtypes']}   model_type {d['model_type']}",
+            *_quantization_lines(d.get("quantization")),
             f"  files {shards}" + (f"   index {d['index']}" if d["index"] else ""),
         ]
     else:
@@ -530,6 +531,15 @@ def _inspect_text(d: dict[str, Any]) -> str:
         p = d["provenance"]
         lines.append(f"  made by loratool {p.get('version')} {p.get('operation')} at {p.get('created')}")
     return "\n".join(lines)
+
+
+def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
+    if not q:
+        return []
+    if not q["supported"]:
+        return [f"  quantized: {q['method']} ({q['evidence']}): {q.get('why_unsupported', 'not supported')}"]
+    block = f", block {q['block'][0]}x{q['block'][1]}" if q.get("block") else ""
+    return [f"  quantized: {q['method']} ({', '.join(q['schemes'])}{block}), {len(q['quantized_weights'])} FP8 weights"]
 
 
 @cli.command()

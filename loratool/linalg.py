@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import Kind, stored_transposed
+from .arch import Fp8Scheme
 
 # (left, right, factor): a term ``factor * left @ right`` already in the stored weight's layout
 RowFactors = tuple[torch.Tensor, torch.Tensor, float]
@@ -91,7 +92,10 @@ def dora_rescale(w: torch.Tensor, magnitude: torch.Tensor, kind: Kind) -> torch.
     return w
 
 
-_MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}
+_MANTISSA_BITS = {
+    torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52,
+    torch.float8_e4m3fn: 3, torch.float8_e5m2: 2,
+}  # fmt: skip
 
 
 def unit_of_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -302,3 +306,53 @@ def is_finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
         return True
     return bool(torch.isfinite(t).all())
+
+
+# -- FP8 weights: dequantize, requantize ----------------------------------------------------------
+def _expand_scale(scale: torch.Tensor, shape: tuple[int, ...], scheme: Fp8Scheme) -> torch.Tensor:
+    """``scale`` (float32) broadcastable to ``shape`` (out, in)."""
+    s = scale.to(torch.float32)
+    if scheme.kind == "tensor":
+        return s.reshape(())
+    if scheme.kind == "channel":
+        return s.reshape(shape[0], 1)  # (out, 1)
+    assert scheme.block is not None
+    bo, bi = scheme.block
+    full = s.repeat_interleave(bo, dim=0).repeat_interleave(bi, dim=1)  # (nb_o*bo, nb_i*bi)
+    return full[: shape[0], : shape[1]]  # ragged last tiles cut back to the weight
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:
+    """The float32 weight an FP8 ``q`` (out, in) and its ``scale`` stand for."""
+    return q.to(torch.float32).mul_(_expand_scale(scale.to(q.device), tuple(q.shape), scheme))
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)  # 448 for e4m3fn, 57344 for e5m2
+
+
+def quantize_fp8(
+    w: torch.Tensor, scheme: Fp8Scheme, dtype: torch.dtype, scale_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (float32, (out, in)) as FP8 ``dtype`` in ``scheme``: (q, scale), scale float32 of ``scale_shape``.
+
+    Each scale is its group's absolute maximum over the format's largest value (the convention of
+    DeepSeek's and compressed-tensors' quantizers), so every group uses the full FP8 range; an
+    all-zero group gets scale 1. Values are rounded to nearest, after clamping to the range.
+    """
+    top = fp8_max(dtype)
+    out_f, in_f = w.shape
+    if scheme.kind == "tensor":
+        amax = w.abs().amax().reshape(1, 1)
+    elif scheme.kind == "channel":
+        amax = w.abs().amax(dim=1, keepdim=True)  # (out, 1)
+    else:
+        assert scheme.block is not None
+        bo, bi = scheme.block
+        nb_o, nb_i = -(-out_f // bo), -(-in_f // bi)
+        padded = torch.nn.functional.pad(w.abs(), (0, nb_i * bi - in_f, 0, nb_o * bo - out_f))  # zeros keep amax
+        amax = padded.view(nb_o, bo, nb_i, bi).amax(dim=(1, 3))  # (nb_o, nb_i)
+    scale = amax / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (w / _expand_scale(scale, (out_f, in_f), scheme)).clamp_(-top, top).to(dtype)
+    return q, scale.reshape(scale_shape)

@@ -204,12 +204,12 @@ CASES: dict[str, Case] = {
     "shard symlink out": (_symlinked_shard, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
                           "lies outside the checkpoint's folder"),
     # 8. quantized checkpoints
-    "fp8 base, merge": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
-                        "the checkpoint is quantized: fp8"),
+    "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                               "config.json has no quantization_config saying how its FP8 scales apply"),
     "gptq config, extract": (_quant_config, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
                              "the checkpoint is quantized: gptq"),
-    "fp8 base, unmerge": (_fp8_base, lambda w: ["unmerge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
-                          "quantized: fp8 (block-scaled)"),
+    "fp8 without its config, unmerge": (_fp8_base, lambda w: ["unmerge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                                        "quantized: fp8 (block-scaled)"),
     # 9. messages that say what happened
     "budget too small": (_nothing, lambda w: ["extract", w / BASE, w / FT, "--budget", "3", "-o", w / "out"], 1,
                          "--budget 3 buys no rank"),
@@ -263,7 +263,9 @@ def test_a_missing_alpha_is_a_warning_when_nothing_disagrees(cli, work: Path) ->
 def test_inspect_names_the_quantization(cli, work: Path) -> None:
     _fp8_base(work)
     r = cli("inspect", work / BASE, "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout)["quantization"].startswith("fp8 (block-scaled)")
+    q = json.loads(r.stdout)["quantization"]
+    assert r.exit_code == 0 and q["method"] == "fp8 (block-scaled)" and not q["supported"]
+    assert "no quantization_config" in q["why_unsupported"]
 
 
 # -- faults and races, in real processes --------------------------------------------------------------------

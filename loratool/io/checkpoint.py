@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..arch import Quantization, detect_quantization
-from ..errors import InputFileError, MissingInputError, MissingKeyError
+from ..arch import Fp8Layout, Quantization, detect_quantization, fp8_layout
+from ..errors import InputFileError, LoraToolError, MissingInputError, MissingKeyError
 from .header import read_header, tensor_offsets
 
 if TYPE_CHECKING:
@@ -210,6 +210,13 @@ class Checkpoint:
     def quantization(self) -> Quantization | None:
         """How the checkpoint is quantized (config.json, tensor dtypes and names), or None."""
         return detect_quantization(self.config(), ((i.name, i.dtype) for i in self._infos.values()))
+
+    def fp8_layout(self) -> Fp8Layout | None:
+        """The FP8 layout of the weights (None when unquantized); refuses other quantizations."""
+        try:
+            return fp8_layout(self.config(), {i.name: (i.shape, i.dtype) for i in self._infos.values()})
+        except LoraToolError as e:
+            raise type(e)(e.message, path=str(self.path), fix=e.fix) from None
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, key: str) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 
 from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
+from ..arch import Fp8Layout
 from ..card import check_base_model_id, is_hub_id
 from ..distributed import current
 from ..errors import LoraToolError, MissingKeyError, NonFiniteError, ShapeMismatchError
@@ -30,6 +31,7 @@ from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from ..linalg import (
     TruncatedSVD,
     allocate_budget,
+    dequantize_fp8,
     exact_svd,
     is_finite,
     out_in,
@@ -152,9 +154,9 @@ def extract(
         open_checkpoint(base, allow_pickle=allow_pickle) as b,
         open_checkpoint(finetuned, allow_pickle=allow_pickle) as f,
     ):
-        for ck in (b, f):
-            arch.refuse_quantized(ck.quantization(), str(ck.path), "extract")
-        keys = _paired_keys(b, f)
+        fp8 = (b.fp8_layout(), f.fp8_layout())  # FP8 weights are dequantized before the difference
+        options.fp8 = fp8
+        keys = _paired_keys(b, f, skip={c for layout in fp8 if layout for c in layout.companions})
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
         conv1d = arch.uses_conv1d(config, fan_in_fan_out)
@@ -223,6 +225,7 @@ class _Options:
     exclude: re.Pattern[str] | None
     keep: re.Pattern[str] | None
     device: torch.device
+    fp8: tuple[Fp8Layout | None, Fp8Layout | None] = (None, None)  # of the base and of the fine-tune
 
 
 @dataclass
@@ -272,7 +275,7 @@ def _extract_keys(
     def read_pair(key: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
         # On the prefetch thread: reading, upcasting, subtracting and measuring the delta overlap
         # the previous module's SVD on the main thread. One norm tells changed (> 0) and finite.
-        wb, wf = b.get(key), f.get(key)
+        wb, wf = _read(b, o.fp8[0], key, o.device), _read(f, o.fp8[1], key, o.device)
         if not wb.is_floating_point():
             return key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0
         delta = widen(wf, o.device, pool).sub_(upcast(wb, o.device) if o.device.type == "cuda" else wb)
@@ -300,7 +303,8 @@ def _handle(
         change = float(torch.linalg.vector_norm(wf.double() - wb.double()))
         part.dropped.append(Dropped(key, change, "an integer tensor changed"))
     else:
-        part.dtypes[key] = wf.dtype
+        fp8_ft = o.fp8[1] is not None and key in o.fp8[1].weights
+        part.dtypes[key] = torch.bfloat16 if fp8_ft else wf.dtype  # factors cannot be FP8: bf16, as trained
         module = key[: -len(".weight")] if key.endswith(".weight") else key
         if delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude):
             _factor(key, module, delta, norm, o, conv1d, part)
@@ -359,9 +363,18 @@ def _check_rank_options(rank: int | None, energy: float | None, budget: int | No
         raise LoraToolError(f"unknown --svd {svd!r}", fix="use randomized or exact")
 
 
-def _paired_keys(b: Checkpoint, f: Checkpoint) -> list[str]:
-    missing = [k for k in b.keys() if k not in f]
-    extra = [k for k in f.keys() if k not in b]
+def _read(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.device) -> torch.Tensor:
+    """A tensor as stored, or an FP8 weight dequantized to float32 (on ``device``)."""
+    if fp8 is None or key not in fp8.weights:
+        return ck.get(key)
+    w = fp8.weights[key]
+    return dequantize_fp8(ck.get(key).to(device), ck.get(w.scale_key), w.scheme)
+
+
+def _paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:
+    """The tensors both hold, in the base's order; FP8 scales (``skip``) pair with nothing."""
+    missing = [k for k in b.keys() if k not in f and k not in skip]
+    extra = [k for k in f.keys() if k not in b and k not in skip]
     if missing or extra:
         key = (missing or extra)[0]
         where = "the fine-tune lacks" if missing else "the base lacks"
@@ -372,7 +385,8 @@ def _paired_keys(b: Checkpoint, f: Checkpoint) -> list[str]:
             key=key,
             fix="BASE and FT must be the same architecture with the same tensor names",
         )
-    for k in b.keys():
+    keys = [k for k in b.keys() if k not in skip]
+    for k in keys:
         ib, jf = b.info(k), f.info(k)
         if ib.shape != jf.shape:
             raise ShapeMismatchError(
@@ -382,7 +396,7 @@ def _paired_keys(b: Checkpoint, f: Checkpoint) -> list[str]:
                 got=list(jf.shape),
                 fix="was the vocabulary resized? Extract from checkpoints of one architecture",
             )
-    return b.keys()
+    return keys
 
 
 def _tie_output_embedding(

@@ -7,7 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..io.checkpoint import open_checkpoint
+from ..errors import LoraToolError
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..provenance import decode
 
 
@@ -57,10 +58,26 @@ def _inspect_checkpoint(p: Path, allow_pickle: bool) -> dict[str, Any]:
             "shards": [{"file": f, "tensors": n} for f, n in per_file.items()],
             "index": ck.index_file.name if ck.index_file else None,
             "model_type": ck.config().get("model_type"),
-            "quantization": str(q) if (q := ck.quantization()) else None,
+            "quantization": _quantization(ck),
             "provenance": record,
             "metadata": {k: v for k, v in ck.header_metadata.items() if k != "loratool"},
         }
+
+
+def _quantization(ck: Checkpoint) -> dict[str, Any] | None:
+    """The method and its evidence; for FP8 that loratool handles, the schemes, block size and weights."""
+    found = ck.quantization()
+    if found is None:
+        return None
+    out: dict[str, Any] = {"method": found.method, "evidence": found.evidence, "supported": False}
+    try:
+        layout = ck.fp8_layout()
+    except LoraToolError as e:
+        out["why_unsupported"] = e.message
+        return out
+    if layout is not None:
+        out.update(layout.describe(), supported=True)
+    return out
 
 
 def _inspect_adapter(p: Path, allow_pickle: bool) -> dict[str, Any]:

@@ -19,15 +19,31 @@ import torch
 
 from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
+from ..arch import Fp8Layout, Fp8Scheme
 from ..distributed import current
-from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
+from ..errors import (
+    MissingKeyError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnsupportedAdapterError,
+    UnsupportedCheckpointError,
+)
 from ..formats import AdapterArg, load_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
 from ..io.header import patch_metadata
 from ..io.writer import CheckpointWriter, TensorSpec, copy_aux_files
-from ..linalg import add_lora, dora_rescale, is_finite, merge_rows, row_factors, unit_of_rounding
+from ..linalg import (
+    add_lora,
+    dequantize_fp8,
+    dora_rescale,
+    is_finite,
+    merge_rows,
+    quantize_fp8,
+    row_factors,
+    unit_of_rounding,
+)
 from ..pipeline import BackgroundWriter, BufferPool, stream, widen
 from ..provenance import InputHasher, encode, make_record
 from ..runtime import compute_threads, resolve_device
@@ -73,6 +89,24 @@ class RoundTripCheck:
         self.elements_differing += int((out != ref).sum())
         self.elements += out.numel()
 
+    def add_fp8(
+        self, q: torch.Tensor, scale: torch.Tensor, ref_q: torch.Tensor, ref_scale: torch.Tensor, scheme: Fp8Scheme
+    ) -> None:
+        """Compare a restored FP8 weight with the original, dequantized; units are the FP8 grid's
+        spacing at each original value (its scaled unit of rounding)."""
+        out, ref = dequantize_fp8(q, scale, scheme).double(), dequantize_fp8(ref_q, ref_scale, scheme).double()
+        grid = dequantize_fp8(torch.ones_like(ref_q), ref_scale, scheme).double()  # each element's scale
+        diff = out - ref
+        if diff.numel():
+            self.max_abs_diff = max(self.max_abs_diff, float(diff.abs().max()))
+            units = diff.abs() / (unit_of_rounding((ref / grid).abs(), ref_q.dtype) * grid)
+            self.max_rounding_units = max(self.max_rounding_units, float(units.max()))
+        self._sq_diff += float(diff.square().sum())
+        self._sq_base += float(ref.square().sum())
+        self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
+        self.elements_differing += int((q.view(torch.uint8) != ref_q.view(torch.uint8)).sum())
+        self.elements += q.numel()
+
     @staticmethod
     def combine(parts: list[RoundTripCheck]) -> RoundTripCheck:
         """The check over all ranks' shares."""
@@ -100,6 +134,7 @@ class MergeResult:
     tensors: int
     check: RoundTripCheck | None = None
     warnings: list[str] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None  # FP8 bases: the layout kept and what requantizing cost
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -112,6 +147,8 @@ class MergeResult:
         }
         if self.check is not None:
             d["check"] = self.check.to_json()
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
         return d
 
 
@@ -221,7 +258,6 @@ def _plan(
     ckpt: Checkpoint, loaded: list[tuple[Adapter, float, str]], sign: int, fan_in_fan_out: bool | None
 ) -> tuple[dict[str, list[_Term]], dict[str, torch.Tensor]]:
     """Which adapter modules add to which tensors, checked before any work is done."""
-    arch.refuse_quantized(ckpt.quantization(), str(ckpt.path), "merge" if sign > 0 else "unmerge")
     config = ckpt.config()
     conv1d_model = arch.uses_conv1d(config)
     module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
@@ -353,12 +389,15 @@ def _apply(
     out_dtype = torch_dtype(dtype) if dtype else None
     d = current()
     with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt, contextlib.ExitStack() as stack:
+        fp8 = ckpt.fp8_layout()  # None, or the FP8 layout to keep; any other quantization is refused
         terms, replace = _plan(ckpt, loaded, sign, fan_in_fan_out)
+        _check_fp8_plan(fp8, replace, str(ckpt.path))
+        dequantize = fp8 is not None and out_dtype is not None
         bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
         reference = stack.enter_context(open_checkpoint(check, allow_pickle=allow_pickle)) if check else None
         adapter_files = [f for a, _, _ in loaded if a.path for f in _adapter_files(Path(a.path))]
         hasher = InputHasher([*ckpt.file_paths(), *adapter_files], enabled=d.is_main)
-        layout = _layout(ckpt, replace, out_dtype)
+        layout = _layout(ckpt, replace, out_dtype, drop=fp8.companions if fp8 and dequantize else set())
         params = {
             "adapters": [{"path": n, "scale": s} for _, s, n in loaded], "device": str(dev),
             "dtype": dtype, "fan_in_fan_out": fan_in_fan_out,
@@ -373,14 +412,19 @@ def _apply(
         mine = d.share((f, sum(x.nbytes for x in specs)) for f, specs in shards)
         placeholder = {"format": "pt", **encode(make_record(operation, params, hasher.placeholder()))}
 
-        def write_share() -> RoundTripCheck | None:
+        def write_share() -> tuple[RoundTripCheck | None, list[dict[str, Any]]]:
             check_part = RoundTripCheck() if reference is not None else None
-            share = _Stream(ckpt, replace, terms, bias_terms, dev, out_dtype, reference, check_part)
+            share = _Stream(ckpt, replace, terms, bias_terms, dev, out_dtype, reference, check_part,
+                            fp8=fp8, dequantize=dequantize)  # fmt: skip
             share.write(root, [(f, specs) for f, specs in shards if f in mine], placeholder,
                          show_progress and d.is_main, operation)  # fmt: skip
-            return check_part
+            return check_part, share.requantized
 
-        checks = d.gather(write_share)
+        parts = d.gather(write_share)
+        checks = [c for c, _ in parts]
+        if fp8 is not None:
+            result.quantization = _quantization_report(fp8, dequantize, [r for _, rs in parts for r in rs])
+            result.warnings += _quantization_warnings(result.quantization)
         final = {"format": "pt", **encode(make_record(operation, params, hasher.result()))} if d.is_main else None
         final = d.broadcast(final)
         for fname in mine:
@@ -390,6 +434,8 @@ def _apply(
         d.barrier()
         if d.is_main and not single_file:
             copy_aux_files(ckpt.root, tmp)
+            if dequantize:
+                _drop_quantization_config(tmp / "config.json")
             if ckpt.index_file is not None:
                 _rewrite_index(ckpt.index_file, tmp, layout)
     d.barrier()  # rank 0 has moved the output into place
@@ -408,7 +454,19 @@ class _Stream:
     out_dtype: torch.dtype | None
     reference: Checkpoint | None
     check: RoundTripCheck | None
+    fp8: Fp8Layout | None = None
+    dequantize: bool = False  # FP8 weights are written in out_dtype, their scales dropped
     pool: BufferPool = field(default_factory=BufferPool)
+    requantized: list[dict[str, Any]] = field(default_factory=list)  # per FP8 weight changed: what rounding cost
+    _stash: dict[str, torch.Tensor] = field(default_factory=dict)  # the other half of an FP8 pair, until its turn
+
+    def __post_init__(self) -> None:
+        # FP8 weights to rewrite (those with terms, or all when dequantizing), by weight and by scale key
+        self._pair_of: dict[str, str] = {}
+        for wkey, w in self.fp8.weights.items() if self.fp8 else []:
+            if self.dequantize or wkey in self.terms:
+                self._pair_of[wkey] = wkey
+                self._pair_of[w.scale_key] = wkey
 
     def write(self, root: Path, shards: list[tuple[str, list[TensorSpec]]], metadata: dict[str, str], show: bool,
               desc: str) -> None:  # fmt: skip
@@ -430,6 +488,8 @@ class _Stream:
     def _result(self, key: str, w_in: torch.Tensor, w32: torch.Tensor | None) -> tuple[torch.Tensor, torch.dtype, bool]:
         """The result for ``key`` (the input where nothing changes), the dtype to write it in, and
         whether the tensor is the pool's (the writer hands it back once written)."""
+        if key in self._pair_of:
+            return self._fp8_result(key, w_in)
         out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
         if w32 is None and self._blocked(key):
             w, pooled = self._merge_blocked(key, w_in, out_dtype), True
@@ -442,16 +502,49 @@ class _Stream:
             self.check.add(w, _reference_tensor(self.reference, key), w_in)
         return w, out_dtype, pooled
 
+    def _fp8_result(self, key: str, w_in: torch.Tensor) -> tuple[torch.Tensor, torch.dtype, bool]:
+        """An FP8 weight or its scale: dequantize, add the terms in float32, requantize to the same
+        scheme (or keep float32 for a dequantized output). The pair is computed when its first
+        member comes up; the other waits in ``_stash`` for its own turn in the file order."""
+        if key in self._stash:
+            t = self._stash.pop(key)
+            return t, t.dtype, False
+        assert self.fp8 is not None
+        wkey = self._pair_of[key]
+        info = self.fp8.weights[wkey]
+        q = w_in if key == wkey else self.ckpt.get(wkey)
+        scale = w_in if key == info.scale_key else self.ckpt.get(info.scale_key)
+        before = dequantize_fp8(q.to(self.device), scale, info.scheme)  # (out, in) float32
+        w32 = self._add(wkey, before.clone(), torch.float32, before) if wkey in self.terms else before
+        if self.dequantize:
+            assert self.out_dtype is not None
+            return w32, self.out_dtype, False  # its scale is not in the layout: never asked for
+        q_new, s_new = quantize_fp8(w32, info.scheme, q.dtype, tuple(scale.shape))
+        self.requantized.append(_requantization(wkey, before, w32, dequantize_fp8(q_new, s_new, info.scheme)))
+        if self.check is not None and self.reference is not None:
+            ref_q, ref_s = _reference_tensor(self.reference, wkey), _reference_tensor(self.reference, info.scale_key)
+            self.check.add_fp8(q_new.cpu(), s_new.cpu(), ref_q, ref_s, info.scheme)
+        q_new, s_new = q_new.cpu(), s_new.to("cpu", scale.dtype)
+        mine, other = (q_new, s_new) if key == wkey else (s_new, q_new)
+        self._stash[info.scale_key if key == wkey else wkey] = other
+        return mine, mine.dtype, False
+
     def _blocked(self, key: str) -> bool:
         """On CPU, plain LoRA terms on a matrix go through :func:`merge_rows`, a block of rows at a time
-        (DoRA rescales whole rows of the result, and a ``lora_bias`` adds to a separate 1-D tensor)."""
+        (DoRA rescales whole rows of the result, and a ``lora_bias`` adds to a separate 1-D tensor;
+        FP8 weights are dequantized whole)."""
         ts = self.terms.get(key)
-        return self.device.type == "cpu" and ts is not None and all(t.module.magnitude is None for t in ts)
+        return (
+            self.device.type == "cpu"
+            and ts is not None
+            and all(t.module.magnitude is None for t in ts)
+            and key not in self._pair_of
+        )
 
     def _read(self, key: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         w = self.replace[key] if key in self.replace else self.ckpt.get(key)
         changes = key in self.terms or key in self.bias_terms
-        if not changes or self._blocked(key):
+        if not changes or self._blocked(key) or key in self._pair_of:
             return key, w, None
         return key, w, widen(w, self.device, self.pool)
 
@@ -508,17 +601,66 @@ def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str, base: t
 
 
 def _layout(
-    ckpt: Checkpoint, replace: dict[str, torch.Tensor], out_dtype: torch.dtype | None
+    ckpt: Checkpoint, replace: dict[str, torch.Tensor], out_dtype: torch.dtype | None, *, drop: set[str]
 ) -> list[tuple[str, list[TensorSpec]]]:
-    """The input's shards, tensor order and shapes, with the output dtype."""
+    """The input's shards, tensor order and shapes, with the output dtype, less the tensors in ``drop``
+    (the scales of a checkpoint written dequantized, whose FP8 weights take the output dtype)."""
     layout: dict[str, list[TensorSpec]] = {}
     for info in ckpt.infos():
+        if info.name in drop:
+            continue
         shape = tuple(replace[info.name].shape) if info.name in replace else info.shape
         dt = info.dtype
-        if out_dtype is not None and dt in ("F64", "F32", "F16", "BF16"):
+        if out_dtype is not None and (dt in ("F64", "F32", "F16", "BF16") or (drop and dt.startswith("F8_"))):
             dt = dtype_name(out_dtype)
         layout.setdefault(info.file, []).append(TensorSpec(info.name, shape, dt))
     return list(layout.items())
+
+
+def _check_fp8_plan(fp8: Fp8Layout | None, replace: dict[str, torch.Tensor], path: str) -> None:
+    whole = sorted(k for k in replace if fp8 is not None and (k in fp8.weights or k in fp8.companions))
+    if whole:
+        raise UnsupportedCheckpointError(
+            f"the adapter replaces the FP8 tensor '{whole[0]}' whole, and its layout cannot take a float tensor",
+            path=path,
+            fix="merge into the unquantized checkpoint, or pass --dtype bfloat16 for a dequantized output",
+        )
+
+
+def _requantization(key: str, before: torch.Tensor, target: torch.Tensor, stored: torch.Tensor) -> dict[str, Any]:
+    """What rounding the merged weight back to FP8 cost, next to the delta it was to carry."""
+    delta = float(torch.linalg.vector_norm(target - before))
+    error = float(torch.linalg.vector_norm(stored - target))
+    return {"tensor": key, "delta_norm": delta, "error_norm": error, "relative_error": error / delta if delta else 0.0}
+
+
+def _quantization_report(fp8: Fp8Layout, dequantized: bool, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layout, and over all requantized weights the share of the delta's energy rounding lost:
+    sum ||stored - (W + delta)||^2 / sum ||delta||^2."""
+    delta_sq = sum(r["delta_norm"] ** 2 for r in records)
+    lost = sum(r["error_norm"] ** 2 for r in records) / delta_sq if delta_sq else 0.0
+    return {**fp8.describe(), "dequantized": dequantized, "delta_energy_lost": lost,
+            "tensors": sorted(records, key=lambda r: r["tensor"])}  # fmt: skip
+
+
+def _quantization_warnings(report: dict[str, Any]) -> list[str]:
+    lost = report["delta_energy_lost"]
+    if report["dequantized"] or lost <= 0.5:
+        return []
+    return [
+        f"requantizing to FP8 lost {lost:.0%} of the adapter's delta (its energy, summed over "
+        f"{len(report['tensors'])} weights): most of it is below FP8 resolution. Pass --dtype bfloat16 "
+        "for a dequantized checkpoint that keeps it"
+    ]
+
+
+def _drop_quantization_config(config: Path) -> None:
+    """A dequantized output is a plain checkpoint: its config.json must not claim a quantization."""
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data.pop("quantization_config", None)
+        data.pop("compression_config", None)
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _rewrite_index(index: Path, out_dir: Path, layout: list[tuple[str, list[TensorSpec]]]) -> None:
