@@ -21,12 +21,16 @@ from pathlib import Path
 
 import bench_combine
 import bench_extract
+import bench_fp8
 import bench_merge
 import write_paths
 from common import machine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-BENCHES = {"extract": bench_extract, "merge": bench_merge, "combine": bench_combine, "write_paths": write_paths}
+BENCHES = {
+    "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "combine": bench_combine,
+    "write_paths": write_paths,
+}  # fmt: skip
 INTRO = """# Benchmarks
 
 Written by `bench/run_all.py`; each section names the command that produced it.

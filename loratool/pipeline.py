@@ -160,6 +160,8 @@ class BackgroundWriter:
                     self._error = e
 
     def _write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None, recycle: bool) -> None:
+        import torch
+
         if dtype is None or (tensor.dtype == dtype and tensor.device.type == "cpu"):
             self._writer.write(name, tensor)
         elif self._pool is None:

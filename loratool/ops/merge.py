@@ -89,20 +89,26 @@ class RoundTripCheck:
         self.elements_differing += int((out != ref).sum())
         self.elements += out.numel()
 
-    def add_fp8(
-        self, q: torch.Tensor, scale: torch.Tensor, ref_q: torch.Tensor, ref_scale: torch.Tensor, scheme: Fp8Scheme
-    ) -> None:
-        """Compare a restored FP8 weight with the original, dequantized; units are the FP8 grid's
-        spacing at each original value (its scaled unit of rounding)."""
-        out, ref = dequantize_fp8(q, scale, scheme).double(), dequantize_fp8(ref_q, ref_scale, scheme).double()
-        grid = dequantize_fp8(torch.ones_like(ref_q), ref_scale, scheme).double()  # each element's scale
-        diff = out - ref
+    def add_fp8(self, out: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor],
+                merged: tuple[torch.Tensor, torch.Tensor], scheme: Fp8Scheme) -> None:  # fmt: skip
+        """Compare a restored FP8 weight (q, scale) with the original, dequantized. A round trip
+        rounds on the merged grid and on the restored one, each with its own scales: a unit is the
+        coarsest of the three grids' spacings at each element."""
+
+        def values_and_unit(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            grid = dequantize_fp8(torch.ones_like(q), scale, scheme).double()  # each element's scale
+            x = dequantize_fp8(q, scale, scheme).double()
+            return x, unit_of_rounding((x / grid).abs(), q.dtype) * grid
+
+        (o, uo), (r, ur), (_, um) = values_and_unit(*out), values_and_unit(*ref), values_and_unit(*merged)
+        diff = o - r
         if diff.numel():
             self.max_abs_diff = max(self.max_abs_diff, float(diff.abs().max()))
-            units = diff.abs() / (unit_of_rounding((ref / grid).abs(), ref_q.dtype) * grid)
+            units = diff.abs() / torch.maximum(torch.maximum(uo, ur), um)
             self.max_rounding_units = max(self.max_rounding_units, float(units.max()))
+        q, ref_q = out[0], ref[0]
         self._sq_diff += float(diff.square().sum())
-        self._sq_base += float(ref.square().sum())
+        self._sq_base += float(r.square().sum())
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements_differing += int((q.view(torch.uint8) != ref_q.view(torch.uint8)).sum())
         self.elements += q.numel()
@@ -523,7 +529,7 @@ class _Stream:
         self.requantized.append(_requantization(wkey, before, w32, dequantize_fp8(q_new, s_new, info.scheme)))
         if self.check is not None and self.reference is not None:
             ref_q, ref_s = _reference_tensor(self.reference, wkey), _reference_tensor(self.reference, info.scale_key)
-            self.check.add_fp8(q_new.cpu(), s_new.cpu(), ref_q, ref_s, info.scheme)
+            self.check.add_fp8((q_new.cpu(), s_new.cpu()), (ref_q, ref_s), (q.cpu(), scale), info.scheme)
         q_new, s_new = q_new.cpu(), s_new.to("cpu", scale.dtype)
         mine, other = (q_new, s_new) if key == wkey else (s_new, q_new)
         self._stash[info.scale_key if key == wkey else wkey] = other

@@ -1,0 +1,252 @@
+"""FP8 bases: merge, unmerge and extract against dequantization written here from each format's
+definition (real weight = q * scale of its block, row or tensor; scale = amax / FP8 max)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_model, peft_adapter, tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loratool.linalg import unit_of_rounding
+from loratool.ops.extract import extract
+from loratool.ops.merge import merge, unmerge
+
+E4M3 = torch.float8_e4m3fn
+BLOCK = (24, 24)  # llama-tiny's 32 and 64 do not divide by 24: ragged last tiles
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def reference_dequant(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """q * scale, element by element, with each element's scale looked up by index."""
+    w = q.double()
+    if scheme == "tensor":
+        return w * float(scale.reshape(-1)[0])
+    if scheme == "channel":
+        return w * scale.double().reshape(-1, 1)
+    rows = torch.arange(q.shape[0]) // BLOCK[0]
+    cols = torch.arange(q.shape[1]) // BLOCK[1]
+    return w * scale.double()[rows][:, cols]
+
+
+def reference_quant(w: torch.Tensor, scheme: str, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group: scale = amax / max, q = round(w / scale), written block by block with loops."""
+    top = torch.finfo(dtype).max
+    w = w.double()
+    if scheme == "tensor":
+        groups = [((slice(None), slice(None)), (0, 0))]
+        scale = torch.zeros(1, 1, dtype=torch.float64)
+    elif scheme == "channel":
+        groups = [((slice(i, i + 1), slice(None)), (i, 0)) for i in range(w.shape[0])]
+        scale = torch.zeros(w.shape[0], 1, dtype=torch.float64)
+    else:
+        nb = (math.ceil(w.shape[0] / BLOCK[0]), math.ceil(w.shape[1] / BLOCK[1]))
+        groups = [((slice(i * BLOCK[0], (i + 1) * BLOCK[0]), slice(j * BLOCK[1], (j + 1) * BLOCK[1])), (i, j))
+                  for i in range(nb[0]) for j in range(nb[1])]  # fmt: skip
+        scale = torch.zeros(nb, dtype=torch.float64)
+    q = torch.zeros(w.shape, dtype=dtype)
+    for where, at in groups:
+        amax = float(w[where].abs().max())
+        s = amax / top if amax > 0 else 1.0
+        scale[at] = s
+        q[where] = (w[where] / s).clamp(-top, top).float().to(dtype)
+    return q, scale.float()
+
+
+def quant_config(scheme: str) -> dict:
+    if scheme == "block":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
+    return {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
+                                                                          "strategy": scheme, "symmetric": True}}},
+    }  # fmt: skip
+
+
+def scale_name(scheme: str) -> str:
+    return "weight_scale_inv" if scheme == "block" else "weight_scale"
+
+
+def fp8_checkpoint(src: Path, dst: Path, scheme: str) -> None:
+    """``src`` (a float32 model directory) with its projections quantized as the format says."""
+    dst.mkdir()
+    tensors = load_file(str(src / "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJ:
+            q, s = reference_quant(t, scheme)
+            out[name] = q
+            out[name[: -len("weight")] + scale_name(scheme)] = s
+            if scheme != "block":
+                out[name[: -len("weight")] + "input_scale"] = torch.tensor([0.0123])
+        else:
+            out[name] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quant_config(scheme)
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def dequantized_state(path: Path, scheme: str) -> dict[str, torch.Tensor]:
+    ts = load_file(str(path / "model.safetensors"))
+    out = {}
+    for name, t in ts.items():
+        if t.dtype == E4M3:
+            out[name] = reference_dequant(t, ts[name[: -len("weight")] + scale_name(scheme)], scheme)
+        elif not name.endswith(("_scale", "_scale_inv")):
+            out[name] = t.double()
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A float32 tiny Llama and an adapter on every projection (random B, so the delta is real)."""
+    root = tmp_path_factory.mktemp("fp8")
+    tiny_model("llama").save_pretrained(root / "base")
+    pm = peft_adapter(load_model("llama", root / "base"), list(PROJ), r=4, alpha=8, seed=3)
+    pm.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def adapter_deltas(adapter: Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    ts = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    out = {}
+    for key, a in ts.items():
+        if key.endswith(".lora_A.weight"):
+            b = ts[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            out[name] = scale * cfg["lora_alpha"] / cfg["r"] * (b.double() @ a.double())  # (out, r) @ (r, in)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel", "tensor"])
+def test_merge_requantizes_to_the_same_layout(tmp_path: Path, plain, scheme: str) -> None:
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", scheme)
+    res = merge(tmp_path / "fp8", [adapter], output=tmp_path / "merged", show_progress=False)
+    src, out = (
+        load_file(str(tmp_path / "fp8" / "model.safetensors")),
+        load_file(str(tmp_path / "merged" / "model.safetensors")),
+    )
+    assert list(out) == list(src)
+    assert all(out[k].dtype == src[k].dtype and out[k].shape == src[k].shape for k in src)  # layout kept
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"] == quant_config(scheme)
+    for k in src:
+        if k.endswith("input_scale") or not k.endswith(("weight", "_scale", "_scale_inv")):
+            assert torch.equal(out[k], src[k]), k  # activation scales and the rest pass through
+    before, after = dequantized_state(tmp_path / "fp8", scheme), dequantized_state(tmp_path / "merged", scheme)
+    for name, delta in adapter_deltas(adapter).items():
+        target = before[name] + delta  # what the merged weight should be, exactly
+        ideal = reference_dequant(*reference_quant(target.float(), scheme), scheme)
+        ours = float((after[name] - target).norm())
+        assert ours <= float((ideal - target).norm()) * (1 + 1e-6) + 1e-12, name  # as good as requantizing exactly
+        assert ours < float(delta.norm()), name  # and the delta is carried, not erased
+    q = res.quantization
+    assert q is not None and q["method"] == quant_config(scheme)["quant_method"] and q["schemes"] == [scheme]
+    assert len(q["tensors"]) == len(adapter_deltas(adapter)) and 0 < q["delta_energy_lost"] < 0.5
+    assert not res.warnings
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_unmerge_of_merge_is_within_two_fp8_rounding_units(tmp_path: Path, plain, scheme: str) -> None:
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", scheme)
+    merge(tmp_path / "fp8", [adapter], output=tmp_path / "merged", show_progress=False)
+    res = unmerge(tmp_path / "merged", [adapter], output=tmp_path / "back", check=tmp_path / "fp8", show_progress=False)
+    assert res.check is not None and res.check.max_rounding_units <= 2.0 + 1e-9
+    assert res.check.elements > 0 and res.check.relative_diff < 0.05
+
+
+def test_dtype_writes_a_dequantized_checkpoint(tmp_path: Path, plain) -> None:
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    merge(tmp_path / "fp8", [adapter], output=tmp_path / "deq", dtype="bfloat16", show_progress=False)
+    out = load_file(str(tmp_path / "deq" / "model.safetensors"))
+    assert not any(k.endswith(("_scale", "_scale_inv")) for k in out)
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}
+    assert "quantization_config" not in json.loads((tmp_path / "deq" / "config.json").read_text())
+    before = dequantized_state(tmp_path / "fp8", "block")
+    for name, delta in adapter_deltas(adapter).items():
+        target = before[name] + delta  # rounded once to bfloat16: within one unit of rounding
+        assert ((out[name].double() - target).abs() <= unit_of_rounding(target.abs(), torch.bfloat16)).all(), name
+    model = load_model("llama", tmp_path / "deq", torch.bfloat16)  # loads in transformers as a plain model
+    assert model is not None
+
+
+def test_a_delta_below_fp8_resolution_is_reported(tmp_path: Path, plain) -> None:
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    res = merge(tmp_path / "fp8", [(adapter, 1e-4)], output=tmp_path / "merged", show_progress=False)
+    assert res.quantization is not None and res.quantization["delta_energy_lost"] > 0.5
+    assert any("below FP8 resolution" in w for w in res.warnings)
+
+
+@pytest.mark.parametrize("which", ["both", "base"])
+def test_extract_from_fp8_equals_extract_from_its_dequantized_copy(tmp_path: Path, plain, which: str) -> None:
+    base, _ = plain
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "ft")
+    fp8_checkpoint(base, tmp_path / "base8", "block")
+    ft = tmp_path / "ft"
+    if which == "both":
+        fp8_checkpoint(tmp_path / "ft", tmp_path / "ft8", "block")
+        ft = tmp_path / "ft8"
+    for name, scheme_path in (("base8", tmp_path / "base8"), ("ft8", tmp_path / "ft8")):
+        if not scheme_path.exists():
+            continue
+        (tmp_path / f"{name}-deq").mkdir()
+        deq = {k: v.float() for k, v in dequantized_state(scheme_path, "block").items()}
+        save_file(deq, str(tmp_path / f"{name}-deq" / "model.safetensors"))
+        (tmp_path / f"{name}-deq" / "config.json").write_text((base / "config.json").read_text())
+    ft_deq = tmp_path / "ft8-deq" if which == "both" else tmp_path / "ft"
+    kw = dict(rank=4, dtype="float32", show_progress=False, seed=0)
+    extract(tmp_path / "base8", ft, output=tmp_path / "a", **kw)
+    extract(tmp_path / "base8-deq", ft_deq, output=tmp_path / "b", **kw)
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extract_factors_of_an_fp8_finetune_default_to_bfloat16(tmp_path: Path, plain) -> None:
+    base, _ = plain
+    (tmp_path / "ft").mkdir()
+    g = torch.Generator().manual_seed(5)
+    ts = load_file(str(base / "model.safetensors"))  # a fine-tune that changed the projections only
+    ft = {k: t + 0.01 * torch.randn(t.shape, generator=g) if k.rsplit(".", 2)[-2] in PROJ else t for k, t in ts.items()}
+    save_file(ft, str(tmp_path / "ft" / "model.safetensors"))
+    (tmp_path / "ft" / "config.json").write_text((base / "config.json").read_text())
+    fp8_checkpoint(tmp_path / "ft", tmp_path / "ft8", "block")
+    extract(base, tmp_path / "ft8", output=tmp_path / "a", rank=2, show_progress=False)
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "method"),
+    [
+        ({"model.layers.0.self_attn.q_proj.qweight": torch.zeros(4, 8, dtype=torch.int32),
+          "model.layers.0.self_attn.q_proj.qzeros": torch.zeros(1, 8, dtype=torch.int32),
+          "model.layers.0.self_attn.q_proj.scales": torch.ones(1, 32, dtype=torch.float16)}, "gptq/awq"),
+        ({"model.layers.0.mlp.down_proj.weight.absmax": torch.ones(4),
+          "model.layers.0.mlp.down_proj.weight.quant_map": torch.ones(16)}, "bitsandbytes"),
+    ],
+)  # fmt: skip
+def test_other_quantizations_are_refused_before_anything_is_written(tmp_path: Path, plain, cli, extra, method) -> None:
+    base, adapter = plain
+    (tmp_path / "q").mkdir()
+    ts = {**load_file(str(base / "model.safetensors")), **extra}
+    save_file(ts, str(tmp_path / "q" / "model.safetensors"))
+    (tmp_path / "q" / "config.json").write_text((base / "config.json").read_text())
+    for args in (
+        ["merge", tmp_path / "q", adapter],
+        ["unmerge", tmp_path / "q", adapter],
+        ["extract", base, tmp_path / "q"],
+    ):
+        r = cli(*args, "-o", tmp_path / "out")
+        assert r.exit_code == 1 and f"the checkpoint is quantized: {method}" in r.stderr, r.stderr
+        assert "quantize the result" in r.stderr and not (tmp_path / "out").exists()
