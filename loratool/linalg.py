@@ -356,3 +356,61 @@ def quantize_fp8(
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (w / _expand_scale(scale, (out_f, in_f), scheme)).clamp_(-top, top).to(dtype)
     return q, scale.reshape(scale_shape)
+
+
+def merge_fp8_rows(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    scheme: Fp8Scheme,
+    factors: list[RowFactors],
+    q_out: torch.Tensor,
+    scale_out: torch.Tensor,
+    check: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[float, float]:
+    """Dequantize ``q`` (out, in) a strip of rows at a time, add the rank-r terms in float32, and
+    requantize each strip into ``q_out``/``scale_out`` (the same scheme, dtype and scale shape).
+
+    A strip is one block row (``block`` scheme) or up to 64 rows (``channel``): every scale a strip
+    needs lies inside it, so nothing of the weight's size is ever widened at once. ``tensor``
+    schemes need the whole weight's maximum first and are not taken here. Returns the squared
+    norms (delta, requantization error): ||W' - W||^2 and ||stored - W'||^2 over all rows.
+    """
+    if scheme.kind == "tensor":
+        raise ValueError("per-tensor scales need the whole weight: use dequantize_fp8 and quantize_fp8")
+    rows, cols = q.shape
+    top = fp8_max(q_out.dtype)
+    step = scheme.block[0] if scheme.block is not None else 64
+    s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
+    delta_sq = error_sq = 0.0
+    for i, start in enumerate(range(0, rows, step)):
+        stop = min(start + step, rows)
+        if scheme.kind == "block":
+            assert scheme.block is not None
+            row_scale = s_in[i].to(torch.float32).repeat_interleave(scheme.block[1])[:cols]  # (cols,)
+        else:
+            row_scale = s_in[start:stop].to(torch.float32)  # (rows', 1)
+        before = q[start:stop].to(torch.float32).mul_(row_scale)  # (rows', cols)
+        strip = before.clone()
+        for left, right, factor in factors:
+            strip.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
+        if check is not None:
+            check(strip)
+        if scheme.kind == "block":
+            assert scheme.block is not None
+            bi = scheme.block[1]
+            nb = -(-cols // bi)
+            padded = torch.nn.functional.pad(strip.abs(), (0, nb * bi - cols))  # zeros keep each tile's max
+            new = padded.view(stop - start, nb, bi).amax(dim=(0, 2)) / top  # (nb,)
+            new = torch.where(new > 0, new, torch.ones_like(new))
+            s_out[i] = new.to(s_out.dtype)
+            new_row = s_out[i].to(torch.float32).repeat_interleave(bi)[:cols]
+        else:
+            new = strip.abs().amax(dim=1, keepdim=True) / top  # (rows', 1)
+            new = torch.where(new > 0, new, torch.ones_like(new))
+            s_out[start:stop] = new.to(s_out.dtype)
+            new_row = s_out[start:stop].to(torch.float32)
+        q_out[start:stop] = (strip / new_row).clamp_(-top, top).to(q_out.dtype)
+        stored = q_out[start:stop].to(torch.float32).mul_(new_row)
+        delta_sq += float(torch.linalg.vector_norm(strip - before)) ** 2
+        error_sq += float(torch.linalg.vector_norm(stored - strip)) ** 2
+    return delta_sq, error_sq

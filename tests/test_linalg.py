@@ -10,15 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratool.adapter import LoraModule
+from loratool.arch import Fp8Scheme
 from loratool.linalg import (
     add_lora,
     allocate_budget,
+    dequantize_fp8,
     dora_rescale,
     exact_svd,
     factored_svd,
     lora_delta,
+    merge_fp8_rows,
     merge_rows,
     out_in,
+    quantize_fp8,
     randomized_svd,
     rank_for_energy,
     relative_error,
@@ -266,3 +270,31 @@ def test_unit_of_rounding_is_the_gap_to_the_next_value(dtype: torch.dtype, int_d
     x = (torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 100 + 1e-3).to(dtype)
     next_up = (x.view(int_dtype) + 1).view(dtype)  # positive normal values: the next bit pattern
     assert torch.equal(unit_of_rounding(x.double(), dtype), next_up.double() - x.double())
+
+
+@pytest.mark.parametrize("scheme", [Fp8Scheme("block", (24, 16)), Fp8Scheme("channel")])
+def test_merge_fp8_rows_matches_the_whole_weight_path(scheme: Fp8Scheme) -> None:
+    """Strip by strip or whole: the same merged weight, the same scales, FP8 values within one unit."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(70, 50, generator=g)  # 70 = 2 * 24 + 22, 50 = 3 * 16 + 2: ragged tiles both ways
+    scale_shape = (3, 4) if scheme.kind == "block" else (70, 1)
+    q, s = quantize_fp8(w, scheme, torch.float8_e4m3fn, scale_shape)
+    a, b = factors(70, 50, 3, 5)
+    q_out, s_out = torch.empty_like(q), torch.empty_like(s)
+    delta_sq, error_sq = merge_fp8_rows(q, s, scheme, [row_factors(a, b, 0.5, "linear")], q_out, s_out)
+    target = dequantize_fp8(q, s, scheme) + 0.5 * (b @ a)  # (out, r) @ (r, in)
+    q_ref, s_ref = quantize_fp8(target, scheme, torch.float8_e4m3fn, scale_shape)
+    assert torch.allclose(s_out, s_ref, rtol=1e-6)
+    stored, ref = dequantize_fp8(q_out, s_out, scheme), dequantize_fp8(q_ref, s_ref, scheme)
+    grid = dequantize_fp8(torch.ones_like(q_ref), s_ref, scheme)
+    assert (
+        (stored - ref).abs() <= unit_of_rounding((ref / grid).abs().double(), torch.float8_e4m3fn) * grid + 1e-7
+    ).all()
+    assert delta_sq == pytest.approx(float((0.5 * (b @ a)).square().sum()), rel=1e-4)
+    assert error_sq == pytest.approx(float((stored - target).square().sum()), rel=1e-4)
+
+
+def test_merge_fp8_rows_refuses_per_tensor_scales() -> None:
+    q = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="whole weight"):
+        merge_fp8_rows(q, torch.ones(1), Fp8Scheme("tensor"), [], q.clone(), torch.ones(1))

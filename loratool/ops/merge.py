@@ -39,6 +39,7 @@ from ..linalg import (
     dequantize_fp8,
     dora_rescale,
     is_finite,
+    merge_fp8_rows,
     merge_rows,
     quantize_fp8,
     row_factors,
@@ -520,13 +521,12 @@ class _Stream:
         info = self.fp8.weights[wkey]
         q = w_in if key == wkey else self.ckpt.get(wkey)
         scale = w_in if key == info.scale_key else self.ckpt.get(info.scale_key)
-        before = dequantize_fp8(q.to(self.device), scale, info.scheme)  # (out, in) float32
-        w32 = self._add(wkey, before.clone(), torch.float32, before) if wkey in self.terms else before
-        if self.dequantize:
-            assert self.out_dtype is not None
-            return w32, self.out_dtype, False  # its scale is not in the layout: never asked for
-        q_new, s_new = quantize_fp8(w32, info.scheme, q.dtype, tuple(scale.shape))
-        self.requantized.append(_requantization(wkey, before, w32, dequantize_fp8(q_new, s_new, info.scheme)))
+        if self.dequantize or info.scheme.kind == "tensor" or self._has_dora(wkey):
+            q_new, s_new = self._fp8_whole(wkey, q, scale, info.scheme)
+            if self.dequantize:
+                return q_new, q_new.dtype, False  # float, in out_dtype; its scale is not in the layout
+        else:
+            q_new, s_new = self._fp8_strips(wkey, q, scale, info.scheme)
         if self.check is not None and self.reference is not None:
             ref_q, ref_s = _reference_tensor(self.reference, wkey), _reference_tensor(self.reference, info.scale_key)
             self.check.add_fp8((q_new.cpu(), s_new.cpu()), (ref_q, ref_s), (q.cpu(), scale), info.scheme)
@@ -534,6 +534,43 @@ class _Stream:
         mine, other = (q_new, s_new) if key == wkey else (s_new, q_new)
         self._stash[info.scale_key if key == wkey else wkey] = other
         return mine, mine.dtype, False
+
+    def _has_dora(self, key: str) -> bool:
+        return any(t.module.magnitude is not None for t in self.terms.get(key, []))
+
+    def _fp8_strips(
+        self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge and requantize a strip of rows at a time (:func:`merge_fp8_rows`): memory of a strip."""
+        q_dev, s_dev = q.to(self.device), scale.to(self.device)
+        q_new, s_new = torch.empty_like(q_dev), torch.empty_like(s_dev)
+        factors = [row_factors(t.module.lora_A.to(self.device), t.module.lora_B.to(self.device), t.factor, t.kind)
+                   for t in self.terms[key]]  # fmt: skip
+
+        def check(strip: torch.Tensor) -> None:
+            if not is_finite(strip):  # the base is only dequantized whole to name the cause
+                _require_finite(strip, torch.float32, key, dequantize_fp8(q_dev, s_dev, scheme))
+
+        delta_sq, error_sq = merge_fp8_rows(q_dev, s_dev, scheme, factors, q_new, s_new, check)
+        self.requantized.append(_requantization(key, delta_sq**0.5, error_sq**0.5))
+        return q_new, s_new
+
+    def _fp8_whole(
+        self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantize the whole weight, add the terms (DoRA too), then requantize it, or, for a
+        dequantized output, return it in the output dtype (and the old scale, unused)."""
+        before = dequantize_fp8(q.to(self.device), scale, scheme)  # (out, in) float32
+        out_dtype = self.out_dtype if self.dequantize and self.out_dtype is not None else torch.float32
+        w32 = self._add(key, before.clone(), out_dtype, before) if key in self.terms else before
+        if self.dequantize:
+            assert self.out_dtype is not None
+            return w32.to(self.out_dtype), scale
+        q_new, s_new = quantize_fp8(w32, scheme, q.dtype, tuple(scale.shape))
+        delta = float(torch.linalg.vector_norm(w32 - before))
+        error = float(torch.linalg.vector_norm(dequantize_fp8(q_new, s_new, scheme) - w32))
+        self.requantized.append(_requantization(key, delta, error))
+        return q_new, s_new
 
     def _blocked(self, key: str) -> bool:
         """On CPU, plain LoRA terms on a matrix go through :func:`merge_rows`, a block of rows at a time
@@ -633,10 +670,9 @@ def _check_fp8_plan(fp8: Fp8Layout | None, replace: dict[str, torch.Tensor], pat
         )
 
 
-def _requantization(key: str, before: torch.Tensor, target: torch.Tensor, stored: torch.Tensor) -> dict[str, Any]:
-    """What rounding the merged weight back to FP8 cost, next to the delta it was to carry."""
-    delta = float(torch.linalg.vector_norm(target - before))
-    error = float(torch.linalg.vector_norm(stored - target))
+def _requantization(key: str, delta: float, error: float) -> dict[str, Any]:
+    """What rounding the merged weight back to FP8 cost (||stored - W'||), next to the delta it was to
+    carry (||W' - W||)."""
     return {"tensor": key, "delta_norm": delta, "error_norm": error, "relative_error": error / delta if delta else 0.0}
 
 
