@@ -307,6 +307,14 @@ def _merge_text(d: dict[str, Any]) -> str:
         f"{d['operation']}: {d['tensors_changed']} tensor(s) changed, {d['tensors_replaced']} replaced; "
         f"wrote {d['output']}"
     )
+    q = d.get("quantization")
+    if q and q["dequantized"]:
+        text += f"\nFP8 ({q['method']}) weights written dequantized; quantization_config dropped"
+    elif q:
+        text += (
+            f"\nFP8 ({q['method']}, {', '.join(q['schemes'])}): {len(q['tensors'])} weight(s) requantized, "
+            f"{q['delta_energy_lost']:.1%} of the delta's energy lost to rounding"
+        )
     if "check" in d:
         c = d["check"]
         text += (
@@ -538,8 +546,9 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
         return []
     if not q["supported"]:
         return [f"  quantized: {q['method']} ({q['evidence']}): {q.get('why_unsupported', 'not supported')}"]
-    block = f", block {q['block'][0]}x{q['block'][1]}" if q.get("block") else ""
-    return [f"  quantized: {q['method']} ({', '.join(q['schemes'])}{block}), {len(q['quantized_weights'])} FP8 weights"]
+    block = f"block {q['block'][0]}x{q['block'][1]}" if q.get("block") else "block"
+    schemes = ", ".join(block if s == "block" else f"per {s}" for s in q["schemes"])
+    return [f"  quantized: {q['method']} ({schemes}), {len(q['quantized_weights'])} FP8 weights"]
 
 
 @cli.command()
