@@ -23,13 +23,14 @@ import bench_combine
 import bench_extract
 import bench_fp8
 import bench_merge
+import bench_ties
 import write_paths
 from common import machine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BENCHES = {
     "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "combine": bench_combine,
-    "write_paths": write_paths,
+    "ties": bench_ties, "write_paths": write_paths,
 }  # fmt: skip
 INTRO = """# Benchmarks
 
@@ -67,8 +68,8 @@ def main() -> None:
     command = "python bench/run_all.py " + " ".join(sys.argv[1:])
     for name in args.only or list(BENCHES):
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        layers = args.combine_layers if name == "combine" else args.layers
-        rank = 64 if name == "combine" else 16
+        layers = args.combine_layers if name in ("combine", "ties") else args.layers
+        rank = 64 if name in ("combine", "ties") else 16
         if name == "write_paths":
             result = write_paths.run(args.workdir)
         else:

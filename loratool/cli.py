@@ -117,6 +117,19 @@ class _Regex(click.ParamType):  # type: ignore[type-arg]
 
 
 ADAPTER_SPEC = _AdapterSpec()
+COMBINE_METHODS = (
+    "cat",
+    "svd",
+    "linear",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune_svd",
+)  # fmt: skip  (loratool.ops.combine.METHODS; spelled here so --help needs no torch)
 REGEX = _Regex()
 ENERGY_RANGE = click.FloatRange(0, 1, min_open=True)
 
@@ -165,6 +178,10 @@ ENERGY: Decorator = click.option(
     default=None,
     help="Per module, the smallest rank keeping this share of the energy (sum S^2), capped by -r.",
 )
+SEED: Decorator = click.option(
+    "--seed", type=int, default=0, show_default=True,
+    help="Seed of the random draws (extract: the randomized SVD; combine: DARE's masks).",
+)  # fmt: skip
 ENDPOINT: Decorator = click.option(
     "--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)."
 )
@@ -237,8 +254,7 @@ def cli() -> None:
     default=None,
     help="Changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
-@options(FORMAT, BASE_MODEL_ID, OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
+@options(SEED, FORMAT, BASE_MODEL_ID, OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
 def extract(
     base: str,
     finetuned: str,
@@ -417,17 +433,35 @@ def _combine_text(d: dict[str, Any]) -> str:
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
 @click.option(
     "--method",
-    type=click.Choice(["cat", "svd", "linear"]),
+    type=click.Choice(list(COMBINE_METHODS)),
     default="cat",
     show_default=True,
-    help="cat: exact; svd: exact truncation to -r; linear: PEFT's per-factor average (approximate).",
+    help="cat: exact; svd: exact truncation to -r; linear: PEFT's per-factor average (approximate); "
+    "ties, dare_linear, dare_ties, magnitude_prune: PEFT's, on A and B apart (equal ranks); their _svd "
+    "forms: on each module's dense deltas, then truncated to -r.",
 )
-@options(RANK, ENERGY, FORMAT, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET, JSON)
+@click.option(
+    "--density", type=click.FloatRange(0, 1, min_open=True), default=None,
+    help="TIES/DARE/magnitude pruning: the share of elements each source keeps.",
+)  # fmt: skip
+@click.option(
+    "--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
+    help="TIES: elect each element's sign from the sum (total) or from the count of signs (frequency).",
+)  # fmt: skip
+@click.option(
+    "--svd-clamp", type=click.FloatRange(0, 1, min_open=True), default=None,
+    help="The _svd forms: clamp the factors at this quantile of their values, as PEFT's svd_clamp.",
+)  # fmt: skip
+@options(RANK, ENERGY, SEED, FORMAT, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET, JSON)
 def combine(
     adapters: tuple[tuple[str, float], ...],
     method: str,
+    density: float | None,
+    majority_sign: str,
+    svd_clamp: float | None,
     rank: int | None,
     energy: float | None,
+    seed: int,
     fmt: str,
     base_model_id: str | None,
     base: str | None,
@@ -448,15 +482,28 @@ def combine(
     Examples:
       loratool combine chat/ code/ -o mix/                         # exact, rank = sum of ranks
       loratool combine chat/:1 toxic/:-0.5 --method svd -r 32 -o mix/
+      loratool combine a/ b/ c/ --method ties_svd --density 0.3 -r 16 -o mix/
+      loratool combine a/ b/ --method dare_linear --density 0.5 --seed 7 -o mix/
     """
     from .ops.combine import combine as run
 
-    if method != "svd" and (rank is not None or energy is not None):
-        raise click.UsageError(f"-r/--rank and --energy apply to --method svd, not {method}")
+    svd_forms = method == "svd" or method.endswith("_svd")
+    if (rank is not None and not svd_forms) or (energy is not None and method != "svd"):
+        raise click.UsageError(
+            f"-r/--rank (and --energy, for svd) apply to --method svd and the _svd forms, not {method}"
+        )
+    sparse = method not in ("cat", "svd", "linear")
+    if sparse and density is None:
+        raise click.UsageError(f"--method {method} needs --density (the share of elements kept, e.g. 0.5)")
+    if not sparse and density is not None:
+        raise click.UsageError(f"--density applies to TIES, DARE and magnitude pruning, not --method {method}")
+    if svd_clamp is not None and not (sparse and svd_forms):
+        raise click.UsageError("--svd-clamp applies to the _svd forms of TIES, DARE and magnitude pruning")
 
     result = run(list(adapters), output=output, method=method, rank=rank, energy=energy, device=device,  # type: ignore[arg-type]
                  dtype=dtype, format=fmt, base_model_id=base_model_id, base=base, force=force,  # type: ignore[arg-type]
-                 allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
+                 allow_pickle=allow_pickle, show_progress=not quiet, density=density,
+                 majority_sign=majority_sign, svd_clamp=svd_clamp, seed=seed)  # type: ignore[arg-type]  # fmt: skip
     _emit(result, as_json, _combine_text)
 
 

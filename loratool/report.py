@@ -16,9 +16,11 @@ class ModuleReport:
     relative_error: float  # ||M - B A||_F / ||M||_F
     energy_kept: float  # share of ||M||_F^2 the kept singular values hold
     kind: str = "linear"
+    density: float | None = None  # TIES/DARE/magnitude pruning: the share of nonzero elements kept
+    sign_agreement: float | None = None  # TIES: the share of kept elements whose sign was elected
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if v is not None or k not in ("density", "sign_agreement")}
         d["shape"] = list(self.shape)
         return d
 

@@ -25,7 +25,12 @@ USAGE_ERRORS = [
     (["combine", f"{ADAPTER}:-inf", ADAPTER], "give a finite number"),
     (["combine", ADAPTER, ADAPTER, "-r", "4"], "apply to --method svd"),
     (["combine", ADAPTER, ADAPTER, "--method", "linear", "--energy", "0.5"], "apply to --method svd"),
-    (["combine", ADAPTER, "--method", "ties"], "--method"),
+    (["combine", ADAPTER, "--method", "ties"], "needs --density"),
+    (["combine", ADAPTER, "--method", "bogus"], "--method"),
+    (["combine", ADAPTER, "--density", "0.5"], "--density applies to TIES"),
+    (["combine", ADAPTER, ADAPTER, "--method", "ties", "--density", "0.5", "-r", "2"], "apply to --method svd"),
+    (["combine", ADAPTER, ADAPTER, "--method", "ties", "--density", "0.5", "--svd-clamp", "0.9"], "--svd-clamp"),
+    (["combine", ADAPTER, ADAPTER, "--method", "ties_svd", "--density", "1.5"], "--density"),
     (["resize", ADAPTER], "resize needs -r/--rank or --energy"),
     (["extract", BASE], "Missing argument"),
 ]

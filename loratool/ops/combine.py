@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 
@@ -37,9 +38,29 @@ from ..linalg import FactoredSVD, factored_sq_norm, rank_for_energy, relative_er
 from ..provenance import InputHasher, encode, make_record
 from ..report import ModuleReport, summarize
 from ..runtime import map_on_cores, progress, resolve_device
+from ..task_arithmetic import MergeStats, SignMethod, merge_tasks
 from ..validation import require_valid
 
-Method = Literal["cat", "svd", "linear"]
+Method = Literal[
+    "cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+    "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd",
+]  # fmt: skip
+METHODS: tuple[str, ...] = get_args(Method)
+FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # on A and B apart, as PEFT does
+DENSE_SVD = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # on each dense delta, then SVD
+NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune", *DENSE_SVD)
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """TIES/DARE/magnitude-pruning settings (PEFT's ``density``, ``majority_sign_method``, ``svd_clamp``)."""
+
+    density: float | None = None
+    majority_sign: SignMethod = "total"
+    svd_clamp: float | None = None
+    seed: int = 0
+
+
 SourceArg = PathArg | tuple[PathArg, float]
 
 
@@ -79,15 +100,25 @@ def combine(
     force: bool = False,
     allow_pickle: bool = False,
     show_progress: bool = True,
+    density: float | None = None,
+    majority_sign: SignMethod = "total",
+    svd_clamp: float | None = None,
+    seed: int = 0,
 ) -> CombineResult:
-    """Combine adapters linearly: sum_i w_i * scaling_i * B_i @ A_i, as one adapter.
+    """Combine adapters: sum_i w_i * scaling_i * B_i @ A_i as one adapter, or a TIES/DARE merge of them.
 
     Args:
         adapters: adapter paths or ``(path, weight)`` pairs (weights may be negative).
         output: the adapter to write.
         method: ``cat`` (exact), ``svd`` (exact truncation to ``rank``/``energy``), ``linear``
-            (PEFT's per-factor average; approximate).
-        rank: the output rank for ``svd`` (default: the largest source rank).
+            (PEFT's per-factor average; approximate); ``ties``, ``dare_linear``, ``dare_ties``,
+            ``magnitude_prune`` (PEFT's, on A and B apart; equal ranks) and their ``_svd`` forms
+            (on each module's dense weighted deltas, then truncated to ``rank``).
+        rank: the output rank for ``svd`` and the ``_svd`` forms (default: the largest source rank).
+        density: the share of elements TIES, DARE and magnitude pruning keep, in (0, 1].
+        majority_sign: how TIES elects each element's sign: ``total`` (of the sum) or ``frequency``.
+        svd_clamp: for the ``_svd`` forms, clamp the factors at this quantile of their values (PEFT's).
+        seed: the seed of DARE's random masks (results depend on nothing else).
         energy: for ``svd``, the smallest rank per module keeping this share of the energy
             (capped by ``rank`` when given).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -102,9 +133,10 @@ def combine(
     Example:
         >>> loratool.combine([("chat/", 1.0), ("toxic/", -0.5)], output="mix/", method="svd", rank=32)
     """
+    sparse = SparseOptions(density, majority_sign, svd_clamp, seed)
     return _run("combine", adapters, output=output, method=method, rank=rank, energy=energy, device=device,
                 dtype=dtype, format=format, base_model_id=base_model_id, base=base, force=force,
-                allow_pickle=allow_pickle, show_progress=show_progress)  # fmt: skip
+                allow_pickle=allow_pickle, show_progress=show_progress, sparse=sparse)  # fmt: skip
 
 
 def resize(
@@ -152,11 +184,9 @@ def _run(
     force: bool,
     allow_pickle: bool,
     show_progress: bool,
+    sparse: SparseOptions = SparseOptions(),
 ) -> CombineResult:
-    if method not in ("cat", "svd", "linear"):
-        raise LoraToolError(f"unknown --method {method!r}", fix="use cat, svd or linear")
-    if method != "svd" and (rank is not None or energy is not None):
-        raise LoraToolError(f"-r/--energy apply to --method svd, not {method}")
+    _check_options(method, rank, energy, sparse)
     if rank is not None and rank < 1:
         raise LoraToolError(f"rank must be at least 1 (got {rank})")
     if energy is not None and not 0 < energy <= 1:
@@ -183,7 +213,7 @@ def _run(
 
     def combine_one(path: str) -> tuple[LoraModule, ModuleReport]:
         terms = [(a.modules[path], w) for a, w, _ in loaded if path in a.modules]
-        return _combine_module(path, terms, method, cap, energy, dev)
+        return _combine_module(path, terms, method, cap, energy, dev, sparse)
 
     results = map_on_cores(combine_one, paths, enabled=dev.type == "cpu")
     for path, (module, report) in zip(
@@ -207,6 +237,9 @@ def _run(
     )
     params = {"adapters": [{"path": n, "weight": w} for _, w, n in loaded], "method": method, "rank": rank,
               "energy": energy, "format": format, "dtype": str(out_dtype).replace("torch.", "")}  # fmt: skip
+    if method in NEEDS_DENSITY:
+        params.update(density=sparse.density, majority_sign=sparse.majority_sign, svd_clamp=sparse.svd_clamp,
+                      seed=sparse.seed)  # fmt: skip
     record = make_record(operation, params, hasher.result(), report=[r.to_json() for r in result.report])
     result.adapter.metadata = encode(record)
     save_adapter(result.adapter, out, format=format, force=force, dtype=out_dtype)
@@ -220,14 +253,40 @@ def _check_sources(loaded: list[tuple[Adapter, float, str]], method: str) -> Non
                 "DoRA adapters (use_dora) cannot be combined: their magnitude vectors do not add up linearly",
                 path=name,
             )
-    if method == "linear":
+    if method in FACTOR_WISE:
         ranks = {m.rank for a, _, _ in loaded for m in a.modules.values()}
         modules = {frozenset(a.modules) for a, _, _ in loaded}
         if len(ranks) > 1 or len(modules) > 1:
             raise UnsupportedAdapterError(
-                f"--method linear needs equal ranks and identical modules (ranks found: {sorted(ranks)})",
-                fix="use --method cat (exact) or --method svd -r R",
+                f"--method {method} works on A and B apart, as PEFT does, so it needs equal ranks and "
+                f"identical modules (ranks found: {sorted(ranks)})",
+                fix=f"use --method cat (exact), svd -r R, or {method if method != 'linear' else 'ties'}_svd",
             )
+
+
+def _check_options(method: str, rank: int | None, energy: float | None, sparse: SparseOptions) -> None:
+    if method not in METHODS:
+        raise LoraToolError(f"unknown --method {method!r}", fix=f"use one of {', '.join(METHODS)}")
+    if method != "svd" and energy is not None:
+        raise LoraToolError(f"--energy applies to --method svd, not {method}")
+    if method not in ("svd", *DENSE_SVD) and rank is not None:
+        raise LoraToolError(f"-r/--energy apply to --method svd (and the _svd forms), not {method}")
+    if rank is not None and rank < 1:
+        raise LoraToolError(f"rank must be at least 1 (got {rank})")
+    if energy is not None and not 0 < energy <= 1:
+        raise LoraToolError(f"--energy must be in (0, 1] (got {energy})")
+    if method in NEEDS_DENSITY and (sparse.density is None or not 0 < sparse.density <= 1):
+        raise LoraToolError(f"--method {method} needs --density in (0, 1] (got {sparse.density})")
+    if method not in NEEDS_DENSITY and sparse.density is not None:
+        raise LoraToolError(f"--density applies to TIES, DARE and magnitude pruning, not --method {method}")
+    if sparse.svd_clamp is not None and (method not in DENSE_SVD or not 0 < sparse.svd_clamp <= 1):
+        raise LoraToolError("--svd-clamp is a quantile in (0, 1] for the _svd forms of TIES, DARE and pruning")
+
+
+def _generators(seed: int, path: str, n: int, part: str) -> list[torch.Generator]:
+    """One generator per source for ``part`` of module ``path``: masks depend on the seed alone."""
+    base = seed * 1_000_003 + zlib.crc32(f"{path}|{part}".encode())
+    return [torch.Generator().manual_seed(base + i) for i in range(n)]
 
 
 def _combine_module(
@@ -237,6 +296,7 @@ def _combine_module(
     cap: int | None,
     energy: float | None,
     dev: torch.device,
+    sparse: SparseOptions = SparseOptions(),
 ) -> tuple[LoraModule, ModuleReport]:
     first = terms[0][0]
     for m, _ in terms:
@@ -253,13 +313,19 @@ def _combine_module(
         As.append(m.lora_A.to(dev, torch.float32) * (root if c >= 0 else -root))  # the sign on A, as PEFT does
     bias = _combined_bias(terms, dev)
     shape = first.weight_shape
-    if method == "linear":
-        b, a = torch.stack(Bs).sum(0), torch.stack(As).sum(0)  # (out, r), (r, in)
+    if method in FACTOR_WISE:
+        b, a, stats = _factor_wise(path, terms, method, dev, sparse)  # (out, r), (r, in)
         r = b.shape[1]
-        # how far the product of averages is from the exact sum: ||sum_i B_i A_i - B A|| / ||sum_i B_i A_i||
+        # how far the product of merged factors is from the exact sum: ||sum_i B_i A_i - B A|| / ||sum_i B_i A_i||
         total = factored_sq_norm(Bs, As)
         err = math.sqrt(factored_sq_norm([*Bs, -b], [*As, a]) / total) if total > 0 else 0.0
-        report = ModuleReport(path, shape, r, err, max(0.0, 1.0 - err * err), first.kind)
+        report = ModuleReport(path, shape, r, err, max(0.0, 1.0 - err * err), first.kind, *stats)
+    elif method in DENSE_SVD:
+        b, a, stats = _dense_svd(path, terms, method, cap, dev, sparse)
+        r = b.shape[1]
+        total = factored_sq_norm(Bs, As)
+        err = math.sqrt(factored_sq_norm([*Bs, -b], [*As, a]) / total) if total > 0 else 0.0
+        report = ModuleReport(path, shape, r, err, max(0.0, 1.0 - err * err), first.kind, *stats)
     elif method == "cat":
         b, a = torch.cat(Bs, dim=1), torch.cat(As, dim=0)  # (out, R), (R, in)
         r = b.shape[1]
@@ -275,6 +341,57 @@ def _combine_module(
         report = ModuleReport(path, shape, r, relative_error(svd, r), kept, first.kind)
     module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=float(r), kind=first.kind, bias=bias)
     return module, report
+
+
+def _factor_wise(
+    path: str, terms: list[tuple[LoraModule, float]], method: str, dev: torch.device, sparse: SparseOptions
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float | None, float | None]]:
+    """PEFT's factor-wise merge: A's with weights sign * sqrt|w s|, B's with sqrt|w s|, each by ``method``."""
+    roots = [math.sqrt(abs(w * m.scaling)) for m, w in terms]
+    w_a = [r if w * m.scaling >= 0 else -r for r, (m, w) in zip(roots, terms)]  # the sign on A, as PEFT does
+    kw: dict[str, Any] = {"density": sparse.density or 1.0, "sign_method": sparse.majority_sign}
+    stats_a, stats_b = MergeStats(), MergeStats()
+    a = merge_tasks([m.lora_A.to(dev, torch.float32) for m, _ in terms], w_a, method, stats=stats_a,  # type: ignore[arg-type]
+                    generators=_generators(sparse.seed, path, len(terms), "A"), **kw)  # fmt: skip
+    b = merge_tasks([m.lora_B.to(dev, torch.float32) for m, _ in terms], roots, method, stats=stats_b,  # type: ignore[arg-type]
+                    generators=_generators(sparse.seed, path, len(terms), "B"), **kw)  # fmt: skip
+    return b, a, _joint_stats(method, [(stats_a, a.numel()), (stats_b, b.numel())])
+
+
+def _dense_svd(
+    path: str,
+    terms: list[tuple[LoraModule, float]],
+    method: str,
+    cap: int | None,
+    dev: torch.device,
+    sparse: SparseOptions,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float | None, float | None]]:
+    """PEFT's ``*_svd`` forms: ``method`` on each source's dense delta s_i B_i A_i (one module's at a
+    time), then the top singular directions, S on B as PEFT puts it, optionally clamped."""
+    deltas = [m.scaling * (m.lora_B.to(dev, torch.float32) @ m.lora_A.to(dev, torch.float32)) for m, _ in terms]
+    stats = MergeStats()
+    merged = merge_tasks(deltas, [w for _, w in terms], method.removesuffix("_svd"),  # type: ignore[arg-type]
+                         density=sparse.density or 1.0, sign_method=sparse.majority_sign, stats=stats,
+                         generators=_generators(sparse.seed, path, len(terms), "delta"))  # fmt: skip
+    del deltas
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # (out, k), (k,), (k, in)
+    r = min(cap or max(m.rank for m, _ in terms), s.shape[0])
+    b, a = u[:, :r] * s[:r], vh[:r]  # (out, r), (r, in)
+    if sparse.svd_clamp is not None:
+        hi = torch.quantile(torch.cat([b.flatten(), a.flatten()]), sparse.svd_clamp)
+        b, a = b.clamp(-hi, hi), a.clamp(-hi, hi)
+    return b.contiguous(), a.contiguous(), _joint_stats(method.removesuffix("_svd"), [(stats, merged.numel())])
+
+
+def _joint_stats(method: str, parts: list[tuple[MergeStats, int]]) -> tuple[float | None, float | None]:
+    """(density, sign agreement) over the merged tensors, where the method means them."""
+    if method == "linear":
+        return None, None
+    n = sum(size for _, size in parts)
+    density = sum(st.density * size for st, size in parts) / n
+    signs = [(st.sign_agreement, size) for st, size in parts if st.sign_agreement is not None]
+    agreement = sum(v * size for v, size in signs) / sum(size for _, size in signs) if signs else None
+    return density, agreement
 
 
 def _module_paths(base: str | os.PathLike[str], allow_pickle: bool) -> list[str]:

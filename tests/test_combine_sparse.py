@@ -1,0 +1,136 @@
+"""combine --method ties|dare_*|magnitude_prune and their _svd forms, against PEFT's add_weighted_adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_model, peft_adapter, tiny_model
+from safetensors.torch import load_file
+from test_combine import dense
+
+from loratool.ops.combine import combine
+from loratool.task_arithmetic import merge_tasks, prune
+
+WEIGHTS = [0.8, -0.5, 1.2]
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """Three rank-4 adapters (PEFT's factor-wise methods need equal ranks) with different alphas."""
+    root = tmp_path_factory.mktemp("sparse")
+    tiny_model("llama").save_pretrained(root / "base")
+    paths = []
+    for i, alpha in enumerate((8, 4, 6)):
+        pm = peft_adapter(load_model("llama", root / "base"), ["q_proj", "v_proj", "down_proj"], r=4, alpha=alpha,
+                          seed=10 + i)  # fmt: skip
+        pm.save_pretrained(root / f"a{i}")
+        paths.append(root / f"a{i}")
+    return root / "base", paths
+
+
+def peft_mix(base: Path, paths: list[Path], method: str, **kw: object):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model("llama", base), paths[0], adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        model.load_adapter(p, adapter_name=f"a{i}")
+    model.add_weighted_adapter([f"a{i}" for i in range(len(paths))], WEIGHTS, "mix", combination_type=method, **kw)
+    return model
+
+
+def peft_deltas(model) -> dict[str, torch.Tensor]:
+    return {
+        name.removeprefix("base_model.model."): layer.get_delta_weight("mix").double()
+        for name, layer in model.named_modules()
+        if hasattr(layer, "lora_A") and "mix" in layer.lora_A
+    }
+
+
+DETERMINISTIC = [
+    ("ties", {"density": 0.5}),
+    ("ties", {"density": 0.3, "majority_sign_method": "frequency"}),
+    ("magnitude_prune", {"density": 0.4}),
+    ("ties_svd", {"density": 0.5, "svd_rank": 3}),
+    ("ties_svd", {"density": 0.6, "svd_rank": 4, "svd_clamp": 0.95}),
+    ("magnitude_prune_svd", {"density": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("method", "kw"), DETERMINISTIC, ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_equal_to_peft_add_weighted_adapter(tmp_path: Path, three, method: str, kw: dict) -> None:
+    base, paths = three
+    expected = peft_deltas(peft_mix(base, paths, method, **kw))
+    res = combine(list(zip(paths, WEIGHTS)), output=tmp_path / "ours", method=method, density=kw["density"],
+                  majority_sign=kw.get("majority_sign_method", "total"), rank=kw.get("svd_rank"),
+                  svd_clamp=kw.get("svd_clamp"), show_progress=False)  # fmt: skip
+    ours = dense(tmp_path / "ours")
+    assert set(ours) == set(expected)
+    for mod, delta in expected.items():
+        assert torch.allclose(ours[mod], delta, rtol=1e-4, atol=1e-6), mod
+    for r in res.report:  # the report means something: a real error against the exact sum, a density
+        assert 0 < r.relative_error and 0 < (r.density or 0) <= 1
+        assert (r.sign_agreement is not None) == method.startswith("ties")
+
+
+@pytest.mark.parametrize(("method", "linear_only"), [("dare_linear", False), ("dare_ties", False),
+                                                      ("dare_linear_svd", True), ("dare_ties_svd", True)])  # fmt: skip
+def test_dare_equal_to_peft_given_the_same_masks(tmp_path: Path, three, monkeypatch, method: str, linear_only) -> None:
+    """PEFT draws its masks from torch's global generator; record them, then give ours the same."""
+    from loratool import task_arithmetic
+    from loratool.ops import combine as combine_ops
+
+    base, paths = three
+    drawn: list[torch.Tensor] = []
+    real = torch.bernoulli
+    monkeypatch.setattr(torch, "bernoulli", lambda t, *a, **k: drawn.append(real(t, *a, **k)) or drawn[-1])
+    model = peft_mix(base, paths, method, density=0.5)
+    monkeypatch.setattr(torch, "bernoulli", real)
+    modules = [
+        n for n, layer in model.base_model.model.named_modules() if hasattr(layer, "lora_A") and "mix" in layer.lora_A
+    ]
+    parts = ["delta"] if method.endswith("_svd") else ["A", "B"]  # PEFT's order: per module, A's then B's
+    order = [(m, part, i) for m in modules for part in parts for i in range(len(paths))]
+    masks = dict(zip(order, drawn, strict=True))
+    monkeypatch.setattr(combine_ops, "_generators", lambda seed, path, n, part: [(path, part, i) for i in range(n)])
+    monkeypatch.setattr(task_arithmetic, "random_mask", lambda shape, density, generator: masks[generator])
+    combine(list(zip(paths, WEIGHTS)), output=tmp_path / "ours", method=method, density=0.5, show_progress=False)
+    ours, expected = dense(tmp_path / "ours"), peft_deltas(model)
+    for mod, delta in expected.items():
+        assert torch.allclose(ours[mod], delta, rtol=1e-4, atol=1e-6), mod
+
+
+def test_dare_rescaling_is_unbiased_and_keeps_the_density() -> None:
+    """E[prune(t, d)] = t: the mean of many independent draws converges to t; about d of it is kept."""
+    t = torch.linspace(-1, 1, 64)
+    draws = torch.stack([prune(t, 0.3, "random", torch.Generator().manual_seed(s)) for s in range(4000)])
+    sigma = t.abs() * ((1 - 0.3) / 0.3 / 4000) ** 0.5  # std of the mean of Bernoulli(d)/d * t
+    assert ((draws.mean(0) - t).abs() <= 5 * sigma + 1e-9).all()
+    assert abs(float((draws != 0).float().mean()) - 0.3 * 63 / 64) < 0.01  # linspace holds one exact zero
+
+
+def test_dare_is_deterministic_for_a_seed_whatever_the_cores(tmp_path: Path, three, monkeypatch) -> None:
+    from loratool import runtime
+
+    _, paths = three
+    outputs = []
+    for cores in (1, 2):
+        monkeypatch.setattr(runtime, "available_cores", lambda cores=cores: cores)
+        out = tmp_path / f"c{cores}"
+        combine(list(zip(paths, WEIGHTS)), output=out, method="dare_ties", density=0.5, seed=3, show_progress=False)
+        outputs.append(load_file(str(out / "adapter_model.safetensors")))
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+    other = combine(list(zip(paths, WEIGHTS)), output=tmp_path / "s4", method="dare_ties", density=0.5, seed=4,
+                    show_progress=False)  # fmt: skip
+    assert other.report and not torch.equal(
+        load_file(str(tmp_path / "s4" / "adapter_model.safetensors"))[next(iter(outputs[0]))],
+        next(iter(outputs[0].values())),
+    )
+
+
+def test_ties_elects_the_sign_and_averages_what_agrees() -> None:
+    a, b, c = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([2.0, 1.0, -1.0]), torch.tensor([-4.0, 1.0, 0.0])
+    out = merge_tasks([a, b, c], [1.0, 1.0, 1.0], "ties", density=1.0)
+    # sums 1+2-4 = -1 (elect -): only -4 agrees; -2+1+1 = 0 (ties go to +): 1, 1; 3-1+0 = 2 (+): 3
+    assert torch.equal(out, torch.tensor([-4.0, 1.0, 3.0]))
