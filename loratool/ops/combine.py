@@ -215,7 +215,9 @@ def _run(
         terms = [(a.modules[path], w) for a, w, _ in loaded if path in a.modules]
         return _combine_module(path, terms, method, cap, energy, dev, sparse)
 
-    results = map_on_cores(combine_one, paths, enabled=dev.type == "cpu")
+    # Small per-module factor work runs one module per core; dense deltas (the _svd forms) are large
+    # enough for torch's own threads, and one at a time keeps memory to one module's.
+    results = map_on_cores(combine_one, paths, enabled=dev.type == "cpu" and method not in DENSE_SVD)
     for path, (module, report) in zip(
         paths, progress(results, total=len(paths), desc=operation, enabled=show_progress)
     ):
