@@ -45,7 +45,7 @@ def magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(t)
     threshold = torch.kthvalue(magnitude, t.numel() - k + 1).values
     keep = magnitude > threshold
-    need = k - int(keep.sum())
+    need = k - int(torch.count_nonzero(keep))  # count_nonzero: far faster than a bool sum
     if need:
         tied = torch.nonzero(magnitude == threshold).reshape(-1)[:need]
         keep[tied] = True
@@ -98,12 +98,12 @@ def merge_tasks(
     stacked = torch.stack(pruned)  # (n, ...)
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
     if stats is not None:
-        stats.density = float((stacked != 0).sum()) / max(1, sum(int((t != 0).sum()) for t in tensors))
+        stats.density = int(torch.count_nonzero(stacked)) / max(1, sum(int(torch.count_nonzero(t)) for t in tensors))
     if method not in ("ties", "dare_ties"):
         return (stacked * w).sum(dim=0)
     agree = majority_sign_mask(stacked, sign_method)
     if stats is not None:
         nonzero = stacked != 0
-        stats.sign_agreement = float((agree & nonzero).sum()) / max(1, int(nonzero.sum()))
+        stats.sign_agreement = int(torch.count_nonzero(agree & nonzero)) / max(1, int(torch.count_nonzero(nonzero)))
     weighted = stacked * w * agree
-    return weighted.sum(dim=0) / agree.sum(dim=0).clamp(min=1)  # the mean over the tasks that agree
+    return weighted.sum(dim=0) / agree.sum(dim=0, dtype=stacked.dtype).clamp(min=1)  # mean over the agreeing
