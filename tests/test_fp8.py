@@ -250,3 +250,32 @@ def test_other_quantizations_are_refused_before_anything_is_written(tmp_path: Pa
         r = cli(*args, "-o", tmp_path / "out")
         assert r.exit_code == 1 and f"the checkpoint is quantized: {method}" in r.stderr, r.stderr
         assert "quantize the result" in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scales_first", [True, False])
+def test_weight_and_scale_in_different_shards(tmp_path: Path, plain, scales_first: bool) -> None:
+    """The pair is computed when its first member comes up, whichever shard holds it; the result is
+    the same as from one file."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "one", "block")
+    merge(tmp_path / "one", [adapter], output=tmp_path / "m1", show_progress=False)
+    ts = load_file(str(tmp_path / "one" / "model.safetensors"))
+    scales = {k: v for k, v in ts.items() if k.endswith("_scale_inv")}
+    rest = {k: v for k, v in ts.items() if k not in scales}
+    first, second = (scales, rest) if scales_first else (rest, scales)
+    (tmp_path / "two").mkdir()
+    save_file(first, str(tmp_path / "two" / "model-00001-of-00002.safetensors"))
+    save_file(second, str(tmp_path / "two" / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first} | {
+        k: "model-00002-of-00002.safetensors" for k in second
+    }
+    (tmp_path / "two" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "two" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    merge(tmp_path / "two", [adapter], output=tmp_path / "m2", show_progress=False)
+    one = load_file(str(tmp_path / "m1" / "model.safetensors"))
+    two = {**load_file(str(tmp_path / "m2" / "model-00001-of-00002.safetensors")),
+           **load_file(str(tmp_path / "m2" / "model-00002-of-00002.safetensors"))}  # fmt: skip
+    assert set(one) == set(two)
+    for k in one:
+        assert torch.equal(one[k].view(torch.uint8) if one[k].dtype == E4M3 else one[k],
+                           two[k].view(torch.uint8) if two[k].dtype == E4M3 else two[k]), k  # fmt: skip
