@@ -475,8 +475,9 @@ def combine(
 ) -> None:
     """Combine ADAPTERS (each optionally :WEIGHT, negative allowed) into one adapter.
 
-    The result holds sum_i w_i * scaling_i * B_i @ A_i with scaling 1, whatever the sources'
-    ranks, alphas and rsLoRA flags.
+    cat, svd and linear aim at sum_i w_i * scaling_i * B_i @ A_i (cat exactly), with scaling 1
+    whatever the sources' ranks, alphas and rsLoRA flags; TIES, DARE and magnitude pruning
+    depart from the sum on purpose, to reduce interference between the sources.
 
     \b
     Examples:

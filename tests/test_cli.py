@@ -72,3 +72,10 @@ def test_validate_reports_through_the_emitter(cli, tmp_path: Path) -> None:
     assert r.exit_code == 0 and r.stdout.startswith("valid: ")
     r = cli("validate", tmp_path / "nope", "--json")
     assert r.exit_code == 1 and '"valid": false' in r.stdout
+
+
+def test_the_cli_lists_every_combine_method() -> None:
+    from loratool.cli import COMBINE_METHODS
+    from loratool.ops.combine import METHODS
+
+    assert COMBINE_METHODS == METHODS  # spelled twice so that --help needs no torch: kept equal here
