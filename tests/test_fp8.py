@@ -253,9 +253,13 @@ def test_other_quantizations_are_refused_before_anything_is_written(tmp_path: Pa
 
 
 @pytest.mark.parametrize("scales_first", [True, False])
-def test_weight_and_scale_in_different_shards(tmp_path: Path, plain, scales_first: bool) -> None:
+def test_weight_and_scale_in_different_shards(tmp_path: Path, plain, scales_first: bool, monkeypatch) -> None:
     """The pair is computed when its first member comes up, whichever shard holds it; the result is
-    the same as from one file."""
+    the same as from one file, and no FP8 weight is read twice."""
+    from collections import Counter
+
+    from loratool.io.checkpoint import Checkpoint
+
     base, adapter = plain
     fp8_checkpoint(base, tmp_path / "one", "block")
     merge(tmp_path / "one", [adapter], output=tmp_path / "m1", show_progress=False)
@@ -271,7 +275,12 @@ def test_weight_and_scale_in_different_shards(tmp_path: Path, plain, scales_firs
     }
     (tmp_path / "two" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "two" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    reads: Counter[str] = Counter()
+    real_get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: reads.update([key]) or real_get(self, key))
     merge(tmp_path / "two", [adapter], output=tmp_path / "m2", show_progress=False)
+    fp8_weights = [k for k, v in ts.items() if v.dtype == E4M3]
+    assert fp8_weights and all(reads[k] == 1 for k in fp8_weights), reads
     one = load_file(str(tmp_path / "m1" / "model.safetensors"))
     two = {**load_file(str(tmp_path / "m2" / "model-00001-of-00002.safetensors")),
            **load_file(str(tmp_path / "m2" / "model-00002-of-00002.safetensors"))}  # fmt: skip

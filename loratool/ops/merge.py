@@ -466,6 +466,7 @@ class _Stream:
     pool: BufferPool = field(default_factory=BufferPool)
     requantized: list[dict[str, Any]] = field(default_factory=list)  # per FP8 weight changed: what rounding cost
     _stash: dict[str, torch.Tensor] = field(default_factory=dict)  # the other half of an FP8 pair, until its turn
+    _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
 
     def __post_init__(self) -> None:
         # FP8 weights to rewrite (those with terms, or all when dequantizing), by weight and by scale key
@@ -481,6 +482,9 @@ class _Stream:
         # (BackgroundWriter, which also rounds to the output dtype where that is left to it).
         writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None), pool=self.pool)
         keys = [s.name for _, specs in shards for s in specs]
+        position = {k: i for i, k in enumerate(keys)}
+        # the member of an FP8 pair that comes second is computed with the first: never read it
+        self._later = {k for k, i in position.items() if k in self._pair_of and position.get(self._partner(k), i) < i}
         threads = compute_threads() if self.device.type == "cpu" else contextlib.nullcontext()
         with threads:
             try:
@@ -508,6 +512,12 @@ class _Stream:
             w = w.to("cpu", out_dtype)
             self.check.add(w, _reference_tensor(self.reference, key), w_in)
         return w, out_dtype, pooled
+
+    def _partner(self, key: str) -> str:
+        """The other member of ``key``'s FP8 pair (a weight's scale, a scale's weight)."""
+        assert self.fp8 is not None
+        wkey = self._pair_of[key]
+        return self.fp8.weights[wkey].scale_key if key == wkey else wkey
 
     def _fp8_result(self, key: str, w_in: torch.Tensor) -> tuple[torch.Tensor, torch.dtype, bool]:
         """An FP8 weight or its scale: dequantize, add the terms in float32, requantize to the same
@@ -585,6 +595,8 @@ class _Stream:
         )
 
     def _read(self, key: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        if key in self._later:
+            return key, torch.empty(0), None  # its result waits in _stash
         w = self.replace[key] if key in self.replace else self.ckpt.get(key)
         changes = key in self.terms or key in self.bias_terms
         if not changes or self._blocked(key) or key in self._pair_of:
