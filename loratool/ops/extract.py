@@ -8,10 +8,8 @@ reported as dropped with the norm of what is lost.
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +20,9 @@ from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import Fp8Layout
 from ..card import check_base_model_id, is_hub_id
+from ..deltas import DeltaReader, fp8_companions, module_generator, paired_keys
 from ..distributed import current
-from ..errors import LoraToolError, MissingKeyError, NonFiniteError, ShapeMismatchError
+from ..errors import LoraToolError
 from ..formats import save_adapter
 from ..formats.peft import new_config
 from ..io.atomic import check_output
@@ -31,9 +30,7 @@ from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from ..linalg import (
     TruncatedSVD,
     allocate_budget,
-    dequantize_fp8,
     exact_svd,
-    is_finite,
     out_in,
     randomized_svd,
     rank_for_energy,
@@ -41,7 +38,7 @@ from ..linalg import (
     residual_error,
     split_factors,
 )
-from ..pipeline import BufferPool, give_back, stream, upcast, widen
+from ..pipeline import BufferPool, give_back, stream
 from ..provenance import InputHasher, encode, make_record
 from ..report import Dropped, ModuleReport, summarize
 from ..runtime import compile_regex, resolve_device
@@ -156,7 +153,7 @@ def extract(
     ):
         fp8 = (b.fp8_layout(), f.fp8_layout())  # FP8 weights are dequantized before the difference
         options.fp8 = fp8
-        keys = _paired_keys(b, f, skip={c for layout in fp8 if layout for c in layout.companions})
+        keys = paired_keys(b, f, skip=fp8_companions(*fp8))
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
         conv1d = arch.uses_conv1d(config, fan_in_fan_out)
@@ -271,21 +268,8 @@ def _extract_keys(
     """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
     part = _Partial()
     pool = BufferPool()
-
-    def read_pair(key: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
-        # On the prefetch thread: reading, upcasting, subtracting and measuring the delta overlap
-        # the previous module's SVD on the main thread. One norm tells changed (> 0) and finite.
-        wb, wf = _read(b, o.fp8[0], key, o.device), _read(f, o.fp8[1], key, o.device)
-        if not wb.is_floating_point():
-            return key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0
-        delta = widen(wf, o.device, pool).sub_(upcast(wb, o.device) if o.device.type == "cuda" else wb)
-        norm = float(torch.linalg.vector_norm(delta))
-        if not math.isfinite(norm) and not is_finite(delta):  # NaN or Inf on either side reaches it
-            name = "base" if not is_finite(wb) else "fine-tune"
-            raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
-        return key, wb, wf, delta, norm
-
-    for key, wb, wf, delta, norm in stream(read_pair, keys, desc="extract", show=show, depth=depth):
+    read = DeltaReader(b, f, o.device, pool, o.fp8)
+    for key, wb, wf, delta, norm in stream(read, keys, desc="extract", show=show, depth=depth):
         _handle(key, wb, wf, delta, norm, o, conv1d, part)
         if delta is not None:
             give_back(delta, pool)  # consumed; its memory serves the next delta
@@ -326,7 +310,7 @@ def _factor(key: str, module: str, delta: torch.Tensor, norm: float, o: _Options
     if o.svd == "exact":
         decomposed = exact_svd(matrix, k, sq_norm=norm**2)
     else:
-        gen = _generator(o.seed, module)
+        gen = module_generator(o.seed, module)
         decomposed = randomized_svd(matrix, k, oversample=o.oversample, n_iter=o.n_iter, generator=gen, sq_norm=norm**2)
     shape = (int(delta.shape[0]), int(delta.shape[1]))
     if o.budget is not None:
@@ -344,12 +328,6 @@ def _to_cpu(svd: TruncatedSVD) -> TruncatedSVD:
     return TruncatedSVD(svd.U.cpu(), svd.S.cpu(), svd.Vh.cpu(), svd.total_energy)
 
 
-def _generator(seed: int, module: str) -> torch.Generator:
-    """A generator per module, so a module's factors do not depend on which others are extracted,
-    in what order, or by which process."""
-    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
-
-
 def _check_rank_options(rank: int | None, energy: float | None, budget: int | None, svd: str) -> None:
     if rank is not None and rank < 1:
         raise LoraToolError(f"rank must be at least 1 (got {rank})")
@@ -361,42 +339,6 @@ def _check_rank_options(rank: int | None, energy: float | None, budget: int | No
         raise LoraToolError(f"--budget must be a positive number of parameters (got {budget})")
     if svd not in ("randomized", "exact"):
         raise LoraToolError(f"unknown --svd {svd!r}", fix="use randomized or exact")
-
-
-def _read(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.device) -> torch.Tensor:
-    """A tensor as stored, or an FP8 weight dequantized to float32 (on ``device``)."""
-    if fp8 is None or key not in fp8.weights:
-        return ck.get(key)
-    w = fp8.weights[key]
-    return dequantize_fp8(ck.get(key).to(device), ck.get(w.scale_key), w.scheme)
-
-
-def _paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:
-    """The tensors both hold, in the base's order; FP8 scales (``skip``) pair with nothing."""
-    missing = [k for k in b.keys() if k not in f and k not in skip]
-    extra = [k for k in f.keys() if k not in b and k not in skip]
-    if missing or extra:
-        key = (missing or extra)[0]
-        where = "the fine-tune lacks" if missing else "the base lacks"
-        count = len(missing) + len(extra)
-        raise MissingKeyError(
-            f"{where} this tensor ({count} unpaired in all)",
-            path=str(f.path if missing else b.path),
-            key=key,
-            fix="BASE and FT must be the same architecture with the same tensor names",
-        )
-    keys = [k for k in b.keys() if k not in skip]
-    for k in keys:
-        ib, jf = b.info(k), f.info(k)
-        if ib.shape != jf.shape:
-            raise ShapeMismatchError(
-                "base and fine-tune shapes differ",
-                key=k,
-                expected=list(ib.shape),
-                got=list(jf.shape),
-                fix="was the vocabulary resized? Extract from checkpoints of one architecture",
-            )
-    return keys
 
 
 def _tie_output_embedding(

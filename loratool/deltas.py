@@ -1,0 +1,107 @@
+"""A base and a fine-tune read side by side, as a stream of float32 deltas (extract, analyze)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import NamedTuple
+
+import torch
+
+from .arch import Fp8Layout
+from .errors import MissingKeyError, NonFiniteError, ShapeMismatchError
+from .io.checkpoint import Checkpoint
+from .linalg import dequantize_fp8, is_finite
+from .pipeline import BufferPool, upcast, widen
+
+
+class Delta(NamedTuple):
+    """One paired tensor: the base's and the fine-tune's as read, and their float32 difference
+    (``None`` for integer tensors) with its Frobenius norm (0: unchanged)."""
+
+    key: str
+    base: torch.Tensor
+    finetuned: torch.Tensor
+    delta: torch.Tensor | None
+    norm: float
+
+
+class DeltaReader:
+    """Reads ``fine-tune - base`` per key, on ``device``; FP8 weights are dequantized first.
+
+    Meant for the prefetch thread of :func:`loratool.pipeline.stream`: reading, upcasting,
+    subtracting and measuring overlap the consumer's SVD. The delta is widened into a buffer of
+    ``pool``; the consumer gives it back once used (see :mod:`loratool.pipeline`).
+    """
+
+    def __init__(
+        self,
+        base: Checkpoint,
+        finetuned: Checkpoint,
+        device: torch.device,
+        pool: BufferPool,
+        fp8: tuple[Fp8Layout | None, Fp8Layout | None] = (None, None),
+    ) -> None:
+        self.b, self.f, self.device, self.pool, self.fp8 = base, finetuned, device, pool, fp8
+
+    def __call__(self, key: str) -> Delta:
+        wb, wf = read_weight(self.b, self.fp8[0], key, self.device), read_weight(self.f, self.fp8[1], key, self.device)
+        if not wb.is_floating_point():
+            return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
+        on_gpu = self.device.type == "cuda"
+        delta = widen(wf, self.device, self.pool).sub_(upcast(wb, self.device) if on_gpu else wb)
+        norm = float(torch.linalg.vector_norm(delta))  # one norm tells changed (> 0) and finite
+        if not math.isfinite(norm) and not is_finite(delta):  # NaN or Inf on either side reaches it
+            name = "base" if not is_finite(wb) else "fine-tune"
+            raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
+        return Delta(key, wb, wf, delta, norm)
+
+
+def read_weight(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.device) -> torch.Tensor:
+    """A tensor as stored, or an FP8 weight dequantized to float32 (on ``device``)."""
+    if fp8 is None or key not in fp8.weights:
+        return ck.get(key)
+    w = fp8.weights[key]
+    return dequantize_fp8(ck.get(key).to(device), ck.get(w.scale_key), w.scheme)
+
+
+def paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:
+    """The tensors both hold, in the base's order; FP8 scales (``skip``) pair with nothing.
+
+    Raises MissingKeyError or ShapeMismatchError when the two are not one architecture.
+    """
+    missing = [k for k in b.keys() if k not in f and k not in skip]
+    extra = [k for k in f.keys() if k not in b and k not in skip]
+    if missing or extra:
+        key = (missing or extra)[0]
+        where = "the fine-tune lacks" if missing else "the base lacks"
+        count = len(missing) + len(extra)
+        raise MissingKeyError(
+            f"{where} this tensor ({count} unpaired in all)",
+            path=str(f.path if missing else b.path),
+            key=key,
+            fix="BASE and FT must be the same architecture with the same tensor names",
+        )
+    keys = [k for k in b.keys() if k not in skip]
+    for k in keys:
+        ib, jf = b.info(k), f.info(k)
+        if ib.shape != jf.shape:
+            raise ShapeMismatchError(
+                "base and fine-tune shapes differ",
+                key=k,
+                expected=list(ib.shape),
+                got=list(jf.shape),
+                fix="was the vocabulary resized? Compare checkpoints of one architecture",
+            )
+    return keys
+
+
+def fp8_companions(*layouts: Fp8Layout | None) -> set[str]:
+    """The scale tensors of FP8 weights: read with their weight, never paired on their own."""
+    return {c for layout in layouts if layout for c in layout.companions}
+
+
+def module_generator(seed: int, module: str) -> torch.Generator:
+    """A generator per module, so a module's randomized SVD does not depend on which others are
+    processed, in what order, or by which process."""
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
