@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+import bench_analyze
 import bench_combine
 import bench_extract
 import bench_fp8
@@ -30,7 +31,7 @@ from common import machine
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BENCHES = {
     "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "combine": bench_combine,
-    "ties": bench_ties, "write_paths": write_paths,
+    "ties": bench_ties, "analyze": bench_analyze, "write_paths": write_paths,
 }  # fmt: skip
 INTRO = """# Benchmarks
 
@@ -69,7 +70,7 @@ def main() -> None:
     for name in args.only or list(BENCHES):
         print(f"running {name} ...", file=sys.stderr, flush=True)
         layers = args.combine_layers if name in ("combine", "ties") else args.layers
-        rank = 64 if name in ("combine", "ties") else 16
+        rank = 64 if name in ("combine", "ties", "analyze") else 16
         if name == "write_paths":
             result = write_paths.run(args.workdir)
         else:

@@ -90,6 +90,24 @@ def tied_output(keys: list[str], config: Mapping[str, Any]) -> tuple[str, str] |
     return (OUTPUT_LAYER, embeds[0]) if embeds else None
 
 
+_LAYER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")
+
+
+def module_group(module_path: str) -> tuple[str, int | None]:
+    """(module type, layer) for summaries: the layer is the first number in the path, the type what
+    follows it with any further numbers (experts) starred.
+
+    ``model.layers.3.self_attn.q_proj`` -> (``self_attn.q_proj``, 3);
+    ``model.layers.0.block_sparse_moe.experts.7.w1`` -> (``block_sparse_moe.experts.*.w1``, 0);
+    ``lm_head`` -> (``lm_head``, None).
+    """
+    m = _LAYER.search(module_path)
+    if m is None:
+        return module_path, None
+    rest = module_path[m.end() + 1 :] or module_path
+    return _LAYER.sub(lambda n: n.group(0).replace(n.group(1), "*"), rest), int(m.group(1))
+
+
 # -- quantized checkpoints ----------------------------------------------------------------------------
 _FLOAT_LOW_BITS = ("F8_", "F6_", "F4")  # safetensors names of float8/6/4 dtypes
 _SCALE_COMPANIONS = {

@@ -64,6 +64,25 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
     return adapter
 
 
+def is_adapter(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an adapter (PEFT directory or file, kohya or PEFT-keyed ``.safetensors``)
+    rather than a checkpoint; from names and headers only."""
+    from ..io.checkpoint import open_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        return (p / "adapter_config.json").is_file()
+    if p.name == "adapter_config.json":
+        return True
+    if p.suffix == ".safetensors" and p.is_file():
+        with open_checkpoint(p) as ck:
+            return any(k.endswith(_ADAPTER_KEY_ENDINGS) for k in ck.keys())
+    return False
+
+
+_ADAPTER_KEY_ENDINGS = (".lora_down.weight", ".lora_A.weight", ".lora_embedding_A")
+
+
 def _require_finite(adapter: Adapter) -> None:
     """NaN or Inf in a factor would go on into every weight it touches: refuse it here, naming it."""
     from ..linalg import is_finite

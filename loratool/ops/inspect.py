@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraToolError
+from ..formats import is_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..provenance import decode
 
@@ -27,18 +28,9 @@ def inspect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict
         >>> loratool.inspect("adapter/")["modules"]
     """
     p = Path(path)
-    if _is_adapter(p):
+    if is_adapter(p):
         return _inspect_adapter(p, allow_pickle)
     return _inspect_checkpoint(p, allow_pickle)
-
-
-def _is_adapter(p: Path) -> bool:
-    if p.is_dir():
-        return (p / "adapter_config.json").is_file()
-    if p.suffix == ".safetensors" and p.is_file():
-        with open_checkpoint(p) as ck:
-            return any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora_embedding_A")) for k in ck.keys())
-    return False
 
 
 def _inspect_checkpoint(p: Path, allow_pickle: bool) -> dict[str, Any]:
