@@ -47,3 +47,17 @@ def test_combine_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
     cpu, gpu = deltas(tmp_path / "cpu"), deltas(tmp_path / "cuda")
     for k in cpu:
         assert torch.allclose(cpu[k], gpu[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("svd", ["randomized", "exact"])
+def test_analyze_on_cuda_matches_cpu(fixtures: Path, svd: str) -> None:
+    from loratool.ops.analyze import analyze
+
+    cpu, gpu = (
+        analyze(fixtures / "llama-base", fixtures / "llama-ft", svd=svd, device=d, show_progress=False)  # type: ignore[arg-type]
+        for d in ("cpu", "cuda")
+    )
+    for a, b in zip(cpu.modules, gpu.modules):
+        assert a.module == b.module and a.rank_for_energy == b.rank_for_energy
+        assert a.singular_values == pytest.approx(b.singular_values, rel=1e-4, abs=1e-6)
+        assert a.amplification == pytest.approx(b.amplification, rel=1e-3)
