@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
     from .io.checkpoint import open_checkpoint  # noqa: F401
     from .ops.analyze import analyze  # noqa: F401
     from .ops.combine import combine, resize  # noqa: F401
+    from .ops.convert import convert  # noqa: F401
     from .ops.extract import extract  # noqa: F401
     from .ops.hub import pull, push  # noqa: F401
     from .ops.inspect import inspect  # noqa: F401
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
 _EXPORTS = {
     "extract": "ops.extract", "merge": "ops.merge", "unmerge": "ops.merge", "combine": "ops.combine",
     "resize": "ops.combine", "inspect": "ops.inspect", "validate": "ops.validate", "push": "ops.hub",
-    "pull": "ops.hub", "analyze": "ops.analyze",
+    "pull": "ops.hub", "analyze": "ops.analyze", "convert": "ops.convert",
     "load_adapter": "formats", "save_adapter": "formats", "Adapter": "adapter", "LoraModule": "adapter",
     "open_checkpoint": "io.checkpoint",
 }  # fmt: skip

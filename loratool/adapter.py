@@ -90,7 +90,7 @@ class Adapter:
     whole: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    format: Literal["peft", "kohya"] = "peft"
+    format: Literal["peft", "kohya", "mlx"] = "peft"
     path: str | None = None
 
     @property

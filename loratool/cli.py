@@ -219,7 +219,7 @@ def _emit(result: Any, as_json: bool, human: Callable[[Any], str], *, failed: bo
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="loratool")
 def cli() -> None:
-    """loratool: extract, merge, unmerge, combine, resize, validate, analyze, push and pull LoRA adapters.
+    """loratool: extract, merge, unmerge, combine, resize, convert, validate, analyze, push and pull LoRA adapters.
 
     Works on safetensors checkpoint files, offline, on CPU or CUDA.
 
@@ -597,6 +597,41 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
     block = f"block {q['block'][0]}x{q['block'][1]}" if q.get("block") else "block"
     schemes = ", ".join(block if s == "block" else f"per {s}" for s in q["schemes"])
     return [f"  quantized: {q['method']} ({schemes}), {len(q['quantized_weights'])} FP8 weights"]
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["peft", "kohya", "mlx"]), required=True, help="The format to write.")
+@click.option(
+    "--portable",
+    is_flag=True,
+    help="PEFT: one rank, scaling 1 (lora_alpha = r, no rank/alpha_pattern), for runtimes such as vLLM.",
+)
+@options(KOHYA_BASE, OUTPUT, DTYPE, FORCE, PICKLE, JSON)
+def convert(adapter: str, to: str, portable: bool, base: str | None, output: str, dtype: str | None, force: bool,
+            allow_pickle: bool, as_json: bool) -> None:  # fmt: skip
+    """Write ADAPTER in another format (PEFT, kohya, mlx-lm); every delta stays the same.
+
+    Reads PEFT directories, kohya .safetensors files and mlx-lm adapter directories.
+
+    \b
+    Examples:
+      loratool convert adapter/ --to mlx -o adapter-mlx/
+      loratool convert adapter-mlx/ --to peft -o adapter/
+      loratool convert adapter/ --to peft --portable -o adapter-vllm/
+      loratool convert lora.safetensors --to peft --base model/ -o adapter/
+    """  # noqa: D301
+    from .ops.convert import convert as run
+
+    result = run(adapter, to=to, output=output, portable=portable, base=base, dtype=dtype, force=force,  # type: ignore[arg-type]
+                 allow_pickle=allow_pickle)  # fmt: skip
+
+    def text(d: dict[str, Any]) -> str:
+        ranks = ", ".join(map(str, d["ranks"]))
+        return (f"wrote {d['output']} ({d['format']}, from {d['source_format']}): {d['modules']} modules, "
+                f"rank {ranks}, {d['parameters']:,} parameters")  # fmt: skip
+
+    _emit(result, as_json, text)
 
 
 class _Ranks(click.ParamType):  # type: ignore[type-arg]

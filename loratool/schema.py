@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-SCHEMA_NAMES = ("adapter_config", "provenance")
+SCHEMA_NAMES = ("adapter_config", "mlx_adapter_config", "provenance")
 
 
 def schema_dir() -> Path:

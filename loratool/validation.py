@@ -18,7 +18,7 @@ from typing import Any
 
 from .adapter import pattern_lookup
 from .errors import LoraToolError, MetadataError
-from .formats import kohya, peft
+from .formats import kohya, mlx, peft
 from .io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from .provenance import PROVENANCE_KEY, decode, tensors_sha256
 from .schema import check
@@ -84,6 +84,8 @@ def validate_adapter(
         report = ValidationReport(str(p), "unknown")
         report.add("$", "no such file or directory")
         return report
+    if p.is_dir() and mlx.is_mlx_dir(p):
+        return _sorted(_validate_mlx(p, report=ValidationReport(str(p), "mlx"), check_values=check_values))
     if p.is_dir():
         report = ValidationReport(str(p), "peft")
         config = _check_config(p, report)
@@ -201,6 +203,54 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             )
         if "B.bias" in slots and not config.get("lora_bias", False):
             report.add(where, "has lora_B.bias but lora_bias is not true in the config")
+
+
+def _validate_mlx(directory: Path, report: ValidationReport, check_values: bool) -> ValidationReport:
+    """An mlx-lm adapter: its config against the schema, and every tensor against what mlx-lm's
+    ``load_adapters`` would build (one rank for all, only the modules ``keys`` selects)."""
+    config = json.loads((directory / mlx.CONFIG_NAME).read_text())
+    for path, message in check(config, "mlx_adapter_config"):
+        report.add(path, message)
+    weights = directory / mlx.WEIGHTS_NAME
+    if not weights.is_file():
+        report.add("tensors", f"no {mlx.WEIGHTS_NAME} in the adapter directory")
+        return report
+    params = config.get("lora_parameters") if isinstance(config.get("lora_parameters"), dict) else {}
+    rank, keys = params.get("rank"), params.get("keys")
+    try:
+        ckpt = open_checkpoint(weights)
+    except LoraToolError as e:
+        report.add("tensors", e.message)
+        return report
+    with ckpt:
+        slots: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key in ckpt.keys():
+            module, _, slot = key.rpartition(".")
+            if slot not in mlx.SLOTS or not module:
+                report.add(f"tensors/{key}", "not an mlx-lm adapter tensor (<module>.lora_a, .lora_b, .m)")
+                continue
+            slots.setdefault(module, {})[slot] = ckpt.info(key).shape
+        report.modules = len(slots)
+        for module, s in sorted(slots.items()):
+            where = f"tensors/{module}"
+            a, b = s.get("lora_a"), s.get("lora_b")
+            if a is None or b is None:
+                report.add(where, "needs both lora_a and lora_b")
+            elif len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+                report.add(where, f"lora_a {list(a)} and lora_b {list(b)} do not share a rank (lora_a is (in, r))")
+            elif isinstance(rank, int) and a[1] != rank:
+                report.add(where, f"rank {a[1]} disagrees with lora_parameters.rank {rank}: mlx-lm would refuse it")
+            if isinstance(keys, list) and not _mlx_selects(keys, module):
+                report.add(where, "lora_parameters.keys does not select this module: mlx-lm would refuse the file")
+        _check_dtypes(ckpt, report)
+        _check_provenance(ckpt, report, check_values)
+    return report
+
+
+def _mlx_selects(keys: list[Any], module: str) -> bool:
+    """mlx-lm matches ``keys`` against full module paths and against paths inside a block."""
+    inside = re.sub(r"^.*?\blayers\.\d+\.", "", module)
+    return module in keys or inside in keys
 
 
 def _check_kohya_structure(ckpt: Checkpoint, report: ValidationReport) -> None:

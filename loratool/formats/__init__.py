@@ -17,7 +17,7 @@ from ..errors import InputFileError, LoraToolError, MissingInputError, NonFinite
 if TYPE_CHECKING:
     import torch
 
-Format = Literal["peft", "kohya"]
+Format = Literal["peft", "kohya", "mlx"]
 PathArg = str | os.PathLike[str]
 # what the API takes for an adapter: a path, an Adapter, or either with a scale (weight)
 AdapterArg = PathArg | Adapter | tuple[PathArg, float] | tuple[Adapter, float]
@@ -33,7 +33,7 @@ def split_scale(item: AdapterArg) -> tuple[PathArg | Adapter, float]:
 
 
 def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, lazy: bool = False) -> Adapter:
-    """Read a PEFT adapter directory or a kohya ``.safetensors`` file.
+    """Read a PEFT adapter directory, a kohya ``.safetensors`` file, or an mlx-lm adapter directory.
 
     Args:
         path: a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``, or a
@@ -48,12 +48,15 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         >>> adapter = loratool.load_adapter("adapter/")
         >>> {path: m.rank for path, m in adapter.modules.items()}
     """
-    from . import kohya, peft
+    from . import kohya, mlx, peft
 
     p = Path(path)
     if not p.exists():
         raise MissingInputError("no such adapter", path=str(p))
-    if p.is_dir() or p.name == peft.CONFIG_NAME:
+    directory = p if p.is_dir() else p.parent
+    if (p.is_dir() or p.name in (peft.CONFIG_NAME, mlx.WEIGHTS_NAME)) and mlx.is_mlx_dir(directory):
+        adapter = mlx.read_mlx(directory, lazy=lazy)
+    elif p.is_dir() or p.name == peft.CONFIG_NAME:
         adapter = peft.read_peft(p if p.is_dir() else p.parent, allow_pickle=allow_pickle, lazy=lazy)
     elif p.suffix == ".safetensors":
         adapter = kohya.read_kohya(p, lazy=lazy)
@@ -119,13 +122,15 @@ def save_adapter(
     card: bool = True,
 ) -> Path:
     """Write an adapter atomically: a PEFT directory (with a README.md model card unless
-    ``card=False``), or a kohya ``.safetensors`` file.
+    ``card=False``), a kohya ``.safetensors`` file, or an mlx-lm directory.
 
     Example:
         >>> loratool.save_adapter(adapter, "copy/", dtype=torch.bfloat16)
     """
-    from . import kohya, peft
+    from . import kohya, mlx, peft
 
     if format == "kohya":
         return kohya.write_kohya(adapter, Path(out), force=force, dtype=dtype)
+    if format == "mlx":
+        return mlx.write_mlx(adapter, Path(out), force=force, dtype=dtype)
     return peft.write_peft(adapter, Path(out), force=force, dtype=dtype, card=card)

@@ -1,0 +1,177 @@
+"""mlx-lm adapter directories: ``adapters.safetensors`` + ``adapter_config.json``.
+
+The layout, as mlx-lm (``mlx_lm/tuner/lora.py``, ``tuner/utils.py``) defines it:
+
+- tensors ``<module path>.lora_a`` (in, r), ``<module path>.lora_b`` (r, out), and for DoRA
+  ``<module path>.m`` (out,), the row norms of the adapted weight;
+- the update is ``W (out, in) += scale * (lora_a @ lora_b).T`` with an absolute ``scale`` (not
+  alpha / r); an embedding (num, dim) gets ``scale * lora_a @ lora_b``. Both are PEFT's
+  ``scaling * B @ A`` with ``A = lora_a.T`` and ``B = lora_b.T``;
+- ``adapter_config.json``: ``fine_tune_type`` (lora, dora, full), ``num_layers``, and
+  ``lora_parameters`` {``rank``, ``scale``, ``dropout``, ``keys``}. mlx-lm builds every adapted
+  layer at the one ``rank`` and ``scale``: a file whose modules differ in rank does not load.
+
+mlx-lm applies ``keys`` to the last ``num_layers`` blocks (relative paths such as
+``self_attn.q_proj``) and to the whole model (full paths). loratool writes full module paths, so
+exactly the adapted modules get LoRA layers, whatever ``num_layers`` says.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import Adapter, Kind, LoraModule
+from ..arch import is_embedding
+from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
+from ..io.atomic import atomic_output
+from ..io.checkpoint import open_checkpoint
+from ..io.writer import save_tensors
+from ..provenance import with_tensors_digest
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapters.safetensors"
+SLOTS = ("lora_a", "lora_b", "m")
+
+
+def is_mlx_dir(directory: Path) -> bool:
+    """An mlx-lm adapter directory: its config has ``lora_parameters`` or ``fine_tune_type``."""
+    config = directory / CONFIG_NAME
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and ("lora_parameters" in data or "fine_tune_type" in data)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except ValueError as e:
+        raise InputFileError(f"{CONFIG_NAME} is not valid JSON: {e}", path=str(directory)) from None
+    kind = config.get("fine_tune_type", "lora")
+    if kind == "full":
+        raise InputFileError(
+            "an mlx-lm full fine-tune (fine_tune_type: full) holds weights, not an adapter",
+            path=str(directory),
+            fix="use it as a checkpoint (e.g. extract an adapter from it)",
+        )
+    if kind not in ("lora", "dora"):
+        raise InputFileError(f"unknown mlx-lm fine_tune_type {kind!r}", path=str(directory))
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict) or not isinstance(params.get("scale"), (int, float)):
+        raise InputFileError(
+            "lora_parameters.scale is missing: mlx-lm scales every module by it",
+            path=str(directory / CONFIG_NAME),
+            fix="add lora_parameters {rank, scale, dropout} as mlx-lm writes them",
+        )
+    return dict(config)
+
+
+def read_mlx(directory: Path, *, lazy: bool = False) -> Adapter:
+    """Read an mlx-lm adapter directory into PEFT's orientation (``A = lora_a.T``, ``B = lora_b.T``,
+    ``alpha = scale * r``)."""
+    config = read_config(directory)
+    scale = float(config["lora_parameters"]["scale"])
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise MissingKeyError(f"no {WEIGHTS_NAME} beside {CONFIG_NAME}", path=str(directory))
+    slots: dict[str, dict[str, torch.Tensor]] = {}
+    with open_checkpoint(weights) as ck:
+        metadata = ck.header_metadata
+        for key in ck.keys():
+            module, _, slot = key.rpartition(".")
+            if slot not in SLOTS or not module:
+                raise InputFileError(
+                    f"unexpected tensor '{key}' in an mlx-lm adapter",
+                    path=str(weights),
+                    fix="mlx-lm adapters hold <module>.lora_a, .lora_b and (DoRA) .m",
+                )
+            slots.setdefault(module, {})[slot] = ck.get_meta(key) if lazy else ck.get(key)
+    modules = {}
+    for path, s in slots.items():
+        a, b = s.get("lora_a"), s.get("lora_b")
+        if a is None or b is None:
+            raise MissingKeyError("has only one of lora_a/lora_b", path=str(weights), key=path)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+            raise ShapeMismatchError(
+                "lora_a (in, r) and lora_b (r, out) disagree on r (3-D expert adapters are not read yet)",
+                path=str(weights),
+                key=path,
+                got=f"lora_a {list(a.shape)}, lora_b {list(b.shape)}",
+            )
+        r = int(a.shape[1])
+        kind: Kind = "embedding" if is_embedding(path) else "linear"
+        modules[path] = LoraModule(lora_A=a.T, lora_B=b.T, alpha=scale * r, kind=kind, magnitude=s.get("m"))
+    peft_config: dict[str, Any] = {"peft_type": "LORA", "use_dora": config.get("fine_tune_type") == "dora"}
+    model = config.get("model")
+    if isinstance(model, str) and model:
+        peft_config["base_model_name_or_path"] = model
+    return Adapter(modules=modules, config=peft_config, metadata=metadata, format="mlx", path=str(directory))
+
+
+def write_mlx(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write ``adapter`` as an mlx-lm adapter directory, atomically.
+
+    mlx-lm has one rank and one scale: an adapter whose modules agree on both is written as it is;
+    otherwise each module's scaling is folded into its B and ranks are padded with zero rows and
+    columns to the largest (the delta is unchanged; see :func:`loratool.transforms.uniform_rank`).
+    """
+    from ..transforms import uniform_rank
+
+    _refuse(adapter)
+    modules = adapter.modules
+    if len({(m.rank, m.scaling) for m in modules.values()}) > 1:
+        modules = uniform_rank(adapter).modules
+    first = next(iter(modules.values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for path, m in modules.items():
+        for slot, t in (("lora_a", m.lora_A.T), ("lora_b", m.lora_B.T), ("m", m.magnitude)):
+            if t is not None:
+                t = t.detach().cpu()
+                tensors[f"{path}.{slot}"] = (t.to(dtype) if dtype is not None else t).contiguous()
+    config = {
+        "fine_tune_type": "dora" if any(m.magnitude is not None for m in modules.values()) else "lora",
+        "num_layers": -1,
+        "lora_parameters": {"rank": first.rank, "scale": first.scaling, "dropout": 0.0, "keys": sorted(modules)},
+    }
+    if adapter.base_model_name_or_path:
+        config["model"] = adapter.base_model_name_or_path
+    metadata = {"format": "mlx", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
+    metadata = with_tensors_digest(metadata, tensors)
+    with atomic_output(out, force=force, directory=True) as tmp:
+        save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _refuse(adapter: Adapter) -> None:
+    """What an mlx-lm adapter cannot hold."""
+    if not adapter.modules:
+        raise InputFileError("the adapter has no LoRA modules to write", path=adapter.path)
+    if adapter.whole:
+        raise InputFileError(
+            f"mlx-lm adapters hold LoRA factors only, not whole tensors ({', '.join(sorted(adapter.whole)[:3])})",
+            path=adapter.path,
+            fix="merge the adapter into the base instead (loratool merge), or drop modules_to_save",
+        )
+    with_bias = [p for p, m in adapter.modules.items() if m.bias is not None]
+    if with_bias:
+        raise InputFileError(
+            f"mlx-lm LoRA layers have no bias (lora_bias), but {with_bias[0]} has one",
+            path=adapter.path,
+            fix="merge the adapter instead",
+        )
+    conv1d = [p for p, m in adapter.modules.items() if m.kind == "conv1d"]
+    if conv1d:
+        raise InputFileError(
+            f"{conv1d[0]} adapts a GPT-2 Conv1D weight; mlx-lm's models store those transposed as Linear",
+            path=adapter.path,
+            fix="not supported: convert adapters of Llama-style models",
+        )
