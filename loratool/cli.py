@@ -794,8 +794,14 @@ def _analyze_text(d: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("adapter", type=click.Path())
 @click.option("--no-values", is_flag=True, help="Skip reading tensors (finite values, recorded digest).")
+@click.option(
+    "--base",
+    type=click.Path(),
+    default=None,
+    help="Also check that every module fits this checkpoint (names and shapes, headers only).",
+)
 @options(JSON)
-def validate(adapter: str, no_values: bool, as_json: bool) -> None:
+def validate(adapter: str, no_values: bool, base: str | None, as_json: bool) -> None:
     """Check ADAPTER's metadata against schemas/ and its structure against its tensors.
 
     Lists every problem at once with its path; exits 0 when valid, 1 when not.
@@ -804,10 +810,11 @@ def validate(adapter: str, no_values: bool, as_json: bool) -> None:
     Examples:
       loratool validate adapter/
       loratool validate adapter/ --json
+      loratool validate adapter/ --base model/   # does it fit this model?
     """
     from .ops.validate import validate as run
 
-    report = run(adapter, check_values=not no_values)
+    report = run(adapter, check_values=not no_values, base=base)
     _emit(report, as_json, _validate_text, failed=not report.valid)
 
 

@@ -112,6 +112,59 @@ def validate_adapter(
     return _sorted(report)
 
 
+def check_against_base(
+    adapter: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    report: ValidationReport,
+    *,
+    allow_pickle: bool = False,
+) -> None:
+    """Does the adapter fit ``base``? Every module must name a weight of the base with the shape its
+    factors imply, and every whole tensor (``modules_to_save``) a tensor of the same shape: an
+    adapter whose modules match nothing loads in PEFT and does nothing. From headers only."""
+    from .formats import load_adapter
+    from .formats.kohya import resolve_paths
+
+    try:
+        adapter_obj = load_adapter(adapter, allow_pickle=allow_pickle, lazy=True)
+        ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+    except LoraToolError as e:
+        report.add("base", e.message if e.path is None else f"{e.path}: {e.message}")
+        return
+    with ckpt:
+        weights = [k.removesuffix(".weight") for k in ckpt.keys() if k.endswith(".weight")]
+        found = resolve_paths(adapter_obj, weights)
+        matched = 0
+        for module, m in sorted(adapter_obj.modules.items()):
+            where = f"base/{module}"
+            if module not in found:
+                report.add(where, f"the base has no weight '{module}.weight': this module would adapt nothing")
+                continue
+            shape = tuple(ckpt.info(found[module] + ".weight").shape)
+            if shape != m.weight_shape:
+                report.add(where, f"the base weight is {list(shape)}, the factors imply {list(m.weight_shape)} "
+                                  "(lora_B (out, r) @ lora_A (r, in)): an adapter for another model")  # fmt: skip
+                continue
+            matched += 1
+        for key, t in sorted(adapter_obj.whole.items()):
+            if key not in ckpt:
+                report.add(f"base/{key}", "the base has no such tensor to replace (modules_to_save)")
+            elif tuple(ckpt.info(key).shape) != tuple(t.shape):
+                grown = "; the vocabulary sizes differ" if arch_is_vocab(key) else ""
+                report.add(
+                    f"base/{key}", f"the base's is {list(ckpt.info(key).shape)}, the adapter's {list(t.shape)}{grown}"
+                )
+        if adapter_obj.modules and matched == 0:
+            report.add("base", f"no module of the adapter fits {base}: it is for another model")
+
+
+def arch_is_vocab(key: str) -> bool:
+    from .arch import OUTPUT_LAYER, is_embedding
+
+    module = key.rsplit(".", 1)[0]
+    return is_embedding(module) or module == OUTPUT_LAYER
+
+
 def require_valid(
     adapter: str | os.PathLike[str], refusal: str, *, check_values: bool = False, allow_pickle: bool = False
 ) -> list[str]:
