@@ -17,6 +17,7 @@ The math is in :mod:`loratool.spectral`; the report's plots in :mod:`loratool.pl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 from collections import defaultdict
@@ -372,13 +373,14 @@ def _analyze_adapters(
     names = [m for m in one.modules if select(m)]
     with open_checkpoint(base, allow_pickle=allow_pickle) if base is not None else _no_checkpoint() as ck:
         weights = _weight_keys(one, ck, result) if ck is not None else {}
+        fp8 = ck.fp8_layout() if ck is not None else None  # FP8 base weights are read dequantized
         for name in progress(names, desc="analyze", enabled=show):
             m = one.modules[name]
             spectrum = FactoredSVD.of([m.lora_B.to(device) * m.scaling], [m.lora_A.to(device)], dtype=torch.float64)
             a = _describe(name, m.kind, m.weight_shape, spectrum.S, spectrum.total_energy, True)
             if name in weights and ck is not None:
                 t = spectrum.truncate()
-                w = read_weight(ck, None, weights[name], device).to(torch.float64)
+                w = read_weight(ck, fp8, weights[name], device).to(torch.float64)
                 a.amplification = spectral.amplification(t.U, t.S, t.Vh, out_in(w, m.kind), ranks)
             a.effective_rank = spectral.effective_rank(spectrum.S)
             a.rank = m.rank
@@ -388,9 +390,7 @@ def _analyze_adapters(
     return result
 
 
-def _no_checkpoint() -> Any:
-    import contextlib
-
+def _no_checkpoint() -> contextlib.nullcontext[None]:
     return contextlib.nullcontext(None)
 
 
