@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import pattern_lookup
+from .arch import OUTPUT_LAYER, is_embedding
 from .errors import LoraToolError, MetadataError
-from .formats import kohya, mlx, peft
+from .formats import kohya, load_adapter, mlx, peft
+from .formats.kohya import resolve_paths
 from .io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from .provenance import PROVENANCE_KEY, decode, tensors_sha256
 from .schema import check
@@ -122,9 +124,6 @@ def check_against_base(
     """Does the adapter fit ``base``? Every module must name a weight of the base with the shape its
     factors imply, and every whole tensor (``modules_to_save``) a tensor of the same shape: an
     adapter whose modules match nothing loads in PEFT and does nothing. From headers only."""
-    from .formats import load_adapter
-    from .formats.kohya import resolve_paths
-
     try:
         adapter_obj = load_adapter(adapter, allow_pickle=allow_pickle, lazy=True)
         ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
@@ -150,7 +149,7 @@ def check_against_base(
             if key not in ckpt:
                 report.add(f"base/{key}", "the base has no such tensor to replace (modules_to_save)")
             elif tuple(ckpt.info(key).shape) != tuple(t.shape):
-                grown = "; the vocabulary sizes differ" if arch_is_vocab(key) else ""
+                grown = "; the vocabulary sizes differ" if _is_vocabulary(key) else ""
                 report.add(
                     f"base/{key}", f"the base's is {list(ckpt.info(key).shape)}, the adapter's {list(t.shape)}{grown}"
                 )
@@ -158,9 +157,8 @@ def check_against_base(
             report.add("base", f"no module of the adapter fits {base}: it is for another model")
 
 
-def arch_is_vocab(key: str) -> bool:
-    from .arch import OUTPUT_LAYER, is_embedding
-
+def _is_vocabulary(key: str) -> bool:
+    """An embedding or output layer: its first dimension is the vocabulary."""
     module = key.rsplit(".", 1)[0]
     return is_embedding(module) or module == OUTPUT_LAYER
 

@@ -288,14 +288,12 @@ def _analyze_checkpoints(
                 if d.norm:
                     result.skipped.append(Dropped(d.key, d.norm, "an integer tensor changed"))
                 continue
-            if d.norm == 0:
-                pass
-            elif d.delta.dim() == 2 and d.key.endswith(".weight") and select(module):
+            weight = d.delta.dim() == 2 and d.key.endswith(".weight")
+            if d.norm > 0 and weight and select(module):
                 kind = arch.module_kind(module, conv1d)
                 result.modules.append(_analyze_delta(module, kind, d, opts, pool, device))
-            else:
-                why = "not selected" if d.delta.dim() == 2 and d.key.endswith(".weight") else "not a 2-D weight"
-                result.skipped.append(Dropped(d.key, d.norm, why))
+            elif d.norm > 0:
+                result.skipped.append(Dropped(d.key, d.norm, "not selected" if weight else "not a 2-D weight"))
             give_back(d.delta, pool)  # consumed; its memory serves the next delta
     return result
 
@@ -478,8 +476,7 @@ def _summarize(modules: Iterable[ModuleAnalysis], by: int) -> dict[str, dict[str
 
 
 def _median_or_none(values: list[int | None]) -> float | None:
-    """The median rank, or None when some module needs more than the K computed (the median is
-    then unknown unless most are known; kept simple: any unknown makes it unknown)."""
+    """The median rank, or None when some module needs more than the K computed."""
     if any(v is None for v in values):
         return None
     return float(statistics.median(v for v in values if v is not None))
