@@ -601,34 +601,53 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["peft", "kohya", "mlx"]), required=True, help="The format to write.")
+@click.option(
+    "--to", "to", type=click.Choice(["peft", "kohya", "mlx", "gguf"]), required=True, help="The format to write."
+)
 @click.option(
     "--portable",
     is_flag=True,
     help="PEFT: one rank, scaling 1 (lora_alpha = r, no rank/alpha_pattern), for runtimes such as vLLM.",
 )
-@options(KOHYA_BASE, OUTPUT, DTYPE, FORCE, PICKLE, JSON)
-def convert(adapter: str, to: str, portable: bool, base: str | None, output: str, dtype: str | None, force: bool,
-            allow_pickle: bool, as_json: bool) -> None:  # fmt: skip
-    """Write ADAPTER in another format (PEFT, kohya, mlx-lm); every delta stays the same.
+@click.option(
+    "--base",
+    type=click.Path(),
+    default=None,
+    help="The base checkpoint (headers and config.json only). GGUF: required (llama.cpp's architecture, tensor "
+    "names; every module must fit). kohya input: names its modules.",
+)
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    default="f32",
+    show_default=True,
+    help="GGUF tensor type (q8_0 falls back to f16 for rows that do not divide into blocks of 32, as llama.cpp does).",
+)
+@options(OUTPUT, DTYPE, FORCE, PICKLE, JSON)
+def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: str, output: str, dtype: str | None,
+            force: bool, allow_pickle: bool, as_json: bool) -> None:  # fmt: skip
+    """Write ADAPTER in another format (PEFT, kohya, mlx-lm, llama.cpp GGUF); every delta stays the same.
 
-    Reads PEFT directories, kohya .safetensors files and mlx-lm adapter directories.
+    Reads PEFT directories, kohya .safetensors files and mlx-lm adapter directories. GGUF needs
+    the gguf package: pip install 'loratool[gguf]'.
 
     \b
     Examples:
       loratool convert adapter/ --to mlx -o adapter-mlx/
       loratool convert adapter-mlx/ --to peft -o adapter/
       loratool convert adapter/ --to peft --portable -o adapter-vllm/
+      loratool convert adapter/ --to gguf --base model/ -o adapter.gguf
       loratool convert lora.safetensors --to peft --base model/ -o adapter/
     """  # noqa: D301
     from .ops.convert import convert as run
 
-    result = run(adapter, to=to, output=output, portable=portable, base=base, dtype=dtype, force=force,  # type: ignore[arg-type]
-                 allow_pickle=allow_pickle)  # fmt: skip
+    result = run(adapter, to=to, output=output, portable=portable, base=base, dtype=dtype,  # type: ignore[arg-type]
+                 outtype=outtype, force=force, allow_pickle=allow_pickle)  # type: ignore[arg-type]  # fmt: skip
 
     def text(d: dict[str, Any]) -> str:
         ranks = ", ".join(map(str, d["ranks"]))
-        return (f"wrote {d['output']} ({d['format']}, from {d['source_format']}): {d['modules']} modules, "
+        arch = f", {d['gguf']['arch']}, {d['gguf']['outtype']}, alpha {d['gguf']['alpha']:g}" if d.get("gguf") else ""
+        return (f"wrote {d['output']} ({d['format']}{arch}, from {d['source_format']}): {d['modules']} modules, "
                 f"rank {ranks}, {d['parameters']:,} parameters")  # fmt: skip
 
     _emit(result, as_json, text)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter import pattern_lookup
+from .adapter import Adapter, pattern_lookup
 from .arch import OUTPUT_LAYER, is_embedding
 from .errors import LoraToolError, MetadataError
 from .formats import kohya, load_adapter, mlx, peft
@@ -126,6 +126,17 @@ def check_against_base(
     adapter whose modules match nothing loads in PEFT and does nothing. From headers only."""
     try:
         adapter_obj = load_adapter(adapter, allow_pickle=allow_pickle, lazy=True)
+    except LoraToolError as e:
+        report.add("base", e.message if e.path is None else f"{e.path}: {e.message}")
+        return
+    check_fit(adapter_obj, base, report, allow_pickle=allow_pickle)
+
+
+def check_fit(
+    adapter_obj: Adapter, base: str | os.PathLike[str], report: ValidationReport, *, allow_pickle: bool = False
+) -> None:
+    """:func:`check_against_base` for an adapter in memory (its factors may be ``meta`` tensors)."""
+    try:
         ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     except LoraToolError as e:
         report.add("base", e.message if e.path is None else f"{e.path}: {e.message}")

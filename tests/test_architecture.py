@@ -84,7 +84,8 @@ def test_the_adapter_model_depends_on_errors_only() -> None:
 @pytest.mark.parametrize(
     ("library", "home"),
     [("safetensors", "loratool.io."), ("huggingface_hub", "loratool.ops.hub"), ("jsonschema", "loratool.schema"),
-     ("click", "loratool.cli"), ("tqdm", "loratool.runtime"), ("matplotlib", "loratool.plots")],
+     ("click", "loratool.cli"), ("tqdm", "loratool.runtime"), ("matplotlib", "loratool.plots"),
+     ("gguf", "loratool.formats.gguf")],
 )  # fmt: skip
 def test_each_outside_library_enters_through_one_module(library: str, home: str) -> None:
     users = {m for m, (_, outside) in GRAPH.items() if library in outside}

@@ -165,8 +165,8 @@ def test_what_mlx_cannot_hold_is_refused(tmp_path: Path, fixtures: Path, cli) ->
     assert res.exit_code == 1 and "whole tensors" in res.output and not (tmp_path / "out").exists()
     res = cli("convert", tmp_path / "peft", "--to", "kohya", "--portable", "-o", tmp_path / "k.safetensors")
     assert res.exit_code == 1 and "--portable is for PEFT output" in res.output
-    res = cli("convert", tmp_path / "peft", "--to", "gguf", "-o", tmp_path / "x.gguf")
-    assert res.exit_code == 2
+    res = cli("convert", tmp_path / "peft", "--to", "mlx", "--outtype", "q8_0", "-o", tmp_path / "x")
+    assert res.exit_code == 1 and "--outtype is for GGUF" in res.output
 
 
 def test_convert_json_and_force(tmp_path: Path, cli) -> None:

@@ -1,4 +1,4 @@
-"""``loratool convert``: one adapter, another file format (PEFT, kohya, mlx-lm), the same deltas."""
+"""``loratool convert``: one adapter, another file format (PEFT, kohya, mlx-lm, llama.cpp GGUF), the same deltas."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from ..adapter import Adapter
-from ..errors import LoraToolError
+from ..errors import LoraToolError, ShapeMismatchError
 from ..formats import load_adapter, save_adapter
+from ..formats.gguf import OutType, refuse_for_gguf, write_gguf
 from ..formats.kohya import resolve_paths
 from ..io.atomic import check_output
-from ..io.checkpoint import open_checkpoint, torch_dtype
-from ..provenance import InputHasher, encode, make_record
+from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
+from ..provenance import PROVENANCE_KEY, InputHasher, encode, make_record
 from ..transforms import uniform_rank
-from ..validation import require_valid
+from ..validation import ValidationReport, check_fit, require_valid
 
-Target = Literal["peft", "kohya", "mlx"]
-TARGETS: tuple[Target, ...] = ("peft", "kohya", "mlx")
+Target = Literal["peft", "kohya", "mlx", "gguf"]
+TARGETS: tuple[Target, ...] = ("peft", "kohya", "mlx", "gguf")
 
 
 @dataclass
@@ -34,12 +37,14 @@ class ConvertResult:
     parameters_before: int
     portable: bool
     warnings: list[str] = field(default_factory=list)
+    gguf: dict[str, Any] | None = None  # arch, alpha, outtype, folded: GGUF output only
 
     def to_json(self) -> dict[str, Any]:
         return {
             "output": str(self.output), "source_format": self.source_format, "format": self.format,
             "modules": self.modules, "ranks": self.ranks, "parameters": self.parameters,
             "parameters_before": self.parameters_before, "portable": self.portable, "warnings": self.warnings,
+            **({"gguf": self.gguf} if self.gguf is not None else {}),
         }  # fmt: skip
 
 
@@ -51,6 +56,7 @@ def convert(
     portable: bool = False,
     base: str | os.PathLike[str] | None = None,
     dtype: str | None = None,
+    outtype: OutType = "f32",
     force: bool = False,
     allow_pickle: bool = False,
 ) -> ConvertResult:
@@ -58,18 +64,22 @@ def convert(
 
     Args:
         adapter: a PEFT directory, a kohya ``.safetensors`` file or an mlx-lm directory.
-        to: ``peft``, ``kohya`` or ``mlx``.
-        output: the directory (PEFT, mlx) or ``.safetensors`` file (kohya) to write.
+        to: ``peft``, ``kohya``, ``mlx`` or ``gguf`` (llama.cpp; needs ``base`` and the ``gguf`` package).
+        output: the directory (PEFT, mlx) or file (kohya ``.safetensors``, ``.gguf``) to write.
         portable: (PEFT) every module at one rank with scaling 1 (``lora_alpha = r``, no
             ``rank_pattern``/``alpha_pattern``), so runtimes that read only ``r`` and
             ``lora_alpha`` (vLLM) scale every module right. Lower ranks are padded with zeros.
-        base: a checkpoint whose module paths name a kohya file's modules (headers only).
+        base: a checkpoint whose module paths name a kohya file's modules (headers only); for GGUF
+            (required) the base the adapter is for: its config.json names llama.cpp's architecture
+            and tensors, and every module must fit one of its weights.
         dtype: the factors' dtype (default: keep).
+        outtype: GGUF tensor type: ``f32`` (exact), ``f16``, ``bf16`` or ``q8_0``.
         force: replace an existing output.
 
     Raises:
-        LoraToolError: the target cannot hold the adapter (e.g. whole tensors in kohya or mlx),
-            kohya names that no checkpoint resolves, an invalid adapter.
+        LoraToolError: the target cannot hold the adapter (e.g. whole tensors in kohya, mlx or
+            GGUF; DoRA or an unsupported architecture in GGUF), kohya names that no checkpoint
+            resolves, an adapter that does not fit ``base``, an invalid adapter.
 
     Example:
         >>> loratool.convert("adapter/", to="mlx", output="adapter-mlx/")
@@ -81,12 +91,21 @@ def convert(
             f"--portable is for PEFT output; {to} files already say each module's scale",
             fix="leave out --portable, or use --to peft",
         )
+    if to == "gguf" and base is None:
+        raise LoraToolError(
+            "GGUF output needs the base checkpoint: its config.json names llama.cpp's architecture and tensors",
+            fix="pass the checkpoint the adapter was trained on as --base",
+        )
+    if to != "gguf" and outtype != "f32":
+        raise LoraToolError(f"--outtype is for GGUF output; {to} keeps torch dtypes", fix="use --dtype")
+    if to == "gguf" and dtype is not None:
+        raise LoraToolError("GGUF tensor types are chosen with --outtype", fix="use --outtype f32|f16|bf16|q8_0")
     out = check_output(output, force=force, inputs=[p for p in (adapter, base) if p is not None])
     warnings = require_valid(adapter, "convert refuses it", allow_pickle=allow_pickle)
     a = load_adapter(adapter, allow_pickle=allow_pickle)
     before = a.num_params
     source = a.format
-    if base is not None:
+    if base is not None and a.format == "kohya":
         _name_from(a, base, allow_pickle)
     elif to != "kohya" and a.format == "kohya":
         _require_paths(a)
@@ -97,7 +116,13 @@ def convert(
             warnings.append(f"ranks padded with zeros to {top}: {a.num_params - before} more parameters")
     hasher = InputHasher(_files(Path(adapter)))
     params = {"to": to, "portable": portable, "base": str(base) if base else None, "dtype": dtype}
+    if to == "gguf":
+        params["outtype"] = outtype
     a.metadata = encode(make_record("convert", params, hasher.result()))
+    if to == "gguf":
+        assert base is not None
+        return _to_gguf(a, out, Path(base), outtype=outtype, force=force, source=source, before=before,
+                        warnings=warnings, allow_pickle=allow_pickle)  # fmt: skip
     save_adapter(a, out, format=to, force=force, dtype=torch_dtype(dtype) if dtype else None)
     written = load_adapter(out)
     if to == "mlx" and written.num_params > before:
@@ -106,6 +131,50 @@ def convert(
         output=out, source_format=source, format=to, modules=len(written.modules),
         ranks=sorted({m.rank for m in written.modules.values()}), parameters=written.num_params,
         parameters_before=before, portable=portable, warnings=warnings,
+    )  # fmt: skip
+
+
+def _to_gguf(
+    a: Adapter, out: Path, base: Path, *, outtype: OutType, force: bool, source: str, before: int,
+    warnings: list[str], allow_pickle: bool,
+) -> ConvertResult:  # fmt: skip
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
+        config = ck.config()
+        same = _unchanged_whole(a, ck)
+    if same:
+        a.whole = {k: t for k, t in a.whole.items() if k not in same}
+        warnings.append(f"left out {len(same)} whole tensor(s) equal to the base's ({', '.join(same)}): "
+                        "PEFT saves targeted embedding layers whole even when they did not change")  # fmt: skip
+    refuse_for_gguf(a, config)  # what llama.cpp cannot take, said before any shape is compared
+    report = ValidationReport(str(a.path), a.format)
+    check_fit(a, base, report, allow_pickle=allow_pickle)
+    if not report.valid:
+        first = report.problems[0]
+        raise ShapeMismatchError(
+            f"the adapter does not fit the base: {first.path}: {first.message}", path=str(base),
+            fix="pass the checkpoint the adapter was trained on as --base (loratool validate --base lists every miss)",
+        )  # fmt: skip
+    provenance = a.metadata.get(PROVENANCE_KEY)
+    written = write_gguf(a, out, config=config, outtype=outtype, force=force, name=Path(a.path or "adapter").stem,
+                         provenance=provenance)  # fmt: skip
+    if written.folded:
+        warnings.append(
+            f"one adapter.lora.alpha ({written.alpha:g}) for every tensor: the scaling of {len(written.folded)} "
+            "module(s) is folded into lora_b so llama.cpp's alpha / r gives each its own"
+        )
+    ranks = sorted({m.rank for m in a.modules.values()})
+    info = {"arch": written.arch, "alpha": written.alpha, "outtype": outtype, "folded": written.folded}
+    return ConvertResult(
+        output=out, source_format=source, format="gguf", modules=written.tensors // 2, ranks=ranks,
+        parameters=written.parameters, parameters_before=before, portable=False, warnings=warnings, gguf=info,
+    )  # fmt: skip
+
+
+def _unchanged_whole(a: Adapter, ck: Checkpoint) -> list[str]:
+    """The whole tensors (``modules_to_save``) that only repeat the base's, bit for bit."""
+    return sorted(
+        k for k, t in a.whole.items()
+        if k in ck and tuple(ck.info(k).shape) == tuple(t.shape) and torch.equal(ck.get(k).to(t.dtype), t)
     )  # fmt: skip
 
 

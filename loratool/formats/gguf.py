@@ -1,0 +1,277 @@
+"""llama.cpp LoRA adapters (GGUF), written through the ``gguf`` package, llama.cpp's own library.
+
+The conventions, as llama.cpp's ``convert_lora_to_gguf.py`` writes them and ``src/llama-adapter.cpp``
+reads them:
+
+- key/values ``general.architecture`` (the base's llama.cpp architecture: the loader refuses an
+  adapter of another), ``general.type = adapter``, ``adapter.type = lora`` and one float32
+  ``adapter.lora.alpha``;
+- per adapted base tensor ``<gguf name>.lora_a`` (numpy (r, in)) and ``<gguf name>.lora_b``
+  ((out, r)), named by the ``gguf`` package's tensor-name table for the architecture
+  (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q.weight``); for the token embedding
+  (num, dim) ``lora_a`` is PEFT's ``lora_embedding_A`` transposed, (num, r), and ``lora_b`` (dim, r);
+- llama.cpp scales each pair by ``alpha / r`` with ``r`` that pair's own rank (``alpha = 0`` means
+  1). One alpha cannot express modules whose ``alpha / r`` (or rsLoRA's ``alpha / sqrt(r)``)
+  differ, so each module's true scaling is folded into its B: ``B' = B * scaling * r / alpha``;
+- the converter rewrites some base weights, and a LoRA delta on them must follow: for Llama and
+  Mistral the rows of ``q_proj`` and ``k_proj`` are permuted per head for llama.cpp's RoPE
+  (``LlamaModel.permute``), so the rows of their B are permuted the same way.
+
+Only architectures whose conversion loratool has checked are written; anything else is refused,
+never guessed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..adapter import Adapter, LoraModule
+from ..arch import ties_word_embeddings
+from ..errors import LoraToolError, UnsupportedAdapterError
+from ..io.atomic import atomic_output
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+OutType = Literal["f32", "f16", "bf16", "q8_0"]
+OUT_TYPES: tuple[OutType, ...] = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How llama.cpp's converter treats one transformers architecture."""
+
+    arch: str  # a gguf.MODEL_ARCH member
+    rope_permute: bool  # q/k rows permuted per head (LlamaModel.permute)
+    embedding_lora: bool = True  # False where the converter cuts the embedding (Gemma 3: to the tokenizer's size)
+
+
+# transformers `architectures[0]` -> llama.cpp conversion, read from llama.cpp's conversion/*.py
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("LLAMA", rope_permute=True),
+    "MistralForCausalLM": Family("LLAMA", rope_permute=True),
+    "Qwen2ForCausalLM": Family("QWEN2", rope_permute=False),
+    "Qwen3ForCausalLM": Family("QWEN3", rope_permute=False),
+    "GemmaForCausalLM": Family("GEMMA", rope_permute=False),
+    "Gemma2ForCausalLM": Family("GEMMA2", rope_permute=False),
+    "Gemma3ForCausalLM": Family("GEMMA3", rope_permute=False, embedding_lora=False),
+    "Phi3ForCausalLM": Family("PHI3", rope_permute=False),
+}
+_MERGE_FIX = (
+    "merge the adapter into the base (loratool merge) and convert the merged checkpoint "
+    "with llama.cpp's convert_hf_to_gguf.py"
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing llama.cpp cannot take, with what to do about it."""
+
+    where: str
+    message: str
+    fix: str
+
+
+@dataclass
+class GgufPlan:
+    """Where each module goes in a llama.cpp adapter for one base, and what cannot go."""
+
+    arch: str | None
+    family: Family | None
+    names: dict[str, str] = field(default_factory=dict)  # module path -> gguf base tensor name
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class GgufWritten:
+    """What :func:`write_gguf` wrote."""
+
+    path: Path
+    arch: str
+    alpha: float
+    tensors: int
+    parameters: int
+    folded: list[str]  # modules whose scaling went into B
+
+
+def require_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise LoraToolError(
+            "GGUF output needs the gguf package (llama.cpp's Python library)",
+            fix="pip install 'loratool[gguf]'",
+        ) from None
+    return gguf
+
+
+def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
+    """Map every module of ``adapter`` to its llama.cpp tensor for the base described by ``config``
+    (its ``config.json``), listing every module llama.cpp cannot take."""
+    gguf = require_gguf()
+    arch_name = next(iter(config.get("architectures") or []), None)
+    family = FAMILIES.get(str(arch_name))
+    if family is None:
+        known = ", ".join(sorted(FAMILIES))
+        problem = Problem(
+            "base", f"llama.cpp adapters are written for these architectures only: {known}; the base is {arch_name}",
+            "use a base of a supported family; other conversions rewrite weights in ways loratool has not checked",
+        )  # fmt: skip
+        return GgufPlan(arch=None, family=None, problems=[problem])
+    arch = gguf.MODEL_ARCH[family.arch]
+    table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
+    plan = GgufPlan(arch=gguf.MODEL_ARCH_NAMES[arch], family=family)
+    if adapter.whole:
+        plan.problems += [
+            Problem(key, "llama.cpp adapters hold LoRA pairs only, not whole tensors (modules_to_save)", _MERGE_FIX)
+            for key in sorted(adapter.whole)
+        ]
+    tied = ties_word_embeddings(config)
+    for path, m in adapter.modules.items():
+        why = _unsupported(path, m, family, tied)
+        name = None if why else table.get_name(path + ".weight", try_suffixes=(".weight",))
+        if why:
+            plan.problems.append(Problem(path, why, _MERGE_FIX))
+        elif name is None:
+            why = f"llama.cpp's {plan.arch} models have no tensor for this module"
+            plan.problems.append(Problem(path, why, _MERGE_FIX))
+        else:
+            plan.names[path] = name
+    return plan
+
+
+def refuse_for_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
+    """:func:`plan_gguf`, raising for the first thing llama.cpp cannot take (and counting the rest)."""
+    plan = plan_gguf(adapter, config)
+    if plan.problems:
+        first = plan.problems[0]
+        more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
+        raise UnsupportedAdapterError(f"{first.where}: {first.message}{more}", path=adapter.path, fix=first.fix)
+    if not plan.names:
+        raise UnsupportedAdapterError("the adapter has no LoRA modules to write", path=adapter.path)
+    return plan
+
+
+def _unsupported(path: str, m: LoraModule, family: Family, tied: bool) -> str | None:
+    if m.magnitude is not None:
+        return "llama.cpp has no DoRA (a magnitude vector per module)"
+    if m.bias is not None:
+        return "llama.cpp's LoRA pairs have no bias (lora_bias)"
+    if m.kind == "conv1d":
+        return "a GPT-2 Conv1D weight: no architecture llama.cpp adapters are written for"
+    if m.kind == "embedding" and not family.embedding_lora:
+        return "llama.cpp's converter cuts this embedding to the tokenizer's size: its LoRA would not fit"
+    if path.split(".")[-1] == "lm_head" and tied:
+        return "the base ties lm_head to the input embedding: llama.cpp's model has no separate output tensor"
+    return None
+
+
+def llama_cpp_alpha(modules: Mapping[str, LoraModule]) -> float:
+    """The one ``adapter.lora.alpha``: the value most modules already imply (``scaling * r``), so
+    that their B is written as it is; float32, as llama.cpp reads it."""
+    import numpy as np
+
+    implied = Counter(float(np.float32(_implied_alpha(m))) for m in modules.values())
+    nonzero = [(n, a) for a, n in implied.items() if a != 0]
+    return max(nonzero, key=lambda t: t[0])[1] if nonzero else 1.0
+
+
+def _implied_alpha(m: LoraModule) -> float:
+    return m.scaling * m.rank if m.use_rslora else m.alpha
+
+
+def fold_factor(m: LoraModule, alpha: float) -> float:
+    """What B is multiplied by so that llama.cpp's ``alpha / r`` gives the module's true scaling."""
+    return _implied_alpha(m) / alpha
+
+
+def rope_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute`` of a q/k weight's rows (per head: interleaved halves)."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def gguf_pair(
+    path: str, m: LoraModule, *, alpha: float, family: Family, config: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_a, lora_b) in float32 as llama.cpp wants them for one module (numpy orientation)."""
+    import torch
+
+    a = m.lora_A.detach().to(torch.float32)
+    b = m.lora_B.detach().to(torch.float32)
+    factor = fold_factor(m, alpha)
+    if factor != 1.0:
+        b = b * factor
+    leaf = path.split(".")[-1]
+    if family.rope_permute and leaf in ("q_proj", "k_proj"):
+        heads = int(config["num_attention_heads"])
+        if leaf == "k_proj":
+            heads = int(config.get("num_key_value_heads") or heads)
+        b = rope_permute(b, heads)
+    if m.kind == "embedding":
+        a = a.T  # (num, r): llm_build_inp_embd takes A's rows by token id
+    return a.contiguous(), b.contiguous()
+
+
+def write_gguf(
+    adapter: Adapter,
+    out: Path,
+    *,
+    config: Mapping[str, Any],
+    outtype: OutType = "f32",
+    force: bool = False,
+    name: str | None = None,
+    provenance: str | None = None,
+) -> GgufWritten:
+    """Write ``adapter`` as a llama.cpp LoRA adapter for the base whose ``config.json`` is ``config``.
+
+    Raises:
+        UnsupportedAdapterError: a module llama.cpp cannot take (each is named; nothing is written).
+    """
+    gguf = require_gguf()
+    plan = refuse_for_gguf(adapter, config)
+    assert plan.arch is not None and plan.family is not None
+    alpha = llama_cpp_alpha(adapter.modules)
+    qtype = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
+    ftype = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}[outtype]
+    folded: list[str] = []
+    parameters = 0
+    with atomic_output(out, force=force, directory=False) as tmp:
+        writer = gguf.GGUFWriter(tmp, plan.arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        if name:
+            writer.add_name(name)
+        writer.add_file_type(gguf.LlamaFileType[ftype])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if provenance:
+            writer.add_string("loratool.provenance", provenance)
+        for path, base_name in plan.names.items():
+            m = adapter.modules[path]
+            a, b = gguf_pair(path, m, alpha=alpha, family=plan.family, config=config)
+            if fold_factor(m, alpha) != 1.0:
+                folded.append(path)
+            for suffix, t in ((".lora_a", a), (".lora_b", b)):
+                data, raw = _encode(gguf, t.numpy(), qtype)
+                writer.add_tensor(base_name + suffix, data, raw_dtype=raw)
+                parameters += t.numel()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return GgufWritten(out, plan.arch, alpha, 2 * len(plan.names), parameters, folded)
+
+
+def _encode(gguf: Any, data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
+    """Quantize as llama.cpp's converter does: Q8_0 where a row divides into blocks of 32, else F16."""
+    want = gguf.GGMLQuantizationType[qtype]
+    try:
+        return gguf.quants.quantize(data, want), want
+    except gguf.QuantError:
+        f16 = gguf.GGMLQuantizationType.F16
+        return gguf.quants.quantize(data, f16), f16

@@ -1,0 +1,273 @@
+"""`loratool convert --to gguf`: llama.cpp LoRA adapters, read back with the gguf package's reader
+and checked against PEFT's own deltas, applied the way llama.cpp applies them (alpha / r per
+tensor, with r each tensor's own rank; q/k rows permuted for Llama's RoPE as llama.cpp's converter
+permutes the base)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import file_digest, peft_adapter
+
+from loratool.cli import cli
+from loratool.errors import LoraToolError
+from loratool.ops.convert import convert
+
+gguf = pytest.importorskip("gguf")
+ROOT = Path(__file__).resolve().parent.parent
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# llama.cpp's names for a transformers module leaf (llama.cpp's src/llama-arch.cpp), written out here
+# independently of the gguf package's table
+LEAF_NAMES = {
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv",
+    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "gate_up_proj": "ffn_up",
+}  # fmt: skip
+
+
+def llama_cpp_name(module: str) -> str:
+    if module.endswith("embed_tokens"):
+        return "token_embd.weight"
+    if module == "lm_head":
+        return "output.weight"
+    parts = module.split(".")
+    return f"blk.{parts[2]}.{LEAF_NAMES[parts[-1]]}.weight"
+
+
+def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's LlamaModel.permute, from convert_hf_to_gguf: per head, the two rotary halves interleaved."""
+    out = w.shape[0]
+    return w.reshape(heads, 2, out // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny(family: str):
+    import transformers as tf
+
+    common = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    config = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "mistral": lambda: tf.MistralConfig(**common),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
+        "gemma": lambda: tf.GemmaConfig(**common, head_dim=8),
+        "phi3": lambda: tf.Phi3Config(**{**common, "num_key_value_heads": 4}, pad_token_id=0),
+    }[family]()
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def reader_fields(path: Path) -> dict[str, object]:
+    return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
+
+
+def reader_tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = torch.from_numpy(data.copy()).double()
+    return out
+
+
+def llama_cpp_deltas(path: Path) -> dict[str, torch.Tensor]:
+    """Each adapted tensor's delta as llama.cpp computes it, in the base's (out, in) / (num, dim) layout."""
+    alpha = float(reader_fields(path)["adapter.lora.alpha"])
+    ts = reader_tensors(path)
+    out = {}
+    for name in {k.rsplit(".", 1)[0] for k in ts}:
+        a, b = ts[name + ".lora_a"], ts[name + ".lora_b"]
+        scale = alpha / b.shape[1]  # llama.cpp: rank = lora_b->ne[0], numpy's last dimension
+        out[name] = scale * (a @ b.T if name == "token_embd.weight" else b @ a)
+    return out
+
+
+def peft_deltas(pm) -> dict[str, torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name.removeprefix("base_model.model."): layer.get_delta_weight("default").double()
+        for name, layer in pm.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
+
+
+def save_pair(tmp_path: Path, family: str, targets: list[str], **config) -> tuple[Path, Path, object]:
+    model = tiny(family)
+    model.save_pretrained(tmp_path / "base")
+    pm = peft_adapter(model, targets, **config)
+    pm.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    return tmp_path / "base", tmp_path / "adapter", pm
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"])
+def test_every_tensor_gets_peft_delta_as_llama_cpp_applies_it(tmp_path: Path, family: str) -> None:
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else ATTN
+    base, adapter, pm = save_pair(
+        tmp_path, family, targets, r=4, alpha=8, rank_pattern={"o_proj": 8, "down_proj": 2}, alpha_pattern={"v_proj": 3}
+    )
+    result = convert(adapter, to="gguf", base=base, output=tmp_path / "a.gguf")
+    expected_arch = {"mistral": "llama"}.get(family, family)
+    fields = reader_fields(tmp_path / "a.gguf")
+    assert fields["general.architecture"] == expected_arch and result.gguf and result.gguf["arch"] == expected_arch
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    got = llama_cpp_deltas(tmp_path / "a.gguf")
+    want = peft_deltas(pm)
+    assert set(got) == {llama_cpp_name(m) for m in want}
+    config = json.loads((base / "config.json").read_text())
+    for module, delta in want.items():
+        leaf = module.split(".")[-1]
+        if family in ("llama", "mistral") and leaf in ("q_proj", "k_proj"):
+            heads = config["num_attention_heads"] if leaf == "q_proj" else config["num_key_value_heads"]
+            delta = permute_rows(delta, heads)
+        torch.testing.assert_close(got[llama_cpp_name(module)], delta, rtol=1e-5, atol=1e-6, msg=module)
+
+
+def test_rslora_and_embeddings_scale_right_and_uniform_b_stays_as_it_was(tmp_path: Path) -> None:
+    base, adapter, pm = save_pair(tmp_path, "llama", ["q_proj", "v_proj", "embed_tokens", "lm_head"], r=4, alpha=8,
+                                  use_rslora=True, rank_pattern={"v_proj": 2})  # fmt: skip
+    convert(adapter, to="gguf", base=base, output=tmp_path / "a.gguf")
+    got = llama_cpp_deltas(tmp_path / "a.gguf")
+    for module, delta in peft_deltas(pm).items():
+        if module.endswith("q_proj"):
+            delta = permute_rows(delta, 4)
+        torch.testing.assert_close(got[llama_cpp_name(module)], delta, rtol=1e-5, atol=1e-6, msg=module)
+
+    plain, plain_adapter, _ = save_pair(tmp_path / "plain", "llama", ["v_proj"], r=4, alpha=8)
+    result = convert(plain_adapter, to="gguf", base=plain, output=tmp_path / "plain.gguf")
+    assert result.gguf and result.gguf["folded"] == [] and result.gguf["alpha"] == 8.0
+    from safetensors.torch import load_file
+
+    stored = load_file(str(plain_adapter / "adapter_model.safetensors"))
+    b = stored["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
+    assert torch.equal(reader_tensors(tmp_path / "plain.gguf")["blk.0.attn_v.weight.lora_b"].float(), b)
+
+
+@pytest.mark.parametrize(("outtype", "types", "tol"), [
+    ("f16", {"F16"}, 1e-3), ("bf16", {"BF16"}, 1e-2), ("q8_0", {"Q8_0", "F16"}, 2e-2),
+])  # fmt: skip
+def test_outtypes_are_the_ones_llama_cpp_reads(tmp_path: Path, outtype: str, types: set[str], tol: float) -> None:
+    base, adapter, _ = save_pair(tmp_path, "llama", ["q_proj", "down_proj"], r=4, alpha=8)
+    convert(adapter, to="gguf", base=base, output=tmp_path / "f32.gguf")
+    convert(adapter, to="gguf", base=base, output=tmp_path / "q.gguf", outtype=outtype)  # type: ignore[arg-type]
+    tensors = gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors
+    assert {t.tensor_type.name for t in tensors} == types
+    if outtype == "q8_0":  # rows of 32 quantize; lora_b rows of r=4 cannot, and fall back to F16 as in llama.cpp
+        assert {t.name.endswith("lora_a") for t in tensors if t.tensor_type.name == "Q8_0"} == {True}
+    exact, rounded = llama_cpp_deltas(tmp_path / "f32.gguf"), llama_cpp_deltas(tmp_path / "q.gguf")
+    for k in exact:
+        assert (rounded[k] - exact[k]).norm() <= tol * exact[k].norm(), k
+
+
+def test_whole_tensors_equal_to_the_base_are_left_out_and_changed_ones_refused(tmp_path: Path) -> None:
+    model = tiny("llama")
+    model.save_pretrained(tmp_path / "base")
+    pm = peft_adapter(model, ["q_proj", "embed_tokens"])
+    pm.save_pretrained(tmp_path / "adapter")  # PEFT stores the embedding whole as well ("save_embedding_layers")
+    result = convert(tmp_path / "adapter", to="gguf", base=tmp_path / "base", output=tmp_path / "a.gguf")
+    assert any("equal to the base" in w for w in result.warnings)
+
+    changed = peft_adapter(tiny("llama"), ["q_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        changed.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    changed.save_pretrained(tmp_path / "saved")
+    with pytest.raises(LoraToolError, match="whole tensors"):
+        convert(tmp_path / "saved", to="gguf", base=tmp_path / "base", output=tmp_path / "b.gguf")
+    assert not (tmp_path / "b.gguf").exists()
+
+
+@pytest.mark.parametrize(("case", "match"), [
+    ("dora", "DoRA"),
+    ("tied", "ties lm_head"),
+    ("gpt2", "architectures"),
+    ("other-base", "does not fit"),
+    ("no-base", "needs the base"),
+])  # fmt: skip
+def test_what_llama_cpp_cannot_take_is_refused_before_writing(tmp_path: Path, case: str, match: str) -> None:
+    from helpers import tiny_model
+
+    base = tmp_path / "base"
+    if case == "gpt2":
+        model = tiny_model("gpt2")
+        targets = ["c_attn"]
+    elif case == "tied":
+        import transformers as tf
+
+        torch.manual_seed(0)
+        config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                vocab_size=128, tie_word_embeddings=True)  # fmt: skip
+        model = tf.LlamaForCausalLM(config)
+        targets = ["q_proj", "lm_head"]
+    else:
+        model = tiny("llama")
+        targets = ["q_proj"]
+    model.save_pretrained(base)
+    peft_adapter(model, targets, use_dora=case == "dora").save_pretrained(
+        tmp_path / "adapter", save_embedding_layers=False
+    )
+    if case == "other-base":  # a wider Llama: every name matches, no shape does
+        import transformers as tf
+
+        base = tmp_path / "other"
+        tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, vocab_size=128)).save_pretrained(base)  # fmt: skip
+    before = file_digest(tmp_path / "adapter")
+    runner = CliRunner()
+    args = ["convert", str(tmp_path / "adapter"), "--to", "gguf", "-o", str(tmp_path / "a.gguf")]
+    result = runner.invoke(cli, args + ([] if case == "no-base" else ["--base", str(base)]))
+    assert result.exit_code == 1, result.output
+    assert match in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "a.gguf").exists() and file_digest(tmp_path / "adapter") == before
+
+
+def test_cli_json_and_no_overwrite_without_force(tmp_path: Path) -> None:
+    base, adapter, _ = save_pair(tmp_path, "qwen2", ["q_proj", "v_proj"], r=4, alpha=8, rank_pattern={"v_proj": 2})
+    args = ["convert", str(adapter), "--to", "gguf", "--base", str(base), "-o", str(tmp_path / "a.gguf"), "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["format"] == "gguf" and payload["gguf"]["arch"] == "qwen2" and payload["ranks"] == [2, 4]
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "--force" in again.output
+    assert CliRunner().invoke(cli, [*args, "--force"]).exit_code == 0
+
+
+LLAMA_CPP_PYTHON = os.environ.get("LORATOOL_LLAMA_CPP_PYTHON")
+LLAMA_CPP_CONVERT = os.environ.get("LORATOOL_LLAMA_CPP_CONVERT")
+
+
+@pytest.mark.skipif(
+    not (LLAMA_CPP_PYTHON and LLAMA_CPP_CONVERT),
+    reason="opt-in: LORATOOL_LLAMA_CPP_PYTHON=python with llama-cpp-python, torch, transformers, sentencepiece; "
+    "LORATOOL_LLAMA_CPP_CONVERT=llama.cpp's convert_hf_to_gguf.py",
+)
+def test_llama_cpp_runs_the_converted_adapter_as_peft_does(tmp_path: Path) -> None:
+    """The runtime itself: llama.cpp loads the base (converted by its own script) with loratool's
+    adapter and gives PEFT's logits; an adapter with mixed ranks and alphas, q/k targeted."""
+    assert LLAMA_CPP_PYTHON and LLAMA_CPP_CONVERT
+    base, adapter, pm = save_pair(tmp_path, "llama", ATTN + ["embed_tokens", "lm_head"], r=4, alpha=8,
+                                  rank_pattern={"q_proj": 8, "down_proj": 2}, alpha_pattern={"v_proj": 3})  # fmt: skip
+    script = ROOT / "tests" / "runtimes" / "llama_cpp_logits.py"
+    ids = [1, 5, 9, 17, 33, 64, 2, 7]
+    subprocess.run([LLAMA_CPP_PYTHON, str(script), "tokenizer", str(base)], check=True)
+    subprocess.run([LLAMA_CPP_PYTHON, LLAMA_CPP_CONVERT, str(base), "--outtype", "f32",
+                    "--outfile", str(tmp_path / "base.gguf")], check=True)  # fmt: skip
+    convert(adapter, to="gguf", base=base, output=tmp_path / "a.gguf")
+    out = tmp_path / "logits.json"
+    subprocess.run([LLAMA_CPP_PYTHON, str(script), "logits", str(tmp_path / "base.gguf"), str(tmp_path / "a.gguf"),
+                    str(out), json.dumps(ids)], check=True)  # fmt: skip
+    got = json.loads(out.read_text())
+    with torch.no_grad():
+        expected = pm(input_ids=torch.tensor([ids])).logits[0]
+        with pm.disable_adapter():
+            plain = pm(input_ids=torch.tensor([ids])).logits[0]
+    assert (expected - plain).abs().max() > 1e-2  # the adapter changes the answer
+    torch.testing.assert_close(torch.tensor(got["base"]), plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(got["adapted"]), expected, rtol=1e-4, atol=1e-4)
