@@ -599,6 +599,26 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
     return [f"  quantized: {q['method']} ({schemes}), {len(q['quantized_weights'])} FP8 weights"]
 
 
+class _Fusion(click.ParamType):  # type: ignore[type-arg]
+    """FUSED=PART,PART,...: a fused module's leaf name and its parts' leaf names, in row order."""
+
+    name = "FUSED=PARTS"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, tuple[str, ...]]:
+        if isinstance(value, tuple):
+            return value
+        fused, _, parts = str(value).partition("=")
+        names = tuple(p.strip() for p in parts.split(",") if p.strip())
+        if not fused.strip() or len(names) < 2 or len(set(names)) < len(names):
+            self.fail(f"{value!r}: give FUSED=PART,PART,... with two or more distinct parts", param, ctx)
+        return fused.strip(), names
+
+
+_FUSION = _Fusion()
+
+
 @cli.command()
 @click.argument("adapter", type=click.Path())
 @click.option(
@@ -623,9 +643,25 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
     show_default=True,
     help="GGUF tensor type (q8_0 falls back to f16 for rows that do not divide into blocks of 32, as llama.cpp does).",
 )
+@click.option(
+    "--fuse",
+    "fuse",
+    type=_FUSION,
+    multiple=True,
+    help="FUSED=PART,PART,... e.g. qkv_proj=q_proj,k_proj,v_proj: each layer's parts become one module "
+    "(A stacked, B block-diagonal), for fused checkpoints such as Phi-3. Repeatable.",
+)
+@click.option(
+    "--split",
+    "split",
+    type=_FUSION,
+    multiple=True,
+    help="FUSED=PART,PART,... the other way: each part gets the shared A and its rows of B (sizes from --base).",
+)
 @options(OUTPUT, DTYPE, FORCE, PICKLE, JSON)
-def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: str, output: str, dtype: str | None,
-            force: bool, allow_pickle: bool, as_json: bool) -> None:  # fmt: skip
+def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: str, fuse: tuple[Any, ...],
+            split: tuple[Any, ...], output: str, dtype: str | None, force: bool, allow_pickle: bool,
+            as_json: bool) -> None:  # fmt: skip
     """Write ADAPTER in another format (PEFT, kohya, mlx-lm, llama.cpp GGUF); every delta stays the same.
 
     Reads PEFT directories, kohya .safetensors files and mlx-lm adapter directories. GGUF needs
@@ -637,12 +673,15 @@ def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: st
       loratool convert adapter-mlx/ --to peft -o adapter/
       loratool convert adapter/ --to peft --portable -o adapter-vllm/
       loratool convert adapter/ --to gguf --base model/ -o adapter.gguf
+      loratool convert adapter/ --to peft --fuse qkv_proj=q_proj,k_proj,v_proj \\
+          --fuse gate_up_proj=gate_proj,up_proj -o adapter-phi3/
       loratool convert lora.safetensors --to peft --base model/ -o adapter/
     """  # noqa: D301
     from .ops.convert import convert as run
 
     result = run(adapter, to=to, output=output, portable=portable, base=base, dtype=dtype,  # type: ignore[arg-type]
-                 outtype=outtype, force=force, allow_pickle=allow_pickle)  # type: ignore[arg-type]  # fmt: skip
+                 outtype=outtype, fuse=fuse, split=split, force=force,  # type: ignore[arg-type]
+                 allow_pickle=allow_pickle)  # fmt: skip
 
     def text(d: dict[str, Any]) -> str:
         ranks = ", ".join(map(str, d["ranks"]))

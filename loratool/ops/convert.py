@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from .. import transforms
 from ..adapter import Adapter
-from ..errors import LoraToolError, ShapeMismatchError
+from ..errors import LoraToolError, MissingKeyError, ShapeMismatchError
 from ..formats import load_adapter, save_adapter
 from ..formats.gguf import OutType, refuse_for_gguf, write_gguf
 from ..formats.kohya import resolve_paths
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from ..provenance import PROVENANCE_KEY, InputHasher, encode, make_record
-from ..transforms import uniform_rank
 from ..validation import ValidationReport, check_fit, require_valid
 
 Target = Literal["peft", "kohya", "mlx", "gguf"]
+Fusion = tuple[str, Sequence[str]]  # (fused module leaf, its parts' leaves in row order)
 TARGETS: tuple[Target, ...] = ("peft", "kohya", "mlx", "gguf")
 
 
@@ -57,6 +59,8 @@ def convert(
     base: str | os.PathLike[str] | None = None,
     dtype: str | None = None,
     outtype: OutType = "f32",
+    fuse: Sequence[Fusion] = (),
+    split: Sequence[Fusion] = (),
     force: bool = False,
     allow_pickle: bool = False,
 ) -> ConvertResult:
@@ -74,6 +78,11 @@ def convert(
             and tensors, and every module must fit one of its weights.
         dtype: the factors' dtype (default: keep).
         outtype: GGUF tensor type: ``f32`` (exact), ``f16``, ``bf16`` or ``q8_0``.
+        fuse: ``(fused, parts)`` pairs, e.g. ``("qkv_proj", ("q_proj", "k_proj", "v_proj"))``: the
+            parts of each layer become one module, A stacked along the rank and B block-diagonal
+            (as PEFT fuses), for fused checkpoints such as Phi-3's. Exact.
+        split: the other way (needs ``base``, whose split weights give each part's size): each
+            part gets the shared A and its rows of B. Exact.
         force: replace an existing output.
 
     Raises:
@@ -84,22 +93,7 @@ def convert(
     Example:
         >>> loratool.convert("adapter/", to="mlx", output="adapter-mlx/")
     """
-    if to not in TARGETS:
-        raise LoraToolError(f"unknown target format {to!r}", fix=f"use one of {', '.join(TARGETS)}")
-    if portable and to != "peft":
-        raise LoraToolError(
-            f"--portable is for PEFT output; {to} files already say each module's scale",
-            fix="leave out --portable, or use --to peft",
-        )
-    if to == "gguf" and base is None:
-        raise LoraToolError(
-            "GGUF output needs the base checkpoint: its config.json names llama.cpp's architecture and tensors",
-            fix="pass the checkpoint the adapter was trained on as --base",
-        )
-    if to != "gguf" and outtype != "f32":
-        raise LoraToolError(f"--outtype is for GGUF output; {to} keeps torch dtypes", fix="use --dtype")
-    if to == "gguf" and dtype is not None:
-        raise LoraToolError("GGUF tensor types are chosen with --outtype", fix="use --outtype f32|f16|bf16|q8_0")
+    _check_arguments(to, portable=portable, base=base, dtype=dtype, outtype=outtype, split=split)
     out = check_output(output, force=force, inputs=[p for p in (adapter, base) if p is not None])
     warnings = require_valid(adapter, "convert refuses it", allow_pickle=allow_pickle)
     a = load_adapter(adapter, allow_pickle=allow_pickle)
@@ -109,13 +103,22 @@ def convert(
         _name_from(a, base, allow_pickle)
     elif to != "kohya" and a.format == "kohya":
         _require_paths(a)
+    for fused, parts in fuse:
+        a = transforms.fuse(a, fused, parts)
+    for fused, parts in split:
+        assert base is not None
+        a = transforms.split(a, fused, parts, _part_sizes(base, parts, allow_pickle))
+    if (fuse or split) and base is not None and to != "gguf":
+        _require_fit(a, base, allow_pickle)
     if portable:
-        a = uniform_rank(a)
+        a = transforms.uniform_rank(a)
         if a.num_params > before:
             top = max(m.rank for m in a.modules.values())
             warnings.append(f"ranks padded with zeros to {top}: {a.num_params - before} more parameters")
     hasher = InputHasher(_files(Path(adapter)))
-    params = {"to": to, "portable": portable, "base": str(base) if base else None, "dtype": dtype}
+    params: dict[str, Any] = {"to": to, "portable": portable, "base": str(base) if base else None, "dtype": dtype}
+    if fuse or split:
+        params.update(fuse=[f"{f}={','.join(p)}" for f, p in fuse], split=[f"{f}={','.join(p)}" for f, p in split])
     if to == "gguf":
         params["outtype"] = outtype
     a.metadata = encode(make_record("convert", params, hasher.result()))
@@ -146,14 +149,7 @@ def _to_gguf(
         warnings.append(f"left out {len(same)} whole tensor(s) equal to the base's ({', '.join(same)}): "
                         "PEFT saves targeted embedding layers whole even when they did not change")  # fmt: skip
     refuse_for_gguf(a, config)  # what llama.cpp cannot take, said before any shape is compared
-    report = ValidationReport(str(a.path), a.format)
-    check_fit(a, base, report, allow_pickle=allow_pickle)
-    if not report.valid:
-        first = report.problems[0]
-        raise ShapeMismatchError(
-            f"the adapter does not fit the base: {first.path}: {first.message}", path=str(base),
-            fix="pass the checkpoint the adapter was trained on as --base (loratool validate --base lists every miss)",
-        )  # fmt: skip
+    _require_fit(a, base, allow_pickle)
     provenance = a.metadata.get(PROVENANCE_KEY)
     written = write_gguf(a, out, config=config, outtype=outtype, force=force, name=Path(a.path or "adapter").stem,
                          provenance=provenance)  # fmt: skip
@@ -168,6 +164,61 @@ def _to_gguf(
         output=out, source_format=source, format="gguf", modules=written.tensors // 2, ranks=ranks,
         parameters=written.parameters, parameters_before=before, portable=False, warnings=warnings, gguf=info,
     )  # fmt: skip
+
+
+def _check_arguments(
+    to: str, *, portable: bool, base: object, dtype: str | None, outtype: str, split: Sequence[Fusion]
+) -> None:
+    if to not in TARGETS:
+        raise LoraToolError(f"unknown target format {to!r}", fix=f"use one of {', '.join(TARGETS)}")
+    if portable and to != "peft":
+        raise LoraToolError(
+            f"--portable is for PEFT output; {to} files already say each module's scale",
+            fix="leave out --portable, or use --to peft",
+        )
+    if to == "gguf" and base is None:
+        raise LoraToolError(
+            "GGUF output needs the base checkpoint: its config.json names llama.cpp's architecture and tensors",
+            fix="pass the checkpoint the adapter was trained on as --base",
+        )
+    if split and base is None:
+        raise LoraToolError(
+            "--split needs the base checkpoint: its split weights give each part's size",
+            fix="pass the (split) checkpoint the adapter is for as --base",
+        )
+    if to != "gguf" and outtype != "f32":
+        raise LoraToolError(f"--outtype is for GGUF output; {to} keeps torch dtypes", fix="use --dtype")
+    if to == "gguf" and dtype is not None:
+        raise LoraToolError("GGUF tensor types are chosen with --outtype", fix="use --outtype f32|f16|bf16|q8_0")
+
+
+def _require_fit(a: Adapter, base: str | os.PathLike[str], allow_pickle: bool) -> None:
+    report = ValidationReport(str(a.path), a.format)
+    check_fit(a, base, report, allow_pickle=allow_pickle)
+    if not report.valid:
+        first = report.problems[0]
+        raise ShapeMismatchError(
+            f"the adapter does not fit the base: {first.path}: {first.message}", path=str(base),
+            fix="pass the checkpoint the adapter is for as --base (loratool validate --base lists every miss)",
+        )  # fmt: skip
+
+
+def _part_sizes(base: str | os.PathLike[str], parts: Sequence[str], allow_pickle: bool) -> Callable[[str], list[int]]:
+    """Each part's output size under a parent module, read from the base's headers."""
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
+        shapes = {k: tuple(ck.info(k).shape) for k in ck.keys() if k.endswith(".weight")}
+
+    def sizes(parent: str) -> list[int]:
+        keys = [f"{parent}.{part}.weight" if parent else f"{part}.weight" for part in parts]
+        missing = [k for k in keys if k not in shapes]
+        if missing:
+            raise MissingKeyError(
+                "the base has no such weight to size a split part", path=str(base), key=missing[0],
+                fix="pass the split checkpoint the adapter is for as --base",
+            )  # fmt: skip
+        return [shapes[k][0] for k in keys]
+
+    return sizes
 
 
 def _unchanged_whole(a: Adapter, ck: Checkpoint) -> list[str]:
