@@ -155,6 +155,11 @@ FAN_IN_FAN_OUT: Decorator = click.option(
 FORMAT: Decorator = click.option(
     "--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True, help="Output format."
 )
+PORTABLE: Decorator = click.option(
+    "--portable",
+    is_flag=True,
+    help="PEFT: one rank, scaling 1 (lora_alpha = r, no rank/alpha_pattern), for runtimes such as vLLM.",
+)
 BASE_MODEL_ID: Decorator = click.option(
     "--base-model-id", default=None, help="The base's Hub id, recorded in the adapter config and card."
 )
@@ -254,7 +259,7 @@ def cli() -> None:
     default=None,
     help="Changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.",
 )
-@options(SEED, FORMAT, BASE_MODEL_ID, OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
+@options(SEED, FORMAT, PORTABLE, BASE_MODEL_ID, OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
 def extract(
     base: str,
     finetuned: str,
@@ -268,6 +273,7 @@ def extract(
     exclude: str | None,
     keep_full: str | None,
     fmt: str,
+    portable: bool,
     base_model_id: str | None,
     seed: int,
     output: str,
@@ -296,8 +302,8 @@ def extract(
     result = run(base, finetuned, output=output, rank=rank, energy=energy, budget=budget, svd=svd,  # type: ignore[arg-type]
                  oversample=oversample, n_iter=n_iter, device=device, dtype=dtype, include=include,
                  exclude=exclude, keep_full=keep_full, fan_in_fan_out=fan_in_fan_out, format=fmt,  # type: ignore[arg-type]
-                 base_model_id=base_model_id, force=force, allow_pickle=allow_pickle, seed=seed,
-                 show_progress=not quiet)  # fmt: skip
+                 portable=portable, base_model_id=base_model_id, force=force, allow_pickle=allow_pickle,
+                 seed=seed, show_progress=not quiet)  # fmt: skip
     _emit(result, as_json, _extract_text)
 
 
@@ -452,7 +458,8 @@ def _combine_text(d: dict[str, Any]) -> str:
     "--svd-clamp", type=click.FloatRange(0, 1, min_open=True), default=None,
     help="The _svd forms: clamp the factors at this quantile of their values, as PEFT's svd_clamp.",
 )  # fmt: skip
-@options(RANK, ENERGY, SEED, FORMAT, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET, JSON)
+@options(RANK, ENERGY, SEED, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET,
+         JSON)  # fmt: skip
 def combine(
     adapters: tuple[tuple[str, float], ...],
     method: str,
@@ -463,6 +470,7 @@ def combine(
     energy: float | None,
     seed: int,
     fmt: str,
+    portable: bool,
     base_model_id: str | None,
     base: str | None,
     output: str,
@@ -502,20 +510,21 @@ def combine(
         raise click.UsageError("--svd-clamp applies to the _svd forms of TIES, DARE and magnitude pruning")
 
     result = run(list(adapters), output=output, method=method, rank=rank, energy=energy, device=device,  # type: ignore[arg-type]
-                 dtype=dtype, format=fmt, base_model_id=base_model_id, base=base, force=force,  # type: ignore[arg-type]
-                 allow_pickle=allow_pickle, show_progress=not quiet, density=density,
+                 dtype=dtype, format=fmt, portable=portable, base_model_id=base_model_id, base=base,  # type: ignore[arg-type]
+                 force=force, allow_pickle=allow_pickle, show_progress=not quiet, density=density,
                  majority_sign=majority_sign, svd_clamp=svd_clamp, seed=seed)  # type: ignore[arg-type]  # fmt: skip
     _emit(result, as_json, _combine_text)
 
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@options(RANK, ENERGY, FORMAT, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET, JSON)
+@options(RANK, ENERGY, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET, JSON)
 def resize(
     adapter: str,
     rank: int | None,
     energy: float | None,
     fmt: str,
+    portable: bool,
     base_model_id: str | None,
     base: str | None,
     output: str,
@@ -539,8 +548,8 @@ def resize(
         raise click.UsageError("resize needs -r/--rank or --energy (e.g. loratool resize adapter/ -r 8 -o out/)")
 
     result = run(adapter, output=output, rank=rank, energy=energy, device=device, dtype=dtype, format=fmt,  # type: ignore[arg-type]
-                 base_model_id=base_model_id, base=base, force=force, allow_pickle=allow_pickle,
-                 show_progress=not quiet)  # fmt: skip
+                 portable=portable, base_model_id=base_model_id, base=base, force=force,
+                 allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
     _emit(result, as_json, _combine_text)
 
 
@@ -624,11 +633,7 @@ _FUSION = _Fusion()
 @click.option(
     "--to", "to", type=click.Choice(["peft", "kohya", "mlx", "gguf"]), required=True, help="The format to write."
 )
-@click.option(
-    "--portable",
-    is_flag=True,
-    help="PEFT: one rank, scaling 1 (lora_alpha = r, no rank/alpha_pattern), for runtimes such as vLLM.",
-)
+@PORTABLE
 @click.option(
     "--base",
     type=click.Path(),
@@ -858,8 +863,16 @@ def _analyze_text(d: dict[str, Any]) -> str:
     default=None,
     help="Also check that every module fits this checkpoint (names and shapes, headers only).",
 )
+@click.option(
+    "--runtime",
+    "runtimes",
+    type=click.Choice(["vllm", "llama.cpp", "mlx", "peft"]),
+    multiple=True,
+    help="Also check what this runtime can serve (repeatable); each problem says how to fix it. "
+    "llama.cpp needs --base.",
+)
 @options(JSON)
-def validate(adapter: str, no_values: bool, base: str | None, as_json: bool) -> None:
+def validate(adapter: str, no_values: bool, base: str | None, runtimes: tuple[str, ...], as_json: bool) -> None:
     """Check ADAPTER's metadata against schemas/ and its structure against its tensors.
 
     Lists every problem at once with its path; exits 0 when valid, 1 when not.
@@ -869,10 +882,11 @@ def validate(adapter: str, no_values: bool, base: str | None, as_json: bool) -> 
       loratool validate adapter/
       loratool validate adapter/ --json
       loratool validate adapter/ --base model/   # does it fit this model?
+      loratool validate adapter/ --runtime vllm --runtime llama.cpp --base model/
     """
     from .ops.validate import validate as run
 
-    report = run(adapter, check_values=not no_values, base=base)
+    report = run(adapter, check_values=not no_values, base=base, runtimes=runtimes)  # type: ignore[arg-type]
     _emit(report, as_json, _validate_text, failed=not report.valid)
 
 

@@ -8,6 +8,7 @@ the file or tensor, what was expected, what arrived, and what to do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -102,3 +103,17 @@ class HubError(LoraToolError, RuntimeError):
 
 class ChecksumError(HubError):
     """A downloaded file does not match the sha256 the Hub lists for it."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One thing a target (a file format, a runtime) cannot take, and what to do about it; for
+    reports that list every one rather than raising at the first."""
+
+    where: str
+    message: str
+    fix: str
+
+    def error(self, path: str | None, more: int = 0) -> UnsupportedAdapterError:
+        tail = f" (and {more} more)" if more else ""
+        return UnsupportedAdapterError(f"{self.where}: {self.message}{tail}", path=path, fix=self.fix)

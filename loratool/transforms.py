@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .adapter import Adapter, LoraModule
-from .errors import UnsupportedAdapterError
+from .errors import LoraToolError, UnsupportedAdapterError
 
 
 def fold_scaling(m: LoraModule, rank: int | None = None) -> LoraModule:
@@ -46,6 +46,25 @@ def uniform_rank(adapter: Adapter) -> Adapter:
     config = {k: v for k, v in adapter.config.items() if k not in ("rank_pattern", "alpha_pattern")}
     config["use_rslora"] = False
     return replace(adapter, modules=modules, config=config)
+
+
+def check_portable(format: str) -> None:
+    """``--portable`` is a PEFT form: refuse it, before any work, for another output format."""
+    if format != "peft":
+        raise LoraToolError(
+            f"--portable is for PEFT output; {format} files already say each module's scale",
+            fix="leave out --portable, or write PEFT",
+        )
+
+
+def portable_form(adapter: Adapter, warnings: list[str]) -> Adapter:
+    """:func:`uniform_rank` for ``--portable``, saying in ``warnings`` what padding costs."""
+    before = adapter.num_params
+    out = uniform_rank(adapter)
+    if out.num_params > before:
+        top = max(m.rank for m in out.modules.values())
+        warnings.append(f"ranks padded with zeros to {top} (--portable): {out.num_params - before} more parameters")
+    return out
 
 
 def fuse_modules(parts: Sequence[LoraModule]) -> LoraModule:

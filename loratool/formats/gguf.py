@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..adapter import Adapter, LoraModule
 from ..arch import ties_word_embeddings
-from ..errors import LoraToolError, UnsupportedAdapterError
+from ..errors import LoraToolError, Refusal, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 
 if TYPE_CHECKING:
@@ -68,15 +68,6 @@ _MERGE_FIX = (
 )
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One thing llama.cpp cannot take, with what to do about it."""
-
-    where: str
-    message: str
-    fix: str
-
-
 @dataclass
 class GgufPlan:
     """Where each module goes in a llama.cpp adapter for one base, and what cannot go."""
@@ -84,7 +75,7 @@ class GgufPlan:
     arch: str | None
     family: Family | None
     names: dict[str, str] = field(default_factory=dict)  # module path -> gguf base tensor name
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Refusal] = field(default_factory=list)
 
 
 @dataclass
@@ -118,7 +109,7 @@ def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
     family = FAMILIES.get(str(arch_name))
     if family is None:
         known = ", ".join(sorted(FAMILIES))
-        problem = Problem(
+        problem = Refusal(
             "base", f"llama.cpp adapters are written for these architectures only: {known}; the base is {arch_name}",
             "use a base of a supported family; other conversions rewrite weights in ways loratool has not checked",
         )  # fmt: skip
@@ -128,7 +119,7 @@ def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
     plan = GgufPlan(arch=gguf.MODEL_ARCH_NAMES[arch], family=family)
     if adapter.whole:
         plan.problems += [
-            Problem(key, "llama.cpp adapters hold LoRA pairs only, not whole tensors (modules_to_save)", _MERGE_FIX)
+            Refusal(key, "llama.cpp adapters hold LoRA pairs only, not whole tensors (modules_to_save)", _MERGE_FIX)
             for key in sorted(adapter.whole)
         ]
     tied = ties_word_embeddings(config)
@@ -136,10 +127,10 @@ def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
         why = _unsupported(path, m, family, tied)
         name = None if why else table.get_name(path + ".weight", try_suffixes=(".weight",))
         if why:
-            plan.problems.append(Problem(path, why, _MERGE_FIX))
+            plan.problems.append(Refusal(path, why, _MERGE_FIX))
         elif name is None:
             why = f"llama.cpp's {plan.arch} models have no tensor for this module"
-            plan.problems.append(Problem(path, why, _MERGE_FIX))
+            plan.problems.append(Refusal(path, why, _MERGE_FIX))
         else:
             plan.names[path] = name
     return plan
@@ -149,9 +140,7 @@ def refuse_for_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
     """:func:`plan_gguf`, raising for the first thing llama.cpp cannot take (and counting the rest)."""
     plan = plan_gguf(adapter, config)
     if plan.problems:
-        first = plan.problems[0]
-        more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
-        raise UnsupportedAdapterError(f"{first.where}: {first.message}{more}", path=adapter.path, fix=first.fix)
+        raise plan.problems[0].error(adapter.path, len(plan.problems) - 1)
     if not plan.names:
         raise UnsupportedAdapterError("the adapter has no LoRA modules to write", path=adapter.path)
     return plan

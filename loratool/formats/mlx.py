@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import is_embedding
-from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
+from ..errors import InputFileError, MissingKeyError, Refusal, ShapeMismatchError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
@@ -152,26 +152,25 @@ def write_mlx(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.
 
 
 def _refuse(adapter: Adapter) -> None:
-    """What an mlx-lm adapter cannot hold."""
+    """What an mlx-lm adapter cannot hold: raise for the first."""
     if not adapter.modules:
         raise InputFileError("the adapter has no LoRA modules to write", path=adapter.path)
-    if adapter.whole:
-        raise InputFileError(
-            f"mlx-lm adapters hold LoRA factors only, not whole tensors ({', '.join(sorted(adapter.whole)[:3])})",
-            path=adapter.path,
-            fix="merge the adapter into the base instead (loratool merge), or drop modules_to_save",
-        )
-    with_bias = [p for p, m in adapter.modules.items() if m.bias is not None]
-    if with_bias:
-        raise InputFileError(
-            f"mlx-lm LoRA layers have no bias (lora_bias), but {with_bias[0]} has one",
-            path=adapter.path,
-            fix="merge the adapter instead",
-        )
-    conv1d = [p for p, m in adapter.modules.items() if m.kind == "conv1d"]
-    if conv1d:
-        raise InputFileError(
-            f"{conv1d[0]} adapts a GPT-2 Conv1D weight; mlx-lm's models store those transposed as Linear",
-            path=adapter.path,
-            fix="not supported: convert adapters of Llama-style models",
-        )
+    problems = mlx_refusals(adapter)
+    if problems:
+        raise problems[0].error(adapter.path, len(problems) - 1)
+
+
+def mlx_refusals(adapter: Adapter) -> list[Refusal]:
+    """Everything in ``adapter`` that an mlx-lm adapter cannot hold."""
+    out = [
+        Refusal(key, "mlx-lm adapters hold LoRA factors only, not whole tensors (modules_to_save)",
+                "merge the adapter into the base instead (loratool merge), or drop modules_to_save")
+        for key in sorted(adapter.whole)
+    ]  # fmt: skip
+    for path, m in sorted(adapter.modules.items()):
+        if m.bias is not None:
+            out.append(Refusal(path, "mlx-lm LoRA layers have no bias (lora_bias)", "merge the adapter instead"))
+        if m.kind == "conv1d":
+            out.append(Refusal(path, "a GPT-2 Conv1D weight; mlx-lm's models store those transposed as Linear",
+                               "not supported: convert adapters of Llama-style models"))  # fmt: skip
+    return out

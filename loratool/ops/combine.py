@@ -39,6 +39,7 @@ from ..provenance import InputHasher, encode, make_record
 from ..report import ModuleReport, summarize
 from ..runtime import map_on_cores, progress, resolve_device
 from ..task_arithmetic import MergeStats, SignMethod, merge_tasks
+from ..transforms import check_portable, portable_form
 from ..validation import require_valid
 
 Method = Literal[
@@ -95,6 +96,7 @@ def combine(
     device: str = "auto",
     dtype: str | None = None,
     format: Literal["peft", "kohya"] = "peft",
+    portable: bool = False,
     base_model_id: str | None = None,
     base: str | os.PathLike[str] | None = None,
     force: bool = False,
@@ -124,6 +126,8 @@ def combine(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: the factors' dtype (default: the first source's).
         format: ``peft`` or ``kohya``.
+        portable: (PEFT) one rank and scaling 1 for every module (see :func:`loratool.convert`),
+            for runtimes that read only ``r`` and ``lora_alpha`` (vLLM).
         base: a checkpoint whose module paths name the modules of kohya sources (headers only).
 
     Raises:
@@ -135,7 +139,7 @@ def combine(
     """
     sparse = SparseOptions(density, majority_sign, svd_clamp, seed)
     return _run("combine", adapters, output=output, method=method, rank=rank, energy=energy, device=device,
-                dtype=dtype, format=format, base_model_id=base_model_id, base=base, force=force,
+                dtype=dtype, format=format, portable=portable, base_model_id=base_model_id, base=base, force=force,
                 allow_pickle=allow_pickle, show_progress=show_progress, sparse=sparse)  # fmt: skip
 
 
@@ -148,6 +152,7 @@ def resize(
     device: str = "auto",
     dtype: str | None = None,
     format: Literal["peft", "kohya"] = "peft",
+    portable: bool = False,
     base_model_id: str | None = None,
     base: str | os.PathLike[str] | None = None,
     force: bool = False,
@@ -164,7 +169,7 @@ def resize(
     if rank is None and energy is None:
         raise LoraToolError("resize needs -r/--rank or --energy", fix="e.g. loratool resize adapter/ -r 8 -o out/")
     return _run("resize", [adapter], output=output, method="svd", rank=rank, energy=energy, device=device,
-                dtype=dtype, format=format, base_model_id=base_model_id, base=base, force=force,
+                dtype=dtype, format=format, portable=portable, base_model_id=base_model_id, base=base, force=force,
                 allow_pickle=allow_pickle, show_progress=show_progress)  # fmt: skip
 
 
@@ -179,6 +184,7 @@ def _run(
     device: str,
     dtype: str | None,
     format: Literal["peft", "kohya"],
+    portable: bool,
     base_model_id: str | None,
     base: str | os.PathLike[str] | None,
     force: bool,
@@ -187,6 +193,8 @@ def _run(
     sparse: SparseOptions = SparseOptions(),
 ) -> CombineResult:
     _check_options(method, rank, energy, sparse)
+    if portable:
+        check_portable(format)
     if rank is not None and rank < 1:
         raise LoraToolError(f"rank must be at least 1 (got {rank})")
     if energy is not None and not 0 < energy <= 1:
@@ -242,6 +250,9 @@ def _run(
     if method in NEEDS_DENSITY:
         params.update(density=sparse.density, majority_sign=sparse.majority_sign, svd_clamp=sparse.svd_clamp,
                       seed=sparse.seed)  # fmt: skip
+    if portable:
+        params["portable"] = True
+        result.adapter = portable_form(result.adapter, result.warnings)
     record = make_record(operation, params, hasher.result(), report=[r.to_json() for r in result.report])
     result.adapter.metadata = encode(record)
     save_adapter(result.adapter, out, format=format, force=force, dtype=out_dtype)

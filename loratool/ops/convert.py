@@ -111,10 +111,7 @@ def convert(
     if (fuse or split) and base is not None and to != "gguf":
         _require_fit(a, base, allow_pickle)
     if portable:
-        a = transforms.uniform_rank(a)
-        if a.num_params > before:
-            top = max(m.rank for m in a.modules.values())
-            warnings.append(f"ranks padded with zeros to {top}: {a.num_params - before} more parameters")
+        a = transforms.portable_form(a, warnings)
     hasher = InputHasher(_files(Path(adapter)))
     params: dict[str, Any] = {"to": to, "portable": portable, "base": str(base) if base else None, "dtype": dtype}
     if fuse or split:
@@ -171,11 +168,8 @@ def _check_arguments(
 ) -> None:
     if to not in TARGETS:
         raise LoraToolError(f"unknown target format {to!r}", fix=f"use one of {', '.join(TARGETS)}")
-    if portable and to != "peft":
-        raise LoraToolError(
-            f"--portable is for PEFT output; {to} files already say each module's scale",
-            fix="leave out --portable, or use --to peft",
-        )
+    if portable:
+        transforms.check_portable(to)
     if to == "gguf" and base is None:
         raise LoraToolError(
             "GGUF output needs the base checkpoint: its config.json names llama.cpp's architecture and tensors",

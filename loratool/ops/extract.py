@@ -42,6 +42,7 @@ from ..pipeline import BufferPool, give_back, stream
 from ..provenance import InputHasher, encode, make_record
 from ..report import Dropped, ModuleReport, summarize
 from ..runtime import compile_regex, resolve_device
+from ..transforms import check_portable, portable_form
 
 DEFAULT_CAP = 256  # highest rank --energy/--budget consider when -r does not say
 
@@ -98,6 +99,7 @@ def extract(
     keep_full: str | None = None,
     fan_in_fan_out: bool | None = None,
     format: Literal["peft", "kohya"] = "peft",
+    portable: bool = False,
     base_model_id: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
@@ -123,6 +125,8 @@ def extract(
             (``modules_to_save``) when they match, instead of being reported as dropped.
         fan_in_fan_out: treat 2-D weights as GPT-2 ``Conv1D`` (in, out); default from config.json.
         format: ``peft`` or ``kohya``.
+        portable: (PEFT) one rank and scaling 1 for every module (see :func:`loratool.convert`),
+            for runtimes that read only ``r`` and ``lora_alpha`` (vLLM).
         base_model_id: the base's Hub id, recorded as ``base_model_name_or_path``.
         force: replace an existing output.
 
@@ -139,6 +143,8 @@ def extract(
     """
     _check_rank_options(rank, energy, budget, svd)
     check_base_model_id(base_model_id)
+    if portable:
+        check_portable(format)
     out = check_output(output, force=force, inputs=[base, finetuned])
     dev = resolve_device(device)
     inc, exc = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
@@ -196,7 +202,10 @@ def extract(
         "rank": rank, "energy": energy, "budget": budget, "svd": svd, "oversample": oversample,
         "n_iter": n_iter, "include": include, "exclude": exclude, "keep_full": keep_full,
         "fan_in_fan_out": conv1d, "format": format, "seed": seed, "dtype": str(out_dtype).replace("torch.", ""),
+        "portable": portable,
     }  # fmt: skip
+    if portable:
+        result.adapter = portable_form(result.adapter, result.warnings)
     if d.is_main:
         record = make_record(
             "extract", params, hasher.result(), report=[r.to_json() for r in result.report],
