@@ -59,6 +59,8 @@ def tiny(family: str):
         "qwen2": lambda: tf.Qwen2Config(**common),
         "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
         "gemma": lambda: tf.GemmaConfig(**common, head_dim=8),
+        "gemma2": lambda: tf.Gemma2Config(**common, head_dim=8),
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=8),
         "phi3": lambda: tf.Phi3Config(**{**common, "num_key_value_heads": 4}, pad_token_id=0),
     }[family]()
     torch.manual_seed(0)
@@ -107,7 +109,7 @@ def save_pair(tmp_path: Path, family: str, targets: list[str], **config) -> tupl
     return tmp_path / "base", tmp_path / "adapter", pm
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
 def test_every_tensor_gets_peft_delta_as_llama_cpp_applies_it(tmp_path: Path, family: str) -> None:
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else ATTN
     base, adapter, pm = save_pair(
@@ -271,3 +273,10 @@ def test_llama_cpp_runs_the_converted_adapter_as_peft_does(tmp_path: Path) -> No
     assert (expected - plain).abs().max() > 1e-2  # the adapter changes the answer
     torch.testing.assert_close(torch.tensor(got["base"]), plain, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.tensor(got["adapted"]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_embedding_lora_is_refused(tmp_path: Path) -> None:
+    """llama.cpp's converter cuts Gemma 3's embedding to the tokenizer's size: an embedding LoRA would not fit."""
+    base, adapter, _ = save_pair(tmp_path, "gemma3", ["q_proj", "embed_tokens"], r=4, alpha=8)
+    with pytest.raises(LoraToolError, match="cuts this embedding"):
+        convert(adapter, to="gguf", base=base, output=tmp_path / "a.gguf")
