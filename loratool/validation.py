@@ -215,7 +215,11 @@ def _check_config(directory: Path, report: ValidationReport) -> dict[str, Any] |
         return None
     for path, message in check(config, "adapter_config"):
         report.add(path, message)
-    return config if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return None
+    for field_name, why in peft.unsupported_fields(config):
+        report.add(f"$.{field_name}", why)
+    return config
 
 
 def _targets(config: dict[str, Any], module: str) -> bool:

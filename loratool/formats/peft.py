@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule, module_alpha
-from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError
+from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
@@ -92,7 +92,27 @@ def read_config(directory: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputFileError(f"peft_type is {peft_type!r}; loratool handles LoRA adapters only", path=str(cfg_path))
+    unsupported = unsupported_fields(config)
+    if unsupported:
+        field_name, why = unsupported[0]
+        raise UnsupportedAdapterError(f"{field_name}: {why}", path=str(cfg_path))
     return config
+
+
+def unsupported_fields(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """PEFT features loratool cannot read right yet: (field, why) for each one set.
+
+    ``target_parameters`` puts E experts' factors in one (E*r, in) / (out, E*r) pair, nested under
+    ``base_layer`` when two parameters of a module are adapted: read as one plain module it would
+    be one rank-E*r delta, silently wrong.
+    """
+    out = []
+    if config.get("target_parameters"):
+        out.append(("target_parameters", "LoRA on 3-D expert parameters is not supported yet (it would be "
+                                         "read as one module of rank experts * r)"))  # fmt: skip
+    if config.get("trainable_token_indices"):
+        out.append(("trainable_token_indices", "trainable-token deltas are not supported yet"))
+    return out
 
 
 def weights_path(directory: Path, *, allow_pickle: bool) -> Path:

@@ -229,6 +229,13 @@ def unmerge(
                   force=force, allow_pickle=allow_pickle, show_progress=show_progress, check=check)  # fmt: skip
 
 
+# PEFT features whose adapters are not a plain weight delta
+_NOT_MERGEABLE = {
+    "alora_invocation_tokens": "an Activated LoRA acts only after its invocation tokens",
+    "layer_replication": "layer_replication builds layers the checkpoint does not have",
+}
+
+
 def _load_all(
     adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool
 ) -> tuple[list[tuple[Adapter, float, str]], list[str]]:
@@ -248,6 +255,14 @@ def _load_all(
                 path=name,
                 fix="convert it first with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))",
             )
+        for field_name, what in _NOT_MERGEABLE.items():
+            if adapter.config.get(field_name):
+                raise UnsupportedAdapterError(
+                    f"{field_name} is set: {what}, so its delta does not belong in the weights (PEFT refuses "
+                    "to merge it too)",
+                    path=name,
+                    fix="serve it as an adapter with a runtime that supports the feature",
+                )
         if adapter.use_dora and sign < 0:
             raise UnsupportedAdapterError(
                 "DoRA adapters (use_dora) cannot be unmerged: the merge rescaled each row by a norm "
