@@ -60,18 +60,32 @@ class _AdapterSpec(click.ParamType):  # type: ignore[type-arg]
     name = "ADAPTER[:SCALE]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, float]:
+        from .registry import resolve_path
+
         if isinstance(value, tuple):
             return value
         head, sep, tail = str(value).rpartition(":")
-        if sep and head:
+        if sep and head and head != "sha256":
             try:
                 scale = float(tail)
             except ValueError:
-                return str(value), 1.0  # a ':' in the path itself
+                return resolve_path(str(value)), 1.0  # a ':' in the path itself
             if not math.isfinite(scale):
                 self.fail(f"the scale of {head!r} is {tail!r}: give a finite number", param, ctx)
-            return head, scale
-        return str(value), 1.0
+            return resolve_path(head), scale
+        return resolve_path(str(value)), 1.0
+
+
+class _AdapterPath(click.ParamType):  # type: ignore[type-arg]
+    """An adapter path, or a registry reference (NAME, NAME@vN, NAME@ALIAS, sha256:PREFIX); a path
+    that exists wins."""
+
+    name = "ADAPTER"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .registry import resolve_path
+
+        return resolve_path(str(value))
 
 
 class _Dtype(click.ParamType):  # type: ignore[type-arg]
@@ -117,6 +131,7 @@ class _Regex(click.ParamType):  # type: ignore[type-arg]
 
 
 ADAPTER_SPEC = _AdapterSpec()
+ADAPTER_PATH = _AdapterPath()
 COMBINE_METHODS = (
     "cat",
     "svd",
@@ -159,6 +174,13 @@ PORTABLE: Decorator = click.option(
     "--portable",
     is_flag=True,
     help="PEFT: one rank, scaling 1 (lora_alpha = r, no rank/alpha_pattern), for runtimes such as vLLM.",
+)
+REGISTER: Decorator = click.option(
+    "--register",
+    "register",
+    default=None,
+    metavar="NAME",
+    help="Also add the output to the adapter registry as the next version of NAME.",
 )
 BASE_MODEL_ID: Decorator = click.option(
     "--base-model-id", default=None, help="The base's Hub id, recorded in the adapter config and card."
@@ -259,7 +281,8 @@ def cli() -> None:
     default=None,
     help="Changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.",
 )
-@options(SEED, FORMAT, PORTABLE, BASE_MODEL_ID, OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
+@options(SEED, FORMAT, PORTABLE, BASE_MODEL_ID, OUTPUT, REGISTER, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET,
+         JSON)  # fmt: skip
 def extract(
     base: str,
     finetuned: str,
@@ -277,6 +300,7 @@ def extract(
     base_model_id: str | None,
     seed: int,
     output: str,
+    register: str | None,
     device: str,
     dtype: str | None,
     fan_in_fan_out: bool | None,
@@ -304,7 +328,7 @@ def extract(
                  exclude=exclude, keep_full=keep_full, fan_in_fan_out=fan_in_fan_out, format=fmt,  # type: ignore[arg-type]
                  portable=portable, base_model_id=base_model_id, force=force, allow_pickle=allow_pickle,
                  seed=seed, show_progress=not quiet)  # fmt: skip
-    _emit(result, as_json, _extract_text)
+    _emit(_registered(result, register), as_json, _extract_text)
 
 
 def _extract_text(d: dict[str, Any]) -> str:
@@ -377,6 +401,7 @@ def merge(
 
     result = run(base, list(adapters), output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
                  force=force, allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
+    _record_uses([a for a, _ in adapters], "merged into", output)
     _emit(result, as_json, _merge_text)
 
 
@@ -418,6 +443,7 @@ def unmerge(
     result = run(merged, list(adapters), output=output, check=check, device=device, dtype=dtype,
                  fan_in_fan_out=fan_in_fan_out, force=force, allow_pickle=allow_pickle,
                  show_progress=not quiet)  # fmt: skip
+    _record_uses([a for a, _ in adapters], "unmerged from", merged)
     _emit(result, as_json, _merge_text)
 
 
@@ -458,8 +484,8 @@ def _combine_text(d: dict[str, Any]) -> str:
     "--svd-clamp", type=click.FloatRange(0, 1, min_open=True), default=None,
     help="The _svd forms: clamp the factors at this quantile of their values, as PEFT's svd_clamp.",
 )  # fmt: skip
-@options(RANK, ENERGY, SEED, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET,
-         JSON)  # fmt: skip
+@options(RANK, ENERGY, SEED, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE,
+         PICKLE, QUIET, JSON)  # fmt: skip
 def combine(
     adapters: tuple[tuple[str, float], ...],
     method: str,
@@ -474,6 +500,7 @@ def combine(
     base_model_id: str | None,
     base: str | None,
     output: str,
+    register: str | None,
     device: str,
     dtype: str | None,
     force: bool,
@@ -513,12 +540,13 @@ def combine(
                  dtype=dtype, format=fmt, portable=portable, base_model_id=base_model_id, base=base,  # type: ignore[arg-type]
                  force=force, allow_pickle=allow_pickle, show_progress=not quiet, density=density,
                  majority_sign=majority_sign, svd_clamp=svd_clamp, seed=seed)  # type: ignore[arg-type]  # fmt: skip
-    _emit(result, as_json, _combine_text)
+    _emit(_registered(result, register), as_json, _combine_text)
 
 
 @cli.command()
-@click.argument("adapter", type=click.Path())
-@options(RANK, ENERGY, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, DEVICE, DTYPE, FORCE, PICKLE, QUIET, JSON)
+@click.argument("adapter", type=ADAPTER_PATH)
+@options(RANK, ENERGY, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE, PICKLE,
+         QUIET, JSON)  # fmt: skip
 def resize(
     adapter: str,
     rank: int | None,
@@ -528,6 +556,7 @@ def resize(
     base_model_id: str | None,
     base: str | None,
     output: str,
+    register: str | None,
     device: str,
     dtype: str | None,
     force: bool,
@@ -550,11 +579,11 @@ def resize(
     result = run(adapter, output=output, rank=rank, energy=energy, device=device, dtype=dtype, format=fmt,  # type: ignore[arg-type]
                  portable=portable, base_model_id=base_model_id, base=base, force=force,
                  allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
-    _emit(result, as_json, _combine_text)
+    _emit(_registered(result, register), as_json, _combine_text)
 
 
 @cli.command()
-@click.argument("path", type=click.Path())
+@click.argument("path", type=ADAPTER_PATH)
 @options(PICKLE, JSON)
 def inspect(path: str, allow_pickle: bool, as_json: bool) -> None:
     """Show what a checkpoint or an adapter holds (checkpoints: from headers only).
@@ -629,7 +658,7 @@ _FUSION = _Fusion()
 
 
 @cli.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=ADAPTER_PATH)
 @click.option(
     "--to", "to", type=click.Choice(["peft", "kohya", "mlx", "gguf"]), required=True, help="The format to write."
 )
@@ -663,10 +692,10 @@ _FUSION = _Fusion()
     multiple=True,
     help="FUSED=PART,PART,... the other way: each part gets the shared A and its rows of B (sizes from --base).",
 )
-@options(OUTPUT, DTYPE, FORCE, PICKLE, JSON)
+@options(OUTPUT, REGISTER, DTYPE, FORCE, PICKLE, JSON)
 def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: str, fuse: tuple[Any, ...],
-            split: tuple[Any, ...], output: str, dtype: str | None, force: bool, allow_pickle: bool,
-            as_json: bool) -> None:  # fmt: skip
+            split: tuple[Any, ...], output: str, register: str | None, dtype: str | None, force: bool,
+            allow_pickle: bool, as_json: bool) -> None:  # fmt: skip
     """Write ADAPTER in another format (PEFT, kohya, mlx-lm, llama.cpp GGUF); every delta stays the same.
 
     Reads PEFT directories, kohya .safetensors files and mlx-lm adapter directories. GGUF needs
@@ -694,7 +723,9 @@ def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: st
         return (f"wrote {d['output']} ({d['format']}{arch}, from {d['source_format']}): {d['modules']} modules, "
                 f"rank {ranks}, {d['parameters']:,} parameters")  # fmt: skip
 
-    _emit(result, as_json, text)
+    if register and to == "gguf":
+        raise click.UsageError("--register keeps PEFT, kohya and mlx adapters; a GGUF file is for llama.cpp")
+    _emit(_registered(result, register), as_json, text)
 
 
 class _Ranks(click.ParamType):  # type: ignore[type-arg]
@@ -855,7 +886,7 @@ def _analyze_text(d: dict[str, Any]) -> str:
 
 
 @cli.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=ADAPTER_PATH)
 @click.option("--no-values", is_flag=True, help="Skip reading tensors (finite values, recorded digest).")
 @click.option(
     "--base",
@@ -900,7 +931,7 @@ def _validate_text(d: dict[str, Any]) -> str:
 
 
 @cli.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=ADAPTER_PATH)
 @click.argument("repo_id")
 @REVISION
 @click.option("--private", is_flag=True, help="Create the repository private.")
@@ -932,6 +963,7 @@ def push(
 
     result = run(adapter, repo_id, revision=revision, private=private, message=message, create_pr=create_pr,
                  base_model_id=base_model_id, endpoint=endpoint)  # fmt: skip
+    _record_uses([adapter], "pushed to", f"{repo_id}@{result.revision}", result.commit_id)
 
     def text(d: dict[str, Any]) -> str:
         if not d["changed"]:
@@ -944,8 +976,9 @@ def push(
 
 @cli.command()
 @click.argument("repo_id")
-@options(REVISION, ENDPOINT, OUTPUT, FORCE, JSON)
-def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, force: bool, as_json: bool) -> None:
+@options(REVISION, ENDPOINT, OUTPUT, REGISTER, FORCE, JSON)
+def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, register: str | None, force: bool,
+         as_json: bool) -> None:  # fmt: skip
     """Download the adapter in REPO_ID into -o OUT, checking every file's checksum.
 
     Works offline from the cache (HF_HUB_OFFLINE=1) for a revision pulled before.
@@ -959,10 +992,212 @@ def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, 
 
     result = run(repo_id, output=output, revision=revision, endpoint=endpoint, force=force)
     _emit(
-        result,
+        _registered(result, register, event=("pulled", repo_id, result.commit_id)),
         as_json,
         lambda d: f"pulled {d['repo_id']}@{d['commit_id'][:12]} into {d['output']} (checksums verified)",
     )
+
+
+class _Tag(click.ParamType):  # type: ignore[type-arg]
+    """KEY=VALUE."""
+
+    name = "KEY=VALUE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return value
+        key, sep, val = str(value).partition("=")
+        if not sep or not key.strip():
+            self.fail(f"{value!r}: give KEY=VALUE", param, ctx)
+        return key.strip(), val
+
+
+@cli.group(cls=_Group)
+def registry() -> None:
+    """A local catalog of adapters: versions, aliases, lineage, compatibility.
+
+    Entries live under LORATOOL_HOME (default ~/.cache/loratool). Wherever a command takes an
+    adapter path it also takes a reference: NAME (newest version), NAME@v3, NAME@prod (an alias)
+    or sha256:PREFIX. A path that exists always wins over a reference of the same spelling.
+
+    \b
+    Examples:
+      loratool registry add adapter/ --name support-bot --alias staging --tag task=support
+      loratool registry ls --base model/
+      loratool registry alias support-bot@v2 prod
+      loratool merge model/ support-bot@prod -o merged/
+      loratool registry show support-bot@prod --lineage
+    """  # noqa: D301
+
+
+@registry.command("add")
+@click.argument("adapter", type=click.Path())
+@click.option("--name", required=True, help="The name; the entry becomes its next version (v1, v2, ...).")
+@click.option("--alias", "aliases", multiple=True, help="An alias to point at this version (repeatable).")
+@click.option("--tag", "tags", multiple=True, type=_Tag(), help="KEY=VALUE (repeatable).")
+@click.option("--description", default=None, help="Free text.")
+@options(JSON)
+def registry_add(adapter: str, name: str, aliases: tuple[str, ...], tags: tuple[tuple[str, str], ...],
+                 description: str | None, as_json: bool) -> None:  # fmt: skip
+    """Validate ADAPTER and register it as the next version of --name (files are copied in)."""
+    from .ops.registry import add
+
+    result = add(adapter, name=name, aliases=aliases, tags=dict(tags), description=description)
+
+    def text(d: dict[str, Any]) -> str:
+        what = "registered" if d["created"] else "already registered"
+        aliases = f" ({', '.join(d['aliases'])})" if d["aliases"] else ""
+        return f"{what} {d['ref']}{aliases}: {d['modules']} modules, {d['digest'][:19]}"
+
+    _emit(result, as_json, text)
+
+
+@registry.command("ls")
+@click.option("--name", "name_glob", default=None, help="Only names matching this glob (e.g. 'support-*').")
+@click.option("--base", type=click.Path(), default=None,
+              help="Only adapters whose every module fits this checkpoint (headers only).")  # fmt: skip
+@click.option("--hub", "hub_owner", default=None, help="List the Hub's PEFT adapters of this user or org instead.")
+@click.option("--hub-base", "hub_base", default=None, help="List the Hub's PEFT adapters for this base model id.")
+@options(ENDPOINT, JSON)
+def registry_ls(name_glob: str | None, base: str | None, hub_owner: str | None, hub_base: str | None,
+                endpoint: str | None, as_json: bool) -> None:  # fmt: skip
+    """List registered adapters, newest version first per name (or adapters on the Hub)."""
+    if hub_owner or hub_base:
+        from .ops.hub import list_hub_adapters
+
+        models = list_hub_adapters(owner=hub_owner, base_model=hub_base, endpoint=endpoint)
+        _emit({"hub": models}, as_json, lambda d: "\n".join(m["id"] for m in d["hub"]) or "no adapters found")
+        return
+    from .ops.registry import list_entries
+
+    entries = list_entries(name_glob=name_glob, base=base)
+
+    def text(d: dict[str, Any]) -> str:
+        if not d["entries"]:
+            return "no adapters" + (" fit that base" if base else " registered")
+        rows = [f"{'REF':<32} {'ALIASES':<16} {'FORMAT':<6} {'MODULES':>7} {'RANKS':<10} DIGEST"]
+        for e in d["entries"]:
+            ranks = ",".join(map(str, e["ranks"]))
+            rows.append(f"{e['ref']:<32} {','.join(e['aliases']):<16} {e['format']:<6} {e['modules']:>7} "
+                        f"{ranks:<10} {e['digest'][7:19]}")  # fmt: skip
+        return "\n".join(rows)
+
+    _emit({"entries": [e.to_json() for e in entries]}, as_json, text)
+
+
+@registry.command("show")
+@click.argument("ref")
+@click.option("--lineage", is_flag=True, help="Also where it came from and what came from it.")
+@options(JSON)
+def registry_show(ref: str, lineage: bool, as_json: bool) -> None:
+    """Show one entry: files, digests, aliases, tags, provenance, Hub events."""
+    from .ops.registry import lineage_lines
+    from .registry import Registry
+
+    reg = Registry()
+    entry = reg.resolve(ref)
+    payload = entry.to_json()
+    if lineage:
+        payload["lineage"] = reg.lineage(entry)
+
+    def text(d: dict[str, Any]) -> str:
+        ranks = ",".join(map(str, d["ranks"]))
+        lines = [
+            f"{d['ref']}  {d['digest']}",
+            f"  created {d['created']}",
+            f"  format {d['format']}, {d['modules']} modules, ranks {ranks}, {d['parameters']:,} parameters",
+        ]
+        if d["operation"]:
+            lines.append(f"  made by loratool {d['operation']}")
+        for key in ("aliases", "tags"):
+            if d[key]:
+                lines.append(f"  {key}: " + (", ".join(d[key]) if key == "aliases" else
+                                            ", ".join(f"{k}={v}" for k, v in d[key].items())))  # fmt: skip
+        if d["description"]:
+            lines.append(f"  {d['description']}")
+        lines += [f"  file {f['path']} ({f['size']:,} bytes) sha256:{f['sha256'][:16]}" for f in d["files"]]
+        lines += [f"  {e['kind']} {e['target']} {e['detail']}".rstrip() for e in d["events"]]
+        if "lineage" in d:
+            lines += ["lineage:"] + ["  " + line for line in lineage_lines(d["lineage"])]
+        return "\n".join(lines)
+
+    _emit(payload, as_json, text)
+
+
+@registry.command("alias")
+@click.argument("ref")
+@click.argument("alias")
+@options(JSON)
+def registry_alias(ref: str, alias: str, as_json: bool) -> None:
+    """Point NAME@ALIAS at the version REF names (moving it if it pointed elsewhere)."""
+    from .registry import Registry
+
+    entry = Registry().alias(ref, alias)
+    _emit(entry.to_json(), as_json, lambda d: f"{d['name']}@{alias} -> {d['ref']}")
+
+
+@registry.command("rm")
+@click.argument("ref")
+@options(JSON)
+def registry_rm(ref: str, as_json: bool) -> None:
+    """Remove the version REF names (its aliases go with it; `registry gc` frees the files)."""
+    from .registry import Registry
+
+    entry = Registry().remove(ref)
+    _emit(entry.to_json(), as_json, lambda d: f"removed {d['ref']}")
+
+
+@registry.command("gc")
+@options(JSON)
+def registry_gc(as_json: bool) -> None:
+    """Delete stored files that no entry references any more."""
+    from .registry import Registry
+
+    result = Registry().gc()
+    _emit(result, as_json, lambda d: f"removed {d['blobs_removed']} file(s), {d['bytes_freed']:,} bytes")
+
+
+@registry.command("verify")
+@options(JSON)
+def registry_verify(as_json: bool) -> None:
+    """Re-hash every stored file; report (never delete) what is missing or does not match. Exit 1 if any."""
+    from .registry import Registry
+
+    bad = Registry().verify()
+
+    def text(d: dict[str, Any]) -> str:
+        if not d["problems"]:
+            return "every stored file matches its sha256"
+        return "\n".join(f"{p['blob'][:16]}: {p['problem']} ({', '.join(p['entries'])})" for p in d["problems"])
+
+    _emit({"problems": bad}, as_json, text, failed=bool(bad))
+
+
+def _registered(result: Any, name: str | None, *, event: tuple[str, str, str | None] | None = None) -> Any:
+    """With ``--register NAME``: add the command's output to the registry; the result's JSON says
+    which version it became."""
+    if name is None:
+        return result
+    from .ops.registry import add
+
+    added = add(result.output, name=name, event=event)
+    payload = result.to_json()
+    payload["registered"] = added.entry.ref
+    payload.setdefault("warnings", [])
+    if not added.created:
+        payload["warnings"].append(f"{added.entry.ref} already holds these files: no new version")
+    return payload
+
+
+def _record_uses(paths: list[str], kind: str, target: str, detail: str | None = None) -> None:
+    """Note in the registry where registered adapters (given by reference) went."""
+    from .registry import Registry
+
+    registry = Registry()
+    for path in paths:
+        entry = registry.entry_of_view(path)
+        if entry is not None:
+            registry.record_event(entry, kind, str(target), detail)
 
 
 class _EchoHandler(logging.Handler):

@@ -199,8 +199,9 @@ def extract(
     result.adapter.modules = modules
     result.adapter.config = _adapter_config(config, base_model_id)
     params = {
-        "rank": rank, "energy": energy, "budget": budget, "svd": svd, "oversample": oversample,
-        "n_iter": n_iter, "include": include, "exclude": exclude, "keep_full": keep_full,
+        "base": str(base), "finetuned": str(finetuned), "rank": rank, "energy": energy, "budget": budget,
+        "svd": svd, "oversample": oversample, "n_iter": n_iter, "include": include, "exclude": exclude,
+        "keep_full": keep_full,
         "fan_in_fan_out": conv1d, "format": format, "seed": seed, "dtype": str(out_dtype).replace("torch.", ""),
         "portable": portable,
     }  # fmt: skip

@@ -310,3 +310,28 @@ def _evict(local: Path) -> None:
         target = local.resolve()
         local.unlink()
         target.unlink()
+
+
+def list_hub_adapters(
+    *,
+    owner: str | None = None,
+    base_model: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """PEFT adapters on the Hub, through its model listing: by ``owner`` and/or for ``base_model``
+    (the Hub tags an adapter ``base_model:adapter:<id>`` from its card's ``base_model``).
+
+    Example:
+        >>> loratool.list_hub_adapters(base_model="meta-llama/Llama-3.2-1B")
+    """
+    filters = ["peft", *([f"base_model:adapter:{base_model}"] if base_model else [])]
+    api = _api(endpoint, token)
+    with _hub_errors(owner or base_model or "models", None):
+        models = list(api.list_models(author=owner, filter=filters, limit=limit))
+    return [
+        {"id": m.id, "sha": m.sha, "last_modified": str(m.last_modified) if m.last_modified else None,
+         "tags": sorted(m.tags or [])}
+        for m in models
+    ]  # fmt: skip
