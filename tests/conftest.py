@@ -26,7 +26,18 @@ os.environ["HF_HUB_DISABLE_XET"] = "1"  # the test Hub speaks plain LFS, not Xet
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# the adapter registry of a test run lives in a temporary directory too (each test gets its own below)
+os.environ["LORATOOL_HOME"] = tempfile.mkdtemp(prefix="loratool-test-home-")
+atexit.register(shutil.rmtree, os.environ["LORATOOL_HOME"], ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def registry_home(tmp_path_factory, monkeypatch) -> Path:
+    """A registry of its own for every test: no test sees another's entries, none touches ~/.cache."""
+    home = tmp_path_factory.mktemp("registry")
+    monkeypatch.setenv("LORATOOL_HOME", str(home))
+    return home
 
 
 @pytest.fixture

@@ -1,0 +1,237 @@
+"""The adapter registry: versions, aliases, references in every command, compatibility, lineage,
+the Hub, and what happens when writers race, crash or find a corrupted file."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import file_digest
+
+from loratool.adapter import Adapter, LoraModule
+from loratool.formats import load_adapter, save_adapter
+from loratool.ops.registry import add, list_entries
+from loratool.registry import SCHEMA_VERSION, Registry, RegistryError
+
+
+def small_adapter(path: Path, seed: int = 0, *, out: int = 32, modules: int = 2) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    a = Adapter()
+    for i in range(modules):
+        a.modules[f"model.layers.{i}.self_attn.q_proj"] = LoraModule(
+            torch.randn(2, 32, generator=g), torch.randn(out, 2, generator=g), 4.0
+        )
+    save_adapter(a, path)
+    return path
+
+
+def test_versions_aliases_and_references(tmp_path: Path, cli) -> None:
+    one = add(small_adapter(tmp_path / "a", 0), name="bot", aliases=["staging"], tags={"task": "support"})
+    assert one.created and one.entry.ref == "bot@v1" and one.entry.aliases == ["staging"]
+    again = add(tmp_path / "a", name="bot")
+    assert not again.created and again.entry.ref == "bot@v1"  # the same files are the same version
+    two = add(small_adapter(tmp_path / "b", 1), name="bot")
+    assert two.entry.ref == "bot@v2"
+    reg = Registry()
+    assert reg.resolve("bot").ref == "bot@v2" and reg.resolve("bot@v1").ref == "bot@v1"
+    assert reg.resolve("bot@staging").ref == "bot@v1"
+    assert reg.resolve(f"sha256:{two.entry.digest[:10]}").ref == "bot@v2"
+    weights_blob = next(b for p, b, _ in one.entry.files if p == "adapter_model.safetensors")
+    assert reg.resolve(f"sha256:{weights_blob[:12]}").ref == "bot@v1"  # a file's digest, as provenance names it
+    assert reg.alias("bot@v2", "staging").ref == "bot@v2" and reg.resolve("bot@staging").ref == "bot@v2"
+    for bad in ("bot@v9", "bot@prod", "nobody", "sha256:12"):
+        with pytest.raises(RegistryError):
+            reg.resolve(bad)
+    with pytest.raises(RegistryError, match="not an alias"):
+        reg.alias("bot", "v3")
+    res = cli("registry", "ls", "--json")
+    assert [e["ref"] for e in json.loads(res.stdout)["entries"]] == ["bot@v2", "bot@v1"]
+    assert cli("registry", "ls", "--name", "b*").exit_code == 0
+    shown = json.loads(cli("registry", "show", "bot@v1", "--json").stdout)
+    assert shown["tags"] == {"task": "support"} and {f["path"] for f in shown["files"]} >= {"adapter_config.json"}
+
+
+def test_every_command_takes_a_reference_and_a_path_wins(tmp_path: Path, fixtures: Path, cli, monkeypatch) -> None:
+    add(fixtures / "llama-peft-adapter", name="bot", aliases=["prod"])
+    by_path = cli("merge", fixtures / "llama-base", fixtures / "llama-peft-adapter", "-o", tmp_path / "p", "--quiet")
+    by_ref = cli("merge", fixtures / "llama-base", "bot@prod", "-o", tmp_path / "r", "--quiet")
+    assert by_path.exit_code == 0 and by_ref.exit_code == 0, by_ref.output
+    from safetensors.torch import load_file
+
+    p, r = load_file(str(tmp_path / "p" / "model.safetensors")), load_file(str(tmp_path / "r" / "model.safetensors"))
+    assert p.keys() == r.keys() and all(torch.equal(p[k], r[k]) for k in p)  # the headers name other paths
+    for args in (("validate", "bot"), ("inspect", "bot@v1"), ("resize", "bot", "-r", "2", "-o", tmp_path / "s"),
+                 ("convert", "bot@prod", "--to", "mlx", "-o", tmp_path / "m"),
+                 ("combine", "bot:0.5", "bot@v1:0.5", "-o", tmp_path / "c"),
+                 ("unmerge", tmp_path / "r", "bot@prod", "-o", tmp_path / "u", "--quiet")):  # fmt: skip
+        res = cli(*args)
+        assert res.exit_code == 0, (args, res.output)
+    # a path that exists wins over a registered name of the same spelling
+    monkeypatch.chdir(tmp_path)
+    small_adapter(tmp_path / "bot", 7, modules=1)
+    shown = json.loads(cli("inspect", "bot", "--json").stdout)
+    assert len(shown["modules"]) == 1
+    missing = cli("inspect", "bot@v7")
+    assert missing.exit_code == 1 and "no registered adapter bot@v7" in missing.output
+
+
+def test_ls_base_lists_what_fits_from_headers(tmp_path: Path, fixtures: Path, cli) -> None:
+    add(fixtures / "llama-peft-adapter", name="llama-bot")
+    add(small_adapter(tmp_path / "wide", out=64), name="wide")  # q_proj of another width
+    fits = json.loads(cli("registry", "ls", "--base", fixtures / "llama-base", "--json").stdout)["entries"]
+    assert [e["ref"] for e in fits] == ["llama-bot@v1"]
+    assert list_entries(base=fixtures / "gpt2-base") == []
+
+
+def test_lineage_in_both_directions(tmp_path: Path, fixtures: Path, cli) -> None:
+    base, ft = fixtures / "llama-base", fixtures / "llama-ft"
+    assert cli("extract", base, ft, "-r", "4", "-o", tmp_path / "ex", "--quiet", "--register", "ext").exit_code == 0
+    add(fixtures / "llama-peft-adapter", name="bot")
+    res = cli("combine", "ext", "bot", "-o", tmp_path / "mix", "--register", "mix", "--json", "--quiet")
+    assert json.loads(res.stdout)["registered"] == "mix@v1"
+    assert cli("merge", base, "mix", "-o", tmp_path / "merged", "--quiet").exit_code == 0
+    reg = Registry()
+    up = reg.lineage(reg.resolve("mix"))
+    parents = {p["ref"]: p for p in up["parents"] if "ref" in p}
+    assert set(parents) == {"ext@v1", "bot@v1"}  # each source once, however many files it has
+    assert {p["role"] for p in parents["ext@v1"]["parents"]} == {"base", "finetuned"}
+    assert any(c.get("event") == "merged into" and c["target"] == str(tmp_path / "merged") for c in up["children"])
+    down = reg.lineage(reg.resolve("ext"))
+    assert [c["ref"] for c in down["children"] if "ref" in c] == ["mix@v1"]
+    text = cli("registry", "show", "mix", "--lineage").stdout
+    assert "<- ext@v1" in text and "-> merged into" in text
+
+
+def test_rm_gc_and_verify(tmp_path: Path, cli, registry_home: Path) -> None:
+    add(small_adapter(tmp_path / "a", 0), name="a")
+    add(small_adapter(tmp_path / "b", 1), name="b")
+    blobs = lambda: sorted(p.name for p in (registry_home / "blobs").rglob("*") if p.is_file())  # noqa: E731
+    before = blobs()
+    assert json.loads(cli("registry", "rm", "b", "--json").stdout)["ref"] == "b@v1"
+    gc = json.loads(cli("registry", "gc", "--json").stdout)
+    assert gc["blobs_removed"] >= 1 and gc["bytes_freed"] > 0 and len(blobs()) == len(before) - gc["blobs_removed"]
+    assert Registry().resolve("a")  # what a still uses stays
+    assert cli("registry", "verify").exit_code == 0
+    entry = Registry().resolve("a")
+    blob = registry_home / "blobs" / "sha256" / entry.files[-1][1][:2] / entry.files[-1][1]
+    os.chmod(blob, 0o644)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"!")
+    res = cli("registry", "verify", "--json")
+    assert res.exit_code == 1 and json.loads(res.stdout)["problems"][0]["entries"] == [f"a@v1/{entry.files[-1][0]}"]
+    assert blob.exists()  # reported, never deleted
+
+
+def _add_many(home: str, root: str, worker: int, n: int) -> None:
+    os.environ["LORATOOL_HOME"] = home
+    for i in range(n):
+        add(small_adapter(Path(root) / f"w{worker}-{i}", 100 * worker + i), name="shared")
+
+
+def test_concurrent_adds_lose_nothing(tmp_path: Path, registry_home: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_add_many, args=(str(registry_home), str(tmp_path), w, 4)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    versions = sorted(e.version for e in Registry().entries(name_glob="shared"))
+    assert versions == list(range(1, 17))
+
+
+KILLED_WRITER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")
+con.execute("INSERT INTO tags VALUES (1, 'half', 'written')")
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_writer_leaves_no_lock_and_no_half_entry(tmp_path: Path) -> None:
+    add(small_adapter(tmp_path / "a", 0), name="a")
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(Registry().db_path)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    assert writer.stdout and writer.stdout.readline().strip() == "locked"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    start = time.monotonic()
+    assert add(small_adapter(tmp_path / "b", 1), name="b").created
+    assert time.monotonic() - start < 30
+    assert "half" not in Registry().resolve("a").tags
+
+
+def test_an_interrupted_add_leaves_nothing_visible(tmp_path: Path, monkeypatch) -> None:
+    add(small_adapter(tmp_path / "a", 0), name="a")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(Registry, "_entry", boom)  # fails inside the transaction, after the insert
+        add(small_adapter(tmp_path / "b", 1), name="b")
+    assert [e.ref for e in Registry().entries()] == ["a@v1"]
+    assert Registry().gc()["blobs_removed"] >= 1  # the files it stored were not referenced
+
+
+def test_schema_migrations(tmp_path: Path, registry_home: Path) -> None:
+    add(small_adapter(tmp_path / "a", 0), name="a")
+    con = sqlite3.connect(Registry().db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    con.close()
+    with pytest.raises(RegistryError, match="newer than this loratool"):
+        Registry().resolve("a")
+
+
+def test_invalid_adapters_and_names_are_refused(tmp_path: Path, cli) -> None:
+    bad = small_adapter(tmp_path / "bad", 0)
+    (bad / "adapter_config.json").write_text("{not json")
+    res = cli("registry", "add", bad, "--name", "bad")
+    assert res.exit_code == 1 and "not registered" in res.output
+    res = cli("registry", "add", small_adapter(tmp_path / "ok", 0), "--name", "has@at")
+    assert res.exit_code == 1 and "not a registry name" in res.output
+    assert cli("registry", "ls").stdout.strip() == "no adapters registered"
+
+
+def test_hub_push_pull_and_listing(tmp_path: Path, fixtures: Path, cli) -> None:
+    from hub_server import HubServer
+
+    hub = HubServer(os.environ["HF_TOKEN"]).start()
+    try:
+        add(fixtures / "llama-peft-adapter", name="bot")
+        res = cli("push", "bot", "me/bot", "--endpoint", hub.url, "--base-model-id", "meta-llama/Llama-3.2-1B",
+                  "--json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        commit = json.loads(res.stdout)["commit_id"]
+        events = Registry().resolve("bot").events
+        assert (
+            events[-1]["kind"] == "pushed to"
+            and events[-1]["target"] == "me/bot@main"
+            and events[-1]["detail"] == commit
+        )
+        res = cli("pull", "me/bot", "-o", tmp_path / "pulled", "--endpoint", hub.url, "--register", "pulled", "--json")
+        assert res.exit_code == 0, res.output and json.loads(res.stdout)["registered"] == "pulled@v1"
+        lineage = Registry().lineage(Registry().resolve("pulled"))
+        assert {"hub": "me/bot", "commit": commit, "role": "pulled from"} in lineage["parents"]
+        listed = json.loads(cli("registry", "ls", "--hub", "me", "--endpoint", hub.url, "--json").stdout)["hub"]
+        assert [m["id"] for m in listed] == ["me/bot"]
+        by_base = cli("registry", "ls", "--hub-base", "meta-llama/Llama-3.2-1B", "--endpoint", hub.url, "--json")
+        assert [m["id"] for m in json.loads(by_base.stdout)["hub"]] == ["me/bot"]
+        other = cli("registry", "ls", "--hub-base", "Qwen/Qwen3-8B", "--endpoint", hub.url, "--json")
+        assert json.loads(other.stdout)["hub"] == []
+    finally:
+        hub.shutdown()
+    assert file_digest(fixtures / "llama-peft-adapter")  # inputs untouched (copied in, never linked)
+    assert load_adapter(Registry().materialize(Registry().resolve("pulled")))
