@@ -24,6 +24,7 @@ import bench_combine
 import bench_extract
 import bench_fp8
 import bench_merge
+import bench_registry
 import bench_ties
 import write_paths
 from common import machine
@@ -31,7 +32,7 @@ from common import machine
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BENCHES = {
     "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "combine": bench_combine,
-    "ties": bench_ties, "analyze": bench_analyze, "write_paths": write_paths,
+    "ties": bench_ties, "analyze": bench_analyze, "registry": bench_registry, "write_paths": write_paths,
 }  # fmt: skip
 INTRO = """# Benchmarks
 

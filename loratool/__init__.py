@@ -25,15 +25,18 @@ if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
     from .ops.combine import combine, resize  # noqa: F401
     from .ops.convert import convert  # noqa: F401
     from .ops.extract import extract  # noqa: F401
-    from .ops.hub import pull, push  # noqa: F401
+    from .ops.hub import list_hub_adapters, pull, push  # noqa: F401
     from .ops.inspect import inspect  # noqa: F401
     from .ops.merge import merge, unmerge  # noqa: F401
+    from .ops.registry import register  # noqa: F401
     from .ops.validate import validate  # noqa: F401
+    from .registry import Registry, resolve_path  # noqa: F401
 
 _EXPORTS = {
     "extract": "ops.extract", "merge": "ops.merge", "unmerge": "ops.merge", "combine": "ops.combine",
     "resize": "ops.combine", "inspect": "ops.inspect", "validate": "ops.validate", "push": "ops.hub",
-    "pull": "ops.hub", "analyze": "ops.analyze", "convert": "ops.convert",
+    "pull": "ops.hub", "analyze": "ops.analyze", "convert": "ops.convert", "register": "ops.registry",
+    "Registry": "registry", "resolve_path": "registry", "list_hub_adapters": "ops.hub",
     "load_adapter": "formats", "save_adapter": "formats", "Adapter": "adapter", "LoraModule": "adapter",
     "open_checkpoint": "io.checkpoint",
 }  # fmt: skip

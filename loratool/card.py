@@ -27,6 +27,21 @@ def check_base_model_id(value: str | None) -> None:
         )
 
 
+# parameters that name local files: the card shows their last component only (the full paths stay
+# in the provenance record of the weights file, which the user chose to publish)
+_PATH_PARAMETERS = ("base", "finetuned", "adapters")
+
+
+def _public(key: str, value: Any) -> Any:
+    if key not in _PATH_PARAMETERS:
+        return value
+    if isinstance(value, str):
+        return Path(value).name
+    if isinstance(value, list):
+        return [{**v, "path": Path(str(v.get("path", ""))).name} if isinstance(v, dict) else v for v in value]
+    return value
+
+
 def render_card(config: dict[str, Any], record: dict[str, Any] | None, *, base_model_id: str | None = None) -> str:
     """README.md for an adapter: YAML front matter and a body with provenance and the report."""
     base = base_model_id if is_hub_id(base_model_id) else None
@@ -51,7 +66,7 @@ def render_card(config: dict[str, Any], record: dict[str, Any] | None, *, base_m
         body.append(
             f"`loratool {record.get('operation')}` (loratool {record.get('version')}, {record.get('created')})."
         )
-        params = {k: v for k, v in (record.get("parameters") or {}).items() if v is not None}
+        params = {k: _public(k, v) for k, v in (record.get("parameters") or {}).items() if v is not None}
         if params:
             body += ["", "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(params.items()))]
         if record.get("inputs"):

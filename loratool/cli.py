@@ -1040,9 +1040,9 @@ def registry() -> None:
 def registry_add(adapter: str, name: str, aliases: tuple[str, ...], tags: tuple[tuple[str, str], ...],
                  description: str | None, as_json: bool) -> None:  # fmt: skip
     """Validate ADAPTER and register it as the next version of --name (files are copied in)."""
-    from .ops.registry import add
+    from .ops.registry import register
 
-    result = add(adapter, name=name, aliases=aliases, tags=dict(tags), description=description)
+    result = register(adapter, name=name, aliases=aliases, tags=dict(tags), description=description)
 
     def text(d: dict[str, Any]) -> str:
         what = "registered" if d["created"] else "already registered"
@@ -1178,9 +1178,9 @@ def _registered(result: Any, name: str | None, *, event: tuple[str, str, str | N
     which version it became."""
     if name is None:
         return result
-    from .ops.registry import add
+    from .ops.registry import register
 
-    added = add(result.output, name=name, event=event)
+    added = register(result.output, name=name, event=event)
     payload = result.to_json()
     payload["registered"] = added.entry.ref
     payload.setdefault("warnings", [])

@@ -19,7 +19,7 @@ from helpers import file_digest
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.formats import load_adapter, save_adapter
-from loratool.ops.registry import add, list_entries
+from loratool.ops.registry import list_entries, register
 from loratool.registry import SCHEMA_VERSION, Registry, RegistryError
 
 
@@ -35,11 +35,11 @@ def small_adapter(path: Path, seed: int = 0, *, out: int = 32, modules: int = 2)
 
 
 def test_versions_aliases_and_references(tmp_path: Path, cli) -> None:
-    one = add(small_adapter(tmp_path / "a", 0), name="bot", aliases=["staging"], tags={"task": "support"})
+    one = register(small_adapter(tmp_path / "a", 0), name="bot", aliases=["staging"], tags={"task": "support"})
     assert one.created and one.entry.ref == "bot@v1" and one.entry.aliases == ["staging"]
-    again = add(tmp_path / "a", name="bot")
+    again = register(tmp_path / "a", name="bot")
     assert not again.created and again.entry.ref == "bot@v1"  # the same files are the same version
-    two = add(small_adapter(tmp_path / "b", 1), name="bot")
+    two = register(small_adapter(tmp_path / "b", 1), name="bot")
     assert two.entry.ref == "bot@v2"
     reg = Registry()
     assert reg.resolve("bot").ref == "bot@v2" and reg.resolve("bot@v1").ref == "bot@v1"
@@ -61,7 +61,7 @@ def test_versions_aliases_and_references(tmp_path: Path, cli) -> None:
 
 
 def test_every_command_takes_a_reference_and_a_path_wins(tmp_path: Path, fixtures: Path, cli, monkeypatch) -> None:
-    add(fixtures / "llama-peft-adapter", name="bot", aliases=["prod"])
+    register(fixtures / "llama-peft-adapter", name="bot", aliases=["prod"])
     by_path = cli("merge", fixtures / "llama-base", fixtures / "llama-peft-adapter", "-o", tmp_path / "p", "--quiet")
     by_ref = cli("merge", fixtures / "llama-base", "bot@prod", "-o", tmp_path / "r", "--quiet")
     assert by_path.exit_code == 0 and by_ref.exit_code == 0, by_ref.output
@@ -85,8 +85,8 @@ def test_every_command_takes_a_reference_and_a_path_wins(tmp_path: Path, fixture
 
 
 def test_ls_base_lists_what_fits_from_headers(tmp_path: Path, fixtures: Path, cli) -> None:
-    add(fixtures / "llama-peft-adapter", name="llama-bot")
-    add(small_adapter(tmp_path / "wide", out=64), name="wide")  # q_proj of another width
+    register(fixtures / "llama-peft-adapter", name="llama-bot")
+    register(small_adapter(tmp_path / "wide", out=64), name="wide")  # q_proj of another width
     fits = json.loads(cli("registry", "ls", "--base", fixtures / "llama-base", "--json").stdout)["entries"]
     assert [e["ref"] for e in fits] == ["llama-bot@v1"]
     assert list_entries(base=fixtures / "gpt2-base") == []
@@ -95,7 +95,7 @@ def test_ls_base_lists_what_fits_from_headers(tmp_path: Path, fixtures: Path, cl
 def test_lineage_in_both_directions(tmp_path: Path, fixtures: Path, cli) -> None:
     base, ft = fixtures / "llama-base", fixtures / "llama-ft"
     assert cli("extract", base, ft, "-r", "4", "-o", tmp_path / "ex", "--quiet", "--register", "ext").exit_code == 0
-    add(fixtures / "llama-peft-adapter", name="bot")
+    register(fixtures / "llama-peft-adapter", name="bot")
     res = cli("combine", "ext", "bot", "-o", tmp_path / "mix", "--register", "mix", "--json", "--quiet")
     assert json.loads(res.stdout)["registered"] == "mix@v1"
     assert cli("merge", base, "mix", "-o", tmp_path / "merged", "--quiet").exit_code == 0
@@ -112,8 +112,8 @@ def test_lineage_in_both_directions(tmp_path: Path, fixtures: Path, cli) -> None
 
 
 def test_rm_gc_and_verify(tmp_path: Path, cli, registry_home: Path) -> None:
-    add(small_adapter(tmp_path / "a", 0), name="a")
-    add(small_adapter(tmp_path / "b", 1), name="b")
+    register(small_adapter(tmp_path / "a", 0), name="a")
+    register(small_adapter(tmp_path / "b", 1), name="b")
     blobs = lambda: sorted(p.name for p in (registry_home / "blobs").rglob("*") if p.is_file())  # noqa: E731
     before = blobs()
     assert json.loads(cli("registry", "rm", "b", "--json").stdout)["ref"] == "b@v1"
@@ -133,7 +133,7 @@ def test_rm_gc_and_verify(tmp_path: Path, cli, registry_home: Path) -> None:
 def _add_many(home: str, root: str, worker: int, n: int) -> None:
     os.environ["LORATOOL_HOME"] = home
     for i in range(n):
-        add(small_adapter(Path(root) / f"w{worker}-{i}", 100 * worker + i), name="shared")
+        register(small_adapter(Path(root) / f"w{worker}-{i}", 100 * worker + i), name="shared")
 
 
 def test_concurrent_adds_lose_nothing(tmp_path: Path, registry_home: Path) -> None:
@@ -159,33 +159,33 @@ time.sleep(60)
 
 
 def test_a_killed_writer_leaves_no_lock_and_no_half_entry(tmp_path: Path) -> None:
-    add(small_adapter(tmp_path / "a", 0), name="a")
+    register(small_adapter(tmp_path / "a", 0), name="a")
     writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(Registry().db_path)], stdout=subprocess.PIPE,
                               text=True)  # fmt: skip
     assert writer.stdout and writer.stdout.readline().strip() == "locked"
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     start = time.monotonic()
-    assert add(small_adapter(tmp_path / "b", 1), name="b").created
+    assert register(small_adapter(tmp_path / "b", 1), name="b").created
     assert time.monotonic() - start < 30
     assert "half" not in Registry().resolve("a").tags
 
 
 def test_an_interrupted_add_leaves_nothing_visible(tmp_path: Path, monkeypatch) -> None:
-    add(small_adapter(tmp_path / "a", 0), name="a")
+    register(small_adapter(tmp_path / "a", 0), name="a")
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(Registry, "_entry", boom)  # fails inside the transaction, after the insert
-        add(small_adapter(tmp_path / "b", 1), name="b")
+        register(small_adapter(tmp_path / "b", 1), name="b")
     assert [e.ref for e in Registry().entries()] == ["a@v1"]
     assert Registry().gc()["blobs_removed"] >= 1  # the files it stored were not referenced
 
 
 def test_schema_migrations(tmp_path: Path, registry_home: Path) -> None:
-    add(small_adapter(tmp_path / "a", 0), name="a")
+    register(small_adapter(tmp_path / "a", 0), name="a")
     con = sqlite3.connect(Registry().db_path)
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -210,7 +210,7 @@ def test_hub_push_pull_and_listing(tmp_path: Path, fixtures: Path, cli) -> None:
 
     hub = HubServer(os.environ["HF_TOKEN"]).start()
     try:
-        add(fixtures / "llama-peft-adapter", name="bot")
+        register(fixtures / "llama-peft-adapter", name="bot")
         res = cli("push", "bot", "me/bot", "--endpoint", hub.url, "--base-model-id", "meta-llama/Llama-3.2-1B",
                   "--json")  # fmt: skip
         assert res.exit_code == 0, res.output

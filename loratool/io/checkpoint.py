@@ -369,3 +369,17 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
                 fix="the index and the shards come from different saves: download them again",
             )
     return ckpt
+
+
+def header_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a safetensors checkpoint and its shape, from the headers alone: no torch,
+    for catalogue queries that must answer at once (``registry ls --base``)."""
+    _, files, _ = resolve_checkpoint_files(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        if f.suffix in PICKLE_SUFFIXES:
+            raise InputFileError("a pickle checkpoint has no header to read shapes from", path=str(f),
+                                 fix="convert it to .safetensors")  # fmt: skip
+        header = read_header(f)
+        shapes.update({k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes

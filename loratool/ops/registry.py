@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import LoraToolError
 from ..formats import load_adapter
-from ..io.checkpoint import open_checkpoint
+from ..io.checkpoint import header_shapes
 from ..provenance import decode
 from ..registry import Entry, Facts, Registry
 from ..validation import require_valid
@@ -53,7 +53,7 @@ def facts_of(adapter: str | os.PathLike[str]) -> tuple[Facts, list[str]]:
     return facts, warnings
 
 
-def add(
+def register(
     adapter: str | os.PathLike[str],
     *,
     name: str,
@@ -66,7 +66,7 @@ def add(
     """Register an adapter (validated first) as the next version of ``name``.
 
     Example:
-        >>> loratool.registry_add("adapter/", name="support-bot", aliases=["staging"])
+        >>> loratool.register("adapter/", name="support-bot", aliases=["staging"])
     """
     p = Path(adapter)
     if not p.exists():
@@ -79,12 +79,6 @@ def add(
     return AddResult(entry, created, warnings)
 
 
-def base_shapes(base: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a checkpoint and its shape, from headers only."""
-    with open_checkpoint(base) as ck:
-        return {k: tuple(ck.info(k).shape) for k in ck.keys()}
-
-
 def list_entries(
     *,
     name_glob: str | None = None,
@@ -93,7 +87,7 @@ def list_entries(
 ) -> list[Entry]:
     """Registered adapters (newest version first per name); with ``base``, only those whose every
     target module and whole tensor exists in that checkpoint with a fitting shape (headers only)."""
-    shapes = base_shapes(base) if base is not None else None
+    shapes = header_shapes(base) if base is not None else None
     return Registry(home).entries(name_glob=name_glob, compatible_with=shapes)
 
 
