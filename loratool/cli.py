@@ -1096,7 +1096,7 @@ def registry_show(ref: str, lineage: bool, as_json: bool) -> None:
 
     reg = Registry()
     entry = reg.resolve(ref)
-    payload = entry.to_json()
+    payload = {**entry.to_json(), "base_fingerprint": reg.fingerprint(entry)}
     if lineage:
         payload["lineage"] = reg.lineage(entry)
 
@@ -1116,6 +1116,9 @@ def registry_show(ref: str, lineage: bool, as_json: bool) -> None:
         if d["description"]:
             lines.append(f"  {d['description']}")
         lines += [f"  file {f['path']} ({f['size']:,} bytes) sha256:{f['sha256'][:16]}" for f in d["files"]]
+        fp = d["base_fingerprint"]
+        lines.append(f"  fits a base with {len(fp['targets'])} tensor(s) of these shapes (show --json lists them)")
+        lines += [f"  base file {b['path']} sha256:{b['sha256'][:16]}" for b in fp["base_files"]]
         lines += [f"  {e['kind']} {e['target']} {e['detail']}".rstrip() for e in d["events"]]
         if "lineage" in d:
             lines += ["lineage:"] + ["  " + line for line in lineage_lines(d["lineage"])]

@@ -392,6 +392,16 @@ class Registry:
             con.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
             return entry
 
+    def fingerprint(self, entry: Entry) -> dict[str, Any]:
+        """What the entry needs of a base: each target tensor's shape, and the base checkpoint's
+        files by sha256 where provenance names them (an extracted adapter's ``base``)."""
+        with self._connect() as con:
+            targets = {t: [int(d) for d in shape.split(",") if d] for t, shape in con.execute(
+                "SELECT tensor, shape FROM targets WHERE entry = ? ORDER BY tensor", (entry.id,))}  # fmt: skip
+            base = [{"path": p, "sha256": sha} for sha, p in con.execute(
+                "SELECT sha256, path FROM inputs WHERE entry = ? AND role = 'base'", (entry.id,))]  # fmt: skip
+        return {"targets": targets, "base_files": base}
+
     def record_event(self, entry: Entry, kind: str, target: str, detail: str | None = None) -> None:
         with self._connect(write=True) as con, _transaction(con):
             con.execute("INSERT INTO events VALUES (?,?,?,?,?)", (entry.id, kind, target, detail, _now()))

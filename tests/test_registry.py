@@ -104,6 +104,9 @@ def test_lineage_in_both_directions(tmp_path: Path, fixtures: Path, cli) -> None
     parents = {p["ref"]: p for p in up["parents"] if "ref" in p}
     assert set(parents) == {"ext@v1", "bot@v1"}  # each source once, however many files it has
     assert {p["role"] for p in parents["ext@v1"]["parents"]} == {"base", "finetuned"}
+    fingerprint = json.loads(cli("registry", "show", "ext", "--json").stdout)["base_fingerprint"]
+    assert fingerprint["targets"]["model.layers.0.self_attn.q_proj.weight"] == [32, 32]
+    assert [b["path"] for b in fingerprint["base_files"]] == [str(base / "model.safetensors")]
     assert any(c.get("event") == "merged into" and c["target"] == str(tmp_path / "merged") for c in up["children"])
     down = reg.lineage(reg.resolve("ext"))
     assert [c["ref"] for c in down["children"] if "ref" in c] == ["mix@v1"]
