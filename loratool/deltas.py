@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from .arch import Fp8Layout
+from .arch import OUTPUT_LAYER, Fp8Layout, is_embedding
 from .errors import MissingKeyError, NonFiniteError, ShapeMismatchError
 from .io.checkpoint import Checkpoint
 from .linalg import dequantize_fp8, is_finite
@@ -94,6 +94,22 @@ def paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:
                 fix="was the vocabulary resized? Compare checkpoints of one architecture",
             )
     return keys
+
+
+def grown_vocabulary(b: Checkpoint, f: Checkpoint) -> list[str]:
+    """Vocabulary tensors (input embeddings, the output layer) that have more rows in the fine-tune
+    than in the base, columns equal: tokens were added. They pair with nothing: a LoRA delta
+    cannot hold new rows, so extract stores them whole."""
+    out = []
+    for k in b.keys():
+        if k not in f or not k.endswith(".weight"):
+            continue
+        sb, sf = tuple(b.info(k).shape), tuple(f.info(k).shape)
+        module = k[: -len(".weight")]
+        vocabulary = is_embedding(module) or module.rsplit(".", 1)[-1] == OUTPUT_LAYER
+        if vocabulary and len(sb) == len(sf) == 2 and sf[1] == sb[1] and sf[0] > sb[0]:
+            out.append(k)
+    return out
 
 
 def fp8_companions(*layouts: Fp8Layout | None) -> set[str]:

@@ -160,10 +160,13 @@ def check_fit(
             if key not in ckpt:
                 report.add(f"base/{key}", "the base has no such tensor to replace (modules_to_save)")
             elif tuple(ckpt.info(key).shape) != tuple(t.shape):
+                old, new = tuple(ckpt.info(key).shape), tuple(t.shape)
+                if _is_vocabulary(key) and len(old) == len(new) == 2 and new[1] == old[1] and new[0] > old[0]:
+                    why = f"the vocabulary grows from {old[0]} to {new[0]} rows (added tokens): resize the base's "
+                    report.warnings.append(Problem(f"base/{key}", why + "embeddings to load it in PEFT"))
+                    continue
                 grown = "; the vocabulary sizes differ" if _is_vocabulary(key) else ""
-                report.add(
-                    f"base/{key}", f"the base's is {list(ckpt.info(key).shape)}, the adapter's {list(t.shape)}{grown}"
-                )
+                report.add(f"base/{key}", f"the base's is {list(old)}, the adapter's {list(new)}{grown}")
         if adapter_obj.modules and matched == 0:
             report.add("base", f"no module of the adapter fits {base}: it is for another model")
 

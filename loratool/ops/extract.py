@@ -20,7 +20,7 @@ from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import Fp8Layout
 from ..card import check_base_model_id, is_hub_id
-from ..deltas import DeltaReader, fp8_companions, module_generator, paired_keys
+from ..deltas import DeltaReader, fp8_companions, grown_vocabulary, module_generator, paired_keys
 from ..distributed import current
 from ..errors import LoraToolError
 from ..formats import save_adapter
@@ -57,6 +57,7 @@ class ExtractResult:
     dropped: list[Dropped] = field(default_factory=list)
     kept_whole: list[str] = field(default_factory=list)
     unchanged: int = 0
+    grown: dict[str, int] = field(default_factory=dict)  # vocabulary tensor -> rows in the fine-tune
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -67,6 +68,7 @@ class ExtractResult:
             "modules": [r.to_json() for r in self.report],
             "dropped": [d.to_json() for d in self.dropped],
             "kept_whole": self.kept_whole,
+            "grown_vocabulary": self.grown,
             "unchanged_tensors": self.unchanged,
             "warnings": self.warnings,
         }
@@ -159,11 +161,13 @@ def extract(
     ):
         fp8 = (b.fp8_layout(), f.fp8_layout())  # FP8 weights are dequantized before the difference
         options.fp8 = fp8
-        keys = paired_keys(b, f, skip=fp8_companions(*fp8))
+        grown = grown_vocabulary(b, f)
+        keys = paired_keys(b, f, skip=fp8_companions(*fp8) | set(grown))
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
         conv1d = arch.uses_conv1d(config, fan_in_fan_out)
-        tied = arch.tied_output(keys, config)  # (output embedding module, input embedding key) or None
+        tied = arch.tied_output(keys + grown, config)  # (output embedding module, input embedding key) or None
+        grown_whole = _grown_whole(f, grown, tied) if d.is_main else {}
         skip = {tied[0] + ".weight"} if tied else set()  # the same matrix as the input embedding
         mine = [k for k in d.share((k, b.info(k).nbytes) for k in keys) if k not in skip]
         show = show_progress and d.is_main
@@ -172,7 +176,11 @@ def extract(
 
     result = ExtractResult(output=out, adapter=Adapter(), report=[], dropped=whole.dropped,
                            kept_whole=whole.kept_whole, unchanged=whole.unchanged, warnings=whole.warnings)  # fmt: skip
-    result.adapter.whole = whole.whole
+    result.adapter.whole = {**whole.whole, **grown_whole}
+    result.grown = {k: int(v.shape[0]) for k, v in grown_whole.items()}
+    for key, rows in result.grown.items():
+        result.warnings.append(f"{key} grew to {rows} rows (tokens were added): stored whole (modules_to_save); "
+                               "resize the base's embeddings to load it in PEFT")  # fmt: skip
     modules, reports = whole.modules, whole.reports
     if budget is not None:
         _spend_budget(whole.pending, budget, modules, reports, result)
@@ -349,6 +357,12 @@ def _check_rank_options(rank: int | None, energy: float | None, budget: int | No
         raise LoraToolError(f"--budget must be a positive number of parameters (got {budget})")
     if svd not in ("randomized", "exact"):
         raise LoraToolError(f"unknown --svd {svd!r}", fix="use randomized or exact")
+
+
+def _grown_whole(f: Checkpoint, grown: list[str], tied: tuple[str, str] | None) -> dict[str, torch.Tensor]:
+    """The grown vocabulary tensors, whole; a tied output layer's once, under the input embedding."""
+    skip = {tied[0] + ".weight"} if tied else set()
+    return {k: f.get(k) for k in grown if k not in skip}
 
 
 def _tie_output_embedding(

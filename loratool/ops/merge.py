@@ -304,6 +304,7 @@ def _plan(
                     fix="restore from the original base checkpoint instead",
                 )
             replace[key] = t
+        _grow_tied_output(ckpt, config, adapter, replace)
         found = resolve_paths(adapter, module_paths)
         for path, module in adapter.modules.items():
             if path not in found and _is_tied_copy(path, module, adapter, found, config):
@@ -458,6 +459,7 @@ def _apply(
             copy_aux_files(ckpt.root, tmp)
             if dequantize:
                 _drop_quantization_config(tmp / "config.json")
+            _set_vocab_size(tmp / "config.json", ckpt, replace, result.warnings)
             if ckpt.index_file is not None:
                 _rewrite_index(ckpt.index_file, tmp, layout)
     d.barrier()  # rank 0 has moved the output into place
@@ -721,6 +723,44 @@ def _quantization_warnings(report: dict[str, Any]) -> list[str]:
         f"{len(report['tensors'])} weights): most of it is below FP8 resolution. Pass --dtype bfloat16 "
         "for a dequantized checkpoint that keeps it"
     ]
+
+
+def _grown_rows(ckpt: Checkpoint, replace: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Replaced vocabulary tensors with more rows than the base's: tokens were added."""
+    out = {}
+    for key, t in replace.items():
+        old = tuple(ckpt.info(key).shape)
+        if t.dim() == 2 and len(old) == 2 and t.shape[1] == old[1] and t.shape[0] > old[0]:
+            out[key] = int(t.shape[0])
+    return out
+
+
+def _grow_tied_output(
+    ckpt: Checkpoint, config: dict[str, Any], adapter: Adapter, replace: dict[str, torch.Tensor]
+) -> None:
+    """A grown input embedding of a tied model is one matrix: where the base also stores the output
+    layer, it grows with it (the adapter holds the tensor once, under the input embedding)."""
+    tied = arch.tied_output(list(ckpt.keys()), config)
+    if tied is None:
+        return
+    head, embed = tied[0] + ".weight", tied[1]
+    if embed in replace and head in ckpt and head not in adapter.whole and embed in _grown_rows(ckpt, replace):
+        replace[head] = replace[embed]
+
+
+def _set_vocab_size(config_path: Path, ckpt: Checkpoint, replace: dict[str, torch.Tensor], warnings: list[str]) -> None:
+    """config.json's vocab_size follows a vocabulary the merge grew."""
+    grown = _grown_rows(ckpt, replace)
+    if not grown or not config_path.is_file():
+        return
+    rows = max(grown.values())
+    data = json.loads(config_path.read_text())
+    old = data.get("vocab_size")
+    if isinstance(old, int) and old < rows:
+        data["vocab_size"] = rows
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    warnings.append(f"the vocabulary grew to {rows} rows ({', '.join(sorted(grown))}); config.json says so: "
+                    "add the new tokens to the tokenizer you ship with it")  # fmt: skip
 
 
 def _drop_quantization_config(config: Path) -> None:

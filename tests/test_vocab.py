@@ -1,0 +1,84 @@
+"""Grown vocabularies: a fine-tune that added tokens has more embedding rows than its base. extract
+stores those tensors whole (PEFT's modules_to_save), merge writes them and config.json's
+vocab_size; PEFT, on a base resized as PEFT users resize it, is the oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from helpers import llama_config, logits
+
+from loratool.formats import load_adapter
+from loratool.ops.extract import extract
+from loratool.ops.merge import merge
+from loratool.ops.validate import validate
+
+GROWN = 136  # from 128
+
+
+def base_and_grown_ft(tmp_path: Path, *, tied: bool):
+    import transformers as tf
+
+    config = llama_config()
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    base = tf.LlamaForCausalLM(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    ft = tf.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ft.resize_token_embeddings(GROWN)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        ft.model.embed_tokens.weight.add_(0.01 * torch.randn(ft.model.embed_tokens.weight.shape, generator=g))
+        if not tied:
+            ft.lm_head.weight.add_(0.01 * torch.randn(ft.lm_head.weight.shape, generator=g))
+        for layer in ft.model.layers:
+            layer.self_attn.q_proj.weight.add_(0.01 * torch.randn(32, 32, generator=g))
+    ft.save_pretrained(tmp_path / "ft")
+    return ft
+
+
+def test_added_tokens_are_stored_whole_and_merge_like_peft(tmp_path: Path) -> None:
+    import transformers as tf
+    from peft import PeftModel
+
+    ft = base_and_grown_ft(tmp_path, tied=False)
+    result = extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / "adapter", rank=32, show_progress=False)
+    assert result.grown == {"model.embed_tokens.weight": GROWN, "lm_head.weight": GROWN}
+    adapter = load_adapter(tmp_path / "adapter")
+    assert set(adapter.whole) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == [
+        "lm_head", "model.embed_tokens"]  # fmt: skip
+    report = validate(tmp_path / "adapter", base=tmp_path / "base")
+    assert report.valid and any("grows from 128 to 136" in str(w) for w in report.warnings)
+
+    merged = merge(tmp_path / "base", [tmp_path / "adapter"], output=tmp_path / "merged", show_progress=False)
+    assert any("vocabulary grew" in w for w in merged.warnings)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == GROWN
+
+    base = tf.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    base.resize_token_embeddings(GROWN)  # what a PEFT user does before loading such an adapter
+    oracle = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    ours = tf.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+    # rank 32 holds the 32 x 32 q_proj deltas exactly: the merged model is the fine-tune
+    torch.testing.assert_close(logits(ours), logits(ft), rtol=1e-4, atol=1e-4)
+
+
+def test_a_tied_vocabulary_is_one_tensor(tmp_path: Path) -> None:
+    import transformers as tf
+    from safetensors import safe_open
+
+    base_and_grown_ft(tmp_path, tied=True)
+    result = extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / "adapter", rank=32, show_progress=False)
+    assert list(result.grown) == ["model.embed_tokens.weight"]
+    merge(tmp_path / "base", [tmp_path / "adapter"], output=tmp_path / "merged", show_progress=False)
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f, \
+            safe_open(str(tmp_path / "base" / "model.safetensors"), "pt") as b:  # fmt: skip
+        assert ("lm_head.weight" in f.keys()) == ("lm_head.weight" in b.keys())  # written where the base stores it
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [GROWN, 32]
+    ft = tf.LlamaForCausalLM.from_pretrained(tmp_path / "ft").eval()
+    ours = tf.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(ours), logits(ft), rtol=1e-4, atol=1e-4)
