@@ -281,6 +281,12 @@ def cli() -> None:
     default=None,
     help="Changed tensors LoRA cannot hold (norms, biases) are stored whole when they match.",
 )
+@click.option(
+    "--bias",
+    is_flag=True,
+    help="Store the changed bias of each LoRA linear layer as its lora_B.bias (PEFT's lora_bias; "
+    "Qwen2-style attention biases) instead of dropping it.",
+)
 @options(SEED, FORMAT, PORTABLE, BASE_MODEL_ID, OUTPUT, REGISTER, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET,
          JSON)  # fmt: skip
 def extract(
@@ -295,6 +301,7 @@ def extract(
     include: str | None,
     exclude: str | None,
     keep_full: str | None,
+    bias: bool,
     fmt: str,
     portable: bool,
     base_model_id: str | None,
@@ -325,7 +332,7 @@ def extract(
         rank = 16
     result = run(base, finetuned, output=output, rank=rank, energy=energy, budget=budget, svd=svd,  # type: ignore[arg-type]
                  oversample=oversample, n_iter=n_iter, device=device, dtype=dtype, include=include,
-                 exclude=exclude, keep_full=keep_full, fan_in_fan_out=fan_in_fan_out, format=fmt,  # type: ignore[arg-type]
+                 exclude=exclude, keep_full=keep_full, bias=bias, fan_in_fan_out=fan_in_fan_out, format=fmt,  # type: ignore[arg-type]
                  portable=portable, base_model_id=base_model_id, force=force, allow_pickle=allow_pickle,
                  seed=seed, show_progress=not quiet)  # fmt: skip
     _emit(_registered(result, register), as_json, _extract_text)

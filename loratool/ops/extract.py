@@ -99,6 +99,7 @@ def extract(
     include: str | None = None,
     exclude: str | None = None,
     keep_full: str | None = None,
+    bias: bool = False,
     fan_in_fan_out: bool | None = None,
     format: Literal["peft", "kohya"] = "peft",
     portable: bool = False,
@@ -125,6 +126,8 @@ def extract(
         include, exclude: regexes on module paths (``re.search``) choosing what becomes LoRA.
         keep_full: regex on tensor names; changed tensors LoRA cannot hold are stored whole
             (``modules_to_save``) when they match, instead of being reported as dropped.
+        bias: store the changed bias of a LoRA-adapted linear layer as its ``lora_B.bias`` (PEFT's
+            ``lora_bias``, e.g. Qwen2's attention biases) instead of dropping it.
         fan_in_fan_out: treat 2-D weights as GPT-2 ``Conv1D`` (in, out); default from config.json.
         format: ``peft`` or ``kohya``.
         portable: (PEFT) one rank and scaling 1 for every module (see :func:`loratool.convert`),
@@ -153,7 +156,7 @@ def extract(
     keep = compile_regex(keep_full, "--keep-full")
     cap = rank if rank is not None else DEFAULT_CAP
 
-    options = _Options(rank, energy, budget, svd, oversample, n_iter, seed, cap, inc, exc, keep, dev)
+    options = _Options(rank, energy, budget, svd, oversample, n_iter, seed, cap, inc, exc, keep, dev, bias=bias)
     d = current()
     with (
         open_checkpoint(base, allow_pickle=allow_pickle) as b,
@@ -188,6 +191,7 @@ def extract(
         modules = dict(sorted(modules.items(), key=lambda kv: order[kv[0]]))
     if tied and tied[1][: -len(".weight")] in modules:
         _tie_output_embedding(tied[0], tied[1][: -len(".weight")], modules, reports, result)
+    _place_biases(whole.biases, modules, result, keep)
     if budget is not None and whole.pending and not modules and not result.adapter.whole:
         cheapest = min(p.svd.U.shape[0] + p.svd.Vh.shape[1] for p in whole.pending)
         raise LoraToolError(
@@ -209,7 +213,7 @@ def extract(
     params = {
         "base": str(base), "finetuned": str(finetuned), "rank": rank, "energy": energy, "budget": budget,
         "svd": svd, "oversample": oversample, "n_iter": n_iter, "include": include, "exclude": exclude,
-        "keep_full": keep_full,
+        "keep_full": keep_full, "bias": bias,
         "fan_in_fan_out": conv1d, "format": format, "seed": seed, "dtype": str(out_dtype).replace("torch.", ""),
         "portable": portable,
     }  # fmt: skip
@@ -241,6 +245,7 @@ class _Options:
     keep: re.Pattern[str] | None
     device: torch.device
     fp8: tuple[Fp8Layout | None, Fp8Layout | None] = (None, None)  # of the base and of the fine-tune
+    bias: bool = False  # changed biases of LoRA modules become lora_B.bias
 
 
 @dataclass
@@ -256,6 +261,8 @@ class _Partial:
     warnings: list[str] = field(default_factory=list)
     unchanged: int = 0
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # key -> dtype of changed tensors
+    # module -> (bias delta, its norm, the fine-tune's bias): placed once the LoRA modules are known
+    biases: dict[str, tuple[torch.Tensor, float, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -270,7 +277,7 @@ class _Partial:
             return order.get(module_or_key, order.get(module_or_key + ".weight", len(order)))
 
         out = _Partial(unchanged=sum(p.unchanged for p in parts))
-        for field_name in ("modules", "reports", "whole", "dtypes"):
+        for field_name in ("modules", "reports", "whole", "dtypes", "biases"):
             merged = {k: v for p in parts for k, v in getattr(p, field_name).items()}
             setattr(out, field_name, dict(sorted(merged.items(), key=lambda kv: by_key(kv[0]))))
         out.pending = sorted((x for p in parts for x in p.pending), key=lambda x: order[x.key])
@@ -310,6 +317,8 @@ def _handle(
         module = key[: -len(".weight")] if key.endswith(".weight") else key
         if delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude):
             _factor(key, module, delta, norm, o, conv1d, part)
+        elif o.bias and delta.dim() == 1 and key.endswith(".bias"):
+            part.biases[key[: -len(".bias")]] = (delta.to("cpu", copy=True), norm, wf)
         elif o.keep and o.keep.search(key):
             part.whole[key] = wf
             part.kept_whole.append(key)
@@ -357,6 +366,25 @@ def _check_rank_options(rank: int | None, energy: float | None, budget: int | No
         raise LoraToolError(f"--budget must be a positive number of parameters (got {budget})")
     if svd not in ("randomized", "exact"):
         raise LoraToolError(f"unknown --svd {svd!r}", fix="use randomized or exact")
+
+
+def _place_biases(
+    biases: dict[str, tuple[torch.Tensor, float, torch.Tensor]], modules: dict[str, LoraModule],
+    result: ExtractResult, keep: re.Pattern[str] | None,
+) -> None:  # fmt: skip
+    """Each changed bias goes to its LoRA module's lora_B.bias (PEFT adds ``scaling * lora_B.bias``;
+    extract's scaling is 1); a bias whose weight is no LoRA linear is kept whole or dropped, as
+    without --bias."""
+    for module, (delta, norm, finetuned) in biases.items():
+        m, key = modules.get(module), module + ".bias"
+        if m is not None and m.kind == "linear":
+            m.bias = (delta / m.scaling).to(m.lora_B.dtype)
+        elif keep is not None and keep.search(key):
+            result.adapter.whole[key] = finetuned
+            result.kept_whole.append(key)
+        else:
+            result.dropped.append(Dropped(key, norm, "its weight is not a LoRA linear layer; pass --keep-full "
+                                                     "to store it whole"))  # fmt: skip
 
 
 def _grown_whole(f: Checkpoint, grown: list[str], tied: tuple[str, str] | None) -> dict[str, torch.Tensor]:
