@@ -59,3 +59,36 @@ def test_features_peft_does_not_merge_are_refused(tmp_path: Path, fixtures: Path
     with pytest.raises(LoraToolError, match=field):
         merge(fixtures / "llama-base", [tmp_path / "adapter"], output=tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_per_expert_weights_extract_and_merge_back_to_the_fine_tune(tmp_path: Path, cli) -> None:
+    """Qwen3-MoE checkpoints store each expert's gate/up/down as its own 2-D weight (transformers
+    fuses them in memory only); with the router they are plain modules to every command. At full
+    rank the merged adapter gives the fine-tune back (PEFT cannot load per-expert modules on
+    transformers 5's fused experts, so the oracle is the fine-tune itself)."""
+    import transformers as tf
+    from helpers import logits
+
+    config = tf.Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                               num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               vocab_size=128, head_dim=8, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    tf.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "base")
+    ft = tf.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "base").eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in ft.model.layers:
+            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj, layer.mlp.gate.weight):
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    ft.save_pretrained(tmp_path / "ft")
+    res = cli(
+        "extract", tmp_path / "base", tmp_path / "ft", "-r", "32", "-o", tmp_path / "adapter", "--quiet", "--json"
+    )
+    assert res.exit_code == 0, res.output
+    modules = {m["module"] for m in json.loads(res.stdout)["modules"]}
+    assert "model.layers.1.mlp.experts.3.down_proj" in modules and "model.layers.0.mlp.gate" in modules
+    inspected = json.loads(cli("inspect", tmp_path / "adapter", "--json").stdout)
+    assert len(inspected["modules"]) == 2 * (4 * 3 + 1)  # experts x (gate, up, down) + router, per layer
+    assert cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "merged", "--quiet").exit_code == 0
+    merged = tf.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged), logits(ft), rtol=1e-4, atol=1e-4)
