@@ -24,6 +24,7 @@ import bench_combine
 import bench_extract
 import bench_fp8
 import bench_merge
+import bench_moe
 import bench_registry
 import bench_ties
 import write_paths
@@ -32,7 +33,7 @@ from common import machine
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BENCHES = {
     "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "combine": bench_combine,
-    "ties": bench_ties, "analyze": bench_analyze, "registry": bench_registry, "write_paths": write_paths,
+    "ties": bench_ties, "analyze": bench_analyze, "moe": bench_moe, "registry": bench_registry, "write_paths": write_paths,
 }  # fmt: skip
 INTRO = """# Benchmarks
 
@@ -70,7 +71,7 @@ def main() -> None:
     command = "python bench/run_all.py " + " ".join(sys.argv[1:])
     for name in args.only or list(BENCHES):
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        layers = args.combine_layers if name in ("combine", "ties") else args.layers
+        layers = args.combine_layers if name in ("combine", "ties") else 4 if name == "moe" else args.layers
         rank = 64 if name in ("combine", "ties", "analyze") else 16
         if name == "write_paths":
             result = write_paths.run(args.workdir)
