@@ -47,6 +47,7 @@ class LoraModule:
     use_rslora: bool = False
     bias: torch.Tensor | None = None  # lora_B.bias, (out,), scaled like the delta
     magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector
+    expert: tuple[int, int] | None = None  # (e, E): expert e of a 3-D parameter's E (see loratool.experts)
 
     @property
     def rank(self) -> int:

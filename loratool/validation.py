@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import experts
 from .adapter import Adapter, pattern_lookup
 from .arch import OUTPUT_LAYER, is_embedding
 from .errors import LoraToolError, MetadataError
@@ -258,6 +259,16 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             report.add(
                 where, f"lora_A {list(a)} and lora_B {list(b)} do not share a rank (A is (r, in), B is (out, r))"
             )
+            continue
+        try:
+            param = experts.wrapper_parameter(config, module) if config.get("target_parameters") else None
+        except ValueError as e:
+            report.add(where, str(e))
+            continue
+        if param is not None:  # experts x rank rows (loratool.experts)
+            rank = experts.rank_of(config, param)
+            if a[0] % rank:
+                report.add(where, f"lora_A has {a[0]} rows: not a whole number of experts of rank {rank} ({param})")
             continue
         expected = pattern_lookup(ranks, module)
         expected = r_default if expected is None else expected

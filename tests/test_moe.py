@@ -27,21 +27,104 @@ def gpt_oss(tmp_path: Path):
     return model
 
 
-def test_target_parameters_adapters_are_refused_by_name(tmp_path: Path, cli) -> None:
+def expert_adapter(model, params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), *, seed=0, **config):
+    """A PEFT adapter on gpt-oss's 3-D experts (target_parameters) and on q_proj, lora_B random."""
     from peft import LoraConfig, get_peft_model
 
+    pm = get_peft_model(model, LoraConfig(target_modules=["q_proj"], target_parameters=list(params), **config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return pm.eval()
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_target_parameters_adapters_read_merge_and_round_trip_as_peft(tmp_path: Path, cli) -> None:
+    import transformers as tf
+    from peft import PeftModel
+
+    from loratool.formats import load_adapter
+
     model = gpt_oss(tmp_path)
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
-    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
-    report = validate(tmp_path / "adapter")
-    assert not report.valid and any(p.path == "$.target_parameters" for p in report.problems)
-    for args in (
-        ("inspect", tmp_path / "adapter"),
-        ("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "m"),
-    ):
-        res = cli(*args)
-        assert res.exit_code == 1 and "target_parameters" in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "m").exists()
+    pm = expert_adapter(model, r=2, lora_alpha=4, rank_pattern={"down_proj": 4})
+    pm.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = pm(ids).logits
+    assert validate(tmp_path / "adapter").valid
+    a = load_adapter(tmp_path / "adapter")
+    experts = {p: m for p, m in a.modules.items() if m.expert is not None}
+    assert len(experts) == 8 and a.modules["model.layers.0.mlp.experts.gate_up_proj.3"].rank == 2
+    assert a.modules["model.layers.0.mlp.experts.down_proj.0"].rank == 4  # rank_pattern on the parameter name
+    shown = json.loads(cli("inspect", tmp_path / "adapter", "--json").stdout)
+    assert len(shown["modules"]) == 9  # 2 parameters x 4 experts + q_proj
+
+    assert cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "merged", "--quiet").exit_code == 0
+    oracle = pm.merge_and_unload().state_dict()
+    for key, value in state(tmp_path / "merged").items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+
+    # loratool's own PEFT output of it (experts joined again) loads in PEFT with the same logits
+    assert cli("convert", tmp_path / "adapter", "--to", "peft", "-o", tmp_path / "again").exit_code == 0
+    base = tf.GptOssForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, str(tmp_path / "again")).eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    # unmerge takes it out again
+    assert cli("unmerge", tmp_path / "merged", tmp_path / "adapter", "-o", tmp_path / "back", "--quiet").exit_code == 0
+    for key, value in state(tmp_path / "back").items():
+        torch.testing.assert_close(value, state(tmp_path / "base")[key], rtol=0, atol=1e-6, msg=key)
+    res = cli("convert", tmp_path / "adapter", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert res.exit_code == 1 and "3-D expert" in res.output
+
+
+def test_extract_on_3d_experts_writes_peft_target_parameters(tmp_path: Path) -> None:
+    import transformers as tf
+    from peft import PeftModel
+
+    from loratool.ops.combine import combine
+    from loratool.ops.extract import extract
+    from loratool.ops.merge import merge
+
+    model = gpt_oss(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        experts = model.model.layers[0].mlp.experts
+        experts.gate_up_proj[1:].add_(0.02 * torch.randn(experts.gate_up_proj[1:].shape, generator=g))  # expert 0 as is
+        experts.down_proj.add_(0.02 * torch.randn(experts.down_proj.shape, generator=g))
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.02 * torch.randn(32, 32, generator=g))
+    model.save_pretrained(tmp_path / "ft")
+    result = extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / "adapter", rank=32, show_progress=False)
+    modules = {r.module for r in result.report}
+    assert (
+        "model.layers.0.mlp.experts.gate_up_proj.3" in modules and "model.layers.0.mlp.experts.down_proj.0" in modules
+    )
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.mlp.experts.gate_up_proj",
+    ]
+    # PEFT loads it and its merge is loratool's, which is the fine-tune (rank 32 holds every expert delta)
+    base = tf.GptOssForCausalLM.from_pretrained(tmp_path / "base").eval()
+    oracle = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    merge(tmp_path / "base", [tmp_path / "adapter"], output=tmp_path / "merged", show_progress=False)
+    ft = state(tmp_path / "ft")
+    for key, value in state(tmp_path / "merged").items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(value, ft[key], rtol=0, atol=1e-4, msg=key)
+    # combine works per expert: cat of two is the sum of their deltas
+    combine([tmp_path / "adapter", (tmp_path / "adapter", -1.0)], output=tmp_path / "zero", show_progress=False)
+    merge(tmp_path / "base", [tmp_path / "zero"], output=tmp_path / "same", show_progress=False)
+    for key, value in state(tmp_path / "same").items():
+        torch.testing.assert_close(value, state(tmp_path / "base")[key], rtol=0, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("field", ["alora_invocation_tokens", "layer_replication"])
@@ -92,3 +175,29 @@ def test_per_expert_weights_extract_and_merge_back_to_the_fine_tune(tmp_path: Pa
     assert cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "merged", "--quiet").exit_code == 0
     merged = tf.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(merged), logits(ft), rtol=1e-4, atol=1e-4)
+
+
+def test_untransposed_3d_experts_merge_as_peft(tmp_path: Path) -> None:
+    """Qwen3-MoE's fused experts are (E, out, in) in memory (transformers: not is_transposed); a
+    checkpoint that stores them so takes a target_parameters adapter as PEFT merges it."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from loratool.ops.merge import merge
+
+    config = tf.Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                               num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                               vocab_size=64, head_dim=8, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(config).eval()
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config.to_dict()))
+    pm = expert_adapter(model, r=2, lora_alpha=4, use_rslora=True)
+    pm.save_pretrained(tmp_path / "adapter")
+    merge(tmp_path / "base", [tmp_path / "adapter"], output=tmp_path / "merged", show_progress=False)
+    oracle = pm.merge_and_unload().state_dict()
+    merged = state(tmp_path / "merged")
+    assert merged["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 32, 32)
+    for key, value in merged.items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)

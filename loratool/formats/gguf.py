@@ -147,6 +147,8 @@ def refuse_for_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
 
 
 def _unsupported(path: str, m: LoraModule, family: Family, tied: bool) -> str | None:
+    if m.expert is not None:
+        return "LoRA on a 3-D experts parameter: no architecture llama.cpp adapters are written for has one"
     if m.magnitude is not None:
         return "llama.cpp has no DoRA (a magnitude vector per module)"
     if m.bias is not None:

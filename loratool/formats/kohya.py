@@ -105,6 +105,11 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
             f"kohya files cannot hold whole tensors ({', '.join(sorted(adapter.whole)[:3])}...)",
             fix="write the PEFT format instead, or leave out --keep-full",
         )
+    expert = next((p for p, m in adapter.modules.items() if m.expert is not None), None)
+    if expert is not None:
+        raise InputFileError(
+            f"kohya files have no layout for 3-D expert parameters ({expert})", fix="write the PEFT format instead"
+        )
     tensors: dict[str, torch.Tensor] = {}
     modules_meta: dict[str, dict[str, str]] = {}
     for path, m in adapter.modules.items():

@@ -168,6 +168,9 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
         for key in sorted(adapter.whole)
     ]  # fmt: skip
     for path, m in sorted(adapter.modules.items()):
+        if m.expert is not None:
+            out.append(Refusal(path, "mlx-lm has no LoRA layer for 3-D expert parameters", "use PEFT"))
+            continue
         if m.bias is not None:
             out.append(Refusal(path, "mlx-lm LoRA layers have no bias (lora_bias)", "merge the adapter instead"))
         if m.kind == "conv1d":

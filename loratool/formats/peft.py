@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import experts
 from ..adapter import Adapter, LoraModule, module_alpha
 from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
@@ -100,16 +101,8 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def unsupported_fields(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """PEFT features loratool cannot read right yet: (field, why) for each one set.
-
-    ``target_parameters`` puts E experts' factors in one (E*r, in) / (out, E*r) pair, nested under
-    ``base_layer`` when two parameters of a module are adapted: read as one plain module it would
-    be one rank-E*r delta, silently wrong.
-    """
+    """PEFT features loratool cannot read right yet: (field, why) for each one set."""
     out = []
-    if config.get("target_parameters"):
-        out.append(("target_parameters", "LoRA on 3-D expert parameters is not supported yet (it would be "
-                                         "read as one module of rank experts * r)"))  # fmt: skip
     if config.get("trainable_token_indices"):
         out.append(("trainable_token_indices", "trainable-token deltas are not supported yet"))
     return out
@@ -158,8 +151,29 @@ def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     modules = {}
     for path, slots in parts.items():
-        modules[path] = _module_from_slots(path, slots, config, use_rslora, fan_in_fan_out, wpath)
+        param = _expert_parameter(config, path, wpath)
+        if param is None:
+            modules[path] = _module_from_slots(path, slots, config, use_rslora, fan_in_fan_out, wpath)
+            continue
+        a, b = slots.get("lora_A"), slots.get("lora_B")
+        if a is None or b is None:
+            raise MissingKeyError("has one LoRA factor of two", path=str(wpath), key=path)
+        try:
+            modules.update(experts.split_experts(param, a, b, experts.rank_of(config, param),
+                                                 module_alpha(config, param), use_rslora))  # fmt: skip
+        except ValueError as e:
+            raise ShapeMismatchError(str(e), path=str(wpath), key=path) from None
     return Adapter(modules=modules, whole=whole, config=config, metadata=metadata, format="peft", path=str(directory))
+
+
+def _expert_parameter(config: dict[str, Any], wrapper: str, file: Path) -> str | None:
+    """The 3-D parameter a ``target_parameters`` key prefix adapts, or None for a plain module."""
+    if not config.get("target_parameters"):
+        return None
+    try:
+        return experts.wrapper_parameter(config, wrapper)
+    except ValueError as e:
+        raise UnsupportedAdapterError(str(e), path=str(file)) from None
 
 
 def _module_from_slots(
@@ -215,7 +229,8 @@ def build_config(adapter: Adapter) -> dict[str, Any]:
     in ``rank_pattern``/``alpha_pattern``. Full paths (not suffixes) cannot shadow one another.
     """
     cfg = dict(adapter.config)
-    modules = adapter.modules
+    modules = config_modules(adapter)
+    params = sorted(experts.group_experts(adapter.modules))
     rslora = {m.use_rslora for m in modules.values()}
     if len(rslora) > 1:
         raise InputFileError("modules disagree on use_rslora; PEFT has one flag per adapter")
@@ -227,7 +242,9 @@ def build_config(adapter: Adapter) -> dict[str, Any]:
         cfg["rank_pattern"] = {p: m.rank for p, m in modules.items() if m.rank != r}
         cfg["alpha_pattern"] = {p: _number(m.alpha) for p, m in modules.items() if m.alpha != alpha}
         cfg["use_rslora"] = rslora.pop()
-        cfg["target_modules"] = sorted(modules)
+        cfg["target_modules"] = sorted(set(modules) - set(params))
+        if params:
+            cfg["target_parameters"] = params
         cfg["fan_in_fan_out"] = any(m.kind == "conv1d" for m in modules.values())
         cfg["use_dora"] = any(m.magnitude is not None for m in modules.values())
         cfg["lora_bias"] = any(m.bias is not None for m in modules.values())
@@ -241,6 +258,23 @@ def build_config(adapter: Adapter) -> dict[str, Any]:
     for k, v in defaults.items():
         cfg.setdefault(k, v)
     return cfg
+
+
+def config_modules(adapter: Adapter) -> dict[str, LoraModule]:
+    """The modules as PEFT's config sees them: each 3-D expert parameter one module (its joined
+    rank and alpha; factors on ``meta``), the rest as they are."""
+    import torch
+
+    out = {p: m for p, m in adapter.modules.items() if m.expert is None}
+    for param, items in experts.group_experts(adapter.modules).items():
+        ms = [m for _, m in items]
+        rank = max(m.rank for m in ms)
+        same = len({(m.rank, m.scaling) for m in ms}) == 1
+        alpha = ms[0].alpha if same else (rank**0.5 if ms[0].use_rslora else float(rank))
+        meta = torch.empty(rank, ms[0].in_features, device="meta")
+        out[param] = LoraModule(meta, torch.empty(ms[0].out_features, rank, device="meta"), alpha,
+                                use_rslora=ms[0].use_rslora)  # fmt: skip
+    return out
 
 
 def _number(x: float) -> int | float:
@@ -257,7 +291,15 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
             t = t.to(dtype)
         out[PREFIX + key] = t.contiguous()
 
+    groups = experts.group_experts(adapter.modules)
+    for param, items in groups.items():
+        a, b, _, _ = experts.join_experts([m for _, m in items])
+        wrapper = experts.parameter_wrapper(list(groups), param)
+        put(f"{wrapper}.lora_A.weight", a)
+        put(f"{wrapper}.lora_B.weight", b)
     for path, m in adapter.modules.items():
+        if m.expert is not None:
+            continue
         if m.kind == "embedding":
             put(f"{path}.lora_embedding_A", m.lora_A)
             put(f"{path}.lora_embedding_B", m.lora_B)

@@ -20,7 +20,7 @@ import math
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
@@ -229,7 +229,8 @@ def _run(
     for path, (module, report) in zip(
         paths, progress(results, total=len(paths), desc=operation, enabled=show_progress)
     ):
-        result.adapter.modules[path] = module
+        expert = next(a.modules[path].expert for a, _, _ in loaded if path in a.modules)
+        result.adapter.modules[path] = module if expert is None else replace(module, expert=expert)
         result.report.append(report)
     for a, _, name in loaded:
         for key, t in a.whole.items():

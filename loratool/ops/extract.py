@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from .. import arch
+from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import Fp8Layout
 from ..card import check_base_model_id, is_hub_id
@@ -169,6 +169,7 @@ def extract(
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
         conv1d = arch.uses_conv1d(config, fan_in_fan_out)
+        options.transposed_experts = config.get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
         tied = arch.tied_output(keys + grown, config)  # (output embedding module, input embedding key) or None
         grown_whole = _grown_whole(f, grown, tied) if d.is_main else {}
         skip = {tied[0] + ".weight"} if tied else set()  # the same matrix as the input embedding
@@ -246,6 +247,7 @@ class _Options:
     device: torch.device
     fp8: tuple[Fp8Layout | None, Fp8Layout | None] = (None, None)  # of the base and of the fine-tune
     bias: bool = False  # changed biases of LoRA modules become lora_B.bias
+    transposed_experts: bool = False  # 3-D experts stored (E, in, out), as transformers' is_transposed
 
 
 @dataclass
@@ -317,6 +319,8 @@ def _handle(
         module = key[: -len(".weight")] if key.endswith(".weight") else key
         if delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude):
             _factor(key, module, delta, norm, o, conv1d, part)
+        elif delta.dim() == 3 and _selected(key, o.include, o.exclude) and o.budget is None:
+            _factor_experts(key, delta, o, part)
         elif o.bias and delta.dim() == 1 and key.endswith(".bias"):
             part.biases[key[: -len(".bias")]] = (delta.to("cpu", copy=True), norm, wf)
         elif o.keep and o.keep.search(key):
@@ -325,6 +329,23 @@ def _handle(
         else:
             why = "not a 2-D weight" if delta.dim() != 2 or not key.endswith(".weight") else "not selected"
             part.dropped.append(Dropped(key, norm, f"{why}; pass --keep-full to store it whole"))
+
+
+def _factor_experts(key: str, delta: torch.Tensor, o: _Options, part: _Partial) -> None:
+    """A 3-D experts parameter (E, out, in), or (E, in, out) where transformers stores it transposed:
+    one truncated SVD per expert, each expert a module ``<key>.<e>`` (see :mod:`loratool.experts`)."""
+    count = int(delta.shape[0])
+    for e in range(count):
+        module = f"{key}.{e}"
+        norm = float(torch.linalg.vector_norm(delta[e]))
+        if norm == 0:  # an expert the fine-tune left alone still needs its slot in PEFT's layout
+            kind: Kind = "conv1d" if o.transposed_experts else "linear"
+            out, inp = out_in(delta[e], kind).shape
+            part.modules[module] = LoraModule(delta.new_zeros(1, inp).cpu(), delta.new_zeros(out, 1).cpu(), 1.0, kind)
+            part.reports[module] = ModuleReport(module, (int(delta.shape[1]), int(delta.shape[2])), 1, 0.0, 1.0, kind)
+        else:
+            _factor(module, module, delta[e], norm, o, o.transposed_experts, part)
+        part.modules[module].expert = (e, count)
 
 
 def _factor(key: str, module: str, delta: torch.Tensor, norm: float, o: _Options, conv1d: bool, part: _Partial) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .. import arch
+from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import Fp8Layout, Fp8Scheme
 from ..distributed import current
@@ -59,6 +59,7 @@ class _Term:
     kind: Kind
     factor: float  # sign * user scale * module scaling
     bias_key: str | None = None
+    expert: int | None = None  # the slice of a 3-D experts parameter this term adds to
 
 
 @dataclass
@@ -305,8 +306,14 @@ def _plan(
                 )
             replace[key] = t
         _grow_tied_output(ckpt, config, adapter, replace)
+        for path, module in adapter.modules.items():
+            if module.expert is not None:
+                key, term = _expert_term(ckpt, config, path, module, sign * scale, name)
+                terms.setdefault(key, []).append(term)
         found = resolve_paths(adapter, module_paths)
         for path, module in adapter.modules.items():
+            if module.expert is not None:
+                continue
             if path not in found and _is_tied_copy(path, module, adapter, found, config):
                 continue  # the shared matrix is stored once, under the input embedding
             if path not in found:
@@ -351,6 +358,35 @@ def _plan(
                 fix="merge the DoRA adapter on its own, then the others into its output",
             )
     return terms, replace
+
+
+def _expert_term(
+    ckpt: Checkpoint, config: dict[str, Any], path: str, module: LoraModule, factor: float, name: str
+) -> tuple[str, _Term]:
+    """The term of one expert of a 3-D parameter (loratool.experts): the base must store the
+    parameter whole, (E, out, in), or (E, in, out) for the experts transformers stores transposed."""
+    assert module.expert is not None
+    e, count = module.expert
+    key = path.rpartition(".")[0]
+    if key not in ckpt:
+        raise MissingKeyError(
+            "the adapter adapts this 3-D experts parameter, but the base does not store it whole",
+            path=name, key=key,
+            fix="merge into a checkpoint that stores the experts as one tensor (per-expert checkpoints are "
+            "fused only in transformers' memory)",
+        )  # fmt: skip
+    shape = tuple(ckpt.info(key).shape)
+    out_in = (module.out_features, module.in_features)
+    transposed = config.get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
+    if len(shape) != 3 or shape[0] != count or shape[1:] not in (out_in, out_in[::-1]):
+        raise ShapeMismatchError(
+            "the adapter's experts do not fit this parameter", path=name, key=key,
+            expected=[count, *(out_in[::-1] if transposed else out_in)], got=list(shape),
+            fix="is this adapter for another model?",
+        )  # fmt: skip
+    square = out_in[0] == out_in[1]
+    kind: Kind = "conv1d" if (shape[1:] == out_in[::-1] and not square) or (square and transposed) else "linear"
+    return key, _Term(module, kind, factor * module.scaling, expert=e)
 
 
 def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: str) -> None:
@@ -607,7 +643,7 @@ class _Stream:
         return (
             self.device.type == "cpu"
             and ts is not None
-            and all(t.module.magnitude is None for t in ts)
+            and all(t.module.magnitude is None and t.expert is None for t in ts)
             and key not in self._pair_of
         )
 
@@ -637,7 +673,7 @@ class _Stream:
         """w32 (float32, a private copy of ``w_in``) plus every term for ``key``; refuses a non-finite result."""
         if key in self.terms:
             for t in self.terms[key]:
-                add_lora(w32, t.module.lora_A, t.module.lora_B, t.factor, t.kind)
+                add_lora(w32 if t.expert is None else w32[t.expert], t.module.lora_A, t.module.lora_B, t.factor, t.kind)
             dora = next((t for t in self.terms[key] if t.module.magnitude is not None), None)
             if dora is not None and dora.module.magnitude is not None:
                 dora_rescale(w32, dora.module.magnitude, dora.kind)

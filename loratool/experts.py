@@ -1,0 +1,145 @@
+"""PEFT's LoRA on 3-D expert parameters (``target_parameters``), as loratool holds it: one module per expert.
+
+PEFT (``lora.ParamWrapper``) adapts a parameter of shape (E, d1, d2) with one factor pair for all
+E experts: ``lora_A`` (E*r, in) holds expert e's A in rows ``e*r .. e*r+r``, and ``lora_B``
+(out, r*E) holds expert e's B in columns ``e, e+E, e+2E, ...`` (``B.reshape(out, r, E)[:, :, e]``);
+expert e's delta is ``scaling * B_e @ A_e`` (out, in), added to ``param[e]`` as stored: (out, in),
+or (in, out) for the experts transformers marks ``is_transposed`` (gpt-oss). Two parameters of one
+module are nested: the first in the module's registration order sits under ``base_layer`` (its
+keys read ``<module>.base_layer.lora_A.weight``), the second outside it.
+
+loratool splits such a pair into one :class:`~loratool.adapter.LoraModule` per expert, named
+``<parameter path>.<e>`` with ``expert = (e, E)``, so that inspect shows per-expert ranks and
+combine and resize work per expert; the PEFT writer joins them again (ranks padded with zeros to
+the largest, scalings folded into B when the experts disagree). Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .adapter import LoraModule, lora_scaling, pattern_lookup
+
+# The order transformers' fused-experts classes register their parameters in (it decides PEFT's
+# nesting); a module with two targeted parameters outside this list is refused, never guessed.
+REGISTRATION_ORDER = ("gate_up_proj", "down_proj")
+# model types whose fused experts are stored (E, in, out) (transformers: is_transposed=True)
+TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "aria", "openai_privacy_filter"})
+
+
+def targeted_parameters(config: Mapping[str, Any], module: str) -> list[str]:
+    """The parameter names of ``module`` that ``target_parameters`` selects (PEFT's match: the
+    full ``module.param`` name, or a dotted suffix of it), in registration order."""
+    targets = [str(t) for t in config.get("target_parameters") or []]
+    names = {t.rsplit(".", 1)[-1] for t in targets}
+    chosen = [n for n in names if any(f"{module}.{n}" == t or f"{module}.{n}".endswith("." + t) for t in targets)]
+    return sorted(chosen, key=_order)
+
+
+def _order(name: str) -> tuple[int, str]:
+    return (REGISTRATION_ORDER.index(name) if name in REGISTRATION_ORDER else len(REGISTRATION_ORDER), name)
+
+
+def wrapper_parameter(config: Mapping[str, Any], wrapper: str) -> str | None:
+    """The parameter path a PEFT ``ParamWrapper`` key prefix adapts (``...experts.base_layer`` ->
+    ``...experts.gate_up_proj``), or None when ``target_parameters`` selects nothing there.
+
+    Raises:
+        ValueError: two or more parameters of one module are targeted and their nesting order
+            is not known.
+    """
+    depth = 0
+    module = wrapper
+    while module.endswith(".base_layer"):
+        module, depth = module[: -len(".base_layer")], depth + 1
+    params = targeted_parameters(config, module)
+    if not params:
+        return None
+    if len(params) > 1 and any(p not in REGISTRATION_ORDER for p in params):
+        raise ValueError(
+            f"{module}: target_parameters names {', '.join(params)}; which of them PEFT nested under base_layer "
+            "depends on the model's parameter order, known to loratool for " + ", ".join(REGISTRATION_ORDER)
+        )
+    index = len(params) - 1 - depth  # the first registered is wrapped first, so nested deepest
+    if not 0 <= index < len(params):
+        raise ValueError(f"{wrapper}: nested deeper than the {len(params)} targeted parameter(s) of {module}")
+    return f"{module}.{params[index]}"
+
+
+def parameter_wrapper(config_params: Sequence[str], parameter: str) -> str:
+    """The PEFT key prefix for ``parameter`` among the targeted parameters of its module (the
+    inverse of :func:`wrapper_parameter`)."""
+    module, _, name = parameter.rpartition(".")
+    siblings = sorted({p.rpartition(".")[2] for p in config_params if p.rpartition(".")[0] == module}, key=_order)
+    depth = len(siblings) - 1 - siblings.index(name)
+    return module + ".base_layer" * depth
+
+
+def rank_of(config: Mapping[str, Any], parameter: str) -> int:
+    found = pattern_lookup(config.get("rank_pattern") or {}, parameter)
+    return int(found if found is not None else config.get("r", 8))
+
+
+def split_experts(
+    parameter: str, lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int, alpha: float, use_rslora: bool
+) -> dict[str, LoraModule]:
+    """PEFT's (E*r, in) / (out, r*E) pair as E modules ``<parameter>.<e>``.
+
+    Raises:
+        ValueError: the shapes do not hold a whole number of experts of rank ``rank``.
+    """
+    rows, cols = int(lora_A.shape[0]), int(lora_B.shape[1])
+    if rank <= 0 or rows % rank or rows != cols:
+        raise ValueError(
+            f"lora_A {list(lora_A.shape)} and lora_B {list(lora_B.shape)} do not hold experts of rank {rank}"
+        )
+    experts = rows // rank
+    a = lora_A.reshape(experts, rank, lora_A.shape[1])  # (E, r, in)
+    b = lora_B.reshape(lora_B.shape[0], rank, experts)  # (out, r, E)
+    return {
+        f"{parameter}.{e}": LoraModule(
+            lora_A=a[e].clone(), lora_B=b[:, :, e].clone(), alpha=alpha, use_rslora=use_rslora, expert=(e, experts)
+        )
+        for e in range(experts)
+    }
+
+
+def join_experts(modules: Sequence[LoraModule]) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """(lora_A, lora_B, r, alpha) in PEFT's layout for the experts 0..E-1 of one parameter.
+
+    Experts of one rank and scaling are written as they are; otherwise lower ranks are padded with
+    zeros to the largest and each expert's scaling is folded into its B, with scaling 1 for all
+    (``alpha = r``, or ``sqrt(r)`` under rsLoRA). Exact either way.
+    """
+    rank = max(m.rank for m in modules)
+    rslora = modules[0].use_rslora
+    same = len({(m.rank, m.scaling) for m in modules}) == 1
+    alpha = modules[0].alpha if same else (math.sqrt(rank) if rslora else float(rank))
+    a_parts, b_parts = [], []
+    for m in modules:
+        a, b = m.lora_A, m.lora_B
+        if not same:
+            b = (b.to(torch.float32) * (m.scaling / lora_scaling(alpha, rank, use_rslora=rslora))).to(m.lora_B.dtype)
+        if m.rank < rank:
+            a = torch.cat([a, a.new_zeros(rank - m.rank, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - m.rank)], dim=1)
+        a_parts.append(a)
+        b_parts.append(b)
+    lora_A = torch.cat(a_parts)  # (E*r, in)
+    lora_B = torch.stack(b_parts, dim=2).reshape(b_parts[0].shape[0], rank * len(modules))  # (out, r*E)
+    return lora_A, lora_B, rank, alpha
+
+
+def group_experts(modules: Mapping[str, LoraModule]) -> dict[str, list[tuple[str, LoraModule]]]:
+    """Expert modules by parameter, each list in expert order."""
+    groups: dict[str, list[tuple[str, LoraModule]]] = {}
+    for path, m in modules.items():
+        if m.expert is not None:
+            groups.setdefault(path.rpartition(".")[0], []).append((path, m))
+    for items in groups.values():
+        items.sort(key=lambda pm: pm[1].expert[0] if pm[1].expert else 0)
+    return groups
