@@ -89,6 +89,8 @@ class Adapter:
 
     modules: dict[str, LoraModule] = field(default_factory=dict)
     whole: dict[str, torch.Tensor] = field(default_factory=dict)
+    # PEFT's trainable tokens: weight key -> (row indices, the new rows (n, dim)); merged by replacing rows
+    token_rows: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     format: Literal["peft", "kohya", "mlx"] = "peft"

@@ -628,6 +628,9 @@ def _inspect_text(d: dict[str, Any]) -> str:
             )
         if d["whole_tensors"]:
             lines.append(f"  whole tensors: {', '.join(d['whole_tensors'])}")
+        if d.get("trainable_tokens"):
+            rows = ", ".join(f"{k} ({n} rows)" for k, n in d["trainable_tokens"].items())
+            lines.append(f"  trainable tokens (rows replaced on merge): {rows}")
     if d.get("provenance"):
         p = d["provenance"]
         lines.append(f"  made by loratool {p.get('version')} {p.get('operation')} at {p.get('created')}")

@@ -219,11 +219,7 @@ def _check_config(directory: Path, report: ValidationReport) -> dict[str, Any] |
         return None
     for path, message in check(config, "adapter_config"):
         report.add(path, message)
-    if not isinstance(config, dict):
-        return None
-    for field_name, why in peft.unsupported_fields(config):
-        report.add(f"$.{field_name}", why)
-    return config
+    return config if isinstance(config, dict) else None
 
 
 def _targets(config: dict[str, Any], module: str) -> bool:
@@ -239,6 +235,9 @@ def _targets(config: dict[str, Any], module: str) -> bool:
 def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: ValidationReport) -> None:
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     for key in ckpt.keys():
+        if key.endswith(peft.TOKEN_ROWS_SUFFIX):
+            _check_token_rows(key, ckpt.info(key).shape, config, report)
+            continue
         parsed = peft.parse_key(key)
         if parsed is None:
             continue  # whole tensors (modules_to_save, base_layer) have no factor structure
@@ -283,6 +282,18 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             )
         if "B.bias" in slots and not config.get("lora_bias", False):
             report.add(where, "has lora_B.bias but lora_bias is not true in the config")
+
+
+def _check_token_rows(key: str, shape: tuple[int, ...], config: dict[str, Any], report: ValidationReport) -> None:
+    """PEFT's trainable tokens: one row per index ``trainable_token_indices`` names for the module."""
+    module = peft.strip_prefix(key)[: -len(peft.TOKEN_ROWS_SUFFIX)]
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    if not isinstance(spec, list):
+        report.add(f"tensors/{key}", "trainable tokens, but trainable_token_indices names no rows for this module")
+    elif len(shape) != 2 or shape[0] != len(spec):
+        report.add(f"tensors/{key}", f"{list(shape)}: trainable_token_indices names {len(spec)} rows")
 
 
 def _validate_mlx(directory: Path, report: ValidationReport, check_values: bool) -> ValidationReport:

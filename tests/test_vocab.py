@@ -82,3 +82,45 @@ def test_a_tied_vocabulary_is_one_tensor(tmp_path: Path) -> None:
     ft = tf.LlamaForCausalLM.from_pretrained(tmp_path / "ft").eval()
     ours = tf.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(ours), logits(ft), rtol=1e-4, atol=1e-4)
+
+
+def test_trainable_tokens_merge_as_peft_replaces_rows(tmp_path: Path, cli) -> None:
+    """PEFT's trainable_token_indices: the adapter holds the new rows; merging copies them in
+    (PEFT's index_copy), in a tied output layer too; unmerge and combine refuse (no originals,
+    not linear)."""
+    import transformers as tf
+    from helpers import peft_adapter
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    for tied in (False, True):
+        root = tmp_path / f"tied{tied}"
+        config = llama_config()
+        config.tie_word_embeddings = tied
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(config).eval()
+        model.save_pretrained(root / "base")
+        pm = get_peft_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 5, 7]))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_B" in name or "trainable_tokens_delta" in name:
+                    p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(root / "adapter")
+        assert validate(root / "adapter").valid
+        res = cli("merge", root / "base", root / "adapter", "-o", root / "merged", "--quiet")
+        assert res.exit_code == 0, res.output
+        oracle = pm.merge_and_unload().state_dict()
+        merged = load_file(str(root / "merged" / "model.safetensors"))
+        for key, value in merged.items():
+            torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+        ours = tf.LlamaForCausalLM.from_pretrained(root / "merged").eval()
+        base = tf.LlamaForCausalLM.from_pretrained(root / "base").eval()
+        assert not torch.equal(ours.model.embed_tokens.weight[5], base.model.embed_tokens.weight[5])
+        if tied:
+            assert torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
+    res = cli("unmerge", root / "merged", root / "adapter", "-o", root / "back")
+    assert res.exit_code == 1 and "original" in res.output
+    peft_adapter(tf.LlamaForCausalLM(llama_config()), ["q_proj"]).save_pretrained(tmp_path / "plain")
+    res = cli("combine", root / "adapter", tmp_path / "plain", "-o", tmp_path / "mix")
+    assert res.exit_code == 1 and "trainable tokens" in res.output

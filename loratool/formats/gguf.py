@@ -122,6 +122,9 @@ def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
             Refusal(key, "llama.cpp adapters hold LoRA pairs only, not whole tensors (modules_to_save)", _MERGE_FIX)
             for key in sorted(adapter.whole)
         ]
+    plan.problems += [
+        Refusal(key, "llama.cpp adapters have no trainable tokens", _MERGE_FIX) for key in adapter.token_rows
+    ]
     tied = ties_word_embeddings(config)
     for path, m in adapter.modules.items():
         why = _unsupported(path, m, family, tied)

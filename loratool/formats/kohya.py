@@ -105,6 +105,8 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
             f"kohya files cannot hold whole tensors ({', '.join(sorted(adapter.whole)[:3])}...)",
             fix="write the PEFT format instead, or leave out --keep-full",
         )
+    if adapter.token_rows:
+        raise InputFileError("kohya files cannot hold trainable tokens", fix="write the PEFT format instead")
     expert = next((p for p, m in adapter.modules.items() if m.expert is not None), None)
     if expert is not None:
         raise InputFileError(

@@ -167,6 +167,7 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
                 "merge the adapter into the base instead (loratool merge), or drop modules_to_save")
         for key in sorted(adapter.whole)
     ]  # fmt: skip
+    out += [Refusal(key, "mlx-lm has no trainable tokens", "merge the adapter instead") for key in adapter.token_rows]
     for path, m in sorted(adapter.modules.items()):
         if m.expert is not None:
             out.append(Refusal(path, "mlx-lm has no LoRA layer for 3-D expert parameters", "use PEFT"))

@@ -93,19 +93,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputFileError(f"peft_type is {peft_type!r}; loratool handles LoRA adapters only", path=str(cfg_path))
-    unsupported = unsupported_fields(config)
-    if unsupported:
-        field_name, why = unsupported[0]
-        raise UnsupportedAdapterError(f"{field_name}: {why}", path=str(cfg_path))
     return config
-
-
-def unsupported_fields(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """PEFT features loratool cannot read right yet: (field, why) for each one set."""
-    out = []
-    if config.get("trainable_token_indices"):
-        out.append(("trainable_token_indices", "trainable-token deltas are not supported yet"))
-    return out
 
 
 def weights_path(directory: Path, *, allow_pickle: bool) -> Path:
@@ -129,11 +117,16 @@ def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False
     wpath = weights_path(directory, allow_pickle=allow_pickle)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
+    token_rows: dict[str, tuple[list[int], torch.Tensor]] = {}
     names: set[str] = set()
     with open_checkpoint(wpath, allow_pickle=allow_pickle) as ckpt:
         metadata = ckpt.header_metadata
         for raw_key in ckpt.keys():
             tensor = ckpt.get_meta(raw_key) if lazy else ckpt.get(raw_key)
+            if raw_key.endswith(TOKEN_ROWS_SUFFIX):
+                module = strip_prefix(raw_key)[: -len(TOKEN_ROWS_SUFFIX)]
+                token_rows[module + ".weight"] = (_token_indices(config, module, wpath), tensor)
+                continue
             parsed = parse_key(raw_key)
             if parsed is None:
                 whole[base_key(strip_prefix(raw_key))] = tensor
@@ -163,7 +156,26 @@ def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False
                                                  module_alpha(config, param), use_rslora))  # fmt: skip
         except ValueError as e:
             raise ShapeMismatchError(str(e), path=str(wpath), key=path) from None
-    return Adapter(modules=modules, whole=whole, config=config, metadata=metadata, format="peft", path=str(directory))
+    return Adapter(modules=modules, whole=whole, token_rows=token_rows, config=config, metadata=metadata,
+                   format="peft", path=str(directory))  # fmt: skip
+
+
+TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def _token_indices(config: dict[str, Any], module: str, file: Path) -> list[int]:
+    """The rows PEFT's ``trainable_token_indices`` gives ``module``: a list names the input
+    embedding's; a dict maps module names (or dotted suffixes) to lists."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        found = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    else:
+        found = spec
+    if not isinstance(found, list) or not all(isinstance(i, int) for i in found):
+        raise InputFileError(
+            f"{module} has trainable tokens but trainable_token_indices gives it no list of rows", path=str(file)
+        )
+    return list(found)
 
 
 def _expert_parameter(config: dict[str, Any], wrapper: str, file: Path) -> str | None:
@@ -310,6 +322,8 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
                 put(f"{path}.lora_B.bias", m.bias)
         if m.magnitude is not None:
             put(f"{path}.lora_magnitude_vector", m.magnitude)
+    for key, (_, rows) in adapter.token_rows.items():
+        put(key.removesuffix(".weight") + TOKEN_ROWS_SUFFIX, rows)
     for key, t in adapter.whole.items():
         module, param = key.rsplit(".", 1)
         # A whole tensor of a LoRA-wrapped module lives on its base layer; others are modules_to_save.

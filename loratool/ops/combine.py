@@ -262,6 +262,11 @@ def _run(
 
 def _check_sources(loaded: list[tuple[Adapter, float, str]], method: str) -> None:
     for a, _, name in loaded:
+        if a.token_rows:
+            raise UnsupportedAdapterError(
+                "trainable tokens (trainable_token_indices) replace rows: they do not add up linearly",
+                path=name, fix="merge this adapter on its own",
+            )  # fmt: skip
         if a.use_dora:
             raise UnsupportedAdapterError(
                 "DoRA adapters (use_dora) cannot be combined: their magnitude vectors do not add up linearly",

@@ -101,6 +101,7 @@ def _inspect_adapter(p: Path, allow_pickle: bool) -> dict[str, Any]:
         "use_dora": a.use_dora,
         "target_modules": a.config.get("target_modules"),
         "whole_tensors": sorted(a.whole),
+        "trainable_tokens": {k: len(idx) for k, (idx, _) in sorted(a.token_rows.items())},
         "trainable_parameters": a.num_params,
         "dtypes": dict(Counter(m["dtype"] for m in modules)),
         "bytes": sum(f.stat().st_size for f in files),

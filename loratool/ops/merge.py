@@ -306,6 +306,12 @@ def _plan(
                 )
             replace[key] = t
         _grow_tied_output(ckpt, config, adapter, replace)
+        if adapter.token_rows and scale != 1.0:
+            raise UnsupportedAdapterError(
+                f"trainable tokens replace rows: they cannot be merged at scale {scale}", path=name,
+                fix="drop the :SCALE of this adapter",
+            )  # fmt: skip
+        _replace_token_rows(ckpt, config, adapter, replace, sign, name)
         for path, module in adapter.modules.items():
             if module.expert is not None:
                 key, term = _expert_term(ckpt, config, path, module, sign * scale, name)
@@ -349,6 +355,12 @@ def _plan(
             if module.magnitude is not None:
                 _check_dora(module, kind, scale, name, key)
             terms.setdefault(key, []).append(_Term(module, kind, sign * scale * module.scaling, bias_key))
+    rows = sorted(k for a, _, _ in loaded for k in a.token_rows if k in terms)
+    if rows:
+        raise UnsupportedAdapterError(
+            "trainable tokens replace rows of this weight and a LoRA module adds to it: the result would "
+            "depend on the order", key=rows[0], fix="merge the two adapters one after the other",
+        )  # fmt: skip
     for key, ts in terms.items():
         if len(ts) > 1 and any(t.module.magnitude is not None for t in ts):
             raise UnsupportedAdapterError(
@@ -769,6 +781,32 @@ def _grown_rows(ckpt: Checkpoint, replace: dict[str, torch.Tensor]) -> dict[str,
         if t.dim() == 2 and len(old) == 2 and t.shape[1] == old[1] and t.shape[0] > old[0]:
             out[key] = int(t.shape[0])
     return out
+
+
+def _replace_token_rows(
+    ckpt: Checkpoint, config: dict[str, Any], adapter: Adapter, replace: dict[str, torch.Tensor], sign: int, name: str
+) -> None:
+    """PEFT's trainable tokens: the adapter's rows replace the weight's rows at their indices (PEFT's
+    ``index_copy``), in a tied output layer too where the base stores one."""
+    tied = arch.tied_output(list(ckpt.keys()), config)
+    for key, (indices, rows) in adapter.token_rows.items():
+        if sign < 0:
+            raise UnsupportedAdapterError(
+                "trainable tokens replace rows whose original values the adapter does not keep", path=name, key=key,
+                fix="restore from the original base checkpoint instead",
+            )  # fmt: skip
+        if key not in ckpt:
+            raise MissingKeyError("the adapter's trainable tokens are for a weight the base lacks", path=name, key=key)
+        targets = [key] + ([tied[0] + ".weight"] if tied and tied[1] == key and tied[0] + ".weight" in ckpt else [])
+        for target in targets:
+            current = replace[target] if target in replace else ckpt.get(target)
+            if current.dim() != 2 or rows.shape != (len(indices), current.shape[1]) or max(indices) >= current.shape[0]:
+                raise ShapeMismatchError(
+                    "the trainable tokens do not fit this weight", path=name, key=target,
+                    expected=f"{len(indices)} rows of {current.shape[-1]}, indices below {current.shape[0]}",
+                    got=f"{list(rows.shape)}, largest index {max(indices)}",
+                )  # fmt: skip
+            replace[target] = current.clone().index_copy_(0, torch.tensor(indices), rows.to(current.dtype))
 
 
 def _grow_tied_output(
