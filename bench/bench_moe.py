@@ -48,6 +48,27 @@ def dense_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return specs
 
 
+def moe3d_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Experts stored as 3-D parameters, as transformers holds them (E, out, in): gate and up fused."""
+    specs: list[tuple[str, tuple[int, ...]]] = []
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        specs += _attention(p) + [(f"{p}.mlp.gate.weight", (EXPERTS, HIDDEN)),
+                                  (f"{p}.mlp.experts.gate_up_proj", (EXPERTS, 2 * EXPERT_FF, HIDDEN)),
+                                  (f"{p}.mlp.experts.down_proj", (EXPERTS, HIDDEN, EXPERT_FF))]  # fmt: skip
+    return specs
+
+
+def dense3d_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """:func:`moe3d_specs`' modules as 2-D dense layers of the same shapes."""
+    specs: list[tuple[str, tuple[int, ...]]] = []
+    for i in range(layers * EXPERTS):
+        p = f"model.layers.{i}"
+        specs += (_attention(p) if i < layers else []) + [(f"{p}.mlp.gate_up_proj.weight", (2 * EXPERT_FF, HIDDEN)),
+                                                          (f"{p}.mlp.down_proj.weight", (HIDDEN, EXPERT_FF))]  # fmt: skip
+    return specs
+
+
 def ensure(workdir: Path, name: str, specs: list[tuple[str, tuple[int, ...]]]) -> Path:
     root = workdir / name
     if not (root / "ft" / "config.json").exists():
@@ -59,7 +80,9 @@ def ensure(workdir: Path, name: str, specs: list[tuple[str, tuple[int, ...]]]) -
 def run(workdir: Path, layers: int, rank: int, device: str) -> dict[str, Any]:
     pairs = {"moe": ensure(workdir, f"moe-l{layers}", moe_specs(layers)),
              "dense": ensure(workdir, f"dense-l{layers}", dense_specs(layers)),
-             "moe_big": ensure(workdir, f"moe-l{2 * layers}", moe_specs(2 * layers))}  # fmt: skip
+             "moe_big": ensure(workdir, f"moe-l{2 * layers}", moe_specs(2 * layers)),
+             "moe3d": ensure(workdir, f"moe3d-l{layers}", moe3d_specs(layers)),
+             "dense3d": ensure(workdir, f"dense3d-l{layers}", dense3d_specs(layers))}  # fmt: skip
     out: dict[str, Any] = {"machine": machine(), "layers": layers, "rank": rank, "device": device}
     for name, pair in pairs.items():
         m = measure("extract", base=str(pair / "base"), finetuned=str(pair / "ft"), rank=rank, device=device,
@@ -69,11 +92,12 @@ def run(workdir: Path, layers: int, rank: int, device: str) -> dict[str, Any]:
         out[name] = {"seconds": m["seconds"], "modules": len(modules), "experts": len(experts),
                      "peak_anon_mib": m["peak_anon_mib"], "per_module_s": m["seconds"] / len(modules)}  # fmt: skip
     out["per_module_ratio"] = out["moe"]["per_module_s"] / out["dense"]["per_module_s"]
+    out["per_module_ratio_3d"] = out["moe3d"]["per_module_s"] / out["dense3d"]["per_module_s"]
     return out
 
 
 def report(r: dict[str, Any]) -> str:
-    moe, dense, big = r["moe"], r["dense"], r["moe_big"]
+    moe, dense, big, m3, d3 = r["moe"], r["dense"], r["moe_big"], r["moe3d"], r["dense3d"]
     return "\n".join([
         f"extract -r {r['rank']}, {EXPERTS} experts x {r['layers']} layers (hidden {HIDDEN}, expert FF {EXPERT_FF}, "
         f"bf16), device {r['device']}",
@@ -84,6 +108,13 @@ def report(r: dict[str, Any]) -> str:
         f"  per module, MoE / dense: {r['per_module_ratio']:.2f}x",
         f"  peak private memory: {moe['peak_anon_mib']:.0f} MiB at {r['layers']} layers, "
         f"{big['peak_anon_mib']:.0f} MiB at {2 * r['layers']} layers ({big['modules']} modules)",
+        "experts as 3-D parameters (E, out, in), gate and up fused; one SVD per expert:",
+        f"  MoE   {m3['modules']:4d} modules ({m3['experts']} expert slices + router + attention)      "
+        f"{m3['seconds']:6.1f} s   {1000 * m3['per_module_s']:.0f} ms per module   "
+        f"peak {m3['peak_anon_mib']:.0f} MiB",
+        f"  dense {d3['modules']:4d} modules of the same shapes                           "
+        f"{d3['seconds']:6.1f} s   {1000 * d3['per_module_s']:.0f} ms per module   peak {d3['peak_anon_mib']:.0f} MiB",
+        f"  per module, MoE / dense: {r['per_module_ratio_3d']:.2f}x",
     ])  # fmt: skip
 
 

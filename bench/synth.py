@@ -61,9 +61,15 @@ def slow_delta(shape: tuple[int, int], g: torch.Generator, directions: int = 256
 def tensors(specs, seed: int, finetune: bool) -> Iterator[tuple[str, torch.Tensor]]:
     for i, (name, shape) in enumerate(specs):
         g = torch.Generator().manual_seed(seed * 100_003 + i)
-        w = torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else torch.ones(shape)
-        if finetune and len(shape) == 2 and "embed" not in name and "lm_head" not in name:
-            delta = slow_delta(shape, torch.Generator().manual_seed(7 * 100_003 + i))
+        w = torch.randn(shape, generator=g) * 0.02 if len(shape) >= 2 else torch.ones(shape)
+        if finetune and len(shape) >= 2 and "embed" not in name and "lm_head" not in name:
+            gd = torch.Generator().manual_seed(7 * 100_003 + i)
+            # 3-D experts (E, out, in): one such delta per expert
+            delta = (
+                slow_delta(shape, gd)
+                if len(shape) == 2
+                else torch.stack([slow_delta(shape[1:], gd) for _ in range(shape[0])])
+            )
             w += delta * (0.02 * w.norm() / delta.norm())  # a 2% change, as full fine-tunes make
         yield name, w.to(torch.bfloat16)
 
