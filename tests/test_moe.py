@@ -120,6 +120,12 @@ def test_extract_on_3d_experts_writes_peft_target_parameters(tmp_path: Path) -> 
     for key, value in state(tmp_path / "merged").items():
         torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
         torch.testing.assert_close(value, ft[key], rtol=0, atol=1e-4, msg=key)
+    # resize works per expert, and PEFT loads the result
+    from loratool.ops.combine import resize
+
+    resize(tmp_path / "adapter", output=tmp_path / "small", rank=2, show_progress=False)
+    small = PeftModel.from_pretrained(tf.GptOssForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "small"))
+    assert small.base_model.model.model.layers[0].mlp.experts.lora_A["default"].weight.shape[0] == 2 * 4
     # combine works per expert: cat of two is the sum of their deltas
     combine([tmp_path / "adapter", (tmp_path / "adapter", -1.0)], output=tmp_path / "zero", show_progress=False)
     merge(tmp_path / "base", [tmp_path / "zero"], output=tmp_path / "same", show_progress=False)
