@@ -389,6 +389,10 @@ def merge_fp8_rows(
     needs lies inside it, so nothing of the weight's size is ever widened at once. ``tensor``
     schemes need the whole weight's maximum first and are not taken here. Returns the squared
     norms (delta, requantization error): ||W' - W||^2 and ||stored - W'||^2 over all rows.
+
+    Every strip reuses one set of float32 and int16 buffers: on the development VM a fresh buffer
+    per step costs more in page faults than the arithmetic, and torch's own float8 -> float32
+    conversion runs one element at a time on CPU (:func:`fp8_to_float32_into` does it in bulk).
     """
     if scheme.kind == "tensor":
         raise ValueError("per-tensor scales need the whole weight: use dequantize_fp8 and quantize_fp8")
@@ -396,35 +400,70 @@ def merge_fp8_rows(
     top = fp8_max(q_out.dtype)
     step = scheme.block[0] if scheme.block is not None else 64
     s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
+    width = min(step, rows)
+    strip_buf, work_buf = (torch.empty(width, cols, dtype=torch.float32, device=q.device) for _ in range(2))
+    codes = [torch.empty(width, cols, dtype=torch.int16, device=q.device) for _ in range(2)]
     delta_sq = error_sq = 0.0
     for i, start in enumerate(range(0, rows, step)):
         stop = min(start + step, rows)
-        strip = fp8_to_float32(q[start:stop]).mul_(_strip_scale(s_in, i, start, stop, cols, scheme))  # (rows', cols)
+        n = stop - start
+        strip, work = strip_buf[:n], work_buf[:n]
+        fp8_to_float32_into(q[start:stop], strip, codes[0][:n], codes[1][:n])
+        strip.mul_(_strip_scale(s_in, i, start, stop, cols, scheme))  # (rows', cols)
         if factors:
             left, right, factor = factors[0]
-            delta = torch.mm(left[start:stop], right).mul_(factor)  # (rows', r) @ (r, cols)
+            torch.mm(left[start:stop], right, out=work).mul_(factor)  # (rows', r) @ (r, cols)
             for left, right, factor in factors[1:]:
-                delta.addmm_(left[start:stop], right, alpha=factor)
-            delta_sq += float(torch.linalg.vector_norm(delta)) ** 2
-            strip.add_(delta)
+                work.addmm_(left[start:stop], right, alpha=factor)
+            delta_sq += float(torch.linalg.vector_norm(work)) ** 2
+            strip.add_(work)
         if check is not None:
             check(strip)
+        torch.abs(strip, out=work)
         if scheme.kind == "block":
             assert scheme.block is not None
             bi = scheme.block[1]
             nb = -(-cols // bi)
-            col_max = torch.nn.functional.pad(strip.abs().amax(dim=0), (0, nb * bi - cols))  # (nb * bi,)
+            col_max = torch.nn.functional.pad(work.amax(dim=0), (0, nb * bi - cols))  # (nb * bi,)
             new = col_max.view(nb, bi).amax(dim=1) / top  # (nb,): each tile's max over the strip
             s_out[i] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
         else:
-            new = strip.abs().amax(dim=1, keepdim=True) / top  # (rows', 1)
+            new = work.amax(dim=1, keepdim=True) / top  # (rows', 1)
             s_out[start:stop] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
         new_scale = _strip_scale(s_out, i, start, stop, cols, scheme)
-        scaled = (strip / new_scale).clamp_(-top, top)
-        q_out[start:stop] = scaled.to(q_out.dtype)
-        residual = scaled.sub_(fp8_to_float32(q_out[start:stop])).mul_(new_scale)  # W' - stored, on the FP8 grid
+        scaled = torch.div(strip, new_scale, out=work).clamp_(-top, top)
+        q_out[start:stop] = scaled
+        fp8_to_float32_into(q_out[start:stop], strip, codes[0][:n], codes[1][:n], nan_codes=False)  # as stored
+        residual = scaled.sub_(strip).mul_(new_scale)  # W' - stored, on the FP8 grid
         error_sq += float(torch.linalg.vector_norm(residual)) ** 2
     return delta_sq, error_sq
+
+
+def fp8_to_float32_into(
+    q: torch.Tensor, out: torch.Tensor, code: torch.Tensor, sign: torch.Tensor, *, nan_codes: bool = True
+) -> torch.Tensor:
+    """``out[:] = q`` (float8 -> float32) through float16 bit patterns, in ``int16`` buffers ``code``
+    and ``sign`` of ``q``'s shape; exact for every code.
+
+    e5m2 is the top byte of a float16. e4m3fn's sign, 4 exponent and 3 mantissa bits placed as a
+    float16's (``code << 7``) give the value times 2^-8 (exponent bias 15 against 7), subnormals
+    included; its only NaN codes (0x7F, 0xFF) are put back as NaN (``nan_codes=False`` skips that
+    search, for values just quantized from finite, clamped numbers).
+    """
+    if q.device.type != "cpu" or q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return out.copy_(q)
+    code.copy_(q.view(torch.uint8))  # 0..255 in int16
+    if q.dtype == torch.float8_e5m2:
+        code.bitwise_left_shift_(8)
+        return out.copy_(code.view(torch.float16))
+    torch.bitwise_and(code, 0x80, out=sign).bitwise_left_shift_(8)
+    code.bitwise_and_(0x7F)
+    nan = nan_codes and bool((code == 0x7F).any())
+    code.bitwise_left_shift_(7).bitwise_or_(sign)
+    out.copy_(code.view(torch.float16)).mul_(256.0)
+    if nan:
+        out[q.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")
+    return out
 
 
 def _strip_scale(scale: torch.Tensor, i: int, start: int, stop: int, cols: int, scheme: Fp8Scheme) -> torch.Tensor:

@@ -288,3 +288,16 @@ def test_weight_and_scale_in_different_shards(tmp_path: Path, plain, scales_firs
     for k in one:
         assert torch.equal(one[k].view(torch.uint8) if one[k].dtype == E4M3 else one[k],
                            two[k].view(torch.uint8) if two[k].dtype == E4M3 else two[k]), k  # fmt: skip
+
+
+def test_bulk_fp8_conversion_is_exact_for_every_code() -> None:
+    """The merge's float8 -> float32 conversion (float16 bit patterns) against torch's own, all 256
+    codes of both formats, NaN codes included."""
+    from loratool.linalg import fp8_to_float32_into
+
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        q = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+        code = torch.empty(16, 16, dtype=torch.int16)
+        out = fp8_to_float32_into(q, torch.empty(16, 16), code, torch.empty_like(code))
+        ref = q.to(torch.float32)
+        assert bool(((out == ref) | (out.isnan() & ref.isnan())).all()), dtype
