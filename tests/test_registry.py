@@ -225,7 +225,8 @@ def test_hub_push_pull_and_listing(tmp_path: Path, fixtures: Path, cli) -> None:
             and events[-1]["detail"] == commit
         )
         res = cli("pull", "me/bot", "-o", tmp_path / "pulled", "--endpoint", hub.url, "--register", "pulled", "--json")
-        assert res.exit_code == 0, res.output and json.loads(res.stdout)["registered"] == "pulled@v1"
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["registered"] == "pulled@v1"
         lineage = Registry().lineage(Registry().resolve("pulled"))
         assert {"hub": "me/bot", "commit": commit, "role": "pulled from"} in lineage["parents"]
         listed = json.loads(cli("registry", "ls", "--hub", "me", "--endpoint", hub.url, "--json").stdout)["hub"]
