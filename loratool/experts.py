@@ -115,10 +115,9 @@ def join_experts(modules: Sequence[LoraModule]) -> tuple[torch.Tensor, torch.Ten
     zeros to the largest and each expert's scaling is folded into its B, with scaling 1 for all
     (``alpha = r``, or ``sqrt(r)`` under rsLoRA). Exact either way.
     """
-    rank = max(m.rank for m in modules)
+    rank, alpha = joined_rank_alpha(modules)
     rslora = modules[0].use_rslora
     same = len({(m.rank, m.scaling) for m in modules}) == 1
-    alpha = modules[0].alpha if same else (math.sqrt(rank) if rslora else float(rank))
     a_parts, b_parts = [], []
     for m in modules:
         a, b = m.lora_A, m.lora_B
@@ -132,6 +131,15 @@ def join_experts(modules: Sequence[LoraModule]) -> tuple[torch.Tensor, torch.Ten
     lora_A = torch.cat(a_parts)  # (E*r, in)
     lora_B = torch.stack(b_parts, dim=2).reshape(b_parts[0].shape[0], rank * len(modules))  # (out, r*E)
     return lora_A, lora_B, rank, alpha
+
+
+def joined_rank_alpha(modules: Sequence[LoraModule]) -> tuple[int, float]:
+    """The rank and alpha PEFT's config gives the experts of one parameter once joined: theirs when
+    they agree, else the largest rank with scaling 1."""
+    rank = max(m.rank for m in modules)
+    if len({(m.rank, m.scaling) for m in modules}) == 1:
+        return rank, modules[0].alpha
+    return rank, math.sqrt(rank) if modules[0].use_rslora else float(rank)
 
 
 def group_experts(modules: Mapping[str, LoraModule]) -> dict[str, list[tuple[str, LoraModule]]]:

@@ -286,11 +286,8 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
 
 def _check_token_rows(key: str, shape: tuple[int, ...], config: dict[str, Any], report: ValidationReport) -> None:
     """PEFT's trainable tokens: one row per index ``trainable_token_indices`` names for the module."""
-    module = peft.strip_prefix(key)[: -len(peft.TOKEN_ROWS_SUFFIX)]
-    spec = config.get("trainable_token_indices")
-    if isinstance(spec, dict):
-        spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
-    if not isinstance(spec, list):
+    spec = peft.token_indices(config, peft.strip_prefix(key)[: -len(peft.TOKEN_ROWS_SUFFIX)])
+    if spec is None:
         report.add(f"tensors/{key}", "trainable tokens, but trainable_token_indices names no rows for this module")
     elif len(shape) != 2 or shape[0] != len(spec):
         report.add(f"tensors/{key}", f"{list(shape)}: trainable_token_indices names {len(spec)} rows")

@@ -163,19 +163,22 @@ def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False
 TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
-def _token_indices(config: dict[str, Any], module: str, file: Path) -> list[int]:
+def token_indices(config: dict[str, Any], module: str) -> list[int] | None:
     """The rows PEFT's ``trainable_token_indices`` gives ``module``: a list names the input
-    embedding's; a dict maps module names (or dotted suffixes) to lists."""
+    embedding's; a dict maps module names (or dotted suffixes) to lists. None if it names none."""
     spec = config.get("trainable_token_indices")
     if isinstance(spec, dict):
-        found = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
-    else:
-        found = spec
-    if not isinstance(found, list) or not all(isinstance(i, int) for i in found):
+        spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    return list(spec) if isinstance(spec, list) and all(isinstance(i, int) for i in spec) else None
+
+
+def _token_indices(config: dict[str, Any], module: str, file: Path) -> list[int]:
+    found = token_indices(config, module)
+    if found is None:
         raise InputFileError(
             f"{module} has trainable tokens but trainable_token_indices gives it no list of rows", path=str(file)
         )
-    return list(found)
+    return found
 
 
 def _expert_parameter(config: dict[str, Any], wrapper: str, file: Path) -> str | None:
@@ -280,9 +283,7 @@ def config_modules(adapter: Adapter) -> dict[str, LoraModule]:
     out = {p: m for p, m in adapter.modules.items() if m.expert is None}
     for param, items in experts.group_experts(adapter.modules).items():
         ms = [m for _, m in items]
-        rank = max(m.rank for m in ms)
-        same = len({(m.rank, m.scaling) for m in ms}) == 1
-        alpha = ms[0].alpha if same else (rank**0.5 if ms[0].use_rslora else float(rank))
+        rank, alpha = experts.joined_rank_alpha(ms)
         meta = torch.empty(rank, ms[0].in_features, device="meta")
         out[param] = LoraModule(meta, torch.empty(ms[0].out_features, rank, device="meta"), alpha,
                                 use_rslora=ms[0].use_rslora)  # fmt: skip
