@@ -69,8 +69,9 @@ MIGRATIONS: dict[int, str] = {
                           entry INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
                           PRIMARY KEY (name, alias));
     -- what the entry's tensors must find in a base: module weight or whole tensor -> shape
+    -- (alt: the other orientation a 3-D experts parameter may be stored in; else the shape again)
     CREATE TABLE targets (entry INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
-                          tensor TEXT NOT NULL, shape TEXT NOT NULL, PRIMARY KEY (entry, tensor));
+                          tensor TEXT NOT NULL, shape TEXT NOT NULL, alt TEXT NOT NULL, PRIMARY KEY (entry, tensor));
     -- provenance inputs by digest: lineage in both directions
     CREATE TABLE inputs (entry INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
                          sha256 TEXT NOT NULL, path TEXT NOT NULL, role TEXT NOT NULL);
@@ -147,6 +148,7 @@ class Facts:
     parameters: int
     targets: dict[str, tuple[int, ...]]
     base_model: str | None = None
+    alternatives: dict[str, tuple[int, ...]] = field(default_factory=dict)  # target -> its other stored shape
     provenance: dict[str, Any] | None = None
 
 
@@ -241,8 +243,10 @@ class Registry:
                 )  # fmt: skip
                 entry_id = int(cur.lastrowid or 0)
                 con.executemany("INSERT INTO files VALUES (?,?,?,?)", [(entry_id, p, b, n) for p, b, n in stored])
-                con.executemany("INSERT INTO targets VALUES (?,?,?)",
-                                [(entry_id, t, _shape_text(s)) for t, s in sorted(facts.targets.items())])  # fmt: skip
+                con.executemany("INSERT INTO targets VALUES (?,?,?,?)", [
+                    (entry_id, t, _shape_text(s), _shape_text(facts.alternatives.get(t, s)))
+                    for t, s in sorted(facts.targets.items())
+                ])  # fmt: skip
                 con.executemany("INSERT INTO inputs VALUES (?,?,?,?)",
                                 [(entry_id, *i) for i in _inputs(record)])  # fmt: skip
             else:
@@ -352,7 +356,8 @@ class Registry:
                 con.executemany("INSERT INTO base VALUES (?, ?)",
                                 [(k, _shape_text(s)) for k, s in compatible_with.items()])  # fmt: skip
                 sql += (" WHERE EXISTS (SELECT 1 FROM targets t WHERE t.entry = entries.id) AND NOT EXISTS"
-                        " (SELECT 1 FROM targets t LEFT JOIN base b ON b.tensor = t.tensor AND b.shape = t.shape"
+                        " (SELECT 1 FROM targets t LEFT JOIN base b"
+                        "  ON b.tensor = t.tensor AND b.shape IN (t.shape, t.alt)"
                         "  WHERE t.entry = entries.id AND b.tensor IS NULL)")  # fmt: skip
             sql += " ORDER BY name, version DESC"
             rows = con.execute(sql, args).fetchall()

@@ -148,6 +148,13 @@ def check_fit(
         matched = 0
         for module, m in sorted(adapter_obj.modules.items()):
             where = f"base/{module}"
+            if m.expert is not None:
+                problem = _expert_misfit(ckpt, module, m)
+                if problem:
+                    report.add(where, problem)
+                else:
+                    matched += 1
+                continue
             if module not in found:
                 report.add(where, f"the base has no weight '{module}.weight': this module would adapt nothing")
                 continue
@@ -282,6 +289,18 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             )
         if "B.bias" in slots and not config.get("lora_bias", False):
             report.add(where, "has lora_B.bias but lora_bias is not true in the config")
+
+
+def _expert_misfit(ckpt: Checkpoint, module: str, m: Any) -> str | None:
+    """Why expert ``m`` (``<parameter>.<e>``) does not fit the base, or None: the base must store
+    the parameter as one (E, out, in) or (E, in, out) tensor."""
+    key = module.rpartition(".")[0]
+    if key not in ckpt:
+        return f"the base does not store the experts parameter '{key}' as one tensor"
+    shape, out_in = tuple(ckpt.info(key).shape), (m.out_features, m.in_features)
+    if len(shape) != 3 or shape[0] != m.expert[1] or shape[1:] not in (out_in, out_in[::-1]):
+        return f"the base's '{key}' is {list(shape)}; {m.expert[1]} experts of {list(out_in)} (out, in) do not fit"
+    return None
 
 
 def _check_token_rows(key: str, shape: tuple[int, ...], config: dict[str, Any], report: ValidationReport) -> None:

@@ -207,3 +207,24 @@ def test_untransposed_3d_experts_merge_as_peft(tmp_path: Path) -> None:
     assert merged["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 32, 32)
     for key, value in merged.items():
         torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_expert_adapters_fit_their_base_in_validate_and_the_registry(tmp_path: Path) -> None:
+    from loratool.ops.registry import list_entries, register
+
+    model = gpt_oss(tmp_path)
+    expert_adapter(model, r=2, lora_alpha=4).save_pretrained(tmp_path / "adapter")
+    report = validate(tmp_path / "adapter", base=tmp_path / "base")
+    assert report.valid, report.problems
+    register(tmp_path / "adapter", name="experts")
+    assert [e.ref for e in list_entries(base=tmp_path / "base")] == ["experts@v1"]  # (E, in, out) as stored
+    import transformers as tf
+
+    torch.manual_seed(0)
+    wider = tf.GptOssConfig(hidden_size=32, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                            head_dim=8, layer_types=["full_attention"])  # fmt: skip
+    tf.GptOssForCausalLM(wider).save_pretrained(tmp_path / "other")
+    problems = {p.path for p in validate(tmp_path / "adapter", base=tmp_path / "other").problems}
+    assert "base/model.layers.0.mlp.experts.gate_up_proj.0" in problems
+    assert list_entries(base=tmp_path / "other") == []

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import experts
 from ..errors import LoraToolError
 from ..formats import load_adapter
 from ..io.checkpoint import header_shapes
@@ -42,13 +43,18 @@ def facts_of(adapter: str | os.PathLike[str]) -> tuple[Facts, list[str]]:
         weights = WEIGHT_FILES[a.format]
     else:
         weights = "adapter_model.bin"
-    targets = {f"{path}.weight": tuple(m.weight_shape) for path, m in a.modules.items()}
+    targets = {f"{path}.weight": tuple(m.weight_shape) for path, m in a.modules.items() if m.expert is None}
     targets.update({k: tuple(t.shape) for k, t in a.whole.items()})
+    alternatives: dict[str, tuple[int, ...]] = {}
+    for param, items in experts.group_experts(a.modules).items():  # (E, out, in), or (E, in, out) transposed
+        m = items[0][1]
+        targets[param] = (len(items), m.out_features, m.in_features)
+        alternatives[param] = (len(items), m.in_features, m.out_features)
     record = decode(a.metadata)
     facts = Facts(
         format=a.format, weights=weights, modules=len(a.modules), ranks=sorted({m.rank for m in a.modules.values()}),
         parameters=a.num_params, targets=targets, base_model=a.base_model_name_or_path,
-        provenance=record if record and "_invalid_json" not in record else None,
+        provenance=record if record and "_invalid_json" not in record else None, alternatives=alternatives,
     )  # fmt: skip
     return facts, warnings
 
