@@ -172,14 +172,25 @@ class Registry:
             raise RegistryError(
                 "the registry is empty", path=str(self.home), fix="add an adapter: loratool registry add"
             )
-        self.home.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise RegistryError(f"cannot open the registry ({e})", path=str(self.db_path),
+                                fix="check LORATOOL_HOME and its permissions") from None  # fmt: skip
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA busy_timeout=60000")
             self._migrate(con)
             yield con
+        except sqlite3.DatabaseError as e:  # not a database, corrupt, read-only, locked past the timeout
+            raise RegistryError(
+                f"the registry's index cannot be used ({e})",
+                path=str(self.db_path),
+                fix="if it is damaged, move registry.db aside: the stored files under blobs/ are intact "
+                "(loratool registry verify checks them)",
+            ) from None
         finally:
             con.close()
 

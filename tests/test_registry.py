@@ -239,3 +239,13 @@ def test_hub_push_pull_and_listing(tmp_path: Path, fixtures: Path, cli) -> None:
         hub.shutdown()
     assert file_digest(fixtures / "llama-peft-adapter")  # inputs untouched (copied in, never linked)
     assert load_adapter(Registry().materialize(Registry().resolve("pulled")))
+
+
+def test_a_damaged_index_is_an_error_not_a_traceback(tmp_path: Path, cli, registry_home: Path) -> None:
+    register(small_adapter(tmp_path / "a", 0), name="a")
+    (registry_home / "registry.db").write_bytes(b"this is not a database" * 100)
+    for name in ("registry.db-wal", "registry.db-shm"):
+        (registry_home / name).unlink(missing_ok=True)
+    for args in (("registry", "ls"), ("registry", "show", "a"), ("inspect", "a@v1")):
+        res = cli(*args)
+        assert res.exit_code == 1 and "cannot be used" in res.output and "Traceback" not in res.output, args
