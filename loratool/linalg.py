@@ -8,14 +8,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .adapter import Kind, stored_transposed
 from .arch import Fp8Scheme
 
-# (left, right, factor): a term ``factor * left @ right`` already in the stored weight's layout
-RowFactors = tuple[torch.Tensor, torch.Tensor, float]
+
+class RowFactors(NamedTuple):
+    """``factor * left @ right`` added to the weight's rows ``row0 .. row0 + len(left)`` (a 3-D
+    experts parameter is merged as its (E*rows, cols) view, one expert's rows at a time)."""
+
+    left: torch.Tensor  # (rows, r)
+    right: torch.Tensor  # (r, cols)
+    factor: float
+    row0: int = 0
 
 
 # -- orientation and the delta --------------------------------------------------------------------
@@ -49,8 +57,8 @@ def row_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, factor: float, kind:
     block of the weight's rows needs only the matching rows of ``left``."""
     a, b = lora_A.float(), lora_B.float()
     if stored_transposed(kind):
-        return a.T, b.T, factor  # (in, r) @ (r, out): the transpose of B @ A
-    return b, a, factor  # (out, r) @ (r, in)
+        return RowFactors(a.T, b.T, factor)  # (in, r) @ (r, out): the transpose of B @ A
+    return RowFactors(b, a, factor)  # (out, r) @ (r, in)
 
 
 def merge_rows(
@@ -74,8 +82,10 @@ def merge_rows(
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         block = scratch[: (stop - start) * cols].view(stop - start, cols).copy_(w[start:stop])  # (rows', cols)
-        for left, right, factor in factors:
-            block.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
+        for left, right, factor, row0 in factors:
+            lo, hi = max(start, row0), min(stop, row0 + left.shape[0])  # the rows of this block it covers
+            if lo < hi:
+                block[lo - start : hi - start].addmm_(left[lo - row0 : hi - row0], right, alpha=factor)
         if check is not None:
             check(block)
         out[start:stop].copy_(block)
@@ -411,9 +421,9 @@ def merge_fp8_rows(
         fp8_to_float32_into(q[start:stop], strip, codes[0][:n], codes[1][:n])
         strip.mul_(_strip_scale(s_in, i, start, stop, cols, scheme))  # (rows', cols)
         if factors:
-            left, right, factor = factors[0]
+            left, right, factor, _ = factors[0]
             torch.mm(left[start:stop], right, out=work).mul_(factor)  # (rows', r) @ (r, cols)
-            for left, right, factor in factors[1:]:
+            for left, right, factor, _ in factors[1:]:
                 work.addmm_(left[start:stop], right, alpha=factor)
             delta_sq += float(torch.linalg.vector_norm(work)) ** 2
             strip.add_(work)

@@ -655,7 +655,7 @@ class _Stream:
         return (
             self.device.type == "cpu"
             and ts is not None
-            and all(t.module.magnitude is None and t.expert is None for t in ts)
+            and all(t.module.magnitude is None for t in ts)
             and key not in self._pair_of
         )
 
@@ -670,10 +670,15 @@ class _Stream:
 
     def _merge_blocked(self, key: str, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         out = self.pool.take(w.shape, out_dtype, self.device)
-        factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind) for t in self.terms[key]]
-        scratch = self.pool.take((max(BLOCK_ELEMENTS, w.shape[1]),), torch.float32, self.device)  # >= one row
+        rows = (
+            w.shape[-2] if w.dim() == 3 else 0
+        )  # a 3-D experts parameter: expert e is rows e*rows.. of (E*rows, cols)
+        factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind)._replace(row0=(t.expert or 0) * rows)
+                   for t in self.terms[key]]  # fmt: skip
+        scratch = self.pool.take((max(BLOCK_ELEMENTS, w.shape[-1]),), torch.float32, self.device)  # >= one row
+        w2, out2 = w.reshape(-1, w.shape[-1]), out.view(-1, w.shape[-1])
         try:
-            merge_rows(w, factors, out, scratch, check=lambda block: _require_finite(block, out_dtype, key, w))
+            merge_rows(w2, factors, out2, scratch, check=lambda block: _require_finite(block, out_dtype, key, w))
         except BaseException:
             self.pool.give(out)
             raise
