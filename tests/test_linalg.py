@@ -298,3 +298,22 @@ def test_merge_fp8_rows_refuses_per_tensor_scales() -> None:
     q = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="whole weight"):
         merge_fp8_rows(q, torch.ones(1), Fp8Scheme("tensor"), [], q.clone(), torch.ones(1))
+
+
+def test_merge_rows_adds_each_term_to_its_own_rows() -> None:
+    """3-D experts merge as their (E*rows, cols) view: a term with ``row0`` touches only its rows,
+    whatever the block size."""
+    from loratool.linalg import RowFactors, merge_rows
+
+    g = torch.Generator().manual_seed(0)
+    experts, rows, cols, r = 3, 5, 7, 2
+    w = torch.randn(experts * rows, cols, generator=g)
+    terms = [RowFactors(torch.randn(rows, r, generator=g), torch.randn(r, cols, generator=g), 0.5, e * rows)
+             for e in (0, 2)]  # fmt: skip
+    expected = w.clone()
+    for left, right, factor, row0 in terms:
+        expected[row0 : row0 + rows] += factor * left @ right
+    for scratch_rows in (1, 3, 4, 15):
+        out = torch.empty_like(w)
+        merge_rows(w, terms, out, torch.empty(scratch_rows * cols))
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
