@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -77,6 +77,19 @@ def parameter_wrapper(config_params: Sequence[str], parameter: str) -> str:
     siblings = sorted({p.rpartition(".")[2] for p in config_params if p.rpartition(".")[0] == module}, key=_order)
     depth = len(siblings) - 1 - siblings.index(name)
     return module + ".base_layer" * depth
+
+
+def stored_kind(shape: Sequence[int], m: LoraModule, *, transposed_model: bool) -> Literal["linear", "conv1d"] | None:
+    """How expert ``m``'s delta lies in a stored 3-D parameter of ``shape``: ``linear`` for
+    (E, out, in), ``conv1d`` (the transpose, as loratool.adapter names it) for (E, in, out); None
+    when it does not fit. A square expert is read by the model type (``transposed_model``)."""
+    assert m.expert is not None
+    out_in = (m.out_features, m.in_features)
+    if len(shape) != 3 or shape[0] != m.expert[1] or tuple(shape[1:]) not in (out_in, out_in[::-1]):
+        return None
+    if out_in[0] == out_in[1]:
+        return "conv1d" if transposed_model else "linear"
+    return "linear" if tuple(shape[1:]) == out_in else "conv1d"
 
 
 def rank_of(config: Mapping[str, Any], parameter: str) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import experts
-from .adapter import Adapter, pattern_lookup
+from .adapter import Adapter, LoraModule, pattern_lookup
 from .arch import OUTPUT_LAYER, is_embedding
 from .errors import LoraToolError, MetadataError
 from .formats import kohya, load_adapter, mlx, peft
@@ -291,15 +291,16 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             report.add(where, "has lora_B.bias but lora_bias is not true in the config")
 
 
-def _expert_misfit(ckpt: Checkpoint, module: str, m: Any) -> str | None:
+def _expert_misfit(ckpt: Checkpoint, module: str, m: LoraModule) -> str | None:
     """Why expert ``m`` (``<parameter>.<e>``) does not fit the base, or None: the base must store
     the parameter as one (E, out, in) or (E, in, out) tensor."""
     key = module.rpartition(".")[0]
     if key not in ckpt:
         return f"the base does not store the experts parameter '{key}' as one tensor"
-    shape, out_in = tuple(ckpt.info(key).shape), (m.out_features, m.in_features)
-    if len(shape) != 3 or shape[0] != m.expert[1] or shape[1:] not in (out_in, out_in[::-1]):
-        return f"the base's '{key}' is {list(shape)}; {m.expert[1]} experts of {list(out_in)} (out, in) do not fit"
+    shape = tuple(ckpt.info(key).shape)
+    if experts.stored_kind(shape, m, transposed_model=False) is None:
+        count, out_in = m.expert[1] if m.expert else 1, [m.out_features, m.in_features]
+        return f"the base's '{key}' is {list(shape)}; {count} experts of {out_in} (out, in) do not fit"
     return None
 
 

@@ -237,8 +237,18 @@ def test_hub_push_pull_and_listing(tmp_path: Path, fixtures: Path, cli) -> None:
         assert json.loads(other.stdout)["hub"] == []
     finally:
         hub.shutdown()
-    assert file_digest(fixtures / "llama-peft-adapter")  # inputs untouched (copied in, never linked)
     assert load_adapter(Registry().materialize(Registry().resolve("pulled")))
+
+
+def test_files_are_copied_in_so_editing_the_source_changes_nothing(tmp_path: Path, cli) -> None:
+    src = small_adapter(tmp_path / "a", 0)
+    entry = register(src, name="a").entry
+    before = file_digest(Path(Registry().materialize(entry)))
+    with open(src / "adapter_model.safetensors", "r+b") as f:  # edited in place: same inode
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x80\x7f")
+    assert cli("registry", "verify").exit_code == 0
+    assert file_digest(Path(Registry().materialize(Registry().resolve("a")))) == before
 
 
 def test_a_damaged_index_is_an_error_not_a_traceback(tmp_path: Path, cli, registry_home: Path) -> None:

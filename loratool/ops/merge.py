@@ -388,16 +388,15 @@ def _expert_term(
             "fused only in transformers' memory)",
         )  # fmt: skip
     shape = tuple(ckpt.info(key).shape)
-    out_in = (module.out_features, module.in_features)
     transposed = config.get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
-    if len(shape) != 3 or shape[0] != count or shape[1:] not in (out_in, out_in[::-1]):
+    kind = experts.stored_kind(shape, module, transposed_model=transposed)
+    if kind is None:
+        out_in = (module.out_features, module.in_features)
         raise ShapeMismatchError(
             "the adapter's experts do not fit this parameter", path=name, key=key,
             expected=[count, *(out_in[::-1] if transposed else out_in)], got=list(shape),
             fix="is this adapter for another model?",
         )  # fmt: skip
-    square = out_in[0] == out_in[1]
-    kind: Kind = "conv1d" if (shape[1:] == out_in[::-1] and not square) or (square and transposed) else "linear"
     return key, _Term(module, kind, factor * module.scaling, expert=e)
 
 
