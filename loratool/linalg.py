@@ -142,6 +142,39 @@ def exact_svd(matrix: torch.Tensor, k: int | None = None, *, sq_norm: float | No
     return TruncatedSVD(U[:, :k], S[:k], Vh[:k], _sq_norm(m) if sq_norm is None else sq_norm)
 
 
+def top_svd(matrix: torch.Tensor, k: int, *, sq_norm: float | None = None) -> TruncatedSVD:
+    """The ``k`` largest singular triplets of a dense matrix, as accurate as :func:`exact_svd`'s and
+    about three times faster when ``k`` is well below the smaller dimension n.
+
+    The eigenvectors of the Gram matrix (n, n) span a subspace of 2k directions that holds the top
+    k; one step of subspace iteration from there, then Rayleigh-Ritz (a (2k, n) SVD), gives the
+    triplets. The Gram matrix squares the condition number, so its eigenvectors alone lose the
+    directions below sqrt(eps) of the largest; the iteration step and the oversampling bring them
+    back to the float32 accuracy of a direct SVD (tested against float64 on spectra decaying like
+    1/i^2 and on flat Gaussian ones). Each triplet's residual ||M v - s u|| is then checked, and
+    the direct SVD runs instead should one exceed what float32 rounding explains.
+    """
+    m = matrix.to(torch.float32)
+    rows, cols = m.shape
+    n = min(rows, cols)
+    width = 2 * k
+    if width >= n // 2:  # no cheaper than the direct SVD
+        return exact_svd(m, k, sq_norm=sq_norm)
+    tall = m if rows >= cols else m.T  # (big, n)
+    _, v = torch.linalg.eigh(tall.T @ tall)  # ascending eigenvalues of the (n, n) Gram matrix
+    q, _ = torch.linalg.qr(tall @ v[:, -width:])  # (big, 2k): one subspace iteration step...
+    v, _ = torch.linalg.qr(tall.T @ q)  # (n, 2k)
+    q, _ = torch.linalg.qr(tall @ v)  # (big, 2k)
+    u_small, s, vh = torch.linalg.svd(q.T @ tall, full_matrices=False)  # ...then Rayleigh-Ritz: (2k, n)
+    u, s, vh = q @ u_small[:, :k], s[:k], vh[:k]
+    residual = (tall @ vh.T - u * s).norm(dim=0).max()  # (big, k): how far each triplet is from exact
+    if s.numel() and not residual <= 16 * torch.finfo(torch.float32).eps * math.sqrt(n) * s[0]:
+        return exact_svd(m, k, sq_norm=sq_norm)
+    if tall is not m:
+        u, vh = vh.T, u.T
+    return TruncatedSVD(u, s, vh, _sq_norm(m) if sq_norm is None else sq_norm)
+
+
 def randomized_svd(
     matrix: torch.Tensor,
     k: int,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_combine import dense
 
 from loratool.ops.combine import combine
-from loratool.task_arithmetic import merge_tasks, prune
+from loratool.task_arithmetic import MergeStats, kth_largest, merge_tasks, prune
 
 WEIGHTS = [0.8, -0.5, 1.2]
 
@@ -134,3 +134,58 @@ def test_ties_elects_the_sign_and_averages_what_agrees() -> None:
     out = merge_tasks([a, b, c], [1.0, 1.0, 1.0], "ties", density=1.0)
     # sums 1+2-4 = -1 (elect -): only -4 agrees; -2+1+1 = 0 (ties go to +): 1, 1; 3-1+0 = 2 (+): 3
     assert torch.equal(out, torch.tensor([-4.0, 1.0, 3.0]))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        lambda g: torch.randn(1 << 20, generator=g).abs(),
+        lambda g: torch.randint(0, 50, (1 << 20,), generator=g).float(),  # few distinct values: ties everywhere
+        lambda g: torch.arange(1 << 20, dtype=torch.float32),  # sorted
+        lambda g: torch.cat([torch.zeros(1 << 19), torch.rand(1 << 19, generator=g)]),  # a block of zeros
+    ],
+    ids=["gaussian", "ties", "sorted", "half-zero"],
+)
+def test_kth_largest_is_exact_selection(values) -> None:
+    """The sampled bracket never changes the answer: kthvalue's value, and the count at or above it."""
+    v = values(torch.Generator().manual_seed(5))
+    n = v.numel()
+    for k in (1, 7, n // 10, n // 2, n - 3, n):
+        got, at_least = kth_largest(v, k)
+        want = torch.kthvalue(v, n - k + 1).values
+        assert got == want and at_least == int((v >= want).sum()) and at_least >= k, k
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear", "linear"])
+def test_merge_tasks_on_large_tensors_equals_peft_merge_utils(method: str, monkeypatch) -> None:
+    """Several chunks and the sampled threshold at work, against PEFT's functions (float64: no equal magnitudes)."""
+    from peft.utils import merge_utils
+
+    g = torch.Generator().manual_seed(6)
+    tasks = [torch.randn(700, 1500, generator=g, dtype=torch.float64) * (i + 1) for i in range(3)]
+    weights = [0.7, -0.4, 1.1]
+    masks = [torch.bernoulli(torch.full((700, 1500), 0.3, dtype=torch.float64), generator=g) for _ in tasks]
+    if method.startswith("dare"):
+        drawn = iter(masks)
+        monkeypatch.setattr(torch, "bernoulli", lambda t, *a, **k: next(drawn))
+    w = torch.tensor(weights, dtype=torch.float64)
+    expected = {
+        "ties": lambda: merge_utils.ties(tasks, w, 0.3, "total"),
+        "magnitude_prune": lambda: merge_utils.magnitude_prune(tasks, w, 0.3),
+        "dare_ties": lambda: merge_utils.dare_ties(tasks, w, 0.3, "frequency"),
+        "dare_linear": lambda: merge_utils.dare_linear(tasks, w, 0.3),
+        "linear": lambda: merge_utils.task_arithmetic(tasks, w),
+    }[method]()
+    monkeypatch.undo()
+    gens = [torch.Generator() for _ in tasks]
+    mask_of = dict(zip(map(id, gens), masks))
+    from loratool import task_arithmetic
+
+    monkeypatch.setattr(task_arithmetic, "random_mask", lambda shape, density, generator: mask_of[id(generator)])
+    stats = MergeStats()
+    ours = merge_tasks(tasks, weights, method, density=0.3, generators=gens, stats=stats,  # type: ignore[arg-type]
+                       sign_method="frequency" if method == "dare_ties" else "total")  # fmt: skip
+    assert torch.allclose(ours, expected, rtol=1e-12, atol=1e-15)
+    if method != "linear":
+        assert abs(stats.density - 0.3) < 0.01
+    assert (stats.sign_agreement is not None) == method.endswith("ties")

@@ -29,6 +29,7 @@ from loratool.linalg import (
     residual_error,
     row_factors,
     split_factors,
+    top_svd,
     unit_of_rounding,
 )
 
@@ -59,6 +60,55 @@ def test_randomized_within_one_percent_of_exact_on_slow_decay(shape: tuple[int, 
         b, a = split_factors(approx, r)
         err = residual_error(delta.clone(), b, a)
         assert err <= exact * 1.01, (r, err, exact)
+
+
+def truncation_error(svd, truth: tuple[torch.Tensor, torch.Tensor, torch.Tensor], r: int) -> float:
+    """||U_r S_r V_r - the float64 rank-r truncation|| / ||the truncation||."""
+    u, s, vh = truth
+    exact = (u[:, :r] * s[:r]) @ vh[:r]
+    ours = (svd.U[:, :r].double() * svd.S[:r].double()) @ svd.Vh[:r].double()
+    return float((ours - exact).norm() / exact.norm())
+
+
+SPECTRA = {
+    "flat (Gaussian)": None,
+    "1/i^0.3": lambda i: i**-0.3,
+    "1/i": lambda i: i**-1.0,
+    "1/i^2 (sigma_r far below sqrt(eps) sigma_1)": lambda i: i**-2.0,
+}
+
+
+@pytest.mark.parametrize("spectrum", list(SPECTRA), ids=list(SPECTRA))
+@pytest.mark.parametrize("shape", [(1024, 256), (256, 1024)])
+def test_top_svd_is_as_accurate_as_the_direct_svd(spectrum: str, shape: tuple[int, int]) -> None:
+    """The truncation from top_svd is no further from the float64 truth than float32 LAPACK's."""
+    f = SPECTRA[spectrum]
+    g = torch.Generator().manual_seed(3)
+    n = min(shape)
+    if f is None:
+        m = torch.randn(*shape, generator=g)
+    else:
+        m = with_spectrum(*shape, f(torch.arange(1, n + 1, dtype=torch.float64)))
+    truth = torch.linalg.svd(m.double(), full_matrices=False)
+    for r in (8, 32):
+        direct = truncation_error(exact_svd(m, r), truth, r)
+        ours = truncation_error(top_svd(m, r), truth, r)
+        assert ours <= 3 * direct + 1e-6, (r, ours, direct)
+        assert top_svd(m, r).U.shape == (shape[0], r) and top_svd(m, r).Vh.shape == (r, shape[1])
+
+
+def test_top_svd_falls_back_to_the_direct_svd_when_its_check_fails(monkeypatch) -> None:
+    """Should the Gram eigenvectors be wrong, the residual check sees it and the direct SVD runs."""
+    g = torch.Generator().manual_seed(4)
+    m = torch.randn(512, 128, generator=g)
+    truth = torch.linalg.svd(m.double(), full_matrices=False)
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: (real_eigh(a)[0], torch.linalg.qr(torch.randn_like(a))[0]))
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: calls.append(a.shape) or real_svd(a, **kw))
+    assert truncation_error(top_svd(m, 8), truth, 8) < 1e-5
+    assert (512, 128) in calls  # the direct SVD of the whole matrix ran
 
 
 def test_spectral_error_identity_matches_the_formed_residual() -> None:

@@ -34,7 +34,15 @@ from ..formats.kohya import resolve_paths
 from ..formats.peft import new_config
 from ..io.atomic import check_output
 from ..io.checkpoint import open_checkpoint, torch_dtype
-from ..linalg import FactoredSVD, factored_sq_norm, rank_for_energy, relative_error, split_factors
+from ..linalg import (
+    FactoredSVD,
+    exact_svd,
+    factored_sq_norm,
+    rank_for_energy,
+    relative_error,
+    split_factors,
+    top_svd,
+)
 from ..provenance import InputHasher, encode, make_record
 from ..report import ModuleReport, summarize
 from ..runtime import map_on_cores, progress, resolve_device
@@ -387,15 +395,17 @@ def _dense_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[float | None, float | None]]:
     """PEFT's ``*_svd`` forms: ``method`` on each source's dense delta s_i B_i A_i (one module's at a
     time), then the top singular directions, S on B as PEFT puts it, optionally clamped."""
-    deltas = [m.scaling * (m.lora_B.to(dev, torch.float32) @ m.lora_A.to(dev, torch.float32)) for m, _ in terms]
+    deltas = [(m.lora_B.to(dev, torch.float32) @ m.lora_A.to(dev, torch.float32)).mul_(m.scaling) for m, _ in terms]
     stats = MergeStats()
     merged = merge_tasks(deltas, [w for _, w in terms], method.removesuffix("_svd"),  # type: ignore[arg-type]
                          density=sparse.density or 1.0, sign_method=sparse.majority_sign, stats=stats,
                          generators=_generators(sparse.seed, path, len(terms), "delta"))  # fmt: skip
     del deltas
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # (out, k), (k,), (k, in)
-    r = min(cap or max(m.rank for m, _ in terms), s.shape[0])
-    b, a = u[:, :r] * s[:r], vh[:r]  # (out, r), (r, in)
+    r = min(cap or max(m.rank for m, _ in terms), *merged.shape)
+    # PEFT takes the full SVD; the top r triplets are the same to float32 rounding. Its clamp, though,
+    # sees the sign LAPACK gives each singular vector pair: with a clamp, the same SVD runs here.
+    svd = top_svd(merged, r) if sparse.svd_clamp is None else exact_svd(merged, r)
+    b, a = svd.U * svd.S, svd.Vh  # (out, r), (r, in)
     if sparse.svd_clamp is not None:
         hi = torch.quantile(torch.cat([b.flatten(), a.flatten()]), sparse.svd_clamp)
         b, a = b.clamp(-hi, hi), a.clamp(-hi, hi)
