@@ -6,7 +6,7 @@ Float32 (or float64 where noted) inside; the device is the input's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -365,19 +365,13 @@ def _expand_scale(scale: torch.Tensor, shape: tuple[int, ...], scheme: Fp8Scheme
     return full[: shape[0], : shape[1]]  # ragged last tiles cut back to the weight
 
 
-_FP8_VALUES: dict[torch.dtype, torch.Tensor] = {}
-
-
 def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
-    """``q.to(float32)``, on CPU by a 256-entry table: torch converts float8 one element at a time
-    there, six times slower than this gather (measured on the 2-core development VM)."""
-    if q.device.type != "cpu":
+    """``q.to(float32)``, on CPU by :func:`fp8_to_float32_into`: torch converts e4m3 one element at
+    a time there."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         return q.to(torch.float32)
-    table = _FP8_VALUES.get(q.dtype)
-    if table is None:
-        table = _FP8_VALUES[q.dtype] = torch.arange(256, dtype=torch.uint8).view(q.dtype).to(torch.float32)
-    codes = q.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-    return table.index_select(0, codes).view(q.shape)
+    code, spare = torch.empty(q.shape, dtype=torch.int16), torch.empty(q.shape, dtype=torch.int16)
+    return fp8_to_float32_into(q, torch.empty(q.shape, dtype=torch.float32), code, spare)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:
@@ -424,6 +418,7 @@ def merge_fp8_rows(
     q_out: torch.Tensor,
     scale_out: torch.Tensor,
     check: Callable[[torch.Tensor], None] | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Dequantize ``q`` (out, in) a strip of rows at a time, add the rank-r terms in float32, and
     requantize each strip into ``q_out``/``scale_out`` (the same scheme, dtype and scale shape).
@@ -431,87 +426,157 @@ def merge_fp8_rows(
     A strip is one block row (``block`` scheme) or up to 64 rows (``channel``): every scale a strip
     needs lies inside it, so nothing of the weight's size is ever widened at once. ``tensor``
     schemes need the whole weight's maximum first and are not taken here. Returns the squared
-    norms (delta, requantization error): ||W' - W||^2 and ||stored - W'||^2 over all rows.
+    norms (delta, requantization error): ||W' - W||^2 (from the factors) and ||stored - W'||^2.
+    ``check`` is called with a merged strip (or the dequantized weight) that is not finite.
+    ``scratch``: float32 working memory of at least :func:`fp8_scratch_elements` (else allocated).
 
-    Every strip reuses one set of float32 and int16 buffers: on the development VM a fresh buffer
-    per step costs more in page faults than the arithmetic, and torch's own float8 -> float32
-    conversion runs one element at a time on CPU (:func:`fp8_to_float32_into` does it in bulk).
+    The time is elementwise passes over each strip, so there are as few as the arithmetic allows
+    (about a dozen): float8 is decoded through float16 bit patterns (:func:`_fp8_bits_into`; torch
+    converts e4m3 one element at a time on CPU), the power of two that decoding leaves out rides on
+    the scale, the terms are added by ``addmm``, and the tile maxima that set the new scales also
+    reveal a NaN or Inf. Every strip reuses one set of buffers: on the development VM a fresh
+    buffer per step costs more in page faults than the arithmetic.
     """
     if scheme.kind == "tensor":
         raise ValueError("per-tensor scales need the whole weight: use dequantize_fp8 and quantize_fp8")
+    if check is not None and fp8_has_nan_codes(q):
+        check(fp8_to_float32(q))  # e4m3fn's NaN codes decode to finite numbers below: settle them here
     rows, cols = q.shape
     top = fp8_max(q_out.dtype)
-    step = scheme.block[0] if scheme.block is not None else 64
     s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
-    width = min(step, rows)
-    strip_buf, work_buf = (torch.empty(width, cols, dtype=torch.float32, device=q.device) for _ in range(2))
-    codes = [torch.empty(width, cols, dtype=torch.int16, device=q.device) for _ in range(2)]
-    delta_sq = error_sq = 0.0
-    for i, start in enumerate(range(0, rows, step)):
-        stop = min(start + step, rows)
-        n = stop - start
-        strip, work = strip_buf[:n], work_buf[:n]
-        fp8_to_float32_into(q[start:stop], strip, codes[0][:n], codes[1][:n])
-        strip.mul_(_strip_scale(s_in, i, start, stop, cols, scheme))  # (rows', cols)
-        if factors:
-            left, right, factor, _ = factors[0]
-            torch.mm(left[start:stop], right, out=work).mul_(factor)  # (rows', r) @ (r, cols)
-            for left, right, factor, _ in factors[1:]:
-                work.addmm_(left[start:stop], right, alpha=factor)
-            delta_sq += float(torch.linalg.vector_norm(work)) ** 2
-            strip.add_(work)
-        if check is not None:
-            check(strip)
+    groups = list(_strip_groups(rows, cols, scheme))
+    size = max(stop - start for start, stop, _ in groups) * cols
+    if scratch is None:
+        scratch = torch.empty(3 * size, dtype=torch.float32, device=q.device)
+    elif scratch.numel() < 3 * size:
+        raise ValueError(f"scratch holds {scratch.numel()} elements, {3 * size} are needed")
+    strip_buf, work_buf = scratch[:size], scratch[size : 2 * size]
+    code_buf, spare_buf = scratch[2 * size : 3 * size].view(torch.int16).split(size)  # two int16 buffers
+    lefts, rights = [left * factor for left, _, factor, _ in factors], [right for _, right, _, _ in factors]
+    delta_sq = factored_sq_norm(lefts, rights) if factors else 0.0
+    error_sq = 0.0
+    for start, stop, g in groups:
+        n = (stop - start) * cols
+        strip, work = strip_buf[:n].view(-1, cols), work_buf[:n].view(-1, cols)
+        code, spare = code_buf[:n].view(-1, cols), spare_buf[:n].view(-1, cols)
+        unit = _fp8_bits_into(q[start:stop], strip, code, spare)
+        tiles = (g, -1, cols)  # (block rows, rows of each, cols): every tile's scale broadcasts over its rows
+        strip.view(tiles).mul_(_group_scale(s_in, start, stop, g, cols, scheme) * unit)  # exact: unit is 2^k
+        for left, right, factor, _ in factors:
+            strip.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
         torch.abs(strip, out=work)
         if scheme.kind == "block":
             assert scheme.block is not None
             bi = scheme.block[1]
             nb = -(-cols // bi)
-            col_max = torch.nn.functional.pad(work.amax(dim=0), (0, nb * bi - cols))  # (nb * bi,)
-            new = col_max.view(nb, bi).amax(dim=1) / top  # (nb,): each tile's max over the strip
-            s_out[i] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
+            peak = work.view(tiles).amax(dim=1)  # (g, cols); amax keeps a NaN
+            new = torch.nn.functional.pad(peak, (0, nb * bi - cols)).view(g, nb, bi).amax(dim=2) / top  # (g, nb)
+            b0 = start // scheme.block[0]
+            s_out[b0 : b0 + g] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
         else:
-            new = work.amax(dim=1, keepdim=True) / top  # (rows', 1)
+            peak = work.amax(dim=1, keepdim=True)  # (rows', 1)
+            new = peak / top
             s_out[start:stop] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
-        new_scale = _strip_scale(s_out, i, start, stop, cols, scheme)
-        scaled = torch.div(strip, new_scale, out=work).clamp_(-top, top)
+        if check is not None and not bool(torch.isfinite(peak).all()):
+            check(strip)
+        new_scale = _group_scale(s_out, start, stop, g, cols, scheme)
+        scaled = torch.div(strip.view(tiles), new_scale, out=work.view(tiles)).view(-1, cols)
+        if bool((new < _TINY).any()):  # |W'| / (max|W'| / top) <= top (1 + 2^-22) unless a scale is subnormal
+            scaled.clamp_(-top, top)
         q_out[start:stop] = scaled
-        fp8_to_float32_into(q_out[start:stop], strip, codes[0][:n], codes[1][:n], nan_codes=False)  # as stored
-        residual = scaled.sub_(strip).mul_(new_scale)  # W' - stored, on the FP8 grid
-        error_sq += float(torch.linalg.vector_norm(residual)) ** 2
+        unit = _fp8_bits_into(q_out[start:stop], strip, code, spare)  # the stored values / unit
+        residual = scaled.sub_(strip, alpha=unit).view(tiles).mul_(new_scale).view(-1)  # W' - stored
+        error_sq += float(torch.dot(residual, residual))
     return delta_sq, error_sq
 
 
-def fp8_to_float32_into(
-    q: torch.Tensor, out: torch.Tensor, code: torch.Tensor, sign: torch.Tensor, *, nan_codes: bool = True
-) -> torch.Tensor:
-    """``out[:] = q`` (float8 -> float32) through float16 bit patterns, in ``int16`` buffers ``code``
-    and ``sign`` of ``q``'s shape; exact for every code.
+def fp8_scratch_elements(rows: int, cols: int, scheme: Fp8Scheme) -> int:
+    """How much float32 scratch :func:`merge_fp8_rows` works in for a (rows, cols) weight."""
+    return 3 * max(stop - start for start, stop, _ in _strip_groups(rows, cols, scheme)) * cols
 
-    e5m2 is the top byte of a float16. e4m3fn's sign, 4 exponent and 3 mantissa bits placed as a
-    float16's (``code << 7``) give the value times 2^-8 (exponent bias 15 against 7), subnormals
-    included; its only NaN codes (0x7F, 0xFF) are put back as NaN (``nan_codes=False`` skips that
-    search, for values just quantized from finite, clamped numbers).
-    """
-    if q.device.type != "cpu" or q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return out.copy_(q)
-    code.copy_(q.view(torch.uint8))  # 0..255 in int16
-    if q.dtype == torch.float8_e5m2:
-        code.bitwise_left_shift_(8)
-        return out.copy_(code.view(torch.float16))
-    torch.bitwise_and(code, 0x80, out=sign).bitwise_left_shift_(8)
-    code.bitwise_and_(0x7F)
-    nan = nan_codes and bool((code == 0x7F).any())
-    code.bitwise_left_shift_(7).bitwise_or_(sign)
-    out.copy_(code.view(torch.float16)).mul_(256.0)
-    if nan:
-        out[q.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")
+
+def fp8_row_parts(rows: int, scheme: Fp8Scheme, parts: int) -> list[tuple[slice, slice]]:
+    """Up to ``parts`` ranges of rows of about equal size on block-row boundaries, each with the
+    rows of the scale tensor it owns: independent pieces of :func:`merge_fp8_rows`, whose results
+    (and the sums of their norms) are those of the whole."""
+    unit = scheme.block[0] if scheme.kind == "block" and scheme.block is not None else 1
+    units = -(-rows // unit)
+    bounds = sorted({round(i * units / parts) for i in range(parts + 1)})
+    out = []
+    for u0, u1 in zip(bounds, bounds[1:]):
+        r0, r1 = u0 * unit, min(u1 * unit, rows)
+        out.append((slice(r0, r1), slice(u0, u1) if unit > 1 else slice(r0, r1)))
     return out
 
 
-def _strip_scale(scale: torch.Tensor, i: int, start: int, stop: int, cols: int, scheme: Fp8Scheme) -> torch.Tensor:
-    """The scales of strip ``i`` (rows start:stop), broadcastable to (rows', cols), in float32."""
+_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+_GROUP_ELEMENTS = 1 << 20  # elements per step of merge_fp8_rows: fewer, larger steps cost less in dispatch
+
+
+def _strip_groups(rows: int, cols: int, scheme: Fp8Scheme) -> Iterator[tuple[int, int, int]]:
+    """(start, stop, block rows) steps over the rows: whole block rows (a ragged last one alone), or
+    for per-channel scales any rows, about a million elements at a time."""
     if scheme.kind == "block":
         assert scheme.block is not None
-        return scale[i].to(torch.float32).repeat_interleave(scheme.block[1])[:cols]  # (cols,)
-    return scale[start:stop].to(torch.float32)  # (rows', 1)
+        bo = scheme.block[0]
+        per, full = max(1, _GROUP_ELEMENTS // (bo * cols)), rows // bo
+        for b0 in range(0, full, per):
+            b1 = min(b0 + per, full)
+            yield b0 * bo, b1 * bo, b1 - b0
+        if rows % bo:
+            yield full * bo, rows, 1
+    else:
+        step = max(1, _GROUP_ELEMENTS // cols)
+        for start in range(0, rows, step):
+            yield start, min(start + step, rows), 1
+
+
+def _group_scale(scale: torch.Tensor, start: int, stop: int, g: int, cols: int, scheme: Fp8Scheme) -> torch.Tensor:
+    """The float32 scales of rows start:stop, broadcastable to their (g, rows / g, cols) view."""
+    if scheme.kind == "block":
+        assert scheme.block is not None
+        b0 = start // scheme.block[0]
+        per_col = scale[b0 : b0 + g].to(torch.float32).repeat_interleave(scheme.block[1], dim=1)[:, :cols]
+        return per_col.view(g, 1, cols)
+    return scale[start:stop].to(torch.float32).view(1, -1, 1)  # (1, rows', 1)
+
+
+def _fp8_bits_into(q: torch.Tensor, out: torch.Tensor, code: torch.Tensor, spare: torch.Tensor) -> float:
+    """``out[:] = q / unit`` (float8 -> float32) for the returned power of two ``unit``, exactly, for
+    every finite code, in four integer passes and one conversion; ``code`` and ``spare`` are int16
+    buffers of ``q``'s shape. e4m3fn's NaN codes come out as +-480 / unit (see :func:`fp8_has_nan_codes`).
+
+    e5m2 is the top byte of a float16 (unit 1). An e4m3fn byte in the top byte of an int16, shifted
+    right by one, has its 4 exponent and 3 mantissa bits where a float16 has them: the value times
+    2^-8 (exponent bias 15 against 7, subnormals included), once the copy of the sign that the
+    arithmetic shift put in bit 14 is cleared.
+    """
+    if q.device.type != "cpu" or q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        out.copy_(q)
+        return 1.0
+    code.copy_(q.view(torch.uint8)).bitwise_left_shift_(8)  # 0..255 into the top byte
+    if q.dtype == torch.float8_e5m2:
+        out.copy_(code.view(torch.float16))
+        return 1.0
+    torch.bitwise_right_shift(code, 1, out=spare).bitwise_and_(~0x4000)
+    out.copy_(spare.view(torch.float16))
+    return 256.0
+
+
+def fp8_has_nan_codes(q: torch.Tensor) -> bool:
+    """Whether an e4m3fn tensor holds a NaN (0x7F or 0xFF, the largest byte as int8 and as uint8)."""
+    if q.dtype != torch.float8_e4m3fn:
+        return False  # e5m2's NaN and Inf codes decode as such
+    return int(q.view(torch.int8).amax()) == 0x7F or int(q.view(torch.uint8).amax()) == 0xFF
+
+
+def fp8_to_float32_into(q: torch.Tensor, out: torch.Tensor, code: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """``out[:] = q`` (float8 -> float32), exactly for every code, NaN included, through float16 bit
+    patterns in the int16 buffers ``code`` and ``spare`` (torch's own conversion of e4m3 runs one
+    element at a time on CPU)."""
+    unit = _fp8_bits_into(q, out, code, spare)
+    if unit != 1.0:
+        out.mul_(unit)
+    if fp8_has_nan_codes(q):
+        out[q.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")
+    return out

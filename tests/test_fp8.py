@@ -252,6 +252,20 @@ def test_other_quantizations_are_refused_before_anything_is_written(tmp_path: Pa
         assert "quantize the result" in r.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_a_nan_code_in_the_fp8_base_is_an_error_naming_the_weight(tmp_path: Path, plain, cli, code: int) -> None:
+    """e4m3fn's NaN codes decode to finite numbers in the fast path: merge must still see them."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    ts = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    key = "model.layers.1.mlp.down_proj.weight"
+    ts[key].view(torch.uint8)[3, 5] = code
+    save_file(ts, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    r = cli("merge", tmp_path / "fp8", adapter, "-o", tmp_path / "out")
+    assert r.exit_code == 1 and key in r.stderr and "NaN" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("scales_first", [True, False])
 def test_weight_and_scale_in_different_shards(tmp_path: Path, plain, scales_first: bool, monkeypatch) -> None:
     """The pair is computed when its first member comes up, whichever shard holds it; the result is

@@ -18,6 +18,7 @@ from loratool.linalg import (
     dora_rescale,
     exact_svd,
     factored_svd,
+    fp8_row_parts,
     lora_delta,
     merge_fp8_rows,
     merge_rows,
@@ -342,6 +343,43 @@ def test_merge_fp8_rows_matches_the_whole_weight_path(scheme: Fp8Scheme) -> None
     ).all()
     assert delta_sq == pytest.approx(float((0.5 * (b @ a)).square().sum()), rel=1e-4)
     assert error_sq == pytest.approx(float((stored - target).square().sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("scheme", [Fp8Scheme("block", (16, 8)), Fp8Scheme("channel")], ids=["block", "channel"])
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_merge_fp8_rows_in_parts_equals_the_whole(scheme: Fp8Scheme, parts: int) -> None:
+    """fp8_row_parts cuts on block rows, so merging the parts (as merge does, one per core) gives
+    the whole weight's codes, scales and norms, bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(70, 40, generator=g)  # 70 = 4 * 16 + 6: a ragged last block row
+    scale_shape = (5, 5) if scheme.kind == "block" else (70, 1)
+    q, s = quantize_fp8(w, scheme, torch.float8_e4m3fn, scale_shape)
+    f = [row_factors(*factors(70, 40, 3, 9), 0.7, "linear")]
+    whole_q, whole_s = torch.empty_like(q), torch.empty_like(s)
+    whole = merge_fp8_rows(q, s, scheme, f, whole_q, whole_s)
+    part_q, part_s = torch.empty_like(q), torch.empty_like(s)
+    sums = []
+    cuts = fp8_row_parts(70, scheme, parts)
+    assert [r.start for r, _ in cuts][0] == 0 and cuts[-1][0].stop == 70
+    for rows, scales in cuts:
+        assert rows.start % (scheme.block[0] if scheme.block else 1) == 0
+        mine = [x._replace(left=x.left[rows]) for x in f]
+        sums.append(merge_fp8_rows(q[rows], s[scales], scheme, mine, part_q[rows], part_s[scales]))
+    assert torch.equal(part_q.view(torch.uint8), whole_q.view(torch.uint8)) and torch.equal(part_s, whole_s)
+    assert sum(d for d, _ in sums) == pytest.approx(whole[0], rel=1e-12)
+    assert sum(e for _, e in sums) == pytest.approx(whole[1], rel=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float8_e4m3fn, 320.0), (torch.float8_e5m2, 40960.0)])
+def test_merge_fp8_rows_stays_in_range_for_subnormal_scales(dtype: torch.dtype, value: float) -> None:
+    """A tile so small that its new scale is a subnormal float32, rounded far down, still quantizes
+    into range (no NaN or Inf codes)."""
+    scheme = Fp8Scheme("block", (4, 4))
+    q = torch.full((4, 4), value).to(dtype)  # W = value * 2^-148: its new scale, W / max, is
+    s = torch.full((1, 1), 2.0**-148)  # 1.43 * 2^-149, stored as 2^-149: W / that is 1.43 * max
+    q_out, s_out = torch.empty_like(q), torch.empty_like(s)
+    merge_fp8_rows(q, s, scheme, [row_factors(torch.zeros(1, 4), torch.zeros(4, 1), 1.0, "linear")], q_out, s_out)
+    assert dequantize_fp8(q_out, s_out, scheme).isfinite().all()
 
 
 def test_merge_fp8_rows_refuses_per_tensor_scales() -> None:

@@ -38,6 +38,8 @@ from ..linalg import (
     add_lora,
     dequantize_fp8,
     dora_rescale,
+    fp8_row_parts,
+    fp8_scratch_elements,
     is_finite,
     merge_fp8_rows,
     merge_rows,
@@ -47,7 +49,7 @@ from ..linalg import (
 )
 from ..pipeline import BackgroundWriter, BufferPool, stream, widen
 from ..provenance import InputHasher, encode, make_record
-from ..runtime import compute_threads, resolve_device
+from ..runtime import available_cores, compute_threads, map_on_cores, resolve_device
 from ..validation import require_valid
 
 
@@ -529,7 +531,7 @@ class _Stream:
     dequantize: bool = False  # FP8 weights are written in out_dtype, their scales dropped
     pool: BufferPool = field(default_factory=BufferPool)
     requantized: list[dict[str, Any]] = field(default_factory=list)  # per FP8 weight changed: what rounding cost
-    _stash: dict[str, torch.Tensor] = field(default_factory=dict)  # the other half of an FP8 pair, until its turn
+    _stash: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # an FP8 pair's other half (pooled?)
     _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
 
     def __post_init__(self) -> None:
@@ -564,7 +566,11 @@ class _Stream:
         """The result for ``key`` (the input where nothing changes), the dtype to write it in, and
         whether the tensor is the pool's (the writer hands it back once written)."""
         if key in self._pair_of:
-            return self._fp8_result(key, w_in)
+            try:
+                return self._fp8_result(key, w_in)
+            finally:
+                if self._prefetched(key):
+                    self.pool.give(w_in)  # read into a pool buffer by _read, now consumed
         out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
         if w32 is None and self._blocked(key):
             w, pooled = self._merge_blocked(key, w_in, out_dtype), True
@@ -588,8 +594,8 @@ class _Stream:
         scheme (or keep float32 for a dequantized output). The pair is computed when its first
         member comes up; the other waits in ``_stash`` for its own turn in the file order."""
         if key in self._stash:
-            t = self._stash.pop(key)
-            return t, t.dtype, False
+            t, pooled = self._stash.pop(key)
+            return t, t.dtype, pooled
         assert self.fp8 is not None
         wkey = self._pair_of[key]
         info = self.fp8.weights[wkey]
@@ -604,10 +610,15 @@ class _Stream:
         if self.check is not None and self.reference is not None:
             ref_q, ref_s = _reference_tensor(self.reference, wkey), _reference_tensor(self.reference, info.scale_key)
             self.check.add_fp8((q_new.cpu(), s_new.cpu()), (ref_q, ref_s), (q.cpu(), scale), info.scheme)
+        pooled = q_new.device.type == "cpu"  # a new tensor of its own: the pool takes it back once written
         q_new, s_new = q_new.cpu(), s_new.to("cpu", scale.dtype)
-        mine, other = (q_new, s_new) if key == wkey else (s_new, q_new)
+        mine, other = ((q_new, pooled), (s_new, False)) if key == wkey else ((s_new, False), (q_new, pooled))
         self._stash[info.scale_key if key == wkey else wkey] = other
-        return mine, mine.dtype, False
+        return mine[0], mine[0].dtype, mine[1]
+
+    def _prefetched(self, key: str) -> bool:
+        """Whether _read copies ``key`` into a pool buffer (an FP8 pair's first member, on CPU)."""
+        return self.device.type == "cpu" and key in self._pair_of and key not in self._later
 
     def _has_dora(self, key: str) -> bool:
         return any(t.module.magnitude is not None for t in self.terms.get(key, []))
@@ -617,7 +628,7 @@ class _Stream:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge and requantize a strip of rows at a time (:func:`merge_fp8_rows`): memory of a strip."""
         q_dev, s_dev = q.to(self.device), scale.to(self.device)
-        q_new, s_new = torch.empty_like(q_dev), torch.empty_like(s_dev)
+        q_new, s_new = self.pool.take(q.shape, q.dtype, self.device), torch.empty_like(s_dev)
         factors = [row_factors(t.module.lora_A.to(self.device), t.module.lora_B.to(self.device), t.factor, t.kind)
                    for t in self.terms[key]]  # fmt: skip
 
@@ -625,7 +636,22 @@ class _Stream:
             if not is_finite(strip):  # the base is only dequantized whole to name the cause
                 _require_finite(strip, torch.float32, key, dequantize_fp8(q_dev, s_dev, scheme))
 
-        delta_sq, error_sq = merge_fp8_rows(q_dev, s_dev, scheme, factors, q_new, s_new, check)
+        def merge_part(part: tuple[slice, slice]) -> tuple[float, float]:
+            rows, scales = part
+            mine = [f._replace(left=f.left[rows]) for f in factors]
+            q_part = q_dev[rows]
+            scratch = self.pool.take((fp8_scratch_elements(*q_part.shape, scheme),), torch.float32, self.device)
+            try:
+                return merge_fp8_rows(q_part, s_dev[scales], scheme, mine, q_new[rows], s_new[scales], check, scratch)
+            finally:
+                self.pool.give(scratch)
+
+        # The strips are all arithmetic: one part per core, each single-threaded (no OpenMP spin-wait
+        # against the reader and writer threads); the parts are independent, so the result is the same.
+        on_cpu = self.device.type == "cpu"
+        parts = fp8_row_parts(q.shape[0], scheme, available_cores() if on_cpu else 1)
+        sums = list(map_on_cores(merge_part, parts, enabled=on_cpu))
+        delta_sq, error_sq = sum(d for d, _ in sums), sum(e for _, e in sums)
         self.requantized.append(_requantization(key, delta_sq**0.5, error_sq**0.5))
         return q_new, s_new
 
@@ -662,6 +688,8 @@ class _Stream:
         if key in self._later:
             return key, torch.empty(0), None  # its result waits in _stash
         w = self.replace[key] if key in self.replace else self.ckpt.get(key)
+        if self._prefetched(key):  # read here, on the prefetch thread: the strips never wait on the disk
+            return key, self.pool.take(w.shape, w.dtype, self.device).copy_(w), None
         changes = key in self.terms or key in self.bias_terms
         if not changes or self._blocked(key) or key in self._pair_of:
             return key, w, None
