@@ -451,7 +451,8 @@ def merge_fp8_rows(
     elif scratch.numel() < 3 * size:
         raise ValueError(f"scratch holds {scratch.numel()} elements, {3 * size} are needed")
     strip_buf, work_buf = scratch[:size], scratch[size : 2 * size]
-    code_buf, spare_buf = scratch[2 * size : 3 * size].view(torch.int16).split(size)  # two int16 buffers
+    halves = scratch[2 * size : 3 * size].view(torch.int16)  # two int16 buffers in the last third
+    code_buf, spare_buf = halves[:size], halves[size:]
     lefts, rights = [left * factor for left, _, factor, _ in factors], [right for _, right, _, _ in factors]
     delta_sq = factored_sq_norm(lefts, rights) if factors else 0.0
     error_sq = 0.0

@@ -640,7 +640,8 @@ class _Stream:
             rows, scales = part
             mine = [f._replace(left=f.left[rows]) for f in factors]
             q_part = q_dev[rows]
-            scratch = self.pool.take((fp8_scratch_elements(*q_part.shape, scheme),), torch.float32, self.device)
+            elements = fp8_scratch_elements(q_part.shape[0], q_part.shape[1], scheme)
+            scratch = self.pool.take((elements,), torch.float32, self.device)
             try:
                 return merge_fp8_rows(q_part, s_dev[scales], scheme, mine, q_new[rows], s_new[scales], check, scratch)
             finally:
