@@ -144,7 +144,7 @@ def exact_svd(matrix: torch.Tensor, k: int | None = None, *, sq_norm: float | No
 
 def top_svd(matrix: torch.Tensor, k: int, *, sq_norm: float | None = None) -> TruncatedSVD:
     """The ``k`` largest singular triplets of a dense matrix, as accurate as :func:`exact_svd`'s and
-    about three times faster when ``k`` is well below the smaller dimension n.
+    two to three times faster when ``k`` is well below the smaller dimension n (measured on CPU).
 
     The eigenvectors of the Gram matrix (n, n) span a subspace of 2k directions that holds the top
     k; one step of subspace iteration from there, then Rayleigh-Ritz (a (2k, n) SVD), gives the

@@ -207,4 +207,4 @@ def _ties_chunk(xs: list[torch.Tensor], weights: list[float], sign_method: SignM
         agree = (x * majority) > 0  # the sign of x is the elected one (0 never agrees)
         num += (x * w) * agree  # PEFT: (stacked * w) * mask, summed over the tasks
         count += agree
-    return num / count.clamp(min=1), int(count.sum())
+    return num / count.clamp(min=1), int(count.sum(dtype=torch.float64))  # float32 would round past 2^24
