@@ -315,3 +315,48 @@ def test_bulk_fp8_conversion_is_exact_for_every_code() -> None:
         out = fp8_to_float32_into(q, torch.empty(16, 16), code, torch.empty_like(code))
         ref = q.to(torch.float32)
         assert bool(((out == ref) | (out.isnan() & ref.isnan())).all()), dtype
+
+
+@pytest.mark.parametrize(("name", "scheme"), [("llama-fp8-block", "block"), ("llama-fp8-channel", "channel")])
+def test_the_shipped_fp8_fixtures_are_the_format_and_merge_like_peft(tmp_path: Path, fixtures: Path, cli, name: str,
+                                                                      scheme: str) -> None:  # fmt: skip
+    """fixtures/llama-fp8-*: llama-base quantized by each format's definition (checked here); the
+    shipped PEFT adapter merged into them carries PEFT's own delta, as well as requantizing allows."""
+    from peft import PeftModel
+
+    base = load_file(str(fixtures / "llama-base" / "model.safetensors"))
+    stored = load_file(str(fixtures / name / "model.safetensors"))
+    for key, t in base.items():
+        if t.dim() == 2 and key.rsplit(".", 2)[-2] in PROJ:
+            q, s = reference_quant(t, scheme)
+            assert torch.equal(stored[key].view(torch.uint8), q.view(torch.uint8)), key
+            assert torch.equal(stored[key[: -len("weight")] + scale_name(scheme)], s.reshape(-1, s.shape[-1])), key
+    assert json.loads((fixtures / name / "config.json").read_text())["quantization_config"] == quant_config(scheme)
+    r = cli("merge", fixtures / name, fixtures / "llama-peft-adapter", "-o", tmp_path / "merged", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["quantization"]["schemes"] == [scheme]
+    peft_model = PeftModel.from_pretrained(
+        load_model("llama", fixtures / "llama-base"), fixtures / "llama-peft-adapter"
+    )
+    deltas = {
+        n.removeprefix("base_model.model.") + ".weight": layer.get_delta_weight("default").double()
+        for n, layer in peft_model.named_modules()
+        if hasattr(layer, "lora_A") and "default" in layer.lora_A
+    }
+    before, after = dequantized_state(fixtures / name, scheme), dequantized_state(tmp_path / "merged", scheme)
+    for key, delta in deltas.items():
+        target = before[key] + delta
+        ideal = reference_dequant(*reference_quant(target.float(), scheme), scheme)
+        assert float((after[key] - target).norm()) <= float((ideal - target).norm()) * (1 + 1e-6) + 1e-12, key
+
+
+@pytest.mark.parametrize(("name", "method"), [("llama-gptq-like", "gptq"), ("llama-bnb-like", "bitsandbytes")])
+def test_the_shipped_refusal_fixtures_are_refused(tmp_path: Path, fixtures: Path, cli, name: str, method: str) -> None:
+    for args in (
+        ["merge", fixtures / name, fixtures / "llama-peft-adapter"],
+        ["unmerge", fixtures / name, fixtures / "llama-peft-adapter"],
+        ["extract", fixtures / "llama-base", fixtures / name],
+    ):
+        r = cli(*args, "-o", tmp_path / "out")
+        assert r.exit_code == 1 and f"the checkpoint is quantized: {method}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
