@@ -61,3 +61,32 @@ def test_analyze_on_cuda_matches_cpu(fixtures: Path, svd: str) -> None:
         assert a.module == b.module and a.rank_for_energy == b.rank_for_energy
         assert a.singular_values == pytest.approx(b.singular_values, rel=1e-4, abs=1e-6)
         assert a.amplification == pytest.approx(b.amplification, rel=1e-3)
+
+
+def test_ties_svd_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
+    sources = [(fixtures / "llama-peft-adapter", 1.0), (fixtures / "llama-peft-adapter", -0.25)]
+    for device in ("cpu", "cuda"):
+        combine(sources, output=tmp_path / device, method="ties_svd", density=0.5, rank=3, device=device,
+                show_progress=False)  # fmt: skip
+    cpu, gpu = deltas(tmp_path / "cpu"), deltas(tmp_path / "cuda")
+    for k in cpu:
+        assert torch.allclose(cpu[k], gpu[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_fp8_merge_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
+    """Scales to float32 rounding, values within one FP8 rounding unit (the sums round apart)."""
+    from loratool.arch import Fp8Scheme
+    from loratool.linalg import dequantize_fp8
+
+    for device in ("cpu", "cuda"):
+        merge(fixtures / "llama-fp8-block", [fixtures / "llama-peft-adapter"], output=tmp_path / device,
+              device=device, show_progress=False)  # fmt: skip
+    scheme = Fp8Scheme("block", (24, 24))
+    with open_checkpoint(tmp_path / "cpu") as a, open_checkpoint(tmp_path / "cuda") as b:
+        for k in a.keys():
+            if a.get(k).dtype != torch.float8_e4m3fn:
+                assert torch.allclose(a.get(k).float(), b.get(k).float(), rtol=1e-6, atol=1e-12), k
+                continue
+            sa, sb = a.get(k + "_scale_inv"), b.get(k + "_scale_inv")
+            grid = dequantize_fp8(torch.full_like(a.get(k), 32.0), sa, scheme)  # the largest FP8 step: 32 in [256, 448]
+            assert (dequantize_fp8(a.get(k), sa, scheme) - dequantize_fp8(b.get(k), sb, scheme)).abs().le(grid).all()
