@@ -15,14 +15,32 @@ from .linalg import dequantize_fp8, is_finite
 from .pipeline import BufferPool, upcast, widen
 
 
+class ExpertDeltas:
+    """The float32 difference of a 3-D experts parameter (E, a, b), one expert at a time: ``[e]``
+    reads and subtracts expert e's slices only, so memory holds one expert, never all of them
+    (gpt-oss-120b's largest would be several GB in float32)."""
+
+    def __init__(self, base: torch.Tensor, finetuned: torch.Tensor, device: torch.device) -> None:
+        self.base, self.finetuned, self.device = base, finetuned, device
+        self.shape = base.shape
+
+    def dim(self) -> int:
+        return 3
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        f = self.finetuned[e].to(self.device, torch.float32, copy=True)
+        return f.sub_(self.base[e].to(self.device))
+
+
 class Delta(NamedTuple):
     """One paired tensor: the base's and the fine-tune's as read, and their float32 difference
-    (``None`` for integer tensors) with its Frobenius norm (0: unchanged)."""
+    (``None`` for integer tensors; :class:`ExpertDeltas` for 3-D experts, where the reader was
+    asked for them) with its Frobenius norm (0: unchanged)."""
 
     key: str
     base: torch.Tensor
     finetuned: torch.Tensor
-    delta: torch.Tensor | None
+    delta: torch.Tensor | ExpertDeltas | None
     norm: float
 
 
@@ -41,20 +59,35 @@ class DeltaReader:
         device: torch.device,
         pool: BufferPool,
         fp8: tuple[Fp8Layout | None, Fp8Layout | None] = (None, None),
+        *,
+        experts_apart: bool = False,
     ) -> None:
         self.b, self.f, self.device, self.pool, self.fp8 = base, finetuned, device, pool, fp8
+        self.experts_apart = experts_apart  # 3-D floating tensors as ExpertDeltas, one expert in memory
 
     def __call__(self, key: str) -> Delta:
         wb, wf = read_weight(self.b, self.fp8[0], key, self.device), read_weight(self.f, self.fp8[1], key, self.device)
         if not wb.is_floating_point():
             return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
+        if self.experts_apart and wb.dim() == 3:
+            experts = ExpertDeltas(wb, wf, self.device)
+            sq = 0.0
+            for e in range(wb.shape[0]):  # the norm, an expert at a time (the consumer reads them again)
+                sq += float(torch.linalg.vector_norm(d := experts[e])) ** 2
+                _require_finite(key, sq, d, wb[e], wf[e])
+            return Delta(key, wb, wf, experts, math.sqrt(sq))
         on_gpu = self.device.type == "cuda"
         delta = widen(wf, self.device, self.pool).sub_(upcast(wb, self.device) if on_gpu else wb)
         norm = float(torch.linalg.vector_norm(delta))  # one norm tells changed (> 0) and finite
-        if not math.isfinite(norm) and not is_finite(delta):  # NaN or Inf on either side reaches it
-            name = "base" if not is_finite(wb) else "fine-tune"
-            raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
+        _require_finite(key, norm, delta, wb, wf)
         return Delta(key, wb, wf, delta, norm)
+
+
+def _require_finite(key: str, norm: float, delta: torch.Tensor, wb: torch.Tensor, wf: torch.Tensor) -> None:
+    """NaN or Inf on either side reaches the delta's norm: name the side that holds it."""
+    if not math.isfinite(norm) and not is_finite(delta):
+        name = "base" if not is_finite(wb) else "fine-tune"
+        raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
 
 
 def read_weight(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.device) -> torch.Tensor:

@@ -228,3 +228,36 @@ def test_expert_adapters_fit_their_base_in_validate_and_the_registry(tmp_path: P
     problems = {p.path for p in validate(tmp_path / "adapter", base=tmp_path / "other").problems}
     assert "base/model.layers.0.mlp.experts.gate_up_proj.0" in problems
     assert list_entries(base=tmp_path / "other") == []
+
+
+def test_expert_deltas_are_read_one_expert_at_a_time(tmp_path: Path) -> None:
+    """extract's reader hands a 3-D parameter over as per-expert deltas: the same numbers and norm
+    as the whole difference, and a NaN named with its side (bench_moe measures the memory)."""
+    from safetensors.torch import save_file
+
+    from loratool.deltas import DeltaReader, ExpertDeltas
+    from loratool.errors import NonFiniteError
+    from loratool.io.checkpoint import open_checkpoint
+    from loratool.pipeline import BufferPool
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(6, 12, 10, generator=g).to(torch.bfloat16)
+    ft = (base.float() + 0.01 * torch.randn(6, 12, 10, generator=g)).to(torch.bfloat16)
+    ft[2] = base[2]  # an expert left alone
+    for name, t in (("b", base), ("f", ft)):
+        (tmp_path / name).mkdir()
+        save_file({"experts.gate_up_proj": t}, str(tmp_path / name / "model.safetensors"))
+    with open_checkpoint(tmp_path / "b") as b, open_checkpoint(tmp_path / "f") as f:
+        d = DeltaReader(b, f, torch.device("cpu"), BufferPool(), experts_apart=True)("experts.gate_up_proj")
+        whole = ft.float() - base.float()
+        assert isinstance(d.delta, ExpertDeltas) and d.delta.shape == whole.shape
+        assert all(torch.equal(d.delta[e], whole[e]) for e in range(6)) and not d.delta[2].any()
+        assert d.norm == pytest.approx(float(whole.norm()), rel=1e-6)
+        plain = DeltaReader(b, f, torch.device("cpu"), BufferPool())("experts.gate_up_proj")
+        assert isinstance(plain.delta, torch.Tensor) and torch.equal(plain.delta, whole)
+    bad = ft.clone()
+    bad[4, 3, 1] = float("nan")
+    save_file({"experts.gate_up_proj": bad}, str(tmp_path / "f" / "model.safetensors"))
+    with open_checkpoint(tmp_path / "b") as b, open_checkpoint(tmp_path / "f") as f:
+        with pytest.raises(NonFiniteError, match="fine-tune holds NaN"):
+            DeltaReader(b, f, torch.device("cpu"), BufferPool(), experts_apart=True)("experts.gate_up_proj")

@@ -284,7 +284,7 @@ def _analyze_checkpoints(
         opts = _SvdOptions(top_k, svd, oversample, n_iter, seed, ranks)
         for d in stream(read, keys, desc="analyze", show=show):
             module = d.key.removesuffix(".weight")
-            if d.delta is None:
+            if not isinstance(d.delta, torch.Tensor):  # None: an integer tensor (no ExpertDeltas: not asked for)
                 if d.norm:
                     result.skipped.append(Dropped(d.key, d.norm, "an integer tensor changed"))
                 continue
@@ -313,7 +313,7 @@ def _analyze_delta(
 ) -> ModuleAnalysis:
     """One changed weight: the top-K SVD of its delta (extract's, seed for seed) and the
     amplification factor against the base weight."""
-    assert d.delta is not None
+    assert isinstance(d.delta, torch.Tensor)
     matrix = out_in(d.delta, kind)  # (out, in)
     k = min(o.top_k, *matrix.shape)
     if o.svd == "exact":

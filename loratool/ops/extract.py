@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -20,7 +20,7 @@ from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import Fp8Layout
 from ..card import check_base_model_id, is_hub_id
-from ..deltas import DeltaReader, fp8_companions, grown_vocabulary, module_generator, paired_keys
+from ..deltas import DeltaReader, ExpertDeltas, fp8_companions, grown_vocabulary, module_generator, paired_keys
 from ..distributed import current
 from ..errors import LoraToolError
 from ..formats import save_adapter
@@ -295,16 +295,16 @@ def _extract_keys(
     """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
     part = _Partial()
     pool = BufferPool()
-    read = DeltaReader(b, f, o.device, pool, o.fp8)
+    read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None)
     for key, wb, wf, delta, norm in stream(read, keys, desc="extract", show=show, depth=depth):
         _handle(key, wb, wf, delta, norm, o, conv1d, part)
-        if delta is not None:
+        if isinstance(delta, torch.Tensor):
             give_back(delta, pool)  # consumed; its memory serves the next delta
     return part
 
 
 def _handle(
-    key: str, wb: torch.Tensor, wf: torch.Tensor, delta: torch.Tensor | None, norm: float, o: _Options,
+    key: str, wb: torch.Tensor, wf: torch.Tensor, delta: torch.Tensor | ExpertDeltas | None, norm: float, o: _Options,
     conv1d: bool, part: _Partial,
 ) -> None:  # fmt: skip
     """One tensor: unchanged, an integer change (dropped), whole (kept or dropped), or LoRA factors."""
@@ -317,11 +317,12 @@ def _handle(
         fp8_ft = o.fp8[1] is not None and key in o.fp8[1].weights
         part.dtypes[key] = torch.bfloat16 if fp8_ft else wf.dtype  # factors cannot be FP8: bf16, as trained
         module = key[: -len(".weight")] if key.endswith(".weight") else key
-        if delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude):
-            _factor(key, module, delta, norm, o, conv1d, part)
+        tensor = isinstance(delta, torch.Tensor)  # else ExpertDeltas: a 3-D experts parameter, read per expert
+        if tensor and delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude):
+            _factor(key, module, cast(torch.Tensor, delta), norm, o, conv1d, part)
         elif delta.dim() == 3 and _selected(key, o.include, o.exclude) and o.budget is None:
             _factor_experts(key, delta, o, part)
-        elif o.bias and delta.dim() == 1 and key.endswith(".bias"):
+        elif o.bias and isinstance(delta, torch.Tensor) and delta.dim() == 1 and key.endswith(".bias"):
             part.biases[key[: -len(".bias")]] = (delta.to("cpu", copy=True), norm, wf)
         elif o.keep and o.keep.search(key):
             part.whole[key] = wf
@@ -331,20 +332,22 @@ def _handle(
             part.dropped.append(Dropped(key, norm, f"{why}; pass --keep-full to store it whole"))
 
 
-def _factor_experts(key: str, delta: torch.Tensor, o: _Options, part: _Partial) -> None:
+def _factor_experts(key: str, delta: torch.Tensor | ExpertDeltas, o: _Options, part: _Partial) -> None:
     """A 3-D experts parameter (E, out, in), or (E, in, out) where transformers stores it transposed:
-    one truncated SVD per expert, each expert a module ``<key>.<e>`` (see :mod:`loratool.experts`)."""
+    one truncated SVD per expert, each expert a module ``<key>.<e>`` (see :mod:`loratool.experts`).
+    ``delta`` is read an expert at a time."""
     count = int(delta.shape[0])
     for e in range(count):
         module = f"{key}.{e}"
-        norm = float(torch.linalg.vector_norm(delta[e]))
+        d = delta[e]  # (a, b) float32
+        norm = float(torch.linalg.vector_norm(d))
         if norm == 0:  # an expert the fine-tune left alone still needs its slot in PEFT's layout
             kind: Kind = "conv1d" if o.transposed_experts else "linear"
-            out, inp = out_in(delta[e], kind).shape
-            part.modules[module] = LoraModule(delta.new_zeros(1, inp).cpu(), delta.new_zeros(out, 1).cpu(), 1.0, kind)
-            part.reports[module] = ModuleReport(module, (int(delta.shape[1]), int(delta.shape[2])), 1, 0.0, 1.0, kind)
+            out, inp = out_in(d, kind).shape
+            part.modules[module] = LoraModule(d.new_zeros(1, inp).cpu(), d.new_zeros(out, 1).cpu(), 1.0, kind)
+            part.reports[module] = ModuleReport(module, (int(d.shape[0]), int(d.shape[1])), 1, 0.0, 1.0, kind)
         else:
-            _factor(module, module, delta[e], norm, o, o.transposed_experts, part)
+            _factor(module, module, d, norm, o, o.transposed_experts, part)
         part.modules[module].expert = (e, count)
 
 
