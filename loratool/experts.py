@@ -17,7 +17,8 @@ the largest, scalings folded into B when the experts disagree). Nothing here rea
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -90,6 +91,90 @@ def stored_kind(shape: Sequence[int], m: LoraModule, *, transposed_model: bool) 
     if out_in[0] == out_in[1]:
         return "conv1d" if transposed_model else "linear"
     return "linear" if tuple(shape[1:]) == out_in else "conv1d"
+
+
+# Checkpoints that store experts apart, as transformers' conversion mapping fuses them on load:
+# per expert, ``gate_up_proj`` is gate_proj's rows then up_proj's (Qwen2/3-MoE, DeepSeek, OLMoE and
+# the rest of the qwen2_moe family), or w1's then w3's under ``block_sparse_moe`` (Mixtral); and
+# ``down_proj`` is down_proj (w2). gpt-oss interleaves gate and up columns and is not among them.
+_APART: dict[str, tuple[tuple[str, ...], ...]] = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+
+
+def apart_weights(
+    parameter: str, e: int, shape_of: Callable[[str], Sequence[int] | None], *, transposed_model: bool
+) -> list[tuple[str, tuple[int, int]]] | None:
+    """The 2-D weights in which a checkpoint that stores experts apart keeps expert ``e`` of the
+    fused ``parameter`` (``<...>.experts.gate_up_proj``), with their shapes, in the order
+    transformers concatenates their rows; None where it holds no such weights. ``shape_of`` gives a
+    key's stored shape (None: absent)."""
+    if transposed_model:
+        return None
+    prefix, _, name = parameter.rpartition(".")
+    for where in dict.fromkeys((prefix, prefix.replace(".mlp.experts", ".block_sparse_moe.experts"))):
+        for names in _APART.get(name, ()):
+            keys = [f"{where}.{e}.{n}.weight" for n in names]
+            shapes = [shape_of(k) for k in keys]
+            if all(s is not None and len(s) == 2 for s in shapes):
+                return [(k, (int(s[0]), int(s[1]))) for k, s in zip(keys, shapes) if s is not None]
+    return None
+
+
+def fused_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int, int]]:
+    """The fused 3-D parameters transformers would make of experts a checkpoint stores apart
+    (``<...>.mlp.experts.gate_up_proj`` -> (E, rows, cols)), from its tensors' shapes: what a
+    ``target_parameters`` adapter is checked against where only headers are read (the registry)."""
+    experts_of: dict[str, dict[int, dict[str, tuple[int, int]]]] = {}
+    for key, shape in shapes.items():  # <prefix>.experts.<e>.<name>.weight, 2-D
+        parts = key.split(".")
+        if len(parts) >= 5 and parts[-1] == "weight" and parts[-3].isdigit() and parts[-4] == "experts":
+            if len(shape) == 2:
+                prefix = ".".join(parts[:-4]).replace(".block_sparse_moe", ".mlp")  # Mixtral's, renamed
+                experts_of.setdefault(prefix, {}).setdefault(int(parts[-3]), {})[parts[-2]] = (shape[0], shape[1])
+    out: dict[str, tuple[int, int, int]] = {}
+    for prefix, per_expert in experts_of.items():
+        count = len(per_expert)
+        if sorted(per_expert) != list(range(count)):
+            continue
+        for fused, layouts in _APART.items():
+            for names in layouts:
+                layout = {tuple(per_expert[e].get(n) for n in names) for e in range(count)}  # one for all experts
+                if len(layout) != 1:
+                    continue
+                pieces = layout.pop()
+                if all(p is not None for p in pieces) and len({p[1] for p in pieces if p}) == 1:
+                    rows = sum(p[0] for p in pieces if p)
+                    out[f"{prefix}.experts.{fused}"] = (count, rows, next(p[1] for p in pieces if p))
+    return out
+
+
+def split_apart(
+    m: LoraModule, shapes: Sequence[tuple[int, int]]
+) -> list[tuple[LoraModule, Literal["linear", "conv1d"]]] | None:
+    """Expert ``m``'s delta cut into the 2-D weights of :func:`apart_weights` (each ``(rows, cols)``,
+    stacked on the rows of the fused expert): one module per weight, exact (the rows of B, or the
+    columns of A where the fused expert is stored transposed to m's (out, in)), with how it lies in
+    that weight; None where they do not make up the fused expert's shape."""
+    assert m.expert is not None
+    cols = {c for _, c in shapes}
+    rows = sum(r for r, _ in shapes)
+    if len(cols) != 1:
+        return None
+    kind = stored_kind((m.expert[1], rows, cols.pop()), m, transposed_model=False)
+    if kind is None:
+        return None
+    pieces: list[tuple[LoraModule, Literal["linear", "conv1d"]]] = []
+    start = 0
+    for r, _ in shapes:
+        if kind == "linear":  # the fused expert is (out, in): its rows are B's
+            piece = replace(m, lora_B=m.lora_B[start : start + r], expert=None)
+        else:  # stored (in, out): its rows are A's columns
+            piece = replace(m, lora_A=m.lora_A[:, start : start + r], expert=None)
+        pieces.append((piece, kind))
+        start += r
+    return pieces
 
 
 def rank_of(config: Mapping[str, Any], parameter: str) -> int:

@@ -293,10 +293,20 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
 
 def _expert_misfit(ckpt: Checkpoint, module: str, m: LoraModule) -> str | None:
     """Why expert ``m`` (``<parameter>.<e>``) does not fit the base, or None: the base must store
-    the parameter as one (E, out, in) or (E, in, out) tensor."""
+    the parameter as one (E, out, in) or (E, in, out) tensor, or the experts apart as transformers
+    fuses them (:func:`loratool.experts.apart_weights`; merge's rule)."""
     key = module.rpartition(".")[0]
     if key not in ckpt:
-        return f"the base does not store the experts parameter '{key}' as one tensor"
+        assert m.expert is not None
+        shape_of = lambda k: ckpt.info(k).shape if k in ckpt else None  # noqa: E731
+        transposed = ckpt.config().get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
+        apart = experts.apart_weights(key, m.expert[0], shape_of, transposed_model=transposed)
+        if apart is None:
+            return f"the base stores the experts parameter '{key}' neither as one tensor nor per expert"
+        if experts.split_apart(m, [s for _, s in apart]) is None:
+            shapes = ", ".join(f"{k} {list(s)}" for k, s in apart)
+            return f"the base's per-expert weights ({shapes}) do not make up {[m.out_features, m.in_features]}"
+        return None
     shape = tuple(ckpt.info(key).shape)
     if experts.stored_kind(shape, m, transposed_model=False) is None:
         count, out_in = m.expert[1] if m.expert else 1, [m.out_features, m.in_features]

@@ -261,3 +261,75 @@ def test_expert_deltas_are_read_one_expert_at_a_time(tmp_path: Path) -> None:
     with open_checkpoint(tmp_path / "b") as b, open_checkpoint(tmp_path / "f") as f:
         with pytest.raises(NonFiniteError, match="fine-tune holds NaN"):
             DeltaReader(b, f, torch.device("cpu"), BufferPool(), experts_apart=True)("experts.gate_up_proj")
+
+
+def _moe_stored_apart(kind: str, tmp_path: Path):
+    """A tiny MoE saved by transformers, which stores the experts apart on disk (fused in memory)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                  head_dim=8, tie_word_embeddings=False)  # fmt: skip
+    if kind == "qwen3_moe":  # non-square experts: gate_up (E, 2*12, 32), down (E, 32, 12)
+        config = tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=12, num_experts=4,
+                                   num_experts_per_tok=2, **common)  # fmt: skip
+        model = tf.Qwen3MoeForCausalLM(config).eval()
+    else:
+        config = tf.MixtralConfig(intermediate_size=12, num_local_experts=4, num_experts_per_tok=2, **common)
+        model = tf.MixtralForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    return type(model)
+
+
+@pytest.mark.parametrize(("kind", "apart"), [("qwen3_moe", "mlp.experts.1.up_proj"),
+                                             ("mixtral", "block_sparse_moe.experts.1.w3")])  # fmt: skip
+def test_target_parameters_adapters_merge_into_experts_stored_apart_as_peft(tmp_path: Path, cli, kind, apart) -> None:
+    """An adapter trained on transformers' fused experts merges into the checkpoint as published,
+    one expert weight at a time (gate rows, then up rows, of gate_up_proj): loaded back, it equals
+    PEFT's merge_and_unload; unmerge gives the base back."""
+    cls = _moe_stored_apart(kind, tmp_path)
+    assert f"model.layers.0.{apart}.weight" in state(tmp_path / "base")  # as published: experts apart
+    model = cls.from_pretrained(tmp_path / "base").eval()
+    pm = expert_adapter(model, r=2, lora_alpha=6, use_rslora=True, rank_pattern={"down_proj": 3})
+    pm.save_pretrained(tmp_path / "adapter")
+    assert validate(tmp_path / "adapter", base=tmp_path / "base").valid
+    from loratool.ops.registry import list_entries, register
+
+    register(tmp_path / "adapter", name="experts")
+    assert [e.ref for e in list_entries(base=tmp_path / "base")] == ["experts@v1"]  # fits, from headers alone
+    r = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "merged", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert set(state(tmp_path / "merged")) == set(state(tmp_path / "base"))  # the layout kept
+    oracle = pm.merge_and_unload().state_dict()
+    merged = cls.from_pretrained(tmp_path / "merged").state_dict()
+    before = cls.from_pretrained(tmp_path / "base").state_dict()
+    changed = 0
+    for key, value in oracle.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+        changed += "experts" in key and not torch.equal(value, before[key])
+    assert changed == 4  # gate_up_proj and down_proj of both layers
+    r = cli("unmerge", tmp_path / "merged", tmp_path / "adapter", "-o", tmp_path / "restored", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    base, restored = state(tmp_path / "base"), state(tmp_path / "restored")
+    for key, value in base.items():
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_experts_stored_apart_that_do_not_fit_are_refused(tmp_path: Path, cli) -> None:
+    cls = _moe_stored_apart("qwen3_moe", tmp_path)
+    pm = expert_adapter(cls.from_pretrained(tmp_path / "base").eval(), r=2, lora_alpha=4)
+    pm.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import save_file
+
+    ts = state(tmp_path / "base")
+    ts["model.layers.1.mlp.experts.2.up_proj.weight"] = torch.zeros(10, 32)  # not the 12 rows gate_up needs
+    save_file(ts, str(tmp_path / "base" / "model.safetensors"))
+    r = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "merged")
+    assert r.exit_code == 1 and "per-expert weights" in r.stderr and "experts.2" in r.stderr, r.stderr
+    assert not (tmp_path / "merged").exists()
+    problems = {p.path for p in validate(tmp_path / "adapter", base=tmp_path / "base").problems}
+    assert problems == {"base/model.layers.1.mlp.experts.gate_up_proj.2"}
+    from loratool.ops.registry import list_entries, register
+
+    register(tmp_path / "adapter", name="experts")
+    assert list_entries(base=tmp_path / "base") == []

@@ -316,8 +316,8 @@ def _plan(
         _replace_token_rows(ckpt, config, adapter, replace, sign, name)
         for path, module in adapter.modules.items():
             if module.expert is not None:
-                key, term = _expert_term(ckpt, config, path, module, sign * scale, name)
-                terms.setdefault(key, []).append(term)
+                for key, term in _expert_terms(ckpt, config, path, module, sign * scale, name):
+                    terms.setdefault(key, []).append(term)
         found = resolve_paths(adapter, module_paths)
         for path, module in adapter.modules.items():
             if module.expert is not None:
@@ -374,23 +374,35 @@ def _plan(
     return terms, replace
 
 
-def _expert_term(
+def _expert_terms(
     ckpt: Checkpoint, config: dict[str, Any], path: str, module: LoraModule, factor: float, name: str
-) -> tuple[str, _Term]:
-    """The term of one expert of a 3-D parameter (loratool.experts): the base must store the
-    parameter whole, (E, out, in), or (E, in, out) for the experts transformers stores transposed."""
+) -> list[tuple[str, _Term]]:
+    """The terms of one expert of a 3-D parameter (loratool.experts): one, where the base stores the
+    parameter whole, (E, out, in) or (E, in, out) for the experts transformers stores transposed;
+    or one per 2-D weight where it stores the experts apart (gate_proj and up_proj for the fused
+    gate_up_proj), as transformers fuses them on load."""
     assert module.expert is not None
     e, count = module.expert
     key = path.rpartition(".")[0]
-    if key not in ckpt:
-        raise MissingKeyError(
-            "the adapter adapts this 3-D experts parameter, but the base does not store it whole",
-            path=name, key=key,
-            fix="merge into a checkpoint that stores the experts as one tensor (per-expert checkpoints are "
-            "fused only in transformers' memory)",
-        )  # fmt: skip
-    shape = tuple(ckpt.info(key).shape)
     transposed = config.get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
+    if key not in ckpt:
+        shape_of = lambda k: ckpt.info(k).shape if k in ckpt else None  # noqa: E731
+        apart = experts.apart_weights(key, e, shape_of, transposed_model=transposed)
+        if apart is None:
+            raise MissingKeyError(
+                "the adapter adapts this 3-D experts parameter, but the base stores it neither whole nor "
+                "apart as transformers fuses it (gate_proj/up_proj/down_proj or Mixtral's w1/w3/w2 per expert)",
+                path=name, key=key, fix="is this adapter for another model?",
+            )  # fmt: skip
+        pieces = experts.split_apart(module, [s for _, s in apart])
+        if pieces is None:
+            raise ShapeMismatchError(
+                "the adapter's experts do not fit the base's per-expert weights", path=name, key=apart[0][0],
+                expected=[module.out_features, module.in_features], got=[list(s) for _, s in apart],
+                fix="is this adapter for another model?",
+            )  # fmt: skip
+        return [(k, _Term(piece, kind, factor * module.scaling)) for (k, _), (piece, kind) in zip(apart, pieces)]
+    shape = tuple(ckpt.info(key).shape)
     kind = experts.stored_kind(shape, module, transposed_model=transposed)
     if kind is None:
         out_in = (module.out_features, module.in_features)
@@ -399,7 +411,7 @@ def _expert_term(
             expected=[count, *(out_in[::-1] if transposed else out_in)], got=list(shape),
             fix="is this adapter for another model?",
         )  # fmt: skip
-    return key, _Term(module, kind, factor * module.scaling, expert=e)
+    return [(key, _Term(module, kind, factor * module.scaling, expert=e))]
 
 
 def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: str) -> None:

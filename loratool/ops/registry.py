@@ -94,6 +94,8 @@ def list_entries(
     """Registered adapters (newest version first per name); with ``base``, only those whose every
     target module and whole tensor exists in that checkpoint with a fitting shape (headers only)."""
     shapes = header_shapes(base) if base is not None else None
+    if shapes is not None:  # experts stored apart also fit adapters on the parameters transformers fuses
+        shapes = {**experts.fused_shapes(shapes), **shapes}
     return Registry(home).entries(name_glob=name_glob, compatible_with=shapes)
 
 
