@@ -12,7 +12,7 @@ from .arch import OUTPUT_LAYER, Fp8Layout, is_embedding
 from .errors import MissingKeyError, NonFiniteError, ShapeMismatchError
 from .io.checkpoint import Checkpoint
 from .linalg import dequantize_fp8, is_finite
-from .pipeline import BufferPool, upcast, widen
+from .pipeline import BufferPool, give_back, upcast, widen
 
 
 class ExpertDeltas:
@@ -20,16 +20,20 @@ class ExpertDeltas:
     reads and subtracts expert e's slices only, so memory holds one expert, never all of them
     (gpt-oss-120b's largest would be several GB in float32)."""
 
-    def __init__(self, base: torch.Tensor, finetuned: torch.Tensor, device: torch.device) -> None:
-        self.base, self.finetuned, self.device = base, finetuned, device
+    def __init__(self, base: torch.Tensor, finetuned: torch.Tensor, device: torch.device, pool: BufferPool) -> None:
+        self.base, self.finetuned, self.device, self.pool = base, finetuned, device, pool
         self.shape = base.shape
 
     def dim(self) -> int:
         return 3
 
     def __getitem__(self, e: int) -> torch.Tensor:
-        f = self.finetuned[e].to(self.device, torch.float32, copy=True)
+        """Expert e's float32 delta, in a buffer of the pool: :meth:`release` it once consumed."""
+        f = widen(self.finetuned[e], self.device, self.pool)
         return f.sub_(self.base[e].to(self.device))
+
+    def release(self, d: torch.Tensor) -> None:
+        give_back(d, self.pool)
 
 
 class Delta(NamedTuple):
@@ -70,11 +74,12 @@ class DeltaReader:
         if not wb.is_floating_point():
             return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
         if self.experts_apart and wb.dim() == 3:
-            experts = ExpertDeltas(wb, wf, self.device)
+            experts = ExpertDeltas(wb, wf, self.device, self.pool)
             sq = 0.0
             for e in range(wb.shape[0]):  # the norm, an expert at a time (the consumer reads them again)
                 sq += float(torch.linalg.vector_norm(d := experts[e])) ** 2
                 _require_finite(key, sq, d, wb[e], wf[e])
+                experts.release(d)
             return Delta(key, wb, wf, experts, math.sqrt(sq))
         on_gpu = self.device.type == "cuda"
         delta = widen(wf, self.device, self.pool).sub_(upcast(wb, self.device) if on_gpu else wb)

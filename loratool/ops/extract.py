@@ -348,6 +348,8 @@ def _factor_experts(key: str, delta: torch.Tensor | ExpertDeltas, o: _Options, p
             part.reports[module] = ModuleReport(module, (int(d.shape[0]), int(d.shape[1])), 1, 0.0, 1.0, kind)
         else:
             _factor(module, module, d, norm, o, o.transposed_experts, part)
+        if isinstance(delta, ExpertDeltas):
+            delta.release(d)  # consumed; its buffer serves the next expert
         part.modules[module].expert = (e, count)
 
 
