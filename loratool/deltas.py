@@ -10,30 +10,37 @@ import torch
 
 from .arch import OUTPUT_LAYER, Fp8Layout, is_embedding
 from .errors import MissingKeyError, NonFiniteError, ShapeMismatchError
-from .io.checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint, torch_dtype
 from .linalg import dequantize_fp8, is_finite
 from .pipeline import BufferPool, give_back, upcast, widen
 
 
 class ExpertDeltas:
     """The float32 difference of a 3-D experts parameter (E, a, b), one expert at a time: ``[e]``
-    reads and subtracts expert e's slices only, so memory holds one expert, never all of them
-    (gpt-oss-120b's largest would be several GB in float32)."""
+    reads expert e's rows of both checkpoints and subtracts them, so memory holds one expert, never
+    all of them (gpt-oss-120b's largest parameter would be several GB in float32)."""
 
-    def __init__(self, base: torch.Tensor, finetuned: torch.Tensor, device: torch.device, pool: BufferPool) -> None:
-        self.base, self.finetuned, self.device, self.pool = base, finetuned, device, pool
-        self.shape = base.shape
+    def __init__(self, key: str, base: Checkpoint, finetuned: Checkpoint, device: torch.device, pool: BufferPool):
+        self.key, self.b, self.f, self.device, self.pool = key, base, finetuned, device, pool
+        self.shape = tuple(base.info(key).shape)
 
     def dim(self) -> int:
         return 3
 
+    def sides(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e of the base and of the fine-tune, as stored."""
+        return self.b.get_rows(self.key, e, e + 1)[0], self.f.get_rows(self.key, e, e + 1)[0]
+
     def __getitem__(self, e: int) -> torch.Tensor:
         """Expert e's float32 delta, in a buffer of the pool: :meth:`release` it once consumed."""
-        f = widen(self.finetuned[e], self.device, self.pool)
-        return f.sub_(self.base[e].to(self.device))
+        wb, wf = self.sides(e)
+        return widen(wf, self.device, self.pool).sub_(wb.to(self.device))
 
     def release(self, d: torch.Tensor) -> None:
         give_back(d, self.pool)
+
+    def finetuned_whole(self) -> torch.Tensor:
+        return self.f.get(self.key)
 
 
 class Delta(NamedTuple):
@@ -70,22 +77,28 @@ class DeltaReader:
         self.experts_apart = experts_apart  # 3-D floating tensors as ExpertDeltas, one expert in memory
 
     def __call__(self, key: str) -> Delta:
+        if self.experts_apart and self._experts(key):  # base and fine-tune as meta tensors: nothing read whole
+            experts = ExpertDeltas(key, self.b, self.f, self.device, self.pool)
+            sq = 0.0
+            for e in range(experts.shape[0]):  # the norm, an expert at a time (the consumer reads them again)
+                sq += float(torch.linalg.vector_norm(d := experts[e])) ** 2
+                _require_finite(key, sq, d, *experts.sides(e))
+                experts.release(d)
+            return Delta(key, self.b.get_meta(key), self.f.get_meta(key), experts, math.sqrt(sq))
         wb, wf = read_weight(self.b, self.fp8[0], key, self.device), read_weight(self.f, self.fp8[1], key, self.device)
         if not wb.is_floating_point():
             return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
-        if self.experts_apart and wb.dim() == 3:
-            experts = ExpertDeltas(wb, wf, self.device, self.pool)
-            sq = 0.0
-            for e in range(wb.shape[0]):  # the norm, an expert at a time (the consumer reads them again)
-                sq += float(torch.linalg.vector_norm(d := experts[e])) ** 2
-                _require_finite(key, sq, d, wb[e], wf[e])
-                experts.release(d)
-            return Delta(key, wb, wf, experts, math.sqrt(sq))
         on_gpu = self.device.type == "cuda"
         delta = widen(wf, self.device, self.pool).sub_(upcast(wb, self.device) if on_gpu else wb)
         norm = float(torch.linalg.vector_norm(delta))  # one norm tells changed (> 0) and finite
         _require_finite(key, norm, delta, wb, wf)
         return Delta(key, wb, wf, delta, norm)
+
+    def _experts(self, key: str) -> bool:
+        """A 3-D floating-point tensor stored as such on both sides (FP8 ones are dequantized whole)."""
+        info = self.b.info(key)
+        fp8 = any(layout is not None and key in layout.weights for layout in self.fp8)
+        return len(info.shape) == 3 and torch_dtype(info.dtype).is_floating_point and not fp8
 
 
 def _require_finite(key: str, norm: float, delta: torch.Tensor, wb: torch.Tensor, wf: torch.Tensor) -> None:

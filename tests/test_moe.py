@@ -333,3 +333,23 @@ def test_experts_stored_apart_that_do_not_fit_are_refused(tmp_path: Path, cli) -
 
     register(tmp_path / "adapter", name="experts")
     assert list_entries(base=tmp_path / "base") == []
+
+
+def test_a_3d_experts_parameter_kept_whole_is_the_fine_tunes(tmp_path: Path) -> None:
+    """--keep-full on an experts parameter that is not factored stores the fine-tune's tensor as is."""
+    from safetensors.torch import load_file, save_file
+
+    from loratool.ops.extract import extract
+
+    g = torch.Generator().manual_seed(12)
+    base = {"model.layers.0.mlp.experts.down_proj": torch.randn(4, 8, 6, generator=g),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g)}  # fmt: skip
+    ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for name, ts in (("b", base), ("f", ft)):
+        (tmp_path / name).mkdir()
+        save_file(ts, str(tmp_path / name / "model.safetensors"))
+    extract(tmp_path / "b", tmp_path / "f", output=tmp_path / "a", rank=2, exclude="experts", keep_full="experts",
+            show_progress=False)  # fmt: skip
+    stored = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    kept = [k for k in stored if "experts.down_proj" in k]
+    assert len(kept) == 1 and torch.equal(stored[kept[0]], ft["model.layers.0.mlp.experts.down_proj"])

@@ -232,6 +232,20 @@ class Checkpoint:
         except SafetensorError as e:
             raise InputFileError(f"cannot read tensor '{key}' ({e})", path=str(self.root / info.file)) from None
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows ``start:stop`` of one tensor's first dimension (CPU, the stored dtype), and
+        only those bytes: one expert of a 3-D experts parameter, say."""
+        info = self.info(key)
+        if info.file in self._pickled:
+            return self._pickled[info.file][key][start:stop]
+        from safetensors import SafetensorError
+
+        try:
+            tensor: torch.Tensor = self._handles[info.file].get_slice(key)[start:stop]
+            return tensor
+        except SafetensorError as e:
+            raise InputFileError(f"cannot read tensor '{key}' ({e})", path=str(self.root / info.file)) from None
+
     def get_meta(self, key: str) -> torch.Tensor:
         """A tensor with the stored shape and dtype on the ``meta`` device: no data is read."""
         import torch

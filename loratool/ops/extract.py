@@ -325,7 +325,7 @@ def _handle(
         elif o.bias and isinstance(delta, torch.Tensor) and delta.dim() == 1 and key.endswith(".bias"):
             part.biases[key[: -len(".bias")]] = (delta.to("cpu", copy=True), norm, wf)
         elif o.keep and o.keep.search(key):
-            part.whole[key] = wf
+            part.whole[key] = delta.finetuned_whole() if isinstance(delta, ExpertDeltas) else wf
             part.kept_whole.append(key)
         else:
             why = "not a 2-D weight" if delta.dim() != 2 or not key.endswith(".weight") else "not selected"
