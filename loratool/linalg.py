@@ -370,8 +370,8 @@ def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
     a time there."""
     if q.device.type != "cpu" or q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         return q.to(torch.float32)
-    code, spare = torch.empty(q.shape, dtype=torch.int16), torch.empty(q.shape, dtype=torch.int16)
-    return fp8_to_float32_into(q, torch.empty(q.shape, dtype=torch.float32), code, spare)
+    code = torch.empty(q.shape, dtype=torch.int16)
+    return fp8_to_float32_into(q, torch.empty(q.shape, dtype=torch.float32), code)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:
@@ -446,21 +446,21 @@ def merge_fp8_rows(
     s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
     groups = list(_strip_groups(rows, cols, scheme))
     size = max(stop - start for start, stop, _ in groups) * cols
+    need = _scratch_for(size)
     if scratch is None:
-        scratch = torch.empty(3 * size, dtype=torch.float32, device=q.device)
-    elif scratch.numel() < 3 * size:
-        raise ValueError(f"scratch holds {scratch.numel()} elements, {3 * size} are needed")
+        scratch = torch.empty(need, dtype=torch.float32, device=q.device)
+    elif scratch.numel() < need:
+        raise ValueError(f"scratch holds {scratch.numel()} elements, {need} are needed")
     strip_buf, work_buf = scratch[:size], scratch[size : 2 * size]
-    halves = scratch[2 * size : 3 * size].view(torch.int16)  # two int16 buffers in the last third
-    code_buf, spare_buf = halves[:size], halves[size:]
+    code_buf = scratch[2 * size : need].view(torch.int16)[:size]  # int16 codes in the last half-size
     lefts, rights = [left * factor for left, _, factor, _ in factors], [right for _, right, _, _ in factors]
     delta_sq = factored_sq_norm(lefts, rights) if factors else 0.0
     error_sq = 0.0
     for start, stop, g in groups:
         n = (stop - start) * cols
         strip, work = strip_buf[:n].view(-1, cols), work_buf[:n].view(-1, cols)
-        code, spare = code_buf[:n].view(-1, cols), spare_buf[:n].view(-1, cols)
-        unit = _fp8_bits_into(q[start:stop], strip, code, spare)
+        code = code_buf[:n].view(-1, cols)
+        unit = _fp8_bits_into(q[start:stop], strip, code)
         tiles = (g, -1, cols)  # (block rows, rows of each, cols): every tile's scale broadcasts over its rows
         strip.view(tiles).mul_(_group_scale(s_in, start, stop, g, cols, scheme) * unit)  # exact: unit is 2^k
         for left, right, factor, _ in factors:
@@ -485,7 +485,7 @@ def merge_fp8_rows(
         if bool((new < _TINY).any()):  # |W'| / (max|W'| / top) <= top (1 + 2^-22) unless a scale is subnormal
             scaled.clamp_(-top, top)
         q_out[start:stop] = scaled
-        unit = _fp8_bits_into(q_out[start:stop], strip, code, spare)  # the stored values / unit
+        unit = _fp8_bits_into(q_out[start:stop], strip, code)  # the stored values / unit
         residual = scaled.sub_(strip, alpha=unit).view(tiles).mul_(new_scale).view(-1)  # W' - stored
         error_sq += float(torch.dot(residual, residual))
     return delta_sq, error_sq
@@ -493,7 +493,12 @@ def merge_fp8_rows(
 
 def fp8_scratch_elements(rows: int, cols: int, scheme: Fp8Scheme) -> int:
     """How much float32 scratch :func:`merge_fp8_rows` works in for a (rows, cols) weight."""
-    return 3 * max(stop - start for start, stop, _ in _strip_groups(rows, cols, scheme)) * cols
+    return _scratch_for(max(stop - start for start, stop, _ in _strip_groups(rows, cols, scheme)) * cols)
+
+
+def _scratch_for(size: int) -> int:
+    """Two float32 buffers of ``size`` and one int16 buffer, in float32 elements."""
+    return 2 * size + (size + 1) // 2
 
 
 def fp8_row_parts(rows: int, scheme: Fp8Scheme, parts: int) -> list[tuple[slice, slice]]:
@@ -542,25 +547,24 @@ def _group_scale(scale: torch.Tensor, start: int, stop: int, g: int, cols: int, 
     return scale[start:stop].to(torch.float32).view(1, -1, 1)  # (1, rows', 1)
 
 
-def _fp8_bits_into(q: torch.Tensor, out: torch.Tensor, code: torch.Tensor, spare: torch.Tensor) -> float:
+def _fp8_bits_into(q: torch.Tensor, out: torch.Tensor, code: torch.Tensor) -> float:
     """``out[:] = q / unit`` (float8 -> float32) for the returned power of two ``unit``, exactly, for
-    every finite code, in four integer passes and one conversion; ``code`` and ``spare`` are int16
-    buffers of ``q``'s shape. e4m3fn's NaN codes come out as +-480 / unit (see :func:`fp8_has_nan_codes`).
+    every finite code, in three integer passes and one conversion through ``code``, an int16 buffer
+    of ``q``'s shape. e4m3fn's NaN codes come out as +-480 / unit (see :func:`fp8_has_nan_codes`).
 
-    e5m2 is the top byte of a float16 (unit 1). An e4m3fn byte in the top byte of an int16, shifted
-    right by one, has its 4 exponent and 3 mantissa bits where a float16 has them: the value times
-    2^-8 (exponent bias 15 against 7, subnormals included), once the copy of the sign that the
-    arithmetic shift put in bit 14 is cleared.
+    A float8 byte read as int8 and widened to int16 keeps its sign in the top bits. e5m2 shifted
+    left by 8 is a float16 (unit 1). e4m3fn shifted left by 7 has its 4 exponent and 3 mantissa
+    bits where a float16 has them, the value times 2^-8 (exponent bias 15 against 7, subnormals
+    included), once bit 14, a copy of the sign, is cleared.
     """
     if q.device.type != "cpu" or q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         out.copy_(q)
         return 1.0
-    code.copy_(q.view(torch.uint8)).bitwise_left_shift_(8)  # 0..255 into the top byte
+    code.copy_(q.view(torch.int8))  # sign-extended
     if q.dtype == torch.float8_e5m2:
-        out.copy_(code.view(torch.float16))
+        out.copy_(code.bitwise_left_shift_(8).view(torch.float16))
         return 1.0
-    torch.bitwise_right_shift(code, 1, out=spare).bitwise_and_(~0x4000)
-    out.copy_(spare.view(torch.float16))
+    out.copy_(code.bitwise_left_shift_(7).bitwise_and_(~0x4000).view(torch.float16))
     return 256.0
 
 
@@ -571,11 +575,11 @@ def fp8_has_nan_codes(q: torch.Tensor) -> bool:
     return int(q.view(torch.int8).amax()) == 0x7F or int(q.view(torch.uint8).amax()) == 0xFF
 
 
-def fp8_to_float32_into(q: torch.Tensor, out: torch.Tensor, code: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+def fp8_to_float32_into(q: torch.Tensor, out: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """``out[:] = q`` (float8 -> float32), exactly for every code, NaN included, through float16 bit
-    patterns in the int16 buffers ``code`` and ``spare`` (torch's own conversion of e4m3 runs one
-    element at a time on CPU)."""
-    unit = _fp8_bits_into(q, out, code, spare)
+    patterns in the int16 buffer ``code`` (torch's own conversion of e4m3 runs one element at a
+    time on CPU)."""
+    unit = _fp8_bits_into(q, out, code)
     if unit != 1.0:
         out.mul_(unit)
     if fp8_has_nan_codes(q):

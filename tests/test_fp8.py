@@ -311,8 +311,7 @@ def test_bulk_fp8_conversion_is_exact_for_every_code() -> None:
 
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         q = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
-        code = torch.empty(16, 16, dtype=torch.int16)
-        out = fp8_to_float32_into(q, torch.empty(16, 16), code, torch.empty_like(code))
+        out = fp8_to_float32_into(q, torch.empty(16, 16), torch.empty(16, 16, dtype=torch.int16))
         ref = q.to(torch.float32)
         assert bool(((out == ref) | (out.isnan() & ref.isnan())).all()), dtype
 
