@@ -298,9 +298,8 @@ def _expert_misfit(ckpt: Checkpoint, module: str, m: LoraModule) -> str | None:
     key = module.rpartition(".")[0]
     if key not in ckpt:
         assert m.expert is not None
-        shape_of = lambda k: ckpt.info(k).shape if k in ckpt else None  # noqa: E731
         transposed = ckpt.config().get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
-        apart = experts.apart_weights(key, m.expert[0], shape_of, transposed_model=transposed)
+        apart = experts.apart_weights(key, m.expert[0], ckpt.shape_of, transposed_model=transposed)
         if apart is None:
             return f"the base stores the experts parameter '{key}' neither as one tensor nor per expert"
         if experts.split_apart(m, [s for _, s in apart]) is None:

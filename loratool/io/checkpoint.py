@@ -180,6 +180,10 @@ class Checkpoint:
         except KeyError:
             raise MissingKeyError("not in the checkpoint", path=str(self.path), key=key) from None
 
+    def shape_of(self, key: str) -> tuple[int, ...] | None:
+        """``key``'s stored shape, or None where the checkpoint has no such tensor."""
+        return self.info(key).shape if key in self else None
+
     def infos(self) -> list[TensorInfo]:
         return list(self._infos.values())
 

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 
@@ -317,9 +317,14 @@ def _handle(
         fp8_ft = o.fp8[1] is not None and key in o.fp8[1].weights
         part.dtypes[key] = torch.bfloat16 if fp8_ft else wf.dtype  # factors cannot be FP8: bf16, as trained
         module = key[: -len(".weight")] if key.endswith(".weight") else key
-        tensor = isinstance(delta, torch.Tensor)  # else ExpertDeltas: a 3-D experts parameter, read per expert
-        if tensor and delta.dim() == 2 and key.endswith(".weight") and _selected(module, o.include, o.exclude):
-            _factor(key, module, cast(torch.Tensor, delta), norm, o, conv1d, part)
+        # delta is a tensor, or ExpertDeltas: a 3-D experts parameter, read an expert at a time
+        if (
+            isinstance(delta, torch.Tensor)
+            and delta.dim() == 2
+            and key.endswith(".weight")
+            and _selected(module, o.include, o.exclude)
+        ):
+            _factor(key, module, delta, norm, o, conv1d, part)
         elif delta.dim() == 3 and _selected(key, o.include, o.exclude) and o.budget is None:
             _factor_experts(key, delta, o, part)
         elif o.bias and isinstance(delta, torch.Tensor) and delta.dim() == 1 and key.endswith(".bias"):

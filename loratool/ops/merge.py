@@ -386,8 +386,7 @@ def _expert_terms(
     key = path.rpartition(".")[0]
     transposed = config.get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
     if key not in ckpt:
-        shape_of = lambda k: ckpt.info(k).shape if k in ckpt else None  # noqa: E731
-        apart = experts.apart_weights(key, e, shape_of, transposed_model=transposed)
+        apart = experts.apart_weights(key, e, ckpt.shape_of, transposed_model=transposed)
         if apart is None:
             raise MissingKeyError(
                 "the adapter adapts this 3-D experts parameter, but the base stores it neither whole nor "
