@@ -109,7 +109,7 @@ def _require_finite(key: str, norm: float, delta: torch.Tensor, wb: torch.Tensor
 
 
 def read_weight(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.device) -> torch.Tensor:
-    """A tensor as stored, or an FP8 weight dequantized to float32 (on ``device``)."""
+    """A tensor as stored (on the CPU), or an FP8 weight dequantized to float32 on ``device``."""
     if fp8 is None or key not in fp8.weights:
         return ck.get(key)
     w = fp8.weights[key]

@@ -102,10 +102,11 @@ def current() -> Dist:
             return Dist()
         import torch
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():  # one GPU per rank; more ranks than GPUs share them round-robin
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        # The group carries only small Python objects (results, errors, barriers), which gloo moves on
+        # any machine; NCCL would refuse two ranks on one GPU and gains nothing here.
+        dist.init_process_group(backend="gloo")
     return Dist(dist.get_rank(), dist.get_world_size())
 
 

@@ -130,6 +130,11 @@ class TruncatedSVD:
         """Sum of the top ``rank`` squared singular values (float64)."""
         return float(self.S[:rank].double().square().sum())
 
+    def energy_share(self, rank: int) -> float:
+        """Share of ``total_energy`` the top ``rank`` hold, in [0, 1]: the two are computed apart in
+        float32, so a nearly exact fit can come out a few ulps above 1 (seen on CUDA)."""
+        return 1.0 if self.total_energy <= 0 else min(1.0, self.energy(rank) / self.total_energy)
+
 
 def exact_svd(matrix: torch.Tensor, k: int | None = None, *, sq_norm: float | None = None) -> TruncatedSVD:
     """Exact thin SVD (``torch.linalg.svd(full_matrices=False)``), truncated to ``k``.

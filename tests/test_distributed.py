@@ -77,7 +77,7 @@ def test_other_thread_counts_differ_by_rounding_only(tmp_path: Path, fixtures: P
 
     from helpers import load_adapter_deltas
 
-    args = [fixtures / "llama-base", fixtures / "llama-ft", "-r", 3, "-q", "--json"]
+    args = [fixtures / "llama-base", fixtures / "llama-ft", "-r", 3, "-q", "--json", "--device", "cpu"]  # threads
     one = json.loads(loratool("extract", *args, "-o", tmp_path / "one", ranks=1, threads=2).stdout)
     two = json.loads(loratool("extract", *args, "-o", tmp_path / "two", ranks=2).stdout)
     for a, b in zip(one["modules"], two["modules"]):

@@ -43,7 +43,8 @@ def test_exact_low_rank_delta_is_recovered(tmp_path: Path, svd: str) -> None:
         got = lora_delta(m.lora_A, m.lora_B, m.scaling, m.kind)
         assert m.rank == 4 and m.scaling == 1.0
         assert float((got - delta).norm() / delta.norm()) < 1e-5
-    assert all(r.relative_error < 1e-5 and r.energy_kept > 1 - 1e-6 for r in res.report)
+    for r in res.report:  # energy_kept comes from the float32 spectrum and norm, each a few ulps off
+        assert r.relative_error < 1e-5 and 1 - 1e-5 < r.energy_kept <= 1, (r.module, r.relative_error, r.energy_kept)
     assert [d.key for d in res.dropped] == []  # norm.weight did not change
 
 

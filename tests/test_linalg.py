@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from loratool.adapter import LoraModule
 from loratool.arch import Fp8Scheme
 from loratool.linalg import (
+    TruncatedSVD,
     add_lora,
     allocate_budget,
     dequantize_fp8,
@@ -33,6 +34,15 @@ from loratool.linalg import (
     top_svd,
     unit_of_rounding,
 )
+
+
+def test_energy_share_is_a_share() -> None:
+    """The kept energy and the total are computed apart in float32; a nearly exact fit can put the
+    first a few ulps above the second (CUDA's SVD did), and an adapter's report must stay in [0, 1]."""
+    s = torch.tensor([2.0, 1.0])
+    over = TruncatedSVD(torch.eye(2), s, torch.eye(2), total_energy=5.0 * (1 - 1e-7))
+    assert over.energy_share(2) == 1.0 and over.energy_share(1) == pytest.approx(0.8)
+    assert TruncatedSVD(torch.eye(2), s, torch.eye(2), total_energy=0.0).energy_share(1) == 1.0
 
 
 def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:

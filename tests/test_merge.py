@@ -219,8 +219,11 @@ def test_non_finite_base_is_blamed_on_the_base(tmp_path: Path, cli) -> None:
 
 
 def test_overflow_from_a_huge_scale_says_so(tmp_path: Path, cli) -> None:
+    """scaling * B @ A reaches ~200 here, so scale 1e37 overflows float32 in any order of evaluation
+    (at scale 1e38 and ~0.2, the true sums are finite: only the CPU's order of the product overflowed)."""
     base, adapter = make(tmp_path, "llama")
-    _refused(cli, tmp_path, ["merge", base, f"{adapter}:1e38"], "adding the adapter overflowed float32")
+    edit_tensors(adapter / WEIGHTS, lambda ts: ts.update({k: v * 1000 for k, v in ts.items() if "lora_B" in k}))
+    _refused(cli, tmp_path, ["merge", base, f"{adapter}:1e37"], "adding the adapter overflowed float32")
 
 
 def test_refuses_float16_overflow(tmp_path: Path, cli) -> None:

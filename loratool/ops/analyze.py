@@ -378,7 +378,7 @@ def _analyze_adapters(
             a = _describe(name, m.kind, m.weight_shape, spectrum.S, spectrum.total_energy, True)
             if name in weights and ck is not None:
                 t = spectrum.truncate()
-                w = read_weight(ck, fp8, weights[name], device).to(torch.float64)
+                w = read_weight(ck, fp8, weights[name], device).to(device, torch.float64)  # as stored: on the CPU
                 a.amplification = spectral.amplification(t.U, t.S, t.Vh, out_in(w, m.kind), ranks)
             a.effective_rank = spectral.effective_rank(spectrum.S)
             a.rank = m.rank

@@ -364,7 +364,7 @@ def _combine_module(
         r = max(r, 1)
         svd = spectrum.truncate(r)
         b, a = split_factors(svd, r)
-        kept = svd.energy(r) / svd.total_energy if svd.total_energy > 0 else 1.0
+        kept = svd.energy_share(r)
         report = ModuleReport(path, shape, r, relative_error(svd, r), kept, first.kind)
     module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=float(r), kind=first.kind, bias=bias)
     return module, report
@@ -403,9 +403,10 @@ def _dense_svd(
     del deltas
     r = min(cap or max(m.rank for m, _ in terms), *merged.shape)
     # PEFT takes the full SVD; the top r triplets are the same to float32 rounding. Its clamp, though,
-    # sees the sign LAPACK gives each singular vector pair: with a clamp, the same SVD runs here.
-    svd = top_svd(merged, r) if sparse.svd_clamp is None else exact_svd(merged, r)
-    b, a = svd.U * svd.S, svd.Vh  # (out, r), (r, in)
+    # sees the sign the SVD routine gives each singular vector pair: with a clamp, LAPACK's SVD runs
+    # here, on the CPU whatever the device (cuSOLVER picks other signs: seen on an H200).
+    svd = top_svd(merged, r) if sparse.svd_clamp is None else exact_svd(merged.cpu(), r)
+    b, a = (svd.U * svd.S).to(dev), svd.Vh.to(dev)  # (out, r), (r, in)
     if sparse.svd_clamp is not None:
         hi = torch.quantile(torch.cat([b.flatten(), a.flatten()]), sparse.svd_clamp)
         b, a = b.clamp(-hi, hi), a.clamp(-hi, hi)

@@ -378,7 +378,7 @@ def _factor(key: str, module: str, delta: torch.Tensor, norm: float, o: _Options
     lora_b, lora_a = split_factors(decomposed, r)
     err = residual_error(matrix, lora_b, lora_a, norm=norm)  # consumes delta, no longer needed
     part.modules[module] = LoraModule(lora_A=lora_a.cpu(), lora_B=lora_b.cpu(), alpha=float(r), kind=kind)
-    kept = decomposed.energy(r) / decomposed.total_energy
+    kept = decomposed.energy_share(r)
     part.reports[module] = ModuleReport(module, shape, r, err, kept, kind)
 
 
@@ -459,7 +459,7 @@ def _spend_budget(
             continue
         lora_b, lora_a = split_factors(p.svd, r)
         modules[p.module] = LoraModule(lora_A=lora_a.cpu(), lora_B=lora_b.cpu(), alpha=float(r), kind=p.kind)
-        kept = p.svd.energy(r) / p.svd.total_energy
+        kept = p.svd.energy_share(r)
         reports[p.module] = ModuleReport(p.module, p.shape, r, relative_error(p.svd, r), kept, p.kind)
 
 
