@@ -449,7 +449,7 @@ def merge_fp8_rows(
     rows, cols = q.shape
     top = fp8_max(q_out.dtype)
     s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
-    groups = list(_strip_groups(rows, cols, scheme))
+    groups = list(_strip_groups(rows, cols, scheme, q.device))
     size = max(stop - start for start, stop, _ in groups) * cols
     need = _scratch_for(size)
     if scratch is None:
@@ -460,7 +460,7 @@ def merge_fp8_rows(
     code_buf = scratch[2 * size : need].view(torch.int16)[:size]  # int16 codes in the last half-size
     lefts, rights = [left * factor for left, _, factor, _ in factors], [right for _, right, _, _ in factors]
     delta_sq = factored_sq_norm(lefts, rights) if factors else 0.0
-    error_sq = 0.0
+    error_sq = torch.zeros((), dtype=torch.float64, device=q.device)  # summed where computed: no sync per step
     for start, stop, g in groups:
         n = (stop - start) * cols
         strip, work = strip_buf[:n].view(-1, cols), work_buf[:n].view(-1, cols)
@@ -492,13 +492,13 @@ def merge_fp8_rows(
         q_out[start:stop] = scaled
         unit = _fp8_bits_into(q_out[start:stop], strip, code)  # the stored values / unit
         residual = scaled.sub_(strip, alpha=unit).view(tiles).mul_(new_scale).view(-1)  # W' - stored
-        error_sq += float(torch.dot(residual, residual))
-    return delta_sq, error_sq
+        error_sq += torch.dot(residual, residual)
+    return delta_sq, float(error_sq)
 
 
-def fp8_scratch_elements(rows: int, cols: int, scheme: Fp8Scheme) -> int:
-    """How much float32 scratch :func:`merge_fp8_rows` works in for a (rows, cols) weight."""
-    return _scratch_for(max(stop - start for start, stop, _ in _strip_groups(rows, cols, scheme)) * cols)
+def fp8_scratch_elements(rows: int, cols: int, scheme: Fp8Scheme, device: torch.device) -> int:
+    """How much float32 scratch :func:`merge_fp8_rows` works in for a (rows, cols) weight on ``device``."""
+    return _scratch_for(max(stop - start for start, stop, _ in _strip_groups(rows, cols, scheme, device)) * cols)
 
 
 def _scratch_for(size: int) -> int:
@@ -506,38 +506,28 @@ def _scratch_for(size: int) -> int:
     return 2 * size + (size + 1) // 2
 
 
-def fp8_row_parts(rows: int, scheme: Fp8Scheme, parts: int) -> list[tuple[slice, slice]]:
-    """Up to ``parts`` ranges of rows of about equal size on block-row boundaries, each with the
-    rows of the scale tensor it owns: independent pieces of :func:`merge_fp8_rows`, whose results
-    (and the sums of their norms) are those of the whole."""
-    unit = scheme.block[0] if scheme.kind == "block" and scheme.block is not None else 1
-    units = -(-rows // unit)
-    bounds = sorted({round(i * units / parts) for i in range(parts + 1)})
-    out = []
-    for u0, u1 in zip(bounds, bounds[1:]):
-        r0, r1 = u0 * unit, min(u1 * unit, rows)
-        out.append((slice(r0, r1), slice(u0, u1) if unit > 1 else slice(r0, r1)))
-    return out
-
-
 _TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
-_GROUP_ELEMENTS = 1 << 20  # elements per step of merge_fp8_rows: fewer, larger steps cost less in dispatch
+# Elements per step of merge_fp8_rows. On CPU a step stays in cache through its dozen passes; on a
+# GPU each pass is a kernel launch (microseconds, against a microsecond per 4 MB moved), so a step
+# takes a whole weight.
+_GROUP_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
 
 
-def _strip_groups(rows: int, cols: int, scheme: Fp8Scheme) -> Iterator[tuple[int, int, int]]:
+def _strip_groups(rows: int, cols: int, scheme: Fp8Scheme, device: torch.device) -> Iterator[tuple[int, int, int]]:
     """(start, stop, block rows) steps over the rows: whole block rows (a ragged last one alone), or
-    for per-channel scales any rows, about a million elements at a time."""
+    for per-channel scales any rows, about :data:`_GROUP_ELEMENTS` at a time."""
+    per_step = _GROUP_ELEMENTS.get(device.type, _GROUP_ELEMENTS["cpu"])
     if scheme.kind == "block":
         assert scheme.block is not None
         bo = scheme.block[0]
-        per, full = max(1, _GROUP_ELEMENTS // (bo * cols)), rows // bo
+        per, full = max(1, per_step // (bo * cols)), rows // bo
         for b0 in range(0, full, per):
             b1 = min(b0 + per, full)
             yield b0 * bo, b1 * bo, b1 - b0
         if rows % bo:
             yield full * bo, rows, 1
     else:
-        step = max(1, _GROUP_ELEMENTS // cols)
+        step = max(1, per_step // cols)
         for start in range(0, rows, step):
             yield start, min(start + step, rows), 1
 
