@@ -124,7 +124,7 @@ def test_planted_spectrum_gives_known_ranks(tmp_path: Path, svd: str) -> None:
         # a float32 SVD is exact to a modest multiple of eps * sigma_1 (= 8): CUDA's was 1.04e-5 off
         assert m.singular_values[:6] == pytest.approx(PLANTED.tolist(), rel=1e-5, abs=4e-5)
         assert max(m.singular_values[6:]) < 1e-5  # float32 storage noise only
-        assert m.stable_rank == pytest.approx(85.3125 / 64, rel=1e-5)
+        assert m.stable_rank == pytest.approx(85.3125 / 64, rel=3e-5)  # / sigma_1^2: CUDA's sigma_1 was 7.5e-6 off
     assert result.summary()["by_type"]["q"]["modules"] == 2
     assert result.summary()["by_layer"].keys() == {"0", "1"}
 
