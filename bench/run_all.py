@@ -5,7 +5,8 @@
 Every figure is a ratio against a baseline run in the same invocation (these machines are noisy):
 extract (randomized and exact) vs the exact full-SVD approach, merge vs a plain copy, combine-svd vs
 the dense approach; peak private memory for each, and the read floor beside the figures; and
-buffered vs O_DIRECT writes (write_paths), which explains the copy baseline's swings.
+buffered vs O_DIRECT writes (write_paths), which explains the copy baseline's swings; and, where a
+CUDA GPU is present, merge on it against its host's CPU (gpu; skipped elsewhere, its section kept).
 ``--only`` re-runs some benches and keeps the other sections of the document as they were; each
 section says which command produced it, when, and on what machine.
 Needs about 10 GB of free disk in --workdir for the default 16-layer pair.
