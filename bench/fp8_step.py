@@ -1,0 +1,45 @@
+"""The FP8 merge's arithmetic alone: ns per element of :func:`loratool.linalg.merge_fp8_rows` on one
+Llama-1B down_proj-sized weight (2048 x 8192, e4m3, 128x128 blocks, a rank-16 term), in memory,
+best of 7, on one thread and on every core. No I/O: what a faster kernel would have to beat.
+
+    python bench/fp8_step.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from common import machine
+
+from loratool.arch import Fp8Scheme
+from loratool.linalg import fp8_scratch_elements, merge_fp8_rows, quantize_fp8, row_factors
+from loratool.runtime import available_cores, torch_threads
+
+
+def ns_per_element(threads: int, rows: int = 2048, cols: int = 8192, rank: int = 16, repeats: int = 7) -> float:
+    g = torch.Generator().manual_seed(0)
+    scheme = Fp8Scheme("block", (128, 128))
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    q, s = quantize_fp8(w, scheme, torch.float8_e4m3fn, (-(-rows // 128), -(-cols // 128)))
+    a, b = torch.randn(rank, cols, generator=g) / cols**0.5, torch.randn(rows, rank, generator=g) * 1e-3
+    terms = [row_factors(a, b, 2.0, "linear")]
+    q_out, s_out = torch.empty_like(q), torch.empty_like(s)
+    scratch = torch.empty(fp8_scratch_elements(rows, cols, scheme, q.device))
+    best = float("inf")
+    with torch_threads(threads):
+        for _ in range(repeats):
+            t = time.perf_counter()
+            merge_fp8_rows(q, s, scheme, terms, q_out, s_out, None, scratch)
+            best = min(best, time.perf_counter() - t)
+    return best / (rows * cols) * 1e9
+
+
+def main() -> None:
+    print(f"merge_fp8_rows, 2048 x 8192 e4m3 (128x128 blocks), rank 16, best of 7; {machine()}")
+    for threads in sorted({1, available_cores()}):
+        print(f"  {threads:2d} thread(s)   {ns_per_element(threads):5.2f} ns per element")
+
+
+if __name__ == "__main__":
+    main()
