@@ -428,9 +428,10 @@ def merge_fp8_rows(
     """Dequantize ``q`` (out, in) a strip of rows at a time, add the rank-r terms in float32, and
     requantize each strip into ``q_out``/``scale_out`` (the same scheme, dtype and scale shape).
 
-    A strip is one block row (``block`` scheme) or up to 64 rows (``channel``): every scale a strip
-    needs lies inside it, so nothing of the weight's size is ever widened at once. ``tensor``
-    schemes need the whole weight's maximum first and are not taken here. Returns the squared
+    A step is whole block rows (``block`` scheme) or any rows (``channel``), so every scale it needs
+    lies inside it: about a million elements on CPU, so that nothing of the weight's size is widened
+    at once, and the whole weight on a GPU (:data:`_GROUP_ELEMENTS`). ``tensor`` schemes need the
+    whole weight's maximum first and are not taken here. Returns the squared
     norms (delta, requantization error): ||W' - W||^2 (from the factors) and ||stored - W'||^2.
     ``check`` is called with a merged strip (or the dequantized weight) that is not finite.
     ``scratch``: float32 working memory of at least :func:`fp8_scratch_elements` (else allocated).

@@ -646,7 +646,8 @@ class _Stream:
     def _fp8_strips(
         self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merge and requantize a strip of rows at a time (:func:`merge_fp8_rows`): memory of a strip."""
+        """Merge and requantize in steps of rows (:func:`merge_fp8_rows`): memory of a step on CPU,
+        of the weight on a GPU."""
         q_dev, s_dev = q.to(self.device), scale.to(self.device)
         q_new, s_new = self.pool.take(q.shape, q.dtype, self.device), torch.empty_like(s_dev)
         factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind) for t in self.terms[key]]
