@@ -121,6 +121,15 @@ def test_trainable_tokens_merge_as_peft_replaces_rows(tmp_path: Path, cli) -> No
             assert torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
     res = cli("unmerge", root / "merged", root / "adapter", "-o", root / "back")
     assert res.exit_code == 1 and "original" in res.output
+    config_path = root / "adapter" / "adapter_config.json"
+    good = json.loads(config_path.read_text())
+    for indices, says in (([1, 5, -1], "distinct token ids"), ([1, 5, 5], "distinct token ids"), ([], "non-empty"),
+                          ([1, 5, 999], "do not fit")):  # fmt: skip
+        config_path.write_text(json.dumps({**good, "trainable_token_indices": indices}))
+        res = cli("merge", root / "base", root / "adapter", "-o", root / "bad", "--quiet")
+        assert res.exit_code == 1 and says in res.output, res.output  # our message, so not a traceback
+        assert not (root / "bad").exists()
+    config_path.write_text(json.dumps(good))
     peft_adapter(tf.LlamaForCausalLM(llama_config()), ["q_proj"]).save_pretrained(tmp_path / "plain")
     res = cli("combine", root / "adapter", tmp_path / "plain", "-o", tmp_path / "mix")
     assert res.exit_code == 1 and "trainable tokens" in res.output

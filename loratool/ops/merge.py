@@ -717,9 +717,7 @@ class _Stream:
 
     def _merge_blocked(self, key: str, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         out = self.pool.take(w.shape, out_dtype, self.device)
-        rows = (
-            w.shape[-2] if w.dim() == 3 else 0
-        )  # a 3-D experts parameter: expert e is rows e*rows.. of (E*rows, cols)
+        rows = w.shape[-2] if w.dim() == 3 else 0  # 3-D experts: expert e is rows e*rows.. of (E*rows, cols)
         factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind)._replace(row0=(t.expert or 0) * rows)
                    for t in self.terms[key]]  # fmt: skip
         scratch = self.pool.take((max(BLOCK_ELEMENTS, w.shape[-1]),), torch.float32, self.device)  # >= one row
