@@ -5,6 +5,7 @@ Float32 (or float64 where noted) inside; the device is the input's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,8 +13,10 @@ from typing import NamedTuple
 
 import torch
 
+from . import native
 from .adapter import Kind, stored_transposed
 from .arch import Fp8Scheme
+from .runtime import torch_threads
 
 
 class RowFactors(NamedTuple):
@@ -462,39 +465,107 @@ def merge_fp8_rows(
     lefts, rights = [left * factor for left, _, factor, _ in factors], [right for _, right, _, _ in factors]
     delta_sq = factored_sq_norm(lefts, rights) if factors else 0.0
     error_sq = torch.zeros((), dtype=torch.float64, device=q.device)  # summed where computed: no sync per step
-    for start, stop, g in groups:
-        n = (stop - start) * cols
-        strip, work = strip_buf[:n].view(-1, cols), work_buf[:n].view(-1, cols)
-        code = code_buf[:n].view(-1, cols)
-        unit = _fp8_bits_into(q[start:stop], strip, code)
-        tiles = (g, -1, cols)  # (block rows, rows of each, cols): every tile's scale broadcasts over its rows
-        strip.view(tiles).mul_(_group_scale(s_in, start, stop, g, cols, scheme) * unit)  # exact: unit is 2^k
-        for left, right, factor, _ in factors:
+    fast = _NativeFp8Steps.make(q, scale, scheme, factors, q_out, scale_out)
+    with torch_threads(1) if fast is not None else contextlib.nullcontext():  # the steps are the parallelism
+        if fast is not None:
+            groups = fast.run(groups, strip_buf)  # what is left: steps with a NaN or Inf, settled below
+        for start, stop, g in groups:
+            n = (stop - start) * cols
+            strip, work = strip_buf[:n].view(-1, cols), work_buf[:n].view(-1, cols)
+            code = code_buf[:n].view(-1, cols)
+            unit = _fp8_bits_into(q[start:stop], strip, code)
+            tiles = (g, -1, cols)  # (block rows, rows of each, cols): every tile's scale broadcasts over its rows
+            strip.view(tiles).mul_(_group_scale(s_in, start, stop, g, cols, scheme) * unit)  # exact: unit is 2^k
+            for left, right, factor, _ in factors:
+                strip.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
+            torch.abs(strip, out=work)
+            if scheme.kind == "block":
+                assert scheme.block is not None
+                bi = scheme.block[1]
+                nb = -(-cols // bi)
+                peak = work.view(tiles).amax(dim=1)  # (g, cols); amax keeps a NaN
+                new = torch.nn.functional.pad(peak, (0, nb * bi - cols)).view(g, nb, bi).amax(dim=2) / top  # (g, nb)
+                b0 = start // scheme.block[0]
+                s_out[b0 : b0 + g] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
+            else:
+                peak = work.amax(dim=1, keepdim=True)  # (rows', 1)
+                new = peak / top
+                s_out[start:stop] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
+            if check is not None and not bool(torch.isfinite(peak).all()):
+                check(strip)
+            new_scale = _group_scale(s_out, start, stop, g, cols, scheme)
+            scaled = torch.div(strip.view(tiles), new_scale, out=work.view(tiles)).view(-1, cols)
+            if bool((new < _TINY).any()):  # |W'| / (max|W'| / top) <= top (1 + 2^-22) unless a scale is subnormal
+                scaled.clamp_(-top, top)
+            q_out[start:stop] = scaled
+            unit = _fp8_bits_into(q_out[start:stop], strip, code)  # the stored values / unit
+            residual = scaled.sub_(strip, alpha=unit).view(tiles).mul_(new_scale).view(-1)  # W' - stored
+            error_sq += torch.dot(residual, residual)
+    return delta_sq, float(error_sq) + (fast.error_sq if fast is not None else 0.0)
+
+
+class _NativeFp8Steps:
+    """Steps of :func:`merge_fp8_rows` in the compiled kernels (:mod:`loratool.native`): decode and
+    scale, torch's ``addmm`` for the terms, tile maxima, encode; the same bytes as the passes, in
+    three passes over each step instead of a dozen. One step per torch thread at a time, each on
+    one thread of its own (its strip stays in that core's cache; no OpenMP team spins between)."""
+
+    def __init__(self, kernels: native.Fp8Kernels, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme,
+                 factors: list[RowFactors], q_out: torch.Tensor, scale_out: torch.Tensor) -> None:  # fmt: skip
+        rows, cols = q.shape
+        self.kernels, self.q, self.q_out, self.factors = kernels, q, q_out, factors
+        self.block = scheme.block if scheme.kind == "block" and scheme.block is not None else (1, cols)
+        self.s_in = scale.to(torch.float32).reshape(-(-rows // self.block[0]), -1).contiguous()
+        self.s_out = scale_out.view(self.s_in.shape)
+        self.top = fp8_max(q_out.dtype)
+        self.parts = torch.get_num_threads()
+        self.strips: list[torch.Tensor] = []  # one per part but the first, which works in the caller's scratch
+        self.error_sq = 0.0
+
+    @classmethod
+    def make(cls, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, factors: list[RowFactors],
+             q_out: torch.Tensor, scale_out: torch.Tensor) -> _NativeFp8Steps | None:  # fmt: skip
+        """The native steps where they apply (CPU, e4m3fn or e5m2, contiguous), else None."""
+        kernels = native.fp8_kernels() if q.device.type == "cpu" else None
+        if kernels is None or not (kernels.handles(q.dtype) and kernels.handles(q_out.dtype)):
+            return None
+        if not (q.is_contiguous() and q_out.is_contiguous() and scale_out.is_contiguous()):
+            return None
+        return cls(kernels, q, scale, scheme, factors, q_out, scale_out)
+
+    def run(self, steps: list[tuple[int, int, int]], strip: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Merge ``steps`` (whole block rows each) into q_out and scale_out, up to :attr:`parts` at
+        a time; ``strip`` is float32 scratch of the largest. Returns the steps whose merged rows
+        hold a NaN or an Inf, with nothing of theirs written."""
+        size = strip.numel()
+        while len(self.strips) < min(self.parts, len(steps)) - 1:
+            self.strips.append(torch.empty(size))
+        bufs = [strip, *self.strips]
+        left: list[tuple[int, int, int]] = []
+        for at in range(0, len(steps), self.parts):
+            batch = [(start, stop, buf) for (start, stop, _), buf in zip(steps[at : at + self.parts], bufs)]
+            errors = native.run_parts(lambda job: self.step(*job), batch)
+            left += [s for s, e in zip(steps[at : at + self.parts], errors) if e is None]
+            self.error_sq += sum(e for e in errors if e is not None)
+        return left
+
+    def step(self, start: int, stop: int, buf: torch.Tensor) -> float | None:
+        """Rows start:stop merged; returns their squared requantization error, or None for a NaN or Inf."""
+        k, bo, cols = self.kernels, self.block[0], self.q.shape[1]
+        b0, b1 = start // bo, -(-stop // bo)
+        strip = buf[: (stop - start) * cols].view(-1, cols)
+        s_in = self.s_in[b0:b1]
+        k.decode(self.q[start:stop], strip, 0, s_in, self.block)
+        for left, right, factor, _ in self.factors:
             strip.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
-        torch.abs(strip, out=work)
-        if scheme.kind == "block":
-            assert scheme.block is not None
-            bi = scheme.block[1]
-            nb = -(-cols // bi)
-            peak = work.view(tiles).amax(dim=1)  # (g, cols); amax keeps a NaN
-            new = torch.nn.functional.pad(peak, (0, nb * bi - cols)).view(g, nb, bi).amax(dim=2) / top  # (g, nb)
-            b0 = start // scheme.block[0]
-            s_out[b0 : b0 + g] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
-        else:
-            peak = work.amax(dim=1, keepdim=True)  # (rows', 1)
-            new = peak / top
-            s_out[start:stop] = torch.where(new > 0, new, torch.ones_like(new)).to(s_out.dtype)
-        if check is not None and not bool(torch.isfinite(peak).all()):
-            check(strip)
-        new_scale = _group_scale(s_out, start, stop, g, cols, scheme)
-        scaled = torch.div(strip.view(tiles), new_scale, out=work.view(tiles)).view(-1, cols)
-        if bool((new < _TINY).any()):  # |W'| / (max|W'| / top) <= top (1 + 2^-22) unless a scale is subnormal
-            scaled.clamp_(-top, top)
-        q_out[start:stop] = scaled
-        unit = _fp8_bits_into(q_out[start:stop], strip, code)  # the stored values / unit
-        residual = scaled.sub_(strip, alpha=unit).view(tiles).mul_(new_scale).view(-1)  # W' - stored
-        error_sq += torch.dot(residual, residual)
-    return delta_sq, float(error_sq)
+        amax = torch.zeros(s_in.shape, dtype=torch.int32)
+        k.tile_max(strip, 0, self.block, amax)
+        if int(amax.max()) >= 0x7F800000:  # an Inf's or a NaN's bits
+            return None
+        new = amax.view(torch.float32) / self.top
+        self.s_out[b0:b1] = torch.where(new > 0, new, torch.ones_like(new))
+        s_new = self.s_out[b0:b1].to(torch.float32)  # as stored: a bfloat16 scale is rounded
+        return k.encode(strip, self.q_out[start:stop], 0, s_new, self.block)
 
 
 def fp8_scratch_elements(rows: int, cols: int, scheme: Fp8Scheme, device: torch.device) -> int:

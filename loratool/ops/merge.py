@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import arch, experts
+from .. import arch, experts, native
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import Fp8Layout, Fp8Scheme
 from ..distributed import current
@@ -656,17 +656,22 @@ class _Stream:
             if not is_finite(strip):  # the base is only dequantized whole to name the cause
                 _require_finite(strip, torch.float32, key, dequantize_fp8(q_dev, s_dev, scheme))
 
-        # One call over the whole weight; on CPU each step's passes run on torch's threads, on every
-        # core (the reader and writer wait in system calls: on 2 cores 4.5-5.6 s against 5.4-6.7 s
-        # with one core left free). Rows split into one part per Python thread scaled no further
-        # than 4 cores (the GIL, between the dozen short passes of each step): on a 16-core host,
-        # 4.5 s against 2.8 s this way.
+        # One call over the whole weight. With the compiled kernels (loratool.native) each step runs
+        # whole on one core, on every core but one: the reader, writer and hasher have the last. On
+        # the 2-core VM, bench/bench_fp8.py's merge took 3.1-3.3 s against 3.9-4.1 s on both
+        # cores. Without them each step's passes run on torch's threads, on every core (on 2 cores
+        # 4.5-5.6 s against 5.4-6.7 s with one core left free).
         scratch = self.pool.take(
             (fp8_scratch_elements(q.shape[0], q.shape[1], scheme, self.device),), torch.float32, self.device
         )
-        every_core = torch_threads(available_cores()) if self.device.type == "cpu" else contextlib.nullcontext()
+        if self.device.type != "cpu":
+            threads: contextlib.AbstractContextManager[int] = contextlib.nullcontext(1)
+        elif native.fp8_kernels() is not None:
+            threads = compute_threads(reserved=1)
+        else:
+            threads = torch_threads(available_cores())
         try:
-            with every_core:
+            with threads:
                 delta_sq, error_sq = merge_fp8_rows(q_dev, s_dev, scheme, factors, q_new, s_new, check, scratch)
         finally:
             self.pool.give(scratch)

@@ -1,0 +1,272 @@
+/*
+ * FP8 merge kernels: decode and requantize float8 (e4m3fn, e5m2) weights with per-tile float32
+ * scales, the elementwise work of loratool.linalg.merge_fp8_rows in three passes instead of a dozen.
+ *
+ * Plain C, loaded with ctypes (no Python or torch headers, so no ABI to match) and compiled by
+ * hatch_build.py when a C compiler is present; without it loratool runs the same arithmetic as
+ * torch passes. Both give the same bytes (tests/test_native.py): every value that reaches a code
+ * or a scale is one IEEE float32 operation done as torch does it, in round-to-nearest-even.
+ *
+ * A weight (rows, cols) has one scale per tile of bo x bi elements, stored row-major as
+ * (ceil(rows / bo), ceil(cols / bi)); per-channel scales are tiles of (1, cols). The functions take
+ * `rows` rows whose first is row `row0` of the scale arrays' rows (in units of rows, not tiles), so
+ * that callers can split a step across threads.
+ *
+ * Build flags matter: -ffp-contract=off (a fused multiply-add rounds once, torch twice), and never
+ * -ffast-math (the rounding trick below must not be simplified away).
+ */
+#include <float.h>
+#include <stdint.h>
+#include <string.h>
+
+#if FLT_EVAL_METHOD != 0
+#error "the rounding in lt_fp8_encode needs float arithmetic done in float precision"
+#endif
+
+#if defined(_WIN32)
+#define LT_EXPORT __declspec(dllexport)
+#else
+#define LT_EXPORT __attribute__((visibility("default")))
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LT_AVX2 1 /* an AVX2 path besides the portable one, chosen at run time */
+#include <immintrin.h>
+#endif
+
+enum { LT_E4M3FN = 0, LT_E5M2 = 1 };
+enum { LT_RUN = 256 }; /* elements whose squared errors are summed in float before double */
+
+static inline uint32_t bits_of(float x) {
+    uint32_t b;
+    memcpy(&b, &x, sizeof b);
+    return b;
+}
+
+static inline float float_of(uint32_t b) {
+    float x;
+    memcpy(&x, &b, sizeof x);
+    return x;
+}
+
+/* -- the arithmetic, one element at a time -------------------------------------------------------- */
+
+/* The float32 value of an e4m3fn code. The NaN codes (0x7F, 0xFF) come out as +-480, as in the torch
+ * passes; callers settle them first (linalg.fp8_has_nan_codes). */
+static inline float decode_e4m3(uint32_t code) {
+    uint32_t mag = code & 0x7Fu;
+    float normal = float_of((mag << 20) + (120u << 23)); /* exponent bias 7 -> 127 */
+    float sub = (float)(int32_t)mag * 0x1p-9f;           /* 0.mmm x 2^-6 */
+    return float_of(bits_of(mag < 8u ? sub : normal) | ((code & 0x80u) << 24));
+}
+
+/* The float32 value of an e5m2 code, Inf and NaN included (it is a float16's top byte). */
+static inline float decode_e5m2(uint32_t code) {
+    uint32_t mag = code & 0x7Fu;
+    float normal = float_of((mag << 21) + (112u << 23)); /* exponent bias 15 -> 127 */
+    float special = float_of(0x7F800000u | ((mag & 3u) << 21));
+    float sub = (float)(int32_t)mag * 0x1p-16f; /* 0.mm x 2^-14 */
+    float v = mag < 4u ? sub : (mag >= 0x7Cu ? special : normal);
+    return float_of(bits_of(v) | ((code & 0x80u) << 24));
+}
+
+/* Encoding rounds |x| / s to the format: adding c = 2^(e + 23 - m), for e the exponent of |x|
+ * (raised to the format's smallest normal exponent, below which the spacing is the subnormals')
+ * and m the format's mantissa bits, leaves a float32 whose last place is the FP8 spacing at |x|,
+ * so the hardware's round-to-nearest-even rounds as the format does. The sum's low mantissa bits
+ * then count FP8 steps above c: 2^m + mantissa for a normal (2^(m+1) where rounding carries into
+ * the next binade), the mantissa alone for a subnormal, so the code needs no branch:
+ * (e's field >> (23 - m)) - (the smallest normal's, likewise) + those bits. Subtracting c again is
+ * exact: the stored value, for the rounding error. Values beyond the format saturate, as torch's
+ * clamp-then-convert does. */
+typedef struct {
+    uint32_t shift;   /* 23 - m */
+    uint32_t min_exp; /* the smallest normal's exponent field, in place */
+    float top;        /* the largest finite value */
+} Format;
+
+static const Format FORMATS[2] = {{20u, (127u - 6u) << 23, 448.0f}, {21u, (127u - 14u) << 23, 57344.0f}};
+
+/* -- runs of one tile row, portable ------------------------------------------------------------ */
+
+static void decode_run(const uint8_t *q, float *out, int64_t n, float s, int32_t fmt) {
+    if (fmt == LT_E4M3FN) {
+        for (int64_t j = 0; j < n; j++) out[j] = decode_e4m3(q[j]) * s;
+    } else {
+        for (int64_t j = 0; j < n; j++) out[j] = decode_e5m2(q[j]) * s;
+    }
+}
+
+/* The largest of m and the bits of |w[0..n)|. */
+static uint32_t max_bits(const float *w, int64_t n, uint32_t m) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t a = bits_of(w[j]) & 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* Encodes w[0..n) / s into q; returns the sum of (|w / s| - stored)^2. */
+static float encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t fmt) {
+    const Format f = FORMATS[fmt];
+    float acc = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t b = bits_of(w[j] / s);
+        float a = float_of(b & 0x7FFFFFFFu);
+        float ac = a < f.top ? a : f.top;
+        uint32_t e = bits_of(ac) & 0x7F800000u;
+        e = e > f.min_exp ? e : f.min_exp;
+        float c = float_of(e + (f.shift << 23));
+        float sum = ac + c;
+        uint32_t code = (e >> f.shift) - (f.min_exp >> f.shift) + (bits_of(sum) & 0xFFu);
+        q[j] = (uint8_t)(code | ((b >> 24) & 0x80u));
+        float d = a - (sum - c);
+        acc += d * d;
+    }
+    return acc;
+}
+
+/* -- the same runs with AVX2, eight elements at a time ----------------------------------------- */
+#ifdef LT_AVX2
+__attribute__((target("avx2"))) static void decode_run_avx2(const uint8_t *q, float *out, int64_t n, float s,
+                                                            int32_t fmt) {
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256i low7 = _mm256_set1_epi32(0x7F), bit7 = _mm256_set1_epi32(0x80);
+    const int e4 = fmt == LT_E4M3FN;
+    const __m128i mant_shift = _mm_cvtsi32_si128(e4 ? 20 : 21);
+    const __m256i bias = _mm256_set1_epi32(e4 ? 120 << 23 : 112 << 23);
+    const __m256i subnormals = _mm256_set1_epi32(e4 ? 8 : 4);         /* mag below: subnormal */
+    const __m256i last_finite = _mm256_set1_epi32(e4 ? 0x7F : 0x7B); /* mag above: Inf, NaN */
+    const __m256 sub_unit = _mm256_set1_ps(e4 ? 0x1p-9f : 0x1p-16f);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + j)));
+        __m256i mag = _mm256_and_si256(code, low7);
+        __m256i normal = _mm256_add_epi32(_mm256_sll_epi32(mag, mant_shift), bias);
+        __m256i special = _mm256_or_si256(_mm256_set1_epi32(0x7F800000),
+                                          _mm256_slli_epi32(_mm256_and_si256(mag, _mm256_set1_epi32(3)), 21));
+        __m256i sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(mag), sub_unit));
+        __m256i v = _mm256_blendv_epi8(normal, special, _mm256_cmpgt_epi32(mag, last_finite));
+        v = _mm256_blendv_epi8(v, sub, _mm256_cmpgt_epi32(subnormals, mag));
+        v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(code, bit7), 24));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_castsi256_ps(v), vs));
+    }
+    decode_run(q + j, out + j, n - j, s, fmt);
+}
+
+__attribute__((target("avx2"))) static float encode_run_avx2(const float *w, uint8_t *q, int64_t n, float s,
+                                                             int32_t fmt) {
+    const Format f = FORMATS[fmt];
+    const __m256 vs = _mm256_set1_ps(s), top = _mm256_set1_ps(f.top);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i exp_mask = _mm256_set1_epi32(0x7F800000), min_exp = _mm256_set1_epi32((int)f.min_exp);
+    const __m256i shift = _mm256_set1_epi32((int)(f.shift << 23)), low8 = _mm256_set1_epi32(0xFF);
+    const __m256i base = _mm256_set1_epi32((int)(f.min_exp >> f.shift)), bit7 = _mm256_set1_epi32(0x80);
+    const __m128i count = _mm_cvtsi32_si128((int)f.shift);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 x = _mm256_div_ps(_mm256_loadu_ps(w + j), vs);
+        __m256 a = _mm256_and_ps(x, abs_mask);
+        __m256 ac = _mm256_min_ps(a, top);
+        __m256i e = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(ac), exp_mask), min_exp);
+        __m256 c = _mm256_castsi256_ps(_mm256_add_epi32(e, shift));
+        __m256 sum = _mm256_add_ps(ac, c);
+        __m256i code = _mm256_add_epi32(_mm256_sub_epi32(_mm256_srl_epi32(e, count), base),
+                                        _mm256_and_si256(_mm256_castps_si256(sum), low8));
+        code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24), bit7));
+        __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+        _mm_storel_epi64((__m128i *)(void *)(q + j), _mm_packus_epi16(words, words));
+        __m256 d = _mm256_sub_ps(a, _mm256_sub_ps(sum, c));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    float total = encode_run(w + j, q + j, n - j, s, fmt);
+    for (int k = 0; k < 8; k++) total += lanes[k];
+    return total;
+}
+
+__attribute__((target("avx2"))) static uint32_t max_bits_avx2(const float *w, int64_t n, uint32_t m) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i vm = _mm256_set1_epi32((int)m);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        vm = _mm256_max_epu32(vm, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(const void *)(w + j)), abs_mask));
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)(void *)lanes, vm);
+    for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
+    return max_bits(w + j, n - j, m);
+}
+
+static int has_avx2(void) {
+    static int known = -1;
+    if (known < 0) known = __builtin_cpu_supports("avx2") ? 1 : 0;
+    return known;
+}
+#define DECODE_RUN (has_avx2() ? decode_run_avx2 : decode_run)
+#define MAX_BITS (has_avx2() ? max_bits_avx2 : max_bits)
+#define ENCODE_RUN (has_avx2() ? encode_run_avx2 : encode_run)
+#else
+#define DECODE_RUN decode_run
+#define MAX_BITS max_bits
+#define ENCODE_RUN encode_run
+#endif
+
+/* -- the entry points: rows of tiles ------------------------------------------------------------ */
+
+/* Raised with any change to an entry point's signature or meaning: loratool.native loads only its own. */
+LT_EXPORT int32_t lt_fp8_abi(void) { return 1; }
+
+/* out[i][j] = decode(q[i][j]) * the scale of its tile. */
+LT_EXPORT void lt_fp8_decode(const uint8_t *q, float *out, int64_t rows, int64_t cols, int64_t row0,
+                             const float *scale, int64_t bo, int64_t bi, int32_t fmt) {
+    void (*run)(const uint8_t *, float *, int64_t, float, int32_t) = DECODE_RUN;
+    int64_t nb = (cols + bi - 1) / bi;
+    for (int64_t i = 0; i < rows; i++) {
+        const float *srow = scale + ((row0 + i) / bo) * nb;
+        for (int64_t t = 0; t < nb; t++) {
+            int64_t j0 = t * bi, n = cols - j0 < bi ? cols - j0 : bi;
+            run(q + i * cols + j0, out + i * cols + j0, n, srow[t], fmt);
+        }
+    }
+}
+
+/* amax[(row0 + i) / bo][t] = max(itself, the bits of |w[i][j]|) over the tile's columns: each tile's
+ * maximum as the bit pattern of a non-negative float (those order as the floats do); a pattern at or
+ * above 0x7F800000 is an Inf or a NaN. */
+LT_EXPORT void lt_fp8_tile_max(const float *w, int64_t rows, int64_t cols, int64_t row0, int64_t bo, int64_t bi,
+                               int32_t *amax) {
+    uint32_t (*run)(const float *, int64_t, uint32_t) = MAX_BITS;
+    int64_t nb = (cols + bi - 1) / bi;
+    for (int64_t i = 0; i < rows; i++) {
+        int32_t *arow = amax + ((row0 + i) / bo) * nb;
+        for (int64_t t = 0; t < nb; t++) {
+            int64_t j0 = t * bi, n = cols - j0 < bi ? cols - j0 : bi;
+            arow[t] = (int32_t)run(w + i * cols + j0, n, (uint32_t)arow[t]);
+        }
+    }
+}
+
+/* q[i][j] = the FP8 code nearest w[i][j] / the scale of its tile (ties to even, saturating). Returns
+ * the squared requantization error, the sum of (w / scale - stored)^2 * scale^2. w must be finite
+ * (the tile maxima show it). */
+LT_EXPORT double lt_fp8_encode(const float *w, uint8_t *q, int64_t rows, int64_t cols, int64_t row0,
+                               const float *scale, int64_t bo, int64_t bi, int32_t fmt) {
+    float (*run)(const float *, uint8_t *, int64_t, float, int32_t) = ENCODE_RUN;
+    int64_t nb = (cols + bi - 1) / bi;
+    double total = 0.0;
+    for (int64_t i = 0; i < rows; i++) {
+        const float *srow = scale + ((row0 + i) / bo) * nb;
+        for (int64_t t = 0; t < nb; t++) {
+            int64_t j1 = (t + 1) * bi < cols ? (t + 1) * bi : cols;
+            double s = srow[t], tile = 0.0;
+            for (int64_t j = t * bi; j < j1; j += LT_RUN) {
+                int64_t n = j1 - j < LT_RUN ? j1 - j : LT_RUN;
+                tile += run(w + i * cols + j, q + i * cols + j, n, srow[t], fmt);
+            }
+            total += tile * s * s;
+        }
+    }
+    return total;
+}

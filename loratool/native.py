@@ -1,0 +1,175 @@
+"""loratool's compiled kernels (``loratool/csrc``), loaded with ctypes where the build made them.
+
+Installing loratool compiles ``csrc/fp8.c`` into ``loratool/_fp8kernel.*`` when a C compiler is
+present (``hatch_build.py``); without one, or with ``LORATOOL_NATIVE=0`` in the environment, every
+caller runs the same arithmetic as torch passes, to the same bytes. The library is a plain C
+shared object (no Python or torch headers, so no ABI to match), and it is checked against torch's
+own conversions when first loaded: a build that disagrees is not used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from ._version import __version__
+from .runtime import available_cores
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_NAMES = ("_fp8kernel.so", "_fp8kernel.dylib", "_fp8kernel.dll")
+_FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}  # the C enum
+
+
+class Fp8Kernels:
+    """The FP8 decode / tile maxima / encode passes (see csrc/fp8.c) over CPU tensors.
+
+    A weight's scales are given as a float32 (block rows, tiles per row) array with tiles of
+    ``block`` = (rows, cols); ``row0`` is the first row's index in that array's rows (times the
+    block height). Every tensor must be contiguous; rows are the tensors' first dimension.
+    """
+
+    ABI = 1  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        lib.lt_fp8_abi.restype = i32
+        if lib.lt_fp8_abi() != self.ABI:
+            raise OSError(f"it is a build of another version (ABI {lib.lt_fp8_abi()}, not {self.ABI})")
+        lib.lt_fp8_decode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32]
+        lib.lt_fp8_decode.restype = None
+        lib.lt_fp8_tile_max.argtypes = [p, p, i64, i64, i64, i64, p]
+        lib.lt_fp8_tile_max.restype = None
+        lib.lt_fp8_encode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32]
+        lib.lt_fp8_encode.restype = ctypes.c_double
+        self._lib = lib
+
+    @staticmethod
+    def handles(dtype: torch.dtype) -> bool:
+        return dtype in _FORMATS
+
+    def decode(
+        self, q: torch.Tensor, out: torch.Tensor, row0: int, scale: torch.Tensor, block: tuple[int, int]
+    ) -> None:
+        """``out[:] = q * scale`` (float8 (rows, cols) -> float32), e4m3fn's NaN codes as +-480."""
+        _check(q, out, scale)
+        rows, cols = q.shape
+        self._lib.lt_fp8_decode(
+            q.data_ptr(), out.data_ptr(), rows, cols, row0, scale.data_ptr(), *block, _FORMATS[q.dtype]
+        )
+
+    def tile_max(self, w: torch.Tensor, row0: int, block: tuple[int, int], amax: torch.Tensor) -> None:
+        """``amax`` (int32, (block rows, tiles)) raised to each tile's max |w| as float32 bits."""
+        _check(w, amax)
+        assert amax.dtype == torch.int32
+        rows, cols = w.shape
+        self._lib.lt_fp8_tile_max(w.data_ptr(), rows, cols, row0, *block, amax.data_ptr())
+
+    def encode(self, w: torch.Tensor, q: torch.Tensor, row0: int, scale: torch.Tensor, block: tuple[int, int]) -> float:
+        """``q[:] = fp8(w / scale)`` (nearest, ties to even, saturating); returns ||w - q * scale||^2."""
+        _check(w, q, scale)
+        rows, cols = w.shape
+        tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
+        return float(self._lib.lt_fp8_encode(w.data_ptr(), q.data_ptr(), rows, cols, *tiles))
+
+    def agrees_with_torch(self) -> bool:
+        """Every code decodes, and values around every code's rounding boundary encode, as torch's
+        conversions do (e4m3fn's NaN codes aside, which decode to +-480 by design)."""
+        for dtype in _FORMATS:
+            codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+            one = torch.ones(1, 1)
+            got = torch.empty(1, 256)
+            self.decode(codes.view(1, -1), got, 0, one, (1, 256))
+            want = codes.to(torch.float32)
+            if dtype == torch.float8_e4m3fn:
+                want = torch.where(want.isnan(), torch.where(want.view(1, -1).signbit(), -480.0, 480.0), want)
+            if not torch.equal(got.view(torch.int32).flatten(), want.view(torch.int32).flatten()):
+                return False
+            top = float(torch.finfo(dtype).max)
+            grid = want[want.isfinite() & (want.abs() <= top)].sort().values  # -0 and 0 both, in either order
+            mids = (grid[1:] + grid[:-1]) / 2
+            up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+            beyond = torch.tensor([-top * 1.001, top * 1.001])
+            x = torch.cat([grid, mids, mids.nextafter(up), mids.nextafter(down), beyond])
+            q = torch.empty(1, x.numel(), dtype=torch.uint8).view(dtype)
+            self.encode(x.view(1, -1), q, 0, one, (1, x.numel()))
+            if not torch.equal(q.view(torch.uint8).flatten(), x.clamp(-top, top).to(dtype).view(torch.uint8)):
+                return False
+        return True
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError("the native kernels take contiguous CPU tensors")
+
+
+_loaded: list[Fp8Kernels | None] = []
+
+
+def fp8_kernels() -> Fp8Kernels | None:
+    """The FP8 kernels, or None: not built, ``LORATOOL_NATIVE=0``, or not agreeing with torch."""
+    if os.environ.get("LORATOOL_NATIVE", "1") == "0":
+        return None
+    if not _loaded:
+        _loaded.append(_load())
+    return _loaded[0]
+
+
+def _library() -> Path | None:
+    """The built library: beside this module (an installed or editable loratool), else in the
+    installed loratool of this same version (this module imported from a source tree, as tests are)."""
+    here = Path(__file__).parent
+    places = [here / name for name in _NAMES]
+    try:
+        dist = importlib.metadata.distribution("loratool")
+        if dist.version == __version__:
+            places += [Path(str(dist.locate_file(f"loratool/{name}"))) for name in _NAMES]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return next((p for p in places if p.is_file()), None)
+
+
+def _load() -> Fp8Kernels | None:
+    path = _library()
+    if path is None:
+        return None
+    try:
+        kernels = Fp8Kernels(ctypes.CDLL(str(path)))
+    except (OSError, AttributeError) as e:
+        warnings.warn(f"{path.name} did not load ({e}); FP8 merges use torch's passes", RuntimeWarning, stacklevel=3)
+        return None
+    if not kernels.agrees_with_torch():
+        warnings.warn(
+            f"{path.name} disagrees with torch's FP8 conversions (a miscompiled build?); FP8 merges use torch's "
+            "passes. Reinstall loratool, or set LORATOOL_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return kernels
+
+
+_pool: list[ThreadPoolExecutor] = []
+
+
+def run_parts(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]``, the first on this thread and the rest on a shared pool at once
+    (ctypes and torch let go of the GIL in their calls, so the parts run on separate cores)."""
+    first, *rest = items
+    if not rest:
+        return [fn(first)]
+    if not _pool:  # torch on one thread in each worker: the parts are the parallelism
+        workers = max(1, available_cores() - 1)
+        _pool.append(ThreadPoolExecutor(workers, "loratool-part", initializer=torch.set_num_threads, initargs=(1,)))
+    futures = [_pool[0].submit(fn, x) for x in rest]
+    return [fn(first), *(f.result() for f in futures)]

@@ -1,0 +1,189 @@
+"""The compiled FP8 kernels (loratool/csrc/fp8.c via loratool.native) against torch's own float8
+conversions and against the torch passes of merge_fp8_rows: the same codes and scales, bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from loratool import linalg, native
+from loratool.arch import Fp8Scheme
+from loratool.linalg import dequantize_fp8, merge_fp8_rows, quantize_fp8, row_factors
+from loratool.runtime import torch_threads
+
+FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.fixture
+def kernels() -> native.Fp8Kernels:
+    k = native.fp8_kernels()
+    if k is None:
+        pytest.skip("the FP8 kernels are not built here (no C compiler at install, or LORATOOL_NATIVE=0)")
+    return k
+
+
+def test_the_kernels_are_built_where_a_c_compiler_is() -> None:
+    """Installing with a compiler on PATH builds them (hatch_build.py): a broken build would
+    otherwise pass every other test here by skipping it."""
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on PATH")
+    assert native.fp8_kernels() is not None
+
+
+def values_around_every_code(dtype: torch.dtype, n: int = 200_000) -> torch.Tensor:
+    """Random magnitudes over the format's whole range and beyond, every finite code, the midpoints
+    between neighbours (ties) and the floats either side of each, signed zeros and float32 subnormals."""
+    g = torch.Generator().manual_seed(0)
+    top = float(torch.finfo(dtype).max)
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[grid.isfinite()].sort().values
+    mids = (grid[1:] + grid[:-1]) / 2
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    spread = torch.exp2(torch.empty(n).uniform_(-30, 18, generator=g))  # past both formats' largest
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, top, -top, top * 1.01, -top * 4])
+    return torch.cat([grid, mids, mids.nextafter(up), mids.nextafter(down), spread * signs, special])
+
+
+@pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3fn", "e5m2"])
+def test_encode_rounds_as_torch_converts(kernels: native.Fp8Kernels, dtype: torch.dtype) -> None:
+    """Codes of w / scale equal torch's clamp-then-convert, ties to even, saturation and subnormals
+    included; the returned error is the float64 sum of squares (to float32 summation accuracy)."""
+    top = float(torch.finfo(dtype).max)
+    x = values_around_every_code(dtype)
+    for scale in (1.0, 3.0e-3, 0.7):  # a division that rounds, as in a merge
+        w = (x * scale).view(1, -1)
+        s = torch.full((1, 1), scale)
+        q = torch.empty(w.shape, dtype=dtype)
+        error_sq = kernels.encode(w, q, 0, s, (1, w.shape[1]))
+        want = (w / scale).clamp(-top, top).to(dtype)
+        assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+        exact = ((w.double() / scale).abs() - want.double().abs()).square().sum() * scale**2
+        assert error_sq == pytest.approx(float(exact), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3fn", "e5m2"])
+def test_decode_gives_every_code_as_torch_does(kernels: native.Fp8Kernels, dtype: torch.dtype) -> None:
+    """Every byte, Inf and NaN included (e4m3fn's NaN codes come out as +-480, as in the torch passes,
+    which settle them first), times a scale of each tile."""
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).repeat(3, 1)  # (3, 256), tiles of (1, 100)
+    scale = torch.tensor([[1.0, 0.5, 3.0], [2.0**-20, 1.0, 7.0], [1.0, 1.0, 1.0]])
+    out = torch.empty(3, 256)
+    kernels.decode(codes, out, 0, scale, (1, 100))
+    want = codes.float()
+    if dtype == torch.float8_e4m3fn:
+        want = torch.where(want.isnan(), torch.where(want.signbit(), -480.0, 480.0), want)
+    want = want * scale.repeat_interleave(100, dim=1)[:, :256]
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+
+
+def test_tile_maxima_flag_inf_and_nan(kernels: native.Fp8Kernels) -> None:
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
+    amax = torch.zeros(2, 3, dtype=torch.int32)  # tiles of (4, 4): ragged both ways
+    kernels.tile_max(w, 0, (4, 4), amax)
+    pad = torch.nn.functional.pad(w.abs(), (0, 2, 0, 2)).view(2, 4, 3, 4).amax(dim=(1, 3))
+    assert torch.equal(amax.view(torch.float32), pad)
+    w[5, 9] = float("nan")
+    w[0, 0] = float("-inf")
+    amax.zero_()
+    kernels.tile_max(w, 0, (4, 4), amax)
+    assert (amax >= 0x7F800000).tolist() == [[True, False, False], [False, False, True]]
+
+
+def _merge(q, s, scheme, terms, check=None):
+    q_out, s_out = torch.empty_like(q), torch.empty_like(s)
+    norms = merge_fp8_rows(q, s, scheme, terms, q_out, s_out, check)
+    return q_out, s_out, norms
+
+
+CASES = {
+    "block-ragged": (Fp8Scheme("block", (16, 8)), (70, 44), (5, 6), torch.float8_e4m3fn, torch.float32),
+    "block-128": (Fp8Scheme("block", (128, 128)), (300, 260), (3, 3), torch.float8_e4m3fn, torch.float32),
+    "channel": (Fp8Scheme("channel"), (70, 44), (70, 1), torch.float8_e4m3fn, torch.float32),
+    "e5m2": (Fp8Scheme("block", (16, 8)), (70, 44), (5, 6), torch.float8_e5m2, torch.float32),
+    "bf16-scales": (Fp8Scheme("block", (16, 8)), (70, 44), (5, 6), torch.float8_e4m3fn, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("threads", [1, 3])
+def test_merge_fp8_rows_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels, case: str, threads: int) -> None:
+    """Native steps (on one thread, and spread over threads in steps of a few block rows) write the
+    codes and scales the torch passes write, and report the same norms."""
+    scheme, shape, scale_shape, dtype, scale_dtype = CASES[case]
+    g = torch.Generator().manual_seed(5)
+    q, s = quantize_fp8(torch.randn(shape, generator=g), scheme, dtype, scale_shape)
+    s = s.to(scale_dtype)
+    terms = [
+        row_factors(torch.randn(3, shape[1], generator=g), torch.randn(shape[0], 3, generator=g) * 0.1, 0.5, "linear"),
+        row_factors(torch.randn(2, shape[1], generator=g), torch.randn(shape[0], 2, generator=g) * 0.1, -1.5, "linear"),
+    ]
+    monkeypatch.setitem(linalg._GROUP_ELEMENTS, "cpu", 2 * 16 * shape[1])  # several steps, several batches
+    with torch_threads(threads):
+        fast_q, fast_s, fast = _merge(q, s, scheme, terms)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    assert native.fp8_kernels() is None
+    with torch_threads(threads):
+        slow_q, slow_s, slow = _merge(q, s, scheme, terms)
+    assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8))
+    assert torch.equal(fast_s, slow_s) and fast_s.dtype == scale_dtype
+    assert fast[0] == slow[0]
+    assert fast[1] == pytest.approx(slow[1], rel=1e-5)
+    stored = dequantize_fp8(fast_q, fast_s, scheme).double()
+    target = dequantize_fp8(q, s, scheme).double() + sum(t.factor * (t.left.double() @ t.right.double()) for t in terms)
+    assert fast[1] == pytest.approx(float((stored - target).square().sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float8_e4m3fn, 320.0), (torch.float8_e5m2, 40960.0)])
+def test_subnormal_scales_saturate_as_the_torch_passes_do(
+    monkeypatch, kernels, dtype: torch.dtype, value: float
+) -> None:
+    scheme = Fp8Scheme("block", (4, 4))
+    q, s = torch.full((4, 4), value).to(dtype), torch.full((1, 1), 2.0**-148)  # see test_linalg's twin
+    terms = [row_factors(torch.zeros(1, 4), torch.zeros(4, 1), 1.0, "linear")]
+    fast_q, fast_s, _ = _merge(q, s, scheme, terms)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    slow_q, slow_s, _ = _merge(q, s, scheme, terms)
+    assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8)) and torch.equal(fast_s, slow_s)
+
+
+def test_a_step_with_inf_is_left_to_the_torch_passes(monkeypatch, kernels) -> None:
+    """A merged Inf reaches ``check`` as before; without a check the bytes are the torch passes' own."""
+    scheme = Fp8Scheme("block", (16, 8))
+    q, s = quantize_fp8(torch.randn(64, 16, generator=torch.Generator().manual_seed(2)), scheme,
+                        torch.float8_e4m3fn, (4, 2))  # fmt: skip
+    b = torch.zeros(64, 1)
+    b[40, 0] = 3e38  # overflows one step (rows 32..63) to Inf
+    terms = [row_factors(torch.full((1, 16), 3.0), b, 1.0, "linear")]
+    monkeypatch.setitem(linalg._GROUP_ELEMENTS, "cpu", 32 * 16)
+
+    seen = []
+
+    def check(strip: torch.Tensor) -> None:
+        seen.append(strip.clone())
+        raise ValueError("not finite")
+
+    with pytest.raises(ValueError, match="not finite"):
+        _merge(q, s, scheme, terms, check)
+    assert len(seen) == 1 and seen[0].isinf().any()
+    fast_q, fast_s, _ = _merge(q, s, scheme, terms)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    slow_q, slow_s, _ = _merge(q, s, scheme, terms)
+    assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8))
+    assert torch.equal(fast_s.nan_to_num(-1.0), slow_s.nan_to_num(-1.0))
+
+
+def test_a_build_that_disagrees_with_torch_is_not_used(monkeypatch, kernels) -> None:
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setattr(native.Fp8Kernels, "agrees_with_torch", lambda self: False)
+    with pytest.warns(RuntimeWarning, match="disagrees with torch"):
+        assert native.fp8_kernels() is None
+
+
+def test_a_build_of_another_version_is_not_used(monkeypatch, kernels) -> None:
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setattr(native.Fp8Kernels, "ABI", 0)
+    with pytest.warns(RuntimeWarning, match="another version"):
+        assert native.fp8_kernels() is None
