@@ -1,17 +1,20 @@
 """The FP8 merge's arithmetic alone: ns per element of :func:`loratool.linalg.merge_fp8_rows` on one
 Llama-1B down_proj-sized weight (2048 x 8192, e4m3, 128x128 blocks, a rank-16 term), in memory,
-best of 7, on one thread and on every core. No I/O: what a faster kernel would have to beat.
+best of 7, on one thread and on every core, with the compiled kernels (loratool.native) where they
+are built and with torch's passes (``LORATOOL_NATIVE=0``). No I/O.
 
     python bench/fp8_step.py
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 from common import machine
 
+from loratool import native
 from loratool.arch import Fp8Scheme
 from loratool.linalg import fp8_scratch_elements, merge_fp8_rows, quantize_fp8, row_factors
 from loratool.runtime import available_cores, torch_threads
@@ -37,8 +40,11 @@ def ns_per_element(threads: int, rows: int = 2048, cols: int = 8192, rank: int =
 
 def main() -> None:
     print(f"merge_fp8_rows, 2048 x 8192 e4m3 (128x128 blocks), rank 16, best of 7; {machine()}")
-    for threads in sorted({1, available_cores()}):
-        print(f"  {threads:2d} thread(s)   {ns_per_element(threads):5.2f} ns per element")
+    paths = ["native", "torch"] if native.fp8_kernels() is not None else ["torch"]
+    for path in paths:
+        os.environ["LORATOOL_NATIVE"] = "1" if path == "native" else "0"
+        for threads in sorted({1, available_cores()}):
+            print(f"  {path:6s}  {threads:2d} thread(s)   {ns_per_element(threads):5.2f} ns per element")
 
 
 if __name__ == "__main__":

@@ -384,7 +384,16 @@ def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:
     """The float32 weight an FP8 ``q`` (out, in) and its ``scale`` stand for."""
-    return fp8_to_float32(q).mul_(_expand_scale(scale.to(q.device), tuple(q.shape), scheme))
+    kernels = native.fp8_kernels() if q.device.type == "cpu" and q.dim() == 2 and q.is_contiguous() else None
+    if kernels is None or not kernels.handles(q.dtype):
+        return fp8_to_float32(q).mul_(_expand_scale(scale.to(q.device), tuple(q.shape), scheme))
+    rows, cols = q.shape
+    tile = {"block": scheme.block, "channel": (1, cols)}.get(scheme.kind) or (rows, cols)  # "tensor": one tile
+    out = torch.empty(q.shape)
+    kernels.decode(q, out, 0, scale.to(torch.float32).reshape(-(-rows // tile[0]), -1).contiguous(), tile)
+    if fp8_has_nan_codes(q):  # decoded as +-480 times the scale
+        out[q.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")
+    return out
 
 
 def fp8_max(dtype: torch.dtype) -> float:

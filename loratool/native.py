@@ -51,7 +51,14 @@ class Fp8Kernels:
         lib.lt_fp8_tile_max.restype = None
         lib.lt_fp8_encode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32]
         lib.lt_fp8_encode.restype = ctypes.c_double
+        lib.lt_fp8_simd.argtypes = [i32]
+        lib.lt_fp8_simd.restype = i32
         self._lib = lib
+
+    def simd(self, allow: bool = True) -> bool:
+        """Allow (the default) or forbid the SIMD paths (AVX2, where the CPU has it); returns
+        whether they are in use. Forbidden, every element takes the portable C, as on other CPUs."""
+        return bool(self._lib.lt_fp8_simd(int(allow)))
 
     @staticmethod
     def handles(dtype: torch.dtype) -> bool:

@@ -4,6 +4,7 @@ conversions and against the torch passes of merge_fp8_rows: the same codes and s
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,12 +17,18 @@ from loratool.runtime import torch_threads
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
-@pytest.fixture
-def kernels() -> native.Fp8Kernels:
+@pytest.fixture(params=["simd", "portable"])
+def kernels(request: pytest.FixtureRequest) -> Iterator[native.Fp8Kernels]:
+    """The kernels with their SIMD paths where the CPU has them, and with the portable C alone."""
     k = native.fp8_kernels()
     if k is None:
         pytest.skip("the FP8 kernels are not built here (no C compiler at install, or LORATOOL_NATIVE=0)")
-    return k
+    if not k.simd(request.param == "simd") and request.param == "simd":
+        pytest.skip("no SIMD path for this CPU")
+    try:
+        yield k
+    finally:
+        k.simd(True)
 
 
 def test_the_kernels_are_built_where_a_c_compiler_is() -> None:
@@ -187,3 +194,20 @@ def test_a_build_of_another_version_is_not_used(monkeypatch, kernels) -> None:
     monkeypatch.setattr(native.Fp8Kernels, "ABI", 0)
     with pytest.warns(RuntimeWarning, match="another version"):
         assert native.fp8_kernels() is None
+
+
+@pytest.mark.parametrize(
+    ("scheme", "scale_shape"),
+    [(Fp8Scheme("block", (16, 8)), (5, 6)), (Fp8Scheme("channel"), (70,)), (Fp8Scheme("tensor"), ())],
+    ids=["block", "channel", "tensor"],
+)
+@pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3fn", "e5m2"])
+def test_dequantize_fp8_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels, scheme, scale_shape, dtype) -> None:
+    g = torch.Generator().manual_seed(6)
+    q = torch.randint(0, 256, (70, 44), dtype=torch.uint8, generator=g).view(dtype)  # every kind of code, NaN too
+    s = torch.rand(scale_shape, generator=g) + 0.5
+    fast = linalg.dequantize_fp8(q, s, scheme)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    slow = linalg.dequantize_fp8(q, s, scheme)
+    assert torch.equal(fast.isnan(), slow.isnan()) and fast.isnan().any()
+    assert torch.equal(fast.nan_to_num(0.0).view(torch.int32), slow.nan_to_num(0.0).view(torch.int32))

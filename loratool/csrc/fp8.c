@@ -199,10 +199,12 @@ __attribute__((target("avx2"))) static uint32_t max_bits_avx2(const float *w, in
     return max_bits(w + j, n - j, m);
 }
 
+static int avx2_allowed = 1;
+
 static int has_avx2(void) {
     static int known = -1;
     if (known < 0) known = __builtin_cpu_supports("avx2") ? 1 : 0;
-    return known;
+    return known && avx2_allowed;
 }
 #define DECODE_RUN (has_avx2() ? decode_run_avx2 : decode_run)
 #define MAX_BITS (has_avx2() ? max_bits_avx2 : max_bits)
@@ -217,6 +219,18 @@ static int has_avx2(void) {
 
 /* Raised with any change to an entry point's signature or meaning: loratool.native loads only its own. */
 LT_EXPORT int32_t lt_fp8_abi(void) { return 1; }
+
+/* Whether to use the AVX2 paths where the CPU has them (tests run the portable ones too); returns
+ * whether they are used now. */
+LT_EXPORT int32_t lt_fp8_simd(int32_t allow) {
+#ifdef LT_AVX2
+    avx2_allowed = allow;
+    return has_avx2();
+#else
+    (void)allow;
+    return 0;
+#endif
+}
 
 /* out[i][j] = decode(q[i][j]) * the scale of its tile. */
 LT_EXPORT void lt_fp8_decode(const uint8_t *q, float *out, int64_t rows, int64_t cols, int64_t row0,
