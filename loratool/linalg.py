@@ -390,9 +390,8 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> t
     rows, cols = q.shape
     tile = {"block": scheme.block, "channel": (1, cols)}.get(scheme.kind) or (rows, cols)  # "tensor": one tile
     out = torch.empty(q.shape)
-    kernels.decode(q, out, 0, scale.to(torch.float32).reshape(-(-rows // tile[0]), -1).contiguous(), tile)
-    if fp8_has_nan_codes(q):  # decoded as +-480 times the scale
-        out[q.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")
+    if kernels.decode(q, out, 0, scale.to(torch.float32).reshape(-(-rows // tile[0]), -1).contiguous(), tile):
+        out[q.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")  # e4m3fn NaN codes came out as 480
     return out
 
 
@@ -457,8 +456,6 @@ def merge_fp8_rows(
     """
     if scheme.kind == "tensor":
         raise ValueError("per-tensor scales need the whole weight: use dequantize_fp8 and quantize_fp8")
-    if check is not None and fp8_has_nan_codes(q):
-        check(fp8_to_float32(q))  # e4m3fn's NaN codes decode to finite numbers below: settle them here
     rows, cols = q.shape
     top = fp8_max(q_out.dtype)
     s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
@@ -477,7 +474,9 @@ def merge_fp8_rows(
     fast = _NativeFp8Steps.make(q, scale, scheme, factors, q_out, scale_out)
     with torch_threads(1) if fast is not None else contextlib.nullcontext():  # the steps are the parallelism
         if fast is not None:
-            groups = fast.run(groups, strip_buf)  # what is left: steps with a NaN or Inf, settled below
+            groups = fast.run(groups, strip_buf)  # what is left: steps with a NaN code, NaN or Inf
+        if check is not None and groups and fp8_has_nan_codes(q):
+            check(fp8_to_float32(q))  # e4m3fn's NaN codes decode to finite numbers below: settle them here
         for start, stop, g in groups:
             n = (stop - start) * cols
             strip, work = strip_buf[:n].view(-1, cols), work_buf[:n].view(-1, cols)
@@ -545,7 +544,7 @@ class _NativeFp8Steps:
     def run(self, steps: list[tuple[int, int, int]], strip: torch.Tensor) -> list[tuple[int, int, int]]:
         """Merge ``steps`` (whole block rows each) into q_out and scale_out, up to :attr:`parts` at
         a time; ``strip`` is float32 scratch of the largest. Returns the steps whose merged rows
-        hold a NaN or an Inf, with nothing of theirs written."""
+        hold a NaN or an Inf or whose codes hold one of e4m3fn's NaNs, with nothing of theirs written."""
         size = strip.numel()
         while len(self.strips) < min(self.parts, len(steps)) - 1:
             self.strips.append(torch.empty(size))
@@ -559,12 +558,14 @@ class _NativeFp8Steps:
         return left
 
     def step(self, start: int, stop: int, buf: torch.Tensor) -> float | None:
-        """Rows start:stop merged; returns their squared requantization error, or None for a NaN or Inf."""
+        """Rows start:stop merged; returns their squared requantization error, or None for a NaN or Inf
+        (or a NaN code in ``q``, which decodes to a finite number)."""
         k, bo, cols = self.kernels, self.block[0], self.q.shape[1]
         b0, b1 = start // bo, -(-stop // bo)
         strip = buf[: (stop - start) * cols].view(-1, cols)
         s_in = self.s_in[b0:b1]
-        k.decode(self.q[start:stop], strip, 0, s_in, self.block)
+        if k.decode(self.q[start:stop], strip, 0, s_in, self.block):
+            return None
         for left, right, factor, _ in self.factors:
             strip.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
         amax = torch.zeros(s_in.shape, dtype=torch.int32)

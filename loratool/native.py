@@ -38,7 +38,7 @@ class Fp8Kernels:
     block height). Every tensor must be contiguous; rows are the tensors' first dimension.
     """
 
-    ABI = 1  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
+    ABI = 2  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
@@ -46,7 +46,7 @@ class Fp8Kernels:
         if lib.lt_fp8_abi() != self.ABI:
             raise OSError(f"it is a build of another version (ABI {lib.lt_fp8_abi()}, not {self.ABI})")
         lib.lt_fp8_decode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32]
-        lib.lt_fp8_decode.restype = None
+        lib.lt_fp8_decode.restype = i32
         lib.lt_fp8_tile_max.argtypes = [p, p, i64, i64, i64, i64, p]
         lib.lt_fp8_tile_max.restype = None
         lib.lt_fp8_encode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32]
@@ -66,13 +66,13 @@ class Fp8Kernels:
 
     def decode(
         self, q: torch.Tensor, out: torch.Tensor, row0: int, scale: torch.Tensor, block: tuple[int, int]
-    ) -> None:
-        """``out[:] = q * scale`` (float8 (rows, cols) -> float32), e4m3fn's NaN codes as +-480."""
+    ) -> bool:
+        """``out[:] = q * scale`` (float8 (rows, cols) -> float32); returns whether ``q`` holds an
+        e4m3fn NaN code (those come out as +-480 times the scale)."""
         _check(q, out, scale)
         rows, cols = q.shape
-        self._lib.lt_fp8_decode(
-            q.data_ptr(), out.data_ptr(), rows, cols, row0, scale.data_ptr(), *block, _FORMATS[q.dtype]
-        )
+        tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
+        return bool(self._lib.lt_fp8_decode(q.data_ptr(), out.data_ptr(), rows, cols, *tiles))
 
     def tile_max(self, w: torch.Tensor, row0: int, block: tuple[int, int], amax: torch.Tensor) -> None:
         """``amax`` (int32, (block rows, tiles)) raised to each tile's max |w| as float32 bits."""

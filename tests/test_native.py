@@ -78,12 +78,13 @@ def test_decode_gives_every_code_as_torch_does(kernels: native.Fp8Kernels, dtype
     codes = torch.arange(256, dtype=torch.uint8).view(dtype).repeat(3, 1)  # (3, 256), tiles of (1, 100)
     scale = torch.tensor([[1.0, 0.5, 3.0], [2.0**-20, 1.0, 7.0], [1.0, 1.0, 1.0]])
     out = torch.empty(3, 256)
-    kernels.decode(codes, out, 0, scale, (1, 100))
+    assert kernels.decode(codes, out, 0, scale, (1, 100)) == (dtype == torch.float8_e4m3fn)  # NaN codes seen
     want = codes.float()
     if dtype == torch.float8_e4m3fn:
         want = torch.where(want.isnan(), torch.where(want.signbit(), -480.0, 480.0), want)
     want = want * scale.repeat_interleave(100, dim=1)[:, :256]
     assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+    assert not kernels.decode(codes[:, :100].contiguous(), torch.empty(3, 100), 0, scale, (1, 100))  # 0x00..0x63
 
 
 def test_tile_maxima_flag_inf_and_nan(kernels: native.Fp8Kernels) -> None:
@@ -180,6 +181,31 @@ def test_a_step_with_inf_is_left_to_the_torch_passes(monkeypatch, kernels) -> No
     slow_q, slow_s, _ = _merge(q, s, scheme, terms)
     assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8))
     assert torch.equal(fast_s.nan_to_num(-1.0), slow_s.nan_to_num(-1.0))
+
+
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_a_nan_code_in_the_base_is_left_to_the_torch_passes(monkeypatch, kernels, code: int) -> None:
+    """e4m3fn's NaN codes decode to finite numbers: ``check`` sees the dequantized base, and without a
+    check the bytes are the torch passes' own."""
+    scheme = Fp8Scheme("block", (16, 8))
+    q, s = quantize_fp8(torch.randn(64, 16, generator=torch.Generator().manual_seed(3)), scheme,
+                        torch.float8_e4m3fn, (4, 2))  # fmt: skip
+    q.view(torch.uint8)[50, 3] = code
+    terms = [row_factors(torch.ones(1, 16), torch.full((64, 1), 0.01), 1.0, "linear")]
+    monkeypatch.setitem(linalg._GROUP_ELEMENTS, "cpu", 32 * 16)
+    seen = []
+
+    def check(w: torch.Tensor) -> None:
+        seen.append(w)
+        raise ValueError("not finite")
+
+    with pytest.raises(ValueError, match="not finite"):
+        _merge(q, s, scheme, terms, check)
+    assert seen[0].shape == (64, 16) and seen[0][50, 3].isnan() and seen[0].isnan().sum() == 1
+    fast_q, fast_s, _ = _merge(q, s, scheme, terms)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    slow_q, slow_s, _ = _merge(q, s, scheme, terms)
+    assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8)) and torch.equal(fast_s, slow_s)
 
 
 def test_a_build_that_disagrees_with_torch_is_not_used(monkeypatch, kernels) -> None:

@@ -89,12 +89,18 @@ static const Format FORMATS[2] = {{20u, (127u - 6u) << 23, 448.0f}, {21u, (127u 
 
 /* -- runs of one tile row, portable ------------------------------------------------------------ */
 
-static void decode_run(const uint8_t *q, float *out, int64_t n, float s, int32_t fmt) {
+/* Decodes q[0..n) times s into out; returns whether an e4m3fn NaN code was among them. */
+static int decode_run(const uint8_t *q, float *out, int64_t n, float s, int32_t fmt) {
+    int nan = 0;
     if (fmt == LT_E4M3FN) {
-        for (int64_t j = 0; j < n; j++) out[j] = decode_e4m3(q[j]) * s;
+        for (int64_t j = 0; j < n; j++) {
+            out[j] = decode_e4m3(q[j]) * s;
+            nan |= (q[j] & 0x7Fu) == 0x7Fu;
+        }
     } else {
         for (int64_t j = 0; j < n; j++) out[j] = decode_e5m2(q[j]) * s;
     }
+    return nan;
 }
 
 /* The largest of m and the bits of |w[0..n)|. */
@@ -128,8 +134,8 @@ static float encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t 
 
 /* -- the same runs with AVX2, eight elements at a time ----------------------------------------- */
 #ifdef LT_AVX2
-__attribute__((target("avx2"))) static void decode_run_avx2(const uint8_t *q, float *out, int64_t n, float s,
-                                                            int32_t fmt) {
+__attribute__((target("avx2"))) static int decode_run_avx2(const uint8_t *q, float *out, int64_t n, float s,
+                                                           int32_t fmt) {
     const __m256 vs = _mm256_set1_ps(s);
     const __m256i low7 = _mm256_set1_epi32(0x7F), bit7 = _mm256_set1_epi32(0x80);
     const int e4 = fmt == LT_E4M3FN;
@@ -138,6 +144,8 @@ __attribute__((target("avx2"))) static void decode_run_avx2(const uint8_t *q, fl
     const __m256i subnormals = _mm256_set1_epi32(e4 ? 8 : 4);         /* mag below: subnormal */
     const __m256i last_finite = _mm256_set1_epi32(e4 ? 0x7F : 0x7B); /* mag above: Inf, NaN */
     const __m256 sub_unit = _mm256_set1_ps(e4 ? 0x1p-9f : 0x1p-16f);
+    const __m256i nan_code = _mm256_set1_epi32(e4 ? 0x7F : 0x100); /* e5m2's NaNs decode as NaN */
+    __m256i nan = _mm256_setzero_si256();
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
         __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + j)));
@@ -150,8 +158,9 @@ __attribute__((target("avx2"))) static void decode_run_avx2(const uint8_t *q, fl
         v = _mm256_blendv_epi8(v, sub, _mm256_cmpgt_epi32(subnormals, mag));
         v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(code, bit7), 24));
         _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_castsi256_ps(v), vs));
+        nan = _mm256_or_si256(nan, _mm256_cmpeq_epi32(mag, nan_code));
     }
-    decode_run(q + j, out + j, n - j, s, fmt);
+    return decode_run(q + j, out + j, n - j, s, fmt) | !_mm256_testz_si256(nan, nan);
 }
 
 __attribute__((target("avx2"))) static float encode_run_avx2(const float *w, uint8_t *q, int64_t n, float s,
@@ -218,7 +227,7 @@ static int has_avx2(void) {
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
 /* Raised with any change to an entry point's signature or meaning: loratool.native loads only its own. */
-LT_EXPORT int32_t lt_fp8_abi(void) { return 1; }
+LT_EXPORT int32_t lt_fp8_abi(void) { return 2; }
 
 /* Whether to use the AVX2 paths where the CPU has them (tests run the portable ones too); returns
  * whether they are used now. */
@@ -232,18 +241,21 @@ LT_EXPORT int32_t lt_fp8_simd(int32_t allow) {
 #endif
 }
 
-/* out[i][j] = decode(q[i][j]) * the scale of its tile. */
-LT_EXPORT void lt_fp8_decode(const uint8_t *q, float *out, int64_t rows, int64_t cols, int64_t row0,
-                             const float *scale, int64_t bo, int64_t bi, int32_t fmt) {
-    void (*run)(const uint8_t *, float *, int64_t, float, int32_t) = DECODE_RUN;
+/* out[i][j] = decode(q[i][j]) * the scale of its tile. Returns whether any code was one of e4m3fn's
+ * NaNs, which come out as +-480 times the scale. */
+LT_EXPORT int32_t lt_fp8_decode(const uint8_t *q, float *out, int64_t rows, int64_t cols, int64_t row0,
+                                const float *scale, int64_t bo, int64_t bi, int32_t fmt) {
+    int (*run)(const uint8_t *, float *, int64_t, float, int32_t) = DECODE_RUN;
     int64_t nb = (cols + bi - 1) / bi;
+    int nan = 0;
     for (int64_t i = 0; i < rows; i++) {
         const float *srow = scale + ((row0 + i) / bo) * nb;
         for (int64_t t = 0; t < nb; t++) {
             int64_t j0 = t * bi, n = cols - j0 < bi ? cols - j0 : bi;
-            run(q + i * cols + j0, out + i * cols + j0, n, srow[t], fmt);
+            nan |= run(q + i * cols + j0, out + i * cols + j0, n, srow[t], fmt);
         }
     }
+    return nan;
 }
 
 /* amax[(row0 + i) / bo][t] = max(itself, the bits of |w[i][j]|) over the tile's columns: each tile's
