@@ -3,7 +3,8 @@
 copy of the same files and the read + write floor, in the same run (as bench_merge does for bf16).
 
 Every projection is dequantized, merged in float32 and requantized to its blocks; the rest streams
-through unchanged.
+through unchanged. The merge runs with the compiled FP8 kernels where they are built
+(loratool.native) and again with torch's passes alone (``LORATOOL_NATIVE=0``), for comparison.
 
     python bench/bench_fp8.py --workdir /tmp/loratool-bench [--layers 16]
 """
@@ -11,6 +12,7 @@ through unchanged.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from bench_merge import TARGETS, make_adapter
 from common import bench_main, copy_tree, direct_copy_tree, fresh, machine, measure, read_floor
 from shards import write_checkpoint
 
+from loratool import native
 from loratool.arch import Fp8Scheme
 from loratool.io.checkpoint import open_checkpoint
 from loratool.io.writer import TensorSpec
@@ -68,10 +71,11 @@ def make_fp8(bf16: Path, out: Path) -> Path:
 
 def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) -> dict[str, Any]:
     pair = ensure_pair(workdir, layers)
+    kernels = native.fp8_kernels() is not None
     adapter = make_adapter(pair / "base", workdir / f"adapter-l{layers}", rank)
     base = make_fp8(pair / "base", workdir / f"1b-l{layers}-fp8")
     floor = read_floor(base)
-    copies, floors, merges, peaks = [], [], [], []
+    copies, floors, merges, torch_merges, peaks = [], [], [], [], []
     for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
         copies.append(copy_tree(base, fresh(workdir / "copy")))
         fresh(workdir / "copy")
@@ -81,6 +85,8 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
                          device=device, show_progress=False)  # fmt: skip
         merges.append(merged["seconds"])
         peaks.append(merged["peak_anon_mib"])
+        if kernels:
+            torch_merges.append(_merge_without_kernels(base, adapter, workdir, device))
     result = merged["result"]
     fresh(workdir / "merged-fp8")
     return {
@@ -93,7 +99,18 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
         "requantized": len(result["quantization"]["tensors"]),
         "delta_energy_lost": result["quantization"]["delta_energy_lost"],
         "peak_anon_mib": max(peaks), "repeats": repeats,
+        "kernels": "compiled (loratool.native)" if kernels else "not built: torch's passes",
+        "torch_merge_s": min(torch_merges, default=None), "torch_merge_runs": torch_merges,
     }  # fmt: skip
+
+
+def _merge_without_kernels(base: Path, adapter: Path, workdir: Path, device: str) -> float:
+    os.environ["LORATOOL_NATIVE"] = "0"
+    try:
+        return float(measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp8")),
+                             device=device, show_progress=False)["seconds"])  # fmt: skip
+    finally:
+        del os.environ["LORATOOL_NATIVE"]
 
 
 def report(r: dict[str, Any]) -> str:
@@ -105,11 +122,19 @@ def report(r: dict[str, Any]) -> str:
             f"  read floor                      {r['read_floor_s']:8.1f} s",
             f"  plain copy (+ fsync)            {r['copy_s']:8.1f} s   best of {runs(r['copy_runs'])}",
             f"  loratool merge                  {r['merge_s']:8.1f} s   best of {runs(r['merge_runs'])}",
+            *(
+                [
+                    f"  ... with torch's passes alone   {r['torch_merge_s']:8.1f} s   best of {runs(r['torch_merge_runs'])}"
+                ]
+                if r.get("torch_merge_s") is not None
+                else []
+            ),
             f"  read + write floor (O_DIRECT)   {r['read_write_s']:8.1f} s   best of {runs(r['read_write_runs'])}",
             f"  merge / copy                    {r['merge_vs_copy']:8.2f}x   (target: at most 1.5x)",
             f"  merge / read + write floor      {r['merge_vs_read_write']:8.2f}x",
             f"  delta energy lost to FP8        {r['delta_energy_lost']:8.1%}",
             f"  peak private memory             {r['peak_anon_mib']:.0f} MiB (largest of {r['repeats']} runs)",
+            f"  FP8 kernels                     {r.get('kernels', 'n/a')}",
         ]
     )
 
