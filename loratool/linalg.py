@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -527,7 +528,6 @@ class _NativeFp8Steps:
         self.s_out = scale_out.view(self.s_in.shape)
         self.top = fp8_max(q_out.dtype)
         self.parts = torch.get_num_threads()
-        self.strips: list[torch.Tensor] = []  # one per part but the first, which works in the caller's scratch
         self.error_sq = 0.0
 
     @classmethod
@@ -545,16 +545,19 @@ class _NativeFp8Steps:
         """Merge ``steps`` (whole block rows each) into q_out and scale_out, up to :attr:`parts` at
         a time; ``strip`` is float32 scratch of the largest. Returns the steps whose merged rows
         hold a NaN or an Inf or whose codes hold one of e4m3fn's NaNs, with nothing of theirs written."""
-        size = strip.numel()
-        while len(self.strips) < min(self.parts, len(steps)) - 1:
-            self.strips.append(torch.empty(size))
-        bufs = [strip, *self.strips]
-        left: list[tuple[int, int, int]] = []
-        for at in range(0, len(steps), self.parts):
-            batch = [(start, stop, buf) for (start, stop, _), buf in zip(steps[at : at + self.parts], bufs)]
-            errors = native.run_parts(lambda job: self.step(*job), batch)
-            left += [s for s, e in zip(steps[at : at + self.parts], errors) if e is None]
-            self.error_sq += sum(e for e in errors if e is not None)
+        with _PART_STRIPS_LOCK:  # the first part works in the caller's scratch, the others in kept strips
+            while len(_PART_STRIPS) < min(self.parts, len(steps)) - 1:
+                _PART_STRIPS.append(torch.empty(0))
+            for i, kept in enumerate(_PART_STRIPS):
+                if kept.numel() < strip.numel():  # grown once, not per weight: fresh memory costs page faults
+                    _PART_STRIPS[i] = torch.empty(strip.numel())
+            bufs = [strip, *_PART_STRIPS]
+            left: list[tuple[int, int, int]] = []
+            for at in range(0, len(steps), self.parts):
+                batch = [(start, stop, buf) for (start, stop, _), buf in zip(steps[at : at + self.parts], bufs)]
+                errors = native.run_parts(lambda job: self.step(*job), batch)
+                left += [s for s, e in zip(steps[at : at + self.parts], errors) if e is None]
+                self.error_sq += sum(e for e in errors if e is not None)
         return left
 
     def step(self, start: int, stop: int, buf: torch.Tensor) -> float | None:
@@ -576,6 +579,10 @@ class _NativeFp8Steps:
         self.s_out[b0:b1] = torch.where(new > 0, new, torch.ones_like(new))
         s_new = self.s_out[b0:b1].to(torch.float32)  # as stored: a bfloat16 scale is rounded
         return k.encode(strip, self.q_out[start:stop], 0, s_new, self.block)
+
+
+_PART_STRIPS: list[torch.Tensor] = []  # float32 strips of the native steps' parts but the first
+_PART_STRIPS_LOCK = threading.Lock()
 
 
 def fp8_scratch_elements(rows: int, cols: int, scheme: Fp8Scheme, device: torch.device) -> int:

@@ -14,7 +14,7 @@ import importlib.metadata
 import os
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,9 +33,9 @@ _FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}  # the C enum
 class Fp8Kernels:
     """The FP8 decode / tile maxima / encode passes (see csrc/fp8.c) over CPU tensors.
 
-    A weight's scales are given as a float32 (block rows, tiles per row) array with tiles of
-    ``block`` = (rows, cols); ``row0`` is the first row's index in that array's rows (times the
-    block height). Every tensor must be contiguous; rows are the tensors' first dimension.
+    Scales come as a float32 (block rows, tiles per row) array for tiles of ``block`` = (rows,
+    cols); per-channel scales are tiles of (1, cols). ``row0`` is where the tensors' first row lies
+    below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
     ABI = 2  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
@@ -98,7 +98,7 @@ class Fp8Kernels:
             self.decode(codes.view(1, -1), got, 0, one, (1, 256))
             want = codes.to(torch.float32)
             if dtype == torch.float8_e4m3fn:
-                want = torch.where(want.isnan(), torch.where(want.view(1, -1).signbit(), -480.0, 480.0), want)
+                want = torch.where(want.isnan(), torch.where(want.signbit(), -480.0, 480.0), want)
             if not torch.equal(got.view(torch.int32).flatten(), want.view(torch.int32).flatten()):
                 return False
             top = float(torch.finfo(dtype).max)
@@ -179,4 +179,8 @@ def run_parts(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         workers = max(1, available_cores() - 1)
         _pool.append(ThreadPoolExecutor(workers, "loratool-part", initializer=torch.set_num_threads, initargs=(1,)))
     futures = [_pool[0].submit(fn, x) for x in rest]
-    return [fn(first), *(f.result() for f in futures)]
+    try:
+        mine = fn(first)
+    finally:  # the parts share the caller's buffers: none may still run once this returns or raises
+        wait(futures)
+    return [mine, *(f.result() for f in futures)]
