@@ -39,16 +39,25 @@ def compile_library(root: Path, out: Path) -> str | None:
     """Compile the kernels to ``out``; None on success, else why not."""
     errors = []
     for cc in compilers():
-        run = subprocess.run([*cc, *FLAGS, "-o", str(out), str(root / SOURCE)], capture_output=True, text=True)
+        try:
+            run = subprocess.run([*cc, *FLAGS, "-o", str(out), str(root / SOURCE)], capture_output=True, text=True)
+        except OSError as e:  # $CC names no program
+            errors.append(f"{' '.join(cc)}: {e}")
+            continue
         if run.returncode == 0:
             return None
-        errors.append(f"{' '.join(cc)}: {run.stderr.strip()[-500:]}")
+        errors.append(f"{' '.join(cc)} exited with {run.returncode}: {run.stderr.strip()[-500:] or 'no message'}")
     return "; ".join(errors) or "no C compiler found (set CC, or install gcc or clang)"
 
 
 class CustomBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
-        if self.target_name != "wheel" or os.environ.get("LORATOOL_BUILD_NATIVE", "1") == "0":
+        if self.target_name != "wheel":
+            return
+        if version == "editable":  # a library an earlier install left in the tree must not outlive this one
+            for stale in (Path(self.root) / "loratool").glob("_fp8kernel.*"):
+                stale.unlink()
+        if os.environ.get("LORATOOL_BUILD_NATIVE", "1") == "0":
             return
         self._tmp = tempfile.mkdtemp(prefix="loratool-build-")
         built = Path(self._tmp) / library_name()
