@@ -460,7 +460,9 @@ def merge_fp8_rows(
     rows, cols = q.shape
     top = fp8_max(q_out.dtype)
     s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
-    groups = list(_strip_groups(rows, cols, scheme, q.device))
+    fast = _NativeFp8Steps.make(q, scale, scheme, factors, q_out, scale_out)
+    per_step = fast.step_elements(rows * cols) if fast is not None else None
+    groups = list(_strip_groups(rows, cols, scheme, q.device, per_step))
     size = max(stop - start for start, stop, _ in groups) * cols
     need = _scratch_for(size)
     if scratch is None:
@@ -472,7 +474,6 @@ def merge_fp8_rows(
     lefts, rights = [left * factor for left, _, factor, _ in factors], [right for _, right, _, _ in factors]
     delta_sq = factored_sq_norm(lefts, rights) if factors else 0.0
     error_sq = torch.zeros((), dtype=torch.float64, device=q.device)  # summed where computed: no sync per step
-    fast = _NativeFp8Steps.make(q, scale, scheme, factors, q_out, scale_out)
     with torch_threads(1) if fast is not None else contextlib.nullcontext():  # the steps are the parallelism
         if fast is not None:
             groups = fast.run(groups, strip_buf)  # what is left: steps with a NaN code, NaN or Inf
@@ -541,24 +542,36 @@ class _NativeFp8Steps:
             return None
         return cls(kernels, q, scale, scheme, factors, q_out, scale_out)
 
+    def step_elements(self, total: int) -> int:
+        """Elements per step for a weight of ``total``: at most :data:`_GROUP_ELEMENTS`, and few enough
+        that every part gets a step (:func:`_strip_groups` keeps a step to whole block rows)."""
+        return max(1, min(_GROUP_ELEMENTS["cpu"], -(-total // self.parts)))
+
     def run(self, steps: list[tuple[int, int, int]], strip: torch.Tensor) -> list[tuple[int, int, int]]:
-        """Merge ``steps`` (whole block rows each) into q_out and scale_out, up to :attr:`parts` at
-        a time; ``strip`` is float32 scratch of the largest. Returns the steps whose merged rows
-        hold a NaN or an Inf or whose codes hold one of e4m3fn's NaNs, with nothing of theirs written."""
+        """Merge ``steps`` (whole block rows each) into q_out and scale_out, each part (up to
+        :attr:`parts`, on threads of their own) taking the next step as it finishes one; ``strip``
+        is float32 scratch of the largest. Returns the steps whose merged rows hold a NaN or an Inf
+        or whose codes hold one of e4m3fn's NaNs, with nothing of theirs written."""
+        errors: list[float | None] = [None] * len(steps)
+        todo, taking = iter(range(len(steps))), threading.Lock()
+
+        def part(buf: torch.Tensor) -> None:
+            while True:
+                with taking:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                errors[i] = self.step(steps[i][0], steps[i][1], buf)
+
         with _PART_STRIPS_LOCK:  # the first part works in the caller's scratch, the others in kept strips
             while len(_PART_STRIPS) < min(self.parts, len(steps)) - 1:
                 _PART_STRIPS.append(torch.empty(0))
             for i, kept in enumerate(_PART_STRIPS):
                 if kept.numel() < strip.numel():  # grown once, not per weight: fresh memory costs page faults
                     _PART_STRIPS[i] = torch.empty(strip.numel())
-            bufs = [strip, *_PART_STRIPS]
-            left: list[tuple[int, int, int]] = []
-            for at in range(0, len(steps), self.parts):
-                batch = [(start, stop, buf) for (start, stop, _), buf in zip(steps[at : at + self.parts], bufs)]
-                errors = native.run_parts(lambda job: self.step(*job), batch)
-                left += [s for s, e in zip(steps[at : at + self.parts], errors) if e is None]
-                self.error_sq += sum(e for e in errors if e is not None)
-        return left
+            native.run_parts(part, [strip, *_PART_STRIPS][: min(self.parts, len(steps))])
+        self.error_sq += sum(e for e in errors if e is not None)  # in step order: the same sum every run
+        return [s for s, e in zip(steps, errors) if e is None]
 
     def step(self, start: int, stop: int, buf: torch.Tensor) -> float | None:
         """Rows start:stop merged; returns their squared requantization error, or None for a NaN or Inf
@@ -602,10 +615,12 @@ _TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 _GROUP_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
 
 
-def _strip_groups(rows: int, cols: int, scheme: Fp8Scheme, device: torch.device) -> Iterator[tuple[int, int, int]]:
+def _strip_groups(
+    rows: int, cols: int, scheme: Fp8Scheme, device: torch.device, per_step: int | None = None
+) -> Iterator[tuple[int, int, int]]:
     """(start, stop, block rows) steps over the rows: whole block rows (a ragged last one alone), or
-    for per-channel scales any rows, about :data:`_GROUP_ELEMENTS` at a time."""
-    per_step = _GROUP_ELEMENTS.get(device.type, _GROUP_ELEMENTS["cpu"])
+    for per-channel scales any rows, about ``per_step`` (:data:`_GROUP_ELEMENTS`) at a time."""
+    per_step = per_step or _GROUP_ELEMENTS.get(device.type, _GROUP_ELEMENTS["cpu"])
     if scheme.kind == "block":
         assert scheme.block is not None
         bo = scheme.block[0]
@@ -615,10 +630,10 @@ def _strip_groups(rows: int, cols: int, scheme: Fp8Scheme, device: torch.device)
             yield b0 * bo, b1 * bo, b1 - b0
         if rows % bo:
             yield full * bo, rows, 1
-    else:
-        step = max(1, per_step // cols)
-        for start in range(0, rows, step):
-            yield start, min(start + step, rows), 1
+    else:  # steps of equal size (to a row): no short last one, which BLAS might take a matrix-vector path for
+        n = -(-rows // max(1, per_step // cols))
+        for k in range(n):
+            yield rows * k // n, rows * (k + 1) // n, 1
 
 
 def _group_scale(scale: torch.Tensor, start: int, stop: int, g: int, cols: int, scheme: Fp8Scheme) -> torch.Tensor:
