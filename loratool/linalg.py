@@ -441,15 +441,18 @@ def merge_fp8_rows(
     requantize each strip into ``q_out``/``scale_out`` (the same scheme, dtype and scale shape).
 
     A step is whole block rows (``block`` scheme) or any rows (``channel``), so every scale it needs
-    lies inside it: about a million elements on CPU, so that nothing of the weight's size is widened
-    at once, and the whole weight on a GPU (:data:`_GROUP_ELEMENTS`). ``tensor`` schemes need the
+    lies inside it: at most about a million elements on CPU, so that nothing of the weight's size is
+    widened at once, and the whole weight on a GPU (:data:`_GROUP_ELEMENTS`). ``tensor`` schemes need the
     whole weight's maximum first and are not taken here. Returns the squared
     norms (delta, requantization error): ||W' - W||^2 (from the factors) and ||stored - W'||^2.
     ``check`` is called with a merged strip (or the dequantized weight) that is not finite.
     ``scratch``: float32 working memory of at least :func:`fp8_scratch_elements` (else allocated).
 
-    The time is elementwise passes over each strip, so there are as few as the arithmetic allows
-    (about a dozen): float8 is decoded through float16 bit patterns (:func:`_fp8_bits_into`; torch
+    On CPU, where loratool's compiled kernels are built (:mod:`loratool.native`), each step is three
+    passes of them around ``addmm``, one step per torch thread (:class:`_NativeFp8Steps`), to the
+    same bytes as the torch passes below, which run otherwise and for steps holding a NaN or Inf.
+    The time of those is elementwise passes over each strip, so there are as few as the arithmetic
+    allows (about a dozen): float8 is decoded through float16 bit patterns (:func:`_fp8_bits_into`; torch
     converts e4m3 one element at a time on CPU), the power of two that decoding leaves out rides on
     the scale, the terms are added by ``addmm``, and the tile maxima that set the new scales also
     reveal a NaN or Inf. Every strip reuses one set of buffers: on the development VM a fresh

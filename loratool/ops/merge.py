@@ -657,10 +657,10 @@ class _Stream:
                 _require_finite(strip, torch.float32, key, dequantize_fp8(q_dev, s_dev, scheme))
 
         # One call over the whole weight. With the compiled kernels (loratool.native) each step runs
-        # whole on one core, on every core but one: the reader, writer and hasher have the last. On
-        # the 2-core VM, bench/bench_fp8.py's merge took 3.1-3.3 s against 3.9-4.1 s on both
-        # cores. Without them each step's passes run on torch's threads, on every core (on 2 cores
-        # 4.5-5.6 s against 5.4-6.7 s with one core left free).
+        # whole on one core, on every core but one: the reader, writer and hasher keep the last, as
+        # in the other streaming operations (compute_threads). Without them each step's passes run
+        # on torch's threads, on every core (on 2 cores 4.5-5.6 s against 5.4-6.7 s with one core
+        # left free: the reader and writer mostly wait in system calls).
         scratch = self.pool.take(
             (fp8_scratch_elements(q.shape[0], q.shape[1], scheme, self.device),), torch.float32, self.device
         )
