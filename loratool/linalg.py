@@ -519,8 +519,8 @@ def merge_fp8_rows(
 
 class _NativeFp8Steps:
     """Steps of :func:`merge_fp8_rows` in the compiled kernels (:mod:`loratool.native`): decode and
-    scale, torch's ``addmm`` for the terms, tile maxima, encode; the same bytes as the passes, in
-    three passes over each step instead of a dozen. One step per torch thread at a time, each on
+    scale, torch's ``addmm`` for the terms, the new scales from the tile maxima, encode; the same
+    bytes as the passes, in three passes over each step instead of a dozen. One step per torch thread at a time, each on
     one thread of its own (its strip stays in that core's cache; no OpenMP team spins between)."""
 
     def __init__(self, kernels: native.Fp8Kernels, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme,
@@ -530,7 +530,6 @@ class _NativeFp8Steps:
         self.block = scheme.block if scheme.kind == "block" and scheme.block is not None else (1, cols)
         self.s_in = scale.to(torch.float32).reshape(-(-rows // self.block[0]), -1).contiguous()
         self.s_out = scale_out.view(self.s_in.shape)
-        self.top = fp8_max(q_out.dtype)
         self.parts = torch.get_num_threads()
         self.error_sq = 0.0
 
@@ -554,7 +553,8 @@ class _NativeFp8Steps:
         """Merge ``steps`` (whole block rows each) into q_out and scale_out, each part (up to
         :attr:`parts`, on threads of their own) taking the next step as it finishes one; ``strip``
         is float32 scratch of the largest. Returns the steps whose merged rows hold a NaN or an Inf
-        or whose codes hold one of e4m3fn's NaNs, with nothing of theirs written."""
+        or whose codes hold one of e4m3fn's NaNs, for the torch passes (nothing of theirs is written
+        but their scales, which those passes write again)."""
         errors: list[float | None] = [None] * len(steps)
         todo, taking = iter(range(len(steps))), threading.Lock()
 
@@ -587,13 +587,16 @@ class _NativeFp8Steps:
             return None
         for left, right, factor, _ in self.factors:
             strip.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
-        amax = torch.zeros(s_in.shape, dtype=torch.int32)
-        k.tile_max(strip, 0, self.block, amax)
-        if int(amax.max()) >= 0x7F800000:  # an Inf's or a NaN's bits
-            return None
-        new = amax.view(torch.float32) / self.top
-        self.s_out[b0:b1] = torch.where(new > 0, new, torch.ones_like(new))
-        s_new = self.s_out[b0:b1].to(torch.float32)  # as stored: a bfloat16 scale is rounded
+        if self.s_out.dtype == torch.float32:
+            s_new = self.s_out[b0:b1]
+            if not k.scales(strip, 0, self.block, self.q_out.dtype, s_new):
+                return None  # an Inf or a NaN: the torch passes write these scales again
+        else:
+            s_new = torch.empty(s_in.shape)
+            if not k.scales(strip, 0, self.block, self.q_out.dtype, s_new):
+                return None
+            self.s_out[b0:b1] = s_new
+            s_new = self.s_out[b0:b1].to(torch.float32)  # as stored: a bfloat16 scale is rounded
         return k.encode(strip, self.q_out[start:stop], 0, s_new, self.block)
 
 

@@ -31,14 +31,14 @@ _FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}  # the C enum
 
 
 class Fp8Kernels:
-    """The FP8 decode / tile maxima / encode passes (see csrc/fp8.c) over CPU tensors.
+    """The FP8 decode / new scales / encode passes (see csrc/fp8.c) over CPU tensors.
 
     Scales come as a float32 (block rows, tiles per row) array for tiles of ``block`` = (rows,
     cols); per-channel scales are tiles of (1, cols). ``row0`` is where the tensors' first row lies
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 2  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
+    ABI = 3  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
@@ -47,8 +47,8 @@ class Fp8Kernels:
             raise OSError(f"it is a build of another version (ABI {lib.lt_fp8_abi()}, not {self.ABI})")
         lib.lt_fp8_decode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32]
         lib.lt_fp8_decode.restype = i32
-        lib.lt_fp8_tile_max.argtypes = [p, p, i64, i64, i64, i64, p]
-        lib.lt_fp8_tile_max.restype = None
+        lib.lt_fp8_scales.argtypes = [p, i64, i64, i64, i64, i64, i32, p]
+        lib.lt_fp8_scales.restype = i32
         lib.lt_fp8_encode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32]
         lib.lt_fp8_encode.restype = ctypes.c_double
         lib.lt_fp8_simd.argtypes = [i32]
@@ -74,12 +74,15 @@ class Fp8Kernels:
         tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
         return bool(self._lib.lt_fp8_decode(q.data_ptr(), out.data_ptr(), rows, cols, *tiles))
 
-    def tile_max(self, w: torch.Tensor, row0: int, block: tuple[int, int], amax: torch.Tensor) -> None:
-        """``amax`` (int32, (block rows, tiles)) raised to each tile's max |w| as float32 bits."""
-        _check(w, amax)
-        assert amax.dtype == torch.int32
+    def scales(
+        self, w: torch.Tensor, row0: int, block: tuple[int, int], dtype: torch.dtype, scale: torch.Tensor
+    ) -> bool:
+        """``scale`` (float32) = each tile's max |w| over ``dtype``'s largest value, 1 for a tile of
+        zeros; returns False where a tile holds an Inf or a NaN (``scale`` then holds garbage)."""
+        _check(w, scale)
+        assert scale.dtype == torch.float32
         rows, cols = w.shape
-        self._lib.lt_fp8_tile_max(w.data_ptr(), rows, cols, row0, *block, amax.data_ptr())
+        return not self._lib.lt_fp8_scales(w.data_ptr(), rows, cols, row0, *block, _FORMATS[dtype], scale.data_ptr())
 
     def encode(self, w: torch.Tensor, q: torch.Tensor, row0: int, scale: torch.Tensor, block: tuple[int, int]) -> float:
         """``q[:] = fp8(w / scale)`` (nearest, ties to even, saturating); returns ||w - q * scale||^2."""

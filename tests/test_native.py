@@ -87,17 +87,19 @@ def test_decode_gives_every_code_as_torch_does(kernels: native.Fp8Kernels, dtype
     assert not kernels.decode(codes[:, :100].contiguous(), torch.empty(3, 100), 0, scale, (1, 100))  # 0x00..0x63
 
 
-def test_tile_maxima_flag_inf_and_nan(kernels: native.Fp8Kernels) -> None:
+@pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3fn", "e5m2"])
+def test_scales_are_tile_maxima_over_the_top_and_flag_inf_and_nan(kernels: native.Fp8Kernels, dtype) -> None:
+    """As torch's amax, division and where give them: one per tile (ragged both ways), 1 for zeros."""
     w = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
-    amax = torch.zeros(2, 3, dtype=torch.int32)  # tiles of (4, 4): ragged both ways
-    kernels.tile_max(w, 0, (4, 4), amax)
-    pad = torch.nn.functional.pad(w.abs(), (0, 2, 0, 2)).view(2, 4, 3, 4).amax(dim=(1, 3))
-    assert torch.equal(amax.view(torch.float32), pad)
-    w[5, 9] = float("nan")
-    w[0, 0] = float("-inf")
-    amax.zero_()
-    kernels.tile_max(w, 0, (4, 4), amax)
-    assert (amax >= 0x7F800000).tolist() == [[True, False, False], [False, False, True]]
+    w[4:, 8:] = 0.0  # the last tile all zeros
+    scale = torch.full((2, 3), -1.0)  # tiles of (4, 4)
+    assert kernels.scales(w, 0, (4, 4), dtype, scale)
+    amax = torch.nn.functional.pad(w.abs(), (0, 2, 0, 2)).view(2, 4, 3, 4).amax(dim=(1, 3))
+    want = amax / torch.finfo(dtype).max
+    assert torch.equal(scale, torch.where(want > 0, want, torch.ones_like(want))) and scale[1, 2] == 1.0
+    for bad in (float("nan"), float("-inf")):
+        w[5, 1] = bad
+        assert not kernels.scales(w, 0, (4, 4), dtype, scale)
 
 
 def _merge(q, s, scheme, terms, check=None):

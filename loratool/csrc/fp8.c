@@ -227,7 +227,7 @@ static int has_avx2(void) {
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
 /* Raised with any change to an entry point's signature or meaning: loratool.native loads only its own. */
-LT_EXPORT int32_t lt_fp8_abi(void) { return 2; }
+LT_EXPORT int32_t lt_fp8_abi(void) { return 3; }
 
 /* Whether to use the AVX2 paths where the CPU has them (tests run the portable ones too); returns
  * whether they are used now. */
@@ -258,20 +258,31 @@ LT_EXPORT int32_t lt_fp8_decode(const uint8_t *q, float *out, int64_t rows, int6
     return nan;
 }
 
-/* amax[(row0 + i) / bo][t] = max(itself, the bits of |w[i][j]|) over the tile's columns: each tile's
- * maximum as the bit pattern of a non-negative float (those order as the floats do); a pattern at or
- * above 0x7F800000 is an Inf or a NaN. */
-LT_EXPORT void lt_fp8_tile_max(const float *w, int64_t rows, int64_t cols, int64_t row0, int64_t bo, int64_t bi,
-                               int32_t *amax) {
+/* scale[(row0 + i) / bo][t] = the largest |w[i][j]| of the tile over the format's largest value,
+ * or 1 for a tile of zeros: the new scales, as torch's amax, division and where would give them,
+ * for whole tiles (rows start a block row). Returns 1 where a tile holds an Inf or a NaN, the scale
+ * array then holding bit patterns, not scales. */
+LT_EXPORT int32_t lt_fp8_scales(const float *w, int64_t rows, int64_t cols, int64_t row0, int64_t bo, int64_t bi,
+                                int32_t fmt, float *scale) {
     uint32_t (*run)(const float *, int64_t, uint32_t) = MAX_BITS;
-    int64_t nb = (cols + bi - 1) / bi;
+    int64_t nb = (cols + bi - 1) / bi, first = row0 / bo, last = (row0 + rows - 1) / bo;
+    uint32_t *maxima = (uint32_t *)(void *)(scale + first * nb); /* each tile's maximum, as bits, in place */
+    memset(maxima, 0, (size_t)((last - first + 1) * nb) * sizeof *maxima);
     for (int64_t i = 0; i < rows; i++) {
-        int32_t *arow = amax + ((row0 + i) / bo) * nb;
+        uint32_t *mrow = maxima + ((row0 + i) / bo - first) * nb;
         for (int64_t t = 0; t < nb; t++) {
             int64_t j0 = t * bi, n = cols - j0 < bi ? cols - j0 : bi;
-            arow[t] = (int32_t)run(w + i * cols + j0, n, (uint32_t)arow[t]);
+            mrow[t] = run(w + i * cols + j0, n, mrow[t]);
         }
     }
+    const float top = FORMATS[fmt].top;
+    for (int64_t k = 0; k < (last - first + 1) * nb; k++)
+        if (maxima[k] >= 0x7F800000u) return 1;
+    for (int64_t k = 0; k < (last - first + 1) * nb; k++) {
+        float s = float_of(maxima[k]) / top;
+        scale[first * nb + k] = s > 0.0f ? s : 1.0f;
+    }
+    return 0;
 }
 
 /* q[i][j] = the FP8 code nearest w[i][j] / the scale of its tile (ties to even, saturating). Returns
