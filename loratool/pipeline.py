@@ -61,6 +61,18 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out.copy_(t)  # waits for the work that computes t
 
 
+def fault_in(t: torch.Tensor, page: int = 4096) -> torch.Tensor:
+    """``t`` (a CPU tensor, perhaps a view of a memory-mapped file) with every page of it touched
+    here, so that whoever reads it next finds it mapped in memory rather than on the disk; a copy
+    would do the same at the cost of moving every byte."""
+    import torch
+
+    flat = t.reshape(-1).view(torch.uint8)
+    if flat.numel():
+        int(flat[::page].sum())  # one byte a page
+    return t
+
+
 class BufferPool:
     """Reusable tensors by element count and dtype.
 

@@ -47,7 +47,7 @@ from ..linalg import (
     row_factors,
     unit_of_rounding,
 )
-from ..pipeline import BackgroundWriter, BufferPool, stream, to_device, widen
+from ..pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
 from ..provenance import InputHasher, encode, make_record
 from ..runtime import available_cores, compute_threads, resolve_device, torch_threads
 from ..validation import require_valid
@@ -585,11 +585,7 @@ class _Stream:
         """The result for ``key`` (the input where nothing changes), the dtype to write it in, and
         whether the tensor is the pool's (the writer hands it back once written)."""
         if key in self._pair_of:
-            try:
-                return self._fp8_result(key, w_in)
-            finally:
-                if self._prefetched(key) and self.device.type == "cpu":
-                    self.pool.give(w_in)  # read into a pool buffer by _read, now consumed
+            return self._fp8_result(key, w_in)
         out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
         if w32 is None and self._blocked(key):
             w, pooled = self._merge_blocked(key, w_in, out_dtype), True
@@ -636,8 +632,10 @@ class _Stream:
         return mine[0], mine[0].dtype, mine[1]
 
     def _prefetched(self, key: str) -> bool:
-        """Whether _read copies ``key`` to the device (an FP8 pair's first member): into a pool buffer
-        on CPU, so that the strips never wait on the disk; to a GPU, so that they never wait on the bus."""
+        """Whether _read readies ``key`` for the device (an FP8 pair's first member): on CPU its pages
+        faulted in, so that the strips never wait on the disk (a copy into a pool buffer, as before,
+        costs a second pass over every byte on a core the strips share); to a GPU, sent, so that
+        they never wait on the bus."""
         return key in self._pair_of and key not in self._later
 
     def _has_dora(self, key: str) -> bool:
@@ -714,7 +712,7 @@ class _Stream:
         if self._prefetched(key) and self.device.type == "cuda":  # read and sent here, on the prefetch thread
             return key, to_device(w, self.device), None
         if self._prefetched(key):
-            return key, self.pool.take(w.shape, w.dtype, self.device).copy_(w), None
+            return key, fault_in(w), None
         changes = key in self.terms or key in self.bias_terms
         if not changes or self._blocked(key) or key in self._pair_of:
             return key, w, None
