@@ -3,6 +3,7 @@ conversions and against the torch passes of merge_fp8_rows: the same codes and s
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 
@@ -36,6 +37,8 @@ def test_the_kernels_are_built_where_a_c_compiler_is() -> None:
     otherwise pass every other test here by skipping it."""
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler on PATH")
+    if "0" in (os.environ.get("LORATOOL_NATIVE"), os.environ.get("LORATOOL_BUILD_NATIVE")):
+        pytest.skip("turned off by LORATOOL_NATIVE=0 or LORATOOL_BUILD_NATIVE=0")
     assert native.fp8_kernels() is not None
 
 
