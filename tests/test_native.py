@@ -77,9 +77,10 @@ def test_encode_rounds_as_torch_converts(kernels: native.Fp8Kernels, dtype: torc
 @pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3fn", "e5m2"])
 def test_decode_gives_every_code_as_torch_does(kernels: native.Fp8Kernels, dtype: torch.dtype) -> None:
     """Every byte, Inf and NaN included (e4m3fn's NaN codes come out as +-480, as in the torch passes,
-    which settle them first), times a scale of each tile."""
+    which settle them first), times a scale of each tile: subnormal scales, and scales so large that
+    the SIMD path's 256 x scale would overflow (it leaves those to the portable one)."""
     codes = torch.arange(256, dtype=torch.uint8).view(dtype).repeat(3, 1)  # (3, 256), tiles of (1, 100)
-    scale = torch.tensor([[1.0, 0.5, 3.0], [2.0**-20, 1.0, 7.0], [1.0, 1.0, 1.0]])
+    scale = torch.tensor([[1.0, 0.5, 3.0], [2.0**-20, 2.0**121, 7.0], [3.0e38, 1e-44, 2.0**119]])
     out = torch.empty(3, 256)
     assert kernels.decode(codes, out, 0, scale, (1, 100)) == (dtype == torch.float8_e4m3fn)  # NaN codes seen
     want = codes.float()

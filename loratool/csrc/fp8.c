@@ -134,33 +134,31 @@ static float encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t 
 
 /* -- the same runs with AVX2, eight elements at a time ----------------------------------------- */
 #ifdef LT_AVX2
-__attribute__((target("avx2"))) static int decode_run_avx2(const uint8_t *q, float *out, int64_t n, float s,
-                                                           int32_t fmt) {
-    const __m256 vs = _mm256_set1_ps(s);
-    const __m256i low7 = _mm256_set1_epi32(0x7F), bit7 = _mm256_set1_epi32(0x80);
+/* F16C converts float16 to float32 exactly, Inf, NaN and subnormals included, so a code becomes a
+ * float16 in a few integer operations: e5m2 is a float16's top byte; an e4m3fn code's exponent and
+ * mantissa placed in a float16's (sign moved from bit 7 to bit 15) read as its value times 2^-8,
+ * which the scale takes back: x * (256 s) rounds the same real number as (256 x) * s, once, for
+ * every scale with 256 s finite (the other scales take the portable path). */
+__attribute__((target("avx2,f16c"))) static int decode_run_avx2(const uint8_t *q, float *out, int64_t n, float s,
+                                                                int32_t fmt) {
     const int e4 = fmt == LT_E4M3FN;
-    const __m128i mant_shift = _mm_cvtsi32_si128(e4 ? 20 : 21);
-    const __m256i bias = _mm256_set1_epi32(e4 ? 120 << 23 : 112 << 23);
-    const __m256i subnormals = _mm256_set1_epi32(e4 ? 8 : 4);         /* mag below: subnormal */
-    const __m256i last_finite = _mm256_set1_epi32(e4 ? 0x7F : 0x7B); /* mag above: Inf, NaN */
-    const __m256 sub_unit = _mm256_set1_ps(e4 ? 0x1p-9f : 0x1p-16f);
-    const __m256i nan_code = _mm256_set1_epi32(e4 ? 0x7F : 0x100); /* e5m2's NaNs decode as NaN */
-    __m256i nan = _mm256_setzero_si256();
+    const float s256 = s * 256.0f;
+    if (e4 && !(s256 <= FLT_MAX && s256 >= -FLT_MAX)) return decode_run(q, out, n, s, fmt);
+    const __m256 vs = _mm256_set1_ps(e4 ? s256 : s);
+    const __m256i sign = _mm256_set1_epi16(0x80);
+    const __m128i low7 = _mm_set1_epi8(0x7F);
+    __m128i nan = _mm_setzero_si128();
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + j)));
-        __m256i mag = _mm256_and_si256(code, low7);
-        __m256i normal = _mm256_add_epi32(_mm256_sll_epi32(mag, mant_shift), bias);
-        __m256i special = _mm256_or_si256(_mm256_set1_epi32(0x7F800000),
-                                          _mm256_slli_epi32(_mm256_and_si256(mag, _mm256_set1_epi32(3)), 21));
-        __m256i sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(mag), sub_unit));
-        __m256i v = _mm256_blendv_epi8(normal, special, _mm256_cmpgt_epi32(mag, last_finite));
-        v = _mm256_blendv_epi8(v, sub, _mm256_cmpgt_epi32(subnormals, mag));
-        v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(code, bit7), 24));
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_castsi256_ps(v), vs));
-        nan = _mm256_or_si256(nan, _mm256_cmpeq_epi32(mag, nan_code));
+    for (; j + 16 <= n; j += 16) {
+        __m128i code = _mm_loadu_si128((const __m128i *)(const void *)(q + j));
+        __m256i c = _mm256_cvtepu8_epi16(code);
+        __m256i h = e4 ? _mm256_slli_epi16(_mm256_add_epi16(c, _mm256_and_si256(c, sign)), 7) /* bit 7 -> 15 */
+                       : _mm256_slli_epi16(c, 8);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), vs));
+        _mm256_storeu_ps(out + j + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), vs));
+        nan = _mm_or_si128(nan, _mm_cmpeq_epi8(_mm_and_si128(code, low7), low7));
     }
-    return decode_run(q + j, out + j, n - j, s, fmt) | !_mm256_testz_si256(nan, nan);
+    return decode_run(q + j, out + j, n - j, s, fmt) | (e4 && !_mm_testz_si128(nan, nan));
 }
 
 __attribute__((target("avx2"))) static float encode_run_avx2(const float *w, uint8_t *q, int64_t n, float s,
@@ -212,7 +210,7 @@ static int avx2_allowed = 1;
 
 static int has_avx2(void) {
     static int known = -1;
-    if (known < 0) known = __builtin_cpu_supports("avx2") ? 1 : 0;
+    if (known < 0) known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1 : 0;
     return known && avx2_allowed;
 }
 #define DECODE_RUN (has_avx2() ? decode_run_avx2 : decode_run)
