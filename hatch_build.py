@@ -20,7 +20,7 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 SOURCE = "loratool/csrc/fp8.c"
 # -ffp-contract=off: no fused multiply-add (torch rounds twice). Never -ffast-math: the kernels'
-# rounding must be IEEE's. The AVX2 paths are chosen at run time, so no -march.
+# rounding must be IEEE's. The AVX2 and F16C paths are chosen at run time, so no -march.
 FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-trapping-math"]
 
 

@@ -56,7 +56,7 @@ class Fp8Kernels:
         self._lib = lib
 
     def simd(self, allow: bool = True) -> bool:
-        """Allow (the default) or forbid the SIMD paths (AVX2, where the CPU has it); returns
+        """Allow (the default) or forbid the SIMD paths (AVX2 and F16C, where the CPU has them); returns
         whether they are in use. Forbidden, every element takes the portable C, as on other CPUs."""
         return bool(self._lib.lt_fp8_simd(int(allow)))
 

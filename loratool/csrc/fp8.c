@@ -30,7 +30,7 @@
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LT_AVX2 1 /* an AVX2 path besides the portable one, chosen at run time */
+#define LT_AVX2 1 /* AVX2 (and F16C) paths besides the portable ones, chosen at run time */
 #include <immintrin.h>
 #endif
 
@@ -132,7 +132,7 @@ static float encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t 
     return acc;
 }
 
-/* -- the same runs with AVX2, eight elements at a time ----------------------------------------- */
+/* -- the same runs with AVX2 (and F16C), eight or sixteen elements at a time ---------------------- */
 #ifdef LT_AVX2
 /* F16C converts float16 to float32 exactly, Inf, NaN and subnormals included, so a code becomes a
  * float16 in a few integer operations: e5m2 is a float16's top byte; an e4m3fn code's exponent and
@@ -206,16 +206,16 @@ __attribute__((target("avx2"))) static uint32_t max_bits_avx2(const float *w, in
     return max_bits(w + j, n - j, m);
 }
 
-static int avx2_allowed = 1;
+static int simd_allowed = 1;
 
-static int has_avx2(void) {
+static int simd_usable(void) {
     static int known = -1;
     if (known < 0) known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1 : 0;
-    return known && avx2_allowed;
+    return known && simd_allowed;
 }
-#define DECODE_RUN (has_avx2() ? decode_run_avx2 : decode_run)
-#define MAX_BITS (has_avx2() ? max_bits_avx2 : max_bits)
-#define ENCODE_RUN (has_avx2() ? encode_run_avx2 : encode_run)
+#define DECODE_RUN (simd_usable() ? decode_run_avx2 : decode_run)
+#define MAX_BITS (simd_usable() ? max_bits_avx2 : max_bits)
+#define ENCODE_RUN (simd_usable() ? encode_run_avx2 : encode_run)
 #else
 #define DECODE_RUN decode_run
 #define MAX_BITS max_bits
@@ -227,12 +227,12 @@ static int has_avx2(void) {
 /* Raised with any change to an entry point's signature or meaning: loratool.native loads only its own. */
 LT_EXPORT int32_t lt_fp8_abi(void) { return 3; }
 
-/* Whether to use the AVX2 paths where the CPU has them (tests run the portable ones too); returns
+/* Whether to use the AVX2 and F16C paths where the CPU has both (tests run the portable ones too); returns
  * whether they are used now. */
 LT_EXPORT int32_t lt_fp8_simd(int32_t allow) {
 #ifdef LT_AVX2
-    avx2_allowed = allow;
-    return has_avx2();
+    simd_allowed = allow;
+    return simd_usable();
 #else
     (void)allow;
     return 0;
