@@ -5,6 +5,8 @@ copy of the same files and the read + write floor, in the same run (as bench_mer
 Every projection is dequantized, merged in float32 and requantized to its blocks; the rest streams
 through unchanged. The merge runs with the compiled FP8 kernels where they are built
 (loratool.native) and again with torch's passes alone (``LORATOOL_NATIVE=0``), for comparison.
+Beside them: the merge's CPU time (all threads), and the sha256 of the base's files alone, which
+every merge computes for its provenance record (DESIGN.md), on one core per file.
 
     python bench/bench_fp8.py --workdir /tmp/loratool-bench [--layers 16]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from loratool.arch import Fp8Scheme
 from loratool.io.checkpoint import open_checkpoint
 from loratool.io.writer import TensorSpec
 from loratool.linalg import quantize_fp8
+from loratool.provenance import sha256_file
+from loratool.runtime import available_cores
 
 BLOCK = (128, 128)
 
@@ -75,7 +80,8 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
     adapter = make_adapter(pair / "base", workdir / f"adapter-l{layers}", rank)
     base = make_fp8(pair / "base", workdir / f"1b-l{layers}-fp8")
     floor = read_floor(base)
-    copies, floors, merges, torch_merges, peaks = [], [], [], [], []
+    hashed = _hash_seconds(base)
+    copies, floors, merges, torch_merges, peaks, cpus = [], [], [], [], [], []
     for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
         copies.append(copy_tree(base, fresh(workdir / "copy")))
         fresh(workdir / "copy")
@@ -85,6 +91,7 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
                          device=device, show_progress=False)  # fmt: skip
         merges.append(merged["seconds"])
         peaks.append(merged["peak_anon_mib"])
+        cpus.append(merged["cpu_seconds"])
         if kernels:
             torch_merges.append(_merge_without_kernels(base, adapter, workdir, device))
     result = merged["result"]
@@ -98,10 +105,21 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
         "copy_runs": copies, "read_write_runs": floors, "merge_runs": merges,
         "requantized": len(result["quantization"]["tensors"]),
         "delta_energy_lost": result["quantization"]["delta_energy_lost"],
-        "peak_anon_mib": max(peaks), "repeats": repeats,
+        "peak_anon_mib": max(peaks), "repeats": repeats, "cores": available_cores(),
+        "merge_cpu_s": cpus[merges.index(min(merges))],
         "kernels": "compiled (loratool.native)" if kernels else "not built: torch's passes",
         "torch_merge_s": min(torch_merges, default=None), "torch_merge_runs": torch_merges,
+        "sha256_s": hashed,
     }  # fmt: skip
+
+
+def _hash_seconds(base: Path) -> float:
+    """Seconds to sha256 every file of ``base`` one after another, as read from the page cache."""
+    t = time.perf_counter()
+    for f in sorted(base.iterdir()):
+        if f.is_file():
+            sha256_file(f)
+    return time.perf_counter() - t
 
 
 def _merge_without_kernels(base: Path, adapter: Path, workdir: Path, device: str) -> float:
@@ -130,6 +148,9 @@ def report(r: dict[str, Any]) -> str:
                 else []
             ),
             f"  read + write floor (O_DIRECT)   {r['read_write_s']:8.1f} s   best of {runs(r['read_write_runs'])}",
+            f"  sha256 of the base's files      {r['sha256_s']:8.1f} s   (one after another; provenance needs them)",
+            f"  CPU time of the fastest merge   {r['merge_cpu_s']:8.1f} s   ({r['merge_cpu_s'] / r['merge_s']:.1f} of "
+            f"{r['cores']} cores busy on average)",
             f"  merge / copy                    {r['merge_vs_copy']:8.2f}x   (target: at most 1.5x)",
             f"  merge / read + write floor      {r['merge_vs_read_write']:8.2f}x",
             f"  delta energy lost to FP8        {r['delta_energy_lost']:8.1%}",

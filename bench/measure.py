@@ -2,15 +2,17 @@
 
     python bench/measure.py extract '{"base": "...", "finetuned": "...", "output": "...", "rank": 16}'
 
-Prints one JSON line: seconds, peak_anon_mib (private memory: what the process itself holds;
-memory-mapped checkpoint pages are page cache the kernel can drop, so they are reported apart as
-peak_rss_mib), and the call's JSON result.
+Prints one JSON line: seconds, cpu_seconds (user + system time of all the process's threads over
+the call, the memory sampler's few milliseconds included), peak_anon_mib (private memory: what the
+process itself holds; memory-mapped checkpoint pages are page cache the kernel can drop, so they
+are reported apart as peak_rss_mib), and the call's JSON result.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -65,11 +67,14 @@ def main() -> None:
     torch.zeros(1)
     baseline = _status_kib("RssAnon")
     with PeakMemory() as mem:
+        before = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     payload = result.to_json() if hasattr(result, "to_json") else result
-    print(json.dumps({"seconds": seconds, "peak_anon_mib": (mem.anon - baseline) / 1024,
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_anon_mib": (mem.anon - baseline) / 1024,
                       "peak_rss_mib": mem.rss / 1024, "result": payload}, default=str))  # fmt: skip
 
 
