@@ -1,7 +1,9 @@
 """The FP8 merge's arithmetic alone: ns per element of :func:`loratool.linalg.merge_fp8_rows` on one
 Llama-1B down_proj-sized weight (2048 x 8192, e4m3, 128x128 blocks, a rank-16 term), in memory,
 best of 7, on one thread and on every core, with the compiled kernels (loratool.native) where they
-are built and with torch's passes (``LORATOOL_NATIVE=0``). No I/O.
+are built and with torch's passes (``LORATOOL_NATIVE=0``), and each compiled pass alone on one
+thread over one step of 128 rows (decode and scale, the tile maxima, encode; ``addmm`` between
+them for comparison). No I/O.
 
     python bench/fp8_step.py
 """
@@ -38,6 +40,33 @@ def ns_per_element(threads: int, rows: int = 2048, cols: int = 8192, rank: int =
     return best / (rows * cols) * 1e9
 
 
+def pass_ns_per_element(kernels: native.Fp8Kernels, rows: int = 128, cols: int = 8192, repeats: int = 31
+                        ) -> dict[str, float]:  # fmt: skip
+    """ns per element of each pass of one native step, best of ``repeats``, on one thread."""
+    g = torch.Generator().manual_seed(0)
+    block, fmt = (128, 128), torch.float8_e4m3fn
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    q, s = quantize_fp8(w, Fp8Scheme("block", block), fmt, (-(-rows // 128), -(-cols // 128)))
+    a, b = torch.randn(16, cols, generator=g) / cols**0.5, torch.randn(rows, 16, generator=g) * 1e-3
+    strip, q_out, s_out = torch.empty(rows, cols), torch.empty_like(q), torch.empty_like(s)
+    passes = {
+        "decode and scale": lambda: kernels.decode(q, strip, 0, s, block),
+        "addmm (torch)": lambda: strip.addmm_(b, a, alpha=2.0),
+        "tile maxima": lambda: kernels.scales(strip, 0, block, fmt, s_out),
+        "encode": lambda: kernels.encode(strip, q_out, 0, s_out, block),
+    }
+    out = {}
+    with torch_threads(1):
+        for name, fn in passes.items():
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            out[name] = best / (rows * cols) * 1e9
+    return out
+
+
 def main() -> None:
     print(f"merge_fp8_rows, 2048 x 8192 e4m3 (128x128 blocks), rank 16, best of 7; {machine()}")
     paths = ["native", "torch"] if native.fp8_kernels() is not None else ["torch"]
@@ -45,6 +74,12 @@ def main() -> None:
         os.environ["LORATOOL_NATIVE"] = "1" if path == "native" else "0"
         for threads in sorted({1, available_cores()}):
             print(f"  {path:6s}  {threads:2d} thread(s)   {ns_per_element(threads):5.2f} ns per element")
+    os.environ["LORATOOL_NATIVE"] = "1"
+    kernels = native.fp8_kernels()
+    if kernels is not None:
+        print("  one native step (128 x 8192), pass by pass, one thread:")
+        for name, ns in pass_ns_per_element(kernels).items():
+            print(f"    {name:18s} {ns:5.2f} ns per element")
 
 
 if __name__ == "__main__":
