@@ -227,8 +227,8 @@ static int simd_usable(void) {
 /* Raised with any change to an entry point's signature or meaning: loratool.native loads only its own. */
 LT_EXPORT int32_t lt_fp8_abi(void) { return 3; }
 
-/* Whether to use the AVX2 and F16C paths where the CPU has both (tests run the portable ones too); returns
- * whether they are used now. */
+/* Whether to use the AVX2 and F16C paths where the CPU has both (tests run the portable ones too);
+ * returns whether they are used now. */
 LT_EXPORT int32_t lt_fp8_simd(int32_t allow) {
 #ifdef LT_AVX2
     simd_allowed = allow;
