@@ -93,27 +93,31 @@ class Fp8Kernels:
 
     def agrees_with_torch(self) -> bool:
         """Every code decodes, and values around every code's rounding boundary encode, as torch's
-        conversions do (e4m3fn's NaN codes aside, which decode to +-480 by design)."""
+        conversions do (e4m3fn's NaN codes aside, which decode to +-480 by design), with a scale of
+        1 and with one whose multiplications and divisions round."""
         for dtype in _FORMATS:
             codes = torch.arange(256, dtype=torch.uint8).view(dtype)
-            one = torch.ones(1, 1)
-            got = torch.empty(1, 256)
-            self.decode(codes.view(1, -1), got, 0, one, (1, 256))
-            want = codes.to(torch.float32)
+            values = codes.to(torch.float32)
             if dtype == torch.float8_e4m3fn:
-                want = torch.where(want.isnan(), torch.where(want.signbit(), -480.0, 480.0), want)
-            if not torch.equal(got.view(torch.int32).flatten(), want.view(torch.int32).flatten()):
-                return False
+                values = torch.where(values.isnan(), torch.where(values.signbit(), -480.0, 480.0), values)
             top = float(torch.finfo(dtype).max)
-            grid = want[want.isfinite() & (want.abs() <= top)].sort().values  # -0 and 0 both, in either order
+            grid = values[values.isfinite() & (values.abs() <= top)].sort().values  # -0 and 0 both, either order
             mids = (grid[1:] + grid[:-1]) / 2
             up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
             beyond = torch.tensor([-top * 1.001, top * 1.001])
             x = torch.cat([grid, mids, mids.nextafter(up), mids.nextafter(down), beyond])
-            q = torch.empty(1, x.numel(), dtype=torch.uint8).view(dtype)
-            self.encode(x.view(1, -1), q, 0, one, (1, x.numel()))
-            if not torch.equal(q.view(torch.uint8).flatten(), x.clamp(-top, top).to(dtype).view(torch.uint8)):
-                return False
+            for scale in (1.0, 0.7):
+                s = torch.full((1, 1), scale)
+                got = torch.empty(1, 256)
+                self.decode(codes.view(1, -1), got, 0, s, (1, 256))
+                if not torch.equal(got.view(torch.int32).flatten(), (values * scale).view(torch.int32)):
+                    return False
+                w = (x * scale).view(1, -1)
+                q = torch.empty(1, x.numel(), dtype=torch.uint8).view(dtype)
+                self.encode(w, q, 0, s, (1, x.numel()))
+                want = (w / scale).clamp(-top, top).to(dtype)
+                if not torch.equal(q.view(torch.uint8), want.view(torch.uint8)):
+                    return False
         return True
 
 
