@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from bench_extract import ensure_pair
 from bench_merge import TARGETS, make_adapter
-from common import bench_main, copy_tree, direct_copy_tree, fresh, machine, measure, read_floor
+from common import bench_main, copy_tree, direct_copy_tree, fresh, hash_seconds, machine, measure, read_floor
 from shards import write_checkpoint
 
 from loratool import native
@@ -31,7 +30,6 @@ from loratool.arch import Fp8Scheme
 from loratool.io.checkpoint import open_checkpoint
 from loratool.io.writer import TensorSpec
 from loratool.linalg import quantize_fp8
-from loratool.provenance import sha256_file
 from loratool.runtime import available_cores
 
 BLOCK = (128, 128)
@@ -80,7 +78,7 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
     adapter = make_adapter(pair / "base", workdir / f"adapter-l{layers}", rank)
     base = make_fp8(pair / "base", workdir / f"1b-l{layers}-fp8")
     floor = read_floor(base)
-    hashed = _hash_seconds(base)
+    hashed = hash_seconds(base)
     copies, floors, merges, torch_merges, peaks, cpus = [], [], [], [], [], []
     for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
         copies.append(copy_tree(base, fresh(workdir / "copy")))
@@ -111,15 +109,6 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
         "torch_merge_s": min(torch_merges, default=None), "torch_merge_runs": torch_merges,
         "sha256_s": hashed,
     }  # fmt: skip
-
-
-def _hash_seconds(base: Path) -> float:
-    """Seconds to sha256 every file of ``base`` one after another, as read from the page cache."""
-    t = time.perf_counter()
-    for f in sorted(base.iterdir()):
-        if f.is_file():
-            sha256_file(f)
-    return time.perf_counter() - t
 
 
 def _merge_without_kernels(base: Path, adapter: Path, workdir: Path, device: str) -> float:

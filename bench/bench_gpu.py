@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import synth
-from bench_fp8 import _hash_seconds, make_fp8
+from bench_fp8 import make_fp8
 from bench_merge import make_adapter
-from common import bench_main, copy_tree, direct_copy_tree, fresh, machine, measure
+from common import bench_main, copy_tree, direct_copy_tree, fresh, hash_seconds, machine, measure
 
 
 def ensure_base(workdir: Path, layers: int) -> Path:
@@ -49,7 +49,7 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 2) ->
                 runs[dev].append(m["seconds"])
                 cpu_s[dev].append(m["cpu_seconds"])
             fresh(workdir / "merged")
-        out[name] = {k: min(v) for k, v in runs.items()} | {"runs": runs, "sha256": _hash_seconds(ckpt)}
+        out[name] = {k: min(v) for k, v in runs.items()} | {"runs": runs, "sha256": hash_seconds(ckpt)}
         out[name]["cpu_s"] = {dev: cpu_s[dev][runs[dev].index(min(runs[dev]))] for dev in cpu_s}  # of the fastest
         out[name]["gib"] = sum(f.stat().st_size for f in ckpt.iterdir()) / 2**30
     out["device"] = device
