@@ -1,4 +1,4 @@
-"""Build hook: compile ``loratool/csrc/fp8.c`` into ``loratool/_fp8kernel.*`` when a C compiler is present.
+"""Build hook: compile ``loratool/quant/csrc/fp8.c`` into ``loratool/quant/_fp8kernel.*`` when a C compiler is present.
 
 The library is plain C loaded with ctypes (no Python headers: any C compiler that makes a shared
 library will do). Without a compiler, or with ``LORATOOL_BUILD_NATIVE=0``, the wheel is pure Python
@@ -18,7 +18,8 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = "loratool/csrc/fp8.c"
+SOURCE = "loratool/quant/csrc/fp8.c"
+PACKAGE_DIR = "loratool/quant"  # the library lies beside loratool/quant/native.py, which loads it
 # -ffp-contract=off: no fused multiply-add (torch rounds twice). Never -ffast-math: the kernels'
 # rounding must be IEEE's. The AVX2 and F16C paths are chosen at run time, so no -march.
 FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-trapping-math"]
@@ -55,8 +56,9 @@ class CustomBuildHook(BuildHookInterface):
         if self.target_name != "wheel":
             return
         if version == "editable":  # a library an earlier install left in the tree must not outlive this one
-            for stale in (Path(self.root) / "loratool").glob("_fp8kernel.*"):
-                stale.unlink()
+            for folder in ("loratool", PACKAGE_DIR):  # loratool/ held it before quant/ did
+                for stale in (Path(self.root) / folder).glob("_fp8kernel.*"):
+                    stale.unlink()
         if os.environ.get("LORATOOL_BUILD_NATIVE", "1") == "0":
             return
         self._tmp = tempfile.mkdtemp(prefix="loratool-build-")
@@ -68,9 +70,9 @@ class CustomBuildHook(BuildHookInterface):
             )
             return
         if version == "editable":  # imported from the source tree: the library goes beside the package
-            shutil.copy2(built, Path(self.root) / "loratool" / library_name())
+            shutil.copy2(built, Path(self.root) / PACKAGE_DIR / library_name())
         else:
-            build_data["force_include"][str(built)] = f"loratool/{library_name()}"
+            build_data["force_include"][str(built)] = f"{PACKAGE_DIR}/{library_name()}"
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
 

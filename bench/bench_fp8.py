@@ -4,7 +4,7 @@ copy of the same files and the read + write floor, in the same run (as bench_mer
 
 Every projection is dequantized, merged in float32 and requantized to its blocks; the rest streams
 through unchanged. The merge runs with the compiled FP8 kernels where they are built
-(loratool.native) and again with torch's passes alone (``LORATOOL_NATIVE=0``), for comparison.
+(loratool.quant.native) and again with torch's passes alone (``LORATOOL_NATIVE=0``), for comparison.
 Beside them: the merge's CPU time (all threads), and the sha256 of the base's files alone, which
 every merge computes for its provenance record (DESIGN.md), on one core per file.
 
@@ -25,11 +25,11 @@ from bench_merge import TARGETS, make_adapter
 from common import bench_main, copy_tree, direct_copy_tree, fresh, hash_seconds, machine, measure, read_floor
 from shards import write_checkpoint
 
-from loratool import native
-from loratool.arch import Fp8Scheme
 from loratool.io.checkpoint import open_checkpoint
 from loratool.io.writer import TensorSpec
-from loratool.linalg import quantize_fp8
+from loratool.quant import native
+from loratool.quant.fp8 import quantize_fp8
+from loratool.quant.layout import Fp8Scheme
 from loratool.runtime import available_cores
 
 BLOCK = (128, 128)
@@ -105,7 +105,7 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
         "delta_energy_lost": result["quantization"]["delta_energy_lost"],
         "peak_anon_mib": max(peaks), "repeats": repeats, "cores": available_cores(),
         "merge_cpu_s": cpus[merges.index(min(merges))],
-        "kernels": "compiled (loratool.native)" if kernels else "not built: torch's passes",
+        "kernels": "compiled (loratool.quant.native)" if kernels else "not built: torch's passes",
         "torch_merge_s": min(torch_merges, default=None), "torch_merge_runs": torch_merges,
         "sha256_s": hashed,
     }  # fmt: skip

@@ -1,5 +1,5 @@
 """Experiment, not part of run_all: would a fused FP8 kernel written with numba beat the torch passes
-of :func:`loratool.linalg.merge_fp8_rows`? Needs ``pip install numba`` (not a loratool dependency).
+of :func:`loratool.quant.fp8.merge_fp8_rows`? Needs ``pip install numba`` (not a loratool dependency).
 
 The same step as ``bench/fp8_step.py`` (2048 x 8192 e4m3, 128x128 blocks, a rank-16 term), one block
 row at a time: the rank-r product by torch (``mm``, MKL), then two numba kernels, each one pass:
@@ -23,7 +23,8 @@ from numba import types
 from numba.extending import intrinsic
 
 from loratool.arch import Fp8Scheme
-from loratool.linalg import fp8_max, fp8_scratch_elements, merge_fp8_rows, quantize_fp8, row_factors
+from loratool.linalg import row_factors
+from loratool.quant.fp8 import fp8_max, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from loratool.runtime import available_cores, torch_threads
 
 U = np.uint32

@@ -1,6 +1,6 @@
-"""The FP8 merge's arithmetic alone: ns per element of :func:`loratool.linalg.merge_fp8_rows` on one
+"""The FP8 merge's arithmetic alone: ns per element of :func:`loratool.quant.fp8.merge_fp8_rows` on one
 Llama-1B down_proj-sized weight (2048 x 8192, e4m3, 128x128 blocks, a rank-16 term), in memory,
-best of 7, on one thread and on every core, with the compiled kernels (loratool.native) where they
+best of 7, on one thread and on every core, with the compiled kernels (loratool.quant.native) where they
 are built and with torch's passes (``LORATOOL_NATIVE=0``), and each compiled pass alone on one
 thread over one step of 128 rows (decode and scale, the tile maxima, encode; ``addmm`` between
 them for comparison). No I/O.
@@ -18,7 +18,8 @@ from common import machine
 
 from loratool import native
 from loratool.arch import Fp8Scheme
-from loratool.linalg import fp8_scratch_elements, merge_fp8_rows, quantize_fp8, row_factors
+from loratool.linalg import row_factors
+from loratool.quant.fp8 import fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from loratool.runtime import available_cores, torch_threads
 
 

@@ -8,11 +8,13 @@ from typing import NamedTuple
 
 import torch
 
-from .arch import OUTPUT_LAYER, Fp8Layout, is_embedding
+from .arch import OUTPUT_LAYER, is_embedding
 from .errors import MissingKeyError, NonFiniteError, ShapeMismatchError
 from .io.checkpoint import Checkpoint, torch_dtype
-from .linalg import dequantize_fp8, is_finite
+from .linalg import is_finite
 from .pipeline import BufferPool, give_back, upcast, widen
+from .quant.fp8 import dequantize_fp8
+from .quant.layout import Fp8Layout
 
 
 class ExpertDeltas:

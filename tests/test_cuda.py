@@ -75,8 +75,8 @@ def test_ties_svd_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
 
 def test_fp8_merge_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
     """Scales to float32 rounding, values within one FP8 rounding unit (the sums round apart)."""
-    from loratool.arch import Fp8Scheme
-    from loratool.linalg import dequantize_fp8
+    from loratool.quant.fp8 import dequantize_fp8
+    from loratool.quant.layout import Fp8Scheme
 
     for device in ("cpu", "cuda"):
         merge(fixtures / "llama-fp8-block", [fixtures / "llama-peft-adapter"], output=tmp_path / device,

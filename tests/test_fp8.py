@@ -307,7 +307,7 @@ def test_weight_and_scale_in_different_shards(tmp_path: Path, plain, scales_firs
 def test_bulk_fp8_conversion_is_exact_for_every_code() -> None:
     """The merge's float8 -> float32 conversion (float16 bit patterns) against torch's own, all 256
     codes of both formats, NaN codes included."""
-    from loratool.linalg import fp8_to_float32_into
+    from loratool.quant.fp8 import fp8_to_float32_into
 
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         q = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)

@@ -10,20 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratool.adapter import LoraModule
-from loratool.arch import Fp8Scheme
 from loratool.linalg import (
     TruncatedSVD,
     add_lora,
     allocate_budget,
-    dequantize_fp8,
     dora_rescale,
     exact_svd,
     factored_svd,
     lora_delta,
-    merge_fp8_rows,
     merge_rows,
     out_in,
-    quantize_fp8,
     randomized_svd,
     rank_for_energy,
     relative_error,
@@ -33,6 +29,8 @@ from loratool.linalg import (
     top_svd,
     unit_of_rounding,
 )
+from loratool.quant.fp8 import dequantize_fp8, merge_fp8_rows, quantize_fp8
+from loratool.quant.layout import Fp8Scheme
 
 
 def test_energy_share_is_a_share() -> None:
@@ -360,7 +358,7 @@ def test_merge_fp8_rows_gives_the_same_codes_in_steps_of_any_size(monkeypatch, s
     """A step is whole block rows (CPU: ~1M elements, to stay in cache; a GPU: the whole weight), so
     its size changes nothing: codes and scales bit for bit, and the norms, as one step over all.
     (A step of one row would not do: BLAS takes a matrix-vector path for it, which rounds apart.)"""
-    from loratool import linalg
+    from loratool.quant import fp8 as linalg
 
     g = torch.Generator().manual_seed(8)
     w = torch.randn(70, 40, generator=g)  # 70 = 4 * 16 + 6: a ragged last block row

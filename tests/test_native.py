@@ -1,4 +1,4 @@
-"""The compiled FP8 kernels (loratool/csrc/fp8.c via loratool.native) against torch's own float8
+"""The compiled FP8 kernels (loratool/quant/csrc/fp8.c via loratool.quant.native) against torch's own float8
 conversions and against the torch passes of merge_fp8_rows: the same codes and scales, bit for bit."""
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from loratool import linalg, native
-from loratool.arch import Fp8Scheme
-from loratool.linalg import dequantize_fp8, merge_fp8_rows, quantize_fp8, row_factors
+from loratool.linalg import row_factors
+from loratool.quant import fp8 as linalg
+from loratool.quant import native
+from loratool.quant.fp8 import dequantize_fp8, merge_fp8_rows, quantize_fp8
+from loratool.quant.layout import Fp8Scheme
 from loratool.runtime import torch_threads
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]

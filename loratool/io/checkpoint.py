@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..arch import Fp8Layout, Quantization, detect_quantization, fp8_layout
 from ..errors import InputFileError, LoraToolError, MissingInputError, MissingKeyError
+from ..quant.layout import Fp8Layout, Quantization, detect_quantization, fp8_layout
 from .header import read_header, tensor_offsets
 
 if TYPE_CHECKING:

@@ -18,7 +18,6 @@ import torch
 
 from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
-from ..arch import Fp8Layout
 from ..card import check_base_model_id, is_hub_id
 from ..deltas import DeltaReader, ExpertDeltas, fp8_companions, grown_vocabulary, module_generator, paired_keys
 from ..distributed import current
@@ -40,6 +39,7 @@ from ..linalg import (
 )
 from ..pipeline import BufferPool, give_back, stream
 from ..provenance import InputHasher, encode, make_record
+from ..quant.layout import Fp8Layout
 from ..report import Dropped, ModuleReport, summarize
 from ..runtime import compile_regex, resolve_device
 from ..transforms import check_portable, portable_form

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from .. import arch, experts, native
+from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
-from ..arch import Fp8Layout, Fp8Scheme
 from ..distributed import current
 from ..errors import (
     MissingKeyError,
@@ -35,20 +34,12 @@ from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
 from ..io.header import patch_metadata
 from ..io.writer import CheckpointWriter, TensorSpec, copy_aux_files
-from ..linalg import (
-    add_lora,
-    dequantize_fp8,
-    dora_rescale,
-    fp8_scratch_elements,
-    is_finite,
-    merge_fp8_rows,
-    merge_rows,
-    quantize_fp8,
-    row_factors,
-    unit_of_rounding,
-)
+from ..linalg import add_lora, dora_rescale, is_finite, merge_rows, row_factors, unit_of_rounding
 from ..pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
 from ..provenance import InputHasher, encode, make_record
+from ..quant import native
+from ..quant.fp8 import dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
+from ..quant.layout import Fp8Layout, Fp8Scheme
 from ..runtime import available_cores, compute_threads, resolve_device, torch_threads
 from ..validation import require_valid
 
@@ -654,7 +645,7 @@ class _Stream:
             if not is_finite(strip):  # the base is only dequantized whole to name the cause
                 _require_finite(strip, torch.float32, key, dequantize_fp8(q_dev, s_dev, scheme))
 
-        # One call over the whole weight. With the compiled kernels (loratool.native) each step runs
+        # One call over the whole weight. With the compiled kernels (loratool.quant.native) each step runs
         # whole on one core, on every core but one: the reader, writer and hasher keep the last, as
         # in the other streaming operations (compute_threads). Without them each step's passes run
         # on torch's threads, on every core (on 2 cores 4.5-5.6 s against 5.4-6.7 s with one core

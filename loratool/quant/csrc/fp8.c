@@ -224,7 +224,7 @@ static int simd_usable(void) {
 
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
-/* Raised with any change to an entry point's signature or meaning: loratool.native loads only its own. */
+/* Raised with any change to an entry point's signature or meaning: loratool.quant.native loads only its own. */
 LT_EXPORT int32_t lt_fp8_abi(void) { return 3; }
 
 /* Whether to use the AVX2 and F16C paths where the CPU has both (tests run the portable ones too);

@@ -1,6 +1,6 @@
-"""loratool's compiled kernels (``loratool/csrc``), loaded with ctypes where the build made them.
+"""loratool's compiled kernels (``loratool/quant/csrc``), loaded with ctypes where the build made them.
 
-Installing loratool compiles ``csrc/fp8.c`` into ``loratool/_fp8kernel.*`` when a C compiler is
+Installing loratool compiles ``csrc/fp8.c`` into ``loratool/quant/_fp8kernel.*`` when a C compiler is
 present (``hatch_build.py``); without one, or with ``LORATOOL_NATIVE=0`` in the environment, every
 caller runs the same arithmetic as torch passes, to the same bytes. The library is a plain C
 shared object (no Python or torch headers, so no ABI to match), and it is checked against torch's
@@ -20,8 +20,8 @@ from typing import TypeVar
 
 import torch
 
-from ._version import __version__
-from .runtime import available_cores
+from .._version import __version__
+from ..runtime import available_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -147,7 +147,7 @@ def _library() -> Path | None:
     try:
         dist = importlib.metadata.distribution("loratool")
         if dist.version == __version__:
-            places += [Path(str(dist.locate_file(f"loratool/{name}"))) for name in _NAMES]
+            places += [Path(str(dist.locate_file(f"loratool/quant/{name}"))) for name in _NAMES]
     except importlib.metadata.PackageNotFoundError:
         pass
     return next((p for p in places if p.is_file()), None)
