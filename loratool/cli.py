@@ -209,6 +209,22 @@ SEED: Decorator = click.option(
     "--seed", type=int, default=0, show_default=True,
     help="Seed of the random draws (extract: the randomized SVD; combine: DARE's masks).",
 )  # fmt: skip
+ROUNDING: Decorator = click.option(
+    "--rounding", type=click.Choice(["stochastic", "nearest"]), default="stochastic", show_default=True,
+    help="How merged weights return onto a quantized (FP8) base's grid, or --dtype's from one. stochastic: up or "
+    "down with the odds of the value's position between them, so the written weights carry the adapter in "
+    "expectation; nearest: the quantizers' own rule, which writes the base back wherever the delta is under half "
+    "a step. Plain checkpoints always round to nearest, as PEFT merges.",
+)
+ROUNDING_SEED: Decorator = click.option(
+    "--seed", type=int, default=0, show_default=True,
+    help="Seed of --rounding stochastic: the same seed writes the same bytes on any device and thread count.",
+)
+MIN_KEPT: Decorator = click.option(
+    "--min-kept", type=click.FloatRange(0.0, 1.0), default=None, metavar="SHARE",
+    help="Into a quantized base: fail, writing nothing, when the written weights carry less than this share of "
+    "the adapter's delta (kept, in the summary); e.g. 0.8 in a pipeline.",
+)
 ENDPOINT: Decorator = click.option(
     "--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)."
 )
@@ -361,13 +377,14 @@ def _merge_text(d: dict[str, Any]) -> str:
         f"wrote {d['output']}"
     )
     q = d.get("quantization")
-    if q and q["dequantized"]:
-        text += f"\nFP8 ({q['method']}) weights written dequantized; quantization_config dropped"
-    elif q:
-        text += (
-            f"\nFP8 ({q['method']}, {', '.join(q['schemes'])}): {len(q['tensors'])} weight(s) requantized, "
-            f"{q['delta_energy_lost']:.1%} of the delta's energy lost to rounding"
-        )
+    if q:
+        where = "written dequantized (quantization_config dropped)" if q["dequantized"] else "requantized"
+        text += f"\nFP8 ({q['method']}, {', '.join(q['schemes'])}): {len(q['tensors'])} weight(s) {where}"
+        if q["kept"] is not None:
+            text += (
+                f", {q['rounding']['rule']} rounding: kept {q['kept']:.3f} of the delta, noise "
+                f"{q['noise']:.3f} of its norm"
+            )
     if "check" in d:
         c = d["check"]
         text += (
@@ -381,7 +398,7 @@ def _merge_text(d: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
-@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
+@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, FORCE, PICKLE, QUIET, JSON)
 def merge(
     base: str,
     adapters: tuple[tuple[str, float], ...],
@@ -389,6 +406,9 @@ def merge(
     device: str,
     dtype: str | None,
     fan_in_fan_out: bool | None,
+    rounding: str,
+    seed: int,
+    min_kept: float | None,
     force: bool,
     allow_pickle: bool,
     quiet: bool,
@@ -398,16 +418,20 @@ def merge(
 
     Each ADAPTER is a PEFT directory or a kohya .safetensors file, optionally with :SCALE.
     The output keeps BASE's layout (tensor names, shards, index, config and tokenizer files).
+    Into an FP8 base the merged weights are requantized in its layout, rounded stochastically so
+    that they keep the adapter; the summary says how much of it they carry (kept).
 
     \b
     Examples:
       loratool merge base/ adapter/ -o merged/
       loratool merge base/ chat/ style/:0.5 -o merged/ --dtype bfloat16
+      loratool merge fp8-base/ adapter/ -o merged/ --min-kept 0.8 --json
     """
     from .ops.merge import merge as run
 
     result = run(base, list(adapters), output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
-                 force=force, allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
+                 rounding=rounding, seed=seed, min_kept=min_kept, force=force,  # type: ignore[arg-type]
+                 allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
     _record_uses([a for a, _ in adapters], "merged into", output)
     _emit(result, as_json, _merge_text)
 
@@ -422,7 +446,7 @@ def merge(
     default=None,
     help="The original base: report how far the result is from it (max, relative, units of rounding).",
 )
-@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
+@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, FORCE, PICKLE, QUIET, JSON)
 def unmerge(
     merged: str,
     adapters: tuple[tuple[str, float], ...],
@@ -431,6 +455,9 @@ def unmerge(
     device: str,
     dtype: str | None,
     fan_in_fan_out: bool | None,
+    rounding: str,
+    seed: int,
+    min_kept: float | None,
     force: bool,
     allow_pickle: bool,
     quiet: bool,
@@ -439,7 +466,10 @@ def unmerge(
     """Take merged adapters back out of MERGED: W - scale * scaling * B @ A.
 
     In bf16/fp16 a merge/unmerge round trip lands within one unit of rounding of the original
-    (not bit-exact); --check BASE measures it.
+    (not bit-exact); --check BASE measures it. From an FP8 checkpoint the codes come back within
+    one FP8 step of the merge's rounding and one of the unmerge's (stochastic by default, which
+    takes the adapter out in expectation), not the original bytes: keep the original base to go
+    back exactly.
 
     \b
     Examples:
@@ -448,8 +478,8 @@ def unmerge(
     from .ops.merge import unmerge as run
 
     result = run(merged, list(adapters), output=output, check=check, device=device, dtype=dtype,
-                 fan_in_fan_out=fan_in_fan_out, force=force, allow_pickle=allow_pickle,
-                 show_progress=not quiet)  # fmt: skip
+                 fan_in_fan_out=fan_in_fan_out, rounding=rounding, seed=seed,  # type: ignore[arg-type]
+                 min_kept=min_kept, force=force, allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
     _record_uses([a for a, _ in adapters], "unmerged from", merged)
     _emit(result, as_json, _merge_text)
 

@@ -78,6 +78,11 @@ class UnsupportedCheckpointError(LoraToolError, ValueError):
     """The checkpoint is valid, but loratool cannot operate on it correctly (e.g. quantized weights)."""
 
 
+class AdapterLostError(LoraToolError, ValueError):
+    """A merge into a quantized base would carry less of the adapter than the caller asked for
+    (``min_kept``); nothing was written."""
+
+
 class OutputExistsError(LoraToolError, FileExistsError):
     """The output path exists and ``force`` was not given."""
 

@@ -125,11 +125,26 @@ def adapter_deltas(adapter: Path, scale: float = 1.0) -> dict[str, torch.Tensor]
     return out
 
 
+def fp8_spacing(x: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """The distance between the FP8 values around each |x| (of x in scaled units), from the grid of
+    all 256 codes: the next code up minus the code at or below."""
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).double()
+    grid = grid[grid.isfinite() & (grid >= 0)].unique().sort().values
+    i = (torch.searchsorted(grid, x.abs().double(), right=True) - 1).clamp(0, len(grid) - 2)
+    return grid[i + 1] - grid[i]
+
+
+def scaled_units(t: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Each element's scale, as reference_dequant looks it up."""
+    return reference_dequant(torch.ones(t.shape), scale, scheme)
+
+
 @pytest.mark.parametrize("scheme", ["block", "channel", "tensor"])
-def test_merge_requantizes_to_the_same_layout(tmp_path: Path, plain, scheme: str) -> None:
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_merge_requantizes_to_the_same_layout(tmp_path: Path, plain, scheme: str, rounding: str) -> None:
     base, adapter = plain
     fp8_checkpoint(base, tmp_path / "fp8", scheme)
-    res = merge(tmp_path / "fp8", [adapter], output=tmp_path / "merged", show_progress=False)
+    res = merge(tmp_path / "fp8", [adapter], output=tmp_path / "merged", rounding=rounding, show_progress=False)
     src, out = (
         load_file(str(tmp_path / "fp8" / "model.safetensors")),
         load_file(str(tmp_path / "merged" / "model.safetensors")),
@@ -141,15 +156,24 @@ def test_merge_requantizes_to_the_same_layout(tmp_path: Path, plain, scheme: str
         if k.endswith("input_scale") or not k.endswith(("weight", "_scale", "_scale_inv")):
             assert torch.equal(out[k], src[k]), k  # activation scales and the rest pass through
     before, after = dequantized_state(tmp_path / "fp8", scheme), dequantized_state(tmp_path / "merged", scheme)
+    inner = sq = 0.0
     for name, delta in adapter_deltas(adapter).items():
         target = before[name] + delta  # what the merged weight should be, exactly
-        ideal = reference_dequant(*reference_quant(target.float(), scheme), scheme)
         ours = float((after[name] - target).norm())
-        assert ours <= float((ideal - target).norm()) * (1 + 1e-6) + 1e-12, name  # as good as requantizing exactly
+        if rounding == "nearest":
+            ideal = reference_dequant(*reference_quant(target.float(), scheme), scheme)
+            assert ours <= float((ideal - target).norm()) * (1 + 1e-6) + 1e-12, name  # as good as requantizing exactly
+        else:  # each element on one of the two FP8 values around it (in the new scales)
+            out8 = load_file(str(tmp_path / "merged" / "model.safetensors"))
+            unit = scaled_units(after[name], out8[name[: -len("weight")] + scale_name(scheme)], scheme)
+            assert ((after[name] - target).abs() <= fp8_spacing(target / unit) * unit * (1 + 1e-6)).all(), name
         assert ours < float(delta.norm()), name  # and the delta is carried, not erased
+        inner += float(((after[name] - before[name]) * delta).sum())
+        sq += float(delta.square().sum())
     q = res.quantization
     assert q is not None and q["method"] == quant_config(scheme)["quant_method"] and q["schemes"] == [scheme]
-    assert len(q["tensors"]) == len(adapter_deltas(adapter)) and 0 < q["delta_energy_lost"] < 0.5
+    assert q["rounding"]["rule"] == rounding and len(q["tensors"]) == len(adapter_deltas(adapter))
+    assert q["kept"] == pytest.approx(inner / sq, abs=1e-4)  # <W_written - W_base, delta> / ||delta||^2, from files
     assert not res.warnings
 
 
@@ -179,12 +203,25 @@ def test_dtype_writes_a_dequantized_checkpoint(tmp_path: Path, plain) -> None:
     assert model is not None
 
 
-def test_a_delta_below_fp8_resolution_is_reported(tmp_path: Path, plain) -> None:
+def test_a_delta_below_fp8_resolution_is_erased_by_nearest_rounding_and_reported(tmp_path: Path, plain) -> None:
     base, adapter = plain
     fp8_checkpoint(base, tmp_path / "fp8", "block")
-    res = merge(tmp_path / "fp8", [(adapter, 1e-4)], output=tmp_path / "merged", show_progress=False)
-    assert res.quantization is not None and res.quantization["delta_energy_lost"] > 0.5
-    assert any("below FP8 resolution" in w for w in res.warnings)
+    res = merge(tmp_path / "fp8", [(adapter, 1e-3)], output=tmp_path / "merged", rounding="nearest",
+                show_progress=False)  # fmt: skip
+    assert res.quantization is not None and res.quantization["kept"] < 0.2
+    assert any("carry only" in w and "--rounding stochastic" in w for w in res.warnings), res.warnings
+
+
+def test_stochastic_rounding_keeps_a_delta_below_fp8_resolution(tmp_path: Path, plain) -> None:
+    """The same small delta, stochastically rounded: the written weights carry it (kept near 1,
+    within the noise of one draw per element) and nothing is warned."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    res = merge(tmp_path / "fp8", [(adapter, 1e-3)], output=tmp_path / "merged", show_progress=False)
+    q = res.quantization
+    assert q is not None and q["rounding"] == {"rule": "stochastic", "seed": 0}
+    assert abs(q["kept"] - 1) < 0.2 and q["noise"] > 1  # unbiased, at the price of noise
+    assert not res.warnings
 
 
 @pytest.mark.parametrize("which", ["both", "base"])
@@ -317,10 +354,13 @@ def test_bulk_fp8_conversion_is_exact_for_every_code() -> None:
 
 
 @pytest.mark.parametrize(("name", "scheme"), [("llama-fp8-block", "block"), ("llama-fp8-channel", "channel")])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_the_shipped_fp8_fixtures_are_the_format_and_merge_like_peft(tmp_path: Path, fixtures: Path, cli, name: str,
-                                                                      scheme: str) -> None:  # fmt: skip
+                                                                      scheme: str, rounding: str) -> None:  # fmt: skip
     """fixtures/llama-fp8-*: llama-base quantized by each format's definition (checked here); the
-    shipped PEFT adapter merged into them carries PEFT's own delta, as well as requantizing allows."""
+    shipped PEFT adapter merged into them carries PEFT's own delta, as well as requantizing allows:
+    nearest, as close as requantizing the exact result; stochastic, each element on one of the two
+    FP8 values around it, and the reported kept is <W_written - W_base, PEFT's delta> / ||delta||^2."""
     from peft import PeftModel
 
     base = load_file(str(fixtures / "llama-base" / "model.safetensors"))
@@ -331,9 +371,11 @@ def test_the_shipped_fp8_fixtures_are_the_format_and_merge_like_peft(tmp_path: P
             assert torch.equal(stored[key].view(torch.uint8), q.view(torch.uint8)), key
             assert torch.equal(stored[key[: -len("weight")] + scale_name(scheme)], s.reshape(-1, s.shape[-1])), key
     assert json.loads((fixtures / name / "config.json").read_text())["quantization_config"] == quant_config(scheme)
-    r = cli("merge", fixtures / name, fixtures / "llama-peft-adapter", "-o", tmp_path / "merged", "--json")
+    r = cli("merge", fixtures / name, fixtures / "llama-peft-adapter", "-o", tmp_path / "merged", "--json",
+            "--rounding", rounding)  # fmt: skip
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["quantization"]["schemes"] == [scheme]
+    report = json.loads(r.stdout)["quantization"]
+    assert report["schemes"] == [scheme] and report["rounding"]["rule"] == rounding
     peft_model = PeftModel.from_pretrained(
         load_model("llama", fixtures / "llama-base"), fixtures / "llama-peft-adapter"
     )
@@ -343,10 +385,19 @@ def test_the_shipped_fp8_fixtures_are_the_format_and_merge_like_peft(tmp_path: P
         if hasattr(layer, "lora_A") and "default" in layer.lora_A
     }
     before, after = dequantized_state(fixtures / name, scheme), dequantized_state(tmp_path / "merged", scheme)
+    out8 = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    inner = sq = 0.0
     for key, delta in deltas.items():
         target = before[key] + delta
-        ideal = reference_dequant(*reference_quant(target.float(), scheme), scheme)
-        assert float((after[key] - target).norm()) <= float((ideal - target).norm()) * (1 + 1e-6) + 1e-12, key
+        if rounding == "nearest":
+            ideal = reference_dequant(*reference_quant(target.float(), scheme), scheme)
+            assert float((after[key] - target).norm()) <= float((ideal - target).norm()) * (1 + 1e-6) + 1e-12, key
+        else:
+            unit = scaled_units(after[key], out8[key[: -len("weight")] + scale_name(scheme)], scheme)
+            assert ((after[key] - target).abs() <= fp8_spacing(target / unit) * unit * (1 + 1e-6)).all(), key
+        inner += float(((after[key] - before[key]) * delta).sum())
+        sq += float(delta.square().sum())
+    assert report["kept"] == pytest.approx(inner / sq, abs=1e-3)
 
 
 @pytest.mark.parametrize(("name", "method"), [("llama-gptq-like", "gptq"), ("llama-bnb-like", "bitsandbytes")])

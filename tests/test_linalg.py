@@ -29,8 +29,6 @@ from loratool.linalg import (
     top_svd,
     unit_of_rounding,
 )
-from loratool.quant.fp8 import dequantize_fp8, merge_fp8_rows, quantize_fp8
-from loratool.quant.layout import Fp8Scheme
 
 
 def test_energy_share_is_a_share() -> None:
@@ -328,70 +326,6 @@ def test_unit_of_rounding_is_the_gap_to_the_next_value(dtype: torch.dtype, int_d
     x = (torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 100 + 1e-3).to(dtype)
     next_up = (x.view(int_dtype) + 1).view(dtype)  # positive normal values: the next bit pattern
     assert torch.equal(unit_of_rounding(x.double(), dtype), next_up.double() - x.double())
-
-
-@pytest.mark.parametrize("scheme", [Fp8Scheme("block", (24, 16)), Fp8Scheme("channel")])
-def test_merge_fp8_rows_matches_the_whole_weight_path(scheme: Fp8Scheme) -> None:
-    """Strip by strip or whole: the same merged weight, the same scales, FP8 values within one unit."""
-    g = torch.Generator().manual_seed(4)
-    w = torch.randn(70, 50, generator=g)  # 70 = 2 * 24 + 22, 50 = 3 * 16 + 2: ragged tiles both ways
-    scale_shape = (3, 4) if scheme.kind == "block" else (70, 1)
-    q, s = quantize_fp8(w, scheme, torch.float8_e4m3fn, scale_shape)
-    a, b = factors(70, 50, 3, 5)
-    q_out, s_out = torch.empty_like(q), torch.empty_like(s)
-    delta_sq, error_sq = merge_fp8_rows(q, s, scheme, [row_factors(a, b, 0.5, "linear")], q_out, s_out)
-    target = dequantize_fp8(q, s, scheme) + 0.5 * (b @ a)  # (out, r) @ (r, in)
-    q_ref, s_ref = quantize_fp8(target, scheme, torch.float8_e4m3fn, scale_shape)
-    assert torch.allclose(s_out, s_ref, rtol=1e-6)
-    stored, ref = dequantize_fp8(q_out, s_out, scheme), dequantize_fp8(q_ref, s_ref, scheme)
-    grid = dequantize_fp8(torch.ones_like(q_ref), s_ref, scheme)
-    assert (
-        (stored - ref).abs() <= unit_of_rounding((ref / grid).abs().double(), torch.float8_e4m3fn) * grid + 1e-7
-    ).all()
-    assert delta_sq == pytest.approx(float((0.5 * (b @ a)).square().sum()), rel=1e-4)
-    assert error_sq == pytest.approx(float((stored - target).square().sum()), rel=1e-4)
-
-
-@pytest.mark.parametrize("scheme", [Fp8Scheme("block", (16, 8)), Fp8Scheme("channel")], ids=["block", "channel"])
-@pytest.mark.parametrize("step", [16 * 40, 3 * 16 * 40 + 7])
-def test_merge_fp8_rows_gives_the_same_codes_in_steps_of_any_size(monkeypatch, scheme: Fp8Scheme, step: int) -> None:
-    """A step is whole block rows (CPU: ~1M elements, to stay in cache; a GPU: the whole weight), so
-    its size changes nothing: codes and scales bit for bit, and the norms, as one step over all.
-    (A step of one row would not do: BLAS takes a matrix-vector path for it, which rounds apart.)"""
-    from loratool.quant import fp8 as linalg
-
-    g = torch.Generator().manual_seed(8)
-    w = torch.randn(70, 40, generator=g)  # 70 = 4 * 16 + 6: a ragged last block row
-    scale_shape = (5, 5) if scheme.kind == "block" else (70, 1)
-    q, s = quantize_fp8(w, scheme, torch.float8_e4m3fn, scale_shape)
-    f = [row_factors(*factors(70, 40, 3, 9), 0.7, "linear")]
-    whole_q, whole_s = torch.empty_like(q), torch.empty_like(s)
-    whole = merge_fp8_rows(q, s, scheme, f, whole_q, whole_s)
-    monkeypatch.setitem(linalg._GROUP_ELEMENTS, "cpu", step)
-    assert len(list(linalg._strip_groups(70, 40, scheme, q.device))) > 1
-    step_q, step_s = torch.empty_like(q), torch.empty_like(s)
-    stepped = merge_fp8_rows(q, s, scheme, f, step_q, step_s)
-    assert torch.equal(step_q.view(torch.uint8), whole_q.view(torch.uint8)) and torch.equal(step_s, whole_s)
-    assert stepped[0] == pytest.approx(whole[0], rel=1e-12)
-    assert stepped[1] == pytest.approx(whole[1], rel=1e-6)
-
-
-@pytest.mark.parametrize(("dtype", "value"), [(torch.float8_e4m3fn, 320.0), (torch.float8_e5m2, 40960.0)])
-def test_merge_fp8_rows_stays_in_range_for_subnormal_scales(dtype: torch.dtype, value: float) -> None:
-    """A tile so small that its new scale is a subnormal float32, rounded far down, still quantizes
-    into range (no NaN or Inf codes)."""
-    scheme = Fp8Scheme("block", (4, 4))
-    q = torch.full((4, 4), value).to(dtype)  # W = value * 2^-148: its new scale, W / max, is
-    s = torch.full((1, 1), 2.0**-148)  # 1.43 * 2^-149, stored as 2^-149: W / that is 1.43 * max
-    q_out, s_out = torch.empty_like(q), torch.empty_like(s)
-    merge_fp8_rows(q, s, scheme, [row_factors(torch.zeros(1, 4), torch.zeros(4, 1), 1.0, "linear")], q_out, s_out)
-    assert dequantize_fp8(q_out, s_out, scheme).isfinite().all()
-
-
-def test_merge_fp8_rows_refuses_per_tensor_scales() -> None:
-    q = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="whole weight"):
-        merge_fp8_rows(q, torch.ones(1), Fp8Scheme("tensor"), [], q.clone(), torch.ones(1))
 
 
 def test_merge_rows_adds_each_term_to_its_own_rows() -> None:

@@ -108,10 +108,10 @@ def test_scales_are_tile_maxima_over_the_top_and_flag_inf_and_nan(kernels: nativ
         assert not kernels.scales(w, 0, (4, 4), dtype, scale)
 
 
-def _merge(q, s, scheme, terms, check=None):
+def _merge(q, s, scheme, terms, check=None, key=None):
     q_out, s_out = torch.empty_like(q), torch.empty_like(s)
-    norms = merge_fp8_rows(q, s, scheme, terms, q_out, s_out, check)
-    return q_out, s_out, norms
+    kept = merge_fp8_rows(q, s, scheme, terms, q_out, s_out, check, key=key)
+    return q_out, s_out, kept
 
 
 CASES = {
@@ -125,9 +125,12 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("threads", [1, 3])
-def test_merge_fp8_rows_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels, case: str, threads: int) -> None:
+@pytest.mark.parametrize("key", [None, 0xC0FFEE], ids=["nearest", "stochastic"])
+def test_merge_fp8_rows_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels, case: str, threads: int,
+                                                            key: int | None) -> None:  # fmt: skip
     """Native steps (on one thread, and spread over threads in steps of a few block rows) write the
-    codes and scales the torch passes write, and report the same norms."""
+    codes and scales the torch passes write, rounding to nearest or stochastically with the same
+    draws, and report the same kept sums."""
     scheme, shape, scale_shape, dtype, scale_dtype = CASES[case]
     g = torch.Generator().manual_seed(5)
     q, s = quantize_fp8(torch.randn(shape, generator=g), scheme, dtype, scale_shape)
@@ -138,18 +141,22 @@ def test_merge_fp8_rows_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels
     ]
     monkeypatch.setitem(linalg._GROUP_ELEMENTS, "cpu", 2 * 16 * shape[1])  # several steps, several batches
     with torch_threads(threads):
-        fast_q, fast_s, fast = _merge(q, s, scheme, terms)
+        fast_q, fast_s, fast = _merge(q, s, scheme, terms, key=key)
     monkeypatch.setenv("LORATOOL_NATIVE", "0")
     assert native.fp8_kernels() is None
     with torch_threads(threads):
-        slow_q, slow_s, slow = _merge(q, s, scheme, terms)
+        slow_q, slow_s, slow = _merge(q, s, scheme, terms, key=key)
     assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8))
     assert torch.equal(fast_s, slow_s) and fast_s.dtype == scale_dtype
-    assert fast[0] == slow[0]
-    assert fast[1] == pytest.approx(slow[1], rel=1e-5)
-    stored = dequantize_fp8(fast_q, fast_s, scheme).double()
-    target = dequantize_fp8(q, s, scheme).double() + sum(t.factor * (t.left.double() @ t.right.double()) for t in terms)
-    assert fast[1] == pytest.approx(float((stored - target).square().sum()), rel=1e-4)
+    assert fast.dd == pytest.approx(slow.dd, rel=1e-5) and fast.ee == pytest.approx(slow.ee, rel=1e-5)
+    assert abs(fast.ed - slow.ed) <= 1e-5 * (slow.dd * slow.ee) ** 0.5  # a sum that cancels: on its scale
+    base = dequantize_fp8(q, s, scheme).double()
+    delta = sum(t.factor * (t.left.double() @ t.right.double()) for t in terms)
+    written = dequantize_fp8(fast_q, fast_s, scheme).double()
+    assert fast.ee == pytest.approx(float((written - base - delta).square().sum()), rel=1e-4)
+    assert fast.dd == pytest.approx(float(delta.square().sum()), rel=1e-4)
+    kept = float(((written - base) * delta).sum() / delta.square().sum())
+    assert fast.kept == pytest.approx(kept, abs=1e-5)
 
 
 @pytest.mark.parametrize(("dtype", "value"), [(torch.float8_e4m3fn, 320.0), (torch.float8_e5m2, 40960.0)])

@@ -22,6 +22,7 @@ from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
 from ..distributed import current
 from ..errors import (
+    AdapterLostError,
     MissingKeyError,
     NonFiniteError,
     ShapeMismatchError,
@@ -40,6 +41,7 @@ from ..provenance import InputHasher, encode, make_record
 from ..quant import native
 from ..quant.fp8 import dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from ..quant.layout import Fp8Layout, Fp8Scheme
+from ..quant.rounding import KEPT_WARNING, Kept, Rounding, Rule, quantize_values, uniforms
 from ..runtime import available_cores, compute_threads, resolve_device, torch_threads
 from ..validation import require_valid
 
@@ -135,7 +137,7 @@ class MergeResult:
     tensors: int
     check: RoundTripCheck | None = None
     warnings: list[str] = field(default_factory=list)
-    quantization: dict[str, Any] | None = None  # FP8 bases: the layout kept and what requantizing cost
+    quantization: dict[str, Any] | None = None  # FP8 bases: the layout, the rounding and what it kept
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -161,11 +163,20 @@ def merge(
     device: str = "auto",
     dtype: str | None = None,
     fan_in_fan_out: bool | None = None,
+    rounding: Rule = "stochastic",
+    seed: int = 0,
+    min_kept: float | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     show_progress: bool = True,
 ) -> MergeResult:
     """Merge LoRA adapters into a checkpoint: W' = W + sum_i s_i * scaling_i * B_i @ A_i.
+
+    Into a quantized (FP8) base, the merged weights are rounded back onto the base's grid (or, with
+    ``dtype``, onto that dtype's), and how decides whether the adapter survives: nearest rounding
+    writes the base back wherever the delta is below half a step (most of a typical LoRA), while
+    stochastic rounding keeps it in expectation. The result's ``quantization`` reports ``kept``,
+    the share of the delta the written weights carry. Plain checkpoints round to nearest, as PEFT.
 
     Args:
         base: the checkpoint (file or model directory) the adapters were trained on.
@@ -174,9 +185,15 @@ def merge(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: the output's dtype for floating tensors (default: the base's).
         fan_in_fan_out: treat LoRA targets as GPT-2 ``Conv1D``; default from the adapter and config.
+        rounding: onto a quantized base's grid, ``stochastic`` (unbiased: keeps the adapter) or
+            ``nearest`` (the quantizers' own rule, biased against small deltas).
+        seed: the stochastic stream's seed; the bytes are the same for one seed on any device and
+            any number of threads.
+        min_kept: refuse (write nothing) when the merge's ``kept`` falls below this.
         force: replace an existing output.
 
     Raises:
+        AdapterLostError: ``kept`` is below ``min_kept``.
         MissingKeyError: an adapter module has no matching tensor in the base.
         ShapeMismatchError: an adapter module does not fit its tensor.
         UnsupportedAdapterError: adapters trained on a rewritten base (PiSSA, OLoRA, ...), DoRA.
@@ -186,7 +203,8 @@ def merge(
         >>> loratool.merge("base/", ["adapter/", ("style/", 0.5)], output="merged/")
     """
     return _apply(+1, base, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
-                  force=force, allow_pickle=allow_pickle, show_progress=show_progress)  # fmt: skip
+                  rounding=Rounding(rounding, seed), min_kept=min_kept, force=force, allow_pickle=allow_pickle,
+                  show_progress=show_progress)  # fmt: skip
 
 
 def unmerge(
@@ -198,6 +216,9 @@ def unmerge(
     device: str = "auto",
     dtype: str | None = None,
     fan_in_fan_out: bool | None = None,
+    rounding: Rule = "stochastic",
+    seed: int = 0,
+    min_kept: float | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     show_progress: bool = True,
@@ -206,6 +227,11 @@ def unmerge(
 
     In float32 the round trip is exact to rounding; in bf16/fp16 each element may land one unit
     of rounding away from the original. ``check`` (the original base) measures exactly that.
+
+    From a quantized (FP8) checkpoint the subtraction is rounded as :func:`merge` rounds: the
+    default stochastic rule takes the adapter out in expectation (nearest rounding would leave
+    most of a small one in), and the restored codes are within one step of the merge's rounding
+    and one of the unmerge's of the original (``check`` measures it), not the original bytes.
 
     Args:
         merged: the merged checkpoint.
@@ -220,7 +246,8 @@ def unmerge(
         >>> loratool.unmerge("merged/", ["adapter/"], output="restored/", check="base/")
     """
     return _apply(-1, merged, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
-                  force=force, allow_pickle=allow_pickle, show_progress=show_progress, check=check)  # fmt: skip
+                  rounding=Rounding(rounding, seed), min_kept=min_kept, force=force, allow_pickle=allow_pickle,
+                  show_progress=show_progress, check=check)  # fmt: skip
 
 
 # PEFT features whose adapters are not a plain weight delta
@@ -449,12 +476,18 @@ def _apply(
     device: str,
     dtype: str | None,
     fan_in_fan_out: bool | None,
+    rounding: Rounding,
+    min_kept: float | None,
     force: bool,
     allow_pickle: bool,
     show_progress: bool,
     check: str | os.PathLike[str] | None = None,
 ) -> MergeResult:
     operation = "merge" if sign > 0 else "unmerge"
+    if rounding.rule not in ("stochastic", "nearest"):
+        raise ValueError(f"rounding must be 'stochastic' or 'nearest', not {rounding.rule!r}")
+    if min_kept is not None and not 0.0 <= min_kept <= 1.0:
+        raise ValueError(f"min_kept must lie in [0, 1], not {min_kept!r}")
     sources = [split_scale(a)[0] for a in adapters]
     inputs = [base, *(s for s in sources if not isinstance(s, Adapter)), *([check] if check is not None else [])]
     out = check_output(output, force=force, inputs=inputs)
@@ -475,6 +508,7 @@ def _apply(
         params = {
             "adapters": [{"path": n, "scale": s} for _, s, n in loaded], "device": str(dev),
             "dtype": dtype, "fan_in_fan_out": fan_in_fan_out,
+            **({"rounding": rounding.to_json()} if fp8 is not None else {}),
         }  # fmt: skip
         result = MergeResult(out, operation, len(terms) + len(bias_terms), len(replace), len(ckpt), warnings=warnings)
         single_file = ckpt.path.is_file()
@@ -486,10 +520,10 @@ def _apply(
         mine = d.share((f, sum(x.nbytes for x in specs)) for f, specs in shards)
         placeholder = {"format": "pt", **encode(make_record(operation, params, hasher.placeholder()))}
 
-        def write_share() -> tuple[RoundTripCheck | None, list[dict[str, Any]]]:
+        def write_share() -> tuple[RoundTripCheck | None, list[tuple[str, Kept]]]:
             check_part = RoundTripCheck() if reference is not None else None
             share = _Stream(ckpt, replace, terms, bias_terms, dev, out_dtype, reference, check_part,
-                            fp8=fp8, dequantize=dequantize)  # fmt: skip
+                            fp8=fp8, dequantize=dequantize, rounding=rounding)  # fmt: skip
             share.write(root, [(f, specs) for f, specs in shards if f in mine], placeholder,
                          show_progress and d.is_main, operation)  # fmt: skip
             return check_part, share.requantized
@@ -497,8 +531,12 @@ def _apply(
         parts = d.gather(write_share)
         checks = [c for c, _ in parts]
         if fp8 is not None:
-            result.quantization = _quantization_report(fp8, dequantize, [r for _, rs in parts for r in rs])
-            result.warnings += _quantization_warnings(result.quantization)
+            result.quantization = _quantization_report(fp8, dequantize, rounding, [r for _, rs in parts for r in rs])
+            _require_kept(result.quantization, min_kept, rounding)  # before the output moves into place
+            result.warnings += _quantization_warnings(result.quantization, rounding)
+        elif min_kept is not None:
+            result.warnings.append("--min-kept applies to quantized bases: this one is not, so its merged weights "
+                                   "were rounded to nearest in the output dtype, as PEFT merges")  # fmt: skip
         final = {"format": "pt", **encode(make_record(operation, params, hasher.result()))} if d.is_main else None
         final = d.broadcast(final)
         for fname in mine:
@@ -531,8 +569,9 @@ class _Stream:
     check: RoundTripCheck | None
     fp8: Fp8Layout | None = None
     dequantize: bool = False  # FP8 weights are written in out_dtype, their scales dropped
+    rounding: Rounding = field(default_factory=Rounding)  # onto the FP8 grid, or out_dtype's when dequantizing
     pool: BufferPool = field(default_factory=BufferPool)
-    requantized: list[dict[str, Any]] = field(default_factory=list)  # per FP8 weight changed: what rounding cost
+    requantized: list[tuple[str, Kept]] = field(default_factory=list)  # per FP8 weight changed: what it kept
     _stash: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # an FP8 pair's other half (pooled?)
     _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
 
@@ -661,11 +700,15 @@ class _Stream:
             threads = torch_threads(available_cores())
         try:
             with threads:
-                delta_sq, error_sq = merge_fp8_rows(q_dev, s_dev, scheme, factors, q_new, s_new, check, scratch)
+                kept = merge_fp8_rows(q_dev, s_dev, scheme, factors, q_new, s_new, check, scratch, key=self._key(key))
         finally:
             self.pool.give(scratch)
-        self.requantized.append(_requantization(key, delta_sq**0.5, error_sq**0.5))
+        self.requantized.append((key, kept))
         return q_new, s_new
+
+    def _key(self, key: str) -> int | None:
+        """The stochastic stream's key for tensor ``key``, or None for nearest rounding."""
+        return self.rounding.key(key) if self.rounding.stochastic else None
 
     def _fp8_whole(
         self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme
@@ -674,14 +717,20 @@ class _Stream:
         dequantized output, return it in the output dtype (and the old scale, unused)."""
         before = dequantize_fp8(q.to(self.device), scale, scheme)  # (out, in) float32
         out_dtype = self.out_dtype if self.dequantize and self.out_dtype is not None else torch.float32
-        w32 = self._add(key, before.clone(), out_dtype, before) if key in self.terms else before
+        if key not in self.terms:  # dequantized only: nothing to keep, so no draws
+            assert self.dequantize and self.out_dtype is not None
+            return quantize_values(before, self.out_dtype, None), scale
+        w32 = self._add(key, before.clone(), out_dtype, before)
+        stream = self._key(key)
         if self.dequantize:
             assert self.out_dtype is not None
-            return w32.to(self.out_dtype), scale
-        q_new, s_new = quantize_fp8(w32, scheme, q.dtype, tuple(scale.shape))
-        delta = float(torch.linalg.vector_norm(w32 - before))
-        error = float(torch.linalg.vector_norm(dequantize_fp8(q_new, s_new, scheme) - w32))
-        self.requantized.append(_requantization(key, delta, error))
+            rows, cols = w32.shape
+            u = uniforms(stream, 0, rows, cols, w32.device) if stream is not None else None
+            written = quantize_values(w32, self.out_dtype, u)
+            self.requantized.append((key, Kept.of(w32 - before, w32 - written.float())))
+            return written, scale
+        q_new, s_new = quantize_fp8(w32, scheme, q.dtype, tuple(scale.shape), key=stream)
+        self.requantized.append((key, Kept.of(w32 - before, w32 - dequantize_fp8(q_new, s_new, scheme))))
         return q_new, s_new
 
     def _blocked(self, key: str) -> bool:
@@ -791,29 +840,57 @@ def _check_fp8_plan(fp8: Fp8Layout | None, replace: dict[str, torch.Tensor], pat
         )
 
 
-def _requantization(key: str, delta: float, error: float) -> dict[str, Any]:
-    """What rounding the merged weight back to FP8 cost (||stored - W'||), next to the delta it was to
-    carry (||W' - W||)."""
-    return {"tensor": key, "delta_norm": delta, "error_norm": error, "relative_error": error / delta if delta else 0.0}
+def _quantization_report(
+    fp8: Fp8Layout, dequantized: bool, rounding: Rounding, records: list[tuple[str, Kept]]
+) -> dict[str, Any]:
+    """The layout, the rounding, and what the written weights carry of the delta: ``kept`` and
+    ``noise`` (:class:`loratool.quant.rounding.Kept`) per weight and over all of them."""
+    total = Kept()
+    for _, k in records:
+        total = total.add(k)
+    tensors = [{"tensor": key, **k.to_json()} for key, k in sorted(records, key=lambda r: r[0])]
+    return {**fp8.describe(), "dequantized": dequantized, "rounding": rounding.to_json(), **total.to_json(),
+            "tensors": tensors}  # fmt: skip
 
 
-def _quantization_report(fp8: Fp8Layout, dequantized: bool, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The layout, and over all requantized weights the share of the delta's energy rounding lost:
-    sum ||stored - (W + delta)||^2 / sum ||delta||^2."""
-    delta_sq = sum(r["delta_norm"] ** 2 for r in records)
-    lost = sum(r["error_norm"] ** 2 for r in records) / delta_sq if delta_sq else 0.0
-    return {**fp8.describe(), "dequantized": dequantized, "delta_energy_lost": lost,
-            "tensors": sorted(records, key=lambda r: r["tensor"])}  # fmt: skip
+def _short_of(report: dict[str, Any], threshold: float) -> list[dict[str, Any]]:
+    """The weights whose own ``kept`` is below ``threshold``, the worst first."""
+    low = [t for t in report["tensors"] if t["kept"] is not None and t["kept"] < threshold]
+    return sorted(low, key=lambda t: t["kept"])
 
 
-def _quantization_warnings(report: dict[str, Any]) -> list[str]:
-    lost = report["delta_energy_lost"]
-    if report["dequantized"] or lost <= 0.5:
+def _names(tensors: list[dict[str, Any]], most: int = 3) -> str:
+    shown = ", ".join(f"{t['tensor']} ({t['kept']:.2f})" for t in tensors[:most])
+    return shown + (f" and {len(tensors) - most} more" if len(tensors) > most else "")
+
+
+def _remedy(report: dict[str, Any], rounding: Rounding) -> str:
+    steps = ["--rounding stochastic (unbiased: keeps the delta in expectation)"] if not rounding.stochastic else []
+    if not report["dequantized"]:
+        steps.append("--dtype bfloat16 for a dequantized checkpoint")
+    steps.append("serving the adapter unmerged")
+    return "; ".join(steps)
+
+
+def _require_kept(report: dict[str, Any], min_kept: float | None, rounding: Rounding) -> None:
+    kept = report["kept"]
+    if min_kept is None or kept is None or kept >= min_kept:
+        return
+    raise AdapterLostError(
+        f"the written weights carry {kept:.3f} of the adapter's delta, below --min-kept {min_kept:g}; nothing was "
+        f"written. Lowest: {_names(_short_of(report, min_kept) or report['tensors'])}",
+        fix=f"try {_remedy(report, rounding)}",
+    )
+
+
+def _quantization_warnings(report: dict[str, Any], rounding: Rounding) -> list[str]:
+    kept = report["kept"]
+    if kept is None or kept >= KEPT_WARNING:
         return []
     return [
-        f"requantizing to FP8 lost {lost:.0%} of the adapter's delta (its energy, summed over "
-        f"{len(report['tensors'])} weights): most of it is below FP8 resolution. Pass --dtype bfloat16 "
-        "for a dequantized checkpoint that keeps it"
+        f"the written weights carry only {kept:.0%} of the adapter's delta (kept, over {len(report['tensors'])} "
+        f"weights; lowest {_names(_short_of(report, KEPT_WARNING))}): rounding onto the "
+        f"{'output dtype' if report['dequantized'] else 'FP8 grid'} erased the rest. Try {_remedy(report, rounding)}"
     ]
 
 

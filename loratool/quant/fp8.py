@@ -11,10 +11,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..linalg import RowFactors, factored_sq_norm
+from ..linalg import RowFactors
 from ..runtime import torch_threads
 from . import native
 from .layout import Fp8Scheme
+from .rounding import Kept, round_to_grid, uniforms
 
 
 def _expand_scale(scale: torch.Tensor, shape: tuple[int, ...], scheme: Fp8Scheme) -> torch.Tensor:
@@ -57,13 +58,15 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def quantize_fp8(
-    w: torch.Tensor, scheme: Fp8Scheme, dtype: torch.dtype, scale_shape: tuple[int, ...]
+    w: torch.Tensor, scheme: Fp8Scheme, dtype: torch.dtype, scale_shape: tuple[int, ...], *, key: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (float32, (out, in)) as FP8 ``dtype`` in ``scheme``: (q, scale), scale float32 of ``scale_shape``.
 
     Each scale is its group's absolute maximum over the format's largest value (the convention of
     DeepSeek's and compressed-tensors' quantizers), so every group uses the full FP8 range; an
-    all-zero group gets scale 1. Values are rounded to nearest, after clamping to the range.
+    all-zero group gets scale 1. Values are rounded to nearest after clamping to the range, or with
+    a stream ``key`` stochastically (:func:`.rounding.round_to_grid`, the draws of rows 0.. of the
+    weight).
     """
     top = fp8_max(dtype)
     out_f, in_f = w.shape
@@ -79,7 +82,10 @@ def quantize_fp8(
         amax = padded.view(nb_o, bo, nb_i, bi).amax(dim=(1, 3))  # (nb_o, nb_i)
     scale = amax / top
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (w / _expand_scale(scale, (out_f, in_f), scheme)).clamp_(-top, top).to(dtype)
+    x = w / _expand_scale(scale, (out_f, in_f), scheme)
+    if key is None:
+        return x.clamp_(-top, top).to(dtype), scale.reshape(scale_shape)
+    q = round_to_grid(x, dtype, uniforms(key, 0, out_f, in_f, w.device)).to(dtype)
     return q, scale.reshape(scale_shape)
 
 
@@ -92,15 +98,19 @@ def merge_fp8_rows(
     scale_out: torch.Tensor,
     check: Callable[[torch.Tensor], None] | None = None,
     scratch: torch.Tensor | None = None,
-) -> tuple[float, float]:
+    *,
+    key: int | None = None,
+) -> Kept:
     """Dequantize ``q`` (out, in) a strip of rows at a time, add the rank-r terms in float32, and
-    requantize each strip into ``q_out``/``scale_out`` (the same scheme, dtype and scale shape).
+    requantize each strip into ``q_out``/``scale_out`` (the same scheme, dtype and scale shape):
+    to nearest, or with a stream ``key`` stochastically (:mod:`.rounding`; each element's draw is
+    a function of its place in the weight, so steps of any size give the same bytes).
 
     A step is whole block rows (``block`` scheme) or any rows (``channel``), so every scale it needs
     lies inside it: at most about a million elements on CPU, so that nothing of the weight's size is
     widened at once, and the whole weight on a GPU (:data:`_GROUP_ELEMENTS`). ``tensor`` schemes need the
-    whole weight's maximum first and are not taken here. Returns the squared
-    norms (delta, requantization error): ||W' - W||^2 (from the factors) and ||stored - W'||^2.
+    whole weight's maximum first and are not taken here. Returns the :class:`.rounding.Kept` sums
+    of the merge (delta = W' - W in float32, err = W' - stored).
     ``check`` is called with a merged strip (or the dequantized weight) that is not finite.
     ``scratch``: float32 working memory of at least :func:`fp8_scratch_elements` (else allocated).
 
@@ -119,7 +129,7 @@ def merge_fp8_rows(
     rows, cols = q.shape
     top = fp8_max(q_out.dtype)
     s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
-    fast = _NativeFp8Steps.make(q, scale, scheme, factors, q_out, scale_out)
+    fast = _NativeFp8Steps.make(q, scale, scheme, factors, q_out, scale_out, key)
     per_step = fast.step_elements(rows * cols) if fast is not None else None
     groups = list(_strip_groups(rows, cols, scheme, q.device, per_step))
     size = max(stop - start for start, stop, _ in groups) * cols
@@ -128,11 +138,9 @@ def merge_fp8_rows(
         scratch = torch.empty(need, dtype=torch.float32, device=q.device)
     elif scratch.numel() < need:
         raise ValueError(f"scratch holds {scratch.numel()} elements, {need} are needed")
-    strip_buf, work_buf = scratch[:size], scratch[size : 2 * size]
-    code_buf = scratch[2 * size : need].view(torch.int16)[:size]  # int16 codes in the last half-size
-    lefts, rights = [left * factor for left, _, factor, _ in factors], [right for _, right, _, _ in factors]
-    delta_sq = factored_sq_norm(lefts, rights) if factors else 0.0
-    error_sq = torch.zeros((), dtype=torch.float64, device=q.device)  # summed where computed: no sync per step
+    strip_buf, work_buf, delta_buf = scratch[:size], scratch[size : 2 * size], scratch[2 * size : 3 * size]
+    code_buf = scratch[3 * size : need].view(torch.int16)[:size]  # int16 codes in the last half-size
+    sums = torch.zeros(3, dtype=torch.float64, device=q.device)  # Kept's, summed where computed: no sync per step
     with torch_threads(1) if fast is not None else contextlib.nullcontext():  # the steps are the parallelism
         if fast is not None:
             groups = fast.run(groups, strip_buf)  # what is left: steps with a NaN code, NaN or Inf
@@ -141,12 +149,14 @@ def merge_fp8_rows(
         for start, stop, g in groups:
             n = (stop - start) * cols
             strip, work = strip_buf[:n].view(-1, cols), work_buf[:n].view(-1, cols)
-            code = code_buf[:n].view(-1, cols)
+            code, delta = code_buf[:n].view(-1, cols), delta_buf[:n]
             unit = _fp8_bits_into(q[start:stop], strip, code)
             tiles = (g, -1, cols)  # (block rows, rows of each, cols): every tile's scale broadcasts over its rows
             strip.view(tiles).mul_(_group_scale(s_in, start, stop, g, cols, scheme) * unit)  # exact: unit is 2^k
+            delta.view(-1, cols).copy_(strip)  # the base, for now
             for left, right, factor, _ in factors:
                 strip.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
+            delta.view(-1, cols).sub_(strip).neg_()  # W' - W
             torch.abs(strip, out=work)
             if scheme.kind == "block":
                 assert scheme.block is not None
@@ -166,11 +176,16 @@ def merge_fp8_rows(
             scaled = torch.div(strip.view(tiles), new_scale, out=work.view(tiles)).view(-1, cols)
             if bool((new < _TINY).any()):  # |W'| / (max|W'| / top) <= top (1 + 2^-22) unless a scale is subnormal
                 scaled.clamp_(-top, top)
-            q_out[start:stop] = scaled
+            if key is None:
+                q_out[start:stop] = scaled
+            else:
+                draws = uniforms(key, start, stop - start, cols, q.device)  # this step's rows of the weight's stream
+                q_out[start:stop] = round_to_grid(scaled, q_out.dtype, draws)
             unit = _fp8_bits_into(q_out[start:stop], strip, code)  # the stored values / unit
             residual = scaled.sub_(strip, alpha=unit).view(tiles).mul_(new_scale).view(-1)  # W' - stored
-            error_sq += torch.dot(residual, residual)
-    return delta_sq, float(error_sq) + (fast.error_sq if fast is not None else 0.0)
+            sums += torch.stack([torch.dot(delta, delta), torch.dot(residual, delta), torch.dot(residual, residual)])
+    dd, ed, ee = sums.tolist()
+    return Kept(dd, ed, ee).add(fast.kept if fast is not None else Kept())
 
 
 class _NativeFp8Steps:
@@ -180,25 +195,26 @@ class _NativeFp8Steps:
     one thread of its own (its strip stays in that core's cache; no OpenMP team spins between)."""
 
     def __init__(self, kernels: native.Fp8Kernels, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme,
-                 factors: list[RowFactors], q_out: torch.Tensor, scale_out: torch.Tensor) -> None:  # fmt: skip
+                 factors: list[RowFactors], q_out: torch.Tensor, scale_out: torch.Tensor,
+                 key: int | None) -> None:  # fmt: skip
         rows, cols = q.shape
-        self.kernels, self.q, self.q_out, self.factors = kernels, q, q_out, factors
+        self.kernels, self.q, self.q_out, self.factors, self.key = kernels, q, q_out, factors, key
         self.block = scheme.block if scheme.kind == "block" and scheme.block is not None else (1, cols)
         self.s_in = scale.to(torch.float32).reshape(-(-rows // self.block[0]), -1).contiguous()
         self.s_out = scale_out.view(self.s_in.shape)
         self.parts = torch.get_num_threads()
-        self.error_sq = 0.0
+        self.kept = Kept()
 
     @classmethod
     def make(cls, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, factors: list[RowFactors],
-             q_out: torch.Tensor, scale_out: torch.Tensor) -> _NativeFp8Steps | None:  # fmt: skip
+             q_out: torch.Tensor, scale_out: torch.Tensor, key: int | None) -> _NativeFp8Steps | None:  # fmt: skip
         """The native steps where they apply (CPU, e4m3fn or e5m2, contiguous), else None."""
         kernels = native.fp8_kernels() if q.device.type == "cpu" else None
         if kernels is None or not (kernels.handles(q.dtype) and kernels.handles(q_out.dtype)):
             return None
         if not (q.is_contiguous() and q_out.is_contiguous() and scale_out.is_contiguous()):
             return None
-        return cls(kernels, q, scale, scheme, factors, q_out, scale_out)
+        return cls(kernels, q, scale, scheme, factors, q_out, scale_out, key)
 
     def step_elements(self, total: int) -> int:
         """Elements per step for a weight of ``total``: at most :data:`_GROUP_ELEMENTS`, and few enough
@@ -211,7 +227,7 @@ class _NativeFp8Steps:
         is float32 scratch of the largest. Returns the steps whose merged rows hold a NaN or an Inf
         or whose codes hold one of e4m3fn's NaNs, for the torch passes (nothing of theirs is written
         but their scales, which those passes write again)."""
-        errors: list[float | None] = [None] * len(steps)
+        sums: list[torch.Tensor | None] = [None] * len(steps)
         todo, taking = iter(range(len(steps))), threading.Lock()
 
         def part(buf: torch.Tensor) -> None:
@@ -220,7 +236,7 @@ class _NativeFp8Steps:
                     i = next(todo, None)
                 if i is None:
                     return
-                errors[i] = self.step(steps[i][0], steps[i][1], buf)
+                sums[i] = self.step(steps[i][0], steps[i][1], buf)
 
         with _PART_STRIPS_LOCK:  # the first part works in the caller's scratch, the others in kept strips
             while len(_PART_STRIPS) < min(self.parts, len(steps)) - 1:
@@ -229,12 +245,14 @@ class _NativeFp8Steps:
                 if kept.numel() < strip.numel():  # grown once, not per weight: fresh memory costs page faults
                     _PART_STRIPS[i] = torch.empty(strip.numel())
             native.run_parts(part, [strip, *_PART_STRIPS][: min(self.parts, len(steps))])
-        self.error_sq += sum(e for e in errors if e is not None)  # in step order: the same sum every run
-        return [s for s, e in zip(steps, errors) if e is None]
+        for s in sums:  # in step order: the same sums every run
+            if s is not None:
+                self.kept = self.kept.add(Kept(*s.tolist()))
+        return [step for step, s in zip(steps, sums) if s is None]
 
-    def step(self, start: int, stop: int, buf: torch.Tensor) -> float | None:
-        """Rows start:stop merged; returns their squared requantization error, or None for a NaN or Inf
-        (or a NaN code in ``q``, which decodes to a finite number)."""
+    def step(self, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor | None:
+        """Rows start:stop merged; returns their kept sums (float64, 3), or None for a NaN or Inf (or
+        a NaN code in ``q``, which decodes to a finite number)."""
         k, bo, cols = self.kernels, self.block[0], self.q.shape[1]
         b0, b1 = start // bo, -(-stop // bo)
         strip = buf[: (stop - start) * cols].view(-1, cols)
@@ -253,7 +271,11 @@ class _NativeFp8Steps:
                 return None
             self.s_out[b0:b1] = s_new
             s_new = self.s_out[b0:b1].to(torch.float32)  # as stored: a bfloat16 scale is rounded
-        return k.encode(strip, self.q_out[start:stop], 0, s_new, self.block)
+        sums = torch.zeros(3, dtype=torch.float64)
+        stream = (self.key, start) if self.key is not None else None
+        k.encode(strip, self.q_out[start:stop], 0, s_new, self.block, stream=stream, base=(self.q[start:stop], s_in),
+                 sums=sums)  # fmt: skip
+        return sums
 
 
 _PART_STRIPS: list[torch.Tensor] = []  # float32 strips of the native steps' parts but the first
@@ -266,8 +288,8 @@ def fp8_scratch_elements(rows: int, cols: int, scheme: Fp8Scheme, device: torch.
 
 
 def _scratch_for(size: int) -> int:
-    """Two float32 buffers of ``size`` and one int16 buffer, in float32 elements."""
-    return 2 * size + (size + 1) // 2
+    """Three float32 buffers of ``size`` and one int16 buffer, in float32 elements."""
+    return 3 * size + (size + 1) // 2
 
 
 _TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32

@@ -22,6 +22,7 @@ import torch
 
 from .._version import __version__
 from ..runtime import available_cores
+from . import rounding
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,7 +39,7 @@ class Fp8Kernels:
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 3  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
+    ABI = 4  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
@@ -49,7 +50,7 @@ class Fp8Kernels:
         lib.lt_fp8_decode.restype = i32
         lib.lt_fp8_scales.argtypes = [p, i64, i64, i64, i64, i64, i32, p]
         lib.lt_fp8_scales.restype = i32
-        lib.lt_fp8_encode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32]
+        lib.lt_fp8_encode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32, p, p, ctypes.c_uint32, i64, i32, p]
         lib.lt_fp8_encode.restype = ctypes.c_double
         lib.lt_fp8_simd.argtypes = [i32]
         lib.lt_fp8_simd.restype = i32
@@ -84,17 +85,41 @@ class Fp8Kernels:
         rows, cols = w.shape
         return not self._lib.lt_fp8_scales(w.data_ptr(), rows, cols, row0, *block, _FORMATS[dtype], scale.data_ptr())
 
-    def encode(self, w: torch.Tensor, q: torch.Tensor, row0: int, scale: torch.Tensor, block: tuple[int, int]) -> float:
-        """``q[:] = fp8(w / scale)`` (nearest, ties to even, saturating); returns ||w - q * scale||^2."""
+    def encode(
+        self,
+        w: torch.Tensor,
+        q: torch.Tensor,
+        row0: int,
+        scale: torch.Tensor,
+        block: tuple[int, int],
+        *,
+        stream: tuple[int, int] | None = None,
+        base: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sums: torch.Tensor | None = None,
+    ) -> float:
+        """``q[:] = fp8(w / scale)``, saturating: nearest (ties to even), or stochastic where ``stream``
+        = (key, the first row's index in the whole weight) says whose draws (:mod:`.rounding`).
+        Returns ||w - q * scale||^2. With ``base`` = (codes of w's shape, scales tiled as ``scale``)
+        it adds the kept sums <delta, delta>, <err, delta>, <err, err> (delta = w - base, err = w -
+        stored) to ``sums`` (float64, 3)."""
         _check(w, q, scale)
         rows, cols = w.shape
         tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
-        return float(self._lib.lt_fp8_encode(w.data_ptr(), q.data_ptr(), rows, cols, *tiles))
+        key, first = stream if stream is not None else (0, 0)
+        if base is not None:
+            _check(*base)
+            assert sums is not None and sums.dtype == torch.float64 and sums.numel() == 3
+            assert base[1].dtype == torch.float32
+        codes, scales = (base[0].data_ptr(), base[1].data_ptr()) if base is not None else (None, None)
+        out = sums.data_ptr() if sums is not None and base is not None else None
+        return float(self._lib.lt_fp8_encode(w.data_ptr(), q.data_ptr(), rows, cols, *tiles, codes, scales, key,
+                                             first, int(stream is not None), out))  # fmt: skip
 
     def agrees_with_torch(self) -> bool:
         """Every code decodes, and values around every code's rounding boundary encode, as torch's
-        conversions do (e4m3fn's NaN codes aside, which decode to +-480 by design), with a scale of
-        1 and with one whose multiplications and divisions round."""
+        conversions do (e4m3fn's NaN codes aside, which decode to +-480 by design), and as
+        :func:`.rounding.round_to_grid` rounds stochastically, with a scale of 1 and with one whose
+        multiplications and divisions round."""
         for dtype in _FORMATS:
             codes = torch.arange(256, dtype=torch.uint8).view(dtype)
             values = codes.to(torch.float32)
@@ -116,6 +141,10 @@ class Fp8Kernels:
                 q = torch.empty(1, x.numel(), dtype=torch.uint8).view(dtype)
                 self.encode(w, q, 0, s, (1, x.numel()))
                 want = (w / scale).clamp(-top, top).to(dtype)
+                if not torch.equal(q.view(torch.uint8), want.view(torch.uint8)):
+                    return False
+                self.encode(w, q, 0, s, (1, x.numel()), stream=(0x5EED, 3))  # the draws of row 3
+                want = rounding.round_to_grid(w / scale, dtype, rounding.uniforms(0x5EED, 3, 1, x.numel())).to(dtype)
                 if not torch.equal(q.view(torch.uint8), want.view(torch.uint8)):
                     return False
         return True

@@ -112,10 +112,42 @@ static uint32_t max_bits(const float *w, int64_t n, uint32_t m) {
     return m;
 }
 
-/* Encodes w[0..n) / s into q; returns the sum of (|w / s| - stored)^2. */
-static float encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t fmt) {
+/* The stochastic stream (loratool.quant.rounding): element (row, col) of a tensor with key k draws
+ * mix32(mix32(row ^ k) ^ col) >> 8, times 2^-24. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21F0AAADu;
+    x ^= x >> 15;
+    x *= 0x735A2D97u;
+    return x ^ (x >> 15);
+}
+
+/* What an encode run takes besides its weights: the rounding rule and its stream (the run's row's
+ * hash and first column), and the base's codes and scale for the kept sums (base NULL: none). */
+typedef struct {
+    int stochastic;
+    uint32_t row_hash;
+    uint32_t col0;
+    const uint8_t *base;
+    float base_scale;
+} Run;
+
+/* A run's sums in its tile's scaled units: err = w / s - stored, delta = w - base (real units). */
+typedef struct {
+    float ee, ed, dd;
+} Sums;
+
+static inline float decode_fmt(uint32_t code, int32_t fmt) {
+    return fmt == LT_E4M3FN ? decode_e4m3(code) : decode_e5m2(code);
+}
+
+/* Encodes w[0..n) / s into q, nearest (ties to even) or stochastically: up with probability equal
+ * to the fraction of the spacing 2^(e - m) that |w / s| lies above the grid value below it, against
+ * the element's draw. Every step is exact in float32 (the spacing is a power of two), so both give
+ * the same code as rounding.round_to_grid in torch. */
+static void encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t fmt, const Run *r, Sums *acc) {
     const Format f = FORMATS[fmt];
-    float acc = 0.0f;
+    const uint32_t mbits = (23u - f.shift) << 23;
     for (int64_t j = 0; j < n; j++) {
         uint32_t b = bits_of(w[j] / s);
         float a = float_of(b & 0x7FFFFFFFu);
@@ -123,13 +155,26 @@ static float encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t 
         uint32_t e = bits_of(ac) & 0x7F800000u;
         e = e > f.min_exp ? e : f.min_exp;
         float c = float_of(e + (f.shift << 23));
-        float sum = ac + c;
+        float sum;
+        if (r->stochastic) {
+            float spacing = float_of(e - mbits);
+            float y = ac / spacing;
+            float below = (float)(int32_t)y;
+            float u = (float)(mix32(r->row_hash ^ (r->col0 + (uint32_t)j)) >> 8) * 0x1p-24f;
+            sum = (below + (u < y - below ? 1.0f : 0.0f)) * spacing + c;
+        } else {
+            sum = ac + c;
+        }
         uint32_t code = (e >> f.shift) - (f.min_exp >> f.shift) + (bits_of(sum) & 0xFFu);
         q[j] = (uint8_t)(code | ((b >> 24) & 0x80u));
         float d = a - (sum - c);
-        acc += d * d;
+        acc->ee += d * d;
+        if (r->base) {
+            float delta = w[j] - decode_fmt(r->base[j], fmt) * r->base_scale;
+            acc->ed += float_of(bits_of(d) ^ (b & 0x80000000u)) * delta; /* sign(x) d = x - stored */
+            acc->dd += delta * delta;
+        }
     }
-    return acc;
 }
 
 /* -- the same runs with AVX2 (and F16C), eight or sixteen elements at a time ---------------------- */
@@ -161,37 +206,83 @@ __attribute__((target("avx2,f16c"))) static int decode_run_avx2(const uint8_t *q
     return decode_run(q + j, out + j, n - j, s, fmt) | (e4 && !_mm_testz_si128(nan, nan));
 }
 
-__attribute__((target("avx2"))) static float encode_run_avx2(const float *w, uint8_t *q, int64_t n, float s,
-                                                             int32_t fmt) {
+static inline float hsum_avx(__m256 v) __attribute__((target("avx2")));
+static inline float hsum_avx(__m256 v) {
+    float lanes[8], total = 0.0f;
+    _mm256_storeu_ps(lanes, v);
+    for (int k = 0; k < 8; k++) total += lanes[k];
+    return total;
+}
+
+__attribute__((target("avx2,f16c"))) static void encode_run_avx2(const float *w, uint8_t *q, int64_t n, float s,
+                                                                int32_t fmt, const Run *r, Sums *acc) {
     const Format f = FORMATS[fmt];
-    const __m256 vs = _mm256_set1_ps(s), top = _mm256_set1_ps(f.top);
+    const int e4 = fmt == LT_E4M3FN;
+    const float sb = r->base ? (e4 ? r->base_scale * 256.0f : r->base_scale) : 1.0f;
+    if (!(sb <= FLT_MAX && sb >= -FLT_MAX)) { /* the base's decode through F16C needs 256 s finite */
+        encode_run(w, q, n, s, fmt, r, acc);
+        return;
+    }
+    const __m256 vs = _mm256_set1_ps(s), top = _mm256_set1_ps(f.top), vsb = _mm256_set1_ps(sb);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
     const __m256i exp_mask = _mm256_set1_epi32(0x7F800000), min_exp = _mm256_set1_epi32((int)f.min_exp);
     const __m256i shift = _mm256_set1_epi32((int)(f.shift << 23)), low8 = _mm256_set1_epi32(0xFF);
+    const __m256i mbits = _mm256_set1_epi32((int)((23u - f.shift) << 23));
     const __m256i base = _mm256_set1_epi32((int)(f.min_exp >> f.shift)), bit7 = _mm256_set1_epi32(0x80);
-    const __m128i count = _mm_cvtsi32_si128((int)f.shift);
-    __m256 acc = _mm256_setzero_ps();
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), row_hash = _mm256_set1_epi32((int)r->row_hash);
+    const __m256i mul1 = _mm256_set1_epi32(0x21F0AAAD), mul2 = _mm256_set1_epi32(0x735A2D97);
+    const __m256 unit = _mm256_set1_ps(0x1p-24f), one = _mm256_set1_ps(1.0f);
+    const __m128i count = _mm_cvtsi32_si128((int)f.shift), sign8 = _mm_set1_epi16(0x80);
+    __m256 vee = _mm256_setzero_ps(), ved = _mm256_setzero_ps(), vdd = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
-        __m256 x = _mm256_div_ps(_mm256_loadu_ps(w + j), vs);
+        __m256 wv = _mm256_loadu_ps(w + j);
+        __m256 x = _mm256_div_ps(wv, vs);
         __m256 a = _mm256_and_ps(x, abs_mask);
         __m256 ac = _mm256_min_ps(a, top);
         __m256i e = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(ac), exp_mask), min_exp);
         __m256 c = _mm256_castsi256_ps(_mm256_add_epi32(e, shift));
-        __m256 sum = _mm256_add_ps(ac, c);
+        __m256 sum;
+        if (r->stochastic) {
+            __m256 spacing = _mm256_castsi256_ps(_mm256_sub_epi32(e, mbits));
+            __m256 y = _mm256_div_ps(ac, spacing);
+            __m256 below = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            __m256i h = _mm256_xor_si256(row_hash, _mm256_add_epi32(_mm256_set1_epi32((int)(r->col0 + (uint32_t)j)), lane));
+            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+            h = _mm256_mullo_epi32(h, mul1);
+            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+            h = _mm256_mullo_epi32(h, mul2);
+            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+            __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), unit);
+            __m256 up = _mm256_and_ps(_mm256_cmp_ps(u, _mm256_sub_ps(y, below), _CMP_LT_OQ), one);
+            sum = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(below, up), spacing), c);
+        } else {
+            sum = _mm256_add_ps(ac, c);
+        }
         __m256i code = _mm256_add_epi32(_mm256_sub_epi32(_mm256_srl_epi32(e, count), base),
                                         _mm256_and_si256(_mm256_castps_si256(sum), low8));
         code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24), bit7));
         __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
         _mm_storel_epi64((__m128i *)(void *)(q + j), _mm_packus_epi16(words, words));
         __m256 d = _mm256_sub_ps(a, _mm256_sub_ps(sum, c));
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
+        vee = _mm256_add_ps(vee, _mm256_mul_ps(d, d));
+        if (r->base) { /* the base's codes through float16, as decode_run_avx2 */
+            __m128i cb = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(const void *)(r->base + j)));
+            __m128i hb = e4 ? _mm_slli_epi16(_mm_add_epi16(cb, _mm_and_si128(cb, sign8)), 7) : _mm_slli_epi16(cb, 8);
+            __m256 delta = _mm256_sub_ps(wv, _mm256_mul_ps(_mm256_cvtph_ps(hb), vsb));
+            __m256 err = _mm256_xor_ps(d, _mm256_and_ps(x, sign_mask)); /* sign(x) d = x - stored */
+            ved = _mm256_add_ps(ved, _mm256_mul_ps(err, delta));
+            vdd = _mm256_add_ps(vdd, _mm256_mul_ps(delta, delta));
+        }
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc);
-    float total = encode_run(w + j, q + j, n - j, s, fmt);
-    for (int k = 0; k < 8; k++) total += lanes[k];
-    return total;
+    Run rest = *r;
+    rest.col0 += (uint32_t)j;
+    rest.base = r->base ? r->base + j : NULL;
+    encode_run(w + j, q + j, n - j, s, fmt, &rest, acc);
+    acc->ee += hsum_avx(vee);
+    acc->ed += hsum_avx(ved);
+    acc->dd += hsum_avx(vdd);
 }
 
 __attribute__((target("avx2"))) static uint32_t max_bits_avx2(const float *w, int64_t n, uint32_t m) {
@@ -225,7 +316,7 @@ static int simd_usable(void) {
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
 /* Raised with any change to an entry point's signature or meaning: loratool.quant.native loads only its own. */
-LT_EXPORT int32_t lt_fp8_abi(void) { return 3; }
+LT_EXPORT int32_t lt_fp8_abi(void) { return 4; }
 
 /* Whether to use the AVX2 and F16C paths where the CPU has both (tests run the portable ones too);
  * returns whether they are used now. */
@@ -283,25 +374,47 @@ LT_EXPORT int32_t lt_fp8_scales(const float *w, int64_t rows, int64_t cols, int6
     return 0;
 }
 
-/* q[i][j] = the FP8 code nearest w[i][j] / the scale of its tile (ties to even, saturating). Returns
- * the squared requantization error, the sum of (w / scale - stored)^2 * scale^2. w must be finite
- * (the tile maxima show it). */
+/* q[i][j] = w[i][j] / the scale of its tile as an FP8 code: nearest (ties to even) or, with
+ * `stochastic`, by the stream of `key` for rows first_row.. of the whole weight (saturating either
+ * way). Returns the squared requantization error, the sum of (w / scale - stored)^2 * scale^2. w
+ * must be finite (the tile maxima show it). Where `base` (the base's codes, w's shape) and
+ * `base_scale` (its scales, tiled as `scale`) are given, adds to sums[0..3) the kept sums over
+ * these elements, with delta = w - base and err = w - stored: <delta, delta>, <err, delta>,
+ * <err, err>. */
 LT_EXPORT double lt_fp8_encode(const float *w, uint8_t *q, int64_t rows, int64_t cols, int64_t row0,
-                               const float *scale, int64_t bo, int64_t bi, int32_t fmt) {
-    float (*run)(const float *, uint8_t *, int64_t, float, int32_t) = ENCODE_RUN;
+                               const float *scale, int64_t bo, int64_t bi, int32_t fmt, const uint8_t *base,
+                               const float *base_scale, uint32_t key, int64_t first_row, int32_t stochastic,
+                               double *sums) {
+    void (*run)(const float *, uint8_t *, int64_t, float, int32_t, const Run *, Sums *) = ENCODE_RUN;
     int64_t nb = (cols + bi - 1) / bi;
-    double total = 0.0;
+    double ee = 0.0, ed = 0.0, dd = 0.0;
     for (int64_t i = 0; i < rows; i++) {
         const float *srow = scale + ((row0 + i) / bo) * nb;
+        const float *brow = base ? base_scale + ((row0 + i) / bo) * nb : NULL;
+        Run r = {stochastic, mix32((uint32_t)(first_row + i) ^ key), 0u, NULL, 1.0f};
         for (int64_t t = 0; t < nb; t++) {
             int64_t j1 = (t + 1) * bi < cols ? (t + 1) * bi : cols;
-            double s = srow[t], tile = 0.0;
+            double s = srow[t], tee = 0.0, ted = 0.0, tdd = 0.0;
             for (int64_t j = t * bi; j < j1; j += LT_RUN) {
                 int64_t n = j1 - j < LT_RUN ? j1 - j : LT_RUN;
-                tile += run(w + i * cols + j, q + i * cols + j, n, srow[t], fmt);
+                Sums acc = {0.0f, 0.0f, 0.0f};
+                r.col0 = (uint32_t)j;
+                r.base = base ? base + i * cols + j : NULL;
+                r.base_scale = brow ? brow[t] : 1.0f;
+                run(w + i * cols + j, q + i * cols + j, n, srow[t], fmt, &r, &acc);
+                tee += acc.ee;
+                ted += acc.ed;
+                tdd += acc.dd;
             }
-            total += tile * s * s;
+            ee += tee * s * s;
+            ed += ted * s;
+            dd += tdd;
         }
     }
-    return total;
+    if (sums) {
+        sums[0] += dd;
+        sums[1] += ed;
+        sums[2] += ee;
+    }
+    return ee;
 }

@@ -1,0 +1,167 @@
+"""Rounding a merged weight onto a low-precision grid, and what the rounded weight still carries.
+
+Nearest rounding (what every quantizer does) is biased against a delta smaller than half a step:
+the merged value rounds straight back to the base's code, so a typical LoRA merged into FP8 mostly
+vanishes. Stochastic rounding goes to the upper of the two neighbouring grid values with
+probability equal to the value's fractional position between them, so that the written weights
+carry the delta in expectation, at the price of unbiased noise.
+
+The random numbers come from a counter-based stream: a hash of (seed, tensor name, row, column),
+so that every element's draw is the same on any device, any number of threads and any split of
+the weight into steps. The compiled kernels (``csrc/fp8.c``) compute the same hash bit for bit.
+
+``kept`` measures the result where it matters: the share of the intended delta the written
+weights carry, ``<W_written - W_base, delta> / ||delta||^2`` (1: all of it), and the ``noise``
+beside it, ``||(W_written - W_base) - kept * delta|| / ||delta||``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+RULES = ("stochastic", "nearest")
+Rule = Literal["stochastic", "nearest"]
+DEFAULT_RULE: Rule = "stochastic"
+KEPT_WARNING = 0.8  # a merge whose written weights carry less of its delta than this is warned about
+
+_M32 = 0xFFFFFFFF
+# A 32-bit integer hash (two multiply-xorshift rounds; constants from Chris Wellons' hash
+# prospector, chosen below 2^31 so that int64 products never overflow in torch).
+_MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """A rounding rule and, for ``stochastic``, the seed of its stream."""
+
+    rule: Rule = DEFAULT_RULE
+    seed: int = 0
+
+    @property
+    def stochastic(self) -> bool:
+        return self.rule == "stochastic"
+
+    def key(self, tensor: str) -> int:
+        """The stream's 32-bit key for one tensor: every tensor draws its own numbers."""
+        digest = hashlib.sha256(f"{self.seed}\0{tensor}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    def to_json(self) -> dict[str, object]:
+        return {"rule": self.rule, "seed": self.seed if self.stochastic else None}
+
+
+NEAREST = Rounding("nearest")
+
+
+# -- the stream -----------------------------------------------------------------------------------
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash of each element of ``x`` (int64 holding values in [0, 2^32)), as csrc/fp8.c's ``mix``."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _M32
+    return x ^ (x >> 15)
+
+
+def uniforms(key: int, row0: int, rows: int, cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 (rows, cols) in [0, 1), multiples of 2^-24: the draws of rows row0.. of a weight.
+
+    Element (i, j) draws ``hash32(hash32(i ^ key) ^ j) >> 8``, a function of its place alone.
+    """
+    r = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)
+    c = torch.arange(cols, dtype=torch.int64, device=device)
+    h = hash32(hash32(r ^ key)[:, None] ^ c[None, :])  # (rows, cols)
+    return (h >> 8).to(torch.float32).mul_(2.0**-24)
+
+
+# -- the grids ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    """A float format's value grid: mantissa bits, the smallest normal's exponent, the largest value."""
+
+    mantissa: int
+    min_exp: int
+    top: float
+
+
+GRIDS = {
+    torch.float8_e4m3fn: Grid(3, -6, 448.0),
+    torch.float8_e5m2: Grid(2, -14, 57344.0),
+    torch.float16: Grid(10, -14, 65504.0),
+    torch.bfloat16: Grid(7, -126, float(torch.finfo(torch.bfloat16).max)),
+}
+
+
+def round_to_grid(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (float32) on ``dtype``'s grid, still float32 (so that ``.to(dtype)`` is exact): nearest
+    (ties to even) where ``u`` is None, else up with probability equal to the fractional position
+    between the two neighbours, up when ``u`` (uniform in [0, 1)) is below it. Beyond the format's
+    largest value, the largest value (saturating, as the formats' quantizers do).
+
+    Every step is exact in float32: the spacing at |x| is a power of two (the subnormals' below
+    the smallest normal), so |x| / spacing, its floor and its fraction have no rounding.
+    """
+    grid = GRIDS[dtype]
+    if u is None:
+        return x.clamp(-grid.top, grid.top).to(dtype).to(torch.float32)
+    a = x.abs().clamp_max_(grid.top)
+    field = (a.view(torch.int32) >> 23).clamp_min_(grid.min_exp + 127)  # biased exponent, the subnormals' below
+    biased = field.sub_(grid.mantissa)  # of the spacing, 2^(e - m)
+    if grid.min_exp - grid.mantissa <= -127:  # bfloat16: near zero the spacing is a float32 subnormal
+        spacing = torch.where(biased > 0, biased << 23, 1 << (biased + 22).clamp_min_(0)).view(torch.float32)
+    else:
+        spacing = (biased << 23).view(torch.float32)
+    y = a.div_(spacing)  # steps above zero, exactly
+    below = y.floor()
+    up = (u < y.sub_(below)).to(torch.float32)  # the fraction, against the draw
+    return below.add_(up).mul_(spacing).copysign_(x)
+
+
+def quantize_values(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (float32) as ``dtype`` by :func:`round_to_grid`; float32 passes through."""
+    if dtype == torch.float32:
+        return x.clone()
+    if u is None and dtype not in GRIDS:
+        return x.to(dtype)
+    return round_to_grid(x, dtype, u).to(dtype)
+
+
+# -- what survived -------------------------------------------------------------------------------
+@dataclass
+class Kept:
+    """Sums over the elements of a rounded merge, float64: delta = merged - base (the intended
+    change, in float32 as computed), err = merged - written."""
+
+    dd: float = 0.0  # <delta, delta>
+    ed: float = 0.0  # <err, delta>
+    ee: float = 0.0  # <err, err>
+
+    def add(self, other: Kept) -> Kept:
+        return Kept(self.dd + other.dd, self.ed + other.ed, self.ee + other.ee)
+
+    @classmethod
+    def of(cls, delta: torch.Tensor, err: torch.Tensor) -> Kept:
+        d, e = delta.reshape(-1).double(), err.reshape(-1).double()
+        return cls(float(d @ d), float(e @ d), float(e @ e))
+
+    @property
+    def kept(self) -> float | None:
+        """<written - base, delta> / ||delta||^2; None without a delta."""
+        return (self.dd - self.ed) / self.dd if self.dd > 0 else None
+
+    @property
+    def noise(self) -> float | None:
+        """||(written - base) - kept * delta|| / ||delta||; None without a delta."""
+        if self.dd <= 0:
+            return None
+        change = self.dd - 2 * self.ed + self.ee  # ||written - base||^2
+        along = (self.dd - self.ed) ** 2 / self.dd  # its part along the delta
+        return math.sqrt(max(change - along, 0.0) / self.dd)
+
+    def to_json(self) -> dict[str, float | None]:
+        return {"delta_norm": math.sqrt(self.dd), "kept": self.kept, "noise": self.noise}
