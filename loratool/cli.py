@@ -146,7 +146,17 @@ COMBINE_METHODS = (
     "magnitude_prune_svd",
 )  # fmt: skip  (loratool.ops.combine.METHODS; spelled here so --help needs no torch)
 REGEX = _Regex()
-ENERGY_RANGE = click.FloatRange(0, 1, min_open=True)
+class _Share(click.FloatRange):
+    """A float in a range, NaN refused (it compares false with both bounds, so FloatRange lets it in)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if isinstance(number, float) and math.isnan(number):
+            self.fail(f"{value!r} is not a number in {self._describe_range()}", param, ctx)
+        return number
+
+
+ENERGY_RANGE = _Share(0, 1, min_open=True)
 
 # -- shared options, declared once ------------------------------------------------------------------
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -221,7 +231,7 @@ ROUNDING_SEED: Decorator = click.option(
     help="Seed of --rounding stochastic: the same seed writes the same bytes on any device and thread count.",
 )
 MIN_KEPT: Decorator = click.option(
-    "--min-kept", type=click.FloatRange(0.0, 1.0), default=None, metavar="SHARE",
+    "--min-kept", type=_Share(0.0, 1.0), default=None, metavar="SHARE",
     help="Into a quantized base: fail, writing nothing, when the written weights carry less than this share of "
     "the adapter's delta (kept, in the summary); e.g. 0.8 in a pipeline.",
 )
@@ -510,7 +520,7 @@ def _combine_text(d: dict[str, Any]) -> str:
     "forms: on each module's dense deltas, then truncated to -r.",
 )
 @click.option(
-    "--density", type=click.FloatRange(0, 1, min_open=True), default=None,
+    "--density", type=_Share(0, 1, min_open=True), default=None,
     help="TIES/DARE/magnitude pruning: the share of elements each source keeps.",
 )  # fmt: skip
 @click.option(
@@ -518,7 +528,7 @@ def _combine_text(d: dict[str, Any]) -> str:
     help="TIES: elect each element's sign from the sum (total) or from the count of signs (frequency).",
 )  # fmt: skip
 @click.option(
-    "--svd-clamp", type=click.FloatRange(0, 1, min_open=True), default=None,
+    "--svd-clamp", type=_Share(0, 1, min_open=True), default=None,
     help="The _svd forms: clamp the factors at this quantile of their values, as PEFT's svd_clamp.",
 )  # fmt: skip
 @options(RANK, ENERGY, SEED, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE,

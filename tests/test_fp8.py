@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from loratool.linalg import unit_of_rounding
 from loratool.ops.extract import extract
 from loratool.ops.merge import merge, unmerge
+from loratool.provenance import decode
 
 E4M3 = torch.float8_e4m3fn
 BLOCK = (24, 24)  # llama-tiny's 32 and 64 do not divide by 24: ragged last tiles
@@ -222,6 +223,97 @@ def test_stochastic_rounding_keeps_a_delta_below_fp8_resolution(tmp_path: Path, 
     assert q is not None and q["rounding"] == {"rule": "stochastic", "seed": 0}
     assert abs(q["kept"] - 1) < 0.2 and q["noise"] > 1  # unbiased, at the price of noise
     assert not res.warnings
+
+
+def test_min_kept_refuses_a_merge_that_loses_the_adapter_and_writes_nothing(tmp_path: Path, plain, cli) -> None:
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    small = f"{adapter}:0.001"
+    r = cli("merge", tmp_path / "fp8", small, "-o", tmp_path / "out", "--rounding", "nearest", "--min-kept", "0.8")
+    assert r.exit_code == 1 and not (tmp_path / "out").exists(), r.stderr
+    assert "below --min-kept 0.8; nothing was written" in r.stderr and "model.layers." in r.stderr, r.stderr
+    assert "--rounding stochastic" in r.stderr and "--dtype bfloat16" in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("fp8",)]  # no temporary left beside it
+    r = cli("merge", tmp_path / "fp8", small, "-o", tmp_path / "out", "--min-kept", "0.8", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["quantization"]["kept"] >= 0.8
+
+
+def test_seed_decides_the_bytes_and_the_output_records_the_rule(tmp_path: Path, plain) -> None:
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        merge(tmp_path / "fp8", [(adapter, 0.01)], output=tmp_path / name, seed=seed, show_progress=False)
+    a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in "abc")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8))
+    assert not torch.equal(a[key].view(torch.uint8), c[key].view(torch.uint8))
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
+        record = decode(f.metadata())
+    assert record is not None and record["parameters"]["rounding"] == {"rule": "stochastic", "seed": 1}
+
+
+def power_of_two_scales(path: Path) -> None:
+    """The checkpoint's scales rounded to powers of two (its codes kept): every dequantized weight is
+    then exactly a bfloat16 (4 significant bits times 2^k), as with MXFP4's E8M0 scales."""
+    ts = load_file(str(path / "model.safetensors"))
+    for k, v in ts.items():
+        if k.endswith("_scale_inv"):
+            ts[k] = torch.exp2(v.log2().round())
+    save_file(ts, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_a_dequantized_output_is_rounded_by_the_rule_and_reports_kept(tmp_path: Path, plain, rounding: str) -> None:
+    """--dtype bfloat16 from a base whose values are bfloat16s: the merged weights are rounded to
+    bfloat16 by the rule; a delta under half a bfloat16 step is erased by nearest rounding (it
+    writes the base back) and carried by stochastic rounding."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    power_of_two_scales(tmp_path / "fp8")
+    res = merge(tmp_path / "fp8", [(adapter, 2e-4)], output=tmp_path / "deq", dtype="bfloat16", rounding=rounding,
+                show_progress=False)  # fmt: skip
+    q = res.quantization
+    assert q is not None and q["dequantized"] and q["rounding"]["rule"] == rounding
+    out, before = load_file(str(tmp_path / "deq" / "model.safetensors")), dequantized_state(tmp_path / "fp8", "block")
+    inner = sq = 0.0
+    for name, delta in adapter_deltas(adapter, 2e-4).items():
+        inner += float(((out[name].double() - before[name]) * delta).sum())
+        sq += float(delta.square().sum())
+    assert q["kept"] == pytest.approx(inner / sq, abs=2e-3)
+    if rounding == "nearest":
+        assert q["kept"] < 0.5 and any("output dtype" in w for w in res.warnings)
+    else:
+        assert abs(q["kept"] - 1) < 0.15 and not res.warnings
+
+
+def test_unmerge_says_what_it_took_out(tmp_path: Path, plain) -> None:
+    """After a stochastic merge of a small delta, a stochastic unmerge takes it out in expectation
+    (kept near 1 of the negated delta); a nearest one leaves most of it in."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    merge(tmp_path / "fp8", [(adapter, 1e-3)], output=tmp_path / "merged", show_progress=False)
+    kept = {}
+    for rule in ("stochastic", "nearest"):
+        res = unmerge(tmp_path / "merged", [(adapter, 1e-3)], output=tmp_path / rule, rounding=rule, seed=9,
+                      check=tmp_path / "fp8", show_progress=False)  # fmt: skip
+        assert res.quantization is not None and res.check is not None and res.check.max_rounding_units <= 2 + 1e-9
+        kept[rule] = res.quantization["kept"]
+    assert abs(kept["stochastic"] - 1) < 0.2 and kept["nearest"] < 0.5
+
+
+def test_a_merge_at_scale_zero_reports_no_kept_and_valid_json(tmp_path: Path, plain, cli) -> None:
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    r = cli("merge", tmp_path / "fp8", f"{adapter}:0", "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "NaN" not in r.stdout and json.loads(r.stdout)["quantization"]["kept"] is None
+
+
+def test_min_kept_on_a_plain_base_says_it_does_not_apply(tmp_path: Path, plain) -> None:
+    base, adapter = plain
+    res = merge(base, [adapter], output=tmp_path / "out", min_kept=0.9, show_progress=False)
+    assert res.quantization is None and any("--min-kept applies to quantized bases" in w for w in res.warnings)
 
 
 @pytest.mark.parametrize("which", ["both", "base"])
