@@ -3,8 +3,8 @@
 copy of the same files and the read + write floor, in the same run (as bench_merge does for bf16).
 
 Every projection is dequantized, merged in float32 and requantized to its blocks; the rest streams
-through unchanged. The merge runs with the default stochastic rounding and with nearest rounding,
-each printed with the share of the delta the written weights carry (kept), with the compiled FP8
+through unchanged. The merge runs with each rounding rule (subspace, the default; stochastic;
+nearest), each printed with the share of the delta the written weights carry (kept), with the compiled FP8
 kernels where they are built (loratool.quant.native), and again with torch's passes alone
 (``LORATOOL_NATIVE=0``), for comparison.
 Beside them: the merge's CPU time (all threads), and the sha256 of the base's files alone, which
@@ -81,7 +81,7 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
     base = make_fp8(pair / "base", workdir / f"1b-l{layers}-fp8")
     floor = read_floor(base)
     hashed = hash_seconds(base)
-    copies, floors, merges, nearest, torch_merges, peaks, cpus = [], [], [], [], [], [], []
+    copies, floors, merges, nearest, stochastic, torch_merges, peaks, cpus = [], [], [], [], [], [], [], []
     for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
         copies.append(copy_tree(base, fresh(workdir / "copy")))
         fresh(workdir / "copy")
@@ -95,7 +95,10 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
         near = measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp8")),
                        device=device, rounding="nearest", show_progress=False)  # fmt: skip
         nearest.append(near["seconds"])
-        if kernels:
+        sto = measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp8")),
+                      device=device, rounding="stochastic", show_progress=False)  # fmt: skip
+        stochastic.append(sto["seconds"])
+        if kernels:  # stochastic: the subspace rule's torch passes run column by column, minutes here
             torch_merges.append(_merge_without_kernels(base, adapter, workdir, device))
     result = merged["result"]
     fresh(workdir / "merged-fp8")
@@ -110,6 +113,9 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
         "kept": result["quantization"]["kept"], "noise": result["quantization"]["noise"],
         "nearest_s": min(nearest), "nearest_runs": nearest, "nearest_vs_copy": min(nearest) / min(copies),
         "nearest_kept": near["result"]["quantization"]["kept"], "nearest_noise": near["result"]["quantization"]["noise"],
+        "stochastic_s": min(stochastic), "stochastic_runs": stochastic,
+        "stochastic_vs_copy": min(stochastic) / min(copies), "stochastic_kept": sto["result"]["quantization"]["kept"],
+        "stochastic_noise": sto["result"]["quantization"]["noise"],
         "peak_anon_mib": max(peaks), "repeats": repeats, "cores": available_cores(),
         "merge_cpu_s": cpus[merges.index(min(merges))],
         "kernels": "compiled (loratool.quant.native)" if kernels else "not built: torch's passes",
@@ -122,7 +128,7 @@ def _merge_without_kernels(base: Path, adapter: Path, workdir: Path, device: str
     os.environ["LORATOOL_NATIVE"] = "0"
     try:
         return float(measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp8")),
-                             device=device, show_progress=False)["seconds"])  # fmt: skip
+                             device=device, rounding="stochastic", show_progress=False)["seconds"])  # fmt: skip
     finally:
         del os.environ["LORATOOL_NATIVE"]
 
@@ -135,11 +141,12 @@ def report(r: dict[str, Any]) -> str:
             f"{r['shards']} shards ({r['layers']} layers, {r['requantized']} weights requantized), device {r['device']}",
             f"  read floor                      {r['read_floor_s']:8.1f} s",
             f"  plain copy (+ fsync)            {r['copy_s']:8.1f} s   best of {runs(r['copy_runs'])}",
-            f"  loratool merge (stochastic)     {r['merge_s']:8.1f} s   best of {runs(r['merge_runs'])}",
+            f"  loratool merge (subspace)       {r['merge_s']:8.1f} s   best of {runs(r['merge_runs'])}",
+            f"  ... --rounding stochastic       {r['stochastic_s']:8.1f} s   best of {runs(r['stochastic_runs'])}",
             f"  ... --rounding nearest          {r['nearest_s']:8.1f} s   best of {runs(r['nearest_runs'])}",
             *(
                 [
-                    f"  ... with torch's passes alone   {r['torch_merge_s']:8.1f} s   best of {runs(r['torch_merge_runs'])}"
+                    f"  stochastic, torch's passes alone {r['torch_merge_s']:7.1f} s   best of {runs(r['torch_merge_runs'])}"
                 ]
                 if r.get("torch_merge_s") is not None
                 else []
@@ -148,10 +155,11 @@ def report(r: dict[str, Any]) -> str:
             f"  sha256 of the base's files      {r['sha256_s']:8.1f} s   (one after another; provenance needs them)",
             f"  CPU time of the fastest merge   {r['merge_cpu_s']:8.1f} s   ({r['merge_cpu_s'] / r['merge_s']:.1f} of "
             f"{r['cores']} cores busy on average)",
-            f"  merge / copy                    {r['merge_vs_copy']:8.2f}x   (target: at most 1.5x; nearest "
-            f"{r['nearest_vs_copy']:.2f}x)",
+            f"  merge / copy                    {r['merge_vs_copy']:8.2f}x   (target: at most 1.5x; stochastic "
+            f"{r['stochastic_vs_copy']:.2f}x, nearest {r['nearest_vs_copy']:.2f}x)",
             f"  merge / read + write floor      {r['merge_vs_read_write']:8.2f}x",
-            f"  kept of the delta, stochastic   {r['kept']:8.3f}    noise {r['noise']:.3f} of its norm",
+            f"  kept of the delta, subspace     {r['kept']:8.3f}    noise {r['noise']:.3f} of its norm",
+            f"  kept of the delta, stochastic   {r['stochastic_kept']:8.3f}    noise {r['stochastic_noise']:.3f} of its norm",
             f"  kept of the delta, nearest      {r['nearest_kept']:8.3f}    noise {r['nearest_noise']:.3f} of its norm",
             f"  peak private memory             {r['peak_anon_mib']:.0f} MiB (largest of {r['repeats']} runs)",
             f"  FP8 kernels                     {r.get('kernels', 'n/a')}",

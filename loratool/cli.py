@@ -220,12 +220,13 @@ SEED: Decorator = click.option(
     help="Seed of the random draws (extract: the randomized SVD; combine: DARE's masks).",
 )  # fmt: skip
 ROUNDING: Decorator = click.option(
-    "--rounding", type=click.Choice(["stochastic", "nearest"]), default="stochastic", show_default=True,
-    help="How merged weights return onto a quantized (FP8) base's grid, or --dtype's from one. stochastic: up or "
-    "down with the odds of the value's position between them, so the written weights carry the adapter in "
-    "expectation; nearest: the quantizers' own rule, which writes the base back wherever the delta is under half "
-    "a step. Plain checkpoints always round to nearest, as PEFT merges.",
-)
+    "--rounding", type=click.Choice(["subspace", "stochastic", "nearest"]), default=None,
+    help="How merged weights return onto a quantized (FP8) base's grid, or --dtype's from one. subspace (the "
+    "default in an FP8 layout): each row's rounding error fed forward out of the adapter's input subspace; "
+    "stochastic (the default into --dtype): up or down with the odds of the value's position, unbiased; nearest: "
+    "the quantizers' own rule, which writes the base back wherever the delta is under half a step. Plain "
+    "checkpoints always round to nearest, as PEFT merges.",
+)  # fmt: skip
 ROUNDING_SEED: Decorator = click.option(
     "--seed", type=int, default=0, show_default=True,
     help="Seed of --rounding stochastic: the same seed writes the same bytes on any device and thread count.",
@@ -416,7 +417,7 @@ def merge(
     device: str,
     dtype: str | None,
     fan_in_fan_out: bool | None,
-    rounding: str,
+    rounding: str | None,
     seed: int,
     min_kept: float | None,
     force: bool,
@@ -428,8 +429,8 @@ def merge(
 
     Each ADAPTER is a PEFT directory or a kohya .safetensors file, optionally with :SCALE.
     The output keeps BASE's layout (tensor names, shards, index, config and tokenizer files).
-    Into an FP8 base the merged weights are requantized in its layout, rounded stochastically so
-    that they keep the adapter; the summary says how much of it they carry (kept).
+    Into an FP8 base the merged weights are requantized in its layout, rounded so that they keep
+    the adapter (--rounding); the summary says how much of it they carry (kept).
 
     \b
     Examples:
@@ -465,7 +466,7 @@ def unmerge(
     device: str,
     dtype: str | None,
     fan_in_fan_out: bool | None,
-    rounding: str,
+    rounding: str | None,
     seed: int,
     min_kept: float | None,
     force: bool,
@@ -476,10 +477,9 @@ def unmerge(
     """Take merged adapters back out of MERGED: W - scale * scaling * B @ A.
 
     In bf16/fp16 a merge/unmerge round trip lands within one unit of rounding of the original
-    (not bit-exact); --check BASE measures it. From an FP8 checkpoint the codes come back within
-    one FP8 step of the merge's rounding and one of the unmerge's (stochastic by default, which
-    takes the adapter out in expectation), not the original bytes: keep the original base to go
-    back exactly.
+    (not bit-exact); --check BASE measures it. From an FP8 checkpoint the codes come back near the
+    original (within the merge's rounding and the unmerge's, which --check measures in FP8 steps),
+    not the original bytes: keep the original base to go back exactly.
 
     \b
     Examples:

@@ -15,6 +15,7 @@ from loratool.quant import fp8 as linalg
 from loratool.quant import native
 from loratool.quant.fp8 import dequantize_fp8, merge_fp8_rows, quantize_fp8
 from loratool.quant.layout import Fp8Scheme
+from loratool.quant.rounding import subspace_of
 from loratool.runtime import torch_threads
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -108,9 +109,9 @@ def test_scales_are_tile_maxima_over_the_top_and_flag_inf_and_nan(kernels: nativ
         assert not kernels.scales(w, 0, (4, 4), dtype, scale)
 
 
-def _merge(q, s, scheme, terms, check=None, key=None):
+def _merge(q, s, scheme, terms, check=None, key=None, space=None):
     q_out, s_out = torch.empty_like(q), torch.empty_like(s)
-    kept = merge_fp8_rows(q, s, scheme, terms, q_out, s_out, check, key=key)
+    kept = merge_fp8_rows(q, s, scheme, terms, q_out, s_out, check, key=key, space=space)
     return q_out, s_out, kept
 
 
@@ -125,12 +126,12 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("key", [None, 0xC0FFEE], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("rule", ["nearest", "stochastic", "subspace"])
 def test_merge_fp8_rows_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels, case: str, threads: int,
-                                                            key: int | None) -> None:  # fmt: skip
+                                                            rule: str) -> None:  # fmt: skip
     """Native steps (on one thread, and spread over threads in steps of a few block rows) write the
-    codes and scales the torch passes write, rounding to nearest or stochastically with the same
-    draws, and report the same kept sums."""
+    codes and scales the torch passes write, by each rounding rule (stochastic: the same draws;
+    subspace: the same feedback, in the same order), and report the same kept sums."""
     scheme, shape, scale_shape, dtype, scale_dtype = CASES[case]
     g = torch.Generator().manual_seed(5)
     q, s = quantize_fp8(torch.randn(shape, generator=g), scheme, dtype, scale_shape)
@@ -140,12 +141,14 @@ def test_merge_fp8_rows_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels
         row_factors(torch.randn(2, shape[1], generator=g), torch.randn(shape[0], 2, generator=g) * 0.1, -1.5, "linear"),
     ]
     monkeypatch.setitem(linalg._GROUP_ELEMENTS, "cpu", 2 * 16 * shape[1])  # several steps, several batches
+    key = 0xC0FFEE if rule == "stochastic" else None
+    space = subspace_of([t.right for t in terms]) if rule == "subspace" else None
     with torch_threads(threads):
-        fast_q, fast_s, fast = _merge(q, s, scheme, terms, key=key)
+        fast_q, fast_s, fast = _merge(q, s, scheme, terms, key=key, space=space)
     monkeypatch.setenv("LORATOOL_NATIVE", "0")
     assert native.fp8_kernels() is None
     with torch_threads(threads):
-        slow_q, slow_s, slow = _merge(q, s, scheme, terms, key=key)
+        slow_q, slow_s, slow = _merge(q, s, scheme, terms, key=key, space=space)
     assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8))
     assert torch.equal(fast_s, slow_s) and fast_s.dtype == scale_dtype
     assert fast.dd == pytest.approx(slow.dd, rel=1e-5) and fast.ee == pytest.approx(slow.ee, rel=1e-5)
@@ -157,6 +160,10 @@ def test_merge_fp8_rows_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels
     assert fast.dd == pytest.approx(float(delta.square().sum()), rel=1e-4)
     kept = float(((written - base) * delta).sum() / delta.square().sum())
     assert fast.kept == pytest.approx(kept, abs=1e-5)
+    if rule == "subspace":  # the feedback moved the error out of the terms' input span
+        basis, _ = torch.linalg.qr(torch.cat([t.right for t in terms]).double().T)
+        err = written - base - delta
+        assert float((err @ basis).norm()) < 0.25 * float(err.norm())
 
 
 @pytest.mark.parametrize(("dtype", "value"), [(torch.float8_e4m3fn, 320.0), (torch.float8_e5m2, 40960.0)])

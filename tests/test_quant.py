@@ -11,7 +11,16 @@ from loratool.linalg import row_factors, unit_of_rounding
 from loratool.quant import fp8
 from loratool.quant.fp8 import dequantize_fp8, merge_fp8_rows, quantize_fp8
 from loratool.quant.layout import Fp8Scheme
-from loratool.quant.rounding import GRIDS, Kept, Rounding, hash32, round_to_grid, uniforms
+from loratool.quant.rounding import (
+    GRIDS,
+    Kept,
+    Rounding,
+    hash32,
+    round_subspace,
+    round_to_grid,
+    subspace_of,
+    uniforms,
+)
 from loratool.runtime import torch_threads
 
 E4M3 = torch.float8_e4m3fn
@@ -125,6 +134,45 @@ def test_stochastic_rounding_is_unbiased_over_seeds(dtype: torch.dtype) -> None:
     assert float(nearest.abs().mean()) > 0.2  # what the test would see without the randomness
 
 
+# -- the subspace rule -----------------------------------------------------------------------------
+def test_subspace_gains_are_the_damped_solves_of_what_follows_each_column() -> None:
+    """gain_j = (damping I + sum_{k > j} a_k a_k^T)^-1 a_j, a_j the rows of an orthonormal basis of the
+    span of the right factors, solved here one column at a time."""
+    g = torch.Generator().manual_seed(0)
+    rights = [torch.randn(3, 40, generator=g), torch.randn(2, 40, generator=g)]
+    space = subspace_of(rights, damping=0.05, chunk=7)  # chunks that do not divide the columns
+    a = space.basis.double()
+    assert torch.allclose(a.T @ a, torch.eye(5, dtype=torch.float64), atol=1e-6)  # orthonormal
+    stacked = torch.cat(rights).double().T
+    assert torch.allclose(a @ (a.T @ stacked), stacked, atol=1e-4)  # spans the factors
+    for j in (0, 13, 39):
+        m = 0.05 * torch.eye(5, dtype=torch.float64) + a[j + 1 :].T @ a[j + 1 :]
+        assert torch.allclose(space.gain[j].double(), torch.linalg.solve(m, a[j]), rtol=1e-4, atol=1e-5)
+
+
+def test_subspace_rounding_without_a_subspace_is_nearest() -> None:
+    g = torch.Generator().manual_seed(1)
+    w, scale = torch.randn(9, 30, generator=g), torch.rand(9, 30, generator=g) + 0.01
+    empty = subspace_of([torch.zeros(2, 30)])
+    assert empty.rank == 0
+    assert torch.equal(round_subspace(w, scale, E4M3, empty), round_to_grid(w / scale, E4M3, None))
+
+
+def test_subspace_rounding_keeps_the_error_out_of_the_span() -> None:
+    """Each value on the grid; the error's part in the span a small fraction of nearest rounding's."""
+    g = torch.Generator().manual_seed(2)
+    w, right = torch.randn(64, 512, generator=g), torch.randn(8, 512, generator=g)
+    scale = torch.full((64, 512), 0.01)
+    space = subspace_of([right])
+    got = round_subspace(w, scale, E4M3, space)
+    assert torch.equal(got.to(E4M3).float(), got)
+    basis = space.basis.double()
+    err = got.double() * 0.01 - w.double()
+    near = round_to_grid(w / scale, E4M3, None).double() * 0.01 - w.double()
+    assert float((err @ basis).norm()) < 0.2 * float((near @ basis).norm())
+    assert float(err.norm()) < 3 * float(near.norm())  # the price: more error outside the span
+
+
 # -- the FP8 merge step ----------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", [Fp8Scheme("block", (24, 16)), Fp8Scheme("channel")])
 def test_merge_fp8_rows_matches_the_whole_weight_path(scheme: Fp8Scheme) -> None:
@@ -151,9 +199,9 @@ def test_merge_fp8_rows_matches_the_whole_weight_path(scheme: Fp8Scheme) -> None
 
 @pytest.mark.parametrize("scheme", [Fp8Scheme("block", (16, 8)), Fp8Scheme("channel")], ids=["block", "channel"])
 @pytest.mark.parametrize("step", [16 * 40, 3 * 16 * 40 + 7])
-@pytest.mark.parametrize("key", [None, 99], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("rule", ["nearest", "stochastic", "subspace"])
 def test_merge_fp8_rows_gives_the_same_codes_in_steps_of_any_size(
-    monkeypatch, scheme: Fp8Scheme, step: int, key: int | None
+    monkeypatch, scheme: Fp8Scheme, step: int, rule: str
 ) -> None:
     """A step is whole block rows (CPU: ~1M elements, to stay in cache; a GPU: the whole weight), so
     its size changes nothing: codes and scales bit for bit, and the sums, as one step over all.
@@ -163,26 +211,30 @@ def test_merge_fp8_rows_gives_the_same_codes_in_steps_of_any_size(
     scale_shape = (5, 5) if scheme.kind == "block" else (70, 1)
     q, s = quantize_fp8(w, scheme, E4M3, scale_shape)
     f = [row_factors(*factors(70, 40, 3, 9), 0.7, "linear")]
+    key = 99 if rule == "stochastic" else None
+    space = subspace_of([t.right for t in f]) if rule == "subspace" else None
     whole_q, whole_s = torch.empty_like(q), torch.empty_like(s)
-    whole = merge_fp8_rows(q, s, scheme, f, whole_q, whole_s, key=key)
+    whole = merge_fp8_rows(q, s, scheme, f, whole_q, whole_s, key=key, space=space)
     monkeypatch.setitem(fp8._GROUP_ELEMENTS, "cpu", step)
     assert len(list(fp8._strip_groups(70, 40, scheme, q.device))) > 1
     step_q, step_s = torch.empty_like(q), torch.empty_like(s)
-    stepped = merge_fp8_rows(q, s, scheme, f, step_q, step_s, key=key)
+    stepped = merge_fp8_rows(q, s, scheme, f, step_q, step_s, key=key, space=space)
     assert torch.equal(step_q.view(torch.uint8), whole_q.view(torch.uint8)) and torch.equal(step_s, whole_s)
     assert stepped.dd == pytest.approx(whole.dd, rel=1e-6) and stepped.ee == pytest.approx(whole.ee, rel=1e-6)
 
 
-def test_stochastic_merge_is_deterministic_on_any_thread_count() -> None:
-    """One seed, the same bytes on 1 and 2 threads (whichever path runs here: the kernels or torch)."""
+@pytest.mark.parametrize("rule", ["stochastic", "subspace"])
+def test_rounded_merges_are_deterministic_on_any_thread_count(rule: str) -> None:
+    """One seed (or none), the same bytes on 1 and 2 threads (whichever path runs here)."""
     scheme = Fp8Scheme("block", (32, 32))
     q, s = quantize_fp8(torch.randn(256, 192, generator=torch.Generator().manual_seed(1)), scheme, E4M3, (8, 6))
     f = [row_factors(*factors(256, 192, 4, 2), 0.01, "linear")]
+    key, space = (1234, None) if rule == "stochastic" else (None, subspace_of([f[0].right]))
     outs = []
     for threads in (1, 2):
         q_out, s_out = torch.empty_like(q), torch.empty_like(s)
         with torch_threads(threads):
-            merge_fp8_rows(q, s, scheme, f, q_out, s_out, key=1234)
+            merge_fp8_rows(q, s, scheme, f, q_out, s_out, key=key, space=space)
         outs.append((q_out.view(torch.uint8).clone(), s_out.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 

@@ -41,7 +41,18 @@ from ..provenance import InputHasher, encode, make_record
 from ..quant import native
 from ..quant.fp8 import dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from ..quant.layout import Fp8Layout, Fp8Scheme
-from ..quant.rounding import KEPT_WARNING, Kept, Rounding, Rule, quantize_values, uniforms
+from ..quant.rounding import (
+    KEPT_WARNING,
+    RULES,
+    Kept,
+    Rounding,
+    Rule,
+    Subspace,
+    quantize_values,
+    round_subspace,
+    subspace_of,
+    uniforms,
+)
 from ..runtime import available_cores, compute_threads, resolve_device, torch_threads
 from ..validation import require_valid
 
@@ -163,7 +174,7 @@ def merge(
     device: str = "auto",
     dtype: str | None = None,
     fan_in_fan_out: bool | None = None,
-    rounding: Rule = "stochastic",
+    rounding: Rule | None = None,
     seed: int = 0,
     min_kept: float | None = None,
     force: bool = False,
@@ -175,8 +186,9 @@ def merge(
     Into a quantized (FP8) base, the merged weights are rounded back onto the base's grid (or, with
     ``dtype``, onto that dtype's), and how decides whether the adapter survives: nearest rounding
     writes the base back wherever the delta is below half a step (most of a typical LoRA), while
-    stochastic rounding keeps it in expectation. The result's ``quantization`` reports ``kept``,
-    the share of the delta the written weights carry. Plain checkpoints round to nearest, as PEFT.
+    the subspace and stochastic rules keep it (:mod:`loratool.quant.rounding`). The result's
+    ``quantization`` reports ``kept``, the share of the delta the written weights carry. Plain
+    checkpoints round to nearest, as PEFT.
 
     Args:
         base: the checkpoint (file or model directory) the adapters were trained on.
@@ -185,8 +197,10 @@ def merge(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: the output's dtype for floating tensors (default: the base's).
         fan_in_fan_out: treat LoRA targets as GPT-2 ``Conv1D``; default from the adapter and config.
-        rounding: onto a quantized base's grid, ``stochastic`` (unbiased: keeps the adapter) or
-            ``nearest`` (the quantizers' own rule, biased against small deltas).
+        rounding: onto a quantized base's grid: ``subspace`` (the default in an FP8 layout; its
+            rounding error kept out of the adapter's input subspace), ``stochastic`` (unbiased; the
+            default for a ``dtype`` output), or ``nearest`` (the quantizers' own rule, biased
+            against small deltas).
         seed: the stochastic stream's seed; the bytes are the same for one seed on any device and
             any number of threads.
         min_kept: refuse (write nothing) when the merge's ``kept`` falls below this.
@@ -203,7 +217,7 @@ def merge(
         >>> loratool.merge("base/", ["adapter/", ("style/", 0.5)], output="merged/")
     """
     return _apply(+1, base, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
-                  rounding=Rounding(rounding, seed), min_kept=min_kept, force=force, allow_pickle=allow_pickle,
+                  rounding=rounding, seed=seed, min_kept=min_kept, force=force, allow_pickle=allow_pickle,
                   show_progress=show_progress)  # fmt: skip
 
 
@@ -216,7 +230,7 @@ def unmerge(
     device: str = "auto",
     dtype: str | None = None,
     fan_in_fan_out: bool | None = None,
-    rounding: Rule = "stochastic",
+    rounding: Rule | None = None,
     seed: int = 0,
     min_kept: float | None = None,
     force: bool = False,
@@ -246,7 +260,7 @@ def unmerge(
         >>> loratool.unmerge("merged/", ["adapter/"], output="restored/", check="base/")
     """
     return _apply(-1, merged, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
-                  rounding=Rounding(rounding, seed), min_kept=min_kept, force=force, allow_pickle=allow_pickle,
+                  rounding=rounding, seed=seed, min_kept=min_kept, force=force, allow_pickle=allow_pickle,
                   show_progress=show_progress, check=check)  # fmt: skip
 
 
@@ -476,7 +490,8 @@ def _apply(
     device: str,
     dtype: str | None,
     fan_in_fan_out: bool | None,
-    rounding: Rounding,
+    rounding: Rule | None,
+    seed: int,
     min_kept: float | None,
     force: bool,
     allow_pickle: bool,
@@ -484,8 +499,8 @@ def _apply(
     check: str | os.PathLike[str] | None = None,
 ) -> MergeResult:
     operation = "merge" if sign > 0 else "unmerge"
-    if rounding.rule not in ("stochastic", "nearest"):
-        raise ValueError(f"rounding must be 'stochastic' or 'nearest', not {rounding.rule!r}")
+    if rounding is not None and rounding not in RULES:
+        raise ValueError(f"rounding must be one of {', '.join(RULES)}, not {rounding!r}")
     if min_kept is not None and not 0.0 <= min_kept <= 1.0:
         raise ValueError(f"min_kept must lie in [0, 1], not {min_kept!r}")
     sources = [split_scale(a)[0] for a in adapters]
@@ -500,6 +515,8 @@ def _apply(
         terms, replace = _plan(ckpt, loaded, sign, fan_in_fan_out)
         _check_fp8_plan(fp8, replace, str(ckpt.path))
         dequantize = fp8 is not None and out_dtype is not None
+        # subspace has compiled kernels for FP8 grids only: into a --dtype output, stochastic rounding
+        rule = Rounding(rounding or ("stochastic" if dequantize else "subspace"), seed)
         bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
         reference = stack.enter_context(open_checkpoint(check, allow_pickle=allow_pickle)) if check else None
         adapter_files = [f for a, _, _ in loaded if a.path for f in _adapter_files(Path(a.path))]
@@ -508,7 +525,7 @@ def _apply(
         params = {
             "adapters": [{"path": n, "scale": s} for _, s, n in loaded], "device": str(dev),
             "dtype": dtype, "fan_in_fan_out": fan_in_fan_out,
-            **({"rounding": rounding.to_json()} if fp8 is not None else {}),
+            **({"rounding": rule.to_json()} if fp8 is not None else {}),
         }  # fmt: skip
         result = MergeResult(out, operation, len(terms) + len(bias_terms), len(replace), len(ckpt), warnings=warnings)
         single_file = ckpt.path.is_file()
@@ -523,7 +540,7 @@ def _apply(
         def write_share() -> tuple[RoundTripCheck | None, list[tuple[str, Kept]]]:
             check_part = RoundTripCheck() if reference is not None else None
             share = _Stream(ckpt, replace, terms, bias_terms, dev, out_dtype, reference, check_part,
-                            fp8=fp8, dequantize=dequantize, rounding=rounding)  # fmt: skip
+                            fp8=fp8, dequantize=dequantize, rounding=rule)  # fmt: skip
             share.write(root, [(f, specs) for f, specs in shards if f in mine], placeholder,
                          show_progress and d.is_main, operation)  # fmt: skip
             return check_part, share.requantized
@@ -531,9 +548,9 @@ def _apply(
         parts = d.gather(write_share)
         checks = [c for c, _ in parts]
         if fp8 is not None:
-            result.quantization = _quantization_report(fp8, dequantize, rounding, [r for _, rs in parts for r in rs])
-            _require_kept(result.quantization, min_kept, rounding)  # before the output moves into place
-            result.warnings += _quantization_warnings(result.quantization, rounding)
+            result.quantization = _quantization_report(fp8, dequantize, rule, [r for _, rs in parts for r in rs])
+            _require_kept(result.quantization, min_kept, rule)  # before the output moves into place
+            result.warnings += _quantization_warnings(result.quantization, rule)
         elif min_kept is not None:
             result.warnings.append("--min-kept applies to quantized bases: this one is not, so its merged weights "
                                    "were rounded to nearest in the output dtype, as PEFT merges")  # fmt: skip
@@ -676,9 +693,15 @@ class _Stream:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge and requantize in steps of rows (:func:`merge_fp8_rows`): memory of a step on CPU,
         of the weight on a GPU."""
-        q_dev, s_dev = q.to(self.device), scale.to(self.device)
-        q_new, s_new = self.pool.take(q.shape, q.dtype, self.device), torch.empty_like(s_dev)
-        factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind) for t in self.terms[key]]
+        # The subspace rule runs column by column: in the compiled kernels on the CPU even beside a GPU,
+        # where torch would launch a few kernels per column.
+        kernels = native.fp8_kernels()
+        device = torch.device("cpu") if self.rounding.subspace and kernels is not None else self.device
+        q_dev, s_dev = q.to(device), scale.to(device)
+        q_new, s_new = self.pool.take(q.shape, q.dtype, device), torch.empty_like(s_dev)
+        factors = [row_factors(t.module.lora_A.to(device), t.module.lora_B.to(device), t.factor, t.kind)
+                   for t in self.terms[key]]  # fmt: skip
+        stream, space = self._rule_for(key, [f.right for f in factors])
 
         def check(strip: torch.Tensor) -> None:
             if not is_finite(strip):  # the base is only dequantized whole to name the cause
@@ -689,26 +712,27 @@ class _Stream:
         # in the other streaming operations (compute_threads). Without them each step's passes run
         # on torch's threads, on every core (on 2 cores 4.5-5.6 s against 5.4-6.7 s with one core
         # left free: the reader and writer mostly wait in system calls).
-        scratch = self.pool.take(
-            (fp8_scratch_elements(q.shape[0], q.shape[1], scheme, self.device),), torch.float32, self.device
-        )
-        if self.device.type != "cpu":
+        scratch = self.pool.take((fp8_scratch_elements(q.shape[0], q.shape[1], scheme, device),), torch.float32, device)
+        if device.type != "cpu":
             threads: contextlib.AbstractContextManager[int] = contextlib.nullcontext(1)
-        elif native.fp8_kernels() is not None:
+        elif kernels is not None:
             threads = compute_threads(reserved=1)
         else:
             threads = torch_threads(available_cores())
         try:
             with threads:
-                kept = merge_fp8_rows(q_dev, s_dev, scheme, factors, q_new, s_new, check, scratch, key=self._key(key))
+                kept = merge_fp8_rows(q_dev, s_dev, scheme, factors, q_new, s_new, check, scratch, key=stream,
+                                      space=space)  # fmt: skip
         finally:
             self.pool.give(scratch)
         self.requantized.append((key, kept))
         return q_new, s_new
 
-    def _key(self, key: str) -> int | None:
-        """The stochastic stream's key for tensor ``key``, or None for nearest rounding."""
-        return self.rounding.key(key) if self.rounding.stochastic else None
+    def _rule_for(self, key: str, rights: list[torch.Tensor]) -> tuple[int | None, Subspace | None]:
+        """(the stochastic stream's key, the subspace) of tensor ``key``: at most one, none for nearest."""
+        if self.rounding.subspace:
+            return None, subspace_of(rights)
+        return (self.rounding.key(key) if self.rounding.stochastic else None), None
 
     def _fp8_whole(
         self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme
@@ -721,15 +745,20 @@ class _Stream:
             assert self.dequantize and self.out_dtype is not None
             return quantize_values(before, self.out_dtype, None), scale
         w32 = self._add(key, before.clone(), out_dtype, before)
-        stream = self._key(key)
+        rights = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind).right.to(w32.device)
+                  for t in self.terms[key]]  # fmt: skip
+        stream, space = self._rule_for(key, rights)
         if self.dequantize:
             assert self.out_dtype is not None
             rows, cols = w32.shape
-            u = uniforms(stream, 0, rows, cols, w32.device) if stream is not None else None
-            written = quantize_values(w32, self.out_dtype, u)
+            if space is not None and self.out_dtype != torch.float32:  # onto the dtype's grid: a scale of 1
+                written = round_subspace(w32, torch.ones_like(w32), self.out_dtype, space).to(self.out_dtype)
+            else:
+                u = uniforms(stream, 0, rows, cols, w32.device) if stream is not None else None
+                written = quantize_values(w32, self.out_dtype, u)
             self.requantized.append((key, Kept.of(w32 - before, w32 - written.float())))
             return written, scale
-        q_new, s_new = quantize_fp8(w32, scheme, q.dtype, tuple(scale.shape), key=stream)
+        q_new, s_new = quantize_fp8(w32, scheme, q.dtype, tuple(scale.shape), key=stream, space=space)
         self.requantized.append((key, Kept.of(w32 - before, w32 - dequantize_fp8(q_new, s_new, scheme))))
         return q_new, s_new
 
@@ -865,7 +894,7 @@ def _names(tensors: list[dict[str, Any]], most: int = 3) -> str:
 
 
 def _remedy(report: dict[str, Any], rounding: Rounding) -> str:
-    steps = ["--rounding stochastic (unbiased: keeps the delta in expectation)"] if not rounding.stochastic else []
+    steps = ["--rounding subspace (the default: keeps the delta)"] if rounding.rule == "nearest" else []
     if not report["dequantized"]:
         steps.append("--dtype bfloat16 for a dequantized checkpoint")
     steps.append("serving the adapter unmerged")

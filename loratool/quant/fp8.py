@@ -15,7 +15,7 @@ from ..linalg import RowFactors
 from ..runtime import torch_threads
 from . import native
 from .layout import Fp8Scheme
-from .rounding import Kept, round_to_grid, uniforms
+from .rounding import Kept, Subspace, round_subspace, round_to_grid, uniforms
 
 
 def _expand_scale(scale: torch.Tensor, shape: tuple[int, ...], scheme: Fp8Scheme) -> torch.Tensor:
@@ -58,7 +58,13 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def quantize_fp8(
-    w: torch.Tensor, scheme: Fp8Scheme, dtype: torch.dtype, scale_shape: tuple[int, ...], *, key: int | None = None
+    w: torch.Tensor,
+    scheme: Fp8Scheme,
+    dtype: torch.dtype,
+    scale_shape: tuple[int, ...],
+    *,
+    key: int | None = None,
+    space: Subspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (float32, (out, in)) as FP8 ``dtype`` in ``scheme``: (q, scale), scale float32 of ``scale_shape``.
 
@@ -66,7 +72,7 @@ def quantize_fp8(
     DeepSeek's and compressed-tensors' quantizers), so every group uses the full FP8 range; an
     all-zero group gets scale 1. Values are rounded to nearest after clamping to the range, or with
     a stream ``key`` stochastically (:func:`.rounding.round_to_grid`, the draws of rows 0.. of the
-    weight).
+    weight), or with a ``space`` by the subspace rule (:func:`.rounding.round_subspace`).
     """
     top = fp8_max(dtype)
     out_f, in_f = w.shape
@@ -82,7 +88,10 @@ def quantize_fp8(
         amax = padded.view(nb_o, bo, nb_i, bi).amax(dim=(1, 3))  # (nb_o, nb_i)
     scale = amax / top
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    x = w / _expand_scale(scale, (out_f, in_f), scheme)
+    full = _expand_scale(scale, (out_f, in_f), scheme)
+    if space is not None:
+        return round_subspace(w, full.expand(out_f, in_f), dtype, space).to(dtype), scale.reshape(scale_shape)
+    x = w / full
     if key is None:
         return x.clamp_(-top, top).to(dtype), scale.reshape(scale_shape)
     q = round_to_grid(x, dtype, uniforms(key, 0, out_f, in_f, w.device)).to(dtype)
@@ -100,11 +109,13 @@ def merge_fp8_rows(
     scratch: torch.Tensor | None = None,
     *,
     key: int | None = None,
+    space: Subspace | None = None,
 ) -> Kept:
     """Dequantize ``q`` (out, in) a strip of rows at a time, add the rank-r terms in float32, and
     requantize each strip into ``q_out``/``scale_out`` (the same scheme, dtype and scale shape):
-    to nearest, or with a stream ``key`` stochastically (:mod:`.rounding`; each element's draw is
-    a function of its place in the weight, so steps of any size give the same bytes).
+    to nearest, with a stream ``key`` stochastically (each element's draw is a function of its
+    place in the weight), or with a ``space`` by the subspace rule (rows are independent): either
+    way steps of any size give the same bytes (:mod:`.rounding`).
 
     A step is whole block rows (``block`` scheme) or any rows (``channel``), so every scale it needs
     lies inside it: at most about a million elements on CPU, so that nothing of the weight's size is
@@ -129,7 +140,7 @@ def merge_fp8_rows(
     rows, cols = q.shape
     top = fp8_max(q_out.dtype)
     s_in, s_out = scale.reshape(scale.shape[0], -1), scale_out.view(scale_out.shape[0], -1)
-    fast = _NativeFp8Steps.make(q, scale, scheme, factors, q_out, scale_out, key)
+    fast = _NativeFp8Steps.make(q, scale, scheme, factors, q_out, scale_out, key, space)
     per_step = fast.step_elements(rows * cols) if fast is not None else None
     groups = list(_strip_groups(rows, cols, scheme, q.device, per_step))
     size = max(stop - start for start, stop, _ in groups) * cols
@@ -176,7 +187,10 @@ def merge_fp8_rows(
             scaled = torch.div(strip.view(tiles), new_scale, out=work.view(tiles)).view(-1, cols)
             if bool((new < _TINY).any()):  # |W'| / (max|W'| / top) <= top (1 + 2^-22) unless a scale is subnormal
                 scaled.clamp_(-top, top)
-            if key is None:
+            if space is not None:  # from the merged values and each element's scale
+                per_element = torch.broadcast_to(new_scale, strip.view(tiles).shape).reshape(-1, cols)
+                q_out[start:stop] = round_subspace(strip, per_element, q_out.dtype, space)
+            elif key is None:
                 q_out[start:stop] = scaled
             else:
                 draws = uniforms(key, start, stop - start, cols, q.device)  # this step's rows of the weight's stream
@@ -196,9 +210,9 @@ class _NativeFp8Steps:
 
     def __init__(self, kernels: native.Fp8Kernels, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme,
                  factors: list[RowFactors], q_out: torch.Tensor, scale_out: torch.Tensor,
-                 key: int | None) -> None:  # fmt: skip
+                 key: int | None, space: Subspace | None) -> None:  # fmt: skip
         rows, cols = q.shape
-        self.kernels, self.q, self.q_out, self.factors, self.key = kernels, q, q_out, factors, key
+        self.kernels, self.q, self.q_out, self.factors, self.key, self.space = kernels, q, q_out, factors, key, space
         self.block = scheme.block if scheme.kind == "block" and scheme.block is not None else (1, cols)
         self.s_in = scale.to(torch.float32).reshape(-(-rows // self.block[0]), -1).contiguous()
         self.s_out = scale_out.view(self.s_in.shape)
@@ -207,14 +221,15 @@ class _NativeFp8Steps:
 
     @classmethod
     def make(cls, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, factors: list[RowFactors],
-             q_out: torch.Tensor, scale_out: torch.Tensor, key: int | None) -> _NativeFp8Steps | None:  # fmt: skip
+             q_out: torch.Tensor, scale_out: torch.Tensor, key: int | None,
+             space: Subspace | None) -> _NativeFp8Steps | None:  # fmt: skip
         """The native steps where they apply (CPU, e4m3fn or e5m2, contiguous), else None."""
         kernels = native.fp8_kernels() if q.device.type == "cpu" else None
         if kernels is None or not (kernels.handles(q.dtype) and kernels.handles(q_out.dtype)):
             return None
         if not (q.is_contiguous() and q_out.is_contiguous() and scale_out.is_contiguous()):
             return None
-        return cls(kernels, q, scale, scheme, factors, q_out, scale_out, key)
+        return cls(kernels, q, scale, scheme, factors, q_out, scale_out, key, space)
 
     def step_elements(self, total: int) -> int:
         """Elements per step for a weight of ``total``: at most :data:`_GROUP_ELEMENTS`, and few enough
@@ -272,6 +287,10 @@ class _NativeFp8Steps:
             self.s_out[b0:b1] = s_new
             s_new = self.s_out[b0:b1].to(torch.float32)  # as stored: a bfloat16 scale is rounded
         sums = torch.zeros(3, dtype=torch.float64)
+        if self.space is not None:
+            k.subspace(strip, self.q_out[start:stop], 0, s_new, self.block, base=(self.q[start:stop], s_in),
+                       space=self.space, sums=sums)  # fmt: skip
+            return sums
         stream = (self.key, start) if self.key is not None else None
         k.encode(strip, self.q_out[start:stop], 0, s_new, self.block, stream=stream, base=(self.q[start:stop], s_in),
                  sums=sums)  # fmt: skip

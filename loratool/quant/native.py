@@ -52,6 +52,8 @@ class Fp8Kernels:
         lib.lt_fp8_scales.restype = i32
         lib.lt_fp8_encode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32, p, p, ctypes.c_uint32, i64, i32, p]
         lib.lt_fp8_encode.restype = ctypes.c_double
+        lib.lt_fp8_subspace.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32, p, p, p, p, i64, p]
+        lib.lt_fp8_subspace.restype = i32
         lib.lt_fp8_simd.argtypes = [i32]
         lib.lt_fp8_simd.restype = i32
         self._lib = lib
@@ -115,11 +117,37 @@ class Fp8Kernels:
         return float(self._lib.lt_fp8_encode(w.data_ptr(), q.data_ptr(), rows, cols, *tiles, codes, scales, key,
                                              first, int(stream is not None), out))  # fmt: skip
 
+    def subspace(
+        self,
+        w: torch.Tensor,
+        q: torch.Tensor,
+        row0: int,
+        scale: torch.Tensor,
+        block: tuple[int, int],
+        *,
+        base: tuple[torch.Tensor, torch.Tensor],
+        space: rounding.Subspace,
+        sums: torch.Tensor,
+    ) -> None:
+        """``q[:] = fp8(w / scale)`` by the subspace rule (:func:`.rounding.round_subspace`, the same
+        bytes), adding the kept sums to ``sums`` as :meth:`encode` does."""
+        _check(w, q, scale, *base, space.basis, space.gain)
+        assert sums.dtype == torch.float64 and sums.numel() == 3 and base[1].dtype == torch.float32
+        rows, cols = w.shape
+        tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
+        failed = self._lib.lt_fp8_subspace(w.data_ptr(), q.data_ptr(), rows, cols, *tiles, base[0].data_ptr(),
+                                           base[1].data_ptr(), space.basis.data_ptr(), space.gain.data_ptr(),
+                                           space.rank, sums.data_ptr())  # fmt: skip
+        if failed:
+            raise MemoryError("the FP8 kernels could not allocate their working memory")
+
     def agrees_with_torch(self) -> bool:
         """Every code decodes, and values around every code's rounding boundary encode, as torch's
         conversions do (e4m3fn's NaN codes aside, which decode to +-480 by design), and as
         :func:`.rounding.round_to_grid` rounds stochastically, with a scale of 1 and with one whose
         multiplications and divisions round."""
+        if not self._subspace_agrees():
+            return False
         for dtype in _FORMATS:
             codes = torch.arange(256, dtype=torch.uint8).view(dtype)
             values = codes.to(torch.float32)
@@ -147,6 +175,24 @@ class Fp8Kernels:
                 want = rounding.round_to_grid(w / scale, dtype, rounding.uniforms(0x5EED, 3, 1, x.numel())).to(dtype)
                 if not torch.equal(q.view(torch.uint8), want.view(torch.uint8)):
                     return False
+        return True
+
+
+    def _subspace_agrees(self) -> bool:
+        """The subspace rule on 11 rows (8 in SIMD lanes where the CPU has them, 3 portable) with
+        ragged tiles and a rank-3 subspace, as torch's reference writes them."""
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(11, 40, generator=g)
+        space = rounding.subspace_of([torch.randn(3, 40, generator=g)])
+        block, s = (4, 16), torch.rand(3, 3, generator=g) * 0.01 + 0.002
+        full = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:11, :40].contiguous()
+        for dtype in _FORMATS:
+            q = torch.empty(11, 40, dtype=torch.uint8).view(dtype)
+            base = (torch.zeros(11, 40, dtype=torch.uint8).view(dtype), s)
+            self.subspace(w, q, 0, s, block, base=base, space=space, sums=torch.zeros(3, dtype=torch.float64))
+            want = rounding.round_subspace(w, full, dtype, space).to(dtype)
+            if not torch.equal(q.view(torch.uint8), want.view(torch.uint8)):
+                return False
         return True
 
 

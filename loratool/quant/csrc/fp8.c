@@ -17,6 +17,7 @@
  */
 #include <float.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if FLT_EVAL_METHOD != 0
@@ -177,6 +178,47 @@ static void encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t f
     }
 }
 
+/* The nearest code of x (scaled units) and, in *stored, its value (signed): encode_run's arithmetic. */
+static inline uint8_t nearest_code(float x, int32_t fmt, float *stored) {
+    const Format f = FORMATS[fmt];
+    uint32_t b = bits_of(x);
+    float a = float_of(b & 0x7FFFFFFFu);
+    float ac = a < f.top ? a : f.top;
+    uint32_t e = bits_of(ac) & 0x7F800000u;
+    e = e > f.min_exp ? e : f.min_exp;
+    float c = float_of(e + (f.shift << 23));
+    float sum = ac + c;
+    *stored = float_of(bits_of(sum - c) | (b & 0x80000000u));
+    uint32_t code = (e >> f.shift) - (f.min_exp >> f.shift) + (bits_of(sum) & 0xFFu);
+    return (uint8_t)(code | ((b >> 24) & 0x80u));
+}
+
+/* The subspace rule along one row (loratool.quant.rounding.round_subspace): column by column, the
+ * value plus its feedback g . a_j rounded to nearest, and g -= err gain_j; srow and brow are the
+ * row's tile scales (new and base). Adds the kept sums (real units) to sums. */
+static void subspace_row(const float *w, uint8_t *q, int64_t cols, const float *srow, int64_t bi, int32_t fmt,
+                         const uint8_t *base, const float *brow, const float *basis, const float *gain, int64_t r,
+                         float *g, double *sums) {
+    for (int64_t k = 0; k < r; k++) g[k] = 0.0f;
+    double dd = 0.0, ed = 0.0, ee = 0.0;
+    for (int64_t j = 0; j < cols; j++) {
+        const float *a = basis + j * r, *u = gain + j * r;
+        float v = w[j];
+        for (int64_t k = 0; k < r; k++) v += g[k] * a[k];
+        float s = srow[j / bi], stored;
+        q[j] = nearest_code(v / s, fmt, &stored);
+        float err = stored * s - v;
+        for (int64_t k = 0; k < r; k++) g[k] -= err * u[k];
+        float delta = w[j] - decode_fmt(base[j], fmt) * brow[j / bi], off = w[j] - stored * s;
+        dd += (double)(delta * delta);
+        ed += (double)(off * delta);
+        ee += (double)(off * off);
+    }
+    sums[0] += dd;
+    sums[1] += ed;
+    sums[2] += ee;
+}
+
 /* -- the same runs with AVX2 (and F16C), eight or sixteen elements at a time ---------------------- */
 #ifdef LT_AVX2
 /* F16C converts float16 to float32 exactly, Inf, NaN and subnormals included, so a code becomes a
@@ -283,6 +325,75 @@ __attribute__((target("avx2,f16c"))) static void encode_run_avx2(const float *w,
     acc->ee += hsum_avx(vee);
     acc->ed += hsum_avx(ved);
     acc->dd += hsum_avx(vdd);
+}
+
+/* subspace_row for 8 rows at once, a row per lane (rows `stride` elements apart): the same
+ * operations in the same order, so the same bytes. g holds r vectors of 8. */
+__attribute__((target("avx2"))) static void subspace_rows8(const float *w, uint8_t *q, int64_t stride, int64_t cols,
+                                                           const float *const *srows, int64_t bi, int32_t fmt,
+                                                           const uint8_t *base, const float *const *brows,
+                                                           const float *basis, const float *gain, int64_t r,
+                                                           float *g, const float *table, double *sums) {
+    const Format f = FORMATS[fmt];
+    const __m256 top = _mm256_set1_ps(f.top);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    const __m256i exp_mask = _mm256_set1_epi32(0x7F800000), min_exp = _mm256_set1_epi32((int)f.min_exp);
+    const __m256i shift = _mm256_set1_epi32((int)(f.shift << 23)), low8 = _mm256_set1_epi32(0xFF);
+    const __m256i first = _mm256_set1_epi32((int)(f.min_exp >> f.shift)), bit7 = _mm256_set1_epi32(0x80);
+    const __m128i count = _mm_cvtsi32_si128((int)f.shift);
+    const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    for (int64_t k = 0; k < 8 * r; k++) g[k] = 0.0f;
+    __m256 s = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+    __m256d dd = _mm256_setzero_pd(), ed = _mm256_setzero_pd(), ee = _mm256_setzero_pd();
+    float lanes[8];
+    int32_t codes[8];
+    for (int64_t j = 0; j < cols; j++) {
+        if (j % bi == 0) { /* a new tile: each lane's scales */
+            for (int l = 0; l < 8; l++) lanes[l] = srows[l][j / bi];
+            s = _mm256_loadu_ps(lanes);
+            for (int l = 0; l < 8; l++) lanes[l] = brows[l][j / bi];
+            sb = _mm256_loadu_ps(lanes);
+        }
+        const float *a = basis + j * r, *u = gain + j * r;
+        __m256 wv = _mm256_i32gather_ps(w + j, rows, 4);
+        __m256 v = wv;
+        for (int64_t k = 0; k < r; k++)
+            v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_loadu_ps(g + 8 * k), _mm256_set1_ps(a[k])));
+        __m256 x = _mm256_div_ps(v, s);
+        __m256 ax = _mm256_and_ps(x, abs_mask);
+        __m256 ac = _mm256_min_ps(ax, top);
+        __m256i e = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(ac), exp_mask), min_exp);
+        __m256 c = _mm256_castsi256_ps(_mm256_add_epi32(e, shift));
+        __m256 sum = _mm256_add_ps(ac, c);
+        __m256 stored = _mm256_or_ps(_mm256_sub_ps(sum, c), _mm256_and_ps(x, sign_mask));
+        __m256i code = _mm256_add_epi32(_mm256_sub_epi32(_mm256_srl_epi32(e, count), first),
+                                        _mm256_and_si256(_mm256_castps_si256(sum), low8));
+        code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24), bit7));
+        _mm256_storeu_si256((__m256i *)(void *)codes, code);
+        for (int l = 0; l < 8; l++) q[l * stride + j] = (uint8_t)codes[l];
+        __m256 err = _mm256_sub_ps(_mm256_mul_ps(stored, s), v);
+        for (int64_t k = 0; k < r; k++) {
+            __m256 gk = _mm256_loadu_ps(g + 8 * k);
+            _mm256_storeu_ps(g + 8 * k, _mm256_sub_ps(gk, _mm256_mul_ps(err, _mm256_set1_ps(u[k]))));
+        }
+        for (int l = 0; l < 8; l++) lanes[l] = table[base[l * stride + j]];
+        __m256 delta = _mm256_sub_ps(wv, _mm256_mul_ps(_mm256_loadu_ps(lanes), sb));
+        __m256 off = _mm256_sub_ps(wv, _mm256_mul_ps(stored, s));
+        __m256 d2 = _mm256_mul_ps(delta, delta), od = _mm256_mul_ps(off, delta), o2 = _mm256_mul_ps(off, off);
+        dd = _mm256_add_pd(dd, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(d2)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(d2, 1))));
+        ed = _mm256_add_pd(ed, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(od)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(od, 1))));
+        ee = _mm256_add_pd(ee, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(o2)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(o2, 1))));
+    }
+    double parts[4];
+    __m256d acc[3] = {dd, ed, ee};
+    for (int m = 0; m < 3; m++) {
+        _mm256_storeu_pd(parts, acc[m]);
+        sums[m] += parts[0] + parts[1] + parts[2] + parts[3];
+    }
 }
 
 __attribute__((target("avx2"))) static uint32_t max_bits_avx2(const float *w, int64_t n, uint32_t m) {
@@ -417,4 +528,39 @@ LT_EXPORT double lt_fp8_encode(const float *w, uint8_t *q, int64_t rows, int64_t
         sums[2] += ee;
     }
     return ee;
+}
+
+/* q = w / scale rounded by the subspace rule (loratool.quant.rounding.round_subspace) with the
+ * weight's `basis` and `gain` ((cols, r) each), row by row; rows are independent, so a caller may
+ * split them across threads. `base` and `base_scale` (the base's codes and scales, tiled as
+ * `scale`) give the kept sums, added to sums[0..3) as lt_fp8_encode's. Returns 0, or 1 where its
+ * working memory could not be had (nothing written then). */
+LT_EXPORT int32_t lt_fp8_subspace(const float *w, uint8_t *q, int64_t rows, int64_t cols, int64_t row0,
+                                  const float *scale, int64_t bo, int64_t bi, int32_t fmt, const uint8_t *base,
+                                  const float *base_scale, const float *basis, const float *gain, int64_t r,
+                                  double *sums) {
+    int64_t nb = (cols + bi - 1) / bi;
+    float *g = (float *)malloc((size_t)(8 * (r > 0 ? r : 1)) * sizeof(float));
+    if (!g) return 1;
+    int64_t i = 0;
+#ifdef LT_AVX2
+    if (simd_usable() && cols * 8 < INT32_MAX) {
+        float table[256];
+        for (uint32_t code = 0; code < 256; code++) table[code] = decode_fmt(code, fmt);
+        const float *srows[8], *brows[8];
+        for (; i + 8 <= rows; i += 8) {
+            for (int l = 0; l < 8; l++) {
+                srows[l] = scale + ((row0 + i + l) / bo) * nb;
+                brows[l] = base_scale + ((row0 + i + l) / bo) * nb;
+            }
+            subspace_rows8(w + i * cols, q + i * cols, cols, cols, srows, bi, fmt, base + i * cols, brows, basis, gain, r,
+                           g, table, sums);
+        }
+    }
+#endif
+    for (; i < rows; i++)
+        subspace_row(w + i * cols, q + i * cols, cols, scale + ((row0 + i) / bo) * nb, bi, fmt, base + i * cols,
+                     base_scale + ((row0 + i) / bo) * nb, basis, gain, r, g, sums);
+    free(g);
+    return 0;
 }
