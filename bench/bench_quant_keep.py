@@ -10,8 +10,8 @@ fine-tune's language, against the unrounded merge ``dequant(base) + delta``:
     effect kept = 1 - KL(ref, merged) / KL(ref, base)
 
 (1: the merged model behaves as the unrounded merge; 0: as the base without the adapter), printed
-beside the weight-level ``kept`` that loratool reports. Stochastic rounding is the mean over three
-seeds.
+beside the weight-level ``kept`` that loratool reports, for each rounding rule: nearest (the
+quantizers' own), stochastic (the mean over three seeds) and subspace (loratool's default).
 
     python bench/bench_quant_keep.py [--workdir /tmp/loratool-bench] [--steps 300]
 """
@@ -178,7 +178,7 @@ def run(workdir: Path, steps: int) -> dict[str, Any]:
             lp_ref = judge.logprobs(ref_state)
             kl_base = judge.kl(lp_ref, lp_base)
             row: dict[str, Any] = {"block": block, "size": size, "kl_base": kl_base}
-            for rule, seeds in (("nearest", (0,)), ("stochastic", SEEDS)):
+            for rule, seeds in (("nearest", (0,)), ("stochastic", SEEDS), ("subspace", (0,))):
                 effects, kepts = [], []
                 for seed in seeds:
                     out = workdir / "keep-merged"
@@ -203,15 +203,15 @@ def report(r: dict[str, Any]) -> str:
         "held-out text of the fine-tune's language (ref: dequant(base) + delta, unrounded); stochastic: mean of "
         f"{len(SEEDS)} seeds",
         "",
-        f"{'block':>6} {'||d||/||W||':>11} {'KL(ref,base)':>12} | {'nearest: effect':>15} {'kept':>6} {'noise':>6} | "
-        f"{'stochastic: effect':>18} {'kept':>6} {'noise':>6}",
+        f"{'block':>5} {'||d||/||W||':>11} {'KL(ref,base)':>12} | {'nearest: effect':>15} {'kept':>5} {'noise':>5} | "
+        f"{'stochastic: effect':>18} {'kept':>5} {'noise':>5} | {'subspace: effect':>16} {'kept':>5} {'noise':>5}",
     ]
     for row in r["rows"]:
-        n, s = row["nearest"], row["stochastic"]
-        lines.append(
-            f"{row['block']:>6} {row['size']:>11.2%} {row['kl_base']:>12.3e} | {n['effect_kept']:>15.3f} "
-            f"{n['kept']:>6.3f} {n['noise']:>6.3f} | {s['effect_kept']:>18.3f} {s['kept']:>6.3f} {s['noise']:>6.3f}"
-        )
+        cells = [f"{row['block']:>5} {row['size']:>11.2%} {row['kl_base']:>12.3e}"]
+        for rule, width in (("nearest", 15), ("stochastic", 18), ("subspace", 16)):
+            c = row[rule]
+            cells.append(f"{c['effect_kept']:>{width}.3f} {c['kept']:>5.3f} {c['noise']:>5.3f}")
+        lines.append(" | ".join(cells))
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ class Fp8Kernels:
         lib.lt_fp8_scales.restype = i32
         lib.lt_fp8_encode.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32, p, p, ctypes.c_uint32, i64, i32, p]
         lib.lt_fp8_encode.restype = ctypes.c_double
-        lib.lt_fp8_subspace.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32, p, p, p, p, i64, p]
+        lib.lt_fp8_subspace.argtypes = [p, p, i64, i64, i64, p, i64, i64, i32, p, p, p, p, i64, i64, p]
         lib.lt_fp8_subspace.restype = i32
         lib.lt_fp8_simd.argtypes = [i32]
         lib.lt_fp8_simd.restype = i32
@@ -137,7 +137,7 @@ class Fp8Kernels:
         tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
         failed = self._lib.lt_fp8_subspace(w.data_ptr(), q.data_ptr(), rows, cols, *tiles, base[0].data_ptr(),
                                            base[1].data_ptr(), space.basis.data_ptr(), space.gain.data_ptr(),
-                                           space.rank, sums.data_ptr())  # fmt: skip
+                                           space.width, space.rank, sums.data_ptr())  # fmt: skip
         if failed:
             raise MemoryError("the FP8 kernels could not allocate their working memory")
 
@@ -179,16 +179,17 @@ class Fp8Kernels:
 
 
     def _subspace_agrees(self) -> bool:
-        """The subspace rule on 11 rows (8 in SIMD lanes where the CPU has them, 3 portable) with
-        ragged tiles and a rank-3 subspace, as torch's reference writes them."""
+        """The subspace rule on 43 rows (4 groups of 8 in SIMD lanes where the CPU has them, then one
+        group, then 3 rows portable) with ragged tiles and a rank-3 subspace (padded to 4), as torch's
+        reference writes them."""
         g = torch.Generator().manual_seed(0)
-        w = torch.randn(11, 40, generator=g)
+        w = torch.randn(43, 40, generator=g)
         space = rounding.subspace_of([torch.randn(3, 40, generator=g)])
-        block, s = (4, 16), torch.rand(3, 3, generator=g) * 0.01 + 0.002
-        full = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:11, :40].contiguous()
+        block, s = (4, 16), torch.rand(11, 3, generator=g) * 0.01 + 0.002
+        full = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:43, :40].contiguous()
         for dtype in _FORMATS:
-            q = torch.empty(11, 40, dtype=torch.uint8).view(dtype)
-            base = (torch.zeros(11, 40, dtype=torch.uint8).view(dtype), s)
+            q = torch.empty(43, 40, dtype=torch.uint8).view(dtype)
+            base = (torch.zeros(43, 40, dtype=torch.uint8).view(dtype), s)
             self.subspace(w, q, 0, s, block, base=base, space=space, sums=torch.zeros(3, dtype=torch.float64))
             want = rounding.round_subspace(w, full, dtype, space).to(dtype)
             if not torch.equal(q.view(torch.uint8), want.view(torch.uint8)):

@@ -147,26 +147,33 @@ def quantize_values(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor | None)
 # -- the subspace rule ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Subspace:
-    """One weight's adapter input subspace, for :func:`round_subspace`: ``basis`` (cols, r) float32,
-    row j the j-th column of an orthonormal basis of the span of the terms' right factors; ``gain``
-    (cols, r) float32, row j = M_j^-1 a_j with M_j = damping I + sum_{k > j} a_k a_k^T, the feedback
-    that best moves an error at column j into the later columns within the span (GPTQ's update)."""
+    """One weight's adapter input subspace, for :func:`round_subspace`: ``basis`` (cols, width)
+    float32, row j the j-th column of an orthonormal basis of the span of the terms' right factors;
+    ``gain`` (cols, width) float32, row j = M_j^-1 a_j with M_j = damping I + sum_{k > j} a_k a_k^T,
+    the feedback that best moves an error at column j into the later columns within the span
+    (GPTQ's update). Both are zero past ``rank``, up to ``width``, a power of two of at least 8:
+    the feedback's products are summed pairwise."""
 
     basis: torch.Tensor
     gain: torch.Tensor
+    rank: int
 
     @property
-    def rank(self) -> int:
+    def width(self) -> int:
         return int(self.basis.shape[1])
 
 
-def subspace_of(rights: list[torch.Tensor], damping: float = DAMPING, chunk: int = 512) -> Subspace:
-    """The :class:`Subspace` of the right factors (each (r_i, cols), the stored weight's columns)."""
+def subspace_of(rights: list[torch.Tensor], damping: float = DAMPING, chunk: int | None = None) -> Subspace:
+    """The :class:`Subspace` of the right factors (each (r_i, cols), the stored weight's columns).
+
+    ``chunk`` columns' r x r systems are solved at once (default: about 32 MiB of them).
+    """
     stacked = torch.cat([r.double() for r in rights], 0).T  # (cols, sum r_i)
     q, tri = torch.linalg.qr(stacked)  # (cols, r)
     diag = tri.diagonal().abs()
     q = q[:, diag > diag.max() * 1e-6] if diag.numel() and float(diag.max()) > 0 else q[:, :0]
     cols, r = q.shape
+    chunk = chunk or max(1, min(512, (1 << 22) // max(r * r, 1)))
     eye = torch.eye(r, dtype=torch.float64, device=q.device)
     gain = torch.empty(cols, r, dtype=torch.float64, device=q.device)
     seen = torch.zeros(r, r, dtype=torch.float64, device=q.device)  # sum of a_k a_k^T over the columns done
@@ -175,23 +182,32 @@ def subspace_of(rights: list[torch.Tensor], damping: float = DAMPING, chunk: int
         upto = seen + torch.cumsum(a[:, :, None] * a[:, None, :], dim=0)  # (c, r, r)
         gain[j0 : j0 + chunk] = torch.linalg.solve((1 + damping) * eye - upto, a[:, :, None])[:, :, 0]
         seen = upto[-1]
-    return Subspace(q.to(torch.float32).contiguous(), gain.to(torch.float32).contiguous())
+    width = max(8, 1 << max(r - 1, 0).bit_length())  # a power of two, at least 8: the kernel's sums go by 8
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x.to(torch.float32), (0, width - r)).contiguous()
+
+    return Subspace(padded(q), padded(gain), r)
 
 
 def round_subspace(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, space: Subspace) -> torch.Tensor:
     """``w`` (float32 (rows, cols)) over ``scale`` (its elements' scales, (rows, cols)) on ``dtype``'s
     grid by the subspace rule, in scaled units (float32 on the grid). Column by column, each row's
     value plus its feedback ``G . a_j`` is rounded to nearest, and its error ``e`` (real units)
-    leaves ``G -= e gain_j``; every operation in the order csrc/fp8.c's kernel does it, so that both
-    give the same bytes."""
+    leaves ``G -= e gain_j``. The feedback's products are summed pairwise, (0+1)+(2+3).., over the
+    rank padded with zeros to the basis' width: a fixed order that csrc/fp8.c's kernel follows too,
+    so that both give the same bytes (and the kernel is not one long chain of additions)."""
     rows, cols = w.shape
-    g = torch.zeros(rows, space.rank, dtype=torch.float32, device=w.device)
-    out = torch.empty_like(w)
     basis, gain = space.basis.to(w.device), space.gain.to(w.device)
+    g = torch.zeros(rows, space.width, dtype=torch.float32, device=w.device)
+    out = torch.empty_like(w)
     for j in range(cols):
-        v = w[:, j].clone()
-        for k in range(space.rank):
-            v += g[:, k] * basis[j, k]
+        v = w[:, j]
+        if space.rank:
+            terms = g * basis[j]  # (rows, width)
+            while terms.shape[1] > 1:
+                terms = terms[:, 0::2] + terms[:, 1::2]
+            v = v + terms[:, 0]
         s = scale[:, j]
         q = round_to_grid(v / s, dtype, None)
         g -= (q * s - v)[:, None] * gain[j][None, :]

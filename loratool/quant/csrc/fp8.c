@@ -194,29 +194,36 @@ static inline uint8_t nearest_code(float x, int32_t fmt, float *stored) {
 }
 
 /* The subspace rule along one row (loratool.quant.rounding.round_subspace): column by column, the
- * value plus its feedback g . a_j rounded to nearest, and g -= err gain_j; srow and brow are the
- * row's tile scales (new and base). Adds the kept sums (real units) to sums. */
+ * value plus its feedback g . a_j (products summed pairwise over the padded width) rounded to
+ * nearest, and g -= err gain_j. basis and gain are (cols, width); srow is the row's tile scales. */
 static void subspace_row(const float *w, uint8_t *q, int64_t cols, const float *srow, int64_t bi, int32_t fmt,
-                         const uint8_t *base, const float *brow, const float *basis, const float *gain, int64_t r,
-                         float *g, double *sums) {
-    for (int64_t k = 0; k < r; k++) g[k] = 0.0f;
-    double dd = 0.0, ed = 0.0, ee = 0.0;
+                         const float *basis, const float *gain, int64_t width, int64_t rank, float *g, float *p) {
+    for (int64_t k = 0; k < width; k++) g[k] = 0.0f;
     for (int64_t j = 0; j < cols; j++) {
-        const float *a = basis + j * r, *u = gain + j * r;
+        const float *a = basis + j * width, *u = gain + j * width;
         float v = w[j];
-        for (int64_t k = 0; k < r; k++) v += g[k] * a[k];
+        if (rank) {
+            for (int64_t k = 0; k < width; k++) p[k] = g[k] * a[k];
+            for (int64_t n = width / 2; n >= 1; n /= 2)
+                for (int64_t k = 0; k < n; k++) p[k] = p[2 * k] + p[2 * k + 1];
+            v = v + p[0];
+        }
         float s = srow[j / bi], stored;
         q[j] = nearest_code(v / s, fmt, &stored);
         float err = stored * s - v;
-        for (int64_t k = 0; k < r; k++) g[k] -= err * u[k];
-        float delta = w[j] - decode_fmt(base[j], fmt) * brow[j / bi], off = w[j] - stored * s;
-        dd += (double)(delta * delta);
-        ed += (double)(off * delta);
-        ee += (double)(off * off);
+        for (int64_t k = 0; k < width; k++) g[k] -= err * u[k];
     }
-    sums[0] += dd;
-    sums[1] += ed;
-    sums[2] += ee;
+}
+
+/* One run of kept_sums, portable. */
+static void kept_run(const float *w, const uint8_t *q, const uint8_t *base, int64_t n, float s, float sb, int32_t fmt,
+                     float *acc) {
+    for (int64_t j = 0; j < n; j++) {
+        float delta = w[j] - decode_fmt(base[j], fmt) * sb, off = w[j] - decode_fmt(q[j], fmt) * s;
+        acc[0] += delta * delta;
+        acc[1] += off * delta;
+        acc[2] += off * off;
+    }
 }
 
 /* -- the same runs with AVX2 (and F16C), eight or sixteen elements at a time ---------------------- */
@@ -327,14 +334,74 @@ __attribute__((target("avx2,f16c"))) static void encode_run_avx2(const float *w,
     acc->dd += hsum_avx(vdd);
 }
 
-/* subspace_row for 8 rows at once, a row per lane (rows `stride` elements apart): the same
- * operations in the same order, so the same bytes. g holds r vectors of 8. */
-__attribute__((target("avx2"))) static void subspace_rows8(const float *w, uint8_t *q, int64_t stride, int64_t cols,
-                                                           const float *const *srows, int64_t bi, int32_t fmt,
-                                                           const uint8_t *base, const float *const *brows,
-                                                           const float *basis, const float *gain, int64_t r,
-                                                           float *g, const float *table, double *sums) {
+/* 8 rows of 8 floats (row l at in + l * stride) stored as 8 columns of 8 (column c at out + c * step). */
+__attribute__((target("avx2"))) static inline void transpose8(const float *in, int64_t stride, float *out, int64_t step) {
+    __m256 r0 = _mm256_loadu_ps(in), r1 = _mm256_loadu_ps(in + stride), r2 = _mm256_loadu_ps(in + 2 * stride);
+    __m256 r3 = _mm256_loadu_ps(in + 3 * stride), r4 = _mm256_loadu_ps(in + 4 * stride);
+    __m256 r5 = _mm256_loadu_ps(in + 5 * stride), r6 = _mm256_loadu_ps(in + 6 * stride);
+    __m256 r7 = _mm256_loadu_ps(in + 7 * stride);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3);
+    __m256 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(out, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(out + step, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(out + 2 * step, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(out + 3 * step, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(out + 4 * step, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(out + 5 * step, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(out + 6 * step, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(out + 7 * step, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+/* Codes gathered column by column (ct: cols x lanes bytes) back to their rows of q: 8 columns of
+ * 16 lanes at a time by byte, word and dword unpacks, the rest one by one. */
+__attribute__((target("avx2"))) static void write_codes(const uint8_t *ct, int64_t lanes, int64_t cols, uint8_t *q,
+                                                        int64_t stride) {
+    int64_t j0 = 0;
+    if (lanes % 16 == 0)
+        for (; j0 + 8 <= cols; j0 += 8)
+            for (int64_t lb = 0; lb < lanes; lb += 16) {
+                __m128i a[8], b[8], c[8];
+                for (int k = 0; k < 8; k++) a[k] = _mm_loadu_si128((const __m128i *)(const void *)(ct + (j0 + k) * lanes + lb));
+                for (int k = 0; k < 4; k++) {
+                    b[2 * k] = _mm_unpacklo_epi8(a[2 * k], a[2 * k + 1]);     /* lanes 0-7, columns 2k, 2k+1 */
+                    b[2 * k + 1] = _mm_unpackhi_epi8(a[2 * k], a[2 * k + 1]); /* lanes 8-15 */
+                }
+                for (int h = 0; h < 2; h++) { /* columns 0-3 (h = 0) and 4-7 */
+                    c[4 * h] = _mm_unpacklo_epi16(b[4 * h], b[4 * h + 2]);         /* lanes 0-3 */
+                    c[4 * h + 1] = _mm_unpackhi_epi16(b[4 * h], b[4 * h + 2]);     /* lanes 4-7 */
+                    c[4 * h + 2] = _mm_unpacklo_epi16(b[4 * h + 1], b[4 * h + 3]); /* lanes 8-11 */
+                    c[4 * h + 3] = _mm_unpackhi_epi16(b[4 * h + 1], b[4 * h + 3]); /* lanes 12-15 */
+                }
+                for (int k = 0; k < 4; k++) { /* lanes 4k .. 4k+3, all 8 columns: two lanes per vector */
+                    __m128i lo = _mm_unpacklo_epi32(c[k], c[4 + k]), hi = _mm_unpackhi_epi32(c[k], c[4 + k]);
+                    uint8_t *row = q + (lb + 4 * k) * stride + j0;
+                    _mm_storel_epi64((__m128i *)(void *)row, lo);
+                    _mm_storeh_pi((__m64 *)(void *)(row + stride), _mm_castsi128_ps(lo));
+                    _mm_storel_epi64((__m128i *)(void *)(row + 2 * stride), hi);
+                    _mm_storeh_pi((__m64 *)(void *)(row + 3 * stride), _mm_castsi128_ps(hi));
+                }
+            }
+    for (int64_t l = 0; l < lanes; l++)
+        for (int64_t j = j0; j < cols; j++) q[l * stride + j] = ct[j * lanes + l];
+}
+
+/* subspace_row for N groups of 8 rows at once, a row per lane: the same operations in the same
+ * order, so the same bytes. The rows are first laid out column by column in wt (cols x 8N floats:
+ * rows a power-of-two stride apart would share cache sets), and their codes gathered in ct (cols x
+ * 8N bytes) before they go back to their rows. The groups' chains are independent, which hides the
+ * latency of each column's dependent steps. g and p hold width x N vectors of 8. */
+#define LT_GROUPS 4
+__attribute__((target("avx2"), always_inline)) static inline void subspace_rows(
+    const float *w, uint8_t *q, int64_t stride, int64_t cols, const float *const *srows, int64_t bi, int32_t fmt,
+    const float *basis, const float *gain, int64_t width, int64_t rank, __m256 *g, __m256 *p, float *wt, uint8_t *ct,
+    const int n) {
     const Format f = FORMATS[fmt];
+    const int64_t lanes = 8 * n;
     const __m256 top = _mm256_set1_ps(f.top);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
@@ -342,57 +409,112 @@ __attribute__((target("avx2"))) static void subspace_rows8(const float *w, uint8
     const __m256i shift = _mm256_set1_epi32((int)(f.shift << 23)), low8 = _mm256_set1_epi32(0xFF);
     const __m256i first = _mm256_set1_epi32((int)(f.min_exp >> f.shift)), bit7 = _mm256_set1_epi32(0x80);
     const __m128i count = _mm_cvtsi32_si128((int)f.shift);
-    const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
-    for (int64_t k = 0; k < 8 * r; k++) g[k] = 0.0f;
-    __m256 s = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
-    __m256d dd = _mm256_setzero_pd(), ed = _mm256_setzero_pd(), ee = _mm256_setzero_pd();
-    float lanes[8];
-    int32_t codes[8];
-    for (int64_t j = 0; j < cols; j++) {
-        if (j % bi == 0) { /* a new tile: each lane's scales */
-            for (int l = 0; l < 8; l++) lanes[l] = srows[l][j / bi];
-            s = _mm256_loadu_ps(lanes);
-            for (int l = 0; l < 8; l++) lanes[l] = brows[l][j / bi];
-            sb = _mm256_loadu_ps(lanes);
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8)
+        for (int b = 0; b < n; b++) transpose8(w + 8 * b * stride + j, stride, wt + j * lanes + 8 * b, lanes);
+    for (; j < cols; j++)
+        for (int64_t l = 0; l < lanes; l++) wt[j * lanes + l] = w[l * stride + j];
+    for (int64_t k = 0; k < width * n; k++) g[k] = _mm256_setzero_ps();
+    __m256 s[LT_GROUPS] = {0}, v[LT_GROUPS];
+    float scales[8];
+    int64_t tile = -1, next = 0; /* the tile of column j, and where the next begins */
+    for (j = 0; j < cols; j++) {
+        if (j == next) { /* a new tile: each lane's scale */
+            tile++;
+            next += bi;
+            for (int b = 0; b < n; b++) {
+                for (int l = 0; l < 8; l++) scales[l] = srows[8 * b + l][tile];
+                s[b] = _mm256_loadu_ps(scales);
+            }
         }
-        const float *a = basis + j * r, *u = gain + j * r;
-        __m256 wv = _mm256_i32gather_ps(w + j, rows, 4);
-        __m256 v = wv;
-        for (int64_t k = 0; k < r; k++)
-            v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_loadu_ps(g + 8 * k), _mm256_set1_ps(a[k])));
-        __m256 x = _mm256_div_ps(v, s);
-        __m256 ax = _mm256_and_ps(x, abs_mask);
-        __m256 ac = _mm256_min_ps(ax, top);
-        __m256i e = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(ac), exp_mask), min_exp);
-        __m256 c = _mm256_castsi256_ps(_mm256_add_epi32(e, shift));
-        __m256 sum = _mm256_add_ps(ac, c);
-        __m256 stored = _mm256_or_ps(_mm256_sub_ps(sum, c), _mm256_and_ps(x, sign_mask));
-        __m256i code = _mm256_add_epi32(_mm256_sub_epi32(_mm256_srl_epi32(e, count), first),
-                                        _mm256_and_si256(_mm256_castps_si256(sum), low8));
-        code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24), bit7));
-        _mm256_storeu_si256((__m256i *)(void *)codes, code);
-        for (int l = 0; l < 8; l++) q[l * stride + j] = (uint8_t)codes[l];
-        __m256 err = _mm256_sub_ps(_mm256_mul_ps(stored, s), v);
-        for (int64_t k = 0; k < r; k++) {
-            __m256 gk = _mm256_loadu_ps(g + 8 * k);
-            _mm256_storeu_ps(g + 8 * k, _mm256_sub_ps(gk, _mm256_mul_ps(err, _mm256_set1_ps(u[k]))));
+        const float *a = basis + j * width, *u = gain + j * width;
+        for (int b = 0; b < n; b++) {
+            v[b] = _mm256_loadu_ps(wt + j * lanes + 8 * b);
+            if (!rank) continue;
+            for (int64_t c = 0; c < width / 8; c++) { /* 8 products summed pairwise, in registers */
+                const __m256 *gc = g + 8 * c * n + b;
+                const float *ac = a + 8 * c;
+                __m256 p0 = _mm256_mul_ps(gc[0], _mm256_broadcast_ss(ac)), p1 = _mm256_mul_ps(gc[n], _mm256_broadcast_ss(ac + 1));
+                __m256 p2 = _mm256_mul_ps(gc[2 * n], _mm256_broadcast_ss(ac + 2));
+                __m256 p3 = _mm256_mul_ps(gc[3 * n], _mm256_broadcast_ss(ac + 3));
+                __m256 p4 = _mm256_mul_ps(gc[4 * n], _mm256_broadcast_ss(ac + 4));
+                __m256 p5 = _mm256_mul_ps(gc[5 * n], _mm256_broadcast_ss(ac + 5));
+                __m256 p6 = _mm256_mul_ps(gc[6 * n], _mm256_broadcast_ss(ac + 6));
+                __m256 p7 = _mm256_mul_ps(gc[7 * n], _mm256_broadcast_ss(ac + 7));
+                p[c * n + b] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)),
+                                             _mm256_add_ps(_mm256_add_ps(p4, p5), _mm256_add_ps(p6, p7)));
+            }
+            for (int64_t m = width / 16; m >= 1; m /= 2) /* the chunks' sums, pairwise */
+                for (int64_t k = 0; k < m; k++) p[k * n + b] = _mm256_add_ps(p[2 * k * n + b], p[(2 * k + 1) * n + b]);
+            v[b] = _mm256_add_ps(v[b], p[b]);
         }
-        for (int l = 0; l < 8; l++) lanes[l] = table[base[l * stride + j]];
-        __m256 delta = _mm256_sub_ps(wv, _mm256_mul_ps(_mm256_loadu_ps(lanes), sb));
-        __m256 off = _mm256_sub_ps(wv, _mm256_mul_ps(stored, s));
-        __m256 d2 = _mm256_mul_ps(delta, delta), od = _mm256_mul_ps(off, delta), o2 = _mm256_mul_ps(off, off);
-        dd = _mm256_add_pd(dd, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(d2)),
-                                             _mm256_cvtps_pd(_mm256_extractf128_ps(d2, 1))));
-        ed = _mm256_add_pd(ed, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(od)),
-                                             _mm256_cvtps_pd(_mm256_extractf128_ps(od, 1))));
-        ee = _mm256_add_pd(ee, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(o2)),
-                                             _mm256_cvtps_pd(_mm256_extractf128_ps(o2, 1))));
+        for (int b = 0; b < n; b++) {
+            __m256 x = _mm256_div_ps(v[b], s[b]);
+            __m256 ac = _mm256_min_ps(_mm256_and_ps(x, abs_mask), top);
+            __m256i e = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(ac), exp_mask), min_exp);
+            __m256 c = _mm256_castsi256_ps(_mm256_add_epi32(e, shift));
+            __m256 sum = _mm256_add_ps(ac, c);
+            __m256 stored = _mm256_or_ps(_mm256_sub_ps(sum, c), _mm256_and_ps(x, sign_mask));
+            __m256i code = _mm256_add_epi32(_mm256_sub_epi32(_mm256_srl_epi32(e, count), first),
+                                            _mm256_and_si256(_mm256_castps_si256(sum), low8));
+            code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24), bit7));
+            __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+            _mm_storel_epi64((__m128i *)(void *)(ct + j * lanes + 8 * b), _mm_packus_epi16(words, words));
+            v[b] = _mm256_sub_ps(_mm256_mul_ps(stored, s[b]), v[b]); /* the error */
+        }
+        for (int64_t k = 0; k < width; k++) {
+            __m256 uk = _mm256_set1_ps(u[k]);
+            for (int b = 0; b < n; b++) g[k * n + b] = _mm256_sub_ps(g[k * n + b], _mm256_mul_ps(v[b], uk));
+        }
     }
-    double parts[4];
-    __m256d acc[3] = {dd, ed, ee};
-    for (int m = 0; m < 3; m++) {
-        _mm256_storeu_pd(parts, acc[m]);
-        sums[m] += parts[0] + parts[1] + parts[2] + parts[3];
+    write_codes(ct, lanes, cols, q, stride);
+}
+
+__attribute__((target("avx2"))) static void subspace_rows_many(const float *w, uint8_t *q, int64_t stride,
+                                                               int64_t cols, const float *const *srows, int64_t bi,
+                                                               int32_t fmt, const float *basis, const float *gain,
+                                                               int64_t width, int64_t rank, __m256 *g, __m256 *p,
+                                                               float *wt, uint8_t *ct) {
+    subspace_rows(w, q, stride, cols, srows, bi, fmt, basis, gain, width, rank, g, p, wt, ct, LT_GROUPS);
+}
+
+__attribute__((target("avx2"))) static void subspace_rows_one(const float *w, uint8_t *q, int64_t stride,
+                                                              int64_t cols, const float *const *srows, int64_t bi,
+                                                              int32_t fmt, const float *basis, const float *gain,
+                                                              int64_t width, int64_t rank, __m256 *g, __m256 *p,
+                                                              float *wt, uint8_t *ct) {
+    subspace_rows(w, q, stride, cols, srows, bi, fmt, basis, gain, width, rank, g, p, wt, ct, 1);
+}
+
+/* kept_sums over one run of n elements of one tile (scales s, sb), eight at a time: both codes
+ * decoded through float16 (as decode_run_avx2), float sums per run. Needs 256 s and 256 sb finite. */
+__attribute__((target("avx2,f16c"))) static void kept_run_avx2(const float *w, const uint8_t *q, const uint8_t *base,
+                                                              int64_t n, float s, float sb, int32_t fmt, float *acc) {
+    const int e4 = fmt == LT_E4M3FN;
+    const __m256 vs = _mm256_set1_ps(e4 ? s * 256.0f : s), vsb = _mm256_set1_ps(e4 ? sb * 256.0f : sb);
+    const __m128i sign8 = _mm_set1_epi16(0x80);
+    __m256 dd = _mm256_setzero_ps(), ed = _mm256_setzero_ps(), ee = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m128i cq = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(const void *)(q + j)));
+        __m128i cb = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(const void *)(base + j)));
+        __m128i hq = e4 ? _mm_slli_epi16(_mm_add_epi16(cq, _mm_and_si128(cq, sign8)), 7) : _mm_slli_epi16(cq, 8);
+        __m128i hb = e4 ? _mm_slli_epi16(_mm_add_epi16(cb, _mm_and_si128(cb, sign8)), 7) : _mm_slli_epi16(cb, 8);
+        __m256 wv = _mm256_loadu_ps(w + j);
+        __m256 delta = _mm256_sub_ps(wv, _mm256_mul_ps(_mm256_cvtph_ps(hb), vsb));
+        __m256 off = _mm256_sub_ps(wv, _mm256_mul_ps(_mm256_cvtph_ps(hq), vs));
+        dd = _mm256_add_ps(dd, _mm256_mul_ps(delta, delta));
+        ed = _mm256_add_ps(ed, _mm256_mul_ps(off, delta));
+        ee = _mm256_add_ps(ee, _mm256_mul_ps(off, off));
+    }
+    acc[0] += hsum_avx(dd);
+    acc[1] += hsum_avx(ed);
+    acc[2] += hsum_avx(ee);
+    for (; j < n; j++) {
+        float delta = w[j] - decode_fmt(base[j], fmt) * sb, off = w[j] - decode_fmt(q[j], fmt) * s;
+        acc[0] += delta * delta;
+        acc[1] += off * delta;
+        acc[2] += off * off;
     }
 }
 
@@ -423,6 +545,36 @@ static int simd_usable(void) {
 #define MAX_BITS max_bits
 #define ENCODE_RUN encode_run
 #endif
+
+/* The kept sums of written codes q against the merged w and the base's codes (real units), added
+ * to sums: <delta, delta>, <err, delta>, <err, err> with delta = w - base, err = w - stored. */
+static void kept_sums(const float *w, const uint8_t *q, const uint8_t *base, int64_t rows, int64_t cols, int64_t row0,
+                      const float *scale, const float *base_scale, int64_t bo, int64_t bi, int32_t fmt,
+                      double *sums) {
+    int64_t nb = (cols + bi - 1) / bi;
+    for (int64_t i = 0; i < rows; i++) {
+        const float *srow = scale + ((row0 + i) / bo) * nb, *brow = base_scale + ((row0 + i) / bo) * nb;
+        for (int64_t t = 0; t < nb; t++) {
+            int64_t j1 = (t + 1) * bi < cols ? (t + 1) * bi : cols;
+            float s = srow[t], sb = brow[t];
+            int simd = 0;
+#ifdef LT_AVX2
+            float s256 = s * 256.0f, sb256 = sb * 256.0f;
+            simd = simd_usable() && s256 <= FLT_MAX && sb256 <= FLT_MAX;
+#endif
+            for (int64_t j = t * bi; j < j1; j += LT_RUN) { /* float runs, double sums */
+                int64_t n = j1 - j < LT_RUN ? j1 - j : LT_RUN, at = i * cols + j;
+                float acc[3] = {0.0f, 0.0f, 0.0f};
+#ifdef LT_AVX2
+                if (simd) kept_run_avx2(w + at, q + at, base + at, n, s, sb, fmt, acc);
+                else
+#endif
+                    kept_run(w + at, q + at, base + at, n, s, sb, fmt, acc);
+                for (int m = 0; m < 3; m++) sums[m] += acc[m];
+            }
+        }
+    }
+}
 
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
@@ -531,36 +683,39 @@ LT_EXPORT double lt_fp8_encode(const float *w, uint8_t *q, int64_t rows, int64_t
 }
 
 /* q = w / scale rounded by the subspace rule (loratool.quant.rounding.round_subspace) with the
- * weight's `basis` and `gain` ((cols, r) each), row by row; rows are independent, so a caller may
- * split them across threads. `base` and `base_scale` (the base's codes and scales, tiled as
- * `scale`) give the kept sums, added to sums[0..3) as lt_fp8_encode's. Returns 0, or 1 where its
- * working memory could not be had (nothing written then). */
+ * weight's `basis` and `gain` ((cols, width) each, width a power of two, zero past `rank`), row by
+ * row; rows are independent, so a caller may split them across threads. `base` and `base_scale`
+ * (the base's codes and scales, tiled as `scale`) give the kept sums, added to sums[0..3) as
+ * lt_fp8_encode's. Returns 0, or 1 where its working memory could not be had (nothing written). */
 LT_EXPORT int32_t lt_fp8_subspace(const float *w, uint8_t *q, int64_t rows, int64_t cols, int64_t row0,
                                   const float *scale, int64_t bo, int64_t bi, int32_t fmt, const uint8_t *base,
-                                  const float *base_scale, const float *basis, const float *gain, int64_t r,
-                                  double *sums) {
+                                  const float *base_scale, const float *basis, const float *gain, int64_t width,
+                                  int64_t rank, double *sums) {
     int64_t nb = (cols + bi - 1) / bi;
-    float *g = (float *)malloc((size_t)(8 * (r > 0 ? r : 1)) * sizeof(float));
-    if (!g) return 1;
+    size_t vectors = (size_t)(8 * 4 * width); /* g and p for 4 groups of 8 rows */
+    size_t floats = 2 * vectors + (size_t)(cols * 32) + (size_t)(cols * 32 + 31) / 4; /* and wt, ct */
+    float *work = (float *)aligned_alloc(32, (floats + 7) / 8 * 8 * sizeof(float));
+    if (!work) return 1;
     int64_t i = 0;
 #ifdef LT_AVX2
-    if (simd_usable() && cols * 8 < INT32_MAX) {
-        float table[256];
-        for (uint32_t code = 0; code < 256; code++) table[code] = decode_fmt(code, fmt);
-        const float *srows[8], *brows[8];
-        for (; i + 8 <= rows; i += 8) {
-            for (int l = 0; l < 8; l++) {
-                srows[l] = scale + ((row0 + i + l) / bo) * nb;
-                brows[l] = base_scale + ((row0 + i + l) / bo) * nb;
-            }
-            subspace_rows8(w + i * cols, q + i * cols, cols, cols, srows, bi, fmt, base + i * cols, brows, basis, gain, r,
-                           g, table, sums);
+    if (simd_usable()) {
+        const float *srows[8 * LT_GROUPS];
+        __m256 *g = (__m256 *)(void *)work, *p = (__m256 *)(void *)(work + vectors);
+        float *wt = work + 2 * vectors;
+        uint8_t *ct = (uint8_t *)(void *)(wt + cols * 32);
+        for (; i + 8 <= rows;) {
+            int n = i + 8 * LT_GROUPS <= rows ? LT_GROUPS : 1;
+            for (int l = 0; l < 8 * n; l++) srows[l] = scale + ((row0 + i + l) / bo) * nb;
+            (n == LT_GROUPS ? subspace_rows_many : subspace_rows_one)(w + i * cols, q + i * cols, cols, cols, srows, bi,
+                                                                      fmt, basis, gain, width, rank, g, p, wt, ct);
+            i += 8 * n;
         }
     }
 #endif
     for (; i < rows; i++)
-        subspace_row(w + i * cols, q + i * cols, cols, scale + ((row0 + i) / bo) * nb, bi, fmt, base + i * cols,
-                     base_scale + ((row0 + i) / bo) * nb, basis, gain, r, g, sums);
-    free(g);
+        subspace_row(w + i * cols, q + i * cols, cols, scale + ((row0 + i) / bo) * nb, bi, fmt, basis, gain, width,
+                     rank, work, work + width);
+    kept_sums(w, q, base, rows, cols, row0, scale, base_scale, bo, bi, fmt, sums);
+    free(work);
     return 0;
 }
