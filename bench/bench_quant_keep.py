@@ -61,16 +61,16 @@ def train(model: LlamaForCausalLM, chain: torch.Tensor, steps: int, lr: float, s
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
-def tiny_pair(workdir: Path, steps: int) -> tuple[Path, Path, dict[str, float]]:
+def tiny_pair(workdir: Path, steps: int, layers: int = 4) -> tuple[Path, Path, dict[str, float]]:
     """base/ (trained on language A) and ft/ (then on language B), float32, saved by transformers."""
-    base_dir, ft_dir = workdir / "keep-base", workdir / "keep-ft"
+    base_dir, ft_dir = workdir / f"keep-base-l{layers}-s{steps}", workdir / f"keep-ft-l{layers}-s{steps}"
     losses: dict[str, float] = {}
     if not (ft_dir / "config.json").exists():
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
                              tie_word_embeddings=False)  # fmt: skip
         model = LlamaForCausalLM(config)
@@ -78,6 +78,8 @@ def tiny_pair(workdir: Path, steps: int) -> tuple[Path, Path, dict[str, float]]:
         model.save_pretrained(base_dir, safe_serialization=True)
         losses["ft"] = train(model, language(2), steps // 2, 1e-3, seed=2)
         model.save_pretrained(ft_dir, safe_serialization=True)
+        (workdir / f"keep-losses-l{layers}-s{steps}.json").write_text(json.dumps(losses))
+    losses = json.loads((workdir / f"keep-losses-l{layers}-s{steps}.json").read_text())
     return base_dir, ft_dir, losses
 
 
@@ -156,11 +158,11 @@ class Judge:
         return float((ref.exp() * (ref - other)).sum(-1).mean())
 
 
-def run(workdir: Path, steps: int) -> dict[str, Any]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    base, ft, losses = tiny_pair(workdir, steps)
+def run(workdir: Path, layers: int = 4, rank: int = 16, device: str = "cpu", steps: int = 300) -> dict[str, Any]:
+    """The figures (run_all's signature: ``device`` is the merges'; the model runs on the CPU)."""
+    base, ft, losses = tiny_pair(workdir, steps, layers)
     adapter = workdir / "keep-adapter"
-    loratool.extract(base, ft, output=adapter, rank=16, include=r"\.(" + "|".join(PROJ) + r")$", svd="exact",
+    loratool.extract(base, ft, output=adapter, rank=rank, include=r"\.(" + "|".join(PROJ) + r")$", svd="exact",
                      force=True, show_progress=False)  # fmt: skip
     deltas = adapter_deltas(adapter)
     weights = {k: v for k, v in load_file(str(base / "model.safetensors")).items() if k in deltas}
@@ -183,7 +185,7 @@ def run(workdir: Path, steps: int) -> dict[str, Any]:
                 for seed in seeds:
                     out = workdir / "keep-merged"
                     res = loratool.merge(fp8, [(str(adapter), scale)], output=out, rounding=rule, seed=seed,
-                                         force=True, show_progress=False)  # fmt: skip
+                                         device=device, force=True, show_progress=False)  # fmt: skip
                     q = res.quantization
                     assert q is not None
                     kepts.append(q["kept"])
@@ -192,13 +194,14 @@ def run(workdir: Path, steps: int) -> dict[str, Any]:
                              "kept": sum(kepts) / len(kepts), "noise": q["noise"]}  # fmt: skip
             rows.append(row)
     shutil.rmtree(workdir / "keep-merged", ignore_errors=True)
-    return {"natural_size": natural, "losses": losses, "rows": rows, "steps": steps}
+    return {"natural_size": natural, "losses": losses, "rows": rows, "steps": steps, "rank": rank, "layers": layers}
 
 
 def report(r: dict[str, Any]) -> str:
     lines = [
-        "a rank-16 adapter extracted from a tiny Llama fine-tune (trained in this script: "
-        f"{r['steps']} + {r['steps'] // 2} steps; its own size ||delta|| / ||W|| = {r['natural_size']:.1%}), scaled,",
+        f"a rank-{r['rank']} adapter extracted from a tiny Llama fine-tune ({r['layers']} layers, hidden 256, trained in "
+        f"this script: {r['steps']} + {r['steps'] // 2} steps, final losses {r['losses']['base']:.2f} and "
+        f"{r['losses']['ft']:.2f}; its own size ||delta|| / ||W|| = {r['natural_size']:.1%}), scaled,",
         "merged into FP8 e4m3 block-scaled copies of the base; effect kept = 1 - KL(ref, merged) / KL(ref, base) on",
         "held-out text of the fine-tune's language (ref: dequant(base) + delta, unrounded); stochastic: mean of "
         f"{len(SEEDS)} seeds",
@@ -218,11 +221,14 @@ def report(r: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratool-bench"))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--json", action="store_true", help="Print the figures as JSON.")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    result = run(args.workdir, args.steps)
+    result = run(args.workdir, args.layers, args.rank, args.device, args.steps)
     print(json.dumps(result, indent=2) if args.json else report(result))
 
 

@@ -3,7 +3,8 @@
     python bench/run_all.py [--workdir /tmp/loratool-bench] [--layers 16] [--device cpu] [--only combine]
 
 Every figure is a ratio against a baseline run in the same invocation (these machines are noisy):
-extract (randomized and exact) vs the exact full-SVD approach, merge vs a plain copy, combine-svd vs
+extract (randomized and exact) vs the exact full-SVD approach, merge vs a plain copy (bf16 and FP8),
+what a merge into FP8 keeps of the adapter at the model's output per rounding rule, combine-svd vs
 the dense approach; peak private memory for each, and the read floor beside the figures; and
 buffered vs O_DIRECT writes (write_paths), which explains the copy baseline's swings; and, where a
 CUDA GPU is present, merge on it against its host's CPU (gpu; skipped elsewhere, its section kept).
@@ -27,6 +28,7 @@ import bench_fp8
 import bench_gpu
 import bench_merge
 import bench_moe
+import bench_quant_keep
 import bench_registry
 import bench_ties
 import torch
@@ -35,7 +37,8 @@ from common import machine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BENCHES = {
-    "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "combine": bench_combine,
+    "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "quant_keep": bench_quant_keep,
+    "combine": bench_combine,
     "ties": bench_ties, "analyze": bench_analyze, "moe": bench_moe, "registry": bench_registry, "write_paths": write_paths,
     "gpu": bench_gpu,
 }  # fmt: skip
@@ -78,7 +81,9 @@ def main() -> None:
             print("skipping gpu: no CUDA GPU here (its section is kept as it was)", file=sys.stderr)
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        layers = args.combine_layers if name in ("combine", "ties") else 4 if name == "moe" else args.layers
+        layers = (
+            args.combine_layers if name in ("combine", "ties") else 4 if name in ("moe", "quant_keep") else args.layers
+        )
         rank = 64 if name in ("combine", "ties", "analyze") else 16
         if name == "write_paths":
             result = write_paths.run(args.workdir)

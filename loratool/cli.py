@@ -146,6 +146,8 @@ COMBINE_METHODS = (
     "magnitude_prune_svd",
 )  # fmt: skip  (loratool.ops.combine.METHODS; spelled here so --help needs no torch)
 REGEX = _Regex()
+
+
 class _Share(click.FloatRange):
     """A float in a range, NaN refused (it compares false with both bounds, so FloatRange lets it in)."""
 
@@ -228,11 +230,17 @@ ROUNDING: Decorator = click.option(
     "checkpoints always round to nearest, as PEFT merges.",
 )  # fmt: skip
 ROUNDING_SEED: Decorator = click.option(
-    "--seed", type=int, default=0, show_default=True,
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
     help="Seed of --rounding stochastic: the same seed writes the same bytes on any device and thread count.",
 )
 MIN_KEPT: Decorator = click.option(
-    "--min-kept", type=_Share(0.0, 1.0), default=None, metavar="SHARE",
+    "--min-kept",
+    type=_Share(0.0, 1.0),
+    default=None,
+    metavar="SHARE",
     help="Into a quantized base: fail, writing nothing, when the written weights carry less than this share of "
     "the adapter's delta (kept, in the summary); e.g. 0.8 in a pipeline.",
 )

@@ -259,7 +259,7 @@ def test_kept_is_its_formula() -> None:
     base, delta = torch.randn(50, generator=g), torch.randn(50, generator=g) * 0.1
     written = base + 0.6 * delta + torch.randn(50, generator=g) * 0.02
     k = Kept.of(delta.double(), (base.double() + delta.double()) - written.double())
-    change = (written.double() - base.double())
+    change = written.double() - base.double()
     kept = float(change @ delta.double() / (delta.double() @ delta.double()))
     assert k.kept == pytest.approx(kept, rel=1e-9)
     assert k.noise == pytest.approx(float((change - kept * delta.double()).norm() / delta.double().norm()), rel=1e-6)

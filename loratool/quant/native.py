@@ -177,7 +177,6 @@ class Fp8Kernels:
                     return False
         return True
 
-
     def _subspace_agrees(self) -> bool:
         """The subspace rule on 43 rows (4 groups of 8 in SIMD lanes where the CPU has them, then one
         group, then 3 rows portable) with ragged tiles and a rank-3 subspace (padded to 4), as torch's
