@@ -90,3 +90,22 @@ def test_the_adapter_model_depends_on_errors_only() -> None:
 def test_each_outside_library_enters_through_one_module(library: str, home: str) -> None:
     users = {m for m, (_, outside) in GRAPH.items() if library in outside}
     assert users and all(m.startswith(home) for m in users), f"{library} is imported by {sorted(users)}"
+
+
+QUANT_MAY_USE = {"loratool.errors", "loratool.linalg", "loratool.runtime", "loratool._version"}
+
+
+def test_quantization_is_one_package_below_the_operations() -> None:
+    """loratool.quant (layouts, one module per scheme, rounding rules, kernels) uses the math and
+    nothing that reads files or runs a command, and the FP8 layout types live nowhere else."""
+    quant = {m for m in GRAPH if m.startswith("loratool.quant")}
+    assert {"loratool.quant.layout", "loratool.quant.fp8", "loratool.quant.rounding", "loratool.quant.native"} <= quant
+    for m in quant:
+        outside = {n for n in GRAPH[m][0] if not n.startswith("loratool.quant")}
+        assert outside <= QUANT_MAY_USE, f"{m} imports {sorted(outside - QUANT_MAY_USE)}"
+    for m in GRAPH:
+        source = (PACKAGE.parent / Path(*m.split("."))).with_suffix(".py")
+        if m.startswith("loratool.quant") or not source.is_file():
+            continue
+        text = source.read_text()
+        assert "class Fp8" not in text and "def quantize_" not in text, f"{m} defines quantization outside quant/"

@@ -311,7 +311,7 @@ def power_of_two_scales(path: Path) -> None:
     save_file(ts, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "subspace"])
 def test_a_dequantized_output_is_rounded_by_the_rule_and_reports_kept(tmp_path: Path, plain, rounding: str) -> None:
     """--dtype bfloat16 from a base whose values are bfloat16s: the merged weights are rounded to
     bfloat16 by the rule; a delta under half a bfloat16 step is erased by nearest rounding (it
@@ -331,8 +331,10 @@ def test_a_dequantized_output_is_rounded_by_the_rule_and_reports_kept(tmp_path: 
     assert q["kept"] == pytest.approx(inner / sq, abs=2e-3)
     if rounding == "nearest":
         assert q["kept"] < 0.5 and any("output dtype" in w for w in res.warnings)
-    else:
+    elif rounding == "stochastic":
         assert abs(q["kept"] - 1) < 0.15 and not res.warnings
+    else:  # onto bfloat16's grid the subspace rule has no compiled kernel: said, not hidden
+        assert q["kept"] > 0.5 and any("ran as torch passes" in w for w in res.warnings), res.warnings
 
 
 def test_unmerge_says_what_it_took_out(tmp_path: Path, plain) -> None:
@@ -348,6 +350,24 @@ def test_unmerge_says_what_it_took_out(tmp_path: Path, plain) -> None:
         assert res.quantization is not None and res.check is not None and res.check.max_rounding_units <= 2 + 1e-9
         kept[rule] = res.quantization["kept"]
     assert abs(kept["stochastic"] - 1) < 0.2 and kept["nearest"] < 0.5
+
+
+def test_the_subspace_rule_without_the_kernels_gives_their_bytes_and_says_it_is_slow(
+    tmp_path: Path, plain, monkeypatch
+) -> None:
+    from loratool.quant import native
+
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    built = native.fp8_kernels() is not None
+    fast = merge(tmp_path / "fp8", [(adapter, 0.01)], output=tmp_path / "fast", show_progress=False)
+    assert not built or not any("ran as torch passes" in w for w in fast.warnings)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    slow = merge(tmp_path / "fp8", [(adapter, 0.01)], output=tmp_path / "slow", show_progress=False)
+    assert any("ran as torch passes" in w for w in slow.warnings)
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("fast", "slow"))
+    assert all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == E4M3 else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype == E4M3 else b[k]) for k in a)  # fmt: skip
 
 
 def test_a_merge_at_scale_zero_reports_no_kept_and_valid_json(tmp_path: Path, plain, cli) -> None:

@@ -551,6 +551,14 @@ def _apply(
             result.quantization = _quantization_report(fp8, dequantize, rule, [r for _, rs in parts for r in rs])
             _require_kept(result.quantization, min_kept, rule)  # before the output moves into place
             result.warnings += _quantization_warnings(result.quantization, rule)
+            if rule.subspace and (dequantize or native.fp8_kernels() is None) and result.quantization["tensors"]:
+                why = (
+                    "its compiled kernels round onto FP8 grids only"
+                    if dequantize
+                    else "loratool's compiled kernels are not built here: reinstall it with a C compiler on PATH"
+                )
+                result.warnings.append(f"the subspace rule ran as torch passes, column by column ({why}), which is "
+                                       "slow on large models; --rounding stochastic is fast everywhere")  # fmt: skip
         elif min_kept is not None:
             result.warnings.append("--min-kept applies to quantized bases: this one is not, so its merged weights "
                                    "were rounded to nearest in the output dtype, as PEFT merges")  # fmt: skip
