@@ -73,14 +73,15 @@ def test_ties_svd_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
         assert torch.allclose(cpu[k], gpu[k], rtol=1e-4, atol=1e-6), k
 
 
-def test_fp8_merge_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
+@pytest.mark.parametrize("rounding", ["subspace", "stochastic", "nearest"])
+def test_fp8_merge_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path, rounding: str) -> None:
     """Scales to float32 rounding, values within one FP8 rounding unit (the sums round apart)."""
     from loratool.quant.fp8 import dequantize_fp8
     from loratool.quant.layout import Fp8Scheme
 
     for device in ("cpu", "cuda"):
         merge(fixtures / "llama-fp8-block", [fixtures / "llama-peft-adapter"], output=tmp_path / device,
-              device=device, show_progress=False)  # fmt: skip
+              device=device, rounding=rounding, show_progress=False)  # fmt: skip
     scheme = Fp8Scheme("block", (24, 24))
     with open_checkpoint(tmp_path / "cpu") as a, open_checkpoint(tmp_path / "cuda") as b:
         for k in a.keys():
@@ -90,3 +91,13 @@ def test_fp8_merge_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
             sa, sb = a.get(k + "_scale_inv"), b.get(k + "_scale_inv")
             grid = dequantize_fp8(torch.full_like(a.get(k), 32.0), sa, scheme)  # the largest FP8 step: 32 in [256, 448]
             assert (dequantize_fp8(a.get(k), sa, scheme) - dequantize_fp8(b.get(k), sb, scheme)).abs().le(grid).all()
+
+
+def test_the_stochastic_stream_and_rounding_are_the_same_bits_on_cuda() -> None:
+    from loratool.quant.rounding import GRIDS, round_to_grid, uniforms
+
+    u_cpu, u_gpu = uniforms(12345, 7, 64, 300), uniforms(12345, 7, 64, 300, "cuda")
+    assert torch.equal(u_cpu, u_gpu.cpu())
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 50
+    for dtype in GRIDS:
+        assert torch.equal(round_to_grid(x, dtype, u_cpu), round_to_grid(x.cuda(), dtype, u_gpu).cpu()), dtype
