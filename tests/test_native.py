@@ -259,3 +259,20 @@ def test_dequantize_fp8_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels
     slow = linalg.dequantize_fp8(q, s, scheme)
     assert torch.equal(fast.isnan(), slow.isnan()) and fast.isnan().any()
     assert torch.equal(fast.nan_to_num(0.0).view(torch.int32), slow.nan_to_num(0.0).view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("scheme", "scale_shape"),
+    [(Fp8Scheme("block", (16, 8)), (5, 6)), (Fp8Scheme("channel"), (70, 1)), (Fp8Scheme("tensor"), (1,))],
+    ids=["block", "channel", "tensor"],
+)
+def test_quantize_fp8_by_the_subspace_rule_gives_the_bytes_of_torch(monkeypatch, kernels, scheme, scale_shape) -> None:
+    """A whole weight (per-tensor scales, DoRA) rounded by the kernels, one tile per scale, as by
+    torch's reference."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(70, 44, generator=g)
+    space = subspace_of([torch.randn(3, 44, generator=g)])
+    fast_q, fast_s = quantize_fp8(w, scheme, torch.float8_e4m3fn, scale_shape, space=space)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    slow_q, slow_s = quantize_fp8(w, scheme, torch.float8_e4m3fn, scale_shape, space=space)
+    assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8)) and torch.equal(fast_s, slow_s)

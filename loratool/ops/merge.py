@@ -242,10 +242,10 @@ def unmerge(
     In float32 the round trip is exact to rounding; in bf16/fp16 each element may land one unit
     of rounding away from the original. ``check`` (the original base) measures exactly that.
 
-    From a quantized (FP8) checkpoint the subtraction is rounded as :func:`merge` rounds: the
-    default stochastic rule takes the adapter out in expectation (nearest rounding would leave
-    most of a small one in), and the restored codes are within one step of the merge's rounding
-    and one of the unmerge's of the original (``check`` measures it), not the original bytes.
+    From a quantized (FP8) checkpoint the subtraction is rounded as :func:`merge` rounds (nearest
+    rounding would leave most of a small adapter in), and the restored codes lie within the
+    merge's rounding and the unmerge's of the original (``check`` measures it, in FP8 steps), not
+    on the original bytes.
 
     Args:
         merged: the merged checkpoint.

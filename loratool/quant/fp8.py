@@ -88,14 +88,31 @@ def quantize_fp8(
         amax = padded.view(nb_o, bo, nb_i, bi).amax(dim=(1, 3))  # (nb_o, nb_i)
     scale = amax / top
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    full = _expand_scale(scale, (out_f, in_f), scheme)
     if space is not None:
-        return round_subspace(w, full.expand(out_f, in_f), dtype, space).to(dtype), scale.reshape(scale_shape)
+        return _subspace_codes(w, scale, scheme, dtype, space), scale.reshape(scale_shape)
+    full = _expand_scale(scale, (out_f, in_f), scheme)
     x = w / full
     if key is None:
         return x.clamp_(-top, top).to(dtype), scale.reshape(scale_shape)
     q = round_to_grid(x, dtype, uniforms(key, 0, out_f, in_f, w.device)).to(dtype)
     return q, scale.reshape(scale_shape)
+
+
+def _subspace_codes(
+    w: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, dtype: torch.dtype, space: Subspace
+) -> torch.Tensor:
+    """``w`` over its ``scale`` (float32, (groups of rows, groups of columns)) as FP8 codes by the
+    subspace rule: in the compiled kernels on the CPU where they are built (one tile per scale),
+    else by torch's reference, on ``w``'s device."""
+    rows, cols = w.shape
+    kernels = native.fp8_kernels()
+    if kernels is None or not kernels.handles(dtype):
+        return round_subspace(w, _expand_scale(scale, (rows, cols), scheme).expand(rows, cols), dtype, space).to(dtype)
+    tile = {"block": scheme.block, "channel": (1, cols)}.get(scheme.kind) or (rows, cols)
+    tiles = scale.to("cpu", torch.float32).reshape(-(-rows // tile[0]), -1).contiguous()
+    q = torch.empty(rows, cols, dtype=dtype)
+    kernels.subspace(w.to("cpu", torch.float32).contiguous(), q, 0, tiles, tile, base=None, space=space, sums=None)
+    return q.to(w.device)
 
 
 def merge_fp8_rows(

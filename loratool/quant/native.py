@@ -125,19 +125,23 @@ class Fp8Kernels:
         scale: torch.Tensor,
         block: tuple[int, int],
         *,
-        base: tuple[torch.Tensor, torch.Tensor],
+        base: tuple[torch.Tensor, torch.Tensor] | None,
         space: rounding.Subspace,
-        sums: torch.Tensor,
+        sums: torch.Tensor | None,
     ) -> None:
         """``q[:] = fp8(w / scale)`` by the subspace rule (:func:`.rounding.round_subspace`, the same
-        bytes), adding the kept sums to ``sums`` as :meth:`encode` does."""
-        _check(w, q, scale, *base, space.basis, space.gain)
-        assert sums.dtype == torch.float64 and sums.numel() == 3 and base[1].dtype == torch.float32
+        bytes), adding the kept sums to ``sums`` as :meth:`encode` does where ``base`` is given."""
+        _check(w, q, scale, space.basis, space.gain, *(base or ()))
+        if base is not None:
+            assert sums is not None and sums.dtype == torch.float64 and sums.numel() == 3
+            assert base[1].dtype == torch.float32
         rows, cols = w.shape
         tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
-        failed = self._lib.lt_fp8_subspace(w.data_ptr(), q.data_ptr(), rows, cols, *tiles, base[0].data_ptr(),
-                                           base[1].data_ptr(), space.basis.data_ptr(), space.gain.data_ptr(),
-                                           space.width, space.rank, sums.data_ptr())  # fmt: skip
+        codes, scales = (base[0].data_ptr(), base[1].data_ptr()) if base is not None else (None, None)
+        out = sums.data_ptr() if base is not None and sums is not None else None
+        failed = self._lib.lt_fp8_subspace(w.data_ptr(), q.data_ptr(), rows, cols, *tiles, codes, scales,
+                                           space.basis.data_ptr(), space.gain.data_ptr(), space.width, space.rank,
+                                           out)  # fmt: skip
         if failed:
             raise MemoryError("the FP8 kernels could not allocate their working memory")
 

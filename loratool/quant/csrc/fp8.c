@@ -685,8 +685,8 @@ LT_EXPORT double lt_fp8_encode(const float *w, uint8_t *q, int64_t rows, int64_t
 /* q = w / scale rounded by the subspace rule (loratool.quant.rounding.round_subspace) with the
  * weight's `basis` and `gain` ((cols, width) each, width a power of two, zero past `rank`), row by
  * row; rows are independent, so a caller may split them across threads. `base` and `base_scale`
- * (the base's codes and scales, tiled as `scale`) give the kept sums, added to sums[0..3) as
- * lt_fp8_encode's. Returns 0, or 1 where its working memory could not be had (nothing written). */
+ * (the base's codes and scales, tiled as `scale`; NULL: none) give the kept sums, added to sums[0..3)
+ * as lt_fp8_encode's. Returns 0, or 1 where its working memory could not be had (nothing written). */
 LT_EXPORT int32_t lt_fp8_subspace(const float *w, uint8_t *q, int64_t rows, int64_t cols, int64_t row0,
                                   const float *scale, int64_t bo, int64_t bi, int32_t fmt, const uint8_t *base,
                                   const float *base_scale, const float *basis, const float *gain, int64_t width,
@@ -715,7 +715,7 @@ LT_EXPORT int32_t lt_fp8_subspace(const float *w, uint8_t *q, int64_t rows, int6
     for (; i < rows; i++)
         subspace_row(w + i * cols, q + i * cols, cols, scale + ((row0 + i) / bo) * nb, bi, fmt, basis, gain, width,
                      rank, work, work + width);
-    kept_sums(w, q, base, rows, cols, row0, scale, base_scale, bo, bi, fmt, sums);
+    if (base) kept_sums(w, q, base, rows, cols, row0, scale, base_scale, bo, bi, fmt, sums);
     free(work);
     return 0;
 }
