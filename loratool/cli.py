@@ -404,6 +404,11 @@ def _merge_text(d: dict[str, Any]) -> str:
                 f", {q['rounding']['rule']} rounding: kept {q['kept']:.3f} of the delta, noise "
                 f"{q['noise']:.3f} of its norm"
             )
+        if d["operation"] == "unmerge" and not q["dequantized"]:
+            text += (
+                "\nthe restored FP8 weights lie within the merge's and this unmerge's rounding of the original, not on "
+                "its bytes" + ("" if "check" in d else "; --check BASE measures how far")
+            )
     if "check" in d:
         c = d["check"]
         text += (

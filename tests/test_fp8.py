@@ -375,6 +375,15 @@ def test_the_subspace_rule_without_the_kernels_gives_their_bytes_and_says_it_is_
                            b[k].view(torch.uint8) if b[k].dtype == E4M3 else b[k]) for k in a)  # fmt: skip
 
 
+def test_the_unmerge_summary_says_what_it_restores(tmp_path: Path, plain, cli) -> None:
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    assert cli("merge", tmp_path / "fp8", adapter, "-o", tmp_path / "merged").exit_code == 0
+    r = cli("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "back", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert "subspace rounding: kept" in r.stdout and "not on its bytes; --check BASE measures how far" in r.stdout
+
+
 def test_a_merge_at_scale_zero_reports_no_kept_and_valid_json(tmp_path: Path, plain, cli) -> None:
     base, adapter = plain
     fp8_checkpoint(base, tmp_path / "fp8", "block")
