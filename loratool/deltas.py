@@ -13,7 +13,7 @@ from .errors import MissingKeyError, NonFiniteError, ShapeMismatchError
 from .io.checkpoint import Checkpoint, torch_dtype
 from .linalg import is_finite
 from .pipeline import BufferPool, give_back, upcast, widen
-from .quant.fp8 import dequantize_fp8
+from .quant.fp8 import check_scale, dequantize_fp8
 from .quant.layout import Fp8Layout
 
 
@@ -115,7 +115,9 @@ def read_weight(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.d
     if fp8 is None or key not in fp8.weights:
         return ck.get(key)
     w = fp8.weights[key]
-    return dequantize_fp8(ck.get(key).to(device), ck.get(w.scale_key), w.scheme)
+    scale = ck.get(w.scale_key)
+    check_scale(w.scale_key, scale)
+    return dequantize_fp8(ck.get(key).to(device), scale, w.scheme)
 
 
 def paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:

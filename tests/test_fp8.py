@@ -398,6 +398,42 @@ def test_min_kept_on_a_plain_base_says_it_does_not_apply(tmp_path: Path, plain) 
     assert res.quantization is None and any("--min-kept applies to quantized bases" in w for w in res.warnings)
 
 
+SCALE = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+
+
+def spoil_scale(path: Path, how: str) -> None:
+    """One scale tensor of an FP8 checkpoint made wrong in one way."""
+    ts = load_file(str(path / "model.safetensors"))
+    s = ts[SCALE]
+    ts[SCALE] = {
+        "int32": lambda: (s * 1e4).to(torch.int32),
+        "float8": lambda: s.to(E4M3),
+        "shape": lambda: s[:, :1].contiguous(),
+        "nan": lambda: s.clone().index_fill_(1, torch.tensor([1]), float("nan")),
+        "negative": lambda: -s,
+    }[how]()
+    save_file(ts, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [("int32", "is I32; FP8 scales are float32"), ("float8", "is F8_E4M3; FP8 scales are float32"),
+     ("shape", "which fits no FP8 scheme"), ("nan", "the FP8 scale holds nan at [0, 1]"),
+     ("negative", "scales are finite and positive")],
+)  # fmt: skip
+def test_a_bad_scale_is_refused_naming_it(tmp_path: Path, plain, cli, how: str, says: str) -> None:
+    """Scales must be floating, of the expected shape, finite and not negative: else merge and
+    extract exit 1 naming the tensor, and write nothing (an int32 scale used to zero whole blocks)."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    spoil_scale(tmp_path / "fp8", how)
+    for args in (["merge", tmp_path / "fp8", adapter], ["extract", tmp_path / "fp8", base, "-r", "2"]):
+        r = cli(*args, "-o", tmp_path / "out")
+        assert r.exit_code == 1 and says in r.stderr and "Traceback" not in r.stderr, (args[0], r.stderr)
+        assert SCALE in r.stderr and not (tmp_path / "out").exists()
+        assert "loratool bug" not in r.stderr and "unquantized checkpoint" not in r.stderr
+
+
 @pytest.mark.parametrize("which", ["both", "base"])
 def test_extract_from_fp8_equals_extract_from_its_dequantized_copy(tmp_path: Path, plain, which: str) -> None:
     base, _ = plain

@@ -39,7 +39,7 @@ from ..linalg import add_lora, dora_rescale, is_finite, merge_rows, row_factors,
 from ..pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
 from ..provenance import InputHasher, encode, make_record
 from ..quant import native
-from ..quant.fp8 import dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
+from ..quant.fp8 import check_scale, dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from ..quant.layout import Fp8Layout, Fp8Scheme
 from ..quant.rounding import (
     KEPT_WARNING,
@@ -671,6 +671,7 @@ class _Stream:
         info = self.fp8.weights[wkey]
         q = w_in if key == wkey else self.ckpt.get(wkey)
         scale = w_in if key == info.scale_key else self.ckpt.get(info.scale_key)
+        check_scale(info.scale_key, scale)
         if self.dequantize or info.scheme.kind == "tensor" or self._has_dora(wkey):
             q_new, s_new = self._fp8_whole(wkey, q, scale, info.scheme)
             if self.dequantize:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..errors import NonFiniteError
 from ..linalg import RowFactors
 from ..runtime import torch_threads
 from . import native
@@ -51,6 +52,23 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> t
     if kernels.decode(q, out, 0, scale.to(torch.float32).reshape(-(-rows // tile[0]), -1).contiguous(), tile):
         out[q.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")  # e4m3fn NaN codes came out as 480
     return out
+
+
+def check_scale(key: str, scale: torch.Tensor) -> None:
+    """Refuse an FP8 scale tensor that holds NaN, Inf or a negative number, naming it and where.
+
+    Zero passes: quantizers that do not clamp give an all-zero block a zero scale, and it
+    dequantizes to the zeros it stands for.
+    """
+    s = scale.float()
+    bad = ~torch.isfinite(s) | (s < 0)
+    if bool(bad.any()):
+        at = [int(i) for i in bad.nonzero()[0]]
+        value = float(s[tuple(at)])
+        raise NonFiniteError(
+            f"the FP8 scale holds {value} at {at}: scales are finite and positive", key=key,
+            fix="the checkpoint is damaged: re-download it, or re-export it with its producer's quantizer",
+        )  # fmt: skip
 
 
 def fp8_max(dtype: torch.dtype) -> float:

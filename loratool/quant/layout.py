@@ -97,6 +97,7 @@ class Fp8Layout:
 
 
 _FP8_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
+_SCALE_DTYPES = ("F32", "BF16", "F16", "F64")
 _SCALES = ("weight_scale_inv", "weight_scale")  # multiply the FP8 weight
 _ACTIVATION_SCALES = ("input_scale", "output_scale", "input_scale_ub", "k_scale", "v_scale")
 
@@ -125,13 +126,19 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
     for name, (shape, dtype) in tensors.items():
         if not dtype.startswith("F8_"):
             continue
+        if name.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES):
+            _malformed(f"the scale tensor '{name}' is {dtype}; FP8 scales are float32, bfloat16 or float16")
         if len(shape) != 2:
             _refuse(found, f"the FP8 tensor '{name}' is {len(shape)}-D; only 2-D weights are supported")
         stem = name[: -len("weight")] if name.endswith("weight") else name + "_"
         scale_key = next((stem + s for s in _SCALES if stem + s in tensors), None)
         if scale_key is None:
             _refuse(found, f"the FP8 tensor '{name}' has no {stem}weight_scale(_inv) beside it")
-        weights[name] = Fp8Weight(scale_key, _scheme(found, name, shape, tensors[scale_key][0], block))
+        scale_dtype = tensors[scale_key][1]
+        if scale_dtype not in _SCALE_DTYPES:
+            _malformed(f"the scale tensor '{scale_key}' is {scale_dtype}; FP8 scales are float32, bfloat16 or float16 "
+                       "(an integer scale would be cast and zero whole blocks)")  # fmt: skip
+        weights[name] = Fp8Weight(scale_key, _scheme(name, scale_key, shape, tensors[scale_key][0], block))
     companions = {n for n in tensors if n.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES)}
     return Fp8Layout(method, weights, companions)
 
@@ -155,7 +162,7 @@ def _config_block(qc: Mapping[str, Any]) -> tuple[int, int] | None:
 
 
 def _scheme(
-    found: Quantization, name: str, shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None
+    name: str, scale_key: str, shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None
 ) -> Fp8Scheme:
     """Which scheme a scale's shape says, checked against the weight's shape and the config's block."""
     numel = 1
@@ -168,9 +175,17 @@ def _scheme(
         return Fp8Scheme("channel")
     if block is not None and tuple(scale_shape) == (-(-out_f // block[0]), -(-in_f // block[1])):
         return Fp8Scheme("block", block)
-    _refuse(found, f"the scale of '{name}' has shape {list(scale_shape)}, which fits no known scheme for "
-                   f"a {list(shape)} weight (block size from config.json: {block})")  # fmt: skip
-    raise AssertionError  # unreachable: _refuse raises
+    blocks = block or "the size config.json gives"
+    _malformed(f"the scale '{scale_key}' of '{name}' has shape {list(scale_shape)}, which fits no FP8 scheme for "
+               f"a {list(shape)} weight (per tensor, per row, or blocks of {blocks})")  # fmt: skip
+
+
+def _malformed(why: str) -> NoReturn:
+    """A checkpoint that claims a layout loratool reads but breaks it: the file's fault, not the format's."""
+    raise UnsupportedCheckpointError(
+        f"the FP8 checkpoint is malformed: {why}",
+        fix="re-download it, or re-export it with its producer's quantizer; loratool will not guess what it means",
+    )
 
 
 def _refuse(found: Quantization, why: str) -> NoReturn:
