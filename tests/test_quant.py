@@ -73,6 +73,16 @@ def test_hash32_is_the_32_bit_arithmetic_it_stands_for() -> None:
     assert hash32(torch.tensor(xs, dtype=torch.int64)).tolist() == [reference(x) for x in xs]
 
 
+@pytest.mark.parametrize(("row0", "rows", "cols"), [(0, 1, 1), (3, 5, 37), (70_000, 9, 1031)])
+def test_uniforms_are_hash32_of_each_place(row0: int, rows: int, cols: int) -> None:
+    """The int32 fast path equals the int64 definition, odd sizes (SIMD tails) and large rows included."""
+    key = 0x9E3779B9
+    r = torch.arange(row0, row0 + rows, dtype=torch.int64)
+    c = torch.arange(cols, dtype=torch.int64)
+    want = (hash32(hash32(r ^ key)[:, None] ^ c[None, :]) >> 8).to(torch.float32) * 2.0**-24
+    assert torch.equal(uniforms(key, row0, rows, cols), want)
+
+
 def test_uniforms_depend_on_the_place_alone_and_are_uniform() -> None:
     u = uniforms(7, 0, 300, 500)
     assert torch.equal(u[120:180], uniforms(7, 120, 60, 500))  # any split of the rows draws the same

@@ -84,12 +84,20 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 def uniforms(key: int, row0: int, rows: int, cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 (rows, cols) in [0, 1), multiples of 2^-24: the draws of rows row0.. of a weight.
 
-    Element (i, j) draws ``hash32(hash32(i ^ key) ^ j) >> 8``, a function of its place alone.
+    Element (i, j) draws ``hash32(hash32(i ^ key) ^ j) >> 8``, a function of its place alone. The
+    per-element hash runs in int32, whose products wrap to the low 32 bits that :func:`hash32`
+    keeps (its logical shifts masked back out of the sign), in place: a quarter of the memory
+    traffic of int64 and no fresh buffer per step (tests hold it to :func:`hash32`).
     """
     r = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)
-    c = torch.arange(cols, dtype=torch.int64, device=device)
-    h = hash32(hash32(r ^ key)[:, None] ^ c[None, :])  # (rows, cols)
-    return (h >> 8).to(torch.float32).mul_(2.0**-24)
+    c = torch.arange(cols, dtype=torch.int32, device=device)
+    x = hash32(r ^ key).to(torch.int32)[:, None] ^ c[None, :]  # (rows, cols): the same 32 bits
+    t = torch.empty_like(x)
+    for shift, mul in ((16, _MUL1), (15, _MUL2)):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=t).bitwise_and_((1 << (32 - shift)) - 1))
+        x.mul_(mul)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t).bitwise_and_((1 << 17) - 1))
+    return x.bitwise_right_shift_(8).bitwise_and_((1 << 24) - 1).to(torch.float32).mul_(2.0**-24)
 
 
 # -- the grids ------------------------------------------------------------------------------------
