@@ -271,7 +271,7 @@ def _emit(result: Any, as_json: bool, human: Callable[[Any], str], *, failed: bo
         for w in (payload.get("warnings") or []) if isinstance(payload, dict) else []:
             click.secho(f"warning: {w}", err=True, fg="yellow")
         if as_json:
-            click.echo(json.dumps(payload, indent=2, default=str))
+            click.echo(json.dumps(payload, indent=2, default=str, allow_nan=False))
         else:
             click.echo(human(payload), err=failed)
     if failed:

@@ -124,7 +124,7 @@ def make_record(
 
 def encode(record: dict[str, Any]) -> dict[str, str]:
     """Header metadata entries for a record."""
-    return {PROVENANCE_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))}
+    return {PROVENANCE_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)}
 
 
 def decode(metadata: dict[str, str]) -> dict[str, Any] | None:

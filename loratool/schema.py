@@ -7,6 +7,7 @@ checkout they are read from the repository's ``schemas/`` folder.
 from __future__ import annotations
 
 import json
+import math
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,25 @@ def check(instance: Any, name: str) -> list[tuple[str, str]]:
         elif error.validator != "required" and error.path:
             message = f"{message} (got {json.dumps(error.instance)[:80]})"
         problems.add((json_path(error.absolute_path), message))
+    problems.update((json_path(at), _NOT_A_NUMBER) for at in _non_finite(instance, []))
     return sorted(problems)
+
+
+_NOT_A_NUMBER = (
+    "is NaN or Infinity, which is not a JSON number (Python's json module reads and writes it anyway): give a "
+    "finite number (a NaN alpha or scale would merge as if it were 1)"
+)
+
+
+def _non_finite(value: Any, at: list[Any]) -> list[list[Any]]:
+    """The paths of every NaN or Infinity in a parsed JSON document (jsonschema's number type takes them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [at]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, [*at, k])]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, [*at, i])]
+    return []
 
 
 def _nearest_message(schema: dict[str, Any], schema_path: list[Any]) -> str | None:

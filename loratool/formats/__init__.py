@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..adapter import Adapter
-from ..errors import InputFileError, LoraToolError, MissingInputError, NonFiniteError
+from ..errors import InputFileError, LoraToolError, MetadataError, MissingInputError, NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -62,9 +62,22 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         adapter = kohya.read_kohya(p, lazy=lazy)
     else:
         raise _not_an_adapter(p)
+    _require_finite_scaling(adapter)
     if not lazy:
         _require_finite(adapter)
     return adapter
+
+
+def _require_finite_scaling(adapter: Adapter) -> None:
+    """Every module's alpha and scaling finite (a NaN reaches torch's addmm as alpha=nan, which
+    behaves as 1): refused here, whatever the format said it with."""
+    for path, module in adapter.modules.items():
+        if not (math.isfinite(module.alpha) and math.isfinite(module.scaling)):
+            raise MetadataError(
+                f"the module's alpha is {module.alpha} (scaling {module.scaling}): a scaling must be a finite number",
+                path=adapter.path, key=path,
+                fix="set lora_alpha (or its alpha_pattern entry, mlx-lm's scale, kohya's .alpha) to a finite number",
+            )  # fmt: skip
 
 
 def is_adapter(path: str | os.PathLike[str]) -> bool:

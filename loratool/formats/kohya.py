@@ -135,7 +135,7 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": str(_num(alphas.pop())) if len(alphas) == 1 else "Dynamic",
-            MODULES_KEY: json.dumps(modules_meta, sort_keys=True),
+            MODULES_KEY: json.dumps(modules_meta, sort_keys=True, allow_nan=False),
         }
     )
     if adapter.base_model_name_or_path:

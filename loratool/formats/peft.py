@@ -345,7 +345,7 @@ def write_peft(
     metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=True) as tmp:
         save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n")
         if card:
             (tmp / "README.md").write_text(render_card(config, decode(metadata)))
     return out
