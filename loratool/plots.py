@@ -41,9 +41,10 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def write_report(result: dict[str, Any], out: Path) -> Path:
+def write_report(result: dict[str, Any], out: Path, *, force: bool = False) -> Path:
     """Draw the plots of an analysis (the JSON ``analyze --json`` prints) and write the report
-    atomically to ``out``. Works as well on a JSON file saved earlier."""
+    atomically to ``out``, replacing a file there only with ``force`` (another run's report that
+    appeared meanwhile included). Works as well on a JSON file saved earlier."""
     modules: list[Module] = result["modules"]
     figures: list[tuple[str, str, Figure | None]] = [
         ("Energy kept by rank", "Share of ||dW||_F^2 held by the top r singular values; thick: the median of a "
@@ -57,7 +58,7 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         ("Subspace similarity of the A factors", "phi(i, j) = ||U1^(i)T U2^(j)||_F^2 / min(i, j), averaged over the "
          "layers of each module type (Hu et al. 2021, 7.2).", _phi_heatmaps(modules)),
     ]  # fmt: skip
-    with atomic_output(out, force=True, directory=False) as tmp:  # check_output already guarded ``out``
+    with atomic_output(out, force=force, directory=False) as tmp:
         tmp.write_text(_html(result, [(t, c, _png(f)) for t, c, f in figures if f is not None]), encoding="utf-8")
     return out
 

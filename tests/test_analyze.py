@@ -299,3 +299,25 @@ def test_json_contract(fixtures: Path, cli) -> None:
 def test_usage_errors(fixtures: Path, cli, args: list[str]) -> None:
     res = cli("analyze", fixtures / "llama-base", fixtures / "llama-ft", *args)
     assert res.exit_code == 2, res.output
+
+
+def test_a_report_another_run_wrote_meanwhile_is_not_replaced(tmp_path: Path, fixtures: Path, monkeypatch, cli) -> None:
+    """Two runs to one report: the one that finishes second exits 1 and leaves the first's file
+    (it used to replace it with exit 0); with --force it replaces it."""
+    from loratool import plots
+
+    out = tmp_path / "report.html"
+    real_html = plots._html
+
+    def another_run_finishes_first(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not out.exists():
+            out.write_text("the other run's report")
+        return real_html(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "_html", another_run_finishes_first)
+    res = cli("analyze", fixtures / "llama-base", fixtures / "llama-ft", "--report", out, "-q")
+    assert res.exit_code == 1 and "another run wrote it first" in res.stderr, res.stderr
+    assert out.read_text() == "the other run's report"
+    assert not [p for p in tmp_path.iterdir() if p.name != "report.html"]  # no temporary left
+    res = cli("analyze", fixtures / "llama-base", fixtures / "llama-ft", "--report", out, "-q", "--force")
+    assert res.exit_code == 0 and out.read_text().startswith("<!DOCTYPE html>"), res.stderr

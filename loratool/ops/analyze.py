@@ -215,7 +215,7 @@ def analyze(
     if out is not None:
         from .. import plots
 
-        plots.write_report(result.to_json() | {"report": str(out)}, out)
+        plots.write_report(result.to_json() | {"report": str(out)}, out, force=force)
         result.report = out
     return result
 
