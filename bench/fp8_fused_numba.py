@@ -22,9 +22,9 @@ from common import machine
 from numba import types
 from numba.extending import intrinsic
 
-from loratool.arch import Fp8Scheme
 from loratool.linalg import row_factors
 from loratool.quant.fp8 import fp8_max, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
+from loratool.quant.layout import Fp8Scheme
 from loratool.runtime import available_cores, torch_threads
 
 U = np.uint32
@@ -118,7 +118,7 @@ def main() -> None:
     left, right = (terms[0][0] * terms[0][2]).contiguous(), terms[0][1].contiguous()
     q_ref, s_ref = torch.empty_like(q), torch.empty_like(s)
     scratch = torch.empty(fp8_scratch_elements(rows, cols, scheme, q.device))
-    _, err_ref = merge_fp8_rows(q, s, scheme, terms, q_ref, s_ref, None, scratch)
+    err_ref = merge_fp8_rows(q, s, scheme, terms, q_ref, s_ref, None, scratch).ee  # nearest, as fused() rounds
     q_new, s_new = torch.empty_like(q), torch.empty_like(s)
     strip, mag, err = torch.empty(128, cols), np.empty((128, cols), np.uint32), np.zeros(128, np.float32)
     err_new = fused(q, s, left, right, q_new, s_new, strip, mag, err)

@@ -357,6 +357,23 @@ def test_unmerge_says_what_it_took_out(tmp_path: Path, plain) -> None:
     assert abs(kept["stochastic"] - 1) < 0.2 and kept["nearest"] < 0.5
 
 
+def test_a_dequantized_weight_beyond_float16_is_refused_even_where_no_adapter_touches_it(tmp_path: Path, plain) -> None:
+    """--dtype float16: an FP8 weight whose dequantized values pass 65504 is refused, naming it, rather
+    than written as Inf (the adapter here adapts q_proj only; the weight is a k_proj)."""
+    from loratool.errors import NonFiniteError
+
+    base, _ = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    ts = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    big = "model.layers.0.self_attn.k_proj.weight"
+    ts[big + "_scale_inv"] = ts[big + "_scale_inv"] * 1e7  # its largest values about 6e5
+    save_file(ts, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    peft_adapter(load_model("llama", base), ["q_proj"], r=2, alpha=4, seed=1).save_pretrained(tmp_path / "q-only")
+    with pytest.raises(NonFiniteError, match="does not fit float16") as e:
+        merge(tmp_path / "fp8", [tmp_path / "q-only"], output=tmp_path / "out", dtype="float16", show_progress=False)
+    assert big in str(e.value) and not (tmp_path / "out").exists()
+
+
 def test_the_subspace_rule_without_the_kernels_gives_their_bytes_and_says_it_is_slow(
     tmp_path: Path, plain, monkeypatch
 ) -> None:

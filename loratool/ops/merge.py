@@ -48,6 +48,7 @@ from ..quant.rounding import (
     Rounding,
     Rule,
     Subspace,
+    default_rule,
     quantize_values,
     round_subspace,
     subspace_of,
@@ -515,8 +516,7 @@ def _apply(
         terms, replace = _plan(ckpt, loaded, sign, fan_in_fan_out)
         _check_fp8_plan(fp8, replace, str(ckpt.path))
         dequantize = fp8 is not None and out_dtype is not None
-        # subspace has compiled kernels for FP8 grids only: into a --dtype output, stochastic rounding
-        rule = Rounding(rounding or ("stochastic" if dequantize else "subspace"), seed)
+        rule = Rounding(rounding or default_rule(dequantize), seed)
         bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
         reference = stack.enter_context(open_checkpoint(check, allow_pickle=allow_pickle)) if check else None
         adapter_files = [f for a, _, _ in loaded if a.path for f in _adapter_files(Path(a.path))]
@@ -752,10 +752,11 @@ class _Stream:
         out_dtype = self.out_dtype if self.dequantize and self.out_dtype is not None else torch.float32
         if key not in self.terms:  # dequantized only: nothing to keep, so no draws
             assert self.dequantize and self.out_dtype is not None
+            _require_finite(before, self.out_dtype, key, before)  # e.g. beyond float16's range
             return quantize_values(before, self.out_dtype, None), scale
         w32 = self._add(key, before.clone(), out_dtype, before)
         rights = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind).right.to(w32.device)
-                  for t in self.terms[key]]  # fmt: skip
+                  for t in self.terms[key]] if self.rounding.subspace else []  # fmt: skip
         stream, space = self._rule_for(key, rights)
         if self.dequantize:
             assert self.out_dtype is not None

@@ -108,12 +108,7 @@ class Fp8Kernels:
         rows, cols = w.shape
         tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
         key, first = stream if stream is not None else (0, 0)
-        if base is not None:
-            _check(*base)
-            assert sums is not None and sums.dtype == torch.float64 and sums.numel() == 3
-            assert base[1].dtype == torch.float32
-        codes, scales = (base[0].data_ptr(), base[1].data_ptr()) if base is not None else (None, None)
-        out = sums.data_ptr() if sums is not None and base is not None else None
+        codes, scales, out = _kept_pointers(base, sums)
         return float(self._lib.lt_fp8_encode(w.data_ptr(), q.data_ptr(), rows, cols, *tiles, codes, scales, key,
                                              first, int(stream is not None), out))  # fmt: skip
 
@@ -131,14 +126,10 @@ class Fp8Kernels:
     ) -> None:
         """``q[:] = fp8(w / scale)`` by the subspace rule (:func:`.rounding.round_subspace`, the same
         bytes), adding the kept sums to ``sums`` as :meth:`encode` does where ``base`` is given."""
-        _check(w, q, scale, space.basis, space.gain, *(base or ()))
-        if base is not None:
-            assert sums is not None and sums.dtype == torch.float64 and sums.numel() == 3
-            assert base[1].dtype == torch.float32
+        _check(w, q, scale, space.basis, space.gain)
         rows, cols = w.shape
         tiles = (row0, scale.data_ptr(), *block, _FORMATS[q.dtype])
-        codes, scales = (base[0].data_ptr(), base[1].data_ptr()) if base is not None else (None, None)
-        out = sums.data_ptr() if base is not None and sums is not None else None
+        codes, scales, out = _kept_pointers(base, sums)
         failed = self._lib.lt_fp8_subspace(w.data_ptr(), q.data_ptr(), rows, cols, *tiles, codes, scales,
                                            space.basis.data_ptr(), space.gain.data_ptr(), space.width, space.rank,
                                            out)  # fmt: skip
@@ -198,6 +189,18 @@ class Fp8Kernels:
             if not torch.equal(q.view(torch.uint8), want.view(torch.uint8)):
                 return False
         return True
+
+
+def _kept_pointers(
+    base: tuple[torch.Tensor, torch.Tensor] | None, sums: torch.Tensor | None
+) -> tuple[int | None, int | None, int | None]:
+    """The C arguments for the kept sums: the base's codes and float32 scales, and float64[3] sums
+    to add to; all NULL without a base."""
+    if base is None:
+        return None, None, None
+    _check(*base)
+    assert sums is not None and sums.dtype == torch.float64 and sums.numel() == 3 and base[1].dtype == torch.float32
+    return base[0].data_ptr(), base[1].data_ptr(), sums.data_ptr()
 
 
 def _check(*tensors: torch.Tensor) -> None:

@@ -35,7 +35,7 @@ import torch
 
 RULES = ("subspace", "stochastic", "nearest")
 Rule = Literal["subspace", "stochastic", "nearest"]
-DEFAULT_RULE: Rule = "subspace"
+DEFAULT_RULE: Rule = "subspace"  # into an FP8 layout; into a --dtype output: see default_rule
 DAMPING = 0.01  # subspace's damping: of 1e-3, 1e-2, 0.1 and 1, best at every size on bench_quant_keep's pair (ad hoc)
 KEPT_WARNING = 0.8  # a merge whose written weights carry less of its delta than this is warned about
 
@@ -68,6 +68,12 @@ class Rounding:
     def to_json(self) -> dict[str, object]:
         return {"rule": self.rule, "seed": self.seed if self.stochastic else None,
                 "damping": DAMPING if self.subspace else None}  # fmt: skip
+
+
+def default_rule(dequantized: bool) -> Rule:
+    """The rule a merge uses unless told: subspace into an FP8 layout; stochastic into a dequantized
+    (``--dtype``) output, where subspace has no compiled kernel and would run column by column."""
+    return "stochastic" if dequantized else DEFAULT_RULE
 
 
 # -- the stream -----------------------------------------------------------------------------------
@@ -143,12 +149,11 @@ def round_to_grid(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor | None) -
 
 
 def quantize_values(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor | None) -> torch.Tensor:
-    """``x`` (float32) as ``dtype`` by :func:`round_to_grid`; float32 passes through."""
+    """``x`` (float32) as ``dtype``: torch's own cast without draws, else :func:`round_to_grid`
+    stochastically; float32 passes through."""
     if dtype == torch.float32:
         return x.clone()
-    if u is None and dtype not in GRIDS:
-        return x.to(dtype)
-    return round_to_grid(x, dtype, u).to(dtype)
+    return x.to(dtype) if u is None else round_to_grid(x, dtype, u).to(dtype)
 
 
 # -- the subspace rule ---------------------------------------------------------------------------
