@@ -398,7 +398,7 @@ def _merge_text(d: dict[str, Any]) -> str:
     q = d.get("quantization")
     if q:
         where = "written dequantized (quantization_config dropped)" if q["dequantized"] else "requantized"
-        text += f"\nFP8 ({q['method']}, {', '.join(q['schemes'])}): {len(q['tensors'])} weight(s) {where}"
+        text += f"\n{q['grid']} ({q['method']}, {', '.join(q['schemes'])}): {len(q['tensors'])} weight(s) {where}"
         if q["kept"] is not None:
             text += (
                 f", {q['rounding']['rule']} rounding: kept {q['kept']:.3f} of the delta, noise "
@@ -406,7 +406,7 @@ def _merge_text(d: dict[str, Any]) -> str:
             )
         if d["operation"] == "unmerge" and not q["dequantized"]:
             text += (
-                "\nthe restored FP8 weights lie within the merge's and this unmerge's rounding of the original, not on "
+                f"\nthe restored {q['grid']} weights lie within the merge's and this unmerge's rounding of the original, not on "
                 "its bytes" + ("" if "check" in d else "; --check BASE measures how far")
             )
     if "check" in d:
@@ -695,6 +695,9 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
         return []
     if not q["supported"]:
         return [f"  quantized: {q['method']} ({q['evidence']}): {q.get('why_unsupported', 'not supported')}"]
+    if "packed_weights" in q:  # MXFP4, NVFP4, INT4/INT8: a line per weight
+        head = f"  quantized: {q['method']} ({', '.join(q['schemes'])}), {len(q['quantized_weights'])} packed weights"
+        return [head, *(f"    {w['tensor']} {w['shape']}: {w['scheme']}" for w in q["packed_weights"])]
     block = f"block {q['block'][0]}x{q['block'][1]}" if q.get("block") else "block"
     schemes = ", ".join(block if s == "block" else f"per {s}" for s in q["schemes"])
     return [f"  quantized: {q['method']} ({schemes}), {len(q['quantized_weights'])} FP8 weights"]

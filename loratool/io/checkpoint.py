@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputFileError, LoraToolError, MissingInputError, MissingKeyError
-from ..quant.layout import Fp8Layout, Quantization, detect_quantization, fp8_layout
+from ..quant.layout import Fp8Layout, PackedLayout, Quantization, detect_quantization, fp8_layout, packed_layout
 from .header import read_header, tensor_offsets
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # safetensors dtype name -> (torch dtype name, bytes per element)
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }  # fmt: skip
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -215,12 +215,40 @@ class Checkpoint:
         """How the checkpoint is quantized (config.json, tensor dtypes and names), or None."""
         return detect_quantization(self.config(), ((i.name, i.dtype) for i in self._infos.values()))
 
+    def quant_config(self) -> dict[str, Any]:
+        """config.json, with ModelOpt's ``hf_quant_config.json`` beside it under ``hf_quant_config``."""
+        config = self.config()
+        extra = self.root / "hf_quant_config.json"
+        if extra.is_file():
+            try:
+                config = {**config, "hf_quant_config": json.loads(extra.read_text())}
+            except (OSError, json.JSONDecodeError) as e:
+                raise InputFileError(f"hf_quant_config.json is not valid JSON ({e})", path=str(extra)) from None
+        return config
+
     def fp8_layout(self) -> Fp8Layout | None:
-        """The FP8 layout of the weights (None when unquantized); refuses other quantizations."""
+        """The FP8 layout of the weights (None when unquantized or packed low-bit); refuses the
+        quantizations loratool does not read."""
         try:
-            return fp8_layout(self.config(), {i.name: (i.shape, i.dtype) for i in self._infos.values()})
+            return fp8_layout(self.quant_config(), {i.name: (i.shape, i.dtype) for i in self._infos.values()})
         except LoraToolError as e:
             raise type(e)(e.message, path=str(self.path), fix=e.fix) from None
+
+    def packed_layout(self) -> PackedLayout | None:
+        """The packed low-bit layout (MXFP4, NVFP4, INT4/INT8 pack-quantized) of the weights, or None."""
+        try:
+            return packed_layout(self.quant_config(), {i.name: (i.shape, i.dtype) for i in self._infos.values()})
+        except LoraToolError as e:
+            raise type(e)(e.message, path=str(self.path), fix=e.fix) from None
+
+    def model_view(self) -> Checkpoint:
+        """This checkpoint as the model holds it: packed low-bit weights under their logical names
+        and shapes, dequantized when read (:class:`loratool.io.logical.ModelView`); itself when
+        nothing is packed."""
+        from .logical import ModelView
+
+        layout = self.packed_layout()
+        return self if layout is None else ModelView(self, layout)
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, key: str) -> torch.Tensor:

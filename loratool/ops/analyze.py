@@ -270,9 +270,10 @@ def _analyze_checkpoints(
 ) -> AnalyzeResult:
     result = AnalyzeResult("checkpoints", [str(base), str(finetuned)], top_k, [])
     with (
-        open_checkpoint(base, allow_pickle=allow_pickle) as b,
-        open_checkpoint(finetuned, allow_pickle=allow_pickle) as f,
+        open_checkpoint(base, allow_pickle=allow_pickle) as b_stored,
+        open_checkpoint(finetuned, allow_pickle=allow_pickle) as f_stored,
     ):
+        b, f = b_stored.model_view(), f_stored.model_view()  # packed low-bit weights read dequantized
         fp8 = (b.fp8_layout(), f.fp8_layout())
         keys = paired_keys(b, f, skip=fp8_companions(*fp8))
         config = f.config() or b.config()

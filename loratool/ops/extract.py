@@ -159,11 +159,14 @@ def extract(
     options = _Options(rank, energy, budget, svd, oversample, n_iter, seed, cap, inc, exc, keep, dev, bias=bias)
     d = current()
     with (
-        open_checkpoint(base, allow_pickle=allow_pickle) as b,
-        open_checkpoint(finetuned, allow_pickle=allow_pickle) as f,
+        open_checkpoint(base, allow_pickle=allow_pickle) as b_stored,
+        open_checkpoint(finetuned, allow_pickle=allow_pickle) as f_stored,
     ):
+        b, f = b_stored.model_view(), f_stored.model_view()  # packed low-bit weights read dequantized, by model name
         fp8 = (b.fp8_layout(), f.fp8_layout())  # FP8 weights are dequantized before the difference
         options.fp8 = fp8
+        low_bit = f_stored.packed_layout()
+        options.quantized_ft = {*(fp8[1].weights if fp8[1] else ()), *(low_bit.weights if low_bit else ())}
         grown = grown_vocabulary(b, f)
         keys = paired_keys(b, f, skip=fp8_companions(*fp8) | set(grown))
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
@@ -246,6 +249,7 @@ class _Options:
     keep: re.Pattern[str] | None
     device: torch.device
     fp8: tuple[Fp8Layout | None, Fp8Layout | None] = (None, None)  # of the base and of the fine-tune
+    quantized_ft: set[str] = field(default_factory=set)  # the fine-tune's FP8 and packed weights: bf16 factors
     bias: bool = False  # changed biases of LoRA modules become lora_B.bias
     transposed_experts: bool = False  # 3-D experts stored (E, in, out), as transformers' is_transposed
 
@@ -314,8 +318,7 @@ def _handle(
         change = float(torch.linalg.vector_norm(wf.double() - wb.double()))
         part.dropped.append(Dropped(key, change, "an integer tensor changed"))
     else:
-        fp8_ft = o.fp8[1] is not None and key in o.fp8[1].weights
-        part.dtypes[key] = torch.bfloat16 if fp8_ft else wf.dtype  # factors cannot be FP8: bf16, as trained
+        part.dtypes[key] = torch.bfloat16 if key in o.quantized_ft else wf.dtype  # factors cannot be FP8 or 4-bit
         module = key[: -len(".weight")] if key.endswith(".weight") else key
         # delta is a tensor, or ExpertDeltas: a 3-D experts parameter, read an expert at a time
         if (

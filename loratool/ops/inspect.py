@@ -63,7 +63,7 @@ def _quantization(ck: Checkpoint) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {"method": found.method, "evidence": found.evidence, "supported": False}
     try:
-        layout = ck.fp8_layout()
+        layout = ck.fp8_layout() or ck.packed_layout()
     except LoraToolError as e:
         out["why_unsupported"] = e.message
         return out

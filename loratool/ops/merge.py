@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,13 @@ from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
 from ..io.header import patch_metadata
 from ..io.writer import CheckpointWriter, TensorSpec, copy_aux_files
-from ..linalg import add_lora, dora_rescale, is_finite, merge_rows, row_factors, unit_of_rounding
+from ..linalg import RowFactors, add_lora, dora_rescale, is_finite, merge_rows, row_factors, unit_of_rounding
 from ..pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
 from ..provenance import InputHasher, encode, make_record
-from ..quant import native
+from ..quant import native, packed
 from ..quant.fp8 import check_scale, dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
-from ..quant.layout import Fp8Layout, Fp8Scheme
+from ..quant.layout import Fp8Layout, Fp8Scheme, PackedLayout
+from ..quant.packed import PackedWeight
 from ..quant.rounding import (
     KEPT_WARNING,
     RULES,
@@ -121,6 +122,20 @@ class RoundTripCheck:
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements_differing += int((q.view(torch.uint8) != ref_q.view(torch.uint8)).sum())
         self.elements += q.numel()
+
+    def add_grid(self, out: torch.Tensor, ref: torch.Tensor, unit: torch.Tensor, differing: int) -> None:
+        """Compare restored values of a packed low-bit weight with the original's (float32), in
+        ``unit``s, each element's coarsest grid step of the merged, restored and original grids;
+        ``differing``: how many stored codes differ."""
+        diff = out.double() - ref.double()
+        if diff.numel():
+            self.max_abs_diff = max(self.max_abs_diff, float(diff.abs().max()))
+            self.max_rounding_units = max(self.max_rounding_units, float((diff.abs() / unit.double()).max()))
+        self._sq_diff += float(diff.square().sum())
+        self._sq_base += float(ref.double().square().sum())
+        self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
+        self.elements_differing += differing
+        self.elements += out.numel()
 
     @staticmethod
     def combine(parts: list[RoundTripCheck]) -> RoundTripCheck:
@@ -513,19 +528,26 @@ def _apply(
     d = current()
     with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt, contextlib.ExitStack() as stack:
         fp8 = ckpt.fp8_layout()  # None, or the FP8 layout to keep; any other quantization is refused
-        terms, replace = _plan(ckpt, loaded, sign, fan_in_fan_out)
+        low_bit = ckpt.packed_layout()  # None, or the MXFP4 / NVFP4 / INT4 weights to keep
+        view = ckpt.model_view()  # packed weights by the names and shapes adapters address
+        terms, replace = _plan(view, loaded, sign, fan_in_fan_out)
         _check_fp8_plan(fp8, replace, str(ckpt.path))
-        dequantize = fp8 is not None and out_dtype is not None
+        quantized = fp8 or low_bit
+        dequantize = quantized is not None and out_dtype is not None
+        _check_packed_plan(low_bit, replace, dequantize, str(ckpt.path))
+        if low_bit is not None and not dequantize and min_kept is None:
+            min_kept = KEPT_WARNING  # a 4-bit grid loses most of an adapter far more often than FP8's: refuse, not warn
         rule = Rounding(rounding or default_rule(dequantize), seed)
         bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
         reference = stack.enter_context(open_checkpoint(check, allow_pickle=allow_pickle)) if check else None
         adapter_files = [f for a, _, _ in loaded if a.path for f in _adapter_files(Path(a.path))]
         hasher = InputHasher([*ckpt.file_paths(), *adapter_files], enabled=d.is_main)
-        layout = _layout(ckpt, replace, out_dtype, drop=fp8.companions if fp8 and dequantize else set())
+        drop = fp8.companions if fp8 and dequantize else set()
+        layout = _layout(view if dequantize else ckpt, replace, out_dtype, drop=drop)
         params = {
             "adapters": [{"path": n, "scale": s} for _, s, n in loaded], "device": str(dev),
             "dtype": dtype, "fan_in_fan_out": fan_in_fan_out,
-            **({"rounding": rule.to_json()} if fp8 is not None else {}),
+            **({"rounding": rule.to_json()} if quantized is not None else {}),
         }  # fmt: skip
         result = MergeResult(out, operation, len(terms) + len(bias_terms), len(replace), len(ckpt), warnings=warnings)
         single_file = ckpt.path.is_file()
@@ -539,22 +561,24 @@ def _apply(
 
         def write_share() -> tuple[RoundTripCheck | None, list[tuple[str, Kept]]]:
             check_part = RoundTripCheck() if reference is not None else None
-            share = _Stream(ckpt, replace, terms, bias_terms, dev, out_dtype, reference, check_part,
-                            fp8=fp8, dequantize=dequantize, rounding=rule)  # fmt: skip
+            share = _Stream(view if dequantize else ckpt, replace, terms, bias_terms, dev, out_dtype,
+                            reference, check_part,
+                            fp8=fp8, dequantize=dequantize, rounding=rule, low_bit=low_bit, view=view)  # fmt: skip
             share.write(root, [(f, specs) for f, specs in shards if f in mine], placeholder,
                          show_progress and d.is_main, operation)  # fmt: skip
             return check_part, share.requantized
 
         parts = d.gather(write_share)
         checks = [c for c, _ in parts]
-        if fp8 is not None:
-            result.quantization = _quantization_report(fp8, dequantize, rule, [r for _, rs in parts for r in rs])
+        if quantized is not None:
+            result.quantization = _quantization_report(quantized, dequantize, rule, [r for _, rs in parts for r in rs])
             _require_kept(result.quantization, min_kept, rule)  # before the output moves into place
             result.warnings += _quantization_warnings(result.quantization, rule)
-            if rule.subspace and (dequantize or native.fp8_kernels() is None) and result.quantization["tensors"]:
+            torch_passes = dequantize or native.fp8_kernels() is None or low_bit is not None
+            if rule.subspace and torch_passes and result.quantization["tensors"]:
                 why = (
                     "its compiled kernels round onto FP8 grids only"
-                    if dequantize
+                    if dequantize or low_bit is not None
                     else "loratool's compiled kernels are not built here: reinstall it with a C compiler on PATH"
                 )
                 result.warnings.append(f"the subspace rule ran as torch passes, column by column ({why}), which is "
@@ -573,6 +597,7 @@ def _apply(
             copy_aux_files(ckpt.root, tmp)
             if dequantize:
                 _drop_quantization_config(tmp / "config.json")
+                (tmp / "hf_quant_config.json").unlink(missing_ok=True)  # ModelOpt's: the output is not quantized
             _set_vocab_size(tmp / "config.json", ckpt, replace, result.warnings)
             if ckpt.index_file is not None:
                 _rewrite_index(ckpt.index_file, tmp, layout)
@@ -596,7 +621,9 @@ class _Stream:
     dequantize: bool = False  # FP8 weights are written in out_dtype, their scales dropped
     rounding: Rounding = field(default_factory=Rounding)  # onto the FP8 grid, or out_dtype's when dequantizing
     pool: BufferPool = field(default_factory=BufferPool)
-    requantized: list[tuple[str, Kept]] = field(default_factory=list)  # per FP8 weight changed: what it kept
+    low_bit: PackedLayout | None = None  # MXFP4 / NVFP4 / INT4 weights (by logical name)
+    view: Checkpoint | None = None  # the base as the model holds it: packed weights dequantized on read
+    requantized: list[tuple[str, Kept]] = field(default_factory=list)  # per quantized weight changed: what it kept
     _stash: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # an FP8 pair's other half (pooled?)
     _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
 
@@ -607,6 +634,11 @@ class _Stream:
             if self.dequantize or wkey in self.terms:
                 self._pair_of[wkey] = wkey
                 self._pair_of[w.scale_key] = wkey
+        # packed weights to requantize in place: each stored part -> the logical weight (computed at its first part)
+        self._group_of: dict[str, str] = {}
+        for wkey, pw in self.low_bit.weights.items() if self.low_bit and not self.dequantize else []:
+            if wkey in self.terms:
+                self._group_of.update({name: wkey for name in pw.parts.values()})
         if self.device.type == "cuda":  # the factors cross once (a small pageable copy per weight waits on the GPU)
             on_gpu: dict[int, LoraModule] = {}
             for m in {id(t.module): t.module for ts in self.terms.values() for t in ts}.values():
@@ -625,6 +657,11 @@ class _Stream:
         position = {k: i for i, k in enumerate(keys)}
         # the member of an FP8 pair that comes second is computed with the first: never read it
         self._later = {k for k, i in position.items() if k in self._pair_of and position.get(self._partner(k), i) < i}
+        first: dict[str, int] = {}
+        for k, i in position.items():
+            if k in self._group_of:
+                first.setdefault(self._group_of[k], i)
+        self._later |= {k for k in self._group_of if position.get(k, -1) != first.get(self._group_of[k])}
         threads = compute_threads() if self.device.type == "cpu" else contextlib.nullcontext()
         with threads:
             try:
@@ -641,6 +678,8 @@ class _Stream:
         whether the tensor is the pool's (the writer hands it back once written)."""
         if key in self._pair_of:
             return self._fp8_result(key, w_in)
+        if key in self._group_of or (self.dequantize and self.low_bit is not None and key in self.low_bit.weights):
+            return self._packed_result(key)
         out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
         if w32 is None and self._blocked(key):
             w, pooled = self._merge_blocked(key, w_in, out_dtype), True
@@ -737,6 +776,96 @@ class _Stream:
         self.requantized.append((key, kept))
         return q_new, s_new
 
+    # -- packed low-bit weights (MXFP4, NVFP4, INT4/INT8) ------------------------------------------
+    def _packed_result(self, key: str) -> tuple[torch.Tensor, torch.dtype, bool]:
+        """A packed weight's part (requantized in place: the weight is computed at its first part, the
+        others wait in ``_stash``), or the whole weight in the output dtype when dequantizing."""
+        if key in self._stash:
+            t, pooled = self._stash.pop(key)
+            return t, t.dtype, pooled
+        assert self.low_bit is not None
+        if self.dequantize:
+            w = self.low_bit.weights[key]
+            out = self._packed_each(w, self._packed_dequantized)
+            return out, out.dtype, False
+        w = self.low_bit.weights[self._group_of[key]]
+        pieces = [self._packed_requantized(w, e) for e in (range(w.experts) if w.experts else [None])]
+        new = {role: torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
+               else pieces[0][role] for role in w.parts}  # fmt: skip
+        for role, name in w.parts.items():
+            if name != key:
+                self._stash[name] = (new[role], False)
+        mine = new[next(role for role, name in w.parts.items() if name == key)]
+        return mine, mine.dtype, False
+
+    def _packed_each(self, w: PackedWeight, one: Callable[[PackedWeight, int | None], torch.Tensor]) -> torch.Tensor:
+        """``one(w, expert)`` for each expert of a 3-D parameter (a 2-D weight: ``one(w, None)``), stacked."""
+        if w.experts is None:
+            return one(w, None)
+        return torch.stack([one(w, e) for e in range(w.experts)])
+
+    def _packed_terms(self, w: PackedWeight, logical: torch.Tensor, expert: int | None) -> list[RowFactors]:
+        """Add ``w``'s terms (those of ``expert``) to ``logical`` (float32, the model's orientation) in
+        place; returns each term's factors in that orientation."""
+        factors = []
+        for t in self.terms.get(w.name, []):
+            if w.experts is not None and t.expert != expert:
+                continue
+            if t.module.magnitude is not None:
+                raise UnsupportedCheckpointError(
+                    "a DoRA adapter rescales whole rows of this packed low-bit weight; loratool merges DoRA into "
+                    "plain and FP8 weights only", key=w.name, fix="pass --dtype bfloat16 for a dequantized output",
+                )  # fmt: skip
+            add_lora(logical, t.module.lora_A, t.module.lora_B, t.factor, t.kind)
+            factors.append(row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind))
+        return factors
+
+    def _packed_dequantized(self, w: PackedWeight, expert: int | None) -> torch.Tensor:
+        """One weight (or expert) dequantized, the terms added, in the output dtype by the rounding rule."""
+        assert self.view is not None and self.out_dtype is not None
+        before = packed.logical(w, packed.dequantize(w, self.view.parts(w, expert))).contiguous()  # type: ignore[attr-defined]
+        name = w.name if expert is None else f"{w.name}.{expert}"
+        if w.name not in self.terms:
+            _require_finite(before, self.out_dtype, name, before)
+            return quantize_values(before, self.out_dtype, None)
+        merged = before.clone()
+        factors = self._packed_terms(w, merged, expert)
+        _require_finite(merged, self.out_dtype, name, before)
+        stream, space = self._rule_for(name, [f.right for f in factors])
+        if space is not None and self.out_dtype != torch.float32:
+            written = round_subspace(merged, torch.ones_like(merged), self.out_dtype, space).to(self.out_dtype)
+        else:
+            rows, cols = merged.shape
+            u = uniforms(stream, 0, rows, cols, merged.device) if stream is not None else None
+            written = quantize_values(merged, self.out_dtype, u)
+        self.requantized.append((name, Kept.of(merged - before, merged - written.float())))
+        if self.check is not None and self.reference is not None:
+            ref = _reference_tensor(self.reference.model_view(), w.name)  # the original, dequantized where packed
+            self.check.add(written, ref[expert] if expert is not None else ref, merged)
+        return written
+
+    def _packed_requantized(self, w: PackedWeight, expert: int | None) -> packed.Parts:
+        """One weight (or expert) dequantized, the terms added, requantized in its format by the rule."""
+        assert self.view is not None
+        parts = self.view.parts(w, expert)  # type: ignore[attr-defined]
+        before = packed.dequantize(w, parts)  # (rows, cols) as stored
+        merged = before.clone()
+        name = w.name if expert is None else f"{w.name}.{expert}"
+        factors = self._packed_terms(w, packed.logical(w, merged), expert)
+        _require_finite(merged, torch.float32, name, before)
+        rights = [f.left.T if w.transposed else f.right for f in factors]  # the stored orientation's
+        stream, space = self._rule_for(name, rights)
+        out = packed.requantize(w, merged, parts, before=before, key=stream, space=space)
+        self.requantized.append((name, out.kept))
+        if self.check is not None and self.reference is not None:
+            ref = _reference_tensor(self.reference.model_view(), w.name)  # the original, dequantized where packed
+            ref = packed.to_stored(w, ref[expert] if expert is not None else ref)
+            restored = packed.dequantize(w, out.parts)
+            unit = torch.maximum(packed.steps(w, out.parts, restored), packed.steps(w, parts, before))
+            differing = int((out.parts["codes"] != parts["codes"]).sum())
+            self.check.add_grid(restored, ref.float(), unit, differing)
+        return out.parts
+
     def _rule_for(self, key: str, rights: list[torch.Tensor]) -> tuple[int | None, Subspace | None]:
         """(the stochastic stream's key, the subspace) of tensor ``key``: at most one, none for nearest."""
         if self.rounding.subspace:
@@ -787,6 +916,8 @@ class _Stream:
     def _read(self, key: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         if key in self._later:
             return key, torch.empty(0), None  # its result waits in _stash
+        if key in self._group_of or (self.dequantize and self.low_bit is not None and key in self.low_bit.weights):
+            return key, torch.empty(0), None  # a packed weight: its parts are read where it is computed
         w = self.replace[key] if key in self.replace else self.ckpt.get(key)
         if self._prefetched(key) and self.device.type == "cuda":  # read and sent here, on the prefetch thread
             return key, to_device(w, self.device), None
@@ -879,8 +1010,19 @@ def _check_fp8_plan(fp8: Fp8Layout | None, replace: dict[str, torch.Tensor], pat
         )
 
 
+def _check_packed_plan(low_bit: PackedLayout | None, replace: dict[str, torch.Tensor], dequantize: bool,
+                       path: str) -> None:  # fmt: skip
+    whole = sorted(k for k in replace if low_bit is not None and k in low_bit.weights)
+    if whole and not dequantize:
+        raise UnsupportedCheckpointError(
+            f"the adapter replaces the packed low-bit weight '{whole[0]}' whole, and its layout cannot take a float "
+            "tensor", path=path,
+            fix="pass --dtype bfloat16 for a dequantized output, or merge into the unquantized checkpoint",
+        )  # fmt: skip
+
+
 def _quantization_report(
-    fp8: Fp8Layout, dequantized: bool, rounding: Rounding, records: list[tuple[str, Kept]]
+    fp8: Fp8Layout | PackedLayout, dequantized: bool, rounding: Rounding, records: list[tuple[str, Kept]]
 ) -> dict[str, Any]:
     """The layout, the rounding, and what the written weights carry of the delta: ``kept`` and
     ``noise`` (:class:`loratool.quant.rounding.Kept`) per weight and over all of them."""
@@ -888,8 +1030,10 @@ def _quantization_report(
     for _, k in records:
         total = total.add(k)
     tensors = [{"tensor": key, **k.to_json()} for key, k in sorted(records, key=lambda r: r[0])]
-    return {**fp8.describe(), "dequantized": dequantized, "rounding": rounding.to_json(), **total.to_json(),
-            "tensors": tensors}  # fmt: skip
+    grid = "FP8" if isinstance(fp8, Fp8Layout) else "4-bit" if all(
+        w.scheme.bits == 4 for w in fp8.weights.values()) else "8-bit"  # fmt: skip
+    return {**fp8.describe(), "grid": grid, "dequantized": dequantized, "rounding": rounding.to_json(),
+            **total.to_json(), "tensors": tensors}  # fmt: skip
 
 
 def _short_of(report: dict[str, Any], threshold: float) -> list[dict[str, Any]]:
@@ -908,12 +1052,14 @@ def _remedy(report: dict[str, Any], rounding: Rounding) -> str:
     if not report["dequantized"]:
         steps.append("--dtype bfloat16 for a dequantized checkpoint")
     steps.append("serving the adapter unmerged")
+    if report["grid"] != "FP8" and not report["dequantized"]:
+        steps.append("--min-kept 0 to write it all the same")
     return "; ".join(steps)
 
 
 def _require_kept(report: dict[str, Any], min_kept: float | None, rounding: Rounding) -> None:
     kept = report["kept"]
-    if min_kept is None or kept is None or kept >= min_kept:
+    if min_kept is None or min_kept <= 0 or kept is None or kept >= min_kept:  # 0: write whatever it keeps
         return
     raise AdapterLostError(
         f"the written weights carry {kept:.3f} of the adapter's delta, below --min-kept {min_kept:g}; nothing was "
@@ -929,7 +1075,8 @@ def _quantization_warnings(report: dict[str, Any], rounding: Rounding) -> list[s
     return [
         f"the written weights carry only {kept:.0%} of the adapter's delta (kept, over {len(report['tensors'])} "
         f"weights; lowest {_names(_short_of(report, KEPT_WARNING))}): rounding onto the "
-        f"{'output dtype' if report['dequantized'] else 'FP8 grid'} erased the rest. Try {_remedy(report, rounding)}"
+        f"{'output dtype' if report['dequantized'] else report['grid'] + ' grid'} erased the rest. Try "
+        f"{_remedy(report, rounding)}"
     ]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from ..errors import UnsupportedCheckpointError
+from .packed import PackedScheme, PackedWeight
 
 _FLOAT_LOW_BITS = ("F8_", "F6_", "F4")  # safetensors names of float8/6/4 dtypes
 _SCALE_COMPANIONS = {
@@ -97,6 +98,10 @@ class Fp8Layout:
 
 
 _FP8_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
+_SUPPORTED = (
+    "loratool reads FP8 (block-scaled, compressed-tensors float, FBGEMM), MXFP4 (gpt-oss), NVFP4 (ModelOpt, "
+    "compressed-tensors) and compressed-tensors pack-quantized INT4/INT8"
+)
 _SCALE_DTYPES = ("F32", "BF16", "F16", "F64")
 _SCALES = ("weight_scale_inv", "weight_scale")  # multiply the FP8 weight
 _ACTIVATION_SCALES = ("input_scale", "output_scale", "input_scale_ub", "k_scale", "v_scale")
@@ -117,10 +122,12 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
         return None
     qc = config.get("quantization_config") or config.get("compression_config") or {}
     method = str(qc.get("quant_method") or "")
+    if packed_method(config, found) is not None:
+        return None  # a packed low-bit layout: packed_layout reads it
     if not method and found.method.startswith("fp8"):
         _refuse(found, "config.json has no quantization_config saying how its FP8 scales apply")
     if method not in _FP8_METHODS or (method == "compressed-tensors" and not _float8_groups(qc)):
-        _refuse(found, "only FP8 (block-scaled, compressed-tensors float, FBGEMM) is supported")
+        _refuse(found, _SUPPORTED)
     block = _config_block(qc)
     weights = {}
     for name, (shape, dtype) in tensors.items():
@@ -180,15 +187,192 @@ def _scheme(
                f"a {list(shape)} weight (per tensor, per row, or blocks of {blocks})")  # fmt: skip
 
 
-def _malformed(why: str) -> NoReturn:
+def _malformed(why: str, what: str = "FP8") -> NoReturn:
     """A checkpoint that claims a layout loratool reads but breaks it: the file's fault, not the format's."""
     raise UnsupportedCheckpointError(
-        f"the FP8 checkpoint is malformed: {why}",
+        f"the {what} checkpoint is malformed: {why}",
         fix="re-download it, or re-export it with its producer's quantizer; loratool will not guess what it means",
     )
 
 
+# -- packed low-bit layouts -------------------------------------------------------------------------
+@dataclass
+class PackedLayout:
+    """The packed low-bit weights of a checkpoint, by logical name (as transformers' model holds
+    them once dequantized), and every stored tensor that belongs to one of them."""
+
+    method: str
+    weights: dict[str, PackedWeight]
+    companions: dict[str, str]  # stored tensor -> the logical weight it belongs to
+
+    def describe(self) -> dict[str, Any]:
+        schemes = sorted({w.scheme.describe() for w in self.weights.values()})
+        return {"method": self.method, "schemes": schemes, "quantized_weights": sorted(self.weights),
+                "packed_weights": [self.weights[k].to_json() for k in sorted(self.weights)]}  # fmt: skip
+
+
+def packed_method(config: Mapping[str, Any], found: Quantization | None = None) -> str | None:
+    """``mxfp4``, ``nvfp4-modelopt``, ``nvfp4-compressed`` or ``int-compressed`` for the packed layouts
+    loratool reads, from config.json (its ``quantization_config``; ModelOpt's ``hf_quant_config.json``
+    is passed in as ``config["hf_quant_config"]``), else None."""
+    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    method = str(qc.get("quant_method") or "") if isinstance(qc, Mapping) else ""
+    modelopt = config.get("hf_quant_config")
+    algo = str(qc.get("quant_algo") or "") if isinstance(qc, Mapping) else ""
+    if isinstance(modelopt, Mapping) and isinstance(modelopt.get("quantization"), Mapping):
+        algo = algo or str(modelopt["quantization"].get("quant_algo") or "")
+        method = method or "modelopt"
+    if method == "mxfp4" or (not method and found is not None and found.method == "mxfp4"):
+        return "mxfp4"
+    if method == "modelopt" and algo.upper() == "NVFP4":
+        return "nvfp4-modelopt"
+    if method == "compressed-tensors" and isinstance(qc, Mapping):
+        if qc.get("format") == "nvfp4-pack-quantized":
+            return "nvfp4-compressed"
+        if qc.get("format") == "pack-quantized":
+            return "int-compressed"
+    return None
+
+
+def packed_layout(
+    config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]]
+) -> PackedLayout | None:
+    """The packed weights of a checkpoint in one of the layouts :func:`packed_method` names, read from
+    headers (``tensors``: name -> (shape, safetensors dtype)); None for any other checkpoint.
+
+    Raises:
+        UnsupportedCheckpointError: the config names such a layout but a weight breaks it.
+    """
+    found = detect_quantization(config, ((n, d) for n, (_, d) in tensors.items()))
+    method = packed_method(config, found) if found is not None else None
+    if method is None:
+        return None
+    assert found is not None
+    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    if method == "mxfp4":
+        weights = _mxfp4_weights(tensors)
+    elif method == "nvfp4-modelopt":
+        weights = _nvfp4_weights(tensors, "weight", "weight_scale", "weight_scale_2", divide=False)
+    elif method == "nvfp4-compressed":
+        weights = _nvfp4_weights(tensors, "weight_packed", "weight_scale", "weight_global_scale", divide=True)
+    else:
+        weights = _int_weights(tensors, qc, found)
+    if not weights:
+        _malformed(f"config.json says {method}, but no tensor is stored that way", method)
+    named = {"mxfp4": "mxfp4", "nvfp4-modelopt": "modelopt (NVFP4)"}.get(method, "compressed-tensors")
+    weights = {w.name: PackedWeight(**{**w.__dict__, "method": named}) for w in weights.values()}
+    companions = {t: w.name for w in weights.values() for t in w.stored}
+    return PackedLayout(named, weights, companions)
+
+
+def _mxfp4_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]]) -> dict[str, PackedWeight]:
+    """gpt-oss: ``P_blocks`` (E, out, in / 32, 16) and ``P_scales`` (E, out, in / 32), uint8; the model
+    holds ``P`` as (E, in, out)."""
+    out = {}
+    for name, (shape, dtype) in tensors.items():
+        if not name.endswith("_blocks"):
+            continue
+        stem = name[: -len("_blocks")]
+        scales = tensors.get(stem + "_scales")
+        if scales is None:
+            _malformed(f"'{name}' has no '{stem}_scales' beside it", "mxfp4")
+        if dtype != "U8" or scales[1] != "U8":
+            _malformed(f"'{name}' is {dtype} and its scales {scales[1]}; MXFP4 stores both as uint8", "mxfp4")
+        if len(shape) != 4 or shape[-1] != 16 or tuple(scales[0]) != tuple(shape[:-1]):
+            _malformed(f"'{name}' has shape {list(shape)} and its scales {list(scales[0])}; gpt-oss stores experts "
+                       "as (E, out, in/32, 16) with scales (E, out, in/32): other MXFP4 tensors are not supported",
+                       "mxfp4")  # fmt: skip
+        e, rows, groups, _ = shape
+        scheme = PackedScheme("mxfp4", 32)
+        out[stem] = PackedWeight(stem, (e, groups * 32, rows), {"codes": name, "scale": stem + "_scales"}, scheme,
+                                 transposed=True)  # fmt: skip
+    return out
+
+
+def _nvfp4_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], codes: str, block: str, second: str, *,
+                   divide: bool) -> dict[str, PackedWeight]:  # fmt: skip
+    """NVFP4: uint8 codes (out, in / 2), e4m3 block scales (out, in / 16), a float32 tensor scale."""
+    out = {}
+    for name, (shape, dtype) in tensors.items():
+        if not name.endswith("." + codes) or dtype != "U8":
+            continue
+        stem = name[: -len(codes)]
+        parts = {"codes": name, "scale": stem + block, "global": stem + second}
+        missing = [t for t in parts.values() if t not in tensors]
+        if missing:
+            _malformed(f"the NVFP4 weight '{name}' has no '{missing[0]}' beside it", "nvfp4")
+        if len(shape) != 2:
+            _malformed(f"the NVFP4 weight '{name}' is {len(shape)}-D; only 2-D weights are supported", "nvfp4")
+        rows, cols = shape[0], shape[1] * 2
+        (s_shape, s_dtype), (g_shape, g_dtype) = tensors[parts["scale"]], tensors[parts["global"]]
+        if s_dtype != "F8_E4M3" or tuple(s_shape) != (rows, -(-cols // 16)):
+            _malformed(f"the block scale '{parts['scale']}' is {s_dtype} {list(s_shape)}; NVFP4 needs float8_e4m3fn "
+                       f"of shape {[rows, -(-cols // 16)]} for the weight '{name}'", "nvfp4")  # fmt: skip
+        if g_dtype not in ("F32", "BF16", "F16") or _numel(g_shape) != 1:
+            _malformed(f"the tensor scale '{parts['global']}' is {g_dtype} {list(g_shape)}; NVFP4 needs one float",
+                       "nvfp4")  # fmt: skip
+        extra = tuple(stem + a for a in ("input_scale", "input_global_scale") if stem + a in tensors)
+        scheme = PackedScheme("nvfp4", 16, divide=divide)
+        out[stem + "weight"] = PackedWeight(stem + "weight", (rows, cols), parts, scheme, extra=extra)
+    return out
+
+
+def _int_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping[str, Any],
+                 found: Quantization) -> dict[str, PackedWeight]:  # fmt: skip
+    """compressed-tensors pack-quantized: int32 ``weight_packed``, ``weight_scale``, ``weight_shape``,
+    ``weight_zero_point`` when asymmetric, ``weight_g_idx`` with activation ordering."""
+    specs = [(g.get("weights") or {}) for g in (qc.get("config_groups") or {}).values() if isinstance(g, Mapping)]
+    kinds = {(s.get("type"), s.get("num_bits"), s.get("strategy"), s.get("group_size"), bool(s.get("symmetric", True)))
+             for s in specs}  # fmt: skip
+    if len(kinds) != 1:
+        _refuse(found, f"its config_groups describe {len(kinds)} weight schemes; loratool reads pack-quantized "
+                       "checkpoints with one")  # fmt: skip
+    kind, bits, strategy, group_size, symmetric = next(iter(kinds))
+    if kind != "int" or bits not in (4, 8) or strategy not in ("group", "channel"):
+        _refuse(found, f"its weights are {kind} {bits}-bit by {strategy}; loratool reads int 4- and 8-bit weights "
+                       "grouped by group or channel")  # fmt: skip
+    out = {}
+    for name, (shape, dtype) in tensors.items():
+        if not name.endswith(".weight_packed"):
+            continue
+        stem = name[: -len("packed")]
+        parts = {"codes": name, "scale": stem + "scale", "shape": stem + "shape"}
+        if not symmetric:
+            parts["zero"] = stem + "zero_point"
+        if stem + "g_idx" in tensors:
+            parts["g_idx"] = stem + "g_idx"
+        missing = [t for t in parts.values() if t not in tensors]
+        if missing:
+            _malformed(f"the pack-quantized weight '{name}' has no '{missing[0]}' beside it", "pack-quantized")
+        if dtype != "I32" or len(shape) != 2:
+            _malformed(f"'{name}' is {dtype} {list(shape)}; pack-quantized weights are 2-D int32", "pack-quantized")
+        rows, cols = shape[0], shape[1] * 32 // int(bits)
+        group = cols if strategy == "channel" or not group_size else int(group_size)
+        s_shape, s_dtype = tensors[parts["scale"]]
+        if s_dtype not in ("F32", "BF16", "F16") or tuple(s_shape) != (rows, -(-cols // group)):
+            _malformed(f"the scale '{parts['scale']}' is {s_dtype} {list(s_shape)}; expected a float tensor of shape "
+                       f"{[rows, -(-cols // group)]} for the weight '{name}'", "pack-quantized")  # fmt: skip
+        if not symmetric and tuple(tensors[parts["zero"]][0]) != (-(-rows * int(bits) // 32), s_shape[1]):
+            _malformed(f"the zero points '{parts['zero']}' have shape {list(tensors[parts['zero']][0])}, not "
+                       f"{[-(-rows * int(bits) // 32), s_shape[1]]}", "pack-quantized")  # fmt: skip
+        extra = tuple(stem[: -len("weight_")] + a for a in ("input_global_scale", "input_scale")
+                      if stem[: -len("weight_")] + a in tensors)  # fmt: skip
+        scheme = PackedScheme("int", group, int(bits), symmetric)
+        out[stem[:-1]] = PackedWeight(stem[:-1], (rows, cols), parts, scheme, extra=extra)  # "X.weight"
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _refuse(found: Quantization, why: str) -> NoReturn:
+    if found.method.startswith("gptq") or found.method == "awq":
+        why += (" (GPTQ and AWQ quantizers need calibration data to requantize a merged weight, which a checkpoint "
+                "does not carry)")  # fmt: skip
     raise UnsupportedCheckpointError(
         f"the checkpoint is quantized: {found}; {why}",
         fix="merge into (or extract from) the unquantized checkpoint, then quantize the result",

@@ -115,25 +115,44 @@ class Grid:
     top: float
 
 
+@dataclass(frozen=True)
+class IntGrid:
+    """The integers ``lo..hi`` (a 4- or 8-bit integer code, zero points already added)."""
+
+    lo: int
+    hi: int
+
+
 GRIDS = {
     torch.float8_e4m3fn: Grid(3, -6, 448.0),
     torch.float8_e5m2: Grid(2, -14, 57344.0),
     torch.float16: Grid(10, -14, 65504.0),
     torch.bfloat16: Grid(7, -126, float(torch.finfo(torch.bfloat16).max)),
 }
+E2M1 = Grid(1, 0, 6.0)  # FP4 (MXFP4, NVFP4): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives; no torch dtype to cast to
+INT4, INT8 = IntGrid(-8, 7), IntGrid(-128, 127)
+
+GridLike = torch.dtype | Grid | IntGrid  # a torch dtype stands for its grid in GRIDS
 
 
-def round_to_grid(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor | None) -> torch.Tensor:
-    """``x`` (float32) on ``dtype``'s grid, still float32 (so that ``.to(dtype)`` is exact): nearest
-    (ties to even) where ``u`` is None, else up with probability equal to the fractional position
-    between the two neighbours, up when ``u`` (uniform in [0, 1)) is below it. Beyond the format's
-    largest value, the largest value (saturating, as the formats' quantizers do).
+def round_to_grid(x: torch.Tensor, grid: GridLike, u: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (float32) on a grid (a dtype's, :data:`E2M1`, or an :class:`IntGrid`), still float32
+    (so that ``.to(dtype)`` is exact): nearest (ties to even) where ``u`` is None, else up with
+    probability equal to the fractional position between the two neighbours, up when ``u``
+    (uniform in [0, 1)) is below it. Beyond the format's largest value, the largest value
+    (saturating, as the formats' quantizers do).
 
     Every step is exact in float32: the spacing at |x| is a power of two (the subnormals' below
     the smallest normal), so |x| / spacing, its floor and its fraction have no rounding.
     """
-    grid = GRIDS[dtype]
-    if u is None:
+    if isinstance(grid, IntGrid):
+        if u is None:
+            return x.round().clamp_(grid.lo, grid.hi)
+        below = x.floor()
+        return below.add_((u < x - below).to(torch.float32)).clamp_(grid.lo, grid.hi)
+    dtype = grid if isinstance(grid, torch.dtype) else None
+    grid = GRIDS[grid] if isinstance(grid, torch.dtype) else grid
+    if u is None and dtype is not None:
         return x.clamp(-grid.top, grid.top).to(dtype).to(torch.float32)
     a = x.abs().clamp_max_(grid.top)
     field = (a.view(torch.int32) >> 23).clamp_min_(grid.min_exp + 127)  # biased exponent, the subnormals' below
@@ -143,6 +162,8 @@ def round_to_grid(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor | None) -
     else:
         spacing = (biased << 23).view(torch.float32)
     y = a.div_(spacing)  # steps above zero, exactly
+    if u is None:  # a grid with no torch dtype: round half to even on the steps is ties-to-even on the grid
+        return y.round_().mul_(spacing).copysign_(x)
     below = y.floor()
     up = (u < y.sub_(below)).to(torch.float32)  # the fraction, against the draw
     return below.add_(up).mul_(spacing).copysign_(x)
@@ -202,13 +223,17 @@ def subspace_of(rights: list[torch.Tensor], damping: float = DAMPING, chunk: int
     return Subspace(padded(q), padded(gain), r)
 
 
-def round_subspace(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, space: Subspace) -> torch.Tensor:
-    """``w`` (float32 (rows, cols)) over ``scale`` (its elements' scales, (rows, cols)) on ``dtype``'s
-    grid by the subspace rule, in scaled units (float32 on the grid). Column by column, each row's
-    value plus its feedback ``G . a_j`` is rounded to nearest, and its error ``e`` (real units)
-    leaves ``G -= e gain_j``. The feedback's products are summed pairwise, (0+1)+(2+3).., over the
-    rank padded with zeros to the basis' width: a fixed order that csrc/fp8.c's kernel follows too,
-    so that both give the same bytes (and the kernel is not one long chain of additions)."""
+def round_subspace(
+    w: torch.Tensor, scale: torch.Tensor, grid: GridLike, space: Subspace, zero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``w`` (float32 (rows, cols)) over ``scale`` (its elements' scales, (rows, cols)) on a grid
+    (:func:`round_to_grid`'s) by the subspace rule, in scaled units (float32 on the grid; with
+    ``zero``, each element's zero point (rows, cols), the codes ``round(w / scale + zero)``).
+    Column by column, each row's value plus its feedback ``G . a_j`` is rounded to nearest, and its
+    error ``e`` (real units) leaves ``G -= e gain_j``. The feedback's products are summed pairwise,
+    (0+1)+(2+3).., over the rank padded with zeros to the basis' width: a fixed order that
+    csrc/fp8.c's kernel follows too, so that both give the same bytes (and the kernel is not one
+    long chain of additions)."""
     rows, cols = w.shape
     basis, gain = space.basis.to(w.device), space.gain.to(w.device)
     g = torch.zeros(rows, space.width, dtype=torch.float32, device=w.device)
@@ -221,8 +246,12 @@ def round_subspace(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, spa
                 terms = terms[:, 0::2] + terms[:, 1::2]
             v = v + terms[:, 0]
         s = scale[:, j]
-        q = round_to_grid(v / s, dtype, None)
-        g -= (q * s - v)[:, None] * gain[j][None, :]
+        if zero is None:
+            q = round_to_grid(v / s, grid, None)
+            g -= (q * s - v)[:, None] * gain[j][None, :]
+        else:
+            q = round_to_grid(v / s + zero[:, j], grid, None)
+            g -= ((q - zero[:, j]) * s - v)[:, None] * gain[j][None, :]
         out[:, j] = q
     return out
 

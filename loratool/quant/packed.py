@@ -1,0 +1,188 @@
+"""Packed low-bit weights (MXFP4, NVFP4, INT4/INT8 pack-quantized): one weight's stored tensors
+to its float32 values and back, by a rounding rule, with what the written weight kept.
+
+A :class:`PackedWeight` names the tensors a checkpoint stores for one weight (its ``parts``) and the
+weight as transformers' model holds it once dequantized (``name``, ``shape``: the *logical*
+weight, which adapters address). Values are handled in the *stored orientation* (rows, cols),
+scales grouped along the columns; gpt-oss stores its experts (E, out, in) and transformers
+presents them as (E, in, out) (``transposed``), one expert at a time here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import fp4, intpack
+from .rounding import E2M1, GridLike, Kept, Subspace, round_subspace, round_to_grid, uniforms
+
+FORMATS = ("mxfp4", "nvfp4", "int")
+
+
+@dataclass(frozen=True)
+class PackedScheme:
+    """How one weight's codes and scales are laid out."""
+
+    format: str  # "mxfp4", "nvfp4" or "int"
+    group: int  # columns per scale (a whole row: per channel)
+    bits: int = 4
+    symmetric: bool = True
+    divide: bool = False  # NVFP4: the per-tensor scale divides (compressed-tensors) rather than multiplies
+
+    def describe(self) -> str:
+        if self.format == "int":
+            kind = "symmetric" if self.symmetric else "asymmetric"
+            return f"int{self.bits} pack-quantized ({kind}, groups of {self.group})"
+        return f"{self.format} (groups of {self.group})"
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """One packed weight: its logical name and shape, its stored tensors by role (``codes``,
+    ``scale``, and where the format has them ``global``, ``zero``, ``shape``, ``g_idx``), and the
+    activation scales beside it (``extra``: kept in place, dropped when dequantizing)."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: dict[str, str]
+    scheme: PackedScheme
+    transposed: bool = False
+    extra: tuple[str, ...] = ()
+    method: str = ""  # config.json's quant_method (or ModelOpt's quant_algo)
+
+    @property
+    def stored(self) -> list[str]:
+        """Every tensor this weight is stored as, its activation scales included."""
+        return [*self.parts.values(), *self.extra]
+
+    @property
+    def experts(self) -> int | None:
+        """E for a 3-D experts parameter (handled one expert at a time), else None."""
+        return self.shape[0] if len(self.shape) == 3 else None
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """One (expert's) weight in the stored orientation."""
+        r, c = self.shape[-2:]
+        return (c, r) if self.transposed else (r, c)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensor": self.name, "shape": list(self.shape), "scheme": self.scheme.describe(),
+                "stored_as": sorted(self.stored)}  # fmt: skip
+
+
+Parts = dict[str, torch.Tensor]  # role -> tensor (one expert's slice for experts)
+
+
+def dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
+    """float32 (rows, cols) in the stored orientation of one weight (or expert)."""
+    s = w.scheme
+    rows, cols = w.rows_cols
+    if s.format == "mxfp4":
+        return fp4.dequantize_mxfp4(parts["codes"], parts["scale"])[:, :cols]
+    if s.format == "nvfp4":
+        return fp4.dequantize_nvfp4(parts["codes"], parts["scale"], parts["global"], s.divide)[:, :cols]
+    codes = intpack.unpack_int32(parts["codes"], s.bits, cols)
+    zero = parts.get("zero")
+    zero_codes = intpack.unpack_int32(zero.T.contiguous(), s.bits, rows).T if zero is not None else None
+    groups = _groups(w, parts)
+    return intpack.dequantize_int(codes, parts["scale"], zero_codes, groups)
+
+
+def logical(w: PackedWeight, stored: torch.Tensor) -> torch.Tensor:
+    """A stored-orientation weight as the model holds it (a view)."""
+    return stored.T if w.transposed else stored
+
+
+def to_stored(w: PackedWeight, values: torch.Tensor) -> torch.Tensor:
+    """A logical weight (one expert's) in the stored orientation, contiguous."""
+    return (values.T if w.transposed else values).contiguous()
+
+
+@dataclass
+class Requantized:
+    """The stored tensors of a requantized weight and what they carry of the delta."""
+
+    parts: Parts
+    kept: Kept = field(default_factory=Kept)
+
+
+def requantize(
+    w: PackedWeight,
+    merged: torch.Tensor,
+    like: Parts,
+    *,
+    before: torch.Tensor | None = None,
+    key: int | None = None,
+    space: Subspace | None = None,
+) -> Requantized:
+    """``merged`` (float32, stored orientation) in ``w``'s format, with new scales set from it as the
+    format's quantizer sets them, rounded to nearest, or with a stream ``key`` stochastically, or
+    with a ``space`` by the subspace rule (:mod:`.rounding`). ``like``: the tensors it was read
+    from (their dtypes are kept). ``before``: the dequantized base, for the :class:`Kept` sums."""
+    s = w.scheme
+    rows, cols = merged.shape
+    u = uniforms(key, 0, rows, cols, merged.device) if key is not None and space is None else None
+    out: Parts = {}
+    zero_el: torch.Tensor | None = None
+    grid: GridLike
+    if s.format == "mxfp4":
+        exponents = fp4.mxfp4_exponents(merged)
+        scales = fp4.group_scales(fp4.mxfp4_scale_values(exponents), cols, fp4.MXFP4_GROUP)
+        out["scale"], grid = exponents, E2M1
+    elif s.format == "nvfp4":
+        block, second = fp4.nvfp4_scales(merged, s.divide)
+        scales = fp4.nvfp4_element_scales(block, second, cols, s.divide)
+        out["scale"], out["global"], grid = block, second.to(like["global"].dtype).reshape(like["global"].shape), E2M1
+    else:
+        groups = _groups(w, like)
+        scale, zero = intpack.int_qparams(merged, groups, like["scale"].shape[-1], s.bits, s.symmetric,
+                                          like["scale"].dtype)  # fmt: skip
+        scales = scale.to(torch.float32)[:, groups]
+        out["scale"], grid = scale, intpack.grid_of(s.bits)
+        if zero is not None:
+            zero_el = zero.to(torch.float32)[:, groups]
+            out["zero"] = intpack.pack_int32(zero.T.contiguous(), s.bits).T.contiguous()
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: codes 0
+    if space is not None:
+        codes = round_subspace(merged, safe, grid, space, zero_el)
+    else:
+        scaled = merged / safe if zero_el is None else merged / safe + zero_el
+        codes = round_to_grid(scaled, grid, u)
+    if s.format == "int":
+        out["codes"] = intpack.pack_int32(codes.to(torch.int32), s.bits)
+        written = (codes - zero_el if zero_el is not None else codes).mul_(scales)
+    else:
+        codes = torch.where(scales > 0, codes, torch.zeros_like(codes))
+        width = like["codes"].numel() // rows * 2  # values a row holds, the last group padded
+        padded = torch.nn.functional.pad(codes, (0, width - cols))
+        out["codes"] = fp4.encode_e2m1(padded).reshape(like["codes"].shape)
+        written = codes * scales
+    for role in ("shape", "g_idx"):
+        if role in like:
+            out[role] = like[role]
+    kept = Kept.of(merged - before, merged - written) if before is not None else Kept()
+    return Requantized(out, kept)
+
+
+def _groups(w: PackedWeight, parts: Parts) -> torch.Tensor:
+    """Each stored column's scale group."""
+    return intpack.column_groups(w.rows_cols[1], w.scheme.group, parts.get("g_idx"))
+
+
+def steps(w: PackedWeight, parts: Parts, values: torch.Tensor) -> torch.Tensor:
+    """Each element's grid step (float32, stored orientation) at ``values`` (its magnitude, real
+    units), on the grid ``parts`` set: the unit a rounding error is counted in."""
+    s = w.scheme
+    rows, cols = values.shape
+    if s.format == "mxfp4":
+        scales = fp4.group_scales(fp4.mxfp4_scale_values(parts["scale"]), cols, fp4.MXFP4_GROUP)
+    elif s.format == "nvfp4":
+        scales = fp4.nvfp4_element_scales(parts["scale"], parts["global"], cols, s.divide)
+    else:
+        return parts["scale"].to(torch.float32)[:, _groups(w, parts)]
+    x = torch.where(scales > 0, values.abs() / scales, torch.zeros_like(values))
+    spacing = torch.where(x < 2, 0.5, torch.where(x < 4, 1.0, 2.0))  # E2M1's steps: 0.5 below 2, 1 below 4, then 2
+    return spacing * scales

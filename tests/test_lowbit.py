@@ -1,0 +1,386 @@
+"""Packed low-bit bases (MXFP4, NVFP4, INT4/INT8 pack-quantized): read, merged, unmerged and
+extracted from, against the producers' own code as oracles: compressed-tensors' compressors make
+and read the NVFP4 and INT checkpoints, transformers' gpt-oss dequantizer reads MXFP4, and PEFT
+merges into the dequantized weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_model, peft_adapter, tiny_model
+from safetensors.torch import load_file, save_file
+
+from loratool.io.checkpoint import open_checkpoint
+from loratool.ops.extract import extract
+from loratool.ops.merge import merge, unmerge
+
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FORMATS = ("int4-sym", "int4-asym", "int8-sym", "nvfp4-compressed", "nvfp4-modelopt")
+
+
+def producer_scheme(fmt: str) -> QuantizationScheme:
+    if fmt.startswith("nvfp4"):
+        args = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16,
+                                scale_dtype=torch.float8_e4m3fn)  # fmt: skip
+    else:
+        bits = 8 if fmt.startswith("int8") else 4
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=fmt.endswith("-sym"), strategy="group",
+                                group_size=16)  # fmt: skip
+    return QuantizationScheme(targets=["Linear"], weights=args)
+
+
+def producer_compress(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """compressed-tensors' own quantizer and compressor (its observer's qparams, as llm-compressor's)."""
+    scheme = producer_scheme(fmt)
+    groups = w.float().view(w.shape[0], -1, 16)
+    if fmt.startswith("nvfp4"):
+        gs = generate_gparam(w.float().amin(), w.float().amax())
+        scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights, global_scale=gs)
+        sd = {"weight": w, "weight_scale": scale, "weight_global_scale": gs}
+        return NVFP4PackedCompressor.compress(sd, scheme)
+    scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights)
+    sd = {"weight": w, "weight_scale": scale.to(w.dtype), "weight_zero_point": zp}
+    return PackedQuantizationCompressor.compress(sd, scheme)
+
+
+def producer_decompress(parts: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
+    scheme = producer_scheme(fmt)
+    if fmt == "nvfp4-modelopt":  # compressed-tensors' converter from ModelOpt: rename and invert
+        parts = {"weight_packed": parts["weight"], "weight_scale": parts["weight_scale"],
+                 "weight_global_scale": 1 / parts["weight_scale_2"]}  # fmt: skip
+    if fmt.startswith("nvfp4"):  # decompressed in bfloat16 by the producer
+        return NVFP4PackedCompressor.decompress(parts, scheme)["weight"].float()
+    parts = {**parts, "weight_scale": parts["weight_scale"].float()}  # (q - zero) * scale, exactly in float32
+    return PackedQuantizationCompressor.decompress(parts, scheme)["weight"].float()
+
+
+def quant_config(fmt: str) -> dict:
+    if fmt == "nvfp4-modelopt":
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+    weights = producer_scheme(fmt).weights.model_dump(mode="json")
+    return {"quant_method": "compressed-tensors", "quantization_status": "compressed", "ignore": ["lm_head"],
+            "format": "nvfp4-pack-quantized" if fmt.startswith("nvfp4") else "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}  # fmt: skip
+
+
+def make_quantized(src: Path, dst: Path, fmt: str, *, hf_quant_config: bool = False) -> None:
+    """``src`` (a tiny Llama) with every projection compressed by the producer, as its exporter lays it out."""
+    dst.mkdir(parents=True)
+    out = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in PROJ):
+            out[name] = t.to(torch.bfloat16)
+            continue
+        parts = producer_compress(t.to(torch.bfloat16), fmt)
+        if fmt == "nvfp4-modelopt":
+            parts = {"weight": parts["weight_packed"], "weight_scale": parts["weight_scale"],
+                     "weight_scale_2": (1 / parts["weight_global_scale"]).float(),
+                     "input_scale": torch.tensor([0.5])}  # fmt: skip
+        out.update({f"{module}.{k}": v.contiguous() for k, v in parts.items()})
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    if hf_quant_config:
+        (dst / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
+                                                              "quantization": {"quant_algo": "NVFP4", "group_size": 16}}))  # fmt: skip
+    else:
+        config["quantization_config"] = quant_config(fmt)
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def dequantized(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+    """Every weight of a quantized tiny Llama as the producer's decompressor reads it (float32)."""
+    ts = load_file(str(path / "model.safetensors"))
+    out = {}
+    for name, t in ts.items():
+        module, _, leaf = name.rpartition(".")
+        if module.rsplit(".", 1)[-1] not in PROJ:
+            out[name] = t.float()
+        elif leaf in ("weight_packed", "weight") and t.dtype in (torch.uint8, torch.int32):
+            parts = {k.rpartition(".")[2]: v for k, v in ts.items() if k.rpartition(".")[0] == module}
+            out[module + ".weight"] = producer_decompress(parts, fmt)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lowbit")
+    tiny_model("llama").save_pretrained(root / "base")
+    pm = peft_adapter(load_model("llama", root / "base"), list(PROJ), r=4, alpha=8, seed=3)
+    pm.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def quantized(request, plain, tmp_path_factory) -> tuple[str, Path]:
+    path = tmp_path_factory.mktemp(request.param) / "q"
+    make_quantized(plain[0], path, request.param)
+    return request.param, path
+
+
+def adapter_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    ts = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    out = {}
+    for key, a in ts.items():
+        if key.endswith(".lora_A.weight"):
+            b = ts[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            out[name] = cfg["lora_alpha"] / cfg["r"] * (b.float() @ a.float())
+    return out
+
+
+def test_the_model_view_dequantizes_as_the_producer_does(quantized) -> None:
+    fmt, path = quantized
+    want = dequantized(path, fmt)
+    with open_checkpoint(path) as ck:
+        view = ck.model_view()
+        assert sorted(view.keys()) == sorted(want)  # scales and packed parts folded into their weight
+        for key, value in want.items():
+            got = view.get(key).float()
+            assert tuple(view.info(key).shape) == tuple(value.shape), key
+            if fmt.startswith("nvfp4"):  # the producer decompresses in bfloat16; loratool in float32
+                torch.testing.assert_close(got.to(torch.bfloat16).float(), value, rtol=2**-7, atol=1e-6, msg=key)
+            else:
+                assert torch.equal(got, value), key
+
+
+def test_inspect_names_each_packed_weight_and_its_scheme(quantized, cli) -> None:
+    fmt, path = quantized
+    q = json.loads(cli("inspect", path, "--json").stdout)["quantization"]
+    assert q["supported"] and len(q["packed_weights"]) == 2 * len(PROJ)
+    row = next(w for w in q["packed_weights"] if w["tensor"] == "model.layers.0.mlp.down_proj.weight")
+    assert row["shape"] == [32, 64]
+    bits = "int8" if fmt.startswith("int8") else "int4" if fmt.startswith("int") else "nvfp4"
+    assert row["scheme"].startswith(bits) and "groups of 16" in row["scheme"]
+    text = cli("inspect", path).stdout
+    assert "packed weights" in text and "model.layers.0.mlp.down_proj.weight [32, 64]" in text
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "subspace"])
+def test_an_in_place_merge_keeps_the_layout_and_lands_within_a_grid_step(tmp_path: Path, plain, quantized,
+                                                                         rounding: str) -> None:  # fmt: skip
+    fmt, path = quantized
+    _, adapter = plain
+    r = merge(path, [adapter], output=tmp_path / "m", rounding=rounding, min_kept=0.0, show_progress=False)
+    before, after = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in after.items()} == {k: (v.shape, v.dtype) for k, v in before.items()}
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == json.loads((path / "config.json").read_text())
+    base, merged, deltas = dequantized(path, fmt), dequantized(tmp_path / "m", fmt), adapter_deltas(adapter)
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    for key, delta in deltas.items():
+        want = base[key] + delta
+        err = merged[key] - want
+        if rounding != "subspace":
+            # every element lies within a step of the grid it was written on (the coarsest FP4 step is a third of
+            # its group's range; an INT step a 15th or a 255th): a loose bound that a lost or misplaced term breaks
+            assert err.abs().max() <= (want.abs().max() / (2 if "nvfp4" in fmt else 7)), (key, float(err.abs().max()))
+        else:  # elements may move several steps, but the error stays out of what the adapter reads
+            lora_a = factors["base_model.model." + key.replace(".weight", ".lora_A.weight")].float()
+            basis = torch.linalg.qr(lora_a.T).Q  # (in, r)
+            share = float((err @ basis).norm() / err.norm())
+            assert share < 0.3, (key, share)
+    q = r.quantization
+    assert q is not None and not q["dequantized"] and q["rounding"]["rule"] == rounding
+    assert len(q["tensors"]) == len(deltas) and q["grid"] == ("8-bit" if fmt.startswith("int8") else "4-bit")
+    # kept, as reported, is what the written weights carry: <W' - W, delta> / |delta|^2 over all weights
+    num = sum(float(((merged[k].double() - base[k].double()) * d.double()).sum()) for k, d in deltas.items())
+    den = sum(float(d.double().square().sum()) for d in deltas.values())
+    assert q["kept"] == pytest.approx(num / den, rel=2e-3, abs=2e-3)
+
+
+def test_a_dequantized_output_equals_peft_merging_into_the_dequantized_base(tmp_path: Path, plain, quantized) -> None:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    fmt, path = quantized
+    _, adapter = plain
+    r = merge(path, [adapter], output=tmp_path / "m", dtype="float32", show_progress=False)
+    assert r.quantization is not None and r.quantization["dequantized"]
+    out = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert not any("scale" in k or "packed" in k for k in out)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m")  # transformers loads it as a plain checkpoint
+    # PEFT's merge into the dequantized weights (float32; the dequantization is held to the producer's above)
+    base = LlamaForCausalLM(model.config)
+    with open_checkpoint(path) as ck:
+        view = ck.model_view()
+        base.load_state_dict({k: view.get(k).float() for k in view.keys()}, strict=False)
+    oracle = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+    for key in adapter_deltas(adapter):
+        torch.testing.assert_close(out[key], oracle[key], rtol=0, atol=1e-5 * float(oracle[key].abs().max()), msg=key)
+
+
+def test_unmerge_round_trips_within_the_rounding(tmp_path: Path, plain, quantized) -> None:
+    fmt, path = quantized
+    _, adapter = plain
+    merge(path, [adapter], output=tmp_path / "m", min_kept=0.0, show_progress=False)
+    r = unmerge(tmp_path / "m", [adapter], output=tmp_path / "u", check=path, min_kept=0.0, show_progress=False)
+    assert r.check is not None and r.check.elements == sum(v.numel() for v in dequantized(path, fmt).values())
+    # each way rounds once, on grids whose scales moved with the weight: a few steps at most
+    assert 0 < r.check.max_rounding_units <= 4, r.check
+
+
+def test_a_4bit_merge_that_loses_the_adapter_exits_1_and_writes_nothing(tmp_path: Path, plain, cli) -> None:
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "nvfp4-compressed")
+    res = cli("merge", tmp_path / "q", f"{adapter}:0.002", "-o", tmp_path / "m", "--rounding", "nearest")
+    assert res.exit_code == 1 and not (tmp_path / "m").exists()
+    assert "below --min-kept 0.8" in res.stderr and "--dtype bfloat16" in res.stderr
+    assert "serving the adapter unmerged" in res.stderr and "model.layers." in res.stderr  # names the weights
+    ok = cli("merge", tmp_path / "q", f"{adapter}:0.002", "-o", tmp_path / "m", "--rounding", "nearest",
+             "--min-kept", "0")  # fmt: skip
+    assert ok.exit_code == 0 and "carry only" in ok.stderr  # written, with the warning
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4-compressed", "int4-asym"])
+def test_the_rules_keep_a_small_adapter_that_nearest_rounding_erases(tmp_path: Path, plain, fmt: str) -> None:
+    """An adapter at 2% of its trained size: nearest rounding writes most of the base back (its
+    scales are the producer's, so the base sits on the grid); the other rules keep it."""
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", fmt)
+    kept = {}
+    for rule in ("nearest", "stochastic", "subspace"):
+        r = merge(tmp_path / "q", [(adapter, 0.02)], output=tmp_path / rule, rounding=rule, min_kept=0.0,
+                  show_progress=False)  # fmt: skip
+        kept[rule] = r.quantization["kept"]
+    assert kept["nearest"] < 0.5 and kept["stochastic"] > 0.85 and kept["subspace"] > 0.85, kept
+
+
+@pytest.mark.parametrize("fmt", ["int4-asym", "nvfp4-modelopt"])
+def test_extract_from_a_quantized_base_equals_extract_from_its_dequantized_copy(tmp_path: Path, plain, fmt) -> None:
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", fmt)
+    merge(tmp_path / "q", [adapter], output=tmp_path / "ft", dtype="bfloat16", show_progress=False)
+    (tmp_path / "deq").mkdir()
+    with open_checkpoint(tmp_path / "q") as ck:
+        view = ck.model_view()
+        save_file({k: view.get(k).contiguous() for k in view.keys()}, str(tmp_path / "deq" / "model.safetensors"))
+    (tmp_path / "deq" / "config.json").write_text((base / "config.json").read_text())
+    a = extract(tmp_path / "q", tmp_path / "ft", output=tmp_path / "a1", rank=4, show_progress=False)
+    b = extract(tmp_path / "deq", tmp_path / "ft", output=tmp_path / "a2", rank=4, show_progress=False)
+    assert [m.module for m in a.report] == [m.module for m in b.report] and len(a.report) == len(PROJ) * 2
+    one, two = load_file(str(tmp_path / "a1" / "adapter_model.safetensors")), load_file(
+        str(tmp_path / "a2" / "adapter_model.safetensors"))  # fmt: skip
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_a_packed_weight_without_its_scale_is_refused_naming_it(tmp_path: Path, plain, cli) -> None:
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "nvfp4-compressed")
+    file = tmp_path / "q" / "model.safetensors"
+    ts = load_file(str(file))
+    del ts["model.layers.1.self_attn.v_proj.weight_global_scale"]
+    save_file(ts, str(file))
+    res = cli("merge", tmp_path / "q", adapter, "-o", tmp_path / "m")
+    assert res.exit_code == 1 and "malformed" in res.stderr
+    assert "model.layers.1.self_attn.v_proj.weight_global_scale" in res.stderr and not (tmp_path / "m").exists()
+
+
+def test_modelopt_is_read_from_hf_quant_config_alone(tmp_path: Path, plain) -> None:
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "nvfp4-modelopt", hf_quant_config=True)
+    r = merge(tmp_path / "q", [adapter], output=tmp_path / "m", dtype="bfloat16", show_progress=False)
+    assert r.quantization["method"] == "modelopt (NVFP4)" and not (tmp_path / "m" / "hf_quant_config.json").exists()
+    merge(tmp_path / "q", [adapter], output=tmp_path / "m2", min_kept=0.0, show_progress=False)
+    assert (tmp_path / "m2" / "hf_quant_config.json").exists()
+    assert load_file(str(tmp_path / "m2" / "model.safetensors"))["model.layers.0.self_attn.q_proj.input_scale"] == 0.5
+
+
+# -- gpt-oss MXFP4 experts -----------------------------------------------------------------------------
+def mxfp4_reference_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, scales) of ``w`` (..., in) by the OCP definition, written independently of loratool:
+    scale 2^ceil(log2(amax / 6)) per 32, each value the nearest E2M1 magnitude (searched), low nibble first."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    *lead, n = w.shape
+    x = w.float().reshape(*lead, n // 32, 32)
+    amax = x.abs().amax(-1)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6)), torch.full_like(amax, -127)).clamp(-127, 127)
+    y = x / torch.exp2(exp)[..., None]
+    idx = (y.abs()[..., None] - grid).abs().argmin(-1)  # nearest magnitude (ties: the smaller: rarely hit)
+    codes = (idx | ((y < 0).long() << 3)).to(torch.uint8).reshape(*lead, n // 32, 16, 2)
+    return codes[..., 0] | (codes[..., 1] << 4), (exp + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_path: Path, cli) -> None:
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    torch.manual_seed(0)
+    config = tf.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                             head_dim=16, layer_types=["full_attention"])  # fmt: skip
+    model = tf.GptOssForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "bf")
+    ts = load_file(str(tmp_path / "bf" / "model.safetensors"))
+    q = {}
+    for name, t in ts.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            q[name + "_blocks"], q[name + "_scales"] = mxfp4_reference_quantize(t.transpose(1, 2))  # (E, out, in)
+        else:
+            q[name] = t
+    (tmp_path / "q").mkdir()
+    save_file(q, str(tmp_path / "q" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "bf" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    oracle = {n[: -len("_blocks")]: convert_moe_packed_tensors(q[n], q[n[: -len("_blocks")] + "_scales"],
+                                                                dtype=torch.float32)
+              for n in q if n.endswith("_blocks")}  # fmt: skip
+    with open_checkpoint(tmp_path / "q") as ck:
+        view = ck.model_view()
+        for key, value in oracle.items():
+            assert torch.equal(view.get(key), value), key
+            assert torch.equal(view.get_rows(key, 1, 3), value[1:3]), key
+
+    pm = get_peft_model(tf.GptOssForCausalLM(config).eval(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(tmp_path / "adapter")
+    # PEFT's merge into the dequantized experts is the oracle
+    base = tf.GptOssForCausalLM(config).eval()
+    base.load_state_dict({**{k: v for k, v in q.items() if not k.endswith(("_blocks", "_scales"))}, **oracle})
+    from peft import PeftModel
+
+    want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+
+    res = cli("merge", tmp_path / "q", tmp_path / "adapter", "-o", tmp_path / "deq", "--dtype", "float32", "--json")
+    assert res.exit_code == 0, res.stderr
+    got = load_file(str(tmp_path / "deq" / "model.safetensors"))
+    for key in oracle:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
+    assert "gate_up_proj_blocks" not in " ".join(got)
+
+    res = cli("merge", tmp_path / "q", tmp_path / "adapter", "-o", tmp_path / "in", "--json", "--min-kept", "0")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)["quantization"]
+    assert report["method"] == "mxfp4" and len(report["tensors"]) == 2 * 4  # two parameters x four experts
+    written = load_file(str(tmp_path / "in" / "model.safetensors"))
+    assert {k: v.dtype for k, v in written.items()} == {k: v.dtype for k, v in q.items()}
+    for key in oracle:
+        merged = convert_moe_packed_tensors(written[key + "_blocks"], written[key + "_scales"], dtype=torch.float32)
+        err = (merged - want[key]).abs().amax(dim=(1, 2))  # per expert, against a step of its largest value
+        assert bool((err <= want[key].abs().amax(dim=(1, 2)) / 3).all()), (key, err)
+
+    # extract from the MXFP4 base and the bf16 merge: the experts' delta comes back as target_parameters
+    a = extract(tmp_path / "q", tmp_path / "deq", output=tmp_path / "ex", rank=4, show_progress=False)
+    assert {m.module for m in a.report} >= {"model.layers.0.mlp.experts.gate_up_proj.0"}
+    ex_cfg = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert sorted(ex_cfg["target_parameters"]) == ["model.layers.0.mlp.experts.down_proj",
+                                                   "model.layers.0.mlp.experts.gate_up_proj"]  # fmt: skip
