@@ -406,8 +406,8 @@ def _merge_text(d: dict[str, Any]) -> str:
             )
         if d["operation"] == "unmerge" and not q["dequantized"]:
             text += (
-                f"\nthe restored {q['grid']} weights lie within the merge's and this unmerge's rounding of the original, not on "
-                "its bytes" + ("" if "check" in d else "; --check BASE measures how far")
+                f"\nthe restored {q['grid']} weights lie within the merge's and this unmerge's rounding of the "
+                "original, not on its bytes" + ("" if "check" in d else "; --check BASE measures how far")
             )
     if "check" in d:
         c = d["check"]

@@ -241,15 +241,6 @@ class Checkpoint:
         except LoraToolError as e:
             raise type(e)(e.message, path=str(self.path), fix=e.fix) from None
 
-    def model_view(self) -> Checkpoint:
-        """This checkpoint as the model holds it: packed low-bit weights under their logical names
-        and shapes, dequantized when read (:class:`loratool.io.logical.ModelView`); itself when
-        nothing is packed."""
-        from .logical import ModelView
-
-        layout = self.packed_layout()
-        return self if layout is None else ModelView(self, layout)
-
     # -- reading --------------------------------------------------------------------------------
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (CPU, the stored dtype)."""

@@ -77,3 +77,10 @@ class ModelView(Checkpoint):
         import torch
 
         return torch.stack([packed.logical(w, packed.dequantize(w, self.parts(w, e))) for e in range(start, stop)])
+
+
+def model_view(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` as the model holds it: packed low-bit weights under their logical names and shapes,
+    dequantized when read (:class:`ModelView`); ``ckpt`` itself when nothing is packed."""
+    layout = ckpt.packed_layout()
+    return ckpt if layout is None else ModelView(ckpt, layout)

@@ -36,6 +36,7 @@ from ..formats import is_adapter, load_adapter
 from ..formats.kohya import resolve_paths
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.logical import model_view
 from ..linalg import (
     FactoredSVD,
     allocate_budget,
@@ -273,7 +274,7 @@ def _analyze_checkpoints(
         open_checkpoint(base, allow_pickle=allow_pickle) as b_stored,
         open_checkpoint(finetuned, allow_pickle=allow_pickle) as f_stored,
     ):
-        b, f = b_stored.model_view(), f_stored.model_view()  # packed low-bit weights read dequantized
+        b, f = model_view(b_stored), model_view(f_stored)  # packed low-bit weights read dequantized
         fp8 = (b.fp8_layout(), f.fp8_layout())
         keys = paired_keys(b, f, skip=fp8_companions(*fp8))
         config = f.config() or b.config()

@@ -26,6 +26,7 @@ from ..formats import save_adapter
 from ..formats.peft import new_config
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
+from ..io.logical import model_view
 from ..linalg import (
     TruncatedSVD,
     allocate_budget,
@@ -162,7 +163,7 @@ def extract(
         open_checkpoint(base, allow_pickle=allow_pickle) as b_stored,
         open_checkpoint(finetuned, allow_pickle=allow_pickle) as f_stored,
     ):
-        b, f = b_stored.model_view(), f_stored.model_view()  # packed low-bit weights read dequantized, by model name
+        b, f = model_view(b_stored), model_view(f_stored)  # packed low-bit weights read dequantized, by model name
         fp8 = (b.fp8_layout(), f.fp8_layout())  # FP8 weights are dequantized before the difference
         options.fp8 = fp8
         low_bit = f_stored.packed_layout()

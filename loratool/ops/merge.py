@@ -34,6 +34,7 @@ from ..formats.kohya import resolve_paths
 from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
 from ..io.header import patch_metadata
+from ..io.logical import model_view
 from ..io.writer import CheckpointWriter, TensorSpec, copy_aux_files
 from ..linalg import RowFactors, add_lora, dora_rescale, is_finite, merge_rows, row_factors, unit_of_rounding
 from ..pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
@@ -529,7 +530,7 @@ def _apply(
     with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt, contextlib.ExitStack() as stack:
         fp8 = ckpt.fp8_layout()  # None, or the FP8 layout to keep; any other quantization is refused
         low_bit = ckpt.packed_layout()  # None, or the MXFP4 / NVFP4 / INT4 weights to keep
-        view = ckpt.model_view()  # packed weights by the names and shapes adapters address
+        view = model_view(ckpt)  # packed weights by the names and shapes adapters address
         terms, replace = _plan(view, loaded, sign, fan_in_fan_out)
         _check_fp8_plan(fp8, replace, str(ckpt.path))
         quantized = fp8 or low_bit
@@ -623,6 +624,7 @@ class _Stream:
     pool: BufferPool = field(default_factory=BufferPool)
     low_bit: PackedLayout | None = None  # MXFP4 / NVFP4 / INT4 weights (by logical name)
     view: Checkpoint | None = None  # the base as the model holds it: packed weights dequantized on read
+    _reference_model: Checkpoint | None = None  # --check's base, likewise
     requantized: list[tuple[str, Kept]] = field(default_factory=list)  # per quantized weight changed: what it kept
     _stash: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # an FP8 pair's other half (pooled?)
     _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
@@ -840,7 +842,7 @@ class _Stream:
             written = quantize_values(merged, self.out_dtype, u)
         self.requantized.append((name, Kept.of(merged - before, merged - written.float())))
         if self.check is not None and self.reference is not None:
-            ref = _reference_tensor(self.reference.model_view(), w.name)  # the original, dequantized where packed
+            ref = _reference_tensor(self._reference_view(), w.name)
             self.check.add(written, ref[expert] if expert is not None else ref, merged)
         return written
 
@@ -858,13 +860,20 @@ class _Stream:
         out = packed.requantize(w, merged, parts, before=before, key=stream, space=space)
         self.requantized.append((name, out.kept))
         if self.check is not None and self.reference is not None:
-            ref = _reference_tensor(self.reference.model_view(), w.name)  # the original, dequantized where packed
+            ref = _reference_tensor(self._reference_view(), w.name)
             ref = packed.to_stored(w, ref[expert] if expert is not None else ref)
             restored = packed.dequantize(w, out.parts)
             unit = torch.maximum(packed.steps(w, out.parts, restored), packed.steps(w, parts, before))
             differing = int((out.parts["codes"] != parts["codes"]).sum())
             self.check.add_grid(restored, ref.float(), unit, differing)
         return out.parts
+
+    def _reference_view(self) -> Checkpoint:
+        """--check's base as the model holds it (packed weights dequantized), opened once."""
+        assert self.reference is not None
+        if self._reference_model is None:
+            self._reference_model = model_view(self.reference)
+        return self._reference_model
 
     def _rule_for(self, key: str, rights: list[torch.Tensor]) -> tuple[int | None, Subspace | None]:
         """(the stochastic stream's key, the subspace) of tensor ``key``: at most one, none for nearest."""

@@ -234,9 +234,7 @@ def packed_method(config: Mapping[str, Any], found: Quantization | None = None) 
     return None
 
 
-def packed_layout(
-    config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]]
-) -> PackedLayout | None:
+def packed_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]]) -> PackedLayout | None:
     """The packed weights of a checkpoint in one of the layouts :func:`packed_method` names, read from
     headers (``tensors``: name -> (shape, safetensors dtype)); None for any other checkpoint.
 
