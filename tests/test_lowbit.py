@@ -386,3 +386,88 @@ def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_
     ex_cfg = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
     assert sorted(ex_cfg["target_parameters"]) == ["model.layers.0.mlp.experts.down_proj",
                                                    "model.layers.0.mlp.experts.gate_up_proj"]  # fmt: skip
+
+
+# -- GPTQ and AWQ: read for extract and --dtype, refused in place -------------------------------------
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words of unsigned ``values`` (..., n), 32 / bits a word, the first in the lowest bits."""
+    per = 32 // bits
+    v = values.to(torch.int64).reshape(*values.shape[:-1], -1, per)
+    word = sum(v[..., j] << (bits * j) for j in range(per))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def gptq_and_awq(w: torch.Tensor, group: int, method: str, g: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """Random 4-bit codes, zeros and scales for ``w``'s shape in GPTQ's (v1, with a shuffled g_idx as
+    desc_act leaves it) or AWQ GEMM's packing, from the formats' definitions; and their float32 values."""
+    out_f, in_f = w.shape
+    groups = in_f // group
+    q = torch.randint(0, 16, (out_f, in_f), generator=g)
+    # v1 GPTQ stores each zero less one, so a zero of 0 wraps to 15 and reads back as 16 (AutoGPTQ's kernels too)
+    z = torch.randint(1 if method == "gptq" else 0, 16, (out_f, groups), generator=g)
+    s = (torch.rand(out_f, groups, generator=g) * 0.01 + 0.001).half()
+    if method == "gptq":
+        g_idx = torch.randperm(in_f, generator=g) // group
+        values = (q - z[:, g_idx]) * s.float()[:, g_idx]
+        qweight = pack_words(q.T.reshape(in_f // 8, 8, out_f).transpose(1, 2), 4)[..., 0]  # inputs 8k.. in word k
+        parts = {"qweight": qweight, "qzeros": pack_words((z - 1).T, 4), "scales": s.T, "g_idx": g_idx.int()}
+        return parts, values
+    values = (q - z.repeat_interleave(group, 1)) * s.float().repeat_interleave(group, 1)
+    order = torch.tensor(AWQ_ORDER)
+    shuffle = lambda t: t.reshape(t.shape[0], -1, 8)[:, :, order].reshape(t.shape[0], -1)  # noqa: E731
+    return {"qweight": pack_words(shuffle(q.T), 4), "qzeros": pack_words(shuffle(z.T), 4),
+            "scales": s.T.contiguous()}, values  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_and_awq_are_read_for_extract_and_dtype_and_refused_in_place(tmp_path: Path, plain, cli,
+                                                                           method: str) -> None:  # fmt: skip
+    base, adapter = plain
+    g = torch.Generator().manual_seed(5)
+    ts, want = {}, {}
+    for name, t in load_file(str(base / "model.safetensors")).items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.rsplit(".", 1)[-1] in PROJ:
+            parts, want[name] = gptq_and_awq(t, 16, method, g)
+            ts.update({f"{module}.{k}": v.contiguous() for k, v in parts.items()})
+        else:
+            ts[name] = t
+    (tmp_path / "q").mkdir()
+    save_file(ts, str(tmp_path / "q" / "model.safetensors"))
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = ({"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True,
+                                      "sym": False, "checkpoint_format": "gptq"} if method == "gptq" else
+                                     {"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True,
+                                      "version": "gemm"})  # fmt: skip
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    if method == "awq":  # compressed-tensors' own AutoAWQ converter, then its decompressor, agree with the definition
+        from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+
+        stem = "model.layers.0.mlp.up_proj."
+        converted = AutoAWQConverter(group_size=16).process({k: v for k, v in ts.items() if k.startswith(stem)})
+        parts = {k.removeprefix(stem): v for k, v in converted.items()}
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=False, strategy="group", group_size=16))  # fmt: skip
+        parts["weight_scale"] = parts["weight_scale"].float()
+        theirs = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+        assert torch.equal(theirs, want[stem + "weight"])
+    with open_checkpoint(tmp_path / "q") as ck:
+        view = model_view(ck)
+        for key, value in want.items():
+            assert torch.equal(view.get(key), value), key
+    shown = json.loads(cli("inspect", tmp_path / "q", "--json").stdout)["quantization"]
+    assert shown["supported"] and shown["packed_weights"][0]["scheme"].endswith("read only)")
+
+    res = cli("merge", tmp_path / "q", adapter, "-o", tmp_path / "m")
+    assert res.exit_code == 1 and "calibration data" in res.stderr and "--dtype bfloat16" in res.stderr
+    assert not (tmp_path / "m").exists()
+    r = merge(tmp_path / "q", [adapter], output=tmp_path / "m", dtype="float32", show_progress=False)
+    out, deltas = load_file(str(tmp_path / "m" / "model.safetensors")), adapter_deltas(adapter)
+    for key, value in want.items():
+        torch.testing.assert_close(out[key], value + deltas[key], rtol=0, atol=1e-6, msg=key)
+    assert r.quantization["method"] == method and "qweight" not in " ".join(out)
+    a = extract(tmp_path / "q", tmp_path / "m", output=tmp_path / "a", rank=4, show_progress=False)
+    assert len(a.report) == len(want) and max(m.relative_error for m in a.report) < 1e-4

@@ -42,7 +42,7 @@ from ..provenance import InputHasher, encode, make_record
 from ..quant import native, packed
 from ..quant.fp8 import check_scale, dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from ..quant.layout import Fp8Layout, Fp8Scheme, PackedLayout
-from ..quant.packed import PackedWeight
+from ..quant.packed import READ_ONLY, PackedWeight
 from ..quant.rounding import (
     KEPT_WARNING,
     RULES,
@@ -535,7 +535,7 @@ def _apply(
         _check_fp8_plan(fp8, replace, str(ckpt.path))
         quantized = fp8 or low_bit
         dequantize = quantized is not None and out_dtype is not None
-        _check_packed_plan(low_bit, replace, dequantize, str(ckpt.path))
+        _check_packed_plan(low_bit, replace, terms, dequantize, str(ckpt.path))
         if low_bit is not None and not dequantize and min_kept is None:
             min_kept = KEPT_WARNING  # a 4-bit grid loses most of an adapter far more often than FP8's: refuse, not warn
         rule = Rounding(rounding or default_rule(dequantize), seed)
@@ -1019,10 +1019,20 @@ def _check_fp8_plan(fp8: Fp8Layout | None, replace: dict[str, torch.Tensor], pat
         )
 
 
-def _check_packed_plan(low_bit: PackedLayout | None, replace: dict[str, torch.Tensor], dequantize: bool,
-                       path: str) -> None:  # fmt: skip
-    whole = sorted(k for k in replace if low_bit is not None and k in low_bit.weights)
-    if whole and not dequantize:
+def _check_packed_plan(low_bit: PackedLayout | None, replace: dict[str, torch.Tensor], terms: dict[str, list[_Term]],
+                       dequantize: bool, path: str) -> None:  # fmt: skip
+    if low_bit is None or dequantize:
+        return
+    read_only = sorted(k for k in terms if k in low_bit.weights and low_bit.weights[k].scheme.format in READ_ONLY)
+    if read_only:
+        raise UnsupportedCheckpointError(
+            f"the base is {low_bit.method}-quantized ('{read_only[0]}'): its quantizer needs calibration data to "
+            "requantize a merged weight, which a checkpoint does not carry, so loratool does not merge into it in "
+            "place",
+            path=path, fix="pass --dtype bfloat16 for a dequantized output, or serve the adapter unmerged",
+        )  # fmt: skip
+    whole = sorted(k for k in replace if k in low_bit.weights)
+    if whole:
         raise UnsupportedCheckpointError(
             f"the adapter replaces the packed low-bit weight '{whole[0]}' whole, and its layout cannot take a float "
             "tensor", path=path,

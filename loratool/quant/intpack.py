@@ -1,5 +1,6 @@
 """Integer weights packed into int32: compressed-tensors' ``pack-quantized`` format (W4A16, W8A16),
-group-wise, symmetric or with zero points, as its ``PackedQuantizationCompressor`` writes them.
+group-wise, symmetric or with zero points, as its ``PackedQuantizationCompressor`` writes them;
+and, to be read only, GPTQ's and AWQ's (their quantizers need calibration data to requantize).
 
 - A b-bit code q lies in [-2^(b-1), 2^(b-1) - 1]; it is stored as q + 2^(b-1), element i of a row
   at bit i * b of the row's int32 words (little-endian), densely, 32 elements in b words.
@@ -96,3 +97,34 @@ def int_qparams(
         return stored, None
     zero = (grid.lo - lo / stored.to(torch.float32)).round_().clamp_(grid.lo, grid.hi)
     return stored, zero.to(torch.int32)
+
+
+# -- GPTQ and AWQ (read only) -----------------------------------------------------------------------
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's GEMM packing: nibble k of a word holds column 8j + AWQ_ORDER[k]
+
+
+def unpack_unsigned(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Unsigned codes (rows, cols) of int32 words (rows, cols * bits / 32), element k at bit k * bits."""
+    return unpack_int32(packed, bits, cols) + (1 << (bits - 1))
+
+
+def gptq_codes(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int, out_features: int, *,
+               v1: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(codes (out, in), zeros (out, groups)) of GPTQ's ``qweight`` (in * bits / 32, out), packed along
+    the inputs, and ``qzeros`` (groups, out * bits / 32), packed along the outputs; the v1 checkpoint
+    format (AutoGPTQ's) stores each zero point less one."""
+    in_features = qweight.shape[0] * 32 // bits
+    codes = unpack_unsigned(qweight.T.contiguous(), bits, in_features)  # (out, in)
+    zeros = unpack_unsigned(qzeros, bits, out_features).T.contiguous()  # (out, groups)
+    return codes, zeros + 1 if v1 else zeros
+
+
+def awq_codes(qweight: torch.Tensor, qzeros: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (out, in), zeros (out, groups)) of AWQ GEMM's 4-bit ``qweight`` (in, out / 8) and
+    ``qzeros`` (groups, out / 8), both packed along the outputs in :data:`AWQ_ORDER`."""
+    order = torch.tensor(AWQ_ORDER)
+    # position 8j + k holds column 8j + AWQ_ORDER[k]: the column c = 8j + m sits at 8j + index of m in the order
+    where = (torch.arange(out_features) // 8) * 8 + torch.argsort(order)[torch.arange(out_features) % 8]
+    codes = unpack_unsigned(qweight, 4, out_features)[:, where].T.contiguous()
+    zeros = unpack_unsigned(qzeros, 4, out_features)[:, where].T.contiguous()
+    return codes, zeros

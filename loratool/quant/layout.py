@@ -212,8 +212,8 @@ class PackedLayout:
 
 
 def packed_method(config: Mapping[str, Any], found: Quantization | None = None) -> str | None:
-    """``mxfp4``, ``nvfp4-modelopt``, ``nvfp4-compressed`` or ``int-compressed`` for the packed layouts
-    loratool reads, from config.json (its ``quantization_config``; ModelOpt's ``hf_quant_config.json``
+    """``mxfp4``, ``nvfp4-modelopt``, ``nvfp4-compressed``, ``int-compressed``, ``gptq`` or ``awq``: the
+    packed layouts loratool reads, from config.json (its ``quantization_config``; ModelOpt's ``hf_quant_config.json``
     is passed in as ``config["hf_quant_config"]``), else None."""
     qc = config.get("quantization_config") or config.get("compression_config") or {}
     method = str(qc.get("quant_method") or "") if isinstance(qc, Mapping) else ""
@@ -226,6 +226,8 @@ def packed_method(config: Mapping[str, Any], found: Quantization | None = None) 
         return "mxfp4"
     if method == "modelopt" and algo.upper() == "NVFP4":
         return "nvfp4-modelopt"
+    if method in ("gptq", "awq"):
+        return method
     if method == "compressed-tensors" and isinstance(qc, Mapping):
         if qc.get("format") == "nvfp4-pack-quantized":
             return "nvfp4-compressed"
@@ -253,11 +255,14 @@ def packed_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[i
         weights = _nvfp4_weights(tensors, "weight", "weight_scale", "weight_scale_2", divide=False)
     elif method == "nvfp4-compressed":
         weights = _nvfp4_weights(tensors, "weight_packed", "weight_scale", "weight_global_scale", divide=True)
+    elif method in ("gptq", "awq"):
+        weights = _gptq_awq_weights(tensors, qc, method)
     else:
         weights = _int_weights(tensors, qc, found)
     if not weights:
         _malformed(f"config.json says {method}, but no tensor is stored that way", method)
-    named = {"mxfp4": "mxfp4", "nvfp4-modelopt": "modelopt (NVFP4)"}.get(method, "compressed-tensors")
+    named = {"mxfp4": "mxfp4", "nvfp4-modelopt": "modelopt (NVFP4)", "gptq": "gptq", "awq": "awq"}.get(
+        method, "compressed-tensors")  # fmt: skip
     weights = {w.name: PackedWeight(**{**w.__dict__, "method": named}) for w in weights.values()}
     companions = {t: w.name for w in weights.values() for t in w.stored}
     return PackedLayout(named, weights, companions)
@@ -357,6 +362,46 @@ def _int_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping
                       if stem[: -len("weight_")] + a in tensors)  # fmt: skip
         scheme = PackedScheme("int", group, int(bits), symmetric)
         out[stem[:-1]] = PackedWeight(stem[:-1], (rows, cols), parts, scheme, extra=extra)  # "X.weight"
+    return out
+
+
+def _gptq_awq_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping[str, Any],
+                      method: str) -> dict[str, PackedWeight]:  # fmt: skip
+    """GPTQ: ``qweight`` (in * bits / 32, out), ``qzeros`` (groups, out * bits / 32), ``scales``
+    (groups, out), ``g_idx`` (in); AWQ GEMM: ``qweight`` (in, out / 8), ``qzeros`` and ``scales``
+    likewise by groups. Read only (dequantized for extract and --dtype)."""
+    bits, group_size = qc.get("bits", 4), qc.get("group_size", 128)
+    if method == "awq" and (bits != 4 or str(qc.get("version", "gemm")).lower() != "gemm"):
+        _malformed(f"AWQ with bits={bits}, version={qc.get('version')!r}: loratool reads AWQ GEMM 4-bit", "AWQ")
+    if not isinstance(bits, int) or bits not in (2, 4, 8) or not isinstance(group_size, int):
+        _malformed(f"bits={bits!r}, group_size={group_size!r}: loratool reads 2-, 4- and 8-bit GPTQ", method.upper())
+    fmt = str(qc.get("checkpoint_format") or "gptq")
+    out = {}
+    for name, (shape, dtype) in tensors.items():
+        if not name.endswith(".qweight"):
+            continue
+        stem = name[: -len("qweight")]
+        parts = {"codes": name, "zero": stem + "qzeros", "scale": stem + "scales"}
+        if stem + "g_idx" in tensors:
+            parts["g_idx"] = stem + "g_idx"
+        missing = [t for t in parts.values() if t not in tensors]
+        if missing:
+            _malformed(f"'{name}' has no '{missing[0]}' beside it", method.upper())
+        if dtype != "I32" or len(shape) != 2:
+            _malformed(
+                f"'{name}' is {dtype} {list(shape)}; {method.upper()} packs 2-D weights into int32", method.upper()
+            )
+        pack = 32 // bits
+        rows, cols = (shape[1], shape[0] * pack) if method == "gptq" else (shape[1] * pack, shape[0])
+        group = cols if group_size <= 0 else group_size
+        groups = -(-cols // group) if "g_idx" not in parts else tensors[parts["scale"]][0][0]
+        want = {"scale": (groups, rows), "zero": (groups, rows // pack)}
+        for role, expected in want.items():
+            if tuple(tensors[parts[role]][0]) != expected:
+                _malformed(f"'{parts[role]}' has shape {list(tensors[parts[role]][0])}, not {list(expected)} for "
+                           f"'{name}' {list(shape)}", method.upper())  # fmt: skip
+        scheme = PackedScheme(method, group, bits, symmetric=False, v1=fmt != "gptq_v2")
+        out[stem + "weight"] = PackedWeight(stem + "weight", (rows, cols), parts, scheme)
     return out
 
 

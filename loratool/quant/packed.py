@@ -18,20 +18,24 @@ import torch
 from . import fp4, intpack
 from .rounding import E2M1, GridLike, Kept, Subspace, round_subspace, round_to_grid, uniforms
 
-FORMATS = ("mxfp4", "nvfp4", "int")
+FORMATS = ("mxfp4", "nvfp4", "int", "gptq", "awq")
+READ_ONLY = ("gptq", "awq")  # their quantizers need calibration data: read, never requantized
 
 
 @dataclass(frozen=True)
 class PackedScheme:
     """How one weight's codes and scales are laid out."""
 
-    format: str  # "mxfp4", "nvfp4" or "int"
+    format: str  # one of FORMATS
     group: int  # columns per scale (a whole row: per channel)
     bits: int = 4
     symmetric: bool = True
     divide: bool = False  # NVFP4: the per-tensor scale divides (compressed-tensors) rather than multiplies
+    v1: bool = True  # GPTQ: the v1 checkpoint format stores zero points less one
 
     def describe(self) -> str:
+        if self.format in READ_ONLY:
+            return f"{self.format} int{self.bits} (groups of {self.group}; read only)"
         if self.format == "int":
             kind = "symmetric" if self.symmetric else "asymmetric"
             return f"int{self.bits} pack-quantized ({kind}, groups of {self.group})"
@@ -84,6 +88,12 @@ def dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
         return fp4.dequantize_mxfp4(parts["codes"], parts["scale"])[:, :cols]
     if s.format == "nvfp4":
         return fp4.dequantize_nvfp4(parts["codes"], parts["scale"], parts["global"], s.divide)[:, :cols]
+    if s.format in READ_ONLY:
+        if s.format == "gptq":
+            codes, zeros = intpack.gptq_codes(parts["codes"], parts["zero"], s.bits, rows, v1=s.v1)
+        else:
+            codes, zeros = intpack.awq_codes(parts["codes"], parts["zero"], rows)
+        return intpack.dequantize_int(codes, parts["scale"].T, zeros, _groups(w, parts))
     codes = intpack.unpack_int32(parts["codes"], s.bits, cols)
     zero = parts.get("zero")
     zero_codes = intpack.unpack_int32(zero.T.contiguous(), s.bits, rows).T if zero is not None else None
@@ -123,6 +133,8 @@ def requantize(
     with a ``space`` by the subspace rule (:mod:`.rounding`). ``like``: the tensors it was read
     from (their dtypes are kept). ``before``: the dequantized base, for the :class:`Kept` sums."""
     s = w.scheme
+    if s.format in READ_ONLY:
+        raise ValueError(f"{s.format} weights are read only: their quantizer needs calibration data")
     rows, cols = merged.shape
     u = uniforms(key, 0, rows, cols, merged.device) if key is not None and space is None else None
     out: Parts = {}
