@@ -96,7 +96,7 @@ def stored_parts(name: str, fmt: str, rows: int, cols: int) -> tuple[PackedWeigh
 
 def quantize(w: PackedWeight, like: dict[str, torch.Tensor], values: torch.Tensor) -> dict[str, torch.Tensor]:
     """``values`` (float32, (rows, cols)) in ``w``'s format, by the format's quantizer, nearest."""
-    return packed.requantize(w, values.float(), like).parts
+    return packed.requantize(w, values.float(), like, keep_scales=False).parts
 
 
 def quantized_llama(src: Path, out: Path, fmt: str) -> Path:

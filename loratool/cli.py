@@ -223,8 +223,9 @@ SEED: Decorator = click.option(
 )  # fmt: skip
 ROUNDING: Decorator = click.option(
     "--rounding", type=click.Choice(["subspace", "stochastic", "nearest"]), default=None,
-    help="How merged weights return onto a quantized (FP8) base's grid, or --dtype's from one. subspace (the "
-    "default in an FP8 layout): each row's rounding error fed forward out of the adapter's input subspace; "
+    help="How merged weights return onto a quantized base's grid (FP8, NVFP4, MXFP4, INT4/INT8), or --dtype's from "
+    "one. subspace (the default in a quantized layout): each row's rounding error fed forward out of the adapter's "
+    "input subspace; "
     "stochastic (the default into --dtype): up or down with the odds of the value's position, unbiased; nearest: "
     "the quantizers' own rule, which writes the base back wherever the delta is under half a step. Plain "
     "checkpoints always round to nearest, as PEFT merges.",
@@ -242,7 +243,16 @@ MIN_KEPT: Decorator = click.option(
     default=None,
     metavar="SHARE",
     help="Into a quantized base: fail, writing nothing, when the written weights carry less than this share of "
-    "the adapter's delta (kept, in the summary); e.g. 0.8 in a pipeline.",
+    "the adapter's delta (kept, in the summary); e.g. 0.8 in a pipeline. Into a 4-bit base in place it is 0.8 "
+    "unless given; 0 writes whatever the merge keeps.",
+)
+REQUANTIZE: Decorator = click.option(
+    "--requantize",
+    type=click.Choice(["fp8"]),
+    default=None,
+    help="Into a compressed-tensors NVFP4 or INT4/INT8 base: write the weights the adapters touch as FP8 "
+    "(128x128 blocks) and the rest as they were, in a mixed-precision config transformers loads; keeps far more "
+    "of the adapter than a 4-bit grid at about twice those weights' size.",
 )
 ENDPOINT: Decorator = click.option(
     "--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)."
@@ -422,7 +432,8 @@ def _merge_text(d: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
-@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, FORCE, PICKLE, QUIET, JSON)
+@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, REQUANTIZE, FORCE, PICKLE, QUIET,
+         JSON)  # fmt: skip
 def merge(
     base: str,
     adapters: tuple[tuple[str, float], ...],
@@ -433,6 +444,7 @@ def merge(
     rounding: str | None,
     seed: int,
     min_kept: float | None,
+    requantize: str | None,
     force: bool,
     allow_pickle: bool,
     quiet: bool,
@@ -442,20 +454,26 @@ def merge(
 
     Each ADAPTER is a PEFT directory or a kohya .safetensors file, optionally with :SCALE.
     The output keeps BASE's layout (tensor names, shards, index, config and tokenizer files).
-    Into an FP8 base the merged weights are requantized in its layout, rounded so that they keep
-    the adapter (--rounding); the summary says how much of it they carry (kept).
+    Into a quantized base (FP8; MXFP4, NVFP4, INT4/INT8) the merged weights are requantized in its
+    layout, rounded so that they keep the adapter (--rounding); the summary says how much of it
+    they carry (kept). A 4-bit merge that keeps less than 0.8 writes nothing and says what to do.
+    GPTQ and AWQ bases merge with --dtype only (their quantizers need calibration data).
 
     \b
     Examples:
       loratool merge base/ adapter/ -o merged/
       loratool merge base/ chat/ style/:0.5 -o merged/ --dtype bfloat16
       loratool merge fp8-base/ adapter/ -o merged/ --min-kept 0.8 --json
+      loratool merge nvfp4-base/ adapter/ -o merged/ --requantize fp8
+      loratool merge gpt-oss-20b/ adapter/ -o merged-bf16/ --dtype bfloat16
     """
     from .ops.merge import merge as run
 
+    if requantize and dtype:
+        raise click.UsageError("--requantize and --dtype exclude each other: --dtype writes every weight dequantized")
     result = run(base, list(adapters), output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
                  rounding=rounding, seed=seed, min_kept=min_kept, force=force,  # type: ignore[arg-type]
-                 allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
+                 allow_pickle=allow_pickle, show_progress=not quiet, requantize=requantize)  # fmt: skip
     _record_uses([a for a, _ in adapters], "merged into", output)
     _emit(result, as_json, _merge_text)
 

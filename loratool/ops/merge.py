@@ -194,6 +194,7 @@ def merge(
     rounding: Rule | None = None,
     seed: int = 0,
     min_kept: float | None = None,
+    requantize: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     show_progress: bool = True,
@@ -220,7 +221,11 @@ def merge(
             against small deltas).
         seed: the stochastic stream's seed; the bytes are the same for one seed on any device and
             any number of threads.
-        min_kept: refuse (write nothing) when the merge's ``kept`` falls below this.
+        min_kept: refuse (write nothing) when the merge's ``kept`` falls below this (0: never). Into
+            a packed 4-bit base in place it defaults to 0.8: such grids lose an adapter far more often.
+        requantize: ``"fp8"``: into a compressed-tensors NVFP4 or INT4/INT8 base, write the weights the
+            adapters touch as FP8 128x128 block-scaled (the rest as they were), with a
+            ``mixed-precision`` config that transformers loads.
         force: replace an existing output.
 
     Raises:
@@ -235,7 +240,7 @@ def merge(
     """
     return _apply(+1, base, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
                   rounding=rounding, seed=seed, min_kept=min_kept, force=force, allow_pickle=allow_pickle,
-                  show_progress=show_progress)  # fmt: skip
+                  show_progress=show_progress, requantize=requantize)  # fmt: skip
 
 
 def unmerge(
@@ -514,6 +519,7 @@ def _apply(
     allow_pickle: bool,
     show_progress: bool,
     check: str | os.PathLike[str] | None = None,
+    requantize: str | None = None,
 ) -> MergeResult:
     operation = "merge" if sign > 0 else "unmerge"
     if rounding is not None and rounding not in RULES:
@@ -533,10 +539,11 @@ def _apply(
         view = model_view(ckpt)  # packed weights by the names and shapes adapters address
         terms, replace = _plan(view, loaded, sign, fan_in_fan_out)
         _check_fp8_plan(fp8, replace, str(ckpt.path))
-        quantized = fp8 or low_bit
-        dequantize = quantized is not None and out_dtype is not None
-        _check_packed_plan(low_bit, replace, terms, dequantize, str(ckpt.path))
-        if low_bit is not None and not dequantize and min_kept is None:
+        layouts = [q for q in (fp8, low_bit) if q is not None]  # both in a compressed-tensors mixed checkpoint
+        dequantize = bool(layouts) and out_dtype is not None
+        to_fp8 = _check_requantize(requantize, low_bit, terms, dequantize, str(ckpt.path))
+        _check_packed_plan(low_bit, replace, terms, dequantize or bool(to_fp8), str(ckpt.path))
+        if low_bit is not None and not dequantize and not to_fp8 and min_kept is None:
             min_kept = KEPT_WARNING  # a 4-bit grid loses most of an adapter far more often than FP8's: refuse, not warn
         rule = Rounding(rounding or default_rule(dequantize), seed)
         bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
@@ -545,10 +552,13 @@ def _apply(
         hasher = InputHasher([*ckpt.file_paths(), *adapter_files], enabled=d.is_main)
         drop = fp8.companions if fp8 and dequantize else set()
         layout = _layout(view if dequantize else ckpt, replace, out_dtype, drop=drop)
+        if to_fp8:
+            assert low_bit is not None
+            layout = _fp8_specs(layout, low_bit, to_fp8)
         params = {
             "adapters": [{"path": n, "scale": s} for _, s, n in loaded], "device": str(dev),
             "dtype": dtype, "fan_in_fan_out": fan_in_fan_out,
-            **({"rounding": rule.to_json()} if quantized is not None else {}),
+            **({"rounding": rule.to_json()} if layouts else {}), **({"requantize": requantize} if to_fp8 else {}),
         }  # fmt: skip
         result = MergeResult(out, operation, len(terms) + len(bias_terms), len(replace), len(ckpt), warnings=warnings)
         single_file = ckpt.path.is_file()
@@ -564,15 +574,18 @@ def _apply(
             check_part = RoundTripCheck() if reference is not None else None
             share = _Stream(view if dequantize else ckpt, replace, terms, bias_terms, dev, out_dtype,
                             reference, check_part,
-                            fp8=fp8, dequantize=dequantize, rounding=rule, low_bit=low_bit, view=view)  # fmt: skip
+                            fp8=fp8, dequantize=dequantize, rounding=rule, low_bit=low_bit, view=view,
+                            to_fp8=to_fp8)  # fmt: skip
             share.write(root, [(f, specs) for f, specs in shards if f in mine], placeholder,
                          show_progress and d.is_main, operation)  # fmt: skip
             return check_part, share.requantized
 
         parts = d.gather(write_share)
         checks = [c for c, _ in parts]
-        if quantized is not None:
-            result.quantization = _quantization_report(quantized, dequantize, rule, [r for _, rs in parts for r in rs])
+        if layouts:
+            result.quantization = _quantization_report(layouts, dequantize, rule, [r for _, rs in parts for r in rs])
+            if to_fp8:
+                result.quantization["requantized_fp8"] = sorted(to_fp8)
             _require_kept(result.quantization, min_kept, rule)  # before the output moves into place
             result.warnings += _quantization_warnings(result.quantization, rule)
             torch_passes = dequantize or native.fp8_kernels() is None or low_bit is not None
@@ -599,6 +612,8 @@ def _apply(
             if dequantize:
                 _drop_quantization_config(tmp / "config.json")
                 (tmp / "hf_quant_config.json").unlink(missing_ok=True)  # ModelOpt's: the output is not quantized
+            if to_fp8:
+                _mixed_config(tmp / "config.json", to_fp8)
             _set_vocab_size(tmp / "config.json", ckpt, replace, result.warnings)
             if ckpt.index_file is not None:
                 _rewrite_index(ckpt.index_file, tmp, layout)
@@ -625,6 +640,7 @@ class _Stream:
     low_bit: PackedLayout | None = None  # MXFP4 / NVFP4 / INT4 weights (by logical name)
     view: Checkpoint | None = None  # the base as the model holds it: packed weights dequantized on read
     _reference_model: Checkpoint | None = None  # --check's base, likewise
+    to_fp8: set[str] = field(default_factory=set)  # packed weights written as FP8 blocks (merge --requantize fp8)
     requantized: list[tuple[str, Kept]] = field(default_factory=list)  # per quantized weight changed: what it kept
     _stash: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # an FP8 pair's other half (pooled?)
     _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
@@ -639,7 +655,9 @@ class _Stream:
         # packed weights to requantize in place: each stored part -> the logical weight (computed at its first part)
         self._group_of: dict[str, str] = {}
         for wkey, pw in self.low_bit.weights.items() if self.low_bit and not self.dequantize else []:
-            if wkey in self.terms:
+            if wkey in self.to_fp8:  # written as an FP8 weight and its scale, named as compressed-tensors names them
+                self._group_of.update({wkey: wkey, wkey + "_scale": wkey})
+            elif wkey in self.terms:
                 self._group_of.update({name: wkey for name in pw.parts.values()})
         if self.device.type == "cuda":  # the factors cross once (a small pageable copy per weight waits on the GPU)
             on_gpu: dict[int, LoraModule] = {}
@@ -791,6 +809,11 @@ class _Stream:
             out = self._packed_each(w, self._packed_dequantized)
             return out, out.dtype, False
         w = self.low_bit.weights[self._group_of[key]]
+        if w.name in self.to_fp8:
+            q, scale = self._packed_to_fp8(w)
+            mine, other = (q, (scale, False)) if key == w.name else (scale, (q, False))
+            self._stash[w.name + "_scale" if key == w.name else w.name] = other
+            return mine, mine.dtype, False
         pieces = [self._packed_requantized(w, e) for e in (range(w.experts) if w.experts else [None])]
         new = {role: torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
                else pieces[0][role] for role in w.parts}  # fmt: skip
@@ -867,6 +890,22 @@ class _Stream:
             differing = int((out.parts["codes"] != parts["codes"]).sum())
             self.check.add_grid(restored, ref.float(), unit, differing)
         return out.parts
+
+    def _packed_to_fp8(self, w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        """A packed 2-D weight dequantized, the terms added, and written as FP8 e4m3 in 128x128 blocks
+        by the rounding rule: (weight, its block scales)."""
+        assert self.view is not None and w.experts is None
+        before = packed.logical(w, packed.dequantize(w, self.view.parts(w)))  # type: ignore[attr-defined]
+        merged = before.clone()
+        factors = self._packed_terms(w, merged, None)
+        _require_finite(merged, torch.float32, w.name, before)
+        stream, space = self._rule_for(w.name, [f.right for f in factors])
+        rows, cols = merged.shape
+        shape = (-(-rows // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1]))
+        scheme = Fp8Scheme("block", FP8_BLOCK)
+        q, scale = quantize_fp8(merged, scheme, torch.float8_e4m3fn, shape, key=stream, space=space)
+        self.requantized.append((w.name, Kept.of(merged - before, merged - dequantize_fp8(q, scale, scheme))))
+        return q, scale
 
     def _reference_view(self) -> Checkpoint:
         """--check's base as the model holds it (packed weights dequantized), opened once."""
@@ -1019,6 +1058,81 @@ def _check_fp8_plan(fp8: Fp8Layout | None, replace: dict[str, torch.Tensor], pat
         )
 
 
+FP8_BLOCK = (128, 128)  # merge --requantize fp8: compressed-tensors' FP8_BLOCK scheme, DeepSeek's and Qwen's blocks
+
+
+def _check_requantize(requantize: str | None, low_bit: PackedLayout | None, terms: dict[str, list[_Term]],
+                      dequantize: bool, path: str) -> set[str]:  # fmt: skip
+    """The packed weights ``--requantize fp8`` writes as FP8 (those the adapters touch), checked."""
+    if requantize is None:
+        return set()
+    if requantize != "fp8":
+        raise ValueError(f"requantize must be 'fp8', not {requantize!r}")
+    if dequantize:
+        raise ValueError("--requantize and --dtype exclude each other: --dtype writes every weight dequantized")
+    if low_bit is None:
+        raise UnsupportedCheckpointError(
+            "--requantize fp8 writes the weights an adapter touches in a packed low-bit base (NVFP4, INT4/INT8) as "
+            "FP8; this base has none", path=path, fix="leave --requantize out",
+        )  # fmt: skip
+    if low_bit.method != "compressed-tensors":
+        why = {
+            "mxfp4": "transformers' MXFP4 config has no way to say that some experts are FP8",
+            "modelopt (NVFP4)": "loratool writes mixed checkpoints in compressed-tensors' config, not ModelOpt's",
+        }
+        raise UnsupportedCheckpointError(
+            f"--requantize fp8 needs a compressed-tensors base (its config_groups can mix schemes); this one is "
+            f"{low_bit.method}: {why.get(low_bit.method, 'its loaders read one scheme')}", path=path,
+            fix="merge in place without it, pass --dtype bfloat16, or serve the adapter unmerged",
+        )  # fmt: skip
+    touched = {k for k in terms if k in low_bit.weights}
+    experts = sorted(k for k in touched if low_bit.weights[k].experts is not None)
+    if experts:
+        raise UnsupportedCheckpointError("--requantize fp8 writes 2-D weights; this one is 3-D experts",
+                                         key=experts[0], path=path)  # fmt: skip
+    return touched
+
+
+def _fp8_specs(layout: list[tuple[str, list[TensorSpec]]], low_bit: PackedLayout,
+               to_fp8: set[str]) -> list[tuple[str, list[TensorSpec]]]:  # fmt: skip
+    """The output layout with each weight of ``to_fp8`` stored as an FP8 weight and its block scales
+    where its first part stood, its packed parts and activation scales gone."""
+    gone = {t: w for w in to_fp8 for t in low_bit.weights[w].stored}
+    out = []
+    for fname, specs in layout:
+        kept: list[TensorSpec] = []
+        for spec in specs:
+            w = gone.get(spec.name)
+            if w is None:
+                kept.append(spec)
+            elif spec.name == low_bit.weights[w].parts["codes"]:
+                rows, cols = low_bit.weights[w].shape
+                shape = (-(-rows // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1]))
+                kept += [TensorSpec(w, (rows, cols), "F8_E4M3"), TensorSpec(w + "_scale", shape, "F32")]
+        out.append((fname, kept))
+    return out
+
+
+def _mixed_config(config: Path, to_fp8: set[str]) -> None:
+    """config.json of a ``--requantize fp8`` output: compressed-tensors ``mixed-precision``, each group
+    with its format, and a group of FP8 blocks naming the modules written so (an exact name takes
+    precedence over the other groups' regexes and class names in compressed-tensors' matching)."""
+    data = json.loads(config.read_text())
+    key = "quantization_config" if "quantization_config" in data else "compression_config"
+    qc = dict(data[key])
+    groups = {name: {**g, "format": g.get("format") or qc.get("format")} for name, g in qc["config_groups"].items()}
+    groups["loratool_fp8_block"] = {
+        "targets": sorted(w.removesuffix(".weight") for w in to_fp8),
+        "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": list(FP8_BLOCK),
+                    "symmetric": True, "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128,
+                              "symmetric": True, "dynamic": True},
+        "format": "float-quantized",
+    }  # fmt: skip
+    data[key] = {**qc, "format": "mixed-precision", "config_groups": groups}
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _check_packed_plan(low_bit: PackedLayout | None, replace: dict[str, torch.Tensor], terms: dict[str, list[_Term]],
                        dequantize: bool, path: str) -> None:  # fmt: skip
     if low_bit is None or dequantize:
@@ -1041,7 +1155,7 @@ def _check_packed_plan(low_bit: PackedLayout | None, replace: dict[str, torch.Te
 
 
 def _quantization_report(
-    fp8: Fp8Layout | PackedLayout, dequantized: bool, rounding: Rounding, records: list[tuple[str, Kept]]
+    layouts: list[Fp8Layout | PackedLayout], dequantized: bool, rounding: Rounding, records: list[tuple[str, Kept]]
 ) -> dict[str, Any]:
     """The layout, the rounding, and what the written weights carry of the delta: ``kept`` and
     ``noise`` (:class:`loratool.quant.rounding.Kept`) per weight and over all of them."""
@@ -1049,9 +1163,15 @@ def _quantization_report(
     for _, k in records:
         total = total.add(k)
     tensors = [{"tensor": key, **k.to_json()} for key, k in sorted(records, key=lambda r: r[0])]
-    grid = "FP8" if isinstance(fp8, Fp8Layout) else "4-bit" if all(
-        w.scheme.bits == 4 for w in fp8.weights.values()) else "8-bit"  # fmt: skip
-    return {**fp8.describe(), "grid": grid, "dequantized": dequantized, "rounding": rounding.to_json(),
+    grids = []
+    for layout in layouts:
+        bits = {w.scheme.bits for w in layout.weights.values()} if isinstance(layout, PackedLayout) else {8}
+        grids.append("FP8" if isinstance(layout, Fp8Layout) else f"{max(bits)}-bit")
+    described = [layout.describe() for layout in layouts]
+    head = {**{k: v for d in reversed(described) for k, v in d.items()},  # the first layout's method
+            "schemes": sorted({s for d in described for s in d["schemes"]}),
+            "quantized_weights": sorted({w for d in described for w in d["quantized_weights"]})}  # fmt: skip
+    return {**head, "grid": " and ".join(grids), "dequantized": dequantized, "rounding": rounding.to_json(),
             **total.to_json(), "tensors": tensors}  # fmt: skip
 
 

@@ -20,6 +20,11 @@ import torch
 
 from .rounding import IntGrid
 
+__all__ = [
+    "AWQ_ORDER", "IntGrid", "awq_codes", "column_groups", "dequantize_int", "gptq_codes", "grid_of", "int_qparams",
+    "pack_int32", "unpack_int32", "unpack_unsigned",
+]  # fmt: skip
+
 
 def grid_of(bits: int) -> IntGrid:
     return IntGrid(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)

@@ -122,16 +122,23 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
         return None
     qc = config.get("quantization_config") or config.get("compression_config") or {}
     method = str(qc.get("quant_method") or "")
-    if packed_method(config, found) is not None:
+    packed = packed_method(config, found)
+    skip: Mapping[str, str] = {}
+    if packed == "mixed-compressed":  # FP8 groups beside packed ones: the packed weights' tensors are not FP8's
+        if not any(_float8(spec) for spec in _group_specs(qc)):
+            return None
+        layout = packed_layout(config, tensors)
+        skip = layout.companions if layout is not None else {}
+    elif packed is not None:
         return None  # a packed low-bit layout: packed_layout reads it
-    if not method and found.method.startswith("fp8"):
+    elif not method and found.method.startswith("fp8"):
         _refuse(found, "config.json has no quantization_config saying how its FP8 scales apply")
-    if method not in _FP8_METHODS or (method == "compressed-tensors" and not _float8_groups(qc)):
+    elif method not in _FP8_METHODS or (method == "compressed-tensors" and not _float8_groups(qc)):
         _refuse(found, _SUPPORTED)
     block = _config_block(qc)
     weights = {}
     for name, (shape, dtype) in tensors.items():
-        if not dtype.startswith("F8_"):
+        if not dtype.startswith("F8_") or name in skip:
             continue
         if name.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES):
             _malformed(f"the scale tensor '{name}' is {dtype}; FP8 scales are float32, bfloat16 or float16")
@@ -146,17 +153,26 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
             _malformed(f"the scale tensor '{scale_key}' is {scale_dtype}; FP8 scales are float32, bfloat16 or float16 "
                        "(an integer scale would be cast and zero whole blocks)")  # fmt: skip
         weights[name] = Fp8Weight(scale_key, _scheme(name, scale_key, shape, tensors[scale_key][0], block))
-    companions = {n for n in tensors if n.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES)}
+    companions = {n for n in tensors if n.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES) and n not in skip}
     return Fp8Layout(method, weights, companions)
 
 
 def _float8_groups(qc: Mapping[str, Any]) -> bool:
     """compressed-tensors: float-quantized 8-bit weights in every config group."""
-    groups = qc.get("config_groups") or {}
-    if qc.get("format") not in ("float-quantized", "naive-quantized") or not groups:
+    if qc.get("format") not in ("float-quantized", "naive-quantized") or not qc.get("config_groups"):
         return False
-    specs = [g.get("weights") or {} for g in groups.values() if isinstance(g, Mapping)]
-    return all(s.get("type") == "float" and s.get("num_bits") == 8 for s in specs)
+    return all(_float8(spec) for spec in _group_specs(qc))
+
+
+def _group_specs(qc: Mapping[str, Any], fmt: str | None = None) -> list[Mapping[str, Any]]:
+    """compressed-tensors: the weights' spec of each config group (of one ``format`` in a mixed checkpoint)."""
+    groups = qc.get("config_groups") or {}
+    chosen = [g for g in groups.values() if isinstance(g, Mapping) and (fmt is None or g.get("format") == fmt)]
+    return [g.get("weights") or {} for g in chosen]
+
+
+def _float8(spec: Mapping[str, Any]) -> bool:
+    return spec.get("type") == "float" and spec.get("num_bits") == 8
 
 
 def _config_block(qc: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -233,6 +249,8 @@ def packed_method(config: Mapping[str, Any], found: Quantization | None = None) 
             return "nvfp4-compressed"
         if qc.get("format") == "pack-quantized":
             return "int-compressed"
+        if qc.get("format") == "mixed-precision":
+            return "mixed-compressed"
     return None
 
 
@@ -257,6 +275,10 @@ def packed_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[i
         weights = _nvfp4_weights(tensors, "weight_packed", "weight_scale", "weight_global_scale", divide=True)
     elif method in ("gptq", "awq"):
         weights = _gptq_awq_weights(tensors, qc, method)
+    elif method == "mixed-compressed":
+        weights = _mixed_weights(tensors, qc, found)
+        if not weights:
+            return None  # FP8 groups alone: fp8_layout reads them
     else:
         weights = _int_weights(tensors, qc, found)
     if not weights:
@@ -363,6 +385,29 @@ def _int_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping
         scheme = PackedScheme("int", group, int(bits), symmetric)
         out[stem[:-1]] = PackedWeight(stem[:-1], (rows, cols), parts, scheme, extra=extra)  # "X.weight"
     return out
+
+
+_MIXED_FORMATS = ("nvfp4-pack-quantized", "pack-quantized", "float-quantized", "naive-quantized")
+
+
+def _mixed_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping[str, Any],
+                   found: Quantization) -> dict[str, PackedWeight]:  # fmt: skip
+    """compressed-tensors ``mixed-precision``: each config group names its format; the packed ones here
+    (NVFP4, INT), the FP8 ones (float-quantized) for :func:`fp8_layout`."""
+    formats = {str(g.get("format")) for g in (qc.get("config_groups") or {}).values() if isinstance(g, Mapping)}
+    unknown = sorted(formats - set(_MIXED_FORMATS))
+    if unknown:
+        _refuse(found, f"a config group is {unknown[0]!r}; loratool reads mixed checkpoints of "
+                       f"{', '.join(_MIXED_FORMATS)} groups")  # fmt: skip
+    weights = {}
+    if "nvfp4-pack-quantized" in formats:
+        weights.update(_nvfp4_weights(tensors, "weight_packed", "weight_scale", "weight_global_scale", divide=True))
+    if "pack-quantized" in formats:
+        int_only = {"config_groups": {str(i): {"weights": spec}
+                                      for i, spec in enumerate(_group_specs(qc, "pack-quantized"))}}  # fmt: skip
+        weights.update(_int_weights({n: v for n, v in tensors.items() if v[1] == "I32" or "packed" not in n}, int_only,
+                                    found))  # fmt: skip
+    return weights
 
 
 def _gptq_awq_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping[str, Any],

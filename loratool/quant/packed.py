@@ -96,7 +96,7 @@ def dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
         return intpack.dequantize_int(codes, parts["scale"].T, zeros, _groups(w, parts))
     codes = intpack.unpack_int32(parts["codes"], s.bits, cols)
     zero = parts.get("zero")
-    zero_codes = intpack.unpack_int32(zero.T.contiguous(), s.bits, rows).T if zero is not None else None
+    zero_codes = _zero_codes(w, parts) if zero is not None else None
     groups = _groups(w, parts)
     return intpack.dequantize_int(codes, parts["scale"], zero_codes, groups)
 
@@ -127,11 +127,20 @@ def requantize(
     before: torch.Tensor | None = None,
     key: int | None = None,
     space: Subspace | None = None,
+    keep_scales: bool = True,
 ) -> Requantized:
-    """``merged`` (float32, stored orientation) in ``w``'s format, with new scales set from it as the
-    format's quantizer sets them, rounded to nearest, or with a stream ``key`` stochastically, or
-    with a ``space`` by the subspace rule (:mod:`.rounding`). ``like``: the tensors it was read
-    from (their dtypes are kept). ``before``: the dequantized base, for the :class:`Kept` sums."""
+    """``merged`` (float32, stored orientation) in ``w``'s format, rounded to nearest, or with a stream
+    ``key`` stochastically, or with a ``space`` by the subspace rule (:mod:`.rounding`). ``like``: the
+    tensors it was read from (their dtypes are kept). ``before``: the dequantized base, for the
+    :class:`Kept` sums.
+
+    Scales: with ``keep_scales`` (a merge), each group keeps ``like``'s scale wherever its merged
+    values still round onto that grid (within half a step past its ends), and takes the format's
+    quantizer's scale only where they do not: a 4-bit grid is coarse, and a scale that moves re-rounds
+    its whole group, which on bench_fp4's pairs cost more at the output than a small adapter gives
+    (a block of MXFP4 whose maximum grows past a power of two doubles its step). Without it (a fresh
+    quantization), the quantizer's scales everywhere.
+    """
     s = w.scheme
     if s.format in READ_ONLY:
         raise ValueError(f"{s.format} weights are read only: their quantizer needs calibration data")
@@ -142,18 +151,27 @@ def requantize(
     grid: GridLike
     if s.format == "mxfp4":
         exponents = fp4.mxfp4_exponents(merged)
+        if keep_scales:
+            fits = fp4.group_amax(merged, fp4.MXFP4_GROUP) <= _E2M1_REACH * fp4.mxfp4_scale_values(like["scale"])
+            exponents = torch.where(fits, like["scale"], exponents)
         scales = fp4.group_scales(fp4.mxfp4_scale_values(exponents), cols, fp4.MXFP4_GROUP)
         out["scale"], grid = exponents, E2M1
     elif s.format == "nvfp4":
-        block, second = fp4.nvfp4_scales(merged, s.divide)
+        block, second = _nvfp4_scales(merged, like, s.divide, keep_scales)
         scales = fp4.nvfp4_element_scales(block, second, cols, s.divide)
         out["scale"], out["global"], grid = block, second.to(like["global"].dtype).reshape(like["global"].shape), E2M1
     else:
         groups = _groups(w, like)
-        scale, zero = intpack.int_qparams(merged, groups, like["scale"].shape[-1], s.bits, s.symmetric,
-                                          like["scale"].dtype)  # fmt: skip
+        n_groups = like["scale"].shape[-1]
+        scale, zero = intpack.int_qparams(merged, groups, n_groups, s.bits, s.symmetric, like["scale"].dtype)
+        grid = intpack.grid_of(s.bits)
+        if keep_scales:
+            old_zero = _zero_codes(w, like) if zero is not None else None
+            fits = _int_fits(merged, groups, n_groups, like["scale"], old_zero, grid)
+            scale = torch.where(fits, like["scale"], scale)
+            zero = torch.where(fits, old_zero, zero) if zero is not None and old_zero is not None else zero
         scales = scale.to(torch.float32)[:, groups]
-        out["scale"], grid = scale, intpack.grid_of(s.bits)
+        out["scale"] = scale
         if zero is not None:
             zero_el = zero.to(torch.float32)[:, groups]
             out["zero"] = intpack.pack_int32(zero.T.contiguous(), s.bits).T.contiguous()
@@ -177,6 +195,43 @@ def requantize(
             out[role] = like[role]
     kept = Kept.of(merged - before, merged - written) if before is not None else Kept()
     return Requantized(out, kept)
+
+
+_E2M1_REACH = 7.0  # past 6 (the top), half of the top step (4 to 6): values up to 7 scales round to 6
+
+
+def _nvfp4_scales(merged: torch.Tensor, like: Parts, divide: bool, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4's (block scales, tensor scale) for ``merged``: ``like``'s where the blocks still fit them
+    (and the new blocks' scales fit e4m3 under ``like``'s tensor scale), else the quantizer's anew."""
+    fresh = fp4.nvfp4_scales(merged, divide)
+    if not keep:
+        return fresh
+    second = like["global"].float().reshape(1)
+    multiply = 1.0 / second if divide else second
+    amax = fp4.group_amax(merged, fp4.NVFP4_GROUP)
+    old = like["scale"].to(torch.float32) * multiply
+    needed = (amax / 6.0) / multiply  # the block scales the quantizer would set under the old tensor scale
+    if bool((needed > 448.0).any()):
+        return fresh  # the tensor's range grew past what its tensor scale can serve: every scale anew
+    fits = amax <= _E2M1_REACH * old
+    return torch.where(fits, like["scale"], needed.to(torch.float8_e4m3fn)), second
+
+
+def _zero_codes(w: PackedWeight, parts: Parts) -> torch.Tensor:
+    """The zero points (rows, groups) of a pack-quantized weight's parts, as int32 codes."""
+    return intpack.unpack_int32(parts["zero"].T.contiguous(), w.scheme.bits, w.rows_cols[0]).T.contiguous()
+
+
+def _int_fits(merged: torch.Tensor, groups: torch.Tensor, n_groups: int, scale: torch.Tensor,
+              zero: torch.Tensor | None, grid: intpack.IntGrid) -> torch.Tensor:  # fmt: skip
+    """Whether each group's merged values round into ``grid`` under ``scale`` (and ``zero``), (rows, groups)."""
+    x = merged / torch.where(scale > 0, scale.float(), torch.ones_like(scale.float()))[:, groups]
+    if zero is not None:
+        x = x + zero.float()[:, groups]
+    index = groups[None, :].expand(merged.shape[0], -1)
+    lo = torch.full((merged.shape[0], n_groups), float("inf")).scatter_reduce_(1, index, x, "amin")
+    hi = torch.full((merged.shape[0], n_groups), float("-inf")).scatter_reduce_(1, index, x, "amax")
+    return (lo >= grid.lo - 0.5) & (hi <= grid.hi + 0.5) & (scale > 0)
 
 
 def _groups(w: PackedWeight, parts: Parts) -> torch.Tensor:
