@@ -50,7 +50,7 @@ from loratool.io.writer import TensorSpec
 from loratool.quant import packed
 from loratool.quant.packed import PackedScheme, PackedWeight
 
-SIZES = (0.028, 0.0085, 0.0028)  # ||delta|| / ||W|| over the adapted weights
+SIZES = (0.28, 0.028, 0.0085)  # ||delta|| / ||W|| over the adapted weights
 RULES = ("nearest", "stochastic", "subspace")
 GROUP = 128  # INT4 groups
 FORMATS = {
@@ -312,16 +312,18 @@ def report(r: dict[str, Any]) -> str:
             "",
             f"effect kept at the output (1 - KL(ref, merged) / KL(ref, base); held-out text), rank-{k['rank']} adapters "
             f"extracted from tiny pairs trained here ({k['steps']} + {k['steps'] // 2} steps); stochastic: mean of "
-            f"{len(SEEDS)} seeds; kept: loratool's weight-level figure",
-            f"{'format':>24} {'||d||/||W||':>11} {'KL(ref,base)':>12} | {'nearest: effect':>15} {'kept':>6} | "
-            f"{'stochastic: effect':>18} {'kept':>6} | {'subspace: effect':>16} {'kept':>6}",
+            f"{len(SEEDS)} seeds; kept and noise: loratool's weight-level figures (a 4-bit merge in place is refused "
+            "by default below kept 0.8 or above noise 1)",
+            f"{'format':>24} {'||d||/||W||':>11} {'KL(ref,base)':>12} | {'nearest: effect':>15} {'kept':>6} "
+            f"{'noise':>6} | {'stochastic: effect':>18} {'kept':>6} {'noise':>6} | {'subspace: effect':>16} {'kept':>6} "
+            f"{'noise':>6}",
         ]
         for fmt, f in k["formats"].items():
             for row in f["rows"]:
                 cells = [f"{fmt:>24} {row['size']:>11.2%} {row['kl_base']:>12.3e}"]
                 for rule, width in (("nearest", 15), ("stochastic", 18), ("subspace", 16)):
                     c = row[rule]
-                    cells.append(f"{c['effect_kept']:>{width}.3f} {c['kept']:>6.3f}")
+                    cells.append(f"{c['effect_kept']:>{width}.3f} {c['kept']:>6.3f} {c['noise']:>6.2f}")
                 lines.append(" | ".join(cells))
             lines.append(f"{'':>24} (the adapter's own size: {f['natural']:.2%})")
     if "speed" in r:

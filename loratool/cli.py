@@ -243,8 +243,17 @@ MIN_KEPT: Decorator = click.option(
     default=None,
     metavar="SHARE",
     help="Into a quantized base: fail, writing nothing, when the written weights carry less than this share of "
-    "the adapter's delta (kept, in the summary); e.g. 0.8 in a pipeline. Into a 4-bit base in place it is 0.8 "
-    "unless given; 0 writes whatever the merge keeps.",
+    "the adapter's delta (kept, in the summary); e.g. 0.8 in a pipeline. 0 writes whatever the merge keeps (and "
+    "lifts the 4-bit defaults of --max-noise).",
+)
+MAX_NOISE: Decorator = click.option(
+    "--max-noise",
+    type=click.FloatRange(0.0, None),
+    default=None,
+    metavar="RATIO",
+    help="Into a quantized base: fail, writing nothing, when rounding adds noise above this many times the "
+    "adapter's delta (noise, in the summary). Into a 4-bit base in place, unless --min-kept or --max-noise is "
+    "given, --min-kept 0.8 --max-noise 1 apply.",
 )
 REQUANTIZE: Decorator = click.option(
     "--requantize",
@@ -432,8 +441,8 @@ def _merge_text(d: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER_SPEC)
-@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, REQUANTIZE, FORCE, PICKLE, QUIET,
-         JSON)  # fmt: skip
+@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, MAX_NOISE, REQUANTIZE, FORCE, PICKLE,
+         QUIET, JSON)  # fmt: skip
 def merge(
     base: str,
     adapters: tuple[tuple[str, float], ...],
@@ -444,6 +453,7 @@ def merge(
     rounding: str | None,
     seed: int,
     min_kept: float | None,
+    max_noise: float | None,
     requantize: str | None,
     force: bool,
     allow_pickle: bool,
@@ -472,7 +482,7 @@ def merge(
     if requantize and dtype:
         raise click.UsageError("--requantize and --dtype exclude each other: --dtype writes every weight dequantized")
     result = run(base, list(adapters), output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
-                 rounding=rounding, seed=seed, min_kept=min_kept, force=force,  # type: ignore[arg-type]
+                 rounding=rounding, seed=seed, min_kept=min_kept, max_noise=max_noise, force=force,  # type: ignore[arg-type]
                  allow_pickle=allow_pickle, show_progress=not quiet, requantize=requantize)  # fmt: skip
     _record_uses([a for a, _ in adapters], "merged into", output)
     _emit(result, as_json, _merge_text)
@@ -488,7 +498,9 @@ def merge(
     default=None,
     help="The original base: report how far the result is from it (max, relative, units of rounding).",
 )
-@options(OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, FORCE, PICKLE, QUIET, JSON)
+@options(
+    OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, MAX_NOISE, FORCE, PICKLE, QUIET, JSON
+)
 def unmerge(
     merged: str,
     adapters: tuple[tuple[str, float], ...],
@@ -500,6 +512,7 @@ def unmerge(
     rounding: str | None,
     seed: int,
     min_kept: float | None,
+    max_noise: float | None,
     force: bool,
     allow_pickle: bool,
     quiet: bool,
@@ -520,7 +533,8 @@ def unmerge(
 
     result = run(merged, list(adapters), output=output, check=check, device=device, dtype=dtype,
                  fan_in_fan_out=fan_in_fan_out, rounding=rounding, seed=seed,  # type: ignore[arg-type]
-                 min_kept=min_kept, force=force, allow_pickle=allow_pickle, show_progress=not quiet)  # fmt: skip
+                 min_kept=min_kept, max_noise=max_noise, force=force, allow_pickle=allow_pickle,
+                 show_progress=not quiet)  # fmt: skip
     _record_uses([a for a, _ in adapters], "unmerged from", merged)
     _emit(result, as_json, _merge_text)
 

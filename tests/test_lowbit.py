@@ -13,6 +13,7 @@ import torch
 from helpers import load_model, peft_adapter, tiny_model
 from safetensors.torch import load_file, save_file
 
+from loratool.deltas import read_weight
 from loratool.io.checkpoint import open_checkpoint
 from loratool.io.logical import model_view
 from loratool.ops.extract import extract
@@ -245,6 +246,19 @@ def test_a_4bit_merge_that_loses_the_adapter_exits_1_and_writes_nothing(tmp_path
     assert ok.exit_code == 0 and "carry only" in ok.stderr  # written, with the warning
 
 
+def test_a_4bit_merge_noisier_than_its_adapter_is_refused_by_default(tmp_path: Path, plain, cli) -> None:
+    """At 3% of its size the adapter is kept (0.98) but rounding adds noise 1.5 times its norm: by
+    default nothing is written; --max-noise (or --min-kept 0) lets it through; at full size it passes."""
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "int4-sym")
+    res = cli("merge", tmp_path / "q", f"{adapter}:0.03", "-o", tmp_path / "m")
+    assert res.exit_code == 1 and "above --max-noise 1" in res.stderr and not (tmp_path / "m").exists()
+    assert "--requantize fp8" in res.stderr and "--dtype bfloat16" in res.stderr
+    ok = cli("merge", tmp_path / "q", f"{adapter}:0.03", "-o", tmp_path / "m", "--max-noise", "2", "--json")
+    assert ok.exit_code == 0 and 1 < json.loads(ok.stdout)["quantization"]["noise"] <= 2
+    assert cli("merge", tmp_path / "q", adapter, "-o", tmp_path / "full").exit_code == 0
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4-compressed", "int4-asym"])
 def test_the_rules_keep_a_small_adapter_that_nearest_rounding_erases(tmp_path: Path, plain, fmt: str) -> None:
     """An adapter at 2% of its trained size: nearest rounding writes most of the base back (its
@@ -471,3 +485,85 @@ def test_gptq_and_awq_are_read_for_extract_and_dtype_and_refused_in_place(tmp_pa
     assert r.quantization["method"] == method and "qweight" not in " ".join(out)
     a = extract(tmp_path / "q", tmp_path / "m", output=tmp_path / "a", rank=4, show_progress=False)
     assert len(a.report) == len(want) and max(m.relative_error for m in a.report) < 1e-4
+
+
+# -- merge --requantize fp8: the touched weights as FP8 blocks, a mixed config transformers loads -----
+def test_requantize_fp8_writes_a_mixed_checkpoint_that_transformers_loads(tmp_path: Path, cli) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # 128 wide: the FP8 block scheme quantizes activations in groups of 128, as real models' widths allow
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                         tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "base")
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    peft_adapter(load_model("llama", base), list(PROJ), r=4, alpha=8, seed=3).save_pretrained(adapter)
+    make_quantized(base, tmp_path / "q", "nvfp4-compressed")
+    (tmp_path / "one").mkdir()  # an adapter on the attention alone: the MLPs stay NVFP4
+    ts = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v for k, v in ts.items() if "self_attn" in k}, str(tmp_path / "one" / "adapter_model.safetensors"))
+    (tmp_path / "one" / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    res = cli("merge", tmp_path / "q", tmp_path / "one", "-o", tmp_path / "m", "--requantize", "fp8", "--json")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)["quantization"]
+    assert len(report["requantized_fp8"]) == 8 and report["kept"] > 0.97  # FP8 keeps what a 4-bit grid cannot
+    out = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert out["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    assert out["model.layers.0.self_attn.q_proj.weight_scale"].shape == (1, 1)  # 128x128 blocks of a 128x128 weight
+    assert (
+        "model.layers.0.self_attn.q_proj.weight_packed" not in out and "model.layers.0.mlp.up_proj.weight_packed" in out
+    )
+    qc = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mixed-precision" and "model.layers.1.self_attn.v_proj" in qc["config_groups"][
+        "loratool_fp8_block"]["targets"]  # fmt: skip
+
+    # loratool reads its own output back (both layouts), and transformers reads the same weights
+    with open_checkpoint(tmp_path / "m") as ck:
+        view, fp8_layout = model_view(ck), ck.fp8_layout()
+        assert fp8_layout is not None and len(fp8_layout.weights) == 8
+        want = {k: read_weight(view, fp8_layout, k, torch.device("cpu")).float() for k in view.keys()
+                if k not in fp8_layout.companions}  # fmt: skip
+        assert json.loads(cli("inspect", tmp_path / "m", "--json").stdout)["quantization"]["supported"]
+    deltas, before = adapter_deltas(adapter), dequantized(tmp_path / "q", "nvfp4-compressed")
+    for key in [k for k in deltas if "self_attn" in k]:
+        fp8 = want[key]  # dequantized by loratool's FP8 reader: q * block scale
+        torch.testing.assert_close(fp8, before[key] + deltas[key], rtol=0, atol=float(fp8.abs().max()) / 16)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    state = model.state_dict()
+    q = state["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == torch.float8_e4m3fn  # kept compressed by transformers, dequantized per forward
+    got = q.float() * state["model.layers.0.self_attn.q_proj.weight_scale"].float()
+    # the same codes; the scales as transformers holds them in a bfloat16 model (rounded from loratool's float32)
+    torch.testing.assert_close(got, want["model.layers.0.self_attn.q_proj.weight"], rtol=2**-8, atol=0)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    dense = LlamaForCausalLM(model.config).to(torch.float32).eval()
+    dense.load_state_dict(want, strict=False)
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), dense(ids).logits.float()
+    assert float((a - b).norm() / b.norm()) < 0.05  # bf16 compute and FP8 activations: close, not equal
+
+
+@pytest.mark.parametrize(("fmt", "says"), [("nvfp4-modelopt", "compressed-tensors base"), ("plain", "has none")])
+def test_requantize_fp8_is_refused_where_no_loader_would_read_it(tmp_path: Path, plain, cli, fmt, says) -> None:
+    base, adapter = plain
+    if fmt != "plain":
+        make_quantized(base, tmp_path / "q", fmt)
+    res = cli("merge", base if fmt == "plain" else tmp_path / "q", adapter, "-o", tmp_path / "m", "--requantize", "fp8")
+    assert res.exit_code == 1 and says in res.stderr and not (tmp_path / "m").exists()
+    res = cli("merge", base, adapter, "-o", tmp_path / "m", "--requantize", "fp8", "--dtype", "bfloat16")
+    assert res.exit_code == 2 and "exclude each other" in res.stderr
+
+
+def test_a_tiny_delta_leaves_a_4bit_grid_as_it_was(tmp_path: Path, plain) -> None:
+    """Scales move only where the merged values leave their grid: a delta far below a step, rounded to
+    nearest, writes the base's values back and every scale as it was (NVFP4 codes of -0 may come back +0)."""
+    base, adapter = plain
+    for fmt in ("int4-asym", "nvfp4-compressed"):
+        make_quantized(base, tmp_path / fmt, fmt)
+        merge(tmp_path / fmt, [(adapter, 1e-6)], output=tmp_path / f"{fmt}-m", rounding="nearest", min_kept=0.0,
+              show_progress=False)  # fmt: skip
+        a, b = (load_file(str(tmp_path / f / "model.safetensors")) for f in (fmt, f"{fmt}-m"))
+        assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("weight_packed")), fmt
+        one, two = dequantized(tmp_path / fmt, fmt), dequantized(tmp_path / f"{fmt}-m", fmt)
+        assert all(torch.equal(one[k], two[k]) for k in one), fmt

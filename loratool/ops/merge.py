@@ -45,6 +45,7 @@ from ..quant.layout import Fp8Layout, Fp8Scheme, PackedLayout
 from ..quant.packed import READ_ONLY, PackedWeight
 from ..quant.rounding import (
     KEPT_WARNING,
+    NOISE_LIMIT,
     RULES,
     Kept,
     Rounding,
@@ -194,6 +195,7 @@ def merge(
     rounding: Rule | None = None,
     seed: int = 0,
     min_kept: float | None = None,
+    max_noise: float | None = None,
     requantize: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
@@ -221,15 +223,18 @@ def merge(
             against small deltas).
         seed: the stochastic stream's seed; the bytes are the same for one seed on any device and
             any number of threads.
-        min_kept: refuse (write nothing) when the merge's ``kept`` falls below this (0: never). Into
-            a packed 4-bit base in place it defaults to 0.8: such grids lose an adapter far more often.
+        min_kept: refuse (write nothing) when the merge's ``kept`` falls below this (0: never).
+        max_noise: refuse (write nothing) when the rounding's ``noise`` exceeds this many times the
+            delta's norm. Into a packed low-bit base in place, unless either is given, ``min_kept``
+            0.8 and ``max_noise`` 1: on bench_fp4's trained pairs a 4-bit merge whose noise outgrew its
+            delta could leave the model further from the merged one than the base was.
         requantize: ``"fp8"``: into a compressed-tensors NVFP4 or INT4/INT8 base, write the weights the
             adapters touch as FP8 128x128 block-scaled (the rest as they were), with a
             ``mixed-precision`` config that transformers loads.
         force: replace an existing output.
 
     Raises:
-        AdapterLostError: ``kept`` is below ``min_kept``.
+        AdapterLostError: ``kept`` is below ``min_kept``, or ``noise`` above ``max_noise``.
         MissingKeyError: an adapter module has no matching tensor in the base.
         ShapeMismatchError: an adapter module does not fit its tensor.
         UnsupportedAdapterError: adapters trained on a rewritten base (PiSSA, OLoRA, ...), DoRA.
@@ -239,7 +244,8 @@ def merge(
         >>> loratool.merge("base/", ["adapter/", ("style/", 0.5)], output="merged/")
     """
     return _apply(+1, base, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
-                  rounding=rounding, seed=seed, min_kept=min_kept, force=force, allow_pickle=allow_pickle,
+                  rounding=rounding, seed=seed, min_kept=min_kept, max_noise=max_noise, force=force,
+                  allow_pickle=allow_pickle,
                   show_progress=show_progress, requantize=requantize)  # fmt: skip
 
 
@@ -255,6 +261,7 @@ def unmerge(
     rounding: Rule | None = None,
     seed: int = 0,
     min_kept: float | None = None,
+    max_noise: float | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     show_progress: bool = True,
@@ -282,7 +289,8 @@ def unmerge(
         >>> loratool.unmerge("merged/", ["adapter/"], output="restored/", check="base/")
     """
     return _apply(-1, merged, adapters, output=output, device=device, dtype=dtype, fan_in_fan_out=fan_in_fan_out,
-                  rounding=rounding, seed=seed, min_kept=min_kept, force=force, allow_pickle=allow_pickle,
+                  rounding=rounding, seed=seed, min_kept=min_kept, max_noise=max_noise, force=force,
+                  allow_pickle=allow_pickle,
                   show_progress=show_progress, check=check)  # fmt: skip
 
 
@@ -519,6 +527,7 @@ def _apply(
     allow_pickle: bool,
     show_progress: bool,
     check: str | os.PathLike[str] | None = None,
+    max_noise: float | None = None,
     requantize: str | None = None,
 ) -> MergeResult:
     operation = "merge" if sign > 0 else "unmerge"
@@ -526,6 +535,8 @@ def _apply(
         raise ValueError(f"rounding must be one of {', '.join(RULES)}, not {rounding!r}")
     if min_kept is not None and not 0.0 <= min_kept <= 1.0:
         raise ValueError(f"min_kept must lie in [0, 1], not {min_kept!r}")
+    if max_noise is not None and not max_noise >= 0.0:
+        raise ValueError(f"max_noise must be 0 or more, not {max_noise!r}")
     sources = [split_scale(a)[0] for a in adapters]
     inputs = [base, *(s for s in sources if not isinstance(s, Adapter)), *([check] if check is not None else [])]
     out = check_output(output, force=force, inputs=inputs)
@@ -543,8 +554,8 @@ def _apply(
         dequantize = bool(layouts) and out_dtype is not None
         to_fp8 = _check_requantize(requantize, low_bit, terms, dequantize, str(ckpt.path))
         _check_packed_plan(low_bit, replace, terms, dequantize or bool(to_fp8), str(ckpt.path))
-        if low_bit is not None and not dequantize and not to_fp8 and min_kept is None:
-            min_kept = KEPT_WARNING  # a 4-bit grid loses most of an adapter far more often than FP8's: refuse, not warn
+        if low_bit is not None and not dequantize and not to_fp8 and min_kept is None and max_noise is None:
+            min_kept, max_noise = KEPT_WARNING, NOISE_LIMIT  # a 4-bit grid: refuse rather than warn (bench_fp4)
         rule = Rounding(rounding or default_rule(dequantize), seed)
         bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
         reference = stack.enter_context(open_checkpoint(check, allow_pickle=allow_pickle)) if check else None
@@ -586,7 +597,7 @@ def _apply(
             result.quantization = _quantization_report(layouts, dequantize, rule, [r for _, rs in parts for r in rs])
             if to_fp8:
                 result.quantization["requantized_fp8"] = sorted(to_fp8)
-            _require_kept(result.quantization, min_kept, rule)  # before the output moves into place
+            _require_kept(result.quantization, min_kept, max_noise, rule)  # before the output moves into place
             result.warnings += _quantization_warnings(result.quantization, rule)
             torch_passes = dequantize or native.fp8_kernels() is None or low_bit is not None
             if rule.subspace and torch_passes and result.quantization["tensors"]:
@@ -597,7 +608,7 @@ def _apply(
                 )
                 result.warnings.append(f"the subspace rule ran as torch passes, column by column ({why}), which is "
                                        "slow on large models; --rounding stochastic is fast everywhere")  # fmt: skip
-        elif min_kept is not None:
+        elif min_kept is not None or max_noise is not None:
             result.warnings.append("--min-kept applies to quantized bases: this one is not, so its merged weights "
                                    "were rounded to nearest in the output dtype, as PEFT merges")  # fmt: skip
         final = {"format": "pt", **encode(make_record(operation, params, hasher.result()))} if d.is_main else None
@@ -1192,19 +1203,31 @@ def _remedy(report: dict[str, Any], rounding: Rounding) -> str:
         steps.append("--dtype bfloat16 for a dequantized checkpoint")
     steps.append("serving the adapter unmerged")
     if report["grid"] != "FP8" and not report["dequantized"]:
+        if report.get("method") == "compressed-tensors" and "requantized_fp8" not in report:
+            steps.append("--requantize fp8 for the weights it touches")
         steps.append("--min-kept 0 to write it all the same")
     return "; ".join(steps)
 
 
-def _require_kept(report: dict[str, Any], min_kept: float | None, rounding: Rounding) -> None:
-    kept = report["kept"]
-    if min_kept is None or min_kept <= 0 or kept is None or kept >= min_kept:  # 0: write whatever it keeps
+def _require_kept(report: dict[str, Any], min_kept: float | None, max_noise: float | None, rounding: Rounding) -> None:
+    kept, noise = report["kept"], report["noise"]
+    if kept is None:
         return
-    raise AdapterLostError(
-        f"the written weights carry {kept:.3f} of the adapter's delta, below --min-kept {min_kept:g}; nothing was "
-        f"written. Lowest: {_names(_short_of(report, min_kept) or report['tensors'])}",
-        fix=f"try {_remedy(report, rounding)}",
-    )
+    if min_kept is not None and min_kept > 0 and kept < min_kept:  # 0: write whatever it keeps
+        raise AdapterLostError(
+            f"the written weights carry {kept:.3f} of the adapter's delta, below --min-kept {min_kept:g}; nothing "
+            f"was written. Lowest: {_names(_short_of(report, min_kept) or report['tensors'])}",
+            fix=f"try {_remedy(report, rounding)}",
+        )
+    if max_noise is not None and noise is not None and noise > max_noise:
+        noisiest = sorted(report["tensors"], key=lambda t: -(t["noise"] or 0))
+        shown = ", ".join(f"{t['tensor']} ({t['noise']:.2f})" for t in noisiest[:3])
+        raise AdapterLostError(
+            f"rounding onto the {report['grid']} grid adds noise {noise:.2f} times the adapter's delta, above "
+            f"--max-noise {max_noise:g}: the written weights would change more by rounding than by the adapter; "
+            f"nothing was written. Noisiest: {shown}",
+            fix=f"try {_remedy(report, rounding)}",
+        )
 
 
 def _quantization_warnings(report: dict[str, Any], rounding: Rounding) -> list[str]:

@@ -211,9 +211,9 @@ def _nvfp4_scales(merged: torch.Tensor, like: Parts, divide: bool, keep: bool) -
     amax = fp4.group_amax(merged, fp4.NVFP4_GROUP)
     old = like["scale"].to(torch.float32) * multiply
     needed = (amax / 6.0) / multiply  # the block scales the quantizer would set under the old tensor scale
-    if bool((needed > 448.0).any()):
-        return fresh  # the tensor's range grew past what its tensor scale can serve: every scale anew
     fits = amax <= _E2M1_REACH * old
+    if bool((needed[~fits] > 448.0).any()):
+        return fresh  # the tensor's range grew past what its tensor scale can serve: every scale anew
     return torch.where(fits, like["scale"], needed.to(torch.float8_e4m3fn)), second
 
 

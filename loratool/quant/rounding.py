@@ -38,6 +38,7 @@ Rule = Literal["subspace", "stochastic", "nearest"]
 DEFAULT_RULE: Rule = "subspace"  # into an FP8 layout; into a --dtype output: see default_rule
 DAMPING = 0.01  # subspace's damping: of 1e-3, 1e-2, 0.1 and 1, best at every size on bench_quant_keep's pair (ad hoc)
 KEPT_WARNING = 0.8  # a merge whose written weights carry less of its delta than this is warned about
+NOISE_LIMIT = 1.0  # into a 4-bit grid in place, by default, a merge whose noise exceeds its delta's norm is refused
 
 _M32 = 0xFFFFFFFF
 # A 32-bit integer hash (two multiply-xorshift rounds; constants from Chris Wellons' hash
