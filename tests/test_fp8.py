@@ -627,7 +627,24 @@ def test_the_shipped_fp8_fixtures_are_the_format_and_merge_like_peft(tmp_path: P
     assert report["kept"] == pytest.approx(inner / sq, abs=1e-3)
 
 
-@pytest.mark.parametrize(("name", "method"), [("llama-gptq-like", "gptq"), ("llama-bnb-like", "bitsandbytes")])
+def test_the_shipped_gptq_fixture_merges_dequantized_only(tmp_path: Path, fixtures: Path, cli) -> None:
+    for args in (
+        ["merge", fixtures / "llama-gptq-like", fixtures / "llama-peft-adapter"],
+        ["unmerge", fixtures / "llama-gptq-like", fixtures / "llama-peft-adapter"],
+    ):
+        r = cli(*args, "-o", tmp_path / "out")
+        assert r.exit_code == 1 and "calibration data" in r.stderr and "--dtype bfloat16" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    r = cli("merge", fixtures / "llama-gptq-like", fixtures / "llama-peft-adapter", "-o", tmp_path / "out",
+            "--dtype", "bfloat16")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    # its codes and zero points are 0 and its scales 1: every packed weight reads (0 - (0 + 1)) * 1 = -1
+    assert float(out["model.layers.0.mlp.up_proj.weight"].float().mean()) == pytest.approx(-1, abs=0.05)
+    assert not any(k.endswith("qweight") for k in out)
+
+
+@pytest.mark.parametrize(("name", "method"), [("llama-bnb-like", "bitsandbytes")])
 def test_the_shipped_refusal_fixtures_are_refused(tmp_path: Path, fixtures: Path, cli, name: str, method: str) -> None:
     for args in (
         ["merge", fixtures / name, fixtures / "llama-peft-adapter"],

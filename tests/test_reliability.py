@@ -207,7 +207,7 @@ CASES: dict[str, Case] = {
     "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                "config.json has no quantization_config saying how its FP8 scales apply"),
     "gptq config, extract": (_quant_config, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
-                             "the checkpoint is quantized: gptq"),
+                             "config.json says gptq, but no tensor is stored that way"),
     "fp8 without its config, unmerge": (_fp8_base, lambda w: ["unmerge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                         "quantized: fp8 (block-scaled)"),
     # 9. messages that say what happened
