@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from bench_extract import ensure_pair
 from bench_merge import TARGETS, make_adapter
-from bench_quant_keep import SEEDS, adapter_deltas, language, sample, tiny_pair, train
+from bench_quant_keep import SEEDS, Judge, adapter_deltas, language, tiny_pair, train
 from common import fresh, machine, measure
 from safetensors.torch import load_file, save_file
 from shards import write_checkpoint
@@ -174,25 +174,6 @@ def mxfp4_gpt_oss(base: Path, out: Path) -> Path:
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     (out / "config.json").write_text(json.dumps(config))
     return out
-
-
-class Judge:
-    """KL against a reference, on held-out text of the fine-tune's language, for any causal LM class."""
-
-    def __init__(self, config_dir: Path) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).eval()
-        self.tokens = sample(language(2), 64, torch.Generator().manual_seed(99))
-
-    @torch.no_grad()
-    def logprobs(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.model.load_state_dict(state, strict=True)
-        return torch.log_softmax(self.model(input_ids=self.tokens).logits.float(), dim=-1)
-
-    @staticmethod
-    def kl(ref: torch.Tensor, other: torch.Tensor) -> float:
-        return float((ref.exp() * (ref - other)).sum(-1).mean())
 
 
 def expert_deltas(adapter: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

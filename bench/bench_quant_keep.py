@@ -142,10 +142,13 @@ def adapter_deltas(adapter: Path) -> dict[str, torch.Tensor]:
 
 
 class Judge:
-    """KL of models given by state dicts against a reference, on held-out text of the fine-tune's language."""
+    """KL of models given by state dicts against a reference, on held-out text of the fine-tune's
+    language; any causal LM transformers builds from ``config_dir``'s config.json."""
 
     def __init__(self, config_dir: Path) -> None:
-        self.model = LlamaForCausalLM(LlamaConfig.from_pretrained(config_dir)).eval()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).eval()
         self.tokens = sample(language(2), 64, torch.Generator().manual_seed(99))
 
     @torch.no_grad()

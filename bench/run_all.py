@@ -24,6 +24,7 @@ from pathlib import Path
 import bench_analyze
 import bench_combine
 import bench_extract
+import bench_fp4
 import bench_fp8
 import bench_gpu
 import bench_merge
@@ -38,7 +39,7 @@ from common import machine
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BENCHES = {
     "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "quant_keep": bench_quant_keep,
-    "combine": bench_combine,
+    "fp4": bench_fp4, "combine": bench_combine,
     "ties": bench_ties, "analyze": bench_analyze, "moe": bench_moe, "registry": bench_registry, "write_paths": write_paths,
     "gpu": bench_gpu,
 }  # fmt: skip
@@ -82,7 +83,11 @@ def main() -> None:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         layers = (
-            args.combine_layers if name in ("combine", "ties") else 4 if name in ("moe", "quant_keep") else args.layers
+            args.combine_layers
+            if name in ("combine", "ties")
+            else 4
+            if name in ("moe", "quant_keep", "fp4")
+            else args.layers
         )
         rank = 64 if name in ("combine", "ties", "analyze") else 16
         if name == "write_paths":

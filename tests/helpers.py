@@ -91,3 +91,21 @@ def load_adapter_deltas(path: Path) -> dict[str, torch.Tensor]:
                 module = key[: -len(a_suffix)]
                 out[module] = ts[module + b_suffix].double() @ a.double()  # (out, r) @ (r, in)
     return out
+
+
+def adapter_deltas(adapter: Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """scale * scaling * B @ A (float64) of each module of a PEFT adapter directory, by the base
+    weight's name (``<module>.weight``), read with safetensors alone."""
+    import json
+
+    from safetensors.torch import load_file
+
+    ts = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    out = {}
+    for key, a in ts.items():
+        if key.endswith(".lora_A.weight"):
+            b = ts[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            out[name] = scale * cfg["lora_alpha"] / cfg["r"] * (b.double() @ a.double())  # (out, r) @ (r, in)
+    return out

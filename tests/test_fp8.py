@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_model, peft_adapter, tiny_model
+from helpers import adapter_deltas, load_model, peft_adapter, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -112,18 +112,6 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     pm = peft_adapter(load_model("llama", root / "base"), list(PROJ), r=4, alpha=8, seed=3)
     pm.save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
-
-
-def adapter_deltas(adapter: Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    ts = load_file(str(adapter / "adapter_model.safetensors"))
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    out = {}
-    for key, a in ts.items():
-        if key.endswith(".lora_A.weight"):
-            b = ts[key.replace(".lora_A.", ".lora_B.")]
-            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-            out[name] = scale * cfg["lora_alpha"] / cfg["r"] * (b.double() @ a.double())  # (out, r) @ (r, in)
-    return out
 
 
 def fp8_spacing(x: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:

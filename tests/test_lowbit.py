@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_model, peft_adapter, tiny_model
+from helpers import adapter_deltas, load_model, peft_adapter, tiny_model
 from safetensors.torch import load_file, save_file
 
 from loratool.deltas import read_weight
@@ -129,18 +129,6 @@ def quantized(request, plain, tmp_path_factory) -> tuple[str, Path]:
     return request.param, path
 
 
-def adapter_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    ts = load_file(str(adapter / "adapter_model.safetensors"))
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    out = {}
-    for key, a in ts.items():
-        if key.endswith(".lora_A.weight"):
-            b = ts[key.replace(".lora_A.", ".lora_B.")]
-            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-            out[name] = cfg["lora_alpha"] / cfg["r"] * (b.float() @ a.float())
-    return out
-
-
 def test_the_model_view_dequantizes_as_the_producer_does(quantized) -> None:
     fmt, path = quantized
     want = dequantized(path, fmt)
@@ -180,7 +168,7 @@ def test_an_in_place_merge_keeps_the_layout_and_lands_within_a_grid_step(tmp_pat
     base, merged, deltas = dequantized(path, fmt), dequantized(tmp_path / "m", fmt), adapter_deltas(adapter)
     factors = load_file(str(adapter / "adapter_model.safetensors"))
     for key, delta in deltas.items():
-        want = base[key] + delta
+        want = base[key] + delta.float()
         err = merged[key] - want
         if rounding != "subspace":
             # every element lies within a step of the grid it was written on (the coarsest FP4 step is a third of
@@ -481,7 +469,7 @@ def test_gptq_and_awq_are_read_for_extract_and_dtype_and_refused_in_place(tmp_pa
     r = merge(tmp_path / "q", [adapter], output=tmp_path / "m", dtype="float32", show_progress=False)
     out, deltas = load_file(str(tmp_path / "m" / "model.safetensors")), adapter_deltas(adapter)
     for key, value in want.items():
-        torch.testing.assert_close(out[key], value + deltas[key], rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(out[key], value + deltas[key].float(), rtol=0, atol=1e-6, msg=key)
     assert r.quantization["method"] == method and "qweight" not in " ".join(out)
     a = extract(tmp_path / "q", tmp_path / "m", output=tmp_path / "a", rank=4, show_progress=False)
     assert len(a.report) == len(want) and max(m.relative_error for m in a.report) < 1e-4
@@ -528,7 +516,7 @@ def test_requantize_fp8_writes_a_mixed_checkpoint_that_transformers_loads(tmp_pa
     deltas, before = adapter_deltas(adapter), dequantized(tmp_path / "q", "nvfp4-compressed")
     for key in [k for k in deltas if "self_attn" in k]:
         fp8 = want[key]  # dequantized by loratool's FP8 reader: q * block scale
-        torch.testing.assert_close(fp8, before[key] + deltas[key], rtol=0, atol=float(fp8.abs().max()) / 16)
+        torch.testing.assert_close(fp8, before[key] + deltas[key].float(), rtol=0, atol=float(fp8.abs().max()) / 16)
     model = LlamaForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     state = model.state_dict()
     q = state["model.layers.0.self_attn.q_proj.weight"]
