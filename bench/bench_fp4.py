@@ -48,7 +48,7 @@ from loratool.io.checkpoint import open_checkpoint
 from loratool.io.logical import model_view
 from loratool.io.writer import TensorSpec
 from loratool.quant import packed
-from loratool.quant.packed import PackedScheme, PackedWeight
+from loratool.quant.layout import PackedScheme, PackedWeight
 
 SIZES = (0.28, 0.028, 0.0085)  # ||delta|| / ||W|| over the adapted weights
 RULES = ("nearest", "stochastic", "subspace")

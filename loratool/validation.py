@@ -23,6 +23,7 @@ from .errors import LoraToolError, MetadataError
 from .formats import kohya, load_adapter, mlx, peft
 from .formats.kohya import resolve_paths
 from .io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
+from .io.logical import model_view
 from .provenance import PROVENANCE_KEY, decode, tensors_sha256
 from .schema import check
 
@@ -138,11 +139,12 @@ def check_fit(
 ) -> None:
     """:func:`check_against_base` for an adapter in memory (its factors may be ``meta`` tensors)."""
     try:
-        ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+        stored = open_checkpoint(base, allow_pickle=allow_pickle)
+        ckpt = model_view(stored)  # packed low-bit weights under the names adapters address
     except LoraToolError as e:
         report.add("base", e.message if e.path is None else f"{e.path}: {e.message}")
         return
-    with ckpt:
+    with stored:
         weights = [k.removesuffix(".weight") for k in ckpt.keys() if k.endswith(".weight")]
         found = resolve_paths(adapter_obj, weights)
         matched = 0

@@ -555,3 +555,20 @@ def test_a_tiny_delta_leaves_a_4bit_grid_as_it_was(tmp_path: Path, plain) -> Non
         assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("weight_packed")), fmt
         one, two = dequantized(tmp_path / fmt, fmt), dequantized(tmp_path / f"{fmt}-m", fmt)
         assert all(torch.equal(one[k], two[k]) for k in one), fmt
+
+
+def test_validate_and_registry_match_adapters_to_a_packed_base_by_model_names(tmp_path: Path, plain, cli) -> None:
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "int4-asym")
+    res = cli("validate", adapter, "--base", tmp_path / "q")
+    assert res.exit_code == 0, res.output
+    assert cli("registry", "add", adapter, "--name", "bot").exit_code == 0
+    fits = json.loads(cli("registry", "ls", "--base", tmp_path / "q", "--json").stdout)["entries"]
+    assert [e["name"] for e in fits] == ["bot"]
+    # a base whose down_proj has another shape: neither calls the adapter fitting
+    ts = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for k in [k for k in ts if "layers.0.mlp.down_proj" in k]:
+        ts[k] = torch.cat([ts[k], ts[k]])  # twice the rows
+    save_file(ts, str(tmp_path / "q" / "model.safetensors"))
+    assert cli("validate", adapter, "--base", tmp_path / "q").exit_code == 1
+    assert json.loads(cli("registry", "ls", "--base", tmp_path / "q", "--json").stdout)["entries"] == []

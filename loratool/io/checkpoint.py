@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputFileError, LoraToolError, MissingInputError, MissingKeyError
-from ..quant.layout import Fp8Layout, PackedLayout, Quantization, detect_quantization, fp8_layout, packed_layout
+from ..quant.layout import (
+    Fp8Layout,
+    PackedLayout,
+    Quantization,
+    detect_quantization,
+    fp8_layout,
+    logical_shapes,
+    packed_layout,
+)
 from .header import read_header, tensor_offsets
 
 if TYPE_CHECKING:
@@ -409,14 +417,28 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
 
 
 def header_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a safetensors checkpoint and its shape, from the headers alone: no torch,
-    for catalogue queries that must answer at once (``registry ls --base``)."""
-    _, files, _ = resolve_checkpoint_files(path)
-    shapes: dict[str, tuple[int, ...]] = {}
+    """Every tensor of a safetensors checkpoint and its shape as the model holds it (packed low-bit
+    weights under their model names), from the headers alone: no torch, for catalogue queries that
+    must answer at once (``registry ls --base``)."""
+    root, files, _ = resolve_checkpoint_files(path)
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
     for f in files:
         if f.suffix in PICKLE_SUFFIXES:
             raise InputFileError("a pickle checkpoint has no header to read shapes from", path=str(f),
                                  fix="convert it to .safetensors")  # fmt: skip
         header = read_header(f)
-        shapes.update({k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"})
-    return shapes
+        tensors.update({k: (tuple(int(d) for d in v["shape"]), str(v["dtype"])) for k, v in header.items()
+                        if k != "__metadata__"})  # fmt: skip
+    folder = root if root.is_dir() else root.parent
+    config: dict[str, Any] = {}
+    for name, key in (("config.json", None), ("hf_quant_config.json", "hf_quant_config")):
+        try:
+            data = json.loads((folder / name).read_text()) if (folder / name).is_file() else {}
+        except (OSError, ValueError):
+            data = {}  # a catalogue query matches what it can read; the operations say what is wrong
+        if isinstance(data, dict):
+            config = {**config, key: data} if key else {**data, **config}
+    try:
+        return logical_shapes(config, tensors)
+    except LoraToolError:
+        return {n: shape for n, (shape, _) in tensors.items()}

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
 from ..quant import packed
-from ..quant.layout import PackedLayout
-from ..quant.packed import PackedWeight
+from ..quant.layout import PackedLayout, PackedWeight
 from .checkpoint import Checkpoint, TensorInfo
 
 if TYPE_CHECKING:

@@ -34,15 +34,14 @@ from ..formats.kohya import resolve_paths
 from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
 from ..io.header import patch_metadata
-from ..io.logical import model_view
+from ..io.logical import ModelView, model_view
 from ..io.writer import CheckpointWriter, TensorSpec, copy_aux_files
 from ..linalg import RowFactors, add_lora, dora_rescale, is_finite, merge_rows, row_factors, unit_of_rounding
 from ..pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
 from ..provenance import InputHasher, encode, make_record
 from ..quant import native, packed
 from ..quant.fp8 import check_scale, dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
-from ..quant.layout import Fp8Layout, Fp8Scheme, PackedLayout
-from ..quant.packed import READ_ONLY, PackedWeight
+from ..quant.layout import READ_ONLY, Fp8Layout, Fp8Scheme, PackedLayout, PackedWeight
 from ..quant.rounding import (
     KEPT_WARNING,
     NOISE_LIMIT,
@@ -817,22 +816,27 @@ class _Stream:
         assert self.low_bit is not None
         if self.dequantize:
             w = self.low_bit.weights[key]
-            out = self._packed_each(w, self._packed_dequantized)
+            out = self._packed_each(w, self._packed_dequantized).cpu()
             return out, out.dtype, False
         w = self.low_bit.weights[self._group_of[key]]
         if w.name in self.to_fp8:
-            q, scale = self._packed_to_fp8(w)
+            q, scale = (t.cpu() for t in self._packed_to_fp8(w))
             mine, other = (q, (scale, False)) if key == w.name else (scale, (q, False))
             self._stash[w.name + "_scale" if key == w.name else w.name] = other
             return mine, mine.dtype, False
         pieces = [self._packed_requantized(w, e) for e in (range(w.experts) if w.experts else [None])]
-        new = {role: torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
-               else pieces[0][role] for role in w.parts}  # fmt: skip
+        new = {role: (torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
+                      else pieces[0][role]).cpu() for role in w.parts}  # fmt: skip
         for role, name in w.parts.items():
             if name != key:
                 self._stash[name] = (new[role], False)
         mine = new[next(role for role, name in w.parts.items() if name == key)]
         return mine, mine.dtype, False
+
+    def _parts(self, w: PackedWeight, expert: int | None = None) -> packed.Parts:
+        """``w``'s stored tensors (one expert's) on the merge's device."""
+        assert isinstance(self.view, ModelView)
+        return {role: t.to(self.device) for role, t in self.view.parts(w, expert).items()}
 
     def _packed_each(self, w: PackedWeight, one: Callable[[PackedWeight, int | None], torch.Tensor]) -> torch.Tensor:
         """``one(w, expert)`` for each expert of a 3-D parameter (a 2-D weight: ``one(w, None)``), stacked."""
@@ -859,7 +863,7 @@ class _Stream:
     def _packed_dequantized(self, w: PackedWeight, expert: int | None) -> torch.Tensor:
         """One weight (or expert) dequantized, the terms added, in the output dtype by the rounding rule."""
         assert self.view is not None and self.out_dtype is not None
-        before = packed.logical(w, packed.dequantize(w, self.view.parts(w, expert))).contiguous()  # type: ignore[attr-defined]
+        before = packed.logical(w, packed.dequantize(w, self._parts(w, expert))).contiguous()
         name = w.name if expert is None else f"{w.name}.{expert}"
         if w.name not in self.terms:
             _require_finite(before, self.out_dtype, name, before)
@@ -877,13 +881,12 @@ class _Stream:
         self.requantized.append((name, Kept.of(merged - before, merged - written.float())))
         if self.check is not None and self.reference is not None:
             ref = _reference_tensor(self._reference_view(), w.name)
-            self.check.add(written, ref[expert] if expert is not None else ref, merged)
+            self.check.add(written.cpu(), ref[expert] if expert is not None else ref, merged.cpu())
         return written
 
     def _packed_requantized(self, w: PackedWeight, expert: int | None) -> packed.Parts:
         """One weight (or expert) dequantized, the terms added, requantized in its format by the rule."""
-        assert self.view is not None
-        parts = self.view.parts(w, expert)  # type: ignore[attr-defined]
+        parts = self._parts(w, expert)
         before = packed.dequantize(w, parts)  # (rows, cols) as stored
         merged = before.clone()
         name = w.name if expert is None else f"{w.name}.{expert}"
@@ -899,14 +902,14 @@ class _Stream:
             restored = packed.dequantize(w, out.parts)
             unit = torch.maximum(packed.steps(w, out.parts, restored), packed.steps(w, parts, before))
             differing = int((out.parts["codes"] != parts["codes"]).sum())
-            self.check.add_grid(restored, ref.float(), unit, differing)
+            self.check.add_grid(restored.cpu(), ref.float(), unit.cpu(), differing)
         return out.parts
 
     def _packed_to_fp8(self, w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
         """A packed 2-D weight dequantized, the terms added, and written as FP8 e4m3 in 128x128 blocks
         by the rounding rule: (weight, its block scales)."""
-        assert self.view is not None and w.experts is None
-        before = packed.logical(w, packed.dequantize(w, self.view.parts(w)))  # type: ignore[attr-defined]
+        assert w.experts is None
+        before = packed.logical(w, packed.dequantize(w, self._parts(w)))
         merged = before.clone()
         factors = self._packed_terms(w, merged, None)
         _require_finite(merged, torch.float32, w.name, before)

@@ -60,7 +60,7 @@ def group_amax(w: torch.Tensor, group: int) -> torch.Tensor:
 # -- MXFP4 ----------------------------------------------------------------------------------------
 def mxfp4_scale_values(exponents: torch.Tensor) -> torch.Tensor:
     """float32 2^(u8 - 127) of E8M0 scale bytes (0 is 2^-127, a float32 subnormal)."""
-    return torch.ldexp(torch.ones(exponents.shape), exponents.to(torch.int32) - 127)
+    return torch.ldexp(torch.ones(exponents.shape, device=exponents.device), exponents.to(torch.int32) - 127)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """int32 codes (rows, cols) of ``packed`` int32 (rows, ceil(cols * bits / 32)), offset removed."""
     rows, words = packed.shape
     w = packed.to(torch.int64) & 0xFFFFFFFF  # each word's 32 bits, unsigned
-    start = torch.arange(cols, dtype=torch.int64) * bits
+    start = torch.arange(cols, dtype=torch.int64, device=packed.device) * bits
     word, shift = start // 32, start % 32
     low = (w[:, word] >> shift) & ((1 << bits) - 1)
     spill = shift + bits - 32  # bits that continue in the next word (never for 1, 2, 4 or 8 bits)
@@ -50,9 +50,9 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     words = -(-cols * bits // 32)
     value = (codes.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
-    start = torch.arange(cols, dtype=torch.int64) * bits
+    start = torch.arange(cols, dtype=torch.int64, device=codes.device) * bits
     word, shift = start // 32, start % 32
-    out = torch.zeros(rows, words + 1, dtype=torch.int64)
+    out = torch.zeros(rows, words + 1, dtype=torch.int64, device=codes.device)
     out.index_add_(1, word, value << shift)  # disjoint bits: the sum is the bitwise or
     spill = shift + bits - 32
     if bool((spill > 0).any()):
@@ -62,12 +62,14 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)  # the same bits, as int32
 
 
-def column_groups(cols: int, group: int, g_idx: torch.Tensor | None) -> torch.Tensor:
-    """Each column's group index (cols,): ``g_idx`` where the checkpoint has one (activation order),
-    else consecutive groups of ``group`` columns."""
+def column_groups(
+    cols: int, group: int, g_idx: torch.Tensor | None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Each column's group index (cols,) on ``device``: ``g_idx`` where the checkpoint has one
+    (activation order), else consecutive groups of ``group`` columns."""
     if g_idx is not None:
-        return g_idx.to(torch.int64)
-    return torch.arange(cols, dtype=torch.int64) // group
+        return g_idx.to(device, torch.int64)
+    return torch.arange(cols, dtype=torch.int64, device=device) // group
 
 
 def dequantize_int(
@@ -87,8 +89,8 @@ def int_qparams(
     ``calculate_qparams`` sets them from each group's range (0 always inside it)."""
     rows = w.shape[0]
     index = groups[None, :].expand(rows, -1)
-    lo = torch.zeros(rows, n_groups).scatter_reduce_(1, index, w, "amin", include_self=True)  # min(min, 0)
-    hi = torch.zeros(rows, n_groups).scatter_reduce_(1, index, w, "amax", include_self=True)  # max(max, 0)
+    lo = torch.zeros(rows, n_groups, device=w.device).scatter_reduce_(1, index, w, "amin")  # min(min, 0)
+    hi = torch.zeros(rows, n_groups, device=w.device).scatter_reduce_(1, index, w, "amax")  # max(max, 0)
     grid = grid_of(bits)
     span = float(grid.hi - grid.lo)
     if symmetric:
@@ -127,9 +129,9 @@ def gptq_codes(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int, out_featu
 def awq_codes(qweight: torch.Tensor, qzeros: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (out, in), zeros (out, groups)) of AWQ GEMM's 4-bit ``qweight`` (in, out / 8) and
     ``qzeros`` (groups, out / 8), both packed along the outputs in :data:`AWQ_ORDER`."""
-    order = torch.tensor(AWQ_ORDER)
+    order, cols = torch.tensor(AWQ_ORDER, device=qweight.device), torch.arange(out_features, device=qweight.device)
     # position 8j + k holds column 8j + AWQ_ORDER[k]: the column c = 8j + m sits at 8j + index of m in the order
-    where = (torch.arange(out_features) // 8) * 8 + torch.argsort(order)[torch.arange(out_features) % 8]
+    where = (cols // 8) * 8 + torch.argsort(order)[cols % 8]
     codes = unpack_unsigned(qweight, 4, out_features)[:, where].T.contiguous()
     zeros = unpack_unsigned(qzeros, 4, out_features)[:, where].T.contiguous()
     return codes, zeros

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from ..errors import UnsupportedCheckpointError
-from .packed import PackedScheme, PackedWeight
 
 _FLOAT_LOW_BITS = ("F8_", "F6_", "F4")  # safetensors names of float8/6/4 dtypes
 _SCALE_COMPANIONS = {
@@ -211,7 +210,66 @@ def _malformed(why: str, what: str = "FP8") -> NoReturn:
     )
 
 
-# -- packed low-bit layouts -------------------------------------------------------------------------
+# -- packed low-bit layouts  -------------------------------------------------------------------------
+FORMATS = ("mxfp4", "nvfp4", "int", "gptq", "awq")
+READ_ONLY = ("gptq", "awq")  # their quantizers need calibration data: read, never requantized
+
+
+@dataclass(frozen=True)
+class PackedScheme:
+    """How one weight's codes and scales are laid out."""
+
+    format: str  # one of FORMATS
+    group: int  # columns per scale (a whole row: per channel)
+    bits: int = 4
+    symmetric: bool = True
+    divide: bool = False  # NVFP4: the per-tensor scale divides (compressed-tensors) rather than multiplies
+    v1: bool = True  # GPTQ: the v1 checkpoint format stores zero points less one
+
+    def describe(self) -> str:
+        if self.format in READ_ONLY:
+            return f"{self.format} int{self.bits} (groups of {self.group}; read only)"
+        if self.format == "int":
+            kind = "symmetric" if self.symmetric else "asymmetric"
+            return f"int{self.bits} pack-quantized ({kind}, groups of {self.group})"
+        return f"{self.format} (groups of {self.group})"
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """One packed weight: its logical name and shape, its stored tensors by role (``codes``,
+    ``scale``, and where the format has them ``global``, ``zero``, ``shape``, ``g_idx``), and the
+    activation scales beside it (``extra``: kept in place, dropped when dequantizing)."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: dict[str, str]
+    scheme: PackedScheme
+    transposed: bool = False
+    extra: tuple[str, ...] = ()
+    method: str = ""  # config.json's quant_method (or ModelOpt's quant_algo)
+
+    @property
+    def stored(self) -> list[str]:
+        """Every tensor this weight is stored as, its activation scales included."""
+        return [*self.parts.values(), *self.extra]
+
+    @property
+    def experts(self) -> int | None:
+        """E for a 3-D experts parameter (handled one expert at a time), else None."""
+        return self.shape[0] if len(self.shape) == 3 else None
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """One (expert's) weight in the stored orientation."""
+        r, c = self.shape[-2:]
+        return (c, r) if self.transposed else (r, c)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensor": self.name, "shape": list(self.shape), "scheme": self.scheme.describe(),
+                "stored_as": sorted(self.stored)}  # fmt: skip
+
+
 @dataclass
 class PackedLayout:
     """The packed low-bit weights of a checkpoint, by logical name (as transformers' model holds
@@ -225,6 +283,24 @@ class PackedLayout:
         schemes = sorted({w.scheme.describe() for w in self.weights.values()})
         return {"method": self.method, "schemes": schemes, "quantized_weights": sorted(self.weights),
                 "packed_weights": [self.weights[k].to_json() for k in sorted(self.weights)]}  # fmt: skip
+
+
+def logical_shapes(
+    config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]]
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape as the model holds it: packed low-bit weights under their logical names and
+    shapes, their stored parts gone (headers only, no torch: ``registry ls --base`` answers at once)."""
+    layout = packed_layout(config, tensors)
+    if layout is None:
+        return {n: shape for n, (shape, _) in tensors.items()}
+    out: dict[str, tuple[int, ...]] = {}
+    for name, (shape, _) in tensors.items():
+        owner = layout.companions.get(name)
+        if owner is None:
+            out[name] = shape
+        else:
+            out.setdefault(owner, layout.weights[owner].shape)
+    return out
 
 
 def packed_method(config: Mapping[str, Any], found: Quantization | None = None) -> str | None:

@@ -1,7 +1,8 @@
-"""Packed low-bit weights (MXFP4, NVFP4, INT4/INT8 pack-quantized): one weight's stored tensors
-to its float32 values and back, by a rounding rule, with what the written weight kept.
+"""Packed low-bit weights (MXFP4, NVFP4, INT4/INT8 pack-quantized; GPTQ and AWQ read only): one
+weight's stored tensors to its float32 values and back, by a rounding rule, with what the written
+weight kept.
 
-A :class:`PackedWeight` names the tensors a checkpoint stores for one weight (its ``parts``) and the
+A :class:`~.layout.PackedWeight` names the tensors a checkpoint stores for one weight (its ``parts``) and the
 weight as transformers' model holds it once dequantized (``name``, ``shape``: the *logical*
 weight, which adapters address). Values are handled in the *stored orientation* (rows, cols),
 scales grouped along the columns; gpt-oss stores its experts (E, out, in) and transformers
@@ -11,71 +12,12 @@ presents them as (E, in, out) (``transposed``), one expert at a time here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from . import fp4, intpack
+from .layout import READ_ONLY, PackedWeight
 from .rounding import E2M1, GridLike, Kept, Subspace, round_subspace, round_to_grid, uniforms
-
-FORMATS = ("mxfp4", "nvfp4", "int", "gptq", "awq")
-READ_ONLY = ("gptq", "awq")  # their quantizers need calibration data: read, never requantized
-
-
-@dataclass(frozen=True)
-class PackedScheme:
-    """How one weight's codes and scales are laid out."""
-
-    format: str  # one of FORMATS
-    group: int  # columns per scale (a whole row: per channel)
-    bits: int = 4
-    symmetric: bool = True
-    divide: bool = False  # NVFP4: the per-tensor scale divides (compressed-tensors) rather than multiplies
-    v1: bool = True  # GPTQ: the v1 checkpoint format stores zero points less one
-
-    def describe(self) -> str:
-        if self.format in READ_ONLY:
-            return f"{self.format} int{self.bits} (groups of {self.group}; read only)"
-        if self.format == "int":
-            kind = "symmetric" if self.symmetric else "asymmetric"
-            return f"int{self.bits} pack-quantized ({kind}, groups of {self.group})"
-        return f"{self.format} (groups of {self.group})"
-
-
-@dataclass(frozen=True)
-class PackedWeight:
-    """One packed weight: its logical name and shape, its stored tensors by role (``codes``,
-    ``scale``, and where the format has them ``global``, ``zero``, ``shape``, ``g_idx``), and the
-    activation scales beside it (``extra``: kept in place, dropped when dequantizing)."""
-
-    name: str
-    shape: tuple[int, ...]
-    parts: dict[str, str]
-    scheme: PackedScheme
-    transposed: bool = False
-    extra: tuple[str, ...] = ()
-    method: str = ""  # config.json's quant_method (or ModelOpt's quant_algo)
-
-    @property
-    def stored(self) -> list[str]:
-        """Every tensor this weight is stored as, its activation scales included."""
-        return [*self.parts.values(), *self.extra]
-
-    @property
-    def experts(self) -> int | None:
-        """E for a 3-D experts parameter (handled one expert at a time), else None."""
-        return self.shape[0] if len(self.shape) == 3 else None
-
-    @property
-    def rows_cols(self) -> tuple[int, int]:
-        """One (expert's) weight in the stored orientation."""
-        r, c = self.shape[-2:]
-        return (c, r) if self.transposed else (r, c)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"tensor": self.name, "shape": list(self.shape), "scheme": self.scheme.describe(),
-                "stored_as": sorted(self.stored)}  # fmt: skip
-
 
 Parts = dict[str, torch.Tensor]  # role -> tensor (one expert's slice for experts)
 
@@ -229,14 +171,14 @@ def _int_fits(merged: torch.Tensor, groups: torch.Tensor, n_groups: int, scale: 
     if zero is not None:
         x = x + zero.float()[:, groups]
     index = groups[None, :].expand(merged.shape[0], -1)
-    lo = torch.full((merged.shape[0], n_groups), float("inf")).scatter_reduce_(1, index, x, "amin")
-    hi = torch.full((merged.shape[0], n_groups), float("-inf")).scatter_reduce_(1, index, x, "amax")
+    lo = torch.full((merged.shape[0], n_groups), float("inf"), device=x.device).scatter_reduce_(1, index, x, "amin")
+    hi = torch.full((merged.shape[0], n_groups), float("-inf"), device=x.device).scatter_reduce_(1, index, x, "amax")
     return (lo >= grid.lo - 0.5) & (hi <= grid.hi + 0.5) & (scale > 0)
 
 
 def _groups(w: PackedWeight, parts: Parts) -> torch.Tensor:
     """Each stored column's scale group."""
-    return intpack.column_groups(w.rows_cols[1], w.scheme.group, parts.get("g_idx"))
+    return intpack.column_groups(w.rows_cols[1], w.scheme.group, parts.get("g_idx"), parts["scale"].device)
 
 
 def steps(w: PackedWeight, parts: Parts, values: torch.Tensor) -> torch.Tensor:
