@@ -262,7 +262,8 @@ def test_the_rules_keep_a_small_adapter_that_nearest_rounding_erases(tmp_path: P
 
 
 @pytest.mark.parametrize("fmt", ["int4-asym", "nvfp4-modelopt"])
-def test_extract_from_a_quantized_base_equals_extract_from_its_dequantized_copy(tmp_path: Path, plain, fmt) -> None:
+def test_extract_from_a_quantized_base_equals_extract_from_its_dequantized_copy(tmp_path: Path, plain, cli,
+                                                                                 fmt) -> None:  # fmt: skip
     base, adapter = plain
     make_quantized(base, tmp_path / "q", fmt)
     merge(tmp_path / "q", [adapter], output=tmp_path / "ft", dtype="bfloat16", show_progress=False)
@@ -277,6 +278,14 @@ def test_extract_from_a_quantized_base_equals_extract_from_its_dequantized_copy(
     one, two = load_file(str(tmp_path / "a1" / "adapter_model.safetensors")), load_file(
         str(tmp_path / "a2" / "adapter_model.safetensors"))  # fmt: skip
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    for pair in ((tmp_path / "q", tmp_path / "ft"), (tmp_path / "deq", tmp_path / "ft")):  # analyze reads it alike
+        res = cli("analyze", *pair, "--json")
+        assert res.exit_code == 0, res.stderr
+        spectra = json.loads(res.stdout)["modules"]
+        assert len(spectra) == len(PROJ) * 2
+        if pair[0].name == "q":
+            first = spectra
+    assert [m["energy"] for m in first] == [m["energy"] for m in spectra]
 
 
 def test_a_packed_weight_without_its_scale_is_refused_naming_it(tmp_path: Path, plain, cli) -> None:
@@ -530,6 +539,11 @@ def test_requantize_fp8_writes_a_mixed_checkpoint_that_transformers_loads(tmp_pa
     with torch.no_grad():
         a, b = model(ids).logits.float(), dense(ids).logits.float()
     assert float((a - b).norm() / b.norm()) < 0.05  # bf16 compute and FP8 activations: close, not equal
+
+    # and back out: the mixed checkpoint unmerges (its FP8 weights by the FP8 path, checked against the base)
+    res = cli("unmerge", tmp_path / "m", tmp_path / "one", "-o", tmp_path / "u", "--check", tmp_path / "q", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["check"]["relative_diff"] < 0.05  # FP8 round trip of NVFP4 values, twice rounded
 
 
 @pytest.mark.parametrize(("fmt", "says"), [("nvfp4-modelopt", "compressed-tensors base"), ("plain", "has none")])

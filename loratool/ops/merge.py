@@ -107,9 +107,7 @@ class RoundTripCheck:
         coarsest of the three grids' spacings at each element."""
 
         def values_and_unit(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            grid = dequantize_fp8(torch.ones_like(q), scale, scheme).double()  # each element's scale
-            x = dequantize_fp8(q, scale, scheme).double()
-            return x, unit_of_rounding((x / grid).abs(), q.dtype) * grid
+            return dequantize_fp8(q, scale, scheme).double(), fp8_steps(q, scale, scheme)
 
         (o, uo), (r, ur), (_, um) = values_and_unit(*out), values_and_unit(*ref), values_and_unit(*merged)
         diff = o - r
@@ -154,6 +152,13 @@ class RoundTripCheck:
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def fp8_steps(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:
+    """Each element's FP8 unit of rounding at its value, in real units (float64)."""
+    grid = dequantize_fp8(torch.ones_like(q), scale, scheme).double()  # each element's scale
+    x = dequantize_fp8(q, scale, scheme).double()
+    return unit_of_rounding((x / grid).abs(), q.dtype) * grid
 
 
 @dataclass
@@ -598,11 +603,13 @@ def _apply(
                 result.quantization["requantized_fp8"] = sorted(to_fp8)
             _require_kept(result.quantization, min_kept, max_noise, rule)  # before the output moves into place
             result.warnings += _quantization_warnings(result.quantization, rule)
-            torch_passes = dequantize or native.fp8_kernels() is None or low_bit is not None
+            packed_in_place = low_bit is not None and not dequantize and any(
+                k in low_bit.weights and k not in to_fp8 for k in terms)  # fmt: skip
+            torch_passes = dequantize or native.fp8_kernels() is None or packed_in_place
             if rule.subspace and torch_passes and result.quantization["tensors"]:
                 why = (
                     "its compiled kernels round onto FP8 grids only"
-                    if dequantize or low_bit is not None
+                    if dequantize or packed_in_place
                     else "loratool's compiled kernels are not built here: reinstall it with a C compiler on PATH"
                 )
                 result.warnings.append(f"the subspace rule ran as torch passes, column by column ({why}), which is "
@@ -748,8 +755,19 @@ class _Stream:
         else:
             q_new, s_new = self._fp8_strips(wkey, q, scale, info.scheme)
         if self.check is not None and self.reference is not None:
-            ref_q, ref_s = _reference_tensor(self.reference, wkey), _reference_tensor(self.reference, info.scale_key)
-            self.check.add_fp8((q_new.cpu(), s_new.cpu()), (ref_q, ref_s), (q.cpu(), scale), info.scheme)
+            fp8_there = wkey in self.reference and self.reference.info(wkey).dtype.startswith("F8_")
+            if fp8_there and info.scale_key in self.reference:  # the original in this FP8 layout too
+                ref_q, ref_s = (
+                    _reference_tensor(self.reference, wkey),
+                    _reference_tensor(self.reference, info.scale_key),
+                )
+                self.check.add_fp8((q_new.cpu(), s_new.cpu()), (ref_q, ref_s), (q.cpu(), scale), info.scheme)
+            else:  # stored otherwise (packed, say, before merge --requantize fp8): its values, in FP8 steps
+                restored = dequantize_fp8(q_new.cpu(), s_new.cpu(), info.scheme)
+                unit = fp8_steps(q_new.cpu(), s_new.cpu(), info.scheme)
+                differing = restored.numel()  # other codes altogether
+                ref = _reference_tensor(self._reference_view(), wkey).float()
+                self.check.add_grid(restored, ref, unit, differing)
         pooled = q_new.device.type == "cpu"  # a new tensor of its own: the pool takes it back once written
         s_new = s_new.to(scale.dtype)  # both leave a GPU on the writer's thread
         mine, other = ((q_new, pooled), (s_new, False)) if key == wkey else ((s_new, False), (q_new, pooled))
