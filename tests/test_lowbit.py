@@ -586,3 +586,36 @@ def test_validate_and_registry_match_adapters_to_a_packed_base_by_model_names(tm
     save_file(ts, str(tmp_path / "q" / "model.safetensors"))
     assert cli("validate", adapter, "--base", tmp_path / "q").exit_code == 1
     assert json.loads(cli("registry", "ls", "--base", tmp_path / "q", "--json").stdout)["entries"] == []
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("cols", [64, 40, 256])
+def test_int32_packing_is_compressed_tensors(bits: int, cols: int) -> None:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from loratool.quant import intpack
+
+    g = torch.Generator().manual_seed(bits * cols)
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, cols), generator=g, dtype=torch.int8)
+    ref = pack_to_int32(q, bits)
+    assert torch.equal(intpack.pack_int32(q.int(), bits), ref)
+    assert torch.equal(intpack.unpack_int32(ref, bits, cols), q.int())
+    assert torch.equal(intpack.pack_int32(q.T.contiguous().int(), bits).T, pack_to_int32(q, bits, packed_dim=0))
+
+
+@pytest.mark.parametrize("fmt", ["int4-asym", "int8-sym", "nvfp4-modelopt"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "subspace"])
+def test_strips_of_rows_give_the_whole_weights_bytes(
+    tmp_path: Path, plain, monkeypatch, fmt: str, rounding: str
+) -> None:
+    from loratool.quant import packed
+
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", fmt)
+    merge(tmp_path / "q", [adapter], output=tmp_path / "whole", rounding=rounding, min_kept=0.0, show_progress=False)
+    monkeypatch.setattr(packed, "strip_rows", lambda w, elements=0: 32)  # two strips of the 64-row weights
+    r = merge(tmp_path / "q", [adapter], output=tmp_path / "strips", rounding=rounding, min_kept=0.0,
+              show_progress=False)  # fmt: skip
+    one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "strips"))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert r.quantization["kept"] is not None

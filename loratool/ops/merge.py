@@ -903,25 +903,64 @@ class _Stream:
         return written
 
     def _packed_requantized(self, w: PackedWeight, expert: int | None) -> packed.Parts:
-        """One weight (or expert) dequantized, the terms added, requantized in its format by the rule."""
+        """One weight (or expert) dequantized, the terms added, requantized in its format by the rule,
+        a strip of rows at a time (rows round independently; temporaries of a strip's size, reused,
+        where a weight's would cost more in fresh pages than in arithmetic); the whole weight at
+        once where NVFP4 needs a new tensor scale."""
         parts = self._parts(w, expert)
-        before = packed.dequantize(w, parts)  # (rows, cols) as stored
-        merged = before.clone()
         name = w.name if expert is None else f"{w.name}.{expert}"
-        factors = self._packed_terms(w, packed.logical(w, merged), expert)
+        factors = self._stored_factors(w, expert)
+        stream, space = self._rule_for(name, [f.right for f in factors])
+        rows = w.rows_cols[0]
+        step = packed.strip_rows(w) if space is None else rows  # subspace: a column loop, its overhead per strip
+        try:
+            pieces = [self._packed_strip(w, name, parts, factors, start, min(rows, start + step), stream, space)
+                      for start in range(0, rows, step)]  # fmt: skip
+        except packed.NeedsFreshScales:
+            pieces = [self._packed_strip(w, name, parts, factors, 0, rows, stream, space, keep=False)]
+        out = packed.join_rows(w, [p for p, _ in pieces])
+        kept = Kept()
+        for _, k in pieces:
+            kept = kept.add(k)
+        self.requantized.append((name, kept))
+        return out
+
+    def _packed_strip(self, w: PackedWeight, name: str, parts: packed.Parts, factors: list[RowFactors], start: int,
+                      stop: int, stream: int | None, space: Subspace | None,
+                      keep: bool = True) -> tuple[packed.Parts, Kept]:  # fmt: skip
+        """Rows start:stop of a packed weight merged and requantized: their parts and kept sums."""
+        sub = packed.rows_of(w, parts, start, stop) if (start, stop) != (0, w.rows_cols[0]) else parts
+        before = packed.dequantize(w, sub)  # (rows', cols) as stored
+        merged = before.clone()
+        for left, right, factor, _ in factors:
+            merged.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
         _require_finite(merged, torch.float32, name, before)
-        rights = [f.left.T if w.transposed else f.right for f in factors]  # the stored orientation's
-        stream, space = self._rule_for(name, rights)
-        out = packed.requantize(w, merged, parts, before=before, key=stream, space=space)
-        self.requantized.append((name, out.kept))
+        out = packed.requantize(w, merged, sub, before=before, key=stream, space=space, keep_scales=keep, row0=start)
         if self.check is not None and self.reference is not None:
             ref = _reference_tensor(self._reference_view(), w.name)
-            ref = packed.to_stored(w, ref[expert] if expert is not None else ref)
+            expert = int(name.rsplit(".", 1)[1]) if w.experts is not None else None
+            ref = packed.to_stored(w, ref[expert] if expert is not None else ref)[start:stop]
             restored = packed.dequantize(w, out.parts)
-            unit = torch.maximum(packed.steps(w, out.parts, restored), packed.steps(w, parts, before))
-            differing = int((out.parts["codes"] != parts["codes"]).sum())
+            unit = torch.maximum(packed.steps(w, out.parts, restored), packed.steps(w, sub, before))
+            differing = int((out.parts["codes"] != sub["codes"]).sum())
             self.check.add_grid(restored.cpu(), ref.float(), unit.cpu(), differing)
-        return out.parts
+        return out.parts, out.kept
+
+    def _stored_factors(self, w: PackedWeight, expert: int | None) -> list[RowFactors]:
+        """The terms of ``w`` (of ``expert``) as factors of its stored orientation: delta = factor *
+        left @ right, (rows, r) @ (r, cols), on the merge's device."""
+        out = []
+        for t in self.terms.get(w.name, []):
+            if w.experts is not None and t.expert != expert:
+                continue
+            if t.module.magnitude is not None:
+                raise UnsupportedCheckpointError(
+                    "a DoRA adapter rescales whole rows of this packed low-bit weight; loratool merges DoRA into "
+                    "plain and FP8 weights only", key=w.name, fix="pass --dtype bfloat16 for a dequantized output",
+                )  # fmt: skip
+            f = row_factors(t.module.lora_A.to(self.device), t.module.lora_B.to(self.device), t.factor, t.kind)
+            out.append(RowFactors(f.right.T, f.left.T, f.factor) if w.transposed else f)  # stored = logical.T
+        return out
 
     def _packed_to_fp8(self, w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
         """A packed 2-D weight dequantized, the terms added, and written as FP8 e4m3 in 128x128 blocks

@@ -31,14 +31,14 @@ _INDEX_OF_DOUBLE = torch.tensor([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7], dtype=t
 def decode_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """float32 values of uint8 ``packed`` (..., n) holding two codes a byte: (..., 2n)."""
     lut = torch.tensor([*MAGNITUDES, *(-m for m in MAGNITUDES)], dtype=torch.float32, device=packed.device)
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).to(torch.int64)  # (..., n, 2): low nibble first
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).to(torch.int32)  # (..., n, 2): low nibble first
     return lut[codes].reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def encode_e2m1(values: torch.Tensor) -> torch.Tensor:
     """uint8 (..., n / 2): ``values`` (float32 on the E2M1 grid, n even) packed two a byte.
     A negative value (or -0) sets the sign bit, as the producers' packers do."""
-    index = _INDEX_OF_DOUBLE.to(values.device)[(values.abs() * 2).to(torch.int64)]
+    index = _INDEX_OF_DOUBLE.to(values.device)[(values.abs() * 2).to(torch.int32)]
     codes = index | (torch.signbit(values).to(torch.uint8) << 3)
     pairs = codes.reshape(*codes.shape[:-1], -1, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)

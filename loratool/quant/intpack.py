@@ -16,13 +16,15 @@ Pure functions over 2-D tensors (rows, cols).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .rounding import IntGrid
 
 __all__ = [
-    "AWQ_ORDER", "IntGrid", "awq_codes", "column_groups", "dequantize_int", "gptq_codes", "grid_of", "int_qparams",
-    "pack_int32", "unpack_int32", "unpack_unsigned",
+    "AWQ_ORDER", "IntGrid", "awq_codes", "column_groups", "dequantize_int", "gptq_codes", "grid_of", "group_range",
+    "int_qparams", "pack_int32", "per_column", "unpack_int32", "unpack_unsigned",
 ]  # fmt: skip
 
 
@@ -32,6 +34,11 @@ def grid_of(bits: int) -> IntGrid:
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """int32 codes (rows, cols) of ``packed`` int32 (rows, ceil(cols * bits / 32)), offset removed."""
+    if bits in (4, 8) and sys.byteorder == "little" and packed.is_contiguous():  # whole bytes: no gathers
+        raw = packed.view(torch.uint8)  # (rows, words * 4), element i's bits from bit i * bits on
+        if bits == 4:
+            raw = torch.stack((raw & 0x0F, raw >> 4), dim=-1).reshape(packed.shape[0], -1)
+        return raw[:, :cols].to(torch.int32).sub_(1 << (bits - 1))
     rows, words = packed.shape
     w = packed.to(torch.int64) & 0xFFFFFFFF  # each word's 32 bits, unsigned
     start = torch.arange(cols, dtype=torch.int64, device=packed.device) * bits
@@ -49,6 +56,13 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 (rows, ceil(cols * bits / 32)) of integer ``codes`` (rows, cols) in the b-bit range."""
     rows, cols = codes.shape
     words = -(-cols * bits // 32)
+    if bits in (4, 8) and sys.byteorder == "little":  # whole bytes, then read as int32 words
+        byte = (codes + (1 << (bits - 1))).to(torch.uint8)
+        byte = torch.nn.functional.pad(byte, (0, words * 32 // bits - cols))
+        if bits == 4:
+            pairs = byte.view(rows, -1, 2)
+            byte = pairs[..., 0] | (pairs[..., 1] << 4)
+        return byte.contiguous().view(torch.int32)
     value = (codes.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
     start = torch.arange(cols, dtype=torch.int64, device=codes.device) * bits
     word, shift = start // 32, start % 32
@@ -62,35 +76,58 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)  # the same bits, as int32
 
 
-def column_groups(
-    cols: int, group: int, g_idx: torch.Tensor | None, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Each column's group index (cols,) on ``device``: ``g_idx`` where the checkpoint has one
-    (activation order), else consecutive groups of ``group`` columns."""
-    if g_idx is not None:
-        return g_idx.to(device, torch.int64)
-    return torch.arange(cols, dtype=torch.int64, device=device) // group
+def column_groups(group: int, g_idx: torch.Tensor | None, device: torch.device | str = "cpu") -> torch.Tensor | int:
+    """Each column's group index (cols,) on ``device`` where the checkpoint orders its columns
+    (``g_idx``, activation order); else ``group``, the size of consecutive groups."""
+    return g_idx.to(device, torch.int64) if g_idx is not None else group
+
+
+def per_column(t: torch.Tensor, groups: torch.Tensor | int, cols: int) -> torch.Tensor:
+    """Per-(row, group) values (rows, n_groups) widened to each column, (rows, cols): ``groups`` is
+    each column's group (activation order) or, for consecutive groups, their size."""
+    if isinstance(groups, int):
+        return t.repeat_interleave(groups, dim=1)[:, :cols]
+    return t[:, groups]
+
+
+def group_range(x: torch.Tensor, groups: torch.Tensor | int, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of each row's groups, (rows, n_groups) each."""
+    rows, cols = x.shape
+    if isinstance(groups, int):
+        padded = groups * n_groups - cols
+        if padded:  # the last group short: pad it with its own first column, which changes neither
+            x = torch.cat([x, x[:, (n_groups - 1) * groups :][:, :1].expand(rows, padded)], dim=1)
+        x3 = x.view(rows, n_groups, groups)
+        return x3.amin(dim=2), x3.amax(dim=2)
+    index = groups[None, :].expand(rows, -1)
+    lo = torch.full((rows, n_groups), float("inf"), device=x.device).scatter_reduce_(1, index, x, "amin")
+    hi = torch.full((rows, n_groups), float("-inf"), device=x.device).scatter_reduce_(1, index, x, "amax")
+    return lo, hi
 
 
 def dequantize_int(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, groups: torch.Tensor
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, groups: torch.Tensor | int
 ) -> torch.Tensor:
     """float32 (rows, cols) = (codes - zero) * scale, with per-(row, group) ``scale`` and ``zero``."""
+    rows, cols = codes.shape
     q = codes.to(torch.float32)
+    if isinstance(groups, int) and cols % groups == 0:  # broadcast over (rows, n_groups, group): no widening
+        q3 = q.view(rows, -1, groups)
+        if zero is not None:
+            q3.sub_(zero.to(torch.float32)[:, :, None])
+        return q3.mul_(scale.to(torch.float32)[:, :, None]).view(rows, cols)
     if zero is not None:
-        q = q - zero.to(torch.float32)[:, groups]
-    return q.mul_(scale.to(torch.float32)[:, groups])
+        q = q - per_column(zero.to(torch.float32), groups, cols)
+    return q.mul_(per_column(scale.to(torch.float32), groups, cols))
 
 
 def int_qparams(
-    w: torch.Tensor, groups: torch.Tensor, n_groups: int, bits: int, symmetric: bool, scale_dtype: torch.dtype
+    w: torch.Tensor, groups: torch.Tensor | int, n_groups: int, bits: int, symmetric: bool, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale in ``scale_dtype`` (rows, n_groups), zero codes int32 or None) as compressed-tensors'
     ``calculate_qparams`` sets them from each group's range (0 always inside it)."""
-    rows = w.shape[0]
-    index = groups[None, :].expand(rows, -1)
-    lo = torch.zeros(rows, n_groups, device=w.device).scatter_reduce_(1, index, w, "amin")  # min(min, 0)
-    hi = torch.zeros(rows, n_groups, device=w.device).scatter_reduce_(1, index, w, "amax")  # max(max, 0)
+    lo, hi = group_range(w, groups, n_groups)
+    lo, hi = lo.clamp_max_(0.0), hi.clamp_min_(0.0)  # min(min, 0), max(max, 0)
     grid = grid_of(bits)
     span = float(grid.hi - grid.lo)
     if symmetric:

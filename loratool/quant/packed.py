@@ -25,7 +25,7 @@ Parts = dict[str, torch.Tensor]  # role -> tensor (one expert's slice for expert
 def dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
     """float32 (rows, cols) in the stored orientation of one weight (or expert)."""
     s = w.scheme
-    rows, cols = w.rows_cols
+    rows, cols = (parts["codes"].shape[0], w.rows_cols[1]) if s.format not in READ_ONLY else w.rows_cols
     if s.format == "mxfp4":
         return fp4.dequantize_mxfp4(parts["codes"], parts["scale"])[:, :cols]
     if s.format == "nvfp4":
@@ -70,6 +70,7 @@ def requantize(
     key: int | None = None,
     space: Subspace | None = None,
     keep_scales: bool = True,
+    row0: int = 0,
 ) -> Requantized:
     """``merged`` (float32, stored orientation) in ``w``'s format, rounded to nearest, or with a stream
     ``key`` stochastically, or with a ``space`` by the subspace rule (:mod:`.rounding`). ``like``: the
@@ -82,12 +83,19 @@ def requantize(
     its whole group, which on bench_fp4's pairs cost more at the output than a small adapter gives
     (a block of MXFP4 whose maximum grows past a power of two doubles its step). Without it (a fresh
     quantization), the quantizer's scales everywhere.
+
+    ``merged`` may be rows ``row0..`` of the weight (``like`` those rows' parts: see :func:`rows_of`):
+    every row is rounded on its own, and the stochastic stream draws by the row's place.
+
+    Raises:
+        NeedsFreshScales: keeping NVFP4's tensor scale would overflow a block scale (only the whole
+            weight can set a new one).
     """
     s = w.scheme
     if s.format in READ_ONLY:
         raise ValueError(f"{s.format} weights are read only: their quantizer needs calibration data")
     rows, cols = merged.shape
-    u = uniforms(key, 0, rows, cols, merged.device) if key is not None and space is None else None
+    u = uniforms(key, row0, rows, cols, merged.device) if key is not None and space is None else None
     out: Parts = {}
     zero_el: torch.Tensor | None = None
     grid: GridLike
@@ -112,10 +120,10 @@ def requantize(
             fits = _int_fits(merged, groups, n_groups, like["scale"], old_zero, grid)
             scale = torch.where(fits, like["scale"], scale)
             zero = torch.where(fits, old_zero, zero) if zero is not None and old_zero is not None else zero
-        scales = scale.to(torch.float32)[:, groups]
+        scales = intpack.per_column(scale.to(torch.float32), groups, cols)
         out["scale"] = scale
         if zero is not None:
-            zero_el = zero.to(torch.float32)[:, groups]
+            zero_el = intpack.per_column(zero.to(torch.float32), groups, cols)
             out["zero"] = intpack.pack_int32(zero.T.contiguous(), s.bits).T.contiguous()
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: codes 0
     if space is not None:
@@ -145,9 +153,8 @@ _E2M1_REACH = 7.0  # past 6 (the top), half of the top step (4 to 6): values up 
 def _nvfp4_scales(merged: torch.Tensor, like: Parts, divide: bool, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4's (block scales, tensor scale) for ``merged``: ``like``'s where the blocks still fit them
     (and the new blocks' scales fit e4m3 under ``like``'s tensor scale), else the quantizer's anew."""
-    fresh = fp4.nvfp4_scales(merged, divide)
     if not keep:
-        return fresh
+        return fp4.nvfp4_scales(merged, divide)
     second = like["global"].float().reshape(1)
     multiply = 1.0 / second if divide else second
     amax = fp4.group_amax(merged, fp4.NVFP4_GROUP)
@@ -155,30 +162,60 @@ def _nvfp4_scales(merged: torch.Tensor, like: Parts, divide: bool, keep: bool) -
     needed = (amax / 6.0) / multiply  # the block scales the quantizer would set under the old tensor scale
     fits = amax <= _E2M1_REACH * old
     if bool((needed[~fits] > 448.0).any()):
-        return fresh  # the tensor's range grew past what its tensor scale can serve: every scale anew
+        raise NeedsFreshScales  # the tensor's range grew past what its tensor scale serves: every scale anew
     return torch.where(fits, like["scale"], needed.to(torch.float8_e4m3fn)), second
 
 
 def _zero_codes(w: PackedWeight, parts: Parts) -> torch.Tensor:
     """The zero points (rows, groups) of a pack-quantized weight's parts, as int32 codes."""
-    return intpack.unpack_int32(parts["zero"].T.contiguous(), w.scheme.bits, w.rows_cols[0]).T.contiguous()
+    rows = parts["codes"].shape[0]
+    return intpack.unpack_int32(parts["zero"].T.contiguous(), w.scheme.bits, rows).T.contiguous()
 
 
-def _int_fits(merged: torch.Tensor, groups: torch.Tensor, n_groups: int, scale: torch.Tensor,
+class NeedsFreshScales(Exception):
+    """A strip cannot keep the weight's NVFP4 tensor scale: requantize the whole weight afresh."""
+
+
+def strip_rows(w: PackedWeight, elements: int = 1 << 20) -> int:
+    """Rows per strip of about ``elements`` values, a multiple of 32 (packed zero points split on words)."""
+    return max(32, elements // max(w.rows_cols[1], 1) // 32 * 32)
+
+
+def rows_of(w: PackedWeight, parts: Parts, start: int, stop: int) -> Parts:
+    """The parts of rows ``start:stop`` (``start`` a multiple of 32): codes, scales and zero points
+    sliced, the rest (tensor scale, shape, g_idx) whole."""
+    out = dict(parts)
+    out["codes"], out["scale"] = parts["codes"][start:stop], parts["scale"][start:stop]
+    if "zero" in parts:  # packed along the rows, 32 / bits a word
+        per = 32 // w.scheme.bits
+        out["zero"] = parts["zero"][start // per : -(-stop // per)]
+    return out
+
+
+def join_rows(w: PackedWeight, strips: list[Parts]) -> Parts:
+    """The parts of a whole weight from its strips' (in row order)."""
+    out = dict(strips[0])
+    for role in ("codes", "scale", "zero"):
+        if role in out:
+            out[role] = torch.cat([p[role] for p in strips]) if len(strips) > 1 else strips[0][role]
+    return out
+
+
+def _int_fits(merged: torch.Tensor, groups: torch.Tensor | int, n_groups: int, scale: torch.Tensor,
               zero: torch.Tensor | None, grid: intpack.IntGrid) -> torch.Tensor:  # fmt: skip
-    """Whether each group's merged values round into ``grid`` under ``scale`` (and ``zero``), (rows, groups)."""
-    x = merged / torch.where(scale > 0, scale.float(), torch.ones_like(scale.float()))[:, groups]
+    """Whether each group's merged values round into ``grid`` under ``scale`` (and ``zero``), (rows, groups):
+    its range over the (positive) scale, shifted by the zero point, within the grid's reach."""
+    lo, hi = intpack.group_range(merged, groups, n_groups)
+    s = torch.where(scale > 0, scale.float(), torch.ones_like(scale.float()))
+    lo, hi = lo / s, hi / s
     if zero is not None:
-        x = x + zero.float()[:, groups]
-    index = groups[None, :].expand(merged.shape[0], -1)
-    lo = torch.full((merged.shape[0], n_groups), float("inf"), device=x.device).scatter_reduce_(1, index, x, "amin")
-    hi = torch.full((merged.shape[0], n_groups), float("-inf"), device=x.device).scatter_reduce_(1, index, x, "amax")
+        lo, hi = lo + zero.float(), hi + zero.float()
     return (lo >= grid.lo - 0.5) & (hi <= grid.hi + 0.5) & (scale > 0)
 
 
-def _groups(w: PackedWeight, parts: Parts) -> torch.Tensor:
-    """Each stored column's scale group."""
-    return intpack.column_groups(w.rows_cols[1], w.scheme.group, parts.get("g_idx"), parts["scale"].device)
+def _groups(w: PackedWeight, parts: Parts) -> torch.Tensor | int:
+    """Each stored column's scale group (activation order), or the size of consecutive groups."""
+    return intpack.column_groups(w.scheme.group, parts.get("g_idx"), parts["scale"].device)
 
 
 def steps(w: PackedWeight, parts: Parts, values: torch.Tensor) -> torch.Tensor:
@@ -191,7 +228,7 @@ def steps(w: PackedWeight, parts: Parts, values: torch.Tensor) -> torch.Tensor:
     elif s.format == "nvfp4":
         scales = fp4.nvfp4_element_scales(parts["scale"], parts["global"], cols, s.divide)
     else:
-        return parts["scale"].to(torch.float32)[:, _groups(w, parts)]
+        return intpack.per_column(parts["scale"].to(torch.float32), _groups(w, parts), cols)
     x = torch.where(scales > 0, values.abs() / scales, torch.zeros_like(values))
     spacing = torch.where(x < 2, 0.5, torch.where(x < 4, 1.0, 2.0))  # E2M1's steps: 0.5 below 2, 1 below 4, then 2
     return spacing * scales

@@ -271,9 +271,16 @@ class Kept:
         return Kept(self.dd + other.dd, self.ed + other.ed, self.ee + other.ee)
 
     @classmethod
-    def of(cls, delta: torch.Tensor, err: torch.Tensor) -> Kept:
-        d, e = delta.reshape(-1).double(), err.reshape(-1).double()
-        return cls(float(d @ d), float(e @ d), float(e @ e))
+    def of(cls, delta: torch.Tensor, err: torch.Tensor, chunk: int = 1 << 16) -> Kept:
+        """The sums of ``delta`` and ``err`` (any shapes of equal size), in float64 a ``chunk`` at a
+        time: no float64 copy of a whole weight."""
+        d_all, e_all = delta.reshape(-1), err.reshape(-1)
+        sums = torch.zeros(3, dtype=torch.float64, device=delta.device)
+        for i in range(0, d_all.numel(), chunk):
+            d, e = d_all[i : i + chunk].double(), e_all[i : i + chunk].double()
+            sums += torch.stack([d @ d, e @ d, e @ e])
+        dd, ed, ee = sums.tolist()
+        return cls(dd, ed, ee)
 
     @property
     def kept(self) -> float | None:
