@@ -224,9 +224,10 @@ SEED: Decorator = click.option(
 ROUNDING: Decorator = click.option(
     "--rounding", type=click.Choice(["subspace", "stochastic", "nearest"]), default=None,
     help="How merged weights return onto a quantized base's grid (FP8, NVFP4, MXFP4, INT4/INT8), or --dtype's from "
-    "one. subspace (the default in a quantized layout): each row's rounding error fed forward out of the adapter's "
-    "input subspace; "
-    "stochastic (the default into --dtype): up or down with the odds of the value's position, unbiased; nearest: "
+    "one. subspace (the default in an FP8 layout): each row's rounding error fed forward out of the adapter's "
+    "input subspace (in a 4-bit layout slow, torch passes column by column); "
+    "stochastic (the default into --dtype and 4-bit layouts): up or down with the odds of the value's position, "
+    "unbiased; nearest: "
     "the quantizers' own rule, which writes the base back wherever the delta is under half a step. Plain "
     "checkpoints always round to nearest, as PEFT merges.",
 )  # fmt: skip
@@ -466,7 +467,8 @@ def merge(
     The output keeps BASE's layout (tensor names, shards, index, config and tokenizer files).
     Into a quantized base (FP8; MXFP4, NVFP4, INT4/INT8) the merged weights are requantized in its
     layout, rounded so that they keep the adapter (--rounding); the summary says how much of it
-    they carry (kept). A 4-bit merge that keeps less than 0.8 writes nothing and says what to do.
+    they carry (kept). A 4-bit merge in place that keeps less than 0.8, or whose rounding noise
+    outgrows the adapter's delta, writes nothing and says what to do.
     GPTQ and AWQ bases merge with --dtype only (their quantizers need calibration data).
 
     \b

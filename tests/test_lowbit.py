@@ -244,6 +244,7 @@ def test_a_4bit_merge_noisier_than_its_adapter_is_refused_by_default(tmp_path: P
     assert "--requantize fp8" in res.stderr and "--dtype bfloat16" in res.stderr
     ok = cli("merge", tmp_path / "q", f"{adapter}:0.03", "-o", tmp_path / "m", "--max-noise", "2", "--json")
     assert ok.exit_code == 0 and 1 < json.loads(ok.stdout)["quantization"]["noise"] <= 2
+    assert json.loads(ok.stdout)["quantization"]["rounding"]["rule"] == "stochastic"  # the default into 4-bit grids
     assert cli("merge", tmp_path / "q", adapter, "-o", tmp_path / "full").exit_code == 0
 
 
@@ -380,7 +381,8 @@ def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
     assert "gate_up_proj_blocks" not in " ".join(got)
 
-    res = cli("merge", tmp_path / "q", tmp_path / "adapter", "-o", tmp_path / "in", "--json", "--min-kept", "0")
+    res = cli("merge", tmp_path / "q", tmp_path / "adapter", "-o", tmp_path / "in", "--json", "--min-kept", "0",
+              "--rounding", "nearest")  # within half a step: the bound below  # fmt: skip
     assert res.exit_code == 0, res.stderr
     report = json.loads(res.stdout)["quantization"]
     assert report["method"] == "mxfp4" and len(report["tensors"]) == 2 * 4  # two parameters x four experts
@@ -505,6 +507,7 @@ def test_requantize_fp8_writes_a_mixed_checkpoint_that_transformers_loads(tmp_pa
     assert res.exit_code == 0, res.stderr
     report = json.loads(res.stdout)["quantization"]
     assert len(report["requantized_fp8"]) == 8 and report["kept"] > 0.97  # FP8 keeps what a 4-bit grid cannot
+    assert report["rounding"]["rule"] == "subspace"  # FP8's default, in its compiled kernels
     out = load_file(str(tmp_path / "m" / "model.safetensors"))
     assert out["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
     assert out["model.layers.0.self_attn.q_proj.weight_scale"].shape == (1, 1)  # 128x128 blocks of a 128x128 weight

@@ -558,9 +558,11 @@ def _apply(
         dequantize = bool(layouts) and out_dtype is not None
         to_fp8 = _check_requantize(requantize, low_bit, terms, dequantize, str(ckpt.path))
         _check_packed_plan(low_bit, replace, terms, dequantize or bool(to_fp8), str(ckpt.path))
-        if low_bit is not None and not dequantize and not to_fp8 and min_kept is None and max_noise is None:
+        packed_in_place = low_bit is not None and not dequantize and any(
+            k in low_bit.weights and k not in to_fp8 for k in terms)  # fmt: skip
+        if packed_in_place and min_kept is None and max_noise is None:
             min_kept, max_noise = KEPT_WARNING, NOISE_LIMIT  # a 4-bit grid: refuse rather than warn (bench_fp4)
-        rule = Rounding(rounding or default_rule(dequantize), seed)
+        rule = Rounding(rounding or default_rule(dequantize, packed=packed_in_place), seed)
         bias_terms = {t.bias_key: t for ts in terms.values() for t in ts if t.bias_key}
         reference = stack.enter_context(open_checkpoint(check, allow_pickle=allow_pickle)) if check else None
         adapter_files = [f for a, _, _ in loaded if a.path for f in _adapter_files(Path(a.path))]
@@ -603,8 +605,6 @@ def _apply(
                 result.quantization["requantized_fp8"] = sorted(to_fp8)
             _require_kept(result.quantization, min_kept, max_noise, rule)  # before the output moves into place
             result.warnings += _quantization_warnings(result.quantization, rule)
-            packed_in_place = low_bit is not None and not dequantize and any(
-                k in low_bit.weights and k not in to_fp8 for k in terms)  # fmt: skip
             torch_passes = dequantize or native.fp8_kernels() is None or packed_in_place
             if rule.subspace and torch_passes and result.quantization["tensors"]:
                 why = (
