@@ -862,22 +862,6 @@ class _Stream:
             return one(w, None)
         return torch.stack([one(w, e) for e in range(w.experts)])
 
-    def _packed_terms(self, w: PackedWeight, logical: torch.Tensor, expert: int | None) -> list[RowFactors]:
-        """Add ``w``'s terms (those of ``expert``) to ``logical`` (float32, the model's orientation) in
-        place; returns each term's factors in that orientation."""
-        factors = []
-        for t in self.terms.get(w.name, []):
-            if w.experts is not None and t.expert != expert:
-                continue
-            if t.module.magnitude is not None:
-                raise UnsupportedCheckpointError(
-                    "a DoRA adapter rescales whole rows of this packed low-bit weight; loratool merges DoRA into "
-                    "plain and FP8 weights only", key=w.name, fix="pass --dtype bfloat16 for a dequantized output",
-                )  # fmt: skip
-            add_lora(logical, t.module.lora_A, t.module.lora_B, t.factor, t.kind)
-            factors.append(row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind))
-        return factors
-
     def _packed_dequantized(self, w: PackedWeight, expert: int | None) -> torch.Tensor:
         """One weight (or expert) dequantized, the terms added, in the output dtype by the rounding rule."""
         assert self.view is not None and self.out_dtype is not None
@@ -887,9 +871,13 @@ class _Stream:
             _require_finite(before, self.out_dtype, name, before)
             return quantize_values(before, self.out_dtype, None)
         merged = before.clone()
-        factors = self._packed_terms(w, merged, expert)
+        factors = self._stored_factors(w, expert)
+        stored = merged.T if w.transposed else merged  # merged is as the model holds it: this is its stored view
+        for left, right, factor, _ in factors:
+            stored.addmm_(left, right, alpha=factor)  # (rows, r) @ (r, cols), written through the view
         _require_finite(merged, self.out_dtype, name, before)
-        stream, space = self._rule_for(name, [f.right for f in factors])
+        # the rule rounds the model's rows: their right factors are the stored ones' left, transposed
+        stream, space = self._rule_for(name, [f.left.T if w.transposed else f.right for f in factors])
         if space is not None and self.out_dtype != torch.float32:
             written = round_subspace(merged, torch.ones_like(merged), self.out_dtype, space).to(self.out_dtype)
         else:
@@ -966,9 +954,11 @@ class _Stream:
         """A packed 2-D weight dequantized, the terms added, and written as FP8 e4m3 in 128x128 blocks
         by the rounding rule: (weight, its block scales)."""
         assert w.experts is None
-        before = packed.logical(w, packed.dequantize(w, self._parts(w)))
+        before = packed.dequantize(w, self._parts(w))  # 2-D, not transposed: as the model holds it
         merged = before.clone()
-        factors = self._packed_terms(w, merged, None)
+        factors = self._stored_factors(w, None)
+        for left, right, factor, _ in factors:
+            merged.addmm_(left, right, alpha=factor)  # (rows, r) @ (r, cols)
         _require_finite(merged, torch.float32, w.name, before)
         stream, space = self._rule_for(w.name, [f.right for f in factors])
         rows, cols = merged.shape
