@@ -221,3 +221,33 @@ def test_smoke_against_the_real_hub(adapters, tmp_path: Path, monkeypatch) -> No
         same_files(r4, tmp_path / "pulled")
     finally:
         api.delete_repo(repo, missing_ok=True)
+
+
+def test_a_hugging_face_cache_snapshot_is_read_where_it_lies(hub, tmp_path: Path, cli) -> None:
+    """A snapshot in huggingface_hub's cache holds links into ../../blobs: the shards an index names
+    are inside the folder by name, and loratool reads them through the links."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("me/sharded-ft", exist_ok=True)
+    api.upload_folder(folder_path=str(FIXTURES / "llama-ft"), repo_id="me/sharded-ft")
+    snapshot = Path(snapshot_download("me/sharded-ft", cache_dir=str(tmp_path / "cache"), endpoint=hub.url,
+                                      token=TOKEN))  # fmt: skip
+    shard = snapshot / "model-00001-of-00002.safetensors"
+    assert shard.is_symlink() and "blobs" in str(shard.resolve())  # the cache's own layout
+    assert cli("inspect", snapshot).exit_code == 0
+    res = cli("merge", snapshot, FIXTURES / "llama-peft-adapter", "-o", tmp_path / "merged")
+    assert res.exit_code == 0, res.stderr
+    res = cli("extract", FIXTURES / "llama-base", snapshot, "-r", "2", "-o", tmp_path / "adapter")
+    assert res.exit_code == 0, res.stderr
+    # an index entry that leaves the folder by name is still refused
+    index = json.loads((FIXTURES / "llama-ft" / "model.safetensors.index.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in (FIXTURES / "llama-ft").iterdir():
+        (bad / f.name).symlink_to(f)
+    (bad / "model.safetensors.index.json").unlink()
+    index["weight_map"] = {k: "../" + v for k, v in index["weight_map"].items()}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = cli("inspect", bad)
+    assert res.exit_code == 1 and "lies outside the checkpoint's folder" in res.stderr

@@ -94,13 +94,6 @@ def _absolute_shard(w: Path) -> None:
     _index(ft, **{k: target for k, v in index["weight_map"].items() if v.startswith("model-00002")})
 
 
-def _symlinked_shard(w: Path) -> None:
-    ft = w / "llama-ft"
-    shard = ft / "model-00002-of-00002.safetensors"
-    shutil.move(shard, w / "elsewhere.safetensors")
-    shard.symlink_to(w / "elsewhere.safetensors")
-
-
 def _fp8_base(w: Path) -> None:
     f = w / "llama-base" / "model.safetensors"
     ts = load_file(str(f))
@@ -201,8 +194,6 @@ CASES: dict[str, Case] = {
     "shard ../": (_outside_shard, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
                   "lies outside the checkpoint's folder"),
     "shard absolute": (_absolute_shard, lambda w: ["inspect", w / FT], 1, "lies outside the checkpoint's folder"),
-    "shard symlink out": (_symlinked_shard, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
-                          "lies outside the checkpoint's folder"),
     # 8. quantized checkpoints
     "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                "config.json has no quantization_config saying how its FP8 scales apply"),

@@ -378,16 +378,17 @@ def _from_index(root: Path, index: Path) -> tuple[Path, list[Path], Path]:
 
 
 def _inside(root: Path, name: str, index: Path) -> Path:
-    """The shard ``name`` of an index, which must resolve inside the checkpoint's folder."""
-    shard = root / name
-    real_root = Path(os.path.realpath(root))
-    if Path(name).is_absolute() or real_root not in Path(os.path.realpath(shard)).parents:
+    """The shard ``name`` of an index, which must name a file inside the checkpoint's folder: no
+    absolute path and no ``..`` leaving it. The rule is about the name the index gives; where the
+    bytes lie is not its business (a Hugging Face cache snapshot's files are links into its blobs)."""
+    normal = os.path.normpath(name)
+    if Path(name).is_absolute() or normal == ".." or normal.startswith(".." + os.sep):
         raise InputFileError(
             f"the index names shard '{name}', which lies outside the checkpoint's folder",
             path=str(index),
-            fix="shards must be files inside the folder (no absolute paths, '..' or links leaving it)",
+            fix="shards must be named relative to the folder, inside it (no absolute paths or '..')",
         )
-    return shard
+    return root / normal
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
