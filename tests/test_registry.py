@@ -259,3 +259,18 @@ def test_a_damaged_index_is_an_error_not_a_traceback(tmp_path: Path, cli, regist
     for args in (("registry", "ls"), ("registry", "show", "a"), ("inspect", "a@v1")):
         res = cli(*args)
         assert res.exit_code == 1 and "cannot be used" in res.output and "Traceback" not in res.output, args
+
+
+@pytest.mark.parametrize("where", ["blobs", "views", ".", "..", "blobs/new"])
+def test_no_output_touches_the_registry_store_even_with_force(tmp_path: Path, cli, registry_home: Path,
+                                                              where: str) -> None:  # fmt: skip
+    """`combine bot@v1 -o $LORATOOL_HOME/blobs --force` used to wipe the store (#31 item 6)."""
+    small_adapter(tmp_path / "a")
+    assert cli("registry", "add", tmp_path / "a", "--name", "bot").exit_code == 0
+    before = file_digest(registry_home / "blobs")  # (reading bot@v1 may add a view and a use: the blobs stay)
+    target = registry_home / where
+    res = cli("combine", "bot@v1", "-o", target, "--force")
+    assert res.exit_code == 1 and "loratool's registry store" in res.stderr, res.stderr
+    assert file_digest(registry_home / "blobs") == before
+    assert cli("registry", "verify").exit_code == 0 and load_adapter(tmp_path / "a").modules
+    assert cli("combine", "bot@v1", "-o", tmp_path / "mix").exit_code == 0  # elsewhere, as ever

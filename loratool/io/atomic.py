@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import LoraToolError, OutputExistsError, OutputLocationError
+from ..registry import default_home
 
 log = logging.getLogger("loratool")
 
@@ -68,6 +69,15 @@ def check_output(target: str | os.PathLike[str], *, force: bool, inputs: Iterabl
     """
     out = Path(target)
     candidates = {Path(os.path.abspath(out)), Path(os.path.realpath(out))}
+    store = Path(os.path.realpath(default_home()))  # the registry's: outputs never touch it, --force or not
+    if any(_clashes(c, store, True) for c in candidates):
+        where = "lies inside" if store in Path(os.path.realpath(out)).parents else "would replace"
+        raise OutputExistsError(
+            f"the output {where} loratool's registry store {store}",
+            path=str(out),
+            fix="choose an -o/--output path outside LORATOOL_HOME; registered adapters are read from there by "
+            "reference (NAME@vN), and loratool registry manages the store",
+        )
     for protected, whole in _protected(inputs):
         if any(_clashes(c, protected, whole) for c in candidates):
             inside = whole and protected in Path(os.path.realpath(out)).parents
