@@ -90,6 +90,48 @@ class RegistryError(LoraToolError, LookupError):
     """A reference names nothing, or more than one thing; a name or alias is malformed."""
 
 
+# The files an adapter consists of, by format (PEFT, mlx-lm; a kohya adapter is one file), and its card:
+# registry add stores these and nothing else from a folder (a .env or notes beside an adapter stay out).
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+                           "adapters.safetensors", "README.md"})  # fmt: skip
+
+
+def adapter_files(src: Path) -> list[Path]:
+    """The files ``registry add`` stores from ``src`` (a folder, or one file): the adapter's own, each
+    a file inside the folder, not a link leading out of it.
+
+    Raises:
+        RegistryError: a file of the adapter is a link that leaves its folder.
+    """
+    if not src.is_dir():
+        return [src]
+    files = sorted(p for p in src.iterdir() if p.name in ADAPTER_FILES and p.is_file())
+    home = Path(os.path.realpath(src))
+    for f in files:
+        real = Path(os.path.realpath(f))
+        if f.is_symlink() and home not in real.parents:
+            raise RegistryError(
+                f"'{f.name}' is a link to {real}, outside the adapter's folder: registry add stores only files "
+                "that lie in it", path=str(src),
+                fix="copy the adapter with its files resolved (cp -rL SRC DEST), then add the copy",
+            )  # fmt: skip
+    return files
+
+
+def _private_dir(path: Path) -> None:
+    """``path`` and its missing parents as folders only their owner can enter (0700); an existing
+    store folder is narrowed to that too."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):  # each one 0700 (mkdir's parents=True makes them by the umask)
+        folder.mkdir(mode=0o700, exist_ok=True)
+    target = missing[0] if missing else path
+    if target.stat().st_mode & 0o077:
+        os.chmod(target, 0o700)
+
+
 def default_home() -> Path:
     if env := os.environ.get("LORATOOL_HOME"):
         return Path(env)
@@ -173,8 +215,11 @@ class Registry:
                 "the registry is empty", path=str(self.home), fix="add an adapter: loratool registry add"
             )
         try:
-            self.home.mkdir(parents=True, exist_ok=True)
+            _private_dir(self.home)
+            new = not self.db_path.exists()
             con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            if new:
+                os.chmod(self.db_path, 0o600)  # its journal and WAL files take the database's mode
         except (OSError, sqlite3.Error) as e:
             raise RegistryError(f"cannot open the registry ({e})", path=str(self.db_path),
                                 fix="check LORATOOL_HOME and its permissions") from None  # fmt: skip
@@ -232,7 +277,7 @@ class Registry:
         for a in aliases:
             _check_alias(a)
         src = Path(source)
-        files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else [src]
+        files = adapter_files(src)
         stored = [(f.name, self._store_blob(f), f.stat().st_size) for f in files]
         digest = _manifest_digest(stored)
         with self._connect(write=True) as con, _transaction(con):
@@ -277,12 +322,16 @@ class Registry:
 
     def _store_blob(self, file: Path) -> str:
         """Copy ``file`` in under its sha256 (hashed while copying); an existing blob is kept."""
+        _private_dir(self.home)
         tmp_dir = self.home / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(tmp_dir)
         tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
         h = hashlib.sha256()
         try:
-            with open(file, "rb") as src, open(tmp, "wb") as dst:
+            with (
+                open(file, "rb") as src,
+                os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst,
+            ):
                 while block := src.read(1 << 24):
                     h.update(block)
                     dst.write(block)
@@ -292,8 +341,8 @@ class Registry:
             target = self._blob(sha)
             if target.is_file():
                 return sha
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(tmp, 0o444)
+            _private_dir(target.parent)
+            os.chmod(tmp, 0o400)  # read-only, and the owner's alone: an adapter may be private
             os.replace(tmp, target)
             return sha
         finally:
@@ -470,13 +519,15 @@ class Registry:
         view = self.views / entry.digest
         if not view.is_dir():
             tmp = self.views / f".{entry.digest}.{uuid.uuid4().hex}.tmp"
-            tmp.mkdir(parents=True)
+            _private_dir(self.views)
+            tmp.mkdir(mode=0o700)
             try:
                 for path, blob, _ in entry.files:
                     try:
                         os.link(self._blob(blob), tmp / path)
                     except OSError:  # no hard links here (another file system, FAT, ...)
                         shutil.copyfile(self._blob(blob), tmp / path)
+                        os.chmod(tmp / path, 0o400)
                 try:
                     os.rename(tmp, view)
                 except OSError:  # another process built it first

@@ -274,3 +274,31 @@ def test_no_output_touches_the_registry_store_even_with_force(tmp_path: Path, cl
     assert file_digest(registry_home / "blobs") == before
     assert cli("registry", "verify").exit_code == 0 and load_adapter(tmp_path / "a").modules
     assert cli("combine", "bot@v1", "-o", tmp_path / "mix").exit_code == 0  # elsewhere, as ever
+
+
+def test_add_stores_the_adapter_alone_and_keeps_the_store_private(tmp_path: Path, cli, registry_home: Path) -> None:
+    """#31 item 8: a 0600 .env beside an adapter became a world-readable blob."""
+    old = os.umask(0o022)
+    try:
+        a = small_adapter(tmp_path / "a")
+        (a / ".env").write_text("HF_TOKEN=hf_secret")
+        os.chmod(a / ".env", 0o600)
+        (a / "notes.txt").write_text("not the adapter")
+        (a / "README.md").write_text("# card")
+        assert cli("registry", "add", a, "--name", "bot").exit_code == 0
+        shown = json.loads(cli("registry", "show", "bot@v1", "--json").stdout)
+        assert sorted(f["path"] for f in shown["files"]) == ["README.md", "adapter_config.json",
+                                                             "adapter_model.safetensors"]  # fmt: skip
+        blobs = [p for p in (registry_home / "blobs").rglob("*") if p.is_file()]
+        assert blobs and not any(b.read_bytes() == b"HF_TOKEN=hf_secret" for b in blobs)
+        for p in [registry_home, *registry_home.rglob("*")]:
+            assert p.stat().st_mode & 0o077 == 0, (p, oct(p.stat().st_mode))  # the owner's alone
+        # a file of the adapter that links out of its folder is refused, naming it
+        b = small_adapter(tmp_path / "b", seed=1)
+        (tmp_path / "outside.json").write_text((b / "adapter_config.json").read_text())
+        (b / "adapter_config.json").unlink()
+        (b / "adapter_config.json").symlink_to(tmp_path / "outside.json")
+        res = cli("registry", "add", b, "--name", "other")
+        assert res.exit_code == 1 and "outside the adapter's folder" in res.stderr and "cp -rL" in res.stderr
+    finally:
+        os.umask(old)
