@@ -108,6 +108,26 @@ def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
     return t if factor == 1.0 else (t.to(torch.float32) * factor).to(t.dtype)
 
 
+def sum_modules(a: LoraModule, b: LoraModule) -> LoraModule:
+    """One module whose delta is ``a``'s plus ``b``'s: A stacked along the rank, B side by side.
+    Exact: ``[B_a B_b] @ [A_a; A_b] = B_a A_a + B_b A_b``. A shared scaling is kept; otherwise each
+    is folded into its B and the sum has scaling 1. Biases add; DoRA magnitudes cannot."""
+    if a.kind != b.kind or a.weight_shape != b.weight_shape or a.use_rslora != b.use_rslora:
+        raise ValueError("the two modules do not adapt one weight the same way (kind, shape or rsLoRA differ)")
+    if a.magnitude is not None or b.magnitude is not None:
+        raise ValueError("a DoRA module's magnitude rescales the whole row: two cannot be summed")
+    shared = a.scaling if a.scaling == b.scaling else 1.0
+    fa, fb = a.scaling / shared, b.scaling / shared
+    rank = a.rank + b.rank
+    bias = None
+    if a.bias is not None or b.bias is not None:
+        zero = a.lora_B.new_zeros(a.out_features)
+        bias = _scaled(a.bias if a.bias is not None else zero, fa) + _scaled(b.bias if b.bias is not None else zero, fb)
+    lora_b = torch.cat([_scaled(a.lora_B, fa), _scaled(b.lora_B, fb)], dim=1)  # (out, r_a + r_b)
+    return replace(a, lora_A=torch.cat([a.lora_A, b.lora_A], dim=0), lora_B=lora_b,
+                   alpha=shared * (math.sqrt(rank) if a.use_rslora else rank), bias=bias)  # fmt: skip
+
+
 def split_module(m: LoraModule, sizes: Sequence[int]) -> list[LoraModule]:
     """The parts of a fused module, by output rows: each gets the shared A, its rows of B (and of
     the bias and DoRA magnitude), and the same rank and alpha. Exact."""
@@ -162,7 +182,10 @@ def split(adapter: Adapter, fused: str, parts: Sequence[str], sizes: Callable[[s
     ``sizes(parent)`` gives the parts' output sizes (from the base they are for).
 
     Raises:
-        UnsupportedAdapterError: no module is named ``fused``, or the sizes do not add up.
+        UnsupportedAdapterError: no module is named ``fused``, or the sizes do not add up, or a part
+            the adapter adapts on its own too cannot be summed with its piece (DoRA).
+
+    A part the adapter already adapts on its own gets both deltas, exactly (:func:`sum_modules`).
     """
     targets = [p for p in adapter.modules if p.rpartition(".")[2] == fused]
     if not targets:
@@ -175,7 +198,16 @@ def split(adapter: Adapter, fused: str, parts: Sequence[str], sizes: Callable[[s
         except ValueError as e:
             raise UnsupportedAdapterError(f"{path}: {e}", path=adapter.path) from None
         for part, m in zip(parts, pieces):
-            modules[f"{parent}.{part}" if parent else part] = m
+            name = f"{parent}.{part}" if parent else part
+            if name in modules:  # the adapter adapts this part on its own too: one module, both deltas
+                try:
+                    m = sum_modules(modules[name], m)
+                except ValueError as e:
+                    raise UnsupportedAdapterError(
+                        f"splitting {path} gives {name}, which the adapter adapts on its own too, and {e}",
+                        path=adapter.path, fix="split and merge the two adapters one after the other",
+                    ) from None  # fmt: skip
+            modules[name] = m
     return replace(adapter, modules=modules, config=_without_patterns(adapter.config))
 
 

@@ -115,3 +115,32 @@ def test_cli_parses_fusions(tmp_path: Path, cli) -> None:
     assert res.exit_code == 0, res.output
     bad = cli("convert", tmp_path / "qkv", "--to", "peft", "--fuse", "qkv_proj=q_proj", "-o", tmp_path / "x")
     assert bad.exit_code == 2 and "two or more" in bad.output
+
+
+def test_split_onto_a_part_the_adapter_adapts_too_keeps_both_deltas(tmp_path: Path) -> None:
+    """#31 item 3: the split q_proj used to replace the adapter's own q_proj (its delta lost, exit 0)."""
+    from safetensors import safe_open
+
+    from loratool.adapter import Adapter, LoraModule
+    from loratool.formats import save_adapter
+    from loratool.linalg import lora_delta
+
+    llama_and_phi3(tmp_path)
+    with safe_open(str(tmp_path / "llama" / "model.safetensors"), "pt") as f:
+        q, k, v = (
+            f.get_slice(f"model.layers.0.self_attn.{p}.weight").get_shape() for p in ("q_proj", "k_proj", "v_proj")
+        )
+    g = torch.Generator().manual_seed(0)
+    fused = LoraModule(lora_A=torch.randn(4, q[1], generator=g), lora_B=torch.randn(q[0] + k[0] + v[0], 4, generator=g),
+                       alpha=8.0)  # fmt: skip
+    own = LoraModule(lora_A=torch.randn(2, q[1], generator=g), lora_B=torch.randn(q[0], 2, generator=g), alpha=6.0)
+    adapter = Adapter(modules={"model.layers.0.self_attn.qkv_proj": fused, "model.layers.0.self_attn.q_proj": own})
+    save_adapter(adapter, tmp_path / "both")
+    convert(tmp_path / "both", to="peft", split=FUSE[:1], base=tmp_path / "llama", output=tmp_path / "split")
+    out = load_adapter(tmp_path / "split").modules
+    got = lora_delta(out["model.layers.0.self_attn.q_proj"].lora_A, out["model.layers.0.self_attn.q_proj"].lora_B,
+                     out["model.layers.0.self_attn.q_proj"].scaling, "linear")  # fmt: skip
+    want = (lora_delta(own.lora_A, own.lora_B, own.scaling, "linear")
+            + lora_delta(fused.lora_A, fused.lora_B, fused.scaling, "linear")[: q[0]])  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert out["model.layers.0.self_attn.q_proj"].rank == 6
