@@ -342,3 +342,71 @@ def test_a_temporary_of_a_live_writer_is_left_alone(tmp_path: Path) -> None:
         p.mkdir()
     assert sweep_litter(out) == [dead]
     assert mine.exists() and other_host.exists() and not dead.exists()
+
+
+def _dead_pid() -> str:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return gone.stdout.strip()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_forced_replacement_keeps_the_old_output_until_the_new_is_in_place(tmp_path: Path, monkeypatch,
+                                                                             exchange: bool) -> None:  # fmt: skip
+    """#31 item 7: a failed second rename (EIO) used to leave no output at all. With a rename-exchange
+    (Linux) the swap is one step, and a failed one moves nothing; without, the old output is put back."""
+    from loratool.io import atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    real = os.replace
+
+    def eio(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    def failing_second_rename(src: object, dst: object) -> None:
+        if ".loratool-tmp-" in str(src):  # the new output's move into place
+            eio()
+        real(src, dst)
+
+    if exchange:
+        monkeypatch.setattr(atomic, "_exchange", eio)
+    else:  # where the OS or file system has no rename-exchange: two renames
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic.os, "replace", failing_second_rename)
+    with pytest.raises(Exception, match="Input/output error"):
+        with atomic.atomic_output(out, force=True, directory=True) as tmp:
+            (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old" and not litter(tmp_path)
+    monkeypatch.undo()
+    with atomic.atomic_output(out, force=True, directory=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new" and not litter(tmp_path)
+
+
+def test_an_old_output_left_aside_by_a_killed_forced_run_is_restored_not_deleted(tmp_path: Path) -> None:
+    from loratool.errors import OutputExistsError
+    from loratool.io.atomic import _HOST, check_output
+
+    out = tmp_path / "out"
+    pid = _dead_pid()
+    old = tmp_path / f".out.loratool-old-{_HOST}-{pid}-0123abcd"  # killed between its two renames
+    new = tmp_path / f".out.loratool-tmp-{_HOST}-{pid}-4567cdef"
+    for p, text in ((old, "old"), (new, "half-written")):
+        p.mkdir()
+        (p / "weights").write_text(text)
+    with pytest.raises(OutputExistsError, match="the output exists"):
+        check_output(out, force=False)  # the old output is back, so it exists
+    assert (out / "weights").read_text() == "old" and not litter(tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_the_rename_exchange_swaps_two_paths_in_one_step(tmp_path: Path) -> None:
+    from loratool.io.atomic import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.write_text("file")
+    (a / "inside").write_text("dir")
+    assert _exchange(a, b) is True
+    assert (b / "inside").read_text() == "dir" and a.read_text() == "file"

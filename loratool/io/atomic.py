@@ -12,16 +12,20 @@ other fails naming the path.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import LoraToolError, OutputExistsError, OutputLocationError
 from ..registry import default_home
@@ -68,6 +72,7 @@ def check_output(target: str | os.PathLike[str], *, force: bool, inputs: Iterabl
         OutputLocationError: the output's folder cannot be created or written.
     """
     out = Path(target)
+    sweep_litter(out)  # first: an old output an interrupted --force run moved aside is put back
     candidates = {Path(os.path.abspath(out)), Path(os.path.realpath(out))}
     store = Path(os.path.realpath(default_home()))  # the registry's: outputs never touch it, --force or not
     if any(_clashes(c, store, True) for c in candidates):
@@ -126,7 +131,6 @@ def atomic_output(target: str | os.PathLike[str], *, force: bool, directory: boo
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputLocationError(f"cannot create the output's folder ({e.strerror or e})", path=str(out)) from None
-    sweep_litter(out)
     tmp = out.parent / f".{out.name}.loratool-tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         if directory:
@@ -145,7 +149,13 @@ def atomic_output(target: str | os.PathLike[str], *, force: bool, directory: boo
 
 
 def _commit(tmp: Path, out: Path, *, force: bool) -> None:
-    """Rename ``tmp`` to ``out``; without ``force``, refuse an ``out`` that another run made meanwhile."""
+    """Rename ``tmp`` to ``out``; without ``force``, refuse an ``out`` that another run made meanwhile.
+
+    An ``out`` that ``force`` replaces survives until the new one is in place: exchanged with it in
+    one step where the OS can (Linux's ``renameat2``), else moved aside, put back if the second
+    rename fails, and restored by the next run's :func:`sweep_litter` if this process dies between
+    the two.
+    """
     with _folder_lock(out.parent):
         exists = out.exists() or out.is_symlink()
         if exists and not force:
@@ -154,13 +164,53 @@ def _commit(tmp: Path, out: Path, *, force: bool) -> None:
                 path=str(out),
                 fix="pass --force to replace it, or write to another path",
             )
-        old = None
-        if exists:
+        if not exists:
+            os.replace(tmp, out)
+            return
+        if _exchange(tmp, out):  # tmp now holds the old output
+            old = tmp
+        else:
             old = out.parent / f".{out.name}.loratool-old-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
-        os.replace(tmp, out)
-    if old is not None:
-        _remove(old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the old output back where it was
+                raise
+    _remove(old)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or
+    the file system cannot, and nothing moved."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # the kernel or file system lacks it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's renameat2, or None (not Linux, or a libc without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 @contextlib.contextmanager
@@ -179,7 +229,9 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def sweep_litter(out: Path) -> list[Path]:
-    """Remove temporary copies of ``out`` whose writer (on this host) is gone; say so. Returns them."""
+    """Remove temporary copies of ``out`` whose writer (on this host) is gone, and put back an old
+    ``out`` such a writer had moved aside (``--force``) where nothing replaced it; say so. Returns
+    what was removed."""
     removed: list[Path] = []
     try:
         entries = list(out.parent.iterdir())
@@ -188,6 +240,11 @@ def sweep_litter(out: Path) -> list[Path]:
     for entry in entries:
         m = _LITTER.match(entry.name)
         if m is None or m["name"] != out.name or m["host"] != _HOST or _alive(int(m["pid"])):
+            continue
+        if "-old-" in entry.name and not (out.exists() or out.is_symlink()):
+            os.replace(entry, out)  # a --force run died between its two renames: the old output comes back
+            log.warning("restored %s from %s, moved aside by an interrupted loratool run (process %s)", out, entry,
+                        m["pid"])  # fmt: skip
             continue
         _remove(entry)
         removed.append(entry)
