@@ -1263,15 +1263,17 @@ def registry_gc(as_json: bool) -> None:
 @registry.command("verify")
 @options(JSON)
 def registry_verify(as_json: bool) -> None:
-    """Re-hash every stored file; report (never delete) what is missing or does not match. Exit 1 if any."""
+    """Re-hash every stored file and check every view (what commands read) holds them; report (never
+    delete) what is missing or does not match. Exit 1 if any."""
     from .registry import Registry
 
     bad = Registry().verify()
 
     def text(d: dict[str, Any]) -> str:
         if not d["problems"]:
-            return "every stored file matches its sha256"
-        return "\n".join(f"{p['blob'][:16]}: {p['problem']} ({', '.join(p['entries'])})" for p in d["problems"])
+            return "every stored file matches its sha256, and every view holds them"
+        return "\n".join(f"{p['blob'][:16] if 'blob' in p else p['view']}: {p['problem']} ({', '.join(p['entries'])})"
+                         for p in d["problems"])  # fmt: skip
 
     _emit({"problems": bad}, as_json, text, failed=bool(bad))
 

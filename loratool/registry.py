@@ -503,20 +503,67 @@ class Registry:
                 "SELECT f.blob, e.name, e.version, f.path FROM files f JOIN entries e ON e.id = f.entry ORDER BY 1"
             ):
                 owners.setdefault(blob, []).append(f"{name}@v{version}/{path}")
+            entries = [self._entry(con, int(i)) for (i,) in con.execute("SELECT id FROM entries ORDER BY id")]
         bad = []
         for blob, where in owners.items():
-            path = self._blob(blob)
-            if not path.is_file():
-                bad.append({"blob": blob, "problem": "missing", "entries": where})
-            elif _sha256(path) != blob:
-                bad.append({"blob": blob, "problem": "content does not match its sha256", "entries": where})
+            problem = self._blob_problem(blob)
+            if problem is not None:
+                bad.append({"blob": blob, "problem": problem, "entries": where})
+        for entry in entries:  # what commands read: the views
+            for path in self._view_problems(entry):
+                where = [f"{entry.name}@v{entry.version}"]
+                bad.append({"view": str(self.views / entry.digest / path), "entries": where,
+                            "problem": "the view's file is not the registered blob (replaced or edited); the next "
+                                       "read rebuilds it"})  # fmt: skip
+        return bad
+
+    def _blob_problem(self, blob: str) -> str | None:
+        path = self._blob(blob)
+        if not path.is_file():
+            return "missing"
+        if _sha256(path) != blob:
+            return "changed: their content no longer matches its sha256"
+        return None
+
+    def _view_problems(self, entry: Entry) -> list[str]:
+        """The files of ``entry``'s view (where it has one) that are not its blobs: a hard link to the
+        blob, or (where hard links fail) a copy of the same bytes."""
+        view = self.views / entry.digest
+        if not view.is_dir():
+            return []
+        bad = []
+        for path, blob, _ in entry.files:
+            f = view / path
+            try:
+                same = os.path.samefile(f, self._blob(blob)) and not f.is_symlink()
+            except OSError:
+                same = False
+            if not same and not (f.is_file() and not f.is_symlink() and _sha256(f) == blob):
+                bad.append(path)
         return bad
 
     # -- using ------------------------------------------------------------------------------
     def materialize(self, entry: Entry) -> Path:
         """An adapter directory (or file, for a one-file adapter) holding the entry's files, made of
-        hard links to the blobs; built once per entry, atomically."""
+        hard links to the blobs; built once per entry, atomically. What it returns is the registered
+        bytes: each blob is checked against its sha256, and a view whose files are not its blobs
+        (replaced or edited) is built again from them.
+
+        Raises:
+            RegistryError: a blob is missing or no longer matches its sha256 (nothing is read).
+        """
+        for path, blob, _ in entry.files:
+            problem = self._blob_problem(blob)
+            if problem is not None:
+                raise RegistryError(
+                    f"{entry.name}@v{entry.version}: the registered bytes of '{path}' are {problem}; nothing was "
+                    "read", path=str(self._blob(blob)),
+                    fix="add the adapter again from its source (loratool registry add), or remove this version; "
+                    "loratool registry verify lists every damaged blob",
+                )  # fmt: skip
         view = self.views / entry.digest
+        if view.is_dir() and self._view_problems(entry):
+            shutil.rmtree(view, ignore_errors=True)  # rebuilt below from the checked blobs
         if not view.is_dir():
             tmp = self.views / f".{entry.digest}.{uuid.uuid4().hex}.tmp"
             _private_dir(self.views)

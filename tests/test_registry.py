@@ -302,3 +302,36 @@ def test_add_stores_the_adapter_alone_and_keeps_the_store_private(tmp_path: Path
         assert res.exit_code == 1 and "outside the adapter's folder" in res.stderr and "cp -rL" in res.stderr
     finally:
         os.umask(old)
+
+
+def test_reads_through_a_reference_are_the_registered_bytes(tmp_path: Path, cli, registry_home: Path) -> None:
+    """#31 item 5: a replaced view file was used by merge and missed by verify; a blob edited in
+    place was caught by verify but still used."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base.safetensors"
+    save_file({f"model.layers.{i}.self_attn.q_proj.weight": torch.zeros(32, 32) for i in range(2)}, str(base))
+    small_adapter(tmp_path / "a", 0)
+    small_adapter(tmp_path / "other", 7)
+    assert cli("registry", "add", tmp_path / "a", "--name", "bot").exit_code == 0
+    assert cli("merge", base, tmp_path / "a", "-o", tmp_path / "want.safetensors").exit_code == 0
+    assert cli("merge", base, "bot@v1", "-o", tmp_path / "m1.safetensors").exit_code == 0  # builds the view
+    view = next((registry_home / "views").iterdir())
+    weights = view / "adapter_model.safetensors"
+    weights.unlink()  # replaced by other bytes, as an editor saving a new file would
+    weights.write_bytes((tmp_path / "other" / "adapter_model.safetensors").read_bytes())
+    res = cli("registry", "verify", "--json")
+    assert res.exit_code == 1 and "not the registered blob" in res.stdout
+    assert cli("merge", base, "bot@v1", "-o", tmp_path / "m2.safetensors").exit_code == 0
+    want = load_file(str(tmp_path / "want.safetensors"))
+    assert all(torch.equal(v, want[k]) for k, v in load_file(str(tmp_path / "m2.safetensors")).items())
+    assert cli("registry", "verify").exit_code == 0  # the view was built again from the blobs
+
+    blob = next(p for p in (registry_home / "blobs").rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    os.chmod(blob, 0o600)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"!")  # edited in place: the view's hard link sees it too
+    res = cli("merge", base, "bot@v1", "-o", tmp_path / "m3.safetensors")
+    assert (
+        res.exit_code == 1 and "bot@v1: the registered bytes of 'adapter_model.safetensors' are changed" in res.stderr
+    )
+    assert not (tmp_path / "m3.safetensors").exists()
