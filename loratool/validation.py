@@ -146,7 +146,11 @@ def check_fit(
         return
     with stored:
         weights = [k.removesuffix(".weight") for k in ckpt.keys() if k.endswith(".weight")]
-        found = resolve_paths(adapter_obj, weights)
+        if adapter_obj.format == "kohya":  # kohya prefixes name modules loosely; kohya's loaders map them so
+            found = resolve_paths(adapter_obj, weights)
+        else:  # PEFT (and what loads PEFT files) matches a module path exactly, or loads it as nothing
+            present = set(weights)
+            found = {m: m for m in adapter_obj.modules if m in present}
         matched = 0
         for module, m in sorted(adapter_obj.modules.items()):
             where = f"base/{module}"

@@ -235,3 +235,29 @@ def test_refusals(tmp_path: Path, sources, cli) -> None:
     r = cli("combine", paths[0], tmp_path / "dora", "-o", tmp_path / "x")
     assert r.exit_code == 1 and "DoRA adapters (use_dora) cannot be combined" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_kohya_names_are_mapped_or_refused_never_written_for_peft_to_skip(tmp_path: Path, fixtures: Path, cli) -> None:
+    """#31 item 4: without --base, combine kept kohya names in a PEFT adapter; PEFT applied 6 of its 10
+    modules, loratool merge all 10, and validate --base called it valid."""
+    from helpers import load_model, logits
+    from peft import PeftModel
+
+    from loratool.formats import load_adapter, save_adapter
+
+    kohya, peft_dir = fixtures / "llama-kohya.safetensors", fixtures / "llama-peft-adapter"
+    res = cli("combine", kohya, peft_dir, "-o", tmp_path / "mix")
+    assert res.exit_code == 1 and "--base CHECKPOINT" in res.stderr and "match nothing" in res.stderr
+    assert not (tmp_path / "mix").exists()
+    assert cli("combine", kohya, peft_dir, "-o", tmp_path / "mix.safetensors", "--format", "kohya").exit_code == 0
+    res = cli("combine", kohya, peft_dir, "-o", tmp_path / "mix", "--base", fixtures / "llama-base")
+    assert res.exit_code == 0, res.stderr
+    assert cli("merge", fixtures / "llama-base", tmp_path / "mix", "-o", tmp_path / "merged").exit_code == 0
+    peft_logits = logits(PeftModel.from_pretrained(load_model("llama", fixtures / "llama-base"), str(tmp_path / "mix")))
+    torch.testing.assert_close(peft_logits, logits(load_model("llama", tmp_path / "merged")), rtol=1e-4, atol=1e-4)
+    # validate --base matches a PEFT adapter's module paths as PEFT does: exactly
+    bad = load_adapter(kohya)
+    bad.format = "peft"
+    save_adapter(bad, tmp_path / "kohya-named")
+    res = cli("validate", tmp_path / "kohya-named", "--base", fixtures / "llama-base")
+    assert res.exit_code == 1 and "lora_model_layers_0_mlp_gate_proj" in res.output

@@ -216,7 +216,8 @@ def _run(
     loaded = [(load_adapter(p, allow_pickle=allow_pickle), w, str(p)) for p, w in pairs]
     warnings = [w for p, _ in pairs for w in require_valid(p, f"{operation} refuses it", allow_pickle=allow_pickle)]
     _check_sources(loaded, method)
-    warnings += _align_kohya_names(loaded, _module_paths(base, allow_pickle) if base is not None else [])
+    warnings += _align_kohya_names(loaded, _module_paths(base, allow_pickle) if base is not None else [],
+                                   keep_unmapped=format == "kohya")  # fmt: skip
     hasher = InputHasher([f for a, _, _ in loaded for f in _files(Path(a.path or ""))])
     out_dtype = torch_dtype(dtype) if dtype else next(iter(loaded[0][0].modules.values())).lora_A.dtype
     paths = list(dict.fromkeys(p for a, _, _ in loaded for p in a.modules))
@@ -429,9 +430,14 @@ def _module_paths(base: str | os.PathLike[str], allow_pickle: bool) -> list[str]
         return [k[: -len(".weight")] for k in ck.keys() if k.endswith(".weight")]
 
 
-def _align_kohya_names(loaded: list[tuple[Adapter, float, str]], base_paths: list[str]) -> list[str]:
+def _align_kohya_names(loaded: list[tuple[Adapter, float, str]], base_paths: list[str], *,
+                       keep_unmapped: bool) -> list[str]:  # fmt: skip
     """Rename kohya prefixes (``lora_model_layers_0_q_proj``) to module paths (``model.layers.0.q_proj``)
-    of the base checkpoint, or of the other sources, so that one module is combined as one."""
+    of the base checkpoint, or of the other sources, so that one module is combined as one.
+
+    A prefix that maps to nothing stays as it is in a kohya output (a kohya name there) and is
+    refused otherwise: PEFT matches module paths exactly, so it would load such a module as nothing.
+    """
     known = sorted({*base_paths, *(p for a, _, _ in loaded if a.format == "peft" for p in a.modules)})
     warnings = []
     for a, _, name in loaded:
@@ -440,6 +446,13 @@ def _align_kohya_names(loaded: list[tuple[Adapter, float, str]], base_paths: lis
         found = resolve_paths(a, known) if known else {}
         unmapped = [p for p in a.modules if p not in found and "." not in p]
         a.modules = {found.get(p, p): m for p, m in a.modules.items()}
+        if unmapped and not keep_unmapped:
+            raise UnsupportedAdapterError(
+                f"{len(unmapped)} kohya module name(s) (like {unmapped[0]}) map to no module path of the base or "
+                "the other sources: written into a PEFT adapter they would match nothing, and PEFT would load "
+                "them as no change at all", path=name,
+                fix="pass --base CHECKPOINT to name them, or --format kohya to keep kohya names",
+            )  # fmt: skip
         if unmapped:
             warnings.append(
                 f"{name}: {len(unmapped)} kohya module name(s) (like {unmapped[0]}) map to no module path "
