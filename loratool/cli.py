@@ -187,12 +187,29 @@ PORTABLE: Decorator = click.option(
     is_flag=True,
     help="PEFT: one rank, scaling 1 (lora_alpha = r, no rank/alpha_pattern), for runtimes such as vLLM.",
 )
+
+
+def _registry_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--register NAME: the name is checked, and the registry opened, before the command's work."""
+    if value is None:
+        return None
+    from .registry import Registry, check_name
+
+    try:
+        check_name(value)
+    except LoraToolError as e:
+        raise click.BadParameter(f"{e.message}. {e.fix}") from None
+    Registry().check_usable()  # a LoraToolError: exit 1, nothing done yet
+    return value
+
+
 REGISTER: Decorator = click.option(
     "--register",
     "register",
     default=None,
     metavar="NAME",
-    help="Also add the output to the adapter registry as the next version of NAME.",
+    callback=_registry_name,
+    help="Also add the output to the adapter registry as the next version of NAME (checked before the work).",
 )
 BASE_MODEL_ID: Decorator = click.option(
     "--base-model-id", default=None, help="The base's Hub id, recorded in the adapter config and card."
@@ -1285,7 +1302,14 @@ def _registered(result: Any, name: str | None, *, event: tuple[str, str, str | N
         return result
     from .ops.registry import register
 
-    added = register(result.output, name=name, event=event)
+    try:
+        added = register(result.output, name=name, event=event)
+    except LoraToolError as e:
+        raise type(e)(
+            f"the output was written to {result.output}, but registering it as {name!r} failed: {e.message}",
+            path=e.path, fix=f"{e.fix + '; then r' if e.fix else 'R'}egister it: loratool registry add {result.output} "
+            f"--name {name}",
+        ) from None  # fmt: skip
     payload = result.to_json()
     payload["registered"] = added.entry.ref
     payload.setdefault("warnings", [])

@@ -207,6 +207,20 @@ class Registry:
     def exists(self) -> bool:
         return self.db_path.is_file()
 
+    def check_usable(self) -> None:
+        """Open (or create) the catalog now, so that a command with ``--register`` fails before its work.
+
+        Raises:
+            RegistryError: the store cannot be created or opened.
+        """
+        if self.db_path.exists() and not self.db_path.is_file():
+            raise RegistryError(
+                "the registry's catalog is not a file", path=str(self.db_path),
+                fix="move aside what stands at that path, or set LORATOOL_HOME to another folder",
+            )  # fmt: skip
+        with self._connect(write=True):
+            pass
+
     # -- the database -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -273,7 +287,7 @@ class Registry:
         Returns ``(entry, created)``: the same files registered under ``name`` before give that
         version back (``created`` False), with the new aliases and tags applied.
         """
-        _check_name(name)
+        check_name(name)
         for a in aliases:
             _check_alias(a)
         src = Path(source)
@@ -666,11 +680,16 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def _check_name(name: str) -> None:
-    if not _NAME.fullmatch(name) or "@" in name or name.startswith("sha256:"):
+def check_name(name: str) -> None:
+    """Refuse what cannot be a registry name: other characters, an empty, ``.`` or ``..`` part
+    between slashes (``a/../b``, ``x/``), or a part that reads as a version (``v1``)."""
+    parts = name.split("/")
+    bad_part = any(p in ("", ".", "..") or _VERSION.fullmatch(p) for p in parts)
+    if not _NAME.fullmatch(name) or "@" in name or name.startswith("sha256:") or bad_part:
         raise RegistryError(
             f"{name!r} is not a registry name",
-            fix="use letters, digits and . _ - + / (starting with a letter or digit)",
+            fix="use letters, digits and . _ - + / (starting with a letter or digit; no empty, '.' or '..' part "
+            "between slashes, and no part like v1, which reads as a version)",
         )
 
 

@@ -335,3 +335,36 @@ def test_reads_through_a_reference_are_the_registered_bytes(tmp_path: Path, cli,
         res.exit_code == 1 and "bot@v1: the registered bytes of 'adapter_model.safetensors' are changed" in res.stderr
     )
     assert not (tmp_path / "m3.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["a/../b", "x/", "v1", "team/v2", "./x", "a//b"])
+def test_names_that_cannot_be_names_are_refused(tmp_path: Path, cli, name: str) -> None:
+    """#31 item 15: a/../b, x/ and v1 were accepted."""
+    small_adapter(tmp_path / "a")
+    res = cli("registry", "add", tmp_path / "a", "--name", name)
+    assert res.exit_code == 1 and "is not a registry name" in res.stderr
+    res = cli("combine", tmp_path / "a", "-o", tmp_path / "out", "--register", name)
+    assert res.exit_code == 2 and "is not a registry name" in res.output and not (tmp_path / "out").exists()
+
+
+def test_register_is_checked_before_the_work_and_a_late_failure_says_what_exists(tmp_path: Path, cli,
+                                                                                 registry_home: Path,
+                                                                                 monkeypatch) -> None:  # fmt: skip
+    """#31 item 12: a bad --register name or an unusable registry failed after the output was written."""
+    small_adapter(tmp_path / "a")
+    registry_home.mkdir(parents=True, exist_ok=True)
+    (registry_home / "registry.db").mkdir()  # the catalog's place taken by a folder
+    res = cli("combine", tmp_path / "a", "-o", tmp_path / "out", "--register", "bot")
+    assert res.exit_code == 1 and "not a file" in res.stderr and not (tmp_path / "out").exists()
+    (registry_home / "registry.db").rmdir()
+
+    from loratool.ops import registry as ops_registry
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RegistryError("the disk is full")
+
+    monkeypatch.setattr(ops_registry.Registry, "add", broken)
+    res = cli("combine", tmp_path / "a", "-o", tmp_path / "out", "--register", "bot")
+    assert res.exit_code == 1 and (tmp_path / "out").exists()
+    assert f"the output was written to {tmp_path / 'out'}" in res.stderr
+    assert f"loratool registry add {tmp_path / 'out'} --name bot" in res.stderr
