@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoraToolError
+from .home import default_home
+from .io.atomic import HOST, writer_gone
 
 SCHEMA_VERSION = 1
 MIGRATIONS: dict[int, str] = {
@@ -130,13 +132,6 @@ def _private_dir(path: Path) -> None:
     target = missing[0] if missing else path
     if target.stat().st_mode & 0o077:
         os.chmod(target, 0o700)
-
-
-def default_home() -> Path:
-    if env := os.environ.get("LORATOOL_HOME"):
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "loratool"
 
 
 def looks_like_ref(text: str) -> bool:
@@ -339,7 +334,8 @@ class Registry:
         _private_dir(self.home)
         tmp_dir = self.home / "tmp"
         _private_dir(tmp_dir)
-        tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+        _sweep_parts(tmp_dir)
+        tmp = tmp_dir / f"{HOST}-{os.getpid()}-{uuid.uuid4().hex}.part"
         h = hashlib.sha256()
         try:
             with (
@@ -724,6 +720,15 @@ def _inputs(record: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         role = next((r for p, r in roles.items() if p and (path == p or path.startswith(p.rstrip("/") + "/"))), "input")
         out.append((item["sha256"], path, role))
     return out
+
+
+def _sweep_parts(tmp_dir: Path) -> None:
+    """Remove the partial blobs of ``registry add`` runs (on this host) that died while copying, as
+    outputs' temporaries are removed; a live writer's are left alone."""
+    for part in tmp_dir.glob("*.part"):
+        fields = part.name.rsplit("-", 2)  # HOST-PID-UUID.part (a host name has no '-': see io.atomic.HOST)
+        if len(fields) == 3 and fields[1].isdigit() and writer_gone(fields[0], int(fields[1])):
+            part.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:

@@ -368,3 +368,18 @@ def test_register_is_checked_before_the_work_and_a_late_failure_says_what_exists
     assert res.exit_code == 1 and (tmp_path / "out").exists()
     assert f"the output was written to {tmp_path / 'out'}" in res.stderr
     assert f"loratool registry add {tmp_path / 'out'} --name bot" in res.stderr
+
+
+def test_a_killed_adds_partial_blob_is_swept_by_the_next_add(tmp_path: Path, cli, registry_home: Path) -> None:
+    """#31 item 15: a killed registry add left its .part until gc."""
+    from loratool.io.atomic import HOST
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    parts = registry_home / "tmp"
+    parts.mkdir(parents=True)
+    dead = parts / f"{HOST}-{gone.stdout.strip()}-0123abcd.part"
+    live = parts / f"{HOST}-{os.getpid()}-4567cdef.part"
+    for p in (dead, live):
+        p.write_bytes(b"x" * 1000)
+    assert cli("registry", "add", small_adapter(tmp_path / "a"), "--name", "bot").exit_code == 0
+    assert not dead.exists() and live.exists()

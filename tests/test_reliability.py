@@ -246,7 +246,7 @@ def test_a_missing_alpha_is_a_warning_when_nothing_disagrees(cli, work: Path) ->
     ts = load_file(str(f))
     del ts[next(k for k in ts if k.endswith(".alpha"))]
     save_file(ts, str(f))  # no header: no ss_network_alpha to disagree with
-    r = cli("resize", f, "-r", 2, "-o", work / "out.safetensors", "-q")
+    r = cli("resize", f, "-r", 2, "-o", work / "out.safetensors", "--format", "kohya", "-q")
     assert r.exit_code == 0, r.stderr
     assert "is missing: scaled by alpha = r" in r.stderr
 

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraToolError, OutputExistsError, OutputLocationError
-from ..registry import default_home
+from ..home import default_home
 
 log = logging.getLogger("loratool")
 
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_HOST = HOST  # (the temporaries' names carry it)
 _LITTER = re.compile(r"^\.(?P<name>.+)\.loratool-(?:tmp|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
@@ -250,6 +251,11 @@ def sweep_litter(out: Path) -> list[Path]:
         removed.append(entry)
         log.warning("removed %s, left behind by an interrupted loratool run (process %s)", entry, m["pid"])
     return removed
+
+
+def writer_gone(host: str, pid: int) -> bool:
+    """Whether the process that named a temporary ``host``-``pid`` is gone (only this host's can be told)."""
+    return host == HOST and not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
