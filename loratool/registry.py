@@ -124,14 +124,22 @@ def _private_dir(path: Path) -> None:
     """``path`` and its missing parents as folders only their owner can enter (0700); an existing
     store folder is narrowed to that too."""
     missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):  # each one 0700 (mkdir's parents=True makes them by the umask)
-        folder.mkdir(mode=0o700, exist_ok=True)
-    target = missing[0] if missing else path
-    if target.stat().st_mode & 0o077:
-        os.chmod(target, 0o700)
+    try:
+        while not path.exists() and path != path.parent:
+            missing.append(path)
+            path = path.parent
+        for folder in reversed(missing):  # each one 0700 (mkdir's parents=True makes them by the umask)
+            folder.mkdir(mode=0o700, exist_ok=True)
+        target = missing[0] if missing else path
+        if not target.is_dir():
+            raise NotADirectoryError(f"{target} is not a folder")
+        if target.stat().st_mode & 0o077:
+            os.chmod(target, 0o700)
+    except OSError as e:
+        raise RegistryError(
+            f"cannot use the registry's folder ({e.strerror or e})", path=str(missing[0] if missing else path),
+            fix="set LORATOOL_HOME to a folder you can write (it is a file, or not yours, now)",
+        ) from None  # fmt: skip
 
 
 def looks_like_ref(text: str) -> bool:
@@ -200,6 +208,17 @@ class Registry:
 
     @property
     def exists(self) -> bool:
+        """Whether a catalog is there (a home or catalog of the wrong kind is an error, not an empty registry)."""
+        if self.home.exists() and not self.home.is_dir():
+            raise RegistryError(
+                "the registry's home is not a folder", path=str(self.home),
+                fix="set LORATOOL_HOME to a folder (or move aside what stands at that path)",
+            )  # fmt: skip
+        if self.db_path.exists() and not self.db_path.is_file():
+            raise RegistryError(
+                "the registry's catalog is not a file", path=str(self.db_path),
+                fix="move aside what stands at that path, or set LORATOOL_HOME to another folder",
+            )  # fmt: skip
         return self.db_path.is_file()
 
     def check_usable(self) -> None:
@@ -208,11 +227,7 @@ class Registry:
         Raises:
             RegistryError: the store cannot be created or opened.
         """
-        if self.db_path.exists() and not self.db_path.is_file():
-            raise RegistryError(
-                "the registry's catalog is not a file", path=str(self.db_path),
-                fix="move aside what stands at that path, or set LORATOOL_HOME to another folder",
-            )  # fmt: skip
+        _ = self.exists  # a home or catalog of the wrong kind is refused here
         with self._connect(write=True):
             pass
 

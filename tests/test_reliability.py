@@ -109,6 +109,24 @@ def _quant_config(w: Path) -> None:
     (w / "llama-base" / "config.json").write_text(json.dumps(cfg))
 
 
+def _fp8_block_size(size: list[object]):
+    def make(w: Path) -> None:  # the shipped block-scaled FP8 fixture, its config's block size spoiled
+        shutil.copytree(FIXTURES / "llama-fp8-block", w / "fp8")
+        cfg = json.loads((w / "fp8" / "config.json").read_text())
+        cfg["quantization_config"]["weight_block_size"] = size
+        (w / "fp8" / "config.json").write_text(json.dumps(cfg))
+
+    return make
+
+
+def _kohya_alpha_vector(w: Path) -> None:
+    def widen(ts: dict) -> None:
+        key = next(k for k in ts if k.endswith(".alpha"))
+        ts[key] = torch.tensor([1.0, 2.0])
+
+    edit_tensors(w / KOHYA, widen)
+
+
 def _nan_factor(w: Path) -> None:
     edit_tensors(w / "llama-peft-adapter" / ADAPTER_WEIGHTS, lambda ts: ts[Q_A].__setitem__((0, 0), float("nan")))
 
@@ -194,6 +212,15 @@ CASES: dict[str, Case] = {
     "shard ../": (_outside_shard, lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
                   "lies outside the checkpoint's folder"),
     "shard absolute": (_absolute_shard, lambda w: ["inspect", w / FT], 1, "lies outside the checkpoint's folder"),
+    # 7b. numbers and layouts no tool writes (#31 item 10: they were reported as loratool bugs)
+    "fp8 block size zero": (_fp8_block_size([0, 24]), lambda w: ["merge", w / "fp8", w / ADAPTER, "-o", w / "out"], 1,
+                            "a block is two positive whole numbers"),
+    "fp8 block size text": (_fp8_block_size(["a", 24]), lambda w: ["merge", w / "fp8", w / ADAPTER, "-o", w / "out"],
+                            1, "a block is two positive whole numbers"),
+    "alpha 1e300": (lambda w: _config(w / ADAPTER, lora_alpha=1e300),
+                    lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1, "float32, where the arithmetic"),
+    "kohya alpha vector": (_kohya_alpha_vector, lambda w: ["merge", w / BASE, w / KOHYA, "-o", w / "out"], 1,
+                           "a kohya module's alpha is one number"),
     # 8. quantized checkpoints
     "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                "config.json has no quantization_config saying how its FP8 scales apply"),
@@ -410,3 +437,18 @@ def test_the_rename_exchange_swaps_two_paths_in_one_step(tmp_path: Path) -> None
     (a / "inside").write_text("dir")
     assert _exchange(a, b) is True
     assert (b / "inside").read_text() == "dir" and a.read_text() == "file"
+
+
+def test_a_registry_home_of_the_wrong_kind_is_named_not_a_bug(cli, work: Path, monkeypatch) -> None:
+    """#31 items 10 and 13: LORATOOL_HOME a file was a 'loratool bug'; registry.db a folder said 'no adapters'."""
+    home = work / "home-file"
+    home.write_text("")
+    monkeypatch.setenv("LORATOOL_HOME", str(home))
+    for args in (["registry", "add", work / ADAPTER, "--name", "x"], ["registry", "ls"]):
+        r = cli(*args)
+        assert r.exit_code == 1 and "not a folder" in r.stderr and "loratool bug" not in r.stderr, r.stderr
+    home = work / "home"
+    (home / "registry.db").mkdir(parents=True)
+    monkeypatch.setenv("LORATOOL_HOME", str(home))
+    r = cli("registry", "ls")
+    assert r.exit_code == 1 and "catalog is not a file" in r.stderr

@@ -72,12 +72,16 @@ def _require_finite_scaling(adapter: Adapter) -> None:
     """Every module's alpha and scaling finite (a NaN reaches torch's addmm as alpha=nan, which
     behaves as 1): refused here, whatever the format said it with."""
     for path, module in adapter.modules.items():
-        if not (math.isfinite(module.alpha) and math.isfinite(module.scaling)):
+        if not (math.isfinite(module.alpha) and math.isfinite(module.scaling)) or abs(module.scaling) > _FLOAT32_MAX:
             raise MetadataError(
-                f"the module's alpha is {module.alpha} (scaling {module.scaling}): a scaling must be a finite number",
+                f"the module's alpha is {module.alpha} (scaling {module.scaling}): a scaling must be a finite number "
+                "that float32, where the arithmetic is done, can hold (at most 3.4e38)",
                 path=adapter.path, key=path,
                 fix="set lora_alpha (or its alpha_pattern entry, mlx-lm's scale, kohya's .alpha) to a finite number",
             )  # fmt: skip
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def is_adapter(path: str | os.PathLike[str]) -> bool:

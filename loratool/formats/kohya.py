@@ -81,6 +81,11 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
                 got=f"down {list(down.shape)}, up {list(up.shape)}",
             )
         r = down.shape[0]
+        if "alpha" in slots and slots["alpha"].numel() != 1:
+            raise ShapeMismatchError(
+                "a kohya module's alpha is one number", path=str(file), key=prefix + ".alpha", expected=[],
+                got=list(slots["alpha"].shape), fix="the file is damaged or not kohya's: re-export it",
+            )  # fmt: skip
         alpha = float(slots["alpha"].item()) if "alpha" in slots else float(r)
         info = known.get(prefix, {})
         modules[info.get("path", prefix)] = LoraModule(

@@ -179,6 +179,8 @@ def _config_block(qc: Mapping[str, Any]) -> tuple[int, int] | None:
     sizes += [(g.get("weights") or {}).get("block_structure") for g in (qc.get("config_groups") or {}).values()]
     for size in sizes:
         if isinstance(size, (list, tuple)) and len(size) == 2:
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+                _malformed(f"its config says blocks of {list(size)}: a block is two positive whole numbers")
             return int(size[0]), int(size[1])
     return None
 
