@@ -221,6 +221,13 @@ CASES: dict[str, Case] = {
                     lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1, "float32, where the arithmetic"),
     "kohya alpha vector": (_kohya_alpha_vector, lambda w: ["merge", w / BASE, w / KOHYA, "-o", w / "out"], 1,
                            "a kohya module's alpha is one number"),
+    # 7c. arguments swapped (#31 item 16: 'no adapter_config.json', 'the fine-tune lacks this tensor')
+    "merge ADAPTER BASE": (lambda w: None, lambda w: ["merge", w / ADAPTER, w / BASE, "-o", w / "out"], 1,
+                           "this is an adapter, where the checkpoint goes"),
+    "extract ADAPTER FT": (lambda w: None, lambda w: ["extract", w / ADAPTER, w / FT, "-o", w / "out"], 1,
+                           "this is an adapter, where the base checkpoint goes"),
+    "extract BASE ADAPTER": (lambda w: None, lambda w: ["extract", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                             "this is an adapter, where the fine-tuned checkpoint goes"),
     # 8. quantized checkpoints
     "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                "config.json has no quantization_config saying how its FP8 scales apply"),

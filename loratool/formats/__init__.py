@@ -103,6 +103,16 @@ def is_adapter(path: str | os.PathLike[str]) -> bool:
 _ADAPTER_KEY_ENDINGS = (".lora_down.weight", ".lora_A.weight", ".lora_embedding_A")
 
 
+def refuse_adapter(path: str | os.PathLike[str], role: str, usage: str) -> None:
+    """Refuse an adapter given where a checkpoint goes (arguments swapped, say), saying which is which.
+
+    Raises:
+        InputFileError: ``path`` is an adapter.
+    """
+    if is_adapter(path):
+        raise InputFileError(f"this is an adapter, where {role} goes", path=str(path), fix=f"the order is: {usage}")
+
+
 def _require_finite(adapter: Adapter) -> None:
     """NaN or Inf in a factor would go on into every weight it touches: refuse it here, naming it."""
     from ..linalg import is_finite

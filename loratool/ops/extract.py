@@ -22,7 +22,7 @@ from ..card import check_base_model_id, is_hub_id
 from ..deltas import DeltaReader, ExpertDeltas, fp8_companions, grown_vocabulary, module_generator, paired_keys
 from ..distributed import current
 from ..errors import LoraToolError
-from ..formats import save_adapter
+from ..formats import refuse_adapter, save_adapter
 from ..formats.peft import new_config
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
@@ -147,6 +147,9 @@ def extract(
     Example:
         >>> loratool.extract("base/", "finetuned/", output="adapter/", rank=16)
     """
+    for path, role in ((base, "the base checkpoint"), (finetuned, "the fine-tuned checkpoint")):
+        refuse_adapter(path, role, "loratool extract BASE FT -r RANK -o OUT (two checkpoints; to apply an adapter: "
+                                   "loratool merge BASE ADAPTER -o OUT)")  # fmt: skip
     _check_rank_options(rank, energy, budget, svd)
     check_base_model_id(base_model_id)
     if portable:

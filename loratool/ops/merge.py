@@ -29,7 +29,7 @@ from ..errors import (
     UnsupportedAdapterError,
     UnsupportedCheckpointError,
 )
-from ..formats import AdapterArg, load_adapter, split_scale
+from ..formats import AdapterArg, load_adapter, refuse_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
@@ -541,6 +541,8 @@ def _apply(
         raise ValueError(f"min_kept must lie in [0, 1], not {min_kept!r}")
     if max_noise is not None and not max_noise >= 0.0:
         raise ValueError(f"max_noise must be 0 or more, not {max_noise!r}")
+    usage = f"loratool {operation} {'BASE' if sign > 0 else 'MERGED'} ADAPTER[:SCALE]... -o OUT"
+    refuse_adapter(base, "the checkpoint", usage)
     sources = [split_scale(a)[0] for a in adapters]
     inputs = [base, *(s for s in sources if not isinstance(s, Adapter)), *([check] if check is not None else [])]
     out = check_output(output, force=force, inputs=inputs)
