@@ -43,7 +43,8 @@ class LoraToolError(Exception):
         if self.expected is not None or self.got is not None:
             parts.append(f" (expected {self.expected}, got {self.got})")
         if self.fix:
-            parts.append(f". {self.fix[:1].upper()}{self.fix[1:]}")
+            command = self.fix.startswith(("loratool ", "--", "-"))  # a command or an option, spelled as typed
+            parts.append(f". {self.fix if command else self.fix[:1].upper() + self.fix[1:]}")
         return "".join(parts)
 
     def __str__(self) -> str:  # KeyError-style subclasses would otherwise quote the message

@@ -459,3 +459,12 @@ def test_a_registry_home_of_the_wrong_kind_is_named_not_a_bug(cli, work: Path, m
     monkeypatch.setenv("LORATOOL_HOME", str(home))
     r = cli("registry", "ls")
     assert r.exit_code == 1 and "catalog is not a file" in r.stderr
+
+
+def test_a_fix_that_is_a_command_keeps_its_spelling() -> None:
+    """#31 item 16: 'Loratool registry ls', '--Rounding'."""
+    from loratool.errors import LoraToolError
+
+    assert str(LoraToolError("x", fix="loratool registry ls")).endswith(". loratool registry ls")
+    assert str(LoraToolError("x", fix="--dtype bfloat16")).endswith(". --dtype bfloat16")
+    assert str(LoraToolError("x", fix="pass --force")).endswith(". Pass --force")
