@@ -809,10 +809,10 @@ _FUSION = _Fusion()
     multiple=True,
     help="FUSED=PART,PART,... the other way: each part gets the shared A and its rows of B (sizes from --base).",
 )
-@options(OUTPUT, REGISTER, DTYPE, FORCE, PICKLE, JSON)
+@options(OUTPUT, REGISTER, DTYPE, FORCE, PICKLE, QUIET, JSON)
 def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: str, fuse: tuple[Any, ...],
             split: tuple[Any, ...], output: str, register: str | None, dtype: str | None, force: bool,
-            allow_pickle: bool, as_json: bool) -> None:  # fmt: skip
+            allow_pickle: bool, quiet: bool, as_json: bool) -> None:  # fmt: skip
     """Write ADAPTER in another format (PEFT, kohya, mlx-lm, llama.cpp GGUF); every delta stays the same.
 
     Reads PEFT directories, kohya .safetensors files and mlx-lm adapter directories. GGUF needs
@@ -1093,9 +1093,9 @@ def push(
 
 @cli.command()
 @click.argument("repo_id")
-@options(REVISION, ENDPOINT, OUTPUT, REGISTER, FORCE, JSON)
+@options(REVISION, ENDPOINT, OUTPUT, REGISTER, FORCE, QUIET, JSON)
 def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, register: str | None, force: bool,
-         as_json: bool) -> None:  # fmt: skip
+         quiet: bool, as_json: bool) -> None:  # fmt: skip
     """Download the adapter in REPO_ID into -o OUT, checking every file's checksum.
 
     Works offline from the cache (HF_HUB_OFFLINE=1) for a revision pulled before.
@@ -1107,7 +1107,7 @@ def pull(repo_id: str, revision: str | None, endpoint: str | None, output: str, 
     """
     from .ops.hub import pull as run
 
-    result = run(repo_id, output=output, revision=revision, endpoint=endpoint, force=force)
+    result = run(repo_id, output=output, revision=revision, endpoint=endpoint, force=force, show_progress=not quiet)
     _emit(
         _registered(result, register, event=("pulled", repo_id, result.commit_id)),
         as_json,

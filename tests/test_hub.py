@@ -251,3 +251,13 @@ def test_a_hugging_face_cache_snapshot_is_read_where_it_lies(hub, tmp_path: Path
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     res = cli("inspect", bad)
     assert res.exit_code == 1 and "lies outside the checkpoint's folder" in res.stderr
+
+
+def test_pull_and_convert_take_quiet(hub, adapters, tmp_path: Path, cli) -> None:
+    """#31 item 16: the README said every writing command takes --quiet; convert and pull refused it."""
+    r4, _ = adapters
+    assert cli("push", r4, "me/quiet", "--endpoint", hub.url).exit_code == 0
+    res = cli("pull", "me/quiet", "-o", tmp_path / "pulled", "--endpoint", hub.url, "--quiet")
+    assert res.exit_code == 0, res.stderr
+    assert "%|" not in res.stderr  # no progress bar
+    assert cli("convert", tmp_path / "pulled", "--to", "kohya", "-o", tmp_path / "k.safetensors", "-q").exit_code == 0

@@ -214,6 +214,21 @@ def push(
     )
 
 
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """huggingface_hub's download bars, off for the call when not ``show`` (then back as they were)."""
+    from huggingface_hub.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled()
+    if not show and not was_off:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_off:
+            enable_progress_bars()
+
+
 def pull(
     repo_id: str,
     *,
@@ -222,6 +237,7 @@ def pull(
     endpoint: str | None = None,
     token: str | None = None,
     force: bool = False,
+    show_progress: bool = True,
 ) -> PullResult:
     """Download an adapter's files at ``revision`` into ``output``, verified and validated.
 
@@ -254,11 +270,13 @@ def pull(
             revision_arg = commit
         else:
             revision_arg = revision
-        snapshot = Path(
-            snapshot_download(
-                repo_id, revision=revision_arg, allow_patterns=list(ADAPTER_FILES), endpoint=api.endpoint, token=token
-            )
-        )
+        with _progress_bars(show_progress):
+            snapshot = Path(
+                snapshot_download(
+                    repo_id, revision=revision_arg, allow_patterns=list(ADAPTER_FILES), endpoint=api.endpoint,
+                    token=token,
+                )
+            )  # fmt: skip
     commit_id = snapshot.name
     verified = {}
     for name in ADAPTER_FILES:
