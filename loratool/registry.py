@@ -241,7 +241,7 @@ class Registry:
         try:
             _private_dir(self.home)
             new = not self.db_path.exists()
-            con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            con = sqlite3.connect(self.db_path, timeout=_BUSY_SECONDS, isolation_level=None)
             if new:
                 os.chmod(self.db_path, 0o600)  # its journal and WAL files take the database's mode
         except (OSError, sqlite3.Error) as e:
@@ -250,15 +250,12 @@ class Registry:
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA foreign_keys=ON")
-            con.execute("PRAGMA busy_timeout=60000")
+            con.execute(f"PRAGMA busy_timeout={int(_BUSY_SECONDS * 1000)}")
             self._migrate(con)
             yield con
         except sqlite3.DatabaseError as e:  # not a database, corrupt, read-only, locked past the timeout
             raise RegistryError(
-                f"the registry's index cannot be used ({e})",
-                path=str(self.db_path),
-                fix="if it is damaged, move registry.db aside: the stored files under blobs/ are intact "
-                "(loratool registry verify checks them)",
+                f"the registry's index cannot be used ({e})", path=str(self.db_path), fix=_index_fix(e)
             ) from None
         finally:
             con.close()
@@ -689,6 +686,24 @@ def _transaction(con: sqlite3.Connection) -> Iterator[None]:
 def _statements(script: str) -> list[str]:
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+_BUSY_SECONDS = 60.0  # how long a command waits for another process's write to the catalog
+
+
+def _index_fix(e: sqlite3.DatabaseError) -> str:
+    """What to do about an index that cannot be used, by why: moving registry.db aside discards the
+    catalog, so it is the advice only for a damaged one."""
+    text = str(e).lower()
+    if "locked" in text or "busy" in text:
+        return (f"another process holds the registry ({_BUSY_SECONDS:g} s waited): let it finish, or find it with "
+                "fuser on registry.db; leave registry.db where it is")  # fmt: skip
+    if "full" in text or "disk i/o" in text:
+        return "free space on the registry's disk (LORATOOL_HOME), then run the command again"
+    if "readonly" in text or "read-only" in text:
+        return "make LORATOOL_HOME writable for you, or set it to a folder you can write"
+    return ("registry.db is damaged: keep a copy, then move it aside to start a new catalog (the files under blobs/ "
+            "stay; loratool registry verify checks them, and registry add registers them again)")  # fmt: skip
 
 
 def check_name(name: str) -> None:

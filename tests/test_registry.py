@@ -383,3 +383,25 @@ def test_a_killed_adds_partial_blob_is_swept_by_the_next_add(tmp_path: Path, cli
         p.write_bytes(b"x" * 1000)
     assert cli("registry", "add", small_adapter(tmp_path / "a"), "--name", "bot").exit_code == 0
     assert not dead.exists() and live.exists()
+
+
+def test_a_locked_or_damaged_index_gets_advice_that_keeps_the_catalog(tmp_path: Path, cli, registry_home: Path,
+                                                                      monkeypatch) -> None:  # fmt: skip
+    """#31 item 13: a locked (busy) registry advised moving registry.db aside, which discards the catalog."""
+    from loratool import registry as reg
+
+    assert cli("registry", "add", small_adapter(tmp_path / "a"), "--name", "bot").exit_code == 0
+    monkeypatch.setattr(reg, "_BUSY_SECONDS", 0.2)
+    holder = sqlite3.connect(registry_home / "registry.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
+    try:
+        res = cli("registry", "add", small_adapter(tmp_path / "b", 1), "--name", "bot")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert res.exit_code == 1 and "nother process holds the registry" in res.stderr and "aside" not in res.stderr
+    (registry_home / "registry.db").write_bytes(b"not a database" * 100)
+    for extra in ("registry.db-wal", "registry.db-shm"):
+        (registry_home / extra).unlink(missing_ok=True)
+    res = cli("registry", "ls")
+    assert res.exit_code == 1 and "egistry.db is damaged: keep a copy" in res.stderr
