@@ -226,8 +226,20 @@ def test_kohya_output_and_base_naming(tmp_path: Path, fixtures: Path, cli) -> No
 
 def test_refusals(tmp_path: Path, sources, cli) -> None:
     _, paths = sources
+    # different module sets are named as such, with the module (#31 item 13: they were blamed on ranks)
     r = cli("combine", *paths, "--method", "linear", "-o", tmp_path / "x")
-    assert r.exit_code == 1 and "so it needs equal ranks" in r.stderr
+    assert r.exit_code == 1 and "needs the same modules" in r.stderr
+    assert cli("resize", paths[0], "-r", "1", "-o", tmp_path / "r1").exit_code == 0  # the same modules, rank 1
+    r = cli("combine", paths[0], tmp_path / "r1", "--method", "linear", "-o", tmp_path / "x")
+    assert r.exit_code == 1 and "needs equal ranks; this module's differ" in r.stderr
+    from loratool.formats import load_adapter, save_adapter
+
+    fewer = load_adapter(paths[0])
+    dropped = sorted(fewer.modules)[0]
+    del fewer.modules[dropped]
+    save_adapter(fewer, tmp_path / "fewer")
+    r = cli("combine", paths[0], tmp_path / "fewer", "--method", "ties", "--density", "0.5", "-o", tmp_path / "x")
+    assert r.exit_code == 1 and "needs the same modules" in r.stderr and dropped in r.stderr
     r = cli("combine", *paths, "-r", 4, "-o", tmp_path / "x")
     assert r.exit_code == 2 and "apply to --method svd" in r.stderr  # a usage error
     base = tmp_path / "base"

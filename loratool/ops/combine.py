@@ -282,14 +282,23 @@ def _check_sources(loaded: list[tuple[Adapter, float, str]], method: str) -> Non
                 path=name,
             )
     if method in FACTOR_WISE:
-        ranks = {m.rank for a, _, _ in loaded for m in a.modules.values()}
-        modules = {frozenset(a.modules) for a, _, _ in loaded}
-        if len(ranks) > 1 or len(modules) > 1:
-            raise UnsupportedAdapterError(
-                f"--method {method} works on A and B apart, as PEFT does, so it needs equal ranks and "
-                f"identical modules (ranks found: {sorted(ranks)})",
-                fix=f"use --method cat (exact), svd -r R, or {method if method != 'linear' else 'ties'}_svd",
-            )
+        fix = f"use --method cat (exact), svd -r R, or {method if method != 'linear' else 'ties'}_svd"
+        why = f"--method {method} works on A and B apart, as PEFT does, so every adapter needs"
+        first, first_name = loaded[0][0], loaded[0][2]
+        for a, _, name in loaded[1:]:
+            differ = sorted(set(first.modules) ^ set(a.modules))
+            if differ:
+                has, lacks = (first_name, name) if differ[0] in first.modules else (name, first_name)
+                raise UnsupportedAdapterError(
+                    f"{why} the same modules: {has} adapts {differ[0]}, {lacks} does not "
+                    f"({len(differ)} module(s) differ)", key=differ[0], fix=fix,
+                )  # fmt: skip
+        for module in first.modules:
+            ranks = {name: a.modules[module].rank for a, _, name in loaded}
+            if len(set(ranks.values())) > 1:
+                shown = ", ".join(f"{n}: {r}" for n, r in ranks.items())
+                raise UnsupportedAdapterError(f"{why} equal ranks; this module's differ ({shown})", key=module,
+                                              fix=fix)  # fmt: skip
 
 
 def _check_options(method: str, rank: int | None, energy: float | None, sparse: SparseOptions) -> None:
