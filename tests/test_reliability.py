@@ -228,6 +228,13 @@ CASES: dict[str, Case] = {
                            "this is an adapter, where the base checkpoint goes"),
     "extract BASE ADAPTER": (lambda w: None, lambda w: ["extract", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                              "this is an adapter, where the fine-tuned checkpoint goes"),
+    # 7d. a GGUF --base with a config.json loratool cannot read (#31 items 10 and 13)
+    "gguf base config a list": (lambda w: (w / BASE / "config.json").write_text("[1, 2]"),
+                                lambda w: ["convert", w / ADAPTER, "--to", "gguf", "--base", w / BASE, "-o",
+                                           w / "out.gguf"], 1, "config.json holds a JSON list, not an object"),
+    "gguf base without config": (lambda w: (w / BASE / "config.json").unlink(),
+                                 lambda w: ["convert", w / ADAPTER, "--to", "gguf", "--base", w / BASE, "-o",
+                                            w / "out.gguf"], 1, "names no architecture"),
     # 8. quantized checkpoints
     "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                "config.json has no quantization_config saying how its FP8 scales apply"),

@@ -105,14 +105,23 @@ def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
     """Map every module of ``adapter`` to its llama.cpp tensor for the base described by ``config``
     (its ``config.json``), listing every module llama.cpp cannot take."""
     gguf = require_gguf()
-    arch_name = next(iter(config.get("architectures") or []), None)
-    family = FAMILIES.get(str(arch_name))
+    names = config.get("architectures")
+    arch_name = next(iter(names), None) if isinstance(names, list) and names else None
+    family = FAMILIES.get(str(arch_name)) if arch_name is not None else None
     if family is None:
         known = ", ".join(sorted(FAMILIES))
-        problem = Refusal(
-            "base", f"llama.cpp adapters are written for these architectures only: {known}; the base is {arch_name}",
-            "use a base of a supported family; other conversions rewrite weights in ways loratool has not checked",
-        )  # fmt: skip
+        if arch_name is None:
+            problem = Refusal(
+                "base", "the base's config.json names no architecture ('architectures'), so loratool cannot tell how "
+                "llama.cpp lays out its tensors",
+                "give the model folder that holds the base's config.json (as transformers saved it)",
+            )  # fmt: skip
+        else:
+            problem = Refusal(
+                "base", f"llama.cpp adapters are written for these architectures only: {known}; the base is "
+                f"{arch_name}",
+                "use a base of a supported family; other conversions rewrite weights in ways loratool has not checked",
+            )  # fmt: skip
         return GgufPlan(arch=None, family=None, problems=[problem])
     arch = gguf.MODEL_ARCH[family.arch]
     table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))

@@ -214,10 +214,15 @@ class Checkpoint:
         if not cfg.is_file():
             return {}
         try:
-            config: dict[str, Any] = json.loads(cfg.read_text())
-            return config
+            config = json.loads(cfg.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise InputFileError(f"config.json is not valid JSON ({e})", path=str(cfg)) from None
+        if not isinstance(config, dict):
+            raise InputFileError(
+                f"config.json holds a JSON {type(config).__name__}, not an object", path=str(cfg),
+                fix="a model's config.json is an object of its settings: download it again",
+            )  # fmt: skip
+        return config
 
     def quantization(self) -> Quantization | None:
         """How the checkpoint is quantized (config.json, tensor dtypes and names), or None."""
