@@ -220,20 +220,18 @@ KOHYA_BASE: Decorator = click.option(
     default=None,
     help="A checkpoint whose module paths name the modules of kohya inputs (headers only).",
 )
-RANK: Decorator = click.option(
-    "-r",
-    "--rank",
-    type=click.IntRange(min=1),
-    default=None,
-    help="The rank: of every module (extract, default 16), or of the output (combine --method svd, resize). "
-    "With --energy or --budget, the highest rank allowed.",
-)
-ENERGY: Decorator = click.option(
-    "--energy",
-    type=ENERGY_RANGE,
-    default=None,
-    help="Per module, the smallest rank keeping this share of the energy (sum S^2), capped by -r.",
-)
+
+
+def rank_option(help: str) -> Decorator:
+    """-r/--rank, with help in the words of the command it is on."""
+    return click.option("-r", "--rank", type=click.IntRange(min=1), default=None, help=help)
+
+
+def energy_option(help: str) -> Decorator:
+    """--energy SHARE (of sum S^2), with help in the words of the command it is on."""
+    return click.option("--energy", type=ENERGY_RANGE, default=None, help=help)
+
+
 SEED: Decorator = click.option(
     "--seed", type=int, default=0, show_default=True,
     help="Seed of the random draws (extract: the randomized SVD; combine: DARE's masks).",
@@ -335,7 +333,10 @@ def cli() -> None:
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("finetuned", type=click.Path())
-@options(RANK, ENERGY)
+@options(
+    rank_option("The rank of every module (default 16); with --energy or --budget, the highest rank allowed."),
+    energy_option("Per module, the smallest rank keeping this share of its delta's energy (sum S^2), capped by -r."),
+)
 @click.option(
     "--budget",
     type=click.IntRange(min=1),
@@ -595,7 +596,11 @@ def _combine_text(d: dict[str, Any]) -> str:
     "--svd-clamp", type=_Share(0, 1, min_open=True), default=None,
     help="The _svd forms: clamp the factors at this quantile of their values, as PEFT's svd_clamp.",
 )  # fmt: skip
-@options(RANK, ENERGY, SEED, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE,
+@options(rank_option("The output's rank, per module, for --method svd and the _svd forms (default: the largest "
+                     "source rank); with --energy, the highest allowed."),
+         energy_option("--method svd: per module, the smallest rank keeping this share of the combined delta's "
+                       "energy (sum S^2), capped by -r."),
+         SEED, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE,
          PICKLE, QUIET, JSON)  # fmt: skip
 def combine(
     adapters: tuple[tuple[str, float], ...],
@@ -656,7 +661,10 @@ def combine(
 
 @cli.command()
 @click.argument("adapter", type=ADAPTER_PATH)
-@options(RANK, ENERGY, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE, PICKLE,
+@options(rank_option("The new rank of every module (its exact truncated SVD, from the factors)."),
+         energy_option("Per module, the smallest rank keeping this share of its delta's energy (sum S^2), capped "
+                       "by -r."),
+         FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE, PICKLE,
          QUIET, JSON)  # fmt: skip
 def resize(
     adapter: str,
@@ -884,7 +892,12 @@ class _Ranks(click.ParamType):  # type: ignore[type-arg]
     show_default=True,
     help="Ranks r of the amplification factor ||dW_r|| / ||U_r^T W V_r|| (needs the base's weights).",
 )
-@options(ENERGY)
+@options(
+    energy_option(
+        "Also report the rank extract --energy would give each module: the smallest keeping this "
+        "share of its energy (sum S^2)."
+    )
+)
 @click.option(
     "--budget",
     type=click.IntRange(min=1),

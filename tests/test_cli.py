@@ -79,3 +79,19 @@ def test_the_cli_lists_every_combine_method() -> None:
     from loratool.ops.combine import METHODS
 
     assert COMBINE_METHODS == METHODS  # spelled twice so that --help needs no torch: kept equal here
+
+
+def test_shared_options_say_what_they_do_in_each_command(cli) -> None:
+    """#31 item 16: extract -r talked about combine and resize; analyze --energy about a -r it lacks."""
+    import re
+
+    def option_help(command: str, flag: str) -> str:
+        text = cli(command, "--help").output
+        block = text[text.index(flag) :]
+        return " ".join(re.split(r"\n  -", block)[0].split())
+
+    assert "combine" not in option_help("extract", "-r, --rank") and "resize" not in option_help(
+        "extract", "-r, --rank"
+    )
+    assert "-r" not in option_help("analyze", "--energy")
+    assert "svd" in option_help("combine", "-r, --rank") and "new rank" in option_help("resize", "-r, --rank")
