@@ -261,3 +261,17 @@ def test_pull_and_convert_take_quiet(hub, adapters, tmp_path: Path, cli) -> None
     assert res.exit_code == 0, res.stderr
     assert "%|" not in res.stderr  # no progress bar
     assert cli("convert", tmp_path / "pulled", "--to", "kohya", "-o", tmp_path / "k.safetensors", "-q").exit_code == 0
+
+
+def test_an_offline_pull_of_a_branch_pulled_before_reads_the_cache(hub, adapters, tmp_path: Path, monkeypatch) -> None:
+    """#31 item 16: HF_HUB_OFFLINE=1 pull failed for a branch pulled before (the README promises the cache)."""
+    from huggingface_hub import constants
+
+    r4, _ = adapters
+    push(r4, "me/offline-branch", endpoint=hub.url)
+    pull("me/offline-branch", output=tmp_path / "online", endpoint=hub.url)  # main, by name
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    seen = len(hub.state.requests)
+    pull("me/offline-branch", output=tmp_path / "offline", endpoint=hub.url)
+    assert len(hub.state.requests) == seen
+    same_files(r4, tmp_path / "offline")

@@ -214,6 +214,21 @@ def push(
     )
 
 
+def _remember_ref(repo_id: str, revision: str, commit: str) -> None:
+    """Record in huggingface_hub's cache that ``revision`` (a branch or tag) was ``commit``, as its own
+    downloads do (``refs/<revision>``): pull downloads by commit, and an offline pull of the branch
+    later reads this."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    if revision == commit:
+        return
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    with contextlib.suppress(OSError):  # a cache we cannot write only costs the offline use
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+
+
 @contextlib.contextmanager
 def _progress_bars(show: bool) -> Iterator[None]:
     """huggingface_hub's download bars, off for the call when not ``show`` (then back as they were)."""
@@ -278,6 +293,8 @@ def pull(
                 )
             )  # fmt: skip
     commit_id = snapshot.name
+    if not offline:
+        _remember_ref(repo_id, revision or "main", commit_id)
     verified = {}
     for name in ADAPTER_FILES:
         local = snapshot / name
