@@ -275,3 +275,14 @@ def test_an_offline_pull_of_a_branch_pulled_before_reads_the_cache(hub, adapters
     pull("me/offline-branch", output=tmp_path / "offline", endpoint=hub.url)
     assert len(hub.state.requests) == seen
     same_files(r4, tmp_path / "offline")
+
+
+def test_listing_the_hub_offline_says_so_at_once(hub, cli, monkeypatch) -> None:
+    """#31 item 16: registry ls --hub me offline took 32 s with five retry lines."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    res = cli("registry", "ls", "--hub", "me", "--endpoint", hub.url)
+    assert res.exit_code == 1 and "HF_HUB_OFFLINE is set" in res.stderr and "registry ls" in res.stderr
+    assert time.monotonic() - start < 5 and "Retrying" not in res.stderr

@@ -214,6 +214,13 @@ def push(
     )
 
 
+def _offline() -> bool:
+    """Whether huggingface_hub is told to stay offline (its constant, or the variable set since import)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _remember_ref(repo_id: str, revision: str, commit: str) -> None:
     """Record in huggingface_hub's cache that ``revision`` (a branch or tag) was ``commit``, as its own
     downloads do (``refs/<revision>``): pull downloads by commit, and an offline pull of the branch
@@ -263,11 +270,11 @@ def pull(
     Example:
         >>> loratool.pull("me/my-adapter", output="adapter/", revision="v1.0")
     """
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
     out = check_output(output, force=force)
     api = _api(endpoint, token)
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    offline = _offline()
     with _hub_errors(repo_id, revision):
         expected: dict[str, tuple[str, str]] = {}
         if not offline:
@@ -361,6 +368,9 @@ def list_hub_adapters(
     Example:
         >>> loratool.list_hub_adapters(base_model="meta-llama/Llama-3.2-1B")
     """
+    if _offline():  # there is no cache of a listing: say so at once, not after the client's retries
+        raise HubError("HF_HUB_OFFLINE is set, and listing the Hub's adapters needs the Hub",
+                       fix="unset HF_HUB_OFFLINE, or list the local registry (loratool registry ls)")  # fmt: skip
     filters = ["peft", *([f"base_model:adapter:{base_model}"] if base_model else [])]
     api = _api(endpoint, token)
     with _hub_errors(owner or base_model or "models", None):
