@@ -342,7 +342,11 @@ class Registry:
         return self.blobs / sha[:2] / sha
 
     def _store_blob(self, file: Path) -> str:
-        """Copy ``file`` in under its sha256 (hashed while copying); an existing blob is kept."""
+        """Copy ``file`` in under its sha256 (hashed while copying); an existing blob is kept.
+
+        Raises:
+            RegistryError: the copy failed (a full disk, say); no partial blob is left.
+        """
         _private_dir(self.home)
         tmp_dir = self.home / "tmp"
         _private_dir(tmp_dir)
@@ -367,6 +371,11 @@ class Registry:
             os.chmod(tmp, 0o400)  # read-only, and the owner's alone: an adapter may be private
             os.replace(tmp, target)
             return sha
+        except OSError as e:
+            raise RegistryError(
+                f"cannot store '{file.name}' in the registry ({e.strerror or e})", path=str(self.home),
+                fix="free space on the registry's disk (LORATOOL_HOME), or point LORATOOL_HOME at a roomier one",
+            ) from None  # fmt: skip
         finally:
             tmp.unlink(missing_ok=True)
 

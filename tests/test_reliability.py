@@ -475,3 +475,42 @@ def test_a_fix_that_is_a_command_keeps_its_spelling() -> None:
     assert str(LoraToolError("x", fix="loratool registry ls")).endswith(". loratool registry ls")
     assert str(LoraToolError("x", fix="--dtype bfloat16")).endswith(". --dtype bfloat16")
     assert str(LoraToolError("x", fix="pass --force")).endswith(". Pass --force")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_full_disk_while_writing_an_output_is_named_and_leaves_nothing(tmp_path: Path, cli, monkeypatch,
+                                                                         direct: bool) -> None:  # fmt: skip
+    """#31 item 10: a full disk on the direct-write path (files of 64 MiB and more) was a 'loratool bug'."""
+    from loratool.io import directio
+
+    base, adapter = _big_pair(tmp_path)  # 96 MiB of float32 in one file: the direct-write path
+    monkeypatch.setenv("LORATOOL_DIRECT_IO", "1" if direct else "0")
+    real, calls = os.write, {"n": 0}
+
+    def enospc(fd: int, data: object) -> int:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(directio.os, "write", enospc)
+    monkeypatch.setattr(os, "write", enospc)
+    res = cli("merge", base, adapter, "-o", tmp_path / "out", "-q")
+    assert res.exit_code == 1 and "No space left on device" in res.stderr, res.stderr
+    assert "loratool bug" not in res.stderr and not (tmp_path / "out").exists() and not litter(tmp_path)
+
+
+def test_a_full_disk_during_registry_add_is_named_and_stores_nothing(tmp_path: Path, cli, monkeypatch) -> None:
+    """#31 item 10: a full disk during registry add was a 'loratool bug'. (A full disk often shows at
+    fsync, where the file system allocates what the writes only reserved.)"""
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("LORATOOL_HOME", str(tmp_path / "home"))
+
+    def enospc(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", enospc)
+    res = cli("registry", "add", FIXTURES / "llama-peft-adapter", "--name", "bot")
+    assert res.exit_code == 1 and "No space left on device" in res.stderr, res.stderr
+    assert "loratool bug" not in res.stderr
+    assert not [p for p in (tmp_path / "home").rglob("*") if p.is_file() and p.suffix == ".part"]

@@ -16,6 +16,7 @@ ordinary buffered writes; so does ``LORATOOL_DIRECT_IO=0``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -108,13 +109,16 @@ class DirectFile:
             self.abort()
 
     def abort(self) -> None:
-        """Close without flushing (the caller removes the file)."""
+        """Close without flushing (the caller removes the file). Never raises over the error being
+        handled: a failed write's traceback still holds views of the staging buffer, which then
+        cannot close (BufferError) and is freed with them instead."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if self._stage is not None:
-            self._stage.close()
-            self._stage = None
+            stage, self._stage = self._stage, None
+            with contextlib.suppress(BufferError):
+                stage.close()
 
 
 def _write_all(fd: int, view: memoryview) -> None:
