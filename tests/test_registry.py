@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -335,6 +336,10 @@ def test_reads_through_a_reference_are_the_registered_bytes(tmp_path: Path, cli,
         res.exit_code == 1 and "bot@v1: the registered bytes of 'adapter_model.safetensors' are changed" in res.stderr
     )
     assert not (tmp_path / "m3.safetensors").exists()
+    shutil.rmtree(registry_home / "views")  # blob and view both gone (#31 item 10: a 'loratool bug')
+    blob.unlink()
+    res = cli("merge", base, "bot@v1", "-o", tmp_path / "m4.safetensors")
+    assert res.exit_code == 1 and "are missing" in res.stderr and "loratool bug" not in res.stderr
 
 
 @pytest.mark.parametrize("name", ["a/../b", "x/", "v1", "team/v2", "./x", "a//b"])
