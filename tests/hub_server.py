@@ -55,6 +55,9 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.corrupt: set[str] = set()  # file paths served with one byte flipped
+        # JSON answers spoiled on purpose, by the request path's start: "garbage" (not JSON), "truncated" (the
+        # connection closes halfway through the body), "no-url" (a commit's answer without its commitUrl)
+        self.spoil: dict[str, str] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
         self.commits_made = 0
         self.lock = threading.Lock()
@@ -98,7 +101,24 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, obj: object) -> None:
-        self._send(status, json.dumps(obj).encode())
+        path = self.path.split("?")[0]
+        how = next((v for k, v in self.state.spoil.items() if path.startswith(k)), None)
+        body = json.dumps(obj).encode()
+        if how == "garbage":
+            body = b"<html><body>502 Bad Gateway, from a proxy</body></html>"
+        elif how == "no-url" and isinstance(obj, dict):
+            body = json.dumps({k: v for k, v in obj.items() if k != "commitUrl"}).encode()
+        elif how == "truncated":
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # socket.SHUT_RDWR: the rest never comes
+            return
+        self._send(status, body)
 
     def _error(self, status: int, code: str | None, message: str, head: bool = False) -> None:
         headers = {"X-Error-Message": message}

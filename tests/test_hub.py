@@ -286,3 +286,25 @@ def test_listing_the_hub_offline_says_so_at_once(hub, cli, monkeypatch) -> None:
     res = cli("registry", "ls", "--hub", "me", "--endpoint", hub.url)
     assert res.exit_code == 1 and "HF_HUB_OFFLINE is set" in res.stderr and "registry ls" in res.stderr
     assert time.monotonic() - start < 5 and "Retrying" not in res.stderr
+
+
+@pytest.mark.parametrize(("path", "how", "says"), [
+    ("/api/models", "garbage", "not the JSON"),
+    pytest.param("/api/models", "truncated", "broke off", marks=pytest.mark.slow),  # 23 s of the client's retries
+    ("/api/models/me/spoiled/commit", "no-url", "not the JSON"),
+])  # fmt: skip
+def test_a_hub_answer_that_is_not_what_it_should_be_is_named(hub, adapters, cli, path: str, how: str,
+                                                              says: str) -> None:  # fmt: skip
+    """#31 items 10 and 13: non-JSON answers and a push answer without its url were 'loratool bugs'; a
+    truncated body said 'cannot reach the Hub'."""
+    r4, _ = adapters
+    hub.state.spoil[path] = how
+    try:
+        if "commit" in path:
+            res = cli("push", r4, "me/spoiled", "--endpoint", hub.url)
+        else:
+            res = cli("registry", "ls", "--hub", "me", "--endpoint", hub.url)
+    finally:
+        hub.state.spoil.clear()
+    assert res.exit_code == 1 and says in res.stderr, res.stderr
+    assert "loratool bug" not in res.stderr and "cannot reach the Hub" not in res.stderr

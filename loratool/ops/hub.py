@@ -109,13 +109,31 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         if status is not None and status >= 500:
             raise HubError(f"the Hub answered {status} (a server error)", fix="retry later") from None
         raise HubError(f"the Hub refused the request ({status}): {_first_line(err)}") from None
+    except (ValueError, KeyError, TypeError) as err:  # a JSON answer that is not JSON, or lacks what it must hold
+        if isinstance(err, LoraToolError):
+            raise
+        raise HubError(
+            f"the Hub's answer is not the JSON it should be ({type(err).__name__}: {_first_line(err)})",
+            fix="check that --endpoint or HF_ENDPOINT is a Hugging Face Hub (a proxy or another server answers "
+            "otherwise), then retry",
+        ) from None  # fmt: skip
     except Exception as err:
         if isinstance(err, LoraToolError) or not _is_network_error(err):
             raise
+        if type(err).__name__ in _BROKEN_OFF:
+            raise HubError(
+                f"the Hub's answer broke off before its end ({type(err).__name__}: {_first_line(err)})",
+                fix="retry; if it happens again, check for a proxy between you and the Hub",
+            ) from None
         raise HubError(
             f"cannot reach the Hub ({type(err).__name__}: {_first_line(err)})",
             fix="check the network, and --endpoint or HF_ENDPOINT",
         ) from None
+
+
+# the transport's names for a body that ended early (httpx, urllib3, requests): the Hub was reached
+_BROKEN_OFF = frozenset({"RemoteProtocolError", "IncompleteRead", "ProtocolError", "ChunkedEncodingError",
+                         "ContentDecodingError", "ReadError"})  # fmt: skip
 
 
 def _is_network_error(err: Exception) -> bool:
