@@ -19,6 +19,7 @@ Every problem carries its fix, most often a ``loratool convert`` command.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from .adapter import Adapter, lora_scaling
@@ -55,7 +56,7 @@ def runtime_refusals(
     if runtime == "llama.cpp":
         return _llama_cpp(adapter, source, base, base_config)
     if runtime == "mlx":
-        return _mlx(adapter, source)
+        return _mlx(adapter, source, base_config)
     return _peft(adapter, source), []
 
 
@@ -135,15 +136,19 @@ def _llama_cpp(
     return plan.problems, [f"llama.cpp: reads GGUF adapters: {_convert(source, 'gguf', f' --base {base}')}"]
 
 
-def _mlx(adapter: Adapter, source: str) -> tuple[list[Refusal], list[str]]:
-    from .formats.mlx import mlx_refusals
+def _mlx(adapter: Adapter, source: str, base_config: Mapping[str, Any] | None) -> tuple[list[Refusal], list[str]]:
+    from .formats.mlx import mlx_refusals, reach_refusals, read_config
 
     notes = []
     if adapter.format != "mlx":
         notes.append(f"mlx: mlx-lm reads its own layout: {_convert(source, 'mlx')}")
         if len({(m.rank, m.scaling) for m in adapter.modules.values()}) > 1:
             notes.append("mlx: mlx-lm has one rank and one scale: convert folds each scaling into B and pads ranks")
-    return mlx_refusals(adapter), notes
+    problems = mlx_refusals(adapter)
+    if adapter.format == "mlx":  # its own config decides which modules mlx-lm gives LoRA layers
+        layers = (base_config or {}).get("num_hidden_layers")
+        problems += reach_refusals(adapter, read_config(Path(source)), layers if isinstance(layers, int) else None)
+    return problems, notes
 
 
 def _peft(adapter: Adapter, source: str) -> list[Refusal]:

@@ -143,3 +143,40 @@ def test_portable_on_every_command_that_writes_peft(tmp_path: Path, fixtures: Pa
             torch.testing.assert_close(served[p], exact[p], rtol=1e-4, atol=1e-6, msg=f"{name} {p}")
     res = cli("resize", src, "-r", "4", "--format", "kohya", "--portable", "-o", tmp_path / "k.safetensors")
     assert res.exit_code == 1 and "--portable is for PEFT output" in res.output
+
+
+def _mlx_by_hand(path: Path, layers: list[int], *, num_layers: int, keys: list[str] | None) -> Path:
+    """An mlx-lm adapter directory as mlx-lm's lora command writes one: relative keys, num_layers."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in layers:
+        tensors[f"model.layers.{i}.self_attn.q_proj.lora_a"] = torch.randn(32, 2, generator=g)
+        tensors[f"model.layers.{i}.self_attn.q_proj.lora_b"] = torch.randn(2, 32, generator=g)
+    save_file(tensors, str(path / "adapters.safetensors"))
+    params = {"rank": 2, "scale": 2.0, "dropout": 0.0, **({"keys": keys} if keys is not None else {})}
+    (path / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": num_layers,
+                                                          "lora_parameters": params}))  # fmt: skip
+    return path
+
+
+def test_mlx_adapts_only_the_last_num_layers_blocks_and_the_keys(tmp_path: Path, cli, fixtures: Path) -> None:
+    """#31 item 14: relative keys, num_layers 2 and tensors for 4 blocks was called valid; mlx-lm's loader
+    refuses the tensors it made no LoRA layer for ('not an adapter parameter in the model')."""
+    base = fixtures / "llama-base"  # 2 blocks
+    src = _mlx_by_hand(tmp_path / "both", [0, 1], num_layers=1, keys=["self_attn.q_proj"])
+    res = cli("validate", src, "--runtime", "mlx", "--base", base, "--json")
+    assert res.exit_code == 1 and "model.layers.0.self_attn.q_proj" in res.stdout and "from block 1" in res.stdout
+    res = cli("validate", src, "--runtime", "mlx", "--json")  # without the base: more blocks than num_layers
+    assert res.exit_code == 1 and "tensors in 2" in res.stdout
+    fine = _mlx_by_hand(tmp_path / "last", [1], num_layers=1, keys=["self_attn.q_proj"])
+    assert cli("validate", fine, "--runtime", "mlx", "--base", base).exit_code == 0
+    other = _mlx_by_hand(tmp_path / "keys", [1], num_layers=-1, keys=["self_attn.v_proj"])
+    res = cli("validate", other, "--runtime", "mlx", "--json")
+    assert res.exit_code == 1 and "keys does not select this module" in res.stdout
+    assert cli("validate", _mlx_by_hand(tmp_path / "all", [0, 1], num_layers=-1, keys=None), "--runtime",
+               "mlx").exit_code == 0  # fmt: skip

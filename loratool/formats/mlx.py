@@ -178,3 +178,43 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
             out.append(Refusal(path, "a GPT-2 Conv1D weight; mlx-lm's models store those transposed as Linear",
                                "not supported: convert adapters of Llama-style models"))  # fmt: skip
     return out
+
+
+def reach_refusals(adapter: Adapter, config: dict[str, Any], total_layers: int | None) -> list[Refusal]:
+    """The modules of an mlx-lm ``adapter`` that lie in blocks mlx-lm gives no LoRA layers, so that its
+    loader refuses their tensors ("not an adapter parameter in the model"): mlx-lm adapts a module
+    whose full path is in ``keys`` anywhere, but one selected by its path inside a block (or by no
+    ``keys`` at all) only in the last ``num_layers`` blocks (every block where it is 0 or less).
+    (Modules ``keys`` selects in no way are the structure check's: :mod:`loratool.validation`.)
+    ``total_layers`` (the base's ``num_hidden_layers``) places the last blocks; without it, only an
+    adapter on more blocks than ``num_layers`` is caught."""
+    import re
+
+    params = config.get("lora_parameters") or {}
+    keys = params.get("keys") if isinstance(params, dict) else None
+    n = config.get("num_layers", 16)  # mlx-lm's default, as its lora command sets it
+    n = n if isinstance(n, int) and not isinstance(n, bool) else 16
+    out: list[Refusal] = []
+    blocks: dict[int, list[str]] = {}
+    for path in sorted(adapter.modules):
+        if isinstance(keys, list) and path in keys:
+            continue  # a full path: adapted wherever it is
+        match = re.search(r"(?:^|\.)layers\.(\d+)\.(.+)$", path)
+        if match is None:
+            continue  # outside the blocks: adapted by a full path in keys or not at all (the structure check's)
+        layer, inside = int(match.group(1)), match.group(2)
+        if isinstance(keys, list) and inside not in keys:
+            continue  # selected by no key at all: validate's structure check reports it
+        blocks.setdefault(layer, []).append(path)
+    if n > 0 and blocks:
+        first = total_layers - n if total_layers is not None else None
+        if first is not None:
+            out += [Refusal(p, f"mlx-lm adapts the last {n} of the base's {total_layers} blocks (num_layers), "
+                               f"from block {first}; this module is in block {layer}",
+                            "raise num_layers (or set it to -1 for every block), or name full paths in keys")
+                    for layer, paths in sorted(blocks.items()) if layer < first for p in paths]  # fmt: skip
+        elif len(blocks) > n:
+            why = (f"mlx-lm adapts the last {n} blocks (num_layers), and the adapter has tensors in {len(blocks)} "
+                   f"({min(blocks)} to {max(blocks)})")  # fmt: skip
+            out.append(Refusal("num_layers", why, "raise num_layers (-1: every block), or name full paths in keys"))
+    return out
