@@ -54,10 +54,28 @@ def runtime_refusals(
     if runtime == "vllm":
         return _vllm(adapter, source), _vllm_notes(adapter)
     if runtime == "llama.cpp":
-        return _llama_cpp(adapter, source, base, base_config)
+        return _copies_dropped(*_llama_cpp(adapter, source, base, base_config), adapter, source, base, runtime)
     if runtime == "mlx":
-        return _mlx(adapter, source, base_config)
+        return _copies_dropped(*_mlx(adapter, source, base_config), adapter, source, base, runtime)
     return _peft(adapter, source), []
+
+
+def _copies_dropped(problems: list[Refusal], notes: list[str], adapter: Adapter, source: str, base: str | None,
+                    runtime: str) -> tuple[list[Refusal], list[str]]:  # fmt: skip
+    """A whole tensor equal to the base's is no problem where convert leaves it out (it does, given
+    the base): a note instead, as convert says it."""
+    whole = [p for p in problems if p.where in adapter.whole]
+    if base is None or not whole:
+        return problems, notes
+    from .formats import load_adapter
+    from .transforms import unchanged_whole
+
+    same = set(unchanged_whole(load_adapter(source), base))  # read whole: the comparison needs the values
+    if not same:
+        return problems, notes
+    kept = [p for p in problems if p.where not in same]
+    return kept, [*notes, f"{runtime}: {len(same)} whole tensor(s) equal to the base's ({', '.join(sorted(same))}) "
+                          f"are left out by convert --base (PEFT saves targeted embeddings whole)"]  # fmt: skip
 
 
 def _convert(source: str, to: str, extra: str = "") -> str:

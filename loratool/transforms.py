@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -214,3 +215,16 @@ def split(adapter: Adapter, fused: str, parts: Sequence[str], sizes: Callable[[s
 def _without_patterns(config: dict[str, Any]) -> dict[str, Any]:
     """The config's per-module patterns name the old modules; the writer derives new ones."""
     return {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern", "target_modules")}
+
+
+def unchanged_whole(adapter: Adapter, base: str | os.PathLike[str]) -> list[str]:
+    """The whole tensors (``modules_to_save``) of ``adapter`` that only repeat ``base``'s, bit for bit:
+    PEFT saves a targeted embedding whole even when it did not change. A runtime that takes no
+    whole tensors serves the adapter the same without them."""
+    from .io.checkpoint import open_checkpoint
+
+    with open_checkpoint(base) as ck:
+        return sorted(
+            k for k, t in adapter.whole.items()
+            if k in ck and tuple(ck.info(k).shape) == tuple(t.shape) and torch.equal(ck.get(k).to(t.dtype), t)
+        )  # fmt: skip

@@ -180,3 +180,25 @@ def test_mlx_adapts_only_the_last_num_layers_blocks_and_the_keys(tmp_path: Path,
     assert res.exit_code == 1 and "keys does not select this module" in res.stdout
     assert cli("validate", _mlx_by_hand(tmp_path / "all", [0, 1], num_layers=-1, keys=None), "--runtime",
                "mlx").exit_code == 0  # fmt: skip
+
+
+def test_whole_copies_of_the_base_are_left_out_for_llama_cpp_and_mlx(tmp_path: Path, cli, fixtures: Path) -> None:
+    """#31 item 14: validate called an adapter whose only whole tensors repeat the base's invalid for
+    llama.cpp and mlx, while convert --to gguf drops them; convert --to mlx now drops them too."""
+    from safetensors.torch import load_file
+
+    base = fixtures / "llama-base"
+    a = load_adapter(fixtures / "llama-peft-adapter")
+    a.whole = {"model.embed_tokens.weight": load_file(str(base / "model.safetensors"))["model.embed_tokens.weight"]}
+    save_adapter(a, tmp_path / "copy")
+    for runtime in ("mlx", "llama.cpp"):
+        res = cli("validate", tmp_path / "copy", "--runtime", runtime, "--base", base, "--json")
+        assert res.exit_code == 0 and "equal to the base's" in res.stdout, (runtime, res.stdout)
+    res = cli("convert", tmp_path / "copy", "--to", "mlx", "--base", base, "-o", tmp_path / "mlx", "--json")
+    assert res.exit_code == 0 and "left out 1 whole tensor" in res.stdout
+    assert not load_adapter(tmp_path / "mlx").whole
+    res = cli("convert", tmp_path / "copy", "--to", "mlx", "-o", tmp_path / "mlx2")
+    assert res.exit_code == 1 and "convert --base" in res.stderr  # without the base nothing can be compared
+    a.whole = {k: t + 1 for k, t in a.whole.items()}  # a real change stays a problem
+    save_adapter(a, tmp_path / "changed")
+    assert cli("validate", tmp_path / "changed", "--runtime", "mlx", "--base", base).exit_code == 1

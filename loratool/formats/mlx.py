@@ -164,7 +164,8 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
     """Everything in ``adapter`` that an mlx-lm adapter cannot hold."""
     out = [
         Refusal(key, "mlx-lm adapters hold LoRA factors only, not whole tensors (modules_to_save)",
-                "merge the adapter into the base instead (loratool merge), or drop modules_to_save")
+                "merge the adapter into the base instead (loratool merge), or drop modules_to_save (convert --base "
+                "MODEL leaves out those equal to the base's)")
         for key in sorted(adapter.whole)
     ]  # fmt: skip
     out += [Refusal(key, "mlx-lm has no trainable tokens", "merge the adapter instead") for key in adapter.token_rows]

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from .. import transforms
 from ..adapter import Adapter
 from ..errors import LoraToolError, MissingKeyError, ShapeMismatchError
@@ -17,7 +15,7 @@ from ..formats import load_adapter, save_adapter
 from ..formats.gguf import OutType, refuse_for_gguf, write_gguf
 from ..formats.kohya import resolve_paths
 from ..io.atomic import check_output
-from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
+from ..io.checkpoint import open_checkpoint, torch_dtype
 from ..provenance import PROVENANCE_KEY, InputHasher, encode, make_record
 from ..validation import ValidationReport, check_fit, require_valid
 
@@ -123,6 +121,8 @@ def convert(
         assert base is not None
         return _to_gguf(a, out, Path(base), outtype=outtype, force=force, source=source, before=before,
                         warnings=warnings, allow_pickle=allow_pickle)  # fmt: skip
+    if to == "mlx" and base is not None and a.whole:
+        _drop_unchanged(a, base, warnings)  # as the GGUF writer does: mlx-lm takes no whole tensors either
     save_adapter(a, out, format=to, force=force, dtype=torch_dtype(dtype) if dtype else None)
     written = load_adapter(out)
     if to == "mlx" and written.num_params > before:
@@ -140,11 +140,7 @@ def _to_gguf(
 ) -> ConvertResult:  # fmt: skip
     with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
         config = ck.config()
-        same = _unchanged_whole(a, ck)
-    if same:
-        a.whole = {k: t for k, t in a.whole.items() if k not in same}
-        warnings.append(f"left out {len(same)} whole tensor(s) equal to the base's ({', '.join(same)}): "
-                        "PEFT saves targeted embedding layers whole even when they did not change")  # fmt: skip
+    _drop_unchanged(a, base, warnings)
     refuse_for_gguf(a, config)  # what llama.cpp cannot take, said before any shape is compared
     _require_fit(a, base, allow_pickle)
     provenance = a.metadata.get(PROVENANCE_KEY)
@@ -215,12 +211,13 @@ def _part_sizes(base: str | os.PathLike[str], parts: Sequence[str], allow_pickle
     return sizes
 
 
-def _unchanged_whole(a: Adapter, ck: Checkpoint) -> list[str]:
-    """The whole tensors (``modules_to_save``) that only repeat the base's, bit for bit."""
-    return sorted(
-        k for k, t in a.whole.items()
-        if k in ck and tuple(ck.info(k).shape) == tuple(t.shape) and torch.equal(ck.get(k).to(t.dtype), t)
-    )  # fmt: skip
+def _drop_unchanged(a: Adapter, base: str | os.PathLike[str], warnings: list[str]) -> None:
+    """Leave out whole tensors equal to the base's (llama.cpp and mlx-lm take none), saying so."""
+    same = transforms.unchanged_whole(a, base)
+    if same:
+        a.whole = {k: t for k, t in a.whole.items() if k not in same}
+        warnings.append(f"left out {len(same)} whole tensor(s) equal to the base's ({', '.join(same)}): "
+                        "PEFT saves targeted embedding layers whole even when they did not change")  # fmt: skip
 
 
 def _name_from(adapter: Adapter, base: str | os.PathLike[str], allow_pickle: bool) -> None:
