@@ -514,3 +514,25 @@ def test_a_full_disk_during_registry_add_is_named_and_stores_nothing(tmp_path: P
     assert res.exit_code == 1 and "No space left on device" in res.stderr, res.stderr
     assert "loratool bug" not in res.stderr
     assert not [p for p in (tmp_path / "home").rglob("*") if p.is_file() and p.suffix == ".part"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_merge_exits_130_or_143_and_leaves_nothing(tmp_path: Path, sig: int, code: int) -> None:
+    """#31 item 10: SIGINT/SIGTERM in the middle of a large merge ended in 'BufferError', exit 1 (the
+    direct writer's abort raised it over the interrupt)."""
+    base, adapter = _big_pair(tmp_path)  # 96 MiB in one file: the direct-write path
+    out = tmp_path / "merged.safetensors"
+    proc = subprocess.Popen(_merge_cmd(base / "model.safetensors", adapter, out), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until it is writing its temporary output
+        if [p for p in litter(tmp_path) if p.is_file() and p.stat().st_size > 0] or proc.poll() is not None:
+            break
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the merge finished before the signal came")
+    assert proc.returncode == code, err
+    assert "BufferError" not in err and "loratool bug" not in err
+    assert not out.exists() and not litter(tmp_path)
