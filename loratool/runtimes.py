@@ -128,9 +128,10 @@ def _vllm(adapter: Adapter, source: str) -> list[Refusal]:
 def _one_scaling_misses(adapter: Adapter) -> list[str]:
     """Modules whose true scaling is not the one ``r`` and ``lora_alpha`` alone give."""
     config = adapter.config
-    if "r" not in config or "lora_alpha" not in config:
-        return []  # not a PEFT config: the format problem says what to do
-    one = lora_scaling(float(config["lora_alpha"]), int(config["r"]), use_rslora=bool(config.get("use_rslora")))
+    alpha, r = config.get("lora_alpha"), config.get("r")
+    if not isinstance(alpha, (int, float)) or not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        return []  # no PEFT r and lora_alpha (a kohya file, say): the format problem says what to do
+    one = lora_scaling(float(alpha), r, use_rslora=bool(config.get("use_rslora")))
     return sorted(p for p, m in adapter.modules.items() if abs(m.scaling - one) > 1e-6 * abs(one))
 
 

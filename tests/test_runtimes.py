@@ -202,3 +202,9 @@ def test_whole_copies_of_the_base_are_left_out_for_llama_cpp_and_mlx(tmp_path: P
     a.whole = {k: t + 1 for k, t in a.whole.items()}  # a real change stays a problem
     save_adapter(a, tmp_path / "changed")
     assert cli("validate", tmp_path / "changed", "--runtime", "mlx", "--base", base).exit_code == 1
+
+
+def test_vllm_rules_on_a_kohya_file_say_what_to_do(cli, fixtures: Path) -> None:
+    """#33: validate --runtime vllm on any kohya file, the shipped one included, was a 'loratool bug'."""
+    res = cli("validate", fixtures / "llama-kohya.safetensors", "--runtime", "vllm")
+    assert res.exit_code == 1 and "loratool bug" not in res.output + res.stderr and "convert" in res.output
