@@ -306,9 +306,10 @@ def logical_shapes(
 
 
 def packed_method(config: Mapping[str, Any], found: Quantization | None = None) -> str | None:
-    """``mxfp4``, ``nvfp4-modelopt``, ``nvfp4-compressed``, ``int-compressed``, ``gptq`` or ``awq``: the
-    packed layouts loratool reads, from config.json (its ``quantization_config``; ModelOpt's ``hf_quant_config.json``
-    is passed in as ``config["hf_quant_config"]``), else None."""
+    """``mxfp4``, ``nvfp4-modelopt``, ``nvfp4-compressed``, ``int-compressed``, ``mixed-compressed``
+    (compressed-tensors groups of several formats), ``gptq`` or ``awq``: the packed layouts loratool
+    reads, from config.json (its ``quantization_config``; ModelOpt's ``hf_quant_config.json`` is
+    passed in as ``config["hf_quant_config"]``), else None."""
     qc = config.get("quantization_config") or config.get("compression_config") or {}
     method = str(qc.get("quant_method") or "") if isinstance(qc, Mapping) else ""
     modelopt = config.get("hf_quant_config")
