@@ -32,6 +32,7 @@ import bench_moe
 import bench_quant_keep
 import bench_registry
 import bench_ties
+import bench_unmerge_check
 import torch
 import write_paths
 from common import machine
@@ -39,7 +40,7 @@ from common import machine
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BENCHES = {
     "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "quant_keep": bench_quant_keep,
-    "fp4": bench_fp4, "combine": bench_combine,
+    "fp4": bench_fp4, "unmerge_check": bench_unmerge_check, "combine": bench_combine,
     "ties": bench_ties, "analyze": bench_analyze, "moe": bench_moe, "registry": bench_registry, "write_paths": write_paths,
     "gpu": bench_gpu,
 }  # fmt: skip

@@ -108,10 +108,21 @@ _MANTISSA_BITS = {
 
 
 def unit_of_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype``'s values at magnitude ``x`` (float64): 2^(exponent - mantissa bits)."""
+    """The spacing of ``dtype``'s values at magnitude ``x`` (float32 or float64, in ``x``'s dtype or wider):
+    2^(exponent - mantissa bits). The power of two of a float is its exponent bits alone, so this
+    masks them (torch's frexp and ldexp cost several times more on CPU); exact."""
     info = torch.finfo(dtype)
-    _, exp = torch.frexp(x.clamp_min(info.tiny))  # x = m * 2^exp, m in [0.5, 1)
-    return torch.ldexp(torch.ones_like(x), exp - 1 - _MANTISSA_BITS[dtype])
+    if x.dtype == torch.float32 and info.tiny < torch.finfo(torch.float32).tiny:
+        x = x.double()  # float64's units of float32 values: its smallest normal underflows float32
+    a = x.abs().clamp_min(info.tiny)
+    if a.dtype == torch.float32:
+        power = (a.view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^floor(log2 a)
+    elif a.dtype == torch.float64:
+        power = (a.view(torch.int64) & 0x7FF0000000000000).view(torch.float64)
+    else:
+        _, exp = torch.frexp(a)  # a = m * 2^exp, m in [0.5, 1)
+        return torch.ldexp(torch.ones_like(a), exp - 1 - _MANTISSA_BITS[dtype])
+    return power.mul_(2.0 ** -_MANTISSA_BITS[dtype])  # a power of two: exact
 
 
 # -- truncated SVD --------------------------------------------------------------------------------

@@ -345,3 +345,19 @@ def test_merge_rows_adds_each_term_to_its_own_rows() -> None:
         out = torch.empty_like(w)
         merge_rows(w, terms, out, torch.empty(scratch_rows * cols))
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_unit_of_rounding_is_the_frexp_formula_bit_for_bit() -> None:
+    """The exponent-mask form against 2^(exponent - mantissa bits) by frexp/ldexp in float64."""
+    from loratool.linalg import _MANTISSA_BITS, unit_of_rounding
+
+    g = torch.Generator().manual_seed(0)
+    for wide in (torch.float32, torch.float64):
+        scale = 10.0 ** torch.randint(-40, 30, (20000,), generator=g).to(wide)
+        x = torch.cat(
+            [torch.randn(20000, generator=g).abs().to(wide) * scale, torch.tensor([0.0, 1.0, 0.75], dtype=wide)]
+        )
+        for dtype, bits in _MANTISSA_BITS.items():
+            _, exp = torch.frexp(x.double().clamp_min(torch.finfo(dtype).tiny))
+            want = torch.ldexp(torch.ones_like(x.double()), exp - 1 - bits)
+            assert torch.equal(unit_of_rounding(x, dtype).double(), want), (wide, dtype)
