@@ -793,7 +793,7 @@ _FUSION = _Fusion()
     type=click.Path(),
     default=None,
     help="The base checkpoint (headers and config.json only). GGUF: required (llama.cpp's architecture, tensor "
-    "names; every module must fit). kohya input: names its modules.",
+    "names; every module must fit). kohya and GGUF input: names its modules.",
 )
 @click.option(
     "--outtype",
@@ -823,8 +823,9 @@ def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: st
             allow_pickle: bool, quiet: bool, as_json: bool) -> None:  # fmt: skip
     """Write ADAPTER in another format (PEFT, kohya, mlx-lm, llama.cpp GGUF); every delta stays the same.
 
-    Reads PEFT directories, kohya .safetensors files and mlx-lm adapter directories. GGUF needs
-    the gguf package: pip install 'loratool[gguf]'.
+    Reads PEFT directories, kohya .safetensors files, mlx-lm adapter directories and llama.cpp
+    LoRA adapters (.gguf, with --base: llama.cpp's names lead back to module paths only through
+    the base). GGUF needs the gguf package: pip install 'loratool[gguf]'.
 
     \b
     Examples:
@@ -835,6 +836,7 @@ def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: st
       loratool convert adapter/ --to peft --fuse qkv_proj=q_proj,k_proj,v_proj \\
           --fuse gate_up_proj=gate_proj,up_proj -o adapter-phi3/
       loratool convert lora.safetensors --to peft --base model/ -o adapter/
+      loratool convert adapter.gguf --to peft --base model/ -o adapter/
     """  # noqa: D301
     from .ops.convert import convert as run
 

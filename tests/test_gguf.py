@@ -280,3 +280,167 @@ def test_gemma3_embedding_lora_is_refused(tmp_path: Path) -> None:
     base, adapter, _ = save_pair(tmp_path, "gemma3", ["q_proj", "embed_tokens"], r=4, alpha=8)
     with pytest.raises(LoraToolError, match="cuts this embedding"):
         convert(adapter, to="gguf", base=base, output=tmp_path / "a.gguf")
+
+
+# --- reading GGUF back: convert adapter.gguf --to peft --base MODEL ------------------------------
+
+
+def deltas_through_peft(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """The deltas PEFT itself applies when it loads ``adapter`` onto ``base``."""
+    import transformers as tf
+    from peft import PeftModel
+
+    return peft_deltas(PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), adapter))
+
+
+def unpermuted(deltas: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """llama.cpp's deltas (by its names) in the base's row order, by module path: the oracle built
+    from the GGUF's tensors alone, with the test's own permutation."""
+    out = {}
+    for module, delta in deltas.items():
+        leaf = module.split(".")[-1]
+        if leaf in ("q_proj", "k_proj"):
+            heads = config["num_attention_heads"] if leaf == "q_proj" else config["num_key_value_heads"]
+            delta = permute_rows(delta, heads)  # a bijection; compare in llama.cpp's order instead
+        out[module] = delta
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+def test_loratools_gguf_reads_back_to_the_deltas_it_was_written_from(tmp_path: Path, family: str) -> None:
+    """Round trip through GGUF, checked by PEFT loading the result: mixed ranks and alphas (folded
+    into B on the way out), q/k permuted for Llama, the embedding's transposed lora_a."""
+    targets = ["qkv_proj", "o_proj", "down_proj"] if family == "phi3" else ATTN + ["embed_tokens", "lm_head"]
+    base, adapter, pm = save_pair(tmp_path, family, targets, r=4, alpha=8, rank_pattern={"o_proj": 8, "down_proj": 2},
+                                  alpha_pattern={"o_proj": 3})  # fmt: skip
+    convert(adapter, to="gguf", base=base, output=tmp_path / "a.gguf")
+    result = convert(tmp_path / "a.gguf", to="peft", base=base, output=tmp_path / "back")
+    assert result.source_format == "gguf" and result.format == "peft" and result.ranks == [2, 4, 8]
+    got, want = deltas_through_peft(base, tmp_path / "back"), peft_deltas(pm)
+    assert set(got) == set(want)
+    for module, delta in want.items():
+        torch.testing.assert_close(got[module], delta, rtol=1e-6, atol=1e-7, msg=module)
+
+
+def test_a_q8_0_gguf_reads_back_dequantized(tmp_path: Path) -> None:
+    base, adapter, pm = save_pair(tmp_path, "llama", ["q_proj", "k_proj", "down_proj"], r=4, alpha=8)
+    convert(adapter, to="gguf", base=base, output=tmp_path / "a.gguf", outtype="q8_0")
+    convert(tmp_path / "a.gguf", to="peft", base=base, output=tmp_path / "back")
+    config = json.loads((base / "config.json").read_text())
+    got = deltas_through_peft(base, tmp_path / "back")
+    for module, delta in unpermuted(got, config).items():  # what llama.cpp computes from the rounded factors
+        torch.testing.assert_close(delta, llama_cpp_deltas(tmp_path / "a.gguf")[llama_cpp_name(module)],
+                                   rtol=1e-5, atol=1e-6, msg=module)  # fmt: skip
+    for module, delta in peft_deltas(pm).items():  # and near the original
+        assert (got[module] - delta).abs().max() <= 2e-2 * delta.abs().max(), module
+
+
+@pytest.mark.parametrize("name", ["llama-peft-adapter-llama-cpp.gguf", "llama-peft-adapter-llama-cpp-q8_0.gguf"])
+def test_llama_cpps_own_converter_output_reads_back(tmp_path: Path, fixtures: Path, name: str) -> None:
+    """fixtures/ holds llama-peft-adapter as llama.cpp's convert_lora_to_gguf.py wrote it (f32 and
+    q8_0). Read back, it gives what llama.cpp computes from it; that is PEFT's adapter wherever
+    llama.cpp's converter kept it. The converter writes one lora_alpha and ignores alpha_pattern:
+    down_proj (alpha 4 in the pattern, 8 in the file) comes back twice as strong, as llama.cpp runs it."""
+    base = fixtures / "llama-base"
+    out = tmp_path / "back"
+    args = ["convert", str(fixtures / name), "--to", "peft", "--base", str(base), "-o", str(out), "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["source_format"] == "gguf"
+    got = deltas_through_peft(base, out)
+    config = json.loads((base / "config.json").read_text())
+    llama_cpp = llama_cpp_deltas(fixtures / name)
+    peft = deltas_through_peft(base, fixtures / "llama-peft-adapter")
+    assert set(got) == set(peft) and len(got) == 6
+    tol = {"rtol": 1e-5, "atol": 1e-6} if "q8_0" not in name else {"rtol": 2e-2, "atol": 2e-3}
+    for module, delta in unpermuted(got, config).items():
+        torch.testing.assert_close(delta, llama_cpp[llama_cpp_name(module)], rtol=1e-5, atol=1e-6, msg=module)
+        factor = 2.0 if module.endswith("down_proj") else 1.0
+        torch.testing.assert_close(got[module], factor * peft[module], **tol, msg=module)
+
+
+def write_gguf_file(path: Path, arch: str = "llama", kind: str = "adapter", tensors: dict | None = None,
+                    alpha: float = 8.0) -> Path:  # fmt: skip
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    if kind == "adapter":
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    else:
+        writer.add_type(gguf.GGUFType.MODEL)
+    for name, t in (tensors or {}).items():
+        writer.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def pair(rows: int, cols: int, r: int = 2, fill: float = 0.1) -> dict:
+    import numpy as np
+
+    return {"lora_a": np.full((r, cols), fill), "lora_b": np.full((rows, r), fill)}
+
+
+@pytest.mark.parametrize(("case", "match"), [
+    ("no-base", "needs the base checkpoint"),
+    ("truncated", "not a readable GGUF file"),
+    ("model", "not a llama.cpp LoRA adapter"),
+    ("other-arch", "for llama.cpp's 'qwen2' models; the base is 'llama'"),
+    ("half-pair", "blk.0.attn_v.weight has no lora_b"),
+    ("unknown-tensor", "neither a lora_a nor a lora_b"),
+    ("no-such-module", "blk.7.attn_v.weight: the base has no module"),
+    ("wrong-shape", "does not fit the base"),
+    ("nan", "NaN or Inf"),
+    ("nan-alpha", "adapter.lora.alpha is nan"),
+])  # fmt: skip
+def test_a_gguf_that_cannot_be_read_back_is_refused_by_name(tmp_path: Path, fixtures: Path, case: str,
+                                                            match: str) -> None:  # fmt: skip
+    good = fixtures / "llama-peft-adapter-llama-cpp.gguf"
+    v = {f"blk.0.attn_v.weight.{k}": t for k, t in pair(16, 32).items()}
+    src = {
+        "no-base": lambda: good,
+        "truncated": lambda: tmp_path.joinpath("t.gguf").write_bytes(good.read_bytes()[:3000]) and tmp_path / "t.gguf",
+        "model": lambda: write_gguf_file(tmp_path / "m.gguf", kind="model", tensors={"token_embd.weight": [[0.0]]}),
+        "other-arch": lambda: write_gguf_file(tmp_path / "q.gguf", arch="qwen2", tensors=v),
+        "half-pair": lambda: write_gguf_file(tmp_path / "h.gguf", tensors={"blk.0.attn_v.weight.lora_a": [[0.0]]}),
+        "unknown-tensor": lambda: write_gguf_file(tmp_path / "u.gguf", tensors={"rope_freqs.weight": [0.0]}),
+        "no-such-module": lambda: write_gguf_file(tmp_path / "n.gguf", tensors={
+            k.replace("blk.0", "blk.7"): t for k, t in v.items()}),
+        "wrong-shape": lambda: write_gguf_file(tmp_path / "w.gguf", tensors={
+            f"blk.0.attn_v.weight.{k}": t for k, t in pair(24, 32).items()}),
+        "nan": lambda: write_gguf_file(tmp_path / "x.gguf", tensors={**v, "blk.0.attn_v.weight.lora_a":
+                                                                     pair(16, 32, fill=float("nan"))["lora_a"]}),
+        "nan-alpha": lambda: write_gguf_file(tmp_path / "a.gguf", tensors=v, alpha=float("nan")),
+    }[case]()  # fmt: skip
+    args = ["convert", str(src), "--to", "peft", "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args + ([] if case == "no-base" else ["--base", str(fixtures / "llama-base")]))
+    assert result.exit_code == 1, result.output
+    assert match in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_norm_tensors_are_left_out_as_llama_cpp_leaves_them_and_alpha_0_means_scaling_1(
+    tmp_path: Path, fixtures: Path
+) -> None:  # fmt: skip
+    import numpy as np
+
+    v = {f"blk.0.attn_v.weight.{k}": t for k, t in pair(16, 32, r=2, fill=0.5).items()}
+    src = write_gguf_file(tmp_path / "a.gguf", tensors={**v, "blk.0.attn_norm.weight": np.ones(32)}, alpha=0.0)
+    result = convert(src, to="peft", base=fixtures / "llama-base", output=tmp_path / "out")
+    assert any("left out 1 norm tensor(s) (blk.0.attn_norm.weight)" in w for w in result.warnings)
+    got = deltas_through_peft(fixtures / "llama-base", tmp_path / "out")
+    assert list(got) == ["model.layers.0.self_attn.v_proj"]
+    torch.testing.assert_close(got["model.layers.0.self_attn.v_proj"], torch.full((16, 32), 0.5, dtype=torch.double))
+
+
+def test_other_commands_point_a_gguf_adapter_to_convert(tmp_path: Path, fixtures: Path) -> None:
+    gguf_file = fixtures / "llama-peft-adapter-llama-cpp.gguf"
+    for args in (["inspect", str(gguf_file)], ["merge", str(fixtures / "llama-base"), str(gguf_file), "-o",
+                                                 str(tmp_path / "m")]):  # fmt: skip
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "loratool convert" in result.output and "--base MODEL" in result.output
+        assert "Traceback" not in result.output

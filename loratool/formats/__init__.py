@@ -64,7 +64,7 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         raise _not_an_adapter(p)
     _require_finite_scaling(adapter)
     if not lazy:
-        _require_finite(adapter)
+        require_finite(adapter)
     return adapter
 
 
@@ -113,7 +113,7 @@ def refuse_adapter(path: str | os.PathLike[str], role: str, usage: str) -> None:
         raise InputFileError(f"this is an adapter, where {role} goes", path=str(path), fix=f"the order is: {usage}")
 
 
-def _require_finite(adapter: Adapter) -> None:
+def require_finite(adapter: Adapter) -> None:
     """NaN or Inf in a factor would go on into every weight it touches: refuse it here, naming it."""
     from ..linalg import is_finite
 
@@ -131,6 +131,11 @@ def _require_finite(adapter: Adapter) -> None:
 
 
 def _not_an_adapter(p: Path) -> InputFileError:
+    if p.suffix == ".gguf":
+        return InputFileError(
+            "a llama.cpp GGUF adapter: loratool reads it only through convert, which needs its base",
+            path=str(p), fix=f"loratool convert {p} --to peft --base MODEL -o adapter/, then use adapter/",
+        )  # fmt: skip
     return InputFileError(
         "not an adapter",
         path=str(p),

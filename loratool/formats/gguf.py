@@ -1,4 +1,4 @@
-"""llama.cpp LoRA adapters (GGUF), written through the ``gguf`` package, llama.cpp's own library.
+"""llama.cpp LoRA adapters (GGUF), written and read back through the ``gguf`` package, llama.cpp's own library.
 
 The conventions, as llama.cpp's ``convert_lora_to_gguf.py`` writes them and ``src/llama-adapter.cpp``
 reads them:
@@ -18,20 +18,22 @@ reads them:
   (``LlamaModel.permute``), so the rows of their B are permuted the same way.
 
 Only architectures whose conversion loratool has checked are written; anything else is refused,
-never guessed.
+never guessed. :func:`read_gguf` undoes each step, for loratool's files and for llama.cpp's
+``convert_lora_to_gguf.py``'s alike.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..adapter import Adapter, LoraModule
 from ..arch import ties_word_embeddings
-from ..errors import LoraToolError, Refusal, UnsupportedAdapterError
+from ..errors import InputFileError, LoraToolError, MetadataError, Refusal, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 
 if TYPE_CHECKING:
@@ -278,3 +280,147 @@ def _encode(gguf: Any, data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     except gguf.QuantError:
         f16 = gguf.GGMLQuantizationType.F16
         return gguf.quants.quantize(data, f16), f16
+
+
+# --- reading back -----------------------------------------------------------------------------
+
+
+@dataclass
+class GgufRead:
+    """A llama.cpp LoRA adapter read back into module paths of its base: :func:`read_gguf`."""
+
+    adapter: Adapter
+    arch: str
+    alpha: float
+    dropped: list[str]  # norm tensors, which llama.cpp itself skips
+
+
+def read_gguf(path: str | Path, *, config: Mapping[str, Any], base_keys: Iterable[str]) -> GgufRead:
+    """Read a llama.cpp LoRA adapter (loratool's or llama.cpp's ``convert_lora_to_gguf.py``'s) as
+    PEFT factors for the base whose ``config.json`` is ``config`` and whose tensor names are
+    ``base_keys``: every pair named back to its module path, llama.cpp's q/k row permutation
+    undone, embeddings' ``lora_a`` transposed back, and ``alpha / r`` (``alpha = 0``: 1) as each
+    module's scaling. Exact: the factors come back as they were written (quantized types
+    dequantized as llama.cpp does).
+
+    ``*_norm.weight`` tensors (mergekit's extractions carry them) are left out, as llama.cpp's
+    loader skips them; they are listed in :attr:`GgufRead.dropped`.
+
+    Raises:
+        InputFileError: not a GGUF file, a GGUF model rather than a LoRA adapter, a pair with one
+            half missing or ranks that disagree, a tensor of a kind llama.cpp does not load.
+        UnsupportedAdapterError: an adapter for another architecture, or a tensor the base has no
+            module for (each named).
+    """
+    import torch
+
+    gguf = require_gguf()
+    where = str(path)
+    fields, tensors = _read_gguf_file(gguf, Path(path))
+    kind_of = fields.get("general.type"), fields.get(gguf.Keys.Adapter.TYPE)
+    if kind_of != ("adapter", "lora"):
+        raise InputFileError(
+            f"not a llama.cpp LoRA adapter (general.type {kind_of[0]!r}, adapter.type {kind_of[1]!r})", path=where,
+            fix="give a GGUF written by loratool convert --to gguf or llama.cpp's convert_lora_to_gguf.py",
+        )  # fmt: skip
+    if fields.get(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS) is not None:
+        raise UnsupportedAdapterError(
+            "an activated LoRA (adapter.alora.invocation_tokens): loratool has no aLoRA", path=where,
+            fix="convert the original PEFT adapter instead",
+        )  # fmt: skip
+    plan = plan_gguf(Adapter(), config)
+    if plan.family is None:
+        raise plan.problems[0].error(where)
+    arch = str(fields.get("general.architecture"))
+    if arch != plan.arch:
+        raise UnsupportedAdapterError(
+            f"the adapter is for llama.cpp's {arch!r} models; the base is {plan.arch!r}", path=where,
+            fix="pass the checkpoint the adapter was made for as --base",
+        )  # fmt: skip
+    alpha = fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise MetadataError(
+            f"adapter.lora.alpha is {alpha!r}: llama.cpp needs one finite number", path=where,
+            fix="write the adapter again",
+        )  # fmt: skip
+    alpha = float(alpha)
+    paths = _module_paths(gguf, plan, config, base_keys)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    dropped: list[str] = []
+    for name, data in tensors.items():
+        stem, _, suffix = name.rpartition(".")
+        if suffix in ("lora_a", "lora_b"):
+            pairs.setdefault(stem, {})[suffix] = data
+        elif name.endswith("_norm.weight"):
+            dropped.append(name)
+        else:
+            raise InputFileError(
+                f"tensor {name!r} is neither a lora_a nor a lora_b (llama.cpp refuses it too)", path=where,
+                fix="give a llama.cpp LoRA adapter",
+            )  # fmt: skip
+    modules: dict[str, LoraModule] = {}
+    for stem, pair in sorted(pairs.items()):
+        if len(pair) != 2:
+            missing = ({"lora_a", "lora_b"} - set(pair)).pop()
+            raise InputFileError(f"{stem} has no {missing}", path=where, fix="the file is incomplete: write it again")
+        module = paths.get(stem)
+        if module is None:
+            raise UnsupportedAdapterError(
+                f"{stem}: the base has no module llama.cpp names so", path=where,
+                fix="pass the checkpoint the adapter was made for as --base",
+            )  # fmt: skip
+        a, b = (torch.from_numpy(pair[k].astype("float32", copy=True)) for k in ("lora_a", "lora_b"))
+        embedding = stem == "token_embd.weight"
+        if embedding:
+            a = a.T.contiguous()  # llama.cpp's (num, r) back to PEFT's (r, num)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise InputFileError(
+                f"{stem}: lora_a {tuple(pair['lora_a'].shape)} and lora_b {tuple(pair['lora_b'].shape)} do not "
+                "share a rank", path=where, fix="the file is damaged: write it again",
+            )  # fmt: skip
+        b = _unpermute(module, b, plan.family, config)
+        rank = a.shape[0]
+        modules[module] = LoraModule(a, b, alpha=alpha if alpha else float(rank),
+                                     kind="embedding" if embedding else "linear")  # fmt: skip
+    peft_config: dict[str, Any] = {"peft_type": "LORA"}
+    adapter = Adapter(modules=modules, config=peft_config, format="peft", path=where)
+    return GgufRead(adapter, arch, alpha, dropped)
+
+
+def _read_gguf_file(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The key/values and the tensors (float32, numpy orientation) of a GGUF file."""
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {k: f.contents() for k, f in reader.fields.items()}
+        tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    except (ValueError, KeyError, IndexError, OSError, NotImplementedError) as e:
+        raise InputFileError(
+            f"not a readable GGUF file ({e})", path=str(path),
+            fix="the file is truncated or not GGUF: download or write it again",
+        ) from None  # fmt: skip
+    return fields, tensors
+
+
+def _module_paths(gguf: Any, plan: GgufPlan, config: Mapping[str, Any], base_keys: Iterable[str]) -> dict[str, str]:
+    """llama.cpp tensor name -> the base's module path, for every weight of the base."""
+    arch = gguf.MODEL_ARCH[plan.family.arch] if plan.family else None
+    table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
+    out: dict[str, str] = {}
+    for key in base_keys:
+        if key.endswith(".weight"):
+            name = table.get_name(key, try_suffixes=(".weight",))
+            if name is not None:
+                out.setdefault(name, key.removesuffix(".weight"))
+    return out
+
+
+def _unpermute(module: str, b: torch.Tensor, family: Family, config: Mapping[str, Any]) -> torch.Tensor:
+    """The inverse of :func:`rope_permute` on B's rows, where the converter permuted them."""
+    leaf = module.split(".")[-1]
+    if not (family.rope_permute and leaf in ("q_proj", "k_proj")):
+        return b
+    heads = int(config["num_attention_heads"])
+    if leaf == "k_proj":
+        heads = int(config.get("num_key_value_heads") or heads)
+    rows = b.shape[0]
+    return b.reshape(heads, rows // heads // 2, 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape).contiguous()

@@ -328,6 +328,13 @@ def resolve_checkpoint_files(path: str | os.PathLike[str]) -> tuple[Path, list[P
     if p.is_file():
         if p.name.endswith(".index.json"):
             return _from_index(p.parent, p)
+        if p.suffix == ".gguf":
+            raise InputFileError(
+                "a GGUF file: loratool works on safetensors checkpoints; it reads GGUF LoRA adapters back with "
+                "convert", path=str(p),
+                fix="give the transformers model folder; for a llama.cpp adapter: loratool convert ADAPTER.gguf "
+                "--to peft --base MODEL -o adapter/",
+            )  # fmt: skip
         if not p.name.endswith(WEIGHT_SUFFIXES):
             raise InputFileError(
                 "not a checkpoint file", path=str(p), fix="give a .safetensors file or a model directory"

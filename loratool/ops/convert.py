@@ -11,8 +11,8 @@ from typing import Any, Literal
 from .. import transforms
 from ..adapter import Adapter
 from ..errors import LoraToolError, MissingKeyError, ShapeMismatchError
-from ..formats import load_adapter, save_adapter
-from ..formats.gguf import OutType, refuse_for_gguf, write_gguf
+from ..formats import load_adapter, require_finite, save_adapter
+from ..formats.gguf import OutType, read_gguf, refuse_for_gguf, write_gguf
 from ..formats.kohya import resolve_paths
 from ..io.atomic import check_output
 from ..io.checkpoint import open_checkpoint, torch_dtype
@@ -65,15 +65,16 @@ def convert(
     """Write ``adapter`` in another format; every module's delta stays what it was.
 
     Args:
-        adapter: a PEFT directory, a kohya ``.safetensors`` file or an mlx-lm directory.
+        adapter: a PEFT directory, a kohya ``.safetensors`` file, an mlx-lm directory or a llama.cpp
+            LoRA ``.gguf`` (needs ``base``: its tensor names lead back to module paths).
         to: ``peft``, ``kohya``, ``mlx`` or ``gguf`` (llama.cpp; needs ``base`` and the ``gguf`` package).
         output: the directory (PEFT, mlx) or file (kohya ``.safetensors``, ``.gguf``) to write.
         portable: (PEFT) every module at one rank with scaling 1 (``lora_alpha = r``, no
             ``rank_pattern``/``alpha_pattern``), so runtimes that read only ``r`` and
             ``lora_alpha`` (vLLM) scale every module right. Lower ranks are padded with zeros.
         base: a checkpoint whose module paths name a kohya file's modules (headers only); for GGUF
-            (required) the base the adapter is for: its config.json names llama.cpp's architecture
-            and tensors, and every module must fit one of its weights.
+            (required, output or input) the base the adapter is for: its config.json names
+            llama.cpp's architecture and tensors, and every module must fit one of its weights.
         dtype: the factors' dtype (default: keep).
         outtype: GGUF tensor type: ``f32`` (exact), ``f16``, ``bf16`` or ``q8_0``.
         fuse: ``(fused, parts)`` pairs, e.g. ``("qkv_proj", ("q_proj", "k_proj", "v_proj"))``: the
@@ -91,12 +92,17 @@ def convert(
     Example:
         >>> loratool.convert("adapter/", to="mlx", output="adapter-mlx/")
     """
-    _check_arguments(to, portable=portable, base=base, dtype=dtype, outtype=outtype, split=split)
+    from_gguf = Path(adapter).suffix == ".gguf"
+    _check_arguments(to, portable=portable, base=base, dtype=dtype, outtype=outtype, split=split, from_gguf=from_gguf)
     out = check_output(output, force=force, inputs=[p for p in (adapter, base) if p is not None])
-    warnings = require_valid(adapter, "convert refuses it", allow_pickle=allow_pickle)
-    a = load_adapter(adapter, allow_pickle=allow_pickle)
+    if from_gguf:
+        assert base is not None
+        a, warnings = _from_gguf(Path(adapter), base, allow_pickle)
+    else:
+        warnings = require_valid(adapter, "convert refuses it", allow_pickle=allow_pickle)
+        a = load_adapter(adapter, allow_pickle=allow_pickle)
     before = a.num_params
-    source = a.format
+    source = "gguf" if from_gguf else a.format
     if base is not None and a.format == "kohya":
         _name_from(a, base, allow_pickle)
     elif to != "kohya" and a.format == "kohya":
@@ -159,11 +165,32 @@ def _to_gguf(
     )  # fmt: skip
 
 
+def _from_gguf(path: Path, base: str | os.PathLike[str], allow_pickle: bool) -> tuple[Adapter, list[str]]:
+    """A llama.cpp LoRA adapter read back against its base, refused unless it fits it."""
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
+        config, keys = ck.config(), list(ck.keys())
+    read = read_gguf(path, config=config, base_keys=keys)
+    require_finite(read.adapter)
+    _require_fit(read.adapter, base, allow_pickle)
+    warnings = []
+    if read.dropped:
+        warnings.append(f"left out {len(read.dropped)} norm tensor(s) ({', '.join(read.dropped[:3])}"
+                        f"{', ...' if len(read.dropped) > 3 else ''}): llama.cpp's loader skips them too")  # fmt: skip
+    return read.adapter, warnings
+
+
 def _check_arguments(
-    to: str, *, portable: bool, base: object, dtype: str | None, outtype: str, split: Sequence[Fusion]
-) -> None:
+    to: str, *, portable: bool, base: object, dtype: str | None, outtype: str, split: Sequence[Fusion],
+    from_gguf: bool = False,
+) -> None:  # fmt: skip
     if to not in TARGETS:
         raise LoraToolError(f"unknown target format {to!r}", fix=f"use one of {', '.join(TARGETS)}")
+    if from_gguf and base is None:
+        raise LoraToolError(
+            "reading a GGUF adapter needs the base checkpoint: llama.cpp names tensors by its own table, and only "
+            "the base's names and config.json lead back to module paths",
+            fix="pass the checkpoint the adapter was made for (the transformers folder) as --base",
+        )
     if portable:
         transforms.check_portable(to)
     if to == "gguf" and base is None:
