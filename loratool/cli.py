@@ -817,15 +817,24 @@ _FUSION = _Fusion()
     multiple=True,
     help="FUSED=PART,PART,... the other way: each part gets the shared A and its rows of B (sizes from --base).",
 )
+@click.option(
+    "-r",
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="LyCORIS LoHa/LoKr input (required there): the LoRA rank each module's delta is truncated to by SVD; "
+    "the output reports each module's relative error.",
+)
 @options(OUTPUT, REGISTER, DTYPE, FORCE, PICKLE, QUIET, JSON)
 def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: str, fuse: tuple[Any, ...],
-            split: tuple[Any, ...], output: str, register: str | None, dtype: str | None, force: bool,
-            allow_pickle: bool, quiet: bool, as_json: bool) -> None:  # fmt: skip
+            split: tuple[Any, ...], rank: int | None, output: str, register: str | None, dtype: str | None,
+            force: bool, allow_pickle: bool, quiet: bool, as_json: bool) -> None:  # fmt: skip
     """Write ADAPTER in another format (PEFT, kohya, mlx-lm, llama.cpp GGUF); every delta stays the same.
 
-    Reads PEFT directories, kohya .safetensors files, mlx-lm adapter directories and llama.cpp
+    Reads PEFT directories, kohya .safetensors files, mlx-lm adapter directories, llama.cpp
     LoRA adapters (.gguf, with --base: llama.cpp's names lead back to module paths only through
-    the base). GGUF needs the gguf package: pip install 'loratool[gguf]'.
+    the base) and LyCORIS LoHa/LoKr files (with -r: each module's delta truncated by SVD, its
+    error reported). GGUF needs the gguf package: pip install 'loratool[gguf]'.
 
     \b
     Examples:
@@ -837,18 +846,25 @@ def convert(adapter: str, to: str, portable: bool, base: str | None, outtype: st
           --fuse gate_up_proj=gate_proj,up_proj -o adapter-phi3/
       loratool convert lora.safetensors --to peft --base model/ -o adapter/
       loratool convert adapter.gguf --to peft --base model/ -o adapter/
+      loratool convert loha.safetensors --to peft -r 16 --base model/ -o adapter/
     """  # noqa: D301
     from .ops.convert import convert as run
 
     result = run(adapter, to=to, output=output, portable=portable, base=base, dtype=dtype,  # type: ignore[arg-type]
-                 outtype=outtype, fuse=fuse, split=split, force=force,  # type: ignore[arg-type]
+                 outtype=outtype, fuse=fuse, split=split, rank=rank, force=force,  # type: ignore[arg-type]
                  allow_pickle=allow_pickle)  # fmt: skip
 
     def text(d: dict[str, Any]) -> str:
         ranks = ", ".join(map(str, d["ranks"]))
         arch = f", {d['gguf']['arch']}, {d['gguf']['outtype']}, alpha {d['gguf']['alpha']:g}" if d.get("gguf") else ""
-        return (f"wrote {d['output']} ({d['format']}{arch}, from {d['source_format']}): {d['modules']} modules, "
+        line = (f"wrote {d['output']} ({d['format']}{arch}, from {d['source_format']}): {d['modules']} modules, "
                 f"rank {ranks}, {d['parameters']:,} parameters")  # fmt: skip
+        errors = d.get("truncation")
+        if errors:
+            worst = max(errors, key=errors.get)
+            line += (f"\n{len(errors)} LoHa/LoKr module(s) truncated: relative error mean "
+                     f"{sum(errors.values()) / len(errors):.2e}, worst {errors[worst]:.2e} ({worst})")  # fmt: skip
+        return line
 
     if register and to == "gguf":
         raise click.UsageError("--register keeps PEFT, kohya and mlx adapters; a GGUF file is for llama.cpp")

@@ -377,6 +377,11 @@ def _mlx_selects(keys: list[Any], module: str) -> bool:
 
 
 def _check_kohya_structure(ckpt: Checkpoint, report: ValidationReport) -> None:
+    from .formats.lycoris import LYCORIS_FIX, LYCORIS_WHAT, is_lycoris
+
+    if is_lycoris(list(ckpt.keys())):
+        report.add("tensors", f"{LYCORIS_WHAT}; {LYCORIS_FIX}")
+        return
     groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for key in ckpt.keys():
         parsed = kohya.parse_key(key)

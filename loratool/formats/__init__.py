@@ -100,7 +100,8 @@ def is_adapter(path: str | os.PathLike[str]) -> bool:
     return False
 
 
-_ADAPTER_KEY_ENDINGS = (".lora_down.weight", ".lora_A.weight", ".lora_embedding_A")
+_ADAPTER_KEY_ENDINGS = (".lora_down.weight", ".lora_A.weight", ".lora_embedding_A", ".hada_w1_a", ".lokr_w1",
+                        ".lokr_w1_a")  # fmt: skip
 
 
 def refuse_adapter(path: str | os.PathLike[str], role: str, usage: str) -> None:

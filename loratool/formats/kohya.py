@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..adapter import Adapter, LoraModule
-from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
+from ..errors import InputFileError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
@@ -40,15 +40,23 @@ def parse_key(key: str) -> KohyaKey | None:
 
 
 def kohya_prefix(module_path: str) -> str:
+    """``lora_`` + the path with dots as underscores; a name that is already a prefix (a kohya or
+    LyCORIS file's, kept where no base named its modules) stays as it is."""
+    if "." not in module_path and module_path.startswith(("lora_", "lycoris_")):
+        return module_path
     return "lora_" + module_path.replace(".", "_")
 
 
 def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
     """Read a kohya ``.safetensors`` adapter (``lazy``: factors as shapes only, on ``meta``)."""
 
+    from .lycoris import LYCORIS_FIX, LYCORIS_WHAT, is_lycoris
+
     groups: dict[str, dict[str, torch.Tensor]] = {}
     with open_checkpoint(file) as ckpt:
         metadata = ckpt.header_metadata
+        if is_lycoris(list(ckpt.keys())):
+            raise UnsupportedAdapterError(LYCORIS_WHAT, path=str(file), fix=LYCORIS_FIX)
         for key in ckpt.keys():
             parsed = parse_key(key)
             if parsed is None:

@@ -14,6 +14,7 @@ from ..errors import LoraToolError, MissingKeyError, ShapeMismatchError
 from ..formats import load_adapter, require_finite, save_adapter
 from ..formats.gguf import OutType, read_gguf, refuse_for_gguf, write_gguf
 from ..formats.kohya import resolve_paths
+from ..formats.lycoris import is_lycoris_file, read_lycoris
 from ..io.atomic import check_output
 from ..io.checkpoint import open_checkpoint, torch_dtype
 from ..provenance import PROVENANCE_KEY, InputHasher, encode, make_record
@@ -38,6 +39,7 @@ class ConvertResult:
     portable: bool
     warnings: list[str] = field(default_factory=list)
     gguf: dict[str, Any] | None = None  # arch, alpha, outtype, folded: GGUF output only
+    truncation: dict[str, float] | None = None  # LyCORIS input: module -> ||delta - B A|| / ||delta||
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +47,7 @@ class ConvertResult:
             "modules": self.modules, "ranks": self.ranks, "parameters": self.parameters,
             "parameters_before": self.parameters_before, "portable": self.portable, "warnings": self.warnings,
             **({"gguf": self.gguf} if self.gguf is not None else {}),
+            **({"truncation": self.truncation} if self.truncation is not None else {}),
         }  # fmt: skip
 
 
@@ -59,10 +62,12 @@ def convert(
     outtype: OutType = "f32",
     fuse: Sequence[Fusion] = (),
     split: Sequence[Fusion] = (),
+    rank: int | None = None,
     force: bool = False,
     allow_pickle: bool = False,
 ) -> ConvertResult:
-    """Write ``adapter`` in another format; every module's delta stays what it was.
+    """Write ``adapter`` in another format; every module's delta stays what it was (LyCORIS LoHa and
+    LoKr: its best rank-``rank`` approximation, the error reported per module).
 
     Args:
         adapter: a PEFT directory, a kohya ``.safetensors`` file, an mlx-lm directory or a llama.cpp
@@ -82,6 +87,8 @@ def convert(
             (as PEFT fuses), for fused checkpoints such as Phi-3's. Exact.
         split: the other way (needs ``base``, whose split weights give each part's size): each
             part gets the shared A and its rows of B. Exact.
+        rank: (LyCORIS LoHa/LoKr input only, and required there) the LoRA rank each module's delta
+            is truncated to by SVD; modules the file stores as LoRA are kept as they are.
         force: replace an existing output.
 
     Raises:
@@ -93,16 +100,24 @@ def convert(
         >>> loratool.convert("adapter/", to="mlx", output="adapter-mlx/")
     """
     from_gguf = Path(adapter).suffix == ".gguf"
+    from_lycoris = not from_gguf and is_lycoris_file(adapter)
     _check_arguments(to, portable=portable, base=base, dtype=dtype, outtype=outtype, split=split, from_gguf=from_gguf)
+    _check_rank(rank, from_lycoris, adapter)
     out = check_output(output, force=force, inputs=[p for p in (adapter, base) if p is not None])
+    truncation = None
     if from_gguf:
         assert base is not None
         a, warnings = _from_gguf(Path(adapter), base, allow_pickle)
+    elif from_lycoris:
+        assert rank is not None
+        lycoris = read_lycoris(adapter, rank=rank)
+        a, warnings, truncation = lycoris.adapter, [], lycoris.errors
+        require_finite(a)
     else:
         warnings = require_valid(adapter, "convert refuses it", allow_pickle=allow_pickle)
         a = load_adapter(adapter, allow_pickle=allow_pickle)
     before = a.num_params
-    source = "gguf" if from_gguf else a.format
+    source = "gguf" if from_gguf else "lycoris" if from_lycoris else a.format
     if base is not None and a.format == "kohya":
         _name_from(a, base, allow_pickle)
     elif to != "kohya" and a.format == "kohya":
@@ -118,6 +133,8 @@ def convert(
         a = transforms.portable_form(a, warnings)
     hasher = InputHasher(_files(Path(adapter)))
     params: dict[str, Any] = {"to": to, "portable": portable, "base": str(base) if base else None, "dtype": dtype}
+    if rank is not None:
+        params["rank"] = rank
     if fuse or split:
         params.update(fuse=[f"{f}={','.join(p)}" for f, p in fuse], split=[f"{f}={','.join(p)}" for f, p in split])
     if to == "gguf":
@@ -125,8 +142,10 @@ def convert(
     a.metadata = encode(make_record("convert", params, hasher.result()))
     if to == "gguf":
         assert base is not None
-        return _to_gguf(a, out, Path(base), outtype=outtype, force=force, source=source, before=before,
-                        warnings=warnings, allow_pickle=allow_pickle)  # fmt: skip
+        result = _to_gguf(a, out, Path(base), outtype=outtype, force=force, source=source, before=before,
+                          warnings=warnings, allow_pickle=allow_pickle)  # fmt: skip
+        result.truncation = truncation
+        return result
     if to == "mlx" and base is not None and a.whole:
         _drop_unchanged(a, base, warnings)  # as the GGUF writer does: mlx-lm takes no whole tensors either
     save_adapter(a, out, format=to, force=force, dtype=torch_dtype(dtype) if dtype else None)
@@ -136,8 +155,24 @@ def convert(
     return ConvertResult(
         output=out, source_format=source, format=to, modules=len(written.modules),
         ranks=sorted({m.rank for m in written.modules.values()}), parameters=written.num_params,
-        parameters_before=before, portable=portable, warnings=warnings,
+        parameters_before=before, portable=portable, warnings=warnings, truncation=truncation,
     )  # fmt: skip
+
+
+def _check_rank(rank: int | None, from_lycoris: bool, adapter: str | os.PathLike[str]) -> None:
+    if from_lycoris and rank is None:
+        raise LoraToolError(
+            "a LyCORIS LoHa/LoKr adapter is not a low-rank product: it becomes LoRA by a truncated SVD of each "
+            "module's delta, at a rank you choose", path=str(adapter),
+            fix="give the rank with -r (e.g. -r 16); the output reports each module's error",
+        )  # fmt: skip
+    if rank is not None and not from_lycoris:
+        raise LoraToolError(
+            "-r is for LyCORIS LoHa/LoKr input (a LoRA keeps its factors through convert)", path=str(adapter),
+            fix="re-rank a LoRA with loratool resize",
+        )  # fmt: skip
+    if rank is not None and rank < 1:
+        raise LoraToolError(f"-r must be a positive rank, not {rank}", fix="e.g. -r 16")
 
 
 def _to_gguf(
