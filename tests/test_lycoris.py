@@ -169,6 +169,7 @@ def tamper(file: Path, out: Path, change) -> Path:  # type: ignore[no-untyped-de
     ("shapes", "do not fit together"),
     ("nan", "NaN or Inf"),
     ("unknown", "unexpected tensor"),
+    ("wrong-base", "does not fit the base"),
 ])  # fmt: skip
 def test_what_cannot_be_formed_is_refused_by_name(tmp_path: Path, case: str, match: str) -> None:
     base, file, _, _ = lycoris_pair(tmp_path, "loha")
@@ -189,6 +190,8 @@ def test_what_cannot_be_formed_is_refused_by_name(tmp_path: Path, case: str, mat
             t[q + ".hada_w1_a"][0, 0] = float("nan")
         elif case == "unknown":
             t[q + ".oft_blocks"] = torch.ones(2)
+        elif case == "wrong-base":  # consistent factors, 24 rows where the base's q_proj has 32
+            t[q + ".hada_w1_a"], t[q + ".hada_w2_a"] = torch.ones(24, 2), torch.ones(24, 2)
 
     src = file if case == "no-rank" else tamper(file, tmp_path / "bad.safetensors", change)
     args = ["convert", str(src), "--to", "peft", "--base", str(base), "-o", str(tmp_path / "out")]

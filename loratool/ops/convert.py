@@ -70,14 +70,16 @@ def convert(
     LoKr: its best rank-``rank`` approximation, the error reported per module).
 
     Args:
-        adapter: a PEFT directory, a kohya ``.safetensors`` file, an mlx-lm directory or a llama.cpp
-            LoRA ``.gguf`` (needs ``base``: its tensor names lead back to module paths).
+        adapter: a PEFT directory, a kohya ``.safetensors`` file, an mlx-lm directory, a llama.cpp
+            LoRA ``.gguf`` (needs ``base``: its tensor names lead back to module paths) or a LyCORIS
+            LoHa/LoKr ``.safetensors`` (needs ``rank``).
         to: ``peft``, ``kohya``, ``mlx`` or ``gguf`` (llama.cpp; needs ``base`` and the ``gguf`` package).
         output: the directory (PEFT, mlx) or file (kohya ``.safetensors``, ``.gguf``) to write.
         portable: (PEFT) every module at one rank with scaling 1 (``lora_alpha = r``, no
             ``rank_pattern``/``alpha_pattern``), so runtimes that read only ``r`` and
             ``lora_alpha`` (vLLM) scale every module right. Lower ranks are padded with zeros.
-        base: a checkpoint whose module paths name a kohya file's modules (headers only); for GGUF
+        base: a checkpoint whose module paths name a kohya or LyCORIS file's modules, each of which
+            must fit its weight (headers only); for GGUF
             (required, output or input) the base the adapter is for: its config.json names
             llama.cpp's architecture and tensors, and every module must fit one of its weights.
         dtype: the factors' dtype (default: keep).
@@ -120,6 +122,7 @@ def convert(
     source = "gguf" if from_gguf else "lycoris" if from_lycoris else a.format
     if base is not None and a.format == "kohya":
         _name_from(a, base, allow_pickle)
+        _require_fit(a, base, allow_pickle)
     elif to != "kohya" and a.format == "kohya":
         _require_paths(a)
     for fused, parts in fuse:
