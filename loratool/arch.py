@@ -61,6 +61,26 @@ def weight_kind(
     return "conv1d" if want_conv1d else "linear"
 
 
+def renamed_on_load(config: Mapping[str, Any]) -> str | None:
+    """The architecture of a multimodal checkpoint (a ``vision_config`` or ``audio_config``: Qwen2-VL,
+    LLaVA, Gemma 3, Llama 4, ...), whose tensors on disk transformers renames when it loads the
+    model (``model.layers.0...`` becomes ``model.language_model.layers.0...``, ``visual...``
+    ``model.visual...``), so that PEFT's module paths are not the names on disk; None otherwise.
+    loratool does not map these names yet, and refuses such checkpoints rather than write or match
+    names that PEFT would load as nothing."""
+    if not any(k in config for k in ("vision_config", "audio_config")):
+        return None
+    names = config.get("architectures")
+    return str(names[0]) if isinstance(names, list) and names else str(config.get("model_type") or "multimodal")
+
+
+RENAMED_WHY = (
+    "a vision-language (multimodal) checkpoint: transformers renames its tensors when it loads the model "
+    "(model.layers.0... becomes model.language_model.layers.0..., visual... becomes model.visual...), and loratool "
+    "does not map those names yet; an adapter named after the tensors on disk would load in PEFT as a no-op"
+)
+
+
 def ties_word_embeddings(config: Mapping[str, Any]) -> bool:
     """transformers' default: an output layer shares the input embedding unless config.json says not."""
     return bool(config.get("tie_word_embeddings", True))

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import experts
 from .adapter import Adapter, LoraModule, pattern_lookup
-from .arch import OUTPUT_LAYER, is_embedding
+from .arch import OUTPUT_LAYER, RENAMED_WHY, is_embedding, renamed_on_load
 from .errors import LoraToolError, MetadataError
 from .formats import kohya, load_adapter, mlx, peft
 from .formats.kohya import resolve_paths
@@ -181,7 +181,10 @@ def check_fit(
                     continue
                 grown = "; the vocabulary sizes differ" if _is_vocabulary(key) else ""
                 report.add(f"base/{key}", f"the base's is {list(old)}, the adapter's {list(new)}{grown}")
-        if adapter_obj.modules and matched == 0:
+        multimodal = renamed_on_load(ckpt.config())
+        if adapter_obj.modules and matched < len(adapter_obj.modules) and multimodal:
+            report.add("base", f"{multimodal} is {RENAMED_WHY}")
+        elif adapter_obj.modules and matched == 0:
             report.add("base", f"no module of the adapter fits {base}: it is for another model")
 
 

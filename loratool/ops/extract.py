@@ -21,7 +21,7 @@ from ..adapter import Adapter, Kind, LoraModule
 from ..card import check_base_model_id, is_hub_id
 from ..deltas import DeltaReader, ExpertDeltas, fp8_companions, grown_vocabulary, module_generator, paired_keys
 from ..distributed import current
-from ..errors import LoraToolError
+from ..errors import LoraToolError, UnsupportedCheckpointError
 from ..formats import refuse_adapter, save_adapter
 from ..formats.peft import new_config
 from ..io.atomic import check_output
@@ -175,6 +175,13 @@ def extract(
         keys = paired_keys(b, f, skip=fp8_companions(*fp8) | set(grown))
         hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
+        multimodal = arch.renamed_on_load(config)
+        if multimodal:
+            raise UnsupportedCheckpointError(
+                f"{multimodal} is {arch.RENAMED_WHY}", path=str(finetuned),
+                fix="extract from a text-only checkpoint of the same language model, or wait for loratool's "
+                "multimodal name mapping",
+            )  # fmt: skip
         conv1d = arch.uses_conv1d(config, fan_in_fan_out)
         options.transposed_experts = config.get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
         tied = arch.tied_output(keys + grown, config)  # (output embedding module, input embedding key) or None

@@ -410,6 +410,12 @@ def _plan(
                 continue
             if path not in found and _is_tied_copy(path, module, adapter, found, config):
                 continue  # the shared matrix is stored once, under the input embedding
+            multimodal = arch.renamed_on_load(config)
+            if path not in found and multimodal:
+                raise UnsupportedCheckpointError(
+                    f"the base has no '{path}.weight': {multimodal} is {arch.RENAMED_WHY}", path=name, key=path,
+                    fix="merge into a text-only checkpoint of the same language model, or serve the adapter unmerged",
+                )  # fmt: skip
             if path not in found:
                 raise MissingKeyError(
                     "the adapter has this module, but the base has no matching '<module>.weight'",
