@@ -70,3 +70,7 @@ def test_merge_and_validate_say_why_a_peft_adapter_does_not_match(tmp_path: Path
     merge = CliRunner().invoke(cli, ["merge", str(base), str(tmp_path / "adapter"), "-o", str(tmp_path / "m")])
     assert merge.exit_code == 1 and "vision-language" in merge.output and "Traceback" not in merge.output
     assert not (tmp_path / "m").exists() and file_digest(base) == before
+    unmerge = CliRunner().invoke(cli, ["unmerge", str(base), str(tmp_path / "adapter"), "-o", str(tmp_path / "u")])
+    assert unmerge.exit_code == 1 and "vision-language" in unmerge.output
+    assert "Unmerge from a text-only" in unmerge.output
+    assert not (tmp_path / "u").exists() and file_digest(base) == before

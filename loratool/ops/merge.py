@@ -414,7 +414,8 @@ def _plan(
             if path not in found and multimodal:
                 raise UnsupportedCheckpointError(
                     f"the base has no '{path}.weight': {multimodal} is {arch.RENAMED_WHY}", path=name, key=path,
-                    fix="merge into a text-only checkpoint of the same language model, or serve the adapter unmerged",
+                    fix="merge into a text-only checkpoint of the same language model, or serve the adapter unmerged"
+                    if sign > 0 else "unmerge from a text-only checkpoint of the same language model",
                 )  # fmt: skip
             if path not in found:
                 raise MissingKeyError(
