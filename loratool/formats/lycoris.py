@@ -65,7 +65,6 @@ class LycorisRead:
     truncated module its relative error ||delta - B A|| / ||delta||."""
 
     adapter: Adapter
-    kinds: dict[str, str] = field(default_factory=dict)  # prefix -> loha, lokr or lora
     errors: dict[str, float] = field(default_factory=dict)
 
 
@@ -123,7 +122,6 @@ def read_lycoris(file: str | os.PathLike[str], *, rank: int) -> LycorisRead:
         if "lora_down.weight" in slots or "lora_up.weight" in slots:
             down, up = _need(slots, ("lora_down.weight", "lora_up.weight"), prefix, where)
             out.adapter.modules[prefix] = LoraModule(down, up, alpha=alpha if alpha else float(down.shape[0]))
-            out.kinds[prefix] = "lora"
             continue
         if any(s in slots for s in LOHA):
             w1a, w1b, w2a, w2b = (t.to(torch.float32) for t in _need(slots, LOHA, prefix, where))
@@ -131,13 +129,11 @@ def read_lycoris(file: str | os.PathLike[str], *, rank: int) -> LycorisRead:
             _agree(prefix, where, w1a.shape[1] == rank_loha and w2a.shape[1] == w2b.shape[0] and
                    (w1a.shape[0], w1b.shape[1]) == (w2a.shape[0], w2b.shape[1]), slots)  # fmt: skip
             delta = loha_delta(w1a, w1b, w2a, w2b, alpha / rank_loha if alpha else 1.0)
-            out.kinds[prefix] = "loha"
         else:
             w1, r1 = _half(slots, "lokr_w1", prefix, where)
             w2, r2 = _half(slots, "lokr_w2", prefix, where)
             rank_lokr = r1 or r2  # None: both halves whole, and LyCORIS ignores alpha
             delta = lokr_delta(w1, w2, alpha / rank_lokr if (rank_lokr and alpha) else 1.0)
-            out.kinds[prefix] = "lokr"
         if not is_finite(delta):
             raise NonFiniteError("its delta holds NaN or Inf", path=where, key=prefix,
                                  fix="the adapter is broken: export or train it again")  # fmt: skip
