@@ -36,6 +36,13 @@ def stored_transposed(kind: Kind) -> bool:
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
+CONV_LORA_WHY = (
+    "a convolution LoRA (4-D factors, PEFT's Conv2d layout or kohya's LoCon): loratool does not form convolution "
+    "deltas yet"
+)
+CONV_LORA_FIX = "merge it with PEFT (merge_and_unload) or the trainer's own tools"
+
+
 @dataclass
 class LoraModule:
     """One adapted module's factors and how they scale."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import experts
-from .adapter import Adapter, LoraModule, pattern_lookup
+from .adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, pattern_lookup
 from .arch import OUTPUT_LAYER, RENAMED_WHY, is_embedding, renamed_on_load
 from .errors import LoraToolError, MetadataError
 from .formats import kohya, load_adapter, mlx, peft
@@ -270,6 +270,9 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             )
             continue
         a, b = slots["A"], slots["B"]
+        if len(a) == 4 or len(b) == 4:
+            report.add(where, f"{CONV_LORA_WHY} (lora_A {list(a)}, lora_B {list(b)}); {CONV_LORA_FIX}")
+            continue
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             report.add(
                 where, f"lora_A {list(a)} and lora_B {list(b)} do not share a rank (A is (r, in), B is (out, r))"
@@ -395,6 +398,9 @@ def _check_kohya_structure(ckpt: Checkpoint, report: ValidationReport) -> None:
     report.modules = len(groups)
     for prefix, slots in sorted(groups.items()):
         down, up = slots.get("lora_down.weight"), slots.get("lora_up.weight")
+        if (down is not None and len(down) == 4) or (up is not None and len(up) == 4):
+            report.add(f"tensors/{prefix}", f"{CONV_LORA_WHY}; {CONV_LORA_FIX}")
+            continue
         if down is None or up is None:
             report.add(f"tensors/{prefix}", "needs both lora_down.weight and lora_up.weight")
         elif down[0] != up[1]:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..adapter import Adapter, LoraModule
+from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule
 from ..errors import InputFileError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
@@ -79,8 +79,11 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
         down, up = slots.get("lora_down.weight"), slots.get("lora_up.weight")
         if down is None or up is None:
             raise MissingKeyError("has only one of lora_down/lora_up", path=str(file), key=prefix)
-        down = down.flatten(1) if down.dim() == 4 else down  # 1x1 convs store (r, in, 1, 1)
-        up = up.flatten(1) if up.dim() == 4 else up
+        if down.dim() == 4 or up.dim() == 4:
+            raise UnsupportedAdapterError(
+                f"{CONV_LORA_WHY} (lora_down {list(down.shape)}, lora_up {list(up.shape)})", path=str(file), key=prefix,
+                fix=CONV_LORA_FIX,
+            )  # fmt: skip
         if down.shape[0] != up.shape[1]:
             raise ShapeMismatchError(
                 "lora_down (r, in) and lora_up (out, r) disagree on r",

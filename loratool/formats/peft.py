@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import experts
-from ..adapter import Adapter, LoraModule, module_alpha
+from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, module_alpha
 from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
@@ -206,6 +206,11 @@ def _module_from_slots(
             key=path,
             fix="the adapter file is incomplete: re-save it",
         )
+    if a.dim() == 4 or b.dim() == 4:
+        raise UnsupportedAdapterError(
+            f"{CONV_LORA_WHY} (lora_A {list(a.shape)}, lora_B {list(b.shape)})", path=str(file), key=path,
+            fix=CONV_LORA_FIX,
+        )  # fmt: skip
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         raise ShapeMismatchError(
             "lora_A (r, in) and lora_B (out, r) do not share a rank",
