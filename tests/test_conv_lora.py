@@ -4,6 +4,7 @@ factors flattened to 2-D and written as a PEFT adapter that PEFT then refused.""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,33 @@ def test_conv_lora_is_refused_by_name(tmp_path: Path, conv_pair, command: str) -
     assert result.exit_code == 1, result.output
     assert "a convolution LoRA (4-D factors" in result.output and "Traceback" not in result.output
     assert "do not share a rank" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("bias_changed", [False, True])
+def test_keep_full_stores_what_peft_needs_to_load_a_kept_module(tmp_path: Path, bias_changed: bool) -> None:
+    """A conv weight kept whole goes with its bias (unchanged or not): PEFT's modules_to_save loads
+    every parameter of the module, and crashed on the weight alone (KeyError ... conv.bias)."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    base_net, ft_net = Net(), Net()
+    ft_net.load_state_dict(base_net.state_dict())
+    with torch.no_grad():
+        ft_net.conv.weight.add_(0.1 * torch.randn_like(ft_net.conv.weight))
+        ft_net.proj.weight.add_(torch.randn(8, 2) @ torch.randn(2, 8))  # rank 2: a LoRA module beside the kept one
+        if bias_changed:
+            ft_net.conv.bias.add_(0.5)
+    for name, net in (("base", base_net), ("ft", ft_net)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / name / "model.safetensors"))
+    args = ["extract", str(tmp_path / "base"), str(tmp_path / "ft"), "-r", "2", "--keep-full", r"^conv\.",
+            "-o", str(tmp_path / "a"), "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base_net), tmp_path / "a")
+    x = torch.randn(1, 4, 5, 5)
+    y = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.base_model.model.conv(x), ft_net.conv(x))
+        torch.testing.assert_close(loaded.base_model.model.proj(y), ft_net.proj(y), rtol=1e-4, atol=1e-4)

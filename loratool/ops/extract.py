@@ -191,10 +191,13 @@ def extract(
         show = show_progress and d.is_main
         parts = d.gather(lambda: _extract_keys(b, f, mine, options, conv1d, prefetch_depth, show))
         whole = _Partial.join(parts, keys)
+        siblings = _whole_siblings(f, whole.whole, keys) if d.is_main else {}
 
     result = ExtractResult(output=out, adapter=Adapter(), report=[], dropped=whole.dropped,
                            kept_whole=whole.kept_whole, unchanged=whole.unchanged, warnings=whole.warnings)  # fmt: skip
-    result.adapter.whole = {**whole.whole, **grown_whole}
+    result.adapter.whole = {**whole.whole, **siblings, **grown_whole}
+    result.kept_whole += sorted(siblings)
+    result.dropped = [x for x in result.dropped if x.key not in siblings]  # a changed bias goes with its weight
     result.grown = {k: int(v.shape[0]) for k, v in grown_whole.items()}
     for key, rows in result.grown.items():
         result.warnings.append(f"{key} grew to {rows} rows (tokens were added): stored whole (modules_to_save); "
@@ -430,6 +433,15 @@ def _place_biases(
         else:
             result.dropped.append(Dropped(key, norm, "its weight is not a LoRA linear layer; pass --keep-full "
                                                      "to store it whole"))  # fmt: skip
+
+
+def _whole_siblings(f: Checkpoint, whole: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The other parameters (a bias, unchanged) of each module with a tensor kept whole: PEFT's
+    ``modules_to_save`` replaces a module with a copy and loads every parameter of it, so an adapter
+    holding the weight alone does not load (``KeyError ... .bias``)."""
+    modules = {k.removesuffix(".weight") for k in whole if k.endswith(".weight")}
+    return {k: f.get(k) for k in keys
+            if k not in whole and "." in k and k.rsplit(".", 1)[0] in modules}  # fmt: skip
 
 
 def _grown_whole(f: Checkpoint, grown: list[str], tied: tuple[str, str] | None) -> dict[str, torch.Tensor]:
