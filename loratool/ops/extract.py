@@ -436,7 +436,7 @@ def _place_biases(
 
 
 def _whole_siblings(f: Checkpoint, whole: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
-    """The other parameters (a bias, unchanged) of each module with a tensor kept whole: PEFT's
+    """The other parameters (a bias, changed or not) of each module whose weight is kept whole: PEFT's
     ``modules_to_save`` replaces a module with a copy and loads every parameter of it, so an adapter
     holding the weight alone does not load (``KeyError ... .bias``)."""
     modules = {k.removesuffix(".weight") for k in whole if k.endswith(".weight")}
