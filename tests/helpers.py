@@ -94,18 +94,25 @@ def load_adapter_deltas(path: Path) -> dict[str, torch.Tensor]:
 
 
 def adapter_deltas(adapter: Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """scale * scaling * B @ A (float64) of each module of a PEFT adapter directory, by the base
-    weight's name (``<module>.weight``), read with safetensors alone."""
+    """scale * lora_alpha / r * B @ A (float64) of each module of a PEFT adapter directory without
+    rank or alpha patterns, by the base weight's name (``<module>.weight``)."""
     import json
 
-    from safetensors.torch import load_file
-
-    ts = load_file(str(adapter / "adapter_model.safetensors"))
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    out = {}
-    for key, a in ts.items():
-        if key.endswith(".lora_A.weight"):
-            b = ts[key.replace(".lora_A.", ".lora_B.")]
-            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-            out[name] = scale * cfg["lora_alpha"] / cfg["r"] * (b.double() @ a.double())  # (out, r) @ (r, in)
-    return out
+    assert not cfg.get("rank_pattern") and not cfg.get("alpha_pattern"), "one scaling for every module only"
+    factor = scale * cfg["lora_alpha"] / cfg["r"]
+    return {
+        module.removeprefix("base_model.model.") + ".weight": factor * delta
+        for module, delta in load_adapter_deltas(adapter).items()
+    }
+
+
+def peft_deltas(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """PEFT's own delta (float64) of each LoRA module of ``model`` holding ``adapter_name``, by module path."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name.removeprefix("base_model.model."): layer.get_delta_weight(adapter_name).double()
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A
+    }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import file_digest, peft_adapter
+from helpers import file_digest, peft_adapter, peft_deltas
 
 from loratool.cli import cli
 from loratool.errors import LoraToolError
@@ -89,16 +89,6 @@ def llama_cpp_deltas(path: Path) -> dict[str, torch.Tensor]:
         scale = alpha / b.shape[1]  # llama.cpp: rank = lora_b->ne[0], numpy's last dimension
         out[name] = scale * (a @ b.T if name == "token_embd.weight" else b @ a)
     return out
-
-
-def peft_deltas(pm) -> dict[str, torch.Tensor]:
-    from peft.tuners.lora import LoraLayer
-
-    return {
-        name.removeprefix("base_model.model."): layer.get_delta_weight("default").double()
-        for name, layer in pm.named_modules()
-        if isinstance(layer, LoraLayer)
-    }
 
 
 def save_pair(tmp_path: Path, family: str, targets: list[str], **config) -> tuple[Path, Path, object]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import tiny_model
+from helpers import peft_deltas, tiny_model
 
 from loratool.cli import cli
 from loratool.errors import LoraToolError
@@ -56,18 +56,13 @@ def lycoris_pair(tmp_path: Path, variant: str):
     return tmp_path / "base", tmp_path / "lyco.safetensors", model, deltas
 
 
-def peft_deltas(base: Path, adapter: Path) -> tuple[dict[str, torch.Tensor], object]:
+def through_peft(base: Path, adapter: Path) -> tuple[dict[str, torch.Tensor], object]:
+    """PEFT's deltas with ``adapter`` loaded onto ``base``, and the model."""
     import transformers as tf
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
 
     pm = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-    deltas = {
-        name.removeprefix("base_model.model."): layer.get_delta_weight("default").double()
-        for name, layer in pm.named_modules()
-        if isinstance(layer, LoraLayer)
-    }
-    return deltas, pm
+    return peft_deltas(pm), pm
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -77,7 +72,7 @@ def test_at_full_rank_peft_gives_lycoris_own_deltas_and_output(tmp_path: Path, v
     assert result.source_format == "lycoris" and result.truncation is not None
     assert set(result.truncation) == {"lycoris_" + p.replace(".", "_") for p in want}
     assert max(result.truncation.values()) < 1e-5
-    got, pm = peft_deltas(base, tmp_path / "out")
+    got, pm = through_peft(base, tmp_path / "out")
     assert set(got) == set(want)
     for path, delta in want.items():
         assert delta.abs().max() > 1e-3, path  # the oracle is not trivially zero
@@ -96,7 +91,7 @@ def test_below_full_rank_each_module_is_the_best_approximation_and_its_error_is_
 ) -> None:  # fmt: skip
     base, file, _, want = lycoris_pair(tmp_path, variant)
     result = convert(file, to="peft", rank=3, base=base, output=tmp_path / "out")
-    got, _ = peft_deltas(base, tmp_path / "out")
+    got, _ = through_peft(base, tmp_path / "out")
     assert result.ranks == [3] and result.truncation is not None
     for path, delta in want.items():
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # float64: Eckart-Young's best rank 3
@@ -146,7 +141,7 @@ def test_lokr_scale_rules_on_hand_written_files(tmp_path: Path, halves: str, alp
         tensors[q + ".alpha"] = torch.tensor(alpha)
     save_file(tensors, str(tmp_path / "lokr.safetensors"))
     convert(tmp_path / "lokr.safetensors", to="peft", rank=32, base=tmp_path / "base", output=tmp_path / "out")
-    got, _ = peft_deltas(tmp_path / "base", tmp_path / "out")
+    got, _ = through_peft(tmp_path / "base", tmp_path / "out")
     want = scale * torch.kron(w1a @ w1b, w2a @ w2b).double()  # written out here, not with loratool's lokr_delta
     torch.testing.assert_close(got["model.layers.0.self_attn.q_proj"], want, rtol=1e-5, atol=1e-5)
 

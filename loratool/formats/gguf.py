@@ -78,6 +78,7 @@ class GgufPlan:
     family: Family | None
     names: dict[str, str] = field(default_factory=dict)  # module path -> gguf base tensor name
     problems: list[Refusal] = field(default_factory=list)
+    table: Any = None  # the gguf package's tensor-name map for the architecture (None: no family)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
         return GgufPlan(arch=None, family=None, problems=[problem])
     arch = gguf.MODEL_ARCH[family.arch]
     table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
-    plan = GgufPlan(arch=gguf.MODEL_ARCH_NAMES[arch], family=family)
+    plan = GgufPlan(arch=gguf.MODEL_ARCH_NAMES[arch], family=family, table=table)
     if adapter.whole:
         plan.problems += [
             Refusal(key, "llama.cpp adapters hold LoRA pairs only, not whole tensors (modules_to_save)", _MERGE_FIX)
@@ -328,7 +329,7 @@ def read_gguf(path: str | Path, *, config: Mapping[str, Any], base_keys: Iterabl
             "an activated LoRA (adapter.alora.invocation_tokens): loratool has no aLoRA", path=where,
             fix="convert the original PEFT adapter instead",
         )  # fmt: skip
-    plan = plan_gguf(Adapter(), config)
+    plan = plan_gguf(Adapter(), config)  # the base's family and names (an empty adapter has nothing to refuse)
     if plan.family is None:
         raise plan.problems[0].error(where)
     arch = str(fields.get("general.architecture"))
@@ -344,7 +345,7 @@ def read_gguf(path: str | Path, *, config: Mapping[str, Any], base_keys: Iterabl
             fix="write the adapter again",
         )  # fmt: skip
     alpha = float(alpha)
-    paths = _module_paths(gguf, plan, config, base_keys)
+    paths = _module_paths(plan, base_keys)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     dropped: list[str] = []
     for name, data in tensors.items():
@@ -401,14 +402,12 @@ def _read_gguf_file(gguf: Any, path: Path) -> tuple[dict[str, Any], dict[str, np
     return fields, tensors
 
 
-def _module_paths(gguf: Any, plan: GgufPlan, config: Mapping[str, Any], base_keys: Iterable[str]) -> dict[str, str]:
+def _module_paths(plan: GgufPlan, base_keys: Iterable[str]) -> dict[str, str]:
     """llama.cpp tensor name -> the base's module path, for every weight of the base."""
-    arch = gguf.MODEL_ARCH[plan.family.arch] if plan.family else None
-    table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
     out: dict[str, str] = {}
     for key in base_keys:
         if key.endswith(".weight"):
-            name = table.get_name(key, try_suffixes=(".weight",))
+            name = plan.table.get_name(key, try_suffixes=(".weight",))
             if name is not None:
                 out.setdefault(name, key.removesuffix(".weight"))
     return out

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from .rounding import E2M1, round_to_grid
-
 MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 MXFP4_GROUP, NVFP4_GROUP = 32, 16
 _FP8_TOP = 448.0  # NVFP4's block scales are e4m3fn
@@ -77,12 +75,6 @@ def mxfp4_exponents(w: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x007FFFFF) & 0x7F800000).bitwise_right_shift(23).to(torch.uint8)
 
 
-def mxfp4_codes(w: torch.Tensor, exponents: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
-    """``w`` (rows, cols) over its scales on the E2M1 grid (float32), nearest or with draws ``u``."""
-    scaled = w / group_scales(mxfp4_scale_values(exponents), w.shape[1], MXFP4_GROUP)  # exact: powers of two
-    return round_to_grid(scaled, E2M1, u)
-
-
 # -- NVFP4 ----------------------------------------------------------------------------------------
 def nvfp4_element_scales(block: torch.Tensor, second: torch.Tensor, cols: int, divide: bool) -> torch.Tensor:
     """Each element's float32 scale (rows, cols): the e4m3 ``block`` scale (rows, groups) times
@@ -107,10 +99,3 @@ def nvfp4_scales(w: torch.Tensor, divide: bool) -> tuple[torch.Tensor, torch.Ten
     block = per_block.clamp_max_(_FP8_TOP).to(torch.float8_e4m3fn)
     second = (1.0 / multiply) if divide else multiply
     return block, second.reshape(1).to(torch.float32)
-
-
-def nvfp4_codes(w: torch.Tensor, scales: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
-    """``w`` over each element's ``scales`` (rows, cols) on the E2M1 grid; an all-zero block's scale
-    of 0 gives codes 0."""
-    scaled = torch.where(scales > 0, w / scales, torch.zeros_like(w))
-    return round_to_grid(scaled, E2M1, u)

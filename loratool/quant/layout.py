@@ -213,7 +213,6 @@ def _malformed(why: str, what: str = "FP8") -> NoReturn:
 
 
 # -- packed low-bit layouts  -------------------------------------------------------------------------
-FORMATS = ("mxfp4", "nvfp4", "int", "gptq", "awq")
 READ_ONLY = ("gptq", "awq")  # their quantizers need calibration data: read, never requantized
 
 

@@ -133,7 +133,6 @@ GRIDS = {
     torch.bfloat16: Grid(7, -126, float(torch.finfo(torch.bfloat16).max)),
 }
 E2M1 = Grid(1, 0, 6.0)  # FP4 (MXFP4, NVFP4): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives; no torch dtype to cast to
-INT4, INT8 = IntGrid(-8, 7), IntGrid(-128, 127)
 
 GridLike = torch.dtype | Grid | IntGrid  # a torch dtype stands for its grid in GRIDS
 
