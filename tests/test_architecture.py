@@ -49,7 +49,7 @@ GRAPH = {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def test_the_graph_was_read() -> None:
-    assert "loratool.ops.merge" in GRAPH and "loratool.linalg" in GRAPH["loratool.ops.merge"][0]
+    assert "loratool.ops.merge.stream" in GRAPH and "loratool.linalg" in GRAPH["loratool.ops.merge.stream"][0]
     assert "loratool.io.checkpoint" in GRAPH["loratool.formats.peft"][0]
 
 
@@ -71,9 +71,12 @@ def test_no_import_cycles() -> None:
 
 
 def test_no_operation_imports_another() -> None:
+    """ops/ holds one module (or package, for the largest) per command; the parts of one command may
+    import each other, and nothing in ops/ imports another command."""
     for m, (inside, _) in GRAPH.items():
         if m.startswith("loratool.ops."):
-            others = {n for n in inside if n.startswith("loratool.ops")}
+            command = m.split(".")[2]
+            others = {n for n in inside if n.startswith("loratool.ops") and n.split(".")[2:3] != [command]}
             assert not others, f"{m} imports {sorted(others)}: move the shared part out of ops/"
 
 

@@ -75,7 +75,7 @@ def test_validate_reports_through_the_emitter(cli, tmp_path: Path) -> None:
 
 
 def test_the_cli_lists_every_combine_method() -> None:
-    from loratool.cli import COMBINE_METHODS
+    from loratool.cli.combine import COMBINE_METHODS
     from loratool.ops.combine import METHODS
 
     assert COMBINE_METHODS == METHODS  # spelled twice so that --help needs no torch: kept equal here

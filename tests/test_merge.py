@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from loratool.formats import load_adapter
 from loratool.io.checkpoint import open_checkpoint
 from loratool.linalg import lora_delta, unit_of_rounding
-from loratool.ops import merge as merge_ops
 from loratool.ops.merge import merge, unmerge
+from loratool.ops.merge import stream as merge_stream
 
 WEIGHTS = "adapter_model.safetensors"
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"], "gpt2": ["c_attn", "c_fc", "c_proj"]}
@@ -48,7 +48,7 @@ def test_merge_equals_peft_merge_and_unload(
     from peft import PeftModel
 
     if block is not None:
-        monkeypatch.setattr(merge_ops, "BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(merge_stream, "BLOCK_ELEMENTS", block)
     base, adapter = make(tmp_path, kind, dtype, use_rslora=True, rank_pattern={"v_proj": 2, "c_fc": 2})
     merge(base, [adapter], output=tmp_path / "ours", show_progress=False)
     ours = state(tmp_path / "ours")

@@ -1,0 +1,91 @@
+"""The ``loratool`` group and entry point: errors mapped to exit codes in one place.
+
+A :class:`LoraToolError` exits 1 with its message, a usage error exits 2, Ctrl-C 130, and
+``LORATOOL_DEBUG=1`` shows the traceback. torch is imported only inside commands, so
+``loratool --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from .._version import __version__
+from ..errors import LoraToolError
+
+DEBUG_ENV = "LORATOOL_DEBUG"
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        try:
+            return super().invoke(ctx)
+        except LoraToolError as e:
+            if debug:
+                raise
+            click.secho(f"error: {e}", err=True, fg="red")
+            ctx.exit(1)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug of ours: say so without a traceback unless asked
+            if debug:
+                raise
+            click.secho(
+                f"error: unexpected {type(e).__name__}: {e}\n"
+                f"This is a loratool bug; set {DEBUG_ENV}=1 for the traceback and report it.",
+                err=True,
+                fg="red",
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="loratool")
+def cli() -> None:
+    """loratool: extract, merge, unmerge, combine, resize, convert, validate, analyze, push and pull LoRA adapters.
+
+    Works on safetensors checkpoint files, offline, on CPU or CUDA.
+
+    \b
+    Examples:
+      loratool extract base/ finetuned/ -r 16 -o adapter/
+      loratool merge base/ adapter/ -o merged/
+      loratool inspect adapter/ --json
+
+    Set LORATOOL_DEBUG=1 to see tracebacks.
+    """
+
+
+class _EchoHandler(logging.Handler):
+    """loratool's log records (warnings of the library itself) as ``warning: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.secho(f"{record.levelname.lower()}: {record.getMessage()}", err=True, fg="yellow")
+
+
+_log = logging.getLogger("loratool")
+_log.addHandler(_EchoHandler(logging.WARNING))
+_log.propagate = False
+
+
+def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so atomic outputs clean up their temporary files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # torch warns at import when numpy is absent; loratool never needs numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    cli(prog_name="loratool")
+
+
+if __name__ == "__main__":
+    main()

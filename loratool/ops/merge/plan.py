@@ -1,0 +1,330 @@
+"""What to add where: the adapters loaded and checked, each module's term matched to its base tensor
+(experts sliced, tied copies found, grown vocabularies), before a byte is written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import arch, experts
+from ...adapter import Adapter, Kind, LoraModule
+from ...errors import (
+    MissingKeyError,
+    ShapeMismatchError,
+    UnsupportedAdapterError,
+    UnsupportedCheckpointError,
+)
+from ...formats import AdapterArg, load_adapter, split_scale
+from ...formats.kohya import resolve_paths
+from ...io.checkpoint import Checkpoint
+from ...validation import require_valid
+
+
+@dataclass
+class Term:
+    """One adapter module's contribution to one base tensor."""
+
+    module: LoraModule
+    kind: Kind
+    factor: float  # sign * user scale * module scaling
+    bias_key: str | None = None
+    expert: int | None = None  # the slice of a 3-D experts parameter this term adds to
+
+
+# PEFT features whose adapters are not a plain weight delta
+_NOT_MERGEABLE = {
+    "alora_invocation_tokens": "an Activated LoRA acts only after its invocation tokens",
+    "layer_replication": "layer_replication builds layers the checkpoint does not have",
+}
+
+
+def load_adapters(
+    adapters: Sequence[AdapterArg], sign: int, allow_pickle: bool
+) -> tuple[list[tuple[Adapter, float, str]], list[str]]:
+    """The adapters and their scales, each checked as validate checks it (headers), and the warnings."""
+    loaded, warnings = [], []
+    for item in adapters:
+        source, scale = split_scale(item)
+        adapter = source if isinstance(source, Adapter) else load_adapter(source, allow_pickle=allow_pickle)
+        if not isinstance(source, Adapter):
+            refusal = f"{'merge' if sign > 0 else 'unmerge'} refuses it"
+            warnings += require_valid(source, refusal, allow_pickle=allow_pickle)
+        name = adapter.path or "adapter"
+        if adapter.rewrites_base:
+            raise UnsupportedAdapterError(
+                f"init_lora_weights={adapter.config.get('init_lora_weights')!r} trained this adapter against a "
+                "rewritten base weight, so adding it to the original base gives wrong weights",
+                path=name,
+                fix="convert it first with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))",
+            )
+        for field_name, what in _NOT_MERGEABLE.items():
+            if adapter.config.get(field_name):
+                raise UnsupportedAdapterError(
+                    f"{field_name} is set: {what}, so its delta does not belong in the weights (PEFT refuses "
+                    "to merge it too)",
+                    path=name,
+                    fix="serve it as an adapter with a runtime that supports the feature",
+                )
+        if adapter.use_dora and sign < 0:
+            raise UnsupportedAdapterError(
+                "DoRA adapters (use_dora) cannot be unmerged: the merge rescaled each row by a norm "
+                "that only the original weight determines",
+                path=name,
+                fix="keep the original base checkpoint to go back to",
+            )
+        loaded.append((adapter, scale, name))
+    if not loaded:
+        raise MissingKeyError("no adapter given", fix="name at least one ADAPTER")
+    return loaded, warnings
+
+
+def plan_terms(
+    ckpt: Checkpoint, loaded: list[tuple[Adapter, float, str]], sign: int, fan_in_fan_out: bool | None
+) -> tuple[dict[str, list[Term]], dict[str, torch.Tensor]]:
+    """Which adapter modules add to which tensors, checked before any work is done."""
+    config = ckpt.config()
+    conv1d_model = arch.uses_conv1d(config)
+    module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
+    terms: dict[str, list[Term]] = {}
+    replace: dict[str, torch.Tensor] = {}
+    for adapter, scale, name in loaded:
+        for key, t in adapter.whole.items():
+            if key not in ckpt:
+                raise MissingKeyError(
+                    "the adapter replaces this tensor, but the base has no such tensor",
+                    path=name,
+                    key=key,
+                    fix="is this adapter for another model?",
+                )
+            is_base_layer = key.rsplit(".", 1)[0] in adapter.modules
+            if sign < 0 and not is_base_layer:
+                raise UnsupportedAdapterError(
+                    "the adapter replaces this tensor whole (modules_to_save), so its original value "
+                    "is not in the adapter and cannot be restored",
+                    path=name,
+                    key=key,
+                    fix="restore from the original base checkpoint instead",
+                )
+            replace[key] = t
+        _grow_tied_output(ckpt, config, adapter, replace)
+        if adapter.token_rows and scale != 1.0:
+            raise UnsupportedAdapterError(
+                f"trainable tokens replace rows: they cannot be merged at scale {scale}", path=name,
+                fix="drop the :SCALE of this adapter",
+            )  # fmt: skip
+        _replace_token_rows(ckpt, config, adapter, replace, sign, name)
+        for path, module in adapter.modules.items():
+            if module.expert is not None:
+                for key, term in _expert_terms(ckpt, config, path, module, sign * scale, name):
+                    terms.setdefault(key, []).append(term)
+        found = resolve_paths(adapter, module_paths)
+        for path, module in adapter.modules.items():
+            if module.expert is not None:
+                continue
+            if path not in found and _is_tied_copy(path, module, adapter, found, config):
+                continue  # the shared matrix is stored once, under the input embedding
+            multimodal = arch.renamed_on_load(config)
+            if path not in found and multimodal:
+                raise UnsupportedCheckpointError(
+                    f"the base has no '{path}.weight': {multimodal} is {arch.RENAMED_WHY}", path=name, key=path,
+                    fix="merge into a text-only checkpoint of the same language model, or serve the adapter unmerged"
+                    if sign > 0 else "unmerge from a text-only checkpoint of the same language model",
+                )  # fmt: skip
+            if path not in found:
+                raise MissingKeyError(
+                    "the adapter has this module, but the base has no matching '<module>.weight'",
+                    path=name,
+                    key=path,
+                    fix="is this adapter for another model? Check base_model_name_or_path in adapter_config.json",
+                )
+            key = found[path] + ".weight"
+            shape = tuple(replace[key].shape) if key in replace else ckpt.info(key).shape
+            kind = arch.weight_kind(module.kind, (module.out_features, module.in_features), shape,
+                                     override=fan_in_fan_out, conv1d_model=conv1d_model)  # fmt: skip
+            expected = module.weight_shape if kind == module.kind else (module.weight_shape[1], module.weight_shape[0])
+            if shape != expected:
+                raise ShapeMismatchError(
+                    f"the adapter's {module.kind} module does not fit the base weight",
+                    path=name,
+                    key=key,
+                    expected=list(expected),
+                    got=list(shape),
+                    fix="is this adapter for another model (or size of it)?",
+                )
+            bias_key = None
+            if module.bias is not None:
+                bias_key = found[path] + ".bias"
+                if bias_key not in ckpt:
+                    raise UnsupportedAdapterError(
+                        "the adapter has lora_bias but the base layer has no bias", path=name, key=key
+                    )
+            if sign < 0 and key in adapter.whole:
+                continue  # the adapter stores this base layer's original weight: restoring it is the unmerge
+            if module.magnitude is not None:
+                _check_dora(module, kind, scale, name, key)
+            terms.setdefault(key, []).append(Term(module, kind, sign * scale * module.scaling, bias_key))
+    rows = sorted(k for a, _, _ in loaded for k in a.token_rows if k in terms)
+    if rows:
+        raise UnsupportedAdapterError(
+            "trainable tokens replace rows of this weight and a LoRA module adds to it: the result would "
+            "depend on the order", key=rows[0], fix="merge the two adapters one after the other",
+        )  # fmt: skip
+    for key, ts in terms.items():
+        if len(ts) > 1 and any(t.module.magnitude is not None for t in ts):
+            raise UnsupportedAdapterError(
+                "a DoRA module and another adapter change this weight: DoRA rescales the whole row, so the "
+                "result would depend on the order",
+                key=key,
+                fix="merge the DoRA adapter on its own, then the others into its output",
+            )
+    return terms, replace
+
+
+def _expert_terms(
+    ckpt: Checkpoint, config: dict[str, Any], path: str, module: LoraModule, factor: float, name: str
+) -> list[tuple[str, Term]]:
+    """The terms of one expert of a 3-D parameter (loratool.experts): one, where the base stores the
+    parameter whole, (E, out, in) or (E, in, out) for the experts transformers stores transposed;
+    or one per 2-D weight where it stores the experts apart (gate_proj and up_proj for the fused
+    gate_up_proj), as transformers fuses them on load."""
+    assert module.expert is not None
+    e, count = module.expert
+    key = path.rpartition(".")[0]
+    transposed = config.get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
+    if key not in ckpt:
+        apart = experts.apart_weights(key, e, ckpt.shape_of, transposed_model=transposed)
+        if apart is None:
+            raise MissingKeyError(
+                "the adapter adapts this 3-D experts parameter, but the base stores it neither whole nor "
+                "apart as transformers fuses it (gate_proj/up_proj/down_proj or Mixtral's w1/w3/w2 per expert)",
+                path=name, key=key, fix="is this adapter for another model?",
+            )  # fmt: skip
+        pieces = experts.split_apart(module, [s for _, s in apart])
+        if pieces is None:
+            raise ShapeMismatchError(
+                "the adapter's experts do not fit the base's per-expert weights", path=name, key=apart[0][0],
+                expected=[module.out_features, module.in_features], got=[list(s) for _, s in apart],
+                fix="is this adapter for another model?",
+            )  # fmt: skip
+        return [(k, Term(piece, kind, factor * module.scaling)) for (k, _), (piece, kind) in zip(apart, pieces)]
+    shape = tuple(ckpt.info(key).shape)
+    kind = experts.stored_kind(shape, module, transposed_model=transposed)
+    if kind is None:
+        out_in = (module.out_features, module.in_features)
+        raise ShapeMismatchError(
+            "the adapter's experts do not fit this parameter", path=name, key=key,
+            expected=[count, *(out_in[::-1] if transposed else out_in)], got=list(shape),
+            fix="is this adapter for another model?",
+        )  # fmt: skip
+    return [(key, Term(module, kind, factor * module.scaling, expert=e))]
+
+
+def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: str) -> None:
+    """DoRA merges as PEFT's does: linear and Conv1D layers, at the adapter's own scale."""
+    if kind == "embedding":
+        raise UnsupportedAdapterError("DoRA on embeddings cannot be merged by loratool yet", path=name, key=key)
+    if scale != 1.0:
+        raise UnsupportedAdapterError(
+            f"a DoRA adapter merges at scale 1 only (got {scale}): its magnitudes are absolute",
+            path=name,
+            key=key,
+            fix="drop the :SCALE of this adapter",
+        )
+    if tuple(module.magnitude.shape) != (module.out_features,):  # type: ignore[union-attr]
+        raise ShapeMismatchError(
+            "lora_magnitude_vector does not match the layer's output size",
+            path=name,
+            key=key,
+            expected=[module.out_features],
+            got=list(module.magnitude.shape),  # type: ignore[union-attr]
+        )
+
+
+def _is_tied_copy(
+    path: str, module: LoraModule, adapter: Adapter, found: dict[str, str], config: dict[str, Any]
+) -> bool:
+    """An output layer tied to an embedding, absent from the checkpoint, whose factors are the
+    embedding module's transposed (what extract writes for tied weights): merging it would add the
+    same delta to the shared matrix twice."""
+    if not arch.ties_word_embeddings(config):
+        return False
+    for other_path, other in adapter.modules.items():
+        if other.kind == "embedding" and other_path in found and other.rank == module.rank:
+            if torch.equal(other.lora_B.T, module.lora_A) and torch.equal(other.lora_A.T, module.lora_B):
+                return other.scaling == module.scaling
+    return False
+
+
+def _grown_rows(ckpt: Checkpoint, replace: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Replaced vocabulary tensors with more rows than the base's: tokens were added."""
+    out = {}
+    for key, t in replace.items():
+        old = tuple(ckpt.info(key).shape)
+        if t.dim() == 2 and len(old) == 2 and t.shape[1] == old[1] and t.shape[0] > old[0]:
+            out[key] = int(t.shape[0])
+    return out
+
+
+def _replace_token_rows(
+    ckpt: Checkpoint, config: dict[str, Any], adapter: Adapter, replace: dict[str, torch.Tensor], sign: int, name: str
+) -> None:
+    """PEFT's trainable tokens: the adapter's rows replace the weight's rows at their indices (PEFT's
+    ``index_copy``), in a tied output layer too where the base stores one."""
+    tied = arch.tied_output(list(ckpt.keys()), config)
+    for key, (indices, rows) in adapter.token_rows.items():
+        if sign < 0:
+            raise UnsupportedAdapterError(
+                "trainable tokens replace rows whose original values the adapter does not keep", path=name, key=key,
+                fix="restore from the original base checkpoint instead",
+            )  # fmt: skip
+        if key not in ckpt:
+            raise MissingKeyError("the adapter's trainable tokens are for a weight the base lacks", path=name, key=key)
+        targets = [key] + ([tied[0] + ".weight"] if tied and tied[1] == key and tied[0] + ".weight" in ckpt else [])
+        for target in targets:
+            current = replace[target] if target in replace else ckpt.get(target)
+            if current.dim() != 2 or rows.shape != (len(indices), current.shape[1]) or max(indices) >= current.shape[0]:
+                raise ShapeMismatchError(
+                    "the trainable tokens do not fit this weight", path=name, key=target,
+                    expected=f"{len(indices)} rows of {current.shape[-1]}, indices below {current.shape[0]}",
+                    got=f"{list(rows.shape)}, largest index {max(indices)}",
+                )  # fmt: skip
+            replace[target] = current.clone().index_copy_(0, torch.tensor(indices), rows.to(current.dtype))
+
+
+def _grow_tied_output(
+    ckpt: Checkpoint, config: dict[str, Any], adapter: Adapter, replace: dict[str, torch.Tensor]
+) -> None:
+    """A grown input embedding of a tied model is one matrix: where the base also stores the output
+    layer, it grows with it (the adapter holds the tensor once, under the input embedding)."""
+    tied = arch.tied_output(list(ckpt.keys()), config)
+    if tied is None:
+        return
+    head, embed = tied[0] + ".weight", tied[1]
+    if embed in replace and head in ckpt and head not in adapter.whole and embed in _grown_rows(ckpt, replace):
+        replace[head] = replace[embed]
+
+
+def set_vocab_size(config_path: Path, ckpt: Checkpoint, replace: dict[str, torch.Tensor], warnings: list[str]) -> None:
+    """config.json's vocab_size follows a vocabulary the merge grew."""
+    grown = _grown_rows(ckpt, replace)
+    if not grown or not config_path.is_file():
+        return
+    rows = max(grown.values())
+    data = json.loads(config_path.read_text())
+    old = data.get("vocab_size")
+    if isinstance(old, int) and old < rows:
+        data["vocab_size"] = rows
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    warnings.append(f"the vocabulary grew to {rows} rows ({', '.join(sorted(grown))}); config.json says so: "
+                    "add the new tokens to the tokenizer you ship with it")  # fmt: skip
+
+
+def files_of_adapter(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return [p for p in (path / "adapter_model.safetensors", path / "adapter_config.json") if p.is_file()]

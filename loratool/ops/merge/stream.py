@@ -1,0 +1,500 @@
+"""The streaming pass: read a tensor, add its terms in float32 on the device, round back (FP8 or packed
+4-bit grids included), cast once and write; --check compared on the way."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...adapter import LoraModule
+from ...errors import (
+    MissingKeyError,
+    NonFiniteError,
+    UnsupportedCheckpointError,
+)
+from ...io.checkpoint import Checkpoint
+from ...io.logical import ModelView, model_view
+from ...io.writer import CheckpointWriter, TensorSpec
+from ...linalg import RowFactors, add_lora, dora_rescale, is_finite, merge_rows, row_factors
+from ...pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
+from ...quant import native, packed
+from ...quant.fp8 import check_scale, dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
+from ...quant.layout import Fp8Layout, Fp8Scheme, PackedLayout, PackedWeight
+from ...quant.rounding import (
+    Kept,
+    Rounding,
+    Subspace,
+    quantize_values,
+    round_subspace,
+    subspace_of,
+    uniforms,
+)
+from ...runtime import available_cores, compute_threads, torch_threads
+from .check import RoundTripCheck, fp8_steps
+from .plan import Term
+from .quantized import FP8_BLOCK
+
+
+@dataclass
+class Stream:
+    """One pass over a share of the checkpoint: read, add the terms in float32, cast once, write."""
+
+    ckpt: Checkpoint
+    replace: dict[str, torch.Tensor]
+    terms: dict[str, list[Term]]
+    bias_terms: dict[str, Term]
+    device: torch.device
+    out_dtype: torch.dtype | None
+    reference: Checkpoint | None
+    check: RoundTripCheck | None
+    fp8: Fp8Layout | None = None
+    dequantize: bool = False  # FP8 weights are written in out_dtype, their scales dropped
+    rounding: Rounding = field(default_factory=Rounding)  # onto the FP8 grid, or out_dtype's when dequantizing
+    pool: BufferPool = field(default_factory=BufferPool)
+    low_bit: PackedLayout | None = None  # MXFP4 / NVFP4 / INT4 weights (by logical name)
+    view: Checkpoint | None = None  # the base as the model holds it: packed weights dequantized on read
+    _reference_model: Checkpoint | None = None  # --check's base, likewise
+    to_fp8: set[str] = field(default_factory=set)  # packed weights written as FP8 blocks (merge --requantize fp8)
+    requantized: list[tuple[str, Kept]] = field(default_factory=list)  # per quantized weight changed: what it kept
+    _stash: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # an FP8 pair's other half (pooled?)
+    _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
+
+    def __post_init__(self) -> None:
+        # FP8 weights to rewrite (those with terms, or all when dequantizing), by weight and by scale key
+        self._pair_of: dict[str, str] = {}
+        for wkey, w in self.fp8.weights.items() if self.fp8 else []:
+            if self.dequantize or wkey in self.terms:
+                self._pair_of[wkey] = wkey
+                self._pair_of[w.scale_key] = wkey
+        # packed weights to requantize in place: each stored part -> the logical weight (computed at its first part)
+        self._group_of: dict[str, str] = {}
+        for wkey, pw in self.low_bit.weights.items() if self.low_bit and not self.dequantize else []:
+            if wkey in self.to_fp8:  # written as an FP8 weight and its scale, named as compressed-tensors names them
+                self._group_of.update({wkey: wkey, wkey + "_scale": wkey})
+            elif wkey in self.terms:
+                self._group_of.update({name: wkey for name in pw.parts.values()})
+        if self.device.type == "cuda":  # the factors cross once (a small pageable copy per weight waits on the GPU)
+            on_gpu: dict[int, LoraModule] = {}
+            for m in {id(t.module): t.module for ts in self.terms.values() for t in ts}.values():
+                a, b = m.lora_A.to(self.device, torch.float32), m.lora_B.to(self.device, torch.float32)
+                on_gpu[id(m)] = dataclasses.replace(m, lora_A=a, lora_B=b)
+            self.terms = {
+                k: [dataclasses.replace(t, module=on_gpu[id(t.module)]) for t in ts] for k, ts in self.terms.items()
+            }
+
+    def write(self, root: Path, shards: list[tuple[str, list[TensorSpec]]], metadata: dict[str, str], show: bool,
+              desc: str) -> None:  # fmt: skip
+        # Three stages on three threads: read (prefetch), add the terms (here), and write
+        # (BackgroundWriter, which also rounds to the output dtype where that is left to it).
+        writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None), pool=self.pool)
+        keys = [s.name for _, specs in shards for s in specs]
+        position = {k: i for i, k in enumerate(keys)}
+        # the member of an FP8 pair that comes second is computed with the first: never read it
+        self._later = {k for k, i in position.items() if k in self._pair_of and position.get(self._partner(k), i) < i}
+        first: dict[str, int] = {}
+        for k, i in position.items():
+            if k in self._group_of:
+                first.setdefault(self._group_of[k], i)
+        self._later |= {k for k in self._group_of if position.get(k, -1) != first.get(self._group_of[k])}
+        threads = compute_threads() if self.device.type == "cpu" else contextlib.nullcontext()
+        with threads:
+            try:
+                for key, w_in, w32 in stream(self._read, keys, desc=desc, show=show):
+                    w, out_dtype, pooled = self._result(key, w_in, w32)
+                    writer.write(key, w, out_dtype, recycle=pooled)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+
+    def _result(self, key: str, w_in: torch.Tensor, w32: torch.Tensor | None) -> tuple[torch.Tensor, torch.dtype, bool]:
+        """The result for ``key`` (the input where nothing changes), the dtype to write it in, and
+        whether the tensor is the pool's (the writer hands it back once written)."""
+        if key in self._pair_of:
+            return self._fp8_result(key, w_in)
+        if key in self._group_of or (self.dequantize and self.low_bit is not None and key in self.low_bit.weights):
+            return self._packed_result(key)
+        out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
+        if w32 is None and self._blocked(key):
+            w, pooled = self._merge_blocked(key, w_in, out_dtype), True
+        elif w32 is None:
+            w, pooled = w_in, False
+        else:
+            w, pooled = self._add(key, w32, out_dtype, w_in), self.device.type == "cpu"
+        if self.check is not None and self.reference is not None:
+            w = w.to("cpu", out_dtype)
+            self.check.add(w, _reference_tensor(self.reference, key), w_in, key)
+        return w, out_dtype, pooled
+
+    def _partner(self, key: str) -> str:
+        """The other member of ``key``'s FP8 pair (a weight's scale, a scale's weight)."""
+        assert self.fp8 is not None
+        wkey = self._pair_of[key]
+        return self.fp8.weights[wkey].scale_key if key == wkey else wkey
+
+    def _fp8_result(self, key: str, w_in: torch.Tensor) -> tuple[torch.Tensor, torch.dtype, bool]:
+        """An FP8 weight or its scale: dequantize, add the terms in float32, requantize to the same
+        scheme (or keep float32 for a dequantized output). The pair is computed when its first
+        member comes up; the other waits in ``_stash`` for its own turn in the file order."""
+        if key in self._stash:
+            t, pooled = self._stash.pop(key)
+            return t, t.dtype, pooled
+        assert self.fp8 is not None
+        wkey = self._pair_of[key]
+        info = self.fp8.weights[wkey]
+        q = w_in if key == wkey else self.ckpt.get(wkey)
+        scale = w_in if key == info.scale_key else self.ckpt.get(info.scale_key)
+        check_scale(info.scale_key, scale)
+        if self.dequantize or info.scheme.kind == "tensor" or self._has_dora(wkey):
+            q_new, s_new = self._fp8_whole(wkey, q, scale, info.scheme)
+            if self.dequantize:
+                return q_new, q_new.dtype, False  # float, in out_dtype; its scale is not in the layout
+        else:
+            q_new, s_new = self._fp8_strips(wkey, q, scale, info.scheme)
+        if self.check is not None and self.reference is not None:
+            fp8_there = wkey in self.reference and self.reference.info(wkey).dtype.startswith("F8_")
+            if fp8_there and info.scale_key in self.reference:  # the original in this FP8 layout too
+                ref_q, ref_s = (
+                    _reference_tensor(self.reference, wkey),
+                    _reference_tensor(self.reference, info.scale_key),
+                )
+                self.check.add_fp8((q_new.cpu(), s_new.cpu()), (ref_q, ref_s), (q.cpu(), scale), info.scheme)
+            else:  # stored otherwise (packed, say, before merge --requantize fp8): its values, in FP8 steps
+                restored = dequantize_fp8(q_new.cpu(), s_new.cpu(), info.scheme)
+                unit = fp8_steps(q_new.cpu(), s_new.cpu(), info.scheme)
+                differing = restored.numel()  # other codes altogether
+                ref = _reference_tensor(self._reference_view(), wkey).float()
+                self.check.add_grid(restored, ref, unit, differing)
+        pooled = q_new.device.type == "cpu"  # a new tensor of its own: the pool takes it back once written
+        s_new = s_new.to(scale.dtype)  # both leave a GPU on the writer's thread
+        mine, other = ((q_new, pooled), (s_new, False)) if key == wkey else ((s_new, False), (q_new, pooled))
+        self._stash[info.scale_key if key == wkey else wkey] = other
+        return mine[0], mine[0].dtype, mine[1]
+
+    def _prefetched(self, key: str) -> bool:
+        """Whether _read readies ``key`` for the device (an FP8 pair's first member): on CPU its pages
+        faulted in, so that the strips never wait on the disk (a copy into a pool buffer, as before,
+        costs a second pass over every byte on a core the strips share); to a GPU, sent, so that
+        they never wait on the bus."""
+        return key in self._pair_of and key not in self._later
+
+    def _has_dora(self, key: str) -> bool:
+        return any(t.module.magnitude is not None for t in self.terms.get(key, []))
+
+    def _fp8_strips(
+        self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge and requantize in steps of rows (:func:`merge_fp8_rows`): memory of a step on CPU,
+        of the weight on a GPU."""
+        # The subspace rule runs column by column: in the compiled kernels on the CPU even beside a GPU,
+        # where torch would launch a few kernels per column.
+        kernels = native.fp8_kernels()
+        device = torch.device("cpu") if self.rounding.subspace and kernels is not None else self.device
+        q_dev, s_dev = q.to(device), scale.to(device)
+        q_new, s_new = self.pool.take(q.shape, q.dtype, device), torch.empty_like(s_dev)
+        factors = [row_factors(t.module.lora_A.to(device), t.module.lora_B.to(device), t.factor, t.kind)
+                   for t in self.terms[key]]  # fmt: skip
+        stream, space = self._rule_for(key, [f.right for f in factors])
+
+        def check(strip: torch.Tensor) -> None:
+            if not is_finite(strip):  # the base is only dequantized whole to name the cause
+                _require_finite(strip, torch.float32, key, dequantize_fp8(q_dev, s_dev, scheme))
+
+        # One call over the whole weight. With the compiled kernels (loratool.quant.native) each step runs
+        # whole on one core, on every core but one: the reader, writer and hasher keep the last, as
+        # in the other streaming operations (compute_threads). Without them each step's passes run
+        # on torch's threads, on every core (on 2 cores 4.5-5.6 s against 5.4-6.7 s with one core
+        # left free: the reader and writer mostly wait in system calls).
+        scratch = self.pool.take((fp8_scratch_elements(q.shape[0], q.shape[1], scheme, device),), torch.float32, device)
+        if device.type != "cpu":
+            threads: contextlib.AbstractContextManager[int] = contextlib.nullcontext(1)
+        elif kernels is not None:
+            threads = compute_threads(reserved=1)
+        else:
+            threads = torch_threads(available_cores())
+        try:
+            with threads:
+                kept = merge_fp8_rows(q_dev, s_dev, scheme, factors, q_new, s_new, check, scratch, key=stream,
+                                      space=space)  # fmt: skip
+        finally:
+            self.pool.give(scratch)
+        self.requantized.append((key, kept))
+        return q_new, s_new
+
+    # -- packed low-bit weights (MXFP4, NVFP4, INT4/INT8) ------------------------------------------
+    def _packed_result(self, key: str) -> tuple[torch.Tensor, torch.dtype, bool]:
+        """A packed weight's part (requantized in place: the weight is computed at its first part, the
+        others wait in ``_stash``), or the whole weight in the output dtype when dequantizing."""
+        if key in self._stash:
+            t, pooled = self._stash.pop(key)
+            return t, t.dtype, pooled
+        assert self.low_bit is not None
+        if self.dequantize:
+            w = self.low_bit.weights[key]
+            out = self._packed_each(w, self._packed_dequantized).cpu()
+            return out, out.dtype, False
+        w = self.low_bit.weights[self._group_of[key]]
+        if w.name in self.to_fp8:
+            q, scale = (t.cpu() for t in self._packed_to_fp8(w))
+            mine, other = (q, (scale, False)) if key == w.name else (scale, (q, False))
+            self._stash[w.name + "_scale" if key == w.name else w.name] = other
+            return mine, mine.dtype, False
+        pieces = [self._packed_requantized(w, e) for e in (range(w.experts) if w.experts else [None])]
+        new = {role: (torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
+                      else pieces[0][role]).cpu() for role in w.parts}  # fmt: skip
+        for role, name in w.parts.items():
+            if name != key:
+                self._stash[name] = (new[role], False)
+        mine = new[next(role for role, name in w.parts.items() if name == key)]
+        return mine, mine.dtype, False
+
+    def _parts(self, w: PackedWeight, expert: int | None = None) -> packed.Parts:
+        """``w``'s stored tensors (one expert's) on the merge's device."""
+        assert isinstance(self.view, ModelView)
+        return {role: t.to(self.device) for role, t in self.view.parts(w, expert).items()}
+
+    def _packed_each(self, w: PackedWeight, one: Callable[[PackedWeight, int | None], torch.Tensor]) -> torch.Tensor:
+        """``one(w, expert)`` for each expert of a 3-D parameter (a 2-D weight: ``one(w, None)``), stacked."""
+        if w.experts is None:
+            return one(w, None)
+        return torch.stack([one(w, e) for e in range(w.experts)])
+
+    def _packed_dequantized(self, w: PackedWeight, expert: int | None) -> torch.Tensor:
+        """One weight (or expert) dequantized, the terms added, in the output dtype by the rounding rule."""
+        assert self.view is not None and self.out_dtype is not None
+        before = packed.logical(w, packed.dequantize(w, self._parts(w, expert))).contiguous()
+        name = w.name if expert is None else f"{w.name}.{expert}"
+        if w.name not in self.terms:
+            _require_finite(before, self.out_dtype, name, before)
+            return quantize_values(before, self.out_dtype, None)
+        merged = before.clone()
+        factors = self._stored_factors(w, expert)
+        stored = merged.T if w.transposed else merged  # merged is as the model holds it: this is its stored view
+        for left, right, factor, _ in factors:
+            stored.addmm_(left, right, alpha=factor)  # (rows, r) @ (r, cols), written through the view
+        _require_finite(merged, self.out_dtype, name, before)
+        # the rule rounds the model's rows: their right factors are the stored ones' left, transposed
+        stream, space = self._rule_for(name, [f.left.T if w.transposed else f.right for f in factors])
+        if space is not None and self.out_dtype != torch.float32:
+            written = round_subspace(merged, torch.ones_like(merged), self.out_dtype, space).to(self.out_dtype)
+        else:
+            rows, cols = merged.shape
+            u = uniforms(stream, 0, rows, cols, merged.device) if stream is not None else None
+            written = quantize_values(merged, self.out_dtype, u)
+        self.requantized.append((name, Kept.of(merged - before, merged - written.float())))
+        if self.check is not None and self.reference is not None:
+            ref = _reference_tensor(self._reference_view(), w.name)
+            self.check.add(written.cpu(), ref[expert] if expert is not None else ref, merged.cpu(), w.name)
+        return written
+
+    def _packed_requantized(self, w: PackedWeight, expert: int | None) -> packed.Parts:
+        """One weight (or expert) dequantized, the terms added, requantized in its format by the rule,
+        a strip of rows at a time (rows round independently; temporaries of a strip's size, reused,
+        where a weight's would cost more in fresh pages than in arithmetic); the whole weight at
+        once where NVFP4 needs a new tensor scale."""
+        parts = self._parts(w, expert)
+        name = w.name if expert is None else f"{w.name}.{expert}"
+        factors = self._stored_factors(w, expert)
+        stream, space = self._rule_for(name, [f.right for f in factors])
+        rows = w.rows_cols[0]
+        step = packed.strip_rows(w) if space is None else rows  # subspace: a column loop, its overhead per strip
+        try:
+            pieces = [self._packed_strip(w, name, parts, factors, start, min(rows, start + step), stream, space)
+                      for start in range(0, rows, step)]  # fmt: skip
+        except packed.NeedsFreshScales:
+            pieces = [self._packed_strip(w, name, parts, factors, 0, rows, stream, space, keep=False)]
+        out = packed.join_rows(w, [p for p, _ in pieces])
+        kept = Kept()
+        for _, k in pieces:
+            kept = kept.add(k)
+        self.requantized.append((name, kept))
+        return out
+
+    def _packed_strip(self, w: PackedWeight, name: str, parts: packed.Parts, factors: list[RowFactors], start: int,
+                      stop: int, stream: int | None, space: Subspace | None,
+                      keep: bool = True) -> tuple[packed.Parts, Kept]:  # fmt: skip
+        """Rows start:stop of a packed weight merged and requantized: their parts and kept sums."""
+        sub = packed.rows_of(w, parts, start, stop) if (start, stop) != (0, w.rows_cols[0]) else parts
+        before = packed.dequantize(w, sub)  # (rows', cols) as stored
+        merged = before.clone()
+        for left, right, factor, _ in factors:
+            merged.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
+        _require_finite(merged, torch.float32, name, before)
+        out = packed.requantize(w, merged, sub, before=before, key=stream, space=space, keep_scales=keep, row0=start)
+        if self.check is not None and self.reference is not None:
+            ref = _reference_tensor(self._reference_view(), w.name)
+            expert = int(name.rsplit(".", 1)[1]) if w.experts is not None else None
+            ref = packed.to_stored(w, ref[expert] if expert is not None else ref)[start:stop]
+            restored = packed.dequantize(w, out.parts)
+            unit = torch.maximum(packed.steps(w, out.parts, restored), packed.steps(w, sub, before))
+            differing = int((out.parts["codes"] != sub["codes"]).sum())
+            self.check.add_grid(restored.cpu(), ref.float(), unit.cpu(), differing)
+        return out.parts, out.kept
+
+    def _stored_factors(self, w: PackedWeight, expert: int | None) -> list[RowFactors]:
+        """The terms of ``w`` (of ``expert``) as factors of its stored orientation: delta = factor *
+        left @ right, (rows, r) @ (r, cols), on the merge's device."""
+        out = []
+        for t in self.terms.get(w.name, []):
+            if w.experts is not None and t.expert != expert:
+                continue
+            if t.module.magnitude is not None:
+                raise UnsupportedCheckpointError(
+                    "a DoRA adapter rescales whole rows of this packed low-bit weight; loratool merges DoRA into "
+                    "plain and FP8 weights only", key=w.name, fix="pass --dtype bfloat16 for a dequantized output",
+                )  # fmt: skip
+            f = row_factors(t.module.lora_A.to(self.device), t.module.lora_B.to(self.device), t.factor, t.kind)
+            out.append(RowFactors(f.right.T, f.left.T, f.factor) if w.transposed else f)  # stored = logical.T
+        return out
+
+    def _packed_to_fp8(self, w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        """A packed 2-D weight dequantized, the terms added, and written as FP8 e4m3 in 128x128 blocks
+        by the rounding rule: (weight, its block scales)."""
+        assert w.experts is None
+        before = packed.dequantize(w, self._parts(w))  # 2-D, not transposed: as the model holds it
+        merged = before.clone()
+        factors = self._stored_factors(w, None)
+        for left, right, factor, _ in factors:
+            merged.addmm_(left, right, alpha=factor)  # (rows, r) @ (r, cols)
+        _require_finite(merged, torch.float32, w.name, before)
+        stream, space = self._rule_for(w.name, [f.right for f in factors])
+        rows, cols = merged.shape
+        shape = (-(-rows // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1]))
+        scheme = Fp8Scheme("block", FP8_BLOCK)
+        q, scale = quantize_fp8(merged, scheme, torch.float8_e4m3fn, shape, key=stream, space=space)
+        self.requantized.append((w.name, Kept.of(merged - before, merged - dequantize_fp8(q, scale, scheme))))
+        return q, scale
+
+    def _reference_view(self) -> Checkpoint:
+        """--check's base as the model holds it (packed weights dequantized), opened once."""
+        assert self.reference is not None
+        if self._reference_model is None:
+            self._reference_model = model_view(self.reference)
+        return self._reference_model
+
+    def _rule_for(self, key: str, rights: list[torch.Tensor]) -> tuple[int | None, Subspace | None]:
+        """(the stochastic stream's key, the subspace) of tensor ``key``: at most one, none for nearest."""
+        if self.rounding.subspace:
+            return None, subspace_of(rights)
+        return (self.rounding.key(key) if self.rounding.stochastic else None), None
+
+    def _fp8_whole(
+        self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantize the whole weight, add the terms (DoRA too), then requantize it, or, for a
+        dequantized output, return it in the output dtype (and the old scale, unused)."""
+        before = dequantize_fp8(q.to(self.device), scale, scheme)  # (out, in) float32
+        out_dtype = self.out_dtype if self.dequantize and self.out_dtype is not None else torch.float32
+        if key not in self.terms:  # dequantized only: nothing to keep, so no draws
+            assert self.dequantize and self.out_dtype is not None
+            _require_finite(before, self.out_dtype, key, before)  # e.g. beyond float16's range
+            return quantize_values(before, self.out_dtype, None), scale
+        w32 = self._add(key, before.clone(), out_dtype, before)
+        rights = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind).right.to(w32.device)
+                  for t in self.terms[key]] if self.rounding.subspace else []  # fmt: skip
+        stream, space = self._rule_for(key, rights)
+        if self.dequantize:
+            assert self.out_dtype is not None
+            rows, cols = w32.shape
+            if space is not None and self.out_dtype != torch.float32:  # onto the dtype's grid: a scale of 1
+                written = round_subspace(w32, torch.ones_like(w32), self.out_dtype, space).to(self.out_dtype)
+            else:
+                u = uniforms(stream, 0, rows, cols, w32.device) if stream is not None else None
+                written = quantize_values(w32, self.out_dtype, u)
+            self.requantized.append((key, Kept.of(w32 - before, w32 - written.float())))
+            return written, scale
+        q_new, s_new = quantize_fp8(w32, scheme, q.dtype, tuple(scale.shape), key=stream, space=space)
+        self.requantized.append((key, Kept.of(w32 - before, w32 - dequantize_fp8(q_new, s_new, scheme))))
+        return q_new, s_new
+
+    def _blocked(self, key: str) -> bool:
+        """On CPU, plain LoRA terms on a matrix go through :func:`merge_rows`, a block of rows at a time
+        (DoRA rescales whole rows of the result, and a ``lora_bias`` adds to a separate 1-D tensor;
+        FP8 weights are dequantized whole)."""
+        ts = self.terms.get(key)
+        return (
+            self.device.type == "cpu"
+            and ts is not None
+            and all(t.module.magnitude is None for t in ts)
+            and key not in self._pair_of
+        )
+
+    def _read(self, key: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        if key in self._later:
+            return key, torch.empty(0), None  # its result waits in _stash
+        if key in self._group_of or (self.dequantize and self.low_bit is not None and key in self.low_bit.weights):
+            return key, torch.empty(0), None  # a packed weight: its parts are read where it is computed
+        w = self.replace[key] if key in self.replace else self.ckpt.get(key)
+        if self._prefetched(key) and self.device.type == "cuda":  # read and sent here, on the prefetch thread
+            return key, to_device(w, self.device), None
+        if self._prefetched(key):
+            return key, fault_in(w), None
+        changes = key in self.terms or key in self.bias_terms
+        if not changes or self._blocked(key) or key in self._pair_of:
+            return key, w, None
+        return key, w, widen(w, self.device, self.pool)
+
+    def _merge_blocked(self, key: str, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        out = self.pool.take(w.shape, out_dtype, self.device)
+        rows = w.shape[-2] if w.dim() == 3 else 0  # 3-D experts: expert e is rows e*rows.. of (E*rows, cols)
+        factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind)._replace(row0=(t.expert or 0) * rows)
+                   for t in self.terms[key]]  # fmt: skip
+        scratch = self.pool.take((max(BLOCK_ELEMENTS, w.shape[-1]),), torch.float32, self.device)  # >= one row
+        w2, out2 = w.reshape(-1, w.shape[-1]), out.view(-1, w.shape[-1])
+        try:
+            merge_rows(w2, factors, out2, scratch, check=lambda block: _require_finite(block, out_dtype, key, w))
+        except BaseException:
+            self.pool.give(out)
+            raise
+        finally:
+            self.pool.give(scratch)
+        return out
+
+    def _add(self, key: str, w32: torch.Tensor, out_dtype: torch.dtype, w_in: torch.Tensor) -> torch.Tensor:
+        """w32 (float32, a private copy of ``w_in``) plus every term for ``key``; refuses a non-finite result."""
+        if key in self.terms:
+            for t in self.terms[key]:
+                add_lora(w32 if t.expert is None else w32[t.expert], t.module.lora_A, t.module.lora_B, t.factor, t.kind)
+            dora = next((t for t in self.terms[key] if t.module.magnitude is not None), None)
+            if dora is not None and dora.module.magnitude is not None:
+                dora_rescale(w32, dora.module.magnitude, dora.kind)
+        bias = self.bias_terms.get(key)
+        if bias is not None and bias.module.bias is not None:
+            w32.add_(bias.module.bias.to(w32.device, torch.float32), alpha=bias.factor)
+        _require_finite(w32, out_dtype, key, w_in)
+        return w32
+
+
+BLOCK_ELEMENTS = 1 << 20  # float32 scratch of 4 MiB: a block stays in cache through all its steps
+
+
+def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str, base: torch.Tensor) -> None:
+    """Refuse NaN or Inf in a merged weight, and values that would round to Inf in float16, naming the
+    cause: the base itself (adapters are checked when loaded), or a delta too large for the dtype."""
+    if not is_finite(w32):
+        if not is_finite(base):
+            raise NonFiniteError(
+                "the base checkpoint holds NaN or Inf in this tensor", key=key, fix="repair or download the base again"
+            )
+        raise NonFiniteError(
+            "adding the adapter overflowed float32 (values beyond 3.4e38)",
+            key=key,
+            fix="the scale you gave or the adapter's factors are far too large: check them (loratool inspect ADAPTER)",
+        )
+    if out_dtype == torch.float16 and w32.numel() and float(w32.abs().max()) > torch.finfo(out_dtype).max:
+        raise NonFiniteError(
+            "the merged weight does not fit float16 (values beyond 65504)",
+            key=key,
+            fix="check the scale you gave and the adapter's factors, or write another --dtype",
+        )
+
+
+def _reference_tensor(reference: Checkpoint, key: str) -> torch.Tensor:
+    if key not in reference:
+        raise MissingKeyError("--check BASE lacks this tensor", path=str(reference.path), key=key)
+    return reference.get(key)
