@@ -27,12 +27,12 @@ from bench_merge import TARGETS, make_adapter
 from common import bench_main, copy_tree, direct_copy_tree, fresh, hash_seconds, machine, measure, read_floor
 from shards import write_checkpoint
 
+from loratool.host import available_cores
 from loratool.io.checkpoint import open_checkpoint
 from loratool.io.writer import TensorSpec
 from loratool.quant import native
 from loratool.quant.fp8 import quantize_fp8
 from loratool.quant.layout import Fp8Scheme
-from loratool.runtime import available_cores
 
 BLOCK = (128, 128)
 

@@ -60,7 +60,7 @@ def cli_seconds(*args: str, env: dict[str, str], repeat: int = 3) -> float:
 
 
 def run(workdir: Path, layers: int = 0, rank: int = 0, device: str = "cpu", entries: int = 10_000) -> dict[str, Any]:
-    from loratool.ops.registry import register
+    from loratool.registry.ops import register
 
     sources = make_adapters(workdir / "registry-sources", entries)
     home = workdir / "registry-home"

@@ -46,7 +46,7 @@ def read_floor(*paths: Path) -> float:
 def hash_seconds(src: Path) -> float:
     """Seconds to sha256 every file of ``src`` one after another (as loratool hashes its inputs for
     their provenance record), read from the page cache where they lie there."""
-    from loratool.provenance import sha256_file
+    from loratool.metadata.provenance import sha256_file
 
     t = time.perf_counter()
     for f in sorted(src.iterdir()):

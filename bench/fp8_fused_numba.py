@@ -22,10 +22,10 @@ from common import machine
 from numba import types
 from numba.extending import intrinsic
 
-from loratool.linalg import row_factors
+from loratool.host import available_cores, torch_threads
+from loratool.math.linalg import row_factors
 from loratool.quant.fp8 import fp8_max, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from loratool.quant.layout import Fp8Scheme
-from loratool.runtime import available_cores, torch_threads
 
 U = np.uint32
 # error_model="numpy": numba's default checks every float division for a zero divisor, which keeps

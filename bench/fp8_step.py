@@ -17,12 +17,12 @@ import time
 import torch
 from common import machine
 
-from loratool.linalg import row_factors
+from loratool.host import available_cores, torch_threads
+from loratool.math.linalg import row_factors
 from loratool.quant import native
 from loratool.quant.fp8 import fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from loratool.quant.layout import Fp8Scheme
 from loratool.quant.rounding import Rounding, subspace_of
-from loratool.runtime import available_cores, torch_threads
 
 RULES = ("nearest", "stochastic", "subspace")
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from loratool.linalg import exact_svd, randomized_svd, relative_error, residual_error, split_factors
+from loratool.math.linalg import exact_svd, randomized_svd, relative_error, residual_error, split_factors
 
 
 def with_spectrum(m: int, n: int, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
     from .ops.hub import list_hub_adapters, pull, push  # noqa: F401
     from .ops.inspect import inspect  # noqa: F401
     from .ops.merge import merge, unmerge  # noqa: F401
-    from .ops.registry import register  # noqa: F401
     from .ops.validate import validate  # noqa: F401
-    from .registry import Registry, resolve_path  # noqa: F401
+    from .registry.ops import register  # noqa: F401
+    from .registry.store import Registry, resolve_path  # noqa: F401
 
 _EXPORTS = {
     "extract": "ops.extract", "merge": "ops.merge", "unmerge": "ops.merge", "combine": "ops.combine",

@@ -20,12 +20,13 @@ from . import experts
 from .adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, pattern_lookup
 from .arch import OUTPUT_LAYER, RENAMED_WHY, is_embedding, renamed_on_load
 from .errors import LoraToolError, MetadataError
-from .formats import kohya, load_adapter, mlx, peft
+from .formats import kohya, load_adapter, peft
 from .formats.kohya import resolve_paths
 from .io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from .io.logical import model_view
-from .provenance import PROVENANCE_KEY, decode, tensors_sha256
-from .schema import check
+from .metadata.provenance import PROVENANCE_KEY, decode, tensors_sha256
+from .metadata.schema import check
+from .runtimes import mlx
 
 
 @dataclass

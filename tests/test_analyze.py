@@ -14,8 +14,8 @@ import torch
 from helpers import file_digest
 from safetensors.torch import save_file
 
-from loratool import spectral
 from loratool.adapter import Adapter, LoraModule
+from loratool.analysis import spectral
 from loratool.errors import LoraToolError
 from loratool.formats import load_adapter, save_adapter
 from loratool.ops.analyze import analyze
@@ -254,7 +254,7 @@ def test_report_is_self_contained_html_with_plots(tmp_path: Path, fixtures: Path
     assert res.exit_code == 0, res.output
     text = out.read_text()
     images = text.split('src="data:image/png;base64,')[1:]
-    assert len(images) == 3  # energy curves, rank heatmap, amplification (phi needs two adapters)
+    assert len(images) == 3  # energy and spectrum, rank heatmap, amplification (phi needs two adapters)
     for image in images:
         assert base64.b64decode(image.split('"')[0]).startswith(b"\x89PNG\r\n\x1a\n")
     assert "http://" not in text and "https://" not in text and "<script" not in text  # nothing links out
@@ -270,6 +270,42 @@ def test_phi_report_for_two_adapters(tmp_path: Path, cli) -> None:
     res = cli("analyze", tmp_path / "a", tmp_path / "b", "--report", tmp_path / "phi.html", "-q")
     assert res.exit_code == 0, res.output
     assert "Subspace similarity" in (tmp_path / "phi.html").read_text()
+
+
+def test_report_reads_as_a_person_reads_it(tmp_path: Path, fixtures: Path) -> None:
+    """Integer axes carry integer ticks; a rank beyond the computed singular values is written the same
+    way in tables and heatmaps; the raw spectrum is plotted on a log scale beside the energy curve."""
+    from loratool.analysis import plots
+
+    result = analyze(fixtures / "llama-base", fixtures / "llama-ft", top_k=2).to_json()
+    modules = result["modules"]
+    assert any(m["rank_for_energy"]["0.99"] is None for m in modules)  # beyond top-k: the case at hand
+    energy, spectrum = plots._energy_and_spectrum(modules).axes
+    assert spectrum.get_yscale() == "log" and "sigma" in spectrum.get_ylabel()
+    heatmap = plots._rank_heatmap(modules, 2)
+    for axis in (energy.xaxis, spectrum.xaxis, *(ax.yaxis for ax in heatmap.axes if ax.get_label() == "<colorbar>")):
+        ticks = [t for t in axis.get_ticklocs() if axis.get_view_interval()[0] <= t <= axis.get_view_interval()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    labels = {t.get_text() for ax in heatmap.axes for t in ax.texts}
+    assert ">2" in labels
+    out = plots.write_report(result, tmp_path / "r.html")
+    text = out.read_text()
+    assert "&gt;2" in text and "&gt;K" not in text
+
+
+def test_two_adapter_report_says_which_adapter_each_plot_shows(tmp_path: Path) -> None:
+    from loratool.analysis import plots
+
+    random_adapter(tmp_path / "chat", {"model.layers.0.self_attn.q_proj": 8}, 0)
+    random_adapter(tmp_path / "code", {"model.layers.0.self_attn.q_proj": 4}, 1)
+    result = analyze(tmp_path / "chat", tmp_path / "code").to_json()
+    text = plots.write_report(result, tmp_path / "r.html").read_text()
+    assert (
+        text.count(f"Of the first adapter, {tmp_path / 'chat'}.") == 2
+    )  # energy and ranks (no --base: no amplification)
+    assert f"spectra, ranks and amplification of the first adapter, {tmp_path / 'chat'}" in text
+    phi = plots._phi_heatmaps(result["modules"], ["chat", "code"])
+    assert phi.axes[0].get_ylabel() == "i (chat)" and phi.axes[0].get_xlabel() == "j (code)"
 
 
 def test_report_without_matplotlib_says_how_to_install(tmp_path: Path, fixtures: Path, monkeypatch, cli) -> None:
@@ -304,7 +340,7 @@ def test_usage_errors(fixtures: Path, cli, args: list[str]) -> None:
 def test_a_report_another_run_wrote_meanwhile_is_not_replaced(tmp_path: Path, fixtures: Path, monkeypatch, cli) -> None:
     """Two runs to one report: the one that finishes second exits 1 and leaves the first's file
     (it used to replace it with exit 0); with --force it replaces it."""
-    from loratool import plots
+    from loratool.analysis import plots
 
     out = tmp_path / "report.html"
     real_html = plots._html

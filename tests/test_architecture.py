@@ -1,4 +1,4 @@
-"""The package's layout rules, read from the source with ``ast`` (see README, Development)."""
+"""The package's layout rules, read from the source with ``ast`` (docs/architecture.md explains them)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ GRAPH = {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def test_the_graph_was_read() -> None:
-    assert "loratool.ops.merge.stream" in GRAPH and "loratool.linalg" in GRAPH["loratool.ops.merge.stream"][0]
+    assert "loratool.ops.merge.stream" in GRAPH and "loratool.math.linalg" in GRAPH["loratool.ops.merge.stream"][0]
     assert "loratool.io.checkpoint" in GRAPH["loratool.formats.peft"][0]
 
 
@@ -86,16 +86,16 @@ def test_the_adapter_model_depends_on_errors_only() -> None:
 
 @pytest.mark.parametrize(
     ("library", "home"),
-    [("safetensors", "loratool.io."), ("huggingface_hub", "loratool.ops.hub"), ("jsonschema", "loratool.schema"),
-     ("click", "loratool.cli"), ("tqdm", "loratool.runtime"), ("matplotlib", "loratool.plots"),
-     ("gguf", "loratool.formats.gguf")],
+    [("safetensors", "loratool.io."), ("huggingface_hub", "loratool.ops.hub"),
+     ("jsonschema", "loratool.metadata.schema"), ("click", "loratool.cli"), ("tqdm", "loratool.host"),
+     ("matplotlib", "loratool.analysis.plots"), ("gguf", "loratool.runtimes.gguf")],
 )  # fmt: skip
 def test_each_outside_library_enters_through_one_module(library: str, home: str) -> None:
     users = {m for m, (_, outside) in GRAPH.items() if library in outside}
     assert users and all(m.startswith(home) for m in users), f"{library} is imported by {sorted(users)}"
 
 
-QUANT_MAY_USE = {"loratool.errors", "loratool.linalg", "loratool.runtime", "loratool._version"}
+QUANT_MAY_USE = {"loratool.errors", "loratool.math.linalg", "loratool.host", "loratool._version"}
 
 
 def test_quantization_is_one_package_below_the_operations() -> None:
@@ -112,3 +112,22 @@ def test_quantization_is_one_package_below_the_operations() -> None:
             continue
         text = source.read_text()
         assert "class Fp8" not in text and "def quantize_" not in text, f"{m} defines quantization outside quant/"
+
+
+ROOT_MODULES = {"__init__", "__main__", "_version", "errors", "adapter", "arch", "experts", "host", "report",
+                "validation"}  # fmt: skip
+PACKAGES = {"analysis", "cli", "formats", "io", "math", "metadata", "ops", "quant", "registry", "runtimes", "stream"}
+
+
+def test_the_package_root_holds_the_model_and_the_packages() -> None:
+    """The folder listing is the architecture (docs/architecture.md): the adapter model and what every
+    layer shares sit at the root; everything else lives in the package of its concern. A new module
+    goes into one of them, or the listing and the docs change together."""
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert modules == ROOT_MODULES, f"new at the root: {sorted(modules - ROOT_MODULES)}"
+    assert packages == PACKAGES, f"packages changed: {sorted(packages ^ PACKAGES)}"
+    documented = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = [name for name in sorted((ROOT_MODULES - {"__init__", "__main__", "_version"}) | PACKAGES)
+               if f"{name}/" not in documented and f"{name}.py" not in documented]  # fmt: skip
+    assert not missing, f"docs/architecture.md does not describe {missing}"

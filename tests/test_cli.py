@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,23 @@ def test_shared_options_say_what_they_do_in_each_command(cli) -> None:
     )
     assert "-r" not in option_help("analyze", "--energy")
     assert "svd" in option_help("combine", "-r, --rank") and "new rank" in option_help("resize", "-r, --rank")
+
+
+COMMANDS = [["extract"], ["merge"], ["unmerge"], ["combine"], ["resize"], ["convert"], ["inspect"], ["validate"],
+            ["analyze"], ["push"], ["pull"], *[["registry", c] for c in ("add", "ls", "show", "alias", "rm", "gc",
+                                                                        "verify")]]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_each_command_help_has_an_example_and_speaks_of_its_own_options(cli, command: list[str]) -> None:
+    """#34 item 5: --seed said "extract: the randomized SVD; combine: DARE's masks" wherever it appeared."""
+    from loratool.cli import cli as group
+
+    text = cli(*command, "--help").output
+    assert "Example" in text, f"loratool {' '.join(command)} --help shows no example"
+    options = text[text.index("Options:") :]
+    names = set(group.commands) | {"unmerge"}
+    for other in names - {command[-1]}:
+        assert f"({other}:" not in options and f"; {other}:" not in options, f"{command}: speaks for {other}"
+    if "-r, --rank" not in options:
+        assert not re.search(r"(?<![\w-])-r\b", options), f"{command}: mentions a -r it does not have"

@@ -121,7 +121,7 @@ def test_svd_reaches_the_optimal_error(tmp_path: Path, sources, rank: int) -> No
 
 def test_svd_does_not_depend_on_the_core_count(tmp_path: Path, sources, monkeypatch: pytest.MonkeyPatch) -> None:
     """Modules are decomposed one per core, each call single-threaded: the same bytes on any machine."""
-    from loratool import runtime
+    from loratool import host as runtime
 
     _, paths = sources
     outputs = []

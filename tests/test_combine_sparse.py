@@ -10,8 +10,8 @@ from helpers import load_model, peft_adapter, peft_deltas, tiny_model
 from safetensors.torch import load_file
 from test_combine import dense
 
+from loratool.math.task_arithmetic import MergeStats, kth_largest, merge_tasks, prune
 from loratool.ops.combine import combine
-from loratool.task_arithmetic import MergeStats, kth_largest, merge_tasks, prune
 
 WEIGHTS = [0.8, -0.5, 1.2]
 
@@ -70,7 +70,7 @@ def test_equal_to_peft_add_weighted_adapter(tmp_path: Path, three, method: str, 
                                                       ("dare_linear_svd", True), ("dare_ties_svd", True)])  # fmt: skip
 def test_dare_equal_to_peft_given_the_same_masks(tmp_path: Path, three, monkeypatch, method: str, linear_only) -> None:
     """PEFT draws its masks from torch's global generator; record them, then give ours the same."""
-    from loratool import task_arithmetic
+    from loratool.math import task_arithmetic
     from loratool.ops import combine as combine_ops
 
     base, paths = three
@@ -104,7 +104,7 @@ def test_dare_rescaling_is_unbiased_and_keeps_the_density() -> None:
 
 
 def test_dare_is_deterministic_for_a_seed_whatever_the_cores(tmp_path: Path, three, monkeypatch) -> None:
-    from loratool import runtime
+    from loratool import host as runtime
 
     _, paths = three
     outputs = []
@@ -172,7 +172,7 @@ def test_merge_tasks_on_large_tensors_equals_peft_merge_utils(method: str, monke
     monkeypatch.undo()
     gens = [torch.Generator() for _ in tasks]
     mask_of = dict(zip(map(id, gens), masks))
-    from loratool import task_arithmetic
+    from loratool.math import task_arithmetic
 
     monkeypatch.setattr(task_arithmetic, "random_mask", lambda shape, density, generator: mask_of[id(generator)])
     stats = MergeStats()

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.formats import load_adapter, save_adapter
-from loratool.linalg import lora_delta
+from loratool.math.linalg import lora_delta
 from loratool.ops.convert import convert
 from loratool.validation import validate_adapter
 

@@ -9,7 +9,7 @@ import torch
 
 from loratool.formats import load_adapter
 from loratool.io.checkpoint import open_checkpoint
-from loratool.linalg import lora_delta
+from loratool.math.linalg import lora_delta
 from loratool.ops.combine import combine
 from loratool.ops.extract import extract
 from loratool.ops.merge import merge

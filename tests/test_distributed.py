@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loratool.distributed import balanced_share
 from loratool.io.checkpoint import open_checkpoint
+from loratool.stream.distributed import balanced_share
 
 
 def loratool(*args: object, ranks: int, threads: int = 1) -> subprocess.CompletedProcess:

@@ -11,9 +11,9 @@ from helpers import file_digest, load_model, logits, tiny_model
 from safetensors.torch import save_file
 
 from loratool.formats import load_adapter
-from loratool.linalg import lora_delta
+from loratool.math.linalg import lora_delta
+from loratool.metadata.provenance import decode
 from loratool.ops.extract import extract
-from loratool.provenance import decode
 
 
 def planted_pair(tmp_path: Path, rank: int = 4, dtype=torch.float32, noise: float = 0.0):

@@ -10,7 +10,7 @@ from helpers import logits, peft_adapter, tiny_model
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.formats import load_adapter, save_adapter
-from loratool.linalg import lora_delta
+from loratool.math.linalg import lora_delta
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"], "gpt2": ["c_attn", "c_fc", "wte"]}
 

@@ -13,10 +13,10 @@ from helpers import adapter_deltas, load_model, peft_adapter, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loratool.linalg import unit_of_rounding
+from loratool.math.linalg import unit_of_rounding
+from loratool.metadata.provenance import decode
 from loratool.ops.extract import extract
 from loratool.ops.merge import merge, unmerge
-from loratool.provenance import decode
 
 E4M3 = torch.float8_e4m3fn
 BLOCK = (24, 24)  # llama-tiny's 32 and 64 do not divide by 24: ragged last tiles

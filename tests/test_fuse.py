@@ -123,7 +123,7 @@ def test_split_onto_a_part_the_adapter_adapts_too_keeps_both_deltas(tmp_path: Pa
 
     from loratool.adapter import Adapter, LoraModule
     from loratool.formats import save_adapter
-    from loratool.linalg import lora_delta
+    from loratool.math.linalg import lora_delta
 
     llama_and_phi3(tmp_path)
     with safe_open(str(tmp_path / "llama" / "model.safetensors"), "pt") as f:

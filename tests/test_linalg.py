@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratool.adapter import LoraModule
-from loratool.linalg import (
+from loratool.math.linalg import (
     TruncatedSVD,
     add_lora,
     allocate_budget,
@@ -331,7 +331,7 @@ def test_unit_of_rounding_is_the_gap_to_the_next_value(dtype: torch.dtype, int_d
 def test_merge_rows_adds_each_term_to_its_own_rows() -> None:
     """3-D experts merge as their (E*rows, cols) view: a term with ``row0`` touches only its rows,
     whatever the block size."""
-    from loratool.linalg import RowFactors, merge_rows
+    from loratool.math.linalg import RowFactors, merge_rows
 
     g = torch.Generator().manual_seed(0)
     experts, rows, cols, r = 3, 5, 7, 2
@@ -349,7 +349,7 @@ def test_merge_rows_adds_each_term_to_its_own_rows() -> None:
 
 def test_unit_of_rounding_is_the_frexp_formula_bit_for_bit() -> None:
     """The exponent-mask form against 2^(exponent - mantissa bits) by frexp/ldexp in float64."""
-    from loratool.linalg import _MANTISSA_BITS, unit_of_rounding
+    from loratool.math.linalg import _MANTISSA_BITS, unit_of_rounding
 
     g = torch.Generator().manual_seed(0)
     for wide in (torch.float32, torch.float64):

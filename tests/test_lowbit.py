@@ -13,11 +13,11 @@ import torch
 from helpers import adapter_deltas, load_model, peft_adapter, tiny_model
 from safetensors.torch import load_file, save_file
 
-from loratool.deltas import read_weight
 from loratool.io.checkpoint import open_checkpoint
 from loratool.io.logical import model_view
 from loratool.ops.extract import extract
 from loratool.ops.merge import merge, unmerge
+from loratool.stream.deltas import read_weight
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from loratool.formats import load_adapter
 from loratool.io.checkpoint import open_checkpoint
-from loratool.linalg import lora_delta, unit_of_rounding
+from loratool.math.linalg import lora_delta, unit_of_rounding
 from loratool.ops.merge import merge, unmerge
 from loratool.ops.merge import stream as merge_stream
 
@@ -135,7 +135,7 @@ def test_kohya_adapter_with_scale(tmp_path: Path, fixtures: Path) -> None:
 
 
 def test_provenance_in_every_shard(tmp_path: Path, fixtures: Path) -> None:
-    from loratool.provenance import decode
+    from loratool.metadata.provenance import decode
 
     def sha256_file(p: Path) -> str:  # the oracle: hashlib over the bytes, not loratool's mmap reader
         return hashlib.sha256(p.read_bytes()).hexdigest()

@@ -10,12 +10,12 @@ import torch
 from conftest import FIXTURES
 from helpers import edit_tensors
 
-from loratool.card import is_hub_id, render_card
 from loratool.io.checkpoint import open_checkpoint
+from loratool.metadata.card import is_hub_id, render_card
+from loratool.metadata.provenance import decode
+from loratool.metadata.schema import check, check_schemas
 from loratool.ops.extract import extract
 from loratool.ops.validate import validate
-from loratool.provenance import decode
-from loratool.schema import check, check_schemas
 
 CASES = json.loads((FIXTURES / "metadata" / "cases.json").read_text())
 
@@ -40,7 +40,7 @@ def test_all_problems_are_reported_at_once_and_sorted() -> None:
 
 
 def test_schemas_ship_with_the_package() -> None:
-    from loratool.schema import schema_dir
+    from loratool.metadata.schema import schema_dir
 
     assert (schema_dir() / "provenance.schema.json").is_file()
 
@@ -192,7 +192,7 @@ def test_input_hasher_hashes_files_side_by_side(tmp_path: Path, monkeypatch) -> 
     """Several hashing threads (as on a many-core machine) give each file its own sha256, in order."""
     import hashlib
 
-    from loratool import provenance
+    from loratool.metadata import provenance
 
     monkeypatch.setattr(provenance, "available_cores", lambda: 8)
     files = []

@@ -210,7 +210,7 @@ def test_untransposed_3d_experts_merge_as_peft(tmp_path: Path) -> None:
 
 
 def test_expert_adapters_fit_their_base_in_validate_and_the_registry(tmp_path: Path) -> None:
-    from loratool.ops.registry import list_entries, register
+    from loratool.registry.ops import list_entries, register
 
     model = gpt_oss(tmp_path)
     expert_adapter(model, r=2, lora_alpha=4).save_pretrained(tmp_path / "adapter")
@@ -235,10 +235,10 @@ def test_expert_deltas_are_read_one_expert_at_a_time(tmp_path: Path) -> None:
     as the whole difference, and a NaN named with its side (bench_moe measures the memory)."""
     from safetensors.torch import save_file
 
-    from loratool.deltas import DeltaReader, ExpertDeltas
     from loratool.errors import NonFiniteError
     from loratool.io.checkpoint import open_checkpoint
-    from loratool.pipeline import BufferPool
+    from loratool.stream.deltas import DeltaReader, ExpertDeltas
+    from loratool.stream.pipeline import BufferPool
 
     g = torch.Generator().manual_seed(11)
     base = torch.randn(6, 12, 10, generator=g).to(torch.bfloat16)
@@ -293,7 +293,7 @@ def test_target_parameters_adapters_merge_into_experts_stored_apart_as_peft(tmp_
     pm = expert_adapter(model, r=2, lora_alpha=6, use_rslora=True, rank_pattern={"down_proj": 3})
     pm.save_pretrained(tmp_path / "adapter")
     assert validate(tmp_path / "adapter", base=tmp_path / "base").valid
-    from loratool.ops.registry import list_entries, register
+    from loratool.registry.ops import list_entries, register
 
     register(tmp_path / "adapter", name="experts")
     assert [e.ref for e in list_entries(base=tmp_path / "base")] == ["experts@v1"]  # fits, from headers alone
@@ -329,7 +329,7 @@ def test_experts_stored_apart_that_do_not_fit_are_refused(tmp_path: Path, cli) -
     assert not (tmp_path / "merged").exists()
     problems = {p.path for p in validate(tmp_path / "adapter", base=tmp_path / "base").problems}
     assert problems == {"base/model.layers.1.mlp.experts.gate_up_proj.2"}
-    from loratool.ops.registry import list_entries, register
+    from loratool.registry.ops import list_entries, register
 
     register(tmp_path / "adapter", name="experts")
     assert list_entries(base=tmp_path / "base") == []

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from loratool.linalg import row_factors
+from loratool.host import torch_threads
+from loratool.math.linalg import row_factors
 from loratool.quant import fp8 as linalg
 from loratool.quant import native
 from loratool.quant.fp8 import dequantize_fp8, merge_fp8_rows, quantize_fp8
 from loratool.quant.layout import Fp8Scheme
 from loratool.quant.rounding import subspace_of
-from loratool.runtime import torch_threads
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratool.io.writer import CheckpointWriter, TensorSpec
-from loratool.pipeline import BackgroundWriter, BufferPool, prefetch, widen
+from loratool.stream.pipeline import BackgroundWriter, BufferPool, prefetch, widen
 
 
 def test_prefetch_keeps_order_and_hands_on_errors() -> None:

@@ -7,21 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratool.linalg import row_factors, unit_of_rounding
+from loratool.host import torch_threads
+from loratool.math.linalg import row_factors, unit_of_rounding
 from loratool.quant import fp8
 from loratool.quant.fp8 import dequantize_fp8, merge_fp8_rows, quantize_fp8
 from loratool.quant.layout import Fp8Scheme
-from loratool.quant.rounding import (
-    GRIDS,
-    Kept,
-    Rounding,
-    hash32,
-    round_subspace,
-    round_to_grid,
-    subspace_of,
-    uniforms,
-)
-from loratool.runtime import torch_threads
+from loratool.quant.rounding import GRIDS, Kept, Rounding, hash32, round_subspace, round_to_grid, subspace_of, uniforms
 
 E4M3 = torch.float8_e4m3fn
 

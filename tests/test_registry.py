@@ -20,8 +20,8 @@ from helpers import file_digest
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.formats import load_adapter, save_adapter
-from loratool.ops.registry import list_entries, register
-from loratool.registry import SCHEMA_VERSION, Registry, RegistryError
+from loratool.registry.ops import list_entries, register
+from loratool.registry.store import SCHEMA_VERSION, Registry, RegistryError
 
 
 def small_adapter(path: Path, seed: int = 0, *, out: int = 32, modules: int = 2) -> Path:
@@ -363,7 +363,7 @@ def test_register_is_checked_before_the_work_and_a_late_failure_says_what_exists
     assert res.exit_code == 1 and "not a file" in res.stderr and not (tmp_path / "out").exists()
     (registry_home / "registry.db").rmdir()
 
-    from loratool.ops import registry as ops_registry
+    from loratool.registry import ops as ops_registry
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RegistryError("the disk is full")
@@ -393,7 +393,7 @@ def test_a_killed_adds_partial_blob_is_swept_by_the_next_add(tmp_path: Path, cli
 def test_a_locked_or_damaged_index_gets_advice_that_keeps_the_catalog(tmp_path: Path, cli, registry_home: Path,
                                                                       monkeypatch) -> None:  # fmt: skip
     """#31 item 13: a locked (busy) registry advised moving registry.db aside, which discards the catalog."""
-    from loratool import registry as reg
+    from loratool.registry import store as reg
 
     assert cli("registry", "add", small_adapter(tmp_path / "a"), "--name", "bot").exit_code == 0
     monkeypatch.setattr(reg, "_BUSY_SECONDS", 0.2)

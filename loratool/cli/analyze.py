@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from .app import cli
-from .params import DEVICE, FAN_IN_FAN_OUT, FORCE, JSON, PICKLE, QUIET, REGEX, SEED, emit, energy_option, options
+from .params import DEVICE, FAN_IN_FAN_OUT, FORCE, JSON, PICKLE, QUIET, REGEX, emit, energy_option, options, seed_option
 
 
 class _Ranks(click.ParamType):  # type: ignore[type-arg]
@@ -75,7 +75,15 @@ class _Ranks(click.ParamType):  # type: ignore[type-arg]
     default=None,
     help="Write a self-contained HTML report with plots here (needs loratool[plot]).",
 )
-@options(SEED, DEVICE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET, JSON)
+@options(
+    seed_option("Seed of the randomized SVD's draws (extract's default, so the spectra agree)."),
+    DEVICE,
+    FAN_IN_FAN_OUT,
+    FORCE,
+    PICKLE,
+    QUIET,
+    JSON,
+)
 def analyze(
     first: str,
     second: str | None,

@@ -22,13 +22,13 @@ from .params import (
     PORTABLE,
     QUIET,
     REGISTER,
-    SEED,
     Share,
     emit,
     energy_option,
     options,
     rank_option,
     registered,
+    seed_option,
 )
 
 COMBINE_METHODS = (
@@ -87,7 +87,8 @@ def _combine_text(d: dict[str, Any]) -> str:
                      "source rank); with --energy, the highest allowed."),
          energy_option("--method svd: per module, the smallest rank keeping this share of the combined delta's "
                        "energy (sum S^2), capped by -r."),
-         SEED, FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE,
+         seed_option("Seed of DARE's random masks (dare_linear, dare_ties and their _svd forms)."),
+         FORMAT, PORTABLE, BASE_MODEL_ID, KOHYA_BASE, OUTPUT, REGISTER, DEVICE, DTYPE, FORCE,
          PICKLE, QUIET, JSON)  # fmt: skip
 def combine(
     adapters: tuple[tuple[str, float], ...],

@@ -21,12 +21,12 @@ from .params import (
     QUIET,
     REGEX,
     REGISTER,
-    SEED,
     emit,
     energy_option,
     options,
     rank_option,
     registered,
+    seed_option,
 )
 
 
@@ -60,7 +60,8 @@ from .params import (
     help="Store the changed bias of each LoRA linear layer as its lora_B.bias (PEFT's lora_bias; "
     "Qwen2-style attention biases) instead of dropping it.",
 )
-@options(SEED, FORMAT, PORTABLE, BASE_MODEL_ID, OUTPUT, REGISTER, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET,
+@options(seed_option("Seed of the randomized SVD's draws: the same seed and threads write the same adapter."),
+         FORMAT, PORTABLE, BASE_MODEL_ID, OUTPUT, REGISTER, DEVICE, DTYPE, FAN_IN_FAN_OUT, FORCE, PICKLE, QUIET,
          JSON)  # fmt: skip
 def extract(
     base: str,

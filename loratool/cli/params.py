@@ -23,7 +23,7 @@ class _AdapterSpec(click.ParamType):  # type: ignore[type-arg]
     name = "ADAPTER[:SCALE]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, float]:
-        from ..registry import resolve_path
+        from ..registry.store import resolve_path
 
         if isinstance(value, tuple):
             return value
@@ -46,7 +46,7 @@ class _AdapterPath(click.ParamType):  # type: ignore[type-arg]
     name = "ADAPTER"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from ..registry import resolve_path
+        from ..registry.store import resolve_path
 
         return resolve_path(str(value))
 
@@ -143,7 +143,7 @@ def _registry_name(ctx: click.Context, param: click.Parameter, value: str | None
     """--register NAME: the name is checked, and the registry opened, before the command's work."""
     if value is None:
         return None
-    from ..registry import Registry, check_name
+    from ..registry.store import Registry, check_name
 
     try:
         check_name(value)
@@ -182,15 +182,16 @@ def energy_option(help: str) -> Decorator:
     return click.option("--energy", type=ENERGY_RANGE, default=None, help=help)
 
 
-SEED: Decorator = click.option(
-    "--seed", type=int, default=0, show_default=True,
-    help="Seed of the random draws (extract: the randomized SVD; combine: DARE's masks).",
-)  # fmt: skip
+def seed_option(help: str) -> Decorator:
+    """--seed, with help in the words of the command it is on."""
+    return click.option("--seed", type=int, default=0, show_default=True, help=help)
+
+
 ROUNDING: Decorator = click.option(
     "--rounding", type=click.Choice(["subspace", "stochastic", "nearest"]), default=None,
-    help="How merged weights return onto a quantized base's grid (FP8, NVFP4, MXFP4, INT4/INT8), or --dtype's from "
-    "one. subspace (the default in an FP8 layout): each row's rounding error fed forward out of the adapter's "
-    "input subspace (in a 4-bit layout slow, torch passes column by column); "
+    help="How the written weights return onto a quantized base's grid (FP8, NVFP4, MXFP4, INT4/INT8), or "
+    "--dtype's from one. subspace (the default in an FP8 layout): each row's rounding error fed forward out of "
+    "the adapter's input subspace (in a 4-bit layout slow, torch passes column by column); "
     "stochastic (the default into --dtype and 4-bit layouts): up or down with the odds of the value's position, "
     "unbiased; nearest: "
     "the quantizers' own rule, which writes the base back wherever the delta is under half a step. Plain "
@@ -268,7 +269,7 @@ def registered(result: Any, name: str | None, *, event: tuple[str, str, str | No
     which version it became."""
     if name is None:
         return result
-    from ..ops.registry import register
+    from ..registry.ops import register
 
     try:
         added = register(result.output, name=name, event=event)
@@ -288,7 +289,7 @@ def registered(result: Any, name: str | None, *, event: tuple[str, str, str | No
 
 def record_uses(paths: list[str], kind: str, target: str, detail: str | None = None) -> None:
     """Note in the registry where registered adapters (given by reference) went."""
-    from ..registry import Registry
+    from ..registry.store import Registry
 
     registry = Registry()
     for path in paths:

@@ -51,8 +51,14 @@ def registry() -> None:
 @options(JSON)
 def registry_add(adapter: str, name: str, aliases: tuple[str, ...], tags: tuple[tuple[str, str], ...],
                  description: str | None, as_json: bool) -> None:  # fmt: skip
-    """Validate ADAPTER and register it as the next version of --name (files are copied in)."""
-    from ..ops.registry import register
+    """Validate ADAPTER and register it as the next version of --name (files are copied in).
+
+    \b
+    Examples:
+      loratool registry add adapter/ --name support-bot
+      loratool registry add adapter/ --name support-bot --alias staging --tag task=support
+    """
+    from ..registry.ops import register
 
     result = register(adapter, name=name, aliases=aliases, tags=dict(tags), description=description)
 
@@ -73,14 +79,21 @@ def registry_add(adapter: str, name: str, aliases: tuple[str, ...], tags: tuple[
 @options(ENDPOINT, JSON)
 def registry_ls(name_glob: str | None, base: str | None, hub_owner: str | None, hub_base: str | None,
                 endpoint: str | None, as_json: bool) -> None:  # fmt: skip
-    """List registered adapters, newest version first per name (or adapters on the Hub)."""
+    """List registered adapters, newest version first per name (or adapters on the Hub).
+
+    \b
+    Examples:
+      loratool registry ls --name 'support-*'
+      loratool registry ls --base model/          # only those that fit it (headers only)
+      loratool registry ls --hub-base meta-llama/Llama-3.2-1B --json
+    """
     if hub_owner or hub_base:
         from ..ops.hub import list_hub_adapters
 
         models = list_hub_adapters(owner=hub_owner, base_model=hub_base, endpoint=endpoint)
         emit({"hub": models}, as_json, lambda d: "\n".join(m["id"] for m in d["hub"]) or "no adapters found")
         return
-    from ..ops.registry import list_entries
+    from ..registry.ops import list_entries
 
     entries = list_entries(name_glob=name_glob, base=base)
 
@@ -102,9 +115,15 @@ def registry_ls(name_glob: str | None, base: str | None, hub_owner: str | None, 
 @click.option("--lineage", is_flag=True, help="Also where it came from and what came from it.")
 @options(JSON)
 def registry_show(ref: str, lineage: bool, as_json: bool) -> None:
-    """Show one entry: files, digests, aliases, tags, provenance, Hub events."""
-    from ..ops.registry import lineage_lines
-    from ..registry import Registry
+    """Show one entry: files, digests, aliases, tags, provenance, Hub events.
+
+    \b
+    Examples:
+      loratool registry show support-bot@prod
+      loratool registry show support-bot@v2 --lineage --json
+    """
+    from ..registry.ops import lineage_lines
+    from ..registry.store import Registry
 
     reg = Registry()
     entry = reg.resolve(ref)
@@ -144,8 +163,13 @@ def registry_show(ref: str, lineage: bool, as_json: bool) -> None:
 @click.argument("alias")
 @options(JSON)
 def registry_alias(ref: str, alias: str, as_json: bool) -> None:
-    """Point NAME@ALIAS at the version REF names (moving it if it pointed elsewhere)."""
-    from ..registry import Registry
+    """Point NAME@ALIAS at the version REF names (moving it if it pointed elsewhere).
+
+    \b
+    Example:
+      loratool registry alias support-bot@v2 prod
+    """
+    from ..registry.store import Registry
 
     entry = Registry().alias(ref, alias)
     emit(entry.to_json(), as_json, lambda d: f"{d['name']}@{alias} -> {d['ref']}")
@@ -155,8 +179,13 @@ def registry_alias(ref: str, alias: str, as_json: bool) -> None:
 @click.argument("ref")
 @options(JSON)
 def registry_rm(ref: str, as_json: bool) -> None:
-    """Remove the version REF names (its aliases go with it; `registry gc` frees the files)."""
-    from ..registry import Registry
+    """Remove the version REF names (its aliases go with it; `registry gc` frees the files).
+
+    \b
+    Example:
+      loratool registry rm support-bot@v1 && loratool registry gc
+    """
+    from ..registry.store import Registry
 
     entry = Registry().remove(ref)
     emit(entry.to_json(), as_json, lambda d: f"removed {d['ref']}")
@@ -165,8 +194,13 @@ def registry_rm(ref: str, as_json: bool) -> None:
 @registry.command("gc")
 @options(JSON)
 def registry_gc(as_json: bool) -> None:
-    """Delete stored files that no entry references any more."""
-    from ..registry import Registry
+    """Delete stored files that no entry references any more.
+
+    \b
+    Example:
+      loratool registry gc --json
+    """
+    from ..registry.store import Registry
 
     result = Registry().gc()
     emit(result, as_json, lambda d: f"removed {d['blobs_removed']} file(s), {d['bytes_freed']:,} bytes")
@@ -176,8 +210,13 @@ def registry_gc(as_json: bool) -> None:
 @options(JSON)
 def registry_verify(as_json: bool) -> None:
     """Re-hash every stored file and check every view (what commands read) holds them; report (never
-    delete) what is missing or does not match. Exit 1 if any."""
-    from ..registry import Registry
+    delete) what is missing or does not match. Exit 1 if any.
+
+    \b
+    Example:
+      loratool registry verify || echo "the store needs attention"
+    """
+    from ..registry.store import Registry
 
     bad = Registry().verify()
 

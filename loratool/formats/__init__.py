@@ -48,7 +48,8 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         >>> adapter = loratool.load_adapter("adapter/")
         >>> {path: m.rank for path, m in adapter.modules.items()}
     """
-    from . import kohya, mlx, peft
+    from ..runtimes import mlx
+    from . import kohya, peft
 
     p = Path(path)
     if not p.exists():
@@ -116,7 +117,7 @@ def refuse_adapter(path: str | os.PathLike[str], role: str, usage: str) -> None:
 
 def require_finite(adapter: Adapter) -> None:
     """NaN or Inf in a factor would go on into every weight it touches: refuse it here, naming it."""
-    from ..linalg import is_finite
+    from ..math.linalg import is_finite
 
     tensors = [
         (f"{path}.{slot}", t)
@@ -160,7 +161,8 @@ def save_adapter(
     Example:
         >>> loratool.save_adapter(adapter, "copy/", dtype=torch.bfloat16)
     """
-    from . import kohya, mlx, peft
+    from ..runtimes import mlx
+    from . import kohya, peft
 
     if format == "kohya":
         return kohya.write_kohya(adapter, Path(out), force=force, dtype=dtype)

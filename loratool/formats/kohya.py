@@ -19,7 +19,7 @@ from ..errors import InputFileError, MissingKeyError, ShapeMismatchError, Unsupp
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
-from ..provenance import with_tensors_digest
+from ..metadata.provenance import with_tensors_digest
 
 if TYPE_CHECKING:
     import torch

@@ -84,7 +84,7 @@ def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor
 
 def read_lycoris(file: str | os.PathLike[str], *, rank: int) -> LycorisRead:
     """Read a LyCORIS file, each LoHa/LoKr module's delta formed whole and truncated to ``rank``
-    (:func:`loratool.linalg.top_svd`, as accurate as a full SVD) into LoRA factors with scaling 1.
+    (:func:`loratool.math.linalg.top_svd`, as accurate as a full SVD) into LoRA factors with scaling 1.
 
     Raises:
         InputFileError, MissingKeyError, ShapeMismatchError: an unreadable or incomplete module.
@@ -92,7 +92,7 @@ def read_lycoris(file: str | os.PathLike[str], *, rank: int) -> LycorisRead:
     """
     import torch
 
-    from ..linalg import is_finite, residual_error, split_factors, top_svd
+    from ..math.linalg import is_finite, residual_error, split_factors, top_svd
 
     where = str(file)
     groups: dict[str, dict[str, torch.Tensor]] = {}

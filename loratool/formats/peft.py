@@ -20,7 +20,7 @@ from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMi
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
-from ..provenance import with_tensors_digest
+from ..metadata.provenance import with_tensors_digest
 
 if TYPE_CHECKING:
     import torch
@@ -341,8 +341,8 @@ def write_peft(
     adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None, card: bool = True
 ) -> Path:
     """Write ``adapter`` as a PEFT adapter directory at ``out``, atomically, with a model card."""
-    from ..card import render_card
-    from ..provenance import decode
+    from ..metadata.card import render_card
+    from ..metadata.provenance import decode
 
     tensors = state_dict(adapter, dtype)
     config = build_config(adapter)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraToolError, OutputExistsError, OutputLocationError
-from ..home import default_home
+from ..registry.home import default_home
 
 log = logging.getLogger("loratool")
 

@@ -12,7 +12,7 @@ Three inputs, three analyses, one result shape (:class:`AnalyzeResult`):
 - ``ADAPTER OTHER``: the above for the first, and per module both hold, the normalized subspace
   similarity phi(i, j) of their A factors, summarized by module type and by layer.
 
-The math is in :mod:`loratool.spectral`; the report's plots in :mod:`loratool.plots`.
+The math is in :mod:`loratool.analysis.spectral`; the report's plots in :mod:`loratool.analysis.plots`.
 """
 
 from __future__ import annotations
@@ -28,26 +28,20 @@ from typing import Any, Literal
 
 import torch
 
-from .. import arch, spectral
+from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
-from ..deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
+from ..analysis import spectral
 from ..errors import LoraToolError
 from ..formats import is_adapter, load_adapter
 from ..formats.kohya import resolve_paths
+from ..host import compile_regex, progress, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.logical import model_view
-from ..linalg import (
-    FactoredSVD,
-    allocate_budget,
-    exact_svd,
-    out_in,
-    randomized_svd,
-    rank_for_energy,
-)
-from ..pipeline import BufferPool, give_back, stream, widen
+from ..math.linalg import FactoredSVD, allocate_budget, exact_svd, out_in, randomized_svd, rank_for_energy
 from ..report import Dropped
-from ..runtime import compile_regex, progress, resolve_device
+from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
+from ..stream.pipeline import BufferPool, give_back, stream, widen
 
 Mode = Literal["checkpoints", "adapter", "adapters"]
 DEFAULT_TOP_K = 64
@@ -183,7 +177,7 @@ def analyze(
         raise LoraToolError(f"amplification ranks must be positive (got {list(amplification_ranks)})")
     out = None
     if report is not None:
-        from .. import plots
+        from ..analysis import plots
 
         plots.require_matplotlib()
         inputs = [p for p in (first, second, base) if p is not None]
@@ -214,7 +208,7 @@ def analyze(
         )
     _extract_ranks(result.modules, energy, budget)
     if out is not None:
-        from .. import plots
+        from ..analysis import plots
 
         plots.write_report(result.to_json() | {"report": str(out)}, out, force=force)
         result.report = out

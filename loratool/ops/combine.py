@@ -6,7 +6,7 @@ Each source's weight w_i and scaling s_i are folded into its factors, so the out
 - ``cat``: exact. B = [c_1 B_1, ..., c_n B_n], A = [c_1' A_1; ...; c_n' A_n] with
   c_i c_i' = w_i s_i (the magnitude split evenly, the sign on A as in PEFT).
 - ``svd``: the exact rank-R truncated SVD of sum_i w_i s_i B_i A_i, from the factors (QR of the
-  stacked factors, SVD of the small core; see :func:`loratool.linalg.factored_svd`). The dense
+  stacked factors, SVD of the small core; see :func:`loratool.math.linalg.factored_svd`). The dense
   (out, in) matrix is never formed.
 - ``linear``: PEFT's per-factor weighted average (equal ranks only). Approximate: the product of
   averages is not the average of products.
@@ -27,14 +27,14 @@ from typing import Any, Literal, cast, get_args
 import torch
 
 from ..adapter import Adapter, LoraModule
-from ..card import check_base_model_id
 from ..errors import LoraToolError, ShapeMismatchError, UnsupportedAdapterError
 from ..formats import PathArg, load_adapter, save_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..formats.peft import new_config
+from ..host import map_on_cores, progress, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import open_checkpoint, torch_dtype
-from ..linalg import (
+from ..math.linalg import (
     FactoredSVD,
     exact_svd,
     factored_sq_norm,
@@ -43,11 +43,11 @@ from ..linalg import (
     split_factors,
     top_svd,
 )
-from ..provenance import InputHasher, encode, make_record
+from ..math.task_arithmetic import MergeStats, SignMethod, merge_tasks
+from ..metadata.card import check_base_model_id
+from ..metadata.provenance import InputHasher, encode, make_record
 from ..report import ModuleReport, summarize
-from ..runtime import map_on_cores, progress, resolve_device
-from ..task_arithmetic import MergeStats, SignMethod, merge_tasks
-from ..transforms import check_portable, portable_form
+from ..runtimes.transforms import check_portable, portable_form
 from ..validation import require_valid
 
 Method = Literal[

@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .. import transforms
 from ..adapter import Adapter
 from ..errors import LoraToolError, MissingKeyError, ShapeMismatchError
 from ..formats import load_adapter, require_finite, save_adapter
-from ..formats.gguf import OutType, read_gguf, refuse_for_gguf, write_gguf
 from ..formats.kohya import resolve_paths
 from ..formats.lycoris import is_lycoris_file, read_lycoris
 from ..io.atomic import check_output
 from ..io.checkpoint import open_checkpoint, torch_dtype
-from ..provenance import PROVENANCE_KEY, InputHasher, encode, make_record
+from ..metadata.provenance import PROVENANCE_KEY, InputHasher, encode, make_record
+from ..runtimes import transforms
+from ..runtimes.gguf import OutType, read_gguf, refuse_for_gguf, write_gguf
 from ..validation import ValidationReport, check_fit, require_valid
 
 Target = Literal["peft", "kohya", "mlx", "gguf"]

@@ -18,16 +18,14 @@ import torch
 
 from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
-from ..card import check_base_model_id, is_hub_id
-from ..deltas import DeltaReader, ExpertDeltas, fp8_companions, grown_vocabulary, module_generator, paired_keys
-from ..distributed import current
 from ..errors import LoraToolError, UnsupportedCheckpointError
 from ..formats import refuse_adapter, save_adapter
 from ..formats.peft import new_config
+from ..host import compile_regex, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from ..io.logical import model_view
-from ..linalg import (
+from ..math.linalg import (
     TruncatedSVD,
     allocate_budget,
     exact_svd,
@@ -38,12 +36,14 @@ from ..linalg import (
     residual_error,
     split_factors,
 )
-from ..pipeline import BufferPool, give_back, stream
-from ..provenance import InputHasher, encode, make_record
+from ..metadata.card import check_base_model_id, is_hub_id
+from ..metadata.provenance import InputHasher, encode, make_record
 from ..quant.layout import Fp8Layout
 from ..report import Dropped, ModuleReport, summarize
-from ..runtime import compile_regex, resolve_device
-from ..transforms import check_portable, portable_form
+from ..runtimes.transforms import check_portable, portable_form
+from ..stream.deltas import DeltaReader, ExpertDeltas, fp8_companions, grown_vocabulary, module_generator, paired_keys
+from ..stream.distributed import current
+from ..stream.pipeline import BufferPool, give_back, stream
 
 DEFAULT_CAP = 256  # highest rank --energy/--budget consider when -r does not say
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..card import check_base_model_id, render_card
 from ..errors import ChecksumError, HubError, LoraToolError, MetadataError
 from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_config
 from ..io.atomic import atomic_output, check_output
 from ..io.header import header_metadata
-from ..provenance import decode
+from ..metadata.card import check_base_model_id, render_card
+from ..metadata.provenance import decode
 from ..validation import require_valid, validate_adapter
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")

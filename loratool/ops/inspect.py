@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import LoraToolError
 from ..formats import is_adapter
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..provenance import decode
+from ..metadata.provenance import decode
 
 
 def inspect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from ..errors import LoraToolError, Refusal
 from ..formats import load_adapter
 from ..io.checkpoint import open_checkpoint
-from ..runtimes import Runtime, runtime_refusals
+from ..runtimes.checks import Runtime, runtime_refusals
 from ..validation import Problem, ValidationReport, check_against_base, validate_adapter
 
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..errors import NonFiniteError
-from ..linalg import RowFactors
-from ..runtime import torch_threads
+from ..host import torch_threads
+from ..math.linalg import RowFactors
 from . import native
 from .layout import Fp8Scheme
 from .rounding import Kept, Subspace, round_subspace, round_to_grid, uniforms

@@ -21,7 +21,7 @@ from typing import TypeVar
 import torch
 
 from .._version import __version__
-from ..runtime import available_cores
+from ..host import available_cores
 from . import rounding
 
 T = TypeVar("T")

@@ -8,10 +8,8 @@ from typing import Any
 
 import torch
 
-from ...errors import (
-    ShapeMismatchError,
-)
-from ...linalg import unit_of_rounding
+from ...errors import ShapeMismatchError
+from ...math.linalg import unit_of_rounding
 from ...quant.fp8 import dequantize_fp8
 from ...quant.layout import Fp8Scheme
 

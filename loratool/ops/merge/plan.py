@@ -13,12 +13,7 @@ import torch
 
 from ... import arch, experts
 from ...adapter import Adapter, Kind, LoraModule
-from ...errors import (
-    MissingKeyError,
-    ShapeMismatchError,
-    UnsupportedAdapterError,
-    UnsupportedCheckpointError,
-)
+from ...errors import MissingKeyError, ShapeMismatchError, UnsupportedAdapterError, UnsupportedCheckpointError
 from ...formats import AdapterArg, load_adapter, split_scale
 from ...formats.kohya import resolve_paths
 from ...io.checkpoint import Checkpoint

@@ -9,17 +9,10 @@ from typing import Any
 
 import torch
 
-from ...errors import (
-    AdapterLostError,
-    UnsupportedCheckpointError,
-)
+from ...errors import AdapterLostError, UnsupportedCheckpointError
 from ...io.writer import TensorSpec
 from ...quant.layout import READ_ONLY, Fp8Layout, PackedLayout
-from ...quant.rounding import (
-    KEPT_WARNING,
-    Kept,
-    Rounding,
-)
+from ...quant.rounding import KEPT_WARNING, Kept, Rounding
 from .plan import Term
 
 FP8_BLOCK = (128, 128)  # merge --requantize fp8: compressed-tensors' FP8_BLOCK scheme, DeepSeek's and Qwen's blocks

@@ -14,25 +14,17 @@ from typing import Any
 import torch
 
 from ...adapter import Adapter
-from ...distributed import current
 from ...formats import AdapterArg, refuse_adapter, split_scale
+from ...host import resolve_device
 from ...io.atomic import atomic_output, check_output
 from ...io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
 from ...io.header import patch_metadata
 from ...io.logical import model_view
 from ...io.writer import TensorSpec, copy_aux_files
-from ...provenance import InputHasher, encode, make_record
+from ...metadata.provenance import InputHasher, encode, make_record
 from ...quant import native
-from ...quant.rounding import (
-    KEPT_WARNING,
-    NOISE_LIMIT,
-    RULES,
-    Kept,
-    Rounding,
-    Rule,
-    default_rule,
-)
-from ...runtime import resolve_device
+from ...quant.rounding import KEPT_WARNING, NOISE_LIMIT, RULES, Kept, Rounding, Rule, default_rule
+from ...stream.distributed import current
 from .check import RoundTripCheck
 from .plan import files_of_adapter, load_adapters, plan_terms, set_vocab_size
 from .quantized import (

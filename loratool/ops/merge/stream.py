@@ -12,29 +12,17 @@ from pathlib import Path
 import torch
 
 from ...adapter import LoraModule
-from ...errors import (
-    MissingKeyError,
-    NonFiniteError,
-    UnsupportedCheckpointError,
-)
+from ...errors import MissingKeyError, NonFiniteError, UnsupportedCheckpointError
+from ...host import available_cores, compute_threads, torch_threads
 from ...io.checkpoint import Checkpoint
 from ...io.logical import ModelView, model_view
 from ...io.writer import CheckpointWriter, TensorSpec
-from ...linalg import RowFactors, add_lora, dora_rescale, is_finite, merge_rows, row_factors
-from ...pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
+from ...math.linalg import RowFactors, add_lora, dora_rescale, is_finite, merge_rows, row_factors
 from ...quant import native, packed
 from ...quant.fp8 import check_scale, dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from ...quant.layout import Fp8Layout, Fp8Scheme, PackedLayout, PackedWeight
-from ...quant.rounding import (
-    Kept,
-    Rounding,
-    Subspace,
-    quantize_values,
-    round_subspace,
-    subspace_of,
-    uniforms,
-)
-from ...runtime import available_cores, compute_threads, torch_threads
+from ...quant.rounding import Kept, Rounding, Subspace, quantize_values, round_subspace, subspace_of, uniforms
+from ...stream.pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
 from .check import RoundTripCheck, fp8_steps
 from .plan import Term
 from .quantized import FP8_BLOCK

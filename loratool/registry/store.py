@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LoraToolError
+from ..errors import LoraToolError
+from ..io.atomic import HOST, writer_gone
 from .home import default_home
-from .io.atomic import HOST, writer_gone
 
 SCHEMA_VERSION = 1
 MIGRATIONS: dict[int, str] = {

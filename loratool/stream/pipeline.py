@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .runtime import progress
+from ..host import progress
 
 if TYPE_CHECKING:
     import torch

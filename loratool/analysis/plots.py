@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .arch import module_group
-from .errors import LoraToolError
-from .io.atomic import atomic_output
+from .._version import __version__
+from ..arch import module_group
+from ..errors import LoraToolError
+from ..io.atomic import atomic_output
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -46,17 +46,26 @@ def write_report(result: dict[str, Any], out: Path, *, force: bool = False) -> P
     atomically to ``out``, replacing a file there only with ``force`` (another run's report that
     appeared meanwhile included). Works as well on a JSON file saved earlier."""
     modules: list[Module] = result["modules"]
+    top_k = result["top_k"]
+    first = ""  # two adapters: the spectra, ranks and amplification are the first one's
+    if result["mode"] == "adapters":
+        first = f" Of the first adapter, {result['inputs'][0]}."
+    names = [_short(i) for i in result["inputs"]]
     figures: list[tuple[str, str, Figure | None]] = [
-        ("Energy kept by rank", "Share of ||dW||_F^2 held by the top r singular values; thick: the median of a "
-         "module type, thin: each module.", _energy_curves(modules)),
+        ("Energy kept and singular values, by rank", "Left: the share of ||dW||_F^2 held by the top r singular "
+         "values. Right: the singular values themselves (log scale), as the LoRA paper plots them. Thick: the "
+         "median of a module type, thin: each module." + first, _energy_and_spectrum(modules)),
         ("Rank needed, by layer", "The smallest rank holding 50/90/99% of each update's energy (of several "
-         "modules of one type in a layer, the largest). Grey: more than the singular values computed (raise "
-         "--top-k).", _rank_heatmap(modules, result["top_k"])),
+         f"modules of one type in a layer, the largest). Grey (>{top_k}): more than the {top_k} singular values "
+         "computed (raise --top-k)." + first if top_k else "The smallest rank holding 50/90/99% of each "
+         "update's energy (of several modules of one type in a layer, the largest)." + first,
+         _rank_heatmap(modules, top_k)),
         ("Amplification factor", "||dW_r||_F / ||U_r^T W V_r||_F, median per module type: how strongly the update "
-         "amplifies directions the base weight does not emphasize (Hu et al. 2021, 7.3).",
+         "amplifies directions the base weight does not emphasize (Hu et al. 2021, 7.3)." + first,
          _amplification_bars(modules)),
         ("Subspace similarity of the A factors", "phi(i, j) = ||U1^(i)T U2^(j)||_F^2 / min(i, j), averaged over the "
-         "layers of each module type (Hu et al. 2021, 7.2).", _phi_heatmaps(modules)),
+         f"layers of each module type (Hu et al. 2021, 7.2); i: the first adapter's top directions "
+         f"({names[0]}), j: the second's ({names[-1]}).", _phi_heatmaps(modules, names)),
     ]  # fmt: skip
     with atomic_output(out, force=force, directory=False) as tmp:
         tmp.write_text(_html(result, [(t, c, _png(f)) for t, c, f in figures if f is not None]), encoding="utf-8")
@@ -77,23 +86,35 @@ def _by_type(modules: list[Module]) -> dict[str, list[Module]]:
     return dict(sorted(groups.items()))
 
 
-def _energy_curves(modules: list[Module]) -> Figure | None:
+def _energy_and_spectrum(modules: list[Module]) -> Figure | None:
     if not modules:
         return None
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    colors = _colors()
-    for (kind, ms), color in zip(_by_type(modules).items(), colors):
-        for m in ms:
-            ax.plot(range(1, len(m["energy"]) + 1), m["energy"], color=color, alpha=0.15, linewidth=0.7)
-        length = min(len(m["energy"]) for m in ms)
-        median = [statistics.median(m["energy"][i] for m in ms) for i in range(length)]
-        ax.plot(range(1, length + 1), median, color=color, linewidth=2.2, label=f"{kind} ({len(ms)})")
+    fig = _new_figure(11.0, 4.2)
+    energy, spectrum = fig.subplots(1, 2)
+    for (kind, ms), color in zip(_by_type(modules).items(), _colors()):
+        for key, ax in (("energy", energy), ("singular_values", spectrum)):
+            curves = [m[key] for m in ms if m[key]]
+            for c in curves:
+                ax.plot(range(1, len(c) + 1), c, color=color, alpha=0.15, linewidth=0.7)
+            if curves:
+                length = min(len(c) for c in curves)
+                median = [statistics.median(c[i] for c in curves) for i in range(length)]
+                ax.plot(range(1, length + 1), median, color=color, linewidth=2.2, label=f"{kind} ({len(ms)})")
     for share in (0.5, 0.9, 0.99):
-        ax.axhline(share, color="0.6", linewidth=0.6, linestyle=":")
-    ax.set(xlabel="rank r", ylabel="energy kept", ylim=(0, 1.02), xlim=(1, None))
-    ax.legend(fontsize="small", loc="lower right")
+        energy.axhline(share, color="0.6", linewidth=0.6, linestyle=":")
+    energy.set(xlabel="rank r", ylabel="energy kept", ylim=(0, 1.02), xlim=(1, None))
+    spectrum.set(xlabel="index i", ylabel="singular value sigma_i", yscale="log", xlim=(1, None))
+    for ax in (energy, spectrum):
+        _integer_ticks(ax.xaxis)
+    energy.legend(fontsize="small", loc="lower right")
     return fig
+
+
+def _integer_ticks(axis: Any) -> None:
+    """Ranks, layers and indices are integers: no tick between them."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _rank_heatmap(modules: list[Module], top_k: int | None) -> Figure | None:
@@ -130,7 +151,13 @@ def _rank_heatmap(modules: list[Module], top_k: int | None) -> Figure | None:
         ax.set_yticks(range(len(types)), types, fontsize="small")
         ax.set_title(f"{float(share):.0%} of the energy", fontsize="small")
         if known.size:
-            fig.colorbar(image, ax=ax, label="rank")
+            low, high = int(known.min()), int(known.max())
+            image.set_clim(low - 0.5, high + 0.5)  # each rank a band of colour, one rank alone mid-scale
+            bar = fig.colorbar(image, ax=ax, label="rank")
+            if high - low < 8:
+                bar.set_ticks(range(low, high + 1))
+            else:
+                _integer_ticks(bar.ax.yaxis)
     axes[-1].set_xticks(range(len(layers)), ["-" if x is None else str(x) for x in layers], fontsize="x-small")
     axes[-1].set_xlabel("layer")
     return fig
@@ -157,7 +184,7 @@ def _amplification_bars(modules: list[Module]) -> Figure | None:
     return fig
 
 
-def _phi_heatmaps(modules: list[Module]) -> Figure | None:
+def _phi_heatmaps(modules: list[Module], names: list[str]) -> Figure | None:
     import numpy as np
 
     panels = []
@@ -181,11 +208,18 @@ def _phi_heatmaps(modules: list[Module]) -> Figure | None:
         r1, r2 = phi.shape
         image = ax.imshow(phi, vmin=0, vmax=1, cmap="magma", origin="upper", aspect="auto",
                           extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5), interpolation="nearest")  # fmt: skip
-        ax.set(title=kind, xlabel="j (second adapter)", ylabel="i (first adapter)")
+        ax.set(title=kind, xlabel=f"j ({names[-1]})", ylabel=f"i ({names[0]})")
         ax.title.set_fontsize("small")
+        _integer_ticks(ax.xaxis)
+        _integer_ticks(ax.yaxis)
     assert image is not None
     fig.colorbar(image, ax=list(axes), label="phi(i, j)")
     return fig
+
+
+def _short(path: str) -> str:
+    """An input as a plot label: its last path component (an adapter's folder name)."""
+    return Path(path.rstrip("/")).name or path
 
 
 def _colors() -> list[str]:
@@ -221,19 +255,26 @@ def _html(result: dict[str, Any], images: list[tuple[str, str, str]]) -> str:
         f"<h1>Rank analysis: {e(' vs '.join(result['inputs']))}</h1>",
         f"<p class='note'>loratool {e(__version__)}, mode <b>{e(result['mode'])}</b>, {len(result['modules'])} modules"
         + (f", top {result['top_k']} singular values each" if result["top_k"] else ", whole spectra from the factors")
+        + (
+            f"; spectra, ranks and amplification of the first adapter, {e(result['inputs'][0])}, and the subspace "
+            f"similarity of both"
+            if result["mode"] == "adapters"
+            else ""
+        )
         + ".</p>",
     ]
     for w in result["warnings"]:
         parts.append(f"<p class='note'>warning: {e(w)}</p>")
     parts.append("<h2>By module type</h2>")
-    parts.append(_table(result["summary"]["by_type"]))
+    beyond = f">{result['top_k']}" if result["top_k"] else "-"  # as the heatmaps write it
+    parts.append(_table(result["summary"]["by_type"], beyond))
     for title, caption, png in images:
         parts.append(f"<h2>{e(title)}</h2><p class='note'>{e(caption)}</p>")
         parts.append(f'<img alt="{e(title)}" src="data:image/png;base64,{png}">')
     parts.append("<h2>By layer</h2>")
-    parts.append(_table(result["summary"]["by_layer"]))
+    parts.append(_table(result["summary"]["by_layer"], beyond))
     parts.append("<h2>Modules</h2>")
-    parts.append(_module_table(result["modules"]))
+    parts.append(_module_table(result["modules"], beyond))
     if result["skipped"]:
         parts.append("<h2>Changed tensors not analyzed</h2><table><tr><th>tensor</th><th>norm</th><th>why</th></tr>")
         parts.extend(
@@ -245,7 +286,7 @@ def _html(result: dict[str, Any], images: list[tuple[str, str, str]]) -> str:
     return "\n".join(parts)
 
 
-def _table(groups: dict[str, dict[str, Any]]) -> str:
+def _table(groups: dict[str, dict[str, Any]], beyond: str) -> str:
     e = html.escape
     columns: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("modules", lambda g: g["modules"]),
@@ -259,12 +300,13 @@ def _table(groups: dict[str, dict[str, Any]]) -> str:
     ]  # fmt: skip
     rows = ["<table><tr><th></th>" + "".join(f"<th>{e(c)}</th>" for c, _ in columns) + "</tr>"]
     for name, g in groups.items():
-        rows.append(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{_fmt(get(g))}</td>" for _, get in columns) + "</tr>")
+        cells = "".join(f"<td>{_fmt(get(g), beyond)}</td>" for _, get in columns)
+        rows.append(f"<tr><td>{e(name)}</td>{cells}</tr>")
     rows.append("</table>")
     return "\n".join(rows)
 
 
-def _module_table(modules: list[Module]) -> str:
+def _module_table(modules: list[Module], beyond: str) -> str:
     e = html.escape
     head = "<table><tr><th>module</th><th>shape</th><th>sigma_1</th><th>stable rank</th><th>r50</th><th>r90</th>"
     head += "<th>r99</th><th>amplification</th></tr>"
@@ -275,8 +317,8 @@ def _module_table(modules: list[Module]) -> str:
         sigma = m["singular_values"][0] if m["singular_values"] else ""
         rows.append(
             f"<tr><td>{e(m['module'])}</td><td>{e('x'.join(map(str, m['shape'])))}</td>"
-            f"<td>{_fmt(sigma)}</td><td>{_fmt(m['stable_rank'])}</td>"
-            + "".join(f"<td>{_fmt(r)}</td>" for r in ranks)
+            f"<td>{_fmt(sigma, beyond)}</td><td>{_fmt(m['stable_rank'], beyond)}</td>"
+            + "".join(f"<td>{_fmt(r, beyond)}</td>" for r in ranks)
             + f"<td>{e(amp)}</td></tr>"
         )
     rows.append("</table>")
@@ -285,9 +327,10 @@ def _module_table(modules: list[Module]) -> str:
     return "\n".join(rows)
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, beyond: str) -> str:
+    """A table cell; None is a rank beyond the singular values computed, written as the heatmaps write it."""
     if v is None:
-        return "&gt;K"
+        return html.escape(beyond)
     if isinstance(v, float):
         return f"{v:.4g}"
     return html.escape(str(v))

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import LoraToolError
+from ..errors import LoraToolError
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ Each rule comes from the runtime's own loader, read at the source:
   ``layer_replication``, BD-LoRA or QALoRA; every rank at most the server's ``--max-lora-rank`` (one
   of 1, 8, 16, 32, 64, 128, 256, 320, 512; 16 unless set). Releases before 2026 read only ``r`` and
   ``lora_alpha``: one scaling for every module, ``rank_pattern``/``alpha_pattern`` ignored;
-- llama.cpp: its own GGUF adapters, for the architectures and tensors :mod:`loratool.formats.gguf`
+- llama.cpp: its own GGUF adapters, for the architectures and tensors :mod:`loratool.runtimes.gguf`
   maps (which needs the base's ``config.json``);
 - mlx-lm: its own directory layout, one rank and scale, no whole tensors or bias;
 - PEFT: PEFT directories (what ``validate`` checks without ``--runtime``).
@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from .adapter import Adapter, lora_scaling
-from .errors import Refusal
+from ..adapter import Adapter, lora_scaling
+from ..errors import Refusal
 
 Runtime = Literal["peft", "vllm", "llama.cpp", "mlx"]
 RUNTIMES: tuple[Runtime, ...] = ("peft", "vllm", "llama.cpp", "mlx")
@@ -67,7 +67,7 @@ def _copies_dropped(problems: list[Refusal], notes: list[str], adapter: Adapter,
     whole = [p for p in problems if p.where in adapter.whole]
     if base is None or not whole:
         return problems, notes
-    from .formats import load_adapter
+    from ..formats import load_adapter
     from .transforms import unchanged_whole
 
     same = set(unchanged_whole(load_adapter(source), base))  # read whole: the comparison needs the values
@@ -146,7 +146,7 @@ def _vllm_notes(adapter: Adapter) -> list[str]:
 def _llama_cpp(
     adapter: Adapter, source: str, base: str | None, base_config: Mapping[str, Any] | None
 ) -> tuple[list[Refusal], list[str]]:
-    from .formats.gguf import plan_gguf
+    from .gguf import plan_gguf
 
     if base_config is None:
         return [Refusal("base", "llama.cpp's rules depend on the base's architecture",
@@ -156,7 +156,7 @@ def _llama_cpp(
 
 
 def _mlx(adapter: Adapter, source: str, base_config: Mapping[str, Any] | None) -> tuple[list[Refusal], list[str]]:
-    from .formats.mlx import mlx_refusals, reach_refusals, read_config
+    from .mlx import mlx_refusals, reach_refusals, read_config
 
     notes = []
     if adapter.format != "mlx":

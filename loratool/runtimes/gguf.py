@@ -256,7 +256,7 @@ def write_gguf(
         writer.add_file_type(gguf.LlamaFileType[ftype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if provenance:
-            writer.add_string("loratool.provenance", provenance)
+            writer.add_string("loratool.metadata.provenance", provenance)
         for path, base_name in plan.names.items():
             m = adapter.modules[path]
             a, b = gguf_pair(path, m, alpha=alpha, family=plan.family, config=config)

@@ -18,7 +18,7 @@ def is_hub_id(value: str | None) -> bool:
 
 
 def check_base_model_id(value: str | None) -> None:
-    from .errors import LoraToolError
+    from ..errors import LoraToolError
 
     if value is not None and not is_hub_id(value):
         raise LoraToolError(

@@ -1,6 +1,6 @@
 """``loratool registry``: add, ls, show, alias, rm, gc, verify, and references for every command.
 
-The storage and its rules are :mod:`loratool.registry`; this module reads adapters (headers only)
+The storage and its rules are :mod:`loratool.registry.store`; this module reads adapters (headers only)
 for what the registry records, and resolves references into paths the other commands read.
 """
 
@@ -15,9 +15,9 @@ from .. import experts
 from ..errors import LoraToolError
 from ..formats import load_adapter
 from ..io.checkpoint import header_shapes
-from ..provenance import decode
-from ..registry import Entry, Facts, Registry
+from ..metadata.provenance import decode
 from ..validation import require_valid
+from .store import Entry, Facts, Registry
 
 WEIGHT_FILES = {"peft": "adapter_model.safetensors", "mlx": "adapters.safetensors"}
 

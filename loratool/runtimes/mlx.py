@@ -28,7 +28,7 @@ from ..errors import InputFileError, MissingKeyError, Refusal, ShapeMismatchErro
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
-from ..provenance import with_tensors_digest
+from ..metadata.provenance import with_tensors_digest
 
 if TYPE_CHECKING:
     import torch
@@ -121,9 +121,9 @@ def write_mlx(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.
 
     mlx-lm has one rank and one scale: an adapter whose modules agree on both is written as it is;
     otherwise each module's scaling is folded into its B and ranks are padded with zero rows and
-    columns to the largest (the delta is unchanged; see :func:`loratool.transforms.uniform_rank`).
+    columns to the largest (the delta is unchanged; see :func:`loratool.runtimes.transforms.uniform_rank`).
     """
-    from ..transforms import uniform_rank
+    from .transforms import uniform_rank
 
     _refuse(adapter)
     modules = adapter.modules

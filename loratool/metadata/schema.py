@@ -16,8 +16,8 @@ SCHEMA_NAMES = ("adapter_config", "mlx_adapter_config", "provenance")
 
 
 def schema_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "schemas", here.parent / "schemas"):
+    package = Path(__file__).resolve().parent.parent  # loratool/: a wheel holds loratool/schemas, a checkout ./schemas
+    for candidate in (package / "schemas", package.parent / "schemas"):
         if (candidate / "adapter_config.schema.json").is_file():
             return candidate
     raise FileNotFoundError("loratool's schemas/ folder is missing from this installation")

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .adapter import Kind, stored_transposed
+from ..adapter import Kind, stored_transposed
 
 
 class RowFactors(NamedTuple):

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, LoraModule
-from .errors import LoraToolError, UnsupportedAdapterError
+from ..adapter import Adapter, LoraModule
+from ..errors import LoraToolError, UnsupportedAdapterError
 
 
 def fold_scaling(m: LoraModule, rank: int | None = None) -> LoraModule:
@@ -221,7 +221,7 @@ def unchanged_whole(adapter: Adapter, base: str | os.PathLike[str]) -> list[str]
     """The whole tensors (``modules_to_save``) of ``adapter`` that only repeat ``base``'s, bit for bit:
     PEFT saves a targeted embedding whole even when it did not change. A runtime that takes no
     whole tensors serves the adapter the same without them."""
-    from .io.checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
 
     with open_checkpoint(base) as ck:
         return sorted(

@@ -20,8 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
-from .runtime import available_cores
+from .._version import __version__
+from ..host import available_cores
 
 PROVENANCE_KEY = "loratool"
 SHA256_PLACEHOLDER = "0" * 64
@@ -46,7 +46,7 @@ def tensors_sha256(names: Iterable[str], get: Callable[[str], Any]) -> str:
 
     ``get`` reads one tensor, so a large file is hashed one tensor at a time.
     """
-    from .io.writer import tensor_bytes
+    from ..io.writer import tensor_bytes
 
     h = hashlib.sha256()
     for name in sorted(names):

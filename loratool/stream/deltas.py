@@ -8,13 +8,13 @@ from typing import NamedTuple
 
 import torch
 
-from .arch import OUTPUT_LAYER, is_embedding
-from .errors import MissingKeyError, NonFiniteError, ShapeMismatchError
-from .io.checkpoint import Checkpoint, torch_dtype
-from .linalg import is_finite
+from ..arch import OUTPUT_LAYER, is_embedding
+from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError
+from ..io.checkpoint import Checkpoint, torch_dtype
+from ..math.linalg import is_finite
+from ..quant.fp8 import check_scale, dequantize_fp8
+from ..quant.layout import Fp8Layout
 from .pipeline import BufferPool, give_back, upcast, widen
-from .quant.fp8 import check_scale, dequantize_fp8
-from .quant.layout import Fp8Layout
 
 
 class ExpertDeltas:
@@ -60,9 +60,9 @@ class Delta(NamedTuple):
 class DeltaReader:
     """Reads ``fine-tune - base`` per key, on ``device``; FP8 weights are dequantized first.
 
-    Meant for the prefetch thread of :func:`loratool.pipeline.stream`: reading, upcasting,
+    Meant for the prefetch thread of :func:`loratool.stream.pipeline.stream`: reading, upcasting,
     subtracting and measuring overlap the consumer's SVD. The delta is widened into a buffer of
-    ``pool``; the consumer gives it back once used (see :mod:`loratool.pipeline`).
+    ``pool``; the consumer gives it back once used (see :mod:`loratool.stream.pipeline`).
     """
 
     def __init__(

@@ -1,0 +1,1 @@
+"""The rank analysis: the paper's spectra (pure functions) and the HTML report."""

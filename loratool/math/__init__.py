@@ -1,0 +1,1 @@
+"""The math, as pure functions over tensors: factorizations, merges, TIES/DARE."""

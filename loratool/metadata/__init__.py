@@ -1,0 +1,1 @@
+"""What files say about themselves: JSON schemas, provenance records, the Hub card."""

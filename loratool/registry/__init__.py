@@ -1,0 +1,1 @@
+"""The adapter registry: where it lives (home), the store, and its operations."""

@@ -1,0 +1,1 @@
+"""Serving runtimes: what each takes (checks), exact rewrites for them, GGUF and mlx-lm."""

@@ -1,0 +1,1 @@
+"""Streaming: the read-compute-write pipeline, deltas of two checkpoints, scale-out."""
