@@ -6,7 +6,10 @@ Every figure is a ratio against a baseline run in the same invocation (these mac
 extract (randomized and exact) vs the exact full-SVD approach, merge vs a plain copy (bf16 and FP8),
 what a merge into FP8 keeps of the adapter at the model's output per rounding rule, combine-svd vs
 the dense approach; peak private memory for each, and the read floor beside the figures; and
-buffered vs O_DIRECT writes (write_paths), which explains the copy baseline's swings; and, where a
+buffered vs O_DIRECT writes (write_paths), which explains the copy baseline's swings; GGUF files
+from loratool's converter and llama.cpp's, by the delta llama.cpp would add (gguf, where
+LORATOOL_LLAMA_CPP_LORA names llama.cpp's convert_lora_to_gguf.py; skipped elsewhere); extract
+against mergekit's extractor (mergekit, where LORATOOL_MERGEKIT names mergekit-extract-lora); and, where a
 CUDA GPU is present, merge on it against its host's CPU (gpu; skipped elsewhere, its section kept).
 ``--only`` re-runs some benches and keeps the other sections of the document as they were; each
 section says which command produced it, when, and on what machine.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 import sys
 from pathlib import Path
@@ -26,8 +30,10 @@ import bench_combine
 import bench_extract
 import bench_fp4
 import bench_fp8
+import bench_gguf
 import bench_gpu
 import bench_merge
+import bench_mergekit
 import bench_moe
 import bench_quant_keep
 import bench_registry
@@ -42,7 +48,7 @@ BENCHES = {
     "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "quant_keep": bench_quant_keep,
     "fp4": bench_fp4, "unmerge_check": bench_unmerge_check, "combine": bench_combine,
     "ties": bench_ties, "analyze": bench_analyze, "moe": bench_moe, "registry": bench_registry, "write_paths": write_paths,
-    "gpu": bench_gpu,
+    "gguf": bench_gguf, "mergekit": bench_mergekit, "gpu": bench_gpu,
 }  # fmt: skip
 INTRO = """# Benchmarks
 
@@ -82,6 +88,14 @@ def main() -> None:
         if name == "gpu" and not torch.cuda.is_available():
             print("skipping gpu: no CUDA GPU here (its section is kept as it was)", file=sys.stderr)
             continue
+        if name == "mergekit" and not os.environ.get("LORATOOL_MERGEKIT"):
+            print("skipping mergekit: LORATOOL_MERGEKIT does not name mergekit-extract-lora (its section is kept)",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        if name == "gguf" and not os.environ.get("LORATOOL_LLAMA_CPP_LORA"):
+            print("skipping gguf: LORATOOL_LLAMA_CPP_LORA does not name llama.cpp's convert_lora_to_gguf.py (its "
+                  "section is kept as it was)", file=sys.stderr)  # fmt: skip
+            continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         layers = (
             args.combine_layers
@@ -93,6 +107,10 @@ def main() -> None:
         rank = 64 if name in ("combine", "ties", "analyze") else 16
         if name == "write_paths":
             result = write_paths.run(args.workdir)
+        elif name == "mergekit":
+            result = bench_mergekit.run(args.workdir, 4, rank, os.environ["LORATOOL_MERGEKIT"])
+        elif name == "gguf":
+            result = bench_gguf.run(args.workdir / "gguf", Path(os.environ["LORATOOL_LLAMA_CPP_LORA"]))
         else:
             result = BENCHES[name].run(args.workdir, layers, rank, args.device)
         text = BENCHES[name].report(result)
