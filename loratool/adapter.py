@@ -7,6 +7,9 @@ weight depends on the layer kind:
 - ``linear``:    W (out, in)   += scaling * B @ A
 - ``conv1d``:    W (in, out)   += scaling * (B @ A).T   (GPT-2 ``Conv1D``, PEFT's fan_in_fan_out)
 - ``embedding``: W (num, dim)  += scaling * (B @ A).T   (PEFT's lora_embedding_A (r, num), _B (dim, r))
+- ``conv2d``:    W (out, in, kh, kw) += scaling * (B @ A).reshape(out, in, kh, kw)   (PEFT's Conv2d,
+  kohya's LoCon: A is held flattened, (r, in * kh * kw), from the file's (r, in, kh, kw); B (out, r)
+  from (out, r, 1, 1); ``LoraModule.kernel`` keeps (kh, kw))
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import torch
 
-Kind = Literal["linear", "conv1d", "embedding"]
+Kind = Literal["linear", "conv1d", "embedding", "conv2d"]
 
 
 def stored_transposed(kind: Kind) -> bool:
     """The orientation rule, owned here: does ``kind``'s base weight store the transpose of B @ A?
 
-    Linear weights are (out, in), like B @ A. GPT-2 ``Conv1D`` stores (in, out), and an embedding
-    (num, dim) with A (r, num) and B (dim, r): both hold (B @ A).T.
+    Linear weights are (out, in), like B @ A, and a Conv2d weight (out, in, kh, kw) flattens to
+    (out, in * kh * kw) as A does. GPT-2 ``Conv1D`` stores (in, out), and an embedding (num, dim) with
+    A (r, num) and B (dim, r): both hold (B @ A).T.
     """
-    return kind != "linear"
+    return kind in ("conv1d", "embedding")
 
 
 # init_lora_weights values whose adapters were trained against a rewritten base weight.
@@ -37,10 +41,26 @@ BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 CONV_LORA_WHY = (
-    "a convolution LoRA (4-D factors, PEFT's Conv2d layout or kohya's LoCon): loratool does not form convolution "
-    "deltas yet"
+    "a Conv1d or Conv3d LoRA (3-D or 5-D factors): loratool forms the deltas of Conv2d LoRA (4-D factors) only"
 )
 CONV_LORA_FIX = "merge it with PEFT (merge_and_unload) or the trainer's own tools"
+
+
+def conv_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None:
+    """A Conv2d LoRA's factors as the file holds them, A (r, in, kh, kw) and B (out, r, 1, 1), as
+    loratool holds them: A (r, in * kh * kw), B (out, r) and the kernel (kh, kw). None when they are
+    not that layout (then the caller names what is wrong)."""
+    if a.dim() != 4 or b.dim() != 4 or tuple(b.shape[2:]) != (1, 1) or a.shape[0] != b.shape[1]:
+        return None
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), (int(a.shape[2]), int(a.shape[3]))
+
+
+def conv_file_factors(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Conv2d module's factors in the files' layout: A (r, in, kh, kw), B (out, r, 1, 1)."""
+    assert module.kernel is not None
+    kh, kw = module.kernel
+    a, b = module.lora_A, module.lora_B
+    return a.reshape(a.shape[0], -1, kh, kw), b.reshape(b.shape[0], b.shape[1], 1, 1)
 
 
 @dataclass
@@ -55,6 +75,7 @@ class LoraModule:
     bias: torch.Tensor | None = None  # lora_B.bias, (out,), scaled like the delta
     magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector
     expert: tuple[int, int] | None = None  # (e, E): expert e of a 3-D parameter's E (see loratool.experts)
+    kernel: tuple[int, int] | None = None  # conv2d: (kh, kw); lora_A is then (r, in * kh * kw)
 
     @property
     def rank(self) -> int:
@@ -73,8 +94,11 @@ class LoraModule:
         return lora_scaling(self.alpha, self.rank, use_rslora=self.use_rslora)
 
     @property
-    def weight_shape(self) -> tuple[int, int]:
+    def weight_shape(self) -> tuple[int, ...]:
         """Shape of the base weight this module adapts."""
+        if self.kernel is not None:  # conv2d: (out, in, kh, kw)
+            kh, kw = self.kernel
+            return (self.out_features, self.in_features // (kh * kw), kh, kw)
         out_in = (self.out_features, self.in_features)
         return out_in[::-1] if stored_transposed(self.kind) else out_in
 

@@ -50,8 +50,8 @@ def weight_kind(
     shape can tell (a non-square weight), it has the last word: GPT-2's ``lm_head`` is a Linear
     among Conv1D layers.
     """
-    if kind == "embedding":
-        return "embedding"
+    if kind in ("embedding", "conv2d"):
+        return kind
     want_conv1d = override if override is not None else (kind == "conv1d" or conv1d_model)
     square = out_in[0] == out_in[1]
     if want_conv1d and shape == out_in and not square:

@@ -11,7 +11,7 @@ class ModuleReport:
     """How well a module's LoRA factors hold the matrix they approximate."""
 
     module: str
-    shape: tuple[int, int]  # the base weight's shape
+    shape: tuple[int, ...]  # the base weight's shape
     rank: int
     relative_error: float  # ||M - B A||_F / ||M||_F
     energy_kept: float  # share of ||M||_F^2 the kept singular values hold

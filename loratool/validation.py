@@ -271,7 +271,13 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             )
             continue
         a, b = slots["A"], slots["B"]
-        if len(a) == 4 or len(b) == 4:
+        if len(a) == 4 and len(b) == 4:  # Conv2d: A (r, in, kh, kw), B (out, r, 1, 1)
+            if a[0] != b[1] or tuple(b[2:]) != (1, 1):
+                report.add(where, f"lora_A {list(a)} and lora_B {list(b)} are not a Conv2d LoRA's (A (r, in, kh, kw), "
+                                  "B (out, r, 1, 1))")  # fmt: skip
+                continue
+            a, b = (a[0], a[1] * a[2] * a[3]), (b[0], b[1])
+        elif len(a) in (3, 5) or len(b) in (3, 5):
             report.add(where, f"{CONV_LORA_WHY} (lora_A {list(a)}, lora_B {list(b)}); {CONV_LORA_FIX}")
             continue
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
@@ -399,7 +405,12 @@ def _check_kohya_structure(ckpt: Checkpoint, report: ValidationReport) -> None:
     report.modules = len(groups)
     for prefix, slots in sorted(groups.items()):
         down, up = slots.get("lora_down.weight"), slots.get("lora_up.weight")
-        if (down is not None and len(down) == 4) or (up is not None and len(up) == 4):
+        if down is not None and up is not None and len(down) == len(up) == 4:  # LoCon: (r, in, kh, kw), (out, r, 1, 1)
+            if tuple(up[2:]) != (1, 1):
+                report.add(f"tensors/{prefix}", f"lora_up {list(up)} is not a conv module's (out, r, 1, 1)")
+                continue
+            down, up = (down[0], down[1] * down[2] * down[3]), (up[0], up[1])
+        elif (down is not None and len(down) != 2) or (up is not None and len(up) != 2):
             report.add(f"tensors/{prefix}", f"{CONV_LORA_WHY}; {CONV_LORA_FIX}")
             continue
         if down is None or up is None:

@@ -23,6 +23,8 @@ DEBUG_ENV = "LORATOOL_DEBUG"
 
 
 class Group(click.Group):
+    """A click group whose commands' errors become exit codes here, and nowhere else."""
+
     def invoke(self, ctx: click.Context) -> Any:
         debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule
+from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, conv_factors, conv_file_factors
 from ..errors import InputFileError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
@@ -79,7 +79,16 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
         down, up = slots.get("lora_down.weight"), slots.get("lora_up.weight")
         if down is None or up is None:
             raise MissingKeyError("has only one of lora_down/lora_up", path=str(file), key=prefix)
-        if down.dim() == 4 or up.dim() == 4:
+        kernel = None
+        if down.dim() == 4 and up.dim() == 4:  # LoCon: down (r, in, kh, kw), up (out, r, 1, 1)
+            conv = conv_factors(down, up)
+            if conv is None:
+                raise ShapeMismatchError(
+                    "a conv module's lora_down (r, in, kh, kw) and lora_up (out, r, 1, 1) do not fit each other",
+                    path=str(file), key=prefix, got=f"down {list(down.shape)}, up {list(up.shape)}",
+                )  # fmt: skip
+            down, up, kernel = conv
+        elif down.dim() != 2 or up.dim() != 2:
             raise UnsupportedAdapterError(
                 f"{CONV_LORA_WHY} (lora_down {list(down.shape)}, lora_up {list(up.shape)})", path=str(file), key=prefix,
                 fix=CONV_LORA_FIX,
@@ -103,8 +112,9 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
             lora_A=down,
             lora_B=up,
             alpha=alpha,
-            kind=info.get("kind", "linear"),
+            kind="conv2d" if kernel is not None else info.get("kind", "linear"),
             magnitude=slots.get("dora_scale"),
+            kernel=kernel,
         )
     config = {"peft_type": "LORA", "lora_alpha": None, "r": None}
     if "ss_base_model_name_or_path" in metadata:
@@ -134,7 +144,8 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
         prefix = kohya_prefix(path)
         if prefix in modules_meta:
             raise InputFileError(f"modules '{modules_meta[prefix]['path']}' and '{path}' share a kohya name")
-        a, b = m.lora_A.detach().cpu(), m.lora_B.detach().cpu()
+        a, b = conv_file_factors(m) if m.kernel is not None else (m.lora_A, m.lora_B)
+        a, b = a.detach().cpu(), b.detach().cpu()
         if dtype is not None:
             a, b = a.to(dtype), b.to(dtype)
         tensors[f"{prefix}.lora_down.weight"] = a.contiguous()

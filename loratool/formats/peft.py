@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import experts
-from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, module_alpha
+from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, conv_factors, conv_file_factors, module_alpha
 from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
@@ -206,7 +206,18 @@ def _module_from_slots(
             key=path,
             fix="the adapter file is incomplete: re-save it",
         )
-    if a.dim() == 4 or b.dim() == 4:
+    kernel = None
+    if a.dim() == 4 and b.dim() == 4 and kind == "linear":  # PEFT's Conv2d: A (r, in, kh, kw), B (out, r, 1, 1)
+        conv = conv_factors(a, b)
+        if conv is None:
+            raise ShapeMismatchError(
+                "a Conv2d LoRA's lora_A (r, in, kh, kw) and lora_B (out, r, 1, 1) do not fit each other",
+                path=str(file), key=path, expected="A (r, in, kh, kw), B (out, r, 1, 1)",
+                got=f"A {list(a.shape)}, B {list(b.shape)}",
+            )  # fmt: skip
+        a, b, kernel = conv
+        kind = "conv2d"
+    elif a.dim() in (3, 5) or b.dim() in (3, 5):
         raise UnsupportedAdapterError(
             f"{CONV_LORA_WHY} (lora_A {list(a.shape)}, lora_B {list(b.shape)})", path=str(file), key=path,
             fix=CONV_LORA_FIX,
@@ -227,6 +238,7 @@ def _module_from_slots(
         use_rslora=use_rslora,
         bias=slots.get("lora_B.bias"),
         magnitude=slots.get("magnitude"),
+        kernel=kernel,
     )
 
 
@@ -322,8 +334,9 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
             put(f"{path}.lora_embedding_A", m.lora_A)
             put(f"{path}.lora_embedding_B", m.lora_B)
         else:
-            put(f"{path}.lora_A.weight", m.lora_A)
-            put(f"{path}.lora_B.weight", m.lora_B)
+            a, b = conv_file_factors(m) if m.kernel is not None else (m.lora_A, m.lora_B)
+            put(f"{path}.lora_A.weight", a)
+            put(f"{path}.lora_B.weight", b)
             if m.bias is not None:
                 put(f"{path}.lora_B.bias", m.bias)
         if m.magnitude is not None:

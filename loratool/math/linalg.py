@@ -29,13 +29,17 @@ class RowFactors(NamedTuple):
 def out_in(w: torch.Tensor, kind: Kind) -> torch.Tensor:
     """The (out, in) view of a tensor in ``kind``'s stored layout, and back (a view: writes go through).
 
-    The rule itself is :func:`loratool.adapter.stored_transposed`.
+    The rule itself is :func:`loratool.adapter.stored_transposed`; a Conv2d weight (out, in, kh, kw)
+    is seen as (out, in * kh * kw), the flattened A's columns (a view of a contiguous weight).
     """
+    if w.dim() == 4:
+        return w.view(w.shape[0], -1)
     return w.T if stored_transposed(kind) else w
 
 
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, kind: Kind) -> torch.Tensor:
-    """The float32 delta a LoRA module adds to its base weight, in that weight's layout."""
+    """The float32 delta a LoRA module adds to its base weight, in that weight's layout (a Conv2d weight's
+    flattened: (out, in * kh * kw))."""
     a = lora_A.to(torch.float32)
     b = lora_B.to(lora_A.device, torch.float32)
     delta = out_in(b @ a, kind)  # (out, r) @ (r, in) -> (out, in), then the stored layout

@@ -2,11 +2,11 @@
 
 Three inputs, three analyses, one result shape (:class:`AnalyzeResult`):
 
-- ``BASE FT``: per changed 2-D weight, the top-K singular values of ``FT - BASE`` (streamed like
-  extract: one delta in memory at a time, the same randomized SVD and seed, so the spectrum is
-  the one extract truncates), the energy curve, the rank for 50/90/99% of the energy, the stable
-  rank, the amplification factor for the ranks asked, and the rank extract would choose for
-  ``energy`` or a global ``budget`` (the same allocator).
+- ``BASE FT``: per changed 2-D weight (or Conv2d kernel, flattened as extract flattens it), the
+  top-K singular values of ``FT - BASE`` (streamed like extract: one delta in memory at a time, the
+  same randomized SVD and seed, so the spectrum is the one extract truncates), the energy curve, the
+  rank for 50/90/99% of the energy, the stable rank, the amplification factor for the ranks asked,
+  and the rank extract would choose for ``energy`` or a global ``budget`` (the same allocator).
 - ``ADAPTER``: per module, the whole spectrum of ``scaling * B @ A`` from the factors (never the
   dense matrix) and its effective rank; with ``base``, the amplification factor too.
 - ``ADAPTER OTHER``: the above for the first, and per module both hold, the normalized subspace
@@ -54,7 +54,7 @@ class ModuleAnalysis:
 
     module: str
     kind: str
-    shape: tuple[int, int]  # the base weight's shape as stored
+    shape: tuple[int, ...]  # the base weight's shape as stored
     singular_values: list[float]  # the top K (checkpoints) or all (adapters), descending
     energy: list[float]  # energy[r-1]: the share of ||dW||_F^2 the top r hold
     rank_for_energy: dict[str, int | None]  # None: more than the K computed are needed
@@ -284,12 +284,13 @@ def _analyze_checkpoints(
                 if d.norm:
                     result.skipped.append(Dropped(d.key, d.norm, "an integer tensor changed"))
                 continue
-            weight = d.delta.dim() == 2 and d.key.endswith(".weight")
+            weight = d.delta.dim() in (2, 4) and d.key.endswith(".weight")  # a matrix or a Conv2d kernel
             if d.norm > 0 and weight and select(module):
-                kind = arch.module_kind(module, conv1d)
+                kind: Kind = "conv2d" if d.delta.dim() == 4 else arch.module_kind(module, conv1d)
                 result.modules.append(_analyze_delta(module, kind, d, opts, pool, device))
             elif d.norm > 0:
-                result.skipped.append(Dropped(d.key, d.norm, "not selected" if weight else "not a 2-D weight"))
+                why = "not selected" if weight else "not a 2-D weight or Conv2d kernel"
+                result.skipped.append(Dropped(d.key, d.norm, why))
             give_back(d.delta, pool)  # consumed; its memory serves the next delta
     return result
 
@@ -310,7 +311,7 @@ def _analyze_delta(
     """One changed weight: the top-K SVD of its delta (extract's, seed for seed) and the
     amplification factor against the base weight."""
     assert isinstance(d.delta, torch.Tensor)
-    matrix = out_in(d.delta, kind)  # (out, in)
+    matrix = out_in(d.delta, kind)  # (out, in); a Conv2d kernel's (out, in * kh * kw), as extract factors it
     k = min(o.top_k, *matrix.shape)
     if o.svd == "exact":
         svd = exact_svd(matrix, k, sq_norm=d.norm**2)
@@ -331,7 +332,7 @@ def _describe(
     return ModuleAnalysis(
         module=module,
         kind=kind,
-        shape=(int(shape[0]), int(shape[1])),
+        shape=tuple(int(n) for n in shape),
         singular_values=S.double().tolist(),
         energy=spectral.energy_curve(S, total),
         rank_for_energy=spectral.ranks_for_energy(S, total, complete=complete),

@@ -376,7 +376,7 @@ def _combine_module(
         b, a = split_factors(svd, r)
         kept = svd.energy_share(r)
         report = ModuleReport(path, shape, r, relative_error(svd, r), kept, first.kind)
-    module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=float(r), kind=first.kind, bias=bias)
+    module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=float(r), kind=first.kind, bias=bias, kernel=first.kernel)
     return module, report
 
 

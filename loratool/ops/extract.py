@@ -80,7 +80,7 @@ class _Pending:
     key: str
     module: str
     kind: Kind
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     svd: TruncatedSVD
 
 
@@ -337,7 +337,7 @@ def _handle(
         # delta is a tensor, or ExpertDeltas: a 3-D experts parameter, read an expert at a time
         if (
             isinstance(delta, torch.Tensor)
-            and delta.dim() == 2
+            and delta.dim() in (2, 4)  # a matrix, or a Conv2d kernel (out, in, kh, kw): PEFT's Conv2d LoRA
             and key.endswith(".weight")
             and _selected(module, o.include, o.exclude)
         ):
@@ -350,7 +350,8 @@ def _handle(
             part.whole[key] = delta.finetuned_whole() if isinstance(delta, ExpertDeltas) else wf
             part.kept_whole.append(key)
         else:
-            why = "not a 2-D weight" if delta.dim() != 2 or not key.endswith(".weight") else "not selected"
+            plain = delta.dim() in (2, 4) and key.endswith(".weight")
+            why = "not selected" if plain else "not a 2-D weight or Conv2d kernel"
             part.dropped.append(Dropped(key, norm, f"{why}; pass --keep-full to store it whole"))
 
 
@@ -377,8 +378,8 @@ def _factor_experts(key: str, delta: torch.Tensor | ExpertDeltas, o: _Options, p
 
 def _factor(key: str, module: str, delta: torch.Tensor, norm: float, o: _Options, conv1d: bool, part: _Partial) -> None:
     """Truncated SVD of one delta into LoRA factors (or, for --budget, a spectrum to allocate later)."""
-    kind = arch.module_kind(module, conv1d)
-    matrix = out_in(delta, kind)  # (out, in), the factors' orientation
+    kind: Kind = "conv2d" if delta.dim() == 4 else arch.module_kind(module, conv1d)
+    matrix = out_in(delta, kind)  # (out, in), the factors' orientation; a Conv2d kernel's (out, in * kh * kw)
     k = min(o.cap, *matrix.shape)
     if o.rank is not None and o.rank > min(matrix.shape) and o.budget is None and o.energy is None:
         part.warnings.append(f"{module}: rank {o.rank} clamped to {k}, the smaller side of {list(delta.shape)}")
@@ -387,16 +388,22 @@ def _factor(key: str, module: str, delta: torch.Tensor, norm: float, o: _Options
     else:
         gen = module_generator(o.seed, module)
         decomposed = randomized_svd(matrix, k, oversample=o.oversample, n_iter=o.n_iter, generator=gen, sq_norm=norm**2)
-    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    shape = tuple(int(n) for n in delta.shape)
     if o.budget is not None:
         part.pending.append(_Pending(key, module, kind, shape, _to_cpu(decomposed)))
         return
     r = k if o.energy is None else rank_for_energy(decomposed.S, decomposed.total_energy, o.energy, k)
     lora_b, lora_a = split_factors(decomposed, r)
     err = residual_error(matrix, lora_b, lora_a, norm=norm)  # consumes delta, no longer needed
-    part.modules[module] = LoraModule(lora_A=lora_a.cpu(), lora_B=lora_b.cpu(), alpha=float(r), kind=kind)
+    part.modules[module] = LoraModule(lora_A=lora_a.cpu(), lora_B=lora_b.cpu(), alpha=float(r), kind=kind,
+                                      kernel=_kernel(shape))  # fmt: skip
     kept = decomposed.energy_share(r)
     part.reports[module] = ModuleReport(module, shape, r, err, kept, kind)
+
+
+def _kernel(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """A Conv2d weight's (kh, kw), from its shape (out, in, kh, kw); None for a matrix."""
+    return (shape[2], shape[3]) if len(shape) == 4 else None
 
 
 def _to_cpu(svd: TruncatedSVD) -> TruncatedSVD:
@@ -484,7 +491,8 @@ def _spend_budget(
             result.dropped.append(Dropped(p.key, norm, "the --budget bought it no rank"))
             continue
         lora_b, lora_a = split_factors(p.svd, r)
-        modules[p.module] = LoraModule(lora_A=lora_a.cpu(), lora_B=lora_b.cpu(), alpha=float(r), kind=p.kind)
+        modules[p.module] = LoraModule(lora_A=lora_a.cpu(), lora_B=lora_b.cpu(), alpha=float(r), kind=p.kind,
+                                       kernel=_kernel(p.shape))  # fmt: skip
         kept = p.svd.energy_share(r)
         reports[p.module] = ModuleReport(p.module, p.shape, r, relative_error(p.svd, r), kept, p.kind)
 

@@ -94,6 +94,9 @@ def _vllm(adapter: Adapter, source: str) -> list[Refusal]:
         out.append(Refusal("modules_to_save", f"vLLM takes no whole tensors ({', '.join(saved)})", _MERGE))
     if adapter.use_dora:
         out.append(Refusal("use_dora", "vLLM has no DoRA", _MERGE))
+    conv = sorted(p for p, m in adapter.modules.items() if m.kind == "conv2d")
+    if conv:
+        out.append(Refusal(conv[0], f"vLLM's LoRA layers are linear: {len(conv)} Conv2d module(s)", _MERGE))
     biased = [p for p, m in adapter.modules.items() if m.bias is not None]
     if biased or config.get("lora_bias"):
         out.append(Refusal("lora_bias", f"vLLM has no LoRA bias ({len(biased)} module(s) carry one)", _MERGE))

@@ -170,6 +170,8 @@ def _unsupported(path: str, m: LoraModule, family: Family, tied: bool) -> str | 
         return "llama.cpp's LoRA pairs have no bias (lora_bias)"
     if m.kind == "conv1d":
         return "a GPT-2 Conv1D weight: no architecture llama.cpp adapters are written for"
+    if m.kind == "conv2d":
+        return "a Conv2d LoRA: llama.cpp's LoRA pairs are matrices of language models"
     if m.kind == "embedding" and not family.embedding_lora:
         return "llama.cpp's converter cuts this embedding to the tokenizer's size: its LoRA would not fit"
     if path.split(".")[-1] == "lm_head" and tied:

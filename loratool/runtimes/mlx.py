@@ -178,6 +178,8 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
         if m.kind == "conv1d":
             out.append(Refusal(path, "a GPT-2 Conv1D weight; mlx-lm's models store those transposed as Linear",
                                "not supported: convert adapters of Llama-style models"))  # fmt: skip
+        if m.kind == "conv2d":
+            out.append(Refusal(path, "a Conv2d LoRA: mlx-lm's LoRA layers are linear", "use PEFT"))
     return out
 
 

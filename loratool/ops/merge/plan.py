@@ -221,8 +221,8 @@ def _expert_terms(
 
 def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: str) -> None:
     """DoRA merges as PEFT's does: linear and Conv1D layers, at the adapter's own scale."""
-    if kind == "embedding":
-        raise UnsupportedAdapterError("DoRA on embeddings cannot be merged by loratool yet", path=name, key=key)
+    if kind in ("embedding", "conv2d"):
+        raise UnsupportedAdapterError(f"DoRA on {kind} layers cannot be merged by loratool yet", path=name, key=key)
     if scale != 1.0:
         raise UnsupportedAdapterError(
             f"a DoRA adapter merges at scale 1 only (got {scale}): its magnitudes are absolute",

@@ -28,6 +28,16 @@ def check_fp8_plan(fp8: Fp8Layout | None, replace: dict[str, torch.Tensor], path
         )
 
 
+def check_conv_terms(terms: dict[str, list[Term]], quantized: set[str], path: str) -> None:
+    """Conv2d LoRA goes into plain weights only: the quantized layouts loratool writes are matrices'."""
+    conv = sorted(k for k, ts in terms.items() if k in quantized and any(t.kind == "conv2d" for t in ts))
+    if conv:
+        raise UnsupportedCheckpointError(
+            f"a Conv2d LoRA adapts the quantized weight '{conv[0]}': loratool requantizes matrices only",
+            path=path, key=conv[0], fix="merge into the unquantized checkpoint",
+        )  # fmt: skip
+
+
 def check_requantize(requantize: str | None, low_bit: PackedLayout | None, terms: dict[str, list[Term]],
                       dequantize: bool, path: str) -> set[str]:  # fmt: skip
     """The packed weights ``--requantize fp8`` writes as FP8 (those the adapters touch), checked."""

@@ -28,6 +28,7 @@ from ...stream.distributed import current
 from .check import RoundTripCheck
 from .plan import files_of_adapter, load_adapters, plan_terms, set_vocab_size
 from .quantized import (
+    check_conv_terms,
     check_fp8_plan,
     check_packed_plan,
     check_requantize,
@@ -109,6 +110,8 @@ def apply_adapters(
         view = model_view(ckpt)  # packed weights by the names and shapes adapters address
         terms, replace = plan_terms(view, loaded, sign, fan_in_fan_out)
         check_fp8_plan(fp8, replace, str(ckpt.path))
+        quantized = set(fp8.weights if fp8 else ()) | set(low_bit.weights if low_bit else ())
+        check_conv_terms(terms, quantized, str(ckpt.path))
         layouts = [q for q in (fp8, low_bit) if q is not None]  # both in a compressed-tensors mixed checkpoint
         dequantize = bool(layouts) and out_dtype is not None
         to_fp8 = check_requantize(requantize, low_bit, terms, dequantize, str(ckpt.path))

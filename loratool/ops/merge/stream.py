@@ -432,8 +432,9 @@ class Stream:
         rows = w.shape[-2] if w.dim() == 3 else 0  # 3-D experts: expert e is rows e*rows.. of (E*rows, cols)
         factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind)._replace(row0=(t.expert or 0) * rows)
                    for t in self.terms[key]]  # fmt: skip
-        scratch = self.pool.take((max(BLOCK_ELEMENTS, w.shape[-1]),), torch.float32, self.device)  # >= one row
-        w2, out2 = w.reshape(-1, w.shape[-1]), out.view(-1, w.shape[-1])
+        cols = w[0].numel() if w.dim() == 4 else w.shape[-1]  # a Conv2d weight's row: (in, kh, kw) flattened
+        scratch = self.pool.take((max(BLOCK_ELEMENTS, cols),), torch.float32, self.device)  # >= one row
+        w2, out2 = w.reshape(-1, cols), out.view(-1, cols)
         try:
             merge_rows(w2, factors, out2, scratch, check=lambda block: _require_finite(block, out_dtype, key, w))
         except BaseException:

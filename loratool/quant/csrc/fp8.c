@@ -1,6 +1,6 @@
 /*
  * FP8 merge kernels: decode and requantize float8 (e4m3fn, e5m2) weights with per-tile float32
- * scales, the elementwise work of loratool.math.linalg.merge_fp8_rows in three passes instead of a dozen.
+ * scales, the elementwise work of loratool.quant.fp8.merge_fp8_rows in three passes instead of a dozen.
  *
  * Plain C, loaded with ctypes (no Python or torch headers, so no ABI to match) and compiled by
  * hatch_build.py when a C compiler is present; without it loratool runs the same arithmetic as
