@@ -61,23 +61,68 @@ def weight_kind(
     return "conv1d" if want_conv1d else "linear"
 
 
+# How transformers renames a checkpoint's tensors when it loads the model, per family (its
+# conversion_mapping.py, read at the source for transformers 5: "Qwen2VLForConditionalGeneration",
+# which Qwen2.5-VL shares, and "llava" with the "LlavaModel" scope, which Gemma 3 shares), as
+# (pattern, replacement) applied in order; each leaves a name already in the model's form alone.
+# tests/test_multimodal.py checks every rule against the models transformers builds.
+_QWEN_VL = ((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model."))
+_LLAVA = (
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.", "model.language_model."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+)
+LIVE_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL, "llava": _LLAVA, "gemma3": _LLAVA,
+    "llama4": (),  # saved under the names the model holds
+}  # fmt: skip
+
+
+def live_name_rules(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """The renaming rules of a multimodal family loratool maps (() where the names need none), or
+    None for a text-only model (nothing to rename) or a family whose mapping is unknown."""
+    if not is_multimodal(config):
+        return None
+    return LIVE_NAMES.get(str(config.get("model_type")))
+
+
+def live_name(rules: tuple[tuple[str, str], ...], name: str) -> str:
+    """A tensor's name on disk as the loaded model names it (transformers' renaming on load)."""
+    for pattern, replacement in rules:
+        renamed = re.sub(pattern, replacement, name, count=1)
+        if renamed != name:
+            return renamed
+    return name
+
+
+def is_multimodal(config: Mapping[str, Any]) -> bool:
+    return any(k in config for k in ("vision_config", "audio_config"))
+
+
+def is_vision_module(module_path: str) -> bool:
+    """A module of a vision-language model's vision tower or projector (by its live name)."""
+    return bool(re.search(r"(^|\.)(visual|vision_tower|vision_model|multi_modal_projector)\.", module_path))
+
+
 def renamed_on_load(config: Mapping[str, Any]) -> str | None:
-    """The architecture of a multimodal checkpoint (a ``vision_config`` or ``audio_config``: Qwen2-VL,
-    LLaVA, Gemma 3, Llama 4, ...), whose tensors on disk transformers renames when it loads the
-    model (``model.layers.0...`` becomes ``model.language_model.layers.0...``, ``visual...``
-    ``model.visual...``), so that PEFT's module paths are not the names on disk; None otherwise.
-    loratool does not map these names yet, and refuses such checkpoints rather than write or match
-    names that PEFT would load as nothing."""
-    if not any(k in config for k in ("vision_config", "audio_config")):
+    """The architecture of a multimodal checkpoint (a ``vision_config`` or ``audio_config``) whose
+    tensors transformers renames on load by rules loratool does not know (:data:`LIVE_NAMES` has the
+    ones it knows: Qwen2-VL, Qwen2.5-VL, LLaVA, Gemma 3, Llama 4), so that PEFT's module paths are
+    not the names on disk; None otherwise. Such checkpoints are refused rather than written or
+    matched under names PEFT would load as nothing."""
+    if not is_multimodal(config) or config.get("model_type") in LIVE_NAMES:
         return None
     names = config.get("architectures")
     return str(names[0]) if isinstance(names, list) and names else str(config.get("model_type") or "multimodal")
 
 
 RENAMED_WHY = (
-    "a vision-language (multimodal) checkpoint: transformers renames its tensors when it loads the model "
-    "(model.layers.0... becomes model.language_model.layers.0..., visual... becomes model.visual...), and loratool "
-    "does not map those names yet; an adapter named after the tensors on disk would load in PEFT as a no-op"
+    "a vision-language (multimodal) checkpoint of a family whose renaming on load loratool does not know: "
+    "transformers renames its tensors when it loads the model (model.layers.0... becomes "
+    "model.language_model.layers.0..., visual... becomes model.visual...), and an adapter named after the tensors "
+    "on disk would load in PEFT as a no-op (loratool maps Qwen2-VL, Qwen2.5-VL, LLaVA, Gemma 3 and Llama 4)"
 )
 
 

@@ -1,10 +1,19 @@
-"""Vision-language checkpoints, whose tensor names transformers renames on load (#33 item 1):
-until loratool maps those names, every command that would write or match names refuses them by
-name, rather than write an adapter that PEFT loads as a no-op (what extract did)."""
+"""Vision-language checkpoints, whose tensor names transformers renames on load (#33 item 1).
+
+On disk Qwen2-VL holds ``model.layers.0...`` and ``visual...``, LLaVA and Gemma 3
+``language_model.model.layers.0...``, ``vision_tower...`` and ``multi_modal_projector...``; the
+loaded model (and so every PEFT adapter) names them ``model.language_model.layers.0...``,
+``model.visual...``, ``model.vision_tower...``. loratool reads such checkpoints under the model's
+names (arch.LIVE_NAMES) wherever names meet, and refuses a family whose renaming it does not know.
+Oracles: transformers' own models (their state dicts) and PEFT's merge_and_unload, on tiny models
+built from the config classes, with adapters on the language model and the vision tower."""
 
 from __future__ import annotations
 
+import copy
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,65 +21,205 @@ import torch
 from click.testing import CliRunner
 from helpers import file_digest, peft_adapter
 
+from loratool import arch
 from loratool.cli import cli
 
 tf = pytest.importorskip("transformers")
+pytest.importorskip("peft")
 
 
-def tiny_qwen2_vl():  # type: ignore[no-untyped-def]
+def qwen2_vl(version: str = "2"):  # type: ignore[no-untyped-def]
     rope = {"type": "mrope", "mrope_section": [1, 1, 2]}
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=128, rope_scaling=rope)  # fmt: skip
-    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
-                  spatial_merge_size=1, temporal_patch_size=1, in_channels=3)  # fmt: skip
+    if version == "2":
+        vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
+                      spatial_merge_size=1, temporal_patch_size=1, in_channels=3)  # fmt: skip
+        return tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(text_config=text, vision_config=vision))
+    vision = dict(depth=1, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1, in_channels=3, fullatt_block_indexes=[0],
+                  window_size=4)  # fmt: skip
+    return tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def llava():  # type: ignore[no-untyped-def]
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=8, patch_size=4)  # fmt: skip
+    return tf.LlavaForConditionalGeneration(tf.LlavaConfig(text_config=text, vision_config=vision, image_token_index=3))
+
+
+def gemma3():  # type: ignore[no-untyped-def]
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, head_dim=8)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=8,
+                  patch_size=4)  # fmt: skip
+    return tf.Gemma3ForConditionalGeneration(
+        tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    )
+
+
+def llama4():  # type: ignore[no-untyped-def]
+    text = dict(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=128, head_dim=8, num_local_experts=2,
+                interleave_moe_layer_step=1)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=8,
+                  patch_size=4, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
+    return tf.Llama4ForConditionalGeneration(tf.Llama4Config(text_config=text, vision_config=vision))
+
+
+# family -> (the model, LoRA targets on both the language model and the vision tower)
+FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], list[str]]] = {
+    "qwen2_vl": (qwen2_vl, ["q_proj", "v_proj", "qkv", "fc1"]),
+    "qwen2_5_vl": (lambda: qwen2_vl("2.5"), ["q_proj", "v_proj", "qkv", "down_proj"]),
+    "llava": (llava, ["q_proj", "v_proj", "fc1", "linear_1"]),
+    "gemma3": (gemma3, ["q_proj", "v_proj", "fc1"]),
+    "llama4": (llama4, ["q_proj", "v_proj", "fc1"]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """(name, model, its folder as save_pretrained writes it, the LoRA targets)."""
+    make, targets = FAMILIES[request.param]
     torch.manual_seed(0)
-    config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, bos_token_id=1, eos_token_id=2)
-    return tf.Qwen2VLForConditionalGeneration(config).eval()
+    model = make().eval()
+    folder = tmp_path_factory.mktemp(request.param) / "base"
+    model.save_pretrained(folder)
+    return request.param, model, folder, targets
 
 
-@pytest.fixture
-def vlm(tmp_path: Path) -> tuple[Path, object]:
-    model = tiny_qwen2_vl()
+def on_disk(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def as_live(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    rules = arch.live_name_rules(json.loads((folder / "config.json").read_text()))
+    assert rules is not None
+    return {arch.live_name(rules, k): v for k, v in tensors.items()}
+
+
+def test_the_renaming_is_transformers_own(family) -> None:  # type: ignore[no-untyped-def]
+    """Every tensor on disk, renamed by loratool's rules, is the model's tensor of that name (the
+    live model may hold more: an output layer tied to the embedding is not saved)."""
+    name, model, folder, _ = family
+    live = model.state_dict()
+    renamed = as_live(folder, on_disk(folder))
+    assert set(renamed) <= set(live), sorted(set(renamed) - set(live))[:5]
+    for key, tensor in renamed.items():
+        assert torch.equal(tensor, live[key]), key
+    missing = set(live) - set(renamed)
+    assert missing <= {"lm_head.weight"}, sorted(missing)[:5]
+
+
+def test_merge_and_unmerge_agree_with_peft(tmp_path: Path, family) -> None:  # type: ignore[no-untyped-def]
+    name, model, folder, targets = family
+    pm = peft_adapter(copy.deepcopy(model), targets, r=2, alpha=4, seed=1)
+    pm.save_pretrained(tmp_path / "adapter")
+    vision = [p for p in json.loads(_inspect(tmp_path / "adapter"))["modules"] if arch.is_vision_module(p["module"])]
+    assert vision, "the adapter has modules on the vision side too"
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "adapter"), "--base", str(folder)])
+    assert result.exit_code == 0, result.output
+    before = file_digest(folder)
+    result = CliRunner().invoke(cli, ["merge", str(folder), str(tmp_path / "adapter"), "-o", str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 0, result.output
+    merged = on_disk(tmp_path / "m")
+    assert set(merged) == set(on_disk(folder))  # written under the names on disk, as the base was
+    want = pm.merge_and_unload().state_dict()
+    for key, tensor in as_live(folder, merged).items():
+        torch.testing.assert_close(tensor, want[key], rtol=1e-5, atol=1e-6, msg=key)
+    result = CliRunner().invoke(cli, ["unmerge", str(tmp_path / "m"), str(tmp_path / "adapter"), "-o",
+                                      str(tmp_path / "u"), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for key, tensor in on_disk(tmp_path / "u").items():
+        torch.testing.assert_close(tensor, on_disk(folder)[key], rtol=0, atol=1e-6, msg=key)
+    assert file_digest(folder) == before
+
+
+def test_extract_writes_the_models_names_so_peft_applies_it(tmp_path: Path, family) -> None:  # type: ignore[no-untyped-def]
+    """extract wrote an adapter named after the tensors on disk, which PEFT loaded as a no-op."""
+    from peft import PeftModel
+
+    name, model, folder, targets = family
+    donor = peft_adapter(copy.deepcopy(model), targets, r=2, alpha=2, seed=2).merge_and_unload()
+    ft = copy.deepcopy(model)
+    ft.load_state_dict(donor.state_dict())
+    ft.save_pretrained(tmp_path / "ft")
+    result = CliRunner().invoke(cli, ["extract", str(folder), str(tmp_path / "ft"), "-r", "2", "-o",
+                                      str(tmp_path / "a"), "-q", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    modules = [m["module"] for m in json.loads(result.output)["modules"]]
+    assert modules and all(m in dict(model.named_modules()) for m in modules)
+    assert any(arch.is_vision_module(m) for m in modules)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "a").merge_and_unload().state_dict()
+    for key, tensor in ft.state_dict().items():
+        torch.testing.assert_close(loaded[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "a")(input_ids=ids).logits
+        torch.testing.assert_close(peft_logits, ft(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_registry_and_vllm_see_the_models_names(tmp_path: Path, family) -> None:  # type: ignore[no-untyped-def]
+    name, model, folder, targets = family
+    peft_adapter(copy.deepcopy(model), targets, r=2, alpha=4, seed=3).save_pretrained(tmp_path / "adapter")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["registry", "add", str(tmp_path / "adapter"), "--name", name]).exit_code == 0
+    listed = runner.invoke(cli, ["registry", "ls", "--base", str(folder), "--json"])
+    assert listed.exit_code == 0 and name in listed.output, listed.output
+    report = runner.invoke(cli, ["validate", str(tmp_path / "adapter"), "--runtime", "vllm", "--json"])
+    assert report.exit_code == 1 and "not to vision towers" in report.output
+
+
+def test_a_family_whose_renaming_is_unknown_is_refused_by_name(tmp_path: Path) -> None:
+    """Not written under names PEFT would load as nothing: extract, merge, validate --base say why."""
+    torch.manual_seed(0)
+    model = qwen2_vl().eval()
     model.save_pretrained(tmp_path / "base")
-    return tmp_path / "base", model
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config.update(model_type="future_vl", architectures=["FutureVLForConditionalGeneration"])
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(tmp_path / "base", tmp_path / "ft")
+    peft_adapter(copy.deepcopy(model), ["q_proj"], r=2, alpha=4).save_pretrained(tmp_path / "adapter")
+    runner = CliRunner()
+    for args in (["extract", tmp_path / "base", tmp_path / "ft", "-r", "2", "-o", tmp_path / "x"],
+                 ["merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "x"],
+                 ["validate", tmp_path / "adapter", "--base", tmp_path / "base"]):  # fmt: skip
+        result = runner.invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 1, result.output
+        assert "FutureVLForConditionalGeneration" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "x").exists()
 
 
-def test_the_names_on_disk_are_not_the_module_paths(vlm) -> None:
-    """The premise, checked on the installed transformers: if it ever saves the live names, the
-    refusals below should give way to plain handling."""
-    from safetensors import safe_open
-
-    base, model = vlm
-    with safe_open(str(base / "model.safetensors"), "pt") as f:
-        on_disk = {k.removesuffix(".weight") for k in f.keys()}
-    paths = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert "model.language_model.layers.0.self_attn.q_proj" in paths and not paths <= on_disk
+def _inspect(adapter: Path) -> str:
+    result = CliRunner().invoke(cli, ["inspect", str(adapter), "--json"])
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
-def test_extract_refuses_rather_than_write_an_adapter_peft_loads_as_nothing(tmp_path: Path, vlm) -> None:
-    from safetensors.torch import load_file, save_file
+def test_kohya_names_and_analyze_resolve_to_the_models_names(tmp_path: Path, family) -> None:  # type: ignore[no-untyped-def]
+    """A kohya file from elsewhere (no recorded paths) names modules by underscores; with --base they
+    become the model's module paths, which PEFT applies."""
+    from loratool import analyze, load_adapter
 
-    base, _ = vlm
-    shutil.copytree(base, tmp_path / "ft")
-    tensors = load_file(str(base / "model.safetensors"))
-    tensors["model.layers.0.self_attn.q_proj.weight"] += 0.1 * torch.ones(32, 1) @ torch.ones(1, 32)
-    save_file(tensors, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
-    result = CliRunner().invoke(cli, ["extract", str(base), str(tmp_path / "ft"), "-r", "2", "-o", str(tmp_path / "a")])
-    assert result.exit_code == 1, result.output
-    assert "Qwen2VLForConditionalGeneration is a vision-language" in result.output and "no-op" in result.output
-    assert not (tmp_path / "a").exists()
+    name, model, folder, targets = family
+    pm = peft_adapter(copy.deepcopy(model), targets, r=2, alpha=4, seed=4)
+    pm.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import save_file
 
-
-def test_merge_and_validate_say_why_a_peft_adapter_does_not_match(tmp_path: Path, vlm) -> None:
-    base, model = vlm
-    peft_adapter(model, ["q_proj", "qkv"], r=2, alpha=4).save_pretrained(tmp_path / "adapter")
-    before = file_digest(base)
-    validate = CliRunner().invoke(cli, ["validate", str(tmp_path / "adapter"), "--base", str(base)])
-    assert validate.exit_code == 1 and "vision-language" in validate.output, validate.output
-    merge = CliRunner().invoke(cli, ["merge", str(base), str(tmp_path / "adapter"), "-o", str(tmp_path / "m")])
-    assert merge.exit_code == 1 and "vision-language" in merge.output and "Traceback" not in merge.output
-    assert not (tmp_path / "m").exists() and file_digest(base) == before
-    unmerge = CliRunner().invoke(cli, ["unmerge", str(base), str(tmp_path / "adapter"), "-o", str(tmp_path / "u")])
-    assert unmerge.exit_code == 1 and "vision-language" in unmerge.output
-    assert "Unmerge from a text-only" in unmerge.output
-    assert not (tmp_path / "u").exists() and file_digest(base) == before
+    a = load_adapter(tmp_path / "adapter")
+    kohya = {}
+    for path, m in a.modules.items():
+        prefix = "lora_" + path.replace(".", "_")
+        kohya |= {f"{prefix}.lora_down.weight": m.lora_A, f"{prefix}.lora_up.weight": m.lora_B,
+                  f"{prefix}.alpha": torch.tensor(m.alpha)}  # fmt: skip
+    save_file(kohya, str(tmp_path / "k.safetensors"))
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base",
+                                      str(folder), "-o", str(tmp_path / "p"), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(load_adapter(tmp_path / "p").modules) == sorted(a.modules)
+    r = analyze(tmp_path / "adapter", base=folder, show_progress=False)
+    assert not r.warnings and all(m.amplification for m in r.modules)

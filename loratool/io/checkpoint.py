@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import arch
 from ..errors import InputFileError, LoraToolError, MissingInputError, MissingKeyError
 from ..quant.layout import (
     Fp8Layout,
@@ -430,9 +431,9 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
 
 
 def header_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a safetensors checkpoint and its shape as the model holds it (packed low-bit
-    weights under their model names), from the headers alone: no torch, for catalogue queries that
-    must answer at once (``registry ls --base``)."""
+    """Every tensor of a safetensors checkpoint and its shape as the model holds it (packed low-bit weights under
+    their model names, a vision-language model's tensors as it names them), from the headers alone: no
+    torch, for catalogue queries that must answer at once (``registry ls --base``)."""
     root, files, _ = resolve_checkpoint_files(path)
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
     for f in files:
@@ -452,6 +453,8 @@ def header_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
         if isinstance(data, dict):
             config = {**config, key: data} if key else {**data, **config}
     try:
-        return logical_shapes(config, tensors)
+        shapes = logical_shapes(config, tensors)
     except LoraToolError:
-        return {n: shape for n, (shape, _) in tensors.items()}
+        shapes = {n: shape for n, (shape, _) in tensors.items()}
+    rules = arch.live_name_rules(config)  # a vision-language model's tensors, by the names it holds them
+    return {arch.live_name(rules, n): s for n, s in shapes.items()} if rules else shapes

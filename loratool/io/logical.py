@@ -1,6 +1,8 @@
-"""A checkpoint as transformers' model holds it once dequantized: each packed low-bit weight
-(MXFP4, NVFP4, INT4/INT8 pack-quantized) appears once, under its logical name and shape, where
-its first stored tensor stands, and reads as float32; its scales and other parts do not appear.
+"""A checkpoint as transformers' model holds it once loaded: each packed low-bit weight (MXFP4,
+NVFP4, INT4/INT8 pack-quantized) appears once, under its logical name and shape, where its first
+stored tensor stands, and reads as float32 (its scales and other parts do not appear); and the
+tensors of a vision-language checkpoint appear under the names transformers gives them on load
+(``model.layers.0...`` as ``model.language_model.layers.0...``: :data:`loratool.arch.LIVE_NAMES`).
 
 Adapters, base-fine-tune pairs and plans address weights by these names; writers still walk the
 stored tensors (the wrapped :class:`Checkpoint`).
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
+from .. import arch
+from ..errors import InputFileError, MissingKeyError, ShapeMismatchError, UnsupportedCheckpointError
 from ..quant import packed
 from ..quant.layout import PackedLayout, PackedWeight
 from .checkpoint import Checkpoint, TensorInfo
@@ -78,8 +81,63 @@ class ModelView(Checkpoint):
         return torch.stack([packed.logical(w, packed.dequantize(w, self.parts(w, e))) for e in range(start, stop)])
 
 
-def model_view(ckpt: Checkpoint) -> Checkpoint:
+class RenamedView(Checkpoint):
+    """``inner`` under the names a vision-language model holds its tensors by once loaded."""
+
+    def __init__(self, inner: Checkpoint, rules: tuple[tuple[str, str], ...]) -> None:  # noqa: D107
+        self.__dict__.update(inner.__dict__)  # the same handles, files and metadata
+        self.inner = inner
+        self._inner_names: dict[str, str] = {}
+        infos: dict[str, TensorInfo] = {}
+        for info in inner.infos():
+            live = arch.live_name(rules, info.name)
+            if live in infos:
+                raise InputFileError(
+                    f"'{info.name}' and '{self._inner_names[live]}' are both '{live}' once loaded",
+                    path=str(self.path), fix="the checkpoint mixes two namings: re-save it",
+                )  # fmt: skip
+            infos[live] = TensorInfo(live, info.shape, info.dtype, info.file)
+            self._inner_names[live] = info.name
+        self._infos = infos
+
+    def inner_name(self, key: str) -> str:
+        """The name ``key`` (as the model holds it) has in the wrapped checkpoint."""
+        return self._inner_names.get(key, key)
+
+    def get(self, key: str) -> torch.Tensor:
+        self.info(key)  # a MissingKeyError that names the model's name
+        return self.inner.get(self._inner_names[key])
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        self.info(key)
+        return self.inner.get_rows(self._inner_names[key], start, stop)
+
+
+def model_view(ckpt: Checkpoint, *, live_names: bool = True) -> Checkpoint:
     """``ckpt`` as the model holds it: packed low-bit weights under their logical names and shapes,
-    dequantized when read (:class:`ModelView`); ``ckpt`` itself when nothing is packed."""
+    dequantized when read (:class:`ModelView`), and with ``live_names`` a vision-language
+    checkpoint's tensors under the names transformers gives them on load (:class:`RenamedView`);
+    ``ckpt`` itself when neither applies."""
     layout = ckpt.packed_layout()
-    return ckpt if layout is None else ModelView(ckpt, layout)
+    view = ckpt if layout is None else ModelView(ckpt, layout)
+    rules = arch.live_name_rules(ckpt.config()) if live_names else None
+    if not rules:
+        return view
+    if layout is not None or ckpt.fp8_layout() is not None:
+        raise UnsupportedCheckpointError(
+            "a quantized vision-language checkpoint: loratool maps the names of unquantized ones only",
+            path=str(ckpt.path), fix="use the unquantized checkpoint, or serve the adapter unmerged",
+        )  # fmt: skip
+    return RenamedView(view, rules)
+
+
+def inner_name(view: Checkpoint, key: str) -> str:
+    """``key`` of a :func:`model_view` as the checkpoint under it names the tensor (the writers' names)."""
+    return view.inner_name(key) if isinstance(view, RenamedView) else key
+
+
+def live_keys(ckpt: Checkpoint) -> dict[str, str]:
+    """Each tensor's name as the model holds it -> its name in ``ckpt``: the same name but for a
+    vision-language model's tensors (headers only; packed weights keep their stored names here)."""
+    rules = arch.live_name_rules(ckpt.config())
+    return {arch.live_name(rules, k) if rules else k: k for k in ckpt.keys()}

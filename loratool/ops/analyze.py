@@ -37,7 +37,7 @@ from ..formats.kohya import resolve_paths
 from ..host import compile_regex, progress, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.logical import model_view
+from ..io.logical import live_keys, model_view
 from ..math.linalg import FactoredSVD, allocate_budget, exact_svd, out_in, randomized_svd, rank_for_energy
 from ..report import Dropped
 from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
@@ -397,14 +397,15 @@ def _renamed(adapter: Adapter, paths: list[str]) -> dict[str, LoraModule]:
 
 def _weight_keys(adapter: Adapter, ck: Checkpoint, result: AnalyzeResult) -> dict[str, str]:
     """Adapter module -> the base's weight key (kohya prefixes resolved); warns about the rest."""
-    module_paths = [k.removesuffix(".weight") for k in ck.keys() if k.endswith(".weight")]
+    stored = live_keys(ck)  # a vision-language model's tensors by the names its adapters use
+    module_paths = [k.removesuffix(".weight") for k in stored if k.endswith(".weight")]
     found = resolve_paths(adapter, module_paths)
     missing = [m for m in adapter.modules if m not in found]
     if missing:
         result.warnings.append(
             f"{len(missing)} module(s) have no weight in --base (first: {missing[0]}): no amplification factor"
         )
-    return {m: p + ".weight" for m, p in found.items()}
+    return {m: stored[p + ".weight"] for m, p in found.items()}
 
 
 def _similarities(result: AnalyzeResult, one: Adapter, other: Adapter, names: list[str]) -> None:

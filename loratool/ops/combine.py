@@ -34,6 +34,7 @@ from ..formats.peft import new_config
 from ..host import map_on_cores, progress, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import open_checkpoint, torch_dtype
+from ..io.logical import live_keys
 from ..math.linalg import (
     FactoredSVD,
     exact_svd,
@@ -436,7 +437,7 @@ def _joint_stats(method: str, parts: list[tuple[MergeStats, int]]) -> tuple[floa
 
 def _module_paths(base: str | os.PathLike[str], allow_pickle: bool) -> list[str]:
     with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
-        return [k[: -len(".weight")] for k in ck.keys() if k.endswith(".weight")]
+        return [k[: -len(".weight")] for k in live_keys(ck) if k.endswith(".weight")]
 
 
 def _align_kohya_names(loaded: list[tuple[Adapter, float, str]], base_paths: list[str], *,

@@ -15,6 +15,7 @@ from ..formats.kohya import resolve_paths
 from ..formats.lycoris import is_lycoris_file, read_lycoris
 from ..io.atomic import check_output
 from ..io.checkpoint import open_checkpoint, torch_dtype
+from ..io.logical import live_keys
 from ..metadata.provenance import PROVENANCE_KEY, InputHasher, encode, make_record
 from ..runtimes import transforms
 from ..runtimes.gguf import OutType, read_gguf, refuse_for_gguf, write_gguf
@@ -288,7 +289,7 @@ def _drop_unchanged(a: Adapter, base: str | os.PathLike[str], warnings: list[str
 def _name_from(adapter: Adapter, base: str | os.PathLike[str], allow_pickle: bool) -> None:
     """Rename kohya prefixes to the base's module paths (headers only)."""
     with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
-        paths = [k.removesuffix(".weight") for k in ck.keys() if k.endswith(".weight")]
+        paths = [k.removesuffix(".weight") for k in live_keys(ck) if k.endswith(".weight")]  # the model's names
     found = resolve_paths(adapter, paths)
     missing = [m for m in adapter.modules if m not in found]
     if missing:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..adapter import Adapter, lora_scaling
+from ..arch import is_vision_module
 from ..errors import Refusal
 
 Runtime = Literal["peft", "vllm", "llama.cpp", "mlx"]
@@ -94,6 +95,11 @@ def _vllm(adapter: Adapter, source: str) -> list[Refusal]:
         out.append(Refusal("modules_to_save", f"vLLM takes no whole tensors ({', '.join(saved)})", _MERGE))
     if adapter.use_dora:
         out.append(Refusal("use_dora", "vLLM has no DoRA", _MERGE))
+    vision = sorted(p for p in adapter.modules if is_vision_module(p))
+    if vision:
+        out.append(Refusal(vision[0], f"vLLM applies LoRA to the language model only, not to vision towers or "
+                           f"projectors (vLLM issues #23796, #27916): {len(vision)} module(s) would be ignored",
+                           "merge the adapter, or train it on the language model's modules alone"))  # fmt: skip
     conv = sorted(p for p, m in adapter.modules.items() if m.kind == "conv2d")
     if conv:
         out.append(Refusal(conv[0], f"vLLM's LoRA layers are linear: {len(conv)} Conv2d module(s)", _MERGE))

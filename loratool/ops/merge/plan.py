@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from ...errors import MissingKeyError, ShapeMismatchError, UnsupportedAdapterErr
 from ...formats import AdapterArg, load_adapter, split_scale
 from ...formats.kohya import resolve_paths
 from ...io.checkpoint import Checkpoint
+from ...io.logical import RenamedView
 from ...validation import require_valid
 
 
@@ -323,3 +325,15 @@ def files_of_adapter(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return [p for p in (path / "adapter_model.safetensors", path / "adapter_config.json") if p.is_file()]
+
+
+def stored_names(
+    view: RenamedView, terms: dict[str, list[Term]], replace: dict[str, torch.Tensor]
+) -> tuple[dict[str, list[Term]], dict[str, torch.Tensor]]:
+    """A plan made against a vision-language checkpoint's live names, in the names its files hold."""
+    name = view.inner_name
+    renamed = {
+        name(key): [dataclasses.replace(t, bias_key=name(t.bias_key) if t.bias_key else None) for t in ts]
+        for key, ts in terms.items()
+    }
+    return renamed, {name(key): t for key, t in replace.items()}

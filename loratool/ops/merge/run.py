@@ -19,14 +19,14 @@ from ...host import resolve_device
 from ...io.atomic import atomic_output, check_output
 from ...io.checkpoint import Checkpoint, dtype_name, open_checkpoint, torch_dtype
 from ...io.header import patch_metadata
-from ...io.logical import model_view
+from ...io.logical import RenamedView, model_view
 from ...io.writer import TensorSpec, copy_aux_files
 from ...metadata.provenance import InputHasher, encode, make_record
 from ...quant import native
 from ...quant.rounding import KEPT_WARNING, NOISE_LIMIT, RULES, Kept, Rounding, Rule, default_rule
 from ...stream.distributed import current
 from .check import RoundTripCheck
-from .plan import files_of_adapter, load_adapters, plan_terms, set_vocab_size
+from .plan import files_of_adapter, load_adapters, plan_terms, set_vocab_size, stored_names
 from .quantized import (
     check_conv_terms,
     check_fp8_plan,
@@ -107,8 +107,11 @@ def apply_adapters(
     with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt, contextlib.ExitStack() as stack:
         fp8 = ckpt.fp8_layout()  # None, or the FP8 layout to keep; any other quantization is refused
         low_bit = ckpt.packed_layout()  # None, or the MXFP4 / NVFP4 / INT4 weights to keep
-        view = model_view(ckpt)  # packed weights by the names and shapes adapters address
+        view = model_view(ckpt)  # packed weights (and a VLM's tensors) by the names and shapes adapters address
         terms, replace = plan_terms(view, loaded, sign, fan_in_fan_out)
+        if isinstance(view, RenamedView):  # the plan names tensors as the model does, the stream as the files do
+            terms, replace = stored_names(view, terms, replace)
+            view = view.inner
         check_fp8_plan(fp8, replace, str(ckpt.path))
         quantized = set(fp8.weights if fp8 else ()) | set(low_bit.weights if low_bit else ())
         check_conv_terms(terms, quantized, str(ckpt.path))
