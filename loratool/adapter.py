@@ -124,7 +124,7 @@ class Adapter:
     token_rows: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    format: Literal["peft", "kohya", "mlx"] = "peft"
+    format: Literal["peft", "kohya", "mlx", "diffusers"] = "peft"
     path: str | None = None
 
     @property

@@ -20,7 +20,7 @@ from . import experts
 from .adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, pattern_lookup
 from .arch import OUTPUT_LAYER, RENAMED_WHY, is_embedding, renamed_on_load
 from .errors import LoraToolError, MetadataError
-from .formats import kohya, load_adapter, peft
+from .formats import diffusers, kohya, load_adapter, peft
 from .formats.kohya import resolve_paths
 from .io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from .io.logical import model_view
@@ -110,6 +110,9 @@ def validate_adapter(
     with ckpt:
         if config is not None:
             _check_peft_structure(ckpt, config, report)
+        elif diffusers.is_diffusers(ckpt.keys()):
+            report.format = "diffusers"
+            _check_diffusers_structure(ckpt, report)
         else:
             _check_kohya_structure(ckpt, report)
         _check_dtypes(ckpt, report)
@@ -146,6 +149,17 @@ def check_fit(
         report.add("base", e.message if e.path is None else f"{e.path}: {e.message}")
         return
     with stored:
+        if adapter_obj.format == "diffusers":  # modules by pipeline component: those of the base's
+            try:
+                adapter_obj, left_out = diffusers.for_component(
+                    adapter_obj, diffusers.component_of(stored.root, stored.config()), str(base)
+                )
+            except LoraToolError as e:
+                report.add("base", e.message + (f"; {e.fix}" if e.fix else ""))
+                return
+            if left_out:
+                report.warnings.append(Problem("base", f"{len(left_out)} module(s) of other pipeline components not "
+                                                       f"checked (first: {left_out[0]})"))  # fmt: skip
         weights = [k.removesuffix(".weight") for k in ckpt.keys() if k.endswith(".weight")]
         if adapter_obj.format == "kohya":  # kohya prefixes name modules loosely; kohya's loaders map them so
             found = resolve_paths(adapter_obj, weights)
@@ -387,6 +401,23 @@ def _mlx_selects(keys: list[Any], module: str) -> bool:
     """mlx-lm matches ``keys`` against full module paths and against paths inside a block."""
     inside = re.sub(r"^.*?\blayers\.\d+\.", "", module)
     return module in keys or inside in keys
+
+
+def _check_diffusers_structure(ckpt: Checkpoint, report: ValidationReport) -> None:
+    """A diffusers LoRA file: each component's LoraConfig (the header's) against the schema, and
+    its factors as PEFT's under that config."""
+    try:
+        configs = diffusers.component_configs(ckpt.header_metadata, ckpt.path)
+    except LoraToolError as e:
+        report.add(f"metadata/{diffusers.METADATA_KEY}", e.message)
+        return
+    for component, config in sorted(configs.items()):
+        for path, message in check(config, "adapter_config"):
+            report.add(f"metadata/{component}{path.removeprefix('$')}", message)
+    try:
+        report.modules = len(diffusers.read_diffusers(ckpt.path, lazy=True).modules)
+    except LoraToolError as e:
+        report.add(f"tensors/{e.key}" if e.key else "tensors", e.message)
 
 
 def _check_kohya_structure(ckpt: Checkpoint, report: ValidationReport) -> None:

@@ -110,6 +110,7 @@ def test_extract_a_conv_finetune_gives_peft_the_finetune(tmp_path: Path, base) -
     kinds = {m["module"]: (m["kind"], m["shape"]) for m in result["modules"]}
     assert kinds["conv"] == ("conv2d", [8, 4, 3, 3]) and kinds["pointwise"] == ("conv2d", [6, 8, 1, 1])
     assert max(m["relative_error"] for m in result["modules"]) < 1e-5
+    run("validate", tmp_path / "a", "--base", folder)  # its provenance record included (kind conv2d)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "a")
     x = torch.randn(2, 4, 7, 7)
     with torch.no_grad():

@@ -46,7 +46,11 @@ _FUSION = _Fusion()
 @cli.command()
 @click.argument("adapter", type=ADAPTER_PATH)
 @click.option(
-    "--to", "to", type=click.Choice(["peft", "kohya", "mlx", "gguf"]), required=True, help="The format to write."
+    "--to",
+    "to",
+    type=click.Choice(["peft", "kohya", "mlx", "gguf", "diffusers"]),
+    required=True,
+    help="The format to write (diffusers: the pipeline LoRA file diffusers' load_lora_weights reads).",
 )
 @PORTABLE
 @click.option(

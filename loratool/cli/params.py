@@ -130,7 +130,12 @@ FAN_IN_FAN_OUT: Decorator = click.option(
     help="Treat 2-D weights as GPT-2 Conv1D (in, out). Default: from config.json's model_type.",
 )
 FORMAT: Decorator = click.option(
-    "--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True, help="Output format."
+    "--format",
+    "fmt",
+    type=click.Choice(["peft", "kohya", "diffusers"]),
+    default="peft",
+    show_default=True,
+    help="Output format (diffusers: a pipeline LoRA file, modules under their component, e.g. unet.).",
 )
 PORTABLE: Decorator = click.option(
     "--portable",

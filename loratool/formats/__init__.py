@@ -17,7 +17,7 @@ from ..errors import InputFileError, LoraToolError, MetadataError, MissingInputE
 if TYPE_CHECKING:
     import torch
 
-Format = Literal["peft", "kohya", "mlx"]
+Format = Literal["peft", "kohya", "mlx", "diffusers"]
 PathArg = str | os.PathLike[str]
 # what the API takes for an adapter: a path, an Adapter, or either with a scale (weight)
 AdapterArg = PathArg | Adapter | tuple[PathArg, float] | tuple[Adapter, float]
@@ -49,7 +49,7 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         >>> {path: m.rank for path, m in adapter.modules.items()}
     """
     from ..runtimes import mlx
-    from . import kohya, peft
+    from . import diffusers, kohya, peft
 
     p = Path(path)
     if not p.exists():
@@ -59,6 +59,8 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         adapter = mlx.read_mlx(directory, lazy=lazy)
     elif p.is_dir() or p.name == peft.CONFIG_NAME:
         adapter = peft.read_peft(p if p.is_dir() else p.parent, allow_pickle=allow_pickle, lazy=lazy)
+    elif p.suffix == ".safetensors" and _is_diffusers_file(p):
+        adapter = diffusers.read_diffusers(p, lazy=lazy)
     elif p.suffix == ".safetensors":
         adapter = kohya.read_kohya(p, lazy=lazy)
     else:
@@ -67,6 +69,15 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
     if not lazy:
         require_finite(adapter)
     return adapter
+
+
+def _is_diffusers_file(p: Path) -> bool:
+    """A diffusers LoRA file (``unet.<module>.lora_A.weight`` keys), from its header."""
+    from ..io.checkpoint import open_checkpoint
+    from . import diffusers
+
+    with open_checkpoint(p) as ck:
+        return diffusers.is_diffusers(ck.keys())
 
 
 def _require_finite_scaling(adapter: Adapter) -> None:
@@ -162,10 +173,12 @@ def save_adapter(
         >>> loratool.save_adapter(adapter, "copy/", dtype=torch.bfloat16)
     """
     from ..runtimes import mlx
-    from . import kohya, peft
+    from . import diffusers, kohya, peft
 
     if format == "kohya":
         return kohya.write_kohya(adapter, Path(out), force=force, dtype=dtype)
+    if format == "diffusers":
+        return diffusers.write_diffusers(adapter, Path(out), force=force, dtype=dtype)
     if format == "mlx":
         return mlx.write_mlx(adapter, Path(out), force=force, dtype=dtype)
     return peft.write_peft(adapter, Path(out), force=force, dtype=dtype, card=card)

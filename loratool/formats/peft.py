@@ -146,7 +146,7 @@ def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False
     for path, slots in parts.items():
         param = _expert_parameter(config, path, wpath)
         if param is None:
-            modules[path] = _module_from_slots(path, slots, config, use_rslora, fan_in_fan_out, wpath)
+            modules[path] = module_from_slots(path, slots, config, use_rslora, fan_in_fan_out, wpath)
             continue
         a, b = slots.get("lora_A"), slots.get("lora_B")
         if a is None or b is None:
@@ -191,7 +191,7 @@ def _expert_parameter(config: dict[str, Any], wrapper: str, file: Path) -> str |
         raise UnsupportedAdapterError(str(e), path=str(file)) from None
 
 
-def _module_from_slots(
+def module_from_slots(
     path: str, slots: dict[str, torch.Tensor], config: dict[str, Any], use_rslora: bool, fifo: bool, file: Path
 ) -> LoraModule:
     if "lora_embedding_A" in slots or "lora_embedding_B" in slots:

@@ -341,6 +341,12 @@ def resolve_checkpoint_files(path: str | os.PathLike[str]) -> tuple[Path, list[P
                 "not a checkpoint file", path=str(p), fix="give a .safetensors file or a model directory"
             )
         return p, [p], None
+    if (p / "model_index.json").is_file():  # a diffusers pipeline: one checkpoint per component folder
+        parts = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "config.json").is_file())
+        raise InputFileError(
+            f"a diffusers pipeline folder, which holds one checkpoint per component ({', '.join(parts) or 'none'})",
+            path=str(p), fix=f"give the component's folder, e.g. {p / (parts[0] if parts else 'unet')}",
+        )  # fmt: skip
     indexes = sorted(p.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise InputFileError(

@@ -27,7 +27,7 @@ from typing import Any, Literal, cast, get_args
 import torch
 
 from ..adapter import Adapter, LoraModule
-from ..errors import LoraToolError, ShapeMismatchError, UnsupportedAdapterError
+from ..errors import InputFileError, LoraToolError, ShapeMismatchError, UnsupportedAdapterError
 from ..formats import PathArg, load_adapter, save_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..formats.peft import new_config
@@ -104,7 +104,7 @@ def combine(
     energy: float | None = None,
     device: str = "auto",
     dtype: str | None = None,
-    format: Literal["peft", "kohya"] = "peft",
+    format: Literal["peft", "kohya", "diffusers"] = "peft",
     portable: bool = False,
     base_model_id: str | None = None,
     base: str | os.PathLike[str] | None = None,
@@ -160,7 +160,7 @@ def resize(
     energy: float | None = None,
     device: str = "auto",
     dtype: str | None = None,
-    format: Literal["peft", "kohya"] = "peft",
+    format: Literal["peft", "kohya", "diffusers"] = "peft",
     portable: bool = False,
     base_model_id: str | None = None,
     base: str | os.PathLike[str] | None = None,
@@ -192,7 +192,7 @@ def _run(
     energy: float | None,
     device: str,
     dtype: str | None,
-    format: Literal["peft", "kohya"],
+    format: Literal["peft", "kohya", "diffusers"],
     portable: bool,
     base_model_id: str | None,
     base: str | os.PathLike[str] | None,
@@ -217,6 +217,12 @@ def _run(
     loaded = [(load_adapter(p, allow_pickle=allow_pickle), w, str(p)) for p, w in pairs]
     warnings = [w for p, _ in pairs for w in require_valid(p, f"{operation} refuses it", allow_pickle=allow_pickle)]
     _check_sources(loaded, method)
+    if any((a.format == "diffusers") != (format == "diffusers") for a, _, _ in loaded):
+        raise InputFileError(
+            "diffusers LoRA files name modules by pipeline component: combine them with each other, into "
+            "--format diffusers",
+            fix="convert the other adapters first: loratool convert A --to diffusers --base PIPE/unet",
+        )  # fmt: skip
     warnings += _align_kohya_names(loaded, _module_paths(base, allow_pickle) if base is not None else [],
                                    keep_unmapped=format == "kohya")  # fmt: skip
     hasher = InputHasher([f for a, _, _ in loaded for f in _files(Path(a.path or ""))])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -9,8 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..adapter import Adapter
-from ..errors import LoraToolError, MissingKeyError, ShapeMismatchError
-from ..formats import load_adapter, require_finite, save_adapter
+from ..errors import InputFileError, LoraToolError, MissingKeyError, ShapeMismatchError
+from ..formats import diffusers, load_adapter, require_finite, save_adapter
 from ..formats.kohya import resolve_paths
 from ..formats.lycoris import is_lycoris_file, read_lycoris
 from ..io.atomic import check_output
@@ -21,9 +22,9 @@ from ..runtimes import transforms
 from ..runtimes.gguf import OutType, read_gguf, refuse_for_gguf, write_gguf
 from ..validation import ValidationReport, check_fit, require_valid
 
-Target = Literal["peft", "kohya", "mlx", "gguf"]
+Target = Literal["peft", "kohya", "mlx", "gguf", "diffusers"]
 Fusion = tuple[str, Sequence[str]]  # (fused module leaf, its parts' leaves in row order)
-TARGETS: tuple[Target, ...] = ("peft", "kohya", "mlx", "gguf")
+TARGETS: tuple[Target, ...] = ("peft", "kohya", "mlx", "gguf", "diffusers")
 
 
 @dataclass
@@ -74,7 +75,9 @@ def convert(
         adapter: a PEFT directory, a kohya ``.safetensors`` file, an mlx-lm directory, a llama.cpp
             LoRA ``.gguf`` (needs ``base``: its tensor names lead back to module paths) or a LyCORIS
             LoHa/LoKr ``.safetensors`` (needs ``rank``).
-        to: ``peft``, ``kohya``, ``mlx`` or ``gguf`` (llama.cpp; needs ``base`` and the ``gguf`` package).
+        to: ``peft``, ``kohya``, ``mlx``, ``gguf`` (llama.cpp; needs ``base`` and the ``gguf`` package) or
+            ``diffusers`` (a pipeline LoRA file; ``base`` is the component's folder, ``PIPE/unet``, which also
+            picks the component out of a diffusers file written to another format).
         output: the directory (PEFT, mlx) or file (kohya ``.safetensors``, ``.gguf``) to write.
         portable: (PEFT) every module at one rank with scaling 1 (``lora_alpha = r``, no
             ``rank_pattern``/``alpha_pattern``), so runtimes that read only ``r`` and
@@ -126,6 +129,7 @@ def convert(
         _require_fit(a, base, allow_pickle)
     elif to != "kohya" and a.format == "kohya":
         _require_paths(a)
+    a = _components(a, to, base, allow_pickle, warnings)
     for fused, parts in fuse:
         a = transforms.fuse(a, fused, parts)
     for fused, parts in split:
@@ -284,6 +288,30 @@ def _drop_unchanged(a: Adapter, base: str | os.PathLike[str], warnings: list[str
         a.whole = {k: t for k, t in a.whole.items() if k not in same}
         warnings.append(f"left out {len(same)} whole tensor(s) equal to the base's ({', '.join(same)}): "
                         "PEFT saves targeted embedding layers whole even when they did not change")  # fmt: skip
+
+
+def _components(
+    a: Adapter, to: str, base: str | os.PathLike[str] | None, allow_pickle: bool, warnings: list[str]
+) -> Adapter:
+    """Into or out of diffusers' layout, whose module paths start with their pipeline component: the
+    component is the one ``base`` is (``PIPE/unet``)."""
+    if (a.format == "diffusers") == (to == "diffusers"):
+        return a
+    component = None
+    if base is not None:
+        with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
+            component = diffusers.component_of(ck.root, ck.config())
+    if a.format == "diffusers":
+        a, left_out = diffusers.for_component(a, component, str(base) if base is not None else "no --base")
+        if left_out:
+            warnings.append(f"{len(left_out)} module(s) of other pipeline components left out (first: {left_out[0]})")
+        return a
+    if component is None:
+        raise InputFileError(
+            "--to diffusers names modules by pipeline component, and no --base says which component this is",
+            path=a.path, fix="give --base PIPELINE/unet (or PIPELINE/transformer, the component the adapter is for)",
+        )  # fmt: skip
+    return dataclasses.replace(a, modules={f"{component}.{p}": m for p, m in a.modules.items()}, format="diffusers")
 
 
 def _name_from(adapter: Adapter, base: str | os.PathLike[str], allow_pickle: bool) -> None:

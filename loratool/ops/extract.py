@@ -8,6 +8,7 @@ reported as dropped with the norm of what is lost.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ import torch
 
 from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
-from ..errors import LoraToolError, UnsupportedCheckpointError
-from ..formats import refuse_adapter, save_adapter
+from ..errors import InputFileError, LoraToolError, UnsupportedCheckpointError
+from ..formats import diffusers, refuse_adapter, save_adapter
 from ..formats.peft import new_config
 from ..host import compile_regex, resolve_device
 from ..io.atomic import check_output
@@ -102,7 +103,7 @@ def extract(
     keep_full: str | None = None,
     bias: bool = False,
     fan_in_fan_out: bool | None = None,
-    format: Literal["peft", "kohya"] = "peft",
+    format: Literal["peft", "kohya", "diffusers"] = "peft",
     portable: bool = False,
     base_model_id: str | None = None,
     force: bool = False,
@@ -130,7 +131,8 @@ def extract(
         bias: store the changed bias of a LoRA-adapted linear layer as its ``lora_B.bias`` (PEFT's
             ``lora_bias``, e.g. Qwen2's attention biases) instead of dropping it.
         fan_in_fan_out: treat 2-D weights as GPT-2 ``Conv1D`` (in, out); default from config.json.
-        format: ``peft`` or ``kohya``.
+        format: ``peft``, ``kohya`` or ``diffusers`` (a pipeline LoRA file, from a component's folder
+            such as ``PIPE/unet``: modules under ``unet.``, as diffusers' ``load_lora_weights`` reads them).
         portable: (PEFT) one rank and scaling 1 for every module (see :func:`loratool.convert`),
             for runtimes that read only ``r`` and ``lora_alpha`` (vLLM).
         base_model_id: the base's Hub id, recorded as ``base_model_name_or_path``.
@@ -167,6 +169,12 @@ def extract(
         open_checkpoint(finetuned, allow_pickle=allow_pickle) as f_stored,
     ):
         b, f = model_view(b_stored), model_view(f_stored)  # packed low-bit weights read dequantized, by model name
+        component = diffusers.component_of(b_stored.root, b_stored.config()) if format == "diffusers" else None
+        if format == "diffusers" and component is None:
+            raise InputFileError(
+                "--format diffusers names modules by pipeline component, and BASE is not a component's folder",
+                path=str(base), fix="give the component's folder of the pipeline, e.g. PIPELINE/unet",
+            )  # fmt: skip
         fp8 = (b.fp8_layout(), f.fp8_layout())  # FP8 weights are dequantized before the difference
         options.fp8 = fp8
         low_bit = f_stored.packed_layout()
@@ -243,7 +251,10 @@ def extract(
             extra={"dropped": [x.to_json() for x in result.dropped]},
         )  # fmt: skip
         result.adapter.metadata = encode(record)
-        save_adapter(result.adapter, out, format=format, force=force, dtype=out_dtype)
+        written = result.adapter
+        if component is not None:  # diffusers: module paths under the pipeline component
+            written = dataclasses.replace(written, modules={f"{component}.{p}": m for p, m in written.modules.items()})
+        save_adapter(written, out, format=format, force=force, dtype=out_dtype)
     d.barrier()  # the output exists on every rank's return
     return result
 

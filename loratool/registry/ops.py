@@ -37,7 +37,7 @@ def facts_of(adapter: str | os.PathLike[str]) -> tuple[Facts, list[str]]:
     warnings = require_valid(adapter, "it was not registered", check_values=True)
     a = load_adapter(adapter, lazy=True)
     p = Path(adapter)
-    if a.format == "kohya":
+    if a.format in ("kohya", "diffusers"):  # one file
         weights = p.name
     elif (p / WEIGHT_FILES[a.format]).is_file():
         weights = WEIGHT_FILES[a.format]
@@ -78,7 +78,7 @@ def register(
     if not p.exists():
         raise LoraToolError("no such adapter", path=str(p))
     facts, warnings = facts_of(p)
-    if facts.format != "kohya" and p.is_file():
+    if facts.format not in ("kohya", "diffusers") and p.is_file():
         p = p.parent
     entry, created = Registry(home).add(p, facts, name=name, aliases=list(aliases), tags=tags,
                                         description=description, event=event)  # fmt: skip

@@ -613,7 +613,7 @@ class Registry:
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
-        return view if entry.format != "kohya" else view / entry.weights
+        return view if entry.format not in ("kohya", "diffusers") else view / entry.weights
 
     def entry_of_view(self, path: str | os.PathLike[str]) -> Entry | None:
         """The entry whose view ``path`` is (or lies in), if any."""

@@ -15,7 +15,7 @@ import torch
 from ... import arch, experts
 from ...adapter import Adapter, Kind, LoraModule
 from ...errors import MissingKeyError, ShapeMismatchError, UnsupportedAdapterError, UnsupportedCheckpointError
-from ...formats import AdapterArg, load_adapter, split_scale
+from ...formats import AdapterArg, diffusers, load_adapter, split_scale
 from ...formats.kohya import resolve_paths
 from ...io.checkpoint import Checkpoint
 from ...io.logical import RenamedView
@@ -337,3 +337,22 @@ def stored_names(
         for key, ts in terms.items()
     }
     return renamed, {name(key): t for key, t in replace.items()}
+
+
+def for_the_base(
+    loaded: list[tuple[Adapter, float, str]], ckpt: Checkpoint, warnings: list[str]
+) -> list[tuple[Adapter, float, str]]:
+    """diffusers LoRA files, which hold modules by pipeline component, cut to the component the
+    base is (``PIPE/unet``); what they hold for other components is left out, saying so."""
+    if not any(a.format == "diffusers" for a, _, _ in loaded):
+        return loaded
+    component = diffusers.component_of(ckpt.root, ckpt.config())
+    out = []
+    for adapter, scale, name in loaded:
+        if adapter.format == "diffusers":
+            adapter, left_out = diffusers.for_component(adapter, component, str(ckpt.path))
+            if left_out:
+                warnings.append(f"{name}: {len(left_out)} module(s) of other pipeline components left out (first: "
+                                f"{left_out[0]}): merge the file into their own component's folder too")  # fmt: skip
+        out.append((adapter, scale, name))
+    return out

@@ -26,7 +26,7 @@ from ...quant import native
 from ...quant.rounding import KEPT_WARNING, NOISE_LIMIT, RULES, Kept, Rounding, Rule, default_rule
 from ...stream.distributed import current
 from .check import RoundTripCheck
-from .plan import files_of_adapter, load_adapters, plan_terms, set_vocab_size, stored_names
+from .plan import files_of_adapter, for_the_base, load_adapters, plan_terms, set_vocab_size, stored_names
 from .quantized import (
     check_conv_terms,
     check_fp8_plan,
@@ -108,6 +108,7 @@ def apply_adapters(
         fp8 = ckpt.fp8_layout()  # None, or the FP8 layout to keep; any other quantization is refused
         low_bit = ckpt.packed_layout()  # None, or the MXFP4 / NVFP4 / INT4 weights to keep
         view = model_view(ckpt)  # packed weights (and a VLM's tensors) by the names and shapes adapters address
+        loaded = for_the_base(loaded, ckpt, warnings)  # a diffusers LoRA file: the base component's modules
         terms, replace = plan_terms(view, loaded, sign, fan_in_fan_out)
         if isinstance(view, RenamedView):  # the plan names tensors as the model does, the stream as the files do
             terms, replace = stored_names(view, terms, replace)

@@ -1,0 +1,162 @@
+"""diffusers' LoRA files (``pytorch_lora_weights.safetensors``): PEFT's factors keyed by pipeline
+component, ``unet.<module>.lora_A.weight``, ``transformer.<...>``, ``text_encoder.<...>``, and the
+components' ``LoraConfig`` in the header under ``lora_adapter_metadata`` (``"unet.r"``,
+``"unet.lora_alpha"``, ...). Without it diffusers scales every module by 1 (alpha = rank), and so
+does loratool.
+
+loratool keeps the component in the module path (``unet.down_blocks.0...``); an adapter meets a
+component's checkpoint (``PIPE/unet``) through :func:`for_component`, which keeps that component's
+modules under their paths in it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import Adapter
+from ..errors import InputFileError, MetadataError
+from ..io.atomic import atomic_output
+from ..io.checkpoint import open_checkpoint
+from ..io.writer import save_tensors
+from ..metadata.provenance import with_tensors_digest
+from . import peft
+
+if TYPE_CHECKING:
+    import torch
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
+METADATA_KEY = "lora_adapter_metadata"
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# a component checkpoint's _class_name -> its place in a pipeline, where its folder name does not say
+_CLASS_COMPONENT = {"UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
+                    "CLIPTextModelWithProjection": "text_encoder_2", "T5EncoderModel": "text_encoder_3"}  # fmt: skip
+
+
+def split_component(key: str) -> tuple[str, str] | None:
+    """(component, the rest) of a diffusers LoRA key, or None."""
+    head, _, rest = key.partition(".")
+    return (head, rest) if head in COMPONENTS and rest else None
+
+
+def is_diffusers(keys: Iterable[str]) -> bool:
+    """Every key a PEFT factor under a pipeline component (``unet.<module>.lora_A.weight``)."""
+    keys = list(keys)
+    return bool(keys) and all(
+        (sc := split_component(k)) is not None and peft.parse_key(sc[1]) is not None for k in keys
+    )
+
+
+def component_configs(metadata: Mapping[str, str], file: Path) -> dict[str, dict[str, Any]]:
+    """Each component's LoraConfig fields from the header (empty where diffusers wrote none)."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise MetadataError(f"{METADATA_KEY} in the header is not JSON ({e})", path=str(file)) from None
+    if not isinstance(flat, dict):
+        raise MetadataError(f"{METADATA_KEY} in the header is not a JSON object", path=str(file))
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        component, _, field = str(key).partition(".")
+        out.setdefault(component, {})[field] = value
+    return out
+
+
+def read_diffusers(file: Path, *, lazy: bool = False) -> Adapter:
+    """Read a diffusers LoRA file: modules under ``<component>.<module path>``."""
+    slots: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    with open_checkpoint(file) as ckpt:
+        metadata = ckpt.header_metadata
+        for key in ckpt.keys():
+            sc = split_component(key)
+            parsed = peft.parse_key(sc[1]) if sc else None
+            if sc is None or parsed is None:
+                raise InputFileError(f"'{key}' is not a diffusers LoRA key (<component>.<module>.lora_A.weight)",
+                                     path=str(file))  # fmt: skip
+            slots.setdefault((sc[0], parsed.module), {})[parsed.slot] = ckpt.get_meta(key) if lazy else ckpt.get(key)
+    configs = component_configs(metadata, file)
+    modules = {}
+    for (component, path), s in slots.items():
+        config = configs.get(component)
+        module = peft.module_from_slots(path, s, config or {}, bool((config or {}).get("use_rslora")), False, file)
+        if config is None:  # no LoraConfig written: diffusers scales every module by 1
+            module.alpha = float(module.rank)
+        modules[f"{component}.{path}"] = module
+    config = {"peft_type": "LORA", "components": {c: configs.get(c, {}) for c, _ in slots}}
+    return Adapter(modules=modules, config=config, metadata=metadata, format="diffusers", path=str(file))
+
+
+def for_component(adapter: Adapter, component: str | None, where: str) -> tuple[Adapter, list[str]]:
+    """The modules of ``adapter`` (a diffusers LoRA file) for ``component``'s checkpoint, under their
+    paths in it, and the other components' modules left out. Refuses a base that is no pipeline
+    component, or one the file has nothing for."""
+    import dataclasses
+
+    components = sorted({p.partition(".")[0] for p in adapter.modules})
+    if component is None:
+        raise InputFileError(
+            f"a diffusers LoRA file holds modules by pipeline component ({', '.join(components)}), and {where} is not "
+            "a pipeline component's folder", path=adapter.path,
+            fix=f"give the component's folder of the pipeline, e.g. PIPELINE/{components[0]}",
+        )  # fmt: skip
+    mine = {p[len(component) + 1 :]: m for p, m in adapter.modules.items() if p.startswith(component + ".")}
+    if not mine:
+        raise InputFileError(
+            f"the diffusers LoRA file has no modules for the {component} ({', '.join(components)} only)",
+            path=adapter.path, fix=f"give PIPELINE/{components[0]} as the base",
+        )  # fmt: skip
+    left_out = sorted(p for p in adapter.modules if not p.startswith(component + "."))
+    return dataclasses.replace(adapter, modules=mine, format="peft"), left_out
+
+
+def component_of(root: Path, config: Mapping[str, Any]) -> str | None:
+    """The pipeline component a checkpoint folder is (``PIPE/unet`` -> ``unet``), or None."""
+    folder = root if root.is_dir() else root.parent
+    if folder.name in COMPONENTS and ("_diffusers_version" in config or (folder.parent / "model_index.json").is_file()):
+        return folder.name
+    name = str(config.get("_class_name", ""))
+    if name in _CLASS_COMPONENT:
+        return _CLASS_COMPONENT[name]
+    return "transformer" if name.endswith("Transformer2DModel") else None
+
+
+def write_diffusers(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write ``adapter`` (module paths under their component) as one diffusers LoRA file, with each
+    component's LoraConfig in the header so that diffusers rebuilds every rank and scaling."""
+
+    from ..adapter import conv_file_factors
+
+    if adapter.whole or adapter.token_rows:
+        raise InputFileError("diffusers LoRA files hold LoRA factors only", fix="leave out --keep-full, or write PEFT")
+    by_component: dict[str, dict[str, Any]] = {}
+    for path, m in adapter.modules.items():
+        sc = split_component(path)
+        if sc is None:
+            raise InputFileError(f"module '{path}' names no pipeline component ({', '.join(COMPONENTS)})",
+                                 fix="write PEFT, or extract from a pipeline component's folder")  # fmt: skip
+        if m.expert is not None or m.magnitude is not None:
+            raise InputFileError(f"'{path}': diffusers LoRA files have no expert or DoRA layout", fix="write PEFT")
+        by_component.setdefault(sc[0], {})[sc[1]] = m
+    tensors: dict[str, torch.Tensor] = {}
+    flat: dict[str, Any] = {}
+    for component, modules in by_component.items():
+        for path, m in modules.items():
+            a, b = conv_file_factors(m) if m.kernel is not None else (m.lora_A, m.lora_B)
+            for slot, t in (("lora_A.weight", a), ("lora_B.weight", b), ("lora_B.bias", m.bias)):
+                if t is not None:
+                    t = t.detach().cpu()
+                    tensors[f"{component}.{path}.{slot}"] = (t.to(dtype) if dtype is not None else t).contiguous()
+        config = peft.build_config(Adapter(modules=modules, config=peft.new_config(base_model_name_or_path=None,
+                                                                                  task_type=None)))  # fmt: skip
+        flat.update({f"{component}.{k}": v for k, v in config.items()})
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(flat, sort_keys=True, allow_nan=False)}
+    metadata.update({k: v for k, v in adapter.metadata.items() if k.startswith("loratool")})
+    metadata = with_tensors_digest(metadata, tensors)
+    with atomic_output(out, force=force, directory=False) as tmp:
+        save_tensors(tmp, tensors, metadata)
+    return out

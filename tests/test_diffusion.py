@@ -1,0 +1,170 @@
+"""Diffusion checkpoints (#33 item 3): diffusers pipeline folders (a component's folder as the base:
+``PIPE/unet``, ``PIPE/transformer``) and diffusers' own LoRA files (``unet.``/``transformer.``
+prefixes, each component's LoraConfig in the header). Oracles: diffusers itself, its PEFT
+integration (``add_adapter``, ``save_lora_weights``, ``load_lora_adapter``), on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import peft_deltas
+
+from loratool.cli import cli
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]  # linear and 3x3 conv
+
+
+def tiny_unet():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2,
+    ).eval()  # fmt: skip
+
+
+def tiny_flux():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=4, num_attention_heads=2,
+        joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=[0, 2, 2],
+    ).eval()  # fmt: skip
+
+
+def pipeline(model: torch.nn.Module, root: Path, component: str) -> Path:
+    """``root`` as a diffusers pipeline folder holding ``model`` as ``component``."""
+    model.save_pretrained(root / component)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root / component
+
+
+def lora_file(model: torch.nn.Module, folder: Path, component: str, targets: list[str], *, metadata: bool = True,
+              seed: int = 1, **config: object) -> tuple[Path, torch.nn.Module]:  # fmt: skip
+    """A diffusers LoRA file written by diffusers itself, and the model holding that adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    lora = peft.LoraConfig(target_modules=targets, init_lora_weights=False, **config)
+    model.add_adapter(lora)
+    layers = {f"{component}_lora_layers": get_peft_model_state_dict(model)}
+    if metadata:
+        layers[f"{component}_lora_adapter_metadata"] = lora.to_dict()
+    writer = diffusers.StableDiffusionPipeline if component == "unet" else diffusers.FluxPipeline
+    writer.save_lora_weights(folder, **layers)
+    return folder / "pytorch_lora_weights.safetensors", model
+
+
+def run(*args: object) -> dict:  # type: ignore[type-arg]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output) if "--json" in args else {}
+
+
+def merged_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("metadata", [True, False], ids=["lora_adapter_metadata", "no metadata"])
+def test_a_diffusers_lora_merges_into_its_component_as_diffusers_applies_it(tmp_path: Path, metadata: bool) -> None:
+    unet = tiny_unet()
+    base = pipeline(unet, tmp_path / "pipe", "unet")
+    file, holder = lora_file(unet, tmp_path / "lora", "unet", UNET_TARGETS, metadata=metadata, r=2, lora_alpha=6,
+                             rank_pattern={"conv1": 3})  # fmt: skip
+    loaded = copy.deepcopy(unet)  # what diffusers itself loads from the file (without metadata: scaling 1)
+    loaded.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name="default")
+    want = peft_deltas(loaded)
+    assert any(d.dim() == 4 and d.shape[-1] == 3 for d in want.values())  # conv kernels among them
+    if metadata:
+        assert all(torch.equal(want[k], d) for k, d in peft_deltas(holder).items())
+    info = {m["module"]: m for m in run("inspect", file, "--json")["modules"]}
+    assert "unet.down_blocks.0.resnets.0.conv1" in info
+    run("validate", file, "--base", base)
+    run("merge", base, file, "-o", tmp_path / "merged", "-q")
+    merged, before = merged_state(tmp_path / "merged"), unet.state_dict()
+    for module, delta in want.items():
+        key = module + ".weight"
+        torch.testing.assert_close(merged[key].double(), before[key].double() + delta, rtol=1e-5, atol=1e-6)
+    untouched = set(before) - {m + ".weight" for m in want}
+    assert all(torch.equal(merged[k], before[k]) for k in untouched)
+
+
+def test_extract_writes_a_file_diffusers_loads_as_the_finetune(tmp_path: Path) -> None:
+    unet = tiny_unet()
+    base = pipeline(unet, tmp_path / "pipe", "unet")
+    _, donor = lora_file(unet, tmp_path / "donor", "unet", UNET_TARGETS, r=2, lora_alpha=2, seed=2)
+    ft = copy.deepcopy(unet)
+    ft.load_state_dict({k: v for k, v in donor.state_dict().items() if "lora_" not in k}, strict=False)
+    with torch.no_grad():
+        for name, delta in peft_deltas(donor).items():
+            ft.get_submodule(name).weight.add_(delta.float())
+    finetuned = pipeline(ft, tmp_path / "ft", "unet")
+    result = run("extract", base, finetuned, "-r", "3", "--format", "diffusers", "-o", tmp_path / "out.safetensors",
+                 "--json", "-q")  # fmt: skip
+    assert max(m["relative_error"] for m in result["modules"]) < 1e-5
+    run("validate", tmp_path / "out.safetensors", "--base", base)
+    loaded = copy.deepcopy(unet)
+    loaded.load_lora_adapter(str(tmp_path), weight_name="out.safetensors", prefix="unet", adapter_name="default")
+    sample, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, t, text).sample, ft(sample, t, text).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_flux_transformer_extract_and_merge(tmp_path: Path) -> None:
+    flux = tiny_flux()
+    base = pipeline(flux, tmp_path / "pipe", "transformer")
+    file, holder = lora_file(flux, tmp_path / "lora", "transformer", ["to_q", "to_k", "proj_mlp", "ff.net.2"], r=2,
+                             lora_alpha=4)  # fmt: skip
+    run("merge", base, file, "-o", tmp_path / "merged", "-q")
+    merged, before = merged_state(tmp_path / "merged"), flux.state_dict()
+    deltas = peft_deltas(holder)
+    for module, delta in deltas.items():
+        torch.testing.assert_close(merged[module + ".weight"].double(), before[module + ".weight"].double() + delta)
+    finetuned = tmp_path / "ft" / "transformer"
+    finetuned.mkdir(parents=True)
+    for name in ("config.json",):
+        (finetuned / name).write_text((tmp_path / "merged" / name).read_text())
+    (finetuned / "diffusion_pytorch_model.safetensors").write_bytes(
+        (tmp_path / "merged" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    (tmp_path / "ft" / "model_index.json").write_text("{}")
+    run("extract", base, finetuned, "-r", "2", "--format", "diffusers", "-o", tmp_path / "x.safetensors", "-q")
+    loaded = copy.deepcopy(flux)
+    loaded.load_lora_adapter(str(tmp_path), weight_name="x.safetensors", prefix="transformer", adapter_name="default")
+    for module, delta in peft_deltas(loaded).items():
+        torch.testing.assert_close(delta, deltas[module], rtol=1e-4, atol=1e-6)
+
+
+def test_components_are_chosen_by_the_base_and_named_when_missing(tmp_path: Path) -> None:
+    unet = tiny_unet()
+    base = pipeline(unet, tmp_path / "pipe", "unet")
+    file, _ = lora_file(unet, tmp_path / "lora", "unet", ["to_q"], r=2, lora_alpha=2)
+    root = CliRunner().invoke(cli, ["merge", str(tmp_path / "pipe"), str(file), "-o", str(tmp_path / "m")])
+    assert root.exit_code == 1 and "diffusers pipeline folder" in root.output and "unet" in root.output
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "diffusion_pytorch_model.safetensors").write_bytes(
+        (base / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    no_component = CliRunner().invoke(cli, ["merge", str(plain), str(file), "-o", str(tmp_path / "m")])
+    assert no_component.exit_code == 1 and "pipeline component" in no_component.output
+    assert "PIPELINE/unet" in no_component.output and not (tmp_path / "m").exists()
+    peft_dir = tmp_path / "as-peft"
+    run("convert", file, "--to", "peft", "--base", base, "-o", peft_dir, "-q")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(unet), peft_dir)
+    assert set(peft_deltas(back)) == {m for m, _ in unet.named_modules() if m.endswith("to_q")}
+    run("convert", peft_dir, "--to", "diffusers", "--base", base, "-o", tmp_path / "again.safetensors", "-q")
+    run("combine", file, tmp_path / "again.safetensors", "--format", "diffusers", "-o", tmp_path / "c.safetensors",
+        "-q")  # fmt: skip
+    mixed = CliRunner().invoke(cli, ["combine", str(file), str(peft_dir), "-o", str(tmp_path / "bad")])
+    assert mixed.exit_code == 1 and "pipeline component" in mixed.output
