@@ -168,3 +168,47 @@ def test_components_are_chosen_by_the_base_and_named_when_missing(tmp_path: Path
         "-q")  # fmt: skip
     mixed = CliRunner().invoke(cli, ["combine", str(file), str(peft_dir), "-o", str(tmp_path / "bad")])
     assert mixed.exit_code == 1 and "pipeline component" in mixed.output
+
+
+def test_kohya_sd_names_map_onto_the_unet_and_text_encoder_modules_are_left_out(tmp_path: Path) -> None:
+    """kohya's SD 1.x/2.x LoRA names are diffusers' module paths underscored (lora_unet_down_blocks_0_...,
+    lora_te_text_model_...): merged into PIPE/unet by the base's paths, the text encoder's left out.
+    Names in the original model's layout (SDXL's input_blocks, Flux's double_blocks) are refused by name."""
+    from safetensors.torch import save_file
+
+    unet = tiny_unet()
+    base = pipeline(unet, tmp_path / "pipe", "unet")
+    _, holder = lora_file(unet, tmp_path / "lora", "unet", UNET_TARGETS, r=2, lora_alpha=4)
+    from loratool import load_adapter
+
+    peft_dir = tmp_path / "p"
+    holder_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    run("convert", holder_file, "--to", "peft", "--base", base, "-o", peft_dir, "-q")
+    tensors = {}
+    for path, m in load_adapter(peft_dir).modules.items():
+        a, b = m.lora_A, m.lora_B
+        if m.kernel is not None:
+            a, b = a.reshape(a.shape[0], -1, *m.kernel), b.reshape(*b.shape, 1, 1)
+        prefix = "lora_unet_" + path.replace(".", "_")
+        tensors |= {
+            f"{prefix}.lora_down.weight": a,
+            f"{prefix}.lora_up.weight": b,
+            f"{prefix}.alpha": torch.tensor(4.0),
+        }
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    tensors |= {f"{te}.lora_down.weight": torch.randn(2, 8), f"{te}.lora_up.weight": torch.randn(8, 2)}
+    save_file(tensors, str(tmp_path / "kohya.safetensors"))
+    result = CliRunner().invoke(cli, ["merge", str(base), str(tmp_path / "kohya.safetensors"), "-o",
+                                      str(tmp_path / "m"), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 module(s) of other pipeline components left out" in result.output
+    merged, before = merged_state(tmp_path / "m"), unet.state_dict()
+    for module, delta in peft_deltas(holder).items():
+        torch.testing.assert_close(merged[module + ".weight"].double(), before[module + ".weight"].double() + delta)
+    sdxl = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.randn(2, 8),
+            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.randn(8, 2)}  # fmt: skip
+    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
+    refused = CliRunner().invoke(
+        cli, ["merge", str(base), str(tmp_path / "sdxl.safetensors"), "-o", str(tmp_path / "x")]
+    )
+    assert refused.exit_code == 1 and "original model's layout" in refused.output and not (tmp_path / "x").exists()

@@ -114,6 +114,37 @@ def for_component(adapter: Adapter, component: str | None, where: str) -> tuple[
     return dataclasses.replace(adapter, modules=mine, format="peft"), left_out
 
 
+# kohya's names for the modules of each pipeline component (sd-scripts: lora_unet_<path>, lora_te_<path>,
+# SDXL's second text encoder lora_te2_<path>); with a diffusers-layout model's paths underscored
+_KOHYA_PREFIXES = {"unet": ("lora_unet_",), "transformer": ("lora_unet_", "lora_transformer_"),
+                   "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}  # fmt: skip
+KOHYA_LAYOUT_WHY = (
+    "kohya names in the original model's layout (SDXL's input_blocks, Flux's double_blocks) are not mapped to "
+    "diffusers' module paths yet"
+)
+
+
+def kohya_for_component(adapter: Adapter, component: str | None) -> tuple[Adapter, list[str]]:
+    """A kohya file's modules for one pipeline component's checkpoint (``lora_unet_...`` for the
+    UNet, ``lora_te_...`` for the text encoder), and those of other components left out. A file
+    with no component prefixes (a language model's) is returned as it is."""
+    import dataclasses
+
+    known = tuple(p for ps in _KOHYA_PREFIXES.values() for p in ps)
+    if component is None or not any(p.startswith(known) for p in adapter.modules):
+        return adapter, []
+    mine = _KOHYA_PREFIXES.get(component, ())
+    kept = {p: m for p, m in adapter.modules.items() if p.startswith(mine)}
+    if not kept:
+        raise InputFileError(
+            f"the kohya file has no modules for the {component} (its names start "
+            f"{', '.join(sorted({p.split('_')[1] for p in adapter.modules}))})", path=adapter.path,
+            fix="give the folder of the component it is for, e.g. PIPELINE/unet for lora_unet_ names",
+        )  # fmt: skip
+    left_out = sorted(set(adapter.modules) - set(kept))
+    return dataclasses.replace(adapter, modules=kept), left_out
+
+
 def component_of(root: Path, config: Mapping[str, Any]) -> str | None:
     """The pipeline component a checkpoint folder is (``PIPE/unet`` -> ``unet``), or None."""
     folder = root if root.is_dir() else root.parent

@@ -132,6 +132,11 @@ def plan_terms(
                     fix="merge into a text-only checkpoint of the same language model, or serve the adapter unmerged"
                     if sign > 0 else "unmerge from a text-only checkpoint of the same language model",
                 )  # fmt: skip
+            if path not in found and adapter.format == "kohya" and diffusers.component_of(ckpt.root, config):
+                raise MissingKeyError(
+                    f"no module of the base is named by this kohya prefix: {diffusers.KOHYA_LAYOUT_WHY}",
+                    path=name, key=path, fix="convert the LoRA to diffusers' layout with diffusers or kohya's tools",
+                )  # fmt: skip
             if path not in found:
                 raise MissingKeyError(
                     "the adapter has this module, but the base has no matching '<module>.weight'",
@@ -344,15 +349,18 @@ def for_the_base(
 ) -> list[tuple[Adapter, float, str]]:
     """diffusers LoRA files, which hold modules by pipeline component, cut to the component the
     base is (``PIPE/unet``); what they hold for other components is left out, saying so."""
-    if not any(a.format == "diffusers" for a, _, _ in loaded):
-        return loaded
     component = diffusers.component_of(ckpt.root, ckpt.config())
+    if component is None and not any(a.format == "diffusers" for a, _, _ in loaded):
+        return loaded
     out = []
     for adapter, scale, name in loaded:
+        left_out: list[str] = []
         if adapter.format == "diffusers":
             adapter, left_out = diffusers.for_component(adapter, component, str(ckpt.path))
-            if left_out:
-                warnings.append(f"{name}: {len(left_out)} module(s) of other pipeline components left out (first: "
-                                f"{left_out[0]}): merge the file into their own component's folder too")  # fmt: skip
+        elif adapter.format == "kohya":
+            adapter, left_out = diffusers.kohya_for_component(adapter, component)
+        if left_out:
+            warnings.append(f"{name}: {len(left_out)} module(s) of other pipeline components left out (first: "
+                            f"{left_out[0]}): merge the file into their own component's folder too")  # fmt: skip
         out.append((adapter, scale, name))
     return out
