@@ -149,11 +149,15 @@ def check_fit(
         report.add("base", e.message if e.path is None else f"{e.path}: {e.message}")
         return
     with stored:
-        if adapter_obj.format == "diffusers":  # modules by pipeline component: those of the base's
+        if adapter_obj.format in ("diffusers", "kohya"):  # modules by pipeline component: those of the base's
+            component = diffusers.component_of(stored.root, stored.config())
             try:
-                adapter_obj, left_out = diffusers.for_component(
-                    adapter_obj, diffusers.component_of(stored.root, stored.config()), str(base)
-                )
+                if adapter_obj.format == "diffusers":
+                    adapter_obj, left_out = diffusers.for_component(adapter_obj, component, str(base))
+                else:
+                    paths = [k.removesuffix(".weight") for k in ckpt.keys() if k.endswith(".weight")]
+                    adapter_obj, left_out = diffusers.kohya_for_component(adapter_obj, component, paths,
+                                                                          stored.config())  # fmt: skip
             except LoraToolError as e:
                 report.add("base", e.message + (f"; {e.fix}" if e.fix else ""))
                 return

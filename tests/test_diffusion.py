@@ -173,7 +173,7 @@ def test_components_are_chosen_by_the_base_and_named_when_missing(tmp_path: Path
 def test_kohya_sd_names_map_onto_the_unet_and_text_encoder_modules_are_left_out(tmp_path: Path) -> None:
     """kohya's SD 1.x/2.x LoRA names are diffusers' module paths underscored (lora_unet_down_blocks_0_...,
     lora_te_text_model_...): merged into PIPE/unet by the base's paths, the text encoder's left out.
-    Names in the original model's layout (SDXL's input_blocks, Flux's double_blocks) are refused by name."""
+    Names in an original model's layout loratool does not map (Flux's double_blocks) are refused by name."""
     from safetensors.torch import save_file
 
     unet = tiny_unet()
@@ -205,10 +205,62 @@ def test_kohya_sd_names_map_onto_the_unet_and_text_encoder_modules_are_left_out(
     merged, before = merged_state(tmp_path / "m"), unet.state_dict()
     for module, delta in peft_deltas(holder).items():
         torch.testing.assert_close(merged[module + ".weight"].double(), before[module + ".weight"].double() + delta)
-    sdxl = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.randn(2, 8),
-            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.randn(8, 2)}  # fmt: skip
-    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
-    refused = CliRunner().invoke(
-        cli, ["merge", str(base), str(tmp_path / "sdxl.safetensors"), "-o", str(tmp_path / "x")]
-    )
+    flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 8),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(24, 2)}  # fmt: skip
+    save_file(flux, str(tmp_path / "flux.safetensors"))
+    refused = CliRunner().invoke(cli, ["merge", str(base), str(tmp_path / "flux.safetensors"), "-o",
+                                       str(tmp_path / "x")])  # fmt: skip
     assert refused.exit_code == 1 and "original model's layout" in refused.output and not (tmp_path / "x").exists()
+
+
+def test_kohya_sdxl_names_in_the_original_layout_map_as_diffusers_maps_them(tmp_path: Path) -> None:
+    """SDXL's kohya names follow the original UNet (input_blocks.4.1..., in_layers.2, op): loratool's
+    table (formats.diffusers.sgm_names, run from a diffusers UNet's paths) is diffusers' own
+    conversion run backwards: diffusers reads every name it makes as the module it came from. The
+    merge then adds each module's delta where diffusers would."""
+    import re
+
+    from safetensors.torch import save_file
+
+    from loratool.formats.diffusers import sgm_names
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2,
+    ).eval()  # fmt: skip
+    base = pipeline(unet, tmp_path / "pipe", "unet")
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    table = sgm_names(layers, unet.config)
+    assert set(table.values()) == set(layers)
+    tensors, want = {}, {}
+    for sgm, path in table.items():
+        m, prefix = layers[path], "lora_unet_" + sgm.replace(".", "_")
+        if isinstance(m, torch.nn.Linear):
+            down, up = torch.randn(2, m.in_features), torch.randn(m.out_features, 2)
+        else:
+            down, up = torch.randn(2, m.in_channels, *m.kernel_size), torch.randn(m.out_channels, 2, 1, 1)
+        tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up}
+        tensors[f"{prefix}.alpha"] = torch.tensor(3.0)  # scaling 3 / 2
+        want[path] = 1.5 * (up.flatten(1) @ down.flatten(1)).reshape(m.weight.shape)
+    save_file(tensors, str(tmp_path / "sdxl.safetensors"))
+
+    state, _ = diffusers.StableDiffusionXLPipeline.lora_state_dict(str(tmp_path / "sdxl.safetensors"),
+                                                                   unet_config=unet.config)  # fmt: skip
+
+    def module_of(key: str) -> str:  # diffusers' names: <path>.lora.down.weight, attn1.processor.to_q_lora...
+        k = key.removeprefix("unet.")
+        if m := re.match(r"(.+)\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight$", k):
+            return f"{m[1]}.{m[2]}" + (".0" if m[2] == "to_out" else "")
+        return k.rsplit(".lora.", 1)[0]
+
+    read = {module_of(k): v for k, v in state.items() if k.endswith("down.weight")}
+    assert set(read) == set(layers)
+    for sgm, path in table.items():
+        assert torch.equal(read[path], tensors["lora_unet_" + sgm.replace(".", "_") + ".lora_down.weight"]), path
+    run("merge", base, tmp_path / "sdxl.safetensors", "-o", tmp_path / "m", "-q")
+    merged, before = merged_state(tmp_path / "m"), unet.state_dict()
+    for path, delta in want.items():
+        torch.testing.assert_close(merged[path + ".weight"], before[path + ".weight"] + delta, rtol=1e-5, atol=1e-5)
+    run("validate", tmp_path / "sdxl.safetensors", "--base", base)

@@ -12,6 +12,7 @@ modules under their paths in it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,15 +120,19 @@ def for_component(adapter: Adapter, component: str | None, where: str) -> tuple[
 _KOHYA_PREFIXES = {"unet": ("lora_unet_",), "transformer": ("lora_unet_", "lora_transformer_"),
                    "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}  # fmt: skip
 KOHYA_LAYOUT_WHY = (
-    "kohya names in the original model's layout (SDXL's input_blocks, Flux's double_blocks) are not mapped to "
-    "diffusers' module paths yet"
+    "kohya names in an original model's layout other than SDXL's (Flux's double_blocks and single_blocks, with "
+    "q, k and v fused) are not mapped to diffusers' module paths yet"
 )
 
 
-def kohya_for_component(adapter: Adapter, component: str | None) -> tuple[Adapter, list[str]]:
+def kohya_for_component(
+    adapter: Adapter, component: str | None, paths: Iterable[str] = (), config: Mapping[str, Any] | None = None
+) -> tuple[Adapter, list[str]]:
     """A kohya file's modules for one pipeline component's checkpoint (``lora_unet_...`` for the
     UNet, ``lora_te_...`` for the text encoder), and those of other components left out. A file
-    with no component prefixes (a language model's) is returned as it is."""
+    with no component prefixes (a language model's) is returned as it is. SDXL's names, in the
+    original UNet's layout (``input_blocks``), are renamed to the base's module ``paths`` by
+    :func:`sgm_names` where its ``config`` allows."""
     import dataclasses
 
     known = tuple(p for ps in _KOHYA_PREFIXES.values() for p in ps)
@@ -142,7 +147,57 @@ def kohya_for_component(adapter: Adapter, component: str | None) -> tuple[Adapte
             fix="give the folder of the component it is for, e.g. PIPELINE/unet for lora_unet_ names",
         )  # fmt: skip
     left_out = sorted(set(adapter.modules) - set(kept))
+    if component == "unet" and config is not None and any(_SGM.search(p) for p in kept):
+        table = {"lora_unet_" + sgm.replace(".", "_"): path for sgm, path in sgm_names(paths, config).items()}
+        kept = {table.get(p, p): m for p, m in kept.items()}
     return dataclasses.replace(adapter, modules=kept), left_out
+
+
+_SGM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_\d")
+_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+           "conv_shortcut": "skip_connection"}  # fmt: skip
+_FIXED = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+          "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+          "add_embedding.linear_2": "label_emb.0.2"}  # fmt: skip
+
+
+def sgm_names(paths: Iterable[str], config: Mapping[str, Any]) -> dict[str, str]:
+    """The original (SGM/LDM) UNet's name of each diffusers UNet module path, as kohya names SDXL's
+    modules: ``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in`` (with two
+    layers per block). Read from diffusers' own conversion (``_maybe_map_sgm_blocks_to_diffusers``
+    and ``_convert_unet_lora_key``) and run backwards; checked against it in tests/test_diffusion.py.
+    Empty where the config's ``layers_per_block`` is not one number."""
+    per = config.get("layers_per_block")
+    if not isinstance(per, int):
+        return {}
+    n = per + 1  # an input block per layer and a downsampler; an output block per layer and one more
+    with_attention = ["CrossAttn" in str(k) for k in config.get("up_block_types") or []]
+
+    def resnet(rest: str) -> str:
+        return _RESNET.get(rest, rest)
+
+    out = {}
+    for path in paths:
+        sgm = _FIXED.get(path)
+        if sgm is None and (m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)):
+            b, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+            sgm = f"input_blocks.{1 + b * n + layer}." + ("0." + resnet(rest) if kind == "resnets" else "1." + rest)
+        elif sgm is None and (m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path)):
+            sgm = f"input_blocks.{(int(m[1]) + 1) * n}.0.op"
+        elif sgm is None and (m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", path)):
+            index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}.get((m[1], m[2]))
+            if index is not None:
+                sgm = f"middle_block.{index}." + (resnet(m[3]) if m[1] == "resnets" else m[3])
+        elif sgm is None and (m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)):
+            b, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+            sgm = f"output_blocks.{b * n + layer}." + ("0." + resnet(rest) if kind == "resnets" else "1." + rest)
+        elif sgm is None and (m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path)):
+            b = int(m[1])
+            inner = 2 if b < len(with_attention) and with_attention[b] else 1
+            sgm = f"output_blocks.{b * n + per}.{inner}.conv"
+        if sgm is not None:
+            out[sgm] = path
+    return out
 
 
 def component_of(root: Path, config: Mapping[str, Any]) -> str | None:

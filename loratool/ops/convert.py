@@ -319,7 +319,8 @@ def _name_from(adapter: Adapter, base: str | os.PathLike[str], allow_pickle: boo
     (``PIPE/unet``), only the modules kohya names for that component are kept."""
     with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
         paths = [k.removesuffix(".weight") for k in live_keys(ck) if k.endswith(".weight")]  # the model's names
-        kept, _ = diffusers.kohya_for_component(adapter, diffusers.component_of(ck.root, ck.config()))
+        component = diffusers.component_of(ck.root, ck.config())
+        kept, _ = diffusers.kohya_for_component(adapter, component, paths, ck.config())
         adapter.modules = kept.modules
     found = resolve_paths(adapter, paths)
     missing = [m for m in adapter.modules if m not in found]
