@@ -155,8 +155,10 @@ def check_fit(
                 if adapter_obj.format == "diffusers":
                     adapter_obj, left_out = diffusers.for_component(adapter_obj, component, str(base))
                 else:
-                    paths = [k.removesuffix(".weight") for k in ckpt.keys() if k.endswith(".weight")]
-                    adapter_obj, left_out = diffusers.kohya_for_component(adapter_obj, component, paths,
+                    shapes = {
+                        k.removesuffix(".weight"): ckpt.info(k).shape for k in ckpt.keys() if k.endswith(".weight")
+                    }
+                    adapter_obj, left_out = diffusers.kohya_for_component(adapter_obj, component, shapes,
                                                                           stored.config())  # fmt: skip
             except LoraToolError as e:
                 report.add("base", e.message + (f"; {e.fix}" if e.fix else ""))

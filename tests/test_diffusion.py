@@ -173,7 +173,7 @@ def test_components_are_chosen_by_the_base_and_named_when_missing(tmp_path: Path
 def test_kohya_sd_names_map_onto_the_unet_and_text_encoder_modules_are_left_out(tmp_path: Path) -> None:
     """kohya's SD 1.x/2.x LoRA names are diffusers' module paths underscored (lora_unet_down_blocks_0_...,
     lora_te_text_model_...): merged into PIPE/unet by the base's paths, the text encoder's left out.
-    Names in an original model's layout loratool does not map (Flux's double_blocks) are refused by name."""
+    Names in another model's original layout (Flux's double_blocks, given a UNet) are refused by name."""
     from safetensors.torch import save_file
 
     unet = tiny_unet()
@@ -264,3 +264,67 @@ def test_kohya_sdxl_names_in_the_original_layout_map_as_diffusers_maps_them(tmp_
     for path, delta in want.items():
         torch.testing.assert_close(merged[path + ".weight"], before[path + ".weight"] + delta, rtol=1e-5, atol=1e-5)
     run("validate", tmp_path / "sdxl.safetensors", "--base", base)
+
+
+def flux_kohya(flux: torch.nn.Module, stems: dict[str, list[str]], seed: int) -> dict[str, torch.Tensor]:
+    """A kohya file's tensors for Flux (sd-scripts' names): ``stems`` maps each name to the diffusers
+    modules whose rows its fused weight stacks, in order."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for stem, paths in stems.items():
+        rows = sum(flux.get_submodule(p).out_features for p in paths)
+        cols = flux.get_submodule(paths[0]).in_features
+        out[f"lora_unet_{stem}.lora_down.weight"] = torch.randn(2, cols, generator=g)
+        out[f"lora_unet_{stem}.lora_up.weight"] = torch.randn(rows, 2, generator=g)
+        out[f"lora_unet_{stem}.alpha"] = torch.tensor(3.0)
+    return out
+
+
+def test_kohya_flux_names_map_and_split_as_diffusers_reads_them(tmp_path: Path) -> None:
+    """Flux's kohya names (the original model's layout: double_blocks with q, k and v fused) merge
+    into diffusers' FluxTransformer2DModel as diffusers' own conversion applies them; a single block's
+    linear1 (q, k, v and the MLP fused) as its rows split by the formula (diffusers' converter takes
+    only full-size Flux there), and the final modulation with its shift and scale rows swapped."""
+    from safetensors.torch import save_file
+
+    flux = tiny_flux()
+    base = pipeline(flux, tmp_path / "pipe", "transformer")
+    double = {
+        "double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                         "transformer_blocks.0.attn.to_v"],
+        "double_blocks_0_txt_attn_qkv": ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
+                                         "transformer_blocks.0.attn.add_v_proj"],
+        "double_blocks_0_img_attn_proj": ["transformer_blocks.0.attn.to_out.0"],
+        "double_blocks_0_img_mlp_0": ["transformer_blocks.0.ff.net.0.proj"],
+        "double_blocks_0_txt_mod_lin": ["transformer_blocks.0.norm1_context.linear"],
+        "img_in": ["x_embedder"], "time_in_in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+        "final_layer_linear": ["proj_out"], "final_layer_adaLN_modulation_1": ["norm_out.linear"],
+    }  # fmt: skip
+    save_file(flux_kohya(flux, double, 0), str(tmp_path / "double.safetensors"))
+    converted = diffusers.FluxPipeline.lora_state_dict(str(tmp_path / "double.safetensors"))
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    want = {k.removeprefix("transformer.").removesuffix(".lora_A.weight"): converted[k.replace("lora_A", "lora_B")]
+            @ converted[k] for k in converted if k.endswith("lora_A.weight")}  # fmt: skip
+    assert set(want) == {p for ps in double.values() for p in ps}
+    run("merge", base, tmp_path / "double.safetensors", "-o", tmp_path / "m", "-q")
+    merged, before = merged_state(tmp_path / "m"), flux.state_dict()
+    for path, delta in want.items():
+        if path in ("proj_out", "norm_out.linear"):  # diffusers drops the final layer's alpha; kohya scales by it
+            delta = 1.5 * delta
+        torch.testing.assert_close(merged[path + ".weight"] - before[path + ".weight"], delta, rtol=1e-4, atol=1e-5,
+                                   msg=path)  # fmt: skip
+
+    one = "single_transformer_blocks.0"
+    single = {"single_blocks_0_linear1": [f"{one}.attn.to_q", f"{one}.attn.to_k", f"{one}.attn.to_v",
+                                          f"{one}.proj_mlp"],
+              "single_blocks_0_modulation_lin": [f"{one}.norm.linear"]}  # fmt: skip
+    tensors = flux_kohya(flux, single, 1)
+    save_file(tensors, str(tmp_path / "single.safetensors"))
+    run("merge", base, tmp_path / "single.safetensors", "-o", tmp_path / "s", "-q")
+    run("validate", tmp_path / "single.safetensors", "--base", base)
+    merged = merged_state(tmp_path / "s")
+    for stem, paths in single.items():
+        fused = torch.cat([before[p + ".weight"] for p in paths])  # the original model's weight
+        up, down = tensors[f"lora_unet_{stem}.lora_up.weight"], tensors[f"lora_unet_{stem}.lora_down.weight"]
+        fused = fused + 1.5 * up @ down
+        torch.testing.assert_close(torch.cat([merged[p + ".weight"] for p in paths]), fused, rtol=1e-5, atol=1e-5)

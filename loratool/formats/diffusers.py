@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapter import Adapter
+from ..adapter import Adapter, LoraModule
 from ..errors import InputFileError, MetadataError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
@@ -120,19 +120,23 @@ def for_component(adapter: Adapter, component: str | None, where: str) -> tuple[
 _KOHYA_PREFIXES = {"unet": ("lora_unet_",), "transformer": ("lora_unet_", "lora_transformer_"),
                    "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}  # fmt: skip
 KOHYA_LAYOUT_WHY = (
-    "kohya names in an original model's layout other than SDXL's (Flux's double_blocks and single_blocks, with "
-    "q, k and v fused) are not mapped to diffusers' module paths yet"
+    "kohya names in an original model's layout are mapped to diffusers' module paths for SDXL's UNet and Flux's "
+    "transformer only, each into its own component's folder"
 )
 
 
 def kohya_for_component(
-    adapter: Adapter, component: str | None, paths: Iterable[str] = (), config: Mapping[str, Any] | None = None
+    adapter: Adapter,
+    component: str | None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> tuple[Adapter, list[str]]:
     """A kohya file's modules for one pipeline component's checkpoint (``lora_unet_...`` for the
     UNet, ``lora_te_...`` for the text encoder), and those of other components left out. A file
-    with no component prefixes (a language model's) is returned as it is. SDXL's names, in the
-    original UNet's layout (``input_blocks``), are renamed to the base's module ``paths`` by
-    :func:`sgm_names` where its ``config`` allows."""
+    with no component prefixes (a language model's) is returned as it is. Names in an original
+    model's layout are renamed to the base's module paths (``shapes``: path -> weight shape):
+    SDXL's UNet (``input_blocks``) by :func:`sgm_names` where its ``config`` allows, Flux's
+    transformer (``double_blocks``) by :func:`flux_modules`, fused q/k/v split exactly."""
     import dataclasses
 
     known = tuple(p for ps in _KOHYA_PREFIXES.values() for p in ps)
@@ -147,10 +151,79 @@ def kohya_for_component(
             fix="give the folder of the component it is for, e.g. PIPELINE/unet for lora_unet_ names",
         )  # fmt: skip
     left_out = sorted(set(adapter.modules) - set(kept))
-    if component == "unet" and config is not None and any(_SGM.search(p) for p in kept):
-        table = {"lora_unet_" + sgm.replace(".", "_"): path for sgm, path in sgm_names(paths, config).items()}
+    if component == "unet" and config is not None and shapes and any(_SGM.search(p) for p in kept):
+        table = {"lora_unet_" + sgm.replace(".", "_"): path for sgm, path in sgm_names(shapes, config).items()}
         kept = {table.get(p, p): m for p, m in kept.items()}
+    if component == "transformer" and shapes and any(p.startswith(_FLUX_BLOCKS) for p in kept):
+        kept = flux_modules(kept, shapes, adapter.path)
     return dataclasses.replace(adapter, modules=kept), left_out
+
+
+_FLUX_BLOCKS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
+# kohya's (sd-scripts') name of a Flux module, after lora_unet_ -> diffusers' FluxTransformer2DModel path(s),
+# read from diffusers' _convert_sd_scripts_to_ai_toolkit; {i}: the block. Several paths: the fused rows, in order.
+_FLUX_NAMES = {
+    "double_blocks_{i}_img_attn_proj": ["transformer_blocks.{i}.attn.to_out.0"],
+    "double_blocks_{i}_img_attn_qkv": ["transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                       "transformer_blocks.{i}.attn.to_v"],
+    "double_blocks_{i}_img_mlp_0": ["transformer_blocks.{i}.ff.net.0.proj"],
+    "double_blocks_{i}_img_mlp_2": ["transformer_blocks.{i}.ff.net.2"],
+    "double_blocks_{i}_img_mod_lin": ["transformer_blocks.{i}.norm1.linear"],
+    "double_blocks_{i}_txt_attn_proj": ["transformer_blocks.{i}.attn.to_add_out"],
+    "double_blocks_{i}_txt_attn_qkv": ["transformer_blocks.{i}.attn.add_q_proj",
+                                       "transformer_blocks.{i}.attn.add_k_proj",
+                                       "transformer_blocks.{i}.attn.add_v_proj"],
+    "double_blocks_{i}_txt_mlp_0": ["transformer_blocks.{i}.ff_context.net.0.proj"],
+    "double_blocks_{i}_txt_mlp_2": ["transformer_blocks.{i}.ff_context.net.2"],
+    "double_blocks_{i}_txt_mod_lin": ["transformer_blocks.{i}.norm1_context.linear"],
+    "single_blocks_{i}_linear1": ["single_transformer_blocks.{i}.attn.to_q", "single_transformer_blocks.{i}.attn.to_k",
+                                  "single_transformer_blocks.{i}.attn.to_v", "single_transformer_blocks.{i}.proj_mlp"],
+    "single_blocks_{i}_linear2": ["single_transformer_blocks.{i}.proj_out"],
+    "single_blocks_{i}_modulation_lin": ["single_transformer_blocks.{i}.norm.linear"],
+    "img_in": ["x_embedder"], "txt_in": ["context_embedder"],
+    "time_in_in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+    "time_in_out_layer": ["time_text_embed.timestep_embedder.linear_2"],
+    "vector_in_in_layer": ["time_text_embed.text_embedder.linear_1"],
+    "vector_in_out_layer": ["time_text_embed.text_embedder.linear_2"],
+    "guidance_in_in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+    "guidance_in_out_layer": ["time_text_embed.guidance_embedder.linear_2"],
+    "final_layer_linear": ["proj_out"],
+    "final_layer_adaLN_modulation_1": ["norm_out.linear"],  # its rows (shift, scale) are diffusers' (scale, shift)
+}  # fmt: skip
+
+
+def flux_modules(modules: Mapping[str, LoraModule], shapes: Mapping[str, tuple[int, ...]], where: str | None
+                 ) -> dict[str, LoraModule]:  # fmt: skip
+    """kohya's Flux modules (the original model's layout) as diffusers' FluxTransformer2DModel holds
+    them: renamed, a fused projection (q, k, v; q, k, v and the MLP of a single block) split into its
+    parts by their rows (each keeps the shared A: exact), and the final modulation's rows swapped."""
+    import dataclasses
+
+    import torch
+
+    from ..runtimes.transforms import split_module
+
+    patterns = [(re.compile("^lora_unet_" + k.replace("{i}", r"(\d+)") + "$"), v) for k, v in _FLUX_NAMES.items()]
+    out: dict[str, LoraModule] = {}
+    for name, m in modules.items():
+        found = next(((hit, targets) for pattern, targets in patterns if (hit := pattern.match(name))), None)
+        if found is None:
+            out[name] = m  # refused by name where the merge or check matches paths
+            continue
+        hit, targets = found
+        paths = [t.replace("{i}", hit[1]) if hit.groups() else t for t in targets]
+        missing = [p for p in paths if p not in shapes]
+        if missing:
+            raise InputFileError(
+                f"the kohya module '{name}' is Flux's {', '.join(paths)}, which the base does not have ({missing[0]})",
+                path=where, fix="give the Flux transformer it was trained for",
+            )  # fmt: skip
+        if paths == ["norm_out.linear"]:
+            shift, scale = m.lora_B.chunk(2, dim=0)
+            m = dataclasses.replace(m, lora_B=torch.cat([scale, shift]))
+        parts = [m] if len(paths) == 1 else split_module(m, [shapes[p][0] for p in paths])
+        out.update(zip(paths, parts))
+    return out
 
 
 _SGM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_\d")

@@ -358,8 +358,8 @@ def for_the_base(
         if adapter.format == "diffusers":
             adapter, left_out = diffusers.for_component(adapter, component, str(ckpt.path))
         elif adapter.format == "kohya":
-            paths = [k.removesuffix(".weight") for k in ckpt.keys() if k.endswith(".weight")]
-            adapter, left_out = diffusers.kohya_for_component(adapter, component, paths, ckpt.config())
+            shapes = {k.removesuffix(".weight"): ckpt.info(k).shape for k in ckpt.keys() if k.endswith(".weight")}
+            adapter, left_out = diffusers.kohya_for_component(adapter, component, shapes, ckpt.config())
         if left_out:
             warnings.append(f"{name}: {len(left_out)} module(s) of other pipeline components left out (first: "
                             f"{left_out[0]}): merge the file into their own component's folder too")  # fmt: skip
