@@ -164,8 +164,12 @@ def test_components_are_chosen_by_the_base_and_named_when_missing(tmp_path: Path
     back = peft.PeftModel.from_pretrained(copy.deepcopy(unet), peft_dir)
     assert set(peft_deltas(back)) == {m for m, _ in unet.named_modules() if m.endswith("to_q")}
     run("convert", peft_dir, "--to", "diffusers", "--base", base, "-o", tmp_path / "again.safetensors", "-q")
-    run("combine", file, tmp_path / "again.safetensors", "--format", "diffusers", "-o", tmp_path / "c.safetensors",
-        "-q")  # fmt: skip
+    run("combine", file, f"{tmp_path / 'again.safetensors'}:-0.5", "--format", "diffusers", "-o",
+        tmp_path / "c.safetensors", "-q")  # fmt: skip
+    combined = copy.deepcopy(unet)  # diffusers loads the combined file: half the adapter's delta
+    combined.load_lora_adapter(str(tmp_path), weight_name="c.safetensors", prefix="unet", adapter_name="default")
+    for module, delta in peft_deltas(combined).items():
+        torch.testing.assert_close(delta, 0.5 * peft_deltas(back)[module], rtol=1e-5, atol=1e-7)
     mixed = CliRunner().invoke(cli, ["combine", str(file), str(peft_dir), "-o", str(tmp_path / "bad")])
     assert mixed.exit_code == 1 and "pipeline component" in mixed.output
 
