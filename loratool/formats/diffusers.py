@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
 METADATA_KEY = "lora_adapter_metadata"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # a component checkpoint's _class_name -> its place in a pipeline, where its folder name does not say
 _CLASS_COMPONENT = {"UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
                     "CLIPTextModelWithProjection": "text_encoder_2", "T5EncoderModel": "text_encoder_3"}  # fmt: skip

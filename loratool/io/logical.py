@@ -131,11 +131,6 @@ def model_view(ckpt: Checkpoint, *, live_names: bool = True) -> Checkpoint:
     return RenamedView(view, rules)
 
 
-def inner_name(view: Checkpoint, key: str) -> str:
-    """``key`` of a :func:`model_view` as the checkpoint under it names the tensor (the writers' names)."""
-    return view.inner_name(key) if isinstance(view, RenamedView) else key
-
-
 def live_keys(ckpt: Checkpoint) -> dict[str, str]:
     """Each tensor's name as the model holds it -> its name in ``ckpt``: the same name but for a
     vision-language model's tensors (headers only; packed weights keep their stored names here)."""
