@@ -276,3 +276,33 @@ def test_quantize_fp8_by_the_subspace_rule_gives_the_bytes_of_torch(monkeypatch,
     monkeypatch.setenv("LORATOOL_NATIVE", "0")
     slow_q, slow_s = quantize_fp8(w, scheme, torch.float8_e4m3fn, scale_shape, space=space)
     assert torch.equal(fast_q.view(torch.uint8), slow_q.view(torch.uint8)) and torch.equal(fast_s, slow_s)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_unmerge_check_in_one_pass_gives_the_figures_of_the_torch_passes(monkeypatch, threads: int) -> None:
+    """lt_check_bf16 (unmerge --check of bfloat16 weights): the same largest difference, units of
+    rounding and count of differing elements as RoundTripCheck's torch passes, bit for bit, and the
+    same relative difference up to the order of the sums; zeros of both signs, subnormals, values
+    whose rounding unit is the smallest normal's, and a ragged tail among them."""
+    from loratool.ops.merge import check
+
+    if native.fp8_kernels() is None:
+        pytest.skip("the compiled kernels are not built here (no C compiler at install, or LORATOOL_NATIVE=0)")
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(3001, 97, generator=g) * 0.02).to(torch.bfloat16)
+    base.view(-1)[:6] = torch.tensor([0.0, -0.0, 1e-40, -3e-39, 2.0**-126, 65504.0])
+    delta = torch.randn(3001, 4, generator=g) @ torch.randn(4, 97, generator=g) * 1e-3
+    merged = (base.float() + delta).to(torch.bfloat16)
+    restored = (merged.float() - delta).to(torch.bfloat16)
+    restored.view(-1)[1] = 0.0  # +0 for -0: equal values
+    restored.view(-1)[2] = -1e-40  # a subnormal's sign flipped: it differs
+    with torch_threads(threads):
+        fast = check.RoundTripCheck()
+        fast.add(restored, base, merged)
+        monkeypatch.setattr(check.RoundTripCheck, "_native", lambda self, *tensors: False)
+        torch_passes = check.RoundTripCheck()
+        torch_passes.add(restored, base, merged)
+    assert fast.elements_differing == torch_passes.elements_differing > 0
+    assert fast.max_abs_diff == torch_passes.max_abs_diff and fast.max_rounding_units == torch_passes.max_rounding_units
+    assert fast.relative_diff == pytest.approx(torch_passes.relative_diff, rel=1e-5)
+    assert fast.elements == torch_passes.elements == base.numel()

@@ -39,7 +39,7 @@ class Fp8Kernels:
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 4  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
+    ABI = 5  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
@@ -56,12 +56,25 @@ class Fp8Kernels:
         lib.lt_fp8_subspace.restype = i32
         lib.lt_fp8_simd.argtypes = [i32]
         lib.lt_fp8_simd.restype = i32
+        lib.lt_check_bf16.argtypes = [p, p, p, i64, p]
+        lib.lt_check_bf16.restype = i64
         self._lib = lib
 
     def simd(self, allow: bool = True) -> bool:
         """Allow (the default) or forbid the SIMD paths (AVX2 and F16C, where the CPU has them); returns
         whether they are in use. Forbidden, every element takes the portable C, as on other CPUs."""
         return bool(self._lib.lt_fp8_simd(int(allow)))
+
+    def check_bf16(self, out: torch.Tensor, ref: torch.Tensor, merged: torch.Tensor, sums: torch.Tensor) -> int:
+        """``unmerge --check`` over bfloat16 tensors of one size in one pass: ``sums`` (float64[4]) gets the
+        original's squared norm and the squared difference added, and the largest difference and
+        difference in units of rounding (bfloat16's spacing at the larger of the original and merged
+        value) maxed in; returns how many elements differ (see csrc/fp8.c)."""
+        _check(out, ref, merged, sums)
+        assert out.dtype == ref.dtype == merged.dtype == torch.bfloat16 and sums.dtype == torch.float64
+        assert out.numel() == ref.numel() == merged.numel() and sums.numel() == 4
+        return int(self._lib.lt_check_bf16(out.data_ptr(), ref.data_ptr(), merged.data_ptr(), out.numel(),
+                                           sums.data_ptr()))  # fmt: skip
 
     @staticmethod
     def handles(dtype: torch.dtype) -> bool:

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 
 from ...errors import ShapeMismatchError
+from ...host import available_cores
 from ...math.linalg import unit_of_rounding
+from ...quant import native
 from ...quant.fp8 import dequantize_fp8
 from ...quant.layout import Fp8Scheme
 
@@ -38,6 +40,8 @@ class RoundTripCheck:
         if out.shape != ref.shape:
             raise ShapeMismatchError("--check BASE has this tensor in another shape", key=key,
                                      expected=list(out.shape), got=list(ref.shape))  # fmt: skip
+        if self._native(out, ref, merged):
+            return
         o, r, m = out.reshape(-1), ref.reshape(-1), merged.reshape(-1)
         # bfloat16 and float16 values, their differences and their units are exact in float32
         wide = torch.float32 if out.dtype in (torch.bfloat16, torch.float16) else torch.float64
@@ -61,6 +65,32 @@ class RoundTripCheck:
             self.elements_differing += n
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements += out.numel()
+
+    def _native(self, out: torch.Tensor, ref: torch.Tensor, merged: torch.Tensor) -> bool:
+        """bfloat16 on the CPU: the compiled kernel's one pass (csrc/fp8.c, lt_check_bf16), the tensor cut
+        in parts for the cores; the same figures as the torch passes below (the sums up to rounding)."""
+        kernels = native.fp8_kernels()
+        tensors = (out, ref, merged)
+        if kernels is None or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
+            return False
+        o, r, m = (t.reshape(-1).contiguous() for t in tensors)
+        n, parts = o.numel(), max(1, min(available_cores(), o.numel() // _CHECK_CHUNK))
+        bounds = [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+
+        def part(bound: tuple[int, int]) -> tuple[torch.Tensor, int]:
+            lo, hi = bound
+            sums = torch.zeros(4, dtype=torch.float64)
+            return sums, kernels.check_bf16(o[lo:hi], r[lo:hi], m[lo:hi], sums)
+
+        for sums, differing in native.run_parts(part, bounds):
+            self._sq_base += float(sums[0])
+            self._sq_diff += float(sums[1])
+            self.max_abs_diff = max(self.max_abs_diff, float(sums[2]))
+            self.max_rounding_units = max(self.max_rounding_units, float(sums[3]))
+            self.elements_differing += differing
+        self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
+        self.elements += n
+        return True
 
     def add_fp8(self, out: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor],
                 merged: tuple[torch.Tensor, torch.Tensor], scheme: Fp8Scheme) -> None:  # fmt: skip

@@ -579,7 +579,7 @@ static void kept_sums(const float *w, const uint8_t *q, const uint8_t *base, int
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
 /* Raised with any change to an entry point's signature or meaning: loratool.quant.native loads only its own. */
-LT_EXPORT int32_t lt_fp8_abi(void) { return 4; }
+LT_EXPORT int32_t lt_fp8_abi(void) { return 5; }
 
 /* Whether to use the AVX2 and F16C paths where the CPU has both (tests run the portable ones too);
  * returns whether they are used now. */
@@ -718,4 +718,49 @@ LT_EXPORT int32_t lt_fp8_subspace(const float *w, uint8_t *q, int64_t rows, int6
     if (base) kept_sums(w, q, base, rows, cols, row0, scale, base_scale, bo, bi, fmt, sums);
     free(work);
     return 0;
+}
+
+/* unmerge --check over bfloat16 tensors of n elements, in one pass (ops/merge/check.py's RoundTripCheck.add
+ * does the same in torch passes): sums[0] += sum r^2 and sums[1] += sum (o - r)^2 (runs of LT_RUN summed in
+ * float, then double), sums[2] = max(sums[2], |o - r|), sums[3] = max(sums[3], |o - r| / unit) where unit is
+ * bfloat16's spacing at max(|r|, |m|), 2^(exponent - 7); every difference and quotient is exact in float.
+ * o: the restored values, r: the original's, m: the merged input's. Returns how many elements differ. */
+/* One element of lt_check_bf16, branch-free (a differing element is as cheap as an equal one, so the
+ * lanes below vectorize): its square into base, its difference's into diff, the maxima, the count. */
+static inline void check_one(uint16_t o, uint16_t r, uint16_t m, float *base, float *diff, float *max_abs,
+                             float *max_units, int32_t *differing) {
+    uint32_t rb = (uint32_t)r << 16, mb = (uint32_t)m << 16;
+    float rf = float_of(rb), d = float_of((uint32_t)o << 16) - rf;
+    float ad = float_of(bits_of(d) & 0x7FFFFFFFu);
+    uint32_t ar = rb & 0x7FFFFFFFu, am = mb & 0x7FFFFFFFu; /* magnitudes compare as integers */
+    uint32_t mag = ar > am ? ar : am;
+    mag = mag < 0x00800000u ? 0x00800000u : mag; /* FLT_MIN, bfloat16's smallest normal too */
+    float units = ad / (float_of(mag & 0x7F800000u) * 0x1p-7f);
+    *base += rf * rf;
+    *diff += d * d;
+    *max_abs = ad > *max_abs ? ad : *max_abs;
+    *max_units = units > *max_units ? units : *max_units;
+    *differing += d != 0.0f;
+}
+
+LT_EXPORT int64_t lt_check_bf16(const uint16_t *o, const uint16_t *r, const uint16_t *m, int64_t n, double *sums) {
+    enum { LANES = 8 };
+    int64_t differing = 0;
+    float max_abs[LANES], max_units[LANES];
+    for (int l = 0; l < LANES; l++) max_abs[l] = (float)sums[2], max_units[l] = (float)sums[3];
+    for (int64_t start = 0; start < n; start += LT_RUN) {
+        int64_t stop = start + LT_RUN < n ? start + LT_RUN : n, i = start;
+        float base[LANES] = {0}, diff[LANES] = {0};
+        int32_t count[LANES] = {0};
+        for (; i + LANES <= stop; i += LANES)
+            for (int l = 0; l < LANES; l++)
+                check_one(o[i + l], r[i + l], m[i + l], &base[l], &diff[l], &max_abs[l], &max_units[l], &count[l]);
+        for (; i < stop; i++) check_one(o[i], r[i], m[i], &base[0], &diff[0], &max_abs[0], &max_units[0], &count[0]);
+        for (int l = 0; l < LANES; l++) sums[0] += base[l], sums[1] += diff[l], differing += count[l];
+    }
+    for (int l = 0; l < LANES; l++) {
+        if (max_abs[l] > sums[2]) sums[2] = max_abs[l];
+        if (max_units[l] > sums[3]) sums[3] = max_units[l];
+    }
+    return differing;
 }
