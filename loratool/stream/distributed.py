@@ -7,6 +7,8 @@ the (small) results, and every operation stays a plain function that also runs i
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -107,7 +109,17 @@ def current() -> Dist:
         # The group carries only small Python objects (results, errors, barriers), which gloo moves on
         # any machine; NCCL would refuse two ranks on one GPU and gains nothing here.
         dist.init_process_group(backend="gloo")
+        atexit.register(_destroy_group)  # gloo's threads, left to static destructors at exit, can abort the process
     return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _destroy_group() -> None:
+    """Tear down the process group this module started, before the interpreter's own teardown."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):  # exiting anyway: a failed teardown changes nothing
+            dist.destroy_process_group()
 
 
 def balanced_share(sizes: Iterable[tuple[str, int]], world: int) -> dict[str, int]:
