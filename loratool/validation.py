@@ -149,23 +149,14 @@ def check_fit(
         report.add("base", e.message if e.path is None else f"{e.path}: {e.message}")
         return
     with stored:
-        if adapter_obj.format in ("diffusers", "kohya"):  # modules by pipeline component: those of the base's
-            component = diffusers.component_of(stored.root, stored.config())
-            try:
-                if adapter_obj.format == "diffusers":
-                    adapter_obj, left_out = diffusers.for_component(adapter_obj, component, str(base))
-                else:
-                    shapes = {
-                        k.removesuffix(".weight"): ckpt.info(k).shape for k in ckpt.keys() if k.endswith(".weight")
-                    }
-                    adapter_obj, left_out = diffusers.kohya_for_component(adapter_obj, component, shapes,
-                                                                          stored.config())  # fmt: skip
-            except LoraToolError as e:
-                report.add("base", e.message + (f"; {e.fix}" if e.fix else ""))
-                return
-            if left_out:
-                report.warnings.append(Problem("base", f"{len(left_out)} module(s) of other pipeline components not "
-                                                       f"checked (first: {left_out[0]})"))  # fmt: skip
+        try:  # a diffusers or kohya file by pipeline component: the modules of the base's
+            adapter_obj, left_out = diffusers.for_base(adapter_obj, ckpt)
+        except LoraToolError as e:
+            report.add("base", e.message + (f"; {e.fix}" if e.fix else ""))
+            return
+        if left_out:
+            report.warnings.append(Problem("base", f"{len(left_out)} module(s) of other pipeline components not "
+                                                   f"checked (first: {left_out[0]})"))  # fmt: skip
         weights = [k.removesuffix(".weight") for k in ckpt.keys() if k.endswith(".weight")]
         if adapter_obj.format == "kohya":  # kohya prefixes name modules loosely; kohya's loaders map them so
             found = resolve_paths(adapter_obj, weights)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,13 +131,8 @@ def test_flux_transformer_extract_and_merge(tmp_path: Path) -> None:
     deltas = peft_deltas(holder)
     for module, delta in deltas.items():
         torch.testing.assert_close(merged[module + ".weight"].double(), before[module + ".weight"].double() + delta)
-    finetuned = tmp_path / "ft" / "transformer"
-    finetuned.mkdir(parents=True)
-    for name in ("config.json",):
-        (finetuned / name).write_text((tmp_path / "merged" / name).read_text())
-    (finetuned / "diffusion_pytorch_model.safetensors").write_bytes(
-        (tmp_path / "merged" / "diffusion_pytorch_model.safetensors").read_bytes()
-    )
+    finetuned = tmp_path / "ft" / "transformer"  # the merged transformer as a fine-tune's component
+    shutil.copytree(tmp_path / "merged", finetuned)
     (tmp_path / "ft" / "model_index.json").write_text("{}")
     run("extract", base, finetuned, "-r", "2", "--format", "diffusers", "-o", tmp_path / "x.safetensors", "-q")
     loaded = copy.deepcopy(flux)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter, LoraModule
 from ..errors import InputFileError, MetadataError
 from ..io.atomic import atomic_output
-from ..io.checkpoint import open_checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.writer import save_tensors
 from ..metadata.provenance import with_tensors_digest
 from . import peft
@@ -89,6 +89,22 @@ def read_diffusers(file: Path, *, lazy: bool = False) -> Adapter:
         modules[f"{component}.{path}"] = module
     config = {"peft_type": "LORA", "components": {c: configs.get(c, {}) for c, _ in slots}}
     return Adapter(modules=modules, config=config, metadata=metadata, format="diffusers", path=str(file))
+
+
+def for_base(adapter: Adapter, ckpt: Checkpoint) -> tuple[Adapter, list[str]]:
+    """The modules of ``adapter`` for the checkpoint it meets, and those left out: of a diffusers LoRA
+    file or a kohya file, the modules of the pipeline component ``ckpt`` is (:func:`for_component`,
+    :func:`kohya_for_component`); any other adapter as it is."""
+    if adapter.format not in ("diffusers", "kohya"):
+        return adapter, []
+    config = ckpt.config()
+    component = component_of(ckpt.root, config)
+    if adapter.format == "diffusers":
+        return for_component(adapter, component, str(ckpt.path))
+    if component is None:  # a kohya file for a language model: matched by its prefixes as ever
+        return adapter, []
+    shapes = {k.removesuffix(".weight"): ckpt.info(k).shape for k in ckpt.keys() if k.endswith(".weight")}
+    return kohya_for_component(adapter, component, shapes, config)
 
 
 def for_component(adapter: Adapter, component: str | None, where: str) -> tuple[Adapter, list[str]]:

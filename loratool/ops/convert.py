@@ -319,10 +319,7 @@ def _name_from(adapter: Adapter, base: str | os.PathLike[str], allow_pickle: boo
     (``PIPE/unet``), only the modules kohya names for that component are kept."""
     with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
         paths = [k.removesuffix(".weight") for k in live_keys(ck) if k.endswith(".weight")]  # the model's names
-        component = diffusers.component_of(ck.root, ck.config())
-        shapes = {k.removesuffix(".weight"): i.shape for k, i in ((k, ck.info(s)) for k, s in live_keys(ck).items())
-                  if k.endswith(".weight")}  # fmt: skip
-        kept, _ = diffusers.kohya_for_component(adapter, component, shapes, ck.config())
+        kept, _ = diffusers.for_base(adapter, ck)  # of a pipeline component's folder, its own modules
         adapter.modules = kept.modules
     found = resolve_paths(adapter, paths)
     missing = [m for m in adapter.modules if m not in found]

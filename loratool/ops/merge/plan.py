@@ -347,19 +347,11 @@ def stored_names(
 def for_the_base(
     loaded: list[tuple[Adapter, float, str]], ckpt: Checkpoint, warnings: list[str]
 ) -> list[tuple[Adapter, float, str]]:
-    """diffusers LoRA files, which hold modules by pipeline component, cut to the component the
+    """diffusers and kohya files, which hold modules by pipeline component, cut to the component the
     base is (``PIPE/unet``); what they hold for other components is left out, saying so."""
-    component = diffusers.component_of(ckpt.root, ckpt.config())
-    if component is None and not any(a.format == "diffusers" for a, _, _ in loaded):
-        return loaded
     out = []
     for adapter, scale, name in loaded:
-        left_out: list[str] = []
-        if adapter.format == "diffusers":
-            adapter, left_out = diffusers.for_component(adapter, component, str(ckpt.path))
-        elif adapter.format == "kohya":
-            shapes = {k.removesuffix(".weight"): ckpt.info(k).shape for k in ckpt.keys() if k.endswith(".weight")}
-            adapter, left_out = diffusers.kohya_for_component(adapter, component, shapes, ckpt.config())
+        adapter, left_out = diffusers.for_base(adapter, ckpt)
         if left_out:
             warnings.append(f"{name}: {len(left_out)} module(s) of other pipeline components left out (first: "
                             f"{left_out[0]}): merge the file into their own component's folder too")  # fmt: skip
