@@ -1,4 +1,4 @@
-"""Build hook: compile ``loratool/quant/csrc/fp8.c`` into ``loratool/quant/_fp8kernel.*`` when a C compiler is present.
+"""Build hook: compile ``loratool/quant/csrc/*.c`` (the FP8 and packed low-bit kernels) into ``loratool/quant/_fp8kernel.*`` when a C compiler is present.
 
 The library is plain C loaded with ctypes (no Python headers: any C compiler that makes a shared
 library will do). Without a compiler, or with ``LORATOOL_BUILD_NATIVE=0``, the wheel is pure Python
@@ -18,7 +18,7 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = "loratool/quant/csrc/fp8.c"
+SOURCES = ("loratool/quant/csrc/fp8.c", "loratool/quant/csrc/lowbit.c")  # one library
 PACKAGE_DIR = "loratool/quant"  # the library lies beside loratool/quant/native.py, which loads it
 # -ffp-contract=off: no fused multiply-add (torch rounds twice). Never -ffast-math: the kernels'
 # rounding must be IEEE's. The AVX2 and F16C paths are chosen at run time, so no -march.
@@ -41,7 +41,8 @@ def compile_library(root: Path, out: Path) -> str | None:
     errors = []
     for cc in compilers():
         try:
-            run = subprocess.run([*cc, *FLAGS, "-o", str(out), str(root / SOURCE)], capture_output=True, text=True)
+            sources = [str(root / source) for source in SOURCES]
+            run = subprocess.run([*cc, *FLAGS, "-o", str(out), *sources], capture_output=True, text=True)
         except OSError as e:  # $CC names no program
             errors.append(f"{' '.join(cc)}: {e}")
             continue

@@ -4,14 +4,16 @@ Synthesizes a bf16 Llama-shaped pair (default: ~1.1B parameters, hidden 2048, in
 16 layers, slowly decaying delta spectra; bench/synth.py), then in the same run times
 `extract -r 16` (randomized, the default) and `extract -r 16 --svd exact` (torch.linalg.svd on
 every delta, as kohya's and mergekit's extractors do), compares their per-module errors, and
-checks that peak memory does not grow with the number of layers.
+checks that peak memory does not grow with the number of layers. With ``--mergekit PATH`` (a
+``mergekit-extract-lora``, installed in a virtual environment of its own), bench_mergekit's
+comparison follows on the small pair: both as whole processes, times, memories, per-module errors
+and the KL at the output of a tiny trained Llama.
 
-    python bench/bench_extract.py --workdir /tmp/loratool-bench [--layers 16] [--device cpu]
+    python bench/bench_extract.py --workdir /tmp/loratool-bench [--layers 16] [--device cpu] [--mergekit PATH]
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ def ensure_pair(workdir: Path, layers: int, preset: str = "1b") -> Path:
     return root
 
 
-def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 4) -> dict[str, Any]:
+def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 4, mergekit: str | None = None) -> dict[str, Any]:  # fmt: skip
     pair = ensure_pair(workdir, layers)
     floor = read_floor(pair / "base", pair / "ft")
     common = dict(base=str(pair / "base"), finetuned=str(pair / "ft"), rank=rank, device=device, show_progress=False)
@@ -41,7 +43,10 @@ def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 
     small = ensure_pair(workdir, small_layers)
     common_small = dict(common, base=str(small / "base"), finetuned=str(small / "ft"))
     fast_small = measure("extract", output=str(fresh(workdir / "out-small")), **common_small)
-    mergekit = shutil.which("mergekit-extract-lora")
+    if mergekit:
+        import bench_mergekit  # it imports this module's ensure_pair
+
+        versus = bench_mergekit.run(workdir, small_layers, rank, mergekit)
     return {
         "machine": machine(),
         "layers": layers,
@@ -62,7 +67,7 @@ def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 
         "peak_anon_mib_small": fast_small["peak_anon_mib"],
         "small_layers": small_layers,
         "peak_rss_mib": fast["peak_rss_mib"],
-        "mergekit": "not installed" if mergekit is None else mergekit,
+        "mergekit": versus if mergekit else None,
     }
 
 
@@ -78,13 +83,22 @@ def report(r: dict[str, Any]) -> str:
             f"  (mean relative error {r['mean_relative_error_randomized']:.4f} vs {r['mean_relative_error_exact']:.4f})",
             f"  peak private memory             {r['peak_anon_mib']:.0f} MiB at {r['layers']} layers, "
             f"{r['peak_anon_mib_small']:.0f} MiB at {r['small_layers']} layers (exact: {r['peak_anon_mib_exact']:.0f} MiB)",
-            f"  mergekit-extract-lora           {r['mergekit']}",
         ]
-    )
+        + (["  mergekit-extract-lora           not run (--mergekit PATH runs it)"] if not r.get("mergekit")
+           else ["against mergekit:", *("  " + line for line in bench_mergekit_report(r["mergekit"]).splitlines())])
+    )  # fmt: skip
+
+
+def bench_mergekit_report(r: dict[str, Any]) -> str:
+    import bench_mergekit
+
+    return bench_mergekit.report(r)
 
 
 def main() -> None:
-    bench_main(__doc__, run, report, layers=16, rank=16)
+    bench_main(
+        __doc__, run, report, layers=16, rank=16, options={"--mergekit": "a mergekit-extract-lora to compare with"}
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ Both run as whole processes (interpreter start included; private memory, RssAnon
 20 ms: the checkpoint pages a process maps are page cache, not counted), one after the other, on the same pair
 (bench/synth.py: a slowly decaying spectrum over a noise floor, as full fine-tunes have); each
 adapter's per-module error against the true delta, ||dW - scaling * B @ A||_F / ||dW||_F, is computed
-here from the files, and the best rank-r error (exact SVD) is the floor both approach.
+here from the files, and the best rank-r error (exact SVD) is the floor both approach. At the output,
+both extract the same rank from a tiny Llama trained here (bench_quant_keep's pair: 300 steps on one
+generated language, 150 on another), each adapter is loaded through PEFT, and the KL of the
+fine-tune against base + adapter on held-out text is printed beside `--svd exact`'s (loratool with
+the settings mergekit's ``--no-embed-lora`` implies: embeddings, head and norms stored whole).
 
     python bench/bench_mergekit.py --mergekit /path/to/venv/bin/mergekit-extract-lora [--layers 4]
     LORATOOL_MERGEKIT=/path/to/venv/bin/mergekit-extract-lora python bench/run_all.py --only mergekit
@@ -90,7 +94,35 @@ def with_full_config(src: Path, dst: Path, layers: int) -> Path:
     return dst
 
 
+def output_kl(workdir: Path, rank: int, mergekit: str, steps: int = 300) -> dict[str, float]:
+    """KL(fine-tune || base + adapter) on held-out text, per extractor, at ``rank``, on a tiny trained pair."""
+    from bench_quant_keep import Judge, tiny_pair
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, ft, _ = tiny_pair(workdir, steps)
+    judge = Judge(ft)
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)  # noqa: E731
+    ref = judge.logprobs(load(ft).state_dict())
+    out = {"base": judge.kl(ref, judge.logprobs(load(base).state_dict()))}
+    for name in ("loratool", "exact", "mergekit"):
+        adapter = fresh(workdir / f"kl-{name}")
+        if name == "mergekit":
+            subprocess.run([mergekit, "--model", str(ft), "--base-model", str(base), "--out-path", str(adapter),
+                            "--max-rank", str(rank), "--no-embed-lora"], check=True, capture_output=True)  # fmt: skip
+        else:
+            # mergekit's --no-embed-lora: embeddings, the head and the norms stored whole (its modules_to_save)
+            same = ["--exclude", "embed_tokens|lm_head", "--keep-full", "norm|embed_tokens|lm_head"]
+            svd = ["--svd", "exact"] if name == "exact" else []
+            subprocess.run([sys.executable, "-m", "loratool", "extract", str(base), str(ft), "-r", str(rank), "-o",
+                            str(adapter), "--device", "cpu", "-q", *same, *svd], check=True, capture_output=True)  # fmt: skip
+        merged = PeftModel.from_pretrained(load(base), adapter).merge_and_unload()
+        out[name] = judge.kl(ref, judge.logprobs(merged.state_dict()))
+    return out
+
+
 def run(workdir: Path, layers: int, rank: int, mergekit: str) -> dict[str, Any]:
+    kl = output_kl(workdir, rank, mergekit)
     pair = ensure_pair(workdir, layers)
     base = with_full_config(pair / "base", workdir / "mk-base", layers)
     ft = with_full_config(pair / "ft", workdir / "mk-ft", layers)
@@ -109,7 +141,7 @@ def run(workdir: Path, layers: int, rank: int, mergekit: str) -> dict[str, Any]:
         "err_loratool": mean([e_lt[m][0] for m in common]), "err_mergekit": mean([e_mk[m][0] for m in common]),
         "err_best": mean([e_lt[m][1] for m in common]),
         "worst_excess_loratool": max(e_lt[m][0] / e_lt[m][1] for m in common),
-        "worst_excess_mergekit": max(e_mk[m][0] / e_mk[m][1] for m in common),
+        "worst_excess_mergekit": max(e_mk[m][0] / e_mk[m][1] for m in common), "kl": kl,
     }  # fmt: skip
 
 
@@ -125,6 +157,10 @@ def report(r: dict[str, Any]) -> str:
         f"  worst error / best, per module: loratool {r['worst_excess_loratool']:.4f}, mergekit "
         f"{r['worst_excess_mergekit']:.4f}",
         f"  modules only one of them wrote: loratool {r['only_loratool']}, mergekit {r['only_mergekit']}",
+        f"  at the output (tiny trained Llama, rank {r['rank']}, PEFT), KL(fine-tune || base + adapter): "
+        f"base alone {r['kl']['base']:.4f}",
+        f"    loratool {r['kl']['loratool']:.4f}, mergekit {r['kl']['mergekit']:.4f}, exact SVD "
+        f"{r['kl']['exact']:.4f}",
     ])  # fmt: skip
 
 

@@ -113,13 +113,17 @@ def fresh(path: Path) -> Path:
 
 
 def bench_main(doc: str | None, run: Callable[..., dict[str, Any]], report: Callable[[dict[str, Any]], str], *,
-               layers: int, rank: int) -> None:  # fmt: skip
-    """The command line every bench script shares: --workdir, --layers, --rank, --device."""
+               layers: int, rank: int, options: dict[str, str] | None = None) -> None:  # fmt: skip
+    """The command line every bench script shares: --workdir, --layers, --rank, --device, and the
+    script's own ``options`` (flag: help), passed to ``run`` by name."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratool-bench"))
     ap.add_argument("--layers", type=int, default=layers)
     ap.add_argument("--rank", type=int, default=rank)
     ap.add_argument("--device", default="cpu")
+    for flag, text in (options or {}).items():
+        ap.add_argument(flag, help=text)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(report(run(args.workdir, args.layers, args.rank, args.device)))
+    extra = {k: v for k, v in vars(args).items() if k not in ("workdir", "layers", "rank", "device")}
+    print(report(run(args.workdir, args.layers, args.rank, args.device, **extra)))

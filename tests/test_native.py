@@ -1,5 +1,6 @@
-"""The compiled FP8 kernels (loratool/quant/csrc/fp8.c via loratool.quant.native) against torch's own float8
-conversions and against the torch passes of merge_fp8_rows: the same codes and scales, bit for bit."""
+"""The compiled kernels (loratool/quant/csrc via loratool.quant.native) against torch's own float8
+conversions and against the torch passes of merge_fp8_rows and of the packed 4-bit requantization:
+the same codes and scales, bit for bit."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 from loratool.host import torch_threads
 from loratool.math.linalg import row_factors
 from loratool.quant import fp8 as linalg
-from loratool.quant import native
+from loratool.quant import native, packed
 from loratool.quant.fp8 import dequantize_fp8, merge_fp8_rows, quantize_fp8
-from loratool.quant.layout import Fp8Scheme
+from loratool.quant.layout import Fp8Scheme, PackedScheme, PackedWeight
 from loratool.quant.rounding import subspace_of
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -306,3 +307,98 @@ def test_unmerge_check_in_one_pass_gives_the_figures_of_the_torch_passes(monkeyp
     assert fast.max_abs_diff == torch_passes.max_abs_diff and fast.max_rounding_units == torch_passes.max_rounding_units
     assert fast.relative_diff == pytest.approx(torch_passes.relative_diff, rel=1e-5)
     assert fast.elements == torch_passes.elements == base.numel()
+
+
+# -- packed low-bit weights (csrc/lowbit.c) ----------------------------------------------------------
+def _packed_case(fmt: str, rows: int, cols: int) -> tuple[PackedWeight, dict[str, torch.Tensor], torch.Tensor]:
+    """A packed weight of ``fmt`` quantized from random values (a few rows and one group all zero,
+    NVFP4 and int groups that end short of a whole), its parts, and the float32 values it came from."""
+    g = torch.Generator().manual_seed(len(fmt) * rows + cols)
+    w0 = torch.randn(rows, cols, generator=g) * 0.02
+    w0[3] = 0.0
+    w0[5, :16] = 0.0
+    if fmt == "mxfp4":
+        like = {"codes": torch.empty(rows, -(-cols // 32), 16, dtype=torch.uint8),
+                "scale": torch.empty(rows, -(-cols // 32), dtype=torch.uint8)}  # fmt: skip
+        scheme = PackedScheme("mxfp4", 32)
+    elif fmt.startswith("nvfp4"):
+        like = {"codes": torch.empty(rows, -(-cols // 16) * 8, dtype=torch.uint8),
+                "scale": torch.empty(rows, -(-cols // 16), dtype=torch.float8_e4m3fn),
+                "global": torch.empty(1)}  # fmt: skip
+        scheme = PackedScheme("nvfp4", 16, divide=fmt == "nvfp4-ct")
+    else:  # "int4-sym-bf16", "int4-asym-f32", "int8-sym-bf16"
+        _, kind, scale = fmt.split("-")
+        bits, dtype = int(fmt[3]), {"bf16": torch.bfloat16, "f32": torch.float32}[scale]
+        group = 64
+        like = {"codes": torch.empty(rows, -(-cols * bits // 32), dtype=torch.int32),
+                "scale": torch.empty(rows, -(-cols // group), dtype=dtype),
+                "shape": torch.tensor([rows, cols])}  # fmt: skip
+        scheme = PackedScheme("int", group, bits, kind == "sym")
+    names = {role: f"w.{role}" for role in like}
+    w = PackedWeight("w", (rows, cols), names, scheme)
+    return w, packed.requantize(w, w0, like, keep_scales=False).parts, w0
+
+
+LOWBIT = ["mxfp4", "nvfp4-ct", "nvfp4-modelopt", "int4-sym-bf16", "int4-asym-f32", "int8-sym-bf16"]
+
+
+@pytest.mark.parametrize("fmt", LOWBIT)
+@pytest.mark.parametrize("rule", ["nearest", "stochastic"])
+@pytest.mark.parametrize("size", [0.003, 0.3])
+def test_a_packed_merge_gives_the_bytes_of_the_torch_passes(kernels, fmt: str, rule: str, size: float) -> None:
+    """requantize_native (decode, the terms added, requantize with the scales kept where they fit, the
+    rows spread over the cores) writes the codes, scales and zero points of packed.requantize, by
+    both rules (stochastic: the same draws), at a small delta (scales kept) and a large one (many
+    groups rescaled); and reports its kept sums."""
+    cols = 96 if fmt.startswith("mx") else 200
+    w, parts, _ = _packed_case(fmt, 37, cols)
+    g = torch.Generator().manual_seed(7)
+    delta = torch.randn(37, 3, generator=g) @ torch.randn(3, cols, generator=g) * (0.02 * size / 3**0.5)
+    key = 0xBEEF if rule == "stochastic" else None
+    before = packed.dequantize(w, parts)
+    try:
+        slow = packed.requantize(w, before + delta, parts, before=before, key=key, row0=64)
+    except packed.NeedsFreshScales:  # the tensor scale no longer serves: the kernels say so too
+        with pytest.raises(packed.NeedsFreshScales):
+            packed.requantize_native(w, parts, lambda m: m.add_(delta), key=key, row0=64)
+        return
+    fast = packed.requantize_native(w, parts, lambda m: m.add_(delta), key=key, row0=64)
+    assert fast is not None
+    assert fast.parts.keys() == slow.parts.keys()
+    for role, t in slow.parts.items():
+        got = fast.parts[role]
+        assert got.dtype == t.dtype and got.shape == t.shape, role
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t), role  # fmt: skip
+    assert fast.kept.dd == pytest.approx(slow.kept.dd, rel=1e-5)
+    assert fast.kept.ee == pytest.approx(slow.kept.ee, rel=1e-5)
+    assert abs(fast.kept.ed - slow.kept.ed) <= 1e-5 * (slow.kept.dd * slow.kept.ee) ** 0.5
+    changed = int((fast.parts["scale"].view(torch.uint8) != parts["scale"].view(torch.uint8)).sum())
+    assert changed > 0 or size < 0.1  # the large delta takes the quantizer's new scales somewhere
+
+
+@pytest.mark.parametrize("fmt", LOWBIT)
+def test_the_packed_decode_is_the_torch_dequantization(kernels, fmt: str) -> None:
+    w, parts, _ = _packed_case(fmt, 37, 96 if fmt.startswith("mx") else 200)
+    seen: list[torch.Tensor] = []
+    assert packed.requantize_native(w, parts, lambda m: seen.append(m.clone()), key=None) is not None
+    assert torch.equal(seen[0], packed.dequantize(w, parts))
+
+
+def test_a_packed_merge_that_is_not_finite_or_needs_a_new_tensor_scale_is_left_to_torch(kernels) -> None:
+    w, parts, _ = _packed_case("int4-sym-bf16", 37, 200)
+    assert packed.requantize_native(w, parts, lambda m: m.__setitem__((4, 7), float("nan")), key=None) is None
+    w, parts, w0 = _packed_case("nvfp4-ct", 37, 200)
+    grow = lambda m: m.mul_(1000.0)  # noqa: E731 - past what the tensor scale serves
+    with pytest.raises(packed.NeedsFreshScales):
+        packed.requantize(w, packed.dequantize(w, parts) * 1000.0, parts)
+    with pytest.raises(packed.NeedsFreshScales):
+        packed.requantize_native(w, parts, grow, key=None)
+
+
+def test_packed_weights_the_kernels_do_not_take_go_to_torch(kernels) -> None:
+    w, parts, _ = _packed_case("int4-sym-bf16", 37, 200)
+    parts16 = dict(parts, scale=parts["scale"].to(torch.float16))
+    assert packed.requantize_native(w, parts16, lambda m: None, key=None) is None  # a float16 scale
+    gidx = dict(parts, g_idx=torch.arange(200) // 64)
+    assert packed.requantize_native(w, gidx, lambda m: None, key=None) is None  # activation order

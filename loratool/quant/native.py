@@ -1,7 +1,7 @@
 """loratool's compiled kernels (``loratool/quant/csrc``), loaded with ctypes where the build made them.
 
-Installing loratool compiles ``csrc/fp8.c`` into ``loratool/quant/_fp8kernel.*`` when a C compiler is
-present (``hatch_build.py``); without one, or with ``LORATOOL_NATIVE=0`` in the environment, every
+Installing loratool compiles ``csrc/fp8.c`` and ``csrc/lowbit.c`` into ``loratool/quant/_fp8kernel.*``
+when a C compiler is present (``hatch_build.py``); without one, or with ``LORATOOL_NATIVE=0`` in the environment, every
 caller runs the same arithmetic as torch passes, to the same bytes. The library is a plain C
 shared object (no Python or torch headers, so no ABI to match), and it is checked against torch's
 own conversions when first loaded: a build that disagrees is not used.
@@ -31,6 +31,20 @@ _NAMES = ("_fp8kernel.so", "_fp8kernel.dylib", "_fp8kernel.dll")
 _FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}  # the C enum
 
 
+class LowBitSpec(ctypes.Structure):
+    """One packed weight's layout, as csrc/lowbit.c's ``Spec``."""
+
+    _fields_ = [("cols", ctypes.c_int64), ("row_bytes", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("groups", ctypes.c_int64), ("fmt", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("divide", ctypes.c_int32), ("scale_kind", ctypes.c_int32), ("second", ctypes.c_float),
+                ("unused", ctypes.c_int32)]  # fmt: skip
+
+
+LOWBIT_FORMATS = {"mxfp4": 0, "nvfp4": 1, "int": 2}  # the C enum
+LOWBIT_SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the integers' scale dtypes the kernel rounds to
+LOWBIT_FRESH, LOWBIT_NONFINITE = 1, 2  # lt_lowbit_encode's answers besides 0
+
+
 class Fp8Kernels:
     """The FP8 decode / new scales / encode passes (see csrc/fp8.c) over CPU tensors.
 
@@ -39,7 +53,7 @@ class Fp8Kernels:
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 5  # csrc/fp8.c's lt_fp8_abi(): the entry points below as declared
+    ABI = 6  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
@@ -58,6 +72,11 @@ class Fp8Kernels:
         lib.lt_fp8_simd.restype = i32
         lib.lt_check_bf16.argtypes = [p, p, p, i64, p]
         lib.lt_check_bf16.restype = i64
+        spec = ctypes.POINTER(LowBitSpec)
+        lib.lt_lowbit_decode.argtypes = [spec, p, p, p, i64, p]
+        lib.lt_lowbit_decode.restype = i32
+        lib.lt_lowbit_encode.argtypes = [spec, p, i64, i64, p, p, p, p, p, p, i32, i32, ctypes.c_uint32, p]
+        lib.lt_lowbit_encode.restype = i32
         self._lib = lib
 
     def simd(self, allow: bool = True) -> bool:
@@ -75,6 +94,30 @@ class Fp8Kernels:
         assert out.numel() == ref.numel() == merged.numel() and sums.numel() == 4
         return int(self._lib.lt_check_bf16(out.data_ptr(), ref.data_ptr(), merged.data_ptr(), out.numel(),
                                            sums.data_ptr()))  # fmt: skip
+
+    def lowbit_decode(self, spec: LowBitSpec, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                      out: torch.Tensor) -> bool:  # fmt: skip
+        """``out`` (float32 (rows, cols)) = a packed strip's values (csrc/lowbit.c: ``codes`` uint8 (rows,
+        row_bytes), ``scale`` uint8 or float32 (rows, groups), ``zero`` int32 or None); False where an
+        NVFP4 scale is a NaN code (``out`` then incomplete)."""
+        _check(codes, scale, out, *([zero] if zero is not None else []))
+        z = zero.data_ptr() if zero is not None else None
+        return bool(self._lib.lt_lowbit_decode(ctypes.byref(spec), codes.data_ptr(), scale.data_ptr(), z,
+                                               out.shape[0], out.data_ptr()) == 0)  # fmt: skip
+
+    def lowbit_encode(self, spec: LowBitSpec, merged: torch.Tensor, row0: int, base: tuple[torch.Tensor, ...],
+                      out: tuple[torch.Tensor, ...], *, stream: int | None, sums: torch.Tensor) -> int:  # fmt: skip
+        """A merged strip (float32 (rows, cols), rows ``row0``.. of the weight) requantized with the
+        scales of ``base`` = (codes, scale, zero or an empty tensor) kept where they fit, into ``out``
+        (alike), nearest or stochastically with the key ``stream``, the kept sums added to ``sums``
+        (float64[3]); returns 0, :data:`LOWBIT_FRESH` or :data:`LOWBIT_NONFINITE` (csrc/lowbit.c)."""
+        _check(merged, *base, *out, sums)
+        (codes, scale, zero), (codes_out, scale_out, zero_out) = base, out
+        z, z_out = (zero.data_ptr(), zero_out.data_ptr()) if zero.numel() else (None, None)
+        return int(self._lib.lt_lowbit_encode(ctypes.byref(spec), merged.data_ptr(), merged.shape[0], row0,
+                                              codes.data_ptr(), scale.data_ptr(), z, codes_out.data_ptr(),
+                                              scale_out.data_ptr(), z_out, 1, int(stream is not None),
+                                              stream or 0, sums.data_ptr()))  # fmt: skip
 
     @staticmethod
     def handles(dtype: torch.dtype) -> bool:

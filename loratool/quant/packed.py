@@ -11,11 +11,14 @@ presents them as (E, in, out) (``transposed``), one expert at a time here.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from . import fp4, intpack
+from ..host import available_cores
+from . import fp4, intpack, native
 from .layout import READ_ONLY, PackedWeight
 from .rounding import E2M1, GridLike, Kept, Subspace, round_subspace, round_to_grid, uniforms
 
@@ -145,6 +148,83 @@ def requantize(
             out[role] = like[role]
     kept = Kept.of(merged - before, merged - written) if before is not None else Kept()
     return Requantized(out, kept)
+
+
+def requantize_native(
+    w: PackedWeight, like: Parts, add_terms: Callable[[torch.Tensor], None], *, key: int | None, row0: int = 0
+) -> Requantized | None:
+    """:func:`requantize` with ``keep_scales`` of ``dequantize(w, like)`` plus what ``add_terms`` adds in
+    place (a float32 (rows, cols) tensor, stored orientation), nearest or with the stream ``key``, by
+    the compiled kernels (csrc/lowbit.c: the same bytes; the kept sums in another order), the rows
+    split across the cores. None where the kernels are not built or do not take this weight (GPTQ
+    and AWQ, activation order, a float16 scale, a tensor not on the CPU), or where a merged value is
+    not finite: then the torch passes, which say where.
+
+    Raises:
+        NeedsFreshScales: as :func:`requantize`.
+    """
+    kernels, spec = native.fp8_kernels(), _native_spec(w, like)
+    if kernels is None or spec is None:
+        return None
+    rows, cols = like["codes"].shape[0], int(spec.cols)
+    codes = like["codes"].contiguous().view(torch.uint8).reshape(rows, -1)
+    scale = like["scale"].contiguous()
+    scale = scale.float() if w.scheme.format == "int" else scale.view(torch.uint8)
+    zero = _zero_codes(w, like) if "zero" in like else torch.empty(0, dtype=torch.int32)
+    merged = torch.empty(rows, cols)
+    step = -(-rows // available_cores())
+    spans = [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+    zeros = [zero[r] if zero.numel() else zero for r in spans]
+    decoded = native.run_parts(lambda i: kernels.lowbit_decode(spec, codes[spans[i]], scale[spans[i]],
+                                                                zeros[i] if zero.numel() else None, merged[spans[i]]),
+                               range(len(spans)))  # fmt: skip
+    if not all(decoded):
+        return None
+    add_terms(merged)
+    codes_out, scale_out, zero_out = torch.empty_like(codes), torch.empty_like(scale), torch.empty_like(zero)
+    sums = torch.zeros(len(spans), 3, dtype=torch.float64)
+    answers = native.run_parts(
+        lambda i: kernels.lowbit_encode(
+            spec, merged[spans[i]], row0 + spans[i].start, (codes[spans[i]], scale[spans[i]], zeros[i]),
+            (codes_out[spans[i]], scale_out[spans[i]], zero_out[spans[i]] if zero.numel() else zero_out),
+            stream=key, sums=sums[i]),
+        range(len(spans)),
+    )  # fmt: skip
+    if native.LOWBIT_NONFINITE in answers:
+        return None
+    if native.LOWBIT_FRESH in answers:
+        raise NeedsFreshScales
+    like_codes, like_scale = like["codes"], like["scale"]
+    out: Parts = {"codes": codes_out.view(like_codes.dtype).reshape(like_codes.shape)}
+    out["scale"] = scale_out.to(like_scale.dtype) if w.scheme.format == "int" else scale_out.view(like_scale.dtype)
+    if "zero" in like:
+        out["zero"] = intpack.pack_int32(zero_out.T.contiguous(), w.scheme.bits).T.contiguous()
+    for role in ("global", "shape", "g_idx"):
+        if role in like:
+            out[role] = like[role]
+    dd, ed, ee = sums.sum(0).tolist()
+    return Requantized(out, Kept(dd, ed, ee))
+
+
+def _native_spec(w: PackedWeight, like: Parts) -> native.LowBitSpec | None:
+    """csrc/lowbit.c's layout of ``w`` (its strip ``like``), or None where the kernels do not take it."""
+    s = w.scheme
+    if s.format not in native.LOWBIT_FORMATS or sys.byteorder != "little":
+        return None
+    if any(t.device.type != "cpu" for t in like.values()):
+        return None
+    if s.format == "int" and (s.bits not in (4, 8) or "g_idx" in like
+                              or like["scale"].dtype not in native.LOWBIT_SCALE_KINDS):  # fmt: skip
+        return None
+    group = {"mxfp4": fp4.MXFP4_GROUP, "nvfp4": fp4.NVFP4_GROUP}.get(s.format, s.group)
+    rows, cols, groups = like["codes"].shape[0], w.rows_cols[1], like["scale"].shape[-1]
+    row_bytes = like["codes"].numel() * like["codes"].element_size() // max(rows, 1)
+    if rows == 0 or groups * group < cols or row_bytes * 8 < cols * (s.bits if s.format == "int" else 4):
+        return None
+    second = float(like["global"].float().reshape(())) if s.format == "nvfp4" else 0.0
+    kind = native.LOWBIT_SCALE_KINDS.get(like["scale"].dtype, 0)
+    return native.LowBitSpec(cols, row_bytes, group, groups, native.LOWBIT_FORMATS[s.format], s.bits or 4,
+                             int(bool(s.divide)), kind, second, 0)  # fmt: skip
 
 
 _E2M1_REACH = 7.0  # past 6 (the top), half of the top step (4 to 6): values up to 7 scales round to 6

@@ -308,10 +308,18 @@ class Stream:
                       keep: bool = True) -> tuple[packed.Parts, Kept]:  # fmt: skip
         """Rows start:stop of a packed weight merged and requantized: their parts and kept sums."""
         sub = packed.rows_of(w, parts, start, stop) if (start, stop) != (0, w.rows_cols[0]) else parts
+
+        def add_terms(merged: torch.Tensor) -> None:
+            for left, right, factor, _ in factors:
+                merged.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
+
+        if keep and space is None and self.check is None:  # the compiled kernels where they take the weight
+            done = packed.requantize_native(w, sub, add_terms, key=stream, row0=start)
+            if done is not None:
+                return done.parts, done.kept
         before = packed.dequantize(w, sub)  # (rows', cols) as stored
         merged = before.clone()
-        for left, right, factor, _ in factors:
-            merged.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
+        add_terms(merged)
         _require_finite(merged, torch.float32, name, before)
         out = packed.requantize(w, merged, sub, before=before, key=stream, space=space, keep_scales=keep, row0=start)
         if self.check is not None and self.reference is not None:

@@ -15,51 +15,15 @@
  * Build flags matter: -ffp-contract=off (a fused multiply-add rounds once, torch twice), and never
  * -ffast-math (the rounding trick below must not be simplified away).
  */
-#include <float.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if FLT_EVAL_METHOD != 0
-#error "the rounding in lt_fp8_encode needs float arithmetic done in float precision"
-#endif
-
-#if defined(_WIN32)
-#define LT_EXPORT __declspec(dllexport)
-#else
-#define LT_EXPORT __attribute__((visibility("default")))
-#endif
+#include "common.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LT_AVX2 1 /* AVX2 (and F16C) paths besides the portable ones, chosen at run time */
 #include <immintrin.h>
 #endif
 
-enum { LT_E4M3FN = 0, LT_E5M2 = 1 };
-enum { LT_RUN = 256 }; /* elements whose squared errors are summed in float before double */
-
-static inline uint32_t bits_of(float x) {
-    uint32_t b;
-    memcpy(&b, &x, sizeof b);
-    return b;
-}
-
-static inline float float_of(uint32_t b) {
-    float x;
-    memcpy(&x, &b, sizeof x);
-    return x;
-}
 
 /* -- the arithmetic, one element at a time -------------------------------------------------------- */
-
-/* The float32 value of an e4m3fn code. The NaN codes (0x7F, 0xFF) come out as +-480, as in the torch
- * passes; callers settle them first (linalg.fp8_has_nan_codes). */
-static inline float decode_e4m3(uint32_t code) {
-    uint32_t mag = code & 0x7Fu;
-    float normal = float_of((mag << 20) + (120u << 23)); /* exponent bias 7 -> 127 */
-    float sub = (float)(int32_t)mag * 0x1p-9f;           /* 0.mmm x 2^-6 */
-    return float_of(bits_of(mag < 8u ? sub : normal) | ((code & 0x80u) << 24));
-}
 
 /* The float32 value of an e5m2 code, Inf and NaN included (it is a float16's top byte). */
 static inline float decode_e5m2(uint32_t code) {
@@ -70,23 +34,6 @@ static inline float decode_e5m2(uint32_t code) {
     float v = mag < 4u ? sub : (mag >= 0x7Cu ? special : normal);
     return float_of(bits_of(v) | ((code & 0x80u) << 24));
 }
-
-/* Encoding rounds |x| / s to the format: adding c = 2^(e + 23 - m), for e the exponent of |x|
- * (raised to the format's smallest normal exponent, below which the spacing is the subnormals')
- * and m the format's mantissa bits, leaves a float32 whose last place is the FP8 spacing at |x|,
- * so the hardware's round-to-nearest-even rounds as the format does. The sum's low mantissa bits
- * then count FP8 steps above c: 2^m + mantissa for a normal (2^(m+1) where rounding carries into
- * the next binade), the mantissa alone for a subnormal, so the code needs no branch:
- * (e's field >> (23 - m)) - (the smallest normal's, likewise) + those bits. Subtracting c again is
- * exact: the stored value, for the rounding error. Values beyond the format saturate, as torch's
- * clamp-then-convert does. */
-typedef struct {
-    uint32_t shift;   /* 23 - m */
-    uint32_t min_exp; /* the smallest normal's exponent field, in place */
-    float top;        /* the largest finite value */
-} Format;
-
-static const Format FORMATS[2] = {{20u, (127u - 6u) << 23, 448.0f}, {21u, (127u - 14u) << 23, 57344.0f}};
 
 /* -- runs of one tile row, portable ------------------------------------------------------------ */
 
@@ -111,16 +58,6 @@ static uint32_t max_bits(const float *w, int64_t n, uint32_t m) {
         m = a > m ? a : m;
     }
     return m;
-}
-
-/* The stochastic stream (loratool.quant.rounding): element (row, col) of a tensor with key k draws
- * mix32(mix32(row ^ k) ^ col) >> 8, times 2^-24. */
-static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x21F0AAADu;
-    x ^= x >> 15;
-    x *= 0x735A2D97u;
-    return x ^ (x >> 15);
 }
 
 /* What an encode run takes besides its weights: the rounding rule and its stream (the run's row's
@@ -176,21 +113,6 @@ static void encode_run(const float *w, uint8_t *q, int64_t n, float s, int32_t f
             acc->dd += delta * delta;
         }
     }
-}
-
-/* The nearest code of x (scaled units) and, in *stored, its value (signed): encode_run's arithmetic. */
-static inline uint8_t nearest_code(float x, int32_t fmt, float *stored) {
-    const Format f = FORMATS[fmt];
-    uint32_t b = bits_of(x);
-    float a = float_of(b & 0x7FFFFFFFu);
-    float ac = a < f.top ? a : f.top;
-    uint32_t e = bits_of(ac) & 0x7F800000u;
-    e = e > f.min_exp ? e : f.min_exp;
-    float c = float_of(e + (f.shift << 23));
-    float sum = ac + c;
-    *stored = float_of(bits_of(sum - c) | (b & 0x80000000u));
-    uint32_t code = (e >> f.shift) - (f.min_exp >> f.shift) + (bits_of(sum) & 0xFFu);
-    return (uint8_t)(code | ((b >> 24) & 0x80u));
 }
 
 /* The subspace rule along one row (loratool.quant.rounding.round_subspace): column by column, the
@@ -537,6 +459,7 @@ static int simd_usable(void) {
     if (known < 0) known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1 : 0;
     return known && simd_allowed;
 }
+int lt_simd_usable(void) { return simd_usable(); } /* lowbit.c's too (hidden: not exported) */
 #define DECODE_RUN (simd_usable() ? decode_run_avx2 : decode_run)
 #define MAX_BITS (simd_usable() ? max_bits_avx2 : max_bits)
 #define ENCODE_RUN (simd_usable() ? encode_run_avx2 : encode_run)
@@ -579,7 +502,7 @@ static void kept_sums(const float *w, const uint8_t *q, const uint8_t *base, int
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
 /* Raised with any change to an entry point's signature or meaning: loratool.quant.native loads only its own. */
-LT_EXPORT int32_t lt_fp8_abi(void) { return 5; }
+LT_EXPORT int32_t lt_fp8_abi(void) { return 6; } /* lowbit.c's entry points included */
 
 /* Whether to use the AVX2 and F16C paths where the CPU has both (tests run the portable ones too);
  * returns whether they are used now. */
