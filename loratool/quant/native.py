@@ -42,7 +42,7 @@ class LowBitSpec(ctypes.Structure):
 
 LOWBIT_FORMATS = {"mxfp4": 0, "nvfp4": 1, "int": 2}  # the C enum
 LOWBIT_SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the integers' scale dtypes the kernel rounds to
-LOWBIT_FRESH, LOWBIT_NONFINITE = 1, 2  # lt_lowbit_encode's answers besides 0
+LOWBIT_FRESH, LOWBIT_NONFINITE, LOWBIT_NOMEM = 1, 2, 3  # lt_lowbit_encode's answers besides 0
 
 
 class Fp8Kernels:
@@ -99,7 +99,7 @@ class Fp8Kernels:
                       out: torch.Tensor) -> bool:  # fmt: skip
         """``out`` (float32 (rows, cols)) = a packed strip's values (csrc/lowbit.c: ``codes`` uint8 (rows,
         row_bytes), ``scale`` uint8 or float32 (rows, groups), ``zero`` int32 or None); False where an
-        NVFP4 scale is a NaN code (``out`` then incomplete)."""
+        NVFP4 scale is a NaN code or the row buffers could not be had (``out`` then incomplete)."""
         _check(codes, scale, out, *([zero] if zero is not None else []))
         z = zero.data_ptr() if zero is not None else None
         return bool(self._lib.lt_lowbit_decode(ctypes.byref(spec), codes.data_ptr(), scale.data_ptr(), z,
@@ -110,7 +110,8 @@ class Fp8Kernels:
         """A merged strip (float32 (rows, cols), rows ``row0``.. of the weight) requantized with the
         scales of ``base`` = (codes, scale, zero or an empty tensor) kept where they fit, into ``out``
         (alike), nearest or stochastically with the key ``stream``, the kept sums added to ``sums``
-        (float64[3]); returns 0, :data:`LOWBIT_FRESH` or :data:`LOWBIT_NONFINITE` (csrc/lowbit.c)."""
+        (float64[3]); returns 0, :data:`LOWBIT_FRESH`, :data:`LOWBIT_NONFINITE` or :data:`LOWBIT_NOMEM`
+        (csrc/lowbit.c)."""
         _check(merged, *base, *out, sums)
         (codes, scale, zero), (codes_out, scale_out, zero_out) = base, out
         z, z_out = (zero.data_ptr(), zero_out.data_ptr()) if zero.numel() else (None, None)

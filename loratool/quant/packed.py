@@ -190,6 +190,8 @@ def requantize_native(
             stream=key, sums=sums[i]),
         range(len(spans)),
     )  # fmt: skip
+    if native.LOWBIT_NOMEM in answers:
+        raise MemoryError("the packed low-bit kernels could not allocate their row buffers")
     if native.LOWBIT_NONFINITE in answers:
         return None
     if native.LOWBIT_FRESH in answers:
