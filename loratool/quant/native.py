@@ -96,26 +96,26 @@ class Fp8Kernels:
                                            sums.data_ptr()))  # fmt: skip
 
     def lowbit_decode(self, spec: LowBitSpec, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                      out: torch.Tensor) -> bool:  # fmt: skip
+                      out: torch.Tensor) -> int:  # fmt: skip
         """``out`` (float32 (rows, cols)) = a packed strip's values (csrc/lowbit.c: ``codes`` uint8 (rows,
-        row_bytes), ``scale`` uint8 or float32 (rows, groups), ``zero`` int32 or None); False where an
-        NVFP4 scale is a NaN code or the row buffers could not be had (``out`` then incomplete)."""
+        row_bytes), ``scale`` uint8 or float32 (rows, groups), ``zero`` int32 or None); returns 0,
+        :data:`LOWBIT_NONFINITE` (an NVFP4 scale that is a NaN code) or :data:`LOWBIT_NOMEM`."""
         _check(codes, scale, out, *([zero] if zero is not None else []))
         z = zero.data_ptr() if zero is not None else None
-        return bool(self._lib.lt_lowbit_decode(ctypes.byref(spec), codes.data_ptr(), scale.data_ptr(), z,
-                                               out.shape[0], out.data_ptr()) == 0)  # fmt: skip
+        return int(self._lib.lt_lowbit_decode(ctypes.byref(spec), codes.data_ptr(), scale.data_ptr(), z,
+                                              out.shape[0], out.data_ptr()))  # fmt: skip
 
-    def lowbit_encode(self, spec: LowBitSpec, merged: torch.Tensor, row0: int, base: tuple[torch.Tensor, ...],
+    def lowbit_encode(self, spec: LowBitSpec, delta: torch.Tensor, row0: int, base: tuple[torch.Tensor, ...],
                       out: tuple[torch.Tensor, ...], *, stream: int | None, sums: torch.Tensor) -> int:  # fmt: skip
-        """A merged strip (float32 (rows, cols), rows ``row0``.. of the weight) requantized with the
-        scales of ``base`` = (codes, scale, zero or an empty tensor) kept where they fit, into ``out``
-        (alike), nearest or stochastically with the key ``stream``, the kept sums added to ``sums``
-        (float64[3]); returns 0, :data:`LOWBIT_FRESH`, :data:`LOWBIT_NONFINITE` or :data:`LOWBIT_NOMEM`
-        (csrc/lowbit.c)."""
-        _check(merged, *base, *out, sums)
+        """A strip's base (``base`` = (codes, scale, zero or an empty tensor), rows ``row0``.. of the
+        weight) plus ``delta`` (float32 (rows, cols)) requantized with the base's scales kept where
+        they fit, into ``out`` (alike), nearest or stochastically with the key ``stream``, the kept
+        sums added to ``sums`` (float64[3]); returns 0, :data:`LOWBIT_FRESH`, :data:`LOWBIT_NONFINITE`
+        or :data:`LOWBIT_NOMEM` (csrc/lowbit.c)."""
+        _check(delta, *base, *out, sums)
         (codes, scale, zero), (codes_out, scale_out, zero_out) = base, out
         z, z_out = (zero.data_ptr(), zero_out.data_ptr()) if zero.numel() else (None, None)
-        return int(self._lib.lt_lowbit_encode(ctypes.byref(spec), merged.data_ptr(), merged.shape[0], row0,
+        return int(self._lib.lt_lowbit_encode(ctypes.byref(spec), delta.data_ptr(), delta.shape[0], row0,
                                               codes.data_ptr(), scale.data_ptr(), z, codes_out.data_ptr(),
                                               scale_out.data_ptr(), z_out, 1, int(stream is not None),
                                               stream or 0, sums.data_ptr()))  # fmt: skip

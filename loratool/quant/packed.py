@@ -12,7 +12,6 @@ presents them as (E, in, out) (``transposed``), one expert at a time here.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,9 @@ Parts = dict[str, torch.Tensor]  # role -> tensor (one expert's slice for expert
 def dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
     """float32 (rows, cols) in the stored orientation of one weight (or expert)."""
     s = w.scheme
+    fast = _dequantize_native(w, parts)
+    if fast is not None:
+        return fast
     rows, cols = (parts["codes"].shape[0], w.rows_cols[1]) if s.format not in READ_ONLY else w.rows_cols
     if s.format == "mxfp4":
         return fp4.dequantize_mxfp4(parts["codes"], parts["scale"])[:, :cols]
@@ -151,14 +153,14 @@ def requantize(
 
 
 def requantize_native(
-    w: PackedWeight, like: Parts, add_terms: Callable[[torch.Tensor], None], *, key: int | None, row0: int = 0
+    w: PackedWeight, like: Parts, delta: torch.Tensor, *, key: int | None, row0: int = 0
 ) -> Requantized | None:
-    """:func:`requantize` with ``keep_scales`` of ``dequantize(w, like)`` plus what ``add_terms`` adds in
-    place (a float32 (rows, cols) tensor, stored orientation), nearest or with the stream ``key``, by
-    the compiled kernels (csrc/lowbit.c: the same bytes; the kept sums in another order), the rows
-    split across the cores. None where the kernels are not built or do not take this weight (GPTQ
-    and AWQ, activation order, a float16 scale, a tensor not on the CPU), or where a merged value is
-    not finite: then the torch passes, which say where.
+    """:func:`requantize` with ``keep_scales`` of ``dequantize(w, like) + delta`` (``delta`` float32
+    (rows, cols), stored orientation, contiguous), nearest or with the stream ``key``, by the
+    compiled kernels in one pass (csrc/lowbit.c: the same bytes; the kept
+    sums in another order), the rows split across the cores. None where the kernels are not built
+    or do not take this weight (GPTQ and AWQ, activation order, a float16 scale, a tensor not on the
+    CPU), or where a merged value is not finite: then the torch passes, which say where.
 
     Raises:
         NeedsFreshScales: as :func:`requantize`.
@@ -166,30 +168,19 @@ def requantize_native(
     kernels, spec = native.fp8_kernels(), _native_spec(w, like)
     if kernels is None or spec is None:
         return None
-    rows, cols = like["codes"].shape[0], int(spec.cols)
-    codes = like["codes"].contiguous().view(torch.uint8).reshape(rows, -1)
-    scale = like["scale"].contiguous()
-    scale = scale.float() if w.scheme.format == "int" else scale.view(torch.uint8)
-    zero = _zero_codes(w, like) if "zero" in like else torch.empty(0, dtype=torch.int32)
-    merged = torch.empty(rows, cols)
-    step = -(-rows // available_cores())
-    spans = [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
-    zeros = [zero[r] if zero.numel() else zero for r in spans]
-    decoded = native.run_parts(lambda i: kernels.lowbit_decode(spec, codes[spans[i]], scale[spans[i]],
-                                                                zeros[i] if zero.numel() else None, merged[spans[i]]),
-                               range(len(spans)))  # fmt: skip
-    if not all(decoded):
+    codes, scale, zero, spans = _native_inputs(w, like, spec)
+    if delta.device.type != "cpu" or delta.dtype != torch.float32 or not delta.is_contiguous():
         return None
-    add_terms(merged)
     codes_out, scale_out, zero_out = torch.empty_like(codes), torch.empty_like(scale), torch.empty_like(zero)
     sums = torch.zeros(len(spans), 3, dtype=torch.float64)
-    answers = native.run_parts(
-        lambda i: kernels.lowbit_encode(
-            spec, merged[spans[i]], row0 + spans[i].start, (codes[spans[i]], scale[spans[i]], zeros[i]),
-            (codes_out[spans[i]], scale_out[spans[i]], zero_out[spans[i]] if zero.numel() else zero_out),
-            stream=key, sums=sums[i]),
-        range(len(spans)),
-    )  # fmt: skip
+
+    def part(i: int) -> int:
+        rows, z = spans[i], zero[spans[i]] if zero.numel() else zero
+        return kernels.lowbit_encode(spec, delta[rows], row0 + rows.start, (codes[rows], scale[rows], z),
+                                     (codes_out[rows], scale_out[rows], zero_out[rows] if zero.numel() else zero_out),
+                                     stream=key, sums=sums[i])  # fmt: skip
+
+    answers = native.run_parts(part, range(len(spans)))
     if native.LOWBIT_NOMEM in answers:
         raise MemoryError("the packed low-bit kernels could not allocate their row buffers")
     if native.LOWBIT_NONFINITE in answers:
@@ -206,6 +197,36 @@ def requantize_native(
             out[role] = like[role]
     dd, ed, ee = sums.sum(0).tolist()
     return Requantized(out, Kept(dd, ed, ee))
+
+
+def _dequantize_native(w: PackedWeight, parts: Parts) -> torch.Tensor | None:
+    """:func:`dequantize` by the compiled kernels (the same values), or None where they do not take it."""
+    kernels, spec = native.fp8_kernels(), _native_spec(w, parts)
+    if kernels is None or spec is None:
+        return None
+    codes, scale, zero, spans = _native_inputs(w, parts, spec)
+    out = torch.empty(codes.shape[0], int(spec.cols))
+
+    def part(rows: slice) -> int:
+        return kernels.lowbit_decode(spec, codes[rows], scale[rows], zero[rows] if zero.numel() else None, out[rows])
+
+    answers = native.run_parts(part, spans)
+    return out if not any(answers) else None
+
+
+def _native_inputs(
+    w: PackedWeight, parts: Parts, spec: native.LowBitSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[slice]]:
+    """The kernels' views of a strip's parts: codes as bytes (rows, row_bytes), scales as bytes
+    (E2M1 formats) or float32, zero points as int32 codes (an empty tensor without), and the row
+    spans the cores take."""
+    rows = parts["codes"].shape[0]
+    codes = parts["codes"].contiguous().view(torch.uint8).reshape(rows, -1)
+    scale = parts["scale"].contiguous()
+    scale = scale.float() if w.scheme.format == "int" else scale.view(torch.uint8)
+    zero = _zero_codes(w, parts) if "zero" in parts else torch.empty(0, dtype=torch.int32)
+    step = -(-rows // available_cores())
+    return codes, scale, zero, [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
 def _native_spec(w: PackedWeight, like: Parts) -> native.LowBitSpec | None:

@@ -1,10 +1,10 @@
 /*
  * Packed low-bit merge kernels: MXFP4 and NVFP4 (E2M1 codes, two a byte) and compressed-tensors'
  * pack-quantized integers (4 or 8 bits, consecutive groups), a strip of rows at a time. Decode a
- * weight's codes to float32; requantize a merged strip keeping the base's scales wherever a group
- * still fits them, nearest or stochastically, adding the kept sums: the elementwise work of
- * loratool.quant.packed.dequantize and .requantize in two passes instead of some thirty. The same
- * bytes as those torch passes (tests/test_native.py); the sums in another order.
+ * weight's codes to float32 (packed.dequantize); requantize base + delta (the terms' sum, torch's
+ * addmm) keeping the base's scales wherever a group still fits them, nearest or stochastically,
+ * adding the kept sums: the elementwise work of packed.requantize in one pass instead of some
+ * thirty. The same bytes as those torch passes (tests/test_native.py); the sums in another order.
  *
  * A weight's codes are rows of `row_bytes` bytes, element j in the low nibble of byte j / 2 for
  * even j and the high one for odd j (E2M1 and 4-bit integers alike; an 8-bit integer is byte j).
@@ -16,7 +16,7 @@
 #include "common.h"
 
 enum { LT_MXFP4 = 0, LT_NVFP4 = 1, LT_INT = 2 };
-enum { LT_OK = 0, LT_FRESH = 1, LT_NONFINITE = 2 }; /* encode's answers; decode's: OK or NONFINITE */
+enum { LT_OK = 0, LT_FRESH = 1, LT_NONFINITE = 2, LT_NOMEM = 3 }; /* the passes' answers */
 enum { LT_SCALE_F32 = 0, LT_SCALE_BF16 = 1 };       /* the integers' scale dtype */
 
 /* One weight's layout (loratool.quant.native.LowBitSpec mirrors it field by field). */
@@ -120,8 +120,6 @@ static inline float key_float(int32_t k) { return float_of((uint32_t)k ^ ((uint3
 
 #define LT_INLINE static inline __attribute__((always_inline))
 
-enum { LT_NOMEM = 3 };
-
 /* The draw of element j of a row (rounding.uniforms). */
 LT_INLINE float draw(uint32_t row_hash, uint32_t j) {
     return (float)(int32_t)(mix32(row_hash ^ j) >> 8) * 0x1p-24f;
@@ -132,7 +130,7 @@ LT_INLINE float draw(uint32_t row_hash, uint32_t j) {
  * work (ranges, scales) goes a group at a time. */
 typedef struct {
     uint8_t *nib, *code;                            /* the base's codes unpacked, the new ones */
-    float *s_old, *z_old, *s, *z, *base, *written; /* per element */
+    float *s_old, *z_old, *s, *z, *base, *merged, *written; /* per element */
 } Row;
 
 static void row_free(Row *r) {
@@ -145,12 +143,13 @@ static int row_alloc(Row *r, int64_t cols) {
     size_t n = (size_t)cols + 8;
     r->nib = malloc(n);
     r->code = malloc(n);
-    r->s_old = malloc(6 * n * sizeof(float));
+    r->s_old = malloc(7 * n * sizeof(float));
     if (!r->nib || !r->code || !r->s_old) {
         row_free(r);
         return 0;
     }
-    r->z_old = r->s_old + n, r->s = r->z_old + n, r->z = r->s + n, r->base = r->z + n, r->written = r->base + n;
+    r->z_old = r->s_old + n, r->s = r->z_old + n, r->z = r->s + n, r->base = r->z + n, r->merged = r->base + n;
+    r->written = r->merged + n;
     return 1;
 }
 
@@ -318,28 +317,55 @@ LT_INLINE int32_t decode_rows(const Spec *sp, const uint8_t *codes, const void *
     return answer;
 }
 
-/* The encode pass: the merged rows (float32, rows x cols, rows row0.. of the weight) requantized into
+/* merged = base + delta, element by element (torch's before + delta); whether every sum is finite. */
+LT_INLINE int add_row(const float *restrict b, const float *restrict d, int64_t n, float *restrict m) {
+    uint32_t top = 0;
+    for (int64_t j = 0; j < n; j++) {
+        m[j] = b[j] + d[j];
+        uint32_t a = bits_of(m[j]) & 0x7FFFFFFFu;
+        top = a > top ? a : top;
+    }
+    return top < 0x7F800000u;
+}
+
+/* The encode pass: rows row0.. of a weight, base + delta (float32, rows x cols), requantized into
  * codes_out and scale_out (zero_out) with the base's codes, scales and zero points kept where they
  * fit (packed.requantize with keep_scales), nearest or stochastically with the stream `key`; adds
  * <delta, delta>, <err, delta>, <err, err> to sums (delta = merged - base, err = merged - written).
- * Returns LT_FRESH where an NVFP4 block needs a scale past e4m3's under the tensor scale, and
- * LT_NONFINITE where a merged value is not finite (the outputs are then incomplete). */
-LT_INLINE int32_t encode_rows(const Spec *sp, const float *merged, int64_t rows, int64_t row0,
+ * Returns LT_FRESH where an NVFP4 block needs a scale past e4m3's under the tensor scale,
+ * LT_NONFINITE where a merged value is not finite or an NVFP4 scale a NaN code (the outputs are then
+ * incomplete), LT_NOMEM. */
+LT_INLINE int32_t encode_rows(const Spec *sp, const float *delta, int64_t rows, int64_t row0,
                               const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
                               uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep,
                               int32_t stochastic, uint32_t key, double *sums) {
     const int32_t off = sp->fmt == LT_INT ? 1 << (sp->bits - 1) : 0;
     const int has_zero = zero_in != 0;
     int fresh = 0;
+    int32_t answer = LT_OK;
     double total[3] = {0.0, 0.0, 0.0};
     NvTables nv;
     if (sp->fmt == LT_NVFP4) nv_tables(sp, &nv);
     Row r;
     if (!row_alloc(&r, sp->cols)) return LT_NOMEM;
-    for (int64_t i = 0; i < rows; i++) {
-        const float *w = merged + i * sp->cols;
+    for (int64_t i = 0; i < rows && answer == LT_OK; i++) {
+        const float *w = r.merged;
         uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
-        for (int64_t g = 0; g < sp->groups; g++) {
+        for (int64_t g = 0; g < sp->groups; g++) { /* the base's scales, for its values */
+            int64_t k = i * sp->groups + g, j0 = g * sp->group;
+            int64_t n = (j0 + sp->group < sp->cols ? j0 + sp->group : sp->cols) - j0;
+            if (sp->fmt == LT_NVFP4 && (((const uint8_t *)scale_in)[k] & 0x7Fu) == 0x7Fu) answer = LT_NONFINITE;
+            fill(r.s_old + j0, n, group_scale(sp, &nv, scale_in, k));
+            if (has_zero) fill(r.z_old + j0, n, (float)zero_in[k]);
+        }
+        unpack_row(sp, codes_in + i * sp->row_bytes, r.nib);
+        if (has_zero)
+            values_row(sp, r.nib, r.s_old, r.z_old, 1, r.base);
+        else
+            values_row(sp, r.nib, r.s_old, r.z_old, 0, r.base);
+        if (!add_row(r.base, delta + i * sp->cols, sp->cols, r.merged)) answer = LT_NONFINITE;
+        if (answer != LT_OK) break;
+        for (int64_t g = 0; g < sp->groups; g++) { /* each group's range, and its scale kept or anew */
             int64_t k = i * sp->groups + g, j0 = g * sp->group;
             int64_t n = (j0 + sp->group < sp->cols ? j0 + sp->group : sp->cols) - j0;
             uint32_t top;
@@ -350,44 +376,33 @@ LT_INLINE int32_t encode_rows(const Spec *sp, const float *merged, int64_t rows,
                 group_range(w + j0, 32, &top, &lo, &hi);
             else
                 group_range(w + j0, n, &top, &lo, &hi);
-            if (top >= 0x7F800000u || (sp->fmt == LT_NVFP4 && (((const uint8_t *)scale_in)[k] & 0x7Fu) == 0x7Fu)) {
-                row_free(&r);
-                return LT_NONFINITE;
-            }
-            float s_old = group_scale(sp, &nv, scale_in, k), z = has_zero ? (float)zero_in[k] : 0.0f;
-            float z_old = z;
+            float z = has_zero ? r.z_old[j0] : 0.0f;
             float s = new_scale(sp, &nv, k, float_of(top), key_float(lo), key_float(hi), scale_in, zero_in, scale_out,
                                 zero_out, keep, &z, &fresh);
-            fill(r.s_old + j0, n, s_old);
             fill(r.s + j0, n, s);
-            if (has_zero) fill(r.z_old + j0, n, z_old), fill(r.z + j0, n, z);
+            if (has_zero) fill(r.z + j0, n, z);
         }
-        unpack_row(sp, codes_in + i * sp->row_bytes, r.nib);
         if (sp->fmt != LT_INT) {
-            values_row(sp, r.nib, r.s_old, r.z_old, 0, r.base);
             if (stochastic)
                 e2m1_row(w, sp->cols, r.s, 1, row_hash, r.code, r.written);
             else
                 e2m1_row(w, sp->cols, r.s, 0, row_hash, r.code, r.written);
         } else if (has_zero) {
-            values_row(sp, r.nib, r.s_old, r.z_old, 1, r.base);
             if (stochastic)
                 int_row(w, sp->cols, r.s, r.z, 1, off, 1, row_hash, r.code, r.written);
             else
                 int_row(w, sp->cols, r.s, r.z, 1, off, 0, row_hash, r.code, r.written);
+        } else if (stochastic) {
+            int_row(w, sp->cols, r.s, r.z, 0, off, 1, row_hash, r.code, r.written);
         } else {
-            values_row(sp, r.nib, r.s_old, r.z_old, 0, r.base);
-            if (stochastic)
-                int_row(w, sp->cols, r.s, r.z, 0, off, 1, row_hash, r.code, r.written);
-            else
-                int_row(w, sp->cols, r.s, r.z, 0, off, 0, row_hash, r.code, r.written);
+            int_row(w, sp->cols, r.s, r.z, 0, off, 0, row_hash, r.code, r.written);
         }
         kept_row(w, r.base, r.written, sp->cols, total);
         pack_row(sp, r.code, codes_out + i * sp->row_bytes);
     }
     row_free(&r);
     for (int t = 0; t < 3; t++) sums[t] += total[t];
-    return fresh ? LT_FRESH : LT_OK;
+    return answer != LT_OK ? answer : fresh ? LT_FRESH : LT_OK;
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -399,10 +414,10 @@ __attribute__((target("avx2"))) static int32_t decode_rows_avx2(const Spec *sp, 
 }
 
 __attribute__((target("avx2"))) static int32_t encode_rows_avx2(
-    const Spec *sp, const float *merged, int64_t rows, int64_t row0, const uint8_t *codes_in, const void *scale_in,
+    const Spec *sp, const float *delta, int64_t rows, int64_t row0, const uint8_t *codes_in, const void *scale_in,
     const int32_t *zero_in, uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep,
     int32_t stochastic, uint32_t key, double *sums) {
-    return encode_rows(sp, merged, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out, keep,
+    return encode_rows(sp, delta, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out, keep,
                        stochastic, key, sums);
 }
 #define LT_LOWBIT_AVX2 1
@@ -418,15 +433,15 @@ LT_EXPORT int32_t lt_lowbit_decode(const Spec *sp, const uint8_t *codes, const v
 }
 
 /* See encode_rows; also LT_NOMEM. */
-LT_EXPORT int32_t lt_lowbit_encode(const Spec *sp, const float *merged, int64_t rows, int64_t row0,
+LT_EXPORT int32_t lt_lowbit_encode(const Spec *sp, const float *delta, int64_t rows, int64_t row0,
                                    const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
                                    uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep,
                                    int32_t stochastic, uint32_t key, double *sums) {
 #ifdef LT_LOWBIT_AVX2
     if (lt_simd_usable())
-        return encode_rows_avx2(sp, merged, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out,
+        return encode_rows_avx2(sp, delta, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out,
                                 keep, stochastic, key, sums);
 #endif
-    return encode_rows(sp, merged, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out, keep,
+    return encode_rows(sp, delta, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out, keep,
                        stochastic, key, sums);
 }
