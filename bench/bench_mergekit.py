@@ -1,7 +1,8 @@
 """extract against mergekit's extractor (``mergekit-extract-lora``) on one synthetic Llama-1B-shaped pair.
 
 Both run as whole processes (interpreter start included; private memory, RssAnon, sampled every
-20 ms: the checkpoint pages a process maps are page cache, not counted), one after the other, on the same pair
+20 ms: the checkpoint pages a process maps are page cache, not counted), one after the other, each
+after the pair was read once (from the page cache, then), on the same pair
 (bench/synth.py: a slowly decaying spectrum over a noise floor, as full fine-tunes have); each
 adapter's per-module error against the true delta, ||dW - scaling * B @ A||_F / ||dW||_F, is computed
 here from the files, and the best rank-r error (exact SVD) is the floor both approach. At the output,
@@ -31,7 +32,7 @@ from typing import Any
 import synth
 import torch
 from bench_extract import ensure_pair
-from common import fresh, machine
+from common import fresh, machine, read_floor
 
 from loratool.formats import load_adapter
 from loratool.io.checkpoint import open_checkpoint
@@ -127,8 +128,10 @@ def run(workdir: Path, layers: int, rank: int, mergekit: str) -> dict[str, Any]:
     base = with_full_config(pair / "base", workdir / "mk-base", layers)
     ft = with_full_config(pair / "ft", workdir / "mk-ft", layers)
     ours, theirs = fresh(workdir / "lt-adapter"), fresh(workdir / "mk-adapter")
+    read_floor(base, ft)  # both tools read the pair from the page cache
     lt_s, lt_mib = timed([sys.executable, "-m", "loratool", "extract", str(base), str(ft), "-r", str(rank),
                           "-o", str(ours), "--device", "cpu", "-q"])  # fmt: skip
+    read_floor(base, ft)
     mk_s, mk_mib = timed([mergekit, "--model", str(ft), "--base-model", str(base), "--out-path", str(theirs),
                           "--max-rank", str(rank), "--no-embed-lora"])  # fmt: skip
     e_lt, e_mk = module_errors(ours, base, ft), module_errors(theirs, base, ft)

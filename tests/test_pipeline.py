@@ -38,3 +38,29 @@ def test_background_writer_casts_into_pooled_buffers(tmp_path: Path, recycle: bo
     writer.close()
     out = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(out[k], t.to(torch.bfloat16)) for k, t in tensors.items())
+
+
+def test_a_capped_pool_lets_go_of_sizes_past_its_cap_and_keeps_the_rest() -> None:
+    from loratool.stream.pipeline import BufferPool
+
+    pool = BufferPool(keep_bytes=1000)
+    cpu = torch.device("cpu")
+    small, big = pool.take((50,), torch.float32, cpu), pool.take((300,), torch.float32, cpu)  # 200 and 1200 bytes
+    pool.give(small)
+    pool.give(big)  # past the cap beside the small one: let go
+    assert pool.take((50,), torch.float32, cpu).data_ptr() == small.data_ptr()  # kept, and reused
+    pool.give(small)
+    again = pool.take((200,), torch.float32, cpu)  # 800 bytes: fits beside the small one, which stays
+    pool.give(again)
+    assert pool.take((50,), torch.float32, cpu).data_ptr() == small.data_ptr()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                    (torch.float32, torch.float32)])  # fmt: skip
+def test_the_difference_in_strips_is_the_whole_difference(dtypes) -> None:
+    from loratool.stream.pipeline import BufferPool, widen_difference
+
+    g = torch.Generator().manual_seed(0)
+    wf, wb = (torch.randn(1000, 1500, generator=g).to(dt) for dt in dtypes)  # several strips of rows
+    got = widen_difference(wf, wb, torch.device("cpu"), BufferPool())
+    assert got.dtype == torch.float32 and torch.equal(got, wf.float() - wb.float())

@@ -47,6 +47,7 @@ from ..stream.distributed import current
 from ..stream.pipeline import BufferPool, give_back, stream
 
 DEFAULT_CAP = 256  # highest rank --energy/--budget consider when -r does not say
+POOL_BYTES = 256 << 20  # delta buffers kept idle: a layer's sizes repeat, an embedding's or head's do not
 
 
 @dataclass
@@ -323,7 +324,7 @@ def _extract_keys(
 ) -> _Partial:
     """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
     part = _Partial()
-    pool = BufferPool()
+    pool = BufferPool(keep_bytes=POOL_BYTES)
     read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None)
     for key, wb, wf, delta, norm in stream(read, keys, desc="extract", show=show, depth=depth):
         _handle(key, wb, wf, delta, norm, o, conv1d, part)

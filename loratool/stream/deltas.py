@@ -14,7 +14,7 @@ from ..io.checkpoint import Checkpoint, torch_dtype
 from ..math.linalg import is_finite
 from ..quant.fp8 import check_scale, dequantize_fp8
 from ..quant.layout import Fp8Layout
-from .pipeline import BufferPool, give_back, upcast, widen
+from .pipeline import BufferPool, give_back, widen_difference
 
 
 class ExpertDeltas:
@@ -36,7 +36,7 @@ class ExpertDeltas:
     def __getitem__(self, e: int) -> torch.Tensor:
         """Expert e's float32 delta, in a buffer of the pool: :meth:`release` it once consumed."""
         wb, wf = self.sides(e)
-        return widen(wf, self.device, self.pool).sub_(wb.to(self.device))
+        return widen_difference(wf, wb.to(self.device), self.device, self.pool)
 
     def release(self, d: torch.Tensor) -> None:
         give_back(d, self.pool)
@@ -90,8 +90,7 @@ class DeltaReader:
         wb, wf = read_weight(self.b, self.fp8[0], key, self.device), read_weight(self.f, self.fp8[1], key, self.device)
         if not wb.is_floating_point():
             return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
-        on_gpu = self.device.type == "cuda"
-        delta = widen(wf, self.device, self.pool).sub_(upcast(wb, self.device) if on_gpu else wb)
+        delta = widen_difference(wf, wb, self.device, self.pool)
         norm = float(torch.linalg.vector_norm(delta))  # one norm tells changed (> 0) and finite
         _require_finite(key, norm, delta, wb, wf)
         return Delta(key, wb, wf, delta, norm)

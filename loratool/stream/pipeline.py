@@ -79,11 +79,19 @@ class BufferPool:
     A fresh 64 MB tensor costs the kernel 16,000 page faults and zeroing every time; streaming a
     model allocates one per weight, so without reuse that system time rivals the arithmetic.
     Buffers come back with :meth:`give`; the pool holds at most what was in flight at once.
+
+    ``keep_bytes`` bounds what it holds while nothing uses it: a buffer that would take the free
+    buffers past it is let go on its return, and a new buffer first lets the free ones go until it
+    fits beside them. A pass whose largest tensors come once or twice (an embedding, the head) then
+    keeps only the layers' sizes, which repeat, and its peak is the largest tensor plus what is in
+    flight rather than the sum of every size it met.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_bytes: int | None = None) -> None:
         self._free: dict[tuple[int, torch.dtype, str], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
+        self._keep = keep_bytes
+        self._free_bytes = 0
 
     def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         import torch
@@ -94,13 +102,27 @@ class BufferPool:
         with self._lock:
             free = self._free.get((n, dtype, str(device)))
             flat = free.pop() if free else None
+            if flat is not None:
+                self._free_bytes -= _nbytes(flat)
+            elif self._keep is not None:  # room first: let the free buffers go, the largest first
+                size = n * torch.empty(0, dtype=dtype).element_size()
+                while self._free_bytes and self._free_bytes + size > self._keep:
+                    key = max((k for k, v in self._free.items() if v), key=lambda k: _nbytes(self._free[k][0]))
+                    self._free_bytes -= _nbytes(self._free[key].pop())
         if flat is None:
             flat = torch.empty(n, dtype=dtype, device=device)
         return flat.view(tuple(shape))
 
     def give(self, t: torch.Tensor) -> None:
         with self._lock:
+            if self._keep is not None and self._free_bytes + _nbytes(t) > self._keep:
+                return  # let go: its memory goes back to the allocator
             self._free.setdefault((t.numel(), t.dtype, str(t.device)), []).append(t.reshape(-1))
+            self._free_bytes += _nbytes(t)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def widen(t: torch.Tensor, device: torch.device, pool: BufferPool) -> torch.Tensor:
@@ -114,6 +136,21 @@ def widen(t: torch.Tensor, device: torch.device, pool: BufferPool) -> torch.Tens
     if device.type == "cuda":
         return upcast(t, device, copy=True)
     return pool.take(t.shape, torch.float32, device).copy_(t)
+
+
+def widen_difference(wf: torch.Tensor, wb: torch.Tensor, device: torch.device, pool: BufferPool) -> torch.Tensor:
+    """``wf - wb`` in float32, a private tensor the caller owns (as :func:`widen`). On the CPU a
+    strip of rows at a time: ``delta.sub_(wb)`` with ``wb`` in another dtype would make a float32
+    copy of the whole of ``wb`` first (250 MB for a Llama head), and a strip stays in cache."""
+    import torch
+
+    if device.type == "cuda" or wf.dim() == 0 or wf.dtype == wb.dtype == torch.float32:
+        return widen(wf, device, pool).sub_(upcast(wb, device) if device.type == "cuda" else wb)
+    out = pool.take(wf.shape, torch.float32, device)
+    step = max(1, (1 << 20) // max(1, wf[0].numel()))  # about 4 MB of float32 a strip
+    for i in range(0, wf.shape[0], step):
+        out[i : i + step].copy_(wf[i : i + step]).sub_(wb[i : i + step].to(torch.float32))
+    return out
 
 
 def give_back(t: torch.Tensor, pool: BufferPool) -> None:
