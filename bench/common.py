@@ -28,6 +28,18 @@ def measure(op: str, **kwargs: Any) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def drop_page_cache() -> bool:
+    """Write dirty pages out and drop the page cache (root only, Linux), so that the next read comes
+    from the disk; whether it could."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
 def read_floor(*paths: Path) -> float:
     """Seconds to read every file under ``paths`` once (16 MiB reads into one reused buffer): the
     least any tool must spend. (A fresh buffer per read would add the cost of faulting in new
