@@ -1,4 +1,5 @@
-"""Build hook: compile ``loratool/quant/csrc/*.c`` (the FP8 and packed low-bit kernels) into ``loratool/quant/_fp8kernel.*`` when a C compiler is present.
+"""Build hook: compile ``loratool/quant/csrc``'s ``fp8.c`` and ``lowbit.c`` (the FP8 and packed low-bit
+kernels) into one library, ``loratool/quant/_fp8kernel.*``, when a C compiler is present.
 
 The library is plain C loaded with ctypes (no Python headers: any C compiler that makes a shared
 library will do). Without a compiler, or with ``LORATOOL_BUILD_NATIVE=0``, the wheel is pure Python

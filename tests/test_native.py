@@ -404,3 +404,21 @@ def test_packed_weights_the_kernels_do_not_take_go_to_torch(kernels) -> None:
     assert packed.requantize_native(w, parts16, torch.zeros(37, 200), key=None) is None  # a float16 scale
     gidx = dict(parts, g_idx=torch.arange(200) // 64)
     assert packed.requantize_native(w, gidx, torch.zeros(37, 200), key=None) is None  # activation order
+
+
+def test_packed_kernels_that_disagree_with_torch_are_not_used(monkeypatch, kernels) -> None:
+    """The load-time check (packed._agrees) catches a build whose packed passes write other bytes."""
+    assert packed._agrees(kernels)
+    encode = native.Fp8Kernels.lowbit_encode
+
+    def off_by_one_code(self, spec, delta, row0, base, out, **kw):  # type: ignore[no-untyped-def]
+        answer = encode(self, spec, delta, row0, base, out, **kw)
+        out[0][0, 0] ^= 1  # one code's low bit flipped
+        return answer
+
+    monkeypatch.setattr(native.Fp8Kernels, "lowbit_encode", off_by_one_code)
+    monkeypatch.setattr(packed, "_checked", {})
+    with pytest.warns(RuntimeWarning, match="disagree with the torch passes"):
+        assert packed._kernels() is None
+    w, parts, _ = _packed_case("nvfp4-ct", 37, 200)
+    assert packed.requantize_native(w, parts, torch.zeros(37, 200), key=None) is None  # the torch passes, then

@@ -1,10 +1,10 @@
 """loratool's compiled kernels (``loratool/quant/csrc``), loaded with ctypes where the build made them.
 
 Installing loratool compiles ``csrc/fp8.c`` and ``csrc/lowbit.c`` into ``loratool/quant/_fp8kernel.*``
-when a C compiler is present (``hatch_build.py``); without one, or with ``LORATOOL_NATIVE=0`` in the environment, every
-caller runs the same arithmetic as torch passes, to the same bytes. The library is a plain C
-shared object (no Python or torch headers, so no ABI to match), and it is checked against torch's
-own conversions when first loaded: a build that disagrees is not used.
+when a C compiler is present (``hatch_build.py``); without one, or with ``LORATOOL_NATIVE=0`` in the
+environment, every caller runs the same arithmetic as torch passes, to the same bytes. The library
+is a plain C shared object (no Python or torch headers, so no ABI to match), and it is checked
+against torch's own conversions when first loaded: a build that disagrees is not used.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ presents them as (E, in, out) (``transposed``), one expert at a time here.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -26,10 +27,12 @@ Parts = dict[str, torch.Tensor]  # role -> tensor (one expert's slice for expert
 
 def dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
     """float32 (rows, cols) in the stored orientation of one weight (or expert)."""
-    s = w.scheme
     fast = _dequantize_native(w, parts)
-    if fast is not None:
-        return fast
+    return fast if fast is not None else _torch_dequantize(w, parts)
+
+
+def _torch_dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
+    s = w.scheme
     rows, cols = (parts["codes"].shape[0], w.rows_cols[1]) if s.format not in READ_ONLY else w.rows_cols
     if s.format == "mxfp4":
         return fp4.dequantize_mxfp4(parts["codes"], parts["scale"])[:, :cols]
@@ -157,20 +160,25 @@ def requantize_native(
 ) -> Requantized | None:
     """:func:`requantize` with ``keep_scales`` of ``dequantize(w, like) + delta`` (``delta`` float32
     (rows, cols), stored orientation, contiguous), nearest or with the stream ``key``, by the
-    compiled kernels in one pass (csrc/lowbit.c: the same bytes; the kept
-    sums in another order), the rows split across the cores. None where the kernels are not built
-    or do not take this weight (GPTQ and AWQ, activation order, a float16 scale, a tensor not on the
-    CPU), or where a merged value is not finite: then the torch passes, which say where.
+    compiled kernels in one pass (csrc/lowbit.c: the same bytes; the kept sums in another order),
+    the rows split across the cores. None where the kernels are not built or do not take this
+    weight (GPTQ and AWQ, activation order, a float16 scale, a tensor not on the CPU), or where a
+    merged value is not finite: then the torch passes, which say where.
 
     Raises:
         NeedsFreshScales: as :func:`requantize`.
     """
-    kernels, spec = native.fp8_kernels(), _native_spec(w, like)
+    kernels, spec = _kernels(), _native_spec(w, like)
     if kernels is None or spec is None:
         return None
-    codes, scale, zero, spans = _native_inputs(w, like, spec)
     if delta.device.type != "cpu" or delta.dtype != torch.float32 or not delta.is_contiguous():
         return None
+    return _requantize_with(kernels, spec, w, like, delta, key, row0)
+
+
+def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: PackedWeight, like: Parts,
+                     delta: torch.Tensor, key: int | None, row0: int) -> Requantized | None:  # fmt: skip
+    codes, scale, zero, spans = _native_inputs(w, like, spec)
     codes_out, scale_out, zero_out = torch.empty_like(codes), torch.empty_like(scale), torch.empty_like(zero)
     sums = torch.zeros(len(spans), 3, dtype=torch.float64)
 
@@ -201,7 +209,7 @@ def requantize_native(
 
 def _dequantize_native(w: PackedWeight, parts: Parts) -> torch.Tensor | None:
     """:func:`dequantize` by the compiled kernels (the same values), or None where they do not take it."""
-    kernels, spec = native.fp8_kernels(), _native_spec(w, parts)
+    kernels, spec = _kernels(), _native_spec(w, parts)
     if kernels is None or spec is None:
         return None
     codes, scale, zero, spans = _native_inputs(w, parts, spec)
@@ -212,6 +220,59 @@ def _dequantize_native(w: PackedWeight, parts: Parts) -> torch.Tensor | None:
 
     answers = native.run_parts(part, spans)
     return out if not any(answers) else None
+
+
+_checked: dict[int, bool] = {}  # id of the loaded kernels -> whether they agree with the torch passes
+
+
+def _kernels() -> native.Fp8Kernels | None:
+    """The compiled kernels where they are built and their packed passes agree with the torch passes
+    (checked once, on small weights of every format: a miscompiled build is not used, and says so)."""
+    kernels = native.fp8_kernels()
+    if kernels is None:
+        return None
+    if id(kernels) not in _checked:
+        _checked[id(kernels)] = _agrees(kernels)
+        if not _checked[id(kernels)]:
+            warnings.warn("the compiled packed low-bit kernels disagree with the torch passes (a miscompiled "
+                          "build?); 4-bit merges use the torch passes. Reinstall loratool, or set "
+                          "LORATOOL_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return kernels if _checked[id(kernels)] else None
+
+
+def _agrees(kernels: native.Fp8Kernels) -> bool:
+    """Each format's decode and requantization (nearest and stochastic, scales kept and anew) by the
+    kernels, against the torch passes, on a 9 x 80 weight with a short last group."""
+    from .layout import PackedScheme
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(9, 80, generator=g) * 0.02
+    delta = torch.randn(9, 80, generator=g) * 0.004
+    cases = [
+        ("mxfp4", {"codes": torch.empty(9, 3, 16, dtype=torch.uint8), "scale": torch.empty(9, 3, dtype=torch.uint8)}),
+        ("nvfp4", {"codes": torch.empty(9, 40, dtype=torch.uint8),
+                   "scale": torch.empty(9, 5, dtype=torch.float8_e4m3fn), "global": torch.empty(1)}),
+        ("int", {"codes": torch.empty(9, 10, dtype=torch.int32), "scale": torch.empty(9, 3, dtype=torch.bfloat16)}),
+    ]  # fmt: skip
+    for fmt, like in cases:
+        scheme = PackedScheme(fmt, {"mxfp4": 32, "nvfp4": 16}.get(fmt, 32), 4, symmetric=False, divide=True)
+        w = PackedWeight("check", (9, 80), {role: role for role in like}, scheme)
+        parts = requantize(w, w0, like, keep_scales=False).parts
+        spec = _native_spec(w, parts)
+        if spec is None:
+            return False
+        before, out = _torch_dequantize(w, parts), torch.empty(9, 80)
+        codes, scale, zero, _ = _native_inputs(w, parts, spec)
+        if kernels.lowbit_decode(spec, codes, scale, zero, out) or not torch.equal(out, before):
+            return False
+        for key in (None, 0x5EED):
+            fast = _requantize_with(kernels, spec, w, parts, delta, key, 3)
+            slow = requantize(w, before + delta, parts, before=before, key=key, row0=3)
+            same = fast is not None and all(torch.equal(fast.parts[r].view(torch.uint8), t.view(torch.uint8))
+                                            for r, t in slow.parts.items())  # fmt: skip
+            if not same:
+                return False
+    return True
 
 
 def _native_inputs(

@@ -337,7 +337,7 @@ class Stream:
 
     def _delta_buffer(self, rows: int, cols: int, like: torch.Tensor | None) -> torch.Tensor:
         """Zeros (rows, cols) float32 on the merge's device for a strip's terms: on the CPU a view of one
-        buffer kept for the pass (a strip's worth of fresh pages a strip cost more than zeroing them)."""
+        buffer kept for the pass (fresh pages for every strip cost more than zeroing one buffer)."""
         if like is not None:
             return torch.zeros_like(like)
         if self._delta is None or self._delta.numel() < rows * cols:
