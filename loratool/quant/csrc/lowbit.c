@@ -17,7 +17,7 @@
 
 enum { LT_MXFP4 = 0, LT_NVFP4 = 1, LT_INT = 2 };
 enum { LT_OK = 0, LT_FRESH = 1, LT_NONFINITE = 2, LT_NOMEM = 3 }; /* the passes' answers */
-enum { LT_SCALE_F32 = 0, LT_SCALE_BF16 = 1 };       /* the integers' scale dtype */
+enum { LT_SCALE_F32 = 0, LT_SCALE_BF16 = 1 };                     /* the integers' scale dtype */
 
 /* One weight's layout (loratool.quant.native.LowBitSpec mirrors it field by field). */
 typedef struct {
@@ -73,8 +73,9 @@ static inline float group_scale(const Spec *sp, const NvTables *nv, const void *
 /* requantize's scale for one group of merged values w[j0..j1) (its amax and min/max given): the old
  * one where the group still fits it (keep), else the format's quantizer's. Writes the new scale
  * (and zero point) out and returns the element scale; *fresh set where NVFP4 cannot keep its tensor scale. */
-static float new_scale(const Spec *sp, const NvTables *nv, int64_t k, float amax, float lo, float hi, const void *scale_in,
-                       const int32_t *zero_in, void *scale_out, int32_t *zero_out, int keep, float *zp, int *fresh) {
+static float new_scale(const Spec *sp, const NvTables *nv, int64_t k, float amax, float lo, float hi,
+                       const void *scale_in, const int32_t *zero_in, void *scale_out, int32_t *zero_out, int keep,
+                       float *zp, int *fresh) {
     if (sp->fmt == LT_MXFP4) {
         uint32_t old = ((const uint8_t *)scale_in)[k];
         uint32_t e = ((bits_of(amax / 6.0f) + 0x007FFFFFu) & 0x7F800000u) >> 23; /* rounded up to a power of two */
