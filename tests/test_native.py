@@ -404,6 +404,8 @@ def test_packed_weights_the_kernels_do_not_take_go_to_torch(kernels) -> None:
     assert packed.requantize_native(w, parts16, torch.zeros(37, 200), key=None) is None  # a float16 scale
     gidx = dict(parts, g_idx=torch.arange(200) // 64)
     assert packed.requantize_native(w, gidx, torch.zeros(37, 200), key=None) is None  # activation order
+    stray = dict(parts, zero=torch.zeros(5, 4, dtype=torch.int32))  # zero points, the scheme symmetric
+    assert packed.requantize_native(w, stray, torch.zeros(37, 200), key=None) is None
 
 
 def test_packed_kernels_that_disagree_with_torch_are_not_used(monkeypatch, kernels) -> None:

@@ -297,9 +297,9 @@ def _native_spec(w: PackedWeight, like: Parts) -> native.LowBitSpec | None:
         return None
     if any(t.device.type != "cpu" for t in like.values()):
         return None
-    if s.format == "int" and (s.bits not in (4, 8) or "g_idx" in like
+    if s.format == "int" and (s.bits not in (4, 8) or "g_idx" in like or ("zero" in like) == s.symmetric
                               or like["scale"].dtype not in native.LOWBIT_SCALE_KINDS):  # fmt: skip
-        return None
+        return None  # (zero points where the scheme says symmetric, or none where it says not: the torch passes)
     group = {"mxfp4": fp4.MXFP4_GROUP, "nvfp4": fp4.NVFP4_GROUP}.get(s.format, s.group)
     rows, cols, groups = like["codes"].shape[0], w.rows_cols[1], like["scale"].shape[-1]
     row_bytes = like["codes"].numel() * like["codes"].element_size() // max(rows, 1)

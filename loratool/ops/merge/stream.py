@@ -51,7 +51,6 @@ class Stream:
     requantized: list[tuple[str, Kept]] = field(default_factory=list)  # per quantized weight changed: what it kept
     _stash: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # an FP8 pair's other half (pooled?)
     _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
-    _delta: torch.Tensor | None = None  # a packed strip's terms, reused: fresh pages cost more than zeroing
 
     def __post_init__(self) -> None:
         # FP8 weights to rewrite (those with terms, or all when dequantizing), by weight and by scale key
@@ -314,15 +313,18 @@ class Stream:
             for left, right, factor, _ in factors:
                 delta.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
 
-        before = None if self.device.type == "cpu" else packed.dequantize(w, sub)
-        delta = self._delta_buffer(stop - start, w.rows_cols[1], before)
-        add_terms(delta)
-        if keep and space is None and self.check is None:  # the compiled kernels where they take the weight
-            done = packed.requantize_native(w, sub, delta, key=stream, row0=start)
-            if done is not None:
-                return done.parts, done.kept
-        before = packed.dequantize(w, sub) if before is None else before  # (rows', cols) as stored
-        merged = before + delta  # as the kernels add them
+        # the strip's terms in a pooled buffer: fresh pages for every strip cost more than zeroing one
+        delta = self.pool.take((stop - start, w.rows_cols[1]), torch.float32, self.device).zero_()
+        try:
+            add_terms(delta)
+            if keep and space is None and self.check is None:  # the compiled kernels where they take the weight
+                done = packed.requantize_native(w, sub, delta, key=stream, row0=start)
+                if done is not None:
+                    return done.parts, done.kept
+            before = packed.dequantize(w, sub)  # (rows', cols) as stored
+            merged = before + delta  # as the kernels add them
+        finally:
+            self.pool.give(delta)
         _require_finite(merged, torch.float32, name, before)
         out = packed.requantize(w, merged, sub, before=before, key=stream, space=space, keep_scales=keep, row0=start)
         if self.check is not None and self.reference is not None:
@@ -334,15 +336,6 @@ class Stream:
             differing = int((out.parts["codes"] != sub["codes"]).sum())
             self.check.add_grid(restored.cpu(), ref.float(), unit.cpu(), differing)
         return out.parts, out.kept
-
-    def _delta_buffer(self, rows: int, cols: int, like: torch.Tensor | None) -> torch.Tensor:
-        """Zeros (rows, cols) float32 on the merge's device for a strip's terms: on the CPU a view of one
-        buffer kept for the pass (fresh pages for every strip cost more than zeroing one buffer)."""
-        if like is not None:
-            return torch.zeros_like(like)
-        if self._delta is None or self._delta.numel() < rows * cols:
-            self._delta = torch.empty(rows * cols)
-        return self._delta[: rows * cols].view(rows, cols).zero_()
 
     def _stored_factors(self, w: PackedWeight, expert: int | None) -> list[RowFactors]:
         """The terms of ``w`` (of ``expert``) as factors of its stored orientation: delta = factor *
