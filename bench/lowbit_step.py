@@ -1,7 +1,8 @@
 """The packed low-bit kernels' passes (csrc/lowbit.c) on one thread, against the torch passes they
 replace, per format and rounding rule: ns per element of one strip (512 x 2048, a Llama-1B
-projection's share), for the decode and for requantizing base + delta (delta about 1% of the
-weight's norm, so that nearly every group keeps its scale, as in a merge).
+projection's share), for the decode and for requantizing base + delta, the delta a rank-16
+product about 1% of the weight's norm (so that nearly every group keeps its scale, as in a merge),
+formed on each side (torch: a matrix product, then the passes; compiled: in the one pass).
 
     python bench/lowbit_step.py [--repeats 20]
 """
@@ -42,6 +43,11 @@ def ns_per_element(fn: Callable[[], object], repeats: int) -> float:
     return (time.perf_counter() - t) / repeats / (ROWS * COLS) * 1e9
 
 
+def torch_merge(w: PackedWeight, parts: dict[str, torch.Tensor], terms: packed.LowRank, key: int | None) -> None:
+    before = packed._torch_dequantize(w, parts)
+    packed.requantize(w, before + terms.left @ terms.right, parts, before=before, key=key)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
@@ -52,22 +58,20 @@ def main() -> None:
         raise SystemExit("the compiled kernels are not built here (no C compiler at install, or LORATOOL_NATIVE=0)")
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(ROWS, COLS, generator=g) * 0.02
-    delta = torch.randn(ROWS, COLS, generator=g) * 0.0002
+    terms = packed.LowRank(torch.randn(ROWS, 16, generator=g) * 0.00005, torch.randn(16, COLS, generator=g))
     print(
-        f"one thread, a {ROWS} x {COLS} strip; ns per element, torch passes / compiled (the torch side's requantize"
-        " includes forming base + delta)"
+        f"one thread, a {ROWS} x {COLS} strip; ns per element, torch passes / compiled (requantize includes forming"
+        " the rank-16 delta and base + delta)"
     )
     for name, (scheme, like) in FORMATS.items():
         w = PackedWeight("w", (ROWS, COLS), {role: role for role in like}, scheme)
         parts = packed.requantize(w, w0, like, keep_scales=False).parts
-        before = packed._torch_dequantize(w, parts)
         decode = (ns_per_element(partial(packed._torch_dequantize, w, parts), args.repeats),
                   ns_per_element(partial(packed._dequantize_native, w, parts), args.repeats))  # fmt: skip
         print(f"  {name:<26} decode      {decode[0]:6.2f} / {decode[1]:5.2f}  ({decode[0] / decode[1]:.1f}x)")
         for rule, key in (("nearest", None), ("stochastic", 0x5EED)):
-            slow = ns_per_element(partial(packed.requantize, w, before + delta, parts, before=before, key=key),
-                                  max(1, args.repeats // 4))  # fmt: skip
-            fast = ns_per_element(partial(packed.requantize_native, w, parts, delta, key=key), args.repeats)
+            slow = ns_per_element(partial(torch_merge, w, parts, terms, key), max(1, args.repeats // 4))
+            fast = ns_per_element(partial(packed.requantize_native, w, parts, terms, key=key), args.repeats)
             print(f"  {name:<26} {rule:<11} {slow:6.2f} / {fast:5.2f}  ({slow / fast:.1f}x)")
 
 

@@ -138,7 +138,7 @@ def test_merge_requantizes_to_the_same_layout(tmp_path: Path, plain, scheme: str
         load_file(str(tmp_path / "fp8" / "model.safetensors")),
         load_file(str(tmp_path / "merged" / "model.safetensors")),
     )
-    assert list(out) == list(src)
+    assert sorted(out) == sorted(src)  # the same tensors (their order in the file is the writer's: unchanged first)
     assert all(out[k].dtype == src[k].dtype and out[k].shape == src[k].shape for k in src)  # layout kept
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"] == quant_config(scheme)
     for k in src:

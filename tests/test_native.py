@@ -22,18 +22,19 @@ from loratool.quant.rounding import subspace_of
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
-@pytest.fixture(params=["simd", "portable"])
+@pytest.fixture(params=[2, 1, 0], ids=["avx512", "avx2", "portable"])
 def kernels(request: pytest.FixtureRequest) -> Iterator[native.Fp8Kernels]:
-    """The kernels with their SIMD paths where the CPU has them, and with the portable C alone."""
+    """The kernels with each of their SIMD levels that the CPU has, and with the portable C alone."""
     k = native.fp8_kernels()
     if k is None:
         pytest.skip("the FP8 kernels are not built here (no C compiler at install, or LORATOOL_NATIVE=0)")
-    if not k.simd(request.param == "simd") and request.param == "simd":
-        pytest.skip("no SIMD path for this CPU")
+    if k.simd_level(request.param) != request.param:
+        k.simd_level(native.SIMD_BEST)
+        pytest.skip(f"no SIMD level {request.param} for this CPU")
     try:
         yield k
     finally:
-        k.simd(True)
+        k.simd_level(native.SIMD_BEST)
 
 
 def test_the_kernels_are_built_where_a_c_compiler_is() -> None:
@@ -326,10 +327,10 @@ def _packed_case(fmt: str, rows: int, cols: int) -> tuple[PackedWeight, dict[str
                 "scale": torch.empty(rows, -(-cols // 16), dtype=torch.float8_e4m3fn),
                 "global": torch.empty(1)}  # fmt: skip
         scheme = PackedScheme("nvfp4", 16, divide=fmt == "nvfp4-ct")
-    else:  # "int4-sym-bf16", "int4-asym-f32", "int8-sym-bf16"
-        _, kind, scale = fmt.split("-")
+    else:  # "int4-sym-bf16", "int4-asym-f32", "int8-sym-bf16", "int4-asym-bf16-g128" (groups of 64 unless said)
+        _, kind, scale, *size = fmt.split("-")
         bits, dtype = int(fmt[3]), {"bf16": torch.bfloat16, "f32": torch.float32}[scale]
-        group = 64
+        group = int(size[0][1:]) if size else 64
         like = {"codes": torch.empty(rows, -(-cols * bits // 32), dtype=torch.int32),
                 "scale": torch.empty(rows, -(-cols // group), dtype=dtype),
                 "shape": torch.tensor([rows, cols])}  # fmt: skip
@@ -339,30 +340,52 @@ def _packed_case(fmt: str, rows: int, cols: int) -> tuple[PackedWeight, dict[str
     return w, packed.requantize(w, w0, like, keep_scales=False).parts, w0
 
 
-LOWBIT = ["mxfp4", "nvfp4-ct", "nvfp4-modelopt", "int4-sym-bf16", "int4-asym-f32", "int8-sym-bf16"]
+LOWBIT = [
+    "mxfp4",
+    "nvfp4-ct",
+    "nvfp4-modelopt",
+    "int4-sym-bf16",
+    "int4-asym-f32",
+    "int8-sym-bf16",
+    "int4-asym-bf16-g128",
+]
+
+
+def _terms(rows: int, cols: int, size: float, rank: int = 3) -> packed.LowRank:
+    """Random terms whose delta is about ``size`` times the norm of _packed_case's values."""
+    g = torch.Generator().manual_seed(7 * rows + cols)
+    return packed.LowRank(torch.randn(rows, rank, generator=g) * (0.02 * size / max(rank, 1) ** 0.5),
+                          torch.randn(rank, cols, generator=g))  # fmt: skip
+
+
+def _torch_delta(terms: packed.LowRank) -> torch.Tensor:
+    return packed._torch_delta(terms.left, terms.right, torch.empty(terms.left.shape[0], terms.right.shape[1]))
 
 
 @pytest.mark.parametrize("fmt", LOWBIT)
 @pytest.mark.parametrize("rule", ["nearest", "stochastic"])
 @pytest.mark.parametrize("size", [0.003, 0.3])
-def test_a_packed_merge_gives_the_bytes_of_the_torch_passes(kernels, fmt: str, rule: str, size: float) -> None:
-    """requantize_native (the base decoded, the delta added, requantized with the scales kept where they fit, the
-    rows spread over the cores) writes the codes, scales and zero points of packed.requantize, by
-    both rules (stochastic: the same draws), at a small delta (scales kept) and a large one (many
-    groups rescaled); and reports its kept sums."""
-    cols = 96 if fmt.startswith("mx") else 200
-    w, parts, _ = _packed_case(fmt, 37, cols)
-    g = torch.Generator().manual_seed(7)
-    delta = torch.randn(37, 3, generator=g) @ torch.randn(3, cols, generator=g) * (0.02 * size / 3**0.5)
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_packed_merge_gives_the_bytes_of_the_torch_passes(kernels, fmt: str, rule: str, size: float,
+                                                            wide: bool) -> None:  # fmt: skip
+    """requantize_native (the delta formed from the terms, the base decoded and the delta added,
+    requantized with the scales kept where they fit, the rows spread over the cores) writes the
+    codes, scales and zero points of packed.requantize, by both rules (stochastic: the same draws),
+    at a small delta (scales kept) and a large one (many groups rescaled), on rows of one chunk
+    and of several (a short one last); and reports its kept sums."""
+    cols = (1056 if wide else 96) if fmt.startswith("mx") else (1100 if wide else 200)
+    rows = 11 if wide else 37
+    w, parts, _ = _packed_case(fmt, rows, cols)
+    terms = _terms(rows, cols, size, rank=17 if wide else 3)
     key = 0xBEEF if rule == "stochastic" else None
     before = packed.dequantize(w, parts)
     try:
-        slow = packed.requantize(w, before + delta, parts, before=before, key=key, row0=64)
+        slow = packed.requantize(w, before + _torch_delta(terms), parts, before=before, key=key, row0=64)
     except packed.NeedsFreshScales:  # the tensor scale no longer serves: the kernels say so too
         with pytest.raises(packed.NeedsFreshScales):
-            packed.requantize_native(w, parts, delta, key=key, row0=64)
+            packed.requantize_native(w, parts, terms, key=key, row0=64)
         return
-    fast = packed.requantize_native(w, parts, delta, key=key, row0=64)
+    fast = packed.requantize_native(w, parts, terms, key=key, row0=64)
     assert fast is not None
     assert fast.parts.keys() == slow.parts.keys()
     for role, t in slow.parts.items():
@@ -377,6 +400,20 @@ def test_a_packed_merge_gives_the_bytes_of_the_torch_passes(kernels, fmt: str, r
     assert changed > 0 or size < 0.1  # the large delta takes the quantizer's new scales somewhere
 
 
+@pytest.mark.parametrize(("rows", "rank", "cols"), [(37, 5, 200), (3, 16, 1100), (40, 1, 64), (5, 0, 70)])
+def test_the_kernels_delta_is_the_torch_sum_term_by_term(kernels, rows: int, rank: int, cols: int) -> None:
+    """LowRank.delta by the kernels (rows split across the cores; blocks of 64 columns and the rest)
+    gives the bytes of the torch passes' sum, signed zeros included; and is the product within a
+    float32 sum's rounding."""
+    terms = _terms(rows, cols, 1.0, rank)
+    if rank:
+        terms.left[0] = 0.0  # products of -0 and +0: their sum from +0 is +0
+        terms.right[0, :7] = -terms.right[0, :7].abs()
+    fast, slow = terms.delta(), _torch_delta(terms)
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+    torch.testing.assert_close(fast.double(), terms.left.double() @ terms.right.double(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("fmt", LOWBIT)
 def test_the_packed_decode_is_the_torch_dequantization(monkeypatch, kernels, fmt: str) -> None:
     w, parts, _ = _packed_case(fmt, 37, 96 if fmt.startswith("mx") else 200)
@@ -387,11 +424,11 @@ def test_the_packed_decode_is_the_torch_dequantization(monkeypatch, kernels, fmt
 
 def test_a_packed_merge_that_is_not_finite_or_needs_a_new_tensor_scale_is_left_to_torch(kernels) -> None:
     w, parts, _ = _packed_case("int4-sym-bf16", 37, 200)
-    delta = torch.zeros(37, 200)
-    delta[4, 7] = float("nan")
-    assert packed.requantize_native(w, parts, delta, key=None) is None
+    terms = _terms(37, 200, 0.01)
+    terms.left[4, 1] = float("nan")
+    assert packed.requantize_native(w, parts, terms, key=None) is None
     w, parts, w0 = _packed_case("nvfp4-ct", 37, 200)
-    grow = packed.dequantize(w, parts) * 999.0  # past what the tensor scale serves
+    grow = packed.LowRank(packed.dequantize(w, parts) * 999.0, torch.eye(200))  # past what the tensor scale serves
     with pytest.raises(packed.NeedsFreshScales):
         packed.requantize(w, packed.dequantize(w, parts) * 1000.0, parts)
     with pytest.raises(packed.NeedsFreshScales):
@@ -400,12 +437,13 @@ def test_a_packed_merge_that_is_not_finite_or_needs_a_new_tensor_scale_is_left_t
 
 def test_packed_weights_the_kernels_do_not_take_go_to_torch(kernels) -> None:
     w, parts, _ = _packed_case("int4-sym-bf16", 37, 200)
+    none = _terms(37, 200, 0.0)
     parts16 = dict(parts, scale=parts["scale"].to(torch.float16))
-    assert packed.requantize_native(w, parts16, torch.zeros(37, 200), key=None) is None  # a float16 scale
+    assert packed.requantize_native(w, parts16, none, key=None) is None  # a float16 scale
     gidx = dict(parts, g_idx=torch.arange(200) // 64)
-    assert packed.requantize_native(w, gidx, torch.zeros(37, 200), key=None) is None  # activation order
+    assert packed.requantize_native(w, gidx, none, key=None) is None  # activation order
     stray = dict(parts, zero=torch.zeros(5, 4, dtype=torch.int32))  # zero points, the scheme symmetric
-    assert packed.requantize_native(w, stray, torch.zeros(37, 200), key=None) is None
+    assert packed.requantize_native(w, stray, none, key=None) is None
 
 
 def test_packed_kernels_that_disagree_with_torch_are_not_used(monkeypatch, kernels) -> None:
@@ -413,8 +451,8 @@ def test_packed_kernels_that_disagree_with_torch_are_not_used(monkeypatch, kerne
     assert packed._agrees(kernels)
     encode = native.Fp8Kernels.lowbit_encode
 
-    def off_by_one_code(self, spec, delta, row0, base, out, **kw):  # type: ignore[no-untyped-def]
-        answer = encode(self, spec, delta, row0, base, out, **kw)
+    def off_by_one_code(self, spec, terms, row0, base, out, **kw):  # type: ignore[no-untyped-def]
+        answer = encode(self, spec, terms, row0, base, out, **kw)
         out[0][0, 0] ^= 1  # one code's low bit flipped
         return answer
 
@@ -423,4 +461,4 @@ def test_packed_kernels_that_disagree_with_torch_are_not_used(monkeypatch, kerne
     with pytest.warns(RuntimeWarning, match="disagree with the torch passes"):
         assert packed._kernels() is None
     w, parts, _ = _packed_case("nvfp4-ct", 37, 200)
-    assert packed.requantize_native(w, parts, torch.zeros(37, 200), key=None) is None  # the torch passes, then
+    assert packed.requantize_native(w, parts, _terms(37, 200, 0.0), key=None) is None  # the torch passes, then

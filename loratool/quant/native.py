@@ -43,6 +43,7 @@ class LowBitSpec(ctypes.Structure):
 LOWBIT_FORMATS = {"mxfp4": 0, "nvfp4": 1, "int": 2}  # the C enum
 LOWBIT_SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the integers' scale dtypes the kernel rounds to
 LOWBIT_FRESH, LOWBIT_NONFINITE, LOWBIT_NOMEM = 1, 2, 3  # lt_lowbit_encode's answers besides 0
+SIMD_BEST = 2  # Fp8Kernels.simd_level's highest level
 
 
 class Fp8Kernels:
@@ -53,7 +54,7 @@ class Fp8Kernels:
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 6  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
+    ABI = 7  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
@@ -75,14 +76,21 @@ class Fp8Kernels:
         spec = ctypes.POINTER(LowBitSpec)
         lib.lt_lowbit_decode.argtypes = [spec, p, p, p, i64, p]
         lib.lt_lowbit_decode.restype = i32
-        lib.lt_lowbit_encode.argtypes = [spec, p, i64, i64, p, p, p, p, p, p, i32, i32, ctypes.c_uint32, p]
+        lib.lt_lowbit_encode.argtypes = [spec, p, p, i64, i64, i64, p, p, p, p, p, p, i32, i32, ctypes.c_uint32, p]
         lib.lt_lowbit_encode.restype = i32
+        lib.lt_lowbit_delta.argtypes = [p, p, i64, i64, i64, p]
+        lib.lt_lowbit_delta.restype = None
         self._lib = lib
 
     def simd(self, allow: bool = True) -> bool:
-        """Allow (the default) or forbid the SIMD paths (AVX2 and F16C, where the CPU has them); returns
-        whether they are in use. Forbidden, every element takes the portable C, as on other CPUs."""
-        return bool(self._lib.lt_fp8_simd(int(allow)))
+        """Allow (the default) or forbid the SIMD paths (where the CPU has them); returns whether they
+        are in use. Forbidden, every element takes the portable C, as on other CPUs."""
+        return self.simd_level(SIMD_BEST if allow else 0) > 0
+
+    def simd_level(self, level: int = 2) -> int:
+        """Use SIMD paths up to ``level`` (0: the portable C; 1: AVX2 and F16C; 2: also AVX-512 F, BW,
+        DQ and VL, which the packed passes have) where the CPU has them; returns the level in use."""
+        return int(self._lib.lt_fp8_simd(level))
 
     def check_bf16(self, out: torch.Tensor, ref: torch.Tensor, merged: torch.Tensor, sums: torch.Tensor) -> int:
         """``unmerge --check`` over bfloat16 tensors of one size in one pass: ``sums`` (float64[4]) gets the
@@ -105,20 +113,31 @@ class Fp8Kernels:
         return int(self._lib.lt_lowbit_decode(ctypes.byref(spec), codes.data_ptr(), scale.data_ptr(), z,
                                               out.shape[0], out.data_ptr()))  # fmt: skip
 
-    def lowbit_encode(self, spec: LowBitSpec, delta: torch.Tensor, row0: int, base: tuple[torch.Tensor, ...],
-                      out: tuple[torch.Tensor, ...], *, stream: int | None, sums: torch.Tensor) -> int:  # fmt: skip
+    def lowbit_encode(self, spec: LowBitSpec, terms: tuple[torch.Tensor, torch.Tensor], row0: int,
+                      base: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...], *, stream: int | None,
+                      sums: torch.Tensor) -> int:  # fmt: skip
         """A strip's base (``base`` = (codes, scale, zero or an empty tensor), rows ``row0``.. of the
-        weight) plus ``delta`` (float32 (rows, cols)) requantized with the base's scales kept where
-        they fit, into ``out`` (alike), nearest or stochastically with the key ``stream``, the kept
-        sums added to ``sums`` (float64[3]); returns 0, :data:`LOWBIT_FRESH`, :data:`LOWBIT_NONFINITE`
-        or :data:`LOWBIT_NOMEM` (csrc/lowbit.c)."""
-        _check(delta, *base, *out, sums)
-        (codes, scale, zero), (codes_out, scale_out, zero_out) = base, out
+        weight) plus the delta ``left @ right`` (``terms`` = (left, right), float32 (rows, k) and (k,
+        cols), summed as :meth:`lowbit_delta` sums) requantized with the base's scales kept where they
+        fit, into ``out`` (alike), nearest or stochastically with the key ``stream``, the kept sums
+        added to ``sums`` (float64[3]); returns 0, :data:`LOWBIT_FRESH`, :data:`LOWBIT_NONFINITE` or
+        :data:`LOWBIT_NOMEM` (csrc/lowbit.c)."""
+        (left, right), (codes, scale, zero), (codes_out, scale_out, zero_out) = terms, base, out
+        _check(left, right, *base, *out, sums)
+        assert left.dtype == right.dtype == torch.float32 and left.shape[1] == right.shape[0]
         z, z_out = (zero.data_ptr(), zero_out.data_ptr()) if zero.numel() else (None, None)
-        return int(self._lib.lt_lowbit_encode(ctypes.byref(spec), delta.data_ptr(), delta.shape[0], row0,
-                                              codes.data_ptr(), scale.data_ptr(), z, codes_out.data_ptr(),
-                                              scale_out.data_ptr(), z_out, 1, int(stream is not None),
-                                              stream or 0, sums.data_ptr()))  # fmt: skip
+        return int(self._lib.lt_lowbit_encode(ctypes.byref(spec), left.data_ptr(), right.data_ptr(), left.shape[1],
+                                              codes.shape[0], row0, codes.data_ptr(), scale.data_ptr(), z,
+                                              codes_out.data_ptr(), scale_out.data_ptr(), z_out, 1,
+                                              int(stream is not None), stream or 0, sums.data_ptr()))  # fmt: skip
+
+    def lowbit_delta(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` (float32 (rows, cols)) = ``left @ right`` ((rows, k) @ (k, cols)), each element the
+        sum of its k products, each rounded, added in order from zero: the encode pass's delta."""
+        _check(left, right, out)
+        assert left.dtype == right.dtype == out.dtype == torch.float32
+        assert left.shape[1] == right.shape[0] and out.shape == (left.shape[0], right.shape[1])
+        self._lib.lt_lowbit_delta(left.data_ptr(), right.data_ptr(), left.shape[1], *out.shape, out.data_ptr())
 
     @staticmethod
     def handles(dtype: torch.dtype) -> bool:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..host import available_cores
+from ..math.linalg import RowFactors
 from . import fp4, intpack, native
 from .layout import READ_ONLY, PackedWeight
 from .rounding import E2M1, GridLike, Kept, Subspace, round_subspace, round_to_grid, uniforms
@@ -59,6 +61,49 @@ def logical(w: PackedWeight, stored: torch.Tensor) -> torch.Tensor:
 def to_stored(w: PackedWeight, values: torch.Tensor) -> torch.Tensor:
     """A logical weight (one expert's) in the stored orientation, contiguous."""
     return (values.T if w.transposed else values).contiguous()
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A weight's terms as one product, delta = ``left @ right``: (rows, k) @ (k, cols), float32, the
+    terms' factors folded into ``left``. :meth:`delta` sums each element's k products in their order,
+    each rounded, from zero, as the compiled kernels do when they form the delta themselves (its
+    rounding is a sum's, as a matrix product's is, but fixed: both paths give the same bytes)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @classmethod
+    def of(cls, factors: Sequence[RowFactors]) -> LowRank:
+        """The terms ``factor * left @ right`` (each (rows, r) @ (r, cols)) as one product."""
+        left = torch.cat([(f.left.float() * f.factor) for f in factors], dim=1)
+        right = torch.cat([f.right.float() for f in factors], dim=0)
+        return cls(left.contiguous(), right.contiguous())
+
+    def rows(self, start: int, stop: int) -> LowRank:
+        """The terms of rows ``start:stop``."""
+        return LowRank(self.left[start:stop], self.right)
+
+    def delta(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 (rows, cols): by the compiled kernels on the CPU (rows split across the cores), else
+        in torch passes, one a term."""
+        if out is None:
+            out = self.left.new_empty(self.left.shape[0], self.right.shape[1])
+        kernels = _kernels() if out.device.type == "cpu" and out.is_contiguous() else None
+        if kernels is None:
+            return _torch_delta(self.left, self.right, out)
+        step = -(-out.shape[0] // available_cores())
+        spans = [slice(i, min(out.shape[0], i + step)) for i in range(0, out.shape[0], step)] or [slice(0, 0)]
+        native.run_parts(lambda r: kernels.lowbit_delta(self.left[r], self.right, out[r]), spans)
+        return out
+
+
+def _torch_delta(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """LowRank.delta's sum in torch passes: each term's products (rounded) added in order, from zero."""
+    out.zero_()
+    for t in range(left.shape[1]):
+        out.add_(left[:, t : t + 1] * right[t])
+    return out
 
 
 @dataclass
@@ -156,14 +201,14 @@ def requantize(
 
 
 def requantize_native(
-    w: PackedWeight, like: Parts, delta: torch.Tensor, *, key: int | None, row0: int = 0
+    w: PackedWeight, like: Parts, terms: LowRank, *, key: int | None, row0: int = 0
 ) -> Requantized | None:
-    """:func:`requantize` with ``keep_scales`` of ``dequantize(w, like) + delta`` (``delta`` float32
-    (rows, cols), stored orientation, contiguous), nearest or with the stream ``key``, by the
-    compiled kernels in one pass (csrc/lowbit.c: the same bytes; the kept sums in another order),
-    the rows split across the cores. None where the kernels are not built or do not take this
-    weight (GPTQ and AWQ, activation order, a float16 scale, a tensor not on the CPU), or where a
-    merged value is not finite: then the torch passes, which say where.
+    """:func:`requantize` with ``keep_scales`` of ``dequantize(w, like) + terms.delta()`` (stored
+    orientation), nearest or with the stream ``key``, by the compiled kernels in one pass that forms
+    the delta too (csrc/lowbit.c: the same bytes; the kept sums in another order), the rows split
+    across the cores. None where the kernels are not built or do not take this weight (GPTQ and AWQ,
+    activation order, a float16 scale, a tensor not on the CPU), or where a merged value is not
+    finite: then the torch passes, which say where.
 
     Raises:
         NeedsFreshScales: as :func:`requantize`.
@@ -171,20 +216,22 @@ def requantize_native(
     kernels, spec = _kernels(), _native_spec(w, like)
     if kernels is None or spec is None:
         return None
-    if delta.device.type != "cpu" or delta.dtype != torch.float32 or not delta.is_contiguous():
+    left, right = terms.left, terms.right
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in (left, right)):
         return None
-    return _requantize_with(kernels, spec, w, like, delta, key, row0)
+    return _requantize_with(kernels, spec, w, like, terms, key, row0)
 
 
 def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: PackedWeight, like: Parts,
-                     delta: torch.Tensor, key: int | None, row0: int) -> Requantized | None:  # fmt: skip
+                     terms: LowRank, key: int | None, row0: int) -> Requantized | None:  # fmt: skip
     codes, scale, zero, spans = _native_inputs(w, like, spec)
     codes_out, scale_out, zero_out = torch.empty_like(codes), torch.empty_like(scale), torch.empty_like(zero)
     sums = torch.zeros(len(spans), 3, dtype=torch.float64)
 
     def part(i: int) -> int:
         rows, z = spans[i], zero[spans[i]] if zero.numel() else zero
-        return kernels.lowbit_encode(spec, delta[rows], row0 + rows.start, (codes[rows], scale[rows], z),
+        return kernels.lowbit_encode(spec, (terms.left[rows], terms.right), row0 + rows.start,
+                                     (codes[rows], scale[rows], z),
                                      (codes_out[rows], scale_out[rows], zero_out[rows] if zero.numel() else zero_out),
                                      stream=key, sums=sums[i])  # fmt: skip
 
@@ -247,7 +294,12 @@ def _agrees(kernels: native.Fp8Kernels) -> bool:
 
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(9, 80, generator=g) * 0.02
-    delta = torch.randn(9, 80, generator=g) * 0.004
+    terms = LowRank(torch.randn(9, 5, generator=g) * 0.002, torch.randn(5, 80, generator=g))
+    delta = _torch_delta(terms.left, terms.right, torch.empty(9, 80))
+    fast_delta = torch.empty(9, 80)
+    kernels.lowbit_delta(terms.left, terms.right, fast_delta)
+    if not torch.equal(fast_delta, delta):
+        return False
     cases = [
         ("mxfp4", {"codes": torch.empty(9, 3, 16, dtype=torch.uint8), "scale": torch.empty(9, 3, dtype=torch.uint8)}),
         ("nvfp4", {"codes": torch.empty(9, 40, dtype=torch.uint8),
@@ -266,7 +318,7 @@ def _agrees(kernels: native.Fp8Kernels) -> bool:
         if kernels.lowbit_decode(spec, codes, scale, zero, out) or not torch.equal(out, before):
             return False
         for key in (None, 0x5EED):
-            fast = _requantize_with(kernels, spec, w, parts, delta, key, 3)
+            fast = _requantize_with(kernels, spec, w, parts, terms, key, 3)
             slow = requantize(w, before + delta, parts, before=before, key=key, row0=3)
             same = fast is not None and all(torch.equal(fast.parts[r].view(torch.uint8), t.view(torch.uint8))
                                             for r, t in slow.parts.items())  # fmt: skip

@@ -211,24 +211,31 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 
 class BackgroundWriter:
-    """Hands ``write`` calls to a thread, up to ``depth`` tensors behind, so that writing (and
-    flushing) one tensor overlaps computing the next. Errors surface on the next call."""
+    """Hands ``write`` calls to a thread, up to ``depth`` computed tensors behind, so that writing (and
+    flushing) one tensor overlaps computing the next; tensors passed on as read (``borrowed``: views
+    of the input's pages, no memory of ours) queue beyond that, so that the writer copies them while
+    the next results are computed. Errors surface on the next call."""
 
     def __init__(self, writer: _Writer, depth: int = 2, pool: BufferPool | None = None) -> None:
         self._writer = writer
         self._pool = pool
-        self._queue: queue.Queue[tuple[str, torch.Tensor, torch.dtype | None, bool] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.SimpleQueue[tuple[str, torch.Tensor, torch.dtype | None, bool, bool] | None]
+        self._queue = queue.SimpleQueue()
+        self._room = threading.Semaphore(depth)  # computed tensors queued or being written, at most depth
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="loratool-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
+            name, tensor, dtype, recycle, borrowed = item
             if self._error is None:
                 try:
-                    self._write(*item)
+                    self._write(name, tensor, dtype, recycle)
                 except BaseException as e:  # handed to the caller on its next call
                     self._error = e
+            if not borrowed:
+                self._room.release()
 
     def _write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None, recycle: bool) -> None:
         import torch
@@ -251,12 +258,21 @@ class BackgroundWriter:
             raise self._error
 
     def write(
-        self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None, *, recycle: bool = False
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        dtype: torch.dtype | None = None,
+        *,
+        recycle: bool = False,
+        borrowed: bool = False,
     ) -> None:
         """Queue ``tensor`` (cast to ``dtype`` on the writer thread, if given) for writing;
-        ``recycle``: ``tensor`` came from the pool and goes back to it once written."""
+        ``recycle``: ``tensor`` came from the pool and goes back to it once written; ``borrowed``: it
+        is the input's own (it does not count against ``depth``)."""
         self._raise()
-        self._queue.put((name, tensor, dtype, recycle))
+        if not borrowed:
+            self._room.acquire()
+        self._queue.put((name, tensor, dtype, recycle, borrowed))
 
     def close(self) -> None:
         self._queue.put(None)

@@ -94,7 +94,7 @@ class Stream:
             try:
                 for key, w_in, w32 in stream(self._read, keys, desc=desc, show=show):
                     w, out_dtype, pooled = self._result(key, w_in, w32)
-                    writer.write(key, w, out_dtype, recycle=pooled)
+                    writer.write(key, w, out_dtype, recycle=pooled, borrowed=w is w_in and w_in.device.type == "cpu")
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -281,21 +281,26 @@ class Stream:
         return written
 
     def _packed_requantized(self, w: PackedWeight, expert: int | None) -> packed.Parts:
-        """One weight (or expert) dequantized, the terms added, requantized in its format by the rule,
-        a strip of rows at a time (rows round independently; temporaries of a strip's size, reused,
-        where a weight's would cost more in fresh pages than in arithmetic); the whole weight at
-        once where NVFP4 needs a new tensor scale."""
+        """One weight (or expert) dequantized, the terms added, requantized in its format by the rule:
+        by the compiled kernels in one pass where they take it (they form the delta too, a chunk of a
+        row at a time), else in torch passes a strip of rows at a time (rows round independently;
+        temporaries of a strip's size, reused, where a weight's would cost more in fresh pages than
+        in arithmetic); the whole weight at once where NVFP4 needs a new tensor scale."""
         parts = self._parts(w, expert)
         name = w.name if expert is None else f"{w.name}.{expert}"
         factors = self._stored_factors(w, expert)
+        terms = packed.LowRank.of(factors)
         stream, space = self._rule_for(name, [f.right for f in factors])
         rows = w.rows_cols[0]
         step = packed.strip_rows(w) if space is None else rows  # subspace: a column loop, its overhead per strip
         try:
-            pieces = [self._packed_strip(w, name, parts, factors, start, min(rows, start + step), stream, space)
-                      for start in range(0, rows, step)]  # fmt: skip
+            native = space is None and self.check is None  # the compiled kernels where they take the weight
+            done = packed.requantize_native(w, parts, terms, key=stream) if native else None
+            pieces = [(done.parts, done.kept)] if done is not None else [
+                self._packed_strip(w, name, parts, terms, start, min(rows, start + step), stream, space)
+                for start in range(0, rows, step)]  # fmt: skip
         except packed.NeedsFreshScales:
-            pieces = [self._packed_strip(w, name, parts, factors, 0, rows, stream, space, keep=False)]
+            pieces = [self._packed_strip(w, name, parts, terms, 0, rows, stream, space, keep=False)]
         out = packed.join_rows(w, [p for p, _ in pieces])
         kept = Kept()
         for _, k in pieces:
@@ -303,24 +308,15 @@ class Stream:
         self.requantized.append((name, kept))
         return out
 
-    def _packed_strip(self, w: PackedWeight, name: str, parts: packed.Parts, factors: list[RowFactors], start: int,
+    def _packed_strip(self, w: PackedWeight, name: str, parts: packed.Parts, terms: packed.LowRank, start: int,
                       stop: int, stream: int | None, space: Subspace | None,
                       keep: bool = True) -> tuple[packed.Parts, Kept]:  # fmt: skip
-        """Rows start:stop of a packed weight merged and requantized: their parts and kept sums."""
+        """Rows start:stop of a packed weight merged and requantized in torch passes: their parts and kept sums."""
         sub = packed.rows_of(w, parts, start, stop) if (start, stop) != (0, w.rows_cols[0]) else parts
-
-        def add_terms(delta: torch.Tensor) -> None:
-            for left, right, factor, _ in factors:
-                delta.addmm_(left[start:stop], right, alpha=factor)  # (rows', r) @ (r, cols)
-
-        # the strip's terms in a pooled buffer: fresh pages for every strip cost more than zeroing one
-        delta = self.pool.take((stop - start, w.rows_cols[1]), torch.float32, self.device).zero_()
+        # the strip's delta in a pooled buffer: fresh pages for every strip cost more than reusing one
+        delta = self.pool.take((stop - start, w.rows_cols[1]), torch.float32, self.device)
         try:
-            add_terms(delta)
-            if keep and space is None and self.check is None:  # the compiled kernels where they take the weight
-                done = packed.requantize_native(w, sub, delta, key=stream, row0=start)
-                if done is not None:
-                    return done.parts, done.kept
+            terms.rows(start, stop).delta(out=delta)
             before = packed.dequantize(w, sub)  # (rows', cols) as stored
             merged = before + delta  # as the kernels add them
         finally:

@@ -20,7 +20,7 @@
 #define LT_EXPORT __attribute__((visibility("default")))
 #endif
 
-/* Whether the AVX2 paths are allowed and the CPU has them (fp8.c; lt_fp8_simd switches them). */
+/* The SIMD level allowed and the CPU has: 0 none, 1 AVX2 (and F16C), 2 also AVX-512 (fp8.c; lt_fp8_simd caps it). */
 int lt_simd_usable(void);
 
 static inline uint32_t bits_of(float x) {

@@ -452,14 +452,22 @@ __attribute__((target("avx2"))) static uint32_t max_bits_avx2(const float *w, in
     return max_bits(w + j, n - j, m);
 }
 
-static int simd_allowed = 1;
+static int simd_allowed = 2;
 
-static int simd_usable(void) {
+/* The CPU's SIMD level: 0 none of use, 1 AVX2 and F16C, 2 also AVX-512 (F, BW, DQ, VL: lowbit.c's
+ * variants); capped by lt_fp8_simd. */
+static int simd_level(void) {
     static int known = -1;
-    if (known < 0) known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1 : 0;
-    return known && simd_allowed;
+    if (known < 0) {
+        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1 : 0;
+        if (known && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+            known = 2;
+    }
+    return known < simd_allowed ? known : simd_allowed;
 }
-int lt_simd_usable(void) { return simd_usable(); } /* lowbit.c's too (hidden: not exported) */
+static int simd_usable(void) { return simd_level() > 0; }
+int lt_simd_usable(void) { return simd_level(); } /* lowbit.c's too (hidden: not exported) */
 #define DECODE_RUN (simd_usable() ? decode_run_avx2 : decode_run)
 #define MAX_BITS (simd_usable() ? max_bits_avx2 : max_bits)
 #define ENCODE_RUN (simd_usable() ? encode_run_avx2 : encode_run)
@@ -502,14 +510,14 @@ static void kept_sums(const float *w, const uint8_t *q, const uint8_t *base, int
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
 /* Raised with any change to an entry point's signature or meaning: loratool.quant.native loads only its own. */
-LT_EXPORT int32_t lt_fp8_abi(void) { return 6; } /* lowbit.c's entry points included */
+LT_EXPORT int32_t lt_fp8_abi(void) { return 7; } /* lowbit.c's entry points included */
 
-/* Whether to use the AVX2 and F16C paths where the CPU has both (tests run the portable ones too);
- * returns whether they are used now. */
+/* The highest SIMD level to use where the CPU has it (see simd_level; tests run each, the portable
+ * C too); returns the level used now. */
 LT_EXPORT int32_t lt_fp8_simd(int32_t allow) {
 #ifdef LT_AVX2
     simd_allowed = allow;
-    return simd_usable();
+    return simd_level();
 #else
     (void)allow;
     return 0;

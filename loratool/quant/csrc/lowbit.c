@@ -1,10 +1,12 @@
 /*
  * Packed low-bit merge kernels: MXFP4 and NVFP4 (E2M1 codes, two a byte) and compressed-tensors'
- * pack-quantized integers (4 or 8 bits, consecutive groups), a strip of rows at a time. Decode a
- * weight's codes to float32 (packed.dequantize); requantize base + delta (the terms' sum, torch's
- * addmm) keeping the base's scales wherever a group still fits them, nearest or stochastically,
- * adding the kept sums: the elementwise work of packed.requantize in one pass instead of some
- * thirty. The same bytes as those torch passes (tests/test_native.py); the sums in another order.
+ * pack-quantized integers (4 or 8 bits, consecutive groups), rows at a time. Decode a weight's
+ * codes to float32 (packed.dequantize); requantize base + delta, the delta formed here from the
+ * terms' factors (left @ right, each element's products added in order: packed.LowRank), keeping
+ * the base's scales wherever a group still fits them, nearest or stochastically, adding the kept
+ * sums: the work of a matrix product and of packed.requantize's some thirty elementwise passes in
+ * one pass over each row, its arrays in the first-level cache. The same bytes as those torch
+ * passes (tests/test_native.py); the kept sums in another order.
  *
  * A weight's codes are rows of `row_bytes` bytes, element j in the low nibble of byte j / 2 for
  * even j and the high one for odd j (E2M1 and 4-bit integers alike; an 8-bit integer is byte j).
@@ -18,6 +20,8 @@
 enum { LT_MXFP4 = 0, LT_NVFP4 = 1, LT_INT = 2 };
 enum { LT_OK = 0, LT_FRESH = 1, LT_NONFINITE = 2, LT_NOMEM = 3 }; /* the passes' answers */
 enum { LT_SCALE_F32 = 0, LT_SCALE_BF16 = 1 };                     /* the integers' scale dtype */
+
+#define LT_INLINE static inline __attribute__((always_inline))
 
 /* One weight's layout (loratool.quant.native.LowBitSpec mirrors it field by field). */
 typedef struct {
@@ -73,9 +77,9 @@ static inline float group_scale(const Spec *sp, const NvTables *nv, const void *
 /* requantize's scale for one group of merged values w[j0..j1) (its amax and min/max given): the old
  * one where the group still fits it (keep), else the format's quantizer's. Writes the new scale
  * (and zero point) out and returns the element scale; *fresh set where NVFP4 cannot keep its tensor scale. */
-static float new_scale(const Spec *sp, const NvTables *nv, int64_t k, float amax, float lo, float hi,
-                       const void *scale_in, const int32_t *zero_in, void *scale_out, int32_t *zero_out, int keep,
-                       float *zp, int *fresh) {
+LT_INLINE float new_scale(const Spec *sp, const NvTables *nv, int64_t k, float amax, float lo, float hi,
+                          const void *scale_in, const int32_t *zero_in, void *scale_out, int32_t *zero_out, int keep,
+                          float *zp, int *fresh) {
     if (sp->fmt == LT_MXFP4) {
         uint32_t old = ((const uint8_t *)scale_in)[k];
         uint32_t e = ((bits_of(amax / 6.0f) + 0x007FFFFFu) & 0x7F800000u) >> 23; /* rounded up to a power of two */
@@ -119,38 +123,33 @@ static float new_scale(const Spec *sp, const NvTables *nv, int64_t k, float amax
 static inline int32_t order_key(uint32_t b) { return (int32_t)(b ^ ((uint32_t)((int32_t)b >> 31) & 0x7FFFFFFFu)); }
 static inline float key_float(int32_t k) { return float_of((uint32_t)k ^ ((uint32_t)(k >> 31) & 0x7FFFFFFFu)); }
 
-#define LT_INLINE static inline __attribute__((always_inline))
 
 /* The draw of element j of a row (rounding.uniforms). */
 LT_INLINE float draw(uint32_t row_hash, uint32_t j) {
     return (float)(int32_t)(mix32(row_hash ^ j) >> 8) * 0x1p-24f;
 }
 
-/* A row works in arrays of its length (the codes unpacked, each element's scales, the values), so
- * that every element loop is one long branch-free loop the compiler vectorizes; the groups' own
- * work (ranges, scales) goes a group at a time. */
+/* The decode pass works a row at a time in arrays of its length (the codes unpacked, each element's
+ * scale and zero point), so that its element loop is one long branch-free loop the compiler vectorizes. */
 typedef struct {
-    uint8_t *nib, *code;                            /* the base's codes unpacked, the new ones */
-    float *s_old, *z_old, *s, *z, *base, *merged, *written; /* per element */
+    uint8_t *nib;
+    float *s_old, *z_old;
 } Row;
 
 static void row_free(Row *r) {
     free(r->nib);
-    free(r->code);
     free(r->s_old);
 }
 
 static int row_alloc(Row *r, int64_t cols) {
     size_t n = (size_t)cols + 8;
     r->nib = malloc(n);
-    r->code = malloc(n);
-    r->s_old = malloc(7 * n * sizeof(float));
-    if (!r->nib || !r->code || !r->s_old) {
+    r->s_old = malloc(2 * n * sizeof(float));
+    if (!r->nib || !r->s_old) {
         row_free(r);
         return 0;
     }
-    r->z_old = r->s_old + n, r->s = r->z_old + n, r->z = r->s + n, r->base = r->z + n, r->merged = r->base + n;
-    r->written = r->merged + n;
+    r->z_old = r->s_old + n;
     return 1;
 }
 
@@ -166,6 +165,18 @@ LT_INLINE void unpack_row(const Spec *sp, const uint8_t *restrict row, uint8_t *
     }
 }
 
+/* The same unpacked to 32-bit codes (the encode pass's element loops then hold one type: whole vectors). */
+LT_INLINE void unpack_row32(const Spec *sp, const uint8_t *restrict row, uint32_t *restrict nib) {
+    if (sp->fmt == LT_INT && sp->bits == 8) {
+        for (int64_t j = 0; j < sp->cols; j++) nib[j] = row[j];
+        return;
+    }
+    for (int64_t k = 0; k < (sp->cols + 1) / 2; k++) {
+        nib[2 * k] = row[k] & 0xFu;
+        nib[2 * k + 1] = (uint32_t)row[k] >> 4;
+    }
+}
+
 /* The codes packed back into a row of row_bytes bytes, the padding zero. */
 LT_INLINE void pack_row(const Spec *sp, const uint8_t *restrict code, uint8_t *restrict row) {
     int64_t used = sp->fmt == LT_INT && sp->bits == 8 ? sp->cols : (sp->cols + 1) / 2;
@@ -174,6 +185,18 @@ LT_INLINE void pack_row(const Spec *sp, const uint8_t *restrict code, uint8_t *r
     } else {
         for (int64_t k = 0; k < sp->cols / 2; k++) row[k] = (uint8_t)(code[2 * k] | (code[2 * k + 1] << 4));
         if (sp->cols & 1) row[sp->cols / 2] = code[sp->cols - 1];
+    }
+    memset(row + used, 0, (size_t)(sp->row_bytes - used));
+}
+
+/* 32-bit codes packed back, as pack_row. */
+LT_INLINE void pack_row32(const Spec *sp, const uint32_t *restrict code, uint8_t *restrict row) {
+    int64_t used = sp->fmt == LT_INT && sp->bits == 8 ? sp->cols : (sp->cols + 1) / 2;
+    if (sp->fmt == LT_INT && sp->bits == 8) {
+        for (int64_t j = 0; j < sp->cols; j++) row[j] = (uint8_t)code[j];
+    } else {
+        for (int64_t k = 0; k < sp->cols / 2; k++) row[k] = (uint8_t)(code[2 * k] | (code[2 * k + 1] << 4));
+        if (sp->cols & 1) row[sp->cols / 2] = (uint8_t)code[sp->cols - 1];
     }
     memset(row + used, 0, (size_t)(sp->row_bytes - used));
 }
@@ -198,97 +221,37 @@ LT_INLINE void values_row(const Spec *sp, const uint8_t *restrict nib, const flo
     }
 }
 
-/* Integer codes (offset, unsigned) and the values written for merged values w under scales s (> 0)
- * and zero points z: round(w / s + z) clamped to the grid, nearest or against the draws. */
-LT_INLINE void int_row(const float *restrict w, int64_t n, const float *restrict s, const float *restrict z,
-                       int has_zero, int32_t off, int stochastic, uint32_t row_hash, uint8_t *restrict code,
-                       float *restrict written) {
-    const float glo = -(float)off, ghi = (float)(off - 1);
-    for (int64_t j = 0; j < n; j++) {
-        float x = has_zero ? w[j] / s[j] + z[j] : w[j] / s[j], q;
-        if (stochastic) {
-            float below = floorf(x);
-            q = below + (draw(row_hash, (uint32_t)j) < x - below ? 1.0f : 0.0f);
-        } else {
-            q = rintf(x);
-        }
-        q = q < glo ? glo : (q > ghi ? ghi : q);
-        written[j] = (has_zero ? q - z[j] : q) * s[j];
-        code[j] = (uint8_t)((int32_t)q + off);
-    }
-}
-
-/* The same for E2M1 under element scales s (rounding.round_to_grid with rounding.E2M1): |w / s|
- * clamped to 6, its spacing 2^(field - 128) (0.5 below 2: a power of two, so y = a / spacing is a
- * product and exact), rounded; 0 where the scale is 0 (torch.where(scales > 0, codes, 0)). The code's
- * index from the value's bits: 0.5 is 1, from 1 on (bits >> 22) - 252 (1 -> 2, 1.5 -> 3, ... 6 -> 7). */
-LT_INLINE void e2m1_row(const float *restrict w, int64_t n, const float *restrict s, int stochastic,
-                        uint32_t row_hash, uint8_t *restrict code, float *restrict written) {
-    for (int64_t j = 0; j < n; j++) {
-        const uint32_t live = s[j] > 0.0f ? 0xFFFFFFFFu : 0u;
-        float x = w[j] / (s[j] > 0.0f ? s[j] : 1.0f), a = fabsf(x);
-        a = a < 6.0f ? a : 6.0f;
-        uint32_t field = bits_of(a) >> 23;
-        field = field > 127u ? field : 127u;
-        float spacing = float_of((field - 1u) << 23), y = a * float_of((255u - field) << 23), r;
-        if (stochastic) {
-            float below = floorf(y);
-            r = below + (draw(row_hash, (uint32_t)j) < y - below ? 1.0f : 0.0f);
-        } else {
-            r = rintf(y);
-        }
-        uint32_t mb = bits_of(r * spacing) & live;
-        uint32_t neg = (bits_of(x) >> 31) & live & 1u;
-        int32_t idx = mb >= 0x3F800000u ? (int32_t)(mb >> 22) - 252 : (int32_t)(mb != 0u);
-        written[j] = float_of(mb | (neg << 31)) * s[j];
-        code[j] = (uint8_t)((uint32_t)idx | (neg << 3));
-    }
-}
-
-/* The kept sums of a row, <delta, delta>, <err, delta>, <err, err> (delta = w - b, err = w - written),
- * in eight float lanes over runs of LT_RUN elements, each run added to the double totals. */
+/* The kept sums of n values, <delta, delta>, <err, delta>, <err, err> (delta = w - b, err = w -
+ * written), in sixteen float lanes over runs of LT_RUN elements, each run's lanes added to the
+ * double totals. */
 LT_INLINE void kept_row(const float *restrict w, const float *restrict b, const float *restrict written, int64_t n,
                         double total[3]) {
     for (int64_t j0 = 0; j0 < n; j0 += LT_RUN) {
-        int64_t m = n - j0 < LT_RUN ? n - j0 : LT_RUN, full = m & ~(int64_t)7;
-        float acc[3][8] = {{0.0f}};
-        for (int64_t j = j0; j < j0 + full; j += 8) {
-            for (int l = 0; l < 8; l++) {
-                float delta = w[j + l] - b[j + l], err = w[j + l] - written[j + l];
-                acc[0][l] += delta * delta;
-                acc[1][l] += err * delta;
-                acc[2][l] += err * err;
+        const int64_t m = n - j0 < LT_RUN ? n - j0 : LT_RUN, full = m & ~(int64_t)15;
+        float dd[16] = {0.0f}, ed[16] = {0.0f}, ee[16] = {0.0f};
+        for (int64_t j = j0; j < j0 + full; j += 16) {
+            for (int l = 0; l < 16; l++) {
+                const float delta = w[j + l] - b[j + l], err = w[j + l] - written[j + l];
+                dd[l] = dd[l] + delta * delta;
+                ed[l] = ed[l] + err * delta;
+                ee[l] = ee[l] + err * err;
             }
         }
         for (int64_t j = j0 + full; j < j0 + m; j++) {
-            float delta = w[j] - b[j], err = w[j] - written[j];
-            acc[0][0] += delta * delta;
-            acc[1][0] += err * delta;
-            acc[2][0] += err * err;
+            const float delta = w[j] - b[j], err = w[j] - written[j];
+            dd[0] = dd[0] + delta * delta;
+            ed[0] = ed[0] + err * delta;
+            ee[0] = ee[0] + err * err;
         }
-        for (int t = 0; t < 3; t++)
-            for (int l = 0; l < 8; l++) total[t] += acc[t][l];
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+        for (int l = 0; l < 16; l++) s0 += dd[l], s1 += ed[l], s2 += ee[l];
+        total[0] += s0, total[1] += s1, total[2] += s2;
     }
 }
 
 /* v in x[0..n): a group's scale or zero point for each of its elements. */
 LT_INLINE void fill(float *restrict x, int64_t n, float v) {
     for (int64_t j = 0; j < n; j++) x[j] = v;
-}
-
-/* A group's range: the largest magnitude's bits and the least and greatest values' order keys
- * (in integers: lanes, and no NaN to order); top >= 0x7F800000 where one is not finite. */
-LT_INLINE void group_range(const float *restrict w, int64_t n, uint32_t *top, int32_t *lo, int32_t *hi) {
-    uint32_t t = 0;
-    int32_t l = INT32_MAX, h = INT32_MIN;
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t bits = bits_of(w[j]), a = bits & 0x7FFFFFFFu;
-        int32_t o = order_key(bits);
-        t = a > t ? a : t;
-        l = o < l ? o : l;
-        h = o > h ? o : h;
-    }
-    *top = t, *lo = l, *hi = h;
 }
 
 /* The decode pass: out = the codes of rows decoded (packed.dequantize); NONFINITE where an NVFP4
@@ -318,131 +281,297 @@ LT_INLINE int32_t decode_rows(const Spec *sp, const uint8_t *codes, const void *
     return answer;
 }
 
-/* merged = base + delta, element by element (torch's before + delta); whether every sum is finite. */
-LT_INLINE int add_row(const float *restrict b, const float *restrict d, int64_t n, float *restrict m) {
-    uint32_t top = 0;
-    for (int64_t j = 0; j < n; j++) {
-        m[j] = b[j] + d[j];
-        uint32_t a = bits_of(m[j]) & 0x7FFFFFFFu;
-        top = a > top ? a : top;
+/* ---- the encode pass ------------------------------------------------------------------------- */
+
+/* A row goes through in chunks of whole groups, about LT_CHUNK values, whose float arrays (the
+ * delta, the base's values, the merged values, those written) stay in the first-level cache; each
+ * group's work is done with its scale as a scalar, in loops of the group's length (16, 32 and 128
+ * compiled for their constant trip counts). */
+enum { LT_CHUNK = 512 };
+
+/* d[0..n) = the terms' delta at columns j0.. of one row: the sum over t of lrow[t] * right[t][j],
+ * each product rounded and added in order of t from zero (packed.LowRank.delta's order: the same
+ * bytes). Blocks of 64 columns keep their sums in registers across the terms (the term loop kept
+ * rolled: unrolled, GCC spills the sums). */
+LT_INLINE void delta_run(const float *restrict lrow, const float *restrict right, int64_t k, int64_t cols,
+                         int64_t j0, int64_t n, float *restrict d) {
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+        float acc[64];
+        for (int u = 0; u < 64; u++) acc[u] = 0.0f;
+#pragma GCC unroll 1
+        for (int64_t t = 0; t < k; t++) {
+            const float l = lrow[t];
+            const float *restrict r = right + t * cols + j0 + j;
+            for (int u = 0; u < 64; u++) acc[u] = acc[u] + l * r[u];
+        }
+        for (int u = 0; u < 64; u++) d[j + u] = acc[u];
     }
-    return top < 0x7F800000u;
+    for (; j < n; j++) {
+        float acc = 0.0f;
+        for (int64_t t = 0; t < k; t++) acc = acc + lrow[t] * right[t * cols + j0 + j];
+        d[j] = acc;
+    }
 }
 
-/* The encode pass: rows row0.. of a weight, base + delta (float32, rows x cols), requantized into
- * codes_out and scale_out (zero_out) with the base's codes, scales and zero points kept where they
- * fit (packed.requantize with keep_scales), nearest or stochastically with the stream `key`; adds
- * <delta, delta>, <err, delta>, <err, err> to sums (delta = merged - base, err = merged - written).
- * Returns LT_FRESH where an NVFP4 block needs a scale past e4m3's under the tensor scale,
- * LT_NONFINITE where a merged value is not finite or an NVFP4 scale a NaN code (the outputs are then
- * incomplete), LT_NOMEM. */
-LT_INLINE int32_t encode_rows(const Spec *sp, const float *delta, int64_t rows, int64_t row0,
-                              const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
-                              uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep,
-                              int32_t stochastic, uint32_t key, double *sums) {
-    const int32_t off = sp->fmt == LT_INT ? 1 << (sp->bits - 1) : 0;
-    const int has_zero = zero_in != 0;
+/* A group's base values b = its codes under the scale s_old (and zero point z_old: values_row's
+ * arithmetic), the merged values m = b + d, and their range: the largest magnitude's bits (top >=
+ * 0x7F800000 where one is not finite) and, for the integers, the least and greatest values' order keys. */
+LT_INLINE uint32_t merge_group(int is_int, const uint32_t *restrict nib, const float *restrict d, int64_t n,
+                               float s_old, float z_old, int has_zero, int32_t off, float *restrict b,
+                               float *restrict m, int32_t *lo, int32_t *hi) {
+    uint32_t top = 0;
+    int32_t l = INT32_MAX, h = INT32_MIN;
+    for (int64_t j = 0; j < n; j++) {
+        float v;
+        if (is_int) {
+            float q = (float)((int32_t)nib[j] - off);
+            v = (has_zero ? q - z_old : q) * s_old;
+        } else {
+            uint32_t c = nib[j], mi = c & 7u;
+            float mag = mi < 2u ? (float)(int32_t)mi * 0.5f : float_of((((mi >> 1) + 126u) << 23) | ((mi & 1u) << 22));
+            v = float_of(bits_of(mag) | ((c & 8u) << 28)) * s_old;
+        }
+        b[j] = v;
+        float x = v + d[j];
+        m[j] = x;
+        uint32_t bits = bits_of(x), a = bits & 0x7FFFFFFFu;
+        top = a > top ? a : top;
+        if (is_int) {
+            int32_t o = order_key(bits);
+            l = o < l ? o : l;
+            h = o > h ? o : h;
+        }
+    }
+    *lo = l, *hi = h;
+    return top;
+}
+
+/* A group's merged values m under its new scale s (> 0 for the integers; zero point z): codes and
+ * the values written (into w). E2M1 (rounding.round_to_grid with rounding.E2M1): |m / s| clamped to
+ * 6, its spacing 2^(field - 128) (0.5 below 2: a power of two, so y = a / spacing is a product and
+ * exact), rounded; 0 where the scale is 0 (torch.where(scales > 0, codes, 0)). The code's index from
+ * the value's bits: 0.5 is 1, from 1 on (bits >> 22) - 252 (1 -> 2, 1.5 -> 3, ... 6 -> 7). The
+ * integers: round(m / s + z) clamped to the grid. Nearest, or against the draws of the row's
+ * elements jg.. */
+LT_INLINE void code_group(int is_int, const float *restrict m, int64_t n, float s, float z, int has_zero,
+                          int32_t off, int stochastic, uint32_t row_hash, uint32_t jg, uint32_t *restrict code,
+                          float *restrict w) {
+    if (is_int) {
+        const float glo = -(float)off, ghi = (float)(off - 1);
+        for (int64_t j = 0; j < n; j++) {
+            float x = has_zero ? m[j] / s + z : m[j] / s, q;
+            if (stochastic) {
+                float below = floorf(x);
+                q = below + (draw(row_hash, jg + (uint32_t)j) < x - below ? 1.0f : 0.0f);
+            } else {
+                q = rintf(x);
+            }
+            q = q < glo ? glo : (q > ghi ? ghi : q);
+            w[j] = (has_zero ? q - z : q) * s;
+            code[j] = (uint32_t)((int32_t)q + off);
+        }
+        return;
+    }
+    const uint32_t live = s > 0.0f ? 0xFFFFFFFFu : 0u;
+    const float safe = s > 0.0f ? s : 1.0f;
+    for (int64_t j = 0; j < n; j++) {
+        float x = m[j] / safe, a = fabsf(x);
+        a = a < 6.0f ? a : 6.0f;
+        uint32_t field = bits_of(a) >> 23;
+        field = field > 127u ? field : 127u;
+        float spacing = float_of((field - 1u) << 23), y = a * float_of((255u - field) << 23), r;
+        if (stochastic) {
+            float below = floorf(y);
+            r = below + (draw(row_hash, jg + (uint32_t)j) < y - below ? 1.0f : 0.0f);
+        } else {
+            r = rintf(y);
+        }
+        uint32_t mb = bits_of(r * spacing) & live;
+        uint32_t neg = (bits_of(x) >> 31) & live & 1u;
+        int32_t idx = mb >= 0x3F800000u ? (int32_t)(mb >> 22) - 252 : (int32_t)(mb != 0u);
+        w[j] = float_of(mb | (neg << 31)) * s;
+        code[j] = (uint32_t)idx | (neg << 3);
+    }
+}
+
+/* One group (scale k, n values from column jg of row i): merged, its scale kept or anew
+ * (new_scale), coded. LT_NONFINITE where a merged value is not finite or an NVFP4 scale is a NaN code. */
+LT_INLINE int32_t encode_group(const Spec *sp, const NvTables *nv, int64_t k, int64_t n, uint32_t jg,
+                               const uint32_t *nib, const float *d, float *b, float *m, float *w, uint32_t *code,
+                               const void *scale_in, const int32_t *zero_in, void *scale_out, int32_t *zero_out,
+                               int32_t keep, int is_int, int stochastic, int has_zero, uint32_t row_hash, int *fresh) {
+    const int32_t off = is_int ? 1 << (sp->bits - 1) : 0;
+    if (!is_int && sp->fmt == LT_NVFP4 && (((const uint8_t *)scale_in)[k] & 0x7Fu) == 0x7Fu) return LT_NONFINITE;
+    float z = has_zero ? (float)zero_in[k] : 0.0f;
+    int32_t lo, hi;
+    uint32_t top = merge_group(is_int, nib, d, n, group_scale(sp, nv, scale_in, k), z, has_zero, off, b, m, &lo, &hi);
+    if (top >= 0x7F800000u) return LT_NONFINITE;
+    float s = new_scale(sp, nv, k, float_of(top), key_float(lo), key_float(hi), scale_in, zero_in, scale_out, zero_out,
+                        keep, &z, fresh);
+    code_group(is_int, m, n, s, z, has_zero, off, stochastic, row_hash, jg, code, w);
+    return LT_OK;
+}
+
+/* The groups of one chunk (groups g0..g1 of row i), the common lengths compiled apart. */
+LT_INLINE int32_t encode_chunk(const Spec *sp, const NvTables *nv, int64_t i, int64_t g0, int64_t g1,
+                               const uint32_t *nib, const float *d, float *b, float *m, float *w, uint32_t *code,
+                               const void *scale_in, const int32_t *zero_in, void *scale_out, int32_t *zero_out,
+                               int32_t keep, int is_int, int stochastic, int has_zero, uint32_t row_hash,
+                               int *fresh) {
+    const int64_t base = g0 * sp->group;
+    for (int64_t g = g0; g < g1; g++) {
+        const int64_t j0 = g * sp->group, n = (j0 + sp->group < sp->cols ? j0 + sp->group : sp->cols) - j0;
+        const int64_t k = i * sp->groups + g, c = j0 - base;
+#define LT_GROUP(N)                                                                                              \
+    encode_group(sp, nv, k, N, (uint32_t)j0, nib + j0, d + c, b + c, m + c, w + c, code + j0, scale_in, zero_in, \
+                 scale_out, zero_out, keep, is_int, stochastic, has_zero, row_hash, fresh)
+        int32_t answer = n == 16 ? LT_GROUP(16) : n == 32 ? LT_GROUP(32) : n == 128 ? LT_GROUP(128) : LT_GROUP(n);
+#undef LT_GROUP
+        if (answer != LT_OK) return answer;
+    }
+    return LT_OK;
+}
+
+/* The encode pass: rows row0.. of a weight (`rows` of them) plus the terms' delta, left @ right
+ * (left: these rows' (rows, k) factors, the terms' factors folded in; right: (k, cols); both
+ * float32, row-major), requantized into codes_out and scale_out (zero_out) with the base's codes,
+ * scales and zero points kept where they fit (packed.requantize with keep_scales), nearest or
+ * stochastically with the stream `key`; adds <delta, delta>, <err, delta>, <err, err> to sums
+ * (delta = merged - base, err = merged - written). Returns LT_FRESH where an NVFP4 block needs a
+ * scale past e4m3's under the tensor scale, LT_NONFINITE where a merged value is not finite or an
+ * NVFP4 scale a NaN code (the outputs are then incomplete), LT_NOMEM. */
+LT_INLINE int32_t encode_rows_as(const Spec *sp, const float *left, const float *right, int64_t k, int64_t rows,
+                                 int64_t row0, const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
+                                 uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep, uint32_t key,
+                                 double *sums, const int is_int, const int stochastic, const int has_zero) {
+    const int64_t per = LT_CHUNK / sp->group > 1 ? LT_CHUNK / sp->group : 1, width = per * sp->group;
     int fresh = 0;
     int32_t answer = LT_OK;
     double total[3] = {0.0, 0.0, 0.0};
-    NvTables nv;
+    NvTables nv = {{0.0f}, {0.0f}, 1.0f};
     if (sp->fmt == LT_NVFP4) nv_tables(sp, &nv);
-    Row r;
-    if (!row_alloc(&r, sp->cols)) return LT_NOMEM;
-    for (int64_t i = 0; i < rows && answer == LT_OK; i++) {
-        const float *w = r.merged;
-        uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
-        for (int64_t g = 0; g < sp->groups; g++) { /* the base's scales, for its values */
-            int64_t k = i * sp->groups + g, j0 = g * sp->group;
-            int64_t n = (j0 + sp->group < sp->cols ? j0 + sp->group : sp->cols) - j0;
-            if (sp->fmt == LT_NVFP4 && (((const uint8_t *)scale_in)[k] & 0x7Fu) == 0x7Fu) answer = LT_NONFINITE;
-            fill(r.s_old + j0, n, group_scale(sp, &nv, scale_in, k));
-            if (has_zero) fill(r.z_old + j0, n, (float)zero_in[k]);
-        }
-        unpack_row(sp, codes_in + i * sp->row_bytes, r.nib);
-        if (has_zero)
-            values_row(sp, r.nib, r.s_old, r.z_old, 1, r.base);
-        else
-            values_row(sp, r.nib, r.s_old, r.z_old, 0, r.base);
-        if (!add_row(r.base, delta + i * sp->cols, sp->cols, r.merged)) answer = LT_NONFINITE;
-        if (answer != LT_OK) break;
-        for (int64_t g = 0; g < sp->groups; g++) { /* each group's range, and its scale kept or anew */
-            int64_t k = i * sp->groups + g, j0 = g * sp->group;
-            int64_t n = (j0 + sp->group < sp->cols ? j0 + sp->group : sp->cols) - j0;
-            uint32_t top;
-            int32_t lo, hi;
-            if (n == 16) /* NVFP4's groups, MXFP4's: constant trip counts, whole vectors */
-                group_range(w + j0, 16, &top, &lo, &hi);
-            else if (n == 32)
-                group_range(w + j0, 32, &top, &lo, &hi);
-            else
-                group_range(w + j0, n, &top, &lo, &hi);
-            float z = has_zero ? r.z_old[j0] : 0.0f;
-            float s = new_scale(sp, &nv, k, float_of(top), key_float(lo), key_float(hi), scale_in, zero_in, scale_out,
-                                zero_out, keep, &z, &fresh);
-            fill(r.s + j0, n, s);
-            if (has_zero) fill(r.z + j0, n, z);
-        }
-        if (sp->fmt != LT_INT) {
-            if (stochastic)
-                e2m1_row(w, sp->cols, r.s, 1, row_hash, r.code, r.written);
-            else
-                e2m1_row(w, sp->cols, r.s, 0, row_hash, r.code, r.written);
-        } else if (has_zero) {
-            if (stochastic)
-                int_row(w, sp->cols, r.s, r.z, 1, off, 1, row_hash, r.code, r.written);
-            else
-                int_row(w, sp->cols, r.s, r.z, 1, off, 0, row_hash, r.code, r.written);
-        } else if (stochastic) {
-            int_row(w, sp->cols, r.s, r.z, 0, off, 1, row_hash, r.code, r.written);
-        } else {
-            int_row(w, sp->cols, r.s, r.z, 0, off, 0, row_hash, r.code, r.written);
-        }
-        kept_row(w, r.base, r.written, sp->cols, total);
-        pack_row(sp, r.code, codes_out + i * sp->row_bytes);
+    uint32_t *nib = malloc(((size_t)sp->cols + 8) * 4), *code = malloc(((size_t)sp->cols + 8) * 4);
+    float *d = malloc(4 * ((size_t)width + 16) * sizeof(float));
+    if (!nib || !code || !d) {
+        free(nib), free(code), free(d);
+        return LT_NOMEM;
     }
-    row_free(&r);
+    float *b = d + width + 16, *m = b + width + 16, *w = m + width + 16;
+    for (int64_t i = 0; i < rows && answer == LT_OK; i++) {
+        const uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
+        unpack_row32(sp, codes_in + i * sp->row_bytes, nib);
+        for (int64_t g0 = 0; g0 < sp->groups && answer == LT_OK; g0 += per) {
+            const int64_t g1 = g0 + per < sp->groups ? g0 + per : sp->groups, j0 = g0 * sp->group;
+            const int64_t n = (g1 * sp->group < sp->cols ? g1 * sp->group : sp->cols) - j0;
+            delta_run(left + i * k, right, k, sp->cols, j0, n, d);
+            answer = encode_chunk(sp, &nv, i, g0, g1, nib, d, b, m, w, code, scale_in, zero_in, scale_out, zero_out,
+                                  keep, is_int, stochastic, has_zero, row_hash, &fresh);
+            if (answer == LT_OK) kept_row(m, b, w, n, total);
+        }
+        if (answer == LT_OK) pack_row32(sp, code, codes_out + i * sp->row_bytes);
+    }
+    free(nib), free(code), free(d);
     for (int t = 0; t < 3; t++) sums[t] += total[t];
     return answer != LT_OK ? answer : fresh ? LT_FRESH : LT_OK;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-/* The same two passes compiled for AVX2 (eight lanes; the rounding is IEEE's either way: the same bytes). */
-__attribute__((target("avx2"))) static int32_t decode_rows_avx2(const Spec *sp, const uint8_t *codes,
-                                                                const void *scale, const int32_t *zero, int64_t rows,
-                                                                float *out) {
-    return decode_rows(sp, codes, scale, zero, rows, out);
+/* The encode pass: rows row0.. of a weight (`rows` of them) plus the terms' delta, left @ right
+ * (left: these rows' (rows, k) factors, the terms' factors folded in; right: (k, cols); both
+ * float32, row-major), requantized into codes_out and scale_out (zero_out) with the base's codes,
+ * scales and zero points kept where they fit (packed.requantize with keep_scales), nearest or
+ * stochastically with the stream `key`; adds <delta, delta>, <err, delta>, <err, err> to sums
+ * (delta = merged - base, err = merged - written). Returns LT_FRESH where an NVFP4 block needs a
+ * scale past e4m3's under the tensor scale, LT_NONFINITE where a merged value is not finite or an
+ * NVFP4 scale a NaN code (the outputs are then incomplete), LT_NOMEM. Each kind of weight and rule
+ * is compiled apart (constant arguments), so that no element loop branches on them. */
+LT_INLINE int32_t encode_rows(const Spec *sp, const float *left, const float *right, int64_t k, int64_t rows,
+                              int64_t row0, const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
+                              uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep,
+                              int32_t stochastic, uint32_t key, double *sums) {
+#define LT_ROWS(INT, STOCHASTIC, ZERO)                                                                          \
+    encode_rows_as(sp, left, right, k, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out, \
+                   keep, key, sums, INT, STOCHASTIC, ZERO)
+    if (sp->fmt != LT_INT) return stochastic ? LT_ROWS(0, 1, 0) : LT_ROWS(0, 0, 0);
+    if (zero_in) return stochastic ? LT_ROWS(1, 1, 1) : LT_ROWS(1, 0, 1);
+    return stochastic ? LT_ROWS(1, 1, 0) : LT_ROWS(1, 0, 0);
+#undef LT_ROWS
 }
 
-__attribute__((target("avx2"))) static int32_t encode_rows_avx2(
-    const Spec *sp, const float *delta, int64_t rows, int64_t row0, const uint8_t *codes_in, const void *scale_in,
-    const int32_t *zero_in, uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep,
-    int32_t stochastic, uint32_t key, double *sums) {
-    return encode_rows(sp, delta, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out, keep,
-                       stochastic, key, sums);
+/* out = left @ right by encode_rows's order (rows x cols, float32): the torch passes' delta on the CPU. */
+LT_INLINE void delta_rows(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols, float *out) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j0 = 0; j0 < cols; j0 += LT_CHUNK)
+            delta_run(left + i * k, right, k, cols, j0, cols - j0 < LT_CHUNK ? cols - j0 : LT_CHUNK, out + i * cols + j0);
 }
-#define LT_LOWBIT_AVX2 1
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* The passes compiled for AVX2 (eight lanes) and for AVX-512 (sixteen; an NVFP4 group is one
+ * vector): the rounding is IEEE's either way, so the same bytes. */
+#define LT_AVX2 __attribute__((target("avx2")))
+#if defined(__clang__)
+#define LT_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl")))
+#else /* GCC's tuning for AVX-512 prefers 256-bit vectors unless told */
+#define LT_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")))
+#endif
+#define LT_VARIANTS(ATTR, SUFFIX)                                                                                      \
+    ATTR static int32_t decode_rows##SUFFIX(const Spec *sp, const uint8_t *codes, const void *scale,                   \
+                                            const int32_t *zero, int64_t rows, float *out) {                           \
+        return decode_rows(sp, codes, scale, zero, rows, out);                                                         \
+    }                                                                                                                  \
+    ATTR static int32_t encode_rows##SUFFIX(const Spec *sp, const float *left, const float *right, int64_t k,          \
+                                            int64_t rows, int64_t row0, const uint8_t *codes_in, const void *scale_in, \
+                                            const int32_t *zero_in, uint8_t *codes_out, void *scale_out,               \
+                                            int32_t *zero_out, int32_t keep, int32_t stochastic, uint32_t key,         \
+                                            double *sums) {                                                            \
+        return encode_rows(sp, left, right, k, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out,          \
+                           zero_out, keep, stochastic, key, sums);                                                     \
+    }                                                                                                                  \
+    ATTR static void delta_rows##SUFFIX(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols,  \
+                                        float *out) {                                                                  \
+        delta_rows(left, right, k, rows, cols, out);                                                                   \
+    }
+LT_VARIANTS(LT_AVX2, _avx2)
+LT_VARIANTS(LT_AVX512, _avx512)
+#define LT_SIMD_VARIANTS 1
 #endif
 
 /* out = the codes of `rows` rows decoded; LT_NONFINITE where an NVFP4 scale is a NaN code, LT_NOMEM. */
 LT_EXPORT int32_t lt_lowbit_decode(const Spec *sp, const uint8_t *codes, const void *scale, const int32_t *zero,
                                    int64_t rows, float *out) {
-#ifdef LT_LOWBIT_AVX2
-    if (lt_simd_usable()) return decode_rows_avx2(sp, codes, scale, zero, rows, out);
+#ifdef LT_SIMD_VARIANTS
+    if (lt_simd_usable() >= 2) return decode_rows_avx512(sp, codes, scale, zero, rows, out);
+    if (lt_simd_usable() >= 1) return decode_rows_avx2(sp, codes, scale, zero, rows, out);
 #endif
     return decode_rows(sp, codes, scale, zero, rows, out);
 }
 
 /* See encode_rows; also LT_NOMEM. */
-LT_EXPORT int32_t lt_lowbit_encode(const Spec *sp, const float *delta, int64_t rows, int64_t row0,
-                                   const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
+LT_EXPORT int32_t lt_lowbit_encode(const Spec *sp, const float *left, const float *right, int64_t k, int64_t rows,
+                                   int64_t row0, const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
                                    uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep,
                                    int32_t stochastic, uint32_t key, double *sums) {
-#ifdef LT_LOWBIT_AVX2
-    if (lt_simd_usable())
-        return encode_rows_avx2(sp, delta, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out,
-                                keep, stochastic, key, sums);
+#ifdef LT_SIMD_VARIANTS
+    if (lt_simd_usable() >= 2)
+        return encode_rows_avx512(sp, left, right, k, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out,
+                                  zero_out, keep, stochastic, key, sums);
+    if (lt_simd_usable() >= 1)
+        return encode_rows_avx2(sp, left, right, k, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out,
+                                zero_out, keep, stochastic, key, sums);
 #endif
-    return encode_rows(sp, delta, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out, keep,
-                       stochastic, key, sums);
+    return encode_rows(sp, left, right, k, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out,
+                       keep, stochastic, key, sums);
+}
+
+/* out (rows x cols) = left (rows x k) @ right (k x cols), summed as the encode pass sums the terms. */
+LT_EXPORT void lt_lowbit_delta(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols,
+                               float *out) {
+#ifdef LT_SIMD_VARIANTS
+    if (lt_simd_usable() >= 2)
+        delta_rows_avx512(left, right, k, rows, cols, out);
+    else if (lt_simd_usable() >= 1)
+        delta_rows_avx2(left, right, k, rows, cols, out);
+    else
+#endif
+        delta_rows(left, right, k, rows, cols, out);
 }
