@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import itertools
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -335,17 +337,32 @@ _pool: list[ThreadPoolExecutor] = []
 
 
 def run_parts(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``[fn(x) for x in items]``, the first on this thread and the rest on a shared pool at once
+    """``[fn(x) for x in items]`` on this thread and a shared pool's (one a core besides this one),
+    each taking the next item as it finishes one, so that more items than cores balance the load
     (ctypes and torch let go of the GIL in their calls, so the parts run on separate cores)."""
-    first, *rest = items
-    if not rest:
-        return [fn(first)]
+    todo = list(items)
+    if len(todo) <= 1:
+        return [fn(x) for x in todo]
+    helpers = max(1, available_cores() - 1)
     if not _pool:  # torch on one thread in each worker: the parts are the parallelism
-        workers = max(1, available_cores() - 1)
-        _pool.append(ThreadPoolExecutor(workers, "loratool-part", initializer=torch.set_num_threads, initargs=(1,)))
-    futures = [_pool[0].submit(fn, x) for x in rest]
+        _pool.append(ThreadPoolExecutor(helpers, "loratool-part", initializer=torch.set_num_threads, initargs=(1,)))
+    results: list[R | None] = [None] * len(todo)
+    order = itertools.count()  # next() on it is atomic under the GIL
+    failed = threading.Event()
+
+    def work() -> None:
+        while not failed.is_set() and (i := next(order)) < len(todo):
+            try:
+                results[i] = fn(todo[i])
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [_pool[0].submit(work) for _ in range(min(helpers, len(todo) - 1))]
     try:
-        mine = fn(first)
+        work()
     finally:  # the parts share the caller's buffers: none may still run once this returns or raises
         wait(futures)
-    return [mine, *(f.result() for f in futures)]
+    for f in futures:
+        f.result()  # a worker's exception
+    return results  # type: ignore[return-value]

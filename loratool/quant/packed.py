@@ -92,9 +92,7 @@ class LowRank:
         kernels = _kernels() if out.device.type == "cpu" and out.is_contiguous() else None
         if kernels is None:
             return _torch_delta(self.left, self.right, out)
-        step = -(-out.shape[0] // available_cores())
-        spans = [slice(i, min(out.shape[0], i + step)) for i in range(0, out.shape[0], step)] or [slice(0, 0)]
-        native.run_parts(lambda r: kernels.lowbit_delta(self.left[r], self.right, out[r]), spans)
+        native.run_parts(lambda r: kernels.lowbit_delta(self.left[r], self.right, out[r]), _spans(out.shape[0]))
         return out
 
 
@@ -338,8 +336,15 @@ def _native_inputs(
     scale = parts["scale"].contiguous()
     scale = scale.float() if w.scheme.format == "int" else scale.view(torch.uint8)
     zero = _zero_codes(w, parts) if "zero" in parts else torch.empty(0, dtype=torch.int32)
-    step = -(-rows // available_cores())
-    return codes, scale, zero, [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+    return codes, scale, zero, _spans(rows)
+
+
+def _spans(rows: int, per_core: int = 4, least: int = 64) -> list[slice]:
+    """Rows split into about ``per_core`` spans a core (none under ``least`` rows but one), which
+    :func:`native.run_parts` hands out as the cores come free: an even finish where a core is also
+    busy with reading or writing."""
+    step = max(least, -(-rows // (available_cores() * per_core)))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)] or [slice(0, 0)]
 
 
 def _native_spec(w: PackedWeight, like: Parts) -> native.LowBitSpec | None:

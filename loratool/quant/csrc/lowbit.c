@@ -314,6 +314,43 @@ LT_INLINE void delta_run(const float *restrict lrow, const float *restrict right
     }
 }
 
+enum { LT_ROWS_AT_ONCE = 4 }; /* rows whose deltas are formed together: each load of `right` serves four */
+
+/* delta_run for `nrows` (<= LT_ROWS_AT_ONCE) consecutive rows (their factors lrows, k apart; their
+ * deltas d, ds apart): four rows share each load of right, in blocks of 16 columns whose sixteen
+ * sums a row stay in registers across the terms. The same sums, in the same order, as delta_run. */
+LT_INLINE void delta_block(const float *restrict lrows, int64_t nrows, const float *restrict right, int64_t k,
+                           int64_t cols, int64_t j0, int64_t n, float *restrict d, int64_t ds) {
+    if (nrows != LT_ROWS_AT_ONCE) {
+        for (int64_t i = 0; i < nrows; i++) delta_run(lrows + i * k, right, k, cols, j0, n, d + i * ds);
+        return;
+    }
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        float a0[16], a1[16], a2[16], a3[16];
+        for (int u = 0; u < 16; u++) a0[u] = a1[u] = a2[u] = a3[u] = 0.0f;
+#pragma GCC unroll 1
+        for (int64_t t = 0; t < k; t++) {
+            const float *restrict r = right + t * cols + j0 + j;
+            const float l0 = lrows[t], l1 = lrows[k + t], l2 = lrows[2 * k + t], l3 = lrows[3 * k + t];
+            for (int u = 0; u < 16; u++) {
+                a0[u] = a0[u] + l0 * r[u];
+                a1[u] = a1[u] + l1 * r[u];
+                a2[u] = a2[u] + l2 * r[u];
+                a3[u] = a3[u] + l3 * r[u];
+            }
+        }
+        for (int u = 0; u < 16; u++) {
+            d[j + u] = a0[u];
+            d[ds + j + u] = a1[u];
+            d[2 * ds + j + u] = a2[u];
+            d[3 * ds + j + u] = a3[u];
+        }
+    }
+    if (j < n)
+        for (int64_t i = 0; i < nrows; i++) delta_run(lrows + i * k, right, k, cols, j0 + j, n - j, d + i * ds + j);
+}
+
 /* A group's base values b = its codes under the scale s_old (and zero point z_old: values_row's
  * arithmetic), the merged values m = b + d, and their range: the largest magnitude's bits (top >=
  * 0x7F800000 where one is not finite) and, for the integers, the least and greatest values' order keys. */
@@ -451,25 +488,32 @@ LT_INLINE int32_t encode_rows_as(const Spec *sp, const float *left, const float 
     double total[3] = {0.0, 0.0, 0.0};
     NvTables nv = {{0.0f}, {0.0f}, 1.0f};
     if (sp->fmt == LT_NVFP4) nv_tables(sp, &nv);
-    uint32_t *nib = malloc(((size_t)sp->cols + 8) * 4), *code = malloc(((size_t)sp->cols + 8) * 4);
-    float *d = malloc(4 * ((size_t)width + 16) * sizeof(float));
+    const int64_t stride = sp->cols + 16, ds = width + 16, block = LT_ROWS_AT_ONCE;
+    uint32_t *nib = malloc((size_t)(block * stride) * 4), *code = malloc((size_t)(block * stride) * 4);
+    float *d = malloc((size_t)(block + 3) * (size_t)ds * sizeof(float));
     if (!nib || !code || !d) {
         free(nib), free(code), free(d);
         return LT_NOMEM;
     }
-    float *b = d + width + 16, *m = b + width + 16, *w = m + width + 16;
-    for (int64_t i = 0; i < rows && answer == LT_OK; i++) {
-        const uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
-        unpack_row32(sp, codes_in + i * sp->row_bytes, nib);
+    float *b = d + block * ds, *m = b + ds, *w = m + ds;
+    for (int64_t i0 = 0; i0 < rows && answer == LT_OK; i0 += block) {
+        const int64_t nrows = rows - i0 < block ? rows - i0 : block;
+        for (int64_t r = 0; r < nrows; r++) unpack_row32(sp, codes_in + (i0 + r) * sp->row_bytes, nib + r * stride);
         for (int64_t g0 = 0; g0 < sp->groups && answer == LT_OK; g0 += per) {
             const int64_t g1 = g0 + per < sp->groups ? g0 + per : sp->groups, j0 = g0 * sp->group;
             const int64_t n = (g1 * sp->group < sp->cols ? g1 * sp->group : sp->cols) - j0;
-            delta_run(left + i * k, right, k, sp->cols, j0, n, d);
-            answer = encode_chunk(sp, &nv, i, g0, g1, nib, d, b, m, w, code, scale_in, zero_in, scale_out, zero_out,
-                                  keep, is_int, stochastic, has_zero, row_hash, &fresh);
-            if (answer == LT_OK) kept_row(m, b, w, n, total);
+            delta_block(left + i0 * k, nrows, right, k, sp->cols, j0, n, d, ds);
+            for (int64_t r = 0; r < nrows && answer == LT_OK; r++) {
+                const int64_t i = i0 + r;
+                const uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
+                answer = encode_chunk(sp, &nv, i, g0, g1, nib + r * stride, d + r * ds, b, m, w, code + r * stride,
+                                      scale_in, zero_in, scale_out, zero_out, keep, is_int, stochastic, has_zero,
+                                      row_hash, &fresh);
+                if (answer == LT_OK) kept_row(m, b, w, n, total);
+            }
         }
-        if (answer == LT_OK) pack_row32(sp, code, codes_out + i * sp->row_bytes);
+        for (int64_t r = 0; r < nrows && answer == LT_OK; r++)
+            pack_row32(sp, code + r * stride, codes_out + (i0 + r) * sp->row_bytes);
     }
     free(nib), free(code), free(d);
     for (int t = 0; t < 3; t++) sums[t] += total[t];
@@ -500,9 +544,9 @@ LT_INLINE int32_t encode_rows(const Spec *sp, const float *left, const float *ri
 
 /* out = left @ right by encode_rows's order (rows x cols, float32): the torch passes' delta on the CPU. */
 LT_INLINE void delta_rows(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols, float *out) {
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t j0 = 0; j0 < cols; j0 += LT_CHUNK)
-            delta_run(left + i * k, right, k, cols, j0, cols - j0 < LT_CHUNK ? cols - j0 : LT_CHUNK, out + i * cols + j0);
+    for (int64_t i = 0; i < rows; i += LT_ROWS_AT_ONCE)
+        delta_block(left + i * k, rows - i < LT_ROWS_AT_ONCE ? rows - i : LT_ROWS_AT_ONCE, right, k, cols, 0, cols,
+                    out + i * cols, cols);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
