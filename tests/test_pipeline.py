@@ -40,6 +40,44 @@ def test_background_writer_casts_into_pooled_buffers(tmp_path: Path, recycle: bo
     assert all(torch.equal(out[k], t.to(torch.bfloat16)) for k, t in tensors.items())
 
 
+def test_the_writer_holds_few_computed_tensors_but_queues_borrowed_ones() -> None:
+    """Behind a writer that is still busy, tensors passed on as read (borrowed) queue without limit,
+    while computed ones wait once depth are queued beside the one being written; all are written
+    in order."""
+    import threading
+
+    started, release, written = threading.Event(), threading.Event(), []
+
+    class Slow:
+        def write(self, name: str, tensor: torch.Tensor) -> None:
+            started.set()
+            release.wait()
+            written.append(name)
+
+        def close(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            pass
+
+    writer = BackgroundWriter(Slow(), depth=2)  # type: ignore[arg-type]
+    t = torch.zeros(3)
+    writer.write("first", t, borrowed=True)
+    assert started.wait(5)  # the writer is stuck on it
+    for i in range(20):
+        writer.write(f"b{i}", t, borrowed=True)  # none of these waits
+    for i in range(3):
+        writer.write(f"c{i}", t)  # depth queued, and room for the one to be written
+    blocked = threading.Thread(target=writer.write, args=("c3", t))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()  # a fourth computed tensor waits for room
+    release.set()
+    blocked.join(5)
+    writer.close()
+    assert written == ["first", *(f"b{i}" for i in range(20)), *(f"c{i}" for i in range(4))]
+
+
 def test_a_capped_pool_lets_go_of_sizes_past_its_cap_and_keeps_the_rest() -> None:
     from loratool.stream.pipeline import BufferPool
 

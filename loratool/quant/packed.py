@@ -89,7 +89,9 @@ class LowRank:
         in torch passes, one a term."""
         if out is None:
             out = self.left.new_empty(self.left.shape[0], self.right.shape[1])
-        kernels = _kernels() if out.device.type == "cpu" and out.is_contiguous() else None
+        fit = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                  for t in (self.left, self.right, out))  # fmt: skip
+        kernels = _kernels() if fit else None
         if kernels is None:
             return _torch_delta(self.left, self.right, out)
         native.run_parts(lambda r: kernels.lowbit_delta(self.left[r], self.right, out[r]), _spans(out.shape[0]))

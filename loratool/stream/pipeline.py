@@ -221,7 +221,7 @@ class BackgroundWriter:
         self._pool = pool
         self._queue: queue.SimpleQueue[tuple[str, torch.Tensor, torch.dtype | None, bool, bool] | None]
         self._queue = queue.SimpleQueue()
-        self._room = threading.Semaphore(depth)  # computed tensors queued or being written, at most depth
+        self._room = threading.Semaphore(depth + 1)  # computed tensors queued (depth) and the one being written
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="loratool-writer", daemon=True)
         self._thread.start()
