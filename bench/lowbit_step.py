@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from loratool.quant import packed
+from loratool.quant import native, packed
 from loratool.quant.layout import PackedScheme, PackedWeight
 
 ROWS, COLS = 512, 2048
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    packed.available_cores = lambda: 1  # the compiled passes on one part, this thread: one core each side
+    packed.available_cores = native.available_cores = lambda: 1  # the compiled passes on this thread alone
     if packed._kernels() is None:
         raise SystemExit("the compiled kernels are not built here (no C compiler at install, or LORATOOL_NATIVE=0)")
     g = torch.Generator().manual_seed(0)

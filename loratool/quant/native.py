@@ -341,11 +341,12 @@ def run_parts(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     each taking the next item as it finishes one, so that more items than cores balance the load
     (ctypes and torch let go of the GIL in their calls, so the parts run on separate cores)."""
     todo = list(items)
-    if len(todo) <= 1:
+    helpers = min(available_cores() - 1, len(todo) - 1)
+    if helpers <= 0:
         return [fn(x) for x in todo]
-    helpers = max(1, available_cores() - 1)
     if not _pool:  # torch on one thread in each worker: the parts are the parallelism
-        _pool.append(ThreadPoolExecutor(helpers, "loratool-part", initializer=torch.set_num_threads, initargs=(1,)))
+        workers = max(1, available_cores() - 1)
+        _pool.append(ThreadPoolExecutor(workers, "loratool-part", initializer=torch.set_num_threads, initargs=(1,)))
     results: list[R | None] = [None] * len(todo)
     order = itertools.count()  # next() on it is atomic under the GIL
     failed = threading.Event()
@@ -358,7 +359,7 @@ def run_parts(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
                 failed.set()
                 raise
 
-    futures = [_pool[0].submit(work) for _ in range(min(helpers, len(todo) - 1))]
+    futures = [_pool[0].submit(work) for _ in range(helpers)]
     try:
         work()
     finally:  # the parts share the caller's buffers: none may still run once this returns or raises
