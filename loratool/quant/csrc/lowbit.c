@@ -123,7 +123,6 @@ LT_INLINE float new_scale(const Spec *sp, const NvTables *nv, int64_t k, float a
 static inline int32_t order_key(uint32_t b) { return (int32_t)(b ^ ((uint32_t)((int32_t)b >> 31) & 0x7FFFFFFFu)); }
 static inline float key_float(int32_t k) { return float_of((uint32_t)k ^ ((uint32_t)(k >> 31) & 0x7FFFFFFFu)); }
 
-
 /* The draw of element j of a row (rounding.uniforms). */
 LT_INLINE float draw(uint32_t row_hash, uint32_t j) {
     return (float)(int32_t)(mix32(row_hash ^ j) >> 8) * 0x1p-24f;
@@ -177,19 +176,8 @@ LT_INLINE void unpack_row32(const Spec *sp, const uint8_t *restrict row, uint32_
     }
 }
 
-/* The codes packed back into a row of row_bytes bytes, the padding zero. */
-LT_INLINE void pack_row(const Spec *sp, const uint8_t *restrict code, uint8_t *restrict row) {
-    int64_t used = sp->fmt == LT_INT && sp->bits == 8 ? sp->cols : (sp->cols + 1) / 2;
-    if (sp->fmt == LT_INT && sp->bits == 8) {
-        memcpy(row, code, (size_t)sp->cols);
-    } else {
-        for (int64_t k = 0; k < sp->cols / 2; k++) row[k] = (uint8_t)(code[2 * k] | (code[2 * k + 1] << 4));
-        if (sp->cols & 1) row[sp->cols / 2] = code[sp->cols - 1];
-    }
-    memset(row + used, 0, (size_t)(sp->row_bytes - used));
-}
-
-/* 32-bit codes packed back, as pack_row. */
+/* 32-bit codes packed back into a row of row_bytes bytes (two 4-bit codes a byte, the first low), the
+ * padding zero. */
 LT_INLINE void pack_row32(const Spec *sp, const uint32_t *restrict code, uint8_t *restrict row) {
     int64_t used = sp->fmt == LT_INT && sp->bits == 8 ? sp->cols : (sp->cols + 1) / 2;
     if (sp->fmt == LT_INT && sp->bits == 8) {
