@@ -294,8 +294,8 @@ class Stream:
         rows = w.rows_cols[0]
         step = packed.strip_rows(w) if space is None else rows  # subspace: a column loop, its overhead per strip
         try:
-            native = space is None and self.check is None  # the compiled kernels where they take the weight
-            done = packed.requantize_native(w, parts, terms, key=stream) if native else None
+            compiled = space is None and self.check is None  # the compiled kernels where they take the weight
+            done = packed.requantize_native(w, parts, terms, key=stream) if compiled else None
             pieces = [(done.parts, done.kept)] if done is not None else [
                 self._packed_strip(w, name, parts, terms, start, min(rows, start + step), stream, space)
                 for start in range(0, rows, step)]  # fmt: skip
