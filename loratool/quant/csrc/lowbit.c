@@ -541,9 +541,9 @@ LT_INLINE void delta_rows(const float *left, const float *right, int64_t k, int6
 /* The passes compiled for AVX2 (eight lanes) and for AVX-512 (sixteen; an NVFP4 group is one
  * vector): the rounding is IEEE's either way, so the same bytes. */
 #define LT_AVX2 __attribute__((target("avx2")))
-#if defined(__clang__)
+#if defined(__clang__) || __GNUC__ < 8 /* GCC 8 on prefers 256-bit vectors for AVX-512 unless told */
 #define LT_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl")))
-#else /* GCC's tuning for AVX-512 prefers 256-bit vectors unless told */
+#else
 #define LT_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")))
 #endif
 #define LT_VARIANTS(ATTR, SUFFIX)                                                                                      \
