@@ -400,6 +400,23 @@ def test_a_packed_merge_gives_the_bytes_of_the_torch_passes(kernels, fmt: str, r
     assert changed > 0 or size < 0.1  # the large delta takes the quantizer's new scales somewhere
 
 
+def test_terms_folded_into_one_product_and_none_at_all() -> None:
+    """LowRank.of folds each term's factor into its left half and stacks the terms; with none (an
+    expert no term reaches) it is a product of rank 0, whose delta is zeros."""
+    from loratool.math.linalg import RowFactors
+
+    g = torch.Generator().manual_seed(3)
+    a, b = RowFactors(torch.randn(6, 2, generator=g), torch.randn(2, 9, generator=g), 0.5), RowFactors(
+        torch.randn(6, 3, generator=g), torch.randn(3, 9, generator=g), -2.0)  # fmt: skip
+    terms = packed.LowRank.of([a, b], 6, 9, torch.device("cpu"))
+    assert terms.left.shape == (6, 5) and terms.right.shape == (5, 9)
+    want = 0.5 * a.left.double() @ a.right.double() - 2.0 * b.left.double() @ b.right.double()
+    torch.testing.assert_close(terms.delta().double(), want, rtol=1e-5, atol=1e-6)
+    none = packed.LowRank.of([], 6, 9, torch.device("cpu"))
+    assert none.left.shape == (6, 0) and none.right.shape == (0, 9)
+    assert torch.equal(none.delta(), torch.zeros(6, 9))
+
+
 @pytest.mark.parametrize(("rows", "rank", "cols"), [(37, 5, 200), (3, 16, 1100), (40, 1, 64), (5, 0, 70)])
 def test_the_kernels_delta_is_the_torch_sum_term_by_term(kernels, rows: int, rank: int, cols: int) -> None:
     """LowRank.delta by the kernels (rows split across the cores; blocks of 64 columns and the rest)

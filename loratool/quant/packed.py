@@ -74,11 +74,12 @@ class LowRank:
     right: torch.Tensor
 
     @classmethod
-    def of(cls, factors: Sequence[RowFactors]) -> LowRank:
-        """The terms ``factor * left @ right`` (each (rows, r) @ (r, cols)) as one product."""
-        left = torch.cat([(f.left.float() * f.factor) for f in factors], dim=1)
-        right = torch.cat([f.right.float() for f in factors], dim=0)
-        return cls(left.contiguous(), right.contiguous())
+    def of(cls, factors: Sequence[RowFactors], rows: int, cols: int, device: torch.device) -> LowRank:
+        """The terms ``factor * left @ right`` (each (rows, r) @ (r, cols)) as one product; none (an
+        expert no term reaches), a product of rank 0: a delta of zeros."""
+        left = [f.left.float() * f.factor for f in factors] or [torch.zeros(rows, 0, device=device)]
+        right = [f.right.float() for f in factors] or [torch.zeros(0, cols, device=device)]
+        return cls(torch.cat(left, dim=1).contiguous(), torch.cat(right, dim=0).contiguous())
 
     def rows(self, start: int, stop: int) -> LowRank:
         """The terms of rows ``start:stop``."""

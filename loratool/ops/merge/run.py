@@ -23,11 +23,10 @@ from ...io.logical import RenamedView, model_view
 from ...io.writer import TensorSpec, copy_aux_files
 from ...metadata.provenance import InputHasher, encode, make_record
 from ...quant import native
-from ...quant.layout import Fp8Layout, PackedLayout
 from ...quant.rounding import KEPT_WARNING, NOISE_LIMIT, RULES, Kept, Rounding, Rule, default_rule
 from ...stream.distributed import current
 from .check import RoundTripCheck
-from .plan import Term, files_of_adapter, for_the_base, load_adapters, plan_terms, set_vocab_size, stored_names
+from .plan import files_of_adapter, for_the_base, load_adapters, plan_terms, set_vocab_size, stored_names
 from .quantized import (
     check_conv_terms,
     check_fp8_plan,
@@ -131,10 +130,7 @@ def apply_adapters(
         adapter_files = [f for a, _, _ in loaded if a.path for f in files_of_adapter(Path(a.path))]
         hasher = InputHasher([*ckpt.file_paths(), *adapter_files], enabled=d.is_main)
         drop = fp8.companions if fp8 and dequantize else set()
-        layout = _unchanged_first(
-            _layout(view if dequantize else ckpt, replace, out_dtype, drop=drop),
-            _touched(terms, replace, bias_terms, fp8, low_bit),
-        )
+        layout = _layout(view if dequantize else ckpt, replace, out_dtype, drop=drop)
         if to_fp8:
             assert low_bit is not None
             layout = fp8_specs(layout, low_bit, to_fp8)
@@ -219,30 +215,6 @@ def _layout(
             dt = dtype_name(out_dtype)
         layout.setdefault(info.file, []).append(TensorSpec(info.name, shape, dt))
     return list(layout.items())
-
-
-def _touched(terms: dict[str, list[Term]], replace: dict[str, torch.Tensor], bias_terms: dict[str, Term],
-             fp8: Fp8Layout | None, low_bit: PackedLayout | None) -> set[str]:  # fmt: skip
-    """The stored tensors the merge computes: those with terms or replaced, their FP8 scales and the
-    other parts of their packed weights, and the biases that take terms."""
-    out = set(terms) | set(replace) | set(bias_terms)
-    for key in terms:
-        if fp8 is not None and key in fp8.weights:
-            out.add(fp8.weights[key].scale_key)
-        if low_bit is not None and key in low_bit.weights:
-            out |= set(low_bit.weights[key].parts.values())
-    return out
-
-
-def _unchanged_first(
-    layout: list[tuple[str, list[TensorSpec]]], touched: set[str]
-) -> list[tuple[str, list[TensorSpec]]]:
-    """Each shard's tensors with those the merge leaves as they are first (each group in its input
-    order): the writer copies them while the others are computed, instead of after the last (a
-    single-file Llama ends with its head, a quarter of a 4-bit checkpoint's bytes). The order of a
-    file's data is the writer's choice; its header names every tensor's place."""
-    return [(f, [s for s in specs if s.name not in touched] + [s for s in specs if s.name in touched])
-            for f, specs in layout]  # fmt: skip
 
 
 def _rewrite_index(index: Path, out_dir: Path, layout: list[tuple[str, list[TensorSpec]]]) -> None:

@@ -78,7 +78,13 @@ class Stream:
     def write(self, root: Path, shards: list[tuple[str, list[TensorSpec]]], metadata: dict[str, str], show: bool,
               desc: str) -> None:  # fmt: skip
         # Three stages on three threads: read (prefetch), add the terms (here), and write
-        # (BackgroundWriter, which also rounds to the output dtype where that is left to it).
+        # (BackgroundWriter, which also rounds to the output dtype where that is left to it). In each
+        # shard the tensors written as read come first: the writer copies them while the rest is
+        # computed, instead of after the last result (a single-file Llama ends with its head, a
+        # quarter of a 4-bit checkpoint's bytes). The order of a file's data is the writer's to
+        # choose; its header names every tensor's place, and each shard keeps its tensors.
+        shards = [(f, [s for s in specs if not self._computed(s.name)] + [s for s in specs if self._computed(s.name)])
+                  for f, specs in shards]  # fmt: skip
         writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None), pool=self.pool)
         keys = [s.name for _, specs in shards for s in specs]
         position = {k: i for i, k in enumerate(keys)}
@@ -100,12 +106,26 @@ class Stream:
                 writer.abort()
                 raise
 
+    def _computed(self, key: str) -> bool:
+        """Whether the merge computes ``key`` (else it writes the tensor as read, cast at most)."""
+        return (
+            key in self.terms
+            or key in self.bias_terms
+            or key in self.replace
+            or key in self._pair_of
+            or self._packed(key)
+        )
+
+    def _packed(self, key: str) -> bool:
+        """Whether ``key`` is a packed weight's part computed here, or a packed weight dequantized."""
+        return key in self._group_of or (self.dequantize and self.low_bit is not None and key in self.low_bit.weights)
+
     def _result(self, key: str, w_in: torch.Tensor, w32: torch.Tensor | None) -> tuple[torch.Tensor, torch.dtype, bool]:
         """The result for ``key`` (the input where nothing changes), the dtype to write it in, and
         whether the tensor is the pool's (the writer hands it back once written)."""
         if key in self._pair_of:
             return self._fp8_result(key, w_in)
-        if key in self._group_of or (self.dequantize and self.low_bit is not None and key in self.low_bit.weights):
+        if self._packed(key):
             return self._packed_result(key)
         out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
         if w32 is None and self._blocked(key):
@@ -289,7 +309,7 @@ class Stream:
         parts = self._parts(w, expert)
         name = w.name if expert is None else f"{w.name}.{expert}"
         factors = self._stored_factors(w, expert)
-        terms = packed.LowRank.of(factors)
+        terms = packed.LowRank.of(factors, *w.rows_cols, self.device)
         stream, space = self._rule_for(name, [f.right for f in factors])
         rows = w.rows_cols[0]
         step = packed.strip_rows(w) if space is None else rows  # subspace: a column loop, its overhead per strip
@@ -424,7 +444,7 @@ class Stream:
     def _read(self, key: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         if key in self._later:
             return key, torch.empty(0), None  # its result waits in _stash
-        if key in self._group_of or (self.dequantize and self.low_bit is not None and key in self.low_bit.weights):
+        if self._packed(key):
             return key, torch.empty(0), None  # a packed weight: its parts are read where it is computed
         w = self.replace[key] if key in self.replace else self.ckpt.get(key)
         if self._prefetched(key) and self.device.type == "cuda":  # read and sent here, on the prefetch thread
