@@ -3,9 +3,13 @@
 For matrices with slowly decaying spectra (power laws S_i ~ i^-p, the shape of real fine-tune
 deltas) and planted low-rank-plus-noise ones, print the worst ratio of the randomized relative
 error to the exact SVD's at the same rank, over a grid of oversampling and power iterations,
-with the time each takes relative to the exact SVD.
+with the time each takes relative to the exact SVD; for an even number of iterations also block
+Krylov, which keeps every iterate of half as many (``randomized_svd(krylov=True)``).
 
     python bench/svd_defaults.py [--size 1024]
+
+Then, on Llama-1B-shaped matrices (power-law spectrum 0.5), the time of rank 16 by four power
+iterations and by block Krylov of two steps (the default choice for such thin sketches), best of 3.
 """
 
 from __future__ import annotations
@@ -49,18 +53,37 @@ def main() -> None:
         exact_time[name] = time.perf_counter() - t
         for r in ranks:
             exact_err[name, r] = relative_error(svd, r)
-    print(f"{'oversample':>10} {'n_iter':>6} {'worst err ratio':>16} {'mean time / exact':>18}")
+    print(f"{'oversample':>10} {'n_iter':>6} {'method':>8} {'worst err ratio':>16} {'mean time / exact':>18}")
     for oversample in (4, 8, 16, 32):
         for n_iter in (1, 2, 3, 4, 6):
-            worst, times = 1.0, []
-            for name, m in mats.items():
-                for r in ranks:
-                    t = time.perf_counter()
-                    svd = randomized_svd(m, r, oversample=oversample, n_iter=n_iter, generator=g)
-                    times.append((time.perf_counter() - t) / exact_time[name])
-                    b, a = split_factors(svd, r)
-                    worst = max(worst, residual_error(m.clone(), b, a) / exact_err[name, r])
-            print(f"{oversample:>10} {n_iter:>6} {worst:>16.5f} {sum(times) / len(times):>18.4f}")
+            for krylov in (False, True) if n_iter >= 4 and n_iter % 2 == 0 else (False,):
+                worst, times = 1.0, []
+                for name, m in mats.items():
+                    for r in ranks:
+                        t = time.perf_counter()
+                        svd = randomized_svd(m, r, oversample=oversample, n_iter=n_iter, generator=g, krylov=krylov)
+                        times.append((time.perf_counter() - t) / exact_time[name])
+                        b, a = split_factors(svd, r)
+                        worst = max(worst, residual_error(m.clone(), b, a) / exact_err[name, r])
+                method = "krylov" if krylov else "power"
+                print(f"{oversample:>10} {n_iter:>6} {method:>8} {worst:>16.5f} {sum(times) / len(times):>18.4f}")
+
+    print("\nrank 16, 4 iterations, Llama-1B shapes (power 0.5): ms, best of 3, and error ratio to exact")
+    for shape in ((2048, 2048), (8192, 2048)):
+        s = torch.arange(1, shape[1] + 1, dtype=torch.float32) ** -0.5
+        m = with_spectrum(*shape, s, g)
+        exact = relative_error(exact_svd(m), 16)
+        cells = []
+        for krylov in (False, True):
+            runs = []
+            for _ in range(3):
+                t = time.perf_counter()
+                svd = randomized_svd(m, 16, generator=torch.Generator().manual_seed(1), krylov=krylov)
+                runs.append(time.perf_counter() - t)
+            b, a = split_factors(svd, 16)
+            ratio = residual_error(m.clone(), b, a) / exact
+            cells.append(f"{'krylov' if krylov else 'power'} {min(runs) * 1e3:6.1f} ms ({ratio:.5f})")
+        print(f"  {shape[0]:>5} x {shape[1]:<5} " + "   ".join(cells))
 
 
 if __name__ == "__main__":
