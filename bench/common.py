@@ -16,12 +16,40 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
+# Figures are of a first run: loratool hashes every input for its provenance record. A run whose
+# inputs' digests are kept from an earlier one (loratool.metadata.digests) is measured apart, with
+# ``measure(..., _digests=HOME)`` after ``keep_digests(HOME, ...)``.
+os.environ.setdefault("LORATOOL_DIGEST_CACHE", "0")
 
-def measure(op: str, **kwargs: Any) -> dict[str, Any]:
-    """Run ``loratool.<op>(**kwargs)`` in a fresh process; returns seconds, peak memory, result."""
+
+def keep_digests(home: Path, *paths: Path) -> Path:
+    """Hash every file under ``paths`` into the digest cache under ``home`` (a LORATOOL_HOME), as a
+    first run of loratool on them would: later runs with that home find their digests kept."""
+    from loratool.metadata import digests
+
+    saved = {k: os.environ.get(k) for k in ("LORATOOL_HOME", digests.CACHE_ENV)}
+    os.environ.update({"LORATOOL_HOME": str(home), digests.CACHE_ENV: "1"})
+    try:
+        for p in paths:
+            for f in sorted(p.rglob("*") if p.is_dir() else [p]):
+                if f.is_file():
+                    digests.cached_sha256(f)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return home
+
+
+def measure(op: str, *, _digests: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run ``loratool.<op>(**kwargs)`` in a fresh process; returns seconds, peak memory, result.
+    ``_digests``: a LORATOOL_HOME whose digest cache the run uses (see :func:`keep_digests`)."""
+    env = None if _digests is None else {**os.environ, "LORATOOL_HOME": str(_digests), "LORATOOL_DIGEST_CACHE": "1"}
     out = subprocess.run(
         [sys.executable, str(HERE / "measure.py"), op, json.dumps(kwargs, default=str)],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=env,
     )  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"{op} failed:\n{out.stderr[-3000:]}")
@@ -58,7 +86,7 @@ def read_floor(*paths: Path) -> float:
 def hash_seconds(src: Path) -> float:
     """Seconds to sha256 every file of ``src`` one after another (as loratool hashes its inputs for
     their provenance record), read from the page cache where they lie there."""
-    from loratool.metadata.provenance import sha256_file
+    from loratool.metadata.digests import sha256_file
 
     t = time.perf_counter()
     for f in sorted(src.iterdir()):

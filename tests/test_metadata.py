@@ -203,3 +203,105 @@ def test_input_hasher_hashes_files_side_by_side(tmp_path: Path, monkeypatch) -> 
     got = provenance.InputHasher(files).result()
     assert [r["sha256"] for r in got] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     assert [r["size"] for r in got] == [f.stat().st_size for f in files]
+
+
+@pytest.fixture
+def hash_calls(monkeypatch) -> list[str]:
+    """The files :mod:`loratool.metadata.digests` really hashes; a file written in the test counts
+    as old enough to keep its digest."""
+    from loratool.metadata import digests
+
+    calls: list[str] = []
+    real = digests.sha256_file
+
+    def counted(path) -> str:  # type: ignore[no-untyped-def]
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(digests, "sha256_file", counted)
+    monkeypatch.setattr(digests, "RACY_NS", -10_000_000_000)
+    return calls
+
+
+def test_an_unchanged_input_is_hashed_once(tmp_path: Path, hash_calls: list[str]) -> None:
+    import hashlib
+
+    from loratool.metadata.digests import cached_sha256
+
+    f = tmp_path / "base.safetensors"
+    f.write_bytes(b"weights" * 1000)
+    truth = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert cached_sha256(f) == truth and cached_sha256(f) == truth
+    assert cached_sha256(tmp_path / "." / "base.safetensors") == truth  # the same file by another path
+    assert len(hash_calls) == 1
+
+
+def test_a_rewritten_input_is_hashed_again_even_with_its_old_size_and_mtime(tmp_path: Path, hash_calls) -> None:
+    import hashlib
+    import os
+
+    from loratool.metadata.digests import cached_sha256
+
+    f = tmp_path / "base.safetensors"
+    f.write_bytes(b"a" * 4096)
+    cached_sha256(f)
+    st = f.stat()
+    with open(f, "r+b") as fh:  # same inode, same size; the mtime put back: only the ctime tells
+        fh.write(b"b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cached_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert len(hash_calls) == 2
+
+
+def test_a_freshly_written_input_is_not_kept(tmp_path: Path, monkeypatch) -> None:
+    """A write in the clock tick of the hashing could leave the file's times unchanged."""
+    from loratool.metadata import digests
+
+    f = tmp_path / "base.safetensors"
+    f.write_bytes(b"x" * 100)
+    calls = []
+    real = digests.sha256_file
+    monkeypatch.setattr(digests, "sha256_file", lambda p: calls.append(p) or real(p))
+    digests.cached_sha256(f)
+    digests.cached_sha256(f)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("breakage", ["off", "corrupt database", "home is a file"])
+def test_the_digest_cache_never_fails_a_run(tmp_path: Path, hash_calls, monkeypatch, breakage: str) -> None:
+    import hashlib
+    import os
+
+    from loratool.metadata.digests import CACHE_FILE, cached_sha256
+
+    home = Path(os.environ["LORATOOL_HOME"])
+    if breakage == "off":
+        monkeypatch.setenv("LORATOOL_DIGEST_CACHE", "0")
+    elif breakage == "corrupt database":
+        home.mkdir(parents=True, exist_ok=True)
+        (home / CACHE_FILE).write_bytes(b"not a database" * 100)
+    else:
+        monkeypatch.setenv("LORATOOL_HOME", str(tmp_path / "home-file"))
+        (tmp_path / "home-file").write_text("")
+    f = tmp_path / "base.safetensors"
+    f.write_bytes(b"weights" * 10)
+    truth = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert cached_sha256(f) == truth and cached_sha256(f) == truth
+    assert len(hash_calls) == 2  # hashed each time, and no error
+
+
+def test_a_second_merge_does_not_hash_its_base_again(tmp_path: Path, hash_calls: list[str]) -> None:
+    import hashlib
+
+    from loratool.ops.merge import merge
+
+    for out in ("m1", "m2"):
+        merge(FIXTURES / "llama-base", [FIXTURES / "llama-peft-adapter"], output=tmp_path / out, show_progress=False)
+    with open_checkpoint(tmp_path / "m2") as ck:
+        records = [decode(meta) for meta in ck.metadata.values()]
+    for record in records:
+        assert record is not None
+        for entry in record["inputs"]:
+            assert entry["sha256"] == hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest()
+    weights = [c for c in hash_calls if c.endswith(".safetensors") and "/llama-base/" in c]
+    assert weights and len(weights) == len(set(weights))  # the second merge took them from the cache

@@ -4,8 +4,9 @@ The record is one JSON string under the ``loratool`` key of the safetensors head
 operation, parameters, inputs (path as given, size, sha256), creation time, and the per-module
 report where there is one. ``schemas/provenance.schema.json`` describes it.
 
-Hashing multi-GB inputs is I/O bound, so :class:`InputHasher` does it on a background thread while
-the operation computes; ``hashlib`` releases the GIL on large updates.
+Hashing multi-GB inputs takes seconds, so :class:`InputHasher` does it on a background thread while
+the operation computes (``hashlib`` releases the GIL on large updates), and keeps each file's
+digest for the next run while the file is unchanged (:mod:`loratool.metadata.digests`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import mmap
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,23 +22,10 @@ from typing import Any
 
 from .._version import __version__
 from ..host import available_cores
+from .digests import cached_sha256
 
 PROVENANCE_KEY = "loratool"
 SHA256_PLACEHOLDER = "0" * 64
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 16 * 1024 * 1024) -> str:
-    """The file's sha256, hashed from a memory map: ``read`` would copy every byte out of the page
-    cache first, which costs as much kernel time as the hashing costs user time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
-            for start in range(0, size, chunk):
-                h.update(view[start : start + chunk])
-    return h.hexdigest()
 
 
 def tensors_sha256(names: Iterable[str], get: Callable[[str], Any]) -> str:
@@ -79,7 +66,7 @@ class InputHasher:
         workers = max(1, min(len(self.files), available_cores() // 2))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loratool-sha256")
         self._futures: list[Future[str]] = [
-            self._pool.submit(sha256_file, f) if enabled else _done(SHA256_PLACEHOLDER) for f in self.files
+            self._pool.submit(cached_sha256, f) if enabled else _done(SHA256_PLACEHOLDER) for f in self.files
         ]
         self._pool.shutdown(wait=False)
 
