@@ -61,9 +61,16 @@ def cached_sha256(path: str | os.PathLike[str]) -> str:
     started = time.time_ns()
     digest = sha256_file(real)
     written = max(before[3], before[4])  # mtime, ctime
-    if os.environ.get(CACHE_ENV, "1") != "0" and written < started - RACY_NS and _identity(os.stat(real)) == before:
+    if os.environ.get(CACHE_ENV, "1") != "0" and written < started - RACY_NS and _unchanged(real, before):
         _store(real, before, digest)
     return digest
+
+
+def _unchanged(path: str, identity: Identity) -> bool:
+    try:
+        return _identity(os.stat(path)) == identity
+    except OSError:
+        return False
 
 
 def _identity(st: os.stat_result) -> Identity:
