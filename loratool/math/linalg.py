@@ -209,16 +209,16 @@ def randomized_svd(
 
     ``n_iter`` power iterations, each re-orthonormalized by QR, sharpen a slowly decaying spectrum.
     Where the sketch is thin next to the matrix (the blocks below, together, at most a sixteenth of
-    its smaller side) and ``n_iter`` is even and at least 4, half as many iterations keep every iterate instead
-    (block Krylov: Musco & Musco 2015): one orthonormal basis of ``[A W, (A A^T) A W, ...,
-    (A A^T)^(n_iter / 2) A W]``. That basis holds the last block, all that power iterations keep, and
-    reaches the error of twice as many of them (measured by ``bench/svd_defaults.py`` on power-law
-    spectra and on Llama-1B-shaped matrices: at most as large, or within 3e-4 of it) in 7-18% less
-    time at rank 16 (2048 x 2048 and 8192 x 2048): half the thin products, and one three times as
-    wide. For wider sketches the basis's QR and SVD cost more than the products saved;
-    below 4, one block Krylov step is less accurate than two power iterations. ``krylov`` True or
-    False asks for one or the other (True: ``n_iter // 2`` steps; power iterations where that basis
-    would fill the smaller side).
+    its smaller side) and ``n_iter`` is even and at least 4, half as many iterations keep every
+    iterate instead (block Krylov: Musco & Musco 2015): one orthonormal basis of ``[A W, (A A^T) A W,
+    ..., (A A^T)^(n_iter / 2) A W]``. That basis holds the last block, all that power iterations
+    keep, and reaches the error of twice as many of them (``bench/svd_defaults.py``, on power-law
+    spectra and Llama-1B-shaped matrices: at most as large, or within 3e-4 of it) in 7-18% less time
+    at rank 16 (2048 x 2048 and 8192 x 2048): half the thin products, and one three times as wide.
+    For wider sketches the basis's QR and SVD cost more than the products saved; below 4, one block
+    Krylov step is less accurate than two power iterations. ``krylov`` True or False asks for one or
+    the other (True: ``n_iter // 2`` steps; power iterations where that basis would fill the smaller
+    side).
     Falls back to the exact SVD when ``k + oversample`` reaches the smaller dimension.
     """
     m = matrix.to(torch.float32)

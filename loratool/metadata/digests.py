@@ -1,9 +1,9 @@
 """The sha256 of input files, and a cache of them, so that the same base is not hashed on every run.
 
-Provenance records the sha256 of every input (``DESIGN.md``, Trust). sha256 runs at about 1.3 GB/s
+Provenance records the sha256 of every input (``DESIGN.md``, Trust). sha256 runs at roughly 1 GB/s
 a core on the development machine, so the two 4 GiB checkpoints of a Llama-1B extraction keep one
-of its two cores busy for about 6 s: more than half as long as the extraction itself. Users extract
-and merge against the same base again and again; its digest is worth keeping.
+of its two cores busy for several seconds, while the extraction needs both. Users extract and merge
+against the same base again and again; its digest is worth keeping.
 
 A file's digest is kept in ``LORATOOL_HOME/digests.sqlite3`` (see
 :func:`loratool.registry.home.default_home`) beside what identifies its contents, as git's index
