@@ -225,8 +225,9 @@ def hash_calls(monkeypatch) -> list[str]:
 
 def test_an_unchanged_input_is_hashed_once(tmp_path: Path, hash_calls: list[str]) -> None:
     import hashlib
+    import os
 
-    from loratool.metadata.digests import cached_sha256
+    from loratool.metadata.digests import CACHE_FILE, cached_sha256
 
     f = tmp_path / "base.safetensors"
     f.write_bytes(b"weights" * 1000)
@@ -234,6 +235,8 @@ def test_an_unchanged_input_is_hashed_once(tmp_path: Path, hash_calls: list[str]
     assert cached_sha256(f) == truth and cached_sha256(f) == truth
     assert cached_sha256(tmp_path / "." / "base.safetensors") == truth  # the same file by another path
     assert len(hash_calls) == 1
+    home = Path(os.environ["LORATOOL_HOME"])  # the paths of a user's files are theirs, as the registry keeps them
+    assert home.stat().st_mode & 0o777 == 0o700 and (home / CACHE_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_a_rewritten_input_is_hashed_again_even_with_its_old_size_and_mtime(tmp_path: Path, hash_calls) -> None:

@@ -25,7 +25,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-from ..registry.home import default_home
+from ..registry.home import default_home, make_private_dir
 
 CACHE_ENV = "LORATOOL_DIGEST_CACHE"
 CACHE_FILE = "digests.sqlite3"
@@ -80,8 +80,11 @@ def _identity(st: os.stat_result) -> Identity:
 @contextlib.contextmanager
 def _database() -> Iterator[sqlite3.Connection]:
     home = default_home()
-    home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(home)  # as the registry keeps it: the paths of a user's files are theirs
+    new = not (home / CACHE_FILE).exists()
     db = sqlite3.connect(home / CACHE_FILE, timeout=5.0)
+    if new:
+        os.chmod(home / CACHE_FILE, 0o600)
     try:
         with db:
             db.execute(

@@ -39,7 +39,7 @@ from typing import Any
 
 from ..errors import LoraToolError
 from ..io.atomic import HOST, writer_gone
-from .home import default_home
+from .home import default_home, make_private_dir
 
 SCHEMA_VERSION = 1
 MIGRATIONS: dict[int, str] = {
@@ -121,23 +121,12 @@ def adapter_files(src: Path) -> list[Path]:
 
 
 def _private_dir(path: Path) -> None:
-    """``path`` and its missing parents as folders only their owner can enter (0700); an existing
-    store folder is narrowed to that too."""
-    missing = []
+    """:func:`make_private_dir`, its failure a RegistryError that names the folder."""
     try:
-        while not path.exists() and path != path.parent:
-            missing.append(path)
-            path = path.parent
-        for folder in reversed(missing):  # each one 0700 (mkdir's parents=True makes them by the umask)
-            folder.mkdir(mode=0o700, exist_ok=True)
-        target = missing[0] if missing else path
-        if not target.is_dir():
-            raise NotADirectoryError(f"{target} is not a folder")
-        if target.stat().st_mode & 0o077:
-            os.chmod(target, 0o700)
+        make_private_dir(path)
     except OSError as e:
         raise RegistryError(
-            f"cannot use the registry's folder ({e.strerror or e})", path=str(missing[0] if missing else path),
+            f"cannot use the registry's folder ({e.strerror or e})", path=str(e.filename or path),
             fix="set LORATOOL_HOME to a folder you can write (it is a file, or not yours, now)",
         ) from None  # fmt: skip
 
