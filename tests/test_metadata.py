@@ -235,8 +235,24 @@ def test_an_unchanged_input_is_hashed_once(tmp_path: Path, hash_calls: list[str]
     assert cached_sha256(f) == truth and cached_sha256(f) == truth
     assert cached_sha256(tmp_path / "." / "base.safetensors") == truth  # the same file by another path
     assert len(hash_calls) == 1
-    home = Path(os.environ["LORATOOL_HOME"])  # the paths of a user's files are theirs, as the registry keeps them
-    assert home.stat().st_mode & 0o777 == 0o700 and (home / CACHE_FILE).stat().st_mode & 0o777 == 0o600
+    home = Path(os.environ["LORATOOL_HOME"])
+    assert (home / CACHE_FILE).stat().st_mode & 0o777 == 0o600  # it names the user's files
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_the_digest_cache_home_is_made_private_but_a_chosen_one_left_alone(tmp_path: Path, hash_calls, monkeypatch,
+                                                                           exists: bool) -> None:  # fmt: skip
+    from loratool.metadata.digests import CACHE_FILE, cached_sha256
+
+    home = tmp_path / "parent" / "home"
+    if exists:
+        home.mkdir(parents=True)
+        home.chmod(0o755)
+    monkeypatch.setenv("LORATOOL_HOME", str(home))
+    (tmp_path / "f").write_bytes(b"x")
+    cached_sha256(tmp_path / "f")
+    assert home.stat().st_mode & 0o777 == (0o755 if exists else 0o700)
+    assert (home / CACHE_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_a_rewritten_input_is_hashed_again_even_with_its_old_size_and_mtime(tmp_path: Path, hash_calls) -> None:

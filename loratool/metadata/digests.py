@@ -80,11 +80,11 @@ def _identity(st: os.stat_result) -> Identity:
 @contextlib.contextmanager
 def _database() -> Iterator[sqlite3.Connection]:
     home = default_home()
-    make_private_dir(home)  # as the registry keeps it: the paths of a user's files are theirs
+    make_private_dir(home, narrow=False)  # made 0700 where missing; a folder the user chose is left as it is
     new = not (home / CACHE_FILE).exists()
     db = sqlite3.connect(home / CACHE_FILE, timeout=5.0)
     if new:
-        os.chmod(home / CACHE_FILE, 0o600)
+        os.chmod(home / CACHE_FILE, 0o600)  # it names the user's files
     try:
         with db:
             db.execute(

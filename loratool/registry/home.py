@@ -16,9 +16,10 @@ def default_home() -> Path:
     return Path(cache) / "loratool"
 
 
-def make_private_dir(path: Path) -> None:
+def make_private_dir(path: Path, *, narrow: bool = True) -> None:
     """``path`` and its missing parents as folders only their owner can enter (0700); an existing
-    folder is narrowed to that too. Raises OSError (NotADirectoryError where it is a file)."""
+    folder is narrowed to that too (``narrow``: the registry's store). Raises OSError
+    (NotADirectoryError where it is a file)."""
     missing = []
     while not path.exists() and path != path.parent:
         missing.append(path)
@@ -28,5 +29,5 @@ def make_private_dir(path: Path) -> None:
     target = missing[0] if missing else path
     if not target.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(target))
-    if target.stat().st_mode & 0o077:
+    if narrow and target.stat().st_mode & 0o077:
         os.chmod(target, 0o700)
