@@ -36,7 +36,7 @@ def keep_digests(home: Path, *paths: Path) -> Path:
     try:
         for f in files:
             digests.cached_sha256(f)
-            if digests._lookup(os.path.realpath(f), digests._identity(f.stat())) is None:
+            if digests.kept_sha256(f) is None:
                 raise RuntimeError(f"{f}: its digest was not kept, so a 'digests kept' figure would be a first run's")
     finally:
         for k, v in saved.items():

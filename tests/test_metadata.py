@@ -227,14 +227,15 @@ def test_an_unchanged_input_is_hashed_once(tmp_path: Path, hash_calls: list[str]
     import hashlib
     import os
 
-    from loratool.metadata.digests import CACHE_FILE, cached_sha256
+    from loratool.metadata.digests import CACHE_FILE, cached_sha256, kept_sha256
 
     f = tmp_path / "base.safetensors"
     f.write_bytes(b"weights" * 1000)
+    assert kept_sha256(f) is None
     truth = hashlib.sha256(f.read_bytes()).hexdigest()
     assert cached_sha256(f) == truth and cached_sha256(f) == truth
     assert cached_sha256(tmp_path / "." / "base.safetensors") == truth  # the same file by another path
-    assert len(hash_calls) == 1
+    assert len(hash_calls) == 1 and kept_sha256(f) == truth
     home = Path(os.environ["LORATOOL_HOME"])
     assert (home / CACHE_FILE).stat().st_mode & 0o777 == 0o600  # it names the user's files
 

@@ -55,15 +55,24 @@ def cached_sha256(path: str | os.PathLike[str]) -> str:
         before = _identity(os.stat(real))
     except OSError:
         return sha256_file(path)  # its own error names the file
-    kept = _lookup(real, before) if os.environ.get(CACHE_ENV, "1") != "0" else None
+    enabled = os.environ.get(CACHE_ENV, "1") != "0"
+    kept = _lookup(real, before) if enabled else None
     if kept is not None:
         return kept
     started = time.time_ns()
     digest = sha256_file(real)
     written = max(before[3], before[4])  # mtime, ctime
-    if os.environ.get(CACHE_ENV, "1") != "0" and written < started - RACY_NS and _unchanged(real, before):
+    if enabled and written < started - RACY_NS and _unchanged(real, before):
         _store(real, before, digest)
     return digest
+
+
+def kept_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The digest kept for ``path`` while it is unchanged, or None (nothing kept, or the cache off)."""
+    real = os.path.realpath(path)
+    if os.environ.get(CACHE_ENV, "1") == "0" or not os.path.exists(real):
+        return None
+    return _lookup(real, _identity(os.stat(real)))
 
 
 def _unchanged(path: str, identity: Identity) -> bool:
