@@ -384,3 +384,18 @@ def test_unit_of_rounding_is_the_frexp_formula_bit_for_bit() -> None:
             _, exp = torch.frexp(x.double().clamp_min(torch.finfo(dtype).tiny))
             want = torch.ldexp(torch.ones_like(x.double()), exp - 1 - bits)
             assert torch.equal(unit_of_rounding(x, dtype).double(), want), (wide, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_is_finite_finds_nan_and_inf_in_every_float_dtype(dtype: torch.dtype) -> None:
+    """torch has no isfinite for float8: the elementwise fallback widens those first."""
+    from loratool.math.linalg import is_finite
+
+    x = torch.linspace(-2, 2, 64)
+    assert is_finite(x.to(dtype))
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[17] = bad
+        y = y.to(dtype)
+        if not y[17].float().isfinite():  # e4m3fn has no Inf: torch saturates it to 448
+            assert not is_finite(y), bad

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,23 @@ def test_non_finite_base_is_blamed_on_the_base(tmp_path: Path, cli) -> None:
     )
     _refused(cli, tmp_path, ["merge", base, adapter],
              "tensor 'model.layers.1.mlp.down_proj.weight': the base checkpoint holds NaN or Inf")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)  # the compiled check, torch's
+def test_non_finite_check_base_is_refused(tmp_path: Path, cli, dtype: torch.dtype) -> None:
+    """A NaN in --check BASE made the relative difference NaN, the largest one pass it by, and --json
+    fail to serialize; it is bad input, named."""
+    base, adapter = make(tmp_path, "llama", dtype)
+    merge(base, [adapter], output=tmp_path / "m", show_progress=False)
+    reference = tmp_path / "reference"
+    shutil.copytree(base, reference)
+    edit_tensors(
+        reference / "model.safetensors",
+        lambda ts: ts["model.layers.1.mlp.down_proj.weight"].__setitem__((0, 0), float("nan")),
+    )
+    for json_flag in ([], ["--json"]):
+        _refused(cli, tmp_path, ["unmerge", tmp_path / "m", adapter, "--check", reference, *json_flag],
+                 "tensor 'model.layers.1.mlp.down_proj.weight': --check BASE holds NaN or Inf")  # fmt: skip
 
 
 def test_overflow_from_a_huge_scale_says_so(tmp_path: Path, cli) -> None:

@@ -389,4 +389,4 @@ def is_finite(t: torch.Tensor) -> bool:
     settles the common case; only a non-finite sum (or an overflow) needs the elementwise check."""
     if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
         return True
-    return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())  # no isfinite for float8

@@ -513,6 +513,12 @@ def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str, base: t
 
 
 def _reference_tensor(reference: Checkpoint, key: str) -> torch.Tensor:
+    """``--check BASE``'s tensor ``key``: present, and finite (a NaN would make every figure of the
+    check NaN, and the largest difference pass it by)."""
     if key not in reference:
         raise MissingKeyError("--check BASE lacks this tensor", path=str(reference.path), key=key)
-    return reference.get(key)
+    t = reference.get(key)
+    if t.is_floating_point() and not is_finite(t):
+        raise NonFiniteError("--check BASE holds NaN or Inf", path=str(reference.path), key=key,
+                             fix="check against the original base, which a merge takes only finite")  # fmt: skip
+    return t
