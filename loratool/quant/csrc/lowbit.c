@@ -392,7 +392,8 @@ LT_INLINE void code_group(int is_int, const float *restrict m, int64_t n, float 
             } else {
                 q = rintf(x);
             }
-            q = q < glo ? glo : (q > ghi ? ghi : q);
+            q = glo > q ? glo : q; /* clamped in two steps, each one vmaxps / vminps (q is finite) */
+            q = ghi < q ? ghi : q;
             w[j] = (has_zero ? q - z : q) * s;
             code[j] = (uint32_t)((int32_t)q + off);
         }
