@@ -16,6 +16,7 @@ from .adapter import Kind
 
 # transformers model types whose 2-D projection weights are GPT-2 ``Conv1D`` (stored (in, out)).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+PARTLY_CONV1D_MODEL_TYPES = frozenset({"clvp"})  # Conv1D in its decoder's MLP, Linear elsewhere (transformers 5)
 EMBEDDING_NAME = re.compile(
     r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings|"
     r"token_type_embeddings|embeddings|embedding|tok_embeddings|shared)$"
@@ -23,6 +24,16 @@ EMBEDDING_NAME = re.compile(
 # input embeddings an output layer can be tied to, most specific first
 _TOKEN_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")
 OUTPUT_LAYER = "lm_head"
+
+
+def conv1d_convention(config: Mapping[str, Any]) -> bool | None:
+    """Whether config.json's model_type stores its adapted 2-D weights as GPT-2 ``Conv1D`` (True) or
+    as ``nn.Linear`` (False); None where it cannot say: no model_type, or a model with both (CLVP).
+    PEFT goes by the layer's class, whatever an adapter's ``fan_in_fan_out`` says."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type in PARTLY_CONV1D_MODEL_TYPES:
+        return None
+    return model_type in CONV1D_MODEL_TYPES
 
 
 def uses_conv1d(config: Mapping[str, Any], override: bool | None = None) -> bool:
@@ -42,17 +53,22 @@ def module_kind(module_path: str, conv1d: bool) -> Kind:
 
 
 def weight_kind(
-    kind: Kind, out_in: tuple[int, int], shape: tuple[int, ...], *, override: bool | None, conv1d_model: bool
+    kind: Kind, out_in: tuple[int, int], shape: tuple[int, ...], *, override: bool | None, conv1d_model: bool | None
 ) -> Kind:
     """The layer kind an adapter module of ``kind`` and (out, in) size takes on a base weight of ``shape``.
 
-    The user's ``override`` decides, else the adapter's kind or the model's convention; where the
-    shape can tell (a non-square weight), it has the last word: GPT-2's ``lm_head`` is a Linear
-    among Conv1D layers.
+    The user's ``override`` decides, else the model's convention (:func:`conv1d_convention`: PEFT
+    sets ``fan_in_fan_out`` by the layer's class, so an adapter that says True is still added to a
+    Llama's Linear weights untransposed), else, where the model cannot say, the adapter's kind;
+    where the shape can tell (a non-square weight), it has the last word: GPT-2's ``lm_head`` is a
+    Linear among Conv1D layers.
     """
     if kind in ("embedding", "conv2d"):
         return kind
-    want_conv1d = override if override is not None else (kind == "conv1d" or conv1d_model)
+    if override is not None:
+        want_conv1d = override
+    else:
+        want_conv1d = conv1d_model if conv1d_model is not None else kind == "conv1d"
     square = out_in[0] == out_in[1]
     if want_conv1d and shape == out_in and not square:
         return "linear"

@@ -251,13 +251,55 @@ def _check_config(directory: Path, report: ValidationReport) -> dict[str, Any] |
 
 
 def _targets(config: dict[str, Any], module: str) -> bool:
-    """PEFT's rule: a string is a full-match regex; a list matches names or dotted suffixes."""
+    """PEFT's rule (``check_target_module_exists`` in peft.tuners.tuners_utils): ``exclude_modules``
+    and ``modules_to_save`` leave a module out; then a string ``target_modules`` is a full-match
+    regex, and a list matches names or dotted suffixes, narrowed by ``layers_to_transform`` (the
+    first numbered segment after ``layers_pattern``, or after any name, is the layer)."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and _fullmatch(exclude, module):
+        return False
+    if isinstance(exclude, list) and _named(exclude, module):
+        return False
+    save = config.get("modules_to_save")
+    if isinstance(save, list) and any(isinstance(m, str) and _match(rf"(^|.*\.){m}($|\..*)", module) for m in save):
+        return False
     targets = config.get("target_modules")
     if targets is None or targets == "all-linear":
         return True
     if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
+        return _fullmatch(targets, module)
+    if not (isinstance(targets, list) and _named(targets, module)):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or [r"[^.]*"]
+    found = None
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module) if isinstance(pattern, str) else None
+        if found:
+            break
+    if found is None:
+        return False
+    index = int(found["idx"])
+    return index == layers if isinstance(layers, int) else isinstance(layers, list) and index in layers
+
+
+def _named(names: list[Any], module: str) -> bool:
+    return any(isinstance(t, str) and (module == t or module.endswith("." + t)) for t in names)
+
+
+def _fullmatch(pattern: str, module: str) -> bool:
+    return _match(pattern, module, full=True)
+
+
+def _match(pattern: str, module: str, *, full: bool = False) -> bool:
+    """A config's regex against a module path; one that does not compile matches nothing (the schema
+    names it)."""
+    try:
+        return (re.fullmatch if full else re.match)(pattern, module) is not None
+    except re.error:
+        return False
 
 
 def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: ValidationReport) -> None:
@@ -272,6 +314,8 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
         slot = parsed.factor or ("B.bias" if parsed.slot == "lora_B.bias" else parsed.slot)
         factors.setdefault(parsed.module, {})[slot] = ckpt.info(key).shape
     report.modules = len(factors)
+    if not ckpt.keys():
+        report.add("tensors", "holds no tensors: PEFT would load an adapter that does nothing")
     r_default = config.get("r", 8)
     ranks = config.get("rank_pattern") or {}
     for module, slots in sorted(factors.items()):
@@ -306,6 +350,12 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             if a[0] % rank:
                 report.add(where, f"lora_A has {a[0]} rows: not a whole number of experts of rank {rank} ({param})")
             continue
+        if a[0] == 0:
+            report.add(where, f"has rank 0 (lora_A {list(a)}, lora_B {list(b)}): no factors to apply")
+            continue
+        if config.get("use_dora") is True and "magnitude" not in slots:
+            report.add(where, "use_dora is true but the module has no lora_magnitude_vector: PEFT would start it "
+                              "from the base's weight norms, not the trained ones")  # fmt: skip
         expected = pattern_lookup(ranks, module)
         expected = r_default if expected is None else expected
         if isinstance(expected, int) and a[0] != expected:
@@ -315,7 +365,9 @@ def _check_peft_structure(ckpt: Checkpoint, config: dict[str, Any], report: Vali
             )
         if not _targets(config, module):
             report.add(
-                where, "has LoRA weights but target_modules does not select this module: PEFT would not load them"
+                where,
+                "has LoRA weights but target_modules does not select this module (as PEFT reads it, with "
+                "exclude_modules, modules_to_save and layers_to_transform): PEFT would not load them",
             )
         if "B.bias" in slots and not config.get("lora_bias", False):
             report.add(where, "has lora_B.bias but lora_bias is not true in the config")

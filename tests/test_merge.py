@@ -314,6 +314,26 @@ def test_biases_and_whole_modules_merge_as_peft_does(tmp_path: Path, kind: str, 
         assert torch.allclose(v, peft[k], rtol=1e-6, atol=1e-7), k
 
 
+@pytest.mark.parametrize("kind, flag", [("llama", True), ("gpt2", False)])
+def test_fan_in_fan_out_goes_by_the_layer_as_in_peft(tmp_path: Path, kind: str, flag: bool) -> None:
+    """PEFT sets fan_in_fan_out by the layer's class (False for nn.Linear, True for GPT-2's Conv1D),
+    whatever adapter_config.json says; a Llama adapter saying True was merged transposed into its
+    square weights (q_proj, o_proj), silently unlike PEFT's merge."""
+    from peft import PeftModel
+
+    base, adapter = make(tmp_path, kind)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": flag}))
+    merge(base, [adapter], output=tmp_path / "ours", show_progress=False)
+    ours = state(tmp_path / "ours")
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to"):
+        peft = PeftModel.from_pretrained(load_model(kind, base), adapter).merge_and_unload().state_dict()
+    square = [k for k, v in ours.items() if v.dim() == 2 and v.shape[0] == v.shape[1] and "emb" not in k]
+    assert square and any(not torch.equal(ours[k], state(base)[k]) for k in square)
+    for k, v in ours.items():
+        assert torch.allclose(v, peft[k], rtol=1e-6, atol=1e-7), k
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_dora_merge_equals_peft(tmp_path: Path, kind: str) -> None:
     from peft import PeftModel

@@ -72,6 +72,7 @@ def _tensors(adapter: Path, edit) -> None:
 
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
+UNTARGETED = "has LoRA weights but target_modules does not select this module"
 
 
 @pytest.mark.parametrize(
@@ -108,8 +109,53 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
             "does not match the tensors: the file was changed after loratool wrote it",
         ),
         (lambda a: _edit(a, lora_dropout=3), "$.lora_dropout", "lora_dropout must be a number from 0 to 1 (got 3)"),
+        # what PEFT's target rule leaves out, PEFT does not load: merging it would disagree with PEFT's merge
+        (lambda a: _edit(a, exclude_modules=["up_proj"]), "tensors/model.layers.0.mlp.up_proj", UNTARGETED),
+        (lambda a: _edit(a, exclude_modules=r".*\.0\.mlp\..*"), "tensors/model.layers.0.mlp.up_proj", UNTARGETED),
+        (lambda a: _edit(a, layers_to_transform=[5]), "tensors/model.layers.0.mlp.up_proj", UNTARGETED),
+        (
+            lambda a: _edit(a, layers_to_transform=[5], layers_pattern="layers"),
+            "tensors/model.layers.0.mlp.up_proj",
+            UNTARGETED,
+        ),
+        (lambda a: _edit(a, modules_to_save=["up_proj"]), "tensors/model.layers.0.mlp.up_proj", UNTARGETED),
+        (
+            lambda a: _edit(a, use_dora=True),
+            f"tensors/{Q.removeprefix('base_model.model.')}",
+            "use_dora is true but the module has no lora_magnitude_vector",
+        ),
+        (
+            lambda a: _tensors(
+                a,
+                lambda t: t.update(
+                    {
+                        f"{Q}.lora_A.weight": t[f"{Q}.lora_A.weight"][:0].clone(),
+                        f"{Q}.lora_B.weight": t[f"{Q}.lora_B.weight"][:, :0].clone(),
+                    }
+                ),
+            ),
+            f"tensors/{Q.removeprefix('base_model.model.')}",
+            "has rank 0",
+        ),
+        (lambda a: _tensors(a, lambda t: t.clear()), "tensors", "holds no tensors"),
     ],
-    ids=["rank vs r", "target_modules", "missing lora_B", "integer dtype", "nan", "tampered", "schema"],
+    ids=[
+        "rank vs r",
+        "target_modules",
+        "missing lora_B",
+        "integer dtype",
+        "nan",
+        "tampered",
+        "schema",
+        "exclude_modules",
+        "exclude_modules regex",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "use_dora without magnitudes",
+        "rank 0",
+        "empty",
+    ],
 )
 def test_broken_adapters_are_reported(ours: Path, cli, breakage, path, message) -> None:
     breakage(ours)

@@ -131,6 +131,14 @@ def _nan_factor(w: Path) -> None:
     edit_tensors(w / "llama-peft-adapter" / ADAPTER_WEIGHTS, lambda ts: ts[Q_A].__setitem__((0, 0), float("nan")))
 
 
+def _rank_zero(w: Path) -> None:
+    def empty(ts: dict) -> None:
+        b = Q_A.replace("lora_A", "lora_B")
+        ts[Q_A], ts[b] = ts[Q_A][:0].clone(), ts[b][:, :0].clone()
+
+    edit_tensors(w / ADAPTER / ADAPTER_WEIGHTS, empty)
+
+
 def _kohya_without_alpha(w: Path) -> None:
     f = w / "kohya.safetensors"
     from safetensors import safe_open
@@ -221,6 +229,26 @@ CASES: dict[str, Case] = {
                     lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1, "float32, where the arithmetic"),
     "kohya alpha vector": (_kohya_alpha_vector, lambda w: ["merge", w / BASE, w / KOHYA, "-o", w / "out"], 1,
                            "a kohya module's alpha is one number"),
+    # 7b'. adapters no command can apply (a division by zero and a StopIteration reported as bugs; an empty
+    # adapter merged as a silent copy of the base; use_dora without magnitudes merged as plain LoRA)
+    "rank 0 factors, merge": (_rank_zero, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                              "self_attn.q_proj': the module has rank 0"),
+    "rank 0 factors, inspect": (_rank_zero, lambda w: ["inspect", w / ADAPTER], 1, "the module has rank 0"),
+    "rank 0 factors, validate": (_rank_zero, lambda w: ["validate", w / ADAPTER], 1, "has rank 0"),
+    "empty adapter, merge": (lambda w: save_file({}, str(w / ADAPTER / ADAPTER_WEIGHTS)),
+                             lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                             "the adapter holds no LoRA factors and no tensors"),
+    "empty adapter, resize": (lambda w: save_file({}, str(w / ADAPTER / ADAPTER_WEIGHTS)),
+                              lambda w: ["resize", w / ADAPTER, "-r", "2", "-o", w / "out"], 1,
+                              "the adapter holds no LoRA factors and no tensors"),
+    "empty adapter, validate": (lambda w: save_file({}, str(w / ADAPTER / ADAPTER_WEIGHTS)),
+                                lambda w: ["validate", w / ADAPTER], 1, "holds no tensors"),
+    "use_dora without magnitudes, merge": (lambda w: _config(w / ADAPTER, use_dora=True),
+                                           lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                                           "this module has no lora_magnitude_vector"),
+    "use_dora without magnitudes, validate": (lambda w: _config(w / ADAPTER, use_dora=True),
+                                              lambda w: ["validate", w / ADAPTER], 1,
+                                              "use_dora is true but the module has no lora_magnitude_vector"),
     # 7c. arguments swapped (#31 item 16: 'no adapter_config.json', 'the fine-tune lacks this tensor')
     "merge ADAPTER BASE": (lambda w: None, lambda w: ["merge", w / ADAPTER, w / BASE, "-o", w / "out"], 1,
                            "this is an adapter, where the checkpoint goes"),

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..adapter import Adapter
-from ..errors import InputFileError, LoraToolError, MetadataError, MissingInputError, NonFiniteError
+from ..errors import (
+    InputFileError,
+    LoraToolError,
+    MetadataError,
+    MissingInputError,
+    MissingKeyError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +73,7 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         adapter = kohya.read_kohya(p, lazy=lazy)
     else:
         raise _not_an_adapter(p)
+    _require_well_formed(adapter)
     _require_finite_scaling(adapter)
     if not lazy:
         require_finite(adapter)
@@ -78,6 +87,31 @@ def _is_diffusers_file(p: Path) -> bool:
 
     with open_checkpoint(p) as ck:
         return diffusers.is_diffusers(ck.keys())
+
+
+def _require_well_formed(adapter: Adapter) -> None:
+    """What every format's reader can be handed but no command can apply: an adapter that holds
+    nothing (every merge of it a silent copy of the base), a module of rank 0 (no factors; its
+    scaling alpha / 0), and ``use_dora`` without the trained magnitudes (PEFT would start them from
+    the base's weight norms and merge something else than the plain sum loratool would)."""
+    if not (adapter.modules or adapter.whole or adapter.token_rows):
+        raise InputFileError("the adapter holds no LoRA factors and no tensors", path=adapter.path,
+                             fix="its weights file is empty: export or save the adapter again")  # fmt: skip
+    for path, m in adapter.modules.items():
+        if m.rank == 0:
+            raise ShapeMismatchError("the module has rank 0: lora_A and lora_B hold no factors", path=adapter.path,
+                                     key=path, expected="A (r, in), B (out, r) with r >= 1",
+                                     got=f"A {list(m.lora_A.shape)}, B {list(m.lora_B.shape)}")  # fmt: skip
+    if adapter.config.get("use_dora") is True:
+        bare = next((path for path, m in adapter.modules.items() if m.magnitude is None), None)
+        if bare is not None:
+            raise MissingKeyError(
+                "use_dora is true in adapter_config.json, but this module has no lora_magnitude_vector: PEFT "
+                "would start it from the base's weight norms and merge something else than the trained adapter",
+                path=adapter.path, key=bare,
+                fix="save the adapter again with PEFT (save_pretrained keeps the magnitudes), or set use_dora to "
+                "false if it was not trained with DoRA",
+            )  # fmt: skip
 
 
 def _require_finite_scaling(adapter: Adapter) -> None:

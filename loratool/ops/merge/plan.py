@@ -85,7 +85,7 @@ def plan_terms(
 ) -> tuple[dict[str, list[Term]], dict[str, torch.Tensor]]:
     """Which adapter modules add to which tensors, checked before any work is done."""
     config = ckpt.config()
-    conv1d_model = arch.uses_conv1d(config)
+    conv1d_model = arch.conv1d_convention(config)
     module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
     terms: dict[str, list[Term]] = {}
     replace: dict[str, torch.Tensor] = {}
