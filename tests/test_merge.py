@@ -243,6 +243,16 @@ def test_non_finite_check_base_is_refused(tmp_path: Path, cli, dtype: torch.dtyp
                  "tensor 'model.layers.1.mlp.down_proj.weight': --check BASE holds NaN or Inf")  # fmt: skip
 
 
+def test_an_integer_base_weight_is_refused(tmp_path: Path, cli) -> None:
+    """A LoRA module on an integer weight (no quantization_config to say how to read it) was merged and
+    cast back to int32, which rounded the whole delta away."""
+    base, adapter = make(tmp_path, "llama")
+    key = "model.layers.1.mlp.down_proj.weight"
+    edit_tensors(base / "model.safetensors", lambda ts: ts.__setitem__(key, (ts[key] * 100).to(torch.int32)))
+    for command in ("merge", "unmerge"):
+        _refused(cli, tmp_path, [command, base, adapter], f"tensor '{key}': the base weight is I32, not floating point")
+
+
 def test_overflow_from_a_huge_scale_says_so(tmp_path: Path, cli) -> None:
     """scaling * B @ A reaches ~200 here, so scale 1e37 overflows float32 in any order of evaluation
     (at scale 1e38 and ~0.2, the true sums are finite: only the CPU's order of the product overflowed)."""

@@ -103,10 +103,20 @@ class DeltaReader:
 
 
 def _require_finite(key: str, norm: float, delta: torch.Tensor, wb: torch.Tensor, wf: torch.Tensor) -> None:
-    """NaN or Inf on either side reaches the delta's norm: name the side that holds it."""
-    if not math.isfinite(norm) and not is_finite(delta):
-        name = "base" if not is_finite(wb) else "fine-tune"
-        raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
+    """NaN or Inf on either side reaches the delta's norm: name the side that holds it. Finite sides
+    whose difference, or its norm, overflows float32 (where the SVD and its error are computed) are
+    refused too: values near 1e19 and beyond are no trained weights."""
+    if math.isfinite(norm):
+        return
+    for name, side in (("base", wb), ("fine-tune", wf)):
+        if not is_finite(side):
+            raise NonFiniteError(f"the {name} holds NaN or Inf", key=key, fix="repair the checkpoint")
+    what = "the difference" if not is_finite(delta) else "the norm of the difference"
+    raise NonFiniteError(
+        f"{what} of base and fine-tune overflows float32, where the SVD runs",
+        key=key,
+        fix="values this large are no trained weights: check that neither checkpoint is corrupt",
+    )
 
 
 def read_weight(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.device) -> torch.Tensor:
