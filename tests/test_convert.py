@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import load_model, logits
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import LoraToolError
@@ -105,6 +105,26 @@ def test_mlx_dora_magnitude_round_trips(tmp_path: Path) -> None:
     back = load_adapter(tmp_path / "mlx")
     for p, m in adapter.modules.items():
         assert torch.equal(back.modules[p].magnitude, m.magnitude)
+
+
+def test_kohya_keeps_dora_magnitudes_in_lycoris_layout(tmp_path: Path) -> None:
+    """The kohya writer dropped DoRA magnitudes silently (a plain LoRA came out); it writes them as
+    LyCORIS's output-row dora_scale (out, 1), which ComfyUI reads by its length, and reads them back;
+    a dora_scale over input columns (LyCORIS's wd_on_out=False), which PEFT's DoRA is not, is refused."""
+    adapter = uniform_adapter(tmp_path / "peft")
+    for m in adapter.modules.values():
+        m.magnitude = torch.rand(m.out_features) + 0.5
+    save_adapter(adapter, tmp_path / "dora")
+    convert(tmp_path / "dora", to="kohya", output=tmp_path / "k.safetensors")
+    stored = load_file(str(tmp_path / "k.safetensors"))
+    assert stored["lora_model_layers_0_self_attn_q_proj.dora_scale"].shape == (32, 1)
+    back = load_adapter(tmp_path / "k.safetensors")
+    for p, m in adapter.modules.items():
+        assert torch.equal(back.modules[p].magnitude, m.magnitude)
+    stored["lora_model_layers_0_self_attn_q_proj.dora_scale"] = torch.rand(1, 32) + 0.5
+    save_file(stored, str(tmp_path / "columns.safetensors"))
+    with pytest.raises(LoraToolError, match=r"dora_scale \[1, 32\] does not rescale the 32 output rows"):
+        load_adapter(tmp_path / "columns.safetensors")
 
 
 def test_invalid_mlx_files_are_named(tmp_path: Path) -> None:

@@ -113,13 +113,30 @@ def read_kohya(file: Path, *, lazy: bool = False) -> Adapter:
             lora_B=up,
             alpha=alpha,
             kind="conv2d" if kernel is not None else info.get("kind", "linear"),
-            magnitude=slots.get("dora_scale"),
+            magnitude=_magnitude(slots.get("dora_scale"), int(up.shape[0]), file, prefix),
             kernel=kernel,
         )
     config = {"peft_type": "LORA", "lora_alpha": None, "r": None}
     if "ss_base_model_name_or_path" in metadata:
         config["base_model_name_or_path"] = metadata["ss_base_model_name_or_path"]
     return Adapter(modules=modules, config=config, metadata=metadata, format="kohya", path=str(file))
+
+
+def _magnitude(scale: torch.Tensor | None, out: int, file: Path, prefix: str) -> torch.Tensor | None:
+    """A ``dora_scale`` as PEFT's ``lora_magnitude_vector`` (out,): LyCORIS stores it (out, 1, ...)
+    where it rescales output rows (``wd_on_out``, PEFT's DoRA, what ComfyUI takes a scale of the
+    output's length for) and (1, in, ...) where it rescales input columns, which PEFT's DoRA never
+    does: that one is refused."""
+    if scale is None:
+        return None
+    if scale.dim() >= 1 and scale.shape[0] == out and scale.numel() == out:
+        return scale.reshape(out)
+    raise UnsupportedAdapterError(
+        f"dora_scale {list(scale.shape)} does not rescale the {out} output rows (LyCORIS's wd_on_out=False "
+        "normalizes input columns), which PEFT's DoRA and loratool's merge do",
+        path=str(file), key=prefix + ".dora_scale",
+        fix="train with LyCORIS's wd_on_out=True, or merge with a tool that implements this decomposition",
+    )  # fmt: skip
 
 
 def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
@@ -150,6 +167,9 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
             a, b = a.to(dtype), b.to(dtype)
         tensors[f"{prefix}.lora_down.weight"] = a.contiguous()
         tensors[f"{prefix}.lora_up.weight"] = b.contiguous()
+        if m.magnitude is not None:  # LyCORIS's layout for output rows (wd_on_out): (out, 1, ...)
+            scale = m.magnitude.detach().cpu().to(dtype or m.magnitude.dtype)
+            tensors[f"{prefix}.dora_scale"] = scale.reshape(-1, *[1] * (b.dim() - 1)).contiguous()
         # kohya scales by alpha / r: store the alpha that gives this module's exact scaling.
         tensors[f"{prefix}.alpha"] = torch.tensor(m.scaling * m.rank, dtype=torch.float32)
         modules_meta[prefix] = {"path": path, "kind": m.kind}
