@@ -133,3 +133,23 @@ def test_trainable_tokens_merge_as_peft_replaces_rows(tmp_path: Path, cli) -> No
     peft_adapter(tf.LlamaForCausalLM(llama_config()), ["q_proj"]).save_pretrained(tmp_path / "plain")
     res = cli("combine", root / "adapter", tmp_path / "plain", "-o", tmp_path / "mix")
     assert res.exit_code == 1 and "trainable tokens" in res.output
+
+
+def test_a_lora_on_a_tied_output_layer_is_refused_by_name(tmp_path: Path, cli) -> None:
+    """A PEFT LoRA on lm_head of a model that ties it to embed_tokens (Llama 3.2 1B and 3B, Gemma): the
+    base holds one matrix, so the head's delta would change the input embedding too (PEFT's merge
+    does, and warns). It was refused as 'an adapter for another model'; it is named, with the fix."""
+    import transformers as tf
+    from helpers import peft_adapter
+
+    config = llama_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "base")
+    model = tf.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    peft_adapter(model, ["q_proj", "lm_head"], seed=1).save_pretrained(tmp_path / "adapter")
+    r = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert "a LoRA on 'lm_head', which this base ties to its input embedding 'model.embed_tokens.weight'" in r.stderr
+    assert "untie the base first" in r.stderr
+    assert not (tmp_path / "out").exists()

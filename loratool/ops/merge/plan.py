@@ -89,7 +89,9 @@ def plan_terms(
     module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
     terms: dict[str, list[Term]] = {}
     replace: dict[str, torch.Tensor] = {}
+    tied = arch.tied_output(list(ckpt.keys()), config)
     for adapter, scale, name in loaded:
+        _refuse_tied_head(ckpt, config, tied, adapter, name)
         for key, t in adapter.whole.items():
             if key not in ckpt:
                 raise MissingKeyError(
@@ -253,6 +255,29 @@ def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: st
             expected=[module.out_features],
             got=list(module.magnitude.shape),  # type: ignore[union-attr]
         )
+
+
+def _refuse_tied_head(
+    ckpt: Checkpoint, config: dict[str, Any], tied: tuple[str, str] | None, adapter: Adapter, name: str
+) -> None:
+    """A LoRA on an output layer the base stores only as its tied input embedding (Llama 3.2 1B and
+    3B, Gemma, small Qwens: PEFT saves it with the layer's weight as ``base_layer``). The two uses
+    share one matrix: adding the head's delta to it changes the input embedding too, which PEFT's
+    merge_and_unload does and the adapter served unmerged does not. Refused, by name, rather than
+    merged either way (the extracted tied copy :func:`_is_tied_copy` recognizes is another case)."""
+    if tied is None or tied[0] not in adapter.modules or tied[0] + ".weight" in ckpt:
+        return
+    if _is_tied_copy(tied[0], adapter.modules[tied[0]], adapter, {p: p for p in adapter.modules}, config):
+        return
+    raise UnsupportedCheckpointError(
+        f"the adapter has a LoRA on '{tied[0]}', which this base ties to its input embedding '{tied[1]}' "
+        "(tie_word_embeddings): the checkpoint holds one matrix for both, so merging the head's delta changes "
+        "the input embedding as well (PEFT's merge_and_unload does so), and the merged model would not behave "
+        "as the adapter does",
+        path=name, key=tied[0],
+        fix="serve the adapter unmerged, or untie the base first (store lm_head.weight as a copy of the embedding "
+        "and set tie_word_embeddings to false in config.json), then merge into that",
+    )  # fmt: skip
 
 
 def _is_tied_copy(
