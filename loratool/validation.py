@@ -18,7 +18,7 @@ from typing import Any
 
 from . import experts
 from .adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, pattern_lookup
-from .arch import OUTPUT_LAYER, RENAMED_WHY, is_embedding, renamed_on_load
+from .arch import OUTPUT_LAYER, RENAMED_WHY, is_embedding, renamed_on_load, tied_output
 from .errors import LoraToolError, MetadataError
 from .formats import diffusers, kohya, load_adapter, peft
 from .formats.kohya import resolve_paths
@@ -120,6 +120,14 @@ def validate_adapter(
     return _sorted(report)
 
 
+def _tied_copy_shaped(adapter: Adapter, head: LoraModule, tied: tuple[str, str]) -> bool:
+    """``head`` has the shapes of the tied input embedding's LoRA, transposed (PEFT's
+    ensure_weight_tying, extract's tied copy)."""
+    embed = adapter.modules.get(tied[1].removesuffix(".weight"))
+    return embed is not None and (head.rank, head.in_features, head.out_features) == (
+        embed.rank, embed.out_features, embed.in_features)  # fmt: skip
+
+
 def check_against_base(
     adapter: str | os.PathLike[str],
     base: str | os.PathLike[str],
@@ -163,9 +171,18 @@ def check_fit(
         else:  # PEFT (and what loads PEFT files) matches a module path exactly, or loads it as nothing
             present = set(weights)
             found = {m: m for m in adapter_obj.modules if m in present}
+        from .ops.merge.plan import is_tied_copy, is_tied_head_unchanged  # here: plan imports this module
+
+        tied = tied_output(list(ckpt.keys()), ckpt.config())
         matched = 0
         for module, m in sorted(adapter_obj.modules.items()):
             where = f"base/{module}"
+            if module not in found and tied and module == tied[0] and _tied_copy_shaped(adapter_obj, m, tied):
+                if m.lora_A.device.type == "meta" or is_tied_copy(
+                    module, m, adapter_obj, {p: p for p in adapter_obj.modules}, ckpt.config()
+                ):  # headers only: the shapes of a tied copy (merge checks the values, and names the tie)
+                    matched += 1  # the tied head's LoRA is the embedding's: merged once, into the one matrix
+                    continue
             if m.expert is not None:
                 problem = _expert_misfit(ckpt, module, m)
                 if problem:
@@ -183,6 +200,10 @@ def check_fit(
                 continue
             matched += 1
         for key, t in sorted(adapter_obj.whole.items()):
+            if key not in ckpt and tied and key == tied[0] + ".weight" and tied[1] in ckpt:
+                same_shape = tuple(t.shape) == tuple(ckpt.info(tied[1]).shape)
+                if same_shape and (t.device.type == "meta" or is_tied_head_unchanged(ckpt, tied, key, t)):
+                    continue  # the tied head's base layer, as PEFT saves it: the embedding the base stores
             if key not in ckpt:
                 report.add(f"base/{key}", "the base has no such tensor to replace (modules_to_save)")
             elif tuple(ckpt.info(key).shape) != tuple(t.shape):
@@ -263,6 +284,10 @@ def _targets(config: dict[str, Any], module: str) -> bool:
     save = config.get("modules_to_save")
     if isinstance(save, list) and any(isinstance(m, str) and _match(rf"(^|.*\.){m}($|\..*)", module) for m in save):
         return False
+    if config.get("ensure_weight_tying") is True and (
+        module.rsplit(".", 1)[-1] == OUTPUT_LAYER or is_embedding(module)
+    ):
+        return True  # PEFT targets the tied partner of a targeted embedding or output layer too
     targets = config.get("target_modules")
     if targets is None or targets == "all-linear":
         return True

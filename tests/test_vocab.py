@@ -153,3 +153,59 @@ def test_a_lora_on_a_tied_output_layer_is_refused_by_name(tmp_path: Path, cli) -
     assert "a LoRA on 'lm_head', which this base ties to its input embedding 'model.embed_tokens.weight'" in r.stderr
     assert "untie the base first" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _tied_base(tmp_path: Path):
+    import transformers as tf
+
+    config = llama_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "base")
+    return lambda: tf.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+
+
+def _trained_peft(model, targets: list[str], **cfg):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **cfg))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return pm
+
+
+def test_ensure_weight_tying_merges_as_the_adapter_behaves(tmp_path: Path) -> None:
+    """PEFT's ensure_weight_tying trains a tied model's embedding and head as one: the head's LoRA is the
+    embedding's, transposed. The faithful merge adds that delta once to the one matrix; the merged
+    model then gives the unmerged PEFT model's logits (PEFT 0.21's merge_and_unload did not: it was
+    about 2 off here). validate counts the tied partner as targeted, as PEFT does."""
+    import transformers as tf
+    from peft import PeftModel
+
+    load = _tied_base(tmp_path)
+    for targets in (["q_proj", "embed_tokens"], ["q_proj", "lm_head"]):
+        name = "-".join(targets)
+        pm = _trained_peft(load(), targets, ensure_weight_tying=True)
+        pm.save_pretrained(tmp_path / name)
+        assert validate(tmp_path / name, base=tmp_path / "base").valid
+        result = merge(tmp_path / "base", [tmp_path / name], output=tmp_path / f"m-{name}", show_progress=False)
+        assert not any("is tied to" in w for w in result.warnings)
+        served = PeftModel.from_pretrained(load(), str(tmp_path / name)).eval()
+        ours = tf.LlamaForCausalLM.from_pretrained(tmp_path / f"m-{name}").eval()
+        torch.testing.assert_close(logits(ours), logits(served), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_embedding_lora_on_a_tied_model_merges_as_peft_and_says_what_it_changes(tmp_path: Path) -> None:
+    import transformers as tf
+    from peft import PeftModel
+
+    load = _tied_base(tmp_path)
+    _trained_peft(load(), ["q_proj", "embed_tokens"]).save_pretrained(tmp_path / "adapter")
+    result = merge(tmp_path / "base", [tmp_path / "adapter"], output=tmp_path / "merged", show_progress=False)
+    assert any("model.embed_tokens is tied to lm_head in this base" in w for w in result.warnings), result.warnings
+    oracle = PeftModel.from_pretrained(load(), str(tmp_path / "adapter")).merge_and_unload()
+    ours = tf.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(ours), logits(oracle), rtol=1e-4, atol=1e-5)

@@ -81,9 +81,14 @@ def load_adapters(
 
 
 def plan_terms(
-    ckpt: Checkpoint, loaded: list[tuple[Adapter, float, str]], sign: int, fan_in_fan_out: bool | None
+    ckpt: Checkpoint,
+    loaded: list[tuple[Adapter, float, str]],
+    sign: int,
+    fan_in_fan_out: bool | None,
+    warnings: list[str] | None = None,
 ) -> tuple[dict[str, list[Term]], dict[str, torch.Tensor]]:
-    """Which adapter modules add to which tensors, checked before any work is done."""
+    """Which adapter modules add to which tensors, checked before any work is done (what the user
+    should know of the plan goes to ``warnings``)."""
     config = ckpt.config()
     conv1d_model = arch.conv1d_convention(config)
     module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
@@ -93,6 +98,8 @@ def plan_terms(
     for adapter, scale, name in loaded:
         _refuse_tied_head(ckpt, config, tied, adapter, name)
         for key, t in adapter.whole.items():
+            if key not in ckpt and is_tied_head_unchanged(ckpt, tied, key, t):
+                continue  # PEFT saves a tied head's base layer: the embedding the base stores for both
             if key not in ckpt:
                 raise MissingKeyError(
                     "the adapter replaces this tensor, but the base has no such tensor",
@@ -125,7 +132,7 @@ def plan_terms(
         for path, module in adapter.modules.items():
             if module.expert is not None:
                 continue
-            if path not in found and _is_tied_copy(path, module, adapter, found, config):
+            if path not in found and is_tied_copy(path, module, adapter, found, config):
                 continue  # the shared matrix is stored once, under the input embedding
             multimodal = arch.renamed_on_load(config)
             if path not in found and multimodal:
@@ -179,6 +186,13 @@ def plan_terms(
                 continue  # the adapter stores this base layer's original weight: restoring it is the unmerge
             if module.magnitude is not None:
                 _check_dora(module, kind, scale, name, key)
+            if warnings is not None and tied and key == tied[1] and tied[0] + ".weight" not in ckpt:
+                if tied[0] not in adapter.modules:  # no tied copy for the head (extract's, ensure_weight_tying's)
+                    warnings.append(
+                        f"{path} is tied to {tied[0]} in this base (one matrix): its merged delta changes the "
+                        "output layer too, as PEFT's merge does, where the adapter served unmerged changes only "
+                        "the input embedding (PEFT's ensure_weight_tying trains both uses)"
+                    )
             terms.setdefault(key, []).append(Term(module, kind, sign * scale * module.scaling, bias_key))
     rows = sorted(k for a, _, _ in loaded for k in a.token_rows if k in terms)
     if rows:
@@ -257,6 +271,13 @@ def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: st
         )
 
 
+def is_tied_head_unchanged(ckpt: Checkpoint, tied: tuple[str, str] | None, key: str, t: torch.Tensor) -> bool:
+    """``key`` names the output layer a tied base does not store, and ``t`` is the embedding it stores."""
+    if tied is None or key != tied[0] + ".weight" or tied[1] not in ckpt:
+        return False
+    return tuple(t.shape) == tuple(ckpt.info(tied[1]).shape) and torch.equal(t, ckpt.get(tied[1]).to(t.dtype))
+
+
 def _refuse_tied_head(
     ckpt: Checkpoint, config: dict[str, Any], tied: tuple[str, str] | None, adapter: Adapter, name: str
 ) -> None:
@@ -264,10 +285,10 @@ def _refuse_tied_head(
     3B, Gemma, small Qwens: PEFT saves it with the layer's weight as ``base_layer``). The two uses
     share one matrix: adding the head's delta to it changes the input embedding too, which PEFT's
     merge_and_unload does and the adapter served unmerged does not. Refused, by name, rather than
-    merged either way (the extracted tied copy :func:`_is_tied_copy` recognizes is another case)."""
+    merged either way (the extracted tied copy :func:`is_tied_copy` recognizes is another case)."""
     if tied is None or tied[0] not in adapter.modules or tied[0] + ".weight" in ckpt:
         return
-    if _is_tied_copy(tied[0], adapter.modules[tied[0]], adapter, {p: p for p in adapter.modules}, config):
+    if is_tied_copy(tied[0], adapter.modules[tied[0]], adapter, {p: p for p in adapter.modules}, config):
         return
     raise UnsupportedCheckpointError(
         f"the adapter has a LoRA on '{tied[0]}', which this base ties to its input embedding '{tied[1]}' "
@@ -280,7 +301,7 @@ def _refuse_tied_head(
     )  # fmt: skip
 
 
-def _is_tied_copy(
+def is_tied_copy(
     path: str, module: LoraModule, adapter: Adapter, found: dict[str, str], config: dict[str, Any]
 ) -> bool:
     """An output layer tied to an embedding, absent from the checkpoint, whose factors are the

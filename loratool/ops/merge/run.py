@@ -109,7 +109,7 @@ def apply_adapters(
         low_bit = ckpt.packed_layout()  # None, or the MXFP4 / NVFP4 / INT4 weights to keep
         view = model_view(ckpt)  # packed weights (and a VLM's tensors) by the names and shapes adapters address
         loaded = for_the_base(loaded, ckpt, warnings)  # a diffusers LoRA file: the base component's modules
-        terms, replace = plan_terms(view, loaded, sign, fan_in_fan_out)
+        terms, replace = plan_terms(view, loaded, sign, fan_in_fan_out, warnings)
         if isinstance(view, RenamedView):  # the plan names tensors as the model does, the stream as the files do
             terms, replace = stored_names(view, terms, replace)
             view = view.inner
