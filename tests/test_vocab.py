@@ -12,7 +12,7 @@ from helpers import llama_config, logits
 
 from loratool.formats import load_adapter
 from loratool.ops.extract import extract
-from loratool.ops.merge import merge
+from loratool.ops.merge import merge, unmerge
 from loratool.ops.validate import validate
 
 GROWN = 136  # from 128
@@ -196,6 +196,9 @@ def test_ensure_weight_tying_merges_as_the_adapter_behaves(tmp_path: Path) -> No
         served = PeftModel.from_pretrained(load(), str(tmp_path / name)).eval()
         ours = tf.LlamaForCausalLM.from_pretrained(tmp_path / f"m-{name}").eval()
         torch.testing.assert_close(logits(ours), logits(served), rtol=1e-4, atol=1e-5, msg=name)
+        back = unmerge(tmp_path / f"m-{name}", [tmp_path / name], output=tmp_path / f"u-{name}",
+                       check=tmp_path / "base", show_progress=False)  # fmt: skip
+        assert back.check is not None and back.check.max_rounding_units <= 1.0, name
 
 
 def test_an_embedding_lora_on_a_tied_model_merges_as_peft_and_says_what_it_changes(tmp_path: Path) -> None:

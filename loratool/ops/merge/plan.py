@@ -98,7 +98,7 @@ def plan_terms(
     for adapter, scale, name in loaded:
         _refuse_tied_head(ckpt, config, tied, adapter, name)
         for key, t in adapter.whole.items():
-            if key not in ckpt and is_tied_head_unchanged(ckpt, tied, key, t):
+            if key not in ckpt and is_tied_head_unchanged(ckpt, tied, key, t, adapter):
                 continue  # PEFT saves a tied head's base layer: the embedding the base stores for both
             if key not in ckpt:
                 raise MissingKeyError(
@@ -271,11 +271,18 @@ def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: st
         )
 
 
-def is_tied_head_unchanged(ckpt: Checkpoint, tied: tuple[str, str] | None, key: str, t: torch.Tensor) -> bool:
-    """``key`` names the output layer a tied base does not store, and ``t`` is the embedding it stores."""
+def is_tied_head_unchanged(
+    ckpt: Checkpoint, tied: tuple[str, str] | None, key: str, t: torch.Tensor, adapter: Adapter | None = None
+) -> bool:
+    """``key`` names the output layer a tied base does not store, and ``t`` is the embedding: the one
+    the base stores, or the original the adapter keeps as the embedding's base layer (what an unmerge
+    restores)."""
     if tied is None or key != tied[0] + ".weight" or tied[1] not in ckpt:
         return False
-    return tuple(t.shape) == tuple(ckpt.info(tied[1]).shape) and torch.equal(t, ckpt.get(tied[1]).to(t.dtype))
+    if tuple(t.shape) != tuple(ckpt.info(tied[1]).shape):
+        return False
+    kept = adapter.whole.get(tied[1]) if adapter is not None else None
+    return (kept is not None and torch.equal(t, kept)) or torch.equal(t, ckpt.get(tied[1]).to(t.dtype))
 
 
 def _refuse_tied_head(
