@@ -10,9 +10,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .adapter import Kind
+from .adapter import Adapter, Kind, LoraModule
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class TensorSource(Protocol):
+    """What the tied checks read of a checkpoint (a :class:`loratool.io.checkpoint.Checkpoint`, a view)."""
+
+    def __contains__(self, key: str) -> bool: ...
+    def info(self, key: str) -> Any: ...
+    def get(self, key: str) -> Tensor: ...
+
 
 # transformers model types whose 2-D projection weights are GPT-2 ``Conv1D`` (stored (in, out)).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -168,6 +180,43 @@ def tied_output(keys: list[str], config: Mapping[str, Any]) -> tuple[str, str] |
     embeds = [k for k in keys if k.endswith(".weight") and is_embedding(k[: -len(".weight")])]
     embeds = [k for k in embeds if any(name in k for name in _TOKEN_EMBEDDINGS)] or embeds
     return (OUTPUT_LAYER, embeds[0]) if embeds else None
+
+
+def is_tied_copy(
+    path: str, module: LoraModule, adapter: Adapter, found: dict[str, str], config: dict[str, Any]
+) -> bool:
+    """An output layer tied to an embedding, absent from the checkpoint, whose factors are the
+    embedding module's transposed (what extract writes for tied weights): merging it would add the
+    same delta to the shared matrix twice."""
+    if not ties_word_embeddings(config):
+        return False
+    for other_path, other in adapter.modules.items():
+        if other.kind == "embedding" and other_path in found and other.rank == module.rank:
+            if other.lora_B.T.equal(module.lora_A) and other.lora_A.T.equal(module.lora_B):
+                return other.scaling == module.scaling
+    return False
+
+
+def is_tied_head_unchanged(
+    ckpt: TensorSource, tied: tuple[str, str] | None, key: str, t: Tensor, adapter: Adapter | None = None
+) -> bool:
+    """``key`` names the output layer a tied base does not store, and ``t`` is the embedding: the one
+    the base stores, or the original the adapter keeps as the embedding's base layer (what an unmerge
+    restores)."""
+    if tied is None or key != tied[0] + ".weight" or tied[1] not in ckpt:
+        return False
+    if tuple(t.shape) != tuple(ckpt.info(tied[1]).shape):
+        return False
+    kept = adapter.whole.get(tied[1]) if adapter is not None else None
+    return (kept is not None and t.equal(kept)) or t.equal(ckpt.get(tied[1]).to(t.dtype))
+
+
+def tied_copy_shaped(adapter: Adapter, head: LoraModule, tied: tuple[str, str]) -> bool:
+    """``head`` has the shapes of the tied input embedding's LoRA, transposed (PEFT's
+    ensure_weight_tying, extract's tied copy): what a check from headers alone can tell."""
+    embed = adapter.modules.get(tied[1].removesuffix(".weight"))
+    return embed is not None and (head.rank, head.in_features, head.out_features) == (
+        embed.rank, embed.out_features, embed.in_features)  # fmt: skip
 
 
 _LAYER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")

@@ -18,7 +18,16 @@ from typing import Any
 
 from . import experts
 from .adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, pattern_lookup
-from .arch import OUTPUT_LAYER, RENAMED_WHY, is_embedding, renamed_on_load, tied_output
+from .arch import (
+    OUTPUT_LAYER,
+    RENAMED_WHY,
+    is_embedding,
+    is_tied_copy,
+    is_tied_head_unchanged,
+    renamed_on_load,
+    tied_copy_shaped,
+    tied_output,
+)
 from .errors import LoraToolError, MetadataError
 from .formats import diffusers, kohya, load_adapter, peft
 from .formats.kohya import resolve_paths
@@ -120,14 +129,6 @@ def validate_adapter(
     return _sorted(report)
 
 
-def _tied_copy_shaped(adapter: Adapter, head: LoraModule, tied: tuple[str, str]) -> bool:
-    """``head`` has the shapes of the tied input embedding's LoRA, transposed (PEFT's
-    ensure_weight_tying, extract's tied copy)."""
-    embed = adapter.modules.get(tied[1].removesuffix(".weight"))
-    return embed is not None and (head.rank, head.in_features, head.out_features) == (
-        embed.rank, embed.out_features, embed.in_features)  # fmt: skip
-
-
 def check_against_base(
     adapter: str | os.PathLike[str],
     base: str | os.PathLike[str],
@@ -171,13 +172,11 @@ def check_fit(
         else:  # PEFT (and what loads PEFT files) matches a module path exactly, or loads it as nothing
             present = set(weights)
             found = {m: m for m in adapter_obj.modules if m in present}
-        from .ops.merge.plan import is_tied_copy, is_tied_head_unchanged  # here: plan imports this module
-
         tied = tied_output(list(ckpt.keys()), ckpt.config())
         matched = 0
         for module, m in sorted(adapter_obj.modules.items()):
             where = f"base/{module}"
-            if module not in found and tied and module == tied[0] and _tied_copy_shaped(adapter_obj, m, tied):
+            if module not in found and tied and module == tied[0] and tied_copy_shaped(adapter_obj, m, tied):
                 if m.lora_A.device.type == "meta" or is_tied_copy(
                     module, m, adapter_obj, {p: p for p in adapter_obj.modules}, ckpt.config()
                 ):  # headers only: the shapes of a tied copy (merge checks the values, and names the tie)

@@ -98,7 +98,7 @@ def plan_terms(
     for adapter, scale, name in loaded:
         _refuse_tied_head(ckpt, config, tied, adapter, name)
         for key, t in adapter.whole.items():
-            if key not in ckpt and is_tied_head_unchanged(ckpt, tied, key, t, adapter):
+            if key not in ckpt and arch.is_tied_head_unchanged(ckpt, tied, key, t, adapter):
                 continue  # PEFT saves a tied head's base layer: the embedding the base stores for both
             if key not in ckpt:
                 raise MissingKeyError(
@@ -132,7 +132,7 @@ def plan_terms(
         for path, module in adapter.modules.items():
             if module.expert is not None:
                 continue
-            if path not in found and is_tied_copy(path, module, adapter, found, config):
+            if path not in found and arch.is_tied_copy(path, module, adapter, found, config):
                 continue  # the shared matrix is stored once, under the input embedding
             multimodal = arch.renamed_on_load(config)
             if path not in found and multimodal:
@@ -271,20 +271,6 @@ def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: st
         )
 
 
-def is_tied_head_unchanged(
-    ckpt: Checkpoint, tied: tuple[str, str] | None, key: str, t: torch.Tensor, adapter: Adapter | None = None
-) -> bool:
-    """``key`` names the output layer a tied base does not store, and ``t`` is the embedding: the one
-    the base stores, or the original the adapter keeps as the embedding's base layer (what an unmerge
-    restores)."""
-    if tied is None or key != tied[0] + ".weight" or tied[1] not in ckpt:
-        return False
-    if tuple(t.shape) != tuple(ckpt.info(tied[1]).shape):
-        return False
-    kept = adapter.whole.get(tied[1]) if adapter is not None else None
-    return (kept is not None and torch.equal(t, kept)) or torch.equal(t, ckpt.get(tied[1]).to(t.dtype))
-
-
 def _refuse_tied_head(
     ckpt: Checkpoint, config: dict[str, Any], tied: tuple[str, str] | None, adapter: Adapter, name: str
 ) -> None:
@@ -295,7 +281,7 @@ def _refuse_tied_head(
     merged either way (the extracted tied copy :func:`is_tied_copy` recognizes is another case)."""
     if tied is None or tied[0] not in adapter.modules or tied[0] + ".weight" in ckpt:
         return
-    if is_tied_copy(tied[0], adapter.modules[tied[0]], adapter, {p: p for p in adapter.modules}, config):
+    if arch.is_tied_copy(tied[0], adapter.modules[tied[0]], adapter, {p: p for p in adapter.modules}, config):
         return
     raise UnsupportedCheckpointError(
         f"the adapter has a LoRA on '{tied[0]}', which this base ties to its input embedding '{tied[1]}' "
@@ -306,21 +292,6 @@ def _refuse_tied_head(
         fix="serve the adapter unmerged, or untie the base first (store lm_head.weight as a copy of the embedding "
         "and set tie_word_embeddings to false in config.json), then merge into that",
     )  # fmt: skip
-
-
-def is_tied_copy(
-    path: str, module: LoraModule, adapter: Adapter, found: dict[str, str], config: dict[str, Any]
-) -> bool:
-    """An output layer tied to an embedding, absent from the checkpoint, whose factors are the
-    embedding module's transposed (what extract writes for tied weights): merging it would add the
-    same delta to the shared matrix twice."""
-    if not arch.ties_word_embeddings(config):
-        return False
-    for other_path, other in adapter.modules.items():
-        if other.kind == "embedding" and other_path in found and other.rank == module.rank:
-            if torch.equal(other.lora_B.T, module.lora_A) and torch.equal(other.lora_A.T, module.lora_B):
-                return other.scaling == module.scaling
-    return False
 
 
 def _grown_rows(ckpt: Checkpoint, replace: dict[str, torch.Tensor]) -> dict[str, int]:
