@@ -272,9 +272,10 @@ def _check_config(directory: Path, report: ValidationReport) -> dict[str, Any] |
 
 def _targets(config: dict[str, Any], module: str) -> bool:
     """PEFT's rule (``check_target_module_exists`` in peft.tuners.tuners_utils): ``exclude_modules``
-    and ``modules_to_save`` leave a module out; then a string ``target_modules`` is a full-match
-    regex, and a list matches names or dotted suffixes, narrowed by ``layers_to_transform`` (the
-    first numbered segment after ``layers_pattern``, or after any name, is the layer)."""
+    and ``modules_to_save`` leave a module out; then ``all-linear`` is every linear layer but the
+    output layer, another string ``target_modules`` a full-match regex, and a list matches names or
+    dotted suffixes, narrowed by ``layers_to_transform`` (the first numbered segment after
+    ``layers_pattern``, or after any name, is the layer)."""
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str) and _fullmatch(exclude, module):
         return False
@@ -288,8 +289,10 @@ def _targets(config: dict[str, Any], module: str) -> bool:
     ):
         return True  # PEFT targets the tied partner of a targeted embedding or output layer too
     targets = config.get("target_modules")
-    if targets is None or targets == "all-linear":
+    if targets is None:
         return True
+    if targets == "all-linear":  # PEFT's linear and Conv1D layers, the output layer excluded
+        return module.rsplit(".", 1)[-1] != OUTPUT_LAYER and not is_embedding(module)
     if isinstance(targets, str):
         return _fullmatch(targets, module)
     if not (isinstance(targets, list) and _named(targets, module)):

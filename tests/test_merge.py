@@ -243,6 +243,19 @@ def test_non_finite_check_base_is_refused(tmp_path: Path, cli, dtype: torch.dtyp
                  "tensor 'model.layers.1.mlp.down_proj.weight': --check BASE holds NaN or Inf")  # fmt: skip
 
 
+def test_all_linear_leaves_out_the_output_layer_as_peft_does(tmp_path: Path, cli) -> None:
+    """target_modules "all-linear" is every linear layer but the output layer in PEFT: an lm_head LoRA
+    in such an adapter does not load there (PEFT's merge leaves lm_head as it was), and loratool merged it."""
+    from peft import PeftModel
+
+    base, adapter = make(tmp_path, "llama", targets=["q_proj", "lm_head"])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": "all-linear"}))
+    peft = PeftModel.from_pretrained(load_model("llama", base), adapter).merge_and_unload().state_dict()
+    assert torch.equal(peft["lm_head.weight"], state(base)["lm_head.weight"])
+    _refused(cli, tmp_path, ["merge", base, adapter], "tensors/lm_head: has LoRA weights but target_modules does not")
+
+
 def test_an_integer_base_weight_is_refused(tmp_path: Path, cli) -> None:
     """A LoRA module on an integer weight (no quantization_config to say how to read it) was merged and
     cast back to int32, which rounded the whole delta away."""
