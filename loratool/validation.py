@@ -189,6 +189,11 @@ def check_fit(
                 else:
                     matched += 1
                 continue
+            if module not in found and tied and module == tied[0]:
+                report.add(where, f"the base ties {module} to its input embedding '{tied[1]}' (one matrix): a LoRA "
+                                  "on the head alone cannot be merged without changing the input embedding too; "
+                                  "untie the base first, or serve the adapter unmerged")  # fmt: skip
+                continue
             if module not in found:
                 report.add(where, f"the base has no weight '{module}.weight': this module would adapt nothing")
                 continue

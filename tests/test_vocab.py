@@ -153,6 +153,8 @@ def test_a_lora_on_a_tied_output_layer_is_refused_by_name(tmp_path: Path, cli) -
     assert "a LoRA on 'lm_head', which this base ties to its input embedding 'model.embed_tokens.weight'" in r.stderr
     assert "untie the base first" in r.stderr
     assert not (tmp_path / "out").exists()
+    report = validate(tmp_path / "adapter", base=tmp_path / "base")
+    assert any(p.path == "base/lm_head" and "ties lm_head to its input embedding" in p.message for p in report.problems)
 
 
 def _tied_base(tmp_path: Path):
