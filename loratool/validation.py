@@ -279,8 +279,8 @@ def _targets(config: dict[str, Any], module: str) -> bool:
     """PEFT's rule (``check_target_module_exists`` in peft.tuners.tuners_utils): ``exclude_modules``
     and ``modules_to_save`` leave a module out; then ``all-linear`` is every linear layer but the
     output layer, another string ``target_modules`` a full-match regex, and a list matches names or
-    dotted suffixes, narrowed by ``layers_to_transform`` (the first numbered segment after
-    ``layers_pattern``, or after any name, is the layer)."""
+    dotted suffixes, the suffix matches narrowed by ``layers_to_transform`` (the first numbered
+    segment after ``layers_pattern``, or after any name, is the layer)."""
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str) and _fullmatch(exclude, module):
         return False
@@ -302,6 +302,8 @@ def _targets(config: dict[str, Any], module: str) -> bool:
         return _fullmatch(targets, module)
     if not (isinstance(targets, list) and _named(targets, module)):
         return False
+    if module in targets:
+        return True  # named whole: PEFT narrows only the suffix matches by layer
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:
         return True

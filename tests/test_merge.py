@@ -256,6 +256,21 @@ def test_all_linear_leaves_out_the_output_layer_as_peft_does(tmp_path: Path, cli
     _refused(cli, tmp_path, ["merge", base, adapter], "tensors/lm_head: has LoRA weights but target_modules does not")
 
 
+def test_layers_to_transform_narrows_suffixes_not_whole_names_as_peft_does(tmp_path: Path) -> None:
+    """PEFT applies layers_to_transform to target names matched as suffixes; a target that names a module
+    whole (lm_head, which has no layer) is adapted anyway, and its factors merge."""
+    from peft import PeftModel
+
+    base, adapter = make(tmp_path, "llama", targets=["q_proj", "lm_head"], layers_to_transform=[0])
+    assert sorted(load_adapter(adapter).modules) == ["lm_head", "model.layers.0.self_attn.q_proj"]
+    merge(base, [adapter], output=tmp_path / "ours", show_progress=False)
+    peft = PeftModel.from_pretrained(load_model("llama", base), adapter).merge_and_unload().state_dict()
+    ours = state(tmp_path / "ours")
+    assert not torch.equal(ours["lm_head.weight"], state(base)["lm_head.weight"])
+    for k, v in ours.items():
+        assert torch.allclose(v, peft[k], rtol=1e-6, atol=1e-7), k
+
+
 def test_an_integer_base_weight_is_refused(tmp_path: Path, cli) -> None:
     """A LoRA module on an integer weight (no quantization_config to say how to read it) was merged and
     cast back to int32, which rounded the whole delta away."""

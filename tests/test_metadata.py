@@ -73,6 +73,7 @@ def _tensors(adapter: Path, edit) -> None:
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 UNTARGETED = "has LoRA weights but target_modules does not select this module"
+SUFFIXES = ["q_proj", "v_proj", "up_proj", "down_proj"]  # PEFT narrows these by layer, never a whole path
 
 
 @pytest.mark.parametrize(
@@ -112,9 +113,13 @@ UNTARGETED = "has LoRA weights but target_modules does not select this module"
         # what PEFT's target rule leaves out, PEFT does not load: merging it would disagree with PEFT's merge
         (lambda a: _edit(a, exclude_modules=["up_proj"]), "tensors/model.layers.0.mlp.up_proj", UNTARGETED),
         (lambda a: _edit(a, exclude_modules=r".*\.0\.mlp\..*"), "tensors/model.layers.0.mlp.up_proj", UNTARGETED),
-        (lambda a: _edit(a, layers_to_transform=[5]), "tensors/model.layers.0.mlp.up_proj", UNTARGETED),
         (
-            lambda a: _edit(a, layers_to_transform=[5], layers_pattern="layers"),
+            lambda a: _edit(a, target_modules=SUFFIXES, layers_to_transform=[5]),
+            "tensors/model.layers.0.mlp.up_proj",
+            UNTARGETED,
+        ),
+        (
+            lambda a: _edit(a, target_modules=SUFFIXES, layers_to_transform=[5], layers_pattern="layers"),
             "tensors/model.layers.0.mlp.up_proj",
             UNTARGETED,
         ),

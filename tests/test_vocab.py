@@ -214,3 +214,14 @@ def test_an_embedding_lora_on_a_tied_model_merges_as_peft_and_says_what_it_chang
     oracle = PeftModel.from_pretrained(load(), str(tmp_path / "adapter")).merge_and_unload()
     ours = tf.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(ours), logits(oracle), rtol=1e-4, atol=1e-5)
+
+
+def test_a_trained_tied_head_in_modules_to_save_is_refused_by_name(tmp_path: Path, cli) -> None:
+    """modules_to_save lm_head on a tied model: the trained head would have to replace the one matrix,
+    the input embedding with it; it was refused as 'an adapter for another model'."""
+    load = _tied_base(tmp_path)
+    _trained_peft(load(), ["q_proj"], modules_to_save=["lm_head"]).save_pretrained(tmp_path / "adapter")
+    r = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert "replaces 'lm_head' whole (modules_to_save), which this base ties to its input embedding" in r.stderr
+    assert not (tmp_path / "out").exists()

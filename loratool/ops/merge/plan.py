@@ -279,7 +279,19 @@ def _refuse_tied_head(
     share one matrix: adding the head's delta to it changes the input embedding too, which PEFT's
     merge_and_unload does and the adapter served unmerged does not. Refused, by name, rather than
     merged either way (the extracted tied copy :func:`is_tied_copy` recognizes is another case)."""
-    if tied is None or tied[0] not in adapter.modules or tied[0] + ".weight" in ckpt:
+    if tied is None or tied[0] + ".weight" in ckpt:
+        return
+    head = tied[0] + ".weight"
+    if head in adapter.whole and not arch.is_tied_head_unchanged(ckpt, tied, head, adapter.whole[head], adapter):
+        raise UnsupportedCheckpointError(
+            f"the adapter replaces '{tied[0]}' whole (modules_to_save), which this base ties to its input embedding "
+            f"'{tied[1]}' (tie_word_embeddings): the checkpoint holds one matrix for both, so writing the trained "
+            "head there would replace the input embedding as well",
+            path=name, key=head,
+            fix="untie the base first (store lm_head.weight as a copy of the embedding and set tie_word_embeddings "
+            "to false in config.json), then merge into that; or serve the adapter unmerged",
+        )  # fmt: skip
+    if tied[0] not in adapter.modules:
         return
     if arch.is_tied_copy(tied[0], adapter.modules[tied[0]], adapter, {p: p for p in adapter.modules}, config):
         return
