@@ -105,6 +105,34 @@ def test_peft_loading_the_adapter_reproduces_the_finetune(tmp_path: Path, kind: 
     assert torch.allclose(logits(model), expected, atol=1e-4), (logits(model) - expected).abs().max()
 
 
+@pytest.mark.parametrize("changed", [["transformer.h.1.ln_1.bias"], ["transformer.h.0.attn.c_proj.bias"],
+                                     ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"]],
+                         ids=["a norm's bias", "a bias alone", "a LoRA layer's bias"])  # fmt: skip
+def test_a_module_kept_whole_is_kept_with_all_its_parameters(tmp_path: Path, cli, changed: list[str]) -> None:
+    """--keep-full on a bias: PEFT's modules_to_save loads every parameter of the module, so a bias kept
+    alone failed to load (KeyError ...weight), and a LoRA layer whose bias was kept was both adapted and
+    saved whole, which PEFT does not do. The module is now stored whole, without LoRA, and PEFT gives
+    the fine-tune's logits (a randomized sweep of 90 such pairs found the failures)."""
+    from peft import PeftModel
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "base")
+    ft = tiny_model("gpt2")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if name in changed:
+                p += 0.05 * torch.randn(p.shape, generator=g)
+    ft.save_pretrained(tmp_path / "ft")
+    r = cli("extract", tmp_path / "base", tmp_path / "ft", "-r", 64, "--keep-full", ".*", "-o", tmp_path / "a",
+            "--json", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    module = changed[0].rsplit(".", 1)[0]
+    adapter = load_adapter(tmp_path / "a")
+    assert {module + ".weight", module + ".bias"} <= set(adapter.whole) and module not in adapter.modules
+    model = PeftModel.from_pretrained(load_model("gpt2", tmp_path / "base"), tmp_path / "a").eval()
+    assert torch.allclose(logits(model), logits(ft), atol=1e-5)
+
+
 def _without_block_norm_changes(kind: str, tmp_path: Path, ft):
     """The fine-tune with only what the adapter holds: dropped 1-D changes reverted to the base."""
     base = load_model(kind, tmp_path / "base")

@@ -200,13 +200,10 @@ def extract(
         show = show_progress and d.is_main
         parts = d.gather(lambda: _extract_keys(b, f, mine, options, conv1d, prefetch_depth, show))
         whole = _Partial.join(parts, keys)
-        siblings = _whole_siblings(f, whole.whole, keys) if d.is_main else {}
 
     result = ExtractResult(output=out, adapter=Adapter(), report=[], dropped=whole.dropped,
                            kept_whole=whole.kept_whole, unchanged=whole.unchanged, warnings=whole.warnings)  # fmt: skip
-    result.adapter.whole = {**whole.whole, **siblings, **grown_whole}
-    result.kept_whole += sorted(siblings)
-    result.dropped = [x for x in result.dropped if x.key not in siblings]  # a changed bias goes with its weight
+    result.adapter.whole = {**whole.whole, **grown_whole}
     result.grown = {k: int(v.shape[0]) for k, v in grown_whole.items()}
     for key, rows in result.grown.items():
         result.warnings.append(f"{key} grew to {rows} rows (tokens were added): stored whole (modules_to_save); "
@@ -219,6 +216,8 @@ def extract(
     if tied and tied[1][: -len(".weight")] in modules:
         _tie_output_embedding(tied[0], tied[1][: -len(".weight")], modules, reports, result)
     _place_biases(whole.biases, modules, result, keep)
+    if d.is_main:
+        _whole_modules(finetuned, allow_pickle, keys, modules, reports, result)
     if budget is not None and whole.pending and not modules and not result.adapter.whole:
         cheapest = min(p.svd.U.shape[0] + p.svd.Vh.shape[1] for p in whole.pending)
         raise LoraToolError(
@@ -454,13 +453,28 @@ def _place_biases(
                                                      "to store it whole"))  # fmt: skip
 
 
-def _whole_siblings(f: Checkpoint, whole: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
-    """The other parameters (a bias, changed or not) of each module whose weight is kept whole: PEFT's
-    ``modules_to_save`` replaces a module with a copy and loads every parameter of it, so an adapter
-    holding the weight alone does not load (``KeyError ... .bias``)."""
-    modules = {k.removesuffix(".weight") for k in whole if k.endswith(".weight")}
-    return {k: f.get(k) for k in keys
-            if k not in whole and "." in k and k.rsplit(".", 1)[0] in modules}  # fmt: skip
+def _whole_modules(
+    finetuned: str | os.PathLike[str], allow_pickle: bool, keys: list[str], modules: dict[str, LoraModule],
+    reports: dict[str, ModuleReport], result: ExtractResult,
+) -> None:  # fmt: skip
+    """Every module with a tensor kept whole is kept whole, all its parameters (PEFT's ``modules_to_save``
+    replaces a module with a copy and loads each of them: a bias kept alone, or a weight without its
+    bias, does not load, ``KeyError``), and gets no LoRA (PEFT does not adapt a module it saves whole)."""
+    held = {k.rsplit(".", 1)[0] for k in result.adapter.whole if "." in k}
+    missing = [k for k in keys if k not in result.adapter.whole and "." in k and k.rsplit(".", 1)[0] in held]
+    if missing:
+        with open_checkpoint(finetuned, allow_pickle=allow_pickle) as stored:
+            f = model_view(stored)
+            result.adapter.whole.update({k: f.get(k) for k in missing})
+        result.kept_whole += missing
+        result.dropped = [x for x in result.dropped if x.key not in missing]  # a changed bias goes with its module
+    for module in sorted(held & set(modules)):
+        del modules[module], reports[module]
+        result.warnings.append(
+            f"{module} is stored whole (modules_to_save), as --keep-full asks for one of its tensors, and so has "
+            "no LoRA (PEFT does not adapt a module it saves whole); --bias stores a linear layer's changed bias "
+            "as its lora_B.bias instead"
+        )
 
 
 def _grown_whole(f: Checkpoint, grown: list[str], tied: tuple[str, str] | None) -> dict[str, torch.Tensor]:
