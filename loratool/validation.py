@@ -307,10 +307,18 @@ def _targets(config: dict[str, Any], module: str) -> bool:
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:
         return True
-    patterns = config.get("layers_pattern") or [r"[^.]*"]
+    patterns = config.get("layers_pattern")
+    if not patterns:  # the first numbered segment after any name, with a dot before that name (PEFT's regex)
+        regexes = [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    else:
+        regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in ([patterns] if isinstance(patterns, str) else patterns)
+                   if isinstance(p, str)]  # fmt: skip
     found = None
-    for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module) if isinstance(pattern, str) else None
+    for regex in regexes:
+        try:
+            found = re.match(regex, module)
+        except re.error:  # the schema names a pattern that does not compile
+            found = None
         if found:
             break
     if found is None:
