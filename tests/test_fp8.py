@@ -185,6 +185,29 @@ def test_unmerge_of_merge_is_within_two_fp8_rounding_units(tmp_path: Path, plain
     assert res.check.elements > 0 and res.check.relative_diff < 0.05
 
 
+def test_a_nan_code_in_the_fp8_check_base_is_refused_by_name(tmp_path: Path, plain) -> None:
+    """The FP8 path of unmerge --check reads the NaN from its own sums, as the bf16 one does."""
+    import shutil
+
+    from loratool.errors import NonFiniteError
+
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    merge(tmp_path / "fp8", [adapter], output=tmp_path / "merged", rounding="nearest", show_progress=False)
+    shutil.copytree(tmp_path / "fp8", tmp_path / "ref")
+    f = next((tmp_path / "ref").glob("*.safetensors"))
+    ts = load_file(str(f))
+    key = next(k for k in adapter_deltas(adapter) if ts[k].dtype == torch.float8_e4m3fn)  # a weight it merges into
+    codes = ts[key].view(torch.uint8).clone()
+    codes.view(-1)[0] = 0x7F  # e4m3fn's NaN
+    ts[key] = codes.view(torch.float8_e4m3fn)
+    save_file(ts, str(f))
+    with pytest.raises(NonFiniteError, match="--check BASE holds NaN or Inf"):
+        unmerge(tmp_path / "merged", [adapter], output=tmp_path / "back", check=tmp_path / "ref", rounding="nearest",
+                show_progress=False)  # fmt: skip
+    assert not (tmp_path / "back").exists()
+
+
 def span_share(error: torch.Tensor, lora_A: torch.Tensor) -> float:
     """||error projected on the span of lora_A's rows|| / ||error||."""
     basis, _ = torch.linalg.qr(lora_A.double().T)  # (in, r)

@@ -3,14 +3,15 @@ rounding, or in FP8 steps), compared in chunks as the tensors stream by."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ...errors import ShapeMismatchError
+from ...errors import NonFiniteError, ShapeMismatchError
 from ...host import available_cores
-from ...math.linalg import unit_of_rounding
+from ...math.linalg import is_finite, unit_of_rounding
 from ...quant import native
 from ...quant.fp8 import dequantize_fp8
 from ...quant.layout import Fp8Scheme
@@ -41,6 +42,7 @@ class RoundTripCheck:
             raise ShapeMismatchError("--check BASE has this tensor in another shape", key=key,
                                      expected=list(out.shape), got=list(ref.shape))  # fmt: skip
         if self._native(out, ref, merged):
+            self._require_finite(key, ref)
             return
         o, r, m = out.reshape(-1), ref.reshape(-1), merged.reshape(-1)
         # bfloat16 and float16 values, their differences and their units are exact in float32
@@ -65,6 +67,15 @@ class RoundTripCheck:
             self.elements_differing += n
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements += out.numel()
+        self._require_finite(key, ref)
+
+    def _require_finite(self, key: str | None, *refs: torch.Tensor) -> None:
+        """A NaN or Inf in the original base makes its summed squares, and every figure after it, NaN,
+        and the largest difference pass it by: refused, by name. The sums the check takes anyway tell
+        it; only a non-finite one (or a finite sum that overflowed) looks at the tensor itself."""
+        if not math.isfinite(self._sq_base) and not all(is_finite(r) for r in refs):
+            raise NonFiniteError("--check BASE holds NaN or Inf", key=key,
+                                 fix="check against the original base, which a merge takes only finite")  # fmt: skip
 
     def _native(self, out: torch.Tensor, ref: torch.Tensor, merged: torch.Tensor) -> bool:
         """bfloat16 on the CPU: the compiled kernel's one pass (csrc/fp8.c, lt_check_bf16), the tensor cut
@@ -92,8 +103,14 @@ class RoundTripCheck:
         self.elements += n
         return True
 
-    def add_fp8(self, out: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor],
-                merged: tuple[torch.Tensor, torch.Tensor], scheme: Fp8Scheme) -> None:  # fmt: skip
+    def add_fp8(
+        self,
+        out: tuple[torch.Tensor, torch.Tensor],
+        ref: tuple[torch.Tensor, torch.Tensor],
+        merged: tuple[torch.Tensor, torch.Tensor],
+        scheme: Fp8Scheme,
+        key: str | None = None,
+    ) -> None:
         """Compare a restored FP8 weight (q, scale) with the original, dequantized. A round trip
         rounds on the merged grid and on the restored one, each with its own scales: a unit is the
         coarsest of the three grids' spacings at each element."""
@@ -113,8 +130,10 @@ class RoundTripCheck:
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements_differing += int((q.view(torch.uint8) != ref_q.view(torch.uint8)).sum())
         self.elements += q.numel()
+        self._require_finite(key, *ref)
 
-    def add_grid(self, out: torch.Tensor, ref: torch.Tensor, unit: torch.Tensor, differing: int) -> None:
+    def add_grid(self, out: torch.Tensor, ref: torch.Tensor, unit: torch.Tensor, differing: int,
+                 key: str | None = None) -> None:  # fmt: skip
         """Compare restored values of a packed low-bit weight with the original's (float32), in
         ``unit``s, each element's coarsest grid step of the merged, restored and original grids;
         ``differing``: how many stored codes differ."""
@@ -127,6 +146,7 @@ class RoundTripCheck:
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements_differing += differing
         self.elements += out.numel()
+        self._require_finite(key, ref)
 
     @staticmethod
     def combine(parts: list[RoundTripCheck]) -> RoundTripCheck:
