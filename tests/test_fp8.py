@@ -665,3 +665,39 @@ def test_the_shipped_refusal_fixtures_are_refused(tmp_path: Path, fixtures: Path
         r = cli(*args, "-o", tmp_path / "out")
         assert r.exit_code == 1 and f"the checkpoint is quantized: {method}" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_bias_kept_whole_from_an_fp8_finetune_keeps_its_weight_dequantized(tmp_path: Path) -> None:
+    """--keep-full on a Qwen2 attention bias keeps its module whole, weight included; from an FP8
+    fine-tune that weight is stored dequantized (as every whole tensor of it), not as FP8 codes without
+    their scales. PEFT on the float base then gives the dequantized fine-tune's logits."""
+    import transformers as tf
+    from peft import PeftModel
+
+    config = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    tf.Qwen2ForCausalLM(config).eval().save_pretrained(tmp_path / "base")
+    ft = tf.Qwen2ForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        ft.model.layers[0].self_attn.q_proj.bias.add_(0.1)
+    ft.save_pretrained(tmp_path / "ft")
+    fp8_checkpoint(tmp_path / "ft", tmp_path / "ft8", "block")
+    # the float base, but with the fine-tune's FP8 rounding of its projections: the pair then differs by the bias only
+    ts = load_file(str(tmp_path / "base" / "model.safetensors"))
+    rounded = dequantized_state(tmp_path / "ft8", "block")
+    ts.update({k: v.float() for k, v in rounded.items() if k.endswith("_proj.weight")})
+    save_file(ts, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    result = extract(tmp_path / "base", tmp_path / "ft8", output=tmp_path / "a", keep_full="bias", show_progress=False)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    whole = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))["base_model.model." + key]
+    assert whole.is_floating_point() and whole.element_size() >= 2, whole.dtype
+    torch.testing.assert_close(whole.float(), ts[key], rtol=0, atol=0)
+    assert key in result.kept_whole
+    model = PeftModel.from_pretrained(tf.Qwen2ForCausalLM.from_pretrained(tmp_path / "base").eval(), tmp_path / "a")
+    want = tf.Qwen2ForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        want.model.layers[0].self_attn.q_proj.bias.add_(0.1)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-4, atol=1e-5)

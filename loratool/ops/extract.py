@@ -42,7 +42,15 @@ from ..metadata.provenance import InputHasher, encode, make_record
 from ..quant.layout import Fp8Layout
 from ..report import Dropped, ModuleReport, summarize
 from ..runtimes.transforms import check_portable, portable_form
-from ..stream.deltas import DeltaReader, ExpertDeltas, fp8_companions, grown_vocabulary, module_generator, paired_keys
+from ..stream.deltas import (
+    DeltaReader,
+    ExpertDeltas,
+    fp8_companions,
+    grown_vocabulary,
+    module_generator,
+    paired_keys,
+    read_weight,
+)
 from ..stream.distributed import current
 from ..stream.pipeline import BufferPool, give_back, stream
 
@@ -463,9 +471,9 @@ def _whole_modules(
     held = {k.rsplit(".", 1)[0] for k in result.adapter.whole if "." in k}
     missing = [k for k in keys if k not in result.adapter.whole and "." in k and k.rsplit(".", 1)[0] in held]
     if missing:
-        with open_checkpoint(finetuned, allow_pickle=allow_pickle) as stored:
-            f = model_view(stored)
-            result.adapter.whole.update({k: f.get(k) for k in missing})
+        with open_checkpoint(finetuned, allow_pickle=allow_pickle) as stored:  # FP8 and packed weights dequantized
+            f, fp8 = model_view(stored), stored.fp8_layout()
+            result.adapter.whole.update({k: read_weight(f, fp8, k, torch.device("cpu")) for k in missing})
         result.kept_whole += missing
         result.dropped = [x for x in result.dropped if x.key not in missing]  # a changed bias goes with its module
     for module in sorted(held & set(modules)):
