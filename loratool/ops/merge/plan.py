@@ -17,7 +17,7 @@ from ...adapter import Adapter, Kind, LoraModule
 from ...errors import MissingKeyError, ShapeMismatchError, UnsupportedAdapterError, UnsupportedCheckpointError
 from ...formats import AdapterArg, diffusers, load_adapter, split_scale
 from ...formats.kohya import resolve_paths
-from ...io.checkpoint import Checkpoint, dtype_name, torch_dtype
+from ...io.checkpoint import Checkpoint, dtype_name
 from ...io.logical import RenamedView
 from ...validation import require_valid
 
@@ -167,10 +167,10 @@ def plan_terms(
                     got=list(shape),
                     fix="is this adapter for another model (or size of it)?",
                 )
-            dtype = replace[key].dtype if key in replace else torch_dtype(ckpt.info(key).dtype)
-            if not dtype.is_floating_point:
+            stored = dtype_name(replace[key].dtype) if key in replace else ckpt.info(key).dtype
+            if not stored.startswith(("F", "BF")):  # safetensors' float names (F32, BF16, F8_E4M3, ...)
                 raise UnsupportedCheckpointError(
-                    f"the base weight is {dtype_name(dtype)}, not floating point: the adapter's delta would be "
+                    f"the base weight is {stored}, not floating point: the adapter's delta would be "
                     "rounded to whole numbers, most of it to nothing", path=name, key=key,
                     fix="is this a quantized checkpoint whose quantization_config is missing? Merge into the "
                     "floating-point base the adapter was trained on",
