@@ -154,14 +154,38 @@ RENAMED_WHY = (
 )
 
 
+# A multimodal family's tie where config.json does not say (its config class's default in transformers 5:
+# Gemma 3 ties, Qwen2-VL, Qwen2.5-VL, LLaVA and Llama 4 do not), and the families whose config also takes a
+# tie that pre-v5 saves placed in text_config (their __post_init__ forwards it to the outer config).
+_MULTIMODAL_TIES = {"gemma3": True}
+_TIES_IN_TEXT_CONFIG = frozenset({"qwen2_vl", "qwen2_5_vl", "llava"})
+
+
 def ties_word_embeddings(config: Mapping[str, Any]) -> bool:
-    """transformers' default: an output layer shares the input embedding unless config.json says not."""
-    return bool(config.get("tie_word_embeddings", True))
+    """Whether the output layer shares the input embedding, as transformers reads config.json: a text
+    model ties unless it says not; a vision-language model by its family's rule (Qwen2.5-VL 3B and
+    Gemma 3 tie, LLaVA and Llama 4 do not)."""
+    if not is_multimodal(config):
+        return bool(config.get("tie_word_embeddings", True))
+    family = str(config.get("model_type"))
+    text = config.get("text_config")
+    in_text = isinstance(text, Mapping) and bool(text.get("tie_word_embeddings", False))
+    return bool(config.get("tie_word_embeddings", _MULTIMODAL_TIES.get(family, False))) or (
+        in_text and family in _TIES_IN_TEXT_CONFIG
+    )
 
 
 def is_causal_lm(config: Mapping[str, Any]) -> bool:
     archs = [str(a) for a in config.get("architectures") or []]
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def has_output_layer(config: Mapping[str, Any]) -> bool:
+    """A language model's head (``lm_head``) is the model's: a causal LM's, or a vision-language
+    model's whose renaming loratool knows (``...ForConditionalGeneration``, its head at the top)."""
+    archs = [str(a) for a in config.get("architectures") or []]
+    multimodal = live_name_rules(config) is not None and any(a.endswith("ForConditionalGeneration") for a in archs)
+    return is_causal_lm(config) or multimodal
 
 
 def task_type(config: Mapping[str, Any]) -> str | None:
@@ -175,7 +199,7 @@ def tied_output(keys: list[str], config: Mapping[str, Any]) -> tuple[str, str] |
     A tied checkpoint stores the matrix once (GPT-2 has no ``lm_head.weight``), or twice with equal
     values; either way a fine-tune changed both uses of it at once.
     """
-    if not ties_word_embeddings(config) or not is_causal_lm(config):
+    if not ties_word_embeddings(config) or not has_output_layer(config):
         return None
     embeds = [k for k in keys if k.endswith(".weight") and is_embedding(k[: -len(".weight")])]
     embeds = [k for k in embeds if any(name in k for name in _TOKEN_EMBEDDINGS)] or embeds

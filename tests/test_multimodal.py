@@ -223,3 +223,72 @@ def test_kohya_names_and_analyze_resolve_to_the_models_names(tmp_path: Path, fam
     assert sorted(load_adapter(tmp_path / "p").modules) == sorted(a.modules)
     r = analyze(tmp_path / "adapter", base=folder, show_progress=False)
     assert not r.warnings and all(m.amplification for m in r.modules)
+
+
+def _tied(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """A tiny vision-language model whose output layer is its input embedding (one parameter)."""
+    torch.manual_seed(0)
+    config = make().config
+    config.tie_word_embeddings = True
+    model = type(make())(config).eval()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    return model
+
+
+@pytest.mark.parametrize("make", [gemma3, qwen2_vl], ids=["gemma3", "qwen2_vl"])
+def test_a_tied_head_is_the_embedding_in_extract_merge_and_validate(tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+    """Gemma 3 and Qwen2.5-VL 3B tie their head to the embedding. A fine-tune that changed the embedding
+    changed the head too: extract adds the head's LoRA, so PEFT gives the fine-tune's logits (it gave
+    the base's head before), and merge adds that delta to the one matrix once. A LoRA on the head alone
+    is refused by name, as for a text model (it was refused as an adapter for another model)."""
+    from peft import PeftModel
+
+    model = _tied(make)
+    model.save_pretrained(tmp_path / "base")
+    ft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if name.endswith(("embed_tokens.weight", "q_proj.weight")) and "language_model" in name:
+                p += 0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+    ft.save_pretrained(tmp_path / "ft")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["extract", str(tmp_path / "base"), str(tmp_path / "ft"), "-r", "2", "-o",
+                                 str(tmp_path / "a"), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = ft(input_ids=ids).logits
+        served = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "a")(input_ids=ids).logits
+        torch.testing.assert_close(served, want, rtol=1e-4, atol=1e-4)
+        result = runner.invoke(cli, ["merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "m"),
+                                     "-q"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        merged = type(model).from_pretrained(tmp_path / "m").eval()(input_ids=ids).logits
+        torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-4)
+
+    peft_adapter(copy.deepcopy(model), ["q_proj", "lm_head"], r=2, alpha=4).save_pretrained(tmp_path / "head")
+    for args in (["merge", tmp_path / "base", tmp_path / "head", "-o", tmp_path / "x"],
+                 ["validate", tmp_path / "head", "--base", tmp_path / "base"]):  # fmt: skip
+        result = runner.invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 1, result.output
+        assert "ties" in result.output and "to its input embedding" in result.output, result.output
+        assert "another model" not in result.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("make", [gemma3, qwen2_vl, lambda: qwen2_vl("2.5"), llava, llama4],
+                         ids=["gemma3", "qwen2_vl", "qwen2_5_vl", "llava", "llama4"])  # fmt: skip
+@pytest.mark.parametrize("outer", [None, True, False])
+@pytest.mark.parametrize("inner", [None, True, False])
+def test_the_tie_is_read_as_transformers_reads_it(make, outer, inner) -> None:  # type: ignore[no-untyped-def]
+    """config.json's tie, at the top or (pre-v5 saves) in text_config, or neither: transformers' own
+    config class is the oracle."""
+    data = make().config.to_dict()
+    data.pop("tie_word_embeddings", None)
+    data["text_config"].pop("tie_word_embeddings", None)
+    if outer is not None:
+        data["tie_word_embeddings"] = outer
+    if inner is not None:
+        data["text_config"]["tie_word_embeddings"] = inner
+    loaded = tf.AutoConfig.for_model(**copy.deepcopy(data))
+    assert arch.ties_word_embeddings(data) == bool(loaded.tie_word_embeddings), (data["model_type"], outer, inner)
