@@ -53,6 +53,12 @@ OPERATION_FAILURES = [
     (["merge", FIXTURES / "gpt2-base", ADAPTER], "the base has no matching"),
     (["merge", BASE, "no-such-adapter/"], "no such adapter"),
     (["inspect", "no-such-path"], "no such file"),
+    # a kohya or diffusers adapter is one .safetensors file: 'out' was written and then not read as an adapter
+    (["extract", BASE, FT, "--format", "kohya"], "does not end in .safetensors"),
+    (["extract", BASE, FT, "--format", "diffusers"], "does not end in .safetensors"),
+    (["convert", ADAPTER, "--to", "kohya"], "does not end in .safetensors"),
+    (["combine", ADAPTER, ADAPTER, "--format", "kohya"], "does not end in .safetensors"),
+    (["resize", ADAPTER, "-r", "2", "--format", "kohya"], "does not end in .safetensors"),
 ]
 
 

@@ -191,6 +191,17 @@ def _not_an_adapter(p: Path) -> InputFileError:
     )
 
 
+def check_output_name(out: str | os.PathLike[str], format: str) -> None:
+    """A kohya or diffusers adapter is one ``.safetensors`` file, which ComfyUI, diffusers and
+    :func:`load_adapter` find by that suffix: refused before any work for a name without it (a file
+    named ``out`` or ``out/`` was written that nothing, loratool included, reads as an adapter)."""
+    if format in ("kohya", "diffusers") and Path(out).suffix != ".safetensors":
+        raise LoraToolError(
+            f"a {format} adapter is one .safetensors file, and the output '{out}' does not end in .safetensors",
+            fix="name the output file NAME.safetensors (e.g. -o adapter.safetensors)",
+        )
+
+
 def save_adapter(
     adapter: Adapter,
     out: str | os.PathLike[str],
@@ -209,6 +220,7 @@ def save_adapter(
     from ..runtimes import mlx
     from . import diffusers, kohya, peft
 
+    check_output_name(out, format)
     if format == "kohya":
         return kohya.write_kohya(adapter, Path(out), force=force, dtype=dtype)
     if format == "diffusers":

@@ -28,7 +28,7 @@ import torch
 
 from ..adapter import Adapter, LoraModule
 from ..errors import InputFileError, LoraToolError, ShapeMismatchError, UnsupportedAdapterError
-from ..formats import PathArg, load_adapter, save_adapter, split_scale
+from ..formats import PathArg, check_output_name, load_adapter, save_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..formats.peft import new_config
 from ..host import map_on_cores, progress, resolve_device
@@ -212,6 +212,7 @@ def _run(
     pairs = [cast("tuple[PathArg, float]", split_scale(s)) for s in sources]
     if not pairs:
         raise LoraToolError("no adapter given", fix="name at least one ADAPTER")
+    check_output_name(output, format)
     out = check_output(output, force=force, inputs=[*(p for p, _ in pairs), *([base] if base is not None else [])])
     dev = resolve_device(device)
     loaded = [(load_adapter(p, allow_pickle=allow_pickle), w, str(p)) for p, w in pairs]

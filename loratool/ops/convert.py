@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from ..adapter import Adapter
 from ..errors import InputFileError, LoraToolError, MissingKeyError, ShapeMismatchError
-from ..formats import diffusers, load_adapter, require_finite, save_adapter
+from ..formats import check_output_name, diffusers, load_adapter, require_finite, save_adapter
 from ..formats.kohya import resolve_paths
 from ..formats.lycoris import is_lycoris_file, read_lycoris
 from ..io.atomic import check_output
@@ -109,6 +109,7 @@ def convert(
     from_lycoris = not from_gguf and is_lycoris_file(adapter)
     _check_arguments(to, portable=portable, base=base, dtype=dtype, outtype=outtype, split=split, from_gguf=from_gguf)
     _check_rank(rank, from_lycoris, adapter)
+    check_output_name(output, to)
     out = check_output(output, force=force, inputs=[p for p in (adapter, base) if p is not None])
     truncation = None
     if from_gguf:

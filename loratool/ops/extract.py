@@ -20,7 +20,7 @@ import torch
 from .. import arch, experts
 from ..adapter import Adapter, Kind, LoraModule
 from ..errors import InputFileError, LoraToolError, UnsupportedCheckpointError
-from ..formats import diffusers, refuse_adapter, save_adapter
+from ..formats import check_output_name, diffusers, refuse_adapter, save_adapter
 from ..formats.peft import new_config
 from ..host import compile_regex, resolve_device
 from ..io.atomic import check_output
@@ -165,6 +165,7 @@ def extract(
     check_base_model_id(base_model_id)
     if portable:
         check_portable(format)
+    check_output_name(output, format)
     out = check_output(output, force=force, inputs=[base, finetuned])
     dev = resolve_device(device)
     inc, exc = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
