@@ -5,8 +5,11 @@ vocab_size; PEFT, on a base resized as PEFT users resize it, is the oracle."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import llama_config, logits
 
@@ -225,3 +228,48 @@ def test_a_trained_tied_head_in_modules_to_save_is_refused_by_name(tmp_path: Pat
     assert r.exit_code == 1 and "Traceback" not in r.stderr
     assert "replaces 'lm_head' whole (modules_to_save), which this base ties to its input embedding" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+MLX_PYTHON = os.environ.get("LORATOOL_MLX_PYTHON")
+
+
+@pytest.mark.parametrize("ensure", [True, False], ids=["ensure_weight_tying", "plain"])
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_tied_adapters_go_to_mlx_as_mlx_lm_serves_them(tmp_path: Path, cli, ensure: bool, target: str) -> None:
+    """mlx-lm's model of a tied base has no output layer of its own: the head is the embedding's
+    as_linear, LoRA included. An ensure_weight_tying adapter (PEFT applies the embedding's LoRA to both
+    uses) is written as its embedding's LoRA alone; its head copy was written, which mlx-lm refuses
+    ("not an adapter parameter"), and its saved head refused the conversion. A LoRA on the head alone,
+    or on the embedding alone (served in mlx-lm: 15 logits off PEFT's), is refused by name."""
+    load = _tied_base(tmp_path)
+    _trained_peft(load(), ["q_proj", target], **({"ensure_weight_tying": True} if ensure else {})).save_pretrained(
+        tmp_path / "adapter"
+    )
+    r = cli("convert", tmp_path / "adapter", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "mlx")
+    if not ensure:
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.output
+        assert ("no layer to go to" if target == "lm_head" else "mlx-lm would serve another model") in r.stderr
+        assert not (tmp_path / "mlx").exists()
+        return
+    assert r.exit_code == 0, r.output
+    assert "left out lm_head's LoRA, the embedding's transposed" in r.stderr
+    written = load_adapter(tmp_path / "mlx")
+    assert "lm_head" not in written.modules and "model.embed_tokens" in written.modules and not written.whole
+    if MLX_PYTHON:  # the runtime itself: PEFT's served logits
+        from peft import PeftModel
+
+        ids = [[1, 5, 9, 17, 33, 64, 2, 7]]
+        subprocess.run([MLX_PYTHON, str(Path(__file__).parent / "runtimes" / "mlx_logits.py"), str(tmp_path / "base"),
+                        str(tmp_path / "mlx"), str(tmp_path / "l.json"), json.dumps(ids)], check=True)  # fmt: skip
+        with torch.no_grad():
+            want = PeftModel.from_pretrained(load(), str(tmp_path / "adapter")).eval()(torch.tensor(ids)).logits
+        torch.testing.assert_close(torch.tensor(json.loads((tmp_path / "l.json").read_text())), want,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_an_embedding_lora_to_mlx_without_a_base_says_what_mlx_lm_does(tmp_path: Path, cli) -> None:
+    load = _tied_base(tmp_path)
+    _trained_peft(load(), ["q_proj", "embed_tokens"]).save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    r = cli("convert", tmp_path / "adapter", "--to", "mlx", "-o", tmp_path / "mlx")
+    assert r.exit_code == 0, r.output
+    assert "to the output layer too where the base ties them" in r.stderr and "give --base" in r.stderr
