@@ -265,6 +265,23 @@ def test_llama_cpp_runs_the_converted_adapter_as_peft_does(tmp_path: Path) -> No
     torch.testing.assert_close(torch.tensor(got["adapted"]), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_an_embedding_lora_on_a_tied_base_is_refused(tmp_path: Path) -> None:
+    """A tied model's output layer is, in llama.cpp, the token embedding, whose LoRA it looks up by name:
+    it applies the embedding's LoRA to the output too, where the factors do not fit, and aborts
+    (GGML_ASSERT in build_lora_mm, seen with llama-cpp-python 0.3.36 on the file loratool wrote)."""
+    import transformers as tf
+
+    config = tiny("llama").config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    model = tf.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    peft_adapter(model, ["q_proj", "embed_tokens"]).save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    with pytest.raises(LoraToolError, match="llama.cpp applies the embedding's LoRA to the output layer too"):
+        convert(tmp_path / "adapter", to="gguf", base=tmp_path / "base", output=tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_gemma3_embedding_lora_is_refused(tmp_path: Path) -> None:
     """llama.cpp's converter cuts Gemma 3's embedding to the tokenizer's size: an embedding LoRA would not fit."""
     base, adapter, _ = save_pair(tmp_path, "gemma3", ["q_proj", "embed_tokens"], r=4, alpha=8)

@@ -174,6 +174,11 @@ def _unsupported(path: str, m: LoraModule, family: Family, tied: bool) -> str | 
         return "a Conv2d LoRA: llama.cpp's LoRA pairs are matrices of language models"
     if m.kind == "embedding" and not family.embedding_lora:
         return "llama.cpp's converter cuts this embedding to the tokenizer's size: its LoRA would not fit"
+    if m.kind == "embedding" and tied:  # llama.cpp's output is then the token embedding, LoRA lookups by name
+        return (
+            "the base ties its output layer to this embedding, and llama.cpp applies the embedding's LoRA to "
+            "the output layer too, where its factors do not fit: llama.cpp aborts (GGML_ASSERT in build_lora_mm)"
+        )
     if path.split(".")[-1] == "lm_head" and tied:
         return "the base ties lm_head to the input embedding: llama.cpp's model has no separate output tensor"
     return None
