@@ -132,6 +132,12 @@ class Adapter:
         return sum(m.num_params for m in self.modules.values()) + sum(t.numel() for t in self.whole.values())
 
     @property
+    def replaced(self) -> list[str]:
+        """The tensors the adapter replaces with trained values (PEFT's modules_to_save), not the base
+        layers PEFT saves beside a LoRA'd embedding: a replacement has no scale to merge it at."""
+        return sorted(k for k in self.whole if k.rsplit(".", 1)[0] not in self.modules)
+
+    @property
     def use_dora(self) -> bool:
         return bool(self.config.get("use_dora")) or any(m.magnitude is not None for m in self.modules.values())
 

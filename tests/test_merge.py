@@ -403,3 +403,24 @@ def test_dora_refuses_a_scale_and_company(tmp_path: Path, cli) -> None:
     _, other = make(tmp_path, "llama", name="other", seed=2)
     _refused(cli, tmp_path, ["merge", base, f"{dora}:0.5"], "a DoRA adapter merges at scale 1 only (got 0.5)")
     _refused(cli, tmp_path, ["merge", base, dora, other], "a DoRA module and another adapter change this weight")
+
+
+def test_a_replacement_has_no_scale(tmp_path: Path, cli) -> None:
+    """modules_to_save holds trained tensors, not deltas: at adapter:0.5 (or a combine weight of 0.5)
+    the LoRA was scaled and the replacement written in full, silently. Refused now; PEFT's saved base
+    layer of a LoRA'd embedding is no replacement, and still merges at any scale."""
+    base, adapter = make(tmp_path, "llama", targets=["q_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    for args in (["merge", base, f"{adapter}:0.5", "-o", tmp_path / "out"],
+                 ["combine", f"{adapter}:0.5", "-o", tmp_path / "out"]):  # fmt: skip
+        r = cli(*args)
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.output
+        assert "replaces 'lm_head.weight' whole (modules_to_save)" in r.stderr and not (tmp_path / "out").exists()
+    assert cli("merge", base, adapter, "-o", tmp_path / "one").exit_code == 0
+    _, embedding = make(tmp_path, "llama", targets=["q_proj", "embed_tokens"], name="embedding")
+    assert "model.embed_tokens.weight" in load_adapter(embedding).whole  # PEFT saved the base layer
+    assert cli("merge", base, f"{embedding}:0.5", "-o", tmp_path / "half").exit_code == 0
+    full = cli("merge", base, embedding, "-o", tmp_path / "full")
+    assert full.exit_code == 0
+    before, half, whole = state(base), state(tmp_path / "half"), state(tmp_path / "full")
+    for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        torch.testing.assert_close(half[key] - before[key], 0.5 * (whole[key] - before[key]), rtol=1e-5, atol=1e-6)

@@ -278,7 +278,14 @@ def _run(
 
 
 def _check_sources(loaded: list[tuple[Adapter, float, str]], method: str) -> None:
-    for a, _, name in loaded:
+    for a, weight, name in loaded:
+        if a.replaced and weight != 1.0:
+            raise UnsupportedAdapterError(
+                f"the adapter replaces '{a.replaced[0]}' whole (modules_to_save): a trained tensor has no weight, "
+                f"so at {weight:g} its LoRA would be weighted and the replacement kept in full",
+                path=name, key=a.replaced[0],
+                fix="give this adapter weight 1, or combine adapters without modules_to_save",
+            )  # fmt: skip
         if a.token_rows:
             raise UnsupportedAdapterError(
                 "trainable tokens (trainable_token_indices) replace rows: they do not add up linearly",

@@ -118,6 +118,12 @@ def plan_terms(
                 )
             replace[key] = t
         _grow_tied_output(ckpt, config, adapter, replace)
+        if adapter.replaced and scale != 1.0:
+            raise UnsupportedAdapterError(
+                f"the adapter replaces '{adapter.replaced[0]}' whole (modules_to_save): a trained tensor has no "
+                f"scale, so at {scale:g} its LoRA would be scaled and the replacement written in full",
+                path=name, key=adapter.replaced[0], fix="drop the :SCALE of this adapter",
+            )  # fmt: skip
         if adapter.token_rows and scale != 1.0:
             raise UnsupportedAdapterError(
                 f"trainable tokens replace rows: they cannot be merged at scale {scale}", path=name,
