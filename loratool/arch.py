@@ -214,11 +214,25 @@ def is_tied_copy(
     same delta to the shared matrix twice."""
     if not ties_word_embeddings(config):
         return False
+    partner = tied_copy_of(module, adapter)
+    return partner is not None and partner in found
+
+
+def tied_copy_of(module: LoraModule, adapter: Adapter) -> str | None:
+    """The embedding module of ``adapter`` whose LoRA ``module`` holds transposed, at its scaling
+    (PEFT's ensure_weight_tying, and extract for a tied head), or None."""
     for other_path, other in adapter.modules.items():
-        if other.kind == "embedding" and other_path in found and other.rank == module.rank:
+        if other.kind == "embedding" and other.rank == module.rank and other.scaling == module.scaling:
             if other.lora_B.T.equal(module.lora_A) and other.lora_A.T.equal(module.lora_B):
-                return other.scaling == module.scaling
-    return False
+                return other_path
+    return None
+
+
+def transposed_copy(embedding: LoraModule) -> LoraModule:
+    """A tied output layer's LoRA from its embedding's: the same delta, transposed (the embedding's
+    (num, dim) delta is (B_e @ A_e).T = A_e.T @ B_e.T), at the same scaling."""
+    return LoraModule(lora_A=embedding.lora_B.T.contiguous(), lora_B=embedding.lora_A.T.contiguous(),
+                      alpha=embedding.alpha, use_rslora=embedding.use_rslora)  # fmt: skip
 
 
 def is_tied_head_unchanged(

@@ -273,3 +273,29 @@ def test_an_embedding_lora_to_mlx_without_a_base_says_what_mlx_lm_does(tmp_path:
     r = cli("convert", tmp_path / "adapter", "--to", "mlx", "-o", tmp_path / "mlx")
     assert r.exit_code == 0, r.output
     assert "to the output layer too where the base ties them" in r.stderr and "give --base" in r.stderr
+
+
+def test_combined_tied_adapters_stay_tied(tmp_path: Path, cli) -> None:
+    """Two ensure_weight_tying adapters combined by SVD: each module is truncated apart, so the head's
+    LoRA came out the embedding's transposed only up to rounding, and merge refused it as a LoRA of its
+    own on the tied head. It is set to the combined embedding's, transposed: at full rank the merge
+    equals merging both sources."""
+    import transformers as tf
+
+    load = _tied_base(tmp_path)
+    for k, targets in enumerate((["q_proj", "embed_tokens"], ["v_proj", "lm_head"])):
+        pm = _trained_peft(load(), targets, ensure_weight_tying=True)
+        with torch.no_grad():
+            for _, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.mul_(1 + k)
+        pm.save_pretrained(tmp_path / f"a{k}")
+    sources = [tmp_path / "a0", tmp_path / "a1"]
+    assert cli("combine", *sources, "--method", "svd", "-r", "8", "-o", tmp_path / "c").exit_code == 0
+    combined = load_adapter(tmp_path / "c")
+    assert torch.equal(combined.modules["lm_head"].lora_A, combined.modules["model.embed_tokens"].lora_B.T)
+    r = cli("merge", tmp_path / "base", tmp_path / "c", "-o", tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    assert cli("merge", tmp_path / "base", *sources, "-o", tmp_path / "both").exit_code == 0
+    ours, both = (tf.LlamaForCausalLM.from_pretrained(tmp_path / n).eval() for n in ("m", "both"))
+    torch.testing.assert_close(logits(ours), logits(both), rtol=1e-4, atol=1e-4)

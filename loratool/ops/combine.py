@@ -26,6 +26,7 @@ from typing import Any, Literal, cast, get_args
 
 import torch
 
+from .. import arch
 from ..adapter import Adapter, LoraModule
 from ..errors import InputFileError, LoraToolError, ShapeMismatchError, UnsupportedAdapterError
 from ..formats import PathArg, check_output_name, load_adapter, save_adapter, split_scale
@@ -249,6 +250,7 @@ def _run(
         expert = next(a.modules[path].expert for a, _, _ in loaded if path in a.modules)
         result.adapter.modules[path] = module if expert is None else replace(module, expert=expert)
         result.report.append(report)
+    _retie(loaded, result.adapter.modules, result.warnings)
     for a, _, name in loaded:
         for key, t in a.whole.items():
             if key in result.adapter.whole and not torch.equal(result.adapter.whole[key], t):
@@ -275,6 +277,24 @@ def _run(
     result.adapter.metadata = encode(record)
     save_adapter(result.adapter, out, format=format, force=force, dtype=out_dtype)
     return result
+
+
+def _retie(loaded: list[tuple[Adapter, float, str]], modules: dict[str, LoraModule], warnings: list[str]) -> None:
+    """Sources whose output layer's LoRA is their embedding's, transposed (PEFT's ensure_weight_tying;
+    extract of a tied head) combine into a head whose delta is the combined embedding's, transposed:
+    it is set to exactly that, as merge and convert tell a tied copy by its equality (the two
+    combined apart by SVD came out different by rounding, and merge refused the head as a LoRA of
+    its own on a tied base)."""
+    head = arch.OUTPUT_LAYER
+    holders = [a for a, _, _ in loaded if head in a.modules]
+    partners = {arch.tied_copy_of(a.modules[head], a) for a in holders}
+    if not holders or head not in modules or len(partners) != 1 or None in partners:
+        return
+    embed = partners.pop()
+    if embed in modules and all((head in a.modules) == (embed in a.modules) for a, _, _ in loaded):
+        if not arch.tied_copy_of(modules[head], Adapter(modules={embed: modules[embed]})):
+            warnings.append(f"{head} is tied to {embed} in every source: it gets the combined factors, transposed")
+        modules[head] = arch.transposed_copy(modules[embed])
 
 
 def _check_sources(loaded: list[tuple[Adapter, float, str]], method: str) -> None:

@@ -497,9 +497,7 @@ def _tie_output_embedding(
 ) -> None:
     """Give the tied output layer the embedding's factors, transposed, so PEFT applies the delta to
     both uses of the shared matrix (PEFT adapts each module separately)."""
-    e = modules[embed]
-    # embedding: delta (num, dim) = (B_e @ A_e).T = A_e.T @ B_e.T = B_head @ A_head
-    modules[head] = LoraModule(lora_A=e.lora_B.T.contiguous(), lora_B=e.lora_A.T.contiguous(), alpha=e.alpha)
+    modules[head] = arch.transposed_copy(modules[embed])
     r = reports[embed]
     reports[head] = ModuleReport(head, r.shape, r.rank, r.relative_error, r.energy_kept, "linear")
     result.warnings.append(f"{head} is tied to {embed}: it gets the same factors, transposed")
