@@ -219,3 +219,21 @@ def test_mlx_lm_runs_the_converted_adapter_as_peft_does(tmp_path: Path, fixtures
     with torch.no_grad():
         expected = model.eval()(input_ids=torch.tensor(ids)).logits
     torch.testing.assert_close(torch.tensor(json.loads(out.read_text())), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_on_an_embedding_is_refused_for_mlx(tmp_path: Path, cli) -> None:
+    """mlx-lm's DoRA embedding has a magnitude per token, PEFT's one per embedding dimension: the file
+    loratool wrote made mlx-lm refuse to load it ("adapter shape (32,) does not match model parameter
+    shape (128,)"), after validate and convert had passed it."""
+    import transformers as tf
+    from helpers import llama_config, peft_adapter
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(llama_config()).eval()
+    model.save_pretrained(tmp_path / "base")
+    pm = peft_adapter(model, ["q_proj", "embed_tokens"], use_dora=True)
+    pm.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    r = cli("convert", tmp_path / "a", "--to", "mlx", "-o", tmp_path / "mlx")
+    assert r.exit_code == 1 and "DoRA on an embedding" in r.stderr and not (tmp_path / "mlx").exists()
+    checked = cli("validate", tmp_path / "a", "--runtime", "mlx")
+    assert checked.exit_code == 1 and "DoRA on an embedding" in checked.output

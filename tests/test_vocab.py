@@ -246,6 +246,8 @@ def test_tied_adapters_go_to_mlx_as_mlx_lm_serves_them(tmp_path: Path, cli, ensu
         tmp_path / "adapter"
     )
     r = cli("convert", tmp_path / "adapter", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "mlx")
+    checked = cli("validate", tmp_path / "adapter", "--base", tmp_path / "base", "--runtime", "mlx")
+    assert checked.exit_code == r.exit_code, checked.output  # validate says what convert does
     if not ensure:
         assert r.exit_code == 1 and "Traceback" not in r.stderr, r.output
         assert ("no layer to go to" if target == "lm_head" else "mlx-lm would serve another model") in r.stderr

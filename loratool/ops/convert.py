@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..adapter import Adapter
-from ..errors import InputFileError, LoraToolError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
+from ..errors import InputFileError, LoraToolError, MissingKeyError, ShapeMismatchError
 from ..formats import check_output_name, diffusers, load_adapter, require_finite, save_adapter
 from ..formats.kohya import resolve_paths
 from ..formats.lycoris import is_lycoris_file, read_lycoris
@@ -18,7 +18,7 @@ from ..io.atomic import check_output
 from ..io.checkpoint import open_checkpoint, torch_dtype
 from ..io.logical import live_keys
 from ..metadata.provenance import PROVENANCE_KEY, InputHasher, encode, make_record
-from ..runtimes import transforms
+from ..runtimes import mlx, transforms
 from ..runtimes.gguf import OutType, read_gguf, refuse_for_gguf, write_gguf
 from ..validation import ValidationReport, check_fit, require_valid
 
@@ -156,7 +156,7 @@ def convert(
         result.truncation = truncation
         return result
     if to == "mlx":
-        _tied_for_mlx(a, base, allow_pickle, warnings)
+        a = _tied_for_mlx(a, base, allow_pickle, warnings)
     if to == "mlx" and base is not None and a.whole:
         _drop_unchanged(a, base, warnings)  # as the GGUF writer does: mlx-lm takes no whole tensors either
     save_adapter(a, out, format=to, force=force, dtype=torch_dtype(dtype) if dtype else None)
@@ -284,55 +284,19 @@ def _part_sizes(base: str | os.PathLike[str], parts: Sequence[str], allow_pickle
     return sizes
 
 
-def _tied_for_mlx(a: Adapter, base: str | os.PathLike[str] | None, allow_pickle: bool, warnings: list[str]) -> None:
-    """mlx-lm's model of a base whose output layer is its input embedding (tie_word_embeddings) has no
-    output layer of its own: its head is ``embed_tokens.as_linear``, which adds the embedding's LoRA
-    too. So an adapter trained with PEFT's ensure_weight_tying (the head's LoRA the embedding's,
-    transposed: PEFT applies it to both uses) is its embedding's LoRA alone there: the head's copy
-    and the head's saved base layer are left out (mlx-lm refused the copy: "not an adapter parameter
-    in the model"). With ``base`` to say the model ties, a LoRA on the head alone (no layer to go to)
-    and an embedding's LoRA trained without the head (PEFT changes the input embedding only; mlx-lm
-    would change the head too) are refused; without it, an embedding's LoRA gets a warning."""
+def _tied_for_mlx(a: Adapter, base: str | os.PathLike[str] | None, allow_pickle: bool, warnings: list[str]) -> Adapter:
+    """The adapter as mlx-lm serves it on ``base`` (:func:`loratool.runtimes.mlx.tied_for_mlx`), or raise."""
     from .. import arch
 
-    head = arch.OUTPUT_LAYER
-    embeds = [p for p, m in a.modules.items() if m.kind == "embedding"]
-    found = {p: p for p in a.modules}
-    if head in a.modules and arch.is_tied_copy(head, a.modules[head], a, found, {"tie_word_embeddings": True}):
-        a.modules = {p: m for p, m in a.modules.items() if p != head}
-        a.whole = {k: t for k, t in a.whole.items() if k != head + ".weight"}  # PEFT's copy of the embedding
-        warnings.append(f"left out {head}'s LoRA, the embedding's transposed (PEFT's ensure_weight_tying): mlx-lm "
-                        "adds the embedding's LoRA to the tied output layer itself")  # fmt: skip
-        return
     if base is None:
-        if embeds:
-            warnings.append(f"mlx-lm adds an embedding's LoRA ({embeds[0]}) to the output layer too where the base "
-                            "ties them (tie_word_embeddings), which PEFT does not: give --base to check")  # fmt: skip
-        return
-    with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
-        tied = arch.tied_output(list(ck.keys()), ck.config())
-        if tied is None:
-            return
-        key = tied[0] + ".weight"
-        if key in a.whole and arch.is_tied_head_unchanged(ck, tied, key, a.whole[key], a):
-            a.whole = {k: t for k, t in a.whole.items() if k != key}  # PEFT saves the head's base layer
-    if tied[0] in a.modules:
-        raise UnsupportedAdapterError(
-            f"the adapter has a LoRA on '{tied[0]}', which this base ties to its input embedding '{tied[1]}': "
-            "mlx-lm's model of it has no output layer of its own (the head reads the embedding), so the LoRA has "
-            "no layer to go to", path=a.path, key=tied[0],
-            fix="serve the adapter with PEFT, or untie the base (store lm_head.weight as a copy of the embedding and "
-            "set tie_word_embeddings to false in config.json) and serve it in mlx-lm with this adapter",
-        )  # fmt: skip
-    embed = tied[1].removesuffix(".weight")
-    if embed in a.modules:
-        raise UnsupportedAdapterError(
-            f"the adapter has a LoRA on '{embed}', to which this base ties its output layer: mlx-lm adds it to the "
-            "output layer too (the head reads the embedding, LoRA included), where PEFT changes the input "
-            "embedding only, so mlx-lm would serve another model", path=a.path, key=embed,
-            fix="serve the adapter with PEFT, or merge it (loratool merge: as PEFT's merge, it changes both uses) and "
-            "convert the merged model with mlx-lm; an adapter trained with PEFT's ensure_weight_tying converts",
-        )  # fmt: skip
+        a, problems, notes = mlx.tied_for_mlx(a, None, None)
+    else:
+        with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
+            a, problems, notes = mlx.tied_for_mlx(a, arch.tied_output(list(ck.keys()), ck.config()), ck)
+    if problems:
+        raise problems[0].error(a.path, len(problems) - 1)
+    warnings += [n.split(": ", 1)[1] for n in notes]
+    return a
 
 
 def _drop_unchanged(a: Adapter, base: str | os.PathLike[str], warnings: list[str]) -> None:

@@ -57,7 +57,7 @@ def runtime_refusals(
     if runtime == "llama.cpp":
         return _copies_dropped(*_llama_cpp(adapter, source, base, base_config), adapter, source, base, runtime)
     if runtime == "mlx":
-        return _copies_dropped(*_mlx(adapter, source, base_config), adapter, source, base, runtime)
+        return _copies_dropped(*_mlx(adapter, source, base, base_config), adapter, source, base, runtime)
     return _peft(adapter, source), []
 
 
@@ -164,19 +164,40 @@ def _llama_cpp(
     return plan.problems, [f"llama.cpp: reads GGUF adapters: {_convert(source, 'gguf', f' --base {base}')}"]
 
 
-def _mlx(adapter: Adapter, source: str, base_config: Mapping[str, Any] | None) -> tuple[list[Refusal], list[str]]:
+def _mlx(
+    adapter: Adapter, source: str, base: str | None, base_config: Mapping[str, Any] | None
+) -> tuple[list[Refusal], list[str]]:
     from .mlx import mlx_refusals, reach_refusals, read_config
 
-    notes = []
+    notes: list[str] = []
+    tied_problems: list[Refusal] = []
     if adapter.format != "mlx":
         notes.append(f"mlx: mlx-lm reads its own layout: {_convert(source, 'mlx')}")
         if len({(m.rank, m.scaling) for m in adapter.modules.values()}) > 1:
             notes.append("mlx: mlx-lm has one rank and one scale: convert folds each scaling into B and pads ranks")
-    problems = mlx_refusals(adapter)
+        adapter, tied_problems, tied_notes = _tied_for_mlx(adapter, source, base)
+        notes += tied_notes
+    problems = tied_problems + mlx_refusals(adapter)
     if adapter.format == "mlx":  # its own config decides which modules mlx-lm gives LoRA layers
         layers = (base_config or {}).get("num_hidden_layers")
         problems += reach_refusals(adapter, read_config(Path(source)), layers if isinstance(layers, int) else None)
     return problems, notes
+
+
+def _tied_for_mlx(adapter: Adapter, source: str, base: str | None) -> tuple[Adapter, list[Refusal], list[str]]:
+    """What convert --to mlx does for a tied output layer (:func:`loratool.runtimes.mlx.tied_for_mlx`),
+    with the factors read where it compares them (a lazy adapter holds shapes only)."""
+    from ..arch import OUTPUT_LAYER, tied_output
+    from ..formats import load_adapter
+    from ..io.checkpoint import open_checkpoint
+    from .mlx import tied_for_mlx
+
+    if any(m.kind == "embedding" or p == OUTPUT_LAYER for p, m in adapter.modules.items()):
+        adapter = load_adapter(source)
+    if base is None:
+        return tied_for_mlx(adapter, None, None)
+    with open_checkpoint(base) as ck:
+        return tied_for_mlx(adapter, tied_output(list(ck.keys()), ck.config()), ck)
 
 
 def _peft(adapter: Adapter, source: str) -> list[Refusal]:

@@ -22,8 +22,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
-from ..arch import is_embedding
+from ..arch import TensorSource, is_embedding
 from ..errors import InputFileError, MissingKeyError, Refusal, ShapeMismatchError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
@@ -175,12 +176,70 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
             continue
         if m.bias is not None:
             out.append(Refusal(path, "mlx-lm LoRA layers have no bias (lora_bias)", "merge the adapter instead"))
+        if m.magnitude is not None and m.kind == "embedding":
+            why = "DoRA on an embedding: mlx-lm's has a magnitude per token, PEFT's one per embedding dimension"
+            out.append(Refusal(path, why, "merge the adapter instead"))
         if m.kind == "conv1d":
             out.append(Refusal(path, "a GPT-2 Conv1D weight; mlx-lm's models store those transposed as Linear",
                                "not supported: convert adapters of Llama-style models"))  # fmt: skip
         if m.kind == "conv2d":
             out.append(Refusal(path, "a Conv2d LoRA: mlx-lm's LoRA layers are linear", "use PEFT"))
     return out
+
+
+def tied_for_mlx(
+    adapter: Adapter, tied: tuple[str, str] | None, base: TensorSource | None
+) -> tuple[Adapter, list[Refusal], list[str]]:
+    """An adapter as mlx-lm serves it on a base that may tie its output layer to its input embedding
+    (``tied``: :func:`loratool.arch.tied_output` of ``base``; ``base`` None: not known), with what
+    mlx-lm cannot serve and notes. mlx-lm's model of a tied base has no output layer of its own:
+    its head is ``embed_tokens.as_linear``, which adds the embedding's LoRA too. So an adapter
+    trained with PEFT's ensure_weight_tying (the head's LoRA the embedding's, transposed: PEFT
+    applies it to both uses) is its embedding's LoRA alone there, the head's copy and the head's
+    saved base layer left out (mlx-lm refused the copy: "not an adapter parameter in the model").
+    On a tied base, a LoRA on the head alone (no layer to go to) and an embedding's LoRA trained
+    without the head (PEFT changes the input embedding only; mlx-lm would change the head too)
+    are refused; with no base to say, an embedding's LoRA gets a note."""
+    import dataclasses
+
+    head = arch.OUTPUT_LAYER
+    if head in adapter.modules and arch.tied_copy_of(adapter.modules[head], adapter) is not None:
+        kept = dataclasses.replace(
+            adapter, modules={p: m for p, m in adapter.modules.items() if p != head},
+            whole={k: t for k, t in adapter.whole.items() if k != head + ".weight"},  # PEFT's copy of the embedding
+        )  # fmt: skip
+        return kept, [], [f"mlx: left out {head}'s LoRA, the embedding's transposed (PEFT's ensure_weight_tying): "
+                          "mlx-lm adds the embedding's LoRA to the tied output layer itself"]  # fmt: skip
+    if base is None:
+        embeds = [p for p, m in adapter.modules.items() if m.kind == "embedding"]
+        if not embeds:
+            return adapter, [], []
+        note = (f"mlx: mlx-lm adds an embedding's LoRA ({embeds[0]}) to the output layer too where the base ties "
+                "them (tie_word_embeddings), which PEFT does not: give --base to check")  # fmt: skip
+        return adapter, [], [note]
+    if tied is None:
+        return adapter, [], []
+    key = tied[0] + ".weight"
+    if key in adapter.whole and arch.is_tied_head_unchanged(base, tied, key, adapter.whole[key], adapter):
+        adapter = dataclasses.replace(adapter, whole={k: t for k, t in adapter.whole.items() if k != key})
+    refusals = []
+    if tied[0] in adapter.modules:
+        refusals.append(Refusal(
+            tied[0], f"a LoRA on the output layer, which this base ties to its input embedding '{tied[1]}': mlx-lm's "
+            "model of it has no output layer of its own (the head reads the embedding), so the LoRA has no layer to go "
+            "to", "serve the adapter with PEFT, or untie the base (store lm_head.weight as a copy of the embedding and "
+            "set tie_word_embeddings to false in config.json) and serve it in mlx-lm with this adapter",
+        ))  # fmt: skip
+    embed = tied[1].removesuffix(".weight")
+    if embed in adapter.modules:
+        refusals.append(Refusal(
+            embed, "a LoRA on the embedding this base ties its output layer to: mlx-lm adds it to the output layer "
+            "too (the head reads the embedding, LoRA included), where PEFT changes the input embedding only, so "
+            "mlx-lm would serve another model", "serve the adapter with PEFT, or merge it (loratool merge: as PEFT's "
+            "merge, it changes both uses) and convert the merged model with mlx-lm; an adapter trained with PEFT's "
+            "ensure_weight_tying converts",
+        ))  # fmt: skip
+    return adapter, refusals, []
 
 
 def reach_refusals(adapter: Adapter, config: dict[str, Any], total_layers: int | None) -> list[Refusal]:
