@@ -301,3 +301,16 @@ def test_combined_tied_adapters_stay_tied(tmp_path: Path, cli) -> None:
     assert cli("merge", tmp_path / "base", *sources, "-o", tmp_path / "both").exit_code == 0
     ours, both = (tf.LlamaForCausalLM.from_pretrained(tmp_path / n).eval() for n in ("m", "both"))
     torch.testing.assert_close(logits(ours), logits(both), rtol=1e-4, atol=1e-4)
+
+
+def test_a_saved_tied_head_passes_validate_as_convert_takes_it(tmp_path: Path, cli) -> None:
+    """PEFT saves a tied model's embedding and head whole when asked to (save_embedding_layers), with
+    LoRA elsewhere: convert --to mlx --base leaves both out as the base's; validate read the lazily
+    loaded head's values to compare them ('aten::equal ... Meta tensors', as a loratool bug)."""
+    load = _tied_base(tmp_path)
+    _trained_peft(load(), ["up_proj"]).save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    assert "lm_head.weight" in load_adapter(tmp_path / "adapter").whole
+    checked = cli("validate", tmp_path / "adapter", "--base", tmp_path / "base", "--runtime", "mlx")
+    assert checked.exit_code == 0 and "Traceback" not in checked.output and "bug" not in checked.output, checked.output
+    r = cli("convert", tmp_path / "adapter", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "mlx")
+    assert r.exit_code == 0, r.output

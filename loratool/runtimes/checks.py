@@ -192,7 +192,8 @@ def _tied_for_mlx(adapter: Adapter, source: str, base: str | None) -> tuple[Adap
     from ..io.checkpoint import open_checkpoint
     from .mlx import tied_for_mlx
 
-    if any(m.kind == "embedding" or p == OUTPUT_LAYER for p, m in adapter.modules.items()):
+    head = [k for k in adapter.whole if k.rsplit(".", 1)[0] == OUTPUT_LAYER]  # PEFT's saved copy of a tied head
+    if head or any(m.kind == "embedding" or p == OUTPUT_LAYER for p, m in adapter.modules.items()):
         adapter = load_adapter(source)
     if base is None:
         return tied_for_mlx(adapter, None, None)
