@@ -272,6 +272,10 @@ def _check_config(directory: Path, report: ValidationReport) -> dict[str, Any] |
         return None
     for path, message in check(config, "adapter_config"):
         report.add(path, message)
+    if isinstance(config, dict):
+        for field, why in peft.LORA_VARIANTS.items():
+            if config.get(field):
+                report.add(f"$.{field}", f"{why}: loratool reads LoRA whose delta is scaling * B @ A, and DoRA")
     return config if isinstance(config, dict) else None
 
 

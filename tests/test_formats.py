@@ -110,3 +110,51 @@ def test_not_a_lora_adapter(tmp_path: Path, cli, fixtures: Path) -> None:
     assert r.exit_code == 1
     assert "peft_type is 'IA3'; loratool handles LoRA adapters only" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("variant", ["kasa", "bdlora", "monteclora", "velora", "mica"])
+def test_peft_lora_variants_merge_as_peft_serves_them_or_are_refused_by_name(tmp_path: Path, variant: str) -> None:
+    """PEFT 0.21's LoRA variants. VeLoRA (a training-only projection saved beside the factors) and
+    MiCA (an initialization) serve as plain LoRA: they merge to PEFT's logits (they were refused, as
+    an adapter for another model and as an invalid init_lora_weights). KaSA, BD-LoRA and MonteCLoRA
+    do not hold their delta as B @ A: refused by name, by validate too."""
+    import transformers as tf
+    from click.testing import CliRunner
+    from helpers import llama_config, logits
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
+
+    from loratool.cli import cli
+
+    extra = {
+        "kasa": {"kasa_config": KasaConfig()},
+        "bdlora": {
+            "use_bdlora": BdLoraConfig(target_modules_bd_a=["o_proj"], target_modules_bd_b=["q_proj"], nblocks=2)
+        },  # fmt: skip
+        "monteclora": {"monteclora_config": MontecloraConfig()},
+        "velora": {"velora_config": VeloraConfig()},
+        "mica": {"init_lora_weights": "mica"},
+    }[variant]
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(llama_config()).save_pretrained(tmp_path / "base")
+    load = lambda: tf.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()  # noqa: E731
+    pm = get_peft_model(load(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], **extra))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pm.eval().save_pretrained(tmp_path / "a")
+    merged = CliRunner().invoke(cli, ["merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "m")])
+    checked = CliRunner().invoke(cli, ["validate", str(tmp_path / "a")])
+    if variant in ("velora", "mica"):
+        assert merged.exit_code == 0 and checked.exit_code == 0, merged.output + checked.output
+        with torch.no_grad():
+            want = logits(pm)
+        torch.testing.assert_close(logits(tf.LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()), want,
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        return
+    field = {"kasa": "kasa_config", "bdlora": "use_bdlora", "monteclora": "monteclora_config"}[variant]
+    assert merged.exit_code == 1 and f"{field} is set" in merged.output and "another model" not in merged.output
+    assert checked.exit_code == 1 and field in checked.output
+    assert not (tmp_path / "m").exists()

@@ -111,9 +111,28 @@ def weights_path(directory: Path, *, allow_pickle: bool) -> Path:
     raise MissingInputError(f"no {WEIGHTS_NAME} in the adapter directory", path=str(directory))
 
 
+# LoraConfig fields of PEFT's LoRA variants whose delta is not scaling * B @ A of the stored factors (each is
+# refused by name: read as plain LoRA they merged as something else, or were refused as "an adapter for another
+# model" for their extra tensors); VeLoRA and MiCA are plain LoRA at inference and read as such.
+LORA_VARIANTS = {
+    "kasa_config": "KaSA: its delta is B @ diag(lora_diag) @ A, on a base PEFT truncates by SVD when it loads it",
+    "monteclora_config": "MonteCLoRA: its delta mixes experts sampled from learned distributions",
+    "arrow_config": "Arrow: a router picks among LoRA experts per token, so there is no one delta",
+    "use_bdlora": "BD-LoRA: it stores block-diagonal factors in a compact layout",
+    "use_qalora": "QALoRA: its lora_A reads the input pooled by groups (for GPTQ bases)",
+}
+TRAINING_BUFFERS = re.compile(r"\.lora_velora_[a-z_]+(\.[^.]+)?$")  # VeLoRA's projection, used by the backward pass
+
+
 def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False) -> Adapter:
     """Read a PEFT LoRA adapter directory into an :class:`Adapter` (``lazy``: shapes only, on ``meta``)."""
     config = read_config(directory)
+    variant = next((f for f in LORA_VARIANTS if config.get(f)), None)
+    if variant is not None:
+        raise UnsupportedAdapterError(
+            f"{variant} is set: {LORA_VARIANTS[variant]}; loratool reads LoRA whose delta is scaling * B @ A, and DoRA",
+            path=str(directory), fix="merge it with PEFT's merge_and_unload where PEFT can, or serve it with PEFT",
+        )  # fmt: skip
     wpath = weights_path(directory, allow_pickle=allow_pickle)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
@@ -128,6 +147,8 @@ def read_peft(directory: Path, *, allow_pickle: bool = False, lazy: bool = False
                 token_rows[module + ".weight"] = (_token_indices(config, module, wpath), tensor)
                 continue
             parsed = parse_key(raw_key)
+            if parsed is None and TRAINING_BUFFERS.search(raw_key):
+                continue
             if parsed is None:
                 whole[base_key(strip_prefix(raw_key))] = tensor
                 continue
