@@ -424,3 +424,14 @@ def test_a_replacement_has_no_scale(tmp_path: Path, cli) -> None:
     before, half, whole = state(base), state(tmp_path / "half"), state(tmp_path / "full")
     for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
         torch.testing.assert_close(half[key] - before[key], 0.5 * (whole[key] - before[key]), rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_at_scale_0_changes_nothing_and_says_so(tmp_path: Path, cli) -> None:
+    """adapter:0 was reported as changing the tensors it computed (tensors_changed 6 of a no-op)."""
+    base, adapter = make(tmp_path, "llama")
+    r = cli("merge", base, f"{adapter}:0", "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["tensors_changed"] == 0 and any("scale 0 adds nothing" in w for w in result["warnings"])
+    assert all(torch.equal(t, state(base)[k]) for k, t in state(tmp_path / "out").items())
+    assert cli("merge", base, f"{adapter}:0", "no-such-adapter", "-o", tmp_path / "x").exit_code == 1

@@ -130,10 +130,13 @@ def plan_terms(
                 fix="drop the :SCALE of this adapter",
             )  # fmt: skip
         _replace_token_rows(ckpt, config, adapter, replace, sign, name)
+        if scale == 0 and warnings is not None:
+            warnings.append(f"{name} at scale 0 adds nothing: its modules were checked against the base and left out")
         for path, module in adapter.modules.items():
             if module.expert is not None:
                 for key, term in _expert_terms(ckpt, config, path, module, sign * scale, name):
-                    terms.setdefault(key, []).append(term)
+                    if scale != 0:
+                        terms.setdefault(key, []).append(term)
         found = resolve_paths(adapter, module_paths)
         for path, module in adapter.modules.items():
             if module.expert is not None:
@@ -199,7 +202,8 @@ def plan_terms(
                         "output layer too, as PEFT's merge does, where the adapter served unmerged changes only "
                         "the input embedding (PEFT's ensure_weight_tying trains both uses)"
                     )
-            terms.setdefault(key, []).append(Term(module, kind, sign * scale * module.scaling, bias_key))
+            if scale != 0:
+                terms.setdefault(key, []).append(Term(module, kind, sign * scale * module.scaling, bias_key))
     rows = sorted(k for a, _, _ in loaded for k in a.token_rows if k in terms)
     if rows:
         raise UnsupportedAdapterError(
