@@ -228,6 +228,25 @@ def tied_copy_of(module: LoraModule, adapter: Adapter) -> str | None:
     return None
 
 
+def untied_partner(adapter: Adapter, base_config: Mapping[str, Any]) -> str | None:
+    """The output layer of an adapter trained with PEFT's ensure_weight_tying (its LoRA the embedding's,
+    transposed) where the base does not tie the two: PEFT adds the tied partner only for a base that
+    ties it, so it would load one use's factors of the two the adapter trained, while a merge or a
+    runtime would apply both. Refused by name, not guessed; None where it does not apply."""
+    head = adapter.modules.get(OUTPUT_LAYER)
+    if not adapter.config.get("ensure_weight_tying") or head is None or ties_word_embeddings(base_config):
+        return None
+    return OUTPUT_LAYER if tied_copy_of(head, adapter) is not None else None
+
+
+UNTIED_WHY = (
+    "the adapter was trained with PEFT's ensure_weight_tying on a model whose output layer is its input embedding "
+    "(its LoRA on both, the same factors transposed), and this base does not tie them (tie_word_embeddings false): "
+    "PEFT would load the factors of one use only here, while the adapter changed both"
+)
+UNTIED_FIX = "use the tied base it was trained on"
+
+
 def transposed_copy(embedding: LoraModule) -> LoraModule:
     """A tied output layer's LoRA from its embedding's: the same delta, transposed (the embedding's
     (num, dim) delta is (B_e @ A_e).T = A_e.T @ B_e.T), at the same scaling."""

@@ -21,12 +21,15 @@ from .adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, pattern_
 from .arch import (
     OUTPUT_LAYER,
     RENAMED_WHY,
+    UNTIED_FIX,
+    UNTIED_WHY,
     is_embedding,
     is_tied_copy,
     is_tied_head_unchanged,
     renamed_on_load,
     tied_copy_shaped,
     tied_output,
+    ties_word_embeddings,
 )
 from .errors import LoraToolError, MetadataError
 from .formats import diffusers, kohya, load_adapter, peft
@@ -173,6 +176,15 @@ def check_fit(
             present = set(weights)
             found = {m: m for m in adapter_obj.modules if m in present}
         tied = tied_output(list(ckpt.keys()), ckpt.config())
+        head = adapter_obj.modules.get(OUTPUT_LAYER)
+        if (
+            head is not None
+            and adapter_obj.config.get("ensure_weight_tying")
+            and not ties_word_embeddings(ckpt.config())
+        ):  # headers only: an embedding LoRA of the head's weight shape stands for the copy merge checks
+            if any(m.kind == "embedding" and m.weight_shape == head.weight_shape
+                   for m in adapter_obj.modules.values()):  # fmt: skip
+                report.add(f"base/{OUTPUT_LAYER}", f"{UNTIED_WHY}; {UNTIED_FIX}")
         matched = 0
         for module, m in sorted(adapter_obj.modules.items()):
             where = f"base/{module}"

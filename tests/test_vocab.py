@@ -314,3 +314,62 @@ def test_a_saved_tied_head_passes_validate_as_convert_takes_it(tmp_path: Path, c
     assert checked.exit_code == 0 and "Traceback" not in checked.output and "bug" not in checked.output, checked.output
     r = cli("convert", tmp_path / "adapter", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "mlx")
     assert r.exit_code == 0, r.output
+
+
+def _untied_copy(load, folder: Path) -> None:
+    import transformers as tf
+
+    model = load()
+    model.config.tie_word_embeddings = False
+    untied = tf.LlamaForCausalLM(model.config).eval()
+    untied.load_state_dict({**load().state_dict(), "lm_head.weight": load().model.embed_tokens.weight.clone()})
+    untied.save_pretrained(folder)
+
+
+def test_an_ensure_weight_tying_adapter_on_an_untied_base_is_refused(tmp_path: Path, cli) -> None:
+    """PEFT adds the tied partner only for a base that ties it: on an untied copy of the base it loads
+    the embedding's factors and drops the head's, while merge applied both and convert --to mlx kept
+    one or the other by the base. Refused by name by all three."""
+    pytest.importorskip("gguf")
+    load = _tied_base(tmp_path)
+    _untied_copy(load, tmp_path / "untied")
+    _trained_peft(load(), ["q_proj", "embed_tokens"], ensure_weight_tying=True).save_pretrained(tmp_path / "adapter")
+    convert = ["convert", tmp_path / "adapter", "--base", tmp_path / "untied", "--to"]
+    merge = ["merge", tmp_path / "untied", tmp_path / "adapter", "-o", tmp_path / "out"]
+    for args in (merge, [*convert, "mlx", "-o", tmp_path / "out"], [*convert, "gguf", "-o", tmp_path / "out.gguf"]):
+        r = cli(*args)
+        assert r.exit_code == 1 and "ensure_weight_tying" in r.stderr and "does not tie them" in r.stderr, r.output
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
+    checked = cli("validate", tmp_path / "adapter", "--base", tmp_path / "untied")
+    assert checked.exit_code == 1 and "does not tie them" in checked.output
+    assert cli("validate", tmp_path / "adapter", "--base", tmp_path / "base").exit_code == 0
+
+
+def test_an_extracted_tied_head_converts_whole_for_an_untied_base(tmp_path: Path, cli) -> None:
+    """extract gives a tied head the embedding's LoRA, transposed, and names it a target: on an untied
+    copy of the base PEFT loads both, and so does mlx-lm, which then has an output layer of its own."""
+    import transformers as tf
+
+    load = _tied_base(tmp_path)
+    _untied_copy(load, tmp_path / "untied")
+    ft = load()
+    with torch.no_grad():
+        ft.model.embed_tokens.weight.add_(0.05 * torch.randn(128, 2) @ torch.randn(2, 32))
+    ft.save_pretrained(tmp_path / "ft")
+    assert cli("extract", tmp_path / "base", tmp_path / "ft", "-r", "2", "-o", tmp_path / "adapter").exit_code == 0
+    assert "lm_head" in load_adapter(tmp_path / "adapter").modules
+    r = cli("convert", tmp_path / "adapter", "--to", "mlx", "--base", tmp_path / "untied", "-o", tmp_path / "mlx")
+    assert r.exit_code == 0, r.output
+    assert "lm_head" in load_adapter(tmp_path / "mlx").modules
+    if MLX_PYTHON:
+        from peft import PeftModel
+
+        ids = [[1, 5, 9, 17, 33, 64, 2, 7]]
+        subprocess.run([MLX_PYTHON, str(Path(__file__).parent / "runtimes" / "mlx_logits.py"), str(tmp_path / "untied"),
+                        str(tmp_path / "mlx"), str(tmp_path / "l.json"), json.dumps(ids)], check=True)  # fmt: skip
+        base = tf.LlamaForCausalLM.from_pretrained(tmp_path / "untied").eval()
+        with torch.no_grad():
+            want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(torch.tensor(ids)).logits
+            assert (want - ft(torch.tensor(ids)).logits).abs().max() < 1e-4  # PEFT on the untied copy: the fine-tune
+        torch.testing.assert_close(torch.tensor(json.loads((tmp_path / "l.json").read_text())), want,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip

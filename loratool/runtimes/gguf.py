@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..adapter import Adapter, LoraModule
-from ..arch import ties_word_embeddings
+from ..arch import OUTPUT_LAYER, UNTIED_FIX, UNTIED_WHY, ties_word_embeddings, untied_partner
 from ..errors import InputFileError, LoraToolError, MetadataError, Refusal, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 
@@ -138,6 +138,8 @@ def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
         Refusal(key, "llama.cpp adapters have no trainable tokens", _MERGE_FIX) for key in adapter.token_rows
     ]
     tied = ties_word_embeddings(config)
+    if untied_partner(adapter, config):
+        plan.problems.append(Refusal(OUTPUT_LAYER, UNTIED_WHY, UNTIED_FIX))
     for path, m in adapter.modules.items():
         why = _unsupported(path, m, family, tied)
         name = None if why else table.get_name(path + ".weight", try_suffixes=(".weight",))

@@ -203,6 +203,10 @@ def tied_for_mlx(
     import dataclasses
 
     head = arch.OUTPUT_LAYER
+    if base is not None and tied is None:  # untied: mlx-lm has an output layer of its own for the head's LoRA
+        if arch.untied_partner(adapter, {"tie_word_embeddings": False}):
+            return adapter, [Refusal(head, arch.UNTIED_WHY, arch.UNTIED_FIX)], []
+        return adapter, [], []
     if head in adapter.modules and arch.tied_copy_of(adapter.modules[head], adapter) is not None:
         kept = dataclasses.replace(
             adapter, modules={p: m for p, m in adapter.modules.items() if p != head},
@@ -217,8 +221,7 @@ def tied_for_mlx(
         note = (f"mlx: mlx-lm adds an embedding's LoRA ({embeds[0]}) to the output layer too where the base ties "
                 "them (tie_word_embeddings), which PEFT does not: give --base to check")  # fmt: skip
         return adapter, [], [note]
-    if tied is None:
-        return adapter, [], []
+    assert tied is not None
     key = tied[0] + ".weight"
     if key in adapter.whole and arch.is_tied_head_unchanged(base, tied, key, adapter.whole[key], adapter):
         adapter = dataclasses.replace(adapter, whole={k: t for k, t in adapter.whole.items() if k != key})

@@ -97,6 +97,8 @@ def plan_terms(
     tied = arch.tied_output(list(ckpt.keys()), config)
     for adapter, scale, name in loaded:
         _refuse_tied_head(ckpt, config, tied, adapter, name)
+        if arch.untied_partner(adapter, config):
+            raise UnsupportedAdapterError(arch.UNTIED_WHY, path=name, key=arch.OUTPUT_LAYER, fix=arch.UNTIED_FIX)
         for key, t in adapter.whole.items():
             if key not in ckpt and arch.is_tied_head_unchanged(ckpt, tied, key, t, adapter):
                 continue  # PEFT saves a tied head's base layer: the embedding the base stores for both
