@@ -373,3 +373,29 @@ def test_an_extracted_tied_head_converts_whole_for_an_untied_base(tmp_path: Path
             assert (want - ft(torch.tensor(ids)).logits).abs().max() < 1e-4  # PEFT on the untied copy: the fine-tune
         torch.testing.assert_close(torch.tensor(json.loads((tmp_path / "l.json").read_text())), want,
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_an_mlx_embedding_lora_converts_to_peft_as_mlx_lm_serves_it(tmp_path: Path, cli) -> None:
+    """mlx-lm's head of a tied model is the embedding's as_linear, LoRA included; PEFT applies a LoRA to
+    the module it names only. Back from mlx-lm, the adapter of an ensure_weight_tying one gave PEFT the
+    embedding's delta without the head's (1.85 logits off); with --base the head gets its copy, and PEFT
+    serves the original adapter's logits (without --base, a warning)."""
+    from peft import PeftModel
+
+    load = _tied_base(tmp_path)
+    _trained_peft(load(), ["q_proj", "embed_tokens"], ensure_weight_tying=True).save_pretrained(tmp_path / "adapter")
+    r = cli("convert", tmp_path / "adapter", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "mlx")
+    assert r.exit_code == 0, r.output
+    unknown = cli("convert", tmp_path / "mlx", "--to", "peft", "-o", tmp_path / "guess")
+    assert unknown.exit_code == 0 and "give --base" in unknown.stderr
+    r = cli("convert", tmp_path / "mlx", "--to", "peft", "--base", tmp_path / "base", "-o", tmp_path / "back")
+    assert r.exit_code == 0, r.output
+    with torch.no_grad():
+        want = logits(PeftModel.from_pretrained(load(), str(tmp_path / "adapter")).eval())
+        served = logits(PeftModel.from_pretrained(load(), str(tmp_path / "back")).eval())
+    torch.testing.assert_close(served, want, rtol=1e-4, atol=1e-5)
+    assert cli("merge", tmp_path / "base", tmp_path / "back", "-o", tmp_path / "m").exit_code == 0
+    import transformers as tf
+
+    torch.testing.assert_close(logits(tf.LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()), want,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip

@@ -138,6 +138,8 @@ def convert(
         a = transforms.split(a, fused, parts, _part_sizes(base, parts, allow_pickle))
     if (fuse or split) and base is not None and to != "gguf":
         _require_fit(a, base, allow_pickle)
+    if a.format == "mlx" and to != "mlx":
+        a = _from_mlx_tied(a, base, allow_pickle, warnings)
     if portable:
         a = transforms.portable_form(a, warnings)
     hasher = InputHasher(_files(Path(adapter)))
@@ -282,6 +284,30 @@ def _part_sizes(base: str | os.PathLike[str], parts: Sequence[str], allow_pickle
         return [shapes[k][0] for k in keys]
 
     return sizes
+
+
+def _from_mlx_tied(a: Adapter, base: str | os.PathLike[str] | None, allow_pickle: bool, warnings: list[str]) -> Adapter:
+    """An mlx-lm adapter's embedding LoRA on a tied base acts on the output layer too (mlx-lm's head is
+    the embedding's ``as_linear``), where PEFT applies a LoRA to the module it names only: the head
+    gets the embedding's LoRA, transposed, as extract gives a tied head (PEFT then serves what mlx-lm
+    served; merge adds it once). Without ``base`` to say whether the model ties, a warning."""
+    from .. import arch
+
+    embeds = [p for p, m in a.modules.items() if m.kind == "embedding"]
+    if not embeds or arch.OUTPUT_LAYER in a.modules:
+        return a
+    if base is None:
+        warnings.append(f"mlx-lm applies an embedding's LoRA ({embeds[0]}) to the output layer too where the base "
+                        "ties them, and PEFT does not: give --base to convert it as mlx-lm serves it")  # fmt: skip
+        return a
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
+        tied = arch.tied_output(list(ck.keys()), ck.config())
+    embed = tied[1].removesuffix(".weight") if tied else None
+    if tied is None or embed not in a.modules:
+        return a
+    warnings.append(f"{tied[0]} is tied to {embed} in this base, and mlx-lm applies the embedding's LoRA to both: "
+                    "it gets the same factors, transposed")  # fmt: skip
+    return dataclasses.replace(a, modules={**a.modules, tied[0]: arch.transposed_copy(a.modules[embed])})
 
 
 def _tied_for_mlx(a: Adapter, base: str | os.PathLike[str] | None, allow_pickle: bool, warnings: list[str]) -> Adapter:
