@@ -399,3 +399,7 @@ def test_an_mlx_embedding_lora_converts_to_peft_as_mlx_lm_serves_it(tmp_path: Pa
 
     torch.testing.assert_close(logits(tf.LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()), want,
                                rtol=1e-4, atol=1e-5)  # fmt: skip
+    direct = merge(tmp_path / "base", [tmp_path / "mlx"], output=tmp_path / "m2", show_progress=False)
+    assert not any("is tied to" in w for w in direct.warnings)  # merged, it serves as mlx-lm serves it
+    torch.testing.assert_close(logits(tf.LlamaForCausalLM.from_pretrained(tmp_path / "m2").eval()), want,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip

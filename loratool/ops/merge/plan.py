@@ -198,7 +198,8 @@ def plan_terms(
             if module.magnitude is not None:
                 _check_dora(module, kind, scale, name, key)
             if warnings is not None and tied and key == tied[1] and tied[0] + ".weight" not in ckpt:
-                if tied[0] not in adapter.modules:  # no tied copy for the head (extract's, ensure_weight_tying's)
+                # no tied copy for the head (extract's, ensure_weight_tying's); mlx-lm serves both uses as merged
+                if tied[0] not in adapter.modules and adapter.format != "mlx":
                     warnings.append(
                         f"{path} is tied to {tied[0]} in this base (one matrix): its merged delta changes the "
                         "output layer too, as PEFT's merge does, where the adapter served unmerged changes only "
