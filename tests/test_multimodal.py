@@ -292,3 +292,16 @@ def test_the_tie_is_read_as_transformers_reads_it(make, outer, inner) -> None:  
         data["text_config"]["tie_word_embeddings"] = inner
     loaded = tf.AutoConfig.for_model(**copy.deepcopy(data))
     assert arch.ties_word_embeddings(data) == bool(loaded.tie_word_embeddings), (data["model_type"], outer, inner)
+
+
+def test_mlx_lm_is_refused_by_name(tmp_path: Path, family) -> None:  # type: ignore[no-untyped-def]
+    """mlx-lm serves a vision-language model's language part under its checkpoint's names
+    (``language_model.model...``): an adapter written under transformers' names loaded as an error
+    ("not an adapter parameter") after convert and validate had passed it."""
+    name, model, folder, targets = family
+    peft_adapter(copy.deepcopy(model), targets, r=2, alpha=4, seed=5).save_pretrained(tmp_path / "adapter")
+    for args in (["convert", tmp_path / "adapter", "--to", "mlx", "-o", tmp_path / "mlx"],
+                 ["validate", tmp_path / "adapter", "--runtime", "mlx"]):  # fmt: skip
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 1 and "a vision-language model's module" in result.output, result.output
+    assert not (tmp_path / "mlx").exists()

@@ -170,6 +170,13 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
         for key in sorted(adapter.whole)
     ]  # fmt: skip
     out += [Refusal(key, "mlx-lm has no trainable tokens", "merge the adapter instead") for key in adapter.token_rows]
+    multimodal = sorted(p for p in adapter.modules if p.startswith("model.language_model.") or arch.is_vision_module(p))
+    if multimodal:  # transformers' names of a vision-language model (arch.LIVE_NAMES)
+        out.append(Refusal(
+            multimodal[0], "a vision-language model's module: mlx-lm serves such a model's language part under the "
+            "names its checkpoint holds (language_model.model...), not transformers', and no vision tower",
+            "merge the adapter (loratool merge) and convert the merged model, or serve it with PEFT",
+        ))  # fmt: skip
     for path, m in sorted(adapter.modules.items()):
         if m.expert is not None:
             out.append(Refusal(path, "mlx-lm has no LoRA layer for 3-D expert parameters", "use PEFT"))
