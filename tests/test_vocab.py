@@ -403,3 +403,27 @@ def test_an_mlx_embedding_lora_converts_to_peft_as_mlx_lm_serves_it(tmp_path: Pa
     assert not any("is tied to" in w for w in direct.warnings)  # merged, it serves as mlx-lm serves it
     torch.testing.assert_close(logits(tf.LlamaForCausalLM.from_pretrained(tmp_path / "m2").eval()), want,
                                rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_a_fine_tune_that_untied_its_head_is_named(tmp_path: Path, cli) -> None:
+    """A tied base and a fine-tune that stores a head of its own: refused as 'not one architecture';
+    now named, with the fix, which works: extracted against an untied copy of the base, PEFT gives the
+    fine-tune's logits."""
+    import transformers as tf
+    from peft import PeftModel
+
+    load = _tied_base(tmp_path)
+    _untied_copy(load, tmp_path / "untied")
+    ft = tf.LlamaForCausalLM.from_pretrained(tmp_path / "untied").eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        ft.lm_head.weight.add_(0.05 * torch.randn(128, 2, generator=g) @ torch.randn(2, 32, generator=g))
+        ft.model.embed_tokens.weight.add_(0.05 * torch.randn(128, 2, generator=g) @ torch.randn(2, 32, generator=g))
+    ft.save_pretrained(tmp_path / "ft")
+    r = cli("extract", tmp_path / "base", tmp_path / "ft", "-r", "2", "-o", tmp_path / "a")
+    assert r.exit_code == 1 and "its training untied the two" in r.stderr and not (tmp_path / "a").exists()
+    assert cli("extract", tmp_path / "untied", tmp_path / "ft", "-r", "2", "-o", tmp_path / "a").exit_code == 0
+    base = tf.LlamaForCausalLM.from_pretrained(tmp_path / "untied").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()), logits(ft),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip

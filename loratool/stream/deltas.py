@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..arch import OUTPUT_LAYER, is_embedding
+from ..arch import OUTPUT_LAYER, is_embedding, tied_output
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError
 from ..io.checkpoint import Checkpoint, torch_dtype
 from ..math.linalg import is_finite
@@ -136,6 +136,14 @@ def paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:
     """
     missing = [k for k in b.keys() if k not in f and k not in skip]
     extra = [k for k in f.keys() if k not in b and k not in skip]
+    head = OUTPUT_LAYER + ".weight"
+    if extra == [head] and not missing and tied_output(list(b.keys()), b.config()) is not None:
+        raise MissingKeyError(
+            f"the base ties {OUTPUT_LAYER} to its input embedding (one matrix, no {head}), and the fine-tune stores a "
+            f"{head} of its own: its training untied the two", path=str(f.path), key=head,
+            fix=f"untie a copy of the base (store {head} as a copy of the embedding and set tie_word_embeddings to "
+            "false in config.json) and extract against that",
+        )  # fmt: skip
     if missing or extra:
         key = (missing or extra)[0]
         where = "the fine-tune lacks" if missing else "the base lacks"
