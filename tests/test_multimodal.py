@@ -305,3 +305,68 @@ def test_mlx_lm_is_refused_by_name(tmp_path: Path, family) -> None:  # type: ign
         result = CliRunner().invoke(cli, [str(a) for a in args])
         assert result.exit_code == 1 and "a vision-language model's module" in result.output, result.output
     assert not (tmp_path / "mlx").exists()
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "int4-sym", "nvfp4-compressed"])
+@pytest.mark.parametrize("make", [gemma3, qwen2_vl], ids=["gemma3", "qwen2_vl"])
+def test_quantized_checkpoints_merge_extract_and_validate(tmp_path: Path, make, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    """FP8 and 4-bit vision-language checkpoints (RedHat's FP8-dynamic Qwen2.5-VL and Gemma 3, NVFP4
+    and W4A16 ones) were refused. The renamed view lies over the packed one: a dequantized merge is
+    PEFT's merge into the dequantized base, an in-place one keeps the layout and the adapter, and
+    unmerge restores the base within the two roundings, and extract against the quantized base recovers
+    the delta."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from test_fp8 import dequantized_state, fp8_checkpoint
+    from test_lowbit import make_quantized
+
+    from loratool.io.checkpoint import open_checkpoint
+    from loratool.io.logical import model_view
+
+    torch.manual_seed(0)
+    model = make().eval()
+    model.save_pretrained(tmp_path / "f32")
+    if fmt == "fp8-block":
+        fp8_checkpoint(tmp_path / "f32", tmp_path / "q", "block")
+    else:
+        make_quantized(tmp_path / "f32", tmp_path / "q", fmt)
+    base = copy.deepcopy(model)
+    if fmt == "fp8-block":  # the FP8 weights dequantized by the format's definition (test_fp8's reference)
+        dequantized = as_live(
+            tmp_path / "f32", {k: v.float() for k, v in dequantized_state(tmp_path / "q", "block").items()}
+        )
+    else:
+        with open_checkpoint(tmp_path / "q") as ck:
+            view = model_view(ck)  # the packed weights dequantized (held to the producer's in test_lowbit)
+            dequantized = {k: view.get(k).float() for k in view.keys()}
+    base.load_state_dict(dequantized, strict=False)
+    peft_adapter(copy.deepcopy(base), ["q_proj", "v_proj", "down_proj"], r=2, alpha=4, seed=1).save_pretrained(
+        tmp_path / "a"
+    )
+    want = PeftModel.from_pretrained(base, tmp_path / "a").merge_and_unload().state_dict()
+    run("merge", tmp_path / "q", tmp_path / "a", "-o", tmp_path / "m32", "--dtype", "float32")
+    got = as_live(tmp_path / "f32", on_disk(tmp_path / "m32"))
+    adapted = [k for k in got if k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))]
+    assert adapted
+    for key in adapted:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5 * float(want[key].abs().max()), msg=key)
+    rule = ["--rounding", "stochastic"]  # each element within a grid step of its target (subspace moves more)
+    merged = json.loads(run("merge", tmp_path / "q", tmp_path / "a", "-o", tmp_path / "m", "--json", *rule))
+    assert merged["quantization"]["kept"] > 0.9
+    before, after = (
+        load_file(str(tmp_path / "q" / "model.safetensors")),
+        load_file(str(tmp_path / "m" / "model.safetensors")),
+    )
+    assert sorted(before) == sorted(after) and all(before[k].dtype == after[k].dtype for k in before)
+    back = json.loads(run("unmerge", tmp_path / "m", tmp_path / "a", "-o", tmp_path / "u", "--check", tmp_path / "q",
+                          "--json", *rule))  # fmt: skip
+    assert back["check"]["max_rounding_units"] <= 2.0  # the merge's rounding and the unmerge's, each within a step
+    run("validate", tmp_path / "a", "--base", tmp_path / "q")
+    extracted = json.loads(run("extract", tmp_path / "q", tmp_path / "m32", "-r", "2", "-o", tmp_path / "x", "--json"))
+    assert max(m["relative_error"] for m in extracted["modules"]) < 1e-5
+
+
+def run(*args: object) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout

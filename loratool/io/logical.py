@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import arch
-from ..errors import InputFileError, MissingKeyError, ShapeMismatchError, UnsupportedCheckpointError
+from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
 from ..quant import packed
 from ..quant.layout import PackedLayout, PackedWeight
 from .checkpoint import Checkpoint, TensorInfo
@@ -116,18 +116,14 @@ class RenamedView(Checkpoint):
 def model_view(ckpt: Checkpoint, *, live_names: bool = True) -> Checkpoint:
     """``ckpt`` as the model holds it: packed low-bit weights under their logical names and shapes,
     dequantized when read (:class:`ModelView`), and with ``live_names`` a vision-language
-    checkpoint's tensors under the names transformers gives them on load (:class:`RenamedView`);
-    ``ckpt`` itself when neither applies."""
+    checkpoint's tensors under the names transformers gives them on load (:class:`RenamedView`,
+    over the packed view of a quantized one: the plan names weights as the model does, the
+    stream, FP8 and packed layouts as the files do); ``ckpt`` itself when neither applies."""
     layout = ckpt.packed_layout()
     view = ckpt if layout is None else ModelView(ckpt, layout)
     rules = arch.live_name_rules(ckpt.config()) if live_names else None
     if not rules:
         return view
-    if layout is not None or ckpt.fp8_layout() is not None:
-        raise UnsupportedCheckpointError(
-            "a quantized vision-language checkpoint: loratool maps the names of unquantized ones only",
-            path=str(ckpt.path), fix="use the unquantized checkpoint, or serve the adapter unmerged",
-        )  # fmt: skip
     return RenamedView(view, rules)
 
 

@@ -388,10 +388,11 @@ class Stream:
         return q, scale
 
     def _reference_view(self) -> Checkpoint:
-        """--check's base as the model holds it (packed weights dequantized), opened once."""
+        """--check's base with its packed weights dequantized, under the names its files hold (as the
+        stream names them), opened once."""
         assert self.reference is not None
         if self._reference_model is None:
-            self._reference_model = model_view(self.reference)
+            self._reference_model = model_view(self.reference, live_names=False)
         return self._reference_model
 
     def _rule_for(self, key: str, rights: list[torch.Tensor]) -> tuple[int | None, Subspace | None]:
