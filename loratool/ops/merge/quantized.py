@@ -39,12 +39,19 @@ def check_conv_terms(terms: dict[str, list[Term]], quantized: set[str], path: st
 
 
 def check_requantize(requantize: str | None, low_bit: PackedLayout | None, terms: dict[str, list[Term]],
-                      dequantize: bool, path: str) -> set[str]:  # fmt: skip
+                      dequantize: bool, path: str, *, renamed: bool = False) -> set[str]:  # fmt: skip
     """The packed weights ``--requantize fp8`` writes as FP8 (those the adapters touch), checked."""
     if requantize is None:
         return set()
     if requantize != "fp8":
         raise ValueError(f"requantize must be 'fp8', not {requantize!r}")
+    if renamed:
+        raise UnsupportedCheckpointError(
+            "--requantize fp8 names the modules it writes as FP8 in the config's groups, and a vision-language "
+            "model's modules have one name in its files and another once loaded: loratool has not checked which "
+            "one the loaders match", path=path,
+            fix="merge in place without it, pass --dtype bfloat16, or serve the adapter unmerged",
+        )  # fmt: skip
     if dequantize:
         raise ValueError("--requantize and --dtype exclude each other: --dtype writes every weight dequantized")
     if low_bit is None:

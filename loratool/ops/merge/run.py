@@ -110,6 +110,7 @@ def apply_adapters(
         view = model_view(ckpt)  # packed weights (and a VLM's tensors) by the names and shapes adapters address
         loaded = for_the_base(loaded, ckpt, warnings)  # a diffusers LoRA file: the base component's modules
         terms, replace = plan_terms(view, loaded, sign, fan_in_fan_out, warnings)
+        renamed = isinstance(view, RenamedView)
         if isinstance(view, RenamedView):  # the plan names tensors as the model does, the stream as the files do
             terms, replace = stored_names(view, terms, replace)
             view = view.inner
@@ -118,7 +119,7 @@ def apply_adapters(
         check_conv_terms(terms, quantized, str(ckpt.path))
         layouts = [q for q in (fp8, low_bit) if q is not None]  # both in a compressed-tensors mixed checkpoint
         dequantize = bool(layouts) and out_dtype is not None
-        to_fp8 = check_requantize(requantize, low_bit, terms, dequantize, str(ckpt.path))
+        to_fp8 = check_requantize(requantize, low_bit, terms, dequantize, str(ckpt.path), renamed=renamed)
         check_packed_plan(low_bit, replace, terms, dequantize or bool(to_fp8), str(ckpt.path))
         packed_in_place = low_bit is not None and not dequantize and any(
             k in low_bit.weights and k not in to_fp8 for k in terms)  # fmt: skip
