@@ -258,14 +258,14 @@ def is_tied_head_unchanged(
     ckpt: TensorSource, tied: tuple[str, str] | None, key: str, t: Tensor, adapter: Adapter | None = None
 ) -> bool:
     """``key`` names the output layer a tied base does not store, and ``t`` is the embedding: the one
-    the base stores, or the original the adapter keeps as the embedding's base layer (what an unmerge
-    restores)."""
+    the base stores, or the one the adapter keeps as the embedding's base layer (what an unmerge
+    restores; grown, where the fine-tune added tokens: what the merge writes into the one matrix)."""
     if tied is None or key != tied[0] + ".weight" or tied[1] not in ckpt:
         return False
-    if tuple(t.shape) != tuple(ckpt.info(tied[1]).shape):
-        return False
     kept = adapter.whole.get(tied[1]) if adapter is not None else None
-    return (kept is not None and t.equal(kept)) or t.equal(ckpt.get(tied[1]).to(t.dtype))
+    if kept is not None and t.shape == kept.shape and t.equal(kept):
+        return True
+    return tuple(t.shape) == tuple(ckpt.info(tied[1]).shape) and t.equal(ckpt.get(tied[1]).to(t.dtype))
 
 
 def tied_copy_shaped(adapter: Adapter, head: LoraModule, tied: tuple[str, str]) -> bool:

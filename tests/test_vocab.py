@@ -427,3 +427,21 @@ def test_a_fine_tune_that_untied_its_head_is_named(tmp_path: Path, cli) -> None:
     with torch.no_grad():
         torch.testing.assert_close(logits(PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()), logits(ft),
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_an_ensure_weight_tying_adapter_that_grew_the_vocabulary_merges_as_it_behaves(tmp_path: Path) -> None:
+    """Added tokens: PEFT saves the grown embedding whole and the tied head as its copy; the head's copy
+    was taken for a trained head (its rows no longer the base's) and refused."""
+    import transformers as tf
+
+    load = _tied_base(tmp_path)
+    model = load()
+    model.resize_token_embeddings(GROWN, mean_resizing=False)
+    pm = _trained_peft(model, ["q_proj", "embed_tokens"], ensure_weight_tying=True)
+    pm.save_pretrained(tmp_path / "adapter")
+    assert load_adapter(tmp_path / "adapter").whole["lm_head.weight"].shape[0] == GROWN
+    merge(tmp_path / "base", [tmp_path / "adapter"], output=tmp_path / "m", show_progress=False)
+    ours = tf.LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.tensor([[1, 5, 130, 17, 33, 135, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, pm.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
