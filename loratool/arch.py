@@ -9,7 +9,7 @@ reads files.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .adapter import Adapter, Kind, LoraModule
@@ -206,9 +206,7 @@ def tied_output(keys: list[str], config: Mapping[str, Any]) -> tuple[str, str] |
     return (OUTPUT_LAYER, embeds[0]) if embeds else None
 
 
-def is_tied_copy(
-    path: str, module: LoraModule, adapter: Adapter, found: dict[str, str], config: dict[str, Any]
-) -> bool:
+def is_tied_copy(module: LoraModule, adapter: Adapter, found: Container[str], config: Mapping[str, Any]) -> bool:
     """An output layer tied to an embedding, absent from the checkpoint, whose factors are the
     embedding module's transposed (what extract writes for tied weights): merging it would add the
     same delta to the shared matrix twice."""
@@ -220,12 +218,19 @@ def is_tied_copy(
 
 def tied_copy_of(module: LoraModule, adapter: Adapter) -> str | None:
     """The embedding module of ``adapter`` whose LoRA ``module`` holds transposed, at its scaling
-    (PEFT's ensure_weight_tying, and extract for a tied head), or None."""
+    (PEFT's ensure_weight_tying, and extract for a tied head), or None. Factors read lazily (``meta``)
+    are compared by their shapes: what a check from headers alone can tell."""
     for other_path, other in adapter.modules.items():
         if other.kind == "embedding" and other.rank == module.rank and other.scaling == module.scaling:
-            if other.lora_B.T.equal(module.lora_A) and other.lora_A.T.equal(module.lora_B):
+            if _transposed(other.lora_B, module.lora_A) and _transposed(other.lora_A, module.lora_B):
                 return other_path
     return None
+
+
+def _transposed(a: Tensor, b: Tensor) -> bool:
+    if a.is_meta or b.is_meta:
+        return tuple(a.T.shape) == tuple(b.shape)
+    return a.T.equal(b)
 
 
 def untied_partner(adapter: Adapter, base_config: Mapping[str, Any]) -> str | None:
@@ -238,6 +243,9 @@ def untied_partner(adapter: Adapter, base_config: Mapping[str, Any]) -> str | No
         return None
     return OUTPUT_LAYER if tied_copy_of(head, adapter) is not None else None
 
+
+# How to untie a tied base, for the fixes that need one: the head stored as a matrix of its own.
+UNTIE_STEPS = "store lm_head.weight as a copy of the embedding and set tie_word_embeddings to false in config.json"
 
 UNTIED_WHY = (
     "the adapter was trained with PEFT's ensure_weight_tying on a model whose output layer is its input embedding "
@@ -266,14 +274,6 @@ def is_tied_head_unchanged(
     if kept is not None and t.shape == kept.shape and t.equal(kept):
         return True
     return tuple(t.shape) == tuple(ckpt.info(tied[1]).shape) and t.equal(ckpt.get(tied[1]).to(t.dtype))
-
-
-def tied_copy_shaped(adapter: Adapter, head: LoraModule, tied: tuple[str, str]) -> bool:
-    """``head`` has the shapes of the tied input embedding's LoRA, transposed (PEFT's
-    ensure_weight_tying, extract's tied copy): what a check from headers alone can tell."""
-    embed = adapter.modules.get(tied[1].removesuffix(".weight"))
-    return embed is not None and (head.rank, head.in_features, head.out_features) == (
-        embed.rank, embed.out_features, embed.in_features)  # fmt: skip
 
 
 _LAYER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")

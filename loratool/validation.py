@@ -27,9 +27,8 @@ from .arch import (
     is_tied_copy,
     is_tied_head_unchanged,
     renamed_on_load,
-    tied_copy_shaped,
     tied_output,
-    ties_word_embeddings,
+    untied_partner,
 )
 from .errors import LoraToolError, MetadataError
 from .formats import diffusers, kohya, load_adapter, peft
@@ -175,25 +174,17 @@ def check_fit(
         else:  # PEFT (and what loads PEFT files) matches a module path exactly, or loads it as nothing
             present = set(weights)
             found = {m: m for m in adapter_obj.modules if m in present}
-        tied = tied_output(list(ckpt.keys()), ckpt.config())
-        head = adapter_obj.modules.get(OUTPUT_LAYER)
-        if (
-            head is not None
-            and adapter_obj.config.get("ensure_weight_tying")
-            and not ties_word_embeddings(ckpt.config())
-        ):  # headers only: an embedding LoRA of the head's weight shape stands for the copy merge checks
-            if any(m.kind == "embedding" and m.weight_shape == head.weight_shape
-                   for m in adapter_obj.modules.values()):  # fmt: skip
-                report.add(f"base/{OUTPUT_LAYER}", f"{UNTIED_WHY}; {UNTIED_FIX}")
+        config = ckpt.config()
+        tied = tied_output(list(ckpt.keys()), config)
+        if untied_partner(adapter_obj, config):  # lazily read factors: by their shapes (merge checks the values)
+            report.add(f"base/{OUTPUT_LAYER}", f"{UNTIED_WHY}; {UNTIED_FIX}")
         matched = 0
         for module, m in sorted(adapter_obj.modules.items()):
             where = f"base/{module}"
-            if module not in found and tied and module == tied[0] and tied_copy_shaped(adapter_obj, m, tied):
-                if m.lora_A.device.type == "meta" or is_tied_copy(
-                    module, m, adapter_obj, {p: p for p in adapter_obj.modules}, ckpt.config()
-                ):  # headers only: the shapes of a tied copy (merge checks the values, and names the tie)
-                    matched += 1  # the tied head's LoRA is the embedding's: merged once, into the one matrix
-                    continue
+            tied_head = module not in found and tied is not None and module == tied[0]
+            if tied_head and is_tied_copy(m, adapter_obj, adapter_obj.modules, config):
+                matched += 1  # the tied head's LoRA is the embedding's: merged once, into the one matrix
+                continue
             if m.expert is not None:
                 problem = _expert_misfit(ckpt, module, m)
                 if problem:

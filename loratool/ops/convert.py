@@ -312,13 +312,7 @@ def _from_mlx_tied(a: Adapter, base: str | os.PathLike[str] | None, allow_pickle
 
 def _tied_for_mlx(a: Adapter, base: str | os.PathLike[str] | None, allow_pickle: bool, warnings: list[str]) -> Adapter:
     """The adapter as mlx-lm serves it on ``base`` (:func:`loratool.runtimes.mlx.tied_for_mlx`), or raise."""
-    from .. import arch
-
-    if base is None:
-        a, problems, notes = mlx.tied_for_mlx(a, None, None)
-    else:
-        with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
-            a, problems, notes = mlx.tied_for_mlx(a, arch.tied_output(list(ck.keys()), ck.config()), ck)
+    a, problems, notes = mlx.tied_for_mlx_on(a, base, allow_pickle=allow_pickle)
     if problems:
         raise problems[0].error(a.path, len(problems) - 1)
     warnings += [n.split(": ", 1)[1] for n in notes]

@@ -187,18 +187,14 @@ def _mlx(
 def _tied_for_mlx(adapter: Adapter, source: str, base: str | None) -> tuple[Adapter, list[Refusal], list[str]]:
     """What convert --to mlx does for a tied output layer (:func:`loratool.runtimes.mlx.tied_for_mlx`),
     with the factors read where it compares them (a lazy adapter holds shapes only)."""
-    from ..arch import OUTPUT_LAYER, tied_output
+    from ..arch import OUTPUT_LAYER
     from ..formats import load_adapter
-    from ..io.checkpoint import open_checkpoint
-    from .mlx import tied_for_mlx
+    from .mlx import tied_for_mlx_on
 
     head = [k for k in adapter.whole if k.rsplit(".", 1)[0] == OUTPUT_LAYER]  # PEFT's saved copy of a tied head
     if head or any(m.kind == "embedding" or p == OUTPUT_LAYER for p, m in adapter.modules.items()):
         adapter = load_adapter(source)
-    if base is None:
-        return tied_for_mlx(adapter, None, None)
-    with open_checkpoint(base) as ck:
-        return tied_for_mlx(adapter, tied_output(list(ck.keys()), ck.config()), ck)
+    return tied_for_mlx_on(adapter, base)
 
 
 def _peft(adapter: Adapter, source: str) -> list[Refusal]:

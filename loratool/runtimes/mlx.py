@@ -19,6 +19,7 @@ exactly the adapted modules get LoRA layers, whatever ``num_layers`` says.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,6 +195,17 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
     return out
 
 
+def tied_for_mlx_on(
+    adapter: Adapter, base: str | os.PathLike[str] | None, *, allow_pickle: bool = False
+) -> tuple[Adapter, list[Refusal], list[str]]:
+    """:func:`tied_for_mlx` against the checkpoint ``base`` (its headers and, where PEFT saved the tied
+    head, its embedding), or against no base."""
+    if base is None:
+        return tied_for_mlx(adapter, None, None)
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
+        return tied_for_mlx(adapter, arch.tied_output(list(ck.keys()), ck.config()), ck)
+
+
 def tied_for_mlx(
     adapter: Adapter, tied: tuple[str, str] | None, base: TensorSource | None
 ) -> tuple[Adapter, list[Refusal], list[str]]:
@@ -237,8 +249,8 @@ def tied_for_mlx(
         refusals.append(Refusal(
             tied[0], f"a LoRA on the output layer, which this base ties to its input embedding '{tied[1]}': mlx-lm's "
             "model of it has no output layer of its own (the head reads the embedding), so the LoRA has no layer to go "
-            "to", "serve the adapter with PEFT, or untie the base (store lm_head.weight as a copy of the embedding and "
-            "set tie_word_embeddings to false in config.json) and serve it in mlx-lm with this adapter",
+            "to", f"serve the adapter with PEFT, or untie the base ({arch.UNTIE_STEPS}) and serve it in mlx-lm with "
+            "this adapter",
         ))  # fmt: skip
     embed = tied[1].removesuffix(".weight")
     if embed in adapter.modules:

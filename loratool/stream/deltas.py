@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..arch import OUTPUT_LAYER, is_embedding, tied_output
+from ..arch import OUTPUT_LAYER, UNTIE_STEPS, is_embedding, tied_output
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError
 from ..io.checkpoint import Checkpoint, torch_dtype
 from ..math.linalg import is_finite
@@ -141,8 +141,7 @@ def paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:
         raise MissingKeyError(
             f"the base ties {OUTPUT_LAYER} to its input embedding (one matrix, no {head}), and the fine-tune stores a "
             f"{head} of its own: its training untied the two", path=str(f.path), key=head,
-            fix=f"untie a copy of the base (store {head} as a copy of the embedding and set tie_word_embeddings to "
-            "false in config.json) and extract against that",
+            fix=f"untie a copy of the base ({UNTIE_STEPS}) and extract against that",
         )  # fmt: skip
     if missing or extra:
         key = (missing or extra)[0]

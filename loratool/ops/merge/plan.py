@@ -143,7 +143,7 @@ def plan_terms(
         for path, module in adapter.modules.items():
             if module.expert is not None:
                 continue
-            if path not in found and arch.is_tied_copy(path, module, adapter, found, config):
+            if path not in found and arch.is_tied_copy(module, adapter, found, config):
                 continue  # the shared matrix is stored once, under the input embedding
             multimodal = arch.renamed_on_load(config)
             if path not in found and multimodal:
@@ -301,12 +301,11 @@ def _refuse_tied_head(
             f"'{tied[1]}' (tie_word_embeddings): the checkpoint holds one matrix for both, so writing the trained "
             "head there would replace the input embedding as well",
             path=name, key=head,
-            fix="untie the base first (store lm_head.weight as a copy of the embedding and set tie_word_embeddings "
-            "to false in config.json), then merge into that; or serve the adapter unmerged",
+            fix=f"untie the base first ({arch.UNTIE_STEPS}), then merge into that; or serve the adapter unmerged",
         )  # fmt: skip
     if tied[0] not in adapter.modules:
         return
-    if arch.is_tied_copy(tied[0], adapter.modules[tied[0]], adapter, {p: p for p in adapter.modules}, config):
+    if arch.is_tied_copy(adapter.modules[tied[0]], adapter, adapter.modules, config):
         return
     raise UnsupportedCheckpointError(
         f"the adapter has a LoRA on '{tied[0]}', which this base ties to its input embedding '{tied[1]}' "
@@ -314,8 +313,7 @@ def _refuse_tied_head(
         "the input embedding as well (PEFT's merge_and_unload does so), and the merged model would not behave "
         "as the adapter does",
         path=name, key=tied[0],
-        fix="serve the adapter unmerged, or untie the base first (store lm_head.weight as a copy of the embedding "
-        "and set tie_word_embeddings to false in config.json), then merge into that",
+        fix=f"serve the adapter unmerged, or untie the base first ({arch.UNTIE_STEPS}), then merge into that",
     )  # fmt: skip
 
 
