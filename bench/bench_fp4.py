@@ -22,6 +22,7 @@ files, best of ``--repeats``; nearest and stochastic also as a second merge into
 whose sha256 for the provenance record loratool then keeps from the first (loratool.metadata.digests).
 
     python bench/bench_fp4.py --workdir /tmp/loratool-bench [--layers 4] [--skip-speed] [--skip-keep]
+        [--rules nearest,stochastic,subspace]
 """
 
 from __future__ import annotations
@@ -260,19 +261,19 @@ def copy_and_sync(src: Path, dst: Path) -> float:
     return time.perf_counter() - t
 
 
-def run_speed(workdir: Path, layers: int, rank: int, repeats: int) -> dict[str, Any]:
+def run_speed(workdir: Path, layers: int, rank: int, repeats: int, rules: tuple[str, ...] = RULES) -> dict[str, Any]:
     pair = ensure_pair(workdir, layers)
     adapter = make_adapter(pair / "base", workdir / f"adapter-l{layers}", rank)
     out: dict[str, Any] = {"layers": layers, "rank": rank, "formats": {}}
     for fmt in ("int4", "nvfp4"):
         base = quantized_llama(pair / "base", workdir / f"1b-l{layers}-{fmt}", fmt)
         home = keep_digests(fresh(workdir / "digest-home"), base, adapter)
-        copies, times, warm = [], {r: [] for r in RULES}, {r: [] for r in RULES if r != "subspace"}
+        copies, times, warm = [], {r: [] for r in rules}, {r: [] for r in rules if r != "subspace"}
         kept, peak = {}, {}
         for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
             copies.append(copy_and_sync(base, fresh(workdir / "copy")))
             fresh(workdir / "copy")
-            for rule in RULES:
+            for rule in rules:
                 m = measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp4")),
                             rounding=rule, min_kept=0.0, show_progress=False)  # fmt: skip
                 times[rule].append(m["seconds"])
@@ -287,7 +288,7 @@ def run_speed(workdir: Path, layers: int, rank: int, repeats: int) -> dict[str, 
             "gib": sum(f.stat().st_size for f in base.iterdir()) / 2**30, "copy_s": min(copies), "copy_runs": copies,
             "rules": {r: {"s": min(times[r]), "runs": times[r], "vs_copy": min(times[r]) / min(copies),
                           "kept": kept[r], "peak_mib": peak[r], "kept_digests_s": min(warm[r]) if r in warm else None}
-                      for r in RULES},
+                      for r in rules},
         }  # fmt: skip
     return out
 
@@ -331,13 +332,13 @@ def report(r: dict[str, Any]) -> str:
 
 
 def run(workdir: Path, layers: int = 4, rank: int = 16, device: str = "cpu", *, steps: int = 300,
-        repeats: int = 2, keep: bool = True, speed: bool = True) -> dict[str, Any]:  # fmt: skip
+        repeats: int = 2, keep: bool = True, speed: bool = True, rules: tuple[str, ...] = RULES) -> dict[str, Any]:  # fmt: skip
     """The figures (run_all's signature; the merges run on the CPU)."""
     result: dict[str, Any] = {"machine": machine()}
     if keep:
         result["keep"] = run_keep(workdir, steps, rank)
     if speed:
-        result["speed"] = run_speed(workdir, layers, rank, repeats)
+        result["speed"] = run_speed(workdir, layers, rank, repeats, rules)
     return result
 
 
@@ -350,11 +351,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-keep", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument(
+        "--rules", default=",".join(RULES), help="The rounding rules the speed part times (comma-separated)."
+    )
     ap.add_argument("--json", action="store_true", help="Print the figures as JSON.")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result = run(args.workdir, args.layers, args.rank, steps=args.steps, repeats=args.repeats,
-                 keep=not args.skip_keep, speed=not args.skip_speed)  # fmt: skip
+                 keep=not args.skip_keep, speed=not args.skip_speed, rules=tuple(args.rules.split(",")))  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else report(result))
 
 

@@ -313,7 +313,8 @@ def test_unmerge_check_in_one_pass_gives_the_figures_of_the_torch_passes(monkeyp
 # -- packed low-bit weights (csrc/lowbit.c) ----------------------------------------------------------
 def _packed_case(fmt: str, rows: int, cols: int) -> tuple[PackedWeight, dict[str, torch.Tensor], torch.Tensor]:
     """A packed weight of ``fmt`` quantized from random values (a few rows and one group all zero,
-    NVFP4 and int groups that end short of a whole), its parts, and the float32 values it came from."""
+    NVFP4 and int groups that end short of a whole, int groups of an odd length), its parts, and the
+    float32 values it came from."""
     g = torch.Generator().manual_seed(len(fmt) * rows + cols)
     w0 = torch.randn(rows, cols, generator=g) * 0.02
     w0[3] = 0.0
@@ -348,6 +349,8 @@ LOWBIT = [
     "int4-asym-f32",
     "int8-sym-bf16",
     "int4-asym-bf16-g128",
+    "int4-sym-f32-g33",
+    "int8-asym-f32-g33",
 ]
 
 
@@ -372,8 +375,9 @@ def test_a_packed_merge_gives_the_bytes_of_the_torch_passes(kernels, fmt: str, r
     requantized with the scales kept where they fit, the rows spread over the cores) writes the
     codes, scales and zero points of packed.requantize, by both rules (stochastic: the same draws),
     at a small delta (scales kept) and a large one (many groups rescaled), on rows of one chunk
-    and of several (a short one last); and reports its kept sums."""
-    cols = (1056 if wide else 96) if fmt.startswith("mx") else (1100 if wide else 200)
+    and of several (a short one last, whose delta takes each of the product's paths: two vectors,
+    sixteen columns, single columns); and reports its kept sums."""
+    cols = (1056 if wide else 96) if fmt.startswith("mx") else (1116 if wide else 200)
     rows = 11 if wide else 37
     w, parts, _ = _packed_case(fmt, rows, cols)
     terms = _terms(rows, cols, size, rank=17 if wide else 3)
@@ -417,11 +421,12 @@ def test_terms_folded_into_one_product_and_none_at_all() -> None:
     assert torch.equal(none.delta(), torch.zeros(6, 9))
 
 
-@pytest.mark.parametrize(("rows", "rank", "cols"), [(37, 5, 200), (3, 16, 1100), (40, 1, 64), (5, 0, 70)])
+@pytest.mark.parametrize(("rows", "rank", "cols"), [(37, 5, 200), (3, 16, 1100), (40, 1, 64), (5, 0, 70), (9, 16, 120)])
 def test_the_kernels_delta_is_the_torch_sum_term_by_term(kernels, rows: int, rank: int, cols: int) -> None:
-    """LowRank.delta by the kernels (rows split across the cores; blocks of 64 columns and the rest)
-    gives the bytes of the torch passes' sum, signed zeros included; and is the product within a
-    float32 sum's rounding."""
+    """LowRank.delta by the kernels (rows split across the cores; four rows at once in blocks of two
+    vectors, then of sixteen columns, then column by column; the rows left one at a time) gives the
+    bytes of the torch passes' sum, signed zeros included; and is the product within a float32
+    sum's rounding."""
     terms = _terms(rows, cols, 1.0, rank)
     if rank:
         terms.left[0] = 0.0  # products of -0 and +0: their sum from +0 is +0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,42 +41,83 @@ def test_background_writer_casts_into_pooled_buffers(tmp_path: Path, recycle: bo
     assert all(torch.equal(out[k], t.to(torch.bfloat16)) for k, t in tensors.items())
 
 
+class _StuckWriter:
+    """A checkpoint writer stuck in its first write until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.started, self.release, self.written = threading.Event(), threading.Event(), []
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.started.set()
+        self.release.wait()
+        self.written.append(name)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def _waits(writer: BackgroundWriter, name: str, t: torch.Tensor) -> tuple[bool, threading.Thread]:
+    """Whether writer.write(name, t) is still waiting after 0.2 s (its thread, to join)."""
+    call = threading.Thread(target=writer.write, args=(name, t))
+    call.start()
+    call.join(0.2)
+    return call.is_alive(), call
+
+
 def test_the_writer_holds_few_computed_tensors_but_queues_borrowed_ones() -> None:
     """Behind a writer that is still busy, tensors passed on as read (borrowed) queue without limit,
     while computed ones wait once depth are queued beside the one being written; all are written
     in order."""
-    import threading
-
-    started, release, written = threading.Event(), threading.Event(), []
-
-    class Slow:
-        def write(self, name: str, tensor: torch.Tensor) -> None:
-            started.set()
-            release.wait()
-            written.append(name)
-
-        def close(self) -> None:
-            pass
-
-        def abort(self) -> None:
-            pass
-
-    writer = BackgroundWriter(Slow(), depth=2)  # type: ignore[arg-type]
+    stuck = _StuckWriter()
+    writer = BackgroundWriter(stuck, depth=2, queue_bytes=0)  # type: ignore[arg-type]
     t = torch.zeros(3)
     writer.write("first", t, borrowed=True)
-    assert started.wait(5)  # the writer is stuck on it
+    assert stuck.started.wait(5)  # the writer is stuck on it
     for i in range(20):
         writer.write(f"b{i}", t, borrowed=True)  # none of these waits
     for i in range(3):
         writer.write(f"c{i}", t)  # depth queued, and room for the one to be written
-    blocked = threading.Thread(target=writer.write, args=("c3", t))
-    blocked.start()
-    blocked.join(0.2)
-    assert blocked.is_alive()  # a fourth computed tensor waits for room
-    release.set()
-    blocked.join(5)
+    waiting, call = _waits(writer, "c3", t)
+    assert waiting  # a fourth computed tensor waits for room
+    stuck.release.set()
+    call.join(5)
     writer.close()
-    assert written == ["first", *(f"b{i}" for i in range(20)), *(f"c{i}" for i in range(4))]
+    assert stuck.written == ["first", *(f"b{i}" for i in range(20)), *(f"c{i}" for i in range(4))]
+
+
+def test_small_computed_tensors_queue_past_depth_while_their_bytes_fit() -> None:
+    """Past depth, computed tensors go on queueing while all those held stay within queue_bytes (a
+    4-bit merge's results, while the writer copies the tensors it passes on as read); the one that
+    would go past it waits, and so does a large one once depth are held; all are written in order."""
+    stuck = _StuckWriter()
+    writer = BackgroundWriter(stuck, depth=1, queue_bytes=400)  # type: ignore[arg-type]
+    writer.write("first", torch.zeros(3), borrowed=True)
+    assert stuck.started.wait(5)
+    small = torch.zeros(25)  # 100 bytes
+    for i in range(4):
+        writer.write(f"s{i}", small)  # 400 bytes held: past depth 1, within the budget
+    waiting, call = _waits(writer, "s4", small)
+    assert waiting
+    stuck.release.set()
+    call.join(5)
+    writer.close()
+    assert stuck.written == ["first", *(f"s{i}" for i in range(5))]
+
+    stuck = _StuckWriter()
+    writer = BackgroundWriter(stuck, depth=1, queue_bytes=400)  # type: ignore[arg-type]
+    writer.write("first", torch.zeros(3), borrowed=True)
+    assert stuck.started.wait(5)
+    writer.write("big0", torch.zeros(1000))  # more than the budget: depth holds it
+    writer.write("big1", torch.zeros(1000))  # and the one being written
+    waiting, call = _waits(writer, "small", small)  # the budget is spent: even a small one waits
+    assert waiting
+    stuck.release.set()
+    call.join(5)
+    writer.close()
+    assert stuck.written == ["first", "big0", "big1", "small"]
 
 
 def test_a_capped_pool_lets_go_of_sizes_past_its_cap_and_keeps_the_rest() -> None:

@@ -210,18 +210,26 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             thread.join(timeout=0.05)
 
 
-class BackgroundWriter:
-    """Hands ``write`` calls to a thread, up to ``depth`` computed tensors behind, so that writing (and
-    flushing) one tensor overlaps computing the next; tensors passed on as read (``borrowed``: views
-    of the input's pages, no memory of ours) queue beyond that, so that the writer copies them while
-    the next results are computed. Errors surface on the next call."""
+QUEUE_BYTES = 128 * 2**20  # a BackgroundWriter's queue_bytes where results should not wait on the writer
 
-    def __init__(self, writer: _Writer, depth: int = 2, pool: BufferPool | None = None) -> None:
+
+class BackgroundWriter:
+    """Hands ``write`` calls to a thread, up to ``depth`` computed tensors behind (more while they hold
+    under ``queue_bytes`` together), so that writing (and flushing) one tensor overlaps computing the
+    next; tensors passed on as read (``borrowed``: views of the input's pages, no memory of ours)
+    queue beyond that, so that the writer copies them while the next results are computed (and small
+    results, such as a 4-bit weight's, go on being computed while it does). Errors surface on the
+    next call."""
+
+    def __init__(self, writer: _Writer, depth: int = 2, pool: BufferPool | None = None,
+                 queue_bytes: int = 0) -> None:  # fmt: skip
         self._writer = writer
         self._pool = pool
         self._queue: queue.SimpleQueue[tuple[str, torch.Tensor, torch.dtype | None, bool, bool] | None]
         self._queue = queue.SimpleQueue()
-        self._room = threading.Semaphore(depth + 1)  # computed tensors queued (depth) and the one being written
+        self._room = threading.Condition()
+        self._held = (0, 0)  # computed tensors queued and being written: how many, their bytes
+        self._depth, self._queue_bytes = depth + 1, queue_bytes
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="loratool-writer", daemon=True)
         self._thread.start()
@@ -229,13 +237,16 @@ class BackgroundWriter:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             name, tensor, dtype, recycle, borrowed = item
+            n = _nbytes(tensor)  # (a recycled tensor is the pool's once written)
             if self._error is None:
                 try:
                     self._write(name, tensor, dtype, recycle)
                 except BaseException as e:  # handed to the caller on its next call
                     self._error = e
             if not borrowed:
-                self._room.release()
+                with self._room:
+                    self._held = (self._held[0] - 1, self._held[1] - n)
+                    self._room.notify()
 
     def _write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None, recycle: bool) -> None:
         import torch
@@ -271,7 +282,10 @@ class BackgroundWriter:
         is the input's own (it does not count against ``depth``)."""
         self._raise()
         if not borrowed:
-            self._room.acquire()
+            n = _nbytes(tensor)
+            with self._room:
+                self._room.wait_for(lambda: self._held[0] < self._depth or self._held[1] + n <= self._queue_bytes)
+                self._held = (self._held[0] + 1, self._held[1] + n)
         self._queue.put((name, tensor, dtype, recycle, borrowed))
 
     def close(self) -> None:

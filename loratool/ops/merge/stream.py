@@ -22,7 +22,7 @@ from ...quant import native, packed
 from ...quant.fp8 import check_scale, dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from ...quant.layout import Fp8Layout, Fp8Scheme, PackedLayout, PackedWeight
 from ...quant.rounding import Kept, Rounding, Subspace, quantize_values, round_subspace, subspace_of, uniforms
-from ...stream.pipeline import BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
+from ...stream.pipeline import QUEUE_BYTES, BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
 from .check import RoundTripCheck, fp8_steps
 from .plan import Term
 from .quantized import FP8_BLOCK
@@ -85,7 +85,12 @@ class Stream:
         # choose; its header names every tensor's place, and each shard keeps its tensors.
         shards = [(f, [s for s in specs if not self._computed(s.name)] + [s for s in specs if self._computed(s.name)])
                   for f, specs in shards]  # fmt: skip
-        writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None), pool=self.pool)
+        # Results requantized in place are slow to compute and small to write: while the writer copies the
+        # tensors passed on as read, they queue past its depth (up to QUEUE_BYTES) instead of stalling
+        # the computation behind it. Full-precision results are quick, large, and pooled: depth holds them.
+        in_place = (self.fp8 is not None or self.low_bit is not None) and not self.dequantize
+        writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None), pool=self.pool,
+                                  queue_bytes=QUEUE_BYTES if in_place else 0)  # fmt: skip
         keys = [s.name for _, specs in shards for s in specs]
         position = {k: i for i, k in enumerate(keys)}
         # the member of an FP8 pair that comes second is computed with the first: never read it

@@ -5,8 +5,9 @@
  * terms' factors (left @ right, each element's products added in order: packed.LowRank), keeping
  * the base's scales wherever a group still fits them, nearest or stochastically, adding the kept
  * sums: the work of a matrix product and of packed.requantize's some thirty elementwise passes in
- * one pass over each row, its arrays in the first-level cache. The same bytes as those torch
- * passes (tests/test_native.py); the kept sums in another order.
+ * one pass over each chunk of a row, its arrays in the first-level cache (the chunks of columns
+ * outermost, so that the factors' rows of a chunk serve every row of a strip while in the cache).
+ * The same bytes as those torch passes (tests/test_native.py); the kept sums in another order.
  *
  * A weight's codes are rows of `row_bytes` bytes, element j in the low nibble of byte j / 2 for
  * even j and the high one for odd j (E2M1 and 4-bit integers alike; an 8-bit integer is byte j).
@@ -164,29 +165,37 @@ LT_INLINE void unpack_row(const Spec *sp, const uint8_t *restrict row, uint8_t *
     }
 }
 
-/* The same unpacked to 32-bit codes (the encode pass's element loops then hold one type: whole vectors). */
-LT_INLINE void unpack_row32(const Spec *sp, const uint8_t *restrict row, uint32_t *restrict nib) {
+/* Codes j0..j0 + n of a row (j0 even) unpacked to 32-bit codes (the encode pass's element loops then
+ * hold one type: whole vectors). */
+LT_INLINE void unpack_run32(const Spec *sp, const uint8_t *restrict row, int64_t j0, int64_t n,
+                            uint32_t *restrict nib) {
     if (sp->fmt == LT_INT && sp->bits == 8) {
-        for (int64_t j = 0; j < sp->cols; j++) nib[j] = row[j];
+        for (int64_t j = 0; j < n; j++) nib[j] = row[j0 + j];
         return;
     }
-    for (int64_t k = 0; k < (sp->cols + 1) / 2; k++) {
-        nib[2 * k] = row[k] & 0xFu;
-        nib[2 * k + 1] = (uint32_t)row[k] >> 4;
+    const uint8_t *restrict from = row + j0 / 2;
+    for (int64_t k = 0; k < (n + 1) / 2; k++) {
+        nib[2 * k] = from[k] & 0xFu;
+        nib[2 * k + 1] = (uint32_t)from[k] >> 4;
     }
 }
 
-/* 32-bit codes packed back into a row of row_bytes bytes (two 4-bit codes a byte, the first low), the
- * padding zero. */
-LT_INLINE void pack_row32(const Spec *sp, const uint32_t *restrict code, uint8_t *restrict row) {
-    int64_t used = sp->fmt == LT_INT && sp->bits == 8 ? sp->cols : (sp->cols + 1) / 2;
-    if (sp->fmt == LT_INT && sp->bits == 8) {
-        for (int64_t j = 0; j < sp->cols; j++) row[j] = (uint8_t)code[j];
+/* 32-bit codes of a row's columns j0..j0 + n (j0 even) packed back into it (two 4-bit codes a byte, the
+ * first low); where the run ends the row, its padding zeroed. */
+LT_INLINE void pack_run32(const Spec *sp, const uint32_t *restrict code, int64_t j0, int64_t n,
+                          uint8_t *restrict row) {
+    const int wide = sp->fmt == LT_INT && sp->bits == 8;
+    if (wide) {
+        for (int64_t j = 0; j < n; j++) row[j0 + j] = (uint8_t)code[j];
     } else {
-        for (int64_t k = 0; k < sp->cols / 2; k++) row[k] = (uint8_t)(code[2 * k] | (code[2 * k + 1] << 4));
-        if (sp->cols & 1) row[sp->cols / 2] = (uint8_t)code[sp->cols - 1];
+        uint8_t *restrict to = row + j0 / 2;
+        for (int64_t k = 0; k < n / 2; k++) to[k] = (uint8_t)(code[2 * k] | (code[2 * k + 1] << 4));
+        if (n & 1) to[n / 2] = (uint8_t)code[n - 1];
     }
-    memset(row + used, 0, (size_t)(sp->row_bytes - used));
+    if (j0 + n == sp->cols) {
+        const int64_t used = wide ? sp->cols : (sp->cols + 1) / 2;
+        memset(row + used, 0, (size_t)(sp->row_bytes - used));
+    }
 }
 
 /* Element values b[j] of codes nib[j] under their scales s[j] (zero points z[j]): packed.dequantize's
@@ -304,23 +313,64 @@ LT_INLINE void delta_run(const float *restrict lrow, const float *restrict right
 
 enum { LT_ROWS_AT_ONCE = 4 }; /* rows whose deltas are formed together: each load of `right` serves four */
 
-/* delta_run for `nrows` (<= LT_ROWS_AT_ONCE) consecutive rows (their factors lrows, k apart; their
- * deltas d, ds apart): four rows share each load of right, in blocks of 16 columns whose sixteen
- * sums a row stay in registers across the terms. The same sums, in the same order, as delta_run. */
-LT_INLINE void delta_block(const float *restrict lrows, int64_t nrows, const float *restrict right, int64_t k,
-                           int64_t cols, int64_t j0, int64_t n, float *restrict d, int64_t ds) {
-    if (nrows != LT_ROWS_AT_ONCE) {
-        for (int64_t i = 0; i < nrows; i++) delta_run(lrows + i * k, right, k, cols, j0, n, d + i * ds);
-        return;
+/* The factors of LT_ROWS_AT_ONCE consecutive rows (lrows: theirs, k apart) interleaved term by term into
+ * lt (lt[4 t + r] = row r's factor of term t), so that the product loop holds one pointer for them. */
+LT_INLINE void interleave4(const float *restrict lrows, int64_t k, float *restrict lt) {
+    for (int64_t t = 0; t < k; t++)
+        for (int r = 0; r < LT_ROWS_AT_ONCE; r++) lt[LT_ROWS_AT_ONCE * t + r] = lrows[r * k + t];
+}
+
+/* Floats as one value, in the registers the target has (GCC's and Clang's vector extensions), moved
+ * from and to any float's address by memcpy: sixteen for AVX-512, eight for AVX2. */
+typedef float lt_v16 __attribute__((vector_size(64)));
+typedef float lt_v8 __attribute__((vector_size(32)));
+
+/* delta_block's columns j.. in blocks of two vectors V (LANES floats each) a row, 4 rows x 2 vectors
+ * of sums held in registers across the terms (arrays of floats are not: GCC keeps them on the
+ * stack); returns the column it reached. */
+#define LT_DELTA_VECTORS(NAME, V, LANES)                                                                        \
+    LT_INLINE int64_t NAME(const float *restrict lt, const float *restrict right, int64_t k, int64_t cols,     \
+                           int64_t j0, int64_t j, int64_t n, float *restrict d, int64_t ds) {                  \
+        for (; j + 2 * (LANES) <= n; j += 2 * (LANES)) {                                                        \
+            V a[LT_ROWS_AT_ONCE][2];                                                                            \
+            for (int r = 0; r < LT_ROWS_AT_ONCE; r++) a[r][0] = a[r][1] = (V){0};                              \
+            _Pragma("GCC unroll 1") for (int64_t t = 0; t < k; t++) {                                          \
+                V x[2];                                                                                         \
+                memcpy(&x[0], right + t * cols + j0 + j, sizeof x[0]);                                          \
+                memcpy(&x[1], right + t * cols + j0 + j + (LANES), sizeof x[1]);                                \
+                for (int r = 0; r < LT_ROWS_AT_ONCE; r++) {                                                     \
+                    const float l = lt[LT_ROWS_AT_ONCE * t + r];                                                \
+                    a[r][0] = a[r][0] + l * x[0];                                                               \
+                    a[r][1] = a[r][1] + l * x[1];                                                               \
+                }                                                                                               \
+            }                                                                                                   \
+            for (int r = 0; r < LT_ROWS_AT_ONCE; r++) {                                                         \
+                memcpy(d + r * ds + j, &a[r][0], sizeof a[r][0]);                                               \
+                memcpy(d + r * ds + j + (LANES), &a[r][1], sizeof a[r][1]);                                     \
+            }                                                                                                   \
+        }                                                                                                       \
+        return j;                                                                                               \
     }
-    int64_t j = 0;
+LT_DELTA_VECTORS(delta_vectors16, lt_v16, 16)
+LT_DELTA_VECTORS(delta_vectors8, lt_v8, 8)
+#undef LT_DELTA_VECTORS
+
+/* delta_run for LT_ROWS_AT_ONCE consecutive rows (their factors interleaved in lt, as interleave4
+ * writes them; their deltas d, ds apart), the four rows sharing each load of right: in vectors of
+ * `lanes` floats (16, 8: constant in each compiled variant), or 0: sixteen columns at a time in
+ * arrays the compiler vectorizes. The same sums, in the same order, as delta_run. */
+LT_INLINE void delta_block(const float *restrict lt, const float *restrict right, int64_t k, int64_t cols,
+                           int64_t j0, int64_t n, float *restrict d, int64_t ds, const int lanes) {
+    int64_t j = lanes == 16 ? delta_vectors16(lt, right, k, cols, j0, 0, n, d, ds)
+                : lanes == 8 ? delta_vectors8(lt, right, k, cols, j0, 0, n, d, ds)
+                             : 0;
     for (; j + 16 <= n; j += 16) {
         float a0[16], a1[16], a2[16], a3[16];
         for (int u = 0; u < 16; u++) a0[u] = a1[u] = a2[u] = a3[u] = 0.0f;
 #pragma GCC unroll 1
         for (int64_t t = 0; t < k; t++) {
             const float *restrict r = right + t * cols + j0 + j;
-            const float l0 = lrows[t], l1 = lrows[k + t], l2 = lrows[2 * k + t], l3 = lrows[3 * k + t];
+            const float l0 = lt[4 * t], l1 = lt[4 * t + 1], l2 = lt[4 * t + 2], l3 = lt[4 * t + 3];
             for (int u = 0; u < 16; u++) {
                 a0[u] = a0[u] + l0 * r[u];
                 a1[u] = a1[u] + l1 * r[u];
@@ -335,8 +385,25 @@ LT_INLINE void delta_block(const float *restrict lrows, int64_t nrows, const flo
             d[3 * ds + j + u] = a3[u];
         }
     }
-    if (j < n)
-        for (int64_t i = 0; i < nrows; i++) delta_run(lrows + i * k, right, k, cols, j0 + j, n - j, d + i * ds + j);
+    for (; j < n; j++) {
+        float a[LT_ROWS_AT_ONCE] = {0.0f};
+        for (int64_t t = 0; t < k; t++) {
+            const float x = right[t * cols + j0 + j];
+            for (int r = 0; r < LT_ROWS_AT_ONCE; r++) a[r] = a[r] + lt[LT_ROWS_AT_ONCE * t + r] * x;
+        }
+        for (int r = 0; r < LT_ROWS_AT_ONCE; r++) d[r * ds + j] = a[r];
+    }
+}
+
+/* The deltas of `nrows` (<= LT_ROWS_AT_ONCE) consecutive rows (delta_block where there are four, with
+ * their factors interleaved in lt; else delta_run, from lrows). */
+LT_INLINE void delta_rows_at(const float *restrict lrows, const float *restrict lt, int64_t nrows,
+                             const float *restrict right, int64_t k, int64_t cols, int64_t j0, int64_t n,
+                             float *restrict d, int64_t ds, const int lanes) {
+    if (nrows == LT_ROWS_AT_ONCE)
+        delta_block(lt, right, k, cols, j0, n, d, ds, lanes);
+    else
+        for (int64_t i = 0; i < nrows; i++) delta_run(lrows + i * k, right, k, cols, j0, n, d + i * ds);
 }
 
 /* A group's base values b = its codes under the scale s_old (and zero point z_old: values_row's
@@ -439,7 +506,8 @@ LT_INLINE int32_t encode_group(const Spec *sp, const NvTables *nv, int64_t k, in
     return LT_OK;
 }
 
-/* The groups of one chunk (groups g0..g1 of row i), the common lengths compiled apart. */
+/* The groups of one chunk (groups g0..g1 of row i; nib, d, code from the chunk's first column on), the
+ * common lengths compiled apart. */
 LT_INLINE int32_t encode_chunk(const Spec *sp, const NvTables *nv, int64_t i, int64_t g0, int64_t g1,
                                const uint32_t *nib, const float *d, float *b, float *m, float *w, uint32_t *code,
                                const void *scale_in, const int32_t *zero_in, void *scale_out, int32_t *zero_out,
@@ -450,7 +518,7 @@ LT_INLINE int32_t encode_chunk(const Spec *sp, const NvTables *nv, int64_t i, in
         const int64_t j0 = g * sp->group, n = (j0 + sp->group < sp->cols ? j0 + sp->group : sp->cols) - j0;
         const int64_t k = i * sp->groups + g, c = j0 - base;
 #define LT_GROUP(N)                                                                                              \
-    encode_group(sp, nv, k, N, (uint32_t)j0, nib + j0, d + c, b + c, m + c, w + c, code + j0, scale_in, zero_in, \
+    encode_group(sp, nv, k, N, (uint32_t)j0, nib + c, d + c, b + c, m + c, w + c, code + c, scale_in, zero_in, \
                  scale_out, zero_out, keep, is_int, stochastic, has_zero, row_hash, fresh)
         int32_t answer = n == 16 ? LT_GROUP(16) : n == 32 ? LT_GROUP(32) : n == 128 ? LT_GROUP(128) : LT_GROUP(n);
 #undef LT_GROUP
@@ -470,41 +538,50 @@ LT_INLINE int32_t encode_chunk(const Spec *sp, const NvTables *nv, int64_t i, in
 LT_INLINE int32_t encode_rows_as(const Spec *sp, const float *left, const float *right, int64_t k, int64_t rows,
                                  int64_t row0, const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
                                  uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep, uint32_t key,
-                                 double *sums, const int is_int, const int stochastic, const int has_zero) {
-    const int64_t per = LT_CHUNK / sp->group > 1 ? LT_CHUNK / sp->group : 1, width = per * sp->group;
+                                 double *sums, const int is_int, const int stochastic, const int has_zero,
+                                 const int lanes) {
+    /* Chunks of columns outermost, so that the chunk's rows of `right` stay in the first-level cache
+     * across the strip's rows (an odd group length takes an even number of groups a chunk: each
+     * chunk starts a byte). */
+    int64_t per = LT_CHUNK / sp->group > 1 ? LT_CHUNK / sp->group : 1;
+    per += (sp->group & 1) & (per & 1);
+    const int64_t width = per * sp->group;
     int fresh = 0;
     int32_t answer = LT_OK;
     double total[3] = {0.0, 0.0, 0.0};
     NvTables nv = {{0.0f}, {0.0f}, 1.0f};
     if (sp->fmt == LT_NVFP4) nv_tables(sp, &nv);
-    const int64_t stride = sp->cols + 16, ds = width + 16, block = LT_ROWS_AT_ONCE;
-    uint32_t *nib = malloc((size_t)(block * stride) * 4), *code = malloc((size_t)(block * stride) * 4);
-    float *d = malloc((size_t)(block + 3) * (size_t)ds * sizeof(float));
-    if (!nib || !code || !d) {
-        free(nib), free(code), free(d);
+    const int64_t ds = width + 16, block = LT_ROWS_AT_ONCE;
+    uint32_t *nib = malloc((size_t)(2 * block * ds) * 4), *code = nib + block * ds;
+    float *d = malloc((size_t)(block + 3) * (size_t)ds * sizeof(float)), *lt = malloc((size_t)(rows * k + 1) * 4);
+    if (!nib || !d || !lt) {
+        free(nib), free(d), free(lt);
         return LT_NOMEM;
     }
     float *b = d + block * ds, *m = b + ds, *w = m + ds;
-    for (int64_t i0 = 0; i0 < rows && answer == LT_OK; i0 += block) {
-        const int64_t nrows = rows - i0 < block ? rows - i0 : block;
-        for (int64_t r = 0; r < nrows; r++) unpack_row32(sp, codes_in + (i0 + r) * sp->row_bytes, nib + r * stride);
-        for (int64_t g0 = 0; g0 < sp->groups && answer == LT_OK; g0 += per) {
-            const int64_t g1 = g0 + per < sp->groups ? g0 + per : sp->groups, j0 = g0 * sp->group;
-            const int64_t n = (g1 * sp->group < sp->cols ? g1 * sp->group : sp->cols) - j0;
-            delta_block(left + i0 * k, nrows, right, k, sp->cols, j0, n, d, ds);
+    for (int64_t i0 = 0; i0 + block <= rows; i0 += block) interleave4(left + i0 * k, k, lt + i0 * k);
+    for (int64_t g0 = 0; g0 < sp->groups && answer == LT_OK; g0 += per) {
+        const int64_t g1 = g0 + per < sp->groups ? g0 + per : sp->groups, j0 = g0 * sp->group;
+        const int64_t n = (g1 * sp->group < sp->cols ? g1 * sp->group : sp->cols) - j0;
+        for (int64_t i0 = 0; i0 < rows && answer == LT_OK; i0 += block) {
+            const int64_t nrows = rows - i0 < block ? rows - i0 : block;
+            for (int64_t r = 0; r < nrows; r++)
+                unpack_run32(sp, codes_in + (i0 + r) * sp->row_bytes, j0, n, nib + r * ds);
+            delta_rows_at(left + i0 * k, lt + i0 * k, nrows, right, k, sp->cols, j0, n, d, ds, lanes);
             for (int64_t r = 0; r < nrows && answer == LT_OK; r++) {
                 const int64_t i = i0 + r;
                 const uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
-                answer = encode_chunk(sp, &nv, i, g0, g1, nib + r * stride, d + r * ds, b, m, w, code + r * stride,
-                                      scale_in, zero_in, scale_out, zero_out, keep, is_int, stochastic, has_zero,
-                                      row_hash, &fresh);
-                if (answer == LT_OK) kept_row(m, b, w, n, total);
+                answer = encode_chunk(sp, &nv, i, g0, g1, nib + r * ds, d + r * ds, b, m, w, code + r * ds, scale_in,
+                                      zero_in, scale_out, zero_out, keep, is_int, stochastic, has_zero, row_hash,
+                                      &fresh);
+                if (answer == LT_OK) {
+                    kept_row(m, b, w, n, total);
+                    pack_run32(sp, code + r * ds, j0, n, codes_out + i * sp->row_bytes);
+                }
             }
         }
-        for (int64_t r = 0; r < nrows && answer == LT_OK; r++)
-            pack_row32(sp, code + r * stride, codes_out + (i0 + r) * sp->row_bytes);
     }
-    free(nib), free(code), free(d);
+    free(nib), free(d), free(lt);
     for (int t = 0; t < 3; t++) sums[t] += total[t];
     return answer != LT_OK ? answer : fresh ? LT_FRESH : LT_OK;
 }
@@ -521,33 +598,39 @@ LT_INLINE int32_t encode_rows_as(const Spec *sp, const float *left, const float 
 LT_INLINE int32_t encode_rows(const Spec *sp, const float *left, const float *right, int64_t k, int64_t rows,
                               int64_t row0, const uint8_t *codes_in, const void *scale_in, const int32_t *zero_in,
                               uint8_t *codes_out, void *scale_out, int32_t *zero_out, int32_t keep,
-                              int32_t stochastic, uint32_t key, double *sums) {
+                              int32_t stochastic, uint32_t key, double *sums, const int lanes) {
 #define LT_ROWS(INT, STOCHASTIC, ZERO)                                                                          \
     encode_rows_as(sp, left, right, k, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out, \
-                   keep, key, sums, INT, STOCHASTIC, ZERO)
+                   keep, key, sums, INT, STOCHASTIC, ZERO, lanes)
     if (sp->fmt != LT_INT) return stochastic ? LT_ROWS(0, 1, 0) : LT_ROWS(0, 0, 0);
     if (zero_in) return stochastic ? LT_ROWS(1, 1, 1) : LT_ROWS(1, 0, 1);
     return stochastic ? LT_ROWS(1, 1, 0) : LT_ROWS(1, 0, 0);
 #undef LT_ROWS
 }
 
-/* out = left @ right by encode_rows's order (rows x cols, float32): the torch passes' delta on the CPU. */
-LT_INLINE void delta_rows(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols, float *out) {
-    for (int64_t i = 0; i < rows; i += LT_ROWS_AT_ONCE)
-        delta_block(left + i * k, rows - i < LT_ROWS_AT_ONCE ? rows - i : LT_ROWS_AT_ONCE, right, k, cols, 0, cols,
-                    out + i * cols, cols);
+/* out = left @ right by encode_rows's order (rows x cols, float32): the torch passes' delta on the CPU
+ * (a row at a time where the interleaved factors' few bytes cannot be had). */
+LT_INLINE void delta_rows(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols, float *out,
+                          const int lanes) {
+    float *lt = malloc((size_t)(LT_ROWS_AT_ONCE * k + 1) * sizeof(float));
+    for (int64_t i = 0, nrows; i < rows; i += nrows) {
+        nrows = lt && rows - i >= LT_ROWS_AT_ONCE ? LT_ROWS_AT_ONCE : 1;
+        if (nrows == LT_ROWS_AT_ONCE) interleave4(left + i * k, k, lt);
+        delta_rows_at(left + i * k, lt, nrows, right, k, cols, 0, cols, out + i * cols, cols, lanes);
+    }
+    free(lt);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 /* The passes compiled for AVX2 (eight lanes) and for AVX-512 (sixteen; an NVFP4 group is one
- * vector): the rounding is IEEE's either way, so the same bytes. */
+ * vector), LANES the product loop's vectors: the rounding is IEEE's either way, so the same bytes. */
 #define LT_AVX2 __attribute__((target("avx2")))
 #if defined(__clang__) || __GNUC__ < 8 /* GCC 8 on prefers 256-bit vectors for AVX-512 unless told */
 #define LT_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl")))
 #else
 #define LT_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")))
 #endif
-#define LT_VARIANTS(ATTR, SUFFIX)                                                                                      \
+#define LT_VARIANTS(ATTR, SUFFIX, LANES)                                                                               \
     ATTR static int32_t decode_rows##SUFFIX(const Spec *sp, const uint8_t *codes, const void *scale,                   \
                                             const int32_t *zero, int64_t rows, float *out) {                           \
         return decode_rows(sp, codes, scale, zero, rows, out);                                                         \
@@ -558,14 +641,14 @@ LT_INLINE void delta_rows(const float *left, const float *right, int64_t k, int6
                                             int32_t *zero_out, int32_t keep, int32_t stochastic, uint32_t key,         \
                                             double *sums) {                                                            \
         return encode_rows(sp, left, right, k, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out,          \
-                           zero_out, keep, stochastic, key, sums);                                                     \
+                           zero_out, keep, stochastic, key, sums, LANES);                                              \
     }                                                                                                                  \
     ATTR static void delta_rows##SUFFIX(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols,  \
                                         float *out) {                                                                  \
-        delta_rows(left, right, k, rows, cols, out);                                                                   \
+        delta_rows(left, right, k, rows, cols, out, LANES);                                                            \
     }
-LT_VARIANTS(LT_AVX2, _avx2)
-LT_VARIANTS(LT_AVX512, _avx512)
+LT_VARIANTS(LT_AVX2, _avx2, 8)
+LT_VARIANTS(LT_AVX512, _avx512, 16)
 #define LT_SIMD_VARIANTS 1
 #endif
 
@@ -593,7 +676,7 @@ LT_EXPORT int32_t lt_lowbit_encode(const Spec *sp, const float *left, const floa
                                 zero_out, keep, stochastic, key, sums);
 #endif
     return encode_rows(sp, left, right, k, rows, row0, codes_in, scale_in, zero_in, codes_out, scale_out, zero_out,
-                       keep, stochastic, key, sums);
+                       keep, stochastic, key, sums, 0);
 }
 
 /* out (rows x cols) = left (rows x k) @ right (k x cols), summed as the encode pass sums the terms. */
@@ -606,5 +689,5 @@ LT_EXPORT void lt_lowbit_delta(const float *left, const float *right, int64_t k,
         delta_rows_avx2(left, right, k, rows, cols, out);
     else
 #endif
-        delta_rows(left, right, k, rows, cols, out);
+        delta_rows(left, right, k, rows, cols, out, 0);
 }
