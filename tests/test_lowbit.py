@@ -611,6 +611,8 @@ def test_int32_packing_is_compressed_tensors(bits: int, cols: int) -> None:
 def test_strips_of_rows_give_the_whole_weights_bytes(
     tmp_path: Path, plain, monkeypatch, fmt: str, rounding: str
 ) -> None:
+    """A merge in strips of rows writes the whole weight's bytes, and so do the torch passes alone
+    (LORATOOL_NATIVE=0: the subspace rule's column loop then takes each weight whole)."""
     from loratool.quant import packed
 
     base, adapter = plain
@@ -619,6 +621,8 @@ def test_strips_of_rows_give_the_whole_weights_bytes(
     monkeypatch.setattr(packed, "strip_rows", lambda w, elements=0: 32)  # two strips of the 64-row weights
     r = merge(tmp_path / "q", [adapter], output=tmp_path / "strips", rounding=rounding, min_kept=0.0,
               show_progress=False)  # fmt: skip
-    one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "strips"))
-    assert all(torch.equal(one[k], two[k]) for k in one)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    merge(tmp_path / "q", [adapter], output=tmp_path / "torch", rounding=rounding, min_kept=0.0, show_progress=False)
+    one, two, three = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "strips", "torch"))
+    assert all(torch.equal(one[k], two[k]) and torch.equal(one[k], three[k]) for k in one)
     assert r.quantization["kept"] is not None

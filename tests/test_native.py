@@ -436,6 +436,41 @@ def test_the_kernels_delta_is_the_torch_sum_term_by_term(kernels, rows: int, ran
     torch.testing.assert_close(fast.double(), terms.left.double() @ terms.right.double(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("grid", ["e2m1", "int4", "int4-zero", "int8-zero"])
+@pytest.mark.parametrize(("rows", "rank"), [(37, 3), (16, 9), (5, 0), (21, 20)])
+def test_the_kernels_subspace_rule_on_a_4_bit_grid_is_round_subspace(kernels, grid: str, rows: int, rank: int) -> None:
+    """round_subspace on E2M1's grid and the integers' (zero points or not), by the kernels (sixteen
+    rows a lane each, the last block padded; the rows split across the cores; a basis of width 8 or
+    16 held in registers, a wider one not): the same values, signed zeros, ties (to even) and
+    saturated ends included, on rows of one block and of several, a subspace of no rank among them;
+    and requantize's native path gives them too."""
+    from loratool.quant.intpack import grid_of
+    from loratool.quant.rounding import E2M1, round_subspace
+
+    g = torch.Generator().manual_seed(rows + rank)
+    cols = 70
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[0, :5] = torch.tensor([-0.0, 0.0, -1e-9, 1e3, -1e3])  # signed zeros, a tiny negative, both ends
+    scale = torch.rand(rows, cols, generator=g) * 0.01 + 0.002
+    space = subspace_of([torch.randn(rank, cols, generator=g)] if rank else [torch.zeros(1, cols)])
+    bits = 8 if grid.startswith("int8") else 4
+    lattice, bounds = (
+        (E2M1, None) if grid == "e2m1" else (grid_of(bits), (float(grid_of(bits).lo), float(grid_of(bits).hi)))
+    )
+    zero = torch.randint(-3, 4, (rows, cols), generator=g).float() if grid.endswith("zero") else None
+    ties = torch.tensor([2.5, -0.25, 5.0, -3.5])  # halfway between grid points: to even (E2M1: 2, -0, 4, -4)
+    w[1 : 1 + len(ties), 0], scale[1 : 1 + len(ties), 0] = ties, 1.0  # column 0: no feedback yet, v = w
+    if zero is not None:
+        zero[1 : 1 + len(ties), 0] = 0.0
+    want = round_subspace(w, scale, lattice, space, zero)
+    got = torch.empty_like(w)
+    assert kernels.lowbit_subspace(w, scale, zero, bounds, space, got) == 0
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(
+        packed._subspace_native(w, scale, lattice, space, zero).view(torch.int32), want.view(torch.int32)
+    )
+
+
 @pytest.mark.parametrize("fmt", LOWBIT)
 def test_the_packed_decode_is_the_torch_dequantization(monkeypatch, kernels, fmt: str) -> None:
     w, parts, _ = _packed_case(fmt, 37, 96 if fmt.startswith("mx") else 200)

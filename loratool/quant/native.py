@@ -56,7 +56,7 @@ class Fp8Kernels:
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 7  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
+    ABI = 8  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
@@ -82,6 +82,9 @@ class Fp8Kernels:
         lib.lt_lowbit_encode.restype = i32
         lib.lt_lowbit_delta.argtypes = [p, p, i64, i64, i64, p]
         lib.lt_lowbit_delta.restype = None
+        f32 = ctypes.c_float
+        lib.lt_lowbit_subspace.argtypes = [p, p, p, i64, i64, i32, f32, f32, p, p, i64, i64, p]
+        lib.lt_lowbit_subspace.restype = i32
         self._lib = lib
 
     def simd(self, allow: bool = True) -> bool:
@@ -132,6 +135,22 @@ class Fp8Kernels:
                                               codes.shape[0], row0, codes.data_ptr(), scale.data_ptr(), z,
                                               codes_out.data_ptr(), scale_out.data_ptr(), z_out, 1,
                                               int(stream is not None), stream or 0, sums.data_ptr()))  # fmt: skip
+
+    def lowbit_subspace(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                        grid: tuple[float, float] | None, space: rounding.Subspace,
+                        out: torch.Tensor) -> int:  # fmt: skip
+        """``out`` = ``w / scale`` (``+ zero``) rounded by the subspace rule
+        (:func:`.rounding.round_subspace`, the same bytes) on E2M1's grid (``grid`` None) or the
+        integers ``grid`` = (lo, hi); every tensor float32 (rows, cols) but the space's. Returns 0 or
+        :data:`LOWBIT_NOMEM`."""
+        _check(w, scale, out, space.basis, space.gain, *([zero] if zero is not None else []))
+        assert w.dtype == scale.dtype == out.dtype == torch.float32 and w.shape == scale.shape == out.shape
+        rows, cols = w.shape
+        lo, hi = grid if grid is not None else (0.0, 0.0)
+        z = zero.data_ptr() if zero is not None else None
+        return int(self._lib.lt_lowbit_subspace(w.data_ptr(), scale.data_ptr(), z, rows, cols, int(grid is not None),
+                                                lo, hi, space.basis.data_ptr(), space.gain.data_ptr(), space.width,
+                                                space.rank, out.data_ptr()))  # fmt: skip
 
     def lowbit_delta(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
         """``out`` (float32 (rows, cols)) = ``left @ right`` ((rows, k) @ (k, cols)), each element the

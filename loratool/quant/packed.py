@@ -22,7 +22,7 @@ from ..host import available_cores
 from ..math.linalg import RowFactors
 from . import fp4, intpack, native
 from .layout import READ_ONLY, PackedWeight
-from .rounding import E2M1, GridLike, Kept, Subspace, round_subspace, round_to_grid, uniforms
+from .rounding import E2M1, GridLike, IntGrid, Kept, Subspace, round_subspace, round_to_grid, uniforms
 
 Parts = dict[str, torch.Tensor]  # role -> tensor (one expert's slice for experts)
 
@@ -181,7 +181,9 @@ def requantize(
             out["zero"] = intpack.pack_int32(zero.T.contiguous(), s.bits).T.contiguous()
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: codes 0
     if space is not None:
-        codes = round_subspace(merged, safe, grid, space, zero_el)
+        codes = _subspace_native(merged, safe, grid, space, zero_el)
+        if codes is None:
+            codes = round_subspace(merged, safe, grid, space, zero_el)
     else:
         scaled = merged / safe if zero_el is None else merged / safe + zero_el
         codes = round_to_grid(scaled, grid, u)
@@ -253,6 +255,35 @@ def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: Pac
             out[role] = like[role]
     dd, ed, ee = sums.sum(0).tolist()
     return Requantized(out, Kept(dd, ed, ee))
+
+
+def subspace_compiled(device: torch.device) -> bool:
+    """Whether :func:`requantize` rounds by the subspace rule in the compiled kernels on ``device``."""
+    return device.type == "cpu" and _kernels() is not None
+
+
+def _subspace_native(merged: torch.Tensor, scales: torch.Tensor, grid: GridLike, space: Subspace,
+                     zero: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
+    """:func:`.rounding.round_subspace` by the compiled kernels (the same values; the rows split across
+    the cores), or None where they do not take it (not built, not on the CPU, another grid)."""
+    kernels = _kernels()
+    if kernels is None or not (grid is E2M1 or isinstance(grid, IntGrid)):
+        return None
+    tensors = [merged, scales, space.basis, space.gain, *([zero] if zero is not None else [])]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    merged, scales = merged.contiguous(), scales.contiguous()
+    zero = zero.contiguous() if zero is not None else None
+    bounds = (float(grid.lo), float(grid.hi)) if isinstance(grid, IntGrid) else None
+    out = torch.empty_like(merged)
+
+    def part(rows: slice) -> int:
+        z = zero[rows] if zero is not None else None
+        return kernels.lowbit_subspace(merged[rows], scales[rows], z, bounds, space, out[rows])
+
+    if native.LOWBIT_NOMEM in native.run_parts(part, _spans(merged.shape[0])):
+        raise MemoryError("the packed low-bit kernels could not allocate their row buffers")
+    return out
 
 
 def _dequantize_native(w: PackedWeight, parts: Parts) -> torch.Tensor | None:

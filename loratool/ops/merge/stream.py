@@ -317,7 +317,9 @@ class Stream:
         terms = packed.LowRank.of(factors, *w.rows_cols, self.device)
         stream, space = self._rule_for(name, [f.right for f in factors])
         rows = w.rows_cols[0]
-        step = packed.strip_rows(w) if space is None else rows  # subspace: a column loop, its overhead per strip
+        # strips of rows whose temporaries stay small; the subspace rule's column loop in torch passes
+        # pays its overhead per strip, so without the compiled kernels it takes the weight whole
+        step = rows if space is not None and not packed.subspace_compiled(self.device) else packed.strip_rows(w)
         try:
             compiled = space is None and self.check is None  # the compiled kernels where they take the weight
             done = packed.requantize_native(w, parts, terms, key=stream) if compiled else None

@@ -621,6 +621,129 @@ LT_INLINE void delta_rows(const float *left, const float *right, int64_t k, int6
     free(lt);
 }
 
+/* ---- the subspace rule on a 4-bit grid -------------------------------------------------------- */
+
+enum { LT_SUB_ROWS = 16 }; /* rows rounded together, a row per lane: their chains are independent */
+
+/* x on E2M1's grid, nearest, ties to even (rounding.round_to_grid with rounding.E2M1): |x| clamped to
+ * 6, its spacing 2^(field - 128) (0.5 below 2), so that |x| / spacing and back are exact; x's sign. */
+LT_INLINE float e2m1_nearest(float x) {
+    float a = fabsf(x);
+    a = a < 6.0f ? a : 6.0f;
+    uint32_t field = bits_of(a) >> 23;
+    field = field > 127u ? field : 127u;
+    const float spacing = float_of((field - 1u) << 23);
+    return copysignf(rintf(a / spacing) * spacing, x);
+}
+
+/* One column's rounding for LT_SUB_ROWS rows (lane r: value v[r], scale s[r], zero point z[r] or none):
+ * v / s (+ z) rounded to nearest on E2M1's grid or the integers lo..hi into q, the error in real units
+ * into e. */
+LT_INLINE void round_lanes(const float *restrict v, const float *restrict s, const float *restrict z,
+                           const int is_int, float lo, float hi, float *restrict q, float *restrict e) {
+    for (int r = 0; r < LT_SUB_ROWS; r++) {
+        const float x = z ? v[r] / s[r] + z[r] : v[r] / s[r];
+        float c;
+        if (is_int) {
+            c = rintf(x);
+            c = lo > c ? lo : c;
+            c = hi < c ? hi : c;
+        } else {
+            c = e2m1_nearest(x);
+        }
+        e[r] = (z ? c - z[r] : c) * s[r] - v[r];
+        q[r] = c;
+    }
+}
+
+/* rounding.round_subspace for LT_SUB_ROWS rows at once, laid out column by column (w, s, z: cols x
+ * LT_SUB_ROWS, row r in lane r; z NULL without zero points): column by column, each row's value plus
+ * its feedback g . a_j (the products summed pairwise over the padded width), over its scale (plus its
+ * zero point), rounded to nearest on E2M1's grid or the integers lo..hi, into q; the error in real
+ * units e leaves g -= e gain_j. The same operations in the same order as the torch passes, so the same
+ * bytes. A width of 8 or 16 (a rank up to 16) keeps g in vector registers, a vector of sixteen rows
+ * per element of the basis; wider ones go through g and p in memory (width x LT_SUB_ROWS floats each). */
+LT_INLINE void subspace_lanes(const float *restrict w, const float *restrict s, const float *restrict z,
+                              int64_t cols, const int is_int, float lo, float hi, const float *restrict basis,
+                              const float *restrict gain, const int64_t width, int64_t rank, float *restrict g,
+                              float *restrict p, float *restrict q) {
+    enum { R = LT_SUB_ROWS };
+    if (width <= 16) {
+        lt_v16 gv[16], pv[16], v, ev;
+        for (int64_t k = 0; k < width; k++) gv[k] = (lt_v16){0};
+        for (int64_t j = 0; j < cols; j++) {
+            const float *a = basis + j * width, *u = gain + j * width;
+            memcpy(&v, w + j * R, sizeof v);
+            if (rank) {
+                for (int64_t k = 0; k < width; k++) pv[k] = gv[k] * a[k];
+                for (int64_t n = width / 2; n >= 1; n /= 2)
+                    for (int64_t k = 0; k < n; k++) pv[k] = pv[2 * k] + pv[2 * k + 1];
+                v = v + pv[0];
+            }
+            float vl[R], el[R];
+            memcpy(vl, &v, sizeof vl);
+            round_lanes(vl, s + j * R, z ? z + j * R : NULL, is_int, lo, hi, q + j * R, el);
+            memcpy(&ev, el, sizeof ev);
+            for (int64_t k = 0; k < width; k++) gv[k] = gv[k] - ev * u[k];
+        }
+        return;
+    }
+    for (int64_t k = 0; k < width * R; k++) g[k] = 0.0f;
+    for (int64_t j = 0; j < cols; j++) {
+        const float *a = basis + j * width, *u = gain + j * width;
+        float v[R], e[R];
+        for (int r = 0; r < R; r++) v[r] = w[j * R + r];
+        if (rank) {
+            for (int64_t k = 0; k < width; k++)
+                for (int r = 0; r < R; r++) p[k * R + r] = g[k * R + r] * a[k];
+            for (int64_t n = width / 2; n >= 1; n /= 2)
+                for (int64_t k = 0; k < n; k++)
+                    for (int r = 0; r < R; r++) p[k * R + r] = p[2 * k * R + r] + p[(2 * k + 1) * R + r];
+            for (int r = 0; r < R; r++) v[r] = v[r] + p[r];
+        }
+        round_lanes(v, s + j * R, z ? z + j * R : NULL, is_int, lo, hi, q + j * R, e);
+        for (int64_t k = 0; k < width; k++)
+            for (int r = 0; r < R; r++) g[k * R + r] = g[k * R + r] - e[r] * u[k];
+    }
+}
+
+/* lt_lowbit_subspace's rows, LT_SUB_ROWS at a time (the last ones padded with zeros under a scale
+ * of 1), each kind of grid compiled apart. */
+LT_INLINE int32_t subspace_rows4(const float *w, const float *scale, const float *zero, int64_t rows, int64_t cols,
+                                 int32_t is_int, float lo, float hi, const float *basis, const float *gain,
+                                 int64_t width, int64_t rank, float *out) {
+    enum { R = LT_SUB_ROWS };
+    float *buf = malloc(((size_t)(4 * cols) + (size_t)(2 * width)) * R * sizeof(float));
+    if (!buf) return LT_NOMEM;
+    float *wt = buf, *st = wt + cols * R, *zt = st + cols * R, *qt = zt + cols * R, *g = qt + cols * R;
+    float *p = g + width * R;
+    for (int64_t i0 = 0; i0 < rows; i0 += R) {
+        const int64_t n = rows - i0 < R ? rows - i0 : R;
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < cols; j++) {
+                const int real = r < n;
+                wt[j * R + r] = real ? w[(i0 + r) * cols + j] : 0.0f;
+                st[j * R + r] = real ? scale[(i0 + r) * cols + j] : 1.0f;
+                zt[j * R + r] = real && zero ? zero[(i0 + r) * cols + j] : 0.0f;
+            }
+#define LT_LANES(WIDTH)                                                                                 \
+    (!is_int  ? subspace_lanes(wt, st, NULL, cols, 0, lo, hi, basis, gain, WIDTH, rank, g, p, qt)     \
+     : zero   ? subspace_lanes(wt, st, zt, cols, 1, lo, hi, basis, gain, WIDTH, rank, g, p, qt)       \
+              : subspace_lanes(wt, st, NULL, cols, 1, lo, hi, basis, gain, WIDTH, rank, g, p, qt))
+        if (width == 8)
+            LT_LANES(8);
+        else if (width == 16)
+            LT_LANES(16);
+        else
+            LT_LANES(width);
+#undef LT_LANES
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t j = 0; j < cols; j++) out[(i0 + r) * cols + j] = qt[j * R + r];
+    }
+    free(buf);
+    return LT_OK;
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 /* The passes compiled for AVX2 (eight lanes) and for AVX-512 (sixteen; an NVFP4 group is one
  * vector), LANES the product loop's vectors: the rounding is IEEE's either way, so the same bytes. */
@@ -646,6 +769,11 @@ LT_INLINE void delta_rows(const float *left, const float *right, int64_t k, int6
     ATTR static void delta_rows##SUFFIX(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols,  \
                                         float *out) {                                                                  \
         delta_rows(left, right, k, rows, cols, out, LANES);                                                            \
+    }                                                                                                                  \
+    ATTR static int32_t subspace_rows##SUFFIX(const float *w, const float *scale, const float *zero, int64_t rows,     \
+                                              int64_t cols, int32_t is_int, float lo, float hi, const float *basis,    \
+                                              const float *gain, int64_t width, int64_t rank, float *out) {            \
+        return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out);              \
     }
 LT_VARIANTS(LT_AVX2, _avx2, 8)
 LT_VARIANTS(LT_AVX512, _avx512, 16)
@@ -690,4 +818,21 @@ LT_EXPORT void lt_lowbit_delta(const float *left, const float *right, int64_t k,
     else
 #endif
         delta_rows(left, right, k, rows, cols, out, 0);
+}
+
+/* out = w / scale (+ zero) rounded by the subspace rule (loratool.quant.rounding.round_subspace) on
+ * E2M1's grid or, is_int, the integers lo..hi: every array (rows, cols) row-major float32, zero NULL
+ * without zero points; basis and gain (cols, width), width a power of two, zero past rank. Rows are
+ * independent, so a caller may split them across threads. Returns LT_OK, or LT_NOMEM (nothing
+ * written). */
+LT_EXPORT int32_t lt_lowbit_subspace(const float *w, const float *scale, const float *zero, int64_t rows, int64_t cols,
+                                     int32_t is_int, float lo, float hi, const float *basis, const float *gain,
+                                     int64_t width, int64_t rank, float *out) {
+#ifdef LT_SIMD_VARIANTS
+    if (lt_simd_usable() >= 2)
+        return subspace_rows_avx512(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out);
+    if (lt_simd_usable() >= 1)
+        return subspace_rows_avx2(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out);
+#endif
+    return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out);
 }
