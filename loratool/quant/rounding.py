@@ -73,8 +73,8 @@ class Rounding:
 
 def default_rule(dequantized: bool, *, packed: bool = False) -> Rule:
     """The rule a merge uses unless told: subspace into an FP8 layout; stochastic into a dequantized
-    (``--dtype``) output and into packed 4-bit layouts, where subspace has no compiled kernel and runs
-    column by column (33 to 56 times slower than stochastic on bench_fp4's merges, fp4 section of
+    (``--dtype``) output and into packed 4-bit layouts, where subspace is compiled only in its column
+    loop (6 to 7 times slower than stochastic on bench_fp4's 4-layer merges, fp4 section of
     docs/benchmarks.md, for an effect within 0.014 of stochastic's wherever a 4-bit merge passes the
     default limits)."""
     return "stochastic" if dequantized or packed else DEFAULT_RULE
