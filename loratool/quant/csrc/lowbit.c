@@ -656,36 +656,57 @@ LT_INLINE void round_lanes(const float *restrict v, const float *restrict s, con
     }
 }
 
+/* subspace_lanes's columns for a basis of `width` <= 16, g held in registers: vectors V of LANES floats,
+ * LT_SUB_ROWS / LANES of them for the rows of one element of the basis. */
+#define LT_SUBSPACE_VECTORS(NAME, V, LANES)                                                                     \
+    LT_INLINE void NAME(const float *restrict w, const float *restrict s, const float *restrict z, int64_t cols, \
+                        const int is_int, float lo, float hi, const float *restrict basis,                      \
+                        const float *restrict gain, const int64_t width, int64_t rank, float *restrict q) {     \
+        enum { R = LT_SUB_ROWS, N = LT_SUB_ROWS / (LANES) };                                                     \
+        V gv[16][N], pv[16][N], v[N], ev[N];                                                                    \
+        for (int64_t k = 0; k < width; k++)                                                                     \
+            for (int c = 0; c < N; c++) gv[k][c] = (V){0};                                                      \
+        for (int64_t j = 0; j < cols; j++) {                                                                    \
+            const float *a = basis + j * width, *u = gain + j * width;                                          \
+            memcpy(v, w + j * R, sizeof v);                                                                     \
+            if (rank) {                                                                                         \
+                for (int64_t k = 0; k < width; k++)                                                             \
+                    for (int c = 0; c < N; c++) pv[k][c] = gv[k][c] * a[k];                                     \
+                for (int64_t n = width / 2; n >= 1; n /= 2)                                                     \
+                    for (int64_t k = 0; k < n; k++)                                                             \
+                        for (int c = 0; c < N; c++) pv[k][c] = pv[2 * k][c] + pv[2 * k + 1][c];                 \
+                for (int c = 0; c < N; c++) v[c] = v[c] + pv[0][c];                                             \
+            }                                                                                                   \
+            float vl[R], el[R];                                                                                 \
+            memcpy(vl, v, sizeof vl);                                                                           \
+            round_lanes(vl, s + j * R, z ? z + j * R : NULL, is_int, lo, hi, q + j * R, el);                    \
+            memcpy(ev, el, sizeof ev);                                                                          \
+            for (int64_t k = 0; k < width; k++)                                                                 \
+                for (int c = 0; c < N; c++) gv[k][c] = gv[k][c] - ev[c] * u[k];                                 \
+        }                                                                                                       \
+    }
+LT_SUBSPACE_VECTORS(subspace_vectors16, lt_v16, 16)
+LT_SUBSPACE_VECTORS(subspace_vectors8, lt_v8, 8)
+#undef LT_SUBSPACE_VECTORS
+
 /* rounding.round_subspace for LT_SUB_ROWS rows at once, laid out column by column (w, s, z: cols x
  * LT_SUB_ROWS, row r in lane r; z NULL without zero points): column by column, each row's value plus
  * its feedback g . a_j (the products summed pairwise over the padded width), over its scale (plus its
  * zero point), rounded to nearest on E2M1's grid or the integers lo..hi, into q; the error in real
  * units e leaves g -= e gain_j. The same operations in the same order as the torch passes, so the same
- * bytes. A width of 8 or 16 (a rank up to 16) keeps g in vector registers, a vector of sixteen rows
- * per element of the basis; wider ones go through g and p in memory (width x LT_SUB_ROWS floats each). */
+ * bytes. A width of 8 or 16 (a rank up to 16) keeps g in vector registers (`lanes` floats a vector:
+ * 8 for AVX2, else 16, whichever GCC lowers better there); wider ones go through g and p in memory
+ * (width x LT_SUB_ROWS floats each). */
 LT_INLINE void subspace_lanes(const float *restrict w, const float *restrict s, const float *restrict z,
                               int64_t cols, const int is_int, float lo, float hi, const float *restrict basis,
                               const float *restrict gain, const int64_t width, int64_t rank, float *restrict g,
-                              float *restrict p, float *restrict q) {
+                              float *restrict p, float *restrict q, const int lanes) {
     enum { R = LT_SUB_ROWS };
     if (width <= 16) {
-        lt_v16 gv[16], pv[16], v, ev;
-        for (int64_t k = 0; k < width; k++) gv[k] = (lt_v16){0};
-        for (int64_t j = 0; j < cols; j++) {
-            const float *a = basis + j * width, *u = gain + j * width;
-            memcpy(&v, w + j * R, sizeof v);
-            if (rank) {
-                for (int64_t k = 0; k < width; k++) pv[k] = gv[k] * a[k];
-                for (int64_t n = width / 2; n >= 1; n /= 2)
-                    for (int64_t k = 0; k < n; k++) pv[k] = pv[2 * k] + pv[2 * k + 1];
-                v = v + pv[0];
-            }
-            float vl[R], el[R];
-            memcpy(vl, &v, sizeof vl);
-            round_lanes(vl, s + j * R, z ? z + j * R : NULL, is_int, lo, hi, q + j * R, el);
-            memcpy(&ev, el, sizeof ev);
-            for (int64_t k = 0; k < width; k++) gv[k] = gv[k] - ev * u[k];
-        }
+        if (lanes == 16)
+            subspace_vectors16(w, s, z, cols, is_int, lo, hi, basis, gain, width, rank, q);
+        else
+            subspace_vectors8(w, s, z, cols, is_int, lo, hi, basis, gain, width, rank, q);
         return;
     }
     for (int64_t k = 0; k < width * R; k++) g[k] = 0.0f;
@@ -711,7 +732,7 @@ LT_INLINE void subspace_lanes(const float *restrict w, const float *restrict s, 
  * of 1), each kind of grid compiled apart. */
 LT_INLINE int32_t subspace_rows4(const float *w, const float *scale, const float *zero, int64_t rows, int64_t cols,
                                  int32_t is_int, float lo, float hi, const float *basis, const float *gain,
-                                 int64_t width, int64_t rank, float *out) {
+                                 int64_t width, int64_t rank, float *out, const int lanes) {
     enum { R = LT_SUB_ROWS };
     float *buf = malloc(((size_t)(4 * cols) + (size_t)(2 * width)) * R * sizeof(float));
     if (!buf) return LT_NOMEM;
@@ -727,9 +748,9 @@ LT_INLINE int32_t subspace_rows4(const float *w, const float *scale, const float
                 zt[j * R + r] = real && zero ? zero[(i0 + r) * cols + j] : 0.0f;
             }
 #define LT_LANES(WIDTH)                                                                                 \
-    (!is_int  ? subspace_lanes(wt, st, NULL, cols, 0, lo, hi, basis, gain, WIDTH, rank, g, p, qt)     \
-     : zero   ? subspace_lanes(wt, st, zt, cols, 1, lo, hi, basis, gain, WIDTH, rank, g, p, qt)       \
-              : subspace_lanes(wt, st, NULL, cols, 1, lo, hi, basis, gain, WIDTH, rank, g, p, qt))
+    (!is_int  ? subspace_lanes(wt, st, NULL, cols, 0, lo, hi, basis, gain, WIDTH, rank, g, p, qt, lanes) \
+     : zero   ? subspace_lanes(wt, st, zt, cols, 1, lo, hi, basis, gain, WIDTH, rank, g, p, qt, lanes)   \
+              : subspace_lanes(wt, st, NULL, cols, 1, lo, hi, basis, gain, WIDTH, rank, g, p, qt, lanes))
         if (width == 8)
             LT_LANES(8);
         else if (width == 16)
@@ -773,7 +794,7 @@ LT_INLINE int32_t subspace_rows4(const float *w, const float *scale, const float
     ATTR static int32_t subspace_rows##SUFFIX(const float *w, const float *scale, const float *zero, int64_t rows,     \
                                               int64_t cols, int32_t is_int, float lo, float hi, const float *basis,    \
                                               const float *gain, int64_t width, int64_t rank, float *out) {            \
-        return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out);              \
+        return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out, LANES);       \
     }
 LT_VARIANTS(LT_AVX2, _avx2, 8)
 LT_VARIANTS(LT_AVX512, _avx512, 16)
@@ -834,5 +855,5 @@ LT_EXPORT int32_t lt_lowbit_subspace(const float *w, const float *scale, const f
     if (lt_simd_usable() >= 1)
         return subspace_rows_avx2(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out);
 #endif
-    return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out);
+    return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out, 16);
 }
