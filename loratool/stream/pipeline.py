@@ -229,7 +229,7 @@ class BackgroundWriter:
         self._queue = queue.SimpleQueue()
         self._room = threading.Condition()
         self._held = (0, 0)  # computed tensors queued and being written: how many, their bytes
-        self._depth, self._queue_bytes = depth + 1, queue_bytes
+        self._slots, self._queue_bytes = depth + 1, queue_bytes  # queued (depth) and the one being written
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="loratool-writer", daemon=True)
         self._thread.start()
@@ -284,7 +284,7 @@ class BackgroundWriter:
         if not borrowed:
             n = _nbytes(tensor)
             with self._room:
-                self._room.wait_for(lambda: self._held[0] < self._depth or self._held[1] + n <= self._queue_bytes)
+                self._room.wait_for(lambda: self._held[0] < self._slots or self._held[1] + n <= self._queue_bytes)
                 self._held = (self._held[0] + 1, self._held[1] + n)
         self._queue.put((name, tensor, dtype, recycle, borrowed))
 

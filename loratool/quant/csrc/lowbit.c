@@ -370,7 +370,8 @@ LT_INLINE void delta_block(const float *restrict lt, const float *restrict right
 #pragma GCC unroll 1
         for (int64_t t = 0; t < k; t++) {
             const float *restrict r = right + t * cols + j0 + j;
-            const float l0 = lt[4 * t], l1 = lt[4 * t + 1], l2 = lt[4 * t + 2], l3 = lt[4 * t + 3];
+            const float *l = lt + LT_ROWS_AT_ONCE * t;
+            const float l0 = l[0], l1 = l[1], l2 = l[2], l3 = l[3];
             for (int u = 0; u < 16; u++) {
                 a0[u] = a0[u] + l0 * r[u];
                 a1[u] = a1[u] + l1 * r[u];
@@ -742,11 +743,12 @@ LT_INLINE int32_t subspace_rows4(const float *w, const float *scale, const float
         const int64_t n = rows - i0 < R ? rows - i0 : R;
         for (int64_t r = 0; r < R; r++)
             for (int64_t j = 0; j < cols; j++) {
-                const int real = r < n;
-                wt[j * R + r] = real ? w[(i0 + r) * cols + j] : 0.0f;
-                st[j * R + r] = real ? scale[(i0 + r) * cols + j] : 1.0f;
-                zt[j * R + r] = real && zero ? zero[(i0 + r) * cols + j] : 0.0f;
+                wt[j * R + r] = r < n ? w[(i0 + r) * cols + j] : 0.0f;
+                st[j * R + r] = r < n ? scale[(i0 + r) * cols + j] : 1.0f;
             }
+        if (zero)
+            for (int64_t r = 0; r < R; r++)
+                for (int64_t j = 0; j < cols; j++) zt[j * R + r] = r < n ? zero[(i0 + r) * cols + j] : 0.0f;
 #define LT_LANES(WIDTH)                                                                                 \
     (!is_int  ? subspace_lanes(wt, st, NULL, cols, 0, lo, hi, basis, gain, WIDTH, rank, g, p, qt, lanes) \
      : zero   ? subspace_lanes(wt, st, zt, cols, 1, lo, hi, basis, gain, WIDTH, rank, g, p, qt, lanes)   \
