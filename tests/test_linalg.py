@@ -91,6 +91,43 @@ def test_block_krylov_for_thin_sketches_matches_four_power_iterations() -> None:
     assert torch.equal(svd(64).S, svd(64, krylov=False).S)  # 72 columns: three blocks too wide
 
 
+@pytest.mark.parametrize("shape", [(1536, 1200), (1200, 1536)])
+def test_block_krylov_is_rayleigh_ritz_on_its_space(shape: tuple[int, int]) -> None:
+    """The Lanczos-built basis gives what Rayleigh-Ritz on the same Krylov space gives, formed the
+    plain way in float64 (every iterate orthonormalized, one QR of them all, then Q^T A)."""
+    s = 1.0 / torch.arange(1, min(shape) + 1, dtype=torch.float64) ** 0.5
+    delta = with_spectrum(*shape, s)
+    got = randomized_svd(delta, 16, generator=torch.Generator().manual_seed(1), krylov=True)
+    a = delta.double() if shape[0] >= shape[1] else delta.double().T
+    omega = torch.randn(a.shape[1], 24, generator=torch.Generator().manual_seed(1)).double()
+    q = torch.linalg.qr(a @ omega)[0]
+    blocks = [q]
+    for _ in range(2):
+        q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q)[0])[0]
+        blocks.append(q)
+    basis = torch.linalg.qr(torch.cat(blocks, dim=1))[0]
+    u_small, want, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    torch.testing.assert_close(got.S.double(), want[:16], rtol=2e-5, atol=0)
+    u, v = (got.U, got.Vh.T) if shape[0] >= shape[1] else (got.Vh.T, got.U)
+    torch.testing.assert_close(u.T.double() @ u.double(), torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(v.T.double() @ v.double(), torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-5)
+    # the same subspaces: |cos| of the angles between ours and the float64 top 8 (well separated) near 1
+    for ours, theirs in ((u, basis @ u_small[:, :8]), (v, vh[:8].T)):
+        assert torch.linalg.svdvals(ours[:, :8].double().T @ theirs).min() > 1 - 1e-4
+
+
+def test_block_krylov_on_an_exhausted_space() -> None:
+    """A matrix of rank 10 has nothing left for the later blocks: their new part is rounding noise,
+    which the reorthogonalization must keep out of the basis's span without losing orthonormality."""
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(1300, 10, generator=g) @ torch.randn(10, 1200, generator=g)
+    svd = randomized_svd(delta, 16, generator=torch.Generator().manual_seed(1), krylov=True)
+    b, a = split_factors(svd, 16)
+    assert residual_error(delta.clone(), b, a) < 1e-5
+    torch.testing.assert_close(svd.U.T @ svd.U, torch.eye(16), rtol=0, atol=1e-5)
+    torch.testing.assert_close(svd.Vh @ svd.Vh.T, torch.eye(16), rtol=0, atol=1e-5)
+
+
 def truncation_error(svd, truth: tuple[torch.Tensor, torch.Tensor, torch.Tensor], r: int) -> float:
     """||U_r S_r V_r - the float64 rank-r truncation|| / ||the truncation||."""
     u, s, vh = truth

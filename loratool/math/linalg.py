@@ -209,16 +209,18 @@ def randomized_svd(
 
     ``n_iter`` power iterations, each re-orthonormalized by QR, sharpen a slowly decaying spectrum.
     Where the sketch is thin next to the matrix (the blocks below, together, at most a sixteenth of
-    its smaller side) and ``n_iter`` is even and at least 4, half as many iterations keep every
-    iterate instead (block Krylov: Musco & Musco 2015): one orthonormal basis of ``[A W, (A A^T) A W,
-    ..., (A A^T)^(n_iter / 2) A W]``. That basis holds the last block, all that power iterations
-    keep, and reaches the error of twice as many of them (``bench/svd_defaults.py``, on power-law
-    spectra and Llama-1B-shaped matrices: at most as large, or within 3e-4 of it) in 7-18% less time
-    at rank 16 (2048 x 2048 and 8192 x 2048): half the thin products, and one three times as wide.
-    For wider sketches the basis's QR and SVD cost more than the products saved; below 4, one block
-    Krylov step is less accurate than two power iterations. ``krylov`` True or False asks for one or
-    the other (True: ``n_iter // 2`` steps; power iterations where that basis would fill the smaller
-    side).
+    its smaller side) and ``n_iter`` is even and at least 4, half as many steps keep every iterate
+    instead (block Krylov: Musco & Musco 2015): an orthonormal basis of ``[A W, (A A^T) A W, ...,
+    (A A^T)^(n_iter / 2) A W]``. That basis holds the last block, all that power iterations keep,
+    and reaches the error of twice as many of them (``bench/svd_defaults.py``, on power-law spectra
+    and Llama-1B-shaped matrices: at most as large, or within 3e-4 of it). It is built as block
+    Lanczos builds it (:func:`_block_krylov`), each block orthogonal to those before it, so that
+    the products ``A^T q`` the steps take are also the rows of ``Q^T A`` that Rayleigh-Ritz needs:
+    six products with a block of the sketch's width in all, where four power iterations take ten
+    (``bench/svd_defaults.py`` prints the times). For wider sketches the basis's QR and SVD cost
+    more than the products saved; below 4, one block Krylov step is less accurate than two power
+    iterations. ``krylov`` True or False asks for one or the other (True: ``n_iter // 2`` steps;
+    power iterations where that basis would fill the smaller side).
     Falls back to the exact SVD when ``k + oversample`` reaches the smaller dimension.
     """
     m = matrix.to(torch.float32)
@@ -235,21 +237,50 @@ def randomized_svd(
         krylov = n_iter >= 4 and n_iter % 2 == 0 and 16 * basis <= min(rows, cols)
     krylov = krylov and basis < min(rows, cols)
     q, _ = torch.linalg.qr(a @ omega)  # (m, n) @ (n, w) -> (m, w)
-    blocks = [q]
-    for _ in range(n_iter // 2 if krylov else n_iter):
-        z, _ = torch.linalg.qr(a.T @ q)  # (n, m) @ (m, w) -> (n, w)
-        q, _ = torch.linalg.qr(a @ z)  # (m, n) @ (n, w) -> (m, w)
-        if krylov:
-            blocks.append(q)
-    if krylov:  # Householder QR: orthonormal however alike the blocks are
-        q, _ = torch.linalg.qr(torch.cat(blocks, dim=1))  # (m, basis)
-    small = q.T @ a  # (w', m) @ (m, n) -> (w', n)
-    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
-    u = q @ u_small[:, :k]  # (m, w') @ (w', k) -> (m, k)
-    s, vh = s[:k], vh[:k]
+    if krylov:
+        u, s, vh = _block_krylov(a, q, n_iter // 2, k)
+    else:
+        for _ in range(n_iter):
+            z, _ = torch.linalg.qr(a.T @ q)  # (n, m) @ (m, w) -> (n, w)
+            q, _ = torch.linalg.qr(a @ z)  # (m, n) @ (n, w) -> (m, w)
+        small = q.T @ a  # (w, m) @ (m, n) -> (w, n)
+        u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+        u = q @ u_small[:, :k]  # (m, w) @ (w, k) -> (m, k)
+        s, vh = s[:k], vh[:k]
     if transpose:
         u, vh = vh.T, u.T
     return TruncatedSVD(u, s, vh, _sq_norm(m) if sq_norm is None else sq_norm)
+
+
+def _block_krylov(
+    a: torch.Tensor, q: torch.Tensor, steps: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rayleigh-Ritz on the block Krylov space ``[Q0, (A A^T) Q0, ..., (A A^T)^steps Q0]`` of the
+    orthonormal (m, w) block ``q`` = Q0: the top ``k`` of ``U``, ``S``, ``Vh``.
+
+    Block Lanczos with full reorthogonalization: each new block ``A p`` (``p`` an orthonormal basis
+    of the previous block's ``A^T q``) is made orthonormal to all blocks before it, twice (once
+    leaves it orthogonal only to ``eps * ||A p|| / ||its new part||``, twice to ``eps``: Giraud et al.
+    2005). The basis ``Q`` is then orthonormal, so ``Q^T A`` is the blocks' ``(A^T q)^T`` stacked,
+    products the steps take anyway: the last block costs one product more, and no pass with the whole
+    basis is needed. Its SVD comes from the QR of its transpose (n, b): ``R^T``'s (b, b) SVD.
+    """
+    blocks, rows = [q], []  # Q's blocks, and A^T times each: Q^T A = cat(rows, 1)^T
+    while True:
+        z = a.T @ q  # (n, m) @ (m, w) -> (n, w)
+        rows.append(z)
+        if len(rows) > steps:
+            break
+        p, _ = torch.linalg.qr(z)
+        q = a @ p  # (m, n) @ (n, w) -> (m, w)
+        basis = torch.cat(blocks, dim=1)  # (m, b)
+        for _ in range(2):
+            q, _ = torch.linalg.qr(q - basis @ (basis.T @ q))  # (m, b) @ (b, w): its part new to the basis
+        blocks.append(q)
+    basis = torch.cat(blocks, dim=1)  # (m, b), orthonormal
+    p, r = torch.linalg.qr(torch.cat(rows, dim=1))  # Q^T A = (P R)^T = R^T P^T, P (n, b)
+    u_small, s, wh = torch.linalg.svd(r.T)  # (b, b)
+    return basis @ u_small[:, :k], s[:k], wh[:k] @ p.T  # (m, k), (k,), (k, b) @ (b, n) -> (k, n)
 
 
 def factored_svd(
