@@ -8,8 +8,9 @@ Krylov, which keeps every iterate of half as many (``randomized_svd(krylov=True)
 
     python bench/svd_defaults.py [--size 1024]
 
-Then, on Llama-1B-shaped matrices (power-law spectrum 0.5), the time of rank 16 by four power
-iterations and by block Krylov of two steps (the default choice for such thin sketches), best of 3.
+Then, on Llama-1B-shaped matrices (power-law spectrum 0.5), the time and error of ranks 16, 64 and
+128 by four power iterations and by block Krylov of two steps, and which one randomized_svd chooses
+(block Krylov where its basis is at most a sixth of the smaller side).
 """
 
 from __future__ import annotations
@@ -68,22 +69,32 @@ def main() -> None:
                 method = "krylov" if krylov else "power"
                 print(f"{oversample:>10} {n_iter:>6} {method:>8} {worst:>16.5f} {sum(times) / len(times):>18.4f}")
 
-    print("\nrank 16, 4 iterations, Llama-1B shapes (power 0.5): ms, best of 3, and error ratio to exact")
-    for shape in ((2048, 2048), (8192, 2048)):
-        s = torch.arange(1, shape[1] + 1, dtype=torch.float32) ** -0.5
+    print(
+        "\n4 iterations on Llama-1B shapes (power 0.5): ms, median of 5, and error ratio to exact;"
+        " the basis as a share of the smaller side, and the automatic choice"
+    )
+    for shape in ((512, 2048), (2048, 2048), (8192, 2048)):
+        s = torch.arange(1, min(shape) + 1, dtype=torch.float32) ** -0.5
         m = with_spectrum(*shape, s, g)
-        exact = relative_error(exact_svd(m), 16)
-        cells = []
-        for krylov in (False, True):
-            runs = []
-            for _ in range(3):
-                t = time.perf_counter()
-                svd = randomized_svd(m, 16, generator=torch.Generator().manual_seed(1), krylov=krylov)
-                runs.append(time.perf_counter() - t)
-            b, a = split_factors(svd, 16)
-            ratio = residual_error(m.clone(), b, a) / exact
-            cells.append(f"{'krylov' if krylov else 'power'} {min(runs) * 1e3:6.1f} ms ({ratio:.5f})")
-        print(f"  {shape[0]:>5} x {shape[1]:<5} " + "   ".join(cells))
+        full = exact_svd(m)
+        for rank in (16, 64, 128):
+            if 3 * (rank + 8) >= min(shape):
+                continue
+            exact = relative_error(full, rank)
+            cells = []
+            for krylov in (False, True):
+                runs = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    svd = randomized_svd(m, rank, generator=torch.Generator().manual_seed(1), krylov=krylov)
+                    runs.append(time.perf_counter() - t)
+                b, a = split_factors(svd, rank)
+                ratio = residual_error(m.clone(), b, a) / exact
+                cells.append(f"{'krylov' if krylov else 'power'} {sorted(runs)[2] * 1e3:6.1f} ms ({ratio:.5f})")
+            auto = randomized_svd(m, rank, generator=torch.Generator().manual_seed(1))
+            chosen = "krylov" if torch.equal(auto.S, svd.S) else "power"
+            share = 3 * (rank + 8) / min(shape)
+            print(f"  {shape[0]:>5} x {shape[1]:<5} r {rank:<4} {share:4.2f}  " + "   ".join(cells) + f"   -> {chosen}")
 
 
 if __name__ == "__main__":

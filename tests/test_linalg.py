@@ -69,26 +69,29 @@ def test_randomized_within_one_percent_of_exact_on_slow_decay(shape: tuple[int, 
 
 
 def test_block_krylov_for_thin_sketches_matches_four_power_iterations() -> None:
-    """A sketch a sixteenth of the smaller side or thinner takes block Krylov (every iterate of 2
-    steps); its error is within 1% of the exact truncation's and within 3e-4 (relative) of four
-    power iterations' from the same start, and its basis holds what two power iterations keep."""
+    """A basis a sixth of the smaller side or thinner takes block Krylov (every iterate of 2 steps) on
+    a matrix of 2^20 elements or more; its error is within 1% of the exact truncation's and within
+    3e-4 (relative) of four power iterations' from the same start, and its basis holds what two power
+    iterations keep."""
     s = 1.0 / torch.arange(1, 1201, dtype=torch.float64) ** 0.5
     delta = with_spectrum(1536, 1200, s)
 
-    def svd(rank: int, **kw: object) -> TruncatedSVD:
-        return randomized_svd(delta, rank, generator=torch.Generator().manual_seed(1), **kw)  # type: ignore[arg-type]
+    def svd(rank: int, matrix: torch.Tensor = delta, **kw: object) -> TruncatedSVD:
+        return randomized_svd(matrix, rank, generator=torch.Generator().manual_seed(1), **kw)  # type: ignore[arg-type]
 
     def err(decomposed: TruncatedSVD, rank: int) -> float:
         b, a = split_factors(decomposed, rank)
         return residual_error(delta.clone(), b, a)
 
-    r = 16  # a sketch of 24 columns, a basis of 72 <= 1200 / 16
-    krylov = err(svd(r, krylov=True), r)
-    assert torch.equal(svd(r).S, svd(r, krylov=True).S)  # the automatic choice
-    assert krylov <= 1.01 * relative_error(exact_svd(delta, r), r)
-    assert krylov <= err(svd(r, krylov=False), r) * (1 + 3e-4)
-    assert krylov <= err(svd(r, krylov=False, n_iter=2), r) * (1 + 1e-6)  # the basis holds its last block
-    assert torch.equal(svd(64).S, svd(64, krylov=False).S)  # 72 columns: three blocks too wide
+    for r in (16, 48):  # bases of 72 and 168 columns, 168 <= 1200 / 6
+        krylov = err(svd(r, krylov=True), r)
+        assert torch.equal(svd(r).S, svd(r, krylov=True).S)  # the automatic choice
+        assert krylov <= 1.01 * relative_error(exact_svd(delta, r), r)
+        assert krylov <= err(svd(r, krylov=False), r) * (1 + 3e-4)
+        assert krylov <= err(svd(r, krylov=False, n_iter=2), r) * (1 + 1e-6)  # the basis holds its last block
+    assert torch.equal(svd(64).S, svd(64, krylov=False).S)  # 216 columns: more than a sixth of 1200
+    small = delta[:1000, :1000]  # 10^6 < 2^20 elements
+    assert torch.equal(svd(16, small).S, svd(16, small, krylov=False).S)
 
 
 @pytest.mark.parametrize("shape", [(1536, 1200), (1200, 1536)])

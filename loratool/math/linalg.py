@@ -208,19 +208,19 @@ def randomized_svd(
     ``k + oversample`` columns, then Rayleigh-Ritz.
 
     ``n_iter`` power iterations, each re-orthonormalized by QR, sharpen a slowly decaying spectrum.
-    Where the sketch is thin next to the matrix (the blocks below, together, at most a sixteenth of
-    its smaller side) and ``n_iter`` is even and at least 4, half as many steps keep every iterate
-    instead (block Krylov: Musco & Musco 2015): an orthonormal basis of ``[A W, (A A^T) A W, ...,
-    (A A^T)^(n_iter / 2) A W]``. That basis holds the last block, all that power iterations keep,
-    and reaches the error of twice as many of them (``bench/svd_defaults.py``, on power-law spectra
-    and Llama-1B-shaped matrices: at most as large, or within 3e-4 of it). It is built as block
-    Lanczos builds it (:func:`_block_krylov`), each block orthogonal to those before it, so that
-    the products ``A^T q`` the steps take are also the rows of ``Q^T A`` that Rayleigh-Ritz needs:
-    six products with a block of the sketch's width in all, where four power iterations take ten
-    (``bench/svd_defaults.py`` prints the times). For wider sketches the basis's QR and SVD cost
-    more than the products saved; below 4, one block Krylov step is less accurate than two power
-    iterations. ``krylov`` True or False asks for one or the other (True: ``n_iter // 2`` steps;
-    power iterations where that basis would fill the smaller side).
+    Where the sketch is thin next to the matrix (the blocks below, together, at most a sixth of its
+    smaller side, and the matrix at least 2^20 elements) and ``n_iter`` is even and at least 4, half
+    as many steps keep every iterate instead (block Krylov: Musco & Musco 2015): an orthonormal basis
+    of ``[A W, (A A^T) A W, ..., (A A^T)^(n_iter / 2) A W]``. That basis holds the last block, all
+    that power iterations keep, and reaches the error of twice as many of them (at most as large, or
+    within 3e-4 of it). It is built as block Lanczos builds it (:func:`_block_krylov`), each block
+    orthogonal to those before it, so that the products ``A^T q`` the steps take are also the rows
+    of ``Q^T A`` that Rayleigh-Ritz needs: six products with a block of the sketch's width in all,
+    where four power iterations take ten. Past a sixth, or on small matrices, the basis's QR and
+    orthogonalization cost more than the products saved; below 4, one block Krylov step is less
+    accurate than two power iterations (``bench/svd_defaults.py`` prints errors and times of both).
+    ``krylov`` True or False asks for one or the other (True: ``n_iter // 2`` steps; power
+    iterations where that basis would fill the smaller side).
     Falls back to the exact SVD when ``k + oversample`` reaches the smaller dimension.
     """
     m = matrix.to(torch.float32)
@@ -234,7 +234,7 @@ def randomized_svd(
     omega = torch.randn(a.shape[1], width, generator=generator, device=gen_device).to(a.device)
     basis = (n_iter // 2 + 1) * width
     if krylov is None:
-        krylov = n_iter >= 4 and n_iter % 2 == 0 and 16 * basis <= min(rows, cols)
+        krylov = n_iter >= 4 and n_iter % 2 == 0 and 6 * basis <= min(rows, cols) and rows * cols >= 1 << 20
     krylov = krylov and basis < min(rows, cols)
     q, _ = torch.linalg.qr(a @ omega)  # (m, n) @ (n, w) -> (m, w)
     if krylov:
