@@ -9,7 +9,7 @@ import torch
 
 from loratool.formats import load_adapter
 from loratool.io.checkpoint import open_checkpoint
-from loratool.math.linalg import lora_delta
+from loratool.math.linalg import lora_delta, randomized_svd
 from loratool.ops.combine import combine
 from loratool.ops.extract import extract
 from loratool.ops.merge import merge
@@ -29,6 +29,20 @@ def test_extract_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path, svd: str) -
     cpu, gpu = deltas(tmp_path / "cpu"), deltas(tmp_path / "cuda")
     for k in cpu:
         assert torch.allclose(cpu[k], gpu[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("krylov", [True, False])
+def test_randomized_svd_on_cuda_matches_cpu(krylov: bool) -> None:
+    """The fixtures' matrices are too small for block Krylov's basis: a Llama-sized one takes both
+    paths (the same sketch, from a CPU generator, on each device)."""
+    g = torch.Generator().manual_seed(0)
+    m = (torch.randn(2048, 64, generator=g) * torch.arange(1, 65) ** -0.5) @ torch.randn(64, 1536, generator=g)
+    m += 1e-2 * torch.randn(2048, 1536, generator=g)
+    cpu, gpu = (randomized_svd(m.to(d), 16, generator=torch.Generator().manual_seed(1), krylov=krylov)
+                for d in ("cpu", "cuda"))  # fmt: skip
+    assert torch.allclose(cpu.S, gpu.S.cpu(), rtol=1e-4)
+    low = lambda t: (t.U * t.S) @ t.Vh  # noqa: E731
+    assert torch.allclose(low(cpu), low(gpu).cpu(), rtol=1e-3, atol=1e-4 * float(cpu.S[0]))
 
 
 def test_merge_on_cuda_matches_cpu(tmp_path: Path, fixtures: Path) -> None:
