@@ -9,6 +9,7 @@ costly and uneven), best of each.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from synth import SHAPES_1B, llama_specs
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.formats import load_adapter, save_adapter
+from loratool.math.linalg import squared_norm
 
 WEIGHTS = [1.0, 0.5, -0.3, 0.8]
 
@@ -57,7 +59,7 @@ def dense_combine(paths: list[str], weights: list[float], rank: int) -> dict[str
             delta = term if delta is None else delta + term
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         approx = (U[:, :rank] * S[:rank]) @ Vh[:rank]
-        errors[name] = float((delta - approx).norm() / delta.norm())
+        errors[name] = math.sqrt(squared_norm(delta - approx) / squared_norm(delta))
     return {"errors": errors}
 
 

@@ -18,6 +18,7 @@ llama-cpp-python``; its ``gguf-py`` folder is put on PYTHONPATH for the script.)
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 from common import fresh, machine
+
+from loratool.math.linalg import squared_norm
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
@@ -106,7 +109,7 @@ def errors(peft: dict[str, torch.Tensor], gguf_file: Path) -> list[float]:
     for module, want in peft.items():
         name, heads = gguf_name(module)
         want = permute(want, heads) if heads else want
-        out.append(float((got[name] - want).norm() / want.norm()))
+        out.append(math.sqrt(squared_norm(got[name] - want) / squared_norm(want)))
     return out
 
 

@@ -21,6 +21,7 @@ mergekit is not a dependency: install it in a virtual environment of its own
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from common import fresh, machine, read_floor
 
 from loratool.formats import load_adapter
 from loratool.io.checkpoint import open_checkpoint
+from loratool.math.linalg import squared_norm
 
 
 def private_mib(pid: int) -> float:
@@ -74,7 +76,7 @@ def module_errors(adapter_dir: Path, base: Path, ft: Path) -> dict[str, tuple[fl
             s = torch.linalg.svdvals(delta)
             r = m.lora_A.shape[0]
             best = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())
-            out[name] = (float((delta - approx).norm() / delta.norm()), best)
+            out[name] = (math.sqrt(squared_norm(delta - approx) / squared_norm(delta)), best)
     return out
 
 

@@ -207,8 +207,10 @@ def _rewrite(path: Path, **changes) -> None:
         ({"b__weight": torch.full((40, 64), float("nan"))}, "tensor 'b.weight': the fine-tune holds NaN or Inf"),
         # finite values whose squared norm overflows float32: the report's NaN error failed to serialize
         ({"b__weight": torch.full((40, 64), 1e30)}, "tensor 'b.weight': the norm of the difference of base and"),
+        # each row's squared norm within float32, their sum not (the norm is summed in float64)
+        ({"b__weight": torch.full((40, 64), 1e18)}, "tensor 'b.weight': the norm of the difference of base and"),
     ],
-    ids=["shape", "missing", "nan", "norm overflows"],
+    ids=["shape", "missing", "nan", "norm overflows", "the rows' sum overflows"],
 )
 def test_bad_pairs_exit_1_and_write_nothing(tmp_path: Path, cli, change, message) -> None:
     base, ft, _ = planted_pair(tmp_path)

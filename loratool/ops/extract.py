@@ -9,6 +9,7 @@ reported as dropped with the norm of what is lost.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from ..math.linalg import (
     relative_error,
     residual_error,
     split_factors,
+    squared_norm,
 )
 from ..metadata.card import check_base_model_id, is_hub_id
 from ..metadata.provenance import InputHasher, encode, make_record
@@ -383,7 +385,7 @@ def _factor_experts(key: str, delta: torch.Tensor | ExpertDeltas, o: _Options, p
     for e in range(count):
         module = f"{key}.{e}"
         d = delta[e]  # (a, b) float32
-        norm = float(torch.linalg.vector_norm(d))
+        norm = math.sqrt(squared_norm(d))
         if norm == 0:  # an expert the fine-tune left alone still needs its slot in PEFT's layout
             kind: Kind = "conv1d" if o.transposed_experts else "linear"
             out, inp = out_in(d, kind).shape

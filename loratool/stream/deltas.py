@@ -11,7 +11,7 @@ import torch
 from ..arch import OUTPUT_LAYER, UNTIE_STEPS, is_embedding, tied_output
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError
 from ..io.checkpoint import Checkpoint, torch_dtype
-from ..math.linalg import is_finite
+from ..math.linalg import is_finite, squared_norm
 from ..quant.fp8 import check_scale, dequantize_fp8
 from ..quant.layout import Fp8Layout
 from .pipeline import BufferPool, give_back, widen_difference
@@ -83,15 +83,15 @@ class DeltaReader:
             experts = ExpertDeltas(key, self.b, self.f, self.device, self.pool)
             sq = 0.0
             for e in range(experts.shape[0]):  # the norm, an expert at a time (the consumer reads them again)
-                sq += float(torch.linalg.vector_norm(d := experts[e])) ** 2
-                _require_finite(key, sq, d, *experts.sides(e))
+                sq += squared_norm(d := experts[e])
+                _require_finite(key, math.sqrt(sq), d, *experts.sides(e))
                 experts.release(d)
             return Delta(key, self.b.get_meta(key), self.f.get_meta(key), experts, math.sqrt(sq))
         wb, wf = read_weight(self.b, self.fp8[0], key, self.device), read_weight(self.f, self.fp8[1], key, self.device)
         if not wb.is_floating_point():
             return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
         delta = widen_difference(wf, wb, self.device, self.pool)
-        norm = float(torch.linalg.vector_norm(delta))  # one norm tells changed (> 0) and finite
+        norm = math.sqrt(squared_norm(delta))  # one norm tells changed (> 0) and finite
         _require_finite(key, norm, delta, wb, wf)
         return Delta(key, wb, wf, delta, norm)
 
@@ -102,11 +102,15 @@ class DeltaReader:
         return len(info.shape) == 3 and torch_dtype(info.dtype).is_floating_point and not fp8
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _require_finite(key: str, norm: float, delta: torch.Tensor, wb: torch.Tensor, wf: torch.Tensor) -> None:
     """NaN or Inf on either side reaches the delta's norm: name the side that holds it. Finite sides
     whose difference, or its norm, overflows float32 (where the SVD and its error are computed) are
-    refused too: values near 1e19 and beyond are no trained weights."""
-    if math.isfinite(norm):
+    refused too: values near 1e19 and beyond are no trained weights. (``norm`` is summed in float64:
+    a square past float32's range is checked here, where a float32 sum would have overflowed.)"""
+    if math.isfinite(norm) and norm * norm <= _FLOAT32_MAX:
         return
     for name, side in (("base", wb), ("fine-tune", wf)):
         if not is_finite(side):
