@@ -53,14 +53,16 @@ def float64_sq(t: torch.Tensor) -> float:
 
 
 def test_squared_norm_is_accurate_on_large_tensors() -> None:
-    """2^24 elements (a Llama-1B MLP weight): the square within 1e-7 of float64's (torch's norm of the
-    whole float32 tensor was 2.5e-3 off here, measured), also as a long 1-D tensor whose length is no
-    multiple of the runs it is cut into."""
+    """2^24 elements (a Llama-1B MLP weight's count): the square within 1e-7 of float64's (torch's norm
+    of a whole float32 tensor of this size was 2.5e-3 off, measured), also as a long 1-D tensor whose
+    length is no multiple of the runs it is cut into, and a bfloat16 one's (its rows summed in float32)."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(4096, 4096, generator=g) * (torch.arange(4096) % 7 + 1)
     assert abs(squared_norm(t) - float64_sq(t)) <= 1e-7 * float64_sq(t)
     flat = t.reshape(-1)[: (1 << 24) - 5]
     assert abs(squared_norm(flat) - float64_sq(flat)) <= 1e-7 * float64_sq(flat)
+    half = t.bfloat16()
+    assert abs(squared_norm(half) - float64_sq(half)) <= 2e-6 * float64_sq(half)  # rows in bf16: 1.6e-5
     assert squared_norm(torch.zeros(0, 3)) == 0.0
     assert squared_norm(torch.tensor([[1.0, 2.0], [2.0, 4.0]])) == pytest.approx(25.0, rel=1e-6)
     assert math.isnan(squared_norm(torch.tensor([[1.0, float("nan")]])))
