@@ -503,6 +503,26 @@ def test_packed_weights_the_kernels_do_not_take_go_to_torch(kernels) -> None:
     assert packed.requantize_native(w, stray, none, key=None) is None
 
 
+@pytest.mark.parametrize("which", ["e2m1", "int"])
+def test_a_subspace_loop_that_disagrees_with_torch_is_not_used(monkeypatch, kernels, which: str) -> None:
+    """The compiled subspace loop is checked too, when first asked for: one value off on either grid,
+    and the rule goes to the torch passes (the other packed passes, checked apart, stay compiled)."""
+    subspace = native.Fp8Kernels.lowbit_subspace
+
+    def one_step_off(self, w, scale, zero, grid, space, out):  # type: ignore[no-untyped-def]
+        answer = subspace(self, w, scale, zero, grid, space, out)
+        if (grid is None) == (which == "e2m1"):
+            out[0, 0] += 1.0
+        return answer
+
+    assert packed._subspace_agrees(kernels)
+    monkeypatch.setattr(native.Fp8Kernels, "lowbit_subspace", one_step_off)
+    monkeypatch.setattr(packed, "_subspace_checked", {})
+    with pytest.warns(RuntimeWarning, match="subspace rounding disagrees with the torch passes"):
+        assert not packed.subspace_compiled(torch.device("cpu"))
+    assert packed._kernels() is not None
+
+
 def test_packed_kernels_that_disagree_with_torch_are_not_used(monkeypatch, kernels) -> None:
     """The load-time check (packed._agrees) catches a build whose packed passes write other bytes."""
     assert packed._agrees(kernels)

@@ -259,14 +259,14 @@ def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: Pac
 
 def subspace_compiled(device: torch.device) -> bool:
     """Whether :func:`requantize` rounds by the subspace rule in the compiled kernels on ``device``."""
-    return device.type == "cpu" and _kernels() is not None
+    return device.type == "cpu" and _subspace_kernels() is not None
 
 
 def _subspace_native(merged: torch.Tensor, scales: torch.Tensor, grid: GridLike, space: Subspace,
                      zero: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
     """:func:`.rounding.round_subspace` by the compiled kernels (the same values; the rows split across
     the cores), or None where they do not take it (not built, not on the CPU, another grid)."""
-    kernels = _kernels()
+    kernels = _subspace_kernels()
     if kernels is None or not (grid is E2M1 or isinstance(grid, IntGrid)):
         return None
     tensors = [merged, scales, space.basis, space.gain, *([zero] if zero is not None else [])]
@@ -317,6 +317,44 @@ def _kernels() -> native.Fp8Kernels | None:
                           "build?); 4-bit merges use the torch passes. Reinstall loratool, or set "
                           "LORATOOL_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)  # fmt: skip
     return kernels if _checked[id(kernels)] else None
+
+
+_subspace_checked: dict[int, bool] = {}  # id of the loaded kernels -> whether their subspace loop agrees
+
+
+def _subspace_kernels() -> native.Fp8Kernels | None:
+    """:func:`_kernels`, where their subspace loop also agrees with :func:`.rounding.round_subspace`
+    (checked once, when a merge first asks for the rule: the other merges do not pay for the check)."""
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    if id(kernels) not in _subspace_checked:
+        _subspace_checked[id(kernels)] = _subspace_agrees(kernels)
+        if not _subspace_checked[id(kernels)]:
+            warnings.warn("the compiled subspace rounding disagrees with the torch passes (a miscompiled build?); "
+                          "--rounding subspace into 4-bit layouts uses the torch passes. Reinstall loratool, or set "
+                          "LORATOOL_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return kernels if _subspace_checked[id(kernels)] else None
+
+
+def _subspace_agrees(kernels: native.Fp8Kernels) -> bool:
+    """The subspace rule's column loop by the kernels against :func:`.rounding.round_subspace`, on
+    E2M1's grid and on integers with zero points, a 9 x 80 weight."""
+    from .rounding import subspace_of
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 80, generator=g) * 0.02
+    space = subspace_of([torch.randn(5, 80, generator=g)])
+    scales = torch.rand(9, 80, generator=g) * 0.01 + 0.002
+    zero = torch.randint(-3, 4, (9, 80), generator=g).float()
+    for grid, z in ((E2M1, None), (IntGrid(-8, 7), zero)):
+        bounds = (float(grid.lo), float(grid.hi)) if isinstance(grid, IntGrid) else None
+        rounded = torch.empty(9, 80)
+        if kernels.lowbit_subspace(w, scales, z, bounds, space, rounded) or not torch.equal(
+            rounded, round_subspace(w, scales, grid, space, z)
+        ):
+            return False
+    return True
 
 
 def _agrees(kernels: native.Fp8Kernels) -> bool:
