@@ -19,9 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from .adapter import LoraModule, lora_scaling, pattern_lookup
 
@@ -30,6 +28,9 @@ from .adapter import LoraModule, lora_scaling, pattern_lookup
 REGISTRATION_ORDER = ("gate_up_proj", "down_proj")
 # model types whose fused experts are stored (E, in, out) (transformers: is_transposed=True)
 TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "aria", "openai_privacy_filter"})
+
+if TYPE_CHECKING:  # torch only where tensors are joined: validate and the registry's listings read headers
+    import torch
 
 
 def targeted_parameters(config: Mapping[str, Any], module: str) -> list[str]:
@@ -213,6 +214,8 @@ def join_experts(modules: Sequence[LoraModule]) -> tuple[torch.Tensor, torch.Ten
     zeros to the largest and each expert's scaling is folded into its B, with scaling 1 for all
     (``alpha = r``, or ``sqrt(r)`` under rsLoRA). Exact either way.
     """
+    import torch
+
     rank, alpha = joined_rank_alpha(modules)
     rslora = modules[0].use_rslora
     same = len({(m.rank, m.scaling) for m in modules}) == 1

@@ -93,6 +93,45 @@ def test_ls_base_lists_what_fits_from_headers(tmp_path: Path, fixtures: Path, cl
     assert list_entries(base=fixtures / "gpt2-base") == []
 
 
+@pytest.mark.parametrize("entry", [{"dtype": "F32", "data_offsets": [0, 4]}, "not an entry",
+                                   {"dtype": "F32", "shape": ["x"], "data_offsets": [0, 4]},
+                                   {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+                                   {"shape": [1], "data_offsets": [0, 4]}])  # fmt: skip
+def test_ls_base_refuses_a_malformed_header_entry_by_name(tmp_path: Path, fixtures: Path, cli, entry) -> None:
+    """ls --base reads headers without safe_open (which checks every entry): a malformed entry is an
+    input error naming the file and the tensor, not a loratool bug (a KeyError or TypeError before)."""
+    register(fixtures / "llama-peft-adapter", name="llama-bot")
+    (tmp_path / "base").mkdir()
+    header = json.dumps({"model.embed_tokens.weight": entry}).encode()
+    (tmp_path / "base" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    r = cli("registry", "ls", "--base", tmp_path / "base")
+    assert r.exit_code == 1
+    assert "model.safetensors" in r.stderr and "'model.embed_tokens.weight'" in r.stderr and "bug" not in r.stderr
+
+
+def test_listing_and_showing_need_no_torch(fixtures: Path) -> None:
+    """ls (with --base), show and show --lineage answer from the index and headers, so a fresh process
+    does not import torch for them: about a second of a pipeline's every call (it did, through the
+    experts module and the packed formats' arithmetic, which validation imported)."""
+    register(fixtures / "llama-peft-adapter", name="llama-bot")
+    runs = [["ls"], ["ls", "--json"], ["ls", "--base", str(fixtures / "llama-base")], ["show", "llama-bot@v1"],
+            ["show", "llama-bot@v1", "--lineage", "--json"]]  # fmt: skip
+    code = (
+        "import sys; from loratool.cli import main\n"
+        f"for args in {runs!r}:\n"
+        "    sys.argv = ['loratool', 'registry', *args]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, (args, e.code)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "llama-bot@v1" in r.stdout
+    assert r.stdout.strip().endswith("torch imported: False")
+
+
 def test_lineage_in_both_directions(tmp_path: Path, fixtures: Path, cli) -> None:
     base, ft = fixtures / "llama-base", fixtures / "llama-ft"
     assert cli("extract", base, ft, "-r", "4", "-o", tmp_path / "ex", "--quiet", "--register", "ext").exit_code == 0

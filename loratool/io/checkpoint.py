@@ -24,7 +24,7 @@ from ..quant.layout import (
     logical_shapes,
     packed_layout,
 )
-from .header import read_header, tensor_offsets
+from .header import read_header, tensor_offsets, tensor_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -446,9 +446,7 @@ def header_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
         if f.suffix in PICKLE_SUFFIXES:
             raise InputFileError("a pickle checkpoint has no header to read shapes from", path=str(f),
                                  fix="convert it to .safetensors")  # fmt: skip
-        header = read_header(f)
-        tensors.update({k: (tuple(int(d) for d in v["shape"]), str(v["dtype"])) for k, v in header.items()
-                        if k != "__metadata__"})  # fmt: skip
+        tensors.update(tensor_shapes(f, read_header(f)))
     folder = root if root.is_dir() else root.parent
     config: dict[str, Any] = {}
     for name, key in (("config.json", None), ("hf_quant_config.json", "hf_quant_config")):

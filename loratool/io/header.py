@@ -60,6 +60,25 @@ def tensor_offsets(header: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+def tensor_shapes(path: str | os.PathLike[str], header: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and dtype from its header entry, for the queries that read no tensor and so
+    never open the file with safe_open (which checks every entry): an entry without a dtype string and
+    a list of whole non-negative dimensions is refused, naming the tensor."""
+    out = {}
+    for name, entry in header.items():
+        if name == METADATA_KEY:
+            continue
+        shape, dtype = (entry.get("shape"), entry.get("dtype")) if isinstance(entry, dict) else (None, None)
+        if not (isinstance(dtype, str) and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise InputFileError(
+                f"tensor '{name}' has no valid shape and dtype in the header",
+                path=str(path),
+                fix="the file is truncated or corrupt: download or copy it again",
+            )
+        out[name] = (tuple(shape), dtype)
+    return out
+
+
 def header_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``__metadata__`` strings of a safetensors file (``{}`` when it has none)."""
     meta = read_header(path).get(METADATA_KEY) or {}

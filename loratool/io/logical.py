@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 from .. import arch
 from ..errors import InputFileError, MissingKeyError, ShapeMismatchError
-from ..quant import packed
 from ..quant.layout import PackedLayout, PackedWeight
 from .checkpoint import Checkpoint, TensorInfo
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch (and the packed formats' arithmetic) only where data is read: headers need neither
     import torch
+
+    from ..quant import packed
 
 
 class ModelView(Checkpoint):
@@ -67,6 +68,8 @@ class ModelView(Checkpoint):
                 raise MissingKeyError("not in the checkpoint", path=str(self.path), key=key)
             return self.stored.get(key)
         if w.experts is None:
+            from ..quant import packed
+
             return packed.logical(w, packed.dequantize(w, self.parts(w)))
         return self.get_rows(key, 0, w.experts)
 
@@ -77,6 +80,8 @@ class ModelView(Checkpoint):
         if w.experts is None:
             return self.get(key)[start:stop]
         import torch
+
+        from ..quant import packed
 
         return torch.stack([packed.logical(w, packed.dequantize(w, self.parts(w, e))) for e in range(start, stop)])
 
