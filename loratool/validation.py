@@ -119,8 +119,9 @@ def validate_adapter(
         report.add("tensors", e.message)
         return _sorted(report)
     with ckpt:
-        if config is not None:
-            _check_peft_structure(ckpt, config, report)
+        if report.format == "peft":
+            if config is not None:  # the structure is read through the config: not while the config is invalid
+                _check_peft_structure(ckpt, config, report)
         elif diffusers.is_diffusers(ckpt.keys()):
             report.format = "diffusers"
             _check_diffusers_structure(ckpt, report)
@@ -273,13 +274,14 @@ def _check_config(directory: Path, report: ValidationReport) -> dict[str, Any] |
     except json.JSONDecodeError as e:
         report.add("$", f"{peft.CONFIG_NAME} is not valid JSON ({e})")
         return None
-    for path, message in check(config, "adapter_config"):
+    problems = check(config, "adapter_config")
+    for path, message in problems:
         report.add(path, message)
     if isinstance(config, dict):
         for field, why in peft.LORA_VARIANTS.items():
             if config.get(field):
                 report.add(f"$.{field}", f"{why}: loratool reads LoRA whose delta is scaling * B @ A, and DoRA")
-    return config if isinstance(config, dict) else None
+    return config if isinstance(config, dict) and not problems else None
 
 
 def _targets(config: dict[str, Any], module: str) -> bool:
@@ -512,6 +514,8 @@ def _check_diffusers_structure(ckpt: Checkpoint, report: ValidationReport) -> No
     for component, config in sorted(configs.items()):
         for path, message in check(config, "adapter_config"):
             report.add(f"metadata/{component}{path.removeprefix('$')}", message)
+    if any(check({"peft_type": "LORA", **c}, "adapter_config") for c in configs.values()):
+        return  # the factors are read through the configs (as a reader reads them): not while those are invalid
     try:
         report.modules = len(diffusers.read_diffusers(ckpt.path, lazy=True).modules)
     except LoraToolError as e:

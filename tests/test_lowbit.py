@@ -13,6 +13,8 @@ import torch
 from helpers import adapter_deltas, load_model, peft_adapter, tiny_model
 from safetensors.torch import load_file, save_file
 
+from loratool.adapter import Adapter, LoraModule
+from loratool.formats import save_adapter
 from loratool.io.checkpoint import open_checkpoint
 from loratool.io.logical import model_view
 from loratool.ops.extract import extract
@@ -287,6 +289,38 @@ def test_extract_from_a_quantized_base_equals_extract_from_its_dequantized_copy(
         if pair[0].name == "q":
             first = spectra
     assert [m["energy"] for m in first] == [m["energy"] for m in spectra]
+
+
+def test_a_group_wider_than_a_row_is_the_row(tmp_path: Path) -> None:
+    """A pack-quantized config whose group_size exceeds a row (one scale a row) reads and merges as
+    group_size = the row's length, to the byte (a group size of 10^30 sized the kernels' buffers by
+    it and ended as a loratool bug)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 64, generator=g).to(torch.bfloat16)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
+    rows = w.float().view(8, 1, 64)
+    scale, zp = calculate_qparams(rows.amin(-1), rows.amax(-1), args)
+    parts = PackedQuantizationCompressor.compress(
+        {"weight": w, "weight_scale": scale.to(w.dtype), "weight_zero_point": zp},
+        QuantizationScheme(targets=["Linear"], weights=args),
+    )
+    adapter = Adapter()
+    adapter.modules["layer"] = LoraModule(torch.randn(2, 64, generator=g), torch.randn(8, 2, generator=g) * 0.1, 2.0)
+    save_adapter(adapter, tmp_path / "adapter")
+    merged = []
+    for size in (64, 10**30):
+        base = tmp_path / f"base-{size}"
+        base.mkdir()
+        save_file({f"layer.{k}": v.contiguous() for k, v in parts.items()}, str(base / "model.safetensors"))
+        group = {"targets": ["Linear"], "weights": {**args.model_dump(mode="json"), "group_size": size}}
+        config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": group}}
+        (base / "config.json").write_text(json.dumps({"quantization_config": config}))
+        merge(base, [tmp_path / "adapter"], output=tmp_path / f"m-{size}", rounding="nearest", min_kept=0.0,
+              show_progress=False)  # fmt: skip
+        merged.append(load_file(str(tmp_path / f"m-{size}" / "model.safetensors")))
+    assert merged[0].keys() == merged[1].keys() == {f"layer.{k}" for k in parts}
+    assert all(torch.equal(merged[0][k], merged[1][k]) for k in merged[0])
+    assert not torch.equal(merged[0]["layer.weight_packed"], parts["weight_packed"])  # the adapter moved codes
 
 
 def test_a_packed_weight_without_its_scale_is_refused_naming_it(tmp_path: Path, plain, cli) -> None:

@@ -164,6 +164,25 @@ def _file_as_folder(w: Path) -> None:
     (w / "afile").write_text("x")
 
 
+def _base_quant(qc: object):
+    def make(w: Path) -> None:  # the base's config.json with this quantization_config (its tensors unquantized)
+        cfg = json.loads((w / "llama-base" / "config.json").read_text())
+        cfg["quantization_config"] = qc
+        (w / "llama-base" / "config.json").write_text(json.dumps(cfg))
+
+    return make
+
+
+def _ct_groups(groups: object) -> Callable[[Path], None]:
+    return _base_quant({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": groups})
+
+
+def _diffusers_file(w: Path) -> None:  # a diffusers LoRA file whose UNet LoraConfig gives lora_alpha as text
+    factors = {"unet.down.lora_A.weight": torch.ones(2, 8), "unet.down.lora_B.weight": torch.ones(8, 2)}
+    meta = {"unet.peft_type": "LORA", "unet.r": 2, "unet.lora_alpha": "x"}
+    save_file(factors, str(w / "diffusers.safetensors"), metadata={"lora_adapter_metadata": json.dumps(meta)})
+
+
 BASE, FT, ADAPTER, KOHYA = "llama-base", "llama-ft", "llama-peft-adapter", "kohya.safetensors"
 
 CASES: dict[str, Case] = {
@@ -263,6 +282,35 @@ CASES: dict[str, Case] = {
     "gguf base without config": (lambda w: (w / BASE / "config.json").unlink(),
                                  lambda w: ["convert", w / ADAPTER, "--to", "gguf", "--base", w / BASE, "-o",
                                             w / "out.gguf"], 1, "names no architecture"),
+    # 7e. config fields of the wrong JSON type, read before validation looked (a sweep of every field of the
+    # fixtures' configs through every command found these reported as loratool bugs)
+    "lora_alpha text, inspect": (lambda w: _config(w / ADAPTER, lora_alpha="x"), lambda w: ["inspect", w / ADAPTER],
+                                 1, "lora_alpha must be a number"),
+    "alpha_pattern a number, merge": (lambda w: _config(w / ADAPTER, alpha_pattern=5),
+                                      lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                                      "alpha_pattern must map module patterns to numbers"),
+    "rank_pattern a number, validate": (lambda w: _config(w / ADAPTER, rank_pattern=5),
+                                        lambda w: ["validate", w / ADAPTER], 1, "rank_pattern must map"),
+    "rank_pattern a list, resize": (lambda w: _config(w / ADAPTER, rank_pattern=[1, "a"]),
+                                     lambda w: ["resize", w / ADAPTER, "-r", "1", "-o", w / "out"], 1,
+                                     "rank_pattern must map"),
+    "target_parameters true, convert": (lambda w: _config(w / ADAPTER, target_parameters=True),
+                                        lambda w: ["convert", w / ADAPTER, "--to", "kohya", "-o",
+                                                   w / "out.safetensors"], 1, "target_parameters must be a list"),
+    "target_parameters true, validate": (lambda w: _config(w / ADAPTER, target_parameters=True),
+                                         lambda w: ["validate", w / ADAPTER], 1, "target_parameters must be a list"),
+    "quantization_config text, inspect": (_base_quant("x"), lambda w: ["inspect", w / BASE], 1,
+                                          "config.json's quantization_config is a JSON str, not an object"),
+    "config_groups a list, extract": (_ct_groups([1]), lambda w: ["extract", w / BASE, w / FT, "-o", w / "out"], 1,
+                                      "its config_groups is a JSON list, not an object"),
+    "config group weights text, merge": (_ct_groups({"g": {"weights": "x"}}),
+                                         lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
+                                         "the weights of config group 'g' are a JSON str"),
+    "config group num_bits text, validate --base": (_ct_groups({"g": {"weights": {"num_bits": "4"}}}),
+                                                    lambda w: ["validate", w / ADAPTER, "--base", w / BASE], 1,
+                                                    "config group 'g' has weights.num_bits = \"4\""),
+    "diffusers LoraConfig lora_alpha text": (_diffusers_file, lambda w: ["inspect", w / "diffusers.safetensors"], 1,
+                                             "the unet LoraConfig in lora_adapter_metadata is not valid"),
     # 8. quantized checkpoints
     "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                "config.json has no quantization_config saying how its FP8 scales apply"),

@@ -23,6 +23,7 @@ from ..io.atomic import atomic_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.writer import save_tensors
 from ..metadata.provenance import with_tensors_digest
+from ..metadata.schema import check
 from . import peft
 
 if TYPE_CHECKING:
@@ -67,6 +68,19 @@ def component_configs(metadata: Mapping[str, str], file: Path) -> dict[str, dict
     return out
 
 
+def _require_typed(configs: Mapping[str, Mapping[str, Any]], file: Path) -> None:
+    """Each component's LoraConfig fields of the types the schema gives them, before any is read
+    (validate lists these and also wants peft_type, which a reader does without)."""
+    for component, config in configs.items():
+        problems = check({"peft_type": "LORA", **config}, "adapter_config")
+        if problems:
+            raise MetadataError(
+                f"the {component} LoraConfig in {METADATA_KEY} is not valid: "
+                + "; ".join(f"{at}: {message}" for at, message in problems),
+                path=str(file), problems=problems, fix="correct those fields (`loratool validate` checks the file)",
+            )  # fmt: skip
+
+
 def read_diffusers(file: Path, *, lazy: bool = False) -> Adapter:
     """Read a diffusers LoRA file: modules under ``<component>.<module path>``."""
     slots: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -80,6 +94,7 @@ def read_diffusers(file: Path, *, lazy: bool = False) -> Adapter:
                                      path=str(file))  # fmt: skip
             slots.setdefault((sc[0], parsed.module), {})[parsed.slot] = ckpt.get_meta(key) if lazy else ckpt.get(key)
     configs = component_configs(metadata, file)
+    _require_typed(configs, file)
     modules = {}
     for (component, path), s in slots.items():
         config = configs.get(component)

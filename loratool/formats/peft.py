@@ -16,11 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 from .. import experts
 from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, conv_factors, conv_file_factors, module_alpha
-from ..errors import InputFileError, MissingInputError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
+from ..errors import (
+    InputFileError,
+    MetadataError,
+    MissingInputError,
+    MissingKeyError,
+    ShapeMismatchError,
+    UnsupportedAdapterError,
+)
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
 from ..metadata.provenance import with_tensors_digest
+from ..metadata.schema import check
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +101,12 @@ def read_config(directory: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputFileError(f"peft_type is {peft_type!r}; loratool handles LoRA adapters only", path=str(cfg_path))
+    problems = check(config, "adapter_config")  # before any field is read: validate's rules, for every reader
+    if problems:
+        raise MetadataError(
+            f"not a valid adapter config: {'; '.join(f'{at}: {message}' for at, message in problems)}",
+            path=str(cfg_path), problems=problems, fix="correct those fields (`loratool validate` checks the adapter)",
+        )  # fmt: skip
     return config
 
 

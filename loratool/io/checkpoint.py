@@ -92,6 +92,10 @@ class TensorInfo:
         return self.numel * DTYPE_SIZES.get(self.dtype, 4)
 
 
+# config.json's sections that loratool reads as objects (quantization, a vision-language model's text model)
+OBJECT_SECTIONS = ("quantization_config", "compression_config", "text_config")
+
+
 class Checkpoint:
     """A checkpoint opened for streaming reads.
 
@@ -223,6 +227,12 @@ class Checkpoint:
                 f"config.json holds a JSON {type(config).__name__}, not an object", path=str(cfg),
                 fix="a model's config.json is an object of its settings: download it again",
             )  # fmt: skip
+        for section in OBJECT_SECTIONS:  # read with .get(...) all through: each must be an object where present
+            if config.get(section) is not None and not isinstance(config[section], dict):
+                raise InputFileError(
+                    f"config.json's {section} is a JSON {type(config[section]).__name__}, not an object",
+                    path=str(cfg), fix="a model's config.json is an object of its settings: download it again",
+                )  # fmt: skip
         return config
 
     def quantization(self) -> Quantization | None:
@@ -238,6 +248,11 @@ class Checkpoint:
                 config = {**config, "hf_quant_config": json.loads(extra.read_text())}
             except (OSError, json.JSONDecodeError) as e:
                 raise InputFileError(f"hf_quant_config.json is not valid JSON ({e})", path=str(extra)) from None
+            if not isinstance(config["hf_quant_config"], dict):
+                raise InputFileError(
+                    "hf_quant_config.json does not hold a JSON object", path=str(extra),
+                    fix="ModelOpt writes an object of its settings there: download it again",
+                )  # fmt: skip
         return config
 
     def fp8_layout(self) -> Fp8Layout | None:

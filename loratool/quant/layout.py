@@ -6,6 +6,7 @@ only): nothing here reads tensor data.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -119,7 +120,7 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
     found = detect_quantization(config, ((n, d) for n, (_, d) in tensors.items()))
     if found is None:
         return None
-    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    qc = _quantization_section(config)
     method = str(qc.get("quant_method") or "")
     packed = packed_method(config, found)
     skip: Mapping[str, str] = {}
@@ -154,6 +155,47 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
         weights[name] = Fp8Weight(scale_key, _scheme(name, scale_key, shape, tensors[scale_key][0], block))
     companions = {n for n in tensors if n.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES) and n not in skip}
     return Fp8Layout(method, weights, companions)
+
+
+# compressed-tensors: the fields of a config group's weights spec loratool reads, and the JSON type of each
+_SPEC_FIELDS: dict[str, type] = {
+    "type": str, "num_bits": int, "strategy": str, "group_size": int, "symmetric": bool, "block_structure": list,
+}  # fmt: skip
+
+
+def _quantization_section(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """config.json's quantization_config (or compression_config), checked as :func:`_require_groups` checks it."""
+    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    if not isinstance(qc, Mapping):
+        _malformed(f"its quantization_config is a JSON {type(qc).__name__}, not an object", "quantized")
+    _require_groups(qc)
+    return qc
+
+
+def _require_groups(qc: Mapping[str, Any]) -> None:
+    """A quantization config's ``config_groups`` as the layouts read them: an object of objects, each
+    ``weights`` an object whose fields have their JSON types (or are null); else the checkpoint is
+    malformed, said by field, before any of them is read."""
+    groups = qc.get("config_groups")
+    if groups is None:
+        return
+    if not isinstance(groups, Mapping):
+        _malformed(f"its config_groups is a JSON {type(groups).__name__}, not an object", "compressed-tensors")
+    for name, group in groups.items():
+        if not isinstance(group, Mapping):
+            _malformed(f"its config group {name!r} is a JSON {type(group).__name__}, not an object",
+                       "compressed-tensors")  # fmt: skip
+        spec = group.get("weights")
+        if spec is None:
+            continue
+        if not isinstance(spec, Mapping):
+            _malformed(f"the weights of config group {name!r} are a JSON {type(spec).__name__}, not an object",
+                       "compressed-tensors")  # fmt: skip
+        for field, kind in _SPEC_FIELDS.items():
+            value = spec.get(field)
+            if value is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+                _malformed(f"config group {name!r} has weights.{field} = {json.dumps(value)[:40]}",
+                           "compressed-tensors")  # fmt: skip
 
 
 def _float8_groups(qc: Mapping[str, Any]) -> bool:
@@ -344,7 +386,7 @@ def packed_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[i
     if method is None:
         return None
     assert found is not None
-    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    qc = _quantization_section(config)
     if method == "mxfp4":
         weights = _mxfp4_weights(tensors)
     elif method == "nvfp4-modelopt":
@@ -450,7 +492,8 @@ def _int_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping
         if dtype != "I32" or len(shape) != 2:
             _malformed(f"'{name}' is {dtype} {list(shape)}; pack-quantized weights are 2-D int32", "pack-quantized")
         rows, cols = shape[0], shape[1] * 32 // int(bits)
-        group = cols if strategy == "channel" or not group_size else int(group_size)
+        size = int(group_size or 0)  # an int or null (_require_groups): 0 or less, a row a group
+        group = cols if strategy == "channel" or size <= 0 else min(size, cols)  # a group wider than a row: the row
         s_shape, s_dtype = tensors[parts["scale"]]
         if s_dtype not in ("F32", "BF16", "F16") or tuple(s_shape) != (rows, -(-cols // group)):
             _malformed(f"the scale '{parts['scale']}' is {s_dtype} {list(s_shape)}; expected a float tensor of shape "
@@ -516,7 +559,7 @@ def _gptq_awq_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Ma
             )
         pack = 32 // bits
         rows, cols = (shape[1], shape[0] * pack) if method == "gptq" else (shape[1] * pack, shape[0])
-        group = cols if group_size <= 0 else group_size
+        group = cols if group_size <= 0 else min(group_size, cols)  # a group wider than a row: the row
         groups = -(-cols // group) if "g_idx" not in parts else tensors[parts["scale"]][0][0]
         want = {"scale": (groups, rows), "zero": (groups, rows // pack)}
         for role, expected in want.items():
