@@ -451,3 +451,23 @@ def test_other_commands_point_a_gguf_adapter_to_convert(tmp_path: Path, fixtures
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1 and "loratool convert" in result.output and "--base MODEL" in result.output
         assert "Traceback" not in result.output
+
+
+def test_the_name_table_covers_the_layers_in_use_not_the_configs_count(fixtures: Path, monkeypatch) -> None:
+    """llama.cpp's name table is built for the layers the adapter (or, read back, the base) numbers, at
+    most the config's count: a num_hidden_layers of 10^30 built a table of that many layers until the
+    memory ran out."""
+    import gguf
+
+    from loratool.formats import load_adapter
+    from loratool.runtimes.gguf import plan_gguf
+
+    asked: list[int] = []
+    build = gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda arch, n: asked.append(n) or build(arch, min(n, 64)))
+    adapter = load_adapter(fixtures / "llama-peft-adapter")  # layers 0 and 1
+    config = json.loads((fixtures / "llama-base" / "config.json").read_text())
+    plan = plan_gguf(adapter, {**config, "num_hidden_layers": 10**30})
+    assert asked == [2] and len(plan.names) == len(adapter.modules)
+    assert plan_gguf(adapter, {**config, "num_hidden_layers": 1}).problems  # layer 1 is past the config's count
+    assert asked[-1] == 1

@@ -173,6 +173,11 @@ def _base_quant(qc: object):
     return make
 
 
+def _base_config(w: Path, **changes: object) -> None:
+    path = w / "llama-base" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def _ct_groups(groups: object) -> Callable[[Path], None]:
     return _base_quant({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": groups})
 
@@ -279,6 +284,12 @@ CASES: dict[str, Case] = {
     "gguf base config a list": (lambda w: (w / BASE / "config.json").write_text("[1, 2]"),
                                 lambda w: ["convert", w / ADAPTER, "--to", "gguf", "--base", w / BASE, "-o",
                                            w / "out.gguf"], 1, "config.json holds a JSON list, not an object"),
+    "gguf base num_attention_heads 0": (lambda w: _base_config(w, num_attention_heads=0),
+                                        lambda w: ["convert", w / ADAPTER, "--to", "gguf", "--base", w / BASE, "-o",
+                                                   w / "out.gguf"], 1, "gives num_attention_heads = 0"),
+    "gguf base num_hidden_layers text": (lambda w: _base_config(w, num_hidden_layers="2"),
+                                         lambda w: ["convert", w / ADAPTER, "--to", "gguf", "--base", w / BASE, "-o",
+                                                    w / "out.gguf"], 1, "gives num_hidden_layers = \"2\""),
     "gguf base without config": (lambda w: (w / BASE / "config.json").unlink(),
                                  lambda w: ["convert", w / ADAPTER, "--to", "gguf", "--base", w / BASE, "-o",
                                             w / "out.gguf"], 1, "names no architecture"),

@@ -24,6 +24,7 @@ never guessed. :func:`read_gguf` undoes each step, for loratool's files and for 
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -104,9 +105,11 @@ def require_gguf() -> Any:
     return gguf
 
 
-def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
+def plan_gguf(adapter: Adapter, config: Mapping[str, Any], tensors: Iterable[str] = ()) -> GgufPlan:
     """Map every module of ``adapter`` to its llama.cpp tensor for the base described by ``config``
-    (its ``config.json``), listing every module llama.cpp cannot take."""
+    (its ``config.json``), listing every module llama.cpp cannot take. The name table covers the
+    layers the adapter's modules and ``tensors`` (names) number, up to the config's count: no more is
+    mapped."""
     gguf = require_gguf()
     names = config.get("architectures")
     arch_name = next(iter(names), None) if isinstance(names, list) and names else None
@@ -127,7 +130,14 @@ def plan_gguf(adapter: Adapter, config: Mapping[str, Any]) -> GgufPlan:
             )  # fmt: skip
         return GgufPlan(arch=None, family=None, problems=[problem])
     arch = gguf.MODEL_ARCH[family.arch]
-    table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
+    layers = config.get("num_hidden_layers", 0)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        raise InputFileError(
+            f"the base's config.json gives num_hidden_layers = {json.dumps(layers)[:40]}, not a whole number",
+            fix="give the model folder whose config.json describes this adapter's base (as transformers saved it)",
+        )
+    numbered = [int(part) for n in [*adapter.modules, *tensors] for part in n.split(".") if part.isdigit()]
+    table = gguf.get_tensor_name_map(arch, min(layers, 1 + max(numbered, default=-1)))
     plan = GgufPlan(arch=gguf.MODEL_ARCH_NAMES[arch], family=family, table=table)
     if adapter.whole:
         plan.problems += [
@@ -205,6 +215,21 @@ def fold_factor(m: LoraModule, alpha: float) -> float:
     return _implied_alpha(m) / alpha
 
 
+def rope_heads(config: Mapping[str, Any], leaf: str, rows: int) -> int:
+    """The heads llama.cpp's rope permutation splits a q_proj's (``num_attention_heads``) or a
+    k_proj's (``num_key_value_heads``, else the former) ``rows`` into: a positive whole number that
+    parts them into pairs; refused, naming the field, where config.json says otherwise."""
+    field = "num_key_value_heads" if leaf == "k_proj" and config.get("num_key_value_heads") else "num_attention_heads"
+    heads = config.get(field)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0 or rows % (2 * heads):
+        raise InputFileError(
+            f"the base's config.json gives {field} = {json.dumps(heads)[:40]}, which does not part the "
+            f"{rows} rows of a {leaf} into pairs of rows a head, as llama.cpp's rope permutation needs",
+            fix="give the model folder whose config.json describes this adapter's base (as transformers saved it)",
+        )
+    return heads
+
+
 def rope_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's ``LlamaModel.permute`` of a q/k weight's rows (per head: interleaved halves)."""
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
@@ -223,10 +248,7 @@ def gguf_pair(
         b = b * factor
     leaf = path.split(".")[-1]
     if family.rope_permute and leaf in ("q_proj", "k_proj"):
-        heads = int(config["num_attention_heads"])
-        if leaf == "k_proj":
-            heads = int(config.get("num_key_value_heads") or heads)
-        b = rope_permute(b, heads)
+        b = rope_permute(b, rope_heads(config, leaf, b.shape[0]))
     if m.kind == "embedding":
         a = a.T  # (num, r): llm_build_inp_embd takes A's rows by token id
     return a.contiguous(), b.contiguous()
@@ -338,7 +360,8 @@ def read_gguf(path: str | Path, *, config: Mapping[str, Any], base_keys: Iterabl
             "an activated LoRA (adapter.alora.invocation_tokens): loratool has no aLoRA", path=where,
             fix="convert the original PEFT adapter instead",
         )  # fmt: skip
-    plan = plan_gguf(Adapter(), config)  # the base's family and names (an empty adapter has nothing to refuse)
+    base_keys = list(base_keys)
+    plan = plan_gguf(Adapter(), config, base_keys)  # the base's family and names (no adapter: nothing to refuse)
     if plan.family is None:
         raise plan.problems[0].error(where)
     arch = str(fields.get("general.architecture"))
@@ -427,8 +450,6 @@ def _unpermute(module: str, b: torch.Tensor, family: Family, config: Mapping[str
     leaf = module.split(".")[-1]
     if not (family.rope_permute and leaf in ("q_proj", "k_proj")):
         return b
-    heads = int(config["num_attention_heads"])
-    if leaf == "k_proj":
-        heads = int(config.get("num_key_value_heads") or heads)
     rows = b.shape[0]
+    heads = rope_heads(config, leaf, rows)
     return b.reshape(heads, rows // heads // 2, 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape).contiguous()
