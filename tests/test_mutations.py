@@ -123,8 +123,8 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_config_fields_of_any_type(data: st.DataObject) -> None:
-    """Any field of an adapter's adapter_config.json, or of a base's config.json quantization_config
-    (down to its config groups' weights), set to a value of another JSON type: every reader answers
+    """Any field of an adapter's adapter_config.json, or of a base's config.json (down to its
+    quantization_config's config groups' weights), set to a value of another JSON type: every reader answers
     with its own error or reads on, and validate reports rather than raises (a sweep of the fixtures'
     fields through every command found eleven fields read before validation looked)."""
     from loratool.formats import load_adapter
@@ -135,7 +135,9 @@ def test_config_fields_of_any_type(data: st.DataObject) -> None:
         "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16,
                                            "symmetric": True}}}}  # fmt: skip
     which = data.draw(st.sampled_from(["adapter", "base"]))
-    config = adapter_config if which == "adapter" else {"model_type": "llama", "quantization_config": quant}
+    base_config = json.loads((FIXTURES / "llama-base" / "config.json").read_text())
+    base_config = {**base_config, "quantization_config": quant, "text_config": {"model_type": "llama"}}
+    config = adapter_config if which == "adapter" else base_config
     paths = list(_paths(config))
     path = data.draw(st.sampled_from(paths))
     value = data.draw(st.sampled_from(WRONG_TYPES))

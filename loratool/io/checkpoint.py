@@ -233,6 +233,18 @@ class Checkpoint:
                     f"config.json's {section} is a JSON {type(config[section]).__name__}, not an object",
                     path=str(cfg), fix="a model's config.json is an object of its settings: download it again",
                 )  # fmt: skip
+        names = config.get("architectures")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise InputFileError(
+                f"config.json's architectures is {json.dumps(names)[:40]}, not a list of class names",
+                path=str(cfg), fix="a model's config.json lists its classes in architectures: download it again",
+            )  # fmt: skip
+        for owner in (config, config.get("text_config") or {}):  # the family's name, looked up in tables
+            if owner.get("model_type") is not None and not isinstance(owner["model_type"], str):
+                raise InputFileError(
+                    f"config.json's model_type is {json.dumps(owner['model_type'])[:40]}, not a name",
+                    path=str(cfg), fix="a model's config.json names its family in model_type: download it again",
+                )  # fmt: skip
         return config
 
     def quantization(self) -> Quantization | None:
