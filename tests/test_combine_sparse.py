@@ -182,3 +182,23 @@ def test_merge_tasks_on_large_tensors_equals_peft_merge_utils(method: str, monke
     if method != "linear":
         assert abs(stats.density - 0.3) < 0.01
     assert (stats.sign_agreement is not None) == method.endswith("ties")
+
+
+def test_any_seed_draws_and_the_usual_ones_draw_as_before(tmp_path: Path, three) -> None:
+    """Seeds are taken whole: one whose derived value passes torch's range (which refuses it with an
+    overflow, reported as a loratool bug by extract and by DARE) is reduced modulo 2^64; those inside
+    it seed torch as they always did."""
+    import zlib
+
+    from loratool.stream.deltas import seeded_generator
+
+    for seed in (0, 3, -1, 2**40):
+        want = seed * 1_000_003 + zlib.crc32(b"m|A") + 2
+        assert torch.equal(torch.randn(4, generator=seeded_generator(seed, "m|A", 2)),
+                           torch.randn(4, generator=torch.Generator().manual_seed(want)))  # fmt: skip
+    huge = 10**23
+    assert seeded_generator(huge, "m").initial_seed() == (huge * 1_000_003 + zlib.crc32(b"m")) % 2**64
+    _, paths = three
+    r = combine(list(zip(paths, WEIGHTS)), output=tmp_path / "dare", method="dare_ties", density=0.5, seed=huge,
+                show_progress=False)  # fmt: skip
+    assert r.report

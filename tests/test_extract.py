@@ -257,3 +257,11 @@ def test_the_background_reader_never_changes_results(tmp_path: Path, fixtures: P
     a = load_file(str(tmp_path / "d0" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "d2" / "adapter_model.safetensors"))
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_seed_past_torchs_range_extracts(tmp_path: Path, fixtures: Path, cli) -> None:
+    """--seed takes any whole number: 10^23 made torch's manual_seed overflow, reported as a loratool bug."""
+    r = cli("extract", fixtures / "llama-base", fixtures / "llama-ft", "-r", "2", "--seed", str(10**23), "-o",
+            tmp_path / "a", "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +49,7 @@ from ..metadata.card import check_base_model_id
 from ..metadata.provenance import InputHasher, encode, make_record
 from ..report import ModuleReport, summarize
 from ..runtimes.transforms import check_portable, portable_form
+from ..stream.deltas import seeded_generator
 from ..validation import require_valid
 
 Method = Literal[
@@ -357,8 +357,7 @@ def _check_options(method: str, rank: int | None, energy: float | None, sparse: 
 
 def _generators(seed: int, path: str, n: int, part: str) -> list[torch.Generator]:
     """One generator per source for ``part`` of module ``path``: masks depend on the seed alone."""
-    base = seed * 1_000_003 + zlib.crc32(f"{path}|{part}".encode())
-    return [torch.Generator().manual_seed(base + i) for i in range(n)]
+    return [seeded_generator(seed, f"{path}|{part}", i) for i in range(n)]
 
 
 def _combine_module(

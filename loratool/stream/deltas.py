@@ -195,4 +195,14 @@ def fp8_companions(*layouts: Fp8Layout | None) -> set[str]:
 def module_generator(seed: int, module: str) -> torch.Generator:
     """A generator per module, so a module's randomized SVD does not depend on which others are
     processed, in what order, or by which process."""
-    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
+    return seeded_generator(seed, module)
+
+
+def seeded_generator(seed: int, label: str, offset: int = 0) -> torch.Generator:
+    """A CPU generator for ``label`` under ``seed``, seeded with seed * 1,000,003 + crc32(label) +
+    offset; any seed: a value past the range torch takes ([-2^63, 2^64)), which it refuses with an
+    overflow, is taken modulo 2^64 (the values inside it, as ever)."""
+    value = seed * 1_000_003 + zlib.crc32(label.encode()) + offset
+    if not -(2**63) <= value < 2**64:
+        value %= 2**64
+    return torch.Generator(device="cpu").manual_seed(value)
