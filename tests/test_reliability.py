@@ -328,6 +328,9 @@ CASES: dict[str, Case] = {
                                                     "config group 'g' has weights.num_bits = \"4\""),
     "diffusers LoraConfig lora_alpha text": (_diffusers_file, lambda w: ["inspect", w / "diffusers.safetensors"], 1,
                                              "the unet LoraConfig in lora_adapter_metadata is not valid"),
+    "float8 factor, validate": (lambda w: edit_tensors(w / ADAPTER / ADAPTER_WEIGHTS,
+                                                       lambda ts: ts.update({Q_A: ts[Q_A].to(torch.float8_e4m3fn)})),
+                                lambda w: ["validate", w / ADAPTER], 1, "dtype F8_E4M3"),
     # 8. quantized checkpoints
     "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                "config.json has no quantization_config saying how its FP8 scales apply"),
