@@ -581,7 +581,6 @@ def _check_dtypes(ckpt: Checkpoint, report: ValidationReport) -> None:
 
 
 def _check_provenance(ckpt: Checkpoint, report: ValidationReport, check_values: bool) -> None:
-
     record = decode(ckpt.header_metadata)
     if record is not None:
         if "_invalid_json" in record:
