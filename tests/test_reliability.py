@@ -173,6 +173,12 @@ def _base_quant(qc: object):
     return make
 
 
+def _register(adapter: Path, name: str) -> None:
+    from loratool.registry.ops import register
+
+    register(adapter, name=name)
+
+
 def _base_config(w: Path, **changes: object) -> None:
     path = w / "llama-base" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
@@ -331,6 +337,12 @@ CASES: dict[str, Case] = {
     "float8 factor, validate": (lambda w: edit_tensors(w / ADAPTER / ADAPTER_WEIGHTS,
                                                        lambda ts: ts.update({Q_A: ts[Q_A].to(torch.float8_e4m3fn)})),
                                 lambda w: ["validate", w / ADAPTER], 1, "dtype F8_E4M3"),
+    # 7g. what the file system and the registry's index cannot hold (an OverflowError and an OSError, reported as
+    # loratool bugs)
+    "registry version past SQLite's integers": (lambda w: _register(w / ADAPTER, "bot"),
+                                                lambda w: ["validate", "bot@v99999999999999999999"], 1,
+                                                "no registered adapter bot@v99999999999999999999"),
+    "a path component too long": (_nothing, lambda w: ["inspect", w / ("b" * 300)], 1, "File name too long"),
     # 8. quantized checkpoints
     "fp8 without its config": (_fp8_base, lambda w: ["merge", w / BASE, w / ADAPTER, "-o", w / "out"], 1,
                                "config.json has no quantization_config saying how its FP8 scales apply"),

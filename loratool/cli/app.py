@@ -39,6 +39,12 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: no output was written", err=True)
             ctx.exit(130)
+        except OSError as e:  # the file system's answer (a name too long, no permission, a full disk): not a bug
+            if debug:
+                raise
+            where = f"{str(e.filename)[:200]}: " if e.filename is not None else ""
+            click.secho(f"error: {where}{e.strerror or e}", err=True, fg="red")
+            ctx.exit(1)
         except Exception as e:  # a bug of ours: say so without a traceback unless asked
             if debug:
                 raise

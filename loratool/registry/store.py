@@ -415,7 +415,9 @@ class Registry:
         if at is None:
             row = con.execute("SELECT id FROM entries WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
         elif v := _VERSION.fullmatch(at):
-            row = con.execute("SELECT id FROM entries WHERE name = ? AND version = ?", (name, int(v[1]))).fetchone()
+            version = int(v[1])  # past SQLite's integers no version can be: none found
+            row = None if version >= 2**63 else con.execute(
+                "SELECT id FROM entries WHERE name = ? AND version = ?", (name, version)).fetchone()  # fmt: skip
         else:
             row = con.execute("SELECT entry FROM aliases WHERE name = ? AND alias = ?", (name, at)).fetchone()
         if row is None:
