@@ -104,6 +104,12 @@ def test_fuse_and_split_refusals(tmp_path: Path) -> None:
     peft_adapter(llama, ["q_proj", "k_proj", "v_proj"]).save_pretrained(tmp_path / "qkv")
     with pytest.raises(LoraToolError, match="does not fit"):  # fused modules against a split base
         convert(tmp_path / "qkv", to="peft", fuse=FUSE[:1], base=tmp_path / "llama", output=tmp_path / "out")
+    # one part in two fusions, or one fused name twice: refused before any work (a part consumed by the first
+    # fusion was reported missing by the second, as if the adapter did not adapt it)
+    for twice in ([("qk", ("q_proj", "k_proj")), ("qv", ("q_proj", "v_proj"))],
+                  [("a", ("q_proj", "k_proj")), ("a", ("v_proj", "o_proj"))]):  # fmt: skip
+        with pytest.raises(LoraToolError, match=r"--fuse names (q_proj|a) more than once"):
+            convert(tmp_path / "qkv", to="peft", fuse=twice, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -107,7 +107,8 @@ def convert(
     """
     from_gguf = Path(adapter).suffix == ".gguf"
     from_lycoris = not from_gguf and is_lycoris_file(adapter)
-    _check_arguments(to, portable=portable, base=base, dtype=dtype, outtype=outtype, split=split, from_gguf=from_gguf)
+    _check_arguments(to, portable=portable, base=base, dtype=dtype, outtype=outtype, split=split, from_gguf=from_gguf,
+                     fuse=fuse)  # fmt: skip
     _check_rank(rank, from_lycoris, adapter)
     check_output_name(output, to)
     out = check_output(output, force=force, inputs=[p for p in (adapter, base) if p is not None])
@@ -229,8 +230,16 @@ def _from_gguf(path: Path, base: str | os.PathLike[str], allow_pickle: bool) -> 
 
 def _check_arguments(
     to: str, *, portable: bool, base: object, dtype: str | None, outtype: str, split: Sequence[Fusion],
-    from_gguf: bool = False,
+    from_gguf: bool = False, fuse: Sequence[Fusion] = (),
 ) -> None:  # fmt: skip
+    for option, fusions in (("--fuse", fuse), ("--split", split)):
+        names = [name for fused, parts in fusions for name in (fused, *parts)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise LoraToolError(
+                f"{option} names {', '.join(twice)} more than once: each fused module and each part belongs to one "
+                f"{option}", fix=f"give each {option} its own FUSED name and parts",
+            )  # fmt: skip
     if to not in TARGETS:
         raise LoraToolError(f"unknown target format {to!r}", fix=f"use one of {', '.join(TARGETS)}")
     if from_gguf and base is None:
