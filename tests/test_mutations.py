@@ -124,9 +124,11 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 @given(data=st.data())
 def test_config_fields_of_any_type(data: st.DataObject) -> None:
     """Any field of an adapter's adapter_config.json, or of a base's config.json (down to its
-    quantization_config's config groups' weights), set to a value of another JSON type: every reader answers
-    with its own error or reads on, and validate reports rather than raises (a sweep of the fixtures'
-    fields through every command found eleven fields read before validation looked)."""
+    quantization_config's config groups' weights), set to a value of another JSON type: every reader and
+    the commands on the tiny fixtures (milliseconds each) answer with loratool's own error or read on, and
+    validate reports rather than raises (a sweep of the fixtures' fields through every command found
+    eleven fields read before validation looked, and config.json's head and layer counts in GGUF's)."""
+    import loratool
     from loratool.formats import load_adapter
     from loratool.validation import validate_adapter
 
@@ -150,7 +152,12 @@ def test_config_fields_of_any_type(data: st.DataObject) -> None:
             folder = Path(tmp) / "adapter"
             shutil.copytree(FIXTURES / "llama-peft-adapter", folder)
             (folder / "adapter_config.json").write_text(json.dumps(config))
-            for read in (load_adapter, inspect):
+            out = Path(tmp) / "out"
+            for read in (load_adapter, inspect,
+                         lambda a: loratool.merge(FIXTURES / "llama-base", [a], output=out, force=True),
+                         lambda a: loratool.resize(a, output=out, rank=1, force=True),
+                         lambda a: loratool.convert(a, to="gguf", base=FIXTURES / "llama-base", output=out,
+                                                    force=True)):  # fmt: skip
                 try:
                     read(folder)
                 except LoraToolError:
@@ -160,7 +167,12 @@ def test_config_fields_of_any_type(data: st.DataObject) -> None:
             folder = Path(tmp) / "base"
             shutil.copytree(FIXTURES / "llama-base", folder)
             (folder / "config.json").write_text(json.dumps(config))
-            for read in (_layouts, inspect, header_shapes):
+            out, adapter = Path(tmp) / "out", FIXTURES / "llama-peft-adapter"
+            for read in (_layouts, inspect, header_shapes,
+                         lambda b: loratool.merge(b, [adapter], output=out, force=True, min_kept=0.0),
+                         lambda b: loratool.extract(b, FIXTURES / "llama-ft", output=out, rank=2, force=True),
+                         lambda b: loratool.convert(adapter, to="gguf", base=b, output=out, force=True),
+                         lambda b: loratool.validate(adapter, base=b)):  # fmt: skip
                 try:
                     read(folder)
                 except LoraToolError:
