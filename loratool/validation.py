@@ -514,7 +514,7 @@ def _check_diffusers_structure(ckpt: Checkpoint, report: ValidationReport) -> No
     for component, config in sorted(configs.items()):
         for path, message in check(config, "adapter_config"):
             report.add(f"metadata/{component}{path.removeprefix('$')}", message)
-    if any(check({"peft_type": "LORA", **c}, "adapter_config") for c in configs.values()):
+    if any(diffusers.type_problems(c) for c in configs.values()):
         return  # the factors are read through the configs (as a reader reads them): not while those are invalid
     try:
         report.modules = len(diffusers.read_diffusers(ckpt.path, lazy=True).modules)

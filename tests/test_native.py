@@ -517,7 +517,7 @@ def test_a_subspace_loop_that_disagrees_with_torch_is_not_used(monkeypatch, kern
 
     assert packed._subspace_agrees(kernels)
     monkeypatch.setattr(native.Fp8Kernels, "lowbit_subspace", one_step_off)
-    monkeypatch.setattr(packed, "_subspace_checked", {})
+    monkeypatch.setattr(packed, "_checked", {})
     with pytest.warns(RuntimeWarning, match="subspace rounding disagrees with the torch passes"):
         assert not packed.subspace_compiled(torch.device("cpu"))
     assert packed._kernels() is not None

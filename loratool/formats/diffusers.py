@@ -68,11 +68,16 @@ def component_configs(metadata: Mapping[str, str], file: Path) -> dict[str, dict
     return out
 
 
+def type_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A component's LoraConfig against the schema as a reader needs it: its fields' types (validate
+    also wants peft_type, which a reader does without)."""
+    return check({"peft_type": "LORA", **config}, "adapter_config")
+
+
 def _require_typed(configs: Mapping[str, Mapping[str, Any]], file: Path) -> None:
-    """Each component's LoraConfig fields of the types the schema gives them, before any is read
-    (validate lists these and also wants peft_type, which a reader does without)."""
+    """Each component's LoraConfig fields of the types the schema gives them, before any is read."""
     for component, config in configs.items():
-        problems = check({"peft_type": "LORA", **config}, "adapter_config")
+        problems = type_problems(config)
         if problems:
             raise MetadataError(
                 f"the {component} LoraConfig in {METADATA_KEY} is not valid: "

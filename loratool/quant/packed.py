@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -301,25 +301,14 @@ def _dequantize_native(w: PackedWeight, parts: Parts) -> torch.Tensor | None:
     return out if not any(answers) else None
 
 
-_checked: dict[int, bool] = {}  # id of the loaded kernels -> whether they agree with the torch passes
-
-
 def _kernels() -> native.Fp8Kernels | None:
     """The compiled kernels where they are built and their packed passes agree with the torch passes
     (checked once, on small weights of every format: a miscompiled build is not used, and says so)."""
     kernels = native.fp8_kernels()
     if kernels is None:
         return None
-    if id(kernels) not in _checked:
-        _checked[id(kernels)] = _agrees(kernels)
-        if not _checked[id(kernels)]:
-            warnings.warn("the compiled packed low-bit kernels disagree with the torch passes (a miscompiled "
-                          "build?); 4-bit merges use the torch passes. Reinstall loratool, or set "
-                          "LORATOOL_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)  # fmt: skip
-    return kernels if _checked[id(kernels)] else None
-
-
-_subspace_checked: dict[int, bool] = {}  # id of the loaded kernels -> whether their subspace loop agrees
+    why = "the compiled packed low-bit kernels disagree with the torch passes (a miscompiled build?); 4-bit merges"
+    return _vetted(kernels, _agrees, why + " use the torch passes")
 
 
 def _subspace_kernels() -> native.Fp8Kernels | None:
@@ -328,13 +317,23 @@ def _subspace_kernels() -> native.Fp8Kernels | None:
     kernels = _kernels()
     if kernels is None:
         return None
-    if id(kernels) not in _subspace_checked:
-        _subspace_checked[id(kernels)] = _subspace_agrees(kernels)
-        if not _subspace_checked[id(kernels)]:
-            warnings.warn("the compiled subspace rounding disagrees with the torch passes (a miscompiled build?); "
-                          "--rounding subspace into 4-bit layouts uses the torch passes. Reinstall loratool, or set "
-                          "LORATOOL_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)  # fmt: skip
-    return kernels if _subspace_checked[id(kernels)] else None
+    why = "the compiled subspace rounding disagrees with the torch passes (a miscompiled build?); --rounding subspace"
+    return _vetted(kernels, _subspace_agrees, why + " into 4-bit layouts uses the torch passes")
+
+
+_checked: dict[tuple[str, int], bool] = {}  # (check, id of the loaded kernels) -> whether they agree
+
+
+def _vetted(kernels: native.Fp8Kernels, agrees: Callable[[native.Fp8Kernels], bool],
+            why: str) -> native.Fp8Kernels | None:  # fmt: skip
+    """``kernels`` where ``agrees(kernels)``, run once per loaded library; else None, warned of once."""
+    key = (agrees.__name__, id(kernels))
+    if key not in _checked:
+        _checked[key] = agrees(kernels)
+        if not _checked[key]:
+            warnings.warn(f"{why}. Reinstall loratool, or set LORATOOL_NATIVE=0 to silence this.", RuntimeWarning,
+                          stacklevel=4)  # fmt: skip
+    return kernels if _checked[key] else None
 
 
 def _subspace_agrees(kernels: native.Fp8Kernels) -> bool:
