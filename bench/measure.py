@@ -5,7 +5,8 @@
 Prints one JSON line: seconds, cpu_seconds (user + system time of all the process's threads over
 the call, the memory sampler's few milliseconds included), peak_anon_mib (private memory: what the
 process itself holds; memory-mapped checkpoint pages are page cache the kernel can drop, so they
-are reported apart as peak_rss_mib), and the call's JSON result.
+are reported apart as peak_rss_mib), and the call's JSON result. torch is imported before the
+call as the ``loratool`` command imports it (loratool.cli.startup: the collector paused, then frozen).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class PeakMemory:
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from loratool.cli import startup
+
+    startup.import_torch_frozen()  # as the loratool command does before a command that uses torch
     import loratool
 
     op, kwargs = sys.argv[1], json.loads(sys.argv[2])

@@ -37,6 +37,7 @@ import bench_mergekit
 import bench_moe
 import bench_quant_keep
 import bench_registry
+import bench_startup
 import bench_ties
 import bench_unmerge_check
 import torch
@@ -47,7 +48,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BENCHES = {
     "extract": bench_extract, "merge": bench_merge, "fp8": bench_fp8, "quant_keep": bench_quant_keep,
     "fp4": bench_fp4, "unmerge_check": bench_unmerge_check, "combine": bench_combine,
-    "ties": bench_ties, "analyze": bench_analyze, "moe": bench_moe, "registry": bench_registry, "write_paths": write_paths,
+    "ties": bench_ties, "analyze": bench_analyze, "moe": bench_moe, "registry": bench_registry, "startup": bench_startup,
+    "write_paths": write_paths,
     "gguf": bench_gguf, "mergekit": bench_mergekit, "gpu": bench_gpu,
 }  # fmt: skip
 INTRO = """# Benchmarks
@@ -107,6 +109,8 @@ def main() -> None:
         rank = 64 if name in ("combine", "ties", "analyze") else 16
         if name == "write_paths":
             result = write_paths.run(args.workdir)
+        elif name == "startup":
+            result = bench_startup.run(args.workdir)
         elif name == "mergekit":
             result = bench_mergekit.run(args.workdir, 4, rank, os.environ["LORATOOL_MERGEKIT"])
         elif name == "gguf":

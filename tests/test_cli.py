@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,56 @@ def test_each_command_help_has_an_example_and_speaks_of_its_own_options(cli, com
         assert f"({other}:" not in options and f"; {other}:" not in options, f"{command}: speaks for {other}"
     if "-r, --rank" not in options:
         assert not re.search(r"(?<![\w-])-r\b", options), f"{command}: mentions a -r it does not have"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(["merge", "a", "b", "-o", "c"], True), (["extract", "-h"], False), (["registry", "ls"], False),
+     (["--version"], False), ([], False), (["inspect", "x", "--help"], False)],
+)  # fmt: skip
+def test_torch_is_imported_up_front_only_for_commands_that_use_it(args: list[str], expected: bool) -> None:
+    from loratool.cli.startup import needs_torch
+
+    assert needs_torch(args) is expected
+
+
+def _in_a_process(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (freezing the collector here would last the whole test run)."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_torch_is_imported_with_the_collector_paused_then_frozen() -> None:
+    """bench/bench_startup.py: the collector's passes over torch's objects were a quarter to a third of a
+    short command's process. The collector comes back as it was; a torch that fails to import is left to
+    the command to report."""
+    code = (
+        "import gc, sys; from loratool.cli import startup\n"
+        "paused = []; gc.callbacks.append(lambda phase, info: paused.append(phase))\n"
+        "startup.import_torch_frozen()\n"
+        "print('torch' in sys.modules, gc.isenabled(), gc.get_freeze_count() > 100_000, paused == [])\n"
+    )
+    assert _in_a_process(code).split() == ["True", "True", "True", "True"]
+    code = (
+        "import gc; from loratool.cli import startup\n"
+        "gc.disable(); startup.import_torch_frozen(); print(gc.isenabled())"
+    )
+    assert _in_a_process(code).split() == ["False"]
+    code = (
+        "import gc, sys; sys.modules['torch'] = None; from loratool.cli import startup\n"
+        "startup.import_torch_frozen(); print(gc.isenabled())"
+    )
+    assert _in_a_process(code).split() == ["True"]
+
+
+def test_main_freezes_what_the_command_made_before_exit(tmp_path: Path) -> None:
+    code = (
+        "import gc, sys; from loratool.cli import main\n"
+        f"sys.argv = ['loratool', 'merge', {str(BASE)!r}, {str(ADAPTER)!r}, '-o', {str(tmp_path / 'out')!r}, '-q']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > 100_000, len(gc.get_objects()))\n"
+    )
+    enabled, frozen, unfrozen = _in_a_process(code).splitlines()[-1].split()
+    assert (enabled, frozen) == ("True", "True") and int(unfrozen) < 1_000, unfrozen  # about 7,500 made after torch
+    assert (tmp_path / "out" / "model.safetensors").exists()

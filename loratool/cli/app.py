@@ -1,8 +1,9 @@
 """The ``loratool`` group and entry point: errors mapped to exit codes in one place.
 
 A :class:`LoraToolError` exits 1 with its message, a usage error exits 2, Ctrl-C 130, and
-``LORATOOL_DEBUG=1`` shows the traceback. torch is imported only inside commands, so
-``loratool --help`` is instant.
+``LORATOOL_DEBUG=1`` shows the traceback. torch is imported only for commands that use it, so
+``loratool --help`` and the registry's listings are instant; :func:`main` imports it before such a
+command runs, with the collector paused (:mod:`.startup`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import click
 
 from .._version import __version__
 from ..errors import LoraToolError
+from . import startup
 
 DEBUG_ENV = "LORATOOL_DEBUG"
 
@@ -92,7 +94,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # torch warns at import when numpy is absent; loratool never needs numpy.
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    cli(prog_name="loratool")
+    if startup.needs_torch(sys.argv[1:]):
+        startup.import_torch_frozen()  # a third of a short command's time went to the collector
+    try:
+        cli(prog_name="loratool")
+    finally:
+        startup.freeze_before_exit()
 
 
 if __name__ == "__main__":
