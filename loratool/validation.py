@@ -577,7 +577,10 @@ def _check_missing_alpha(prefix: str, rank: int, recorded: str | None, report: V
 def _check_dtypes(ckpt: Checkpoint, report: ValidationReport) -> None:
     for info in ckpt.infos():
         if info.dtype not in FLOAT_DTYPES:
-            report.add(f"tensors/{info.name}", f"dtype {info.dtype} is not floating point (F32, F16, BF16)")
+            report.add(
+                f"tensors/{info.name}",
+                f"dtype {info.dtype} cannot hold an adapter's factors ({', '.join(FLOAT_DTYPES)} can)",
+            )
 
 
 def _check_provenance(ckpt: Checkpoint, report: ValidationReport, check_values: bool) -> None:

@@ -97,7 +97,14 @@ SUFFIXES = ["q_proj", "v_proj", "up_proj", "down_proj"]  # PEFT narrows these by
         (
             lambda a: _tensors(a, lambda t: t.__setitem__(f"{Q}.lora_A.weight", torch.ones(4, 32, dtype=torch.int32))),
             f"tensors/{Q}.lora_A.weight",
-            "dtype I32 is not floating point",
+            "dtype I32 cannot hold an adapter's factors (F64, F32, F16, BF16 can)",
+        ),
+        (
+            lambda a: _tensors(
+                a, lambda t: t.__setitem__(f"{Q}.lora_A.weight", torch.ones(4, 32).to(torch.float8_e4m3fn))
+            ),
+            f"tensors/{Q}.lora_A.weight",
+            "dtype F8_E4M3 cannot hold",  # it said "is not floating point"
         ),
         (
             lambda a: _tensors(a, lambda t: t[f"{Q}.lora_A.weight"].__setitem__((0, 0), float("nan"))),
@@ -149,6 +156,7 @@ SUFFIXES = ["q_proj", "v_proj", "up_proj", "down_proj"]  # PEFT narrows these by
         "target_modules",
         "missing lora_B",
         "integer dtype",
+        "float8 dtype",
         "nan",
         "tampered",
         "schema",
