@@ -84,6 +84,11 @@ class AdapterLostError(LoraToolError, ValueError):
     (``min_kept``); nothing was written."""
 
 
+class RoundTripError(LoraToolError, ValueError):
+    """An unmerge's restored weights lie further from the original base than the caller allows
+    (``max_units``); nothing was written."""
+
+
 class OutputExistsError(LoraToolError, FileExistsError):
     """The output path exists and ``force`` was not given."""
 

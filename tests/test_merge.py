@@ -107,6 +107,33 @@ def test_merge_then_unmerge_returns_the_base(tmp_path: Path, dtype: torch.dtype)
         assert res.check.elements_differing > 0  # bf16/fp16 round trips are not bit-exact: say so
 
 
+def test_unmerge_max_units_makes_the_check_a_gate(tmp_path: Path, cli) -> None:
+    """--max-units turns --check into a gate for pipelines: a round trip within it writes as before and names
+    the tensor farthest from the base; one past it (an adapter taken out that was never merged) exits 1 with
+    that tensor, writing nothing."""
+    base, adapter = make(tmp_path, "llama", torch.bfloat16)
+    _, other = make(tmp_path, "llama", torch.bfloat16, seed=5, name="other")
+    merge(base, [adapter], output=tmp_path / "m", show_progress=False)
+    r = cli("unmerge", tmp_path / "m", adapter, "-o", tmp_path / "u", "--check", base, "--max-units", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    check = json.loads(r.stdout)["check"]
+    assert 0 < check["max_rounding_units"] <= 1
+    w, m, u = state(base), state(tmp_path / "m"), state(tmp_path / "u")
+
+    def units_of(k: str) -> float:  # the definition: in units of rounding at the larger of the base and merged values
+        unit = unit_of_rounding(torch.maximum(w[k].abs(), m[k].abs()).double(), torch.bfloat16)
+        return float(((u[k].double() - w[k].double()).abs() / unit).max())
+
+    units = {k: units_of(k) for k in w if w[k].is_floating_point()}
+    assert check["max_rounding_units"] == max(units.values()) == units[check["worst_tensor"]]  # it, or one as far
+
+    r = cli("unmerge", tmp_path / "m", other, "-o", tmp_path / "u2", "--check", base, "--max-units", "1")
+    assert r.exit_code == 1 and "more than --max-units 1" in r.stderr and "nothing was written" in r.stderr
+    assert "model.layers." in r.stderr and not (tmp_path / "u2").exists()
+    r = cli("unmerge", tmp_path / "m", adapter, "-o", tmp_path / "u3", "--max-units", "1")
+    assert r.exit_code == 2 and "--max-units needs --check" in r.stderr and not (tmp_path / "u3").exists()
+
+
 def test_sharded_input_gives_identically_sharded_output(tmp_path: Path, fixtures: Path) -> None:
     merge(fixtures / "llama-ft", [fixtures / "llama-peft-adapter"], output=tmp_path / "m", show_progress=False)
     src = json.loads((fixtures / "llama-ft" / "model.safetensors.index.json").read_text())

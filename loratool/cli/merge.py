@@ -51,8 +51,9 @@ def _merge_text(d: dict[str, Any]) -> str:
         c = d["check"]
         text += (
             f"\ncheck against the original base: max |diff| {c['max_abs_diff']:.3e}, "
-            f"relative {c['relative_diff']:.3e}, max {c['max_rounding_units']:.2f} unit(s) of rounding, "
-            f"{c['elements_differing']:,} of {c['elements']:,} elements differ"
+            f"relative {c['relative_diff']:.3e}, max {c['max_rounding_units']:.2f} unit(s) of rounding"
+            + (f" (in {c['worst_tensor']})" if c.get("worst_tensor") else "")
+            + f", {c['elements_differing']:,} of {c['elements']:,} elements differ"
         )
     return text
 
@@ -118,6 +119,15 @@ def merge(
     default=None,
     help="The original base: report how far the result is from it (max, relative, units of rounding).",
 )
+@click.option(
+    "--max-units",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    metavar="UNITS",
+    help="With --check: fail, writing nothing, when the result lies more than UNITS units of rounding (FP8 or "
+    "4-bit steps in a quantized layout) from the original base; e.g. 1 for bf16 in a pipeline (float32 weights "
+    "round at the magnitude of the adapters' terms, which can be many units of a small weight).",
+)
 @options(
     OUTPUT, DEVICE, DTYPE, FAN_IN_FAN_OUT, ROUNDING, ROUNDING_SEED, MIN_KEPT, MAX_NOISE, FORCE, PICKLE, QUIET, JSON
 )
@@ -125,6 +135,7 @@ def unmerge(
     merged: str,
     adapters: tuple[tuple[str, float], ...],
     check: str | None,
+    max_units: float | None,
     output: str,
     device: str,
     dtype: str | None,
@@ -148,10 +159,13 @@ def unmerge(
     \b
     Examples:
       loratool unmerge merged/ adapter/ -o restored/ --check base/
+      loratool unmerge merged/ adapter/ -o restored/ --check base/ --max-units 1   # exit 1 past 1 unit
     """
+    if max_units is not None and check is None:
+        raise click.UsageError("--max-units needs --check BASE: the original base to measure the result against")
     from ..ops.merge import unmerge as run
 
-    result = run(merged, list(adapters), output=output, check=check, device=device, dtype=dtype,
+    result = run(merged, list(adapters), output=output, check=check, max_units=max_units, device=device, dtype=dtype,
                  fan_in_fan_out=fan_in_fan_out, rounding=rounding, seed=seed,  # type: ignore[arg-type]
                  min_kept=min_kept, max_noise=max_noise, force=force, allow_pickle=allow_pickle,
                  show_progress=not quiet)  # fmt: skip

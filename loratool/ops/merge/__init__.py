@@ -100,6 +100,7 @@ def unmerge(
     *,
     output: str | os.PathLike[str],
     check: str | os.PathLike[str] | None = None,
+    max_units: float | None = None,
     device: str = "auto",
     dtype: str | None = None,
     fan_in_fan_out: bool | None = None,
@@ -126,9 +127,12 @@ def unmerge(
         adapters: the adapters (and scales) that were merged.
         output: where to write the restored checkpoint.
         check: the original base; the result reports the largest and relative difference from it.
+        max_units: with ``check``, refuse (writing nothing) a result further than this many units of
+            rounding from the original base (FP8 or 4-bit steps in a quantized layout).
 
     Raises:
         UnsupportedAdapterError: DoRA adapters (their merge cannot be undone from files alone).
+        RoundTripError: the result lies further than ``max_units`` from ``check``.
 
     Example:
         >>> loratool.unmerge("merged/", ["adapter/"], output="restored/", check="base/")
@@ -149,6 +153,7 @@ def unmerge(
         allow_pickle=allow_pickle,
         show_progress=show_progress,
         check=check,
+        max_units=max_units,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ...errors import NonFiniteError, ShapeMismatchError
+from ...errors import NonFiniteError, RoundTripError, ShapeMismatchError
 from ...host import available_cores
 from ...math.linalg import is_finite, unit_of_rounding
 from ...quant import native
@@ -26,6 +26,7 @@ class RoundTripCheck:
     max_abs_diff: float = 0.0
     relative_diff: float = 0.0  # ||out - base||_F / ||base||_F over all tensors
     max_rounding_units: float = 0.0  # largest difference in units of rounding of the stored dtype
+    worst_tensor: str | None = None  # where that largest difference lies
     elements_differing: int = 0
     elements: int = 0
     _sq_diff: float = 0.0
@@ -41,7 +42,7 @@ class RoundTripCheck:
         if out.shape != ref.shape:
             raise ShapeMismatchError("--check BASE has this tensor in another shape", key=key,
                                      expected=list(out.shape), got=list(ref.shape))  # fmt: skip
-        if self._native(out, ref, merged):
+        if self._native(out, ref, merged, key):
             self._require_finite(key, ref)
             return
         o, r, m = out.reshape(-1), ref.reshape(-1), merged.reshape(-1)
@@ -62,12 +63,16 @@ class RoundTripCheck:
             # A round trip rounds twice, at the magnitude of the merged and of the restored value.
             units = diff.abs() / unit_of_rounding(torch.maximum(rd.abs(), md.abs()), out.dtype)
             self.max_abs_diff = max(self.max_abs_diff, float(diff.abs().max()))
-            self.max_rounding_units = max(self.max_rounding_units, float(units.max()))
+            self._note_units(float(units.max()), key)
             self._sq_diff += float(torch.sum(diff.square(), dtype=torch.float64))
             self.elements_differing += n
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements += out.numel()
         self._require_finite(key, ref)
+
+    def _note_units(self, units: float, key: str | None) -> None:
+        if units > self.max_rounding_units:
+            self.max_rounding_units, self.worst_tensor = units, key
 
     def _require_finite(self, key: str | None, *refs: torch.Tensor) -> None:
         """A NaN or Inf in the original base makes its summed squares, and every figure after it, NaN,
@@ -77,7 +82,7 @@ class RoundTripCheck:
             raise NonFiniteError("--check BASE holds NaN or Inf", key=key,
                                  fix="check against the original base, which a merge takes only finite")  # fmt: skip
 
-    def _native(self, out: torch.Tensor, ref: torch.Tensor, merged: torch.Tensor) -> bool:
+    def _native(self, out: torch.Tensor, ref: torch.Tensor, merged: torch.Tensor, key: str | None) -> bool:
         """bfloat16 on the CPU: the compiled kernel's one pass (csrc/fp8.c, lt_check_bf16), the tensor cut
         in parts for the cores; the same figures as the torch passes below (the sums up to rounding)."""
         kernels = native.fp8_kernels()
@@ -97,7 +102,7 @@ class RoundTripCheck:
             self._sq_base += float(sums[0])
             self._sq_diff += float(sums[1])
             self.max_abs_diff = max(self.max_abs_diff, float(sums[2]))
-            self.max_rounding_units = max(self.max_rounding_units, float(sums[3]))
+            self._note_units(float(sums[3]), key)
             self.elements_differing += differing
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
         self.elements += n
@@ -123,7 +128,7 @@ class RoundTripCheck:
         if diff.numel():
             self.max_abs_diff = max(self.max_abs_diff, float(diff.abs().max()))
             units = diff.abs() / torch.maximum(torch.maximum(uo, ur), um)
-            self.max_rounding_units = max(self.max_rounding_units, float(units.max()))
+            self._note_units(float(units.max()), key)
         q, ref_q = out[0], ref[0]
         self._sq_diff += float(diff.square().sum())
         self._sq_base += float(r.square().sum())
@@ -140,7 +145,7 @@ class RoundTripCheck:
         diff = out.double() - ref.double()
         if diff.numel():
             self.max_abs_diff = max(self.max_abs_diff, float(diff.abs().max()))
-            self.max_rounding_units = max(self.max_rounding_units, float((diff.abs() / unit.double()).max()))
+            self._note_units(float((diff.abs() / unit.double()).max()), key)
         self._sq_diff += float(diff.square().sum())
         self._sq_base += float(ref.double().square().sum())
         self.relative_diff = (self._sq_diff / self._sq_base) ** 0.5 if self._sq_base else 0.0
@@ -154,7 +159,7 @@ class RoundTripCheck:
         out = RoundTripCheck()
         for p in parts:
             out.max_abs_diff = max(out.max_abs_diff, p.max_abs_diff)
-            out.max_rounding_units = max(out.max_rounding_units, p.max_rounding_units)
+            out._note_units(p.max_rounding_units, p.worst_tensor)
             out.elements_differing += p.elements_differing
             out.elements += p.elements
             out._sq_diff += p._sq_diff
@@ -164,6 +169,19 @@ class RoundTripCheck:
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def require_round_trip(check: RoundTripCheck, max_units: float | None) -> None:
+    """Refuse a restored checkpoint further than ``max_units`` units of rounding from the original."""
+    if max_units is not None and not check.max_rounding_units <= max_units:
+        raise RoundTripError(
+            f"the restored weights lie up to {check.max_rounding_units:.2f} unit(s) of rounding from the original "
+            f"base (in '{check.worst_tensor}'), more than --max-units {max_units:g}; nothing was written",
+            fix="unmerge the adapters and scales that were merged, from the checkpoint they were merged into: a "
+            "bf16/fp16 round trip lands within 1 unit, an FP8 or 4-bit one within the merge's rounding and the "
+            "unmerge's (2 steps); float32 weights round at the magnitude of the adapters' terms, which can be "
+            "many units of a small weight",
+        )
 
 
 def fp8_steps(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ...metadata.provenance import InputHasher, encode, make_record
 from ...quant import native
 from ...quant.rounding import KEPT_WARNING, NOISE_LIMIT, RULES, Kept, Rounding, Rule, default_rule
 from ...stream.distributed import current
-from .check import RoundTripCheck
+from .check import RoundTripCheck, require_round_trip
 from .plan import files_of_adapter, for_the_base, load_adapters, plan_terms, set_vocab_size, stored_names
 from .quantized import (
     check_conv_terms,
@@ -85,6 +85,7 @@ def apply_adapters(
     allow_pickle: bool,
     show_progress: bool,
     check: str | os.PathLike[str] | None = None,
+    max_units: float | None = None,
     max_noise: float | None = None,
     requantize: str | None = None,
 ) -> MergeResult:
@@ -95,6 +96,8 @@ def apply_adapters(
         raise ValueError(f"min_kept must lie in [0, 1], not {min_kept!r}")
     if max_noise is not None and not max_noise >= 0.0:
         raise ValueError(f"max_noise must be 0 or more, not {max_noise!r}")
+    if max_units is not None and not (max_units >= 0.0 and check is not None):
+        raise ValueError(f"max_units needs check (the original base) and must be 0 or more, not {max_units!r}")
     usage = f"loratool {operation} {'BASE' if sign > 0 else 'MERGED'} ADAPTER[:SCALE]... -o OUT"
     refuse_adapter(base, "the checkpoint", usage)
     sources = [split_scale(a)[0] for a in adapters]
@@ -186,6 +189,7 @@ def apply_adapters(
             patch_metadata(root / fname, final or {})
         if reference is not None:
             result.check = RoundTripCheck.combine([c for c in checks if c is not None])
+            require_round_trip(result.check, max_units)  # before the output moves into place
         d.barrier()
         if d.is_main and not single_file:
             copy_aux_files(ckpt.root, tmp)
