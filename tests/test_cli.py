@@ -130,7 +130,8 @@ def test_each_command_help_has_an_example_and_speaks_of_its_own_options(cli, com
 @pytest.mark.parametrize(
     ("args", "expected"),
     [(["merge", "a", "b", "-o", "c"], True), (["extract", "-h"], False), (["registry", "ls"], False),
-     (["--version"], False), ([], False), (["inspect", "x", "--help"], False)],
+     (["registry", "add", "a"], True), (["registry", "verify"], False), (["registry"], False), (["--version"], False),
+     ([], False), (["inspect", "x", "--help"], False)],
 )  # fmt: skip
 def test_torch_is_imported_up_front_only_for_commands_that_use_it(args: list[str], expected: bool) -> None:
     from loratool.cli.startup import needs_torch

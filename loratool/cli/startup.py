@@ -21,16 +21,19 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 
-# First arguments whose commands never import torch (the registry's listings work from its
-# database alone), and options that print and exit before any command runs.
-_LIGHT = frozenset({"registry"})
-_PRINT_AND_EXIT = frozenset({"-h", "--help", "--version"})
+_PRINT_AND_EXIT = frozenset({"-h", "--help", "--version"})  # options that print before any command runs
 
 
 def needs_torch(args: Sequence[str]) -> bool:
     """Whether the command line ``args`` (without the program's name) runs a command that imports
-    torch. A wrong True costs a second's import; a wrong False only the passes this module saves."""
-    return bool(args) and args[0] not in _LIGHT and not _PRINT_AND_EXIT.intersection(args)
+    torch: all but the registry's, which work from its database and headers, except ``registry add``,
+    which validates the adapter. A wrong True costs a second's import; a wrong False only the passes
+    this module saves."""
+    if not args or _PRINT_AND_EXIT.intersection(args):
+        return False
+    if args[0] == "registry":
+        return len(args) > 1 and args[1] == "add"
+    return True
 
 
 def import_torch_frozen() -> None:
