@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -179,3 +180,15 @@ def test_main_freezes_what_the_command_made_before_exit(tmp_path: Path) -> None:
     enabled, frozen, unfrozen = _in_a_process(code).splitlines()[-1].split()
     assert (enabled, frozen) == ("True", "True") and int(unfrozen) < 1_000, unfrozen  # about 7,500 made after torch
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`loratool ... | head`: the pipe's reader gone before the output is written is exit 1 and nothing on stderr;
+    it was 'error: Broken pipe' (and could be a traceback at the interpreter's last flush)."""
+    env = {**os.environ, "LORATOOL_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "loratool", "registry", "ls", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()  # before the child, which takes a while to start, writes a byte
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err == b"", err

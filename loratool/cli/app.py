@@ -41,6 +41,9 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: no output was written", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # the reader left (`loratool ... | head`): exit quietly, as other tools do
+            _quiet_closed_streams()
+            ctx.exit(1)
         except OSError as e:  # the file system's answer (a name too long, no permission, a full disk): not a bug
             if debug:
                 raise
@@ -89,6 +92,18 @@ _log.addHandler(_EchoHandler(logging.WARNING))
 _log.propagate = False
 
 
+def _quiet_closed_streams() -> None:
+    """Point stdout and stderr, where their reader has gone, at /dev/null: the interpreter flushes them
+    at exit, and a second BrokenPipeError there would print a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):  # closed or replaced streams: nothing to flush
+            pass
+
+
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so atomic outputs clean up their temporary files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -99,6 +114,7 @@ def main() -> None:
     try:
         cli(prog_name="loratool")
     finally:
+        _quiet_closed_streams()  # output that waited in a buffer for a reader who left
         startup.freeze_before_exit()
 
 
