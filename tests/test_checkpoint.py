@@ -271,3 +271,40 @@ def test_inspecting_an_adapter_reads_headers_only(fixtures: Path, monkeypatch) -
     info = inspect(fixtures / "llama-peft-adapter")
     assert info["module_count"] == 6 and info["ranks"] == {4: 5, 2: 1}
     assert {m["module"]: m["scaling"] for m in info["modules"]}["model.layers.0.mlp.down_proj"] == 1.0  # alpha 4 / r 4
+
+
+FIXTURE_CHECKPOINTS = ["llama-base", "llama-ft", "llama-fp8-block", "llama-fp8-channel", "llama-gptq-like",
+                       "llama-bnb-like", "gpt2-base", "gpt2-ft", "llama-kohya.safetensors"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FIXTURE_CHECKPOINTS)
+def test_headers_only_lists_and_reads_as_safetensors_does(fixtures: Path, name: str) -> None:
+    """inspect opens checkpoints headers_only (tests/test_mutations.py holds the refusals to safe_open's): the
+    same tensors in the same order, shapes, dtypes, shards and metadata, and the same tensors read, each
+    file opened by safetensors at its first read."""
+    with open_checkpoint(fixtures / name) as eager, open_checkpoint(fixtures / name, headers_only=True) as lazy:
+        assert lazy.infos() == eager.infos() and lazy.metadata == eager.metadata
+        assert not lazy._handles  # nothing opened by listing
+        for key in eager.keys():
+            assert torch.equal(lazy.get(key), eager.get(key)), key
+
+
+def test_inspecting_a_checkpoint_imports_no_torch(fixtures: Path) -> None:
+    """About a second of every `loratool inspect CHECKPOINT` (safe_open imports torch to open a file); an
+    adapter is still read as before."""
+    code = (
+        "import sys; from loratool.cli import main\n"
+        f"for target in ({str(fixtures / 'llama-fp8-block')!r}, {str(fixtures / 'llama-base')!r}):\n"
+        "    sys.argv = ['loratool', 'inspect', target, '--json']\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, e.code\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert '"method": "fp8"' in r.stdout and r.stdout.strip().endswith("torch imported: False")
+    r = subprocess.run([sys.executable, "-m", "loratool", "inspect", str(fixtures / "llama-peft-adapter"), "--json"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout)["kind"] == "adapter", r.stderr

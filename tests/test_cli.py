@@ -132,7 +132,9 @@ def test_each_command_help_has_an_example_and_speaks_of_its_own_options(cli, com
     ("args", "expected"),
     [(["merge", "a", "b", "-o", "c"], True), (["extract", "-h"], False), (["registry", "ls"], False),
      (["registry", "add", "a"], True), (["registry", "verify"], False), (["registry"], False), (["--version"], False),
-     ([], False), (["inspect", "x", "--help"], False)],
+     ([], False), (["inspect", "x", "--help"], False), (["inspect", str(FIXTURES / "llama-base"), "--json"], False),
+     (["inspect", "--json", str(FIXTURES / "llama-peft-adapter")], True),
+     (["inspect", str(FIXTURES / "llama-kohya.safetensors")], True), (["inspect", "missing/"], False)],
 )  # fmt: skip
 def test_torch_is_imported_up_front_only_for_commands_that_use_it(args: list[str], expected: bool) -> None:
     from loratool.cli.startup import needs_torch

@@ -4,6 +4,7 @@ own file error (or reads a file that is still valid), never with another excepti
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import tempfile
@@ -57,7 +58,7 @@ json_values = st.recursive(
 def header_mutation(draw: st.DrawFn, raw: bytes) -> bytes:
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
-    kind = draw(st.sampled_from(["bytes", "length", "truncate", "field", "entry"]))
+    kind = draw(st.sampled_from(["bytes", "length", "truncate", "field", "entry", "layout", "tail", "constant"]))
     if kind == "bytes":  # random bytes over the header
         data = bytearray(raw)
         for _ in range(draw(st.integers(1, 4))):
@@ -67,8 +68,24 @@ def header_mutation(draw: st.DrawFn, raw: bytes) -> bytes:
         return struct.pack("<Q", draw(st.integers(0, 2**64 - 1))) + raw[8:]
     if kind == "truncate":
         return raw[: draw(st.integers(0, len(raw) - 1))]
+    if kind == "tail":  # bytes past the data, or the data cut short
+        return raw + bytes(draw(st.integers(1, 8))) if draw(st.booleans()) else raw[: -draw(st.integers(1, 8))]
+    if kind == "constant":  # a JSON number spelled as Python's json writes what JSON has no word for
+        text = raw[8 : 8 + n].decode()
+        number = draw(st.sampled_from(sorted(set(re.findall(r"\d+", text)))))
+        body = text.replace(number, draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])), 1).encode()
+        return struct.pack("<Q", len(body)) + body + raw[8 + n :]
     name = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
-    if kind == "field":
+    if kind == "layout":  # values of the right types that may not fit: other dtypes, shapes, offsets
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        header[name][field] = draw(
+            st.sampled_from(["F32", "F16", "BF16", "F4", "F6_E2M3", "U8", "C64", "F8_E4M3FNUZ", "XX"])
+            if field == "dtype"
+            else st.lists(st.integers(0, 13), max_size=3)
+            if field == "shape"
+            else st.lists(st.integers(0, 80), min_size=2, max_size=2)
+        )
+    elif kind == "field":
         header[name][draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = draw(json_values)
     else:
         header[draw(st.sampled_from([name, "__metadata__", "extra"]))] = draw(json_values)
@@ -86,6 +103,29 @@ def test_mutated_safetensors_headers(data: st.DataObject) -> None:
         (folder / "model.safetensors").write_bytes(data.draw(header_mutation(raw)))
         _read_everything(folder / "model.safetensors")
         _read_everything(folder)
+
+
+def _listing(path: Path, headers_only: bool) -> object:
+    """What a checkpoint lists (tensors in order, their shapes, dtypes and files, the headers' metadata),
+    or the kind of loratool error that refused it."""
+    try:
+        with open_checkpoint(path, headers_only=headers_only) as ck:
+            return [(i.name, i.shape, i.dtype, i.file) for i in ck.infos()], ck.metadata
+    except LoraToolError as e:
+        return type(e).__name__
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_headers_are_checked_as_safetensors_checks_them(data: st.DataObject) -> None:
+    """inspect lists a checkpoint from its headers, checked by loratool (safetensors would import torch to
+    open it): whatever is done to a header, that listing refuses exactly what safe_open refuses, and
+    lists what it lists."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        raw = _valid_file(folder)
+        (folder / "model.safetensors").write_bytes(data.draw(header_mutation(raw)))
+        assert _listing(folder, headers_only=True) == _listing(folder, headers_only=False)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

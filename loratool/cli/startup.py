@@ -26,14 +26,27 @@ _PRINT_AND_EXIT = frozenset({"-h", "--help", "--version"})  # options that print
 
 def needs_torch(args: Sequence[str]) -> bool:
     """Whether the command line ``args`` (without the program's name) runs a command that imports
-    torch: all but the registry's, which work from its database and headers, except ``registry add``,
-    which validates the adapter. A wrong True costs a second's import; a wrong False only the passes
+    torch: all but the registry's, which work from its database and headers (except ``registry add``,
+    which validates the adapter), and ``inspect`` of a checkpoint, which reads headers only (of an
+    adapter it reads the adapter). A wrong True costs a second's import; a wrong False only the passes
     this module saves."""
     if not args or _PRINT_AND_EXIT.intersection(args):
         return False
     if args[0] == "registry":
         return len(args) > 1 and args[1] == "add"
+    if args[0] == "inspect":
+        return _is_adapter(next((a for a in args[1:] if not a.startswith("-")), None))
     return True
+
+
+def _is_adapter(path: str | None) -> bool:
+    from ..errors import LoraToolError
+    from ..formats import is_adapter
+
+    try:
+        return path is not None and is_adapter(path)
+    except (LoraToolError, OSError):  # the command itself says what is wrong with the file
+        return False
 
 
 def import_torch_frozen() -> None:

@@ -141,7 +141,7 @@ def is_adapter(path: str | os.PathLike[str]) -> bool:
     if p.name == "adapter_config.json":
         return True
     if p.suffix == ".safetensors" and p.is_file():
-        with open_checkpoint(p) as ck:
+        with open_checkpoint(p, headers_only=True) as ck:
             return any(k.endswith(_ADAPTER_KEY_ENDINGS) for k in ck.keys())
     return False
 

@@ -24,7 +24,7 @@ from ..quant.layout import (
     logical_shapes,
     packed_layout,
 )
-from .header import read_header, tensor_offsets, tensor_shapes
+from .header import METADATA_KEY, read_checked_header, read_header, tensor_offsets, tensor_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -100,31 +100,78 @@ class Checkpoint:
     """A checkpoint opened for streaming reads.
 
     Use :func:`open_checkpoint` to make one. ``keys()`` and ``info()`` come from headers;
-    ``get()`` reads one tensor, memory-mapped.
+    ``get()`` reads one tensor, memory-mapped. With ``headers_only`` the headers are read and checked
+    here (:func:`.header.read_checked_header`) and safetensors opens a file at its first read: safetensors
+    imports torch to open one, which listing does not need.
     """
 
-    def __init__(self, path: Path, files: list[Path], *, index_file: Path | None, allow_pickle: bool):
+    def __init__(self, path: Path, files: list[Path], *, index_file: Path | None, allow_pickle: bool,
+                 headers_only: bool = False):  # fmt: skip
         self.path = path
         self.root = path if path.is_dir() else path.parent
         self.files = files
         self.index_file = index_file
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[str, Any] = {}
+        self._unopened: dict[str, Path] = {}  # files listed from their headers, opened at their first read
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self.metadata: dict[str, dict[str, str]] = {}
         for f in files:
             if f.suffix in PICKLE_SUFFIXES:
                 self._open_pickle(f, allow_pickle)
-            else:
+            elif not (headers_only and self._list_safetensors(f)):
                 self._open_safetensors(f)
 
     # -- opening -------------------------------------------------------------------------------
-    def _open_safetensors(self, file: Path) -> None:
+    def _list_safetensors(self, file: Path) -> bool:
+        """List a file from its header, checked as safetensors checks it; False where the check cannot
+        decide (a dtype it does not know), for safetensors to open the file instead."""
+        try:
+            header, decided = read_checked_header(file)
+        except InputFileError as e:  # worded as safe_open's refusals are
+            raise InputFileError(
+                f"not a readable safetensors file ({e.message})",
+                path=str(file),
+                fix="the file is truncated or corrupt: download or copy it again",
+            ) from None
+        except OSError as e:
+            raise InputFileError(f"cannot read the file ({e.strerror})", path=str(file)) from None
+        if not decided:
+            return False
+        rel = file.name
+        self._unopened[rel] = file
+        self.metadata[rel] = dict(header.get(METADATA_KEY) or {})
+        offsets = tensor_offsets(header)
+        for name, (shape, dtype) in sorted(tensor_shapes(file, header).items(), key=lambda kv: (offsets[kv[0]], kv[0])):
+            self._add(TensorInfo(name, shape, dtype, rel))
+        return True
+
+    def _safe_open(self, file: Path) -> Any:
         from safetensors import SafetensorError, safe_open
 
-        rel = file.name
         try:
-            handle: Any = safe_open(str(file), framework="pt")  # safetensors ships no type hints
+            return safe_open(str(file), framework="pt")  # safetensors ships no type hints
+        except SafetensorError as e:
+            raise InputFileError(
+                f"not a readable safetensors file ({e})",
+                path=str(file),
+                fix="the file is truncated or corrupt: download or copy it again",
+            ) from None
+        except OSError as e:
+            raise InputFileError(f"cannot read the file ({e.strerror})", path=str(file)) from None
+
+    def _handle(self, rel: str) -> Any:
+        """The open safetensors file ``rel``, opened now if it was listed from its header."""
+        if rel not in self._handles:
+            self._handles[rel] = self._safe_open(self._unopened.pop(rel))
+        return self._handles[rel]
+
+    def _open_safetensors(self, file: Path) -> None:
+        from safetensors import SafetensorError
+
+        rel = file.name
+        handle = self._safe_open(file)
+        try:
             names = list(handle.keys())
             infos = []
             for name in names:
@@ -137,12 +184,10 @@ class Checkpoint:
                 path=str(file),
                 fix="the file is truncated or corrupt: download or copy it again",
             ) from None
-        except OSError as e:
-            raise InputFileError(f"cannot read the file ({e.strerror})", path=str(file)) from None
         self._handles[rel] = handle
         self.metadata[rel] = dict(meta)
         offsets = tensor_offsets(read_header(file))
-        for info in sorted(infos, key=lambda i: offsets.get(i.name, 0)):
+        for info in sorted(infos, key=lambda i: (offsets.get(i.name, 0), i.name)):
             self._add(info)
 
     def _open_pickle(self, file: Path, allow_pickle: bool) -> None:
@@ -291,7 +336,7 @@ class Checkpoint:
         from safetensors import SafetensorError
 
         try:
-            tensor: torch.Tensor = self._handles[info.file].get_tensor(key)
+            tensor: torch.Tensor = self._handle(info.file).get_tensor(key)
             return tensor
         except SafetensorError as e:
             raise InputFileError(f"cannot read tensor '{key}' ({e})", path=str(self.root / info.file)) from None
@@ -305,7 +350,7 @@ class Checkpoint:
         from safetensors import SafetensorError
 
         try:
-            tensor: torch.Tensor = self._handles[info.file].get_slice(key)[start:stop]
+            tensor: torch.Tensor = self._handle(info.file).get_slice(key)[start:stop]
             return tensor
         except SafetensorError as e:
             raise InputFileError(f"cannot read tensor '{key}' ({e})", path=str(self.root / info.file)) from None
@@ -437,19 +482,23 @@ def _inside(root: Path, name: str, index: Path) -> Path:
     return root / normal
 
 
-def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, headers_only: bool = False
+) -> Checkpoint:
     """Open a checkpoint for streaming reads (headers now, tensors on demand).
 
     Args:
         path: a ``.safetensors`` file, a directory with ``model.safetensors``, or a sharded
             directory with ``*.safetensors.index.json``.
         allow_pickle: accept ``.bin``/``.pt`` files, loaded with ``torch.load(weights_only=True)``.
+        headers_only: list the files from their headers, checked here, and open them with
+            safetensors (which imports torch) at their first read: for what only lists.
 
     Raises:
         InputFileError: missing, corrupt or truncated files; pickle without ``allow_pickle``.
     """
     root, files, index = resolve_checkpoint_files(path)
-    ckpt = Checkpoint(root, files, index_file=index, allow_pickle=allow_pickle)
+    ckpt = Checkpoint(root, files, index_file=index, allow_pickle=allow_pickle, headers_only=headers_only)
     if index is not None:
         weight_map = json.loads(index.read_text())["weight_map"]
         missing = [k for k, f in weight_map.items() if k not in ckpt]

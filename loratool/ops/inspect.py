@@ -34,7 +34,7 @@ def inspect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict
 
 
 def _inspect_checkpoint(p: Path, allow_pickle: bool) -> dict[str, Any]:
-    with open_checkpoint(p, allow_pickle=allow_pickle) as ck:
+    with open_checkpoint(p, allow_pickle=allow_pickle, headers_only=True) as ck:
         infos = ck.infos()
         dtypes = Counter(i.dtype for i in infos)
         per_file = Counter(i.file for i in infos)
