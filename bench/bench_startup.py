@@ -1,7 +1,7 @@
 """Start-up: what a short ``loratool`` command costs above importing torch, and what the collector took.
 
-Times whole processes on the shipped fixtures, as a pipeline runs them: ``inspect``, ``validate``,
-``merge``, ``extract`` and ``registry ls``, each through loratool's entry point (``python -m
+Times whole processes on the shipped fixtures, as a pipeline runs them: ``inspect`` (of a checkpoint,
+from its headers, and of an adapter), ``validate``, ``merge``, ``extract`` and ``registry ls``, each through loratool's entry point (``python -m
 loratool``: torch imported with the collector paused and frozen, the rest frozen before exit;
 loratool.cli.startup) and, as the baseline in the same run, through the same click group with
 Python's collector left as it is. Runs alternate, best of ``--repeats``; ``python -c 'import
@@ -28,12 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 BASELINE = "import sys; from loratool.cli import cli; cli(args=sys.argv[1:], prog_name='loratool')"
 FROZEN_TORCH = "import gc; gc.disable(); import torch; gc.freeze()"
+TORCH_FREE = ("inspect ckpt", "registry ls")  # headers and the registry's database only
 
 
 def commands(out: Path) -> dict[str, list[str]]:
     f = FIXTURES
     return {
-        "inspect": ["inspect", str(f / "llama-base"), "--json"],
+        "inspect ckpt": ["inspect", str(f / "llama-base"), "--json"],
+        "inspect adapter": ["inspect", str(f / "llama-peft-adapter"), "--json"],
         "validate": ["validate", str(f / "llama-peft-adapter"), "--base", str(f / "llama-base")],
         "merge": ["merge", str(f / "llama-base"), str(f / "llama-peft-adapter"), "-o", str(out), "-q"],
         "extract": ["extract", str(f / "llama-base"), str(f / "llama-ft"), "-r", "4", "-o", str(out), "-q"],
@@ -72,16 +74,16 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         "whole processes on the shipped fixtures, best of each (runs alternated); a process that only imports torch: "
         f"{floor['old']:.2f} s, {floor['new']:.2f} s with the collector paused and frozen",
-        f"  {'command':12s} {'collector as is':>16s} {'startup.py':>11s}  {'new/old':>7s}   above its import-torch process",
+        f"  {'command':15s} {'collector as is':>13s} {'startup.py':>11s}  {'new/old':>7s}   above its import-torch process",
     ]
     for row in r["rows"]:
         new, old = min(row["new"]), min(row["old"])
         above = (
             "(imports no torch)"
-            if row["command"] == "registry ls"
+            if row["command"] in TORCH_FREE
             else f"{old - floor['old']:+.2f} s -> {new - floor['new']:+.2f} s"
         )
-        lines.append(f"  {row['command']:12s} {old:14.2f} s {new:9.2f} s  {new / old:6.2f}x   {above}")
+        lines.append(f"  {row['command']:15s} {old:11.2f} s {new:9.2f} s  {new / old:6.2f}x   {above}")
     return "\n".join(lines)
 
 
