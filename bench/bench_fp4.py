@@ -18,7 +18,7 @@ subspace rounding.
 
 Speed. A Llama-1B-shaped bf16 checkpoint (``--layers`` layers) with its projections as INT4 and as
 NVFP4; loratool merge of a rank-16 adapter by each rule, against ``cp -r`` + ``sync`` of the same
-files, best of ``--repeats``; nearest and stochastic also as a second merge into the same base,
+files (three copies a repeat: their time swings twofold with the page cache), best of ``--repeats``; nearest and stochastic also as a second merge into the same base,
 whose sha256 for the provenance record loratool then keeps from the first (loratool.metadata.digests).
 
     python bench/bench_fp4.py --workdir /tmp/loratool-bench [--layers 4] [--skip-speed] [--skip-keep]
@@ -254,6 +254,9 @@ def run_keep(workdir: Path, steps: int, rank: int) -> dict[str, Any]:
 
 
 # -- speed ----------------------------------------------------------------------------------------
+COPIES = 3  # copies a repeat: a buffered copy's time swings twofold with the page cache (the quickest is the baseline)
+
+
 def copy_and_sync(src: Path, dst: Path) -> float:
     t = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
@@ -270,8 +273,10 @@ def run_speed(workdir: Path, layers: int, rank: int, repeats: int, rules: tuple[
         home = keep_digests(fresh(workdir / "digest-home"), base, adapter)
         copies, times, warm = [], {r: [] for r in rules}, {r: [] for r in rules if r != "subspace"}
         kept, peak = {}, {}
+        subprocess.run(["sync"], check=True)  # the inputs just written: not the first copy's to flush
         for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
-            copies.append(copy_and_sync(base, fresh(workdir / "copy")))
+            for _ in range(COPIES):
+                copies.append(copy_and_sync(base, fresh(workdir / "copy")))
             fresh(workdir / "copy")
             for rule in rules:
                 m = measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp4")),

@@ -4,8 +4,9 @@ Importing torch makes about 160,000 objects that live as long as the process. Py
 collector sees them as new: while they are made, and again while the command's own imports run,
 it collects its oldest generation several times, each pass visiting all of them (20-70 ms each
 on the 2-core machine), and the interpreter's exit visits them once more while it tears down.
-Whole processes of the shipped fixtures' inspect, validate, merge and extract took 0.67-0.76x as
-long without those passes (bench/bench_startup.py; about 0.45 s less each).
+Whole processes of the shipped fixtures' inspect (of an adapter), validate, merge and extract took
+0.70-0.75x as long without those passes (bench/bench_startup.py, the startup section of
+docs/benchmarks.md: 0.33-0.43 s less each).
 
 :func:`import_torch_frozen` imports torch with the collector paused and then moves every object
 there is into the permanent generation (:func:`gc.freeze`), which later passes skip; they run as
