@@ -129,11 +129,7 @@ class Checkpoint:
         try:
             header, decided = read_checked_header(file)
         except InputFileError as e:  # worded as safe_open's refusals are
-            raise InputFileError(
-                f"not a readable safetensors file ({e.message})",
-                path=str(file),
-                fix="the file is truncated or corrupt: download or copy it again",
-            ) from None
+            raise _unreadable(file, e.message) from None
         except OSError as e:
             raise InputFileError(f"cannot read the file ({e.strerror})", path=str(file)) from None
         if not decided:
@@ -152,11 +148,7 @@ class Checkpoint:
         try:
             return safe_open(str(file), framework="pt")  # safetensors ships no type hints
         except SafetensorError as e:
-            raise InputFileError(
-                f"not a readable safetensors file ({e})",
-                path=str(file),
-                fix="the file is truncated or corrupt: download or copy it again",
-            ) from None
+            raise _unreadable(file, e) from None
         except OSError as e:
             raise InputFileError(f"cannot read the file ({e.strerror})", path=str(file)) from None
 
@@ -179,11 +171,7 @@ class Checkpoint:
                 infos.append(TensorInfo(name, tuple(s.get_shape()), s.get_dtype(), rel))
             meta = handle.metadata() or {}
         except SafetensorError as e:
-            raise InputFileError(
-                f"not a readable safetensors file ({e})",
-                path=str(file),
-                fix="the file is truncated or corrupt: download or copy it again",
-            ) from None
+            raise _unreadable(file, e) from None
         self._handles[rel] = handle
         self.metadata[rel] = dict(meta)
         offsets = tensor_offsets(read_header(file))
@@ -378,6 +366,12 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unreadable(file: Path, why: object) -> InputFileError:
+    """A safetensors file that safetensors (or loratool's check of its header) refuses."""
+    return InputFileError(f"not a readable safetensors file ({why})", path=str(file),
+                          fix="the file is truncated or corrupt: download or copy it again")  # fmt: skip
 
 
 def _torch_load(file: Path) -> Any:
