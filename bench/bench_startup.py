@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import compile_loratool, machine
+from common import machine  # which compiles loratool's modules to bytecode as it is imported
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -51,7 +51,6 @@ def seconds(argv: list[str], env: dict[str, str], out: Path) -> float:
 
 
 def run(workdir: Path, layers: int = 0, rank: int = 0, device: str = "cpu", repeats: int = 5) -> dict[str, Any]:
-    compile_loratool()
     out = workdir / "startup-out"
     env = dict(os.environ, LORATOOL_HOME=str(workdir / "startup-home"), LORATOOL_DIGEST_CACHE="0")
     floors = {"old": [], "new": []}

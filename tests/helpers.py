@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -116,3 +118,21 @@ def peft_deltas(model, adapter_name: str = "default") -> dict[str, torch.Tensor]
         for name, layer in model.named_modules()
         if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A
     }
+
+
+def main_in_a_process(*argvs: list[str], then: str = "print('torch imported:', 'torch' in sys.modules)") -> str:
+    """loratool's entry point (``loratool.cli.main``) on each command line in turn, in one fresh
+    interpreter, each required to exit 0, then the statement ``then``: that interpreter's stdout."""
+    code = (
+        "import sys; from loratool.cli import main\n"
+        f"for argv in {[[str(a) for a in argv] for argv in argvs]!r}:\n"
+        "    sys.argv = ['loratool', *argv]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, (argv, e.code)\n"
+        f"{then}\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout

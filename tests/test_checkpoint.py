@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import main_in_a_process
 from safetensors.torch import load_file, save_file
 
 from loratool.errors import InputFileError, MissingInputError, OutputExistsError
@@ -292,19 +293,8 @@ def test_headers_only_lists_and_reads_as_safetensors_does(fixtures: Path, name: 
 def test_inspecting_a_checkpoint_imports_no_torch(fixtures: Path) -> None:
     """About a second of every `loratool inspect CHECKPOINT` (safe_open imports torch to open a file); an
     adapter is still read as before."""
-    code = (
-        "import sys; from loratool.cli import main\n"
-        f"for target in ({str(fixtures / 'llama-fp8-block')!r}, {str(fixtures / 'llama-base')!r}):\n"
-        "    sys.argv = ['loratool', 'inspect', target, '--json']\n"
-        "    try:\n"
-        "        main()\n"
-        "    except SystemExit as e:\n"
-        "        assert not e.code, e.code\n"
-        "print('torch imported:', 'torch' in sys.modules)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert '"method": "fp8"' in r.stdout and r.stdout.strip().endswith("torch imported: False")
+    out = main_in_a_process(*(["inspect", fixtures / name, "--json"] for name in ("llama-fp8-block", "llama-base")))
+    assert '"method": "fp8"' in out and out.strip().endswith("torch imported: False")
     r = subprocess.run([sys.executable, "-m", "loratool", "inspect", str(fixtures / "llama-peft-adapter"), "--json"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and json.loads(r.stdout)["kind"] == "adapter", r.stderr

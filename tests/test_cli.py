@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
+from helpers import main_in_a_process
 
 BASE = FIXTURES / "llama-base"
 FT = FIXTURES / "llama-ft"
@@ -173,13 +174,11 @@ def test_torch_is_imported_with_the_collector_paused_then_frozen() -> None:
 
 
 def test_main_freezes_what_the_command_made_before_exit(tmp_path: Path) -> None:
-    code = (
-        "import gc, sys; from loratool.cli import main\n"
-        f"sys.argv = ['loratool', 'merge', {str(BASE)!r}, {str(ADAPTER)!r}, '-o', {str(tmp_path / 'out')!r}, '-q']\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "print(gc.isenabled(), gc.get_freeze_count() > 100_000, len(gc.get_objects()))\n"
+    out = main_in_a_process(
+        ["merge", BASE, ADAPTER, "-o", tmp_path / "out", "-q"],
+        then="import gc; print(gc.isenabled(), gc.get_freeze_count() > 100_000, len(gc.get_objects()))",
     )
-    enabled, frozen, unfrozen = _in_a_process(code).splitlines()[-1].split()
+    enabled, frozen, unfrozen = out.splitlines()[-1].split()
     assert (enabled, frozen) == ("True", "True") and int(unfrozen) < 1_000, unfrozen  # about 7,500 made after torch
     assert (tmp_path / "out" / "model.safetensors").exists()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import file_digest
+from helpers import file_digest, main_in_a_process
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.formats import load_adapter, save_adapter
@@ -114,22 +114,11 @@ def test_listing_and_showing_need_no_torch(fixtures: Path) -> None:
     does not import torch for them: about a second of a pipeline's every call (it did, through the
     experts module and the packed formats' arithmetic, which validation imported)."""
     register(fixtures / "llama-peft-adapter", name="llama-bot")
-    runs = [["ls"], ["ls", "--json"], ["ls", "--base", str(fixtures / "llama-base")], ["show", "llama-bot@v1"],
+    runs = [["ls"], ["ls", "--json"], ["ls", "--base", fixtures / "llama-base"], ["show", "llama-bot@v1"],
             ["show", "llama-bot@v1", "--lineage", "--json"]]  # fmt: skip
-    code = (
-        "import sys; from loratool.cli import main\n"
-        f"for args in {runs!r}:\n"
-        "    sys.argv = ['loratool', 'registry', *args]\n"
-        "    try:\n"
-        "        main()\n"
-        "    except SystemExit as e:\n"
-        "        assert not e.code, (args, e.code)\n"
-        "print('torch imported:', 'torch' in sys.modules)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "llama-bot@v1" in r.stdout
-    assert r.stdout.strip().endswith("torch imported: False")
+    out = main_in_a_process(*(["registry", *args] for args in runs))
+    assert "llama-bot@v1" in out
+    assert out.strip().endswith("torch imported: False")
 
 
 def test_lineage_in_both_directions(tmp_path: Path, fixtures: Path, cli) -> None:
