@@ -264,6 +264,26 @@ def test_the_rules_keep_a_small_adapter_that_nearest_rounding_erases(tmp_path: P
     assert kept["nearest"] < 0.5 and kept["stochastic"] > 0.85 and kept["subspace"] > 0.85, kept
 
 
+def test_the_subspace_rule_into_4bit_says_it_was_slow_only_where_torch_ran_it(tmp_path: Path, plain,
+                                                                             monkeypatch) -> None:  # fmt: skip
+    """On the CPU the compiled loop rounds a 4-bit layout by the subspace rule (no warning, the same
+    bytes as the torch passes); without the kernels the merge says it ran as torch passes, and why."""
+    from loratool.quant import native
+
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "int4-asym")
+    fast = merge(tmp_path / "q", [(adapter, 0.02)], output=tmp_path / "fast", rounding="subspace", min_kept=0.0,
+                 device="cpu", show_progress=False)  # fmt: skip
+    if native.fp8_kernels() is not None:
+        assert not any("ran as torch passes" in w for w in fast.warnings), fast.warnings
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    slow = merge(tmp_path / "q", [(adapter, 0.02)], output=tmp_path / "slow", rounding="subspace", min_kept=0.0,
+                 device="cpu", show_progress=False)  # fmt: skip
+    assert any("ran as torch passes" in w and "LORATOOL_NATIVE=0" in w for w in slow.warnings), slow.warnings
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("fast", "slow"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("fmt", ["int4-asym", "nvfp4-modelopt"])
 def test_extract_from_a_quantized_base_equals_extract_from_its_dequantized_copy(tmp_path: Path, plain, cli,
                                                                                  fmt) -> None:  # fmt: skip

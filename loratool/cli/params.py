@@ -196,7 +196,7 @@ ROUNDING: Decorator = click.option(
     "--rounding", type=click.Choice(["subspace", "stochastic", "nearest"]), default=None,
     help="How the written weights return onto a quantized base's grid (FP8, NVFP4, MXFP4, INT4/INT8), or "
     "--dtype's from one. subspace (the default in an FP8 layout): each row's rounding error fed forward out of "
-    "the adapter's input subspace (in a 4-bit layout slow, torch passes column by column); "
+    "the adapter's input subspace (into a 4-bit layout several times slower than stochastic); "
     "stochastic (the default into --dtype and 4-bit layouts): up or down with the odds of the value's position, "
     "unbiased; nearest: "
     "the quantizers' own rule, which writes the base back wherever the delta is under half a step. Plain "

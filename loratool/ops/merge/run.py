@@ -22,7 +22,7 @@ from ...io.header import patch_metadata
 from ...io.logical import RenamedView, model_view
 from ...io.writer import TensorSpec, copy_aux_files
 from ...metadata.provenance import InputHasher, encode, make_record
-from ...quant import native
+from ...quant import native, packed
 from ...quant.rounding import KEPT_WARNING, NOISE_LIMIT, RULES, Kept, Rounding, Rule, default_rule
 from ...stream.distributed import current
 from .check import RoundTripCheck, require_round_trip
@@ -171,13 +171,8 @@ def apply_adapters(
                 result.quantization["requantized_fp8"] = sorted(to_fp8)
             require_kept(result.quantization, min_kept, max_noise, rule)  # before the output moves into place
             result.warnings += quantization_warnings(result.quantization, rule)
-            torch_passes = dequantize or native.fp8_kernels() is None or packed_in_place
-            if rule.subspace and torch_passes and result.quantization["tensors"]:
-                why = (
-                    "its compiled kernels round onto FP8 grids only"
-                    if dequantize or packed_in_place
-                    else "loratool's compiled kernels are not built here: reinstall it with a C compiler on PATH"
-                )
+            why = _why_subspace_ran_in_torch(dequantize, packed_in_place, dev) if rule.subspace else None
+            if why and result.quantization["tensors"]:
                 result.warnings.append(f"the subspace rule ran as torch passes, column by column ({why}), which is "
                                        "slow on large models; --rounding stochastic is fast everywhere")  # fmt: skip
         elif min_kept is not None or max_noise is not None:
@@ -203,6 +198,23 @@ def apply_adapters(
                 _rewrite_index(ckpt.index_file, tmp, layout)
     d.barrier()  # rank 0 has moved the output into place
     return result
+
+
+def _why_subspace_ran_in_torch(dequantize: bool, packed_in_place: bool, device: torch.device) -> str | None:
+    """Why a merge by the subspace rule ran its column loop as torch passes, or None where the
+    compiled kernels ran it: in place into FP8 on any device (on the CPU beside a GPU), and in place
+    into 4-bit layouts on the CPU."""
+    if dequantize:
+        return "its compiled kernels round onto FP8 and 4-bit grids only, not onto --dtype's"
+    if native.fp8_kernels() is None:
+        if os.environ.get("LORATOOL_NATIVE", "1") == "0":
+            return "LORATOOL_NATIVE=0 turns loratool's compiled kernels off"
+        return "loratool's compiled kernels are not built here: reinstall it with a C compiler on PATH"
+    if not packed_in_place or packed.subspace_compiled(device):
+        return None
+    if device.type != "cpu":
+        return f"into 4-bit layouts its compiled loop runs on the CPU, and this merge ran on {device}"
+    return "its compiled loop into 4-bit layouts disagreed with the torch passes here: see the warning before"
 
 
 def _layout(
