@@ -273,3 +273,35 @@ def test_kohya_names_are_mapped_or_refused_never_written_for_peft_to_skip(tmp_pa
     save_adapter(bad, tmp_path / "kohya-named")
     res = cli("validate", tmp_path / "kohya-named", "--base", fixtures / "llama-base")
     assert res.exit_code == 1 and "lora_model_layers_0_mlp_gate_proj" in res.output
+
+
+@pytest.mark.parametrize(("scale", "dtype", "says"), [
+    ("1e308", "float32", "float32's range"),  # float32 itself overflows
+    ("1e14", "float16", "float16's range (+-65504)"),  # only the float16 cast does: float32 would write it
+])  # fmt: skip
+def test_an_output_that_overflows_is_refused_naming_the_tensor(tmp_path: Path, fixtures: Path, cli, scale: str,
+                                                               dtype: str, says: str) -> None:  # fmt: skip
+    """A finite scale can still take the written factors past their dtype's range: an adapter of Inf
+    (which validate rejects) is not written; the tensor is named and nothing is left behind."""
+    adapter = fixtures / "llama-peft-adapter"
+    r = cli("combine", f"{adapter}:{scale}", adapter, "-o", tmp_path / "x", "--dtype", dtype)
+    assert r.exit_code == 1 and says in r.stderr and ".lora_" in r.stderr, r.stderr
+    assert "ADAPTER:SCALE" in r.stderr and ("--dtype float32" in r.stderr) == (dtype == "float16")
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+    assert cli("combine", f"{adapter}:1e14", adapter, "-o", tmp_path / "y").exit_code == 0  # float32 holds 1e14's
+
+
+def test_save_adapter_refuses_factors_its_dtype_cannot_hold(tmp_path: Path, fixtures: Path) -> None:
+    from loratool.errors import NonFiniteError
+    from loratool.formats import save_adapter
+
+    a = load_adapter(fixtures / "llama-peft-adapter")
+    name, m = sorted(a.modules.items())[0]
+    m.lora_B = m.lora_B * 0 + 1e5  # finite in float32, past float16's largest
+    for fmt, out in (("peft", tmp_path / "p"), ("kohya", tmp_path / "k.safetensors"), ("mlx", tmp_path / "m")):
+        with pytest.raises(NonFiniteError, match="float16's range") as e:
+            save_adapter(a, out, format=fmt, dtype=torch.float16)  # type: ignore[arg-type]
+        assert not out.exists(), fmt
+    assert "lora_B" in str(e.value) or "lora_b" in str(e.value)
+    save_adapter(a, tmp_path / "f32", dtype=torch.float32)
+    assert load_adapter(tmp_path / "f32").modules[name].lora_B.max() == 1e5

@@ -471,3 +471,21 @@ def test_the_name_table_covers_the_layers_in_use_not_the_configs_count(fixtures:
     assert asked == [2] and len(plan.names) == len(adapter.modules)
     assert plan_gguf(adapter, {**config, "num_hidden_layers": 1}).problems  # layer 1 is past the config's count
     assert asked[-1] == 1
+
+
+def test_factors_past_the_outtypes_range_are_refused_naming_the_tensor(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, _ = save_pair(tmp_path, "llama", ["q_proj"], r=4, alpha=8)
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
+    tensors[key] = torch.full_like(tensors[key], 1e5)  # finite in float32, past float16's 65504
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    for outtype in ("f16", "q8_0"):  # Q8_0 keeps rows that do not fill its blocks (B's rows of r=4) in float16
+        r = CliRunner().invoke(cli, ["convert", str(adapter), "--to", "gguf", "--base", str(base), "--outtype",
+                                     outtype, "-o", str(tmp_path / "a.gguf")])  # fmt: skip
+        assert r.exit_code == 1 and "blk.0.attn_q.weight.lora_b" in r.output and "--outtype f32" in r.output, r.output
+        assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.glob("*.gguf*"))
+    convert(adapter, to="gguf", base=base, output=tmp_path / "a.gguf")  # f32 holds them
+    assert float(reader_tensors(tmp_path / "a.gguf")["blk.0.attn_q.weight.lora_b"].max()) == 1e5

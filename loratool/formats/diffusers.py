@@ -24,7 +24,7 @@ from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.writer import save_tensors
 from ..metadata.provenance import with_tensors_digest
 from ..metadata.schema import check
-from . import peft
+from . import peft, require_finite_output
 
 if TYPE_CHECKING:
     import torch
@@ -350,6 +350,7 @@ def write_diffusers(adapter: Adapter, out: Path, *, force: bool = False, dtype: 
         flat.update({f"{component}.{k}": v for k, v in config.items()})
     metadata = {"format": "pt", METADATA_KEY: json.dumps(flat, sort_keys=True, allow_nan=False)}
     metadata.update({k: v for k, v in adapter.metadata.items() if k.startswith("loratool")})
+    require_finite_output(tensors, out)
     metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=False) as tmp:
         save_tensors(tmp, tensors, metadata)

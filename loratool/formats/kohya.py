@@ -20,6 +20,7 @@ from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
 from ..metadata.provenance import with_tensors_digest
+from . import require_finite_output
 
 if TYPE_CHECKING:
     import torch
@@ -187,6 +188,7 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
     )
     if adapter.base_model_name_or_path:
         metadata["ss_base_model_name_or_path"] = adapter.base_model_name_or_path
+    require_finite_output(tensors, out)
     metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=False) as tmp:
         save_tensors(tmp, tensors, metadata)

@@ -29,6 +29,7 @@ from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
 from ..metadata.provenance import with_tensors_digest
 from ..metadata.schema import check
+from . import require_finite_output
 
 if TYPE_CHECKING:
     import torch
@@ -395,6 +396,7 @@ def write_peft(
     tensors = state_dict(adapter, dtype)
     config = build_config(adapter)
     metadata = {"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
+    require_finite_output(tensors, out)
     metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=True) as tmp:
         save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..adapter import Adapter, LoraModule
 from ..arch import OUTPUT_LAYER, UNTIED_FIX, UNTIED_WHY, ties_word_embeddings, untied_partner
 from ..errors import InputFileError, LoraToolError, MetadataError, Refusal, UnsupportedAdapterError
+from ..formats import require_finite_output
 from ..io.atomic import atomic_output
 
 if TYPE_CHECKING:
@@ -269,12 +270,15 @@ def write_gguf(
     Raises:
         UnsupportedAdapterError: a module llama.cpp cannot take (each is named; nothing is written).
     """
+    import torch
+
     gguf = require_gguf()
     plan = refuse_for_gguf(adapter, config)
     assert plan.arch is not None and plan.family is not None
     alpha = llama_cpp_alpha(adapter.modules)
     qtype = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
     ftype = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}[outtype]
+    fits = getattr(torch, _RANGE_OF[outtype])
     folded: list[str] = []
     parameters = 0
     with atomic_output(out, force=force, directory=False) as tmp:
@@ -294,6 +298,7 @@ def write_gguf(
             if fold_factor(m, alpha) != 1.0:
                 folded.append(path)
             for suffix, t in ((".lora_a", a), (".lora_b", b)):
+                require_finite_output({base_name + suffix: t.to(fits)}, out, wider="--outtype f32")
                 data, raw = _encode(gguf, t.numpy(), qtype)
                 writer.add_tensor(base_name + suffix, data, raw_dtype=raw)
                 parameters += t.numel()
@@ -302,6 +307,11 @@ def write_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return GgufWritten(out, plan.arch, alpha, 2 * len(plan.names), parameters, folded)
+
+
+# the dtype whose range a tensor of each output type must fit: Q8_0 stores float16 scales, and rows
+# that do not divide into its blocks of 32 as float16 (_encode)
+_RANGE_OF = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "float16"}
 
 
 def _encode(gguf: Any, data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:

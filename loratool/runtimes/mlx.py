@@ -27,6 +27,7 @@ from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import TensorSource, is_embedding
 from ..errors import InputFileError, MissingKeyError, Refusal, ShapeMismatchError
+from ..formats import require_finite_output
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
@@ -146,6 +147,7 @@ def write_mlx(adapter: Adapter, out: Path, *, force: bool = False, dtype: torch.
     if adapter.base_model_name_or_path:
         config["model"] = adapter.base_model_name_or_path
     metadata = {"format": "mlx", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
+    require_finite_output(tensors, out)
     metadata = with_tensors_digest(metadata, tensors)
     with atomic_output(out, force=force, directory=True) as tmp:
         save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)
