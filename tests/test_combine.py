@@ -305,3 +305,19 @@ def test_save_adapter_refuses_factors_its_dtype_cannot_hold(tmp_path: Path, fixt
     assert "lora_B" in str(e.value) or "lora_b" in str(e.value)
     save_adapter(a, tmp_path / "f32", dtype=torch.float32)
     assert load_adapter(tmp_path / "f32").modules[name].lora_B.max() == 1e5
+
+
+def test_an_svd_form_whose_combined_delta_passes_float32_is_refused_by_module(tmp_path: Path, fixtures: Path,
+                                                                             cli) -> None:  # fmt: skip
+    """The _svd forms combine dense deltas: weights that take them past float32's range (1e37 x ~500
+    here) gave linalg.svd an Inf to fail on ("This is a loratool bug"); now the module is named."""
+    from loratool.formats import save_adapter
+
+    a = load_adapter(fixtures / "llama-peft-adapter")
+    for m in a.modules.values():
+        m.lora_B = m.lora_B * 1e4
+    save_adapter(a, tmp_path / "big")
+    big = tmp_path / "big"
+    r = cli("combine", f"{big}:1e37", f"{big}:1e37", "--method", "ties_svd", "--density", "1", "-o", tmp_path / "x")
+    assert r.exit_code == 1 and "passes float32's range" in r.stderr and "model.layers." in r.stderr, r.stderr
+    assert "ADAPTER:WEIGHT" in r.stderr and not (tmp_path / "x").exists()

@@ -385,6 +385,16 @@ def test_a_dequantized_weight_beyond_float16_is_refused_even_where_no_adapter_to
     assert big in str(e.value) and not (tmp_path / "out").exists()
 
 
+def test_a_delta_too_large_to_measure_what_was_kept_is_refused(tmp_path: Path, plain, cli) -> None:
+    """At a scale of 1e30 the merged deltas' squares pass float32's range in the kept sums: the merge
+    reported kept nan (and --json failed on the Inf), writing the checkpoint; now it writes nothing."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    r = cli("merge", tmp_path / "fp8", f"{adapter}:1e30", "-o", tmp_path / "out", "--min-kept", "0", "--json")
+    assert r.exit_code == 1 and "too large to measure what the rounding kept" in r.stderr, r.stderr
+    assert "ADAPTER:SCALE" in r.stderr and ".weight" in r.stderr and not (tmp_path / "out").exists()
+
+
 def test_the_subspace_rule_without_the_kernels_gives_their_bytes_and_says_it_is_slow(
     tmp_path: Path, plain, monkeypatch
 ) -> None:

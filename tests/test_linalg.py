@@ -196,6 +196,26 @@ def test_top_svd_is_as_accurate_as_the_direct_svd(spectrum: str, shape: tuple[in
         assert top_svd(m, r).U.shape == (shape[0], r) and top_svd(m, r).Vh.shape == (r, shape[1])
 
 
+def test_squared_norm_of_values_whose_squares_pass_float32() -> None:
+    """Finite float32 values above 2^64 square past float32's range: summed in float64, not Inf."""
+    t = torch.full((3, 5000), 3e30)
+    assert math.isclose(squared_norm(t), 15000 * 3e30**2, rel_tol=1e-6)
+    assert squared_norm(torch.tensor([[1.0, math.inf]])) == math.inf
+    assert math.isnan(squared_norm(torch.tensor([[1.0, math.nan]])))
+
+
+def test_top_svd_of_a_matrix_whose_gram_matrix_float32_cannot_hold() -> None:
+    """Values past 2^64 square past float32's range in the Gram matrix (linalg.svd then failed on its
+    Inf, as combine --method ties_svd did at a scale of 1e38): by a power of two, the same triplets."""
+    m = torch.randn(300, 120, generator=torch.Generator().manual_seed(0))
+    for e in (70, 100):
+        big = top_svd(torch.ldexp(m, torch.tensor(e)), 8)
+        want = top_svd(m, 8)
+        assert torch.equal(big.S, torch.ldexp(want.S, torch.tensor(e))), e
+        assert torch.equal(big.U, want.U) and torch.equal(big.Vh, want.Vh), e
+        assert math.isclose(big.total_energy, squared_norm(m) * 4.0**e, rel_tol=1e-6)  # summed in float64 past 2^64
+
+
 def test_top_svd_falls_back_to_the_direct_svd_when_its_check_fails(monkeypatch) -> None:
     """Should the Gram eigenvectors be wrong, the residual check sees it and the direct SVD runs."""
     g = torch.Generator().manual_seed(4)

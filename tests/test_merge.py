@@ -317,6 +317,15 @@ def test_overflow_from_a_huge_scale_says_so(tmp_path: Path, cli) -> None:
     _refused(cli, tmp_path, ["merge", base, f"{adapter}:1e37"], "adding the adapter overflowed float32")
 
 
+@pytest.mark.parametrize("command", ["merge", "unmerge"])
+def test_a_scale_whose_factor_float32_cannot_hold_is_refused_by_module(tmp_path: Path, cli, command: str) -> None:
+    """scale * scaling multiplies each product in float32: past its range (a finite 1e39 here) the
+    merge said "This is a loratool bug" (torch refused the factor); now the module is named, before any work."""
+    base, adapter = make(tmp_path, "llama")
+    _refused(cli, tmp_path, [command, base, f"{adapter}:1e39"], "times this module's scaling")
+    _refused(cli, tmp_path, [command, base, f"{adapter}:-1e39"], "is past float32's range (+-3.40282e+38)")
+
+
 def test_refuses_float16_overflow(tmp_path: Path, cli) -> None:
     """Finite in float32 but past float16's largest value: written as Inf, so refused."""
     base, adapter = make(tmp_path, "llama", dtype=torch.float16)

@@ -179,6 +179,12 @@ def top_svd(matrix: torch.Tensor, k: int, *, sq_norm: float | None = None) -> Tr
     width = 2 * k
     if width >= n // 2:  # no cheaper than the direct SVD
         return exact_svd(m, k, sq_norm=sq_norm)
+    top = float(m.abs().max()) if m.numel() else 0.0
+    if _GRAM_SAFE < top < math.inf:  # the Gram matrix's entries would pass float32's range: by a power of
+        e = math.frexp(top)[1]  # two, exactly, the same directions of a matrix whose largest value is 1
+        scaled = top_svd(torch.ldexp(m, torch.tensor(-e)), k)
+        return TruncatedSVD(scaled.U, torch.ldexp(scaled.S, torch.tensor(e)), scaled.Vh,
+                            squared_norm(m) if sq_norm is None else sq_norm)  # fmt: skip
     tall = m if rows >= cols else m.T  # (big, n)
     _, v = torch.linalg.eigh(tall.T @ tall)  # ascending eigenvalues of the (n, n) Gram matrix
     q, _ = torch.linalg.qr(tall @ v[:, -width:])  # (big, 2k): one subspace iteration step...
@@ -192,6 +198,9 @@ def top_svd(matrix: torch.Tensor, k: int, *, sq_norm: float | None = None) -> Tr
     if tall is not m:
         u, vh = vh.T, u.T
     return TruncatedSVD(u, s, vh, squared_norm(m) if sq_norm is None else sq_norm)
+
+
+_GRAM_SAFE = 2.0**48  # top_svd's Gram matrix sums up to 2^24 products of values below this within float32
 
 
 def randomized_svd(
@@ -357,11 +366,17 @@ def squared_norm(t: torch.Tensor) -> float:
     torch's norm of a whole float32 tensor runs long serial sums on the CPU: measured, its square was
     off by 2.5e-3 (relative) on 2^24 elements and by 1.6e-2 on 2^26, an error that the errors and
     energy shares computed from it carry (and the spectral identity magnifies). Rows of a few
-    thousand elements stay within a few ulps. A NaN or Inf anywhere gives a non-finite sum.
+    thousand elements stay within a few ulps. A NaN or Inf anywhere gives a non-finite sum; finite
+    values whose squares pass float32's range (above about 1.8e19) are summed again in float64.
     """
     if t.numel() == 0:
         return 0.0
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # bf16 and f16 summed in float32
+    total = _squared_norm(t, dtype)
+    return _squared_norm(t, torch.float64) if total == math.inf and dtype != torch.float64 else total
+
+
+def _squared_norm(t: torch.Tensor, dtype: torch.dtype) -> float:
     if t.dim() >= 2 and t.shape[-1] <= 1 << 16:
         rows = torch.linalg.vector_norm(t, dim=-1, dtype=dtype)
     else:

@@ -27,7 +27,7 @@ import torch
 
 from .. import arch
 from ..adapter import Adapter, LoraModule
-from ..errors import InputFileError, LoraToolError, ShapeMismatchError, UnsupportedAdapterError
+from ..errors import InputFileError, LoraToolError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
 from ..formats import PathArg, check_output_name, load_adapter, save_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..formats.peft import new_config
@@ -39,6 +39,7 @@ from ..math.linalg import (
     FactoredSVD,
     exact_svd,
     factored_sq_norm,
+    is_finite,
     rank_for_energy,
     relative_error,
     split_factors,
@@ -445,6 +446,11 @@ def _dense_svd(
                          density=sparse.density or 1.0, sign_method=sparse.majority_sign, stats=stats,
                          generators=_generators(sparse.seed, path, len(terms), "delta"))  # fmt: skip
     del deltas
+    if not is_finite(merged):
+        raise NonFiniteError(
+            f"the {method.removesuffix('_svd')} combination of the sources' deltas passes float32's range here",
+            key=path, fix="check the weights given with the adapters (ADAPTER:WEIGHT)",
+        )  # fmt: skip
     r = min(cap or max(m.rank for m, _ in terms), *merged.shape)
     # PEFT takes the full SVD; the top r triplets are the same to float32 rounding. Its clamp, though,
     # sees the sign the SVD routine gives each singular vector pair: with a clamp, LAPACK's SVD runs

@@ -14,7 +14,13 @@ import torch
 
 from ... import arch, experts
 from ...adapter import Adapter, Kind, LoraModule
-from ...errors import MissingKeyError, ShapeMismatchError, UnsupportedAdapterError, UnsupportedCheckpointError
+from ...errors import (
+    LoraToolError,
+    MissingKeyError,
+    ShapeMismatchError,
+    UnsupportedAdapterError,
+    UnsupportedCheckpointError,
+)
 from ...formats import AdapterArg, diffusers, load_adapter, split_scale
 from ...formats.kohya import resolve_paths
 from ...io.checkpoint import Checkpoint, dtype_name
@@ -74,10 +80,24 @@ def load_adapters(
                 path=name,
                 fix="keep the original base checkpoint to go back to",
             )
+        _require_float32_factors(adapter, scale, name)
         loaded.append((adapter, scale, name))
     if not loaded:
         raise MissingKeyError("no adapter given", fix="name at least one ADAPTER")
     return loaded, warnings
+
+
+def _require_float32_factors(adapter: Adapter, scale: float, name: str) -> None:
+    """The merge multiplies each module's product by ``scale * scaling`` in float32: refuse a factor
+    beyond its range (a finite scale such as 1e38), naming the module, before any work is done."""
+    top = torch.finfo(torch.float32).max
+    for path, m in adapter.modules.items():
+        if abs(scale * m.scaling) > top:
+            raise LoraToolError(
+                f"the scale {scale:g} times this module's scaling ({m.scaling:g}) is past float32's range "
+                f"(+-{top:.6g}), in which the delta is computed", path=name, key=path,
+                fix="give a smaller scale (ADAPTER:SCALE)",
+            )  # fmt: skip
 
 
 def plan_terms(

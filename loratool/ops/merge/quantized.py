@@ -4,12 +4,13 @@ and config, and the report of what the rounding kept, with the refusals of ``--m
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ...errors import AdapterLostError, UnsupportedCheckpointError
+from ...errors import AdapterLostError, NonFiniteError, UnsupportedCheckpointError
 from ...io.writer import TensorSpec
 from ...quant.layout import READ_ONLY, Fp8Layout, PackedLayout
 from ...quant.rounding import KEPT_WARNING, Kept, Rounding
@@ -186,6 +187,15 @@ def require_kept(report: dict[str, Any], min_kept: float | None, max_noise: floa
     kept, noise = report["kept"], report["noise"]
     if kept is None:
         return
+    if not (math.isfinite(kept) and (noise is None or math.isfinite(noise))):
+        unmeasured = [t["tensor"] for t in report["tensors"]
+                      if not all(math.isfinite(t[f]) for f in ("kept", "noise") if t[f] is not None)]  # fmt: skip
+        raise NonFiniteError(
+            "the merged deltas are too large to measure what the rounding kept of them (their squares pass float32's "
+            f"range); nothing was written. Unmeasured: {', '.join(unmeasured[:3]) or 'the sum over all weights'}"
+            + (f" and {len(unmeasured) - 3} more" if len(unmeasured) > 3 else ""),
+            fix="check the scales given with the adapters (ADAPTER:SCALE)",
+        )
     if min_kept is not None and min_kept > 0 and kept < min_kept:  # 0: write whatever it keeps
         raise AdapterLostError(
             f"the written weights carry {kept:.3f} of the adapter's delta, below --min-kept {min_kept:g}; nothing "
