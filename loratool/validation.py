@@ -511,6 +511,10 @@ def _check_diffusers_structure(ckpt: Checkpoint, report: ValidationReport) -> No
     except LoraToolError as e:
         report.add(f"metadata/{diffusers.METADATA_KEY}", e.message)
         return
+    for key in diffusers.stray_metadata_keys(ckpt.header_metadata, ckpt.path):
+        report.warnings.append(Problem(
+            f"metadata/{key}", "names no pipeline component (keys are <component>.<field>, e.g. unet.lora_alpha): "
+            "diffusers does not apply it, and neither does loratool"))  # fmt: skip
     for component, config in sorted(configs.items()):
         for path, message in check(config, "adapter_config"):
             report.add(f"metadata/{component}{path.removeprefix('$')}", message)

@@ -328,3 +328,30 @@ def test_kohya_flux_names_map_and_split_as_diffusers_reads_them(tmp_path: Path) 
         up, down = tensors[f"lora_unet_{stem}.lora_up.weight"], tensors[f"lora_unet_{stem}.lora_down.weight"]
         fused = fused + 1.5 * up @ down
         torch.testing.assert_close(torch.cat([merged[p + ".weight"] for p in paths]), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_keys_of_no_component_are_left_out_as_diffusers_leaves_them(tmp_path: Path) -> None:
+    """diffusers' loader keeps the ``<component>.`` keys of lora_adapter_metadata only: a stray
+    ``lora_alpha`` changes nothing it loads. validate said "metadata/lora_alpha: 'peft_type' is a
+    required property" (it was read as a component of that name); now it warns, naming the key, and
+    the merge is the unchanged file's."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    unet = tiny_unet()
+    base = pipeline(unet, tmp_path / "pipe", "unet")
+    file, _ = lora_file(unet, tmp_path / "lora", "unet", ["to_q", "conv1"], r=2, lora_alpha=6)
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    flat = json.loads(metadata["lora_adapter_metadata"])
+    stray = tmp_path / "stray.safetensors"
+    save_file(load_file(str(file)), str(stray), metadata={
+        **metadata, "lora_adapter_metadata": json.dumps({**flat, "lora_alpha": "six", "r": 0})})  # fmt: skip
+    result = CliRunner().invoke(cli, ["validate", str(stray), "--base", str(base), "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and report["valid"], report
+    assert any(w.startswith("metadata/lora_alpha: names no pipeline component") for w in report["warnings"]), report
+    run("merge", base, file, "-o", tmp_path / "want", "-q")
+    run("merge", base, stray, "-o", tmp_path / "got", "-q")
+    want, got = merged_state(tmp_path / "want"), merged_state(tmp_path / "got")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

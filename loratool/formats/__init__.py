@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -176,27 +175,6 @@ def require_finite(adapter: Adapter) -> None:
             raise NonFiniteError(
                 "holds NaN or Inf", path=adapter.path, key=key, fix="the adapter is broken: export or train it again"
             )
-
-
-def require_finite_output(tensors: Mapping[str, torch.Tensor], out: PathArg, *, wider: str = "--dtype float32") -> None:
-    """Refuse to write an adapter whose tensors, in the dtype they are written in, hold NaN or Inf,
-    naming the first. Its inputs were finite (:func:`require_finite`), so such a value overflowed: a
-    scale given with the adapters, or a cast to float16 (largest 65504) or bfloat16 (``wider``: the
-    option that writes float32 instead)."""
-    import torch
-
-    from ..math.linalg import is_finite
-
-    for key, t in tensors.items():
-        if not is_finite(t):
-            dtype = str(t.dtype).removeprefix("torch.")
-            half = t.dtype in (torch.float16, torch.bfloat16)
-            raise NonFiniteError(
-                f"the adapter to write would hold Inf or NaN here: its values pass {dtype}'s range "
-                f"(+-{torch.finfo(t.dtype).max:.6g})", path=str(out), key=key,
-                fix="check the scales given with the adapters (ADAPTER:SCALE)"
-                + (f", or write float32 ({wider})" if half else ""),
-            )  # fmt: skip
 
 
 def _not_an_adapter(p: Path) -> InputFileError:

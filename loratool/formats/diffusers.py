@@ -24,7 +24,8 @@ from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.writer import save_tensors
 from ..metadata.provenance import with_tensors_digest
 from ..metadata.schema import check
-from . import peft, require_finite_output
+from . import peft
+from .output import require_finite_output
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +52,23 @@ def is_diffusers(keys: Iterable[str]) -> bool:
 
 
 def component_configs(metadata: Mapping[str, str], file: Path) -> dict[str, dict[str, Any]]:
-    """Each component's LoraConfig fields from the header (empty where diffusers wrote none)."""
+    """Each component's LoraConfig fields from the header (empty where diffusers wrote none): its
+    ``<component>.<field>`` keys. Other keys (:func:`stray_metadata_keys`) are left out, as diffusers'
+    loader leaves out every key without the prefix of the component it loads."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _flat_metadata(metadata, file).items():
+        component, dot, field = key.partition(".")
+        if dot and component in COMPONENTS:
+            out.setdefault(component, {})[field] = value
+    return out
+
+
+def stray_metadata_keys(metadata: Mapping[str, str], file: Path) -> list[str]:
+    """The header's LoraConfig keys that name no pipeline component, which no reader applies."""
+    return [k for k in _flat_metadata(metadata, file) if (k.partition(".")[0] not in COMPONENTS or "." not in k)]
+
+
+def _flat_metadata(metadata: Mapping[str, str], file: Path) -> dict[str, Any]:
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
@@ -61,11 +78,7 @@ def component_configs(metadata: Mapping[str, str], file: Path) -> dict[str, dict
         raise MetadataError(f"{METADATA_KEY} in the header is not JSON ({e})", path=str(file)) from None
     if not isinstance(flat, dict):
         raise MetadataError(f"{METADATA_KEY} in the header is not a JSON object", path=str(file))
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        component, _, field = str(key).partition(".")
-        out.setdefault(component, {})[field] = value
-    return out
+    return {str(k): v for k, v in flat.items()}
 
 
 def type_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import experts
-from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, conv_factors, conv_file_factors, module_alpha
+from ..adapter import (
+    CONV_LORA_FIX,
+    CONV_LORA_WHY,
+    Adapter,
+    LoraModule,
+    conv_factors,
+    conv_file_factors,
+    module_alpha,
+)
 from ..errors import (
     InputFileError,
     MetadataError,
@@ -29,7 +37,7 @@ from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
 from ..metadata.provenance import with_tensors_digest
 from ..metadata.schema import check
-from . import require_finite_output
+from .output import require_finite_output
 
 if TYPE_CHECKING:
     import torch

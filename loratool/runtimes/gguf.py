@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..adapter import Adapter, LoraModule
 from ..arch import OUTPUT_LAYER, UNTIED_FIX, UNTIED_WHY, ties_word_embeddings, untied_partner
 from ..errors import InputFileError, LoraToolError, MetadataError, Refusal, UnsupportedAdapterError
-from ..formats import require_finite_output
+from ..formats.output import require_finite_output
 from ..io.atomic import atomic_output
 
 if TYPE_CHECKING:

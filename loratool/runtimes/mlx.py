@@ -27,7 +27,7 @@ from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
 from ..arch import TensorSource, is_embedding
 from ..errors import InputFileError, MissingKeyError, Refusal, ShapeMismatchError
-from ..formats import require_finite_output
+from ..formats.output import require_finite_output
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint
 from ..io.writer import save_tensors
