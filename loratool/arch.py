@@ -53,6 +53,25 @@ def uses_conv1d(config: Mapping[str, Any], override: bool | None = None) -> bool
     return override if override is not None else config.get("model_type") in CONV1D_MODEL_TYPES
 
 
+def require_override_agrees(config: Mapping[str, Any], override: bool | None, path: str) -> None:
+    """Refuse ``--fan-in-fan-out`` / ``--no-fan-in-fan-out`` where config.json's model_type already
+    says the opposite (:func:`conv1d_convention`): PEFT goes by the layer's class, so an adapter
+    extracted that way is read transposed (a square weight) or not at all, and a merge that way is one
+    PEFT never makes. The option is for checkpoints whose config.json cannot say."""
+    from .errors import LoraToolError
+
+    known = conv1d_convention(config)
+    if override is None or known is None or override == known:
+        return
+    layers = "GPT-2 Conv1D layers, (in, out)" if known else "nn.Linear layers, (out, in)"
+    raise LoraToolError(
+        f"--{'' if override else 'no-'}fan-in-fan-out contradicts config.json: a {config.get('model_type')} "
+        f"model has {layers}, and PEFT goes by the layer's class, so it would read such an adapter transposed "
+        "or not at all", path=path,
+        fix="leave the option out (it is for checkpoints whose config.json has no known model_type)",
+    )  # fmt: skip
+
+
 def is_embedding(module_path: str) -> bool:
     return EMBEDDING_NAME.search(module_path) is not None
 

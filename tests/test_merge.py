@@ -410,6 +410,31 @@ def test_fan_in_fan_out_goes_by_the_layer_as_in_peft(tmp_path: Path, kind: str, 
         assert torch.allclose(v, peft[k], rtol=1e-6, atol=1e-7), k
 
 
+@pytest.mark.parametrize("kind, flag", [("llama", "--fan-in-fan-out"), ("gpt2", "--no-fan-in-fan-out")])
+def test_a_fan_in_fan_out_option_that_contradicts_the_model_is_refused(tmp_path: Path, fixtures: Path, cli,
+                                                                        kind: str, flag: str) -> None:  # fmt: skip
+    """PEFT goes by the layer's class: `extract --no-fan-in-fan-out` of GPT-2 wrote an adapter PEFT
+    could not load (and would read transposed on a square weight), `merge --fan-in-fan-out` into a
+    Llama added transposed deltas to its square weights. Refused, naming the model type; where
+    config.json has no model_type the option decides, and the adapter is the one the model's own
+    convention gives."""
+    base, adapter = make(tmp_path / "m", kind)
+    for command in ("merge", "unmerge"):
+        _refused(cli, tmp_path, [command, base, adapter, flag], f"{flag} contradicts config.json: a {kind} model")
+    pair = [fixtures / f"{kind}-base", fixtures / f"{kind}-ft"]
+    _refused(cli, tmp_path, ["extract", *pair, "-r", "4", flag], f"{flag} contradicts config.json")
+    for p, folder in zip(pair, ("b", "f")):  # the same pair with no model_type: the option is the only word
+        shutil.copytree(p, tmp_path / folder)
+        config = json.loads((tmp_path / folder / "config.json").read_text())
+        config.pop("model_type")
+        (tmp_path / folder / "config.json").write_text(json.dumps(config))
+    right = "--no-fan-in-fan-out" if flag == "--fan-in-fan-out" else "--fan-in-fan-out"
+    assert cli("extract", *pair, "-r", "4", "-o", tmp_path / "want", "-q").exit_code == 0
+    assert cli("extract", tmp_path / "b", tmp_path / "f", "-r", "4", right, "-o", tmp_path / "got", "-q").exit_code == 0
+    want, got = (load_file(str(tmp_path / n / WEIGHTS)) for n in ("want", "got"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_dora_merge_equals_peft(tmp_path: Path, kind: str) -> None:
     from peft import PeftModel

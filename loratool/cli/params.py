@@ -127,7 +127,8 @@ PICKLE: Decorator = click.option("--allow-pickle", is_flag=True, help="Accept .b
 FAN_IN_FAN_OUT: Decorator = click.option(
     "--fan-in-fan-out/--no-fan-in-fan-out",
     default=None,
-    help="Treat 2-D weights as GPT-2 Conv1D (in, out). Default: from config.json's model_type.",
+    help="Treat 2-D weights as GPT-2 Conv1D (in, out), or not: for a checkpoint whose config.json has no known "
+    "model_type (by default that decides; an option that contradicts it is refused, as PEFT goes by the layer).",
 )
 FORMAT: Decorator = click.option(
     "--format",

@@ -202,6 +202,7 @@ def extract(
                 fix="extract from a text-only checkpoint of the same language model, or wait for loratool's "
                 "multimodal name mapping",
             )  # fmt: skip
+        arch.require_override_agrees(config, fan_in_fan_out, str(base))
         conv1d = arch.uses_conv1d(config, fan_in_fan_out)
         options.transposed_experts = config.get("model_type") in experts.TRANSPOSED_EXPERT_MODEL_TYPES
         tied = arch.tied_output(keys + grown, config)  # (output embedding module, input embedding key) or None

@@ -110,6 +110,7 @@ def plan_terms(
     """Which adapter modules add to which tensors, checked before any work is done (what the user
     should know of the plan goes to ``warnings``)."""
     config = ckpt.config()
+    arch.require_override_agrees(config, fan_in_fan_out, str(ckpt.path))
     conv1d_model = arch.conv1d_convention(config)
     module_paths = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")]
     terms: dict[str, list[Term]] = {}
