@@ -91,6 +91,22 @@ def test_rslora_folds_into_kohya_alpha(tmp_path: Path) -> None:
     assert back.scaling == pytest.approx(m.scaling) == pytest.approx(8 / 2)
 
 
+def test_a_lora_bias_is_never_dropped_into_kohya(tmp_path: Path, fixtures: Path, cli) -> None:
+    """sd-scripts' lora_up has no bias: convert --to kohya wrote a PEFT lora_bias adapter without its
+    biases (a GPT-2 model's logits then moved by 0.59), exit 0. Refused by name; extract --bias
+    --format kohya is refused before any work."""
+    g = torch.Generator().manual_seed(0)
+    m = LoraModule(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), alpha=4, bias=torch.ones(6))
+    save_adapter(Adapter(modules={"x.y": m, "x.z": LoraModule(m.lora_A, m.lora_B, alpha=4)}), tmp_path / "a")
+    r = cli("convert", tmp_path / "a", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert r.exit_code == 1 and "no place for lora_B's bias (lora_bias: x.y)" in r.stderr, r.stderr
+    assert not (tmp_path / "k.safetensors").exists()
+    pair = [fixtures / "llama-base", fixtures / "llama-ft"]
+    r = cli("extract", *pair, "--bias", "--format", "kohya", "-o", tmp_path / "e.safetensors")
+    assert r.exit_code == 1 and "what --bias (lora_B's bias) stores" in r.stderr, r.stderr
+    assert not (tmp_path / "e.safetensors").exists()
+
+
 def test_peft_directory_with_adapter_name_and_no_prefix(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

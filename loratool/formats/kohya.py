@@ -154,10 +154,17 @@ def write_kohya(adapter: Adapter, out: Path, *, force: bool = False, dtype: torc
     if adapter.whole:
         raise InputFileError(
             f"kohya files cannot hold whole tensors ({', '.join(sorted(adapter.whole)[:3])}...)",
-            fix="write the PEFT format instead, or leave out --keep-full",
+            fix="write the PEFT format instead (or, extracting, leave out --keep-full)",
         )
     if adapter.token_rows:
         raise InputFileError("kohya files cannot hold trainable tokens", fix="write the PEFT format instead")
+    biased = sorted(p for p, m in adapter.modules.items() if m.bias is not None)
+    if biased:  # sd-scripts' lora_up has none: the file would drop it, and with it part of every delta
+        raise InputFileError(
+            f"kohya files have no place for lora_B's bias (lora_bias: {', '.join(biased[:3])}"
+            + (f" and {len(biased) - 3} more)" if len(biased) > 3 else ")"),
+            fix="write the PEFT format instead, or merge the adapter into its base",
+        )
     expert = next((p for p, m in adapter.modules.items() if m.expert is not None), None)
     if expert is not None:
         raise InputFileError(

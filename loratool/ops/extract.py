@@ -167,6 +167,10 @@ def extract(
     check_base_model_id(base_model_id)
     if portable:
         check_portable(format)
+    if format == "kohya" and (bias or keep_full):  # refused before the work, not when the file is written
+        option = "--bias (lora_B's bias)" if bias else "--keep-full (whole tensors)"
+        raise LoraToolError(f"kohya files have no place for what {option} stores",
+                            fix="write the PEFT format instead, or leave the option out")  # fmt: skip
     check_output_name(output, format)
     out = check_output(output, force=force, inputs=[base, finetuned])
     dev = resolve_device(device)
