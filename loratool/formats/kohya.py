@@ -14,14 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..adapter import (
-    CONV_LORA_FIX,
-    CONV_LORA_WHY,
-    Adapter,
-    LoraModule,
-    conv_factors,
-    conv_file_factors,
-)
+from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, conv_factors, conv_file_factors
 from ..errors import InputFileError, MissingKeyError, ShapeMismatchError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import open_checkpoint

@@ -15,15 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import experts
-from ..adapter import (
-    CONV_LORA_FIX,
-    CONV_LORA_WHY,
-    Adapter,
-    LoraModule,
-    conv_factors,
-    conv_file_factors,
-    module_alpha,
-)
+from ..adapter import CONV_LORA_FIX, CONV_LORA_WHY, Adapter, LoraModule, conv_factors, conv_file_factors, module_alpha
 from ..errors import (
     InputFileError,
     MetadataError,
