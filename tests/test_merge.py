@@ -389,6 +389,32 @@ def test_biases_and_whole_modules_merge_as_peft_does(tmp_path: Path, kind: str, 
         assert torch.allclose(v, peft[k], rtol=1e-6, atol=1e-7), k
 
 
+def test_a_float32_modules_to_save_tensor_merges_into_a_bf16_base_as_peft_loads_it(tmp_path: Path) -> None:
+    """PEFT saves modules_to_save as trained (float32 here); loaded into a bfloat16 model each is
+    cast to the parameter's dtype. The merge stopped with "does not match the declared layout
+    (expected [32] BF16, got [32] F32)" (a merge/unmerge round-trip sweep found it); now it writes
+    what PEFT's merge_and_unload gives, in the base's dtype."""
+    from peft import PeftModel
+
+    base = tmp_path / "base"
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(base)
+    pm = peft_adapter(load_model("llama", base), ["q_proj"], r=2, alpha=4, modules_to_save=["norm"])
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.01)  # off the base's values, float32 (the model was loaded as float32)
+    pm.save_pretrained(tmp_path / "adapter")
+    assert load_file(str(tmp_path / "adapter" / WEIGHTS))["base_model.model.model.norm.weight"].dtype == torch.float32
+    merge(base, [tmp_path / "adapter"], output=tmp_path / "ours", show_progress=False)
+    ours = state(tmp_path / "ours")
+    peft = PeftModel.from_pretrained(load_model("llama", base, torch.bfloat16), tmp_path / "adapter")
+    want = peft.merge_and_unload().state_dict()
+    assert all(ours[k].dtype == torch.bfloat16 for k in ours)
+    norms = [k for k in ours if "norm" in k]
+    assert norms and all(torch.equal(ours[k], want[k]) for k in norms), norms
+    assert not torch.equal(ours["model.norm.weight"], state(base)["model.norm.weight"])
+
+
 @pytest.mark.parametrize("kind, flag", [("llama", True), ("gpt2", False)])
 def test_fan_in_fan_out_goes_by_the_layer_as_in_peft(tmp_path: Path, kind: str, flag: bool) -> None:
     """PEFT sets fan_in_fan_out by the layer's class (False for nn.Linear, True for GPT-2's Conv1D),
