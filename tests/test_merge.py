@@ -413,6 +413,10 @@ def test_a_float32_modules_to_save_tensor_merges_into_a_bf16_base_as_peft_loads_
     norms = [k for k in ours if "norm" in k]
     assert norms and all(torch.equal(ours[k], want[k]) for k in norms), norms
     assert not torch.equal(ours["model.norm.weight"], state(base)["model.norm.weight"])
+    # into --dtype float32 the trained values stay as trained, as PEFT's merge into a float32 model keeps them
+    merge(base, [tmp_path / "adapter"], output=tmp_path / "f32", dtype="float32", show_progress=False)
+    trained = load_file(str(tmp_path / "adapter" / WEIGHTS))["base_model.model.model.norm.weight"]
+    assert torch.equal(state(tmp_path / "f32")["model.norm.weight"], trained)
 
 
 @pytest.mark.parametrize("kind, flag", [("llama", True), ("gpt2", False)])

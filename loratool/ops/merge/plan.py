@@ -23,7 +23,7 @@ from ...errors import (
 )
 from ...formats import AdapterArg, diffusers, load_adapter, split_scale
 from ...formats.kohya import resolve_paths
-from ...io.checkpoint import Checkpoint, dtype_name, torch_dtype
+from ...io.checkpoint import Checkpoint, dtype_name
 from ...io.logical import RenamedView
 from ...validation import require_valid
 
@@ -38,8 +38,6 @@ class Term:
     bias_key: str | None = None
     expert: int | None = None  # the slice of a 3-D experts parameter this term adds to
 
-
-_FLOATS = ("F64", "F32", "F16", "BF16")  # the stored dtypes a replaced tensor takes on
 
 # PEFT features whose adapters are not a plain weight delta
 _NOT_MERGEABLE = {
@@ -141,9 +139,6 @@ def plan_terms(
                     key=key,
                     fix="restore from the original base checkpoint instead",
                 )
-            stored = ckpt.info(key).dtype
-            if t.is_floating_point() and stored in _FLOATS and dtype_name(t.dtype) != stored:
-                t = t.to(torch_dtype(stored))  # PEFT loads it into the model's parameter, in the base's dtype
             replace[key] = t
         _grow_tied_output(ckpt, config, adapter, replace)
         if adapter.replaced and scale != 1.0:

@@ -14,7 +14,7 @@ import torch
 from ...adapter import LoraModule
 from ...errors import MissingKeyError, NonFiniteError, UnsupportedCheckpointError
 from ...host import available_cores, compute_threads, torch_threads
-from ...io.checkpoint import Checkpoint
+from ...io.checkpoint import Checkpoint, torch_dtype
 from ...io.logical import ModelView, model_view
 from ...io.writer import CheckpointWriter, TensorSpec
 from ...math.linalg import RowFactors, add_lora, dora_rescale, is_finite, merge_rows, row_factors
@@ -133,6 +133,10 @@ class Stream:
         if self._packed(key):
             return self._packed_result(key)
         out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
+        if key in self.replace and self.out_dtype is None and w_in.is_floating_point():
+            # modules_to_save are saved as trained (float32 beside a bf16 base): PEFT loads them into the
+            # model's parameters, in the base's dtype
+            out_dtype = torch_dtype(self.ckpt.info(key).dtype)
         if w32 is None and self._blocked(key):
             w, pooled = self._merge_blocked(key, w_in, out_dtype), True
         elif w32 is None:
