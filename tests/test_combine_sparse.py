@@ -66,6 +66,35 @@ def test_equal_to_peft_add_weighted_adapter(tmp_path: Path, three, method: str, 
         assert (r.sign_agreement is not None) == method.startswith("ties")
 
 
+@pytest.mark.parametrize("method", ["ties", "linear", "cat", "magnitude_prune_svd"])
+def test_rslora_sources_combine_as_their_plain_equivalents(tmp_path: Path, three, method: str) -> None:
+    """Each source as rsLoRA with alpha' = alpha / sqrt(r) has the plain source's scaling, alpha / r,
+    folded into its factors either way: the same output. (PEFT's add_weighted_adapter from rsLoRA
+    sources gives sqrt(r) times this, huggingface/peft#3449; docs/formats.md, Combining.)"""
+    import json
+    import math
+    import shutil
+
+    _, paths = three
+    outs = []
+    for rslora in (False, True):
+        sources = []
+        for i, p in enumerate(paths):
+            q = tmp_path / f"{rslora}-{i}"
+            shutil.copytree(p, q)
+            cfg = json.loads((q / "adapter_config.json").read_text())
+            if rslora:  # the same scaling, alpha / r = alpha' / sqrt(r)
+                cfg.update(use_rslora=True, lora_alpha=cfg["lora_alpha"] / math.sqrt(cfg["r"]))
+            (q / "adapter_config.json").write_text(json.dumps(cfg))
+            sources.append(q)
+        combine(list(zip(sources, WEIGHTS)), output=tmp_path / f"out-{rslora}", method=method,
+                density=None if method in ("linear", "cat") else 0.5, show_progress=False)  # fmt: skip
+        outs.append(dense(tmp_path / f"out-{rslora}"))
+    assert outs[0].keys() == outs[1].keys()
+    for mod in outs[0]:
+        torch.testing.assert_close(outs[1][mod], outs[0][mod], rtol=1e-5, atol=1e-7, msg=mod)
+
+
 @pytest.mark.parametrize(("method", "linear_only"), [("dare_linear", False), ("dare_ties", False),
                                                       ("dare_linear_svd", True), ("dare_ties_svd", True)])  # fmt: skip
 def test_dare_equal_to_peft_given_the_same_masks(tmp_path: Path, three, monkeypatch, method: str, linear_only) -> None:
