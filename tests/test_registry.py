@@ -438,3 +438,27 @@ def test_a_locked_or_damaged_index_gets_advice_that_keeps_the_catalog(tmp_path: 
         (registry_home / extra).unlink(missing_ok=True)
     res = cli("registry", "ls")
     assert res.exit_code == 1 and "egistry.db is damaged: keep a copy" in res.stderr
+
+
+def test_a_new_registry_opened_by_many_processes_at_once_waits_for_wal() -> None:
+    """On a database not yet in WAL mode, SQLite answers a journal-mode change that races another with
+    "database is locked" at once, without its busy handler: a new registry opened by several processes
+    together failed so (test_concurrent_adds_lose_nothing, once under load). The change is retried."""
+    import sqlite3
+
+    from loratool.registry import store
+
+    class Racing:
+        def __init__(self, failures: int, message: str = "database is locked") -> None:
+            self.failures, self.message, self.calls = failures, message, 0
+
+        def execute(self, sql: str) -> None:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise sqlite3.OperationalError(self.message)
+
+    con = Racing(3)
+    store._journal_in_wal(con)  # type: ignore[arg-type]
+    assert con.calls == 4
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        store._journal_in_wal(Racing(1, "disk I/O error"))  # type: ignore[arg-type]
