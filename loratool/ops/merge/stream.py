@@ -133,10 +133,11 @@ class Stream:
         if self._packed(key):
             return self._packed_result(key)
         out_dtype = self.out_dtype if (self.out_dtype is not None and w_in.is_floating_point()) else w_in.dtype
-        if key in self.replace and self.out_dtype is None and w_in.is_floating_point():
+        stored = self.ckpt.info(key).dtype if key in self.replace else None
+        if stored in ("F64", "F32", "F16", "BF16") and self.out_dtype is None and w_in.is_floating_point():
             # modules_to_save are saved as trained (float32 beside a bf16 base): PEFT loads them into the
             # model's parameters, in the base's dtype
-            out_dtype = torch_dtype(self.ckpt.info(key).dtype)
+            out_dtype = torch_dtype(stored)
         if w32 is None and self._blocked(key):
             w, pooled = self._merge_blocked(key, w_in, out_dtype), True
         elif w32 is None:
