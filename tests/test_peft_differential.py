@@ -44,6 +44,23 @@ def random_config(rng: random.Random, kind: str) -> dict:
     return cfg
 
 
+def trained_adapter(kind: str, base: Path, cfg: dict, seed: int, out: Path) -> None:
+    """A PEFT adapter of ``cfg`` on ``base`` with every trainable parameter moved off its start, saved
+    at ``out``; the test is skipped where PEFT builds no model of ``cfg``."""
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        pm = get_peft_model(load_model(kind, base), LoraConfig(**cfg))
+    except ValueError:
+        pytest.skip(f"PEFT builds no model of {cfg}")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("differential")
@@ -54,23 +71,14 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("seed", range(16))
 def test_a_merge_equals_peft_or_is_refused(tmp_path: Path, bases: dict[str, Path], seed: int) -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     rng = random.Random(seed)
     kind = rng.choice(sorted(MODULES))
     cfg = random_config(rng, kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            pm = get_peft_model(load_model(kind, bases[kind]), LoraConfig(**cfg))
-        except ValueError:
-            pytest.skip(f"PEFT builds no model of {cfg}")
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, p in pm.named_parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-        pm.save_pretrained(tmp_path / "adapter")
+        trained_adapter(kind, bases[kind], cfg, seed, tmp_path / "adapter")
         if rng.random() < 0.3:  # PEFT sets fan_in_fan_out by the layer's class, whatever the file says
             path = tmp_path / "adapter" / "adapter_config.json"
             saved = json.loads(path.read_text())
@@ -142,7 +150,7 @@ def test_an_adapter_through_convert_resize_and_combine_is_the_same_model_in_peft
     to a rank above theirs and combine of one: PEFT then computes the logits of the adapter they came
     from, or loratool refused by name. (A sweep of 160 such configs found kohya output dropping
     lora_B's bias, seed 19 here: logits 0.59 off, exit 0.)"""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     from loratool.ops.combine import combine, resize
     from loratool.ops.convert import convert
@@ -154,16 +162,7 @@ def test_an_adapter_through_convert_resize_and_combine_is_the_same_model_in_peft
     cfg.pop("modules_to_save", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            pm = get_peft_model(load_model(kind, bases[kind]), LoraConfig(**cfg))
-        except ValueError:
-            pytest.skip(f"PEFT builds no model of {cfg}")
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, p in pm.named_parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-        pm.save_pretrained(tmp_path / "a")
+        trained_adapter(kind, bases[kind], cfg, seed, tmp_path / "a")
         ids = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(0))
 
         def logits(adapter: Path) -> torch.Tensor:
