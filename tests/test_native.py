@@ -378,9 +378,25 @@ def test_a_packed_merge_gives_the_bytes_of_the_torch_passes(kernels, fmt: str, r
     and of several (a short one last, whose delta takes each of the product's paths: two vectors,
     sixteen columns, single columns); and reports its kept sums."""
     cols = (1056 if wide else 96) if fmt.startswith("mx") else (1116 if wide else 200)
-    rows = 11 if wide else 37
+    _check_native_merge(fmt, rule, size, rows=11 if wide else 37, cols=cols, rank=17 if wide else 3)
+
+
+@pytest.mark.parametrize(
+    "fmt", ["mxfp4", "nvfp4-ct", "nvfp4-modelopt", "int4-sym-bf16-g16", "int4-asym-f32-g32", "int4-sym-bf16",
+            "int4-asym-bf16-g128", "int4-sym-f32-g128"],
+)  # fmt: skip
+@pytest.mark.parametrize("rule", ["nearest", "stochastic"])
+@pytest.mark.parametrize("size", [0.003, 0.3])
+def test_rows_of_whole_groups_give_the_bytes_of_the_torch_passes(kernels, fmt: str, rule: str, size: float) -> None:
+    """Rows of whole 4-bit groups of 16, 32, 64 or 128 (each chunk of columns whole: with AVX-512 the
+    encode pass takes each group through in vector registers, csrc/lowbit.c's fused_chunk) give the
+    codes, scales, zero points and kept sums of packed.requantize too, a row of zeros among them."""
+    _check_native_merge(fmt, rule, size, rows=13, cols=1024, rank=16)
+
+
+def _check_native_merge(fmt: str, rule: str, size: float, *, rows: int, cols: int, rank: int) -> None:
     w, parts, _ = _packed_case(fmt, rows, cols)
-    terms = _terms(rows, cols, size, rank=17 if wide else 3)
+    terms = _terms(rows, cols, size, rank=rank)
     key = 0xBEEF if rule == "stochastic" else None
     before = packed.dequantize(w, parts)
     try:

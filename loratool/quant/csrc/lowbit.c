@@ -528,6 +528,204 @@ LT_INLINE int32_t encode_chunk(const Spec *sp, const NvTables *nv, int64_t i, in
     return LT_OK;
 }
 
+/* ---- the encode pass fused, for AVX-512 ------------------------------------------------------ */
+
+/* Where every group of a chunk is whole and 16, 32, 64 or 128 long (4-bit codes), each group goes
+ * through in vector registers from its codes to its written codes: decoded, merged with the delta,
+ * its range reduced, its scale chosen (new_scale, as a scalar), coded, its kept sums added and its
+ * codes packed, without the arrays of the pass above or its separate passes over them. The same
+ * operations on each element, in the same order, as encode_group, kept_row and pack_run32 (one
+ * element a lane, kept_row's sixteen lanes over runs of LT_RUN from the chunk's start), so the same
+ * bytes and the same sums. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define LT_FUSED 1
+#if defined(__clang__) || __GNUC__ < 8
+#define LT_FUSED_TARGET __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl"), noinline))
+#else
+#define LT_FUSED_TARGET \
+    __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512"), noinline))
+#endif
+#define LT_FUSED_INLINE \
+    static inline __attribute__((always_inline, target("avx2,avx512f,avx512bw,avx512dq,avx512vl")))
+
+/* Sixteen 4-bit codes (8 bytes, element j in the low nibble of byte j / 2 for even j) as int32 lanes. */
+LT_FUSED_INLINE __m512i fused_unpack(const uint8_t *p) {
+    const __m128i x = _mm_loadl_epi64((const __m128i *)p), low = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(x, low), hi = _mm_and_si128(_mm_srli_epi16(x, 4), low);
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+}
+
+/* Sixteen codes 0..15 in int32 lanes packed back into 8 bytes (pack_run32's layout). */
+LT_FUSED_INLINE void fused_pack(__m512i code, uint8_t *p) {
+    const __m128i bytes = _mm512_cvtepi32_epi8(code);
+    const __m128i pairs = _mm_maddubs_epi16(bytes, _mm_set1_epi16(0x1001)); /* even + 16 x odd */
+    _mm_storel_epi64((__m128i *)p, _mm_packus_epi16(pairs, pairs));
+}
+
+/* draw() of the sixteen elements from column j of a row. */
+LT_FUSED_INLINE __m512 fused_draws(uint32_t row_hash, uint32_t j) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i x = _mm512_xor_si512(_mm512_set1_epi32((int32_t)row_hash), _mm512_add_epi32(_mm512_set1_epi32((int32_t)j), lane));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int32_t)0x21F0AAADu));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int32_t)0x735A2D97u));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x, 8)), _mm512_set1_ps(0x1p-24f));
+}
+
+/* x rounded to an integer: nearest (ties to even, as rintf), or stochastically against the draws u
+ * (floorf(x) plus 1 where u < x - floorf(x), else plus 0: code_group's arithmetic, signed zeros included). */
+LT_FUSED_INLINE __m512 fused_round(__m512 x, int stochastic, uint32_t row_hash, uint32_t j) {
+    if (!stochastic) return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 below = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(fused_draws(row_hash, j), _mm512_sub_ps(x, below), _CMP_LT_OQ);
+    return _mm512_add_ps(below, _mm512_maskz_mov_ps(up, _mm512_set1_ps(1.0f)));
+}
+
+/* One whole group of NV vectors (scale k, from column jg; its codes at `in`, its delta d): encode_group,
+ * then kept_row's sums into dd, ed, ee and pack_run32's bytes at `out`. */
+LT_FUSED_INLINE int32_t fused_group(const Spec *sp, const NvTables *nv, int64_t k, uint32_t jg, const uint8_t *in,
+                                    const float *d, uint8_t *out, const void *scale_in, const int32_t *zero_in,
+                                    void *scale_out, int32_t *zero_out, int32_t keep, uint32_t row_hash, int *fresh,
+                                    __m512 *dd, __m512 *ed, __m512 *ee, const int NV, const int is_int,
+                                    const int stochastic, const int has_zero) {
+    static const float e2m1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    const int32_t off = is_int ? 1 << (sp->bits - 1) : 0;
+    if (!is_int && sp->fmt == LT_NVFP4 && (((const uint8_t *)scale_in)[k] & 0x7Fu) == 0x7Fu) return LT_NONFINITE;
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    const float s_old = group_scale(sp, nv, scale_in, k);
+    float z = has_zero ? (float)zero_in[k] : 0.0f;
+    __m512 b[8], m[8];
+    __m512i top = _mm512_setzero_si512(), lo = _mm512_set1_epi32(INT32_MAX), hi = _mm512_set1_epi32(INT32_MIN);
+    for (int v = 0; v < NV; v++) {
+        const __m512i c = fused_unpack(in + 8 * v);
+        if (is_int) {
+            const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(off)));
+            b[v] = _mm512_mul_ps(has_zero ? _mm512_sub_ps(q, _mm512_set1_ps(z)) : q, _mm512_set1_ps(s_old));
+        } else {
+            b[v] = _mm512_mul_ps(_mm512_permutexvar_ps(c, _mm512_loadu_ps(e2m1)), _mm512_set1_ps(s_old));
+        }
+        m[v] = _mm512_add_ps(b[v], _mm512_loadu_ps(d + 16 * v));
+        const __m512i bits = _mm512_castps_si512(m[v]);
+        top = _mm512_max_epu32(top, _mm512_and_si512(bits, magnitude));
+        if (is_int) {
+            const __m512i key = _mm512_xor_si512(bits, _mm512_and_si512(_mm512_srai_epi32(bits, 31), magnitude));
+            lo = _mm512_min_epi32(lo, key);
+            hi = _mm512_max_epi32(hi, key);
+        }
+    }
+    const uint32_t t = _mm512_reduce_max_epu32(top);
+    if (t >= 0x7F800000u) return LT_NONFINITE;
+    const int32_t l = is_int ? _mm512_reduce_min_epi32(lo) : 0, h = is_int ? _mm512_reduce_max_epi32(hi) : 0;
+    const float s = new_scale(sp, nv, k, float_of(t), key_float(l), key_float(h), scale_in, zero_in, scale_out,
+                              zero_out, keep, &z, fresh);
+    const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+    for (int v = 0; v < NV; v++) {
+        const uint32_t j = jg + 16u * (uint32_t)v;
+        __m512 w;
+        __m512i code;
+        if (is_int) {
+            __m512 x = _mm512_div_ps(m[v], sv);
+            if (has_zero) x = _mm512_add_ps(x, zv);
+            __m512 q = fused_round(x, stochastic, row_hash, j);
+            q = _mm512_max_ps(_mm512_set1_ps(-(float)off), q);
+            q = _mm512_min_ps(_mm512_set1_ps((float)(off - 1)), q);
+            w = _mm512_mul_ps(has_zero ? _mm512_sub_ps(q, zv) : q, sv);
+            code = _mm512_add_epi32(_mm512_cvttps_epi32(q), _mm512_set1_epi32(off));
+        } else {
+            const __m512i live = _mm512_set1_epi32(s > 0.0f ? -1 : 0);
+            const __m512 x = _mm512_div_ps(m[v], _mm512_set1_ps(s > 0.0f ? s : 1.0f));
+            const __m512 a = _mm512_min_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)),
+                                           _mm512_set1_ps(6.0f));
+            const __m512i field = _mm512_max_epu32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), _mm512_set1_epi32(127));
+            const __m512 spacing = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(field, _mm512_set1_epi32(1)), 23));
+            const __m512 y = _mm512_mul_ps(
+                a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(255), field), 23)));
+            const __m512 r = fused_round(y, stochastic, row_hash, j);
+            const __m512i mb = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(r, spacing)), live);
+            const __m512i neg = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 31),
+                                                 _mm512_and_si512(live, _mm512_set1_epi32(1)));
+            const __mmask16 normal = _mm512_cmpge_epu32_mask(mb, _mm512_set1_epi32(0x3F800000));
+            const __m512i small = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(mb, mb), _mm512_set1_epi32(1));
+            const __m512i idx = _mm512_mask_sub_epi32(small, normal, _mm512_srli_epi32(mb, 22), _mm512_set1_epi32(252));
+            w = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mb, _mm512_slli_epi32(neg, 31))), sv);
+            code = _mm512_or_si512(idx, _mm512_slli_epi32(neg, 3));
+        }
+        const __m512 delta = _mm512_sub_ps(m[v], b[v]), err = _mm512_sub_ps(m[v], w);
+        *dd = _mm512_add_ps(*dd, _mm512_mul_ps(delta, delta));
+        *ed = _mm512_add_ps(*ed, _mm512_mul_ps(err, delta));
+        *ee = _mm512_add_ps(*ee, _mm512_mul_ps(err, err));
+        fused_pack(code, out + 8 * v);
+    }
+    return LT_OK;
+}
+
+/* kept_row's close of a run: its lanes added in double, in lane order, to the totals; the lanes cleared. */
+LT_FUSED_INLINE void fused_flush(__m512 *dd, __m512 *ed, __m512 *ee, double total[3]) {
+    float a[3][16];
+    _mm512_storeu_ps(a[0], *dd), _mm512_storeu_ps(a[1], *ed), _mm512_storeu_ps(a[2], *ee);
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    for (int l = 0; l < 16; l++) s0 += a[0][l], s1 += a[1][l], s2 += a[2][l];
+    total[0] += s0, total[1] += s1, total[2] += s2;
+    *dd = *ed = *ee = _mm512_setzero_ps();
+}
+
+/* Groups g0..g1 of row i (each whole; `in` and `out` the row's codes, d the chunk's delta from its
+ * first column): encode_chunk, kept_row and pack_run32 in one. */
+LT_FUSED_INLINE int32_t fused_chunk_as(const Spec *sp, const NvTables *nv, int64_t i, int64_t g0, int64_t g1,
+                                       const uint8_t *in, const float *d, uint8_t *out, const void *scale_in,
+                                       const int32_t *zero_in, void *scale_out, int32_t *zero_out, int32_t keep,
+                                       uint32_t row_hash, int *fresh, double total[3], const int NV, const int is_int,
+                                       const int stochastic, const int has_zero) {
+    __m512 dd = _mm512_setzero_ps(), ed = dd, ee = dd;
+    const int64_t per_run = LT_RUN / (16 * NV);
+    int32_t answer = LT_OK;
+    for (int64_t g = g0; g < g1 && answer == LT_OK; g++) {
+        const int64_t j0 = g * sp->group;
+        answer = fused_group(sp, nv, i * sp->groups + g, (uint32_t)j0, in + j0 / 2, d + (j0 - g0 * sp->group),
+                             out + j0 / 2, scale_in, zero_in, scale_out, zero_out, keep, row_hash, fresh, &dd, &ed,
+                             &ee, NV, is_int, stochastic, has_zero);
+        if ((g - g0 + 1) % per_run == 0 || g + 1 == g1) fused_flush(&dd, &ed, &ee, total);
+    }
+    if (answer == LT_OK && g1 == sp->groups) memset(out + sp->cols / 2, 0, (size_t)(sp->row_bytes - sp->cols / 2));
+    return answer;
+}
+
+#define LT_FUSED_KINDS(NV)                                                                                        \
+    (!is_int       ? (stochastic ? LT_CHUNK_AS(NV, 0, 1, 0) : LT_CHUNK_AS(NV, 0, 0, 0))                           \
+     : has_zero    ? (stochastic ? LT_CHUNK_AS(NV, 1, 1, 1) : LT_CHUNK_AS(NV, 1, 0, 1))                           \
+                   : (stochastic ? LT_CHUNK_AS(NV, 1, 1, 0) : LT_CHUNK_AS(NV, 1, 0, 0)))
+/* fused_chunk_as for the weight's kind and rule, each compiled apart. */
+LT_FUSED_TARGET static int32_t fused_chunk(const Spec *sp, const NvTables *nv, int64_t i, int64_t g0, int64_t g1,
+                                           const uint8_t *in, const float *d, uint8_t *out, const void *scale_in,
+                                           const int32_t *zero_in, void *scale_out, int32_t *zero_out, int32_t keep,
+                                           uint32_t row_hash, int *fresh, double total[3], int is_int,
+                                           int stochastic, int has_zero) {
+#define LT_CHUNK_AS(NV, INT, STOCHASTIC, ZERO)                                                                 \
+    fused_chunk_as(sp, nv, i, g0, g1, in, d, out, scale_in, zero_in, scale_out, zero_out, keep, row_hash, fresh, \
+                   total, NV, INT, STOCHASTIC, ZERO)
+    switch (sp->group) {
+    case 16: return LT_FUSED_KINDS(1);
+    case 32: return LT_FUSED_KINDS(2);
+    case 64: return LT_FUSED_KINDS(4);
+    default: return LT_FUSED_KINDS(8);
+    }
+#undef LT_CHUNK_AS
+}
+#undef LT_FUSED_KINDS
+#else
+#define LT_FUSED 0
+#endif
+
+/* Whether fused_chunk serves this weight: 4-bit codes, groups of 16, 32, 64 or 128. */
+static int fused_serves(const Spec *sp) {
+    const int four = sp->fmt != LT_INT || sp->bits == 4;
+    return LT_FUSED && four && (sp->group == 16 || sp->group == 32 || sp->group == 64 || sp->group == 128);
+}
+
 /* The encode pass: rows row0.. of a weight (`rows` of them) plus the terms' delta, left @ right
  * (left: these rows' (rows, k) factors, the terms' factors folded in; right: (k, cols); both
  * float32, row-major), requantized into codes_out and scale_out (zero_out) with the base's codes,
@@ -564,14 +762,24 @@ LT_INLINE int32_t encode_rows_as(const Spec *sp, const float *left, const float 
     for (int64_t g0 = 0; g0 < sp->groups && answer == LT_OK; g0 += per) {
         const int64_t g1 = g0 + per < sp->groups ? g0 + per : sp->groups, j0 = g0 * sp->group;
         const int64_t n = (g1 * sp->group < sp->cols ? g1 * sp->group : sp->cols) - j0;
+        const int fused = lanes == 16 && fused_serves(sp) && n == (g1 - g0) * sp->group;
         for (int64_t i0 = 0; i0 < rows && answer == LT_OK; i0 += block) {
             const int64_t nrows = rows - i0 < block ? rows - i0 : block;
-            for (int64_t r = 0; r < nrows; r++)
-                unpack_run32(sp, codes_in + (i0 + r) * sp->row_bytes, j0, n, nib + r * ds);
+            if (!fused)
+                for (int64_t r = 0; r < nrows; r++)
+                    unpack_run32(sp, codes_in + (i0 + r) * sp->row_bytes, j0, n, nib + r * ds);
             delta_rows_at(left + i0 * k, lt + i0 * k, nrows, right, k, sp->cols, j0, n, d, ds, lanes);
             for (int64_t r = 0; r < nrows && answer == LT_OK; r++) {
                 const int64_t i = i0 + r;
                 const uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
+#if LT_FUSED
+                if (fused) {
+                    answer = fused_chunk(sp, &nv, i, g0, g1, codes_in + i * sp->row_bytes, d + r * ds,
+                                         codes_out + i * sp->row_bytes, scale_in, zero_in, scale_out, zero_out, keep,
+                                         row_hash, &fresh, total, is_int, stochastic, has_zero);
+                    continue;
+                }
+#endif
                 answer = encode_chunk(sp, &nv, i, g0, g1, nib + r * ds, d + r * ds, b, m, w, code + r * ds, scale_in,
                                       zero_in, scale_out, zero_out, keep, is_int, stochastic, has_zero, row_hash,
                                       &fresh);
