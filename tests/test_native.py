@@ -508,6 +508,24 @@ def test_a_packed_merge_that_is_not_finite_or_needs_a_new_tensor_scale_is_left_t
         packed.requantize_native(w, parts, grow, key=None)
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4-ct", "mxfp4", "int4-asym-bf16-g128"])
+def test_whole_groups_that_are_not_finite_or_need_a_new_tensor_scale_are_left_to_torch(kernels, fmt: str) -> None:
+    """The same answers on rows of whole groups (with AVX-512, fused_chunk; NVFP4 sixteen groups at a
+    time): a NaN in the delta of one group, an NVFP4 NaN scale code in one group, a delta past what the
+    NVFP4 tensor scale serves."""
+    w, parts, _ = _packed_case(fmt, 13, 1024)
+    terms = _terms(13, 1024, 0.01)
+    terms.right[1, 777] = float("nan")
+    assert packed.requantize_native(w, parts, terms, key=None) is None
+    if fmt.startswith("nvfp4"):
+        nan_scale = dict(parts, scale=parts["scale"].clone())
+        nan_scale["scale"].view(torch.uint8)[6, 37] = 0x7F
+        assert packed.requantize_native(w, nan_scale, _terms(13, 1024, 0.01), key=None) is None
+        grow = packed.LowRank(packed.dequantize(w, parts) * 999.0, torch.eye(1024))
+        with pytest.raises(packed.NeedsFreshScales):
+            packed.requantize_native(w, parts, grow, key=None)
+
+
 def test_packed_weights_the_kernels_do_not_take_go_to_torch(kernels) -> None:
     w, parts, _ = _packed_case("int4-sym-bf16", 37, 200)
     none = _terms(37, 200, 0.0)

@@ -556,11 +556,10 @@ LT_FUSED_INLINE __m512i fused_unpack(const uint8_t *p) {
     return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
 }
 
-/* Sixteen codes 0..15 in int32 lanes packed back into 8 bytes (pack_run32's layout). */
+/* Sixteen codes 0..15 in int32 lanes packed back into 8 bytes (pack_run32's layout): each 64-bit lane's
+ * odd code shifted beside its even one, the lanes' low bytes kept. */
 LT_FUSED_INLINE void fused_pack(__m512i code, uint8_t *p) {
-    const __m128i bytes = _mm512_cvtepi32_epi8(code);
-    const __m128i pairs = _mm_maddubs_epi16(bytes, _mm_set1_epi16(0x1001)); /* even + 16 x odd */
-    _mm_storel_epi64((__m128i *)p, _mm_packus_epi16(pairs, pairs));
+    _mm_storel_epi64((__m128i *)p, _mm512_cvtepi64_epi8(_mm512_or_si512(code, _mm512_srli_epi64(code, 28))));
 }
 
 /* draw() of the sixteen elements from column j of a row. */
@@ -673,6 +672,100 @@ LT_FUSED_INLINE void fused_flush(__m512 *dd, __m512 *ed, __m512 *ee, double tota
     *dd = *ed = *ee = _mm512_setzero_ps();
 }
 
+/* The largest of each of sixteen vectors' lanes (as unsigned integers), lane g of the answer from t[g]:
+ * pairs of vectors halved into one, four times (shuffles and maxima, no horizontal reduction). */
+LT_FUSED_INLINE __m512i fused_max16(const __m512i t[16]) {
+    __m512i u[8], v[4], w[2];
+    for (int g = 0; g < 8; g++) /* 128-bit lanes 0, 1: t[2g]'s halves' maxima; 2, 3: t[2g + 1]'s */
+        u[g] = _mm512_max_epu32(_mm512_shuffle_i32x4(t[2 * g], t[2 * g + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_i32x4(t[2 * g], t[2 * g + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int g = 0; g < 4; g++) /* 128-bit lane l: t[4g + l]'s four partial maxima */
+        v[g] = _mm512_max_epu32(_mm512_shuffle_i32x4(u[2 * g], u[2 * g + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i32x4(u[2 * g], u[2 * g + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int g = 0; g < 2; g++) /* 128-bit lane l: two partials of t[8g + l], then two of t[8g + 4 + l] */
+        w[g] = _mm512_max_epu32(_mm512_unpacklo_epi64(v[2 * g], v[2 * g + 1]),
+                                _mm512_unpackhi_epi64(v[2 * g], v[2 * g + 1]));
+    const __m512i lo = _mm512_unpacklo_epi32(w[0], w[1]), hi = _mm512_unpackhi_epi32(w[0], w[1]);
+    /* 128-bit lane l now holds t[l], t[8 + l], t[4 + l], t[12 + l]'s maxima, in that order */
+    const __m512i m = _mm512_max_epu32(_mm512_unpacklo_epi64(lo, hi), _mm512_unpackhi_epi64(lo, hi));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15), m);
+}
+
+/* Sixteen whole NVFP4 groups of a row at once (scales k0.., from column jg; codes at `in`, delta d, codes
+ * out at `out`): fused_group's operations, group by group the same, with the groups' ranges reduced
+ * together (fused_max16) and their scales kept or chosen as vectors (new_scale's arithmetic for each
+ * group that does not keep its own); the kept sums into dd, ed, ee. */
+LT_FUSED_INLINE int32_t fused_nvfp4_16(const Spec *sp, const NvTables *nv, int64_t k0, uint32_t jg, const uint8_t *in,
+                                       const float *d, uint8_t *out, const void *scale_in, void *scale_out,
+                                       int32_t keep, uint32_t row_hash, int *fresh, __m512 *dd, __m512 *ed,
+                                       __m512 *ee, const int stochastic) {
+    static const float e2m1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    const __m128i codes8 = _mm_loadu_si128((const __m128i *)((const uint8_t *)scale_in + k0));
+    const __m512i code = _mm512_cvtepu8_epi32(codes8);
+    if (_mm512_cmpeq_epi32_mask(_mm512_and_si512(code, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(0x7F)))
+        return LT_NONFINITE;
+    const __m512 s_old = _mm512_i32gather_ps(code, nv->scale, 4), values = _mm512_loadu_ps(e2m1);
+    float b[16][16], m[16][16];
+    __m512i top[16];
+    for (int g = 0; g < 16; g++) {
+        const __m512 bv = _mm512_mul_ps(_mm512_permutexvar_ps(fused_unpack(in + 8 * g), values),
+                                        _mm512_permutexvar_ps(_mm512_set1_epi32(g), s_old));
+        const __m512 mv = _mm512_add_ps(bv, _mm512_loadu_ps(d + 16 * g));
+        _mm512_storeu_ps(b[g], bv), _mm512_storeu_ps(m[g], mv);
+        top[g] = _mm512_and_si512(_mm512_castps_si512(mv), magnitude);
+    }
+    const __m512i amax = fused_max16(top);
+    if (_mm512_cmpge_epu32_mask(amax, _mm512_set1_epi32(0x7F800000))) return LT_NONFINITE;
+    const __mmask16 kept = keep ? _mm512_cmp_ps_mask(_mm512_castsi512_ps(amax), _mm512_i32gather_ps(code, nv->reach, 4),
+                                                     _CMP_LE_OQ)
+                                : 0;
+    _mm_storeu_si128((__m128i *)((uint8_t *)scale_out + k0), codes8);
+    __m512 scale = s_old;
+    if (kept != 0xFFFF) { /* new_scale for each group that does not keep its scale (it writes the new code out) */
+        float s[16];
+        uint32_t a[16];
+        _mm512_storeu_ps(s, scale), _mm512_storeu_si512(a, amax);
+        for (int g = 0; g < 16; g++) {
+            if (kept >> g & 1) continue;
+            float z = 0.0f;
+            s[g] = new_scale(sp, nv, k0 + g, float_of(a[g]), 0.0f, 0.0f, scale_in, NULL, scale_out, NULL, keep, &z,
+                             fresh);
+        }
+        scale = _mm512_loadu_ps(s);
+    }
+    const __mmask16 positive = _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 safe = _mm512_mask_blend_ps(positive, _mm512_set1_ps(1.0f), scale);
+    for (int g = 0; g < 16; g++) {
+        const __m512i lane = _mm512_set1_epi32(g);
+        const __m512 sv = _mm512_permutexvar_ps(lane, scale), mv = _mm512_loadu_ps(m[g]);
+        const __m512i live = _mm512_set1_epi32(positive >> g & 1 ? -1 : 0);
+        const __m512 x = _mm512_div_ps(mv, _mm512_permutexvar_ps(lane, safe));
+        const __m512 a = _mm512_min_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)),
+                                       _mm512_set1_ps(6.0f));
+        const __m512i field = _mm512_max_epu32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), _mm512_set1_epi32(127));
+        const __m512 spacing = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(field, _mm512_set1_epi32(1)), 23));
+        const __m512 y = _mm512_mul_ps(
+            a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(255), field), 23)));
+        const __m512 r = fused_round(y, stochastic, row_hash, jg + 16u * (uint32_t)g);
+        const __m512i mb = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(r, spacing)), live);
+        const __m512i neg = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 31),
+                                             _mm512_and_si512(live, _mm512_set1_epi32(1)));
+        const __mmask16 normal = _mm512_cmpge_epu32_mask(mb, _mm512_set1_epi32(0x3F800000));
+        const __m512i small = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(mb, mb), _mm512_set1_epi32(1));
+        const __m512i idx = _mm512_mask_sub_epi32(small, normal, _mm512_srli_epi32(mb, 22), _mm512_set1_epi32(252));
+        const __m512 w = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mb, _mm512_slli_epi32(neg, 31))), sv);
+        const __m512 bv = _mm512_loadu_ps(b[g]);
+        const __m512 delta = _mm512_sub_ps(mv, bv), err = _mm512_sub_ps(mv, w);
+        *dd = _mm512_add_ps(*dd, _mm512_mul_ps(delta, delta));
+        *ed = _mm512_add_ps(*ed, _mm512_mul_ps(err, delta));
+        *ee = _mm512_add_ps(*ee, _mm512_mul_ps(err, err));
+        fused_pack(_mm512_or_si512(idx, _mm512_slli_epi32(neg, 3)), out + 8 * g);
+    }
+    return LT_OK;
+}
+
 /* Groups g0..g1 of row i (each whole; `in` and `out` the row's codes, d the chunk's delta from its
  * first column): encode_chunk, kept_row and pack_run32 in one. */
 LT_FUSED_INLINE int32_t fused_chunk_as(const Spec *sp, const NvTables *nv, int64_t i, int64_t g0, int64_t g1,
@@ -683,7 +776,15 @@ LT_FUSED_INLINE int32_t fused_chunk_as(const Spec *sp, const NvTables *nv, int64
     __m512 dd = _mm512_setzero_ps(), ed = dd, ee = dd;
     const int64_t per_run = LT_RUN / (16 * NV);
     int32_t answer = LT_OK;
-    for (int64_t g = g0; g < g1 && answer == LT_OK; g++) {
+    int64_t g = g0;
+    if (NV == 1 && !is_int && sp->fmt == LT_NVFP4) /* sixteen groups (one run of the kept sums) at a time */
+        for (; g + 16 <= g1 && answer == LT_OK; g += 16) {
+            answer = fused_nvfp4_16(sp, nv, i * sp->groups + g, (uint32_t)(g * 16), in + g * 8, d + (g - g0) * 16,
+                                    out + g * 8, scale_in, scale_out, keep, row_hash, fresh, &dd, &ed, &ee,
+                                    stochastic);
+            fused_flush(&dd, &ed, &ee, total);
+        }
+    for (; g < g1 && answer == LT_OK; g++) {
         const int64_t j0 = g * sp->group;
         answer = fused_group(sp, nv, i * sp->groups + g, (uint32_t)j0, in + j0 / 2, d + (j0 - g0 * sp->group),
                              out + j0 / 2, scale_in, zero_in, scale_out, zero_out, keep, row_hash, fresh, &dd, &ed,
