@@ -583,6 +583,38 @@ LT_FUSED_INLINE __m512 fused_round(__m512 x, int stochastic, uint32_t row_hash, 
     return _mm512_add_ps(below, _mm512_maskz_mov_ps(up, _mm512_set1_ps(1.0f)));
 }
 
+/* Sixteen merged values m on E2M1's grid under the scale s (safe: s where s > 0, else 1; live: all ones
+ * where s > 0, else 0), nearest or against the draws from column j: code_group's arithmetic. Returns
+ * the codes; the values written into *w. */
+LT_FUSED_INLINE __m512i fused_e2m1(__m512 m, __m512 s, __m512 safe, __m512i live, int stochastic, uint32_t row_hash,
+                                   uint32_t j, __m512 *w) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    const __m512 x = _mm512_div_ps(m, safe);
+    const __m512 a = _mm512_min_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)),
+                                   _mm512_set1_ps(6.0f));
+    const __m512i field = _mm512_max_epu32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), _mm512_set1_epi32(127));
+    const __m512 spacing = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(field, _mm512_set1_epi32(1)), 23));
+    const __m512 y =
+        _mm512_mul_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(255), field), 23)));
+    const __m512 r = fused_round(y, stochastic, row_hash, j);
+    const __m512i mb = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(r, spacing)), live);
+    const __m512i neg =
+        _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 31), _mm512_and_si512(live, _mm512_set1_epi32(1)));
+    const __mmask16 normal = _mm512_cmpge_epu32_mask(mb, _mm512_set1_epi32(0x3F800000));
+    const __m512i small = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(mb, mb), _mm512_set1_epi32(1));
+    const __m512i idx = _mm512_mask_sub_epi32(small, normal, _mm512_srli_epi32(mb, 22), _mm512_set1_epi32(252));
+    *w = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mb, _mm512_slli_epi32(neg, 31))), s);
+    return _mm512_or_si512(idx, _mm512_slli_epi32(neg, 3));
+}
+
+/* kept_row's sums of sixteen values (merged m, base b, written w) added into its lanes dd, ed, ee. */
+LT_FUSED_INLINE void fused_kept(__m512 m, __m512 b, __m512 w, __m512 *dd, __m512 *ed, __m512 *ee) {
+    const __m512 delta = _mm512_sub_ps(m, b), err = _mm512_sub_ps(m, w);
+    *dd = _mm512_add_ps(*dd, _mm512_mul_ps(delta, delta));
+    *ed = _mm512_add_ps(*ed, _mm512_mul_ps(err, delta));
+    *ee = _mm512_add_ps(*ee, _mm512_mul_ps(err, err));
+}
+
 /* One whole group of NV vectors (scale k, from column jg; its codes at `in`, its delta d): encode_group,
  * then kept_row's sums into dd, ed, ee and pack_run32's bytes at `out`. */
 LT_FUSED_INLINE int32_t fused_group(const Spec *sp, const NvTables *nv, int64_t k, uint32_t jg, const uint8_t *in,
@@ -635,28 +667,10 @@ LT_FUSED_INLINE int32_t fused_group(const Spec *sp, const NvTables *nv, int64_t 
             w = _mm512_mul_ps(has_zero ? _mm512_sub_ps(q, zv) : q, sv);
             code = _mm512_add_epi32(_mm512_cvttps_epi32(q), _mm512_set1_epi32(off));
         } else {
-            const __m512i live = _mm512_set1_epi32(s > 0.0f ? -1 : 0);
-            const __m512 x = _mm512_div_ps(m[v], _mm512_set1_ps(s > 0.0f ? s : 1.0f));
-            const __m512 a = _mm512_min_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)),
-                                           _mm512_set1_ps(6.0f));
-            const __m512i field = _mm512_max_epu32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), _mm512_set1_epi32(127));
-            const __m512 spacing = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(field, _mm512_set1_epi32(1)), 23));
-            const __m512 y = _mm512_mul_ps(
-                a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(255), field), 23)));
-            const __m512 r = fused_round(y, stochastic, row_hash, j);
-            const __m512i mb = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(r, spacing)), live);
-            const __m512i neg = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 31),
-                                                 _mm512_and_si512(live, _mm512_set1_epi32(1)));
-            const __mmask16 normal = _mm512_cmpge_epu32_mask(mb, _mm512_set1_epi32(0x3F800000));
-            const __m512i small = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(mb, mb), _mm512_set1_epi32(1));
-            const __m512i idx = _mm512_mask_sub_epi32(small, normal, _mm512_srli_epi32(mb, 22), _mm512_set1_epi32(252));
-            w = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mb, _mm512_slli_epi32(neg, 31))), sv);
-            code = _mm512_or_si512(idx, _mm512_slli_epi32(neg, 3));
+            code = fused_e2m1(m[v], sv, _mm512_set1_ps(s > 0.0f ? s : 1.0f), _mm512_set1_epi32(s > 0.0f ? -1 : 0),
+                              stochastic, row_hash, j, &w);
         }
-        const __m512 delta = _mm512_sub_ps(m[v], b[v]), err = _mm512_sub_ps(m[v], w);
-        *dd = _mm512_add_ps(*dd, _mm512_mul_ps(delta, delta));
-        *ed = _mm512_add_ps(*ed, _mm512_mul_ps(err, delta));
-        *ee = _mm512_add_ps(*ee, _mm512_mul_ps(err, err));
+        fused_kept(m[v], b[v], w, dd, ed, ee);
         fused_pack(code, out + 8 * v);
     }
     return LT_OK;
@@ -740,28 +754,12 @@ LT_FUSED_INLINE int32_t fused_nvfp4_16(const Spec *sp, const NvTables *nv, int64
     for (int g = 0; g < 16; g++) {
         const __m512i lane = _mm512_set1_epi32(g);
         const __m512 sv = _mm512_permutexvar_ps(lane, scale), mv = _mm512_loadu_ps(m[g]);
-        const __m512i live = _mm512_set1_epi32(positive >> g & 1 ? -1 : 0);
-        const __m512 x = _mm512_div_ps(mv, _mm512_permutexvar_ps(lane, safe));
-        const __m512 a = _mm512_min_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)),
-                                       _mm512_set1_ps(6.0f));
-        const __m512i field = _mm512_max_epu32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), _mm512_set1_epi32(127));
-        const __m512 spacing = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(field, _mm512_set1_epi32(1)), 23));
-        const __m512 y = _mm512_mul_ps(
-            a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(255), field), 23)));
-        const __m512 r = fused_round(y, stochastic, row_hash, jg + 16u * (uint32_t)g);
-        const __m512i mb = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(r, spacing)), live);
-        const __m512i neg = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 31),
-                                             _mm512_and_si512(live, _mm512_set1_epi32(1)));
-        const __mmask16 normal = _mm512_cmpge_epu32_mask(mb, _mm512_set1_epi32(0x3F800000));
-        const __m512i small = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(mb, mb), _mm512_set1_epi32(1));
-        const __m512i idx = _mm512_mask_sub_epi32(small, normal, _mm512_srli_epi32(mb, 22), _mm512_set1_epi32(252));
-        const __m512 w = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mb, _mm512_slli_epi32(neg, 31))), sv);
-        const __m512 bv = _mm512_loadu_ps(b[g]);
-        const __m512 delta = _mm512_sub_ps(mv, bv), err = _mm512_sub_ps(mv, w);
-        *dd = _mm512_add_ps(*dd, _mm512_mul_ps(delta, delta));
-        *ed = _mm512_add_ps(*ed, _mm512_mul_ps(err, delta));
-        *ee = _mm512_add_ps(*ee, _mm512_mul_ps(err, err));
-        fused_pack(_mm512_or_si512(idx, _mm512_slli_epi32(neg, 3)), out + 8 * g);
+        __m512 w;
+        const __m512i code = fused_e2m1(mv, sv, _mm512_permutexvar_ps(lane, safe),
+                                        _mm512_set1_epi32(positive >> g & 1 ? -1 : 0), stochastic, row_hash,
+                                        jg + 16u * (uint32_t)g, &w);
+        fused_kept(mv, _mm512_loadu_ps(b[g]), w, dd, ed, ee);
+        fused_pack(code, out + 8 * g);
     }
     return LT_OK;
 }
