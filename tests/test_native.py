@@ -239,6 +239,21 @@ def test_a_build_that_disagrees_with_torch_is_not_used(monkeypatch, kernels) -> 
         assert native.fp8_kernels() is None
 
 
+def test_a_4bit_merge_does_not_pay_for_the_fp8_checks_nor_an_fp8_one_twice(monkeypatch, kernels) -> None:
+    """The library as loaded serves the packed passes after their own check alone; the FP8 passes'
+    check runs at the first FP8 use, once a loaded library."""
+    monkeypatch.setattr(native, "_loaded", [])
+    asked: list[int] = []
+    checked = native.Fp8Kernels.agrees_with_torch
+    monkeypatch.setattr(native.Fp8Kernels, "agrees_with_torch", lambda self: asked.append(1) or checked(self))
+    monkeypatch.setattr(packed, "_checked", {})
+    w, parts, _ = _packed_case("int4-sym-bf16", 37, 200)
+    assert packed.requantize_native(w, parts, _terms(37, 200, 0.01), key=None) is not None
+    assert asked == []
+    assert native.fp8_kernels() is not None and native.fp8_kernels() is native.library()
+    assert asked == [1]
+
+
 def test_a_build_of_another_version_is_not_used(monkeypatch, kernels) -> None:
     monkeypatch.setattr(native, "_loaded", [])
     monkeypatch.setattr(native.Fp8Kernels, "ABI", 0)

@@ -59,6 +59,7 @@ class Fp8Kernels:
     ABI = 8  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        self.fp8_agrees: bool | None = None  # agrees_with_torch's answer, once fp8_kernels has asked
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
         lib.lt_fp8_abi.restype = i32
         if lib.lt_fp8_abi() != self.ABI:
@@ -309,13 +310,34 @@ def _check(*tensors: torch.Tensor) -> None:
 _loaded: list[Fp8Kernels | None] = []
 
 
-def fp8_kernels() -> Fp8Kernels | None:
-    """The FP8 kernels, or None: not built, ``LORATOOL_NATIVE=0``, or not agreeing with torch."""
+def library() -> Fp8Kernels | None:
+    """The compiled kernels as loaded, or None: not built, ``LORATOOL_NATIVE=0``, or a build of
+    another version. Each family of passes is checked against torch's before its first use, by
+    whoever uses it: :func:`fp8_kernels` for the FP8 passes, ``packed._kernels`` for the packed
+    low-bit ones (so a 4-bit merge does not pay for the FP8 checks, nor an FP8 merge for the 4-bit ones)."""
     if os.environ.get("LORATOOL_NATIVE", "1") == "0":
         return None
     if not _loaded:
         _loaded.append(_load())
     return _loaded[0]
+
+
+def fp8_kernels() -> Fp8Kernels | None:
+    """The FP8 kernels, or None: not built, ``LORATOOL_NATIVE=0``, or not agreeing with torch
+    (checked once per loaded library, at the first call; a build that disagrees says so, once)."""
+    kernels = library()
+    if kernels is None:
+        return None
+    if kernels.fp8_agrees is None:
+        kernels.fp8_agrees = kernels.agrees_with_torch()
+        if not kernels.fp8_agrees:
+            warnings.warn(
+                f"{_library_name()} disagrees with torch's FP8 conversions (a miscompiled build?); FP8 merges use "
+                "torch's passes. Reinstall loratool, or set LORATOOL_NATIVE=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return kernels if kernels.fp8_agrees else None
 
 
 def _library() -> Path | None:
@@ -332,24 +354,20 @@ def _library() -> Path | None:
     return next((p for p in places if p.is_file()), None)
 
 
+def _library_name() -> str:
+    path = _library()
+    return path.name if path is not None else _NAMES[0]
+
+
 def _load() -> Fp8Kernels | None:
     path = _library()
     if path is None:
         return None
     try:
-        kernels = Fp8Kernels(ctypes.CDLL(str(path)))
+        return Fp8Kernels(ctypes.CDLL(str(path)))
     except (OSError, AttributeError) as e:
-        warnings.warn(f"{path.name} did not load ({e}); FP8 merges use torch's passes", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{path.name} did not load ({e}); FP8 merges use torch's passes", RuntimeWarning, stacklevel=4)
         return None
-    if not kernels.agrees_with_torch():
-        warnings.warn(
-            f"{path.name} disagrees with torch's FP8 conversions (a miscompiled build?); FP8 merges use torch's "
-            "passes. Reinstall loratool, or set LORATOOL_NATIVE=0 to silence this.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    return kernels
 
 
 _pool: list[ThreadPoolExecutor] = []

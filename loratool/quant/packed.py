@@ -304,7 +304,7 @@ def _dequantize_native(w: PackedWeight, parts: Parts) -> torch.Tensor | None:
 def _kernels() -> native.Fp8Kernels | None:
     """The compiled kernels where they are built and their packed passes agree with the torch passes
     (checked once, on small weights of every format: a miscompiled build is not used, and says so)."""
-    kernels = native.fp8_kernels()
+    kernels = native.library()
     if kernels is None:
         return None
     why = "the compiled packed low-bit kernels disagree with the torch passes (a miscompiled build?); 4-bit merges"

@@ -206,11 +206,13 @@ def _why_subspace_ran_in_torch(dequantize: bool, packed_in_place: bool, device: 
     into 4-bit layouts on the CPU."""
     if dequantize:
         return "its compiled kernels round onto FP8 and 4-bit grids only, not onto --dtype's"
-    if native.fp8_kernels() is None:
+    if native.library() is None:
         if os.environ.get("LORATOOL_NATIVE", "1") == "0":
             return "LORATOOL_NATIVE=0 turns loratool's compiled kernels off"
         return "loratool's compiled kernels are not built here: reinstall it with a C compiler on PATH"
-    if not packed_in_place or packed.subspace_compiled(device):
+    if not packed_in_place:
+        return None if native.fp8_kernels() is not None else "its compiled FP8 passes disagreed with torch's here"
+    if packed.subspace_compiled(device):
         return None
     if device.type != "cpu":
         return f"into 4-bit layouts its compiled loop runs on the CPU, and this merge ran on {device}"
