@@ -4,7 +4,8 @@ Installing loratool compiles ``csrc/fp8.c`` and ``csrc/lowbit.c`` into ``loratoo
 when a C compiler is present (``hatch_build.py``); without one, or with ``LORATOOL_NATIVE=0`` in the
 environment, every caller runs the same arithmetic as torch passes, to the same bytes. The library
 is a plain C shared object (no Python or torch headers, so no ABI to match), and it is checked
-against torch's own conversions when first loaded: a build that disagrees is not used.
+against torch's own passes before first use, each family of passes apart (the FP8 ones by
+:func:`fp8_kernels`, the packed low-bit ones by ``packed._kernels``): a build that disagrees is not used.
 """
 
 from __future__ import annotations
