@@ -680,3 +680,66 @@ def test_strips_of_rows_give_the_whole_weights_bytes(
     one, two, three = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "strips", "torch"))
     assert all(torch.equal(one[k], two[k]) and torch.equal(one[k], three[k]) for k in one)
     assert r.quantization["kept"] is not None
+
+
+def test_the_look_ahead_thread_changes_no_byte(tmp_path: Path, plain, quantized, monkeypatch) -> None:
+    """A merge in place prepares the next packed weight's inputs on a second thread while the kernels
+    requantize this one (ops/merge/stream.py, _prepare_after): the same files and report as a merge
+    that prepares each weight when it comes to it."""
+    import threading
+
+    from loratool.ops.merge import stream as merge_stream
+
+    fmt, path = quantized
+    _, adapter = plain
+    where: list[str] = []
+    inputs = merge_stream.Stream._packed_inputs
+
+    def recorded(self, w, expert):  # type: ignore[no-untyped-def]
+        where.append(threading.current_thread().name)
+        return inputs(self, w, expert)
+
+    monkeypatch.setattr(merge_stream.Stream, "_packed_inputs", recorded)
+    ahead = merge(path, [adapter], output=tmp_path / "ahead", rounding="stochastic", min_kept=0.0, show_progress=False)
+    assert sum(name.startswith("loratool-ahead") for name in where) == len(where) - 1  # all but the first weight
+    monkeypatch.setattr(merge_stream.Stream, "_prepare_after", lambda self, name: None)
+    where.clear()
+    inline = merge(path, [adapter], output=tmp_path / "inline", rounding="stochastic", min_kept=0.0,
+                   show_progress=False)  # fmt: skip
+    assert where and not any(name.startswith("loratool-ahead") for name in where)
+    assert ahead.quantization == inline.quantization
+    for f in (tmp_path / "ahead").iterdir():
+        other = tmp_path / "inline" / f.name
+        if f.suffix != ".safetensors":
+            assert f.read_bytes() == other.read_bytes(), f.name
+            continue
+        got, want = load_file(str(f)), load_file(str(other))  # the headers differ in their creation times only
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), f.name
+
+
+def test_an_error_met_ahead_is_raised_at_its_weight(tmp_path: Path, plain, monkeypatch) -> None:
+    """An error raised while a weight's inputs are prepared ahead of its turn (here, one made up for the
+    third packed weight) stops the merge when that weight comes, as the same error, and nothing is
+    written."""
+    import threading
+
+    from loratool.errors import UnsupportedCheckpointError
+    from loratool.ops.merge import stream as merge_stream
+
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "int4-sym")
+    seen: list[tuple[str, str]] = []
+    factors = merge_stream.Stream._stored_factors
+
+    def failing(self, w, expert):  # type: ignore[no-untyped-def]
+        seen.append((w.name, threading.current_thread().name))
+        if len(seen) == 3:
+            raise UnsupportedCheckpointError("made up for the test", key=w.name)
+        return factors(self, w, expert)
+
+    monkeypatch.setattr(merge_stream.Stream, "_stored_factors", failing)
+    with pytest.raises(UnsupportedCheckpointError, match="made up") as e:
+        merge(tmp_path / "q", [adapter], output=tmp_path / "m", min_kept=0.0, show_progress=False)
+    third, thread = seen[2]
+    assert third in str(e.value) and thread.startswith("loratool-ahead")
+    assert not (tmp_path / "m").exists()

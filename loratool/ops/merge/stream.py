@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from ...stream.pipeline import QUEUE_BYTES, BackgroundWriter, BufferPool, fault_
 from .check import RoundTripCheck, fp8_steps
 from .plan import Term
 from .quantized import FP8_BLOCK
+
+PackedInputs = tuple[packed.Parts, packed.LowRank, int | None, Subspace | None]
 
 
 @dataclass
@@ -51,6 +54,10 @@ class Stream:
     requantized: list[tuple[str, Kept]] = field(default_factory=list)  # per quantized weight changed: what it kept
     _stash: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # an FP8 pair's other half (pooled?)
     _later: set[str] = field(default_factory=set)  # FP8 pair members that come after their partner
+    # each packed weight requantized in place -> the one written after it; their inputs prepared ahead
+    _packed_next: dict[str, str] = field(default_factory=dict)
+    _prepared: dict[tuple[str, int | None], Future[PackedInputs]] = field(default_factory=dict)
+    _ahead: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         # FP8 weights to rewrite (those with terms, or all when dequantizing), by weight and by scale key
@@ -100,6 +107,12 @@ class Stream:
             if k in self._group_of:
                 first.setdefault(self._group_of[k], i)
         self._later |= {k for k in self._group_of if position.get(k, -1) != first.get(self._group_of[k])}
+        order = [g for g in sorted(first, key=first.__getitem__) if g not in self.to_fp8]
+        self._packed_next = dict(zip(order, order[1:]))
+        if self._packed_next and self.device.type == "cpu":
+            # one thread reads and prepares the next packed weight's inputs while the kernels requantize this one
+            # (its reads, factors and product terms are interpreter work the kernels' cores would otherwise wait on)
+            self._ahead = ThreadPoolExecutor(1, "loratool-ahead")
         threads = compute_threads() if self.device.type == "cpu" else contextlib.nullcontext()
         with threads:
             try:
@@ -110,6 +123,10 @@ class Stream:
             except BaseException:
                 writer.abort()
                 raise
+            finally:
+                if self._ahead is not None:
+                    self._ahead.shutdown(wait=True, cancel_futures=True)
+                    self._ahead, self._prepared = None, {}
 
     def _computed(self, key: str) -> bool:
         """Whether the merge computes ``key`` (else it writes the tensor as read, cast at most)."""
@@ -262,6 +279,7 @@ class Stream:
             mine, other = (q, (scale, False)) if key == w.name else (scale, (q, False))
             self._stash[w.name + "_scale" if key == w.name else w.name] = other
             return mine, mine.dtype, False
+        self._prepare_after(w.name)
         pieces = [self._packed_requantized(w, e) for e in (range(w.experts) if w.experts else [None])]
         new = {role: (torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
                       else pieces[0][role]).cpu() for role in w.parts}  # fmt: skip
@@ -316,11 +334,9 @@ class Stream:
         row at a time), else in torch passes a strip of rows at a time (rows round independently;
         temporaries of a strip's size, reused, where a weight's would cost more in fresh pages than
         in arithmetic); the whole weight at once where NVFP4 needs a new tensor scale."""
-        parts = self._parts(w, expert)
         name = w.name if expert is None else f"{w.name}.{expert}"
-        factors = self._stored_factors(w, expert)
-        terms = packed.LowRank.of(factors, *w.rows_cols, self.device)
-        stream, space = self._rule_for(name, [f.right for f in factors])
+        prepared = self._prepared.pop((w.name, expert), None)
+        parts, terms, stream, space = prepared.result() if prepared is not None else self._packed_inputs(w, expert)
         rows = w.rows_cols[0]
         # strips of rows whose temporaries stay small; the subspace rule's column loop in torch passes
         # pays its overhead per strip, so without the compiled kernels it takes the weight whole
@@ -339,6 +355,26 @@ class Stream:
             kept = kept.add(k)
         self.requantized.append((name, kept))
         return out
+
+    def _packed_inputs(self, w: PackedWeight, expert: int | None) -> PackedInputs:
+        """What requantizing ``w`` (``expert``) in place starts from: its stored parts, the terms' product
+        (stored orientation), the stochastic stream's key and the subspace (:meth:`_rule_for`)."""
+        name = w.name if expert is None else f"{w.name}.{expert}"
+        factors = self._stored_factors(w, expert)
+        terms = packed.LowRank.of(factors, *w.rows_cols, self.device)
+        return (self._parts(w, expert), terms, *self._rule_for(name, [f.right for f in factors]))
+
+    def _prepare_after(self, name: str) -> None:
+        """Start preparing the inputs of the packed weight written after ``name`` (each expert's) on the
+        look-ahead thread; :meth:`_packed_requantized` takes them from there (an error raised there is
+        raised when they are taken, as it would have been)."""
+        if self._ahead is None or name not in self._packed_next:
+            return
+        assert self.low_bit is not None
+        after = self.low_bit.weights[self._packed_next[name]]
+        for e in range(after.experts) if after.experts else [None]:
+            if (after.name, e) not in self._prepared:
+                self._prepared[(after.name, e)] = self._ahead.submit(self._packed_inputs, after, e)
 
     def _packed_strip(self, w: PackedWeight, name: str, parts: packed.Parts, terms: packed.LowRank, start: int,
                       stop: int, stream: int | None, space: Subspace | None,
