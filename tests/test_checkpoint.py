@@ -298,3 +298,38 @@ def test_inspecting_a_checkpoint_imports_no_torch(fixtures: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "loratool", "inspect", str(fixtures / "llama-peft-adapter"), "--json"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and json.loads(r.stdout)["kind"] == "adapter", r.stderr
+
+
+def test_a_file_first_read_on_two_threads_at_once_opens_once(tmp_path: Path, monkeypatch) -> None:
+    """A file listed from its header opens at its first read; a merge's reader and look-ahead threads may
+    make that read at the same moment: both get its tensors, and it is opened once."""
+    import threading
+    import time
+
+    save_file({"a": torch.arange(6.0), "b": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    ckpt = open_checkpoint(tmp_path, headers_only=True)
+    opened: list[str] = []
+    slow_open = type(ckpt)._safe_open
+
+    def slowly(self, file):  # type: ignore[no-untyped-def]
+        opened.append(str(file))
+        time.sleep(0.2)  # both threads are inside the first read before either has opened the file
+        return slow_open(self, file)
+
+    monkeypatch.setattr(type(ckpt), "_safe_open", slowly)
+    got: dict[str, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def read(key: str) -> None:
+        try:
+            got[key] = ckpt.get(key)
+        except BaseException as e:  # noqa: BLE001  (the test reports it)
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(opened) == 1
+    assert torch.equal(got["a"], torch.arange(6.0)) and torch.equal(got["b"], torch.ones(3))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,6 +115,7 @@ class Checkpoint:
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[str, Any] = {}
         self._unopened: dict[str, Path] = {}  # files listed from their headers, opened at their first read
+        self._opening = threading.Lock()  # a merge's reader and look-ahead threads may first read a file at once
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self.metadata: dict[str, dict[str, str]] = {}
         for f in files:
@@ -155,7 +157,10 @@ class Checkpoint:
     def _handle(self, rel: str) -> Any:
         """The open safetensors file ``rel``, opened now if it was listed from its header."""
         if rel not in self._handles:
-            self._handles[rel] = self._safe_open(self._unopened.pop(rel))
+            with self._opening:
+                if rel not in self._handles:
+                    self._handles[rel] = self._safe_open(self._unopened[rel])
+                    del self._unopened[rel]
         return self._handles[rel]
 
     def _open_safetensors(self, file: Path) -> None:

@@ -309,6 +309,7 @@ def _check(*tensors: torch.Tensor) -> None:
 
 
 _loaded: list[Fp8Kernels | None] = []
+_checking = threading.Lock()  # fp8_kernels' check, once for callers on several threads
 
 
 def library() -> Fp8Kernels | None:
@@ -329,15 +330,16 @@ def fp8_kernels() -> Fp8Kernels | None:
     kernels = library()
     if kernels is None:
         return None
-    if kernels.fp8_agrees is None:
-        kernels.fp8_agrees = kernels.agrees_with_torch()
-        if not kernels.fp8_agrees:
-            warnings.warn(
-                f"{_library_name()} disagrees with torch's FP8 conversions (a miscompiled build?); FP8 merges use "
-                "torch's passes. Reinstall loratool, or set LORATOOL_NATIVE=0 to silence this.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    with _checking:
+        if kernels.fp8_agrees is None:
+            kernels.fp8_agrees = kernels.agrees_with_torch()
+            if not kernels.fp8_agrees:
+                warnings.warn(
+                    f"{_library_name()} disagrees with torch's FP8 conversions (a miscompiled build?); FP8 merges "
+                    "use torch's passes. Reinstall loratool, or set LORATOOL_NATIVE=0 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return kernels if kernels.fp8_agrees else None
 
 
