@@ -380,7 +380,7 @@ def mxfp4_reference_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return codes[..., 0] | (codes[..., 1] << 4), (exp + 127).to(torch.uint8)
 
 
-def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_path: Path, cli) -> None:
+def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_path: Path, cli, monkeypatch) -> None:
     import transformers as tf
     from peft import LoraConfig, get_peft_model
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -446,6 +446,23 @@ def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_
         merged = convert_moe_packed_tensors(written[key + "_blocks"], written[key + "_scales"], dtype=torch.float32)
         err = (merged - want[key]).abs().amax(dim=(1, 2))  # per expert, against a step of its largest value
         assert bool((err <= want[key].abs().amax(dim=(1, 2)) / 3).all()), (key, err)
+    # the look-ahead thread prepares one expert ahead (never a whole weight's experts at once) and changes no byte
+    from loratool.ops.merge import stream as merge_stream
+
+    ahead = merge_stream.Stream._prepare_after
+    waiting: list[int] = []
+
+    def counted(self, w, expert):  # type: ignore[no-untyped-def]
+        ahead(self, w, expert)
+        waiting.append(len(self._prepared))
+
+    monkeypatch.setattr(merge_stream.Stream, "_prepare_after", counted)
+    res = cli("merge", tmp_path / "q", tmp_path / "adapter", "-o", tmp_path / "in2", "--min-kept", "0", "--rounding",
+              "nearest")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert len(waiting) == 2 * 4 and max(waiting) == 1 and waiting[-1] == 0  # the last piece has none after it
+    again = load_file(str(tmp_path / "in2" / "model.safetensors"))
+    assert all(torch.equal(again[k], written[k]) for k in written)
 
     # extract from the MXFP4 base and the bf16 merge: the experts' delta comes back as target_parameters
     a = extract(tmp_path / "q", tmp_path / "deq", output=tmp_path / "ex", rank=4, show_progress=False)
@@ -702,7 +719,7 @@ def test_the_look_ahead_thread_changes_no_byte(tmp_path: Path, plain, quantized,
     monkeypatch.setattr(merge_stream.Stream, "_packed_inputs", recorded)
     ahead = merge(path, [adapter], output=tmp_path / "ahead", rounding="stochastic", min_kept=0.0, show_progress=False)
     assert sum(name.startswith("loratool-ahead") for name in where) == len(where) - 1  # all but the first weight
-    monkeypatch.setattr(merge_stream.Stream, "_prepare_after", lambda self, name: None)
+    monkeypatch.setattr(merge_stream.Stream, "_prepare_after", lambda self, w, expert: None)
     where.clear()
     inline = merge(path, [adapter], output=tmp_path / "inline", rounding="stochastic", min_kept=0.0,
                    show_progress=False)  # fmt: skip

@@ -279,7 +279,6 @@ class Stream:
             mine, other = (q, (scale, False)) if key == w.name else (scale, (q, False))
             self._stash[w.name + "_scale" if key == w.name else w.name] = other
             return mine, mine.dtype, False
-        self._prepare_after(w.name)
         pieces = [self._packed_requantized(w, e) for e in (range(w.experts) if w.experts else [None])]
         new = {role: (torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
                       else pieces[0][role]).cpu() for role in w.parts}  # fmt: skip
@@ -337,6 +336,7 @@ class Stream:
         name = w.name if expert is None else f"{w.name}.{expert}"
         prepared = self._prepared.pop((w.name, expert), None)
         parts, terms, stream, space = prepared.result() if prepared is not None else self._packed_inputs(w, expert)
+        self._prepare_after(w, expert)
         rows = w.rows_cols[0]
         # strips of rows whose temporaries stay small; the subspace rule's column loop in torch passes
         # pays its overhead per strip, so without the compiled kernels it takes the weight whole
@@ -364,17 +364,24 @@ class Stream:
         terms = packed.LowRank.of(factors, *w.rows_cols, self.device)
         return (self._parts(w, expert), terms, *self._rule_for(name, [f.right for f in factors]))
 
-    def _prepare_after(self, name: str) -> None:
-        """Start preparing the inputs of the packed weight written after ``name`` (each expert's) on the
-        look-ahead thread; :meth:`_packed_requantized` takes them from there (an error raised there is
-        raised when they are taken, as it would have been)."""
-        if self._ahead is None or name not in self._packed_next:
+    def _prepare_after(self, w: PackedWeight, expert: int | None) -> None:
+        """Start preparing the inputs of the piece requantized after ``w`` (``expert``) on the look-ahead
+        thread: its next expert, else the next packed weight's first (one piece ahead, so that a
+        mixture-of-experts weight's experts are not all held at once). :meth:`_packed_requantized` takes
+        them from there; an error raised there is raised when they are taken, as it would have been."""
+        if self._ahead is None:
             return
-        assert self.low_bit is not None
-        after = self.low_bit.weights[self._packed_next[name]]
-        for e in range(after.experts) if after.experts else [None]:
-            if (after.name, e) not in self._prepared:
-                self._prepared[(after.name, e)] = self._ahead.submit(self._packed_inputs, after, e)
+        piece: int | None
+        if w.experts is not None and expert is not None and expert + 1 < w.experts:
+            after, piece = w, expert + 1
+        elif w.name in self._packed_next:
+            assert self.low_bit is not None
+            after = self.low_bit.weights[self._packed_next[w.name]]
+            piece = 0 if after.experts is not None else None
+        else:
+            return
+        if (after.name, piece) not in self._prepared:
+            self._prepared[(after.name, piece)] = self._ahead.submit(self._packed_inputs, after, piece)
 
     def _packed_strip(self, w: PackedWeight, name: str, parts: packed.Parts, terms: packed.LowRank, start: int,
                       stop: int, stream: int | None, space: Subspace | None,
