@@ -549,6 +549,10 @@ LT_INLINE int32_t encode_chunk(const Spec *sp, const NvTables *nv, int64_t i, in
 #define LT_FUSED_INLINE \
     static inline __attribute__((always_inline, target("avx2,avx512f,avx512bw,avx512dq,avx512vl")))
 
+/* The E2M1 value of each code 0..15 (values_row's arithmetic, -0 for code 8), for a permute. */
+static const float E2M1_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
 /* Sixteen 4-bit codes (8 bytes, element j in the low nibble of byte j / 2 for even j) as int32 lanes. */
 LT_FUSED_INLINE __m512i fused_unpack(const uint8_t *p) {
     const __m128i x = _mm_loadl_epi64((const __m128i *)p), low = _mm_set1_epi8(0x0F);
@@ -565,7 +569,8 @@ LT_FUSED_INLINE void fused_pack(__m512i code, uint8_t *p) {
 /* draw() of the sixteen elements from column j of a row. */
 LT_FUSED_INLINE __m512 fused_draws(uint32_t row_hash, uint32_t j) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i x = _mm512_xor_si512(_mm512_set1_epi32((int32_t)row_hash), _mm512_add_epi32(_mm512_set1_epi32((int32_t)j), lane));
+    const __m512i col = _mm512_add_epi32(_mm512_set1_epi32((int32_t)j), lane);
+    __m512i x = _mm512_xor_si512(_mm512_set1_epi32((int32_t)row_hash), col);
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int32_t)0x21F0AAADu));
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
@@ -622,8 +627,6 @@ LT_FUSED_INLINE int32_t fused_group(const Spec *sp, const NvTables *nv, int64_t 
                                     void *scale_out, int32_t *zero_out, int32_t keep, uint32_t row_hash, int *fresh,
                                     __m512 *dd, __m512 *ed, __m512 *ee, const int NV, const int is_int,
                                     const int stochastic, const int has_zero) {
-    static const float e2m1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
     const int32_t off = is_int ? 1 << (sp->bits - 1) : 0;
     if (!is_int && sp->fmt == LT_NVFP4 && (((const uint8_t *)scale_in)[k] & 0x7Fu) == 0x7Fu) return LT_NONFINITE;
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
@@ -637,7 +640,7 @@ LT_FUSED_INLINE int32_t fused_group(const Spec *sp, const NvTables *nv, int64_t 
             const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(off)));
             b[v] = _mm512_mul_ps(has_zero ? _mm512_sub_ps(q, _mm512_set1_ps(z)) : q, _mm512_set1_ps(s_old));
         } else {
-            b[v] = _mm512_mul_ps(_mm512_permutexvar_ps(c, _mm512_loadu_ps(e2m1)), _mm512_set1_ps(s_old));
+            b[v] = _mm512_mul_ps(_mm512_permutexvar_ps(c, _mm512_loadu_ps(E2M1_VALUES)), _mm512_set1_ps(s_old));
         }
         m[v] = _mm512_add_ps(b[v], _mm512_loadu_ps(d + 16 * v));
         const __m512i bits = _mm512_castps_si512(m[v]);
@@ -700,7 +703,7 @@ LT_FUSED_INLINE __m512i fused_max16(const __m512i t[16]) {
         w[g] = _mm512_max_epu32(_mm512_unpacklo_epi64(v[2 * g], v[2 * g + 1]),
                                 _mm512_unpackhi_epi64(v[2 * g], v[2 * g + 1]));
     const __m512i lo = _mm512_unpacklo_epi32(w[0], w[1]), hi = _mm512_unpackhi_epi32(w[0], w[1]);
-    /* 128-bit lane l now holds t[l], t[8 + l], t[4 + l], t[12 + l]'s maxima, in that order */
+    /* m's 128-bit lane l: the maxima of t[l], t[8 + l], t[4 + l], t[12 + l], in that order */
     const __m512i m = _mm512_max_epu32(_mm512_unpacklo_epi64(lo, hi), _mm512_unpackhi_epi64(lo, hi));
     return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15), m);
 }
@@ -713,14 +716,12 @@ LT_FUSED_INLINE int32_t fused_nvfp4_16(const Spec *sp, const NvTables *nv, int64
                                        const float *d, uint8_t *out, const void *scale_in, void *scale_out,
                                        int32_t keep, uint32_t row_hash, int *fresh, __m512 *dd, __m512 *ed,
                                        __m512 *ee, const int stochastic) {
-    static const float e2m1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
     const __m128i codes8 = _mm_loadu_si128((const __m128i *)((const uint8_t *)scale_in + k0));
     const __m512i code = _mm512_cvtepu8_epi32(codes8);
     if (_mm512_cmpeq_epi32_mask(_mm512_and_si512(code, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(0x7F)))
         return LT_NONFINITE;
-    const __m512 s_old = _mm512_i32gather_ps(code, nv->scale, 4), values = _mm512_loadu_ps(e2m1);
+    const __m512 s_old = _mm512_i32gather_ps(code, nv->scale, 4), values = _mm512_loadu_ps(E2M1_VALUES);
     float b[16][16], m[16][16];
     __m512i top[16];
     for (int g = 0; g < 16; g++) {
