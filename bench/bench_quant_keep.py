@@ -37,27 +37,30 @@ SIZES = (0.28, 0.028, 0.0085, 0.0028)  # ||delta|| / ||W|| over the adapted weig
 SEEDS = (0, 1, 2)
 
 
-def language(seed: int) -> torch.Tensor:
+def language(seed: int, vocab: int = VOCAB) -> torch.Tensor:
     """A random Markov chain over the vocabulary, peaked enough to be learnable: (V, V) transitions."""
     g = torch.Generator().manual_seed(seed)
-    return torch.softmax(torch.randn(VOCAB, VOCAB, generator=g) * 2.5, dim=1)
+    return torch.softmax(torch.randn(vocab, vocab, generator=g) * 2.5, dim=1)
 
 
-def sample(chain: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    out = torch.empty(n, SEQ, dtype=torch.long)
-    out[:, 0] = torch.randint(0, VOCAB, (n,), generator=g)
-    for t in range(1, SEQ):
+def sample(chain: torch.Tensor, n: int, g: torch.Generator, seq: int = SEQ) -> torch.Tensor:
+    """``n`` sequences of ``seq`` tokens from ``chain``, each from a uniformly drawn first token."""
+    out = torch.empty(n, seq, dtype=torch.long)
+    out[:, 0] = torch.randint(0, chain.shape[0], (n,), generator=g)
+    for t in range(1, seq):
         out[:, t] = torch.multinomial(chain[out[:, t - 1]], 1, generator=g).squeeze(1)
     return out
 
 
-def train(model: LlamaForCausalLM, chain: torch.Tensor, steps: int, lr: float, seed: int) -> float:
+def train(model: LlamaForCausalLM, chain: torch.Tensor, steps: int, lr: float, seed: int, *, batch: int = BATCH,
+          seq: int = SEQ) -> float:  # fmt: skip
+    """``steps`` AdamW steps of next-token loss on batches sampled from ``chain``; the last loss."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     loss = torch.tensor(0.0)
     for _ in range(steps):
-        batch = sample(chain, BATCH, g)
-        loss = model(input_ids=batch, labels=batch).loss
+        tokens = sample(chain, batch, g, seq)
+        loss = model(input_ids=tokens, labels=tokens).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

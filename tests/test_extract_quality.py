@@ -4,6 +4,7 @@ from a generated language, then fine-tuned on another), loaded through PEFT itse
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,32 +12,10 @@ import torch
 
 from loratool.ops.extract import extract
 
-VOCAB, SEQ, BATCH = 64, 32, 16
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from bench_quant_keep import language, sample, train  # noqa: E402  (the bench trains its pairs the same way)
 
-
-def language(seed: int) -> torch.Tensor:
-    """A random Markov chain over the vocabulary, peaked enough to be learnt: (V, V) transitions."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.softmax(torch.randn(VOCAB, VOCAB, generator=g) * 2.5, dim=1)
-
-
-def sample(chain: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    out = torch.empty(n, SEQ, dtype=torch.long)
-    out[:, 0] = torch.randint(0, VOCAB, (n,), generator=g)
-    for t in range(1, SEQ):
-        out[:, t] = torch.multinomial(chain[out[:, t - 1]], 1, generator=g).squeeze(1)
-    return out
-
-
-def train(model, chain: torch.Tensor, steps: int, lr: float, seed: int) -> None:  # type: ignore[no-untyped-def]
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    for _ in range(steps):
-        batch = sample(chain, BATCH, g)
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+VOCAB, SEQ, BATCH = 64, 32, 16  # smaller than the bench's: a pair trained in seconds
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +28,9 @@ def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
                          tie_word_embeddings=False)  # fmt: skip
     model = LlamaForCausalLM(config)
-    train(model, language(1), 200, 3e-3, seed=1)
+    train(model, language(1, VOCAB), 200, 3e-3, seed=1, batch=BATCH, seq=SEQ)
     model.save_pretrained(root / "base")
-    train(model, language(2), 100, 1e-3, seed=2)
+    train(model, language(2, VOCAB), 100, 1e-3, seed=2, batch=BATCH, seq=SEQ)
     model.save_pretrained(root / "ft")
     return root
 
@@ -63,7 +42,7 @@ def test_the_default_svd_keeps_the_exact_truncations_quality_at_the_output(train
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    tokens = sample(language(2), 32, torch.Generator().manual_seed(99))
+    tokens = sample(language(2, VOCAB), 32, torch.Generator().manual_seed(99), SEQ)
 
     @torch.no_grad()
     def logprobs(model) -> torch.Tensor:  # type: ignore[no-untyped-def]
