@@ -534,9 +534,10 @@ LT_INLINE int32_t encode_chunk(const Spec *sp, const NvTables *nv, int64_t i, in
  * through in vector registers from its codes to its written codes: decoded, merged with the delta,
  * its range reduced, its scale chosen (new_scale, as a scalar), coded, its kept sums added and its
  * codes packed, without the arrays of the pass above or its separate passes over them. The same
- * operations on each element, in the same order, as encode_group, kept_row and pack_run32 (one
- * element a lane, kept_row's sixteen lanes over runs of LT_RUN from the chunk's start), so the same
- * bytes and the same sums. */
+ * operations on each element, in the same order, as encode_group and pack_run32 (one element a lane),
+ * so the same bytes; the kept sums in kept_row's sixteen lanes over runs of LT_RUN from the chunk's
+ * start, each term added by a fused multiply-add (one rounding, not two: the sums are reported
+ * figures, not bytes the torch passes must reproduce). */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define LT_FUSED 1
@@ -612,12 +613,13 @@ LT_FUSED_INLINE __m512i fused_e2m1(__m512 m, __m512 s, __m512 safe, __m512i live
     return _mm512_or_si512(idx, _mm512_slli_epi32(neg, 3));
 }
 
-/* kept_row's sums of sixteen values (merged m, base b, written w) added into its lanes dd, ed, ee. */
+/* kept_row's sums of sixteen values (merged m, base b, written w) added into its lanes dd, ed, ee, by
+ * fused multiply-adds. */
 LT_FUSED_INLINE void fused_kept(__m512 m, __m512 b, __m512 w, __m512 *dd, __m512 *ed, __m512 *ee) {
     const __m512 delta = _mm512_sub_ps(m, b), err = _mm512_sub_ps(m, w);
-    *dd = _mm512_add_ps(*dd, _mm512_mul_ps(delta, delta));
-    *ed = _mm512_add_ps(*ed, _mm512_mul_ps(err, delta));
-    *ee = _mm512_add_ps(*ee, _mm512_mul_ps(err, err));
+    *dd = _mm512_fmadd_ps(delta, delta, *dd);
+    *ed = _mm512_fmadd_ps(err, delta, *ed);
+    *ee = _mm512_fmadd_ps(err, err, *ee);
 }
 
 /* One whole group of NV vectors (scale k, from column jg; its codes at `in`, its delta d): encode_group,
