@@ -463,6 +463,18 @@ def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_
     assert len(waiting) == 2 * 4 and max(waiting) == 1 and waiting[-1] == 0  # the last piece has none after it
     again = load_file(str(tmp_path / "in2" / "model.safetensors"))
     assert all(torch.equal(again[k], written[k]) for k in written)
+    # one packed weight alone (an adapter on down_proj's experts only): its experts are still prepared ahead
+    one = get_peft_model(tf.GptOssForCausalLM(config).eval(), LoraConfig(
+        r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.experts.down_proj"]))  # fmt: skip
+    with torch.no_grad():
+        for name, p in one.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    one.save_pretrained(tmp_path / "one")
+    waiting.clear()
+    res = cli("merge", tmp_path / "q", tmp_path / "one", "-o", tmp_path / "in3", "--min-kept", "0")
+    assert res.exit_code == 0, res.stderr
+    assert waiting == [1, 1, 1, 0], waiting  # four experts, each preparing the next
 
     # extract from the MXFP4 base and the bf16 merge: the experts' delta comes back as target_parameters
     a = extract(tmp_path / "q", tmp_path / "deq", output=tmp_path / "ex", rank=4, show_progress=False)

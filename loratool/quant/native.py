@@ -369,7 +369,8 @@ def _load() -> Fp8Kernels | None:
     try:
         return Fp8Kernels(ctypes.CDLL(str(path)))
     except (OSError, AttributeError) as e:
-        warnings.warn(f"{path.name} did not load ({e}); FP8 merges use torch's passes", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{path.name} did not load ({e}); FP8 and 4-bit merges use torch's passes", RuntimeWarning,
+                      stacklevel=4)  # fmt: skip
         return None
 
 

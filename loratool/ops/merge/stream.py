@@ -109,7 +109,7 @@ class Stream:
         self._later |= {k for k in self._group_of if position.get(k, -1) != first.get(self._group_of[k])}
         order = [g for g in sorted(first, key=first.__getitem__) if g not in self.to_fp8]
         self._packed_next = dict(zip(order, order[1:]))
-        if self._packed_next and self.device.type == "cpu":
+        if order and self.device.type == "cpu":  # (its thread starts at the first piece prepared ahead)
             # one thread reads and prepares the next packed weight's inputs while the kernels requantize this one
             # (its reads, factors and product terms are interpreter work the kernels' cores would otherwise wait on)
             self._ahead = ThreadPoolExecutor(1, "loratool-ahead")
