@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratool.adapter import LoraModule
+from loratool.math import linalg
 from loratool.math.linalg import (
     TruncatedSVD,
     add_lora,
@@ -159,6 +161,53 @@ def test_block_krylov_on_an_exhausted_space() -> None:
     assert residual_error(delta.clone(), b, a) < 1e-5
     torch.testing.assert_close(svd.U.T @ svd.U, torch.eye(16), rtol=0, atol=1e-5)
     torch.testing.assert_close(svd.Vh @ svd.Vh.T, torch.eye(16), rtol=0, atol=1e-5)
+
+
+def relative_product_error(got: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> float:
+    want = a.double() @ x.double()
+    return float((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("m, n, w", [(512, 2048, 24), (2048, 512, 24), (300, 70, 1), (64, 3000, 40)])
+def test_thin_product_is_the_float32_product(m: int, n: int, w: int) -> None:
+    """``a @ x`` to float32's accuracy (bfloat16 or TF32 arithmetic would be 1e-3 to 1e-4 off), for a
+    matrix, its transposed view (the SVD's ``A^T q``) and a strided block of it."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(2 * m, n + 8, generator=g)
+    for a in (big[:m, :n].contiguous(), big[:m, :n].contiguous().T.contiguous().T, big[::2, 3 : n + 3]):
+        x = torch.randn(a.shape[1], w, generator=g)
+        got = linalg.thin_product(a, x)
+        assert got.shape == (a.shape[0], w) and got.dtype == torch.float32
+        assert relative_product_error(got, a, x) < 1e-5
+    x = torch.randn(m, w, generator=g)
+    assert relative_product_error(linalg.thin_product(big[:m, :n].T, x), big[:m, :n].T, x) < 1e-5
+
+
+@pytest.mark.parametrize("broken", ["raises", "wrong"])
+def test_thin_product_keeps_matmul_when_onednn_fails(broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch's oneDNN product is missing, has another signature or computes something else, the
+    first call's check finds it and every product is ``@``'s."""
+
+    def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if broken == "raises":
+            raise RuntimeError("no such op")
+        return x @ w.T + 1
+
+    monkeypatch.setattr(linalg, "_onednn_linear", onednn)
+    monkeypatch.setattr(linalg, "_ONEDNN", [])
+    g = torch.Generator().manual_seed(0)
+    a, x = torch.randn(700, 300, generator=g), torch.randn(300, 24, generator=g)
+    assert torch.equal(linalg.thin_product(a, x), a @ x)
+    assert linalg._ONEDNN == [False]
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64")),
+                    reason="oneDNN's product is checked where torch's x86-64 builds ship it")  # fmt: skip
+def test_thin_product_takes_onednn_where_torch_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The randomized SVD's speed on CPU rests on it (bench/svd_products.py): a torch that drops or
+    renames the op must show here, not only as a slower extraction."""
+    monkeypatch.setattr(linalg, "_ONEDNN", [])
+    assert linalg._onednn_works()
 
 
 def truncation_error(svd, truth: tuple[torch.Tensor, torch.Tensor, torch.Tensor], r: int) -> float:
