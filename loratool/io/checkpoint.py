@@ -25,7 +25,7 @@ from ..quant.layout import (
     logical_shapes,
     packed_layout,
 )
-from .header import METADATA_KEY, read_checked_header, read_header, tensor_offsets, tensor_shapes
+from .header import METADATA_KEY, read_checked_header, read_header, tensor_byte_ranges, tensor_offsets, tensor_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +117,7 @@ class Checkpoint:
         self._unopened: dict[str, Path] = {}  # files listed from their headers, opened at their first read
         self._opening = threading.Lock()  # a merge's reader and look-ahead threads may first read a file at once
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}  # file -> tensor -> (first byte, count)
         self.metadata: dict[str, dict[str, str]] = {}
         for f in files:
             if f.suffix in PICKLE_SUFFIXES:
@@ -347,6 +348,18 @@ class Checkpoint:
             return tensor
         except SafetensorError as e:
             raise InputFileError(f"cannot read tensor '{key}' ({e})", path=str(self.root / info.file)) from None
+
+    def byte_range(self, key: str) -> tuple[Path, int, int] | None:
+        """The file, first byte and byte count of a tensor's data as stored (None for a pickled one),
+        for reads that bypass safetensors (:mod:`.directread`); the header was checked on opening."""
+        info = self.info(key)
+        if info.file in self._pickled:
+            return None
+        path = next(f for f in self.files if f.name == info.file)  # info.file is the name of one of them
+        if info.file not in self._ranges:
+            self._ranges[info.file] = tensor_byte_ranges(path)
+        start, length = self._ranges[info.file][key]
+        return path, start, length
 
     def get_meta(self, key: str) -> torch.Tensor:
         """A tensor with the stored shape and dtype on the ``meta`` device: no data is read."""

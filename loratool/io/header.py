@@ -62,6 +62,20 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         return _parse(p, f)[1]
 
 
+def tensor_byte_ranges(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
+    """Each tensor's first byte and byte count in the file (the data section starts after the header),
+    for reading a tensor's bytes apart from safetensors. The caller has had the header checked."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        n, header = _parse(p, f)
+    out = {}
+    for name, entry in header.items():
+        if name != METADATA_KEY:
+            begin, end = entry["data_offsets"]
+            out[name] = (8 + n + int(begin), int(end) - int(begin))
+    return out
+
+
 def read_checked_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bool]:
     """The header of a safetensors file checked as ``safe_open`` checks it, without safetensors (which
     would import torch to open the file): strict JSON, each entry a dtype, a shape of whole

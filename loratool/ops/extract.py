@@ -26,6 +26,8 @@ from ..formats.peft import new_config
 from ..host import compile_regex, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
+from ..io.directio import direct_io_enabled
+from ..io.directread import resident_share
 from ..io.logical import model_view
 from ..math.linalg import (
     TruncatedSVD,
@@ -214,6 +216,7 @@ def extract(
         skip = {tied[0] + ".weight"} if tied else set()  # the same matrix as the input embedding
         mine = [k for k in d.share((k, b.info(k).nbytes) for k in keys) if k not in skip]
         show = show_progress and d.is_main
+        options.direct = _direct_keys(b, f, (b_stored, f_stored), mine, options, hasher)
         parts = d.gather(lambda: _extract_keys(b, f, mine, options, conv1d, prefetch_depth, show))
         whole = _Partial.join(parts, keys)
 
@@ -293,6 +296,7 @@ class _Options:
     quantized_ft: set[str] = field(default_factory=set)  # the fine-tune's FP8 and packed weights: bf16 factors
     bias: bool = False  # changed biases of LoRA modules become lora_B.bias
     transposed_experts: bool = False  # 3-D experts stored (E, in, out), as transformers' is_transposed
+    direct: frozenset[str] = frozenset()  # weights read with O_DIRECT (_direct_keys)
 
 
 @dataclass
@@ -340,12 +344,32 @@ def _extract_keys(
     """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
     part = _Partial()
     pool = BufferPool(keep_bytes=POOL_BYTES)
-    read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None)
-    for key, wb, wf, delta, norm in stream(read, keys, desc="extract", show=show, depth=depth):
-        _handle(key, wb, wf, delta, norm, o, conv1d, part)
-        if isinstance(delta, torch.Tensor):
-            give_back(delta, pool)  # consumed; its memory serves the next delta
+    read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct)
+    try:
+        for key, wb, wf, delta, norm in stream(read, keys, desc="extract", show=show, depth=depth):
+            _handle(key, wb, wf, delta, norm, o, conv1d, part)
+            if isinstance(delta, torch.Tensor):
+                give_back(delta, pool)  # consumed; its memory serves the next delta
+    finally:
+        read.close()
     return part
+
+
+def _direct_keys(
+    b: Checkpoint, f: Checkpoint, stored: tuple[Checkpoint, Checkpoint], keys: list[str], o: _Options,
+    hasher: InputHasher,
+) -> frozenset[str]:  # fmt: skip
+    """The weights to read with O_DIRECT (:mod:`loratool.io.directread`): the matrices and Conv2d
+    kernels that would be factored, where only their delta is used, on the CPU, from plain
+    checkpoints whose files are mostly not in the page cache and that no hasher reads in this run."""
+    if (o.device.type != "cpu" or b is not stored[0] or f is not stored[1] or not direct_io_enabled()
+            or hasher.reads_files):  # fmt: skip
+        return frozenset()
+    chosen = frozenset(k for k in keys if k.endswith(".weight") and len(b.info(k).shape) in (2, 4)
+                       and _selected(k[: -len(".weight")], o.include, o.exclude))  # fmt: skip
+    if not chosen or resident_share([*b.file_paths(), *f.file_paths()]) >= 0.5:
+        return frozenset()
+    return chosen
 
 
 def _handle(

@@ -11,6 +11,7 @@ import torch
 from ..arch import OUTPUT_LAYER, UNTIE_STEPS, is_embedding, tied_output
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError
 from ..io.checkpoint import Checkpoint, torch_dtype
+from ..io.directread import STRIP_BYTES, DirectReader
 from ..math.linalg import is_finite, squared_norm
 from ..quant.fp8 import check_scale, dequantize_fp8
 from ..quant.layout import Fp8Layout
@@ -74,9 +75,12 @@ class DeltaReader:
         fp8: tuple[Fp8Layout | None, Fp8Layout | None] = (None, None),
         *,
         experts_apart: bool = False,
+        direct: frozenset[str] = frozenset(),
     ) -> None:
         self.b, self.f, self.device, self.pool, self.fp8 = base, finetuned, device, pool, fp8
         self.experts_apart = experts_apart  # 3-D floating tensors as ExpertDeltas, one expert in memory
+        self.direct = direct  # keys read with O_DIRECT (only their delta is used: base and fine-tune come as meta)
+        self._reader: DirectReader | None = None
 
     def __call__(self, key: str) -> Delta:
         if self.experts_apart and self._experts(key):  # base and fine-tune as meta tensors: nothing read whole
@@ -87,6 +91,11 @@ class DeltaReader:
                 _require_finite(key, math.sqrt(sq), d, *experts.sides(e))
                 experts.release(d)
             return Delta(key, self.b.get_meta(key), self.f.get_meta(key), experts, math.sqrt(sq))
+        if key in self.direct and (delta := self._direct_difference(key)) is not None:
+            norm = math.sqrt(squared_norm(delta))
+            if not (math.isfinite(norm) and norm * norm <= _FLOAT32_MAX):
+                _require_finite(key, norm, delta, self.b.get(key), self.f.get(key))
+            return Delta(key, self.b.get_meta(key), self.f.get_meta(key), delta, norm)
         wb, wf = read_weight(self.b, self.fp8[0], key, self.device), read_weight(self.f, self.fp8[1], key, self.device)
         if not wb.is_floating_point():
             return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
@@ -94,6 +103,45 @@ class DeltaReader:
         norm = math.sqrt(squared_norm(delta))  # one norm tells changed (> 0) and finite
         _require_finite(key, norm, delta, wb, wf)
         return Delta(key, wb, wf, delta, norm)
+
+    def _direct_difference(self, key: str) -> torch.Tensor | None:
+        """``fine-tune - base`` in float32 as :func:`widen_difference` forms it (the same elementwise
+        operations, so the same bits), the rows read with O_DIRECT a strip at a time into two reused
+        buffers; None where that cannot be done (a pickled or FP8 tensor, dtypes or shapes that differ,
+        a file system that refuses), for the ordinary read."""
+        ib, i_f = self.b.info(key), self.f.info(key)
+        ranges = (self.b.byte_range(key), self.f.byte_range(key))
+        fp8 = any(layout is not None and key in layout.weights for layout in self.fp8)
+        if (ib.dtype != i_f.dtype or ib.shape != i_f.shape or ib.dtype not in ("BF16", "F16", "F32") or fp8
+                or not ib.shape or ranges[0] is None or ranges[1] is None or self.device.type != "cpu"):  # fmt: skip
+            return None
+        if self._reader is None:
+            self._reader = DirectReader()
+        (pb, ob, nbytes), (pf, of, _) = ranges[0], ranges[1]
+        rows = ib.shape[0]
+        row_bytes = nbytes // rows if rows else 0
+        if not (self._reader.usable(pb) and self._reader.usable(pf)) or not 0 < row_bytes <= STRIP_BYTES:
+            return None
+        dtype = torch_dtype(ib.dtype)
+        out = self.pool.take(ib.shape, torch.float32, self.device)
+        flat = out.view(rows, -1)
+        step = STRIP_BYTES // row_bytes  # rows a read: elementwise, so any strip gives the same bits
+        for i in range(0, rows, step):
+            n = min(step, rows - i)
+            vb = self._reader.read(0, pb, ob + i * row_bytes, n * row_bytes)
+            vf = self._reader.read(1, pf, of + i * row_bytes, n * row_bytes)
+            if vb is None or vf is None:
+                give_back(out, self.pool)
+                return None
+            wb = torch.frombuffer(vb, dtype=dtype).view(n, -1)
+            flat[i : i + n].copy_(torch.frombuffer(vf, dtype=dtype).view(n, -1)).sub_(wb.to(torch.float32))
+        return out
+
+    def close(self) -> None:
+        """Close the direct readers' files (the memory-mapped ones close with their checkpoints)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _experts(self, key: str) -> bool:
         """A 3-D floating-point tensor stored as such on both sides (FP8 ones are dequantized whole)."""

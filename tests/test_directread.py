@@ -1,0 +1,199 @@
+"""Reading weights with O_DIRECT (loratool.io.directread) for extraction: the same bytes, the same
+adapter, and only where it pays (files not in the page cache, no hasher reading them)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loratool.errors import NonFiniteError
+from loratool.formats import load_adapter
+from loratool.io import directread
+from loratool.io.checkpoint import open_checkpoint
+from loratool.ops import extract as extract_op
+from loratool.stream import deltas
+
+
+def direct_ok(path: Path) -> bool:
+    reader = directread.DirectReader(buffers=1)
+    try:
+        return reader.usable(path)
+    finally:
+        reader.close()
+
+
+def test_reads_the_bytes_at_any_offset_and_length(tmp_path: Path) -> None:
+    """Offsets and lengths off the 4 KiB blocks O_DIRECT works in, up to the file's unaligned end."""
+    data = os.urandom(3 * directread.ALIGN * 7 + 123)
+    f = tmp_path / "data.bin"
+    f.write_bytes(data)
+    if not direct_ok(f):
+        pytest.skip("this file system refuses O_DIRECT")
+    reader = directread.DirectReader(buffers=2, strip_bytes=5 * directread.ALIGN)
+    try:
+        assert reader.usable(f)
+        for offset, n in [(0, 1), (1, 4095), (4095, 2), (4096, 4096), (5000, 5 * directread.ALIGN),
+                          (len(data) - 1, 1), (len(data) - 20000, 20000)]:  # fmt: skip
+            view = reader.read(1, f, offset, n)
+            assert view is not None and bytes(view) == data[offset : offset + n], (offset, n)
+        with pytest.raises(ValueError, match="at most"):
+            reader.read(0, f, 0, 5 * directread.ALIGN + 1)
+    finally:
+        reader.close()
+
+
+def test_a_refused_open_or_read_says_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs and some network file systems refuse O_DIRECT at the open, others at the read: both mean
+    'read another way', never an error."""
+    f = tmp_path / "data.bin"
+    f.write_bytes(bytes(range(256)) * 64)
+    real_open = os.open
+
+    def refusing_open(path: object, flags: int, *a: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)  # type: ignore[arg-type]
+
+    reader = directread.DirectReader(buffers=1)
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", refusing_open)
+        assert not reader.usable(f)
+    assert reader.read(0, f, 0, 10) is None
+    reader.close()
+    if not direct_ok(f):
+        return
+    reader = directread.DirectReader(buffers=1)
+    assert reader.usable(f)
+
+    def refusing_read(*a: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "preadv", refusing_read)
+    assert reader.read(0, f, 0, 10) is None
+    assert not reader.usable(f)  # given up for the file
+    reader.close()
+
+
+def test_byte_range_holds_the_tensor(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4), "b": torch.ones(5, dtype=torch.float32)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with open_checkpoint(tmp_path) as ck:
+        for key, t in tensors.items():
+            path, offset, n = ck.byte_range(key)  # type: ignore[misc]
+            raw = path.read_bytes()[offset : offset + n]
+            assert n == t.numel() * t.element_size()
+            assert torch.equal(torch.frombuffer(bytearray(raw), dtype=t.dtype).view(t.shape), t)
+
+
+def resident_share_after_eviction(f: Path) -> float | None:
+    """The file's resident share after asking the kernel to drop its (clean) pages; None where not supported."""
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return directread.resident_share([f])
+
+
+def test_resident_share_tells_cached_files_from_cold_ones(tmp_path: Path) -> None:
+    f = tmp_path / "data.bin"
+    f.write_bytes(os.urandom(1 << 20))
+    f.read_bytes()
+    if directread.resident_share([f]) == 1.0 and (cold := resident_share_after_eviction(f)) is not None:
+        assert cold < 0.5  # what a caller then reads with O_DIRECT
+    else:
+        pytest.skip("no mincore here: every file counts as cached, and is read as before")
+
+
+def pair(tmp_path: Path, dtype: torch.dtype = torch.bfloat16) -> tuple[Path, Path]:
+    g = torch.Generator().manual_seed(0)
+    base = {"q.weight": torch.randn(300, 96, generator=g), "up.weight": torch.randn(1030, 64, generator=g),
+            "norm.weight": torch.ones(96), "head.bias": torch.zeros(64)}  # fmt: skip
+    ft = {k: v + (0.05 * torch.randn(v.shape, generator=g) if v.dim() == 2 else 0) for k, v in base.items()}
+    ft["head.bias"] = ft["head.bias"] + 1
+    for name, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.to(dtype) for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+    return tmp_path / "base", tmp_path / "ft"
+
+
+def force_direct(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Extraction reads with O_DIRECT as on a cold pair whose digests are kept; the keys it so read."""
+    monkeypatch.setattr(extract_op, "resident_share", lambda paths: 0.0)
+    monkeypatch.setattr("loratool.metadata.provenance.kept_sha256", lambda f: "0" * 64)
+    read: list[str] = []
+    real = deltas.DeltaReader._direct_difference
+
+    def spy(self: deltas.DeltaReader, key: str) -> torch.Tensor | None:
+        out = real(self, key)
+        if out is not None:
+            read.append(key)
+        return out
+
+    monkeypatch.setattr(deltas.DeltaReader, "_direct_difference", spy)
+    return read
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_extraction_read_direct_gives_the_same_adapter(
+    tmp_path: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit for bit the adapter and report of the memory-mapped read, strips of several reads each
+    (the small strips below) and the rest (a 1-D tensor) read as before."""
+    base, ft = pair(tmp_path, dtype)
+    if not direct_ok(base / "model.safetensors"):
+        pytest.skip("this file system refuses O_DIRECT")
+    kw = dict(rank=4, show_progress=False, keep_full="head.bias")
+    before = extract_op.extract(base, ft, output=tmp_path / "mmap", **kw)
+    read = force_direct(monkeypatch)
+    monkeypatch.setattr(deltas, "STRIP_BYTES", 16 * 1024)  # several strips a weight, rows of any size
+    after = extract_op.extract(base, ft, output=tmp_path / "direct", **kw)
+    assert sorted(read) == ["q.weight", "up.weight"]
+    a, b = load_adapter(tmp_path / "mmap"), load_adapter(tmp_path / "direct")
+    for name, m in a.modules.items():
+        assert torch.equal(m.lora_A, b.modules[name].lora_A) and torch.equal(m.lora_B, b.modules[name].lora_B)
+    assert torch.equal(a.whole["head.bias"], b.whole["head.bias"])
+    assert [r.relative_error for r in before.report] == [r.relative_error for r in after.report]
+
+
+def test_extraction_reads_direct_only_where_it_pays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not with a hasher reading the same files (the disk would serve them twice), not from files in
+    the page cache, not with LORATOOL_DIRECT_IO=0: then every weight is read as before."""
+    base, ft = pair(tmp_path)
+    if not direct_ok(base / "model.safetensors"):
+        pytest.skip("this file system refuses O_DIRECT")
+    for case in ("hashing", "cached", "off", "direct"):
+        with monkeypatch.context() as m:
+            read = force_direct(m)
+            if case == "hashing":
+                m.setattr("loratool.metadata.provenance.kept_sha256", lambda f: None)
+            elif case == "cached":
+                m.setattr(extract_op, "resident_share", lambda paths: 0.9)
+            elif case == "off":
+                m.setenv("LORATOOL_DIRECT_IO", "0")
+            extract_op.extract(base, ft, output=tmp_path / case, rank=2, show_progress=False)
+            assert sorted(read) == ([] if case != "direct" else ["q.weight", "up.weight"]), case
+
+
+def test_a_nan_read_direct_is_named_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, ft = pair(tmp_path)
+    if not direct_ok(base / "model.safetensors"):
+        pytest.skip("this file system refuses O_DIRECT")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ft / "model.safetensors"))
+    tensors["up.weight"][7, 3] = float("nan")
+    save_file(tensors, str(ft / "model.safetensors"))
+    read = force_direct(monkeypatch)
+    with pytest.raises(NonFiniteError, match="fine-tune holds NaN") as e:
+        extract_op.extract(base, ft, output=tmp_path / "out", rank=2, show_progress=False)
+    assert e.value.key == "up.weight" and "up.weight" in read
+    assert not (tmp_path / "out").exists()
