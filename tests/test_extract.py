@@ -133,6 +133,23 @@ def test_a_module_kept_whole_is_kept_with_all_its_parameters(tmp_path: Path, cli
     assert torch.allclose(logits(model), logits(ft), atol=1e-5)
 
 
+def test_keep_full_of_a_tensor_of_no_module_is_dropped_by_name(tmp_path: Path, cli) -> None:
+    """A top-level tensor (a name without a dot) belongs to no module PEFT could keep whole: --keep-full
+    matching it ended in a traceback while writing; it is now reported as dropped, with the reason."""
+    base, ft, _ = planted_pair(tmp_path)
+    from safetensors.torch import load_file
+
+    for side, bump in ((base, 0.0), (ft, 1.0)):
+        tensors = load_file(str(side / "model.safetensors"))
+        tensors["scale"] = torch.full((4,), 2.0 + bump)
+        save_file(tensors, str(side / "model.safetensors"))
+    r = cli("extract", base, ft, "-r", 4, "--keep-full", "scale|norm", "-o", tmp_path / "a", "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    dropped = {d["key"]: d["reason"] for d in json.loads(r.stdout)["dropped"]}
+    assert "no module" in dropped["scale"]
+    assert "scale" not in load_adapter(tmp_path / "a").whole
+
+
 def _without_block_norm_changes(kind: str, tmp_path: Path, ft):
     """The fine-tune with only what the adapter holds: dropped 1-D changes reverted to the base."""
     base = load_model(kind, tmp_path / "base")

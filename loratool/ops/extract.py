@@ -397,6 +397,9 @@ def _handle(
             _factor_experts(key, delta, o, part)
         elif o.bias and isinstance(delta, torch.Tensor) and delta.dim() == 1 and key.endswith(".bias"):
             part.biases[key[: -len(".bias")]] = (delta.to("cpu", copy=True), norm, wf)
+        elif o.keep and o.keep.search(key) and "." not in key:
+            part.dropped.append(Dropped(key, norm, "a tensor of no module: PEFT keeps whole modules "
+                                                   "(modules_to_save), which this is not part of"))  # fmt: skip
         elif o.keep and o.keep.search(key):
             part.whole[key] = delta.finetuned_whole() if isinstance(delta, ExpertDeltas) else wf
             part.kept_whole.append(key)
