@@ -10,6 +10,7 @@ import torch
 from helpers import file_digest, load_model, logits, tiny_model
 from safetensors.torch import save_file
 
+from loratool.errors import LoraToolError
 from loratool.formats import load_adapter
 from loratool.math.linalg import lora_delta
 from loratool.metadata.provenance import decode
@@ -148,6 +149,22 @@ def test_keep_full_of_a_tensor_of_no_module_is_dropped_by_name(tmp_path: Path, c
     dropped = {d["key"]: d["reason"] for d in json.loads(r.stdout)["dropped"]}
     assert "no module" in dropped["scale"]
     assert "scale" not in load_adapter(tmp_path / "a").whole
+
+
+def test_sketch_settings_out_of_range_are_refused(tmp_path: Path, cli) -> None:
+    """--n-iter runs two passes over every weight per iteration: a mistyped 4000 would run for hours;
+    past 32 it is refused before anything is read (the analysis too), as is a negative oversampling."""
+    base, ft, _ = planted_pair(tmp_path)
+    for args, what in ((["--n-iter", 33], "--n-iter must be from 0 to 32"), (["--oversample", -1], "--oversample")):
+        for command in (["extract", base, ft, "-r", 2, "-o", tmp_path / "a"], ["analyze", base, ft, "--json"]):
+            r = cli(*command, *args)
+            assert r.exit_code != 0 and what.split(" must")[0] in r.output, (command, args, r.output)
+    with pytest.raises(LoraToolError, match="--n-iter must be from 0 to 32"):
+        extract(base, ft, output=tmp_path / "b", rank=2, n_iter=33, show_progress=False)
+    with pytest.raises(LoraToolError, match="--oversample must be 0 or more"):
+        extract(base, ft, output=tmp_path / "b", rank=2, oversample=-1, show_progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    extract(base, ft, output=tmp_path / "b", rank=2, n_iter=32, show_progress=False)  # the bound itself runs
 
 
 def _without_block_norm_changes(kind: str, tmp_path: Path, ft):

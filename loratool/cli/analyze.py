@@ -40,7 +40,13 @@ class _Ranks(click.ParamType):  # type: ignore[type-arg]
 )
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
 @click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
-@click.option("--n-iter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations.")
+@click.option(
+    "--n-iter",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="Power iterations, at most 32 (4 or more, even: half as many block Krylov steps).",
+)
 @click.option(
     "--amplification",
     "amplification_ranks",

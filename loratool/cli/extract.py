@@ -45,7 +45,13 @@ from .params import (
 )
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
 @click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
-@click.option("--n-iter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations.")
+@click.option(
+    "--n-iter",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="Power iterations, at most 32 (4 or more, even: half as many block Krylov steps).",
+)
 @click.option("--include", type=REGEX, default=None, help="Only module paths it matches (re.search) become LoRA.")
 @click.option("--exclude", type=REGEX, default=None, help="Module paths it matches do not become LoRA.")
 @click.option(

@@ -203,6 +203,18 @@ def top_svd(matrix: torch.Tensor, k: int, *, sq_norm: float | None = None) -> Tr
 _GRAM_SAFE = 2.0**48  # top_svd's Gram matrix sums up to 2^24 products of values below this within float32
 
 
+MAX_N_ITER = 32  # randomized_svd's power iterations at most, as the commands take them: past 8 little changes
+
+
+def sketch_problem(oversample: int, n_iter: int) -> str | None:
+    """What is wrong with a randomized SVD's settings as a user gives them, or None."""
+    if oversample < 0:
+        return f"--oversample must be 0 or more (got {oversample})"
+    if not 0 <= n_iter <= MAX_N_ITER:
+        return f"--n-iter must be from 0 to {MAX_N_ITER} (got {n_iter}): each iteration is two passes over every weight"
+    return None
+
+
 def randomized_svd(
     matrix: torch.Tensor,
     k: int,

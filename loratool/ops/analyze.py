@@ -38,7 +38,15 @@ from ..host import compile_regex, progress, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.logical import live_keys, model_view
-from ..math.linalg import FactoredSVD, allocate_budget, exact_svd, out_in, randomized_svd, rank_for_energy
+from ..math.linalg import (
+    FactoredSVD,
+    allocate_budget,
+    exact_svd,
+    out_in,
+    randomized_svd,
+    rank_for_energy,
+    sketch_problem,
+)
 from ..report import Dropped
 from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
 from ..stream.pipeline import BufferPool, give_back, stream, widen
@@ -173,6 +181,8 @@ def analyze(
         raise LoraToolError(f"--budget must be a positive number of parameters (got {budget})")
     if svd not in ("randomized", "exact"):
         raise LoraToolError(f"unknown --svd {svd!r}", fix="use randomized or exact")
+    if problem := sketch_problem(oversample, n_iter):
+        raise LoraToolError(problem, fix="the defaults (--oversample 8 --n-iter 4) suit most models")
     if any(r < 1 for r in amplification_ranks):
         raise LoraToolError(f"amplification ranks must be positive (got {list(amplification_ranks)})")
     out = None
