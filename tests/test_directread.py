@@ -197,3 +197,28 @@ def test_a_nan_read_direct_is_named_by_side(tmp_path: Path, monkeypatch: pytest.
         extract_op.extract(base, ft, output=tmp_path / "out", rank=2, show_progress=False)
     assert e.value.key == "up.weight" and "up.weight" in read
     assert not (tmp_path / "out").exists()
+
+
+def test_the_reader_closes_after_the_prefetch_thread_is_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in the SVD's thread mid-stream: the reader's files close only once the prefetch thread,
+    which may be reading from them, has stopped (extraction closes the prefetch generator itself; before,
+    CPython's freeing of the loop's iterator did it first, which nothing in the code promised)."""
+    import threading
+
+    base, ft = pair(tmp_path)
+    force_direct(monkeypatch)
+    alive_at_close: list[bool] = []
+    real_close = deltas.DeltaReader.close
+
+    def close(self: deltas.DeltaReader) -> None:
+        alive_at_close.append(any(t.name == "loratool-prefetch" and t.is_alive() for t in threading.enumerate()))
+        real_close(self)
+
+    def failing(*a: object, **k: object) -> None:
+        raise RuntimeError("the SVD failed")
+
+    monkeypatch.setattr(deltas.DeltaReader, "close", close)
+    monkeypatch.setattr(extract_op, "_factor", failing)
+    with pytest.raises(RuntimeError, match="the SVD failed"):
+        extract_op.extract(base, ft, output=tmp_path / "out", rank=2, show_progress=False)
+    assert alive_at_close == [False]

@@ -23,7 +23,7 @@ from ..adapter import Adapter, Kind, LoraModule
 from ..errors import InputFileError, LoraToolError, UnsupportedCheckpointError
 from ..formats import check_output_name, diffusers, refuse_adapter, save_adapter
 from ..formats.peft import new_config
-from ..host import compile_regex, resolve_device
+from ..host import compile_regex, progress, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from ..io.directio import direct_io_enabled
@@ -57,7 +57,7 @@ from ..stream.deltas import (
     read_weight,
 )
 from ..stream.distributed import current
-from ..stream.pipeline import BufferPool, give_back, stream
+from ..stream.pipeline import BufferPool, give_back, prefetch
 
 DEFAULT_CAP = 256  # highest rank --energy/--budget consider when -r does not say
 POOL_BYTES = 256 << 20  # delta buffers kept idle: a layer's sizes repeat, an embedding's or head's do not
@@ -348,12 +348,14 @@ def _extract_keys(
     part = _Partial()
     pool = BufferPool(keep_bytes=POOL_BYTES)
     read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct)
+    ahead = prefetch(map(read, keys), depth=depth)
     try:
-        for key, wb, wf, delta, norm in stream(read, keys, desc="extract", show=show, depth=depth):
+        for key, wb, wf, delta, norm in progress(ahead, total=len(keys), desc="extract", enabled=show):
             _handle(key, wb, wf, delta, norm, o, conv1d, part)
             if isinstance(delta, torch.Tensor):
                 give_back(delta, pool)  # consumed; its memory serves the next delta
     finally:
+        ahead.close()  # the prefetch thread is done (joined) before the reader's files close under it
         read.close()
     return part
 

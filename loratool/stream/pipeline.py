@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..host import progress
@@ -170,7 +170,7 @@ class _Writer(Protocol):
     def abort(self) -> None: ...
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
     """Iterate ``items`` on a background thread, up to ``depth`` ahead of the consumer.
 
     Reading (memory-mapped page faults, dtype conversion) then overlaps computing on the previous
