@@ -12,6 +12,7 @@ Imports are lazy so that ``import loratool`` (and ``loratool --help``) do not lo
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -46,5 +47,8 @@ __all__ = ["LoraToolError", "__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        with warnings.catch_warnings():  # torch warns at import when numpy is absent; loratool never needs numpy
+            warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+            module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
     raise AttributeError(f"module 'loratool' has no attribute {name!r}")

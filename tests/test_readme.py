@@ -37,6 +37,19 @@ def test_usage_error_exits_2(cli) -> None:
     assert r.exit_code == 2
 
 
+def test_the_python_api_says_nothing_of_numpy_without_it(tmp_path, fixtures) -> None:
+    """torch warns at import when numpy is absent; the CLI silenced it, the Python API printed it."""
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import loratool\n"
+        f"loratool.extract({str(fixtures / 'llama-base')!r}, {str(fixtures / 'llama-ft')!r}, "
+        f"output={str(tmp_path / 'a')!r}, rank=2, show_progress=False)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "NumPy" not in r.stderr and (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_the_main_jobs_need_no_numpy(tmp_path, fixtures) -> None:
     """A fresh install has no numpy (torch does not require it): extract, merge, validate without it."""
