@@ -7,7 +7,22 @@ from typing import Any
 import click
 
 from .app import cli
-from .params import DEVICE, FAN_IN_FAN_OUT, FORCE, JSON, PICKLE, QUIET, REGEX, emit, energy_option, options, seed_option
+from .params import (
+    DEVICE,
+    FAN_IN_FAN_OUT,
+    FORCE,
+    JSON,
+    N_ITER,
+    OVERSAMPLE,
+    PICKLE,
+    QUIET,
+    REGEX,
+    SVD,
+    emit,
+    energy_option,
+    options,
+    seed_option,
+)
 
 
 class _Ranks(click.ParamType):  # type: ignore[type-arg]
@@ -38,15 +53,7 @@ class _Ranks(click.ParamType):  # type: ignore[type-arg]
     show_default=True,
     help="Singular values per module (BASE FINETUNED; adapters give all r).",
 )
-@click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
-@click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
-@click.option(
-    "--n-iter",
-    type=click.IntRange(min=0),
-    default=4,
-    show_default=True,
-    help="Power iterations, at most 32 (4 or more, even: half as many block Krylov steps).",
-)
+@options(SVD, OVERSAMPLE, N_ITER)
 @click.option(
     "--amplification",
     "amplification_ranks",

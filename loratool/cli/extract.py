@@ -15,12 +15,15 @@ from .params import (
     FORCE,
     FORMAT,
     JSON,
+    N_ITER,
     OUTPUT,
+    OVERSAMPLE,
     PICKLE,
     PORTABLE,
     QUIET,
     REGEX,
     REGISTER,
+    SVD,
     emit,
     energy_option,
     options,
@@ -43,15 +46,7 @@ from .params import (
     default=None,
     help="Total LoRA parameters, spent where each rank buys the most energy.",
 )
-@click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
-@click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
-@click.option(
-    "--n-iter",
-    type=click.IntRange(min=0),
-    default=4,
-    show_default=True,
-    help="Power iterations, at most 32 (4 or more, even: half as many block Krylov steps).",
-)
+@options(SVD, OVERSAMPLE, N_ITER)
 @click.option("--include", type=REGEX, default=None, help="Only module paths it matches (re.search) become LoRA.")
 @click.option("--exclude", type=REGEX, default=None, help="Module paths it matches do not become LoRA.")
 @click.option(

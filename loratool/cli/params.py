@@ -193,6 +193,14 @@ def seed_option(help: str) -> Decorator:
     return click.option("--seed", type=int, default=0, show_default=True, help=help)
 
 
+SVD: Decorator = click.option(
+    "--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True
+)
+OVERSAMPLE: Decorator = click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
+N_ITER: Decorator = click.option(
+    "--n-iter", type=click.IntRange(min=0), default=4, show_default=True,
+    help="Power iterations, at most 32 (4 or more, even: half as many block Krylov steps).",
+)  # fmt: skip
 ROUNDING: Decorator = click.option(
     "--rounding", type=click.Choice(["subspace", "stochastic", "nearest"]), default=None,
     help="How the written weights return onto a quantized base's grid (FP8, NVFP4, MXFP4, INT4/INT8), or "
