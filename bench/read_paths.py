@@ -9,7 +9,8 @@ Needs root on Linux (the page cache is dropped before each cold read). On the be
   (``stream.deltas.DeltaReader``), memory-mapped from a cold cache, with O_DIRECT from a cold cache,
   and memory-mapped from the page cache: wall time and this process's CPU time;
 - whole ``loratool extract -r 16`` processes from a cold cache with the inputs' digests kept (where
-  extraction reads with O_DIRECT), against the same with ``LORATOOL_DIRECT_IO=0``.
+  extraction reads both with O_DIRECT), and with only the base's kept (a new fine-tune, which the
+  hasher reads: the base alone is read with O_DIRECT), each against ``LORATOOL_DIRECT_IO=0``.
 
     python bench/read_paths.py --workdir /tmp/loratool-bench [--layers 16] [--repeats 3]
 """
@@ -20,6 +21,7 @@ import argparse
 import mmap
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -74,7 +76,11 @@ def widen_all(pair: Path, direct: bool) -> None:
             read.close()
 
 
-def extract_process(pair: Path, out: Path, home: Path, direct: bool) -> None:
+def extract_process(pair: Path, out: Path, home: Path, direct: bool, template: Path | None = None) -> None:
+    """A whole extraction with ``home``'s kept digests (a fresh copy of ``template``'s, if given)."""
+    if template is not None:
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.copytree(template, home)
     env = dict(os.environ, LORATOOL_HOME=str(home), LORATOOL_DIRECT_IO="1" if direct else "0")
     env[digests.CACHE_ENV] = "1"
     cmd = [sys.executable, "-m", "loratool", "extract", str(pair / "base"), str(pair / "ft"), "-r", "16",
@@ -85,7 +91,7 @@ def extract_process(pair: Path, out: Path, home: Path, direct: bool) -> None:
 def line(label: str, runs: list[tuple[float, float, float]]) -> str:
     best = min(runs)
     walls = ", ".join(f"{w:.2f}" for w, _, _ in runs)
-    return f"  {label:44s} {best[0]:6.2f} s   user {best[1]:5.2f}  sys {best[2]:5.2f}   (runs {walls})"
+    return f"  {label:46s} {best[0]:6.2f} s   user {best[1]:5.2f}  sys {best[2]:5.2f}   (runs {walls})"
 
 
 def main() -> None:
@@ -98,6 +104,7 @@ def main() -> None:
     if not drop_page_cache():
         raise SystemExit("the page cache cannot be dropped here (root on Linux): every read would come from memory")
     home = keep_digests(fresh(args.workdir / "read-paths-home"), pair / "base", pair / "ft")
+    base_only = keep_digests(fresh(args.workdir / "read-paths-base-home"), pair / "base")  # a new fine-tune
     runs: dict[str, list[tuple[float, float, float]]] = {}
 
     def cold(label: str, fn: Callable[[], object], children: bool = False) -> None:
@@ -112,15 +119,20 @@ def main() -> None:
         read_floor(pair / "base", pair / "ft")  # into the page cache
         runs.setdefault("weights widened, memory-mapped, page cache", []).append(timed(lambda: widen_all(pair, False)))
         for direct in (True, False):
-            label = f"loratool extract, cold, digests kept, {'O_DIRECT' if direct else 'LORATOOL_DIRECT_IO=0'}"
+            label = f"extract, digests kept, {'O_DIRECT' if direct else 'memory-mapped'}"
             cold(label, lambda direct=direct: extract_process(pair, args.workdir / "out-read-paths", home, direct),
                  children=True)  # fmt: skip
+        for direct in (True, False):
+            label = f"extract, base's digest kept, {'base O_DIRECT' if direct else 'memory-mapped'}"
+            cold(label, lambda direct=direct: extract_process(pair, args.workdir / "out-read-paths", args.workdir /
+                 "read-paths-run-home", direct, template=base_only), children=True)  # fmt: skip
     print(f"reading the {args.layers}-layer bench pair ({sum(f.stat().st_size for f in pair.rglob('*')) / 2**30:.2f} "
           f"GiB), best of {args.repeats}, alternated; page cache dropped before each cold run")  # fmt: skip
     for label, r in runs.items():
         print(line(label, r))
-    d, m = min(runs[next(k for k in runs if "O_DIRECT" in k and "extract" in k)]), min(runs[list(runs)[-1]])
-    print(f"  extract O_DIRECT / memory-mapped           {d[0] / m[0]:.2f}x")
+    for what in ("digests kept", "base's digest kept"):
+        d, m = (min(v) for k, v in runs.items() if k.startswith(f"extract, {what}"))
+        print(f"  extract, {what}: O_DIRECT / memory-mapped  {d[0] / m[0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -170,17 +170,37 @@ def test_extraction_reads_direct_only_where_it_pays(tmp_path: Path, monkeypatch:
     base, ft = pair(tmp_path)
     if not direct_ok(base / "model.safetensors"):
         pytest.skip("this file system refuses O_DIRECT")
-    for case in ("hashing", "cached", "off", "direct"):
+    sides: list[tuple[bool, bool]] = []
+    real_init = deltas.DeltaReader.__init__
+
+    def init(self: deltas.DeltaReader, *a: object, **k: object) -> None:
+        real_init(self, *a, **k)  # type: ignore[arg-type]
+        sides.append(self.direct_sides)
+
+    monkeypatch.setattr(deltas.DeltaReader, "__init__", init)
+    expected = {"hashing": None, "cached": None, "off": None, "direct": (True, True), "new fine-tune": (True, False),
+                "fine-tune in cache": (True, False)}  # fmt: skip
+    for case, want in expected.items():
         with monkeypatch.context() as m:
             read = force_direct(m)
             if case == "hashing":
                 m.setattr("loratool.metadata.provenance.kept_sha256", lambda f: None)
+            elif case == "new fine-tune":  # its digest not kept: the hasher reads it, so it is memory-mapped
+                m.setattr("loratool.metadata.provenance.kept_sha256", lambda f: None if ft in f.parents else "0" * 64)
             elif case == "cached":
                 m.setattr(extract_op, "resident_share", lambda paths: 0.9)
+            elif case == "fine-tune in cache":
+                m.setattr(extract_op, "resident_share", lambda paths: 0.9 if ft in paths[0].parents else 0.0)
             elif case == "off":
                 m.setenv("LORATOOL_DIRECT_IO", "0")
-            extract_op.extract(base, ft, output=tmp_path / case, rank=2, show_progress=False)
-            assert sorted(read) == ([] if case != "direct" else ["q.weight", "up.weight"]), case
+            sides.clear()
+            result = extract_op.extract(base, ft, output=tmp_path / case, rank=2, show_progress=False)
+            assert sorted(read) == ([] if want is None else ["q.weight", "up.weight"]), case
+            assert want is None or sides == [want], (case, sides)
+            errors = [r.relative_error for r in result.report]
+            if case == "hashing":
+                reference = errors
+            assert errors == reference, case  # the same adapter whichever way each side was read
 
 
 def test_a_nan_read_direct_is_named_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

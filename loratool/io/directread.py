@@ -4,13 +4,15 @@ A memory-mapped read of a file that is not in the page cache has the kernel faul
 page-cache pages; on virtual machines whose free memory the host reclaims, that costs CPU time
 well beyond the copy, time an extraction's SVD needs on the same cores. With ``O_DIRECT`` the disk
 writes straight into a buffer of ours. ``bench/read_paths.py`` (2-core VM, the 16-layer bench
-pair, 4.1 GiB): the files read in 2.1 s either way, with 0.75 s of system time buffered and 0.18 s
-with ``O_DIRECT``; a whole extraction from the disk, digests kept, took 9.2 s reading this way
-(9.8 s user time) against 10.4 s memory-mapped (16.3 s user time).
+pair, 4.1 GiB): the files read in 2.1-3.1 s either way, with 0.74 s of system time buffered and
+0.18 s with ``O_DIRECT``; a whole extraction from the disk, digests kept, took 8.7 s reading this
+way (9.5 s user time) against 10.0 s memory-mapped (16.0 s user time).
 
-Used only where it pays: on files mostly not in the page cache (:func:`resident_share`, from
-``mincore``: cached files are read faster from memory) and that no one else reads in the same
-run (the provenance hasher, when their digests are not kept: the disk would serve them twice).
+Used only where it pays, checkpoint by checkpoint: on files mostly not in the page cache
+(:func:`resident_share`, from ``mincore``: cached files are read faster from memory) that no one
+else reads in the same run (the provenance hasher, when their digests are not kept: the disk
+would serve them twice). So a base whose digest is kept is read this way beside a new fine-tune
+(the same bench: 8.9 s against 10.1 s memory-mapped).
 A file system that refuses ``O_DIRECT`` (tmpfs, some network file systems) is read as before;
 so is every file with ``LORATOOL_DIRECT_IO=0``.
 """

@@ -63,9 +63,9 @@ class InputHasher:
 
     def __init__(self, files: Iterable[str | os.PathLike[str]], *, enabled: bool = True) -> None:
         self.files = [Path(f) for f in files]
-        # whether hashing reads the files in this run (some digest not kept): a reader that bypasses the
-        # page cache would then have the disk serve them twice
-        self.reads_files = enabled and any(kept_sha256(f) is None for f in self.files)
+        # the files hashing reads in this run (their digests not kept): a reader that bypassed the page
+        # cache for them would have the disk serve them twice
+        self.reading = frozenset(f for f in self.files if enabled and kept_sha256(f) is None)
         workers = max(1, min(len(self.files), available_cores() // 2))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loratool-sha256")
         self._futures: list[Future[str]] = [

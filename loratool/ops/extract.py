@@ -219,7 +219,7 @@ def extract(
         skip = {tied[0] + ".weight"} if tied else set()  # the same matrix as the input embedding
         mine = [k for k in d.share((k, b.info(k).nbytes) for k in keys) if k not in skip]
         show = show_progress and d.is_main
-        options.direct = _direct_keys(b, f, (b_stored, f_stored), mine, options, hasher)
+        options.direct, options.direct_sides = _read_direct(b, f, (b_stored, f_stored), mine, options, hasher)
         parts = d.gather(lambda: _extract_keys(b, f, mine, options, conv1d, prefetch_depth, show))
         whole = _Partial.join(parts, keys)
 
@@ -299,7 +299,8 @@ class _Options:
     quantized_ft: set[str] = field(default_factory=set)  # the fine-tune's FP8 and packed weights: bf16 factors
     bias: bool = False  # changed biases of LoRA modules become lora_B.bias
     transposed_experts: bool = False  # 3-D experts stored (E, in, out), as transformers' is_transposed
-    direct: frozenset[str] = frozenset()  # weights read with O_DIRECT (_direct_keys)
+    direct: frozenset[str] = frozenset()  # weights read with O_DIRECT (_read_direct), on these sides:
+    direct_sides: tuple[bool, bool] = (False, False)  # (base, fine-tune)
 
 
 @dataclass
@@ -347,7 +348,8 @@ def _extract_keys(
     """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
     part = _Partial()
     pool = BufferPool(keep_bytes=POOL_BYTES)
-    read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct)
+    read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct,
+                       direct_sides=o.direct_sides)  # fmt: skip
     ahead = prefetch(map(read, keys), depth=depth)
     try:
         for key, wb, wf, delta, norm in progress(ahead, total=len(keys), desc="extract", enabled=show):
@@ -360,21 +362,25 @@ def _extract_keys(
     return part
 
 
-def _direct_keys(
+def _read_direct(
     b: Checkpoint, f: Checkpoint, stored: tuple[Checkpoint, Checkpoint], keys: list[str], o: _Options,
     hasher: InputHasher,
-) -> frozenset[str]:  # fmt: skip
-    """The weights to read with O_DIRECT (:mod:`loratool.io.directread`): the matrices and Conv2d
-    kernels that would be factored, where only their delta is used, on the CPU, from plain
-    checkpoints whose files are mostly not in the page cache and that no hasher reads in this run."""
-    if (o.device.type != "cpu" or b is not stored[0] or f is not stored[1] or not direct_io_enabled()
-            or hasher.reads_files):  # fmt: skip
-        return frozenset()
+) -> tuple[frozenset[str], tuple[bool, bool]]:  # fmt: skip
+    """The weights to read with O_DIRECT (:mod:`loratool.io.directread`), and from which sides: the
+    matrices and Conv2d kernels that would be factored, where only their delta is used, on the CPU,
+    from each plain checkpoint whose files are mostly not in the page cache and that no hasher reads in
+    this run (a base whose digest is kept, beside a fine-tune hashed for the first time, say)."""
+    if o.device.type != "cpu" or not direct_io_enabled():
+        return frozenset(), (False, False)
+    sides = tuple(
+        view is ck and not hasher.reading & set(ck.file_paths()) and resident_share(ck.file_paths()) < 0.5
+        for view, ck in ((b, stored[0]), (f, stored[1]))
+    )
+    if not any(sides):
+        return frozenset(), (False, False)
     chosen = frozenset(k for k in keys if k.endswith(".weight") and len(b.info(k).shape) in (2, 4)
                        and _selected(k[: -len(".weight")], o.include, o.exclude))  # fmt: skip
-    if not chosen or resident_share([*b.file_paths(), *f.file_paths()]) >= 0.5:
-        return frozenset()
-    return chosen
+    return chosen, (sides[0], sides[1])
 
 
 def _handle(

@@ -76,10 +76,12 @@ class DeltaReader:
         *,
         experts_apart: bool = False,
         direct: frozenset[str] = frozenset(),
+        direct_sides: tuple[bool, bool] = (True, True),
     ) -> None:
         self.b, self.f, self.device, self.pool, self.fp8 = base, finetuned, device, pool, fp8
         self.experts_apart = experts_apart  # 3-D floating tensors as ExpertDeltas, one expert in memory
         self.direct = direct  # keys read with O_DIRECT (only their delta is used: base and fine-tune come as meta)
+        self.direct_sides = direct_sides  # of those, which sides (base, fine-tune) are read so
         self._reader: DirectReader | None = None
 
     def __call__(self, key: str) -> Delta:
@@ -106,35 +108,42 @@ class DeltaReader:
 
     def _direct_difference(self, key: str) -> torch.Tensor | None:
         """``fine-tune - base`` in float32 as :func:`widen_difference` forms it (the same elementwise
-        operations, so the same bits), the rows read with O_DIRECT a strip at a time into two reused
-        buffers; None where that cannot be done (a pickled or FP8 tensor, dtypes or shapes that differ,
-        a file system that refuses), for the ordinary read."""
+        operations, so the same bits), the rows of each side in ``direct_sides`` read with O_DIRECT a
+        strip at a time into a reused buffer (the other side memory-mapped); None where that cannot be
+        done (a pickled or FP8 tensor, dtypes or shapes that differ, a file system that refuses), for
+        the ordinary read."""
         ib, i_f = self.b.info(key), self.f.info(key)
-        ranges = (self.b.byte_range(key), self.f.byte_range(key))
+        rb, rf = self.b.byte_range(key), self.f.byte_range(key)
         fp8 = any(layout is not None and key in layout.weights for layout in self.fp8)
         if (ib.dtype != i_f.dtype or ib.shape != i_f.shape or ib.dtype not in ("BF16", "F16", "F32") or fp8
-                or not ib.shape or ranges[0] is None or ranges[1] is None or self.device.type != "cpu"):  # fmt: skip
+                or not ib.shape or rb is None or rf is None or self.device.type != "cpu"):  # fmt: skip
             return None
+        ranges = (rb, rf)
         if self._reader is None:
             self._reader = DirectReader()
-        (pb, ob, nbytes), (pf, of, _) = ranges[0], ranges[1]
-        rows = ib.shape[0]
+        reader, rows, nbytes = self._reader, ib.shape[0], ranges[0][2]
         row_bytes = nbytes // rows if rows else 0
-        if not (self._reader.usable(pb) and self._reader.usable(pf)) or not 0 < row_bytes <= STRIP_BYTES:
+        direct = [side and reader.usable(r[0]) for side, r in zip(self.direct_sides, ranges)]
+        if not any(direct) or not 0 < row_bytes <= STRIP_BYTES:
             return None
         dtype = torch_dtype(ib.dtype)
+        whole = [None if d else ck.get(key).view(rows, -1) for d, ck in zip(direct, (self.b, self.f))]
         out = self.pool.take(ib.shape, torch.float32, self.device)
         flat = out.view(rows, -1)
         step = STRIP_BYTES // row_bytes  # rows a read: elementwise, so any strip gives the same bits
         for i in range(0, rows, step):
             n = min(step, rows - i)
-            vb = self._reader.read(0, pb, ob + i * row_bytes, n * row_bytes)
-            vf = self._reader.read(1, pf, of + i * row_bytes, n * row_bytes)
-            if vb is None or vf is None:
-                give_back(out, self.pool)
-                return None
-            wb = torch.frombuffer(vb, dtype=dtype).view(n, -1)
-            flat[i : i + n].copy_(torch.frombuffer(vf, dtype=dtype).view(n, -1)).sub_(wb.to(torch.float32))
+            strips = []
+            for side, (path, offset, _) in enumerate(ranges):
+                t = whole[side]
+                if t is not None:
+                    strips.append(t[i : i + n])
+                elif (view := reader.read(side, path, offset + i * row_bytes, n * row_bytes)) is not None:
+                    strips.append(torch.frombuffer(view, dtype=dtype).view(n, -1))
+                else:
+                    give_back(out, self.pool)
+                    return None
+            flat[i : i + n].copy_(strips[1]).sub_(strips[0].to(torch.float32))
         return out
 
     def close(self) -> None:
