@@ -242,3 +242,18 @@ def test_the_reader_closes_after_the_prefetch_thread_is_done(tmp_path: Path, mon
     with pytest.raises(RuntimeError, match="the SVD failed"):
         extract_op.extract(base, ft, output=tmp_path / "out", rank=2, show_progress=False)
     assert alive_at_close == [False]
+
+
+def test_a_file_cut_short_under_the_reader_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that ends before a tensor's last byte while being read (its header, checked on opening,
+    said otherwise): an error naming the file, exit 1 on the command line, and no output."""
+    from loratool.errors import InputFileError
+
+    base, ft = pair(tmp_path)
+    if not direct_ok(base / "model.safetensors"):
+        pytest.skip("this file system refuses O_DIRECT")
+    force_direct(monkeypatch)
+    monkeypatch.setattr(os, "preadv", lambda *a: 0)  # end of file, at once
+    with pytest.raises(InputFileError, match="ends at byte") as e:
+        extract_op.extract(base, ft, output=tmp_path / "out", rank=2, show_progress=False)
+    assert "model.safetensors" in str(e.value) and not (tmp_path / "out").exists()
