@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from bench_extract import ensure_pair
 from common import drop_page_cache, fresh, keep_digests, read_floor
 
@@ -66,7 +67,7 @@ def widen_all(pair: Path, direct: bool) -> None:
         keys = paired_keys(b, f, skip=set())
         chosen = frozenset(k for k in keys if k.endswith(".weight") and len(b.info(k).shape) == 2) if direct else None
         pool = BufferPool()
-        read = DeltaReader(b, f, __import__("torch").device("cpu"), pool, direct=chosen or frozenset())
+        read = DeltaReader(b, f, torch.device("cpu"), pool, direct=chosen or frozenset())
         try:
             for key in keys:
                 d = read(key)

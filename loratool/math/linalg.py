@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from ..adapter import Kind, stored_transposed
+from ..errors import LoraToolError
 
 
 class RowFactors(NamedTuple):
@@ -206,13 +207,21 @@ _GRAM_SAFE = 2.0**48  # top_svd's Gram matrix sums up to 2^24 products of values
 MAX_N_ITER = 32  # randomized_svd's power iterations at most, as the commands take them: past 8 little changes
 
 
-def sketch_problem(oversample: int, n_iter: int) -> str | None:
-    """What is wrong with a randomized SVD's settings as a user gives them, or None."""
+def check_sketch(oversample: int, n_iter: int) -> None:
+    """Refuse a randomized SVD's settings as a user gives them (extract, analyze) when out of range.
+
+    Raises:
+        LoraToolError: a negative ``oversample``, or ``n_iter`` past :data:`MAX_N_ITER`.
+    """
     if oversample < 0:
-        return f"--oversample must be 0 or more (got {oversample})"
-    if not 0 <= n_iter <= MAX_N_ITER:
-        return f"--n-iter must be from 0 to {MAX_N_ITER} (got {n_iter}): each iteration is two passes over every weight"
-    return None
+        problem = f"--oversample must be 0 or more (got {oversample})"
+    elif not 0 <= n_iter <= MAX_N_ITER:
+        problem = (
+            f"--n-iter must be from 0 to {MAX_N_ITER} (got {n_iter}): each iteration is two passes over every weight"
+        )
+    else:
+        return
+    raise LoraToolError(problem, fix="the defaults (--oversample 8 --n-iter 4) suit most models")
 
 
 def randomized_svd(
@@ -278,8 +287,9 @@ def thin_product(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     On the CPU through oneDNN's matrix product where torch has it: MKL's, which ``@`` calls, runs
     at about half the CPU's peak when ``x`` has a few dozen columns; oneDNN's took 0.52-0.84x its
-    time on the Llama-1B shapes at w = 24, 1.02x on one (``bench/svd_products.py``), and no more
-    memory than its output's (a 128256 x 2048 matrix, measured). Both are float32 throughout
+    time on the Llama-1B shapes at w = 24, 1.02x on one (``bench/svd_products.py``). It copies the thin
+    operand (transposed), never the matrix: 8 and 19 MiB above ``@``'s peak for ``A W`` and ``A^T Q``
+    with a 128256 x 2048 ``A`` (measured). Both are float32 throughout
     (errors of order n * eps, summed in another order). The result is ``(x^T a^T)^T``: an (m, w)
     view of a (w, m) tensor, which is the column-major layout the QR that follows wants.
     """

@@ -41,11 +41,11 @@ from ..io.logical import live_keys, model_view
 from ..math.linalg import (
     FactoredSVD,
     allocate_budget,
+    check_sketch,
     exact_svd,
     out_in,
     randomized_svd,
     rank_for_energy,
-    sketch_problem,
 )
 from ..report import Dropped
 from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
@@ -181,8 +181,7 @@ def analyze(
         raise LoraToolError(f"--budget must be a positive number of parameters (got {budget})")
     if svd not in ("randomized", "exact"):
         raise LoraToolError(f"unknown --svd {svd!r}", fix="use randomized or exact")
-    if problem := sketch_problem(oversample, n_iter):
-        raise LoraToolError(problem, fix="the defaults (--oversample 8 --n-iter 4) suit most models")
+    check_sketch(oversample, n_iter)
     if any(r < 1 for r in amplification_ranks):
         raise LoraToolError(f"amplification ranks must be positive (got {list(amplification_ranks)})")
     out = None

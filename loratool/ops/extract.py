@@ -32,13 +32,13 @@ from ..io.logical import model_view
 from ..math.linalg import (
     TruncatedSVD,
     allocate_budget,
+    check_sketch,
     exact_svd,
     out_in,
     randomized_svd,
     rank_for_energy,
     relative_error,
     residual_error,
-    sketch_problem,
     split_factors,
     squared_norm,
 )
@@ -167,8 +167,7 @@ def extract(
         refuse_adapter(path, role, "loratool extract BASE FT -r RANK -o OUT (two checkpoints; to apply an adapter: "
                                    "loratool merge BASE ADAPTER -o OUT)")  # fmt: skip
     _check_rank_options(rank, energy, budget, svd)
-    if problem := sketch_problem(oversample, n_iter):
-        raise LoraToolError(problem, fix="the defaults (--oversample 8 --n-iter 4) suit most models")
+    check_sketch(oversample, n_iter)
     check_base_model_id(base_model_id)
     if portable:
         check_portable(format)
