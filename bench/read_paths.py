@@ -8,9 +8,10 @@ Needs root on Linux (the page cache is dropped before each cold read). On the be
 - reading and widening every paired weight into float32 deltas, as extraction's reader does
   (``stream.deltas.DeltaReader``), memory-mapped from a cold cache, with O_DIRECT from a cold cache,
   and memory-mapped from the page cache: wall time and this process's CPU time;
-- whole ``loratool extract -r 16`` processes from a cold cache with the inputs' digests kept (where
-  extraction reads both with O_DIRECT), and with only the base's kept (a new fine-tune, which the
-  hasher reads: the base alone is read with O_DIRECT), each against ``LORATOOL_DIRECT_IO=0``.
+- whole ``loratool extract -r 16`` processes from a cold cache with the inputs' digests kept, with
+  only the base's kept (a new fine-tune), and with none kept (a first run): extraction reads both
+  with O_DIRECT, hashing those whose digests are not kept from the same reads; each against
+  ``LORATOOL_DIRECT_IO=0`` (both memory-mapped, the hasher reading them through the page cache).
 
     python bench/read_paths.py --workdir /tmp/loratool-bench [--layers 16] [--repeats 3]
 """
@@ -89,6 +90,9 @@ def extract_process(pair: Path, out: Path, home: Path, direct: bool, template: P
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
+KEPT = {"digests kept": "both", "base's digest kept": "base", "nothing kept": "none"}  # the homes each run copies
+
+
 def line(label: str, runs: list[tuple[float, float, float]]) -> str:
     best = min(runs)
     walls = ", ".join(f"{w:.2f}" for w, _, _ in runs)
@@ -104,8 +108,11 @@ def main() -> None:
     pair = ensure_pair(args.workdir, args.layers)
     if not drop_page_cache():
         raise SystemExit("the page cache cannot be dropped here (root on Linux): every read would come from memory")
-    home = keep_digests(fresh(args.workdir / "read-paths-home"), pair / "base", pair / "ft")
-    base_only = keep_digests(fresh(args.workdir / "read-paths-base-home"), pair / "base")  # a new fine-tune
+    homes = {"both": keep_digests(fresh(args.workdir / "read-paths-home"), pair / "base", pair / "ft"),
+             "base": keep_digests(fresh(args.workdir / "read-paths-base-home"), pair / "base"),  # a new fine-tune
+             "none": fresh(args.workdir / "read-paths-empty-home")}  # a first run  # fmt: skip
+    homes["none"].mkdir()
+    run_home = args.workdir / "read-paths-run-home"  # a fresh copy of one of them each run
     runs: dict[str, list[tuple[float, float, float]]] = {}
 
     def cold(label: str, fn: Callable[[], object], children: bool = False) -> None:
@@ -119,19 +126,16 @@ def main() -> None:
         cold("weights widened, O_DIRECT, cold", lambda: widen_all(pair, direct=True))
         read_floor(pair / "base", pair / "ft")  # into the page cache
         runs.setdefault("weights widened, memory-mapped, page cache", []).append(timed(lambda: widen_all(pair, False)))
-        for direct in (True, False):
-            label = f"extract, digests kept, {'O_DIRECT' if direct else 'memory-mapped'}"
-            cold(label, lambda direct=direct: extract_process(pair, args.workdir / "out-read-paths", home, direct),
-                 children=True)  # fmt: skip
-        for direct in (True, False):
-            label = f"extract, base's digest kept, {'base O_DIRECT' if direct else 'memory-mapped'}"
-            cold(label, lambda direct=direct: extract_process(pair, args.workdir / "out-read-paths", args.workdir /
-                 "read-paths-run-home", direct, template=base_only), children=True)  # fmt: skip
+        for what, template in KEPT.items():
+            for direct in (True, False):
+                label = f"extract, {what}, {'O_DIRECT' if direct else 'memory-mapped'}"
+                cold(label, lambda direct=direct, t=template: extract_process(
+                    pair, args.workdir / "out-read-paths", run_home, direct, template=homes[t]), children=True)  # fmt: skip
     print(f"reading the {args.layers}-layer bench pair ({sum(f.stat().st_size for f in pair.rglob('*')) / 2**30:.2f} "
           f"GiB), best of {args.repeats}, alternated; page cache dropped before each cold run")  # fmt: skip
     for label, r in runs.items():
         print(line(label, r))
-    for what in ("digests kept", "base's digest kept"):
+    for what in KEPT:
         d, m = (min(v) for k, v in runs.items() if k.startswith(f"extract, {what}"))
         print(f"  extract, {what}: O_DIRECT / memory-mapped  {d[0] / m[0]:.2f}x")
 

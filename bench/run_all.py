@@ -112,7 +112,7 @@ def main() -> None:
         elif name == "startup":
             result = bench_startup.run(args.workdir)
         elif name == "mergekit":
-            result = bench_mergekit.run(args.workdir, 4, rank, os.environ["LORATOOL_MERGEKIT"])
+            result = bench_mergekit.run(args.workdir, layers, rank, os.environ["LORATOOL_MERGEKIT"])  # the pair
         elif name == "gguf":
             result = bench_gguf.run(args.workdir / "gguf", Path(os.environ["LORATOOL_LLAMA_CPP_LORA"]))
         else:

@@ -163,8 +163,9 @@ def test_extraction_read_direct_gives_the_same_adapter(
 
 
 def test_extraction_reads_direct_only_where_it_pays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not with a hasher reading the same files (the disk would serve them twice), not from files in
-    the page cache, not with LORATOOL_DIRECT_IO=0: then every weight is read as before."""
+    """Not from files in the page cache, not with LORATOOL_DIRECT_IO=0, and where the files' digests are
+    not kept only if the reads go through them forward (then the hash is taken from them): else a
+    hasher would read the same files and the disk serve them twice. Then every weight is read as before."""
     base, ft = pair(tmp_path)
     if not direct_ok(base / "model.safetensors"):
         pytest.skip("this file system refuses O_DIRECT")
@@ -176,14 +177,15 @@ def test_extraction_reads_direct_only_where_it_pays(tmp_path: Path, monkeypatch:
         sides.append(self.direct_sides)
 
     monkeypatch.setattr(deltas.DeltaReader, "__init__", init)
-    expected = {"hashing": None, "cached": None, "off": None, "direct": (True, True), "new fine-tune": (True, False),
-                "fine-tune in cache": (True, False)}  # fmt: skip
+    expected = {"hashing": (True, True), "cached": None, "off": None, "direct": (True, True),
+                "new fine-tune": (True, True), "fine-tune in cache": (True, False),
+                "hashing, one weight of two": None, "new fine-tune, one weight of two": (True, False)}  # fmt: skip
     for case, want in expected.items():
         with monkeypatch.context() as m:
             read = force_direct(m)
-            if case == "hashing":
+            if case.startswith("hashing"):
                 m.setattr("loratool.metadata.provenance.kept_sha256", lambda f: None)
-            elif case == "new fine-tune":  # its digest not kept: the hasher reads it, so it is memory-mapped
+            elif case.startswith("new fine-tune"):  # its digest not kept: hashed from the direct reads
                 m.setattr("loratool.metadata.provenance.kept_sha256", lambda f: None if ft in f.parents else "0" * 64)
             elif case == "cached":
                 m.setattr(extract_op, "resident_share", lambda paths: 0.9)
@@ -192,13 +194,55 @@ def test_extraction_reads_direct_only_where_it_pays(tmp_path: Path, monkeypatch:
             elif case == "off":
                 m.setenv("LORATOOL_DIRECT_IO", "0")
             sides.clear()
-            result = extract_op.extract(base, ft, output=tmp_path / case, rank=2, show_progress=False)
-            assert sorted(read) == ([] if want is None else ["q.weight", "up.weight"]), case
+            # reading q alone covers a third of each file: a hasher would read it all again
+            only = {"include": "q"} if case.endswith("one weight of two") else {}
+            result = extract_op.extract(base, ft, output=tmp_path / case, rank=2, show_progress=False, **only)
+            weights = ["q.weight"] if only else ["q.weight", "up.weight"]
+            assert sorted(read) == ([] if want is None else weights), case
             assert want is None or sides == [want], (case, sides)
-            errors = [r.relative_error for r in result.report]
+            errors = {r.module: r.relative_error for r in result.report}
             if case == "hashing":
                 reference = errors
-            assert errors == reference, case  # the same adapter whichever way each side was read
+            assert errors == {k: reference[k] for k in errors}, case  # the same adapter whichever way read
+
+
+def test_a_file_hashed_for_provenance_is_hashed_from_the_direct_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Digests not kept, files cold: both read once, with O_DIRECT, their sha256 in the adapter's
+    provenance taken from those reads (the header and the small tensors between the weights read for
+    it), the file's own; no file hashed apart; the digests then kept."""
+    import hashlib
+
+    from loratool.metadata import digests
+    from loratool.metadata.provenance import decode
+
+    base, ft = pair(tmp_path)
+    if not direct_ok(base / "model.safetensors"):
+        pytest.skip("this file system refuses O_DIRECT")
+    read = force_direct(monkeypatch)
+    monkeypatch.setattr("loratool.metadata.provenance.kept_sha256", digests.kept_sha256)
+    monkeypatch.setattr(digests, "RACY_NS", -10_000_000_000)  # files written in the test count as old
+    monkeypatch.setattr(deltas, "STRIP_BYTES", 16 * 1024)
+    hashed_apart: list[str] = []
+    monkeypatch.setattr(digests, "sha256_file", lambda p: hashed_apart.append(str(p)))
+    fed: dict[str, float] = {}
+    real_finish = digests.SequentialSha256.finish
+
+    def finish(self: digests.SequentialSha256) -> str:
+        fed[Path(self.path).parent.name] = self.fed / os.path.getsize(self.path)
+        return real_finish(self)
+
+    monkeypatch.setattr(digests.SequentialSha256, "finish", finish)
+    extract_op.extract(base, ft, output=tmp_path / "out", rank=2, show_progress=False)
+    assert sorted(read) == ["q.weight", "up.weight"] and hashed_apart == []
+    assert set(fed) == {"base", "ft"} and min(fed.values()) > 0.95
+    record = decode(load_adapter(tmp_path / "out").metadata)
+    assert record is not None
+    for side in (base, ft):
+        truth = hashlib.sha256((side / "model.safetensors").read_bytes()).hexdigest()
+        assert [i["sha256"] for i in record["inputs"] if i["path"].startswith(str(side))] == [truth]
+        assert digests.kept_sha256(side / "model.safetensors") == truth
 
 
 def test_a_nan_read_direct_is_named_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

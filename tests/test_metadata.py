@@ -264,6 +264,68 @@ def test_input_hasher_hashes_files_side_by_side(tmp_path: Path, monkeypatch) -> 
     assert [r["size"] for r in got] == [f.stat().st_size for f in files]
 
 
+def test_input_hasher_streams_files_its_caller_reads(tmp_path: Path) -> None:
+    """A streamed file is hashed from what is fed to it; the others on the hashing threads as before."""
+    import hashlib
+
+    from loratool.metadata import provenance
+
+    files = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes((i + j * 13) % 251 for j in range(70_000)))
+    hasher = provenance.InputHasher(files, streamed=[files[1]])
+    assert list(hasher.streams) == [files[1]]
+    hasher.streams[files[1]].feed(1000, memoryview(files[1].read_bytes())[1000:60_000])
+    got = hasher.result()
+    assert [r["sha256"] for r in got] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert hasher.streams[files[1]].fed == 59_000
+    assert provenance.InputHasher(files, streamed=files, enabled=False).streams == {}  # nothing hashed at all
+
+
+@pytest.mark.parametrize("reads", ["in order", "gaps", "overlaps", "backwards", "past the end", "none"])
+def test_sequential_sha256_is_the_files_digest_whatever_the_reads(tmp_path: Path, reads: str) -> None:
+    """Whatever the reader's reads (in order, with gaps, overlapping, out of order, none), the digest is
+    the file's; the bytes taken from the reads are those that continued the hash."""
+    import hashlib
+    import random
+
+    from loratool.metadata.digests import SequentialSha256
+
+    data = random.Random(reads).randbytes(300_001)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(data)
+    spans = {
+        "in order": [(0, 100_000), (100_000, 200_000), (200_000, 300_001)],
+        "gaps": [(10, 50_000), (60_000, 61_000), (200_000, 250_000)],
+        "overlaps": [(0, 50_000), (40_000, 90_000), (90_000, 90_000), (80_000, 300_001)],
+        "backwards": [(200_000, 300_001), (0, 100_000), (100_000, 200_000)],
+        "past the end": [(0, 299_000), (299_000, 300_001)],
+        "none": [],
+    }[reads]
+    fed = {"in order": 300_001, "gaps": 49_990 + 1000 + 50_000, "overlaps": 300_001, "backwards": 100_001,
+           "past the end": 300_001, "none": 0}[reads]  # fmt: skip
+    digest = SequentialSha256(f)
+    for start, stop in spans:
+        digest.feed(start, memoryview(data)[start:stop])
+    assert digest.finish() == hashlib.sha256(data).hexdigest()
+    assert digest.fed == fed
+
+
+def test_sequential_sha256_names_a_file_cut_short(tmp_path: Path) -> None:
+    from loratool.errors import InputFileError
+    from loratool.metadata.digests import SequentialSha256
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x" * 10_000)
+    digest = SequentialSha256(f)
+    digest.feed(0, memoryview(b"x" * 100))
+    with open(f, "r+b") as h:
+        h.truncate(5000)
+    with pytest.raises(InputFileError, match="5000 fewer than when it was opened") as e:
+        digest.finish()
+    assert e.value.path == str(f)
+
+
 @pytest.fixture
 def hash_calls(monkeypatch) -> list[str]:
     """The files :mod:`loratool.metadata.digests` really hashes; a file written in the test counts
@@ -297,6 +359,20 @@ def test_an_unchanged_input_is_hashed_once(tmp_path: Path, hash_calls: list[str]
     assert len(hash_calls) == 1 and kept_sha256(f) == truth
     home = Path(os.environ["LORATOOL_HOME"])
     assert (home / CACHE_FILE).stat().st_mode & 0o777 == 0o600  # it names the user's files
+
+
+def test_a_digest_taken_from_reads_is_kept_as_a_hashed_one(tmp_path: Path, hash_calls: list[str]) -> None:
+    import hashlib
+
+    from loratool.metadata.digests import SequentialSha256, cached_sha256, kept_sha256
+
+    f = tmp_path / "base.safetensors"
+    f.write_bytes(b"weights" * 1000)
+    digest = SequentialSha256(f)
+    digest.feed(0, memoryview(f.read_bytes()))
+    truth = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert digest.finish() == truth and kept_sha256(f) == truth
+    assert cached_sha256(f) == truth and hash_calls == []  # not hashed again
 
 
 @pytest.mark.parametrize("exists", [False, True])

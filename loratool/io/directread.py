@@ -10,9 +10,9 @@ way (9.5 s user time) against 10.0 s memory-mapped (16.0 s user time).
 
 Used only where it pays, checkpoint by checkpoint: on files mostly not in the page cache
 (:func:`resident_share`, from ``mincore``: cached files are read faster from memory) that no one
-else reads in the same run (the provenance hasher, when their digests are not kept: the disk
-would serve them twice). So a base whose digest is kept is read this way beside a new fine-tune
-(the same bench: 8.9 s against 10.1 s memory-mapped).
+else reads in the same run. Files whose digests are not kept are hashed for provenance from the same
+reads (``tee``; extraction checks that its reads go through them forward), not by a hasher reading
+them again: the disk would serve them twice.
 A file system that refuses ``O_DIRECT`` (tmpfs, some network file systems) is read as before;
 so is every file with ``LORATOOL_DIRECT_IO=0``.
 """
@@ -24,7 +24,7 @@ import ctypes
 import mmap
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ..errors import InputFileError
@@ -37,11 +37,17 @@ class DirectReader:
     """Reads byte ranges of files with ``O_DIRECT`` into ``buffers`` reused page-aligned buffers.
 
     :meth:`read` into buffer ``i`` returns a view of it, valid until the next read into it; None where
-    the file system refuses direct reads of that file (then read it another way).
+    the file system refuses direct reads of that file (then read it another way). ``tee`` maps files to
+    a function given each read of them (offset, bytes) before it returns: a hash of the file taken
+    from the same reads (``metadata.digests.SequentialSha256.feed``).
     """
 
-    def __init__(self, buffers: int = 2, strip_bytes: int = STRIP_BYTES) -> None:
+    def __init__(
+        self, buffers: int = 2, strip_bytes: int = STRIP_BYTES,
+        tee: Mapping[Path, Callable[[int, memoryview], None]] | None = None,
+    ) -> None:  # fmt: skip
         self.strip_bytes = strip_bytes
+        self._tee = dict(tee or {})
         self._fds: dict[Path, int | None] = {}
         self._bufs = [mmap.mmap(-1, strip_bytes + 2 * ALIGN) for _ in range(buffers)]  # page-aligned
 
@@ -82,7 +88,10 @@ class DirectReader:
                 why = f"the file ends at byte {start + got}, before a tensor's last byte"
                 raise InputFileError(why, path=str(path), fix="it was cut short while being read: copy it again")
             got += n
-        return view[offset - start : offset - start + nbytes]
+        out = view[offset - start : offset - start + nbytes]
+        if (feed := self._tee.get(path)) is not None:
+            feed(offset, out)
+        return out
 
     def close(self) -> None:
         """Close the files and free the buffers (left to the views still held, if any)."""

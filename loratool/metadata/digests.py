@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
+from ..errors import InputFileError
 from ..registry.home import default_home, make_private_dir
 
 CACHE_ENV = "LORATOOL_DIGEST_CACHE"
@@ -61,10 +62,69 @@ def cached_sha256(path: str | os.PathLike[str]) -> str:
         return kept
     started = time.time_ns()
     digest = sha256_file(real)
-    written = max(before[3], before[4])  # mtime, ctime
-    if enabled and written < started - RACY_NS and _unchanged(real, before):
-        _store(real, before, digest)
+    _keep(real, before, started, digest)
     return digest
+
+
+def _keep(path: str, identity: Identity, started: int, digest: str) -> None:
+    """Keep the digest of a file hashed from ``started`` on, unless it was written too close to that
+    (racy) or has changed since."""
+    written = max(identity[3], identity[4])  # mtime, ctime
+    if os.environ.get(CACHE_ENV, "1") != "0" and written < started - RACY_NS and _unchanged(path, identity):
+        _store(path, identity, digest)
+
+
+class SequentialSha256:
+    """A file's sha256 taken from another reader's reads, so that a file read once is not read twice.
+
+    :meth:`feed` is given the bytes that reader read at an offset; the hash goes on from wherever
+    they continue it (bytes it has already hashed are passed over; a gap before them, such as the
+    tensors that reader skips, is read here from the file). :meth:`finish` hashes whatever is left
+    and returns the digest, kept as :func:`cached_sha256` keeps one. The digest is the file's
+    whatever the reads were; it saves the second read only where they come in file order (the
+    caller checks: :mod:`loratool.io.directread`). Not thread-safe: one reader feeds it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.realpath(path)
+        self._identity = _identity(os.stat(self.path))
+        self._started = time.time_ns()
+        self._hash = hashlib.sha256()
+        self._pos = 0  # bytes [0, _pos) hashed
+        self.fed = 0  # of them, bytes taken from feed (the rest read here)
+
+    def feed(self, offset: int, data: memoryview | bytes) -> None:
+        """The reader read ``data`` at ``offset``."""
+        end = offset + len(data)
+        if end <= self._pos:
+            return
+        if offset > self._pos:
+            self._read_to(offset)
+        self._hash.update(data[self._pos - offset :])
+        self.fed += end - self._pos
+        self._pos = end
+
+    def finish(self) -> str:
+        """The digest: the rest of the file hashed (its size when this began), kept while unchanged."""
+        self._read_to(self._identity[2])
+        digest = self._hash.hexdigest()
+        _keep(self.path, self._identity, self._started, digest)
+        return digest
+
+    def _read_to(self, stop: int, chunk: int = 16 * 1024 * 1024) -> None:
+        if stop <= self._pos:
+            return
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < stop:
+                raise InputFileError(
+                    f"the file is {size} bytes, {stop - size} fewer than when it was opened", path=self.path,
+                    fix="it changed while being read: run again once nothing writes it",
+                )  # fmt: skip
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
+                for start in range(self._pos, stop, chunk):
+                    self._hash.update(view[start : min(start + chunk, stop)])
+        self._pos = stop
 
 
 def kept_sha256(path: str | os.PathLike[str]) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .._version import __version__
 from ..host import available_cores
-from .digests import cached_sha256, kept_sha256
+from .digests import SequentialSha256, cached_sha256, kept_sha256
 
 PROVENANCE_KEY = "loratool"
 SHA256_PLACEHOLDER = "0" * 64
@@ -61,26 +61,38 @@ class InputHasher:
     (one on 2 cores), leaving the rest to the operation itself.
     """
 
-    def __init__(self, files: Iterable[str | os.PathLike[str]], *, enabled: bool = True) -> None:
+    def __init__(
+        self, files: Iterable[str | os.PathLike[str]], *, enabled: bool = True, streamed: Iterable[Path] = ()
+    ) -> None:
+        """``streamed``: files of :func:`to_hash` that the operation reads itself, in order and bypassing the
+        page cache (the disk would otherwise serve them twice), and hashes from its reads: each one's
+        :class:`SequentialSha256` is in :attr:`streams`, for that reader to feed before :meth:`result`."""
         self.files = [Path(f) for f in files]
-        # the files hashing reads in this run (their digests not kept): a reader that bypassed the page
-        # cache for them would have the disk serve them twice
-        self.reading = frozenset(f for f in self.files if enabled and kept_sha256(f) is None)
+        chosen = set(streamed)
+        self.streams = {f: SequentialSha256(f) for f in self.files if enabled and f in chosen}
         workers = max(1, min(len(self.files), available_cores() // 2))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loratool-sha256")
-        self._futures: list[Future[str]] = [
-            self._pool.submit(cached_sha256, f) if enabled else _done(SHA256_PLACEHOLDER) for f in self.files
-        ]
+        self._futures: list[Future[str] | None] = [
+            None if f in self.streams else self._pool.submit(cached_sha256, f) if enabled else _done(SHA256_PLACEHOLDER)
+            for f in self.files
+        ]  # fmt: skip
         self._pool.shutdown(wait=False)
 
     def placeholder(self) -> list[dict[str, Any]]:
         return [{"path": str(f), "size": f.stat().st_size, "sha256": SHA256_PLACEHOLDER} for f in self.files]
 
     def result(self) -> list[dict[str, Any]]:
-        return [
-            {"path": str(f), "size": f.stat().st_size, "sha256": fut.result()}
-            for f, fut in zip(self.files, self._futures)
-        ]
+        """The inputs' records; the streamed files' hashes finished (their reader must be done)."""
+        futures = zip(self.files, self._futures)
+        digests = [self.streams[f].finish() if fut is None else fut.result() for f, fut in futures]
+        return [{"path": str(f), "size": f.stat().st_size, "sha256": h} for f, h in zip(self.files, digests)]
+
+
+def to_hash(files: Iterable[str | os.PathLike[str]]) -> frozenset[Path]:
+    """The files whose digests are not kept (:mod:`.digests`): hashing reads them in this run, so a reader
+    that bypassed the page cache for them would have the disk serve them twice (unless it hashes them
+    too: ``InputHasher(streamed=...)``)."""
+    return frozenset(Path(f) for f in files if kept_sha256(f) is None)
 
 
 def _done(value: str) -> Future[str]:

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +44,7 @@ from ..math.linalg import (
     squared_norm,
 )
 from ..metadata.card import check_base_model_id, is_hub_id
-from ..metadata.provenance import InputHasher, encode, make_record
+from ..metadata.provenance import InputHasher, encode, make_record, to_hash
 from ..quant.layout import Fp8Layout
 from ..report import Dropped, ModuleReport, summarize
 from ..runtimes.transforms import check_portable, portable_form
@@ -201,7 +202,6 @@ def extract(
         options.quantized_ft = {*(fp8[1].weights if fp8[1] else ()), *(low_bit.weights if low_bit else ())}
         grown = grown_vocabulary(b, f)
         keys = paired_keys(b, f, skip=fp8_companions(*fp8) | set(grown))
-        hasher = InputHasher([*b.file_paths(), *f.file_paths()], enabled=d.is_main)
         config = f.config() or b.config()
         multimodal = arch.renamed_on_load(config)
         if multimodal:
@@ -218,7 +218,11 @@ def extract(
         skip = {tied[0] + ".weight"} if tied else set()  # the same matrix as the input embedding
         mine = [k for k in d.share((k, b.info(k).nbytes) for k in keys) if k not in skip]
         show = show_progress and d.is_main
-        options.direct, options.direct_sides = _read_direct(b, f, (b_stored, f_stored), mine, options, hasher)
+        inputs = [*b.file_paths(), *f.file_paths()]
+        hashed = to_hash(inputs) if d.is_main else frozenset()
+        options.direct, options.direct_sides, streamed = _read_direct(b, f, (b_stored, f_stored), mine, options, hashed)
+        hasher = InputHasher(inputs, enabled=d.is_main, streamed=streamed)
+        options.tee = {path: digest.feed for path, digest in hasher.streams.items()}
         parts = d.gather(lambda: _extract_keys(b, f, mine, options, conv1d, prefetch_depth, show))
         whole = _Partial.join(parts, keys)
 
@@ -300,6 +304,7 @@ class _Options:
     transposed_experts: bool = False  # 3-D experts stored (E, in, out), as transformers' is_transposed
     direct: frozenset[str] = frozenset()  # weights read with O_DIRECT (_read_direct), on these sides:
     direct_sides: tuple[bool, bool] = (False, False)  # (base, fine-tune)
+    tee: dict[Path, Callable[[int, memoryview], None]] = field(default_factory=dict)  # files hashed from those reads
 
 
 @dataclass
@@ -348,7 +353,7 @@ def _extract_keys(
     part = _Partial()
     pool = BufferPool(keep_bytes=POOL_BYTES)
     read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct,
-                       direct_sides=o.direct_sides)  # fmt: skip
+                       direct_sides=o.direct_sides, tee=o.tee)  # fmt: skip
     ahead = prefetch(map(read, keys), depth=depth)
     try:
         for key, wb, wf, delta, norm in progress(ahead, total=len(keys), desc="extract", enabled=show):
@@ -363,23 +368,46 @@ def _extract_keys(
 
 def _read_direct(
     b: Checkpoint, f: Checkpoint, stored: tuple[Checkpoint, Checkpoint], keys: list[str], o: _Options,
-    hasher: InputHasher,
-) -> tuple[frozenset[str], tuple[bool, bool]]:  # fmt: skip
-    """The weights to read with O_DIRECT (:mod:`loratool.io.directread`), and from which sides: the
-    matrices and Conv2d kernels that would be factored, where only their delta is used, on the CPU,
-    from each plain checkpoint whose files are mostly not in the page cache and that no hasher reads in
-    this run (a base whose digest is kept, beside a fine-tune hashed for the first time, say)."""
+    hashed: frozenset[Path],
+) -> tuple[frozenset[str], tuple[bool, bool], frozenset[Path]]:  # fmt: skip
+    """The weights to read with O_DIRECT (:mod:`loratool.io.directread`), from which sides, and the
+    files to hash from those reads: the matrices and Conv2d kernels that would be factored, where only
+    their delta is used, on the CPU, from each plain checkpoint whose files are mostly not in the page
+    cache. Where this run hashes a checkpoint's files (``hashed``: their digests not kept), only if
+    reading those weights in order goes through each such file forward and through nearly all of it:
+    the file's hash is then taken from the same reads (the rest, its header and small tensors, read
+    for it), so that no file is read twice (InputHasher's ``streamed``)."""
     if o.device.type != "cpu" or not direct_io_enabled():
-        return frozenset(), (False, False)
-    sides = tuple(
-        view is ck and not hasher.reading & set(ck.file_paths()) and resident_share(ck.file_paths()) < 0.5
-        for view, ck in ((b, stored[0]), (f, stored[1]))
-    )
+        return frozenset(), (False, False), frozenset()
+    chosen = [k for k in keys if k.endswith(".weight") and len(b.info(k).shape) in (2, 4)
+              and _selected(k[: -len(".weight")], o.include, o.exclude)]  # fmt: skip
+    sides, streamed = [False, False], set[Path]()
+    for side, (view, ck) in enumerate(((b, stored[0]), (f, stored[1]))):
+        if view is not ck or resident_share(ck.file_paths()) >= 0.5:
+            continue
+        files = hashed & set(ck.files)  # an index file is hashed apart, read twice: it is small
+        if files and not _read_forward(ck, chosen, files):
+            continue
+        streamed |= files
+        sides[side] = True
     if not any(sides):
-        return frozenset(), (False, False)
-    chosen = frozenset(k for k in keys if k.endswith(".weight") and len(b.info(k).shape) in (2, 4)
-                       and _selected(k[: -len(".weight")], o.include, o.exclude))  # fmt: skip
-    return chosen, (sides[0], sides[1])
+        return frozenset(), (False, False), frozenset()
+    return frozenset(chosen), (sides[0], sides[1]), frozenset(streamed)
+
+
+def _read_forward(ck: Checkpoint, keys: list[str], files: frozenset[Path], share: float = 0.9) -> bool:
+    """Whether reading ``keys`` in this order reads each of ``files`` forward (no tensor before one
+    read already) and through at least ``share`` of its bytes."""
+    end, covered = dict.fromkeys(files, 0), dict.fromkeys(files, 0)
+    for k in keys:
+        if (r := ck.byte_range(k)) is None:
+            return False
+        path, start, n = r
+        if path in files:
+            if start < end[path]:
+                return False
+            end[path], covered[path] = start + n, covered[path] + n
+    return all(covered[p] >= share * p.stat().st_size for p in files)
 
 
 def _handle(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -77,11 +79,13 @@ class DeltaReader:
         experts_apart: bool = False,
         direct: frozenset[str] = frozenset(),
         direct_sides: tuple[bool, bool] = (True, True),
+        tee: Mapping[Path, Callable[[int, memoryview], None]] | None = None,
     ) -> None:
         self.b, self.f, self.device, self.pool, self.fp8 = base, finetuned, device, pool, fp8
         self.experts_apart = experts_apart  # 3-D floating tensors as ExpertDeltas, one expert in memory
         self.direct = direct  # keys read with O_DIRECT (only their delta is used: base and fine-tune come as meta)
         self.direct_sides = direct_sides  # of those, which sides (base, fine-tune) are read so
+        self.tee = tee  # files whose direct reads also feed their hash (DirectReader's tee)
         self._reader: DirectReader | None = None
 
     def __call__(self, key: str) -> Delta:
@@ -120,7 +124,7 @@ class DeltaReader:
             return None
         ranges = (rb, rf)
         if self._reader is None:
-            self._reader = DirectReader()
+            self._reader = DirectReader(tee=self.tee)
         reader, rows, nbytes = self._reader, ib.shape[0], ranges[0][2]
         row_bytes = nbytes // rows if rows else 0
         direct = [side and reader.usable(r[0]) for side, r in zip(self.direct_sides, ranges)]
