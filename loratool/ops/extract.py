@@ -49,6 +49,7 @@ from ..quant.layout import Fp8Layout
 from ..report import Dropped, ModuleReport, summarize
 from ..runtimes.transforms import check_portable, portable_form
 from ..stream.deltas import (
+    Delta,
     DeltaReader,
     ExpertDeltas,
     fp8_companions,
@@ -59,6 +60,7 @@ from ..stream.deltas import (
 )
 from ..stream.distributed import current
 from ..stream.pipeline import BufferPool, give_back, prefetch
+from ..stream.workers import run_side_by_side, side_by_side_workers, single_threaded
 
 DEFAULT_CAP = 256  # highest rank --energy/--budget consider when -r does not say
 POOL_BYTES = 256 << 20  # delta buffers kept idle: a layer's sizes repeat, an embedding's or head's do not
@@ -350,20 +352,29 @@ def _extract_keys(
     b: Checkpoint, f: Checkpoint, keys: list[str], o: _Options, conv1d: bool, depth: int, show: bool
 ) -> _Partial:
     """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
-    part = _Partial()
     pool = BufferPool(keep_bytes=POOL_BYTES)
     read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct,
                        direct_sides=o.direct_sides, tee=o.tee)  # fmt: skip
-    ahead = prefetch(map(read, keys), depth=depth)
+    workers = side_by_side_workers(o.device)
+    ahead = prefetch(map(read, keys) if workers == 1 else single_threaded(map(read, keys)), depth=depth)
+
+    def handle(item: Delta) -> _Partial:
+        part = _Partial()
+        _handle(item.key, item.base, item.finetuned, item.delta, item.norm, o, conv1d, part)
+        if isinstance(item.delta, torch.Tensor):
+            give_back(item.delta, pool)  # consumed; its memory serves the next delta
+        return part
+
     try:
-        for key, wb, wf, delta, norm in progress(ahead, total=len(keys), desc="extract", enabled=show):
-            _handle(key, wb, wf, delta, norm, o, conv1d, part)
-            if isinstance(delta, torch.Tensor):
-                give_back(delta, pool)  # consumed; its memory serves the next delta
+        items = progress(ahead, total=len(keys), desc="extract", enabled=show)
+        return _Partial.join(list(run_side_by_side(handle, items, workers, size=_delta_bytes)), keys)
     finally:
         ahead.close()  # the prefetch thread is done (joined) before the reader's files close under it
         read.close()
-    return part
+
+
+def _delta_bytes(item: Delta) -> int:
+    return item.delta.numel() * item.delta.element_size() if isinstance(item.delta, torch.Tensor) else 0
 
 
 def _read_direct(

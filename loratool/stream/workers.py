@@ -1,0 +1,90 @@
+"""Tensors computed side by side on the CPU, each on its share of the cores.
+
+A truncated SVD on one tensor at a time spreads each operation over all cores (torch's intra-op
+threads): the large thin products scale, but the QR of thin blocks, the small products and the
+elementwise work between them do not, and OpenMP's idle threads spin between them. With two
+tensors at once, each on half the cores (one each on two), both cores stay busy on work that needs
+no synchronisation: ``bench/svd_workers.py`` measures it.
+
+That needs torch's thread count to be each thread's own, which its OpenMP builds give (``omp_set_num_threads``
+and MKL's ``mkl_set_num_threads_local`` act on the calling thread); elsewhere one tensor at a time, as
+before. The count torch keeps for threads that have not run an operation yet is set back afterwards.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
+
+from ..host import available_cores
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+IN_FLIGHT_BYTES = 256 << 20  # inputs computed at once beyond the first: an embedding's delta goes alone
+WORKERS = 2
+
+
+def side_by_side_workers(device: torch.device) -> int:
+    """How many tensors to compute at once: :data:`WORKERS` on a CPU of several cores where torch's
+    thread count is per thread, else one."""
+    import torch
+
+    if (
+        device.type != "cpu"
+        or available_cores() < 2
+        or "parallel backend: OpenMP" not in torch.__config__.parallel_info()
+    ):
+        return 1
+    return WORKERS
+
+
+def single_threaded(items: Iterable[T]) -> Iterator[T]:
+    """``items``, iterated with one torch thread on the iterating thread (a prefetch thread's reading
+    and widening, beside workers that take the cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield from items
+
+
+def run_side_by_side(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, *, size: Callable[[T], int] = lambda item: 0,
+    budget: int = IN_FLIGHT_BYTES,
+) -> Iterator[R]:  # fmt: skip
+    """``fn(item)`` for each item, yielded in the items' order, on ``workers`` threads that each use
+    ``cores // workers`` torch threads: at most ``workers`` at once and, beyond one, at most ``budget``
+    bytes of inputs (``size``) at once. With one worker, on the calling thread. An error in ``fn``
+    is raised where its result would have been yielded, once the calls running beside it are done."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    import torch
+
+    saved = torch.get_num_threads()
+    each = max(1, available_cores() // workers)
+    running: deque[tuple[Future[R], int]] = deque()
+    held = 0
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="loratool-worker", initializer=torch.set_num_threads,
+                              initargs=(each,))  # fmt: skip
+    try:
+        for item in items:
+            n = size(item)
+            while running and (len(running) >= workers or held + n > budget):
+                future, m = running.popleft()
+                held -= m
+                yield future.result()
+            running.append((pool.submit(fn, item), n))
+            held += n
+        while running:
+            yield running.popleft()[0].result()
+    finally:
+        for future, _ in running:
+            future.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(saved)  # the count threads that start later take

@@ -1,0 +1,108 @@
+"""Tensors computed side by side (loratool.stream.workers), and extraction's use of it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loratool.formats import load_adapter
+from loratool.ops import extract as extract_op
+from loratool.stream import workers
+
+
+def test_results_come_in_order_at_most_two_at_once_and_within_the_byte_budget() -> None:
+    running, most, lock = [0], [0], threading.Lock()
+    held, most_held = [0], [0]
+
+    def fn(item: tuple[int, int]) -> int:
+        with lock:
+            running[0] += 1
+            held[0] += item[1]
+            most[0], most_held[0] = max(most[0], running[0]), max(most_held[0], held[0])
+        time.sleep(0.005 + 0.01 * (item[0] % 3))  # later items often finish first
+        with lock:
+            running[0] -= 1
+            held[0] -= item[1]
+        return item[0] * 10
+
+    sizes = [10, 10, 10, 95, 10, 100, 100, 10, 10, 10]  # 95 and 100 only fit beside nothing (budget 100)
+    items = list(enumerate(sizes))
+    out = list(workers.run_side_by_side(fn, items, 2, size=lambda item: item[1], budget=100))
+    assert out == [i * 10 for i in range(len(sizes))]
+    assert most[0] == 2 and most_held[0] <= 100
+
+
+def test_an_error_is_raised_in_order_and_the_thread_count_restored() -> None:
+    saved = torch.get_num_threads()
+    done: list[int] = []
+
+    def fn(i: int) -> int:
+        if i == 3:
+            raise ValueError("item 3")
+        done.append(i)
+        return i
+
+    got: list[int] = []
+    with pytest.raises(ValueError, match="item 3"):
+        for r in workers.run_side_by_side(fn, range(8), 2):
+            got.append(r)
+    assert got == [0, 1, 2] and torch.get_num_threads() == saved
+
+
+def test_workers_each_take_their_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker runs with cores // workers torch threads; the caller's own count is unchanged, and
+    restored for threads that start later."""
+    if workers.side_by_side_workers(torch.device("cpu")) == 1:
+        pytest.skip("torch's thread count is not per thread here, or one core: one tensor at a time")
+    monkeypatch.setattr(workers, "available_cores", lambda: 8)
+    saved = torch.get_num_threads()
+    seen = list(workers.run_side_by_side(lambda i: torch.get_num_threads(), range(4), 2))
+    assert seen == [4, 4, 4, 4] and saved != 4
+    assert torch.get_num_threads() == saved
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [saved]
+
+
+def test_one_worker_runs_on_the_calling_thread() -> None:
+    names = list(workers.run_side_by_side(lambda i: threading.current_thread().name, range(3), 1))
+    assert names == [threading.current_thread().name] * 3
+    assert workers.side_by_side_workers(torch.device("meta")) == 1
+
+
+def test_extraction_side_by_side_gives_the_adapter_of_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same modules, reports and warnings in the same order, and factors equal to float32's
+    rounding (one thread's products may add in another order than two threads')."""
+    if workers.side_by_side_workers(torch.device("cpu")) == 1:
+        pytest.skip("torch's thread count is not per thread here, or one core: one tensor at a time")
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.{n}.weight": torch.randn(s, generator=g) for i in range(3)
+            for n, s in (("q", (96, 64)), ("up", (200, 64)), ("down", (64, 200)), ("tiny", (3, 64)))}  # fmt: skip
+    base["norm.weight"] = torch.ones(64)
+    ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for name, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+    kw = dict(rank=8, show_progress=False, keep_full="norm")
+    apart = extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / "two", **kw)
+    monkeypatch.setattr(extract_op, "side_by_side_workers", lambda device: 1)
+    alone = extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / "one", **kw)
+    assert [r.module for r in apart.report] == [r.module for r in alone.report]
+    assert apart.warnings == alone.warnings and any("rank 8 clamped to 3" in w for w in apart.warnings)
+    for r, s in zip(apart.report, alone.report):
+        assert r.relative_error == pytest.approx(s.relative_error, rel=1e-5)
+    a, b = load_adapter(tmp_path / "two"), load_adapter(tmp_path / "one")
+    assert list(a.modules) == list(b.modules) and list(a.whole) == list(b.whole) == ["norm.weight"]
+    for name, m in a.modules.items():
+        n = b.modules[name]
+        torch.testing.assert_close(m.lora_B.float() @ m.lora_A.float(), n.lora_B.float() @ n.lora_A.float(),
+                                   rtol=0, atol=2e-2)  # fmt: skip
