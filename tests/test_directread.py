@@ -299,3 +299,50 @@ def test_a_file_cut_short_under_the_reader_is_named(tmp_path: Path, monkeypatch:
     with pytest.raises(InputFileError, match="ends at byte") as e:
         extract_op.extract(base, ft, output=tmp_path / "out", rank=2, show_progress=False)
     assert "model.safetensors" in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_reads_ahead_leave_no_thread_and_no_read_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each side's reads run a strip ahead on a thread of their own: the same deltas as reading in
+    turn (above), and after an error on one side, or the same file on both (one thread then, its one
+    hash fed in order), nothing left running once extraction returns."""
+    import hashlib
+    import threading
+
+    from loratool.errors import InputFileError, LoraToolError
+    from loratool.metadata import digests
+    from loratool.metadata.provenance import InputHasher
+
+    base, ft = pair(tmp_path)
+    if not direct_ok(base / "model.safetensors"):
+        pytest.skip("this file system refuses O_DIRECT")
+    force_direct(monkeypatch)
+    monkeypatch.setattr(deltas, "STRIP_BYTES", 16 * 1024)
+    readers = lambda: [t for t in threading.enumerate() if t.name.startswith("loratool-read")]  # noqa: E731
+    with monkeypatch.context() as m:
+        calls = [0]
+        real = os.preadv
+
+        def flaky(fd: int, buffers: list[memoryview], offset: int) -> int:
+            calls[0] += 1
+            return 0 if calls[0] == 5 else real(fd, buffers, offset)  # one read meets an end of file
+
+        m.setattr(os, "preadv", flaky)
+        with pytest.raises(InputFileError, match="ends at byte"):
+            extract_op.extract(base, ft, output=tmp_path / "out", rank=2, show_progress=False)
+    assert readers() == [] and not (tmp_path / "out").exists()
+    # the same file on both sides, hashed from the reads: one stream, fed from one thread, in order
+    monkeypatch.setattr("loratool.metadata.provenance.kept_sha256", lambda f: None)
+    streams: list[digests.SequentialSha256] = []
+    real_init = InputHasher.__init__
+
+    def init(self: InputHasher, *a: object, **k: object) -> None:
+        real_init(self, *a, **k)  # type: ignore[arg-type]
+        streams.extend(self.streams.values())
+
+    monkeypatch.setattr(InputHasher, "__init__", init)
+    with pytest.raises(LoraToolError, match="does not differ"):
+        extract_op.extract(base, base, output=tmp_path / "same", rank=2, show_progress=False)
+    assert readers() == [] and len(streams) == 1
+    f = base / "model.safetensors"
+    assert streams[0].fed > 0.95 * f.stat().st_size  # what both sides read, hashed once
+    assert streams[0].finish() == hashlib.sha256(f.read_bytes()).hexdigest()

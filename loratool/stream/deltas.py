@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -87,6 +88,7 @@ class DeltaReader:
         self.direct_sides = direct_sides  # of those, which sides (base, fine-tune) are read so
         self.tee = tee  # files whose direct reads also feed their hash (DirectReader's tee)
         self._reader: DirectReader | None = None
+        self._io_threads: list[ThreadPoolExecutor] = []  # a thread a side for the direct reads
 
     def __call__(self, key: str) -> Delta:
         if self.experts_apart and self._experts(key):  # base and fine-tune as meta tensors: nothing read whole
@@ -124,7 +126,7 @@ class DeltaReader:
             return None
         ranges = (rb, rf)
         if self._reader is None:
-            self._reader = DirectReader(tee=self.tee)
+            self._reader = DirectReader(buffers=4, tee=self.tee)  # two a side
         reader, rows, nbytes = self._reader, ib.shape[0], ranges[0][2]
         row_bytes = nbytes // rows if rows else 0
         direct = [side and reader.usable(r[0]) for side, r in zip(self.direct_sides, ranges)]
@@ -132,26 +134,51 @@ class DeltaReader:
             return None
         dtype = torch_dtype(ib.dtype)
         whole = [None if d else ck.get(key).view(rows, -1) for d, ck in zip(direct, (self.b, self.f))]
+        step = STRIP_BYTES // row_bytes  # rows a read: elementwise, so any strip gives the same bits
+        spans = [(i, min(step, rows - i)) for i in range(0, rows, step)]
+        # each side's reads on its own thread, a strip ahead of the widening (into the other of its two
+        # buffers): the disk keeps reading while a strip is widened, both sides' reads at once; one
+        # thread where both sides are the same file (its reads feed one hash, in order)
+        io = self._io if ranges[0][0] != ranges[1][0] else self._io[:1] * 2
+
+        def fetch(k: int) -> list[Future[memoryview | None] | None]:
+            i, n = spans[k]
+            return [io[s].submit(reader.read, 2 * s + k % 2, path, offset + i * row_bytes, n * row_bytes)
+                    if whole[s] is None else None for s, (path, offset, _) in enumerate(ranges)]  # fmt: skip
+
         out = self.pool.take(ib.shape, torch.float32, self.device)
         flat = out.view(rows, -1)
-        step = STRIP_BYTES // row_bytes  # rows a read: elementwise, so any strip gives the same bits
-        for i in range(0, rows, step):
-            n = min(step, rows - i)
-            strips = []
-            for side, (path, offset, _) in enumerate(ranges):
-                t = whole[side]
-                if t is not None:
-                    strips.append(t[i : i + n])
-                elif (view := reader.read(side, path, offset + i * row_bytes, n * row_bytes)) is not None:
-                    strips.append(torch.frombuffer(view, dtype=dtype).view(n, -1))
-                else:
-                    give_back(out, self.pool)
-                    return None
-            flat[i : i + n].copy_(strips[1]).sub_(strips[0].to(torch.float32))
+        reads: list[Future[memoryview | None] | None] = []
+        ahead = fetch(0)
+        try:
+            for k, (i, n) in enumerate(spans):
+                reads, ahead = ahead, fetch(k + 1) if k + 1 < len(spans) else []
+                strips = []
+                for side, r in enumerate(reads):
+                    t = whole[side]
+                    if t is not None:
+                        strips.append(t[i : i + n])
+                    elif (view := r.result() if r is not None else None) is not None:
+                        strips.append(torch.frombuffer(view, dtype=dtype).view(n, -1))
+                    else:
+                        give_back(out, self.pool)
+                        return None
+                flat[i : i + n].copy_(strips[1]).sub_(strips[0].to(torch.float32))
+        finally:
+            wait([r for r in (*reads, *ahead) if r is not None])  # no read left writing into the buffers
         return out
+
+    @property
+    def _io(self) -> list[ThreadPoolExecutor]:
+        if not self._io_threads:
+            self._io_threads = [ThreadPoolExecutor(1, thread_name_prefix="loratool-read") for _ in range(2)]
+        return self._io_threads
 
     def close(self) -> None:
         """Close the direct readers' files (the memory-mapped ones close with their checkpoints)."""
+        for pool in self._io_threads:
+            pool.shutdown(wait=True)
+        self._io_threads = []
         if self._reader is not None:
             self._reader.close()
             self._reader = None
