@@ -106,3 +106,25 @@ def test_extraction_side_by_side_gives_the_adapter_of_one_at_a_time(
         n = b.modules[name]
         torch.testing.assert_close(m.lora_B.float() @ m.lora_A.float(), n.lora_B.float() @ n.lora_A.float(),
                                    rtol=0, atol=2e-2)  # fmt: skip
+
+
+def test_the_exact_svd_factors_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its workspace is a dense matrix's size: two at once would double extraction's peak memory."""
+    g = torch.Generator().manual_seed(0)
+    base = {"q.weight": torch.randn(40, 32, generator=g)}
+    for name, tensors in (("base", base), ("ft", {"q.weight": base["q.weight"] + 1})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    seen: list[int] = []
+    real = workers.run_side_by_side
+
+    def spy(fn, items, n, **kw):  # type: ignore[no-untyped-def]
+        seen.append(n)
+        return real(fn, items, n, **kw)
+
+    monkeypatch.setattr(extract_op, "run_side_by_side", spy)
+    monkeypatch.setattr(extract_op, "side_by_side_workers", lambda device: 2)
+    for svd in ("exact", "randomized"):
+        extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / svd, rank=2, svd=svd,
+                           show_progress=False)  # fmt: skip
+    assert seen == [1, 2]

@@ -148,6 +148,7 @@ class DeltaReader:
 
         out = self.pool.take(ib.shape, torch.float32, self.device)
         flat = out.view(rows, -1)
+        scratch = self.pool.take((min(step, rows), flat.shape[1]), torch.float32, self.device)  # a base strip widened
         reads: list[Future[memoryview | None] | None] = []
         ahead = fetch(0)
         try:
@@ -163,9 +164,10 @@ class DeltaReader:
                     else:
                         give_back(out, self.pool)
                         return None
-                flat[i : i + n].copy_(strips[1]).sub_(strips[0].to(torch.float32))
+                flat[i : i + n].copy_(strips[1]).sub_(scratch[:n].copy_(strips[0]))
         finally:
             wait([r for r in (*reads, *ahead) if r is not None])  # no read left writing into the buffers
+            self.pool.give(scratch)  # reused, not freed: a temporary a strip would stay with the allocator
         return out
 
     @property

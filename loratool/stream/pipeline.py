@@ -148,8 +148,11 @@ def widen_difference(wf: torch.Tensor, wb: torch.Tensor, device: torch.device, p
         return widen(wf, device, pool).sub_(upcast(wb, device) if device.type == "cuda" else wb)
     out = pool.take(wf.shape, torch.float32, device)
     step = max(1, (1 << 20) // max(1, wf[0].numel()))  # about 4 MB of float32 a strip
+    scratch = pool.take((min(step, wf.shape[0]), *wf.shape[1:]), torch.float32, device)  # wb's strip, widened
     for i in range(0, wf.shape[0], step):
-        out[i : i + step].copy_(wf[i : i + step]).sub_(wb[i : i + step].to(torch.float32))
+        n = min(step, wf.shape[0] - i)
+        out[i : i + n].copy_(wf[i : i + n]).sub_(scratch[:n].copy_(wb[i : i + n]))
+    pool.give(scratch)  # reused, not freed: a temporary a strip would leave memory with the allocator
     return out
 
 
