@@ -62,7 +62,7 @@ def main() -> None:
     print(machine())
     n = shipped(torch.device("cpu"))
     print(f"extract -r 16 on {args.layers} layers in one process, digests kept, best of {args.repeats}, alternated; "
-          f"side by side: {n} workers of {max(1, (os.cpu_count() or 1) // n)} thread(s)")  # fmt: skip
+          f"side by side: {n} workers of {max(1, torch.get_num_threads() // n)} thread(s)")  # fmt: skip
     for place in places:
         one, two = min(runs[(place, 1)]), min(runs[(place, 0)])
         for label, key, best in (("one at a time", 1, one), ("side by side", 0, two)):

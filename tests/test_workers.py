@@ -54,21 +54,33 @@ def test_an_error_is_raised_in_order_and_the_thread_count_restored() -> None:
     assert got == [0, 1, 2] and torch.get_num_threads() == saved
 
 
-def test_workers_each_take_their_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each worker runs with cores // workers torch threads; the caller's own count is unchanged, and
-    restored for threads that start later."""
+def test_workers_each_take_their_share_of_the_threads() -> None:
+    """Each worker runs with its share of the caller's torch threads; the caller's own count is
+    unchanged, and restored for threads that start later."""
     if workers.side_by_side_workers(torch.device("cpu")) == 1:
         pytest.skip("torch's thread count is not per thread here, or one core: one tensor at a time")
-    monkeypatch.setattr(workers, "available_cores", lambda: 8)
     saved = torch.get_num_threads()
-    seen = list(workers.run_side_by_side(lambda i: torch.get_num_threads(), range(4), 2))
-    assert seen == [4, 4, 4, 4] and saved != 4
-    assert torch.get_num_threads() == saved
-    later: list[int] = []
-    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    assert later == [saved]
+    torch.set_num_threads(8)
+    try:
+        seen = list(workers.run_side_by_side(lambda i: torch.get_num_threads(), range(4), 2))
+        assert seen == [4, 4, 4, 4] and torch.get_num_threads() == 8
+        later: list[int] = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [8]  # not the workers' 4
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_one_torch_thread_means_one_tensor_at_a_time() -> None:
+    """torchrun sets OMP_NUM_THREADS=1 in each process, a user may set any count: the workers share it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert workers.side_by_side_workers(torch.device("cpu")) == 1
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_one_worker_runs_on_the_calling_thread() -> None:

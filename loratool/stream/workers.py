@@ -1,9 +1,9 @@
-"""Tensors computed side by side on the CPU, each on its share of the cores.
+"""Tensors computed side by side on the CPU, each on its share of torch's threads.
 
 A truncated SVD on one tensor at a time spreads each operation over all cores (torch's intra-op
 threads): the large thin products scale, but the QR of thin blocks, the small products and the
 elementwise work between them do not, and OpenMP's idle threads spin between them. With two
-tensors at once, each on half the cores (one each on two), both cores stay busy on work that needs
+tensors at once, each on half of torch's threads (one each on two cores), both cores stay busy on work that needs
 no synchronisation: ``bench/svd_workers.py`` measures it.
 
 That needs torch's thread count to be each thread's own, which its OpenMP builds give (``omp_set_num_threads``
@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from ..host import available_cores
-
 if TYPE_CHECKING:
     import torch
 
@@ -31,17 +29,13 @@ WORKERS = 2
 
 
 def side_by_side_workers(device: torch.device) -> int:
-    """How many tensors to compute at once: :data:`WORKERS` on a CPU of several cores where torch's
-    thread count is per thread, else one."""
+    """How many tensors to compute at once: :data:`WORKERS` on the CPU where torch has several threads
+    (its count, which ``OMP_NUM_THREADS``, ``torch.set_num_threads`` or torchrun's one a process set,
+    is shared among the workers) and its thread count is per thread, else one."""
     import torch
 
-    if (
-        device.type != "cpu"
-        or available_cores() < 2
-        or "parallel backend: OpenMP" not in torch.__config__.parallel_info()
-    ):
-        return 1
-    return WORKERS
+    per_thread = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return WORKERS if device.type == "cpu" and torch.get_num_threads() >= WORKERS and per_thread else 1
 
 
 def single_threaded(items: Iterable[T]) -> Iterator[T]:
@@ -57,17 +51,18 @@ def run_side_by_side(
     fn: Callable[[T], R], items: Iterable[T], workers: int, *, size: Callable[[T], int] = lambda item: 0,
     budget: int = IN_FLIGHT_BYTES,
 ) -> Iterator[R]:  # fmt: skip
-    """``fn(item)`` for each item, yielded in the items' order, on ``workers`` threads that each use
-    ``cores // workers`` torch threads: at most ``workers`` at once and, beyond one, at most ``budget``
-    bytes of inputs (``size``) at once. With one worker, on the calling thread. An error in ``fn``
-    is raised where its result would have been yielded, once the calls running beside it are done."""
+    """``fn(item)`` for each item, yielded in the items' order, on ``workers`` threads that share the
+    caller's torch threads (``torch.get_num_threads() // workers`` each): at most ``workers`` at once
+    and, beyond one, at most ``budget`` bytes of inputs (``size``) at once. With one worker, on the
+    calling thread. An error in ``fn`` is raised where its result would have been yielded, once the
+    calls running beside it are done."""
     if workers <= 1:
         yield from map(fn, items)
         return
     import torch
 
     saved = torch.get_num_threads()
-    each = max(1, available_cores() // workers)
+    each = max(1, saved // workers)
     running: deque[tuple[Future[R], int]] = deque()
     held = 0
     pool = ThreadPoolExecutor(workers, thread_name_prefix="loratool-worker", initializer=torch.set_num_threads,
