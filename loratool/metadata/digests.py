@@ -81,8 +81,8 @@ class SequentialSha256:
     they continue it (bytes it has already hashed are passed over; a gap before them, such as the
     tensors that reader skips, is read here from the file). :meth:`finish` hashes whatever is left
     and returns the digest, kept as :func:`cached_sha256` keeps one. The digest is the file's
-    whatever the reads were; it saves the second read only where they come in file order (the
-    caller checks: :mod:`loratool.io.directread`). Not thread-safe: one reader feeds it.
+    whatever the reads were; it saves the second read only where they come in file order (extraction
+    checks that they will: ``ops.extract._read_forward``). Not thread-safe: one thread feeds it.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

@@ -355,7 +355,8 @@ def _extract_keys(
     pool = BufferPool(keep_bytes=POOL_BYTES)
     read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct,
                        direct_sides=o.direct_sides, tee=o.tee)  # fmt: skip
-    # the exact SVD's workspace is a dense matrix's size (U, and LAPACK's): one at a time, on every core
+    # the exact SVD's workspace is a dense matrix's size (U, and LAPACK's): one at a time, on every core;
+    # asked before the prefetch thread goes single-threaded (it reads this thread's count, fixing it)
     workers = side_by_side_workers(o.device) if o.svd != "exact" else 1
     # side by side, each worker holds a delta: one fewer queued keeps the deltas in memory as many
     ahead = prefetch(map(read, keys) if workers == 1 else single_threaded(map(read, keys)), depth=max(1, depth - 1))

@@ -3,12 +3,14 @@
 A truncated SVD on one tensor at a time spreads each operation over all cores (torch's intra-op
 threads): the large thin products scale, but the QR of thin blocks, the small products and the
 elementwise work between them do not, and OpenMP's idle threads spin between them. With two
-tensors at once, each on half of torch's threads (one each on two cores), both cores stay busy on work that needs
-no synchronisation: ``bench/svd_workers.py`` measures it.
+tensors at once, each on half of torch's threads (one each on two cores), both cores stay busy on
+work that needs no synchronisation: ``bench/svd_workers.py`` measures it.
 
-That needs torch's thread count to be each thread's own, which its OpenMP builds give (``omp_set_num_threads``
-and MKL's ``mkl_set_num_threads_local`` act on the calling thread); elsewhere one tensor at a time, as
-before. The count torch keeps for threads that have not run an operation yet is set back afterwards.
+That needs torch's thread count to be each thread's own, which its OpenMP builds give
+(``omp_set_num_threads`` and MKL's ``mkl_set_num_threads_local`` act on the calling thread);
+elsewhere one tensor at a time, as before. ``torch.set_num_threads`` also sets the count that
+threads take on their first operation: the caller's is read (which fixes its own) before any
+worker or :func:`single_threaded` sets theirs, and set back afterwards.
 """
 
 from __future__ import annotations
