@@ -370,14 +370,10 @@ def _extract_keys(
 
     try:
         items = progress(ahead, total=len(keys), desc="extract", enabled=show)
-        return _Partial.join(list(run_side_by_side(handle, items, workers, size=_delta_bytes)), keys)
+        return _Partial.join(list(run_side_by_side(handle, items, workers, size=lambda d: d.nbytes)), keys)
     finally:
         ahead.close()  # the prefetch thread is done (joined) before the reader's files close under it
         read.close()
-
-
-def _delta_bytes(item: Delta) -> int:
-    return item.delta.numel() * item.delta.element_size() if isinstance(item.delta, torch.Tensor) else 0
 
 
 def _read_direct(

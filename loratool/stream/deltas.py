@@ -60,6 +60,11 @@ class Delta(NamedTuple):
     delta: torch.Tensor | ExpertDeltas | None
     norm: float
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes its float32 difference holds in memory (an expert at a time: none held whole)."""
+        return self.delta.numel() * self.delta.element_size() if isinstance(self.delta, torch.Tensor) else 0
+
 
 class DeltaReader:
     """Reads ``fine-tune - base`` per key, on ``device``; FP8 weights are dequantized first.
