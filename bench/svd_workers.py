@@ -13,6 +13,7 @@ module's relative error of each (the same to the digits printed, or the change i
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 from pathlib import Path
@@ -28,8 +29,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     pair = ensure_pair(args.workdir, args.layers)
-    import os
-
     home = keep_digests(fresh(args.workdir / "svd-workers-home"), pair / "base", pair / "ft")
     os.environ["LORATOOL_HOME"] = str(home)
     from loratool.cli import startup
