@@ -11,7 +11,7 @@ dropped (root on Linux), the read floor and each extraction start from a cold ca
 read from the disk, but for one more extraction with the pair in the page cache (the extraction's own
 work); elsewhere all read what the cache holds. With ``--mergekit PATH`` (a
 ``mergekit-extract-lora``, installed in a virtual environment of its own), bench_mergekit's
-comparison follows on the small pair: both as whole processes, times, memories, per-module errors
+comparison follows on the same pair: both as whole processes, times, memories, per-module errors
 and the KL at the output of a tiny trained Llama.
 
     python bench/bench_extract.py --workdir /tmp/loratool-bench [--layers 16] [--device cpu] [--mergekit PATH]
@@ -59,7 +59,7 @@ def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 
     if mergekit:
         import bench_mergekit  # it imports this module's ensure_pair
 
-        versus = bench_mergekit.run(workdir, small_layers, rank, mergekit)
+        versus = bench_mergekit.run(workdir, layers, rank, mergekit)  # the same pair
     return {
         "machine": machine(),
         "layers": layers,

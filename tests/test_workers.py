@@ -140,3 +140,26 @@ def test_the_exact_svd_factors_one_tensor_at_a_time(tmp_path: Path, monkeypatch:
         extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / svd, rank=2, svd=svd,
                            show_progress=False)  # fmt: skip
     assert seen == [1, 2]
+
+
+def test_side_by_side_one_fewer_delta_is_queued_and_depth_0_still_reads_in_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"q.weight": torch.randn(40, 32, generator=g)}
+    for name, tensors in (("base", base), ("ft", {"q.weight": base["q.weight"] + 1})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    depths: list[int] = []
+    real = extract_op.prefetch
+
+    def spy(items, depth=2):  # type: ignore[no-untyped-def]
+        depths.append(depth)
+        return real(items, depth)
+
+    monkeypatch.setattr(extract_op, "prefetch", spy)
+    for workers_, depth in ((2, 2), (2, 0), (1, 2)):
+        monkeypatch.setattr(extract_op, "side_by_side_workers", lambda device, n=workers_: n)
+        extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / f"{workers_}-{depth}", rank=2,
+                           prefetch_depth=depth, show_progress=False)  # fmt: skip
+    assert depths == [1, 0, 2]

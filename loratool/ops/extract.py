@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -358,8 +358,12 @@ def _extract_keys(
     # the exact SVD's workspace is a dense matrix's size (U, and LAPACK's): one at a time, on every core;
     # asked before the prefetch thread goes single-threaded (it reads this thread's count, fixing it)
     workers = side_by_side_workers(o.device) if o.svd != "exact" else 1
-    # side by side, each worker holds a delta: one fewer queued keeps the deltas in memory as many
-    ahead = prefetch(map(read, keys) if workers == 1 else single_threaded(map(read, keys)), depth=max(1, depth - 1))
+    deltas: Iterable[Delta] = map(read, keys)
+    if workers > 1 and depth > 0:  # (depth 0: read on this thread, as asked)
+        # the reader on one thread beside the workers; each worker holds a delta, so one fewer queued
+        # keeps as many deltas in memory
+        deltas, depth = single_threaded(deltas), max(1, depth - 1)
+    ahead = prefetch(deltas, depth=depth)
 
     def handle(item: Delta) -> _Partial:
         part = _Partial()
