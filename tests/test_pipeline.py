@@ -144,3 +144,36 @@ def test_the_difference_in_strips_is_the_whole_difference(dtypes) -> None:
     wf, wb = (torch.randn(1000, 1500, generator=g).to(dt) for dt in dtypes)  # several strips of rows
     got = widen_difference(wf, wb, torch.device("cpu"), BufferPool())
     assert got.dtype == torch.float32 and torch.equal(got, wf.float() - wb.float())
+
+
+def test_a_tensor_the_fine_tune_left_alone_is_unchanged_without_its_difference(tmp_path: Path) -> None:
+    """extract's reader tells an unchanged tensor by comparing the two sides (no float32 difference
+    formed); one that changed, even in its last element only, and values that are not finite go the
+    ordinary way: the difference, and its norm, or the refusal naming the side."""
+    from safetensors.torch import save_file
+
+    from loratool.errors import NonFiniteError
+    from loratool.io.checkpoint import open_checkpoint
+    from loratool.stream.deltas import DeltaReader
+
+    g = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(16, 8, generator=g).to(torch.bfloat16) for k in ("same", "last", "inf", "nan")}
+    ft = {k: v.clone() for k, v in base.items()}
+    ft["last"][-1, -1] += 1
+    for side in (base, ft):
+        side["inf"][2, 3] = float("inf")  # the same Inf on both sides: their difference is NaN there
+        side["nan"][5, 0] = float("nan")
+    for name, tensors in (("b", base), ("f", ft)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    with open_checkpoint(tmp_path / "b") as b, open_checkpoint(tmp_path / "f") as f:
+        read = DeltaReader(b, f, torch.device("cpu"), BufferPool())
+        same = read("same")
+        assert same.delta is None and same.norm == 0.0 and torch.equal(same.finetuned, ft["same"])
+        last = read("last")
+        assert isinstance(last.delta, torch.Tensor)
+        assert torch.equal(last.delta, ft["last"].float() - base["last"].float())
+        assert last.norm == pytest.approx(float(last.delta.norm()))
+        for key in ("inf", "nan"):
+            with pytest.raises(NonFiniteError, match="base holds NaN or Inf"):
+                read(key)

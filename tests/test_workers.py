@@ -163,3 +163,18 @@ def test_side_by_side_one_fewer_delta_is_queued_and_depth_0_still_reads_in_line(
         extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / f"{workers_}-{depth}", rank=2,
                            prefetch_depth=depth, show_progress=False)  # fmt: skip
     assert depths == [1, 0, 2]
+
+
+def test_a_worker_takes_the_next_item_when_its_call_ends_not_when_the_oldest_does() -> None:
+    """Item 0 waits until item 2 has begun: item 1 ends at once, and its worker takes item 2 while
+    item 0 still runs (waiting on the oldest call would leave that worker idle, here for the timeout)."""
+    begun = threading.Event()
+
+    def fn(i: int) -> bool:
+        if i == 0:
+            return begun.wait(timeout=10)
+        if i == 2:
+            begun.set()
+        return True
+
+    assert list(workers.run_side_by_side(fn, range(4), 2)) == [True] * 4

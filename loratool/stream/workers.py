@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -55,7 +55,9 @@ def run_side_by_side(
 ) -> Iterator[R]:  # fmt: skip
     """``fn(item)`` for each item, yielded in the items' order, on ``workers`` threads that share the
     caller's torch threads (``torch.get_num_threads() // workers`` each): at most ``workers`` at once
-    and, beyond one, at most ``budget`` bytes of inputs (``size``) at once. With one worker, on the
+    and, beyond one, at most ``budget`` bytes of inputs (``size``) at once. A worker takes the next item
+    as soon as its call ends, whatever the order: the results of calls that end before one begun
+    earlier wait for it, and an item's bytes count until its call ends. With one worker, on the
     calling thread. An error in ``fn`` is raised where its result would have been yielded, once the
     calls running beside it are done."""
     if workers <= 1:
@@ -65,23 +67,26 @@ def run_side_by_side(
 
     saved = torch.get_num_threads()
     each = max(1, saved // workers)
-    running: deque[tuple[Future[R], int]] = deque()
-    held = 0
+    order: deque[Future[R]] = deque()  # submitted and not yet yielded, in the items' order
+    running: dict[Future[R], int] = {}  # submitted and not yet seen to end: their items' bytes
     pool = ThreadPoolExecutor(workers, thread_name_prefix="loratool-worker", initializer=torch.set_num_threads,
                               initargs=(each,))  # fmt: skip
     try:
         for item in items:
             n = size(item)
-            while running and (len(running) >= workers or held + n > budget):
-                future, m = running.popleft()
-                held -= m
-                yield future.result()
-            running.append((pool.submit(fn, item), n))
-            held += n
-        while running:
-            yield running.popleft()[0].result()
+            while running and (len(running) >= workers or sum(running.values()) + n > budget):
+                ended, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in ended:
+                    del running[future]
+                while order and order[0].done():
+                    yield order.popleft().result()
+            future = pool.submit(fn, item)
+            order.append(future)
+            running[future] = n
+        while order:
+            yield order.popleft().result()
     finally:
-        for future, _ in running:
+        for future in order:
             future.cancel()
         pool.shutdown(wait=True)
         torch.set_num_threads(saved)  # the count threads that start later take
