@@ -196,7 +196,10 @@ def seed_option(help: str) -> Decorator:
 SVD: Decorator = click.option(
     "--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True
 )
-OVERSAMPLE: Decorator = click.option("--oversample", type=click.IntRange(min=0), default=8, show_default=True)
+OVERSAMPLE: Decorator = click.option(
+    "--oversample", type=click.IntRange(min=0), default=16, show_default=True,
+    help="Columns the randomized SVD's sketch takes beyond the rank (more: nearer the exact SVD, slower).",
+)  # fmt: skip
 N_ITER: Decorator = click.option(
     "--n-iter", type=click.IntRange(min=0), default=4, show_default=True,
     help="Power iterations, at most 32 (4 or more, even: half as many block Krylov steps).",

@@ -130,7 +130,7 @@ def analyze(
     base: str | os.PathLike[str] | None = None,
     top_k: int = DEFAULT_TOP_K,
     svd: Literal["randomized", "exact"] = "randomized",
-    oversample: int = 8,
+    oversample: int = 16,
     n_iter: int = 4,
     seed: int = 0,
     amplification_ranks: Sequence[int] = DEFAULT_AMPLIFICATION_RANKS,

@@ -111,7 +111,7 @@ def extract(
     energy: float | None = None,
     budget: int | None = None,
     svd: Literal["randomized", "exact"] = "randomized",
-    oversample: int = 8,
+    oversample: int = 16,
     n_iter: int = 4,
     device: str = "auto",
     dtype: str | None = None,
