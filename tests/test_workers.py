@@ -120,6 +120,36 @@ def test_extraction_side_by_side_gives_the_adapter_of_one_at_a_time(
                                    rtol=0, atol=2e-2)  # fmt: skip
 
 
+def test_analysis_side_by_side_gives_the_analysis_of_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """analyze's checkpoints mode on the same workers: the same modules in the same order, the same
+    tensors skipped (an unchanged one not among them), spectra and amplification equal to float32's
+    rounding."""
+    from loratool.ops import analyze as analyze_op
+
+    if workers.side_by_side_workers(torch.device("cpu")) == 1:
+        pytest.skip("torch's thread count is not per thread here, or one core: one tensor at a time")
+    g = torch.Generator().manual_seed(1)
+    base = {f"layers.{i}.{n}.weight": torch.randn(s, generator=g) for i in range(3)
+            for n, s in (("q", (96, 64)), ("up", (200, 64)), ("down", (64, 200)), ("same", (32, 64)))}  # fmt: skip
+    base["norm.weight"] = torch.ones(64)
+    ft = {k: v if ".same." in k else v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for name, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+    kw = dict(top_k=8, show_progress=False)
+    apart = analyze_op.analyze(tmp_path / "base", tmp_path / "ft", **kw)
+    monkeypatch.setattr(analyze_op, "side_by_side_workers", lambda device: 1)
+    alone = analyze_op.analyze(tmp_path / "base", tmp_path / "ft", **kw)
+    assert [m.module for m in apart.modules] == [m.module for m in alone.modules]
+    assert len(apart.modules) == 9 and not any(".same" in m.module for m in apart.modules)
+    assert [d.key for d in apart.skipped] == [d.key for d in alone.skipped] == ["norm.weight"]
+    for m, n in zip(apart.modules, alone.modules):
+        assert m.singular_values == pytest.approx(n.singular_values, rel=1e-5)
+        assert m.amplification == pytest.approx(n.amplification, rel=1e-3)  # ratios to a projection of W: amplified
+
+
 def test_the_exact_svd_factors_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its workspace is a dense matrix's size: two at once would double extraction's peak memory."""
     g = torch.Generator().manual_seed(0)

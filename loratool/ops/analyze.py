@@ -49,7 +49,8 @@ from ..math.linalg import (
 )
 from ..report import Dropped
 from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
-from ..stream.pipeline import BufferPool, give_back, stream, widen
+from ..stream.pipeline import BufferPool, give_back, prefetch, widen
+from ..stream.workers import run_side_by_side, side_by_side_workers, single_threaded
 
 Mode = Literal["checkpoints", "adapter", "adapters"]
 DEFAULT_TOP_K = 64
@@ -287,20 +288,34 @@ def _analyze_checkpoints(
         pool = BufferPool()
         read = DeltaReader(b, f, device, pool, fp8)
         opts = _SvdOptions(top_k, svd, oversample, n_iter, seed, ranks)
-        for d in stream(read, keys, desc="analyze", show=show):
+
+        def handle(d: Delta) -> ModuleAnalysis | Dropped | None:
             module = d.key.removesuffix(".weight")
-            if not isinstance(d.delta, torch.Tensor):  # None: an integer tensor (no ExpertDeltas: not asked for)
-                if d.norm:
-                    result.skipped.append(Dropped(d.key, d.norm, "an integer tensor changed"))
-                continue
+            if not isinstance(d.delta, torch.Tensor):  # an integer tensor, or unchanged (ExpertDeltas: not asked for)
+                return Dropped(d.key, d.norm, "an integer tensor changed") if d.norm else None
             weight = d.delta.dim() in (2, 4) and d.key.endswith(".weight")  # a matrix or a Conv2d kernel
+            out: ModuleAnalysis | Dropped | None = None
             if d.norm > 0 and weight and select(module):
                 kind: Kind = "conv2d" if d.delta.dim() == 4 else arch.module_kind(module, conv1d)
-                result.modules.append(_analyze_delta(module, kind, d, opts, pool, device))
+                out = _analyze_delta(module, kind, d, opts, pool, device)
             elif d.norm > 0:
-                why = "not selected" if weight else "not a 2-D weight or Conv2d kernel"
-                result.skipped.append(Dropped(d.key, d.norm, why))
+                out = Dropped(d.key, d.norm, "not selected" if weight else "not a 2-D weight or Conv2d kernel")
             give_back(d.delta, pool)  # consumed; its memory serves the next delta
+            return out
+
+        # as extract: two tensors at once on the CPU, each on its share of the threads, the reader on one
+        workers = side_by_side_workers(device) if svd != "exact" else 1
+        deltas: Iterable[Delta] = map(read, keys)
+        ahead = prefetch(single_threaded(deltas) if workers > 1 else deltas, depth=2)
+        try:
+            items = progress(ahead, total=len(keys), desc="analyze", enabled=show)
+            for out in run_side_by_side(handle, items, workers, size=lambda d: d.nbytes):
+                if isinstance(out, ModuleAnalysis):
+                    result.modules.append(out)
+                elif out is not None:
+                    result.skipped.append(out)
+        finally:
+            ahead.close()  # the prefetch thread is done before the checkpoints close under it
     return result
 
 
