@@ -89,21 +89,28 @@ def test_one_worker_runs_on_the_calling_thread() -> None:
     assert workers.side_by_side_workers(torch.device("meta")) == 1
 
 
+def _pair_for_workers(tmp_path: Path, seed: int, fourth: tuple[str, tuple[int, int]], *, left_alone: str = "") -> None:
+    """A three-layer bf16 pair in ``tmp_path`` / base and ft: q, up, down and ``fourth`` a layer and a norm,
+    each changed but the weights named ``left_alone``. Skips where tensors are not factored side by side."""
+    if workers.side_by_side_workers(torch.device("cpu")) == 1:
+        pytest.skip("torch's thread count is not per thread here, or one core: one tensor at a time")
+    g = torch.Generator().manual_seed(seed)
+    base = {f"layers.{i}.{n}.weight": torch.randn(s, generator=g) for i in range(3)
+            for n, s in (("q", (96, 64)), ("up", (200, 64)), ("down", (64, 200)), fourth)}  # fmt: skip
+    base["norm.weight"] = torch.ones(64)
+    ft = {k: v if left_alone and f".{left_alone}." in k else v + 0.05 * torch.randn(v.shape, generator=g)
+          for k, v in base.items()}  # fmt: skip
+    for name, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+
+
 def test_extraction_side_by_side_gives_the_adapter_of_one_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same modules, reports and warnings in the same order, and factors equal to float32's
     rounding (one thread's products may add in another order than two threads')."""
-    if workers.side_by_side_workers(torch.device("cpu")) == 1:
-        pytest.skip("torch's thread count is not per thread here, or one core: one tensor at a time")
-    g = torch.Generator().manual_seed(0)
-    base = {f"layers.{i}.{n}.weight": torch.randn(s, generator=g) for i in range(3)
-            for n, s in (("q", (96, 64)), ("up", (200, 64)), ("down", (64, 200)), ("tiny", (3, 64)))}  # fmt: skip
-    base["norm.weight"] = torch.ones(64)
-    ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-    for name, tensors in (("base", base), ("ft", ft)):
-        (tmp_path / name).mkdir()
-        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+    _pair_for_workers(tmp_path, 0, ("tiny", (3, 64)))
     kw = dict(rank=8, show_progress=False, keep_full="norm")
     apart = extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / "two", **kw)
     monkeypatch.setattr(extract_op, "side_by_side_workers", lambda device: 1)
@@ -128,16 +135,7 @@ def test_analysis_side_by_side_gives_the_analysis_of_one_at_a_time(
     rounding."""
     from loratool.ops import analyze as analyze_op
 
-    if workers.side_by_side_workers(torch.device("cpu")) == 1:
-        pytest.skip("torch's thread count is not per thread here, or one core: one tensor at a time")
-    g = torch.Generator().manual_seed(1)
-    base = {f"layers.{i}.{n}.weight": torch.randn(s, generator=g) for i in range(3)
-            for n, s in (("q", (96, 64)), ("up", (200, 64)), ("down", (64, 200)), ("same", (32, 64)))}  # fmt: skip
-    base["norm.weight"] = torch.ones(64)
-    ft = {k: v if ".same." in k else v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-    for name, tensors in (("base", base), ("ft", ft)):
-        (tmp_path / name).mkdir()
-        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+    _pair_for_workers(tmp_path, 1, ("same", (32, 64)), left_alone="same")
     kw = dict(top_k=8, show_progress=False)
     apart = analyze_op.analyze(tmp_path / "base", tmp_path / "ft", **kw)
     monkeypatch.setattr(analyze_op, "side_by_side_workers", lambda device: 1)
