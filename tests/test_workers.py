@@ -73,6 +73,21 @@ def test_workers_each_take_their_share_of_the_threads() -> None:
         torch.set_num_threads(saved)
 
 
+def test_an_item_past_the_budget_runs_alone_on_all_the_threads() -> None:
+    """It runs alone (nothing begins beside it), so on all the caller's threads; items that may run
+    beside others on their share."""
+    if workers.side_by_side_workers(torch.device("cpu")) == 1:
+        pytest.skip("torch's thread count is not per thread here, or one core: one tensor at a time")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        sizes = [10, 200, 10, 10]  # budget 100
+        seen = list(workers.run_side_by_side(lambda n: torch.get_num_threads(), sizes, 2, size=lambda n: n, budget=100))
+        assert seen == [4, 8, 4, 4] and torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_one_torch_thread_means_one_tensor_at_a_time() -> None:
     """torchrun sets OMP_NUM_THREADS=1 in each process, a user may set any count: the workers share it."""
     saved = torch.get_num_threads()

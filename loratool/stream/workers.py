@@ -58,8 +58,10 @@ def run_side_by_side(
     and, beyond one, at most ``budget`` bytes of inputs (``size``) at once. A worker takes the next item
     as soon as its call ends, whatever the order: the results of calls that end before one begun
     earlier wait for it, and an item's bytes count until its call ends. With one worker, on the
-    calling thread. An error in ``fn`` is raised where its result would have been yielded, once the
-    calls running beside it are done."""
+    calling thread. An item larger than ``budget`` runs alone (none begins beside it, and it waits for
+    those running), so on all the caller's threads: a 7B model's MLP deltas, whose halves of the
+    threads would leave cores idle. An error in ``fn`` is raised where its result would have been
+    yielded, once the calls running beside it are done."""
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -69,8 +71,7 @@ def run_side_by_side(
     each = max(1, saved // workers)
     order: deque[Future[R]] = deque()  # submitted and not yet yielded, in the items' order
     running: dict[Future[R], int] = {}  # submitted and not yet seen to end: their items' bytes
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="loratool-worker", initializer=torch.set_num_threads,
-                              initargs=(each,))  # fmt: skip
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="loratool-worker")
     try:
         for item in items:
             n = size(item)
@@ -80,7 +81,7 @@ def run_side_by_side(
                     del running[future]
                 while order and order[0].done():
                     yield order.popleft().result()
-            future = pool.submit(fn, item)
+            future = pool.submit(_on_threads, fn, item, saved if n > budget else each)
             order.append(future)
             running[future] = n
         while order:
@@ -90,3 +91,12 @@ def run_side_by_side(
             future.cancel()
         pool.shutdown(wait=True)
         torch.set_num_threads(saved)  # the count threads that start later take
+
+
+def _on_threads(fn: Callable[[T], R], item: T, threads: int) -> R:
+    """``fn(item)`` with ``threads`` torch threads on this (worker) thread."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return fn(item)
