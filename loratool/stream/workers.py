@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 
-IN_FLIGHT_BYTES = 128 << 20  # inputs computed at once beyond the first: two MLP deltas of a 1B model, not an embedding
+IN_FLIGHT_BYTES = 512 << 20  # inputs computed at once beyond the first: two MLP deltas of an 8B model (235 MB each)
 WORKERS = 2
 
 
