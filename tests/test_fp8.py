@@ -537,6 +537,27 @@ def test_other_quantizations_are_refused_before_anything_is_written(tmp_path: Pa
         assert "quantize the result" in r.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_a_damaged_activation_scale_is_refused_where_the_output_would_carry_it(
+    tmp_path: Path, plain, cli, bad: float
+) -> None:
+    """A merge in the FP8 layout writes ``input_scale`` as read: NaN, Inf or a negative one would reach
+    the runtime, so the merge refuses it by name and writes nothing; a dequantized output drops it."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "channel")
+    ts = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    key = "model.layers.0.self_attn.k_proj.input_scale"
+    ts[key] = torch.tensor([bad])
+    save_file(ts, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    for args in ([], ["--dtype", "bfloat16"]):
+        r = cli("merge", tmp_path / "fp8", adapter, "-o", tmp_path / "out", *args)
+        if not args:
+            assert r.exit_code == 1 and key in r.stderr and "activation scale" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+        else:
+            assert r.exit_code == 0 and key not in load_file(str(tmp_path / "out" / "model.safetensors")), r.stderr
+
+
 @pytest.mark.parametrize("code", [0x7F, 0xFF])
 def test_a_nan_code_in_the_fp8_base_is_an_error_naming_the_weight(tmp_path: Path, plain, cli, code: int) -> None:
     """e4m3fn's NaN codes decode to finite numbers in the fast path: merge must still see them."""

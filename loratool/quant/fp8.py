@@ -54,7 +54,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> t
     return out
 
 
-def check_scale(key: str, scale: torch.Tensor) -> None:
+def check_scale(key: str, scale: torch.Tensor, what: str = "the FP8 scale") -> None:
     """Refuse an FP8 scale tensor that holds NaN, Inf or a negative number, naming it and where.
 
     Zero passes: quantizers that do not clamp give an all-zero block a zero scale, and it
@@ -66,7 +66,7 @@ def check_scale(key: str, scale: torch.Tensor) -> None:
         at = [int(i) for i in bad.nonzero()[0]]
         value = float(s[tuple(at)])
         raise NonFiniteError(
-            f"the FP8 scale holds {value} at {at}: scales are finite and positive", key=key,
+            f"{what} holds {value} at {at}: scales are finite and positive", key=key,
             fix="the checkpoint is damaged: re-download it, or re-export it with its producer's quantizer",
         )  # fmt: skip
 

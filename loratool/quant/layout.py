@@ -104,7 +104,7 @@ _SUPPORTED = (
 )
 _SCALE_DTYPES = ("F32", "BF16", "F16", "F64")
 _SCALES = ("weight_scale_inv", "weight_scale")  # multiply the FP8 weight
-_ACTIVATION_SCALES = ("input_scale", "output_scale", "input_scale_ub", "k_scale", "v_scale")
+ACTIVATION_SCALES = ("input_scale", "output_scale", "input_scale_ub", "k_scale", "v_scale")
 
 
 def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]]) -> Fp8Layout | None:
@@ -140,7 +140,7 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
     for name, (shape, dtype) in tensors.items():
         if not dtype.startswith("F8_") or name in skip:
             continue
-        if name.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES):
+        if name.rsplit(".", 1)[-1] in (*_SCALES, *ACTIVATION_SCALES):
             _malformed(f"the scale tensor '{name}' is {dtype}; FP8 scales are float32, bfloat16 or float16")
         if len(shape) != 2:
             _refuse(found, f"the FP8 tensor '{name}' is {len(shape)}-D; only 2-D weights are supported")
@@ -153,7 +153,7 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
             _malformed(f"the scale tensor '{scale_key}' is {scale_dtype}; FP8 scales are float32, bfloat16 or float16 "
                        "(an integer scale would be cast and zero whole blocks)")  # fmt: skip
         weights[name] = Fp8Weight(scale_key, _scheme(name, scale_key, shape, tensors[scale_key][0], block))
-    companions = {n for n in tensors if n.rsplit(".", 1)[-1] in (*_SCALES, *_ACTIVATION_SCALES) and n not in skip}
+    companions = {n for n in tensors if n.rsplit(".", 1)[-1] in (*_SCALES, *ACTIVATION_SCALES) and n not in skip}
     return Fp8Layout(method, weights, companions)
 
 

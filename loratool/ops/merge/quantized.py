@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from ...errors import AdapterLostError, NonFiniteError, UnsupportedCheckpointError
+from ...io.checkpoint import Checkpoint
 from ...io.writer import TensorSpec
-from ...quant.layout import READ_ONLY, Fp8Layout, PackedLayout
+from ...quant.fp8 import check_scale
+from ...quant.layout import ACTIVATION_SCALES, READ_ONLY, Fp8Layout, PackedLayout
 from ...quant.rounding import KEPT_WARNING, Kept, Rounding
 from .plan import Term
 
@@ -27,6 +29,20 @@ def check_fp8_plan(fp8: Fp8Layout | None, replace: dict[str, torch.Tensor], path
             path=path,
             fix="merge into the unquantized checkpoint, or pass --dtype bfloat16 for a dequantized output",
         )
+
+
+def check_activation_scales(ckpt: Checkpoint) -> None:
+    """Refuse NaN, Inf or negative activation and KV-cache scales (``input_scale``, ``k_scale``, NVFP4's
+    ``input_global_scale``...), which a merge in a quantized layout writes as read: the runtime would
+    compute NaN or nonsense at those layers, with nothing to say why.
+
+    Raises:
+        NonFiniteError: naming the tensor and the value.
+    """
+    names = (*ACTIVATION_SCALES, "input_global_scale")
+    for key in ckpt.keys():
+        if key.rsplit(".", 1)[-1] in names:
+            check_scale(key, ckpt.get(key), what="the activation scale")
 
 
 def check_conv_terms(terms: dict[str, list[Term]], quantized: set[str], path: str) -> None:

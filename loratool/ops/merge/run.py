@@ -28,6 +28,7 @@ from ...stream.distributed import current
 from .check import RoundTripCheck, require_round_trip
 from .plan import files_of_adapter, for_the_base, load_adapters, plan_terms, set_vocab_size, stored_names
 from .quantized import (
+    check_activation_scales,
     check_conv_terms,
     check_fp8_plan,
     check_packed_plan,
@@ -122,6 +123,8 @@ def apply_adapters(
         check_conv_terms(terms, quantized, str(ckpt.path))
         layouts = [q for q in (fp8, low_bit) if q is not None]  # both in a compressed-tensors mixed checkpoint
         dequantize = bool(layouts) and out_dtype is not None
+        if layouts and not dequantize:  # a quantized output carries the activation scales over as read
+            check_activation_scales(ckpt)
         to_fp8 = check_requantize(requantize, low_bit, terms, dequantize, str(ckpt.path), renamed=renamed)
         check_packed_plan(low_bit, replace, terms, dequantize or bool(to_fp8), str(ckpt.path))
         packed_in_place = low_bit is not None and not dequantize and any(
