@@ -60,8 +60,8 @@ def run_side_by_side(
     earlier wait for it, and an item's bytes count until its call ends. With one worker, on the
     calling thread. An item larger than ``budget`` runs alone (none begins beside it, and it waits for
     those running), so on all the caller's threads, where its share would leave cores idle: an 8B
-    model's changed embedding (2.1 GB in float32), a 70B model's MLP deltas. An error in ``fn`` is raised where its result would have been
-    yielded, once the calls running beside it are done."""
+    model's changed embedding (2.1 GB in float32), a 70B model's MLP deltas. An error in ``fn`` is
+    raised where its result would have been yielded, once the calls running beside it are done."""
     if workers <= 1:
         yield from map(fn, items)
         return
