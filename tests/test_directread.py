@@ -162,6 +162,35 @@ def test_extraction_read_direct_gives_the_same_adapter(
     assert [r.relative_error for r in before.report] == [r.relative_error for r in after.report]
 
 
+def test_a_weight_left_alone_is_told_from_its_direct_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read with O_DIRECT, a weight the fine-tune left alone is unchanged without its difference being
+    formed, and one whose leading strips are the same gets zeros there: the adapter and report of the
+    memory-mapped read, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    base = {"same.weight": torch.randn(300, 96, generator=g), "late.weight": torch.randn(300, 96, generator=g),
+            "q.weight": torch.randn(200, 64, generator=g)}  # fmt: skip
+    ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    ft["same.weight"] = base["same.weight"].clone()
+    ft["late.weight"][:250] = base["late.weight"][:250]  # the first strips (of 16 KiB: 85 rows) the same
+    for name, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+    if not direct_ok(tmp_path / "base" / "model.safetensors"):
+        pytest.skip("this file system refuses O_DIRECT")
+    kw = dict(rank=4, show_progress=False)
+    before = extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / "mmap", **kw)
+    read = force_direct(monkeypatch)
+    monkeypatch.setattr(deltas, "STRIP_BYTES", 16 * 1024)
+    after = extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / "direct", **kw)
+    assert sorted(read) == ["late.weight", "q.weight", "same.weight"]
+    assert before.unchanged == after.unchanged == 1
+    a, b = load_adapter(tmp_path / "mmap"), load_adapter(tmp_path / "direct")
+    assert sorted(a.modules) == sorted(b.modules) == ["late", "q"]
+    for name, m in a.modules.items():
+        assert torch.equal(m.lora_A, b.modules[name].lora_A) and torch.equal(m.lora_B, b.modules[name].lora_B)
+    assert [r.relative_error for r in before.report] == [r.relative_error for r in after.report]
+
+
 def test_extraction_reads_direct_only_where_it_pays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not from files in the page cache, not with LORATOOL_DIRECT_IO=0, and where the files' digests are
     not kept only if the reads go through them forward (then the hash is taken from them): else a

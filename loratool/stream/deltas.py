@@ -116,6 +116,8 @@ class DeltaReader:
                 experts.release(d)
             return Delta(key, self.b.get_meta(key), self.f.get_meta(key), experts, math.sqrt(sq))
         if key in self.direct and (delta := self._direct_difference(key)) is not None:
+            if delta is _SAME:  # every strip the same finite values on both sides
+                return Delta(key, self.b.get_meta(key), self.f.get_meta(key), None, 0.0)
             norm = math.sqrt(squared_norm(delta))
             if not (math.isfinite(norm) and norm * norm <= _FLOAT32_MAX):
                 _require_finite(key, norm, delta, self.b.get(key), self.f.get(key))
@@ -135,7 +137,8 @@ class DeltaReader:
         operations, so the same bits), the rows of each side in ``direct_sides`` read with O_DIRECT a
         strip at a time into a reused buffer (the other side memory-mapped); None where that cannot be
         done (a pickled or FP8 tensor, dtypes or shapes that differ, a file system that refuses), for
-        the ordinary read."""
+        the ordinary read; :data:`_SAME` where both sides hold the same finite values (strips compared as
+        :func:`_unchanged` compares tensors, the leading ones left unwidened until one differs)."""
         ib, i_f = self.b.info(key), self.f.info(key)
         rb, rf = self.b.byte_range(key), self.f.byte_range(key)
         fp8 = any(layout is not None and key in layout.weights for layout in self.fp8)
@@ -169,6 +172,7 @@ class DeltaReader:
         scratch = self.pool.take((min(step, rows), flat.shape[1]), torch.float32, self.device)  # a base strip widened
         reads: list[Future[memoryview | None] | None] = []
         ahead = fetch(0)
+        same = True  # every strip so far the same on both sides: the delta's rows up to here all zero
         try:
             for k, (i, n) in enumerate(spans):
                 reads, ahead = ahead, fetch(k + 1) if k + 1 < len(spans) else []
@@ -182,10 +186,18 @@ class DeltaReader:
                     else:
                         give_back(out, self.pool)
                         return None
+                if same and _unchanged(strips[0], strips[1]):
+                    continue
+                if same:  # the strips before this one were the same: x - x, finite, is +0
+                    flat[:i].zero_()
+                    same = False
                 flat[i : i + n].copy_(strips[1]).sub_(scratch[:n].copy_(strips[0]))
         finally:
             wait([r for r in (*reads, *ahead) if r is not None])  # no read left writing into the buffers
             self.pool.give(scratch)  # reused, not freed: a temporary a strip would stay with the allocator
+        if same:
+            give_back(out, self.pool)
+            return _SAME
         return out
 
     @property
@@ -211,6 +223,7 @@ class DeltaReader:
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_SAME = torch.empty(0)  # _direct_difference's answer for a tensor the fine-tune left as it was
 
 
 def _require_finite(key: str, norm: float, delta: torch.Tensor, wb: torch.Tensor, wf: torch.Tensor) -> None:
