@@ -1,7 +1,8 @@
 """Extraction: loratool's randomized SVD against the exact full SVD existing extractors use.
 
 Synthesizes a bf16 Llama-shaped pair (default: ~1.1B parameters, hidden 2048, intermediate 8192,
-16 layers, slowly decaying delta spectra; bench/synth.py), then in the same run times
+16 layers, slowly decaying delta spectra; bench/synth.py; ``--preset 7b``: Llama-7B's hidden 4096 and
+intermediate 11008, the memory compared at half the layers), then in the same run times
 `extract -r 16` (randomized, the default) and `extract -r 16 --svd exact` (torch.linalg.svd on
 every delta, as kohya's and mergekit's extractors do), compares their per-module errors, and
 checks that peak memory does not grow with the number of layers; the randomized extraction also
@@ -15,6 +16,7 @@ comparison follows on the same pair: both as whole processes, times, memories, p
 and the KL at the output of a tiny trained Llama.
 
     python bench/bench_extract.py --workdir /tmp/loratool-bench [--layers 16] [--device cpu] [--mergekit PATH]
+    python bench/bench_extract.py --workdir /tmp/loratool-bench --preset 7b --layers 2
 """
 
 from __future__ import annotations
@@ -36,8 +38,14 @@ def ensure_pair(workdir: Path, layers: int, preset: str = "1b") -> Path:
     return root
 
 
-def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 4, mergekit: str | None = None) -> dict[str, Any]:  # fmt: skip
-    pair = ensure_pair(workdir, layers)
+def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 4, mergekit: str | None = None,
+        preset: str | None = None) -> dict[str, Any]:  # fmt: skip
+    preset = preset or "1b"
+    if preset not in ("1b", "7b"):
+        raise SystemExit(f"--preset is 1b or 7b, not {preset!r}")
+    if preset == "7b":  # its layers are four times the 1B's: the memory check compares half as many
+        small_layers = max(1, layers // 2)
+    pair = ensure_pair(workdir, layers, preset)
     cold = drop_page_cache()
     floor = read_floor(pair / "base", pair / "ft")
     common = dict(base=str(pair / "base"), finetuned=str(pair / "ft"), rank=rank, device=device, show_progress=False)
@@ -53,9 +61,11 @@ def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 
     errs_fast = {m["module"]: m["relative_error"] for m in fast["result"]["modules"]}
     errs_exact = {m["module"]: m["relative_error"] for m in exact["result"]["modules"]}
     ratios = [errs_fast[m] / errs_exact[m] for m in errs_exact if errs_exact[m] > 0]
-    small = ensure_pair(workdir, small_layers)
+    small = ensure_pair(workdir, small_layers, preset)
     common_small = dict(common, base=str(small / "base"), finetuned=str(small / "ft"))
     fast_small = measure("extract", output=str(fresh(workdir / "out-small")), **common_small)
+    if mergekit and preset != "1b":
+        raise SystemExit("--mergekit compares on the 1B-shaped pair (bench_mergekit's)")
     if mergekit:
         import bench_mergekit  # it imports this module's ensure_pair
 
@@ -63,6 +73,7 @@ def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 
     return {
         "machine": machine(),
         "layers": layers,
+        "preset": preset,
         "rank": rank,
         "device": device,
         "modules": len(errs_fast),
@@ -90,7 +101,8 @@ def run(workdir: Path, layers: int, rank: int, device: str, small_layers: int = 
 def report(r: dict[str, Any]) -> str:
     return "\n".join(
         [
-            f"extract -r {r['rank']} on {r['layers']} layers ({r['modules']} modules, bf16), device {r['device']}",
+            f"extract -r {r['rank']} on {r['layers']} {'Llama-7B-shaped ' if r.get('preset') == '7b' else ''}layers "
+            f"({r['modules']} modules, bf16), device {r['device']}",
             f"  read floor (both checkpoints)   {r['read_floor_s']:8.1f} s   "
             + ("from the disk (page cache dropped before it and before each extraction but one)" if r.get("cold")
                else "from the page cache as it was"),
@@ -104,7 +116,8 @@ def report(r: dict[str, Any]) -> str:
             f"  error ratio randomized/exact    worst {r['error_ratio_worst']:.4f}, mean {r['error_ratio_mean']:.4f}"
             f"  (mean relative error {r['mean_relative_error_randomized']:.4f} vs {r['mean_relative_error_exact']:.4f})",
             f"  peak private memory             {r['peak_anon_mib']:.0f} MiB at {r['layers']} layers, "
-            f"{r['peak_anon_mib_small']:.0f} MiB at {r['small_layers']} layers (exact: {r['peak_anon_mib_exact']:.0f} MiB)",
+            f"{r['peak_anon_mib_small']:.0f} MiB at {r['small_layers']} layer{'s' if r['small_layers'] != 1 else ''} "
+            f"(exact: {r['peak_anon_mib_exact']:.0f} MiB)",
         ]
         + (["  mergekit-extract-lora           not run (--mergekit PATH runs it)"] if not r.get("mergekit")
            else ["against mergekit:", *("  " + line for line in bench_mergekit_report(r["mergekit"]).splitlines())])
@@ -119,8 +132,10 @@ def bench_mergekit_report(r: dict[str, Any]) -> str:
 
 def main() -> None:
     bench_main(
-        __doc__, run, report, layers=16, rank=16, options={"--mergekit": "a mergekit-extract-lora to compare with"}
-    )
+        __doc__, run, report, layers=16, rank=16,
+        options={"--mergekit": "a mergekit-extract-lora to compare with",
+                 "--preset": "the pair's shapes: 1b (default) or 7b (bench/synth.py's SHAPES_7B)"},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
