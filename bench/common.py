@@ -168,6 +168,15 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def pair_args(doc: str | None, *, layers: int = 16, repeats: int = 3) -> argparse.Namespace:
+    """The command line of a script that alternates runs on bench_extract's pair: --workdir, --layers, --repeats."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratool-bench"))
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap.parse_args()
+
+
 def bench_main(doc: str | None, run: Callable[..., dict[str, Any]], report: Callable[[dict[str, Any]], str], *,
                layers: int, rank: int, options: dict[str, str] | None = None) -> None:  # fmt: skip
     """The command line every bench script shares: --workdir, --layers, --rank, --device, and the

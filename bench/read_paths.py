@@ -18,7 +18,6 @@ Needs root on Linux (the page cache is dropped before each cold read). On the be
 
 from __future__ import annotations
 
-import argparse
 import mmap
 import os
 import resource
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 from bench_extract import ensure_pair
-from common import drop_page_cache, fresh, keep_digests, read_floor
+from common import drop_page_cache, fresh, keep_digests, pair_args, read_floor
 
 from loratool.io.checkpoint import open_checkpoint
 from loratool.metadata import digests
@@ -100,11 +99,7 @@ def line(label: str, runs: list[tuple[float, float, float]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratool-bench"))
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    args = pair_args(__doc__)
     pair = ensure_pair(args.workdir, args.layers)
     if not drop_page_cache():
         raise SystemExit("the page cache cannot be dropped here (root on Linux): every read would come from memory")

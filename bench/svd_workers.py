@@ -12,22 +12,16 @@ module's relative error of each (the same to the digits printed, or the change i
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import time
-from pathlib import Path
 
 from bench_extract import ensure_pair
-from common import drop_page_cache, fresh, keep_digests, machine, read_floor
+from common import drop_page_cache, fresh, keep_digests, machine, pair_args, read_floor
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratool-bench"))
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    args = pair_args(__doc__)
     pair = ensure_pair(args.workdir, args.layers)
     home = keep_digests(fresh(args.workdir / "svd-workers-home"), pair / "base", pair / "ft")
     os.environ["LORATOOL_HOME"] = str(home)

@@ -163,13 +163,18 @@ def test_analysis_side_by_side_gives_the_analysis_of_one_at_a_time(
         assert m.amplification == pytest.approx(n.amplification, rel=1e-3)  # ratios to a projection of W: amplified
 
 
-def test_the_exact_svd_factors_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its workspace is a dense matrix's size: two at once would double extraction's peak memory."""
+def _one_weight_pair(tmp_path: Path) -> None:
+    """A float32 pair in ``tmp_path`` / base and ft: one 40 x 32 weight, changed."""
     g = torch.Generator().manual_seed(0)
     base = {"q.weight": torch.randn(40, 32, generator=g)}
     for name, tensors in (("base", base), ("ft", {"q.weight": base["q.weight"] + 1})):
         (tmp_path / name).mkdir()
         save_file(tensors, str(tmp_path / name / "model.safetensors"))
+
+
+def test_the_exact_svd_factors_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its workspace is a dense matrix's size: two at once would double extraction's peak memory."""
+    _one_weight_pair(tmp_path)
     seen: list[int] = []
     real = workers.run_side_by_side
 
@@ -177,7 +182,7 @@ def test_the_exact_svd_factors_one_tensor_at_a_time(tmp_path: Path, monkeypatch:
         seen.append(n)
         return real(fn, items, n, **kw)
 
-    monkeypatch.setattr(extract_op, "run_side_by_side", spy)
+    monkeypatch.setattr(workers, "run_side_by_side", spy)
     monkeypatch.setattr(extract_op, "side_by_side_workers", lambda device: 2)
     for svd in ("exact", "randomized"):
         extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / svd, rank=2, svd=svd,
@@ -188,19 +193,15 @@ def test_the_exact_svd_factors_one_tensor_at_a_time(tmp_path: Path, monkeypatch:
 def test_side_by_side_one_fewer_delta_is_queued_and_depth_0_still_reads_in_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    g = torch.Generator().manual_seed(0)
-    base = {"q.weight": torch.randn(40, 32, generator=g)}
-    for name, tensors in (("base", base), ("ft", {"q.weight": base["q.weight"] + 1})):
-        (tmp_path / name).mkdir()
-        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    _one_weight_pair(tmp_path)
     depths: list[int] = []
-    real = extract_op.prefetch
+    real = workers.prefetch
 
     def spy(items, depth=2):  # type: ignore[no-untyped-def]
         depths.append(depth)
         return real(items, depth)
 
-    monkeypatch.setattr(extract_op, "prefetch", spy)
+    monkeypatch.setattr(workers, "prefetch", spy)
     for workers_, depth in ((2, 2), (2, 0), (1, 2)):
         monkeypatch.setattr(extract_op, "side_by_side_workers", lambda device, n=workers_: n)
         extract_op.extract(tmp_path / "base", tmp_path / "ft", output=tmp_path / f"{workers_}-{depth}", rank=2,

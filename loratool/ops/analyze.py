@@ -49,8 +49,8 @@ from ..math.linalg import (
 )
 from ..report import Dropped
 from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
-from ..stream.pipeline import BufferPool, give_back, prefetch, widen
-from ..stream.workers import run_side_by_side, side_by_side_workers, single_threaded
+from ..stream.pipeline import BufferPool, give_back, widen
+from ..stream.workers import read_side_by_side, side_by_side_workers
 
 Mode = Literal["checkpoints", "adapter", "adapters"]
 DEFAULT_TOP_K = 64
@@ -305,17 +305,12 @@ def _analyze_checkpoints(
 
         # as extract: two tensors at once on the CPU, each on its share of the threads, the reader on one
         workers = side_by_side_workers(device) if svd != "exact" else 1
-        deltas: Iterable[Delta] = map(read, keys)
-        ahead = prefetch(single_threaded(deltas) if workers > 1 else deltas, depth=2)
-        try:
-            items = progress(ahead, total=len(keys), desc="analyze", enabled=show)
-            for out in run_side_by_side(handle, items, workers, size=lambda d: d.nbytes):
-                if isinstance(out, ModuleAnalysis):
-                    result.modules.append(out)
-                elif out is not None:
-                    result.skipped.append(out)
-        finally:
-            ahead.close()  # the prefetch thread is done before the checkpoints close under it
+        for out in read_side_by_side(handle, read, keys, workers, depth=2, desc="analyze", show=show,
+                                     size=lambda d: d.nbytes):  # fmt: skip
+            if isinstance(out, ModuleAnalysis):
+                result.modules.append(out)
+            elif out is not None:
+                result.skipped.append(out)
     return result
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from ..adapter import Adapter, Kind, LoraModule
 from ..errors import InputFileError, LoraToolError, UnsupportedCheckpointError
 from ..formats import check_output_name, diffusers, refuse_adapter, save_adapter
 from ..formats.peft import new_config
-from ..host import compile_regex, progress, resolve_device
+from ..host import compile_regex, resolve_device
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from ..io.directio import direct_io_enabled
@@ -59,8 +59,8 @@ from ..stream.deltas import (
     read_weight,
 )
 from ..stream.distributed import current
-from ..stream.pipeline import BufferPool, give_back, prefetch
-from ..stream.workers import run_side_by_side, side_by_side_workers, single_threaded
+from ..stream.pipeline import BufferPool, give_back
+from ..stream.workers import read_side_by_side, side_by_side_workers
 
 DEFAULT_CAP = 256  # highest rank --energy/--budget consider when -r does not say
 POOL_BYTES = 256 << 20  # delta buffers kept idle: a layer's sizes repeat, an embedding's or head's do not
@@ -358,12 +358,6 @@ def _extract_keys(
     # the exact SVD's workspace is a dense matrix's size (U, and LAPACK's): one at a time, on every core;
     # asked before the prefetch thread goes single-threaded (it reads this thread's count, fixing it)
     workers = side_by_side_workers(o.device) if o.svd != "exact" else 1
-    deltas: Iterable[Delta] = map(read, keys)
-    if workers > 1 and depth > 0:  # (depth 0: read on this thread, as asked)
-        # the reader on one thread beside the workers; each worker holds a delta, so one fewer queued
-        # keeps as many deltas in memory
-        deltas, depth = single_threaded(deltas), max(1, depth - 1)
-    ahead = prefetch(deltas, depth=depth)
 
     def handle(item: Delta) -> _Partial:
         part = _Partial()
@@ -373,11 +367,11 @@ def _extract_keys(
         return part
 
     try:
-        items = progress(ahead, total=len(keys), desc="extract", enabled=show)
-        return _Partial.join(list(run_side_by_side(handle, items, workers, size=lambda d: d.nbytes)), keys)
+        parts = read_side_by_side(handle, read, keys, workers, depth=depth, desc="extract", show=show,
+                                  size=lambda d: d.nbytes)  # fmt: skip
+        return _Partial.join(parts, keys)
     finally:
-        ahead.close()  # the prefetch thread is done (joined) before the reader's files close under it
-        read.close()
+        read.close()  # after the prefetch thread is done
 
 
 def _read_direct(

@@ -16,13 +16,17 @@ worker or :func:`single_threaded` sets theirs, and set back afterwards.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
+
+from ..host import progress
+from .pipeline import prefetch
 
 if TYPE_CHECKING:
     import torch
 
+K = TypeVar("K")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -47,6 +51,25 @@ def single_threaded(items: Iterable[T]) -> Iterator[T]:
 
     torch.set_num_threads(1)
     yield from items
+
+
+def read_side_by_side(
+    fn: Callable[[T], R], read: Callable[[K], T], keys: Sequence[K], workers: int, *, depth: int, desc: str,
+    show: bool, size: Callable[[T], int],
+) -> list[R]:  # fmt: skip
+    """``fn(read(key))`` for each key, in order, with a progress bar: ``read`` on the prefetch thread,
+    ``depth`` keys ahead (0: on this thread), ``fn`` on ``workers`` (:func:`run_side_by_side`). Beside
+    several workers the reader runs on one torch thread and queues one fewer: each worker holds an
+    item, so as many are in memory."""
+    items: Iterable[T] = map(read, keys)
+    if workers > 1 and depth > 0:
+        items, depth = single_threaded(items), max(1, depth - 1)
+    ahead = prefetch(items, depth=depth)
+    try:
+        shown = progress(ahead, total=len(keys), desc=desc, enabled=show)
+        return list(run_side_by_side(fn, shown, workers, size=size))
+    finally:
+        ahead.close()  # the prefetch thread is done (joined) before the caller closes what it reads
 
 
 def run_side_by_side(
