@@ -355,6 +355,70 @@ def test_a_packed_weight_without_its_scale_is_refused_naming_it(tmp_path: Path, 
     assert "model.layers.1.self_attn.v_proj.weight_global_scale" in res.stderr and not (tmp_path / "m").exists()
 
 
+def _flip_e4m3(t: torch.Tensor) -> torch.Tensor:
+    return (t.view(torch.uint8) | 0x80).view(t.dtype)  # every scale negative (the zero ones -0)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "part", "damage", "says"),
+    [
+        ("int4-sym", "weight_scale", lambda t: (-t.float()).to(t.dtype), "scale holds -"),
+        ("int4-asym", "weight_scale", lambda t: t.float().index_fill(1, torch.tensor([1]), float("inf")).to(t.dtype),
+         "scale holds inf"),
+        ("nvfp4-compressed", "weight_scale", _flip_e4m3, "scale holds -"),
+        ("nvfp4-compressed", "weight_global_scale", lambda t: torch.full_like(t, float("inf")), "tensor scale is inf"),
+        ("nvfp4-modelopt", "weight_scale_2", torch.zeros_like, "tensor scale is 0.0"),
+        ("nvfp4-modelopt", "weight_scale_2", lambda t: -t, "tensor scale is -"),
+    ],
+)  # fmt: skip
+def test_a_damaged_scale_is_refused_naming_it(tmp_path: Path, plain, cli, fmt, part, damage, says) -> None:
+    """A scale no producer writes, under which the weight would still decode (its groups' signs flipped,
+    or the whole weight zeros), is refused by name by merge in place and dequantized, and by extract
+    (they all merged and extracted from it before); nothing is written."""
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", fmt)
+    file, key = tmp_path / "q" / "model.safetensors", f"model.layers.1.mlp.down_proj.{part}"
+    ts = load_file(str(file))
+    ts[key] = damage(ts[key]).contiguous()
+    save_file(ts, str(file), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    for args in (("merge", tmp_path / "q", adapter, "--min-kept", "0"), ("merge", tmp_path / "q", adapter, "--dtype",
+                 "bfloat16"), ("extract", tmp_path / "q", base, "-r", "2")):  # fmt: skip
+        res = cli(*args, "-o", out)
+        assert res.exit_code == 1 and key in res.stderr and says in res.stderr, (args[0], res.stderr)
+        assert "damaged" in res.stderr and not out.exists()
+
+
+def test_scale_bytes_are_checked_as_their_formats_define_them() -> None:
+    """E8M0's 0xFF is NaN; E4M3's 0x7F and 0xFF are NaN, and above 0x80 negative; a zero scale (0x00, and
+    E4M3's -0, 0x80) stands for a group of zeros and passes; so does an MXFP4 byte 0xFE (2^127)."""
+    from loratool.errors import NonFiniteError
+    from loratool.quant.layout import PackedScheme, PackedWeight
+    from loratool.quant.packed import check_scales
+
+    def weight(fmt: str) -> PackedWeight:
+        names = {"codes": "w.codes", "scale": "w.scale"} | ({"global": "w.global"} if fmt == "nvfp4" else {})
+        return PackedWeight("w", (4, 64), names, PackedScheme(fmt, {"mxfp4": 32, "nvfp4": 16}[fmt], 4))
+
+    def scales(fmt: str, byte: int) -> dict[str, torch.Tensor]:
+        b = torch.full((4, 64 // weight(fmt).scheme.group), 0x38, dtype=torch.uint8)  # 1.0 in E4M3, 2^-71 in E8M0
+        b[2, 1] = byte
+        scale = b if fmt == "mxfp4" else b.view(torch.float8_e4m3fn)
+        parts = {"codes": torch.zeros(4, 32, dtype=torch.uint8), "scale": scale}
+        return parts | ({"global": torch.tensor([1.0])} if fmt == "nvfp4" else {})
+
+    for fmt, byte in (("mxfp4", 0x00), ("mxfp4", 0xFE), ("nvfp4", 0x00), ("nvfp4", 0x80), ("nvfp4", 0x7E)):
+        check_scales(weight(fmt), scales(fmt, byte))
+    for fmt, byte, says in (("mxfp4", 0xFF, "0xFF, NaN"), ("nvfp4", 0x7F, "nan"), ("nvfp4", 0xFF, "nan"),
+                            ("nvfp4", 0x81, "-0.001953125"), ("nvfp4", 0xB8, "-1.0")):  # fmt: skip
+        with pytest.raises(NonFiniteError, match=says) as e:
+            check_scales(weight(fmt), scales(fmt, byte))
+        assert "[2, 1]" in str(e.value) and "w.scale" in str(e.value)
+    with pytest.raises(NonFiniteError, match="tensor scale is nan") as e:
+        check_scales(weight("nvfp4"), scales("nvfp4", 0x38) | {"global": torch.tensor([float("nan")])})
+    assert "w.global" in str(e.value)
+
+
 def test_modelopt_is_read_from_hf_quant_config_alone(tmp_path: Path, plain) -> None:
     base, adapter = plain
     make_quantized(base, tmp_path / "q", "nvfp4-modelopt", hf_quant_config=True)

@@ -47,6 +47,9 @@ class ModelView(Checkpoint):
                 out[role] = self.stored.get_rows(name, expert, expert + 1)[0]
             else:
                 out[role] = self.stored.get(name)
+        from ..quant import packed
+
+        packed.check_scales(w, out)
         if "shape" in out:
             got = [int(x) for x in out["shape"].reshape(-1).tolist()]
             if got != list(w.rows_cols):

@@ -6,6 +6,7 @@ rows at a time, in torch passes or in the compiled kernels (:mod:`loratool.quant
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator
 
@@ -60,6 +61,11 @@ def check_scale(key: str, scale: torch.Tensor, what: str = "the FP8 scale") -> N
     Zero passes: quantizers that do not clamp give an all-zero block a zero scale, and it
     dequantizes to the zeros it stands for.
     """
+    if scale.numel() == 0:
+        return
+    lo, hi = (float(x) for x in torch.aminmax(scale))  # one pass, no temporaries; NaN makes both NaN
+    if lo >= 0.0 and math.isfinite(hi):  # (-0 passes: it compares equal to 0)
+        return
     s = scale.float()
     bad = ~torch.isfinite(s) | (s < 0)
     if bool(bad.any()):

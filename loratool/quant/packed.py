@@ -11,6 +11,7 @@ presents them as (E, in, out) (``transposed``), one expert at a time here.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import NonFiniteError
 from ..host import available_cores
 from ..math.linalg import RowFactors
 from . import fp4, intpack, native
+from .fp8 import check_scale
 from .layout import READ_ONLY, PackedWeight
 from .rounding import E2M1, GridLike, IntGrid, Kept, Subspace, round_subspace, round_to_grid, uniforms
 
@@ -51,6 +54,43 @@ def _torch_dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
     zero_codes = _zero_codes(w, parts) if zero is not None else None
     groups = _groups(w, parts)
     return intpack.dequantize_int(codes, parts["scale"], zero_codes, groups)
+
+
+_DAMAGED = "the checkpoint is damaged: re-download it, or re-export it with its producer's quantizer"
+
+
+def check_scales(w: PackedWeight, parts: Parts) -> None:
+    """Refuse a weight whose scales no producer writes and whose values would still decode: a negative
+    scale (its groups' signs flipped), an E8M0 byte 0xFF (NaN in the OCP MX format), or an NVFP4
+    tensor scale that is not finite and positive (ModelOpt's ``weight_scale_2`` of zero, or
+    compressed-tensors' ``weight_global_scale`` of Inf, would make the whole weight zeros). NaN and Inf
+    among block scales are named here too, before they would show as the weight's values.
+    A zero block scale passes: it stands for a group of zeros, as FP8's does (:func:`.fp8.check_scale`)."""
+    scale, fix = parts["scale"], _DAMAGED
+    if scale.dtype not in (torch.uint8, torch.float8_e4m3fn):
+        check_scale(w.parts["scale"], scale, "the packed weight's scale")
+    elif scale.numel() and _bad_scale_bytes(scale.view(torch.uint8), e8m0=w.scheme.format == "mxfp4"):
+        b = scale.view(torch.uint8)
+        bad = b == 0xFF if w.scheme.format == "mxfp4" else ((b & 0x7F) == 0x7F) | (b > 0x80)
+        at = [int(i) for i in bad.nonzero()[0]]
+        value = "0xFF, NaN in the OCP MX format" if w.scheme.format == "mxfp4" else float(scale[tuple(at)].float())
+        raise NonFiniteError(f"the packed weight's scale holds {value} at {at}: scales are finite and positive",
+                             key=w.parts["scale"], fix=fix)  # fmt: skip
+    if "global" in parts:
+        second = float(parts["global"].float().reshape(-1)[0])
+        if not (math.isfinite(second) and second > 0.0):
+            raise NonFiniteError(
+                f"the NVFP4 tensor scale is {second}: it is finite and positive (a zero or Inf one would decode "
+                "the whole weight as zeros or NaN)", key=w.parts["global"], fix=fix,
+            )  # fmt: skip
+
+
+def _bad_scale_bytes(b: torch.Tensor, e8m0: bool) -> bool:
+    """Whether scale bytes hold a NaN code (E8M0: 0xFF; E4M3: 0x7F, 0xFF) or a negative E4M3 scale (above
+    0x80; 0x80 is -0), told by the bytes' maxima as unsigned and signed: reductions without the masks'
+    temporaries, or float8's slow widening (either cost a tenth of a merge's arithmetic at NVFP4's scales)."""
+    top = int(b.max())
+    return top == 0xFF if e8m0 else top > 0x80 or int(b.view(torch.int8).max()) == 0x7F
 
 
 def logical(w: PackedWeight, stored: torch.Tensor) -> torch.Tensor:
