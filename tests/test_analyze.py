@@ -246,6 +246,26 @@ def test_inputs_of_mixed_kinds_are_refused(fixtures: Path) -> None:
         analyze(fixtures / "llama-base", show_progress=False)
 
 
+def test_an_invalid_adapter_is_refused_as_the_other_commands_refuse_it(tmp_path: Path, fixtures: Path, cli) -> None:
+    """An adapter validate rejects (here int32 factors, which analyze had read as integers: a down_proj
+    whose values truncate to zero showed a spectrum of zeros) is refused, first or second, exit 1."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fixtures / "llama-peft-adapter", bad)
+    file = bad / "adapter_model.safetensors"
+    ts = load_file(str(file))
+    key = next(k for k in sorted(ts) if k.endswith("lora_A.weight"))
+    ts[key] = ts[key].to(torch.int32)
+    save_file(ts, str(file), metadata={"format": "pt"})
+    for args in ((bad,), (fixtures / "llama-peft-adapter", bad)):
+        res = cli("analyze", *args, "--json")
+        assert res.exit_code == 1 and "not valid, so analyze refuses it" in res.stderr and key in res.stderr
+        assert res.stdout == ""
+
+
 # -- the report and the command line ----------------------------------------------------------------------
 def test_report_is_self_contained_html_with_plots(tmp_path: Path, fixtures: Path, cli) -> None:
     out = tmp_path / "report.html"

@@ -51,6 +51,7 @@ from ..report import Dropped
 from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
 from ..stream.pipeline import BufferPool, give_back, widen
 from ..stream.workers import read_side_by_side, side_by_side_workers
+from ..validation import require_valid
 
 Mode = Literal["checkpoints", "adapter", "adapters"]
 DEFAULT_TOP_K = 64
@@ -372,6 +373,8 @@ def _analyze_adapters(
     allow_pickle: bool,
     show: bool,
 ) -> AnalyzeResult:
+    paths = [p for p in (first, second) if p is not None]
+    checked = [w for p in paths for w in require_valid(p, "analyze refuses it", allow_pickle=allow_pickle)]
     one = load_adapter(first, allow_pickle=allow_pickle)
     other = load_adapter(second, allow_pickle=allow_pickle) if second is not None else None
     if other is not None:  # kohya prefixes name the same modules as the other's paths
@@ -380,6 +383,7 @@ def _analyze_adapters(
     mode: Mode = "adapter" if other is None else "adapters"
     inputs = [str(p) for p in (first, second) if p is not None]
     result = AnalyzeResult(mode, inputs, None, [])
+    result.warnings += checked
     if one.use_dora:
         result.warnings.append(f"{first}: DoRA's magnitude is not in the spectrum: it is that of scaling * B @ A")
     for key in one.whole:
