@@ -150,6 +150,19 @@ def check_against_base(
     check_fit(adapter_obj, base, report, allow_pickle=allow_pickle)
 
 
+NON_FLOAT_FIX = ("is this a quantized checkpoint whose quantization_config is missing? Use the floating-point base "
+                 "the adapter was trained on")  # fmt: skip
+
+
+def non_float_weight(dtype: str) -> str | None:
+    """Why a base weight stored as ``dtype`` (a safetensors name) cannot take an adapter's delta, or None
+    where it can (the floating-point names: F32, BF16, F8_E4M3...)."""
+    if dtype.startswith(("F", "BF")):
+        return None
+    return (f"the base weight is {dtype}, not floating point: the adapter's delta would be rounded to whole "
+            "numbers, most of it to nothing")  # fmt: skip
+
+
 def check_fit(
     adapter_obj: Adapter, base: str | os.PathLike[str], report: ValidationReport, *, allow_pickle: bool = False
 ) -> None:
@@ -205,6 +218,9 @@ def check_fit(
             if shape != m.weight_shape:
                 report.add(where, f"the base weight is {list(shape)}, the factors imply {list(m.weight_shape)} "
                                   "(lora_B (out, r) @ lora_A (r, in)): an adapter for another model")  # fmt: skip
+                continue
+            if (why := non_float_weight(ckpt.info(found[module] + ".weight").dtype)) is not None:
+                report.add(where, f"{why}; {NON_FLOAT_FIX}")
                 continue
             matched += 1
         for key, t in sorted(adapter_obj.whole.items()):

@@ -266,6 +266,37 @@ def test_an_invalid_adapter_is_refused_as_the_other_commands_refuse_it(tmp_path:
         assert res.stdout == ""
 
 
+def test_an_infinite_amplification_is_null_in_json_and_inf_in_text(tmp_path: Path, fixtures: Path, cli) -> None:
+    """A base weight with nothing in the update's subspace (here all zeros) has an infinite amplification
+    factor: null in --json (which cannot spell infinity; the command had failed as a loratool bug), "inf"
+    in the text and the report; an integer base weight is refused as merge refuses it."""
+    import shutil
+
+    from helpers import edit_tensors
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base = tmp_path / "base"
+    shutil.copytree(fixtures / "llama-base", base)
+    edit_tensors(base / "model.safetensors", lambda ts: ts[key].zero_())
+    adapter = fixtures / "llama-peft-adapter"
+    res = cli("analyze", adapter, "--base", base, "--json")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    amp = {m["module"]: m["amplification"] for m in d["modules"]}
+    assert amp["model.layers.0.self_attn.q_proj"] == {"1": None, "4": None}
+    assert all(a is not None and a > 0 for a in amp["model.layers.1.self_attn.q_proj"].values())
+    assert d["summary"]["by_type"]["self_attn.q_proj"]["median_amplification"]["1"] is None  # inf among two
+    text = cli("analyze", adapter, "--base", base)
+    assert text.exit_code == 0 and "inf" in next(
+        ln for ln in text.output.splitlines() if "layers.0.self_attn.q_proj" in ln
+    )
+    res = cli("analyze", adapter, "--base", base, "--report", tmp_path / "r.html")
+    assert res.exit_code == 0 and "1: inf, 4: inf" in (tmp_path / "r.html").read_text()
+    edit_tensors(base / "model.safetensors", lambda ts: ts.update({key: ts[key].to(torch.int8)}))
+    res = cli("analyze", adapter, "--base", base, "--json")
+    assert res.exit_code == 1 and "not floating point" in res.stderr and key in res.stderr
+
+
 # -- the report and the command line ----------------------------------------------------------------------
 def test_report_is_self_contained_html_with_plots(tmp_path: Path, fixtures: Path, cli) -> None:
     out = tmp_path / "report.html"

@@ -299,3 +299,25 @@ def test_a_seed_past_torchs_range_extracts(tmp_path: Path, fixtures: Path, cli) 
             tmp_path / "a", "--quiet")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_floats_on_one_side_and_integers_on_the_other_are_refused(tmp_path: Path, fixtures: Path, cli) -> None:
+    """A tensor stored as integers (or booleans) on one side and as floats on the other is refused by name:
+    its difference means nothing (extract had taken int8 values as a fine-tune and factored the change)."""
+    import shutil
+
+    from helpers import edit_tensors
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for side, dtype in (("finetuned", torch.int8), ("base", torch.bool)):
+        changed = tmp_path / f"{side}-{dtype}"
+        shutil.copytree(fixtures / "llama-ft" if side == "finetuned" else fixtures / "llama-base", changed)
+        index = changed / "model.safetensors.index.json"  # the fine-tune is sharded
+        file = changed / (json.loads(index.read_text())["weight_map"][key] if index.exists() else "model.safetensors")
+        edit_tensors(file, lambda ts, dtype=dtype: ts.update({key: ts[key].to(dtype)}))
+        pair = (fixtures / "llama-base", changed) if side == "finetuned" else (changed, fixtures / "llama-ft")
+        for command in (("extract", *pair, "-r", "2", "-o", tmp_path / "out"), ("analyze", *pair, "--json")):
+            res = cli(*command)
+            assert res.exit_code == 1 and key in res.stderr and "not floating" not in res.stderr, res.stderr
+            assert "integer" in res.stderr or "boolean" in res.stderr
+            assert not (tmp_path / "out").exists()

@@ -39,3 +39,22 @@ def test_a_partial_match_and_wrong_shapes_are_each_named(tmp_path: Path, fixture
     assert "[32, 64]" in problems["base/model.layers.1.mlp.down_proj"]
     assert "vocabulary sizes differ" in problems["base/lm_head.weight"]
     assert "base" not in problems  # most modules fit
+
+
+def test_a_base_weight_that_is_not_floating_point_is_named(tmp_path: Path, fixtures: Path, cli) -> None:
+    """A base weight stored as integers or booleans (a quantized checkpoint whose config is lost) is invalid
+    for the module that targets it, as merge refuses it (validate --base had called it valid)."""
+    import shutil
+
+    from helpers import edit_tensors
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for dtype in (torch.int8, torch.bool):
+        base = tmp_path / str(dtype)
+        shutil.copytree(fixtures / "llama-base", base)
+        edit_tensors(base / "model.safetensors", lambda ts, dtype=dtype: ts.update({key: ts[key].to(dtype)}))
+        problems = {p.path: p.message for p in validate(fixtures / "llama-peft-adapter", base=base).problems}
+        assert list(problems) == ["base/model.layers.0.self_attn.q_proj"], problems
+        assert "not floating point" in problems["base/model.layers.0.self_attn.q_proj"]
+        res = cli("merge", base, fixtures / "llama-peft-adapter", "-o", tmp_path / "m")
+        assert res.exit_code == 1 and "not floating point" in res.stderr and not (tmp_path / "m").exists()

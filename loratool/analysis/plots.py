@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -175,7 +176,9 @@ def _amplification_bars(modules: list[Module]) -> Figure | None:
     x = np.arange(len(groups))
     width = 0.8 / len(ranks)
     for n, (r, color) in enumerate(zip(ranks, _colors())):
-        values = [_median([m["amplification"][r] for m in ms if r in m["amplification"]]) for ms in groups.values()]
+        medians = [_median([_infinite(m["amplification"][r]) for m in ms if r in m["amplification"]])
+                   for ms in groups.values()]  # fmt: skip
+        values = [v if math.isfinite(v) else math.nan for v in medians]  # no bar where it is infinite
         ax.bar(x + (n - (len(ranks) - 1) / 2) * width, values, width, label=f"r = {r}", color=color)
     ax.set_xticks(x, list(groups), rotation=30, ha="right", fontsize="small")
     ax.set_ylabel("amplification factor")
@@ -293,7 +296,8 @@ def _table(groups: dict[str, dict[str, Any]], beyond: str) -> str:
         ("stable rank (median)", lambda g: g["median_stable_rank"]),
         *[(f"rank for {float(s):.0%}", lambda g, s=s: g["median_rank_for_energy"].get(s))
           for s in ("0.5", "0.9", "0.99")],
-        *[(f"amplification r={r}", lambda g, r=r: g.get("median_amplification", {}).get(r, ""))
+        *[(f"amplification r={r}", lambda g, r=r: _infinite(g["median_amplification"][r])
+           if r in g.get("median_amplification", {}) else "")
           for r in sorted({r for g in groups.values() for r in g.get("median_amplification", {})}, key=int)],
         *([("phi(1,1)", lambda g: g.get("mean_phi_top", "")), ("mean phi", lambda g: g.get("mean_phi", ""))]
           if any("mean_phi" in g for g in groups.values()) else []),
@@ -313,7 +317,7 @@ def _module_table(modules: list[Module], beyond: str) -> str:
     rows = [head]
     for m in modules[:MAX_TABLE_ROWS]:
         ranks = [m["rank_for_energy"].get(s) for s in ("0.5", "0.9", "0.99")]
-        amp = ", ".join(f"{r}: {a:.3g}" for r, a in m["amplification"].items())
+        amp = ", ".join(f"{r}: {_infinite(a):.3g}" for r, a in m["amplification"].items())
         sigma = m["singular_values"][0] if m["singular_values"] else ""
         rows.append(
             f"<tr><td>{e(m['module'])}</td><td>{e('x'.join(map(str, m['shape'])))}</td>"
@@ -325,6 +329,11 @@ def _module_table(modules: list[Module], beyond: str) -> str:
     if len(modules) > MAX_TABLE_ROWS:
         rows.append(f"<p class='note'>{len(modules) - MAX_TABLE_ROWS} more modules: see --json.</p>")
     return "\n".join(rows)
+
+
+def _infinite(v: float | None) -> float:
+    """An amplification factor as the JSON holds it: null for infinity (the base has nothing in that subspace)."""
+    return math.inf if v is None else v
 
 
 def _fmt(v: Any, beyond: str) -> str:

@@ -149,6 +149,11 @@ def _number(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def _amplification(by_rank: dict[str, float | None], r: str) -> str:
+    """One amplification factor: "-" where not computed, "inf" where JSON's null stands for infinity."""
+    return "-" if r not in by_rank else "inf" if by_rank[r] is None else _number(by_rank[r])
+
+
 def _analyze_text(d: dict[str, Any]) -> str:
     modules = d["modules"]
     amp_ranks = sorted({int(r) for m in modules for r in m["amplification"]})
@@ -170,7 +175,7 @@ def _analyze_text(d: dict[str, Any]) -> str:
         shape = "x".join(map(str, m["shape"]))
         row = f"{m['module']:<{width}}  {shape:>11}  {m['singular_values'][0]:>9.4g}  {m['stable_rank']:>7.3g}"
         row += f"  {rank(r['0.5']):>4} {rank(r['0.9']):>4} {rank(r['0.99']):>4}"
-        row += "".join(f"  {_number(m['amplification'].get(str(k))):>7}" for k in amp_ranks)
+        row += "".join(f"  {_amplification(m['amplification'], str(k)):>7}" for k in amp_ranks)
         row += f"  {m['effective_rank']:>8.3g}" if "effective_rank" in m else ""
         row += f"  {m.get('extract_rank', ''):>7}" if extract else ""
         if "subspace_similarity" in m:

@@ -18,6 +18,7 @@ The math is in :mod:`loratool.analysis.spectral`; the report's plots in :mod:`lo
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -31,7 +32,7 @@ import torch
 from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
 from ..analysis import spectral
-from ..errors import LoraToolError
+from ..errors import LoraToolError, UnsupportedCheckpointError
 from ..formats import is_adapter, load_adapter
 from ..formats.kohya import resolve_paths
 from ..host import compile_regex, progress, resolve_device
@@ -51,7 +52,7 @@ from ..report import Dropped
 from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
 from ..stream.pipeline import BufferPool, give_back, widen
 from ..stream.workers import read_side_by_side, side_by_side_workers
-from ..validation import require_valid
+from ..validation import NON_FLOAT_FIX, non_float_weight, require_valid
 
 Mode = Literal["checkpoints", "adapter", "adapters"]
 DEFAULT_TOP_K = 64
@@ -85,7 +86,7 @@ class ModuleAnalysis:
             "module": self.module, "kind": self.kind, "shape": list(self.shape),
             "singular_values": self.singular_values, "energy": self.energy,
             "rank_for_energy": self.rank_for_energy, "stable_rank": self.stable_rank, "norm": self.norm,
-            "amplification": {str(r): a for r, a in self.amplification.items()},
+            "amplification": {str(r): _finite_or_none(a) for r, a in self.amplification.items()},
         }  # fmt: skip
         for name in ("effective_rank", "rank", "extract_rank", "subspace_similarity"):
             if getattr(self, name) is not None:
@@ -397,6 +398,10 @@ def _analyze_adapters(
             spectrum = FactoredSVD.of([m.lora_B.to(device) * m.scaling], [m.lora_A.to(device)], dtype=torch.float64)
             a = _describe(name, m.kind, m.weight_shape, spectrum.S, spectrum.total_energy, True)
             if name in weights and ck is not None:
+                dtype = ck.info(weights[name]).dtype
+                if (why := non_float_weight(dtype)) is not None:
+                    raise UnsupportedCheckpointError(why + "; its amplification factor would measure that rounding",
+                                                     path=str(base), key=weights[name], fix=NON_FLOAT_FIX)  # fmt: skip
                 t = spectrum.truncate()
                 w = read_weight(ck, fp8, weights[name], device).to(device, torch.float64)  # as stored: on the CPU
                 a.amplification = spectral.amplification(t.U, t.S, t.Vh, out_in(w, m.kind), ranks)
@@ -486,7 +491,8 @@ def _summarize(modules: Iterable[ModuleAnalysis], by: int) -> dict[str, dict[str
         amp_ranks = sorted({r for m in ms for r in m.amplification})
         if amp_ranks:
             entry["median_amplification"] = {
-                str(r): statistics.median(m.amplification[r] for m in ms if r in m.amplification) for r in amp_ranks
+                str(r): _finite_or_none(statistics.median(m.amplification[r] for m in ms if r in m.amplification))
+                for r in amp_ranks
             }
         phis = [m.subspace_similarity for m in ms if m.subspace_similarity is not None]
         if phis:
@@ -494,6 +500,12 @@ def _summarize(modules: Iterable[ModuleAnalysis], by: int) -> dict[str, dict[str
             entry["mean_phi"] = statistics.fmean(statistics.fmean(v for row in p for v in row) for p in phis)
         out[key] = entry
     return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    """An amplification factor for JSON: None where it is infinite (the base weight has nothing in the
+    update's subspace: :func:`.spectral.amplification`), which JSON cannot spell."""
+    return x if math.isfinite(x) else None
 
 
 def _median_or_none(values: list[int | None]) -> float | None:

@@ -25,7 +25,7 @@ from ...formats import AdapterArg, diffusers, load_adapter, split_scale
 from ...formats.kohya import resolve_paths
 from ...io.checkpoint import Checkpoint, dtype_name
 from ...io.logical import RenamedView
-from ...validation import require_valid
+from ...validation import NON_FLOAT_FIX, non_float_weight, require_valid
 
 
 @dataclass
@@ -200,13 +200,8 @@ def plan_terms(
                     fix="is this adapter for another model (or size of it)?",
                 )
             stored = dtype_name(replace[key].dtype) if key in replace else ckpt.info(key).dtype
-            if not stored.startswith(("F", "BF")):  # safetensors' float names (F32, BF16, F8_E4M3, ...)
-                raise UnsupportedCheckpointError(
-                    f"the base weight is {stored}, not floating point: the adapter's delta would be "
-                    "rounded to whole numbers, most of it to nothing", path=name, key=key,
-                    fix="is this a quantized checkpoint whose quantization_config is missing? Merge into the "
-                    "floating-point base the adapter was trained on",
-                )  # fmt: skip
+            if (why := non_float_weight(stored)) is not None:
+                raise UnsupportedCheckpointError(why, path=name, key=key, fix=NON_FLOAT_FIX)
             bias_key = None
             if module.bias is not None:
                 bias_key = found[path] + ".bias"
