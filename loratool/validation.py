@@ -129,7 +129,22 @@ def validate_adapter(
             _check_kohya_structure(ckpt, report)
         _check_dtypes(ckpt, report)
         _check_provenance(ckpt, report, check_values)
+    if report.valid:
+        _check_scalings(p, report, allow_pickle)
     return _sorted(report)
+
+
+def _check_scalings(path: Path, report: ValidationReport, allow_pickle: bool) -> None:
+    """Warn of modules scaled by 0 (an alpha of 0): every reader loads and merges them as written, as
+    nothing, which is rarely what was meant. (A negative alpha is a choice: it subtracts the delta.)"""
+    try:
+        adapter = load_adapter(path, allow_pickle=allow_pickle, lazy=True)  # headers, and kohya's alpha scalars
+    except LoraToolError:  # what the checks above let through, the operation's own reading refuses
+        return
+    zero = sorted(name for name, m in adapter.modules.items() if m.scaling == 0)
+    if zero:
+        report.warnings.append(Problem("modules", f"{len(zero)} module(s) scaled by 0 (alpha 0) add nothing to the "
+                                                  f"model (first: {zero[0]})"))  # fmt: skip
 
 
 def check_against_base(

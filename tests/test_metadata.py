@@ -179,6 +179,31 @@ def test_broken_adapters_are_reported(ours: Path, cli, breakage, path, message) 
     assert r.exit_code == 1 and path in r.stderr
 
 
+def test_a_module_scaled_by_zero_is_warned_of_and_a_negative_alpha_is_not(tmp_path: Path, cli) -> None:
+    """An alpha of 0 (kohya's alpha tensor, PEFT's lora_alpha) leaves an adapter valid, since every reader
+    loads it, but its modules add nothing: validate and merge say so. A negative alpha subtracts the delta
+    on purpose and passes quietly."""
+    import shutil
+
+    kohya = FIXTURES / "llama-kohya.safetensors"
+    alpha = next(k for k in open_checkpoint(kohya, headers_only=True).keys() if k.endswith(".alpha"))
+    for value, warned in ((0.0, True), (-4.0, False)):
+        k = tmp_path / f"kohya{value}.safetensors"
+        shutil.copy(kohya, k)
+        edit_tensors(k, lambda ts, value=value: ts.update({alpha: torch.tensor(value)}))
+        peft = tmp_path / f"peft{value}"
+        shutil.copytree(FIXTURES / "llama-peft-adapter", peft)
+        config = json.loads((peft / "adapter_config.json").read_text())
+        (peft / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": value, "alpha_pattern": {}}))
+        for adapter, zero in ((k, 1), (peft, 6)):
+            report = validate(adapter)
+            assert report.valid and bool(report.warnings) == warned, report.warnings
+            if warned:
+                assert f"{zero} module(s) scaled by 0" in str(report.warnings[0])
+            res = cli("merge", FIXTURES / "llama-base", adapter, "-o", tmp_path / f"m{value}{zero}", "--json")
+            assert res.exit_code == 0 and ("scaled by 0" in res.stderr) == warned
+
+
 def test_validate_missing_adapter(cli, tmp_path: Path) -> None:
     r = cli("validate", tmp_path / "nope")
     assert r.exit_code == 1 and "no such file" in r.stderr
@@ -191,8 +216,11 @@ def test_validate_streams_one_tensor_at_a_time(ours: Path, monkeypatch) -> None:
     from loratool.formats import kohya, peft
     from loratool.io.checkpoint import Checkpoint
 
+    def headers_only(read):  # type: ignore[no-untyped-def]
+        return lambda *a, **k: read(*a, **k) if k.get("lazy") else pytest.fail("loaded the adapter whole")
+
     for module, name in ((peft, "read_peft"), (kohya, "read_kohya")):
-        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("loaded the adapter whole"))
+        monkeypatch.setattr(module, name, headers_only(getattr(module, name)))
     real_get, alive, peak, reads = Checkpoint.get, [], [0], []
 
     def get(self, key):
