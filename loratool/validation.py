@@ -130,16 +130,19 @@ def validate_adapter(
         _check_dtypes(ckpt, report)
         _check_provenance(ckpt, report, check_values)
     if report.valid:
-        _check_scalings(p, report, allow_pickle)
+        _check_as_read(p, report, allow_pickle)
     return _sorted(report)
 
 
-def _check_scalings(path: Path, report: ValidationReport, allow_pickle: bool) -> None:
-    """Warn of modules scaled by 0 (an alpha of 0): every reader loads and merges them as written, as
-    nothing, which is rarely what was meant. (A negative alpha is a choice: it subtracts the delta.)"""
+def _check_as_read(path: Path, report: ValidationReport, allow_pickle: bool) -> None:
+    """What the commands' own reading of the adapter refuses, which the checks above let through (an
+    alpha whose scaling float32 cannot hold: valid by the schema, refused by every merge), as a
+    problem; and a warning of modules scaled by 0 (an alpha of 0): every reader loads and merges them
+    as written, as nothing, which is rarely what was meant. (A negative alpha subtracts on purpose.)"""
     try:
         adapter = load_adapter(path, allow_pickle=allow_pickle, lazy=True)  # headers, and kohya's alpha scalars
-    except LoraToolError:  # what the checks above let through, the operation's own reading refuses
+    except LoraToolError as e:
+        report.add("$" if e.key is None else f"modules/{e.key}", e.message)
         return
     zero = sorted(name for name, m in adapter.modules.items() if m.scaling == 0)
     if zero:

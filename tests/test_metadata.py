@@ -204,6 +204,23 @@ def test_a_module_scaled_by_zero_is_warned_of_and_a_negative_alpha_is_not(tmp_pa
             assert res.exit_code == 0 and ("scaled by 0" in res.stderr) == warned
 
 
+def test_an_alpha_float32_cannot_scale_by_is_invalid(tmp_path: Path, cli) -> None:
+    """An alpha the schema allows but whose scaling float32 cannot hold (1e39 / r) is refused by every
+    command that reads the adapter; validate called it valid, so push and registry add took it."""
+    import shutil
+
+    peft = tmp_path / "a"
+    shutil.copytree(FIXTURES / "llama-peft-adapter", peft)
+    config = json.loads((peft / "adapter_config.json").read_text())
+    (peft / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 1e39, "alpha_pattern": {}}))
+    report = validate(peft)
+    assert (
+        not report.valid and "float32" in str(report.problems[0]) and "modules/model.layers" in str(report.problems[0])
+    )
+    res = cli("registry", "add", peft, "--name", "huge")
+    assert res.exit_code == 1 and "float32" in res.stderr
+
+
 def test_validate_missing_adapter(cli, tmp_path: Path) -> None:
     r = cli("validate", tmp_path / "nope")
     assert r.exit_code == 1 and "no such file" in r.stderr
