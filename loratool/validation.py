@@ -188,6 +188,8 @@ def check_fit(
     try:
         stored = open_checkpoint(base, allow_pickle=allow_pickle)
         ckpt = model_view(stored)  # packed low-bit weights under the names adapters address
+        if stored.packed_layout() is None:  # a quantization loratool does not read (bitsandbytes...) refused
+            stored.fp8_layout()  # by name, not module by module as shapes its packing changed
     except LoraToolError as e:
         report.add("base", e.message if e.path is None else f"{e.path}: {e.message}")
         return

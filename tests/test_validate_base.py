@@ -58,3 +58,13 @@ def test_a_base_weight_that_is_not_floating_point_is_named(tmp_path: Path, fixtu
         assert "not floating point" in problems["base/model.layers.0.self_attn.q_proj"]
         res = cli("merge", base, fixtures / "llama-peft-adapter", "-o", tmp_path / "m")
         assert res.exit_code == 1 and "not floating point" in res.stderr and not (tmp_path / "m").exists()
+
+
+def test_a_base_quantized_in_a_way_loratool_does_not_read_is_named_once(fixtures: Path) -> None:
+    """A bitsandbytes base (a QLoRA adapter's) is one problem naming its quantization, not a misfit for
+    every module (its packed weights' shapes are not the model's: validate had called the adapter one
+    for another model)."""
+    report = validate(fixtures / "llama-peft-adapter", base=fixtures / "llama-bnb-like")
+    assert [p.path for p in report.problems] == ["base"]
+    assert "bitsandbytes" in report.problems[0].message and "another model" not in report.problems[0].message
+    assert validate(fixtures / "llama-peft-adapter", base=fixtures / "llama-gptq-like").valid  # read, dequantized
