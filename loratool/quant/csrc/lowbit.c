@@ -635,7 +635,8 @@ LT_FUSED_INLINE int32_t fused_group(const Spec *sp, const NvTables *nv, int64_t 
     const float s_old = group_scale(sp, nv, scale_in, k);
     float z = has_zero ? (float)zero_in[k] : 0.0f;
     __m512 b[8], m[8];
-    __m512i top = _mm512_setzero_si512(), lo = _mm512_set1_epi32(INT32_MAX), hi = _mm512_set1_epi32(INT32_MIN);
+    __m512i top = _mm512_setzero_si512();
+    __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
     for (int v = 0; v < NV; v++) {
         const __m512i c = fused_unpack(in + 8 * v);
         if (is_int) {
@@ -647,17 +648,16 @@ LT_FUSED_INLINE int32_t fused_group(const Spec *sp, const NvTables *nv, int64_t 
         m[v] = _mm512_add_ps(b[v], _mm512_loadu_ps(d + 16 * v));
         const __m512i bits = _mm512_castps_si512(m[v]);
         top = _mm512_max_epu32(top, _mm512_and_si512(bits, magnitude));
-        if (is_int) {
-            const __m512i key = _mm512_xor_si512(bits, _mm512_and_si512(_mm512_srai_epi32(bits, 31), magnitude));
-            lo = _mm512_min_epi32(lo, key);
-            hi = _mm512_max_epi32(hi, key);
+        if (is_int) { /* the float least and greatest: -0 and +0 may come either way, which new_scale's
+                       * comparisons and its max(-lo, 0) and max(hi, 0) do not tell apart (NaN: top refuses it) */
+            lo = _mm512_min_ps(lo, m[v]);
+            hi = _mm512_max_ps(hi, m[v]);
         }
     }
     const uint32_t t = _mm512_reduce_max_epu32(top);
     if (t >= 0x7F800000u) return LT_NONFINITE;
-    const int32_t l = is_int ? _mm512_reduce_min_epi32(lo) : 0, h = is_int ? _mm512_reduce_max_epi32(hi) : 0;
-    const float s = new_scale(sp, nv, k, float_of(t), key_float(l), key_float(h), scale_in, zero_in, scale_out,
-                              zero_out, keep, &z, fresh);
+    const float l = is_int ? _mm512_reduce_min_ps(lo) : 0.0f, h = is_int ? _mm512_reduce_max_ps(hi) : 0.0f;
+    const float s = new_scale(sp, nv, k, float_of(t), l, h, scale_in, zero_in, scale_out, zero_out, keep, &z, fresh);
     const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
     for (int v = 0; v < NV; v++) {
         const uint32_t j = jg + 16u * (uint32_t)v;
