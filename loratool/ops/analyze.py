@@ -382,8 +382,7 @@ def _analyze_adapters(
         other.modules = _renamed(other, list(one.modules))
         one.modules = _renamed(one, list(other.modules))
     mode: Mode = "adapter" if other is None else "adapters"
-    inputs = [str(p) for p in (first, second) if p is not None]
-    result = AnalyzeResult(mode, inputs, None, [])
+    result = AnalyzeResult(mode, [str(p) for p in paths], None, [])
     result.warnings += checked
     if one.use_dora:
         result.warnings.append(f"{first}: DoRA's magnitude is not in the spectrum: it is that of scaling * B @ A")

@@ -66,7 +66,7 @@ def check_scales(w: PackedWeight, parts: Parts) -> None:
     compressed-tensors' ``weight_global_scale`` of Inf, would make the whole weight zeros). NaN and Inf
     among block scales are named here too, before they would show as the weight's values.
     A zero block scale passes: it stands for a group of zeros, as FP8's does (:func:`.fp8.check_scale`)."""
-    scale, fix = parts["scale"], _DAMAGED
+    scale = parts["scale"]
     if scale.dtype not in (torch.uint8, torch.float8_e4m3fn):
         check_scale(w.parts["scale"], scale, "the packed weight's scale")
     elif scale.numel() and _bad_scale_bytes(scale.view(torch.uint8), e8m0=w.scheme.format == "mxfp4"):
@@ -75,13 +75,13 @@ def check_scales(w: PackedWeight, parts: Parts) -> None:
         at = [int(i) for i in bad.nonzero()[0]]
         value = "0xFF, NaN in the OCP MX format" if w.scheme.format == "mxfp4" else float(scale[tuple(at)].float())
         raise NonFiniteError(f"the packed weight's scale holds {value} at {at}: scales are finite and positive",
-                             key=w.parts["scale"], fix=fix)  # fmt: skip
+                             key=w.parts["scale"], fix=_DAMAGED)  # fmt: skip
     if "global" in parts:
         second = float(parts["global"].float().reshape(-1)[0])
         if not (math.isfinite(second) and second > 0.0):
             raise NonFiniteError(
                 f"the NVFP4 tensor scale is {second}: it is finite and positive (a zero or Inf one would decode "
-                "the whole weight as zeros or NaN)", key=w.parts["global"], fix=fix,
+                "the whole weight as zeros or NaN)", key=w.parts["global"], fix=_DAMAGED,
             )  # fmt: skip
 
 
