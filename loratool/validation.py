@@ -474,12 +474,14 @@ def _expert_misfit(ckpt: Checkpoint, module: str, m: LoraModule) -> str | None:
         if experts.split_apart(m, [s for _, s in apart]) is None:
             shapes = ", ".join(f"{k} {list(s)}" for k, s in apart)
             return f"the base's per-expert weights ({shapes}) do not make up {[m.out_features, m.in_features]}"
-        return None
+        whys = [(k, why) for k, _ in apart if (why := non_float_weight(ckpt.info(k).dtype)) is not None]
+        return f"{whys[0][0]}: {whys[0][1]}; {NON_FLOAT_FIX}" if whys else None
     shape = tuple(ckpt.info(key).shape)
     if experts.stored_kind(shape, m, transposed_model=False) is None:
         count, out_in = m.expert[1] if m.expert else 1, [m.out_features, m.in_features]
         return f"the base's '{key}' is {list(shape)}; {count} experts of {out_in} (out, in) do not fit"
-    return None
+    why = non_float_weight(ckpt.info(key).dtype)
+    return None if why is None else f"{why}; {NON_FLOAT_FIX}"
 
 
 def _check_token_rows(key: str, shape: tuple[int, ...], config: dict[str, Any], report: ValidationReport) -> None:

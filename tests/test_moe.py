@@ -230,6 +230,24 @@ def test_expert_adapters_fit_their_base_in_validate_and_the_registry(tmp_path: P
     assert list_entries(base=tmp_path / "other") == []
 
 
+def test_experts_stored_as_integers_are_refused_as_other_weights_are(tmp_path: Path, cli) -> None:
+    """A 3-D experts parameter stored as integers (a quantized base whose config is lost) is refused by
+    merge and named by validate --base, as a 2-D weight is: merge had rounded the experts' deltas into it."""
+    from helpers import edit_tensors
+
+    model = gpt_oss(tmp_path)
+    expert_adapter(model, params=("mlp.experts.down_proj",)).save_pretrained(tmp_path / "adapter")
+    key = "model.layers.0.mlp.experts.down_proj"
+    edit_tensors(tmp_path / "base" / "model.safetensors", lambda ts: ts.update({key: ts[key].to(torch.int8)}))
+    problems = {p.path: p.message for p in validate(tmp_path / "adapter", base=tmp_path / "base").problems}
+    assert problems and all(
+        path.startswith(f"base/{key}.") and "not floating point" in m for path, m in problems.items()
+    )
+    res = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "m")
+    assert res.exit_code == 1 and "not floating point" in res.stderr and key in res.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_expert_deltas_are_read_one_expert_at_a_time(tmp_path: Path) -> None:
     """extract's reader hands a 3-D parameter over as per-expert deltas: the same numbers and norm
     as the whole difference, and a NaN named with its side (bench_moe measures the memory)."""

@@ -200,8 +200,7 @@ def plan_terms(
                     fix="is this adapter for another model (or size of it)?",
                 )
             stored = dtype_name(replace[key].dtype) if key in replace else ckpt.info(key).dtype
-            if (why := non_float_weight(stored)) is not None:
-                raise UnsupportedCheckpointError(why, path=name, key=key, fix=NON_FLOAT_FIX)
+            _require_float(stored, name, key)
             bias_key = None
             if module.bias is not None:
                 bias_key = found[path] + ".bias"
@@ -266,7 +265,10 @@ def _expert_terms(
                 expected=[module.out_features, module.in_features], got=[list(s) for _, s in apart],
                 fix="is this adapter for another model?",
             )  # fmt: skip
+        for k, _ in apart:
+            _require_float(ckpt.info(k).dtype, name, k)
         return [(k, Term(piece, kind, factor * module.scaling)) for (k, _), (piece, kind) in zip(apart, pieces)]
+    _require_float(ckpt.info(key).dtype, name, key)
     shape = tuple(ckpt.info(key).shape)
     kind = experts.stored_kind(shape, module, transposed_model=transposed)
     if kind is None:
@@ -277,6 +279,12 @@ def _expert_terms(
             fix="is this adapter for another model?",
         )  # fmt: skip
     return [(key, Term(module, kind, factor * module.scaling, expert=e))]
+
+
+def _require_float(stored: str, name: str, key: str) -> None:
+    """Refuse a base weight whose dtype (a safetensors name) is not floating point (validation's rule)."""
+    if (why := non_float_weight(stored)) is not None:
+        raise UnsupportedCheckpointError(why, path=name, key=key, fix=NON_FLOAT_FIX)
 
 
 def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: str) -> None:
