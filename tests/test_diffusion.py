@@ -100,6 +100,40 @@ def test_a_diffusers_lora_merges_into_its_component_as_diffusers_applies_it(tmp_
     assert all(torch.equal(merged[k], before[k]) for k in untouched)
 
 
+def test_a_dora_file_merges_as_peft_merges_it_and_one_without_magnitudes_is_refused(tmp_path: Path) -> None:
+    """A diffusers LoRA file written with use_dora (its lora_magnitude_vector beside the factors) merges as
+    PEFT merges the loaded adapter; the same LoraConfig without the magnitudes is refused by name, as in a
+    PEFT directory (PEFT would start them from the base's weight norms: merge had merged a plain LoRA)."""
+    import json
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    unet = tiny_unet()
+    base = pipeline(unet, tmp_path / "pipe", "unet")
+    file, holder = lora_file(unet, tmp_path / "lora", "unet", ["to_q", "to_k", "to_v", "to_out.0"], use_dora=True)
+    for module in holder.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    want = {k.replace(".base_layer", ""): v for k, v in holder.state_dict().items() if "lora_" not in k}
+    run("merge", base, file, "-o", tmp_path / "merged", "-q")
+    merged = merged_state(tmp_path / "merged")
+    assert merged.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v for k, v in load_file(str(file)).items() if "lora_magnitude_vector" not in k}
+    save_file(tensors, str(tmp_path / "bare.safetensors"), metadata=metadata)
+    assert json.loads(metadata["lora_adapter_metadata"])["unet.use_dora"] is True
+    for args in (("validate", tmp_path / "bare.safetensors"), ("merge", base, tmp_path / "bare.safetensors", "-o",
+                                                                tmp_path / "m")):  # fmt: skip
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 1 and "no lora_magnitude_vector" in result.output, result.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_extract_writes_a_file_diffusers_loads_as_the_finetune(tmp_path: Path) -> None:
     unet = tiny_unet()
     base = pipeline(unet, tmp_path / "pipe", "unet")

@@ -102,16 +102,24 @@ def _require_well_formed(adapter: Adapter) -> None:
             raise ShapeMismatchError("the module has rank 0: lora_A and lora_B hold no factors", path=adapter.path,
                                      key=path, expected="A (r, in), B (out, r) with r >= 1",
                                      got=f"A {list(m.lora_A.shape)}, B {list(m.lora_B.shape)}")  # fmt: skip
-    if adapter.config.get("use_dora") is True:
-        bare = next((path for path, m in adapter.modules.items() if m.magnitude is None), None)
-        if bare is not None:
-            raise MissingKeyError(
-                "use_dora is true in adapter_config.json, but this module has no lora_magnitude_vector: PEFT "
-                "would start it from the base's weight norms and merge something else than the trained adapter",
-                path=adapter.path, key=bare,
-                fix="save the adapter again with PEFT (save_pretrained keeps the magnitudes), or set use_dora to "
-                "false if it was not trained with DoRA",
-            )  # fmt: skip
+    bare = next((path for path, m in adapter.modules.items() if m.magnitude is None and _uses_dora(adapter, path)),
+                None)  # fmt: skip
+    if bare is not None:
+        raise MissingKeyError(
+            "use_dora is true in the adapter's LoraConfig, but this module has no lora_magnitude_vector: PEFT "
+            "would start it from the base's weight norms and merge something else than the trained adapter",
+            path=adapter.path, key=bare,
+            fix="save the adapter again with PEFT (save_pretrained keeps the magnitudes), or set use_dora to "
+            "false if it was not trained with DoRA",
+        )  # fmt: skip
+
+
+def _uses_dora(adapter: Adapter, path: str) -> bool:
+    """Whether the LoraConfig of module ``path`` sets use_dora: the adapter's, or in a diffusers file
+    (``config["components"]``) that of the module's pipeline component."""
+    components = adapter.config.get("components")
+    config = (components.get(path.partition(".")[0]) or {}) if components else adapter.config
+    return config.get("use_dora") is True
 
 
 def _require_finite_scaling(adapter: Adapter) -> None:
