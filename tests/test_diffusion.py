@@ -134,6 +134,35 @@ def test_a_dora_file_merges_as_peft_merges_it_and_one_without_magnitudes_is_refu
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [("init_lora_weights", "pissa", "rewritten base"), ("alora_invocation_tokens", [1, 2], "Activated LoRA"),
+     ("use_qalora", True, "QALoRA")],
+)  # fmt: skip
+def test_a_component_config_that_is_not_a_weight_delta_is_refused_as_in_a_peft_directory(
+    tmp_path: Path, field: str, value: object, says: str
+) -> None:
+    """A component's LoraConfig in lora_adapter_metadata that makes the adapter something other than
+    scaling * B @ A on the base (a base-rewriting init, an Activated LoRA, a LoRA variant) is refused by
+    merge as in a PEFT directory's adapter_config.json; merge had merged such files as plain LoRA."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    unet = tiny_unet()
+    base = pipeline(unet, tmp_path / "pipe", "unet")
+    file, _ = lora_file(unet, tmp_path / "lora", "unet", ["to_q", "to_k"])
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["lora_adapter_metadata"]) | {f"unet.{field}": value}
+    save_file(load_file(str(file)), str(tmp_path / "odd.safetensors"),
+              metadata=metadata | {"lora_adapter_metadata": json.dumps(config)})  # fmt: skip
+    result = CliRunner().invoke(cli, ["merge", str(base), str(tmp_path / "odd.safetensors"), "-o", str(tmp_path / "m")])
+    assert result.exit_code == 1 and says in result.output and field in result.output, result.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_extract_writes_a_file_diffusers_loads_as_the_finetune(tmp_path: Path) -> None:
     unet = tiny_unet()
     base = pipeline(unet, tmp_path / "pipe", "unet")

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapter import Adapter, LoraModule
-from ..errors import InputFileError, MetadataError
+from ..adapter import BASE_REWRITING_INITS, Adapter, LoraModule
+from ..errors import InputFileError, MetadataError, UnsupportedAdapterError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.writer import save_tensors
@@ -99,6 +99,21 @@ def _require_typed(configs: Mapping[str, Mapping[str, Any]], file: Path) -> None
             )  # fmt: skip
 
 
+def _merge_fields(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The components' LoraConfig fields that decide whether the adapter is a weight delta at all, raised to
+    the adapter's config, where merge and the runtime checks look for them as in a PEFT directory: a
+    base-rewriting init (PiSSA, OLoRA...), an Activated LoRA's invocation tokens, layer_replication."""
+    out: dict[str, Any] = {}
+    for cfg in configs.values():
+        init = cfg.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+            out.setdefault("init_lora_weights", init)
+        for field in ("alora_invocation_tokens", "layer_replication"):
+            if cfg.get(field):
+                out.setdefault(field, cfg[field])
+    return out
+
+
 def read_diffusers(file: Path, *, lazy: bool = False) -> Adapter:
     """Read a diffusers LoRA file: modules under ``<component>.<module path>``."""
     slots: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -113,6 +128,13 @@ def read_diffusers(file: Path, *, lazy: bool = False) -> Adapter:
             slots.setdefault((sc[0], parsed.module), {})[parsed.slot] = ckpt.get_meta(key) if lazy else ckpt.get(key)
     configs = component_configs(metadata, file)
     _require_typed(configs, file)
+    for component, cfg in configs.items():  # what a PEFT directory's reader refuses, a component's too
+        variant = next((f for f in peft.LORA_VARIANTS if cfg.get(f)), None)
+        if variant is not None:
+            raise UnsupportedAdapterError(
+                f"{component}.{variant} is set: {peft.LORA_VARIANTS[variant]}; loratool reads LoRA whose delta is "
+                "scaling * B @ A, and DoRA", path=str(file), fix="merge it with PEFT where PEFT can, or serve it so",
+            )  # fmt: skip
     modules = {}
     for (component, path), s in slots.items():
         config = configs.get(component)
@@ -120,7 +142,7 @@ def read_diffusers(file: Path, *, lazy: bool = False) -> Adapter:
         if config is None:  # no LoraConfig written: diffusers scales every module by 1
             module.alpha = float(module.rank)
         modules[f"{component}.{path}"] = module
-    config = {"peft_type": "LORA", "components": {c: configs.get(c, {}) for c, _ in slots}}
+    config = {"peft_type": "LORA", "components": {c: configs.get(c, {}) for c, _ in slots}, **_merge_fields(configs)}
     return Adapter(modules=modules, config=config, metadata=metadata, format="diffusers", path=str(file))
 
 
