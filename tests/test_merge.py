@@ -335,6 +335,22 @@ def test_refuses_float16_overflow(tmp_path: Path, cli) -> None:
              "tensor 'model.layers.1.mlp.down_proj.weight': the merged weight does not fit float16")  # fmt: skip
 
 
+def test_a_tensor_written_as_read_that_float16_cannot_hold_is_refused(tmp_path: Path, cli) -> None:
+    """--dtype float16 casts the tensors no adapter touches too: one holding a finite value past float16's
+    range (here the final norm) would be written as Inf, so it is refused by name (merge and unmerge had
+    written it); bfloat16 holds it."""
+    from safetensors.torch import load_file
+
+    base, adapter = make(tmp_path, "llama")
+    edit_tensors(base / "model.safetensors", lambda ts: ts["model.norm.weight"].__setitem__(0, 1e5))
+    for command in ("merge", "unmerge"):
+        _refused(cli, tmp_path, [command, base, adapter, "--dtype", "float16"],
+                 "tensor 'model.norm.weight': holds 100000, beyond float16's range")  # fmt: skip
+    res = cli("merge", base, adapter, "--dtype", "bfloat16", "-o", tmp_path / "bf16", "-q")
+    norm = load_file(str(tmp_path / "bf16" / "model.safetensors"))["model.norm.weight"]
+    assert res.exit_code == 0 and float(norm[0]) == float(torch.tensor(1e5).to(torch.bfloat16))  # 99840
+
+
 def test_failure_midway_leaves_no_output_and_inputs_intact(tmp_path: Path, fixtures: Path, monkeypatch) -> None:
     from loratool.io import writer as output
 

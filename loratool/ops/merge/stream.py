@@ -159,6 +159,7 @@ class Stream:
             w, pooled = self._merge_blocked(key, w_in, out_dtype), True
         elif w32 is None:
             w, pooled = w_in, False
+            _require_castable(w_in, out_dtype, key)
         else:
             w, pooled = self._add(key, w32, out_dtype, w_in), self.device.type == "cpu"
         if self.check is not None and self.reference is not None:
@@ -566,6 +567,27 @@ def _require_finite(w32: torch.Tensor, out_dtype: torch.dtype, key: str, base: t
             key=key,
             fix="check the scale you gave and the adapter's factors, or write another --dtype",
         )
+
+
+def _require_castable(w: torch.Tensor, out_dtype: torch.dtype, key: str) -> None:
+    """Refuse a tensor written as read but cast to a dtype of smaller range (float16 from bfloat16 or
+    float32) whose finite values that dtype cannot hold: the cast would write them as Inf. (NaN and Inf
+    already there are the input's, passed on as read.)"""
+    if not (w.is_floating_point() and out_dtype.is_floating_point and w.numel() and out_dtype != w.dtype):
+        return
+    top = torch.finfo(out_dtype).max
+    if top >= torch.finfo(w.dtype).max:
+        return
+    lo, hi = (float(x) for x in torch.aminmax(w))  # one pass; the masks below only where it may not fit
+    if -top <= lo and hi <= top:
+        return
+    beyond = torch.isfinite(w) & (w.abs() > top)
+    if bool(beyond.any()):
+        value, name = float(w[tuple(int(i) for i in beyond.nonzero()[0])]), str(out_dtype).removeprefix("torch.")
+        raise NonFiniteError(
+            f"holds {value:g}, beyond {name}'s range ({top:g}): the cast to it would write Inf",
+            key=key, fix="write another --dtype (bfloat16 holds float32's range)",
+        )  # fmt: skip
 
 
 def _reference_tensor(reference: Checkpoint, key: str) -> torch.Tensor:
