@@ -238,19 +238,25 @@ def _run(
         else (max(m.rank for a, _, _ in loaded for m in a.modules.values()) if energy is None else None)
     )
 
-    def combine_one(path: str) -> tuple[LoraModule, ModuleReport]:
+    def combine_one(path: str) -> tuple[LoraModule, ModuleReport, str | None]:
         terms = [(a.modules[path], w) for a, w, _ in loaded if path in a.modules]
         return _combine_module(path, terms, method, cap, energy, dev, sparse)
 
     # Small per-module factor work runs one module per core; dense deltas (the _svd forms) are large
     # enough for torch's own threads, and one at a time keeps memory to one module's.
     results = map_on_cores(combine_one, paths, enabled=dev.type == "cpu" and method not in DENSE_SVD)
-    for path, (module, report) in zip(
+    cancelled = []
+    for path, (module, report, note) in zip(
         paths, progress(results, total=len(paths), desc=operation, enabled=show_progress)
     ):
         expert = next(a.modules[path].expert for a, _, _ in loaded if path in a.modules)
         result.adapter.modules[path] = module if expert is None else replace(module, expert=expert)
         result.report.append(report)
+        cancelled += [note] if note else []
+    if cancelled:
+        result.warnings.append(f"{len(cancelled)} module(s) where the sources cancel (their weighted sum under "
+                               f"{CANCELLED:g} of their norms: zero to float32's rounding), written as zeros (first: "
+                               f"{cancelled[0]})")  # fmt: skip
     _retie(loaded, result.adapter.modules, result.warnings)
     for a, _, name in loaded:
         for key, t in a.whole.items():
@@ -369,7 +375,8 @@ def _combine_module(
     energy: float | None,
     dev: torch.device,
     sparse: SparseOptions = SparseOptions(),
-) -> tuple[LoraModule, ModuleReport]:
+) -> tuple[LoraModule, ModuleReport, str | None]:
+    """One module's combination, its report, and a note where its sources cancel."""
     first = terms[0][0]
     for m, _ in terms:
         if m.kind != first.kind or m.weight_shape != first.weight_shape:
@@ -385,6 +392,10 @@ def _combine_module(
         As.append(m.lora_A.to(dev, torch.float32) * (root if c >= 0 else -root))  # the sign on A, as PEFT does
     bias = _combined_bias(terms, dev)
     shape = first.weight_shape
+    if method == "svd" and (cancelled := _cancelled(Bs, As)) is not None:  # the sum it truncates is zero
+        b, a = torch.zeros(Bs[0].shape[0], 1, device=dev), torch.zeros(1, As[0].shape[1], device=dev)
+        module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=1.0, kind=first.kind, bias=bias, kernel=first.kernel)
+        return module, ModuleReport(path, shape, 1, 0.0, 1.0, first.kind), f"{path}, {cancelled:.1e}"
     if method in FACTOR_WISE:
         b, a, stats = _factor_wise(path, terms, method, dev, sparse)  # (out, r), (r, in)
         r = b.shape[1]
@@ -412,7 +423,21 @@ def _combine_module(
         kept = svd.energy_share(r)
         report = ModuleReport(path, shape, r, relative_error(svd, r), kept, first.kind)
     module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=float(r), kind=first.kind, bias=bias, kernel=first.kernel)
-    return module, report
+    return module, report, None
+
+
+CANCELLED = 1e-6  # a weighted sum of deltas this small beside its terms is zero to float32's rounding
+
+
+def _cancelled(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> float | None:
+    """||sum_i B_i A_i|| / sum_i ||B_i A_i|| where the sources cancel (below CANCELLED: A and A:-1, say),
+    else None. An SVD of such a sum factors rounding noise, and its relative error divides noise by noise.
+    (Only --method svd truncates that sum: TIES, DARE and pruning combine something else, by definition.)"""
+    parts = sum(math.sqrt(max(factored_sq_norm([b], [a]), 0.0)) for b, a in zip(Bs, As))
+    if parts == 0.0:
+        return None  # all-zero sources: their sum is written as it is
+    ratio = math.sqrt(max(factored_sq_norm(Bs, As), 0.0)) / parts
+    return ratio if ratio < CANCELLED else None
 
 
 def _factor_wise(
