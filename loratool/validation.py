@@ -30,10 +30,10 @@ from .arch import (
     tied_output,
     untied_partner,
 )
-from .errors import LoraToolError, MetadataError
+from .errors import LoraToolError, MetadataError, UnsupportedCheckpointError
 from .formats import diffusers, kohya, load_adapter, peft
 from .formats.kohya import resolve_paths
-from .io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
+from .io.checkpoint import FLOAT_DTYPES, Checkpoint, dtype_kind, open_checkpoint
 from .io.logical import model_view
 from .metadata.provenance import PROVENANCE_KEY, decode, tensors_sha256
 from .metadata.schema import check
@@ -175,10 +175,20 @@ NON_FLOAT_FIX = ("is this a quantized checkpoint whose quantization_config is mi
 def non_float_weight(dtype: str) -> str | None:
     """Why a base weight stored as ``dtype`` (a safetensors name) cannot take an adapter's delta, or None
     where it can (the floating-point names: F32, BF16, F8_E4M3...)."""
-    if dtype.startswith(("F", "BF")):
+    if dtype_kind(dtype) == "floating-point":
         return None
     return (f"the base weight is {dtype}, not floating point: the adapter's delta would be rounded to whole "
             "numbers, most of it to nothing")  # fmt: skip
+
+
+def require_float_weight(dtype: str, *, path: str | None, key: str, consequence: str = "") -> None:
+    """Raise :func:`non_float_weight`'s reason, with what else it would spoil (``consequence``), if any.
+
+    Raises:
+        UnsupportedCheckpointError: naming the weight.
+    """
+    if (why := non_float_weight(dtype)) is not None:
+        raise UnsupportedCheckpointError(why + consequence, path=path, key=key, fix=NON_FLOAT_FIX)
 
 
 def check_fit(

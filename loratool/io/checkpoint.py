@@ -41,6 +41,16 @@ DTYPE_SIZES = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
+def dtype_kind(name: str) -> str:
+    """A safetensors dtype name's kind: ``"floating-point"`` (F16, BF16, F32, F8_E4M3...), ``"integer"``
+    (I8, U8...), ``"boolean"``, or ``"other"`` (complex C64, say)."""
+    if name == "BOOL":
+        return "boolean"
+    if name[:1] in ("I", "U"):
+        return "integer"
+    return "floating-point" if name.startswith(("F", "BF")) else "other"
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for a safetensors dtype name (``"BF16"``) or a user spelling (``"bf16"``)."""
     import torch

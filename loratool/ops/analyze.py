@@ -32,7 +32,7 @@ import torch
 from .. import arch
 from ..adapter import Adapter, Kind, LoraModule
 from ..analysis import spectral
-from ..errors import LoraToolError, UnsupportedCheckpointError
+from ..errors import LoraToolError
 from ..formats import is_adapter, load_adapter
 from ..formats.kohya import resolve_paths
 from ..host import compile_regex, progress, resolve_device
@@ -52,7 +52,7 @@ from ..report import Dropped
 from ..stream.deltas import Delta, DeltaReader, fp8_companions, module_generator, paired_keys, read_weight
 from ..stream.pipeline import BufferPool, give_back, widen
 from ..stream.workers import read_side_by_side, side_by_side_workers
-from ..validation import NON_FLOAT_FIX, non_float_weight, require_valid
+from ..validation import require_float_weight, require_valid
 
 Mode = Literal["checkpoints", "adapter", "adapters"]
 DEFAULT_TOP_K = 64
@@ -397,10 +397,8 @@ def _analyze_adapters(
             spectrum = FactoredSVD.of([m.lora_B.to(device) * m.scaling], [m.lora_A.to(device)], dtype=torch.float64)
             a = _describe(name, m.kind, m.weight_shape, spectrum.S, spectrum.total_energy, True)
             if name in weights and ck is not None:
-                dtype = ck.info(weights[name]).dtype
-                if (why := non_float_weight(dtype)) is not None:
-                    raise UnsupportedCheckpointError(why + "; its amplification factor would measure that rounding",
-                                                     path=str(base), key=weights[name], fix=NON_FLOAT_FIX)  # fmt: skip
+                require_float_weight(ck.info(weights[name]).dtype, path=str(base), key=weights[name],
+                                     consequence="; its amplification factor would measure that rounding")  # fmt: skip
                 t = spectrum.truncate()
                 w = read_weight(ck, fp8, weights[name], device).to(device, torch.float64)  # as stored: on the CPU
                 a.amplification = spectral.amplification(t.U, t.S, t.Vh, out_in(w, m.kind), ranks)

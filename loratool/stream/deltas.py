@@ -13,7 +13,7 @@ import torch
 
 from ..arch import OUTPUT_LAYER, UNTIE_STEPS, is_embedding, tied_output
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedCheckpointError
-from ..io.checkpoint import Checkpoint, torch_dtype
+from ..io.checkpoint import Checkpoint, dtype_kind, torch_dtype
 from ..io.directread import STRIP_BYTES, DirectReader
 from ..math.linalg import is_finite, squared_norm
 from ..quant.fp8 import check_scale, dequantize_fp8
@@ -289,19 +289,14 @@ def paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:
                 got=list(jf.shape),
                 fix="was the vocabulary resized? Compare checkpoints of one architecture",
             )
-        if _kind(ib.dtype) != _kind(jf.dtype):  # a difference of floats and integers means nothing
+        kb, kf = dtype_kind(ib.dtype), dtype_kind(jf.dtype)
+        if kb != kf:  # a difference of floats and integers means nothing
             raise UnsupportedCheckpointError(
-                f"the base holds {_kind(ib.dtype)} values ({ib.dtype}) and the fine-tune {_kind(jf.dtype)} ones "
-                f"({jf.dtype}): a weight quantized on one side without a quantization_config that says how, or a "
-                "damaged tensor", key=k,
+                f"the base holds {kb} values ({ib.dtype}) and the fine-tune {kf} ones ({jf.dtype}): a weight "
+                "quantized on one side without a quantization_config that says how, or a damaged tensor", key=k,
                 fix="compare checkpoints whose weights are both floating point (or quantized with their configs)",
             )  # fmt: skip
     return keys
-
-
-def _kind(dtype: str) -> str:
-    """A safetensors dtype's kind: floating point (F16, BF16, F32, F8_E4M3...), integer (I8, U8...) or boolean."""
-    return "boolean" if dtype == "BOOL" else "integer" if dtype[0] in "IU" else "floating-point"
 
 
 def grown_vocabulary(b: Checkpoint, f: Checkpoint) -> list[str]:

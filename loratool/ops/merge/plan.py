@@ -25,7 +25,7 @@ from ...formats import AdapterArg, diffusers, load_adapter, split_scale
 from ...formats.kohya import resolve_paths
 from ...io.checkpoint import Checkpoint, dtype_name
 from ...io.logical import RenamedView
-from ...validation import NON_FLOAT_FIX, non_float_weight, require_valid
+from ...validation import require_float_weight, require_valid
 
 
 @dataclass
@@ -200,7 +200,7 @@ def plan_terms(
                     fix="is this adapter for another model (or size of it)?",
                 )
             stored = dtype_name(replace[key].dtype) if key in replace else ckpt.info(key).dtype
-            _require_float(stored, name, key)
+            require_float_weight(stored, path=name, key=key)
             bias_key = None
             if module.bias is not None:
                 bias_key = found[path] + ".bias"
@@ -266,9 +266,9 @@ def _expert_terms(
                 fix="is this adapter for another model?",
             )  # fmt: skip
         for k, _ in apart:
-            _require_float(ckpt.info(k).dtype, name, k)
+            require_float_weight(ckpt.info(k).dtype, path=name, key=k)
         return [(k, Term(piece, kind, factor * module.scaling)) for (k, _), (piece, kind) in zip(apart, pieces)]
-    _require_float(ckpt.info(key).dtype, name, key)
+    require_float_weight(ckpt.info(key).dtype, path=name, key=key)
     shape = tuple(ckpt.info(key).shape)
     kind = experts.stored_kind(shape, module, transposed_model=transposed)
     if kind is None:
@@ -279,12 +279,6 @@ def _expert_terms(
             fix="is this adapter for another model?",
         )  # fmt: skip
     return [(key, Term(module, kind, factor * module.scaling, expert=e))]
-
-
-def _require_float(stored: str, name: str, key: str) -> None:
-    """Refuse a base weight whose dtype (a safetensors name) is not floating point (validation's rule)."""
-    if (why := non_float_weight(stored)) is not None:
-        raise UnsupportedCheckpointError(why, path=name, key=key, fix=NON_FLOAT_FIX)
 
 
 def _check_dora(module: LoraModule, kind: Kind, scale: float, name: str, key: str) -> None:
