@@ -392,10 +392,6 @@ def _combine_module(
         As.append(m.lora_A.to(dev, torch.float32) * (root if c >= 0 else -root))  # the sign on A, as PEFT does
     bias = _combined_bias(terms, dev)
     shape = first.weight_shape
-    if method == "svd" and (cancelled := _cancelled(Bs, As)) is not None:  # the sum it truncates is zero
-        b, a = torch.zeros(Bs[0].shape[0], 1, device=dev), torch.zeros(1, As[0].shape[1], device=dev)
-        module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=1.0, kind=first.kind, bias=bias, kernel=first.kernel)
-        return module, ModuleReport(path, shape, 1, 0.0, 1.0, first.kind), f"{path}, {cancelled:.1e}"
     if method in FACTOR_WISE:
         b, a, stats = _factor_wise(path, terms, method, dev, sparse)  # (out, r), (r, in)
         r = b.shape[1]
@@ -415,6 +411,11 @@ def _combine_module(
         report = ModuleReport(path, shape, r, 0.0, 1.0, first.kind)
     else:
         spectrum = FactoredSVD.of(Bs, As)
+        if (cancelled := _cancelled(Bs, As, spectrum.total_energy)) is not None:  # the sum it truncates is zero
+            b, a = torch.zeros(Bs[0].shape[0], 1, device=dev), torch.zeros(1, As[0].shape[1], device=dev)
+            module = LoraModule(lora_A=a.cpu(), lora_B=b.cpu(), alpha=1.0, kind=first.kind, bias=bias,
+                                kernel=first.kernel)  # fmt: skip
+            return module, ModuleReport(path, shape, 1, 0.0, 1.0, first.kind), f"{path}, {cancelled:.1e}"
         k = min(cap or spectrum.S.shape[0], spectrum.S.shape[0])
         r = k if energy is None else rank_for_energy(spectrum.S, spectrum.total_energy, energy, k)
         r = max(r, 1)
@@ -429,14 +430,16 @@ def _combine_module(
 CANCELLED = 1e-6  # a weighted sum of deltas this small beside its terms is zero to float32's rounding
 
 
-def _cancelled(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> float | None:
+def _cancelled(Bs: list[torch.Tensor], As: list[torch.Tensor], total: float) -> float | None:
     """||sum_i B_i A_i|| / sum_i ||B_i A_i|| where the sources cancel (below CANCELLED: A and A:-1, say),
-    else None. An SVD of such a sum factors rounding noise, and its relative error divides noise by noise.
-    (Only --method svd truncates that sum: TIES, DARE and pruning combine something else, by definition.)"""
+    else None; ``total`` is the sum's squared norm as the SVD has it. An SVD of such a sum factors
+    rounding noise, and its relative error divides noise by noise. (Only --method svd truncates that sum:
+    TIES, DARE and pruning combine something else, by definition.)"""
+    bound = sum(float(b.norm()) * float(a.norm()) for b, a in zip(Bs, As))  # >= sum_i ||B_i A_i||
+    if bound == 0.0 or total >= (CANCELLED * bound) ** 2:
+        return None  # (the common case, told from the factors' norms: the products' Gram matrices are not formed)
     parts = sum(math.sqrt(max(factored_sq_norm([b], [a]), 0.0)) for b, a in zip(Bs, As))
-    if parts == 0.0:
-        return None  # all-zero sources: their sum is written as it is
-    ratio = math.sqrt(max(factored_sq_norm(Bs, As), 0.0)) / parts
+    ratio = math.sqrt(max(factored_sq_norm(Bs, As), 0.0)) / parts if parts > 0.0 else 0.0
     return ratio if ratio < CANCELLED else None
 
 
