@@ -142,7 +142,7 @@ def _check_as_read(path: Path, report: ValidationReport, allow_pickle: bool) -> 
     try:
         adapter = load_adapter(path, allow_pickle=allow_pickle, lazy=True)  # headers, and kohya's alpha scalars
     except LoraToolError as e:
-        report.add("$" if e.key is None else f"modules/{e.key}", e.message)
+        report.add("$" if e.key is None else f"modules/{e.key}", e.message + (f"; {e.fix}" if e.fix else ""))
         return
     zero = sorted(name for name, m in adapter.modules.items() if m.scaling == 0)
     if zero:
