@@ -836,3 +836,51 @@ def test_an_error_met_ahead_is_raised_at_its_weight(tmp_path: Path, plain, monke
     third, thread = seen[2]
     assert third in str(e.value) and thread.startswith("loratool-ahead")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("fmt", ["int4-sym", "int4-asym"])
+def test_pooled_codes_go_back_to_the_pool_only_once_written(tmp_path: Path, plain, monkeypatch, fmt: str) -> None:
+    """The kernels write each 2-D weight's codes into a pooled buffer that the writer hands back once it
+    has written them (ops/merge/stream.py): with the writer slowed, so that results queue behind it
+    (a buffer handed back early would be reused by the next weight of its shape while still queued),
+    every buffer goes back after its write and every byte is the torch passes' (LORATOOL_NATIVE=0)."""
+    import time
+
+    from loratool.io.writer import CheckpointWriter
+    from loratool.quant import packed
+    from loratool.stream.pipeline import BufferPool
+
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", fmt)
+    into: list[int] = []
+    written: set[int] = set()
+    back: list[tuple[int, bool]] = []  # (buffer, whether it had been written by then)
+    native, write, give = packed.requantize_native, CheckpointWriter.write, BufferPool.give
+
+    def recorded(*args, codes_into=None, **kwargs):  # type: ignore[no-untyped-def]
+        if codes_into is not None:
+            into.append(codes_into.data_ptr())
+        return native(*args, codes_into=codes_into, **kwargs)
+
+    def slow(self, name, tensor):  # type: ignore[no-untyped-def]
+        time.sleep(0.01)
+        write(self, name, tensor)
+        written.add(tensor.data_ptr())
+
+    def given(self, t):  # type: ignore[no-untyped-def]
+        back.append((t.data_ptr(), t.data_ptr() in written))
+        give(self, t)
+
+    monkeypatch.setattr(packed, "requantize_native", recorded)
+    monkeypatch.setattr(CheckpointWriter, "write", slow)
+    monkeypatch.setattr(BufferPool, "give", given)
+    merge(tmp_path / "q", [adapter], output=tmp_path / "pooled", rounding="stochastic", min_kept=0.0,
+          show_progress=False)  # fmt: skip
+    assert len(into) == len(PROJ) * 2  # every weight's codes written into a pooled buffer
+    returned = [ok for ptr, ok in back if ptr in into]
+    assert len(returned) == len(into) and all(returned)  # each handed back, and only after its write
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    merge(tmp_path / "q", [adapter], output=tmp_path / "torch", rounding="stochastic", min_kept=0.0,
+          show_progress=False)  # fmt: skip
+    got, want = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("pooled", "torch"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -244,14 +244,17 @@ def requantize(
 
 
 def requantize_native(
-    w: PackedWeight, like: Parts, terms: LowRank, *, key: int | None, row0: int = 0
-) -> Requantized | None:
+    w: PackedWeight, like: Parts, terms: LowRank, *, key: int | None, row0: int = 0,
+    codes_into: torch.Tensor | None = None,
+) -> Requantized | None:  # fmt: skip
     """:func:`requantize` with ``keep_scales`` of ``dequantize(w, like) + terms.delta()`` (stored
     orientation), nearest or with the stream ``key``, by the compiled kernels in one pass that forms
     the delta too (csrc/lowbit.c: the same bytes; the kept sums in another order), the rows split
     across the cores. None where the kernels are not built or do not take this weight (GPTQ and AWQ,
     activation order, a float16 scale, a tensor not on the CPU), or where a merged value is not
-    finite: then the torch passes, which say where.
+    finite: then the torch passes, which say where. ``codes_into``: a contiguous tensor of
+    ``like["codes"]``'s shape and dtype that the codes are written into and returned as (a reused
+    buffer: fresh pages for every weight's codes cost the kernel a fault each); else a new one.
 
     Raises:
         NeedsFreshScales: as :func:`requantize`.
@@ -262,13 +265,20 @@ def requantize_native(
     left, right = terms.left, terms.right
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in (left, right)):
         return None
-    return _requantize_with(kernels, spec, w, like, terms, key, row0)
+    return _requantize_with(kernels, spec, w, like, terms, key, row0, codes_into)
 
 
 def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: PackedWeight, like: Parts,
-                     terms: LowRank, key: int | None, row0: int) -> Requantized | None:  # fmt: skip
+                     terms: LowRank, key: int | None, row0: int,
+                     codes_into: torch.Tensor | None = None) -> Requantized | None:  # fmt: skip
+    like_codes = like["codes"]
+    if codes_into is None:
+        codes_into = torch.empty(like_codes.shape, dtype=like_codes.dtype)
+    elif codes_into.shape != like_codes.shape or codes_into.dtype != like_codes.dtype or not codes_into.is_contiguous():
+        raise ValueError(f"codes_into must be contiguous, {tuple(like_codes.shape)} {like_codes.dtype}")
     codes, scale, zero, spans = _native_inputs(w, like, spec)
-    codes_out, scale_out, zero_out = torch.empty_like(codes), torch.empty_like(scale), torch.empty_like(zero)
+    codes_out = codes_into.view(torch.uint8).reshape(codes.shape)  # the same memory, as the kernels address it
+    scale_out, zero_out = torch.empty_like(scale), torch.empty_like(zero)
     sums = torch.zeros(len(spans), 3, dtype=torch.float64)
 
     def part(i: int) -> int:
@@ -285,8 +295,8 @@ def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: Pac
         return None
     if native.LOWBIT_FRESH in answers:
         raise NeedsFreshScales
-    like_codes, like_scale = like["codes"], like["scale"]
-    out: Parts = {"codes": codes_out.view(like_codes.dtype).reshape(like_codes.shape)}
+    like_scale = like["scale"]
+    out: Parts = {"codes": codes_into}
     out["scale"] = scale_out.to(like_scale.dtype) if w.scheme.format == "int" else scale_out.view(like_scale.dtype)
     if "zero" in like:
         out["zero"] = intpack.pack_int32(zero_out.T.contiguous(), w.scheme.bits).T.contiguous()

@@ -58,6 +58,7 @@ class Stream:
     _packed_next: dict[str, str] = field(default_factory=dict)
     _prepared: dict[tuple[str, int | None], Future[PackedInputs]] = field(default_factory=dict)
     _ahead: ThreadPoolExecutor | None = None
+    _pooled_codes: torch.Tensor | None = None  # the last packed weight's codes, when in a pool buffer
 
     def __post_init__(self) -> None:
         # FP8 weights to rewrite (those with terms, or all when dequantizing), by weight and by scale key
@@ -283,11 +284,13 @@ class Stream:
         pieces = [self._packed_requantized(w, e) for e in (range(w.experts) if w.experts else [None])]
         new = {role: (torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
                       else pieces[0][role]).cpu() for role in w.parts}  # fmt: skip
+        in_pool = {role: role == "codes" and new[role] is self._pooled_codes for role in w.parts}
+        self._pooled_codes = None
         for role, name in w.parts.items():
             if name != key:
-                self._stash[name] = (new[role], False)
-        mine = new[next(role for role, name in w.parts.items() if name == key)]
-        return mine, mine.dtype, False
+                self._stash[name] = (new[role], in_pool[role])
+        own = next(role for role, name in w.parts.items() if name == key)
+        return new[own], new[own].dtype, in_pool[own]
 
     def _parts(self, w: PackedWeight, expert: int | None = None) -> packed.Parts:
         """``w``'s stored tensors (one expert's) on the merge's device."""
@@ -342,14 +345,24 @@ class Stream:
         # strips of rows whose temporaries stay small; the subspace rule's column loop in torch passes
         # pays its overhead per strip, so without the compiled kernels it takes the weight whole
         step = rows if space is not None and not packed.subspace_compiled(self.device) else packed.strip_rows(w)
+        compiled = space is None and self.check is None  # the compiled kernels where they take the weight
+        # a 2-D weight's codes from the kernels go to the writer as they are: into a pooled buffer, which
+        # the writer hands back once written (fresh pages for every weight cost a fault each 4 KiB)
+        into = None
+        if compiled and expert is None and self.device.type == "cpu":
+            into = self.pool.take(parts["codes"].shape, parts["codes"].dtype, self.device)
         try:
-            compiled = space is None and self.check is None  # the compiled kernels where they take the weight
-            done = packed.requantize_native(w, parts, terms, key=stream) if compiled else None
+            done = packed.requantize_native(w, parts, terms, key=stream, codes_into=into) if compiled else None
             pieces = [(done.parts, done.kept)] if done is not None else [
                 self._packed_strip(w, name, parts, terms, start, min(rows, start + step), stream, space)
                 for start in range(0, rows, step)]  # fmt: skip
         except packed.NeedsFreshScales:
             pieces = [self._packed_strip(w, name, parts, terms, 0, rows, stream, space, keep=False)]
+        if into is not None:
+            if pieces[0][0]["codes"] is into:
+                self._pooled_codes = into  # _packed_result: the writer gives it back
+            else:
+                self.pool.give(into)
         out = packed.join_rows(w, [p for p, _ in pieces])
         kept = Kept()
         for _, k in pieces:
