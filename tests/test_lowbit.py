@@ -510,6 +510,14 @@ def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_
         merged = convert_moe_packed_tensors(written[key + "_blocks"], written[key + "_scales"], dtype=torch.float32)
         err = (merged - want[key]).abs().amax(dim=(1, 2))  # per expert, against a step of its largest value
         assert bool((err <= want[key].abs().amax(dim=(1, 2)) / 3).all()), (key, err)
+    # the kernels write each expert's codes in its place in the weight's one buffer: the torch passes' bytes
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    res = cli("merge", tmp_path / "q", tmp_path / "adapter", "-o", tmp_path / "torch", "--min-kept", "0",
+              "--rounding", "nearest")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    passes = load_file(str(tmp_path / "torch" / "model.safetensors"))
+    assert all(torch.equal(passes[k], written[k]) for k in written)
+    monkeypatch.delenv("LORATOOL_NATIVE")
     # the look-ahead thread prepares one expert ahead (never a whole weight's experts at once) and changes no byte
     from loratool.ops.merge import stream as merge_stream
 

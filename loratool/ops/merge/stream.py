@@ -58,7 +58,6 @@ class Stream:
     _packed_next: dict[str, str] = field(default_factory=dict)
     _prepared: dict[tuple[str, int | None], Future[PackedInputs]] = field(default_factory=dict)
     _ahead: ThreadPoolExecutor | None = None
-    _pooled_codes: torch.Tensor | None = None  # the last packed weight's codes, when in a pool buffer
 
     def __post_init__(self) -> None:
         # FP8 weights to rewrite (those with terms, or all when dequantizing), by weight and by scale key
@@ -281,16 +280,28 @@ class Stream:
             mine, other = (q, (scale, False)) if key == w.name else (scale, (q, False))
             self._stash[w.name + "_scale" if key == w.name else w.name] = other
             return mine, mine.dtype, False
-        pieces = [self._packed_requantized(w, e) for e in (range(w.experts) if w.experts else [None])]
+        codes = self._codes_buffer(w)
+        pieces = [self._packed_requantized(w, e, None if codes is None else codes if e is None else codes[e])
+                  for e in (range(w.experts) if w.experts else [None])]  # fmt: skip
         new = {role: (torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
-                      else pieces[0][role]).cpu() for role in w.parts}  # fmt: skip
-        in_pool = {role: role == "codes" and new[role] is self._pooled_codes for role in w.parts}
-        self._pooled_codes = None
+                      else pieces[0][role]).cpu() if role != "codes" or codes is None else codes
+               for role in w.parts}  # fmt: skip
+        in_pool = {role: role == "codes" and codes is not None for role in w.parts}
         for role, name in w.parts.items():
             if name != key:
                 self._stash[name] = (new[role], in_pool[role])
         own = next(role for role, name in w.parts.items() if name == key)
         return new[own], new[own].dtype, in_pool[own]
+
+    def _codes_buffer(self, w: PackedWeight) -> torch.Tensor | None:
+        """A pooled buffer for ``w``'s requantized codes as stored (each expert's in its place), which
+        the writer hands back once written, where the compiled kernels write them (CPU, nearest or
+        stochastic, no ``--check``): fresh pages for every weight cost a fault each 4 KiB, and a
+        mixture-of-experts weight's codes need no stacking. None elsewhere."""
+        if self.device.type != "cpu" or self.rounding.subspace or self.check is not None:
+            return None
+        info = self.ckpt.info(w.parts["codes"])
+        return self.pool.take(info.shape, torch_dtype(info.dtype), self.device)
 
     def _parts(self, w: PackedWeight, expert: int | None = None) -> packed.Parts:
         """``w``'s stored tensors (one expert's) on the merge's device."""
@@ -331,12 +342,13 @@ class Stream:
             self.check.add(written.cpu(), ref[expert] if expert is not None else ref, merged.cpu(), w.name)
         return written
 
-    def _packed_requantized(self, w: PackedWeight, expert: int | None) -> packed.Parts:
+    def _packed_requantized(self, w: PackedWeight, expert: int | None, into: torch.Tensor | None) -> packed.Parts:
         """One weight (or expert) dequantized, the terms added, requantized in its format by the rule:
         by the compiled kernels in one pass where they take it (they form the delta too, a chunk of a
         row at a time), else in torch passes a strip of rows at a time (rows round independently;
         temporaries of a strip's size, reused, where a weight's would cost more in fresh pages than
-        in arithmetic); the whole weight at once where NVFP4 needs a new tensor scale."""
+        in arithmetic); the whole weight at once where NVFP4 needs a new tensor scale. The codes are
+        written into ``into`` where given (the kernels write there; the torch passes' are copied)."""
         name = w.name if expert is None else f"{w.name}.{expert}"
         prepared = self._prepared.pop((w.name, expert), None)
         parts, terms, stream, space = prepared.result() if prepared is not None else self._packed_inputs(w, expert)
@@ -346,11 +358,6 @@ class Stream:
         # pays its overhead per strip, so without the compiled kernels it takes the weight whole
         step = rows if space is not None and not packed.subspace_compiled(self.device) else packed.strip_rows(w)
         compiled = space is None and self.check is None  # the compiled kernels where they take the weight
-        # a 2-D weight's codes from the kernels go to the writer as they are: into a pooled buffer, which
-        # the writer hands back once written (fresh pages for every weight cost a fault each 4 KiB)
-        into = None
-        if compiled and expert is None and self.device.type == "cpu":
-            into = self.pool.take(parts["codes"].shape, parts["codes"].dtype, self.device)
         try:
             done = packed.requantize_native(w, parts, terms, key=stream, codes_into=into) if compiled else None
             pieces = [(done.parts, done.kept)] if done is not None else [
@@ -358,12 +365,9 @@ class Stream:
                 for start in range(0, rows, step)]  # fmt: skip
         except packed.NeedsFreshScales:
             pieces = [self._packed_strip(w, name, parts, terms, 0, rows, stream, space, keep=False)]
-        if into is not None:
-            if pieces[0][0]["codes"] is into:
-                self._pooled_codes = into  # _packed_result: the writer gives it back
-            else:
-                self.pool.give(into)
         out = packed.join_rows(w, [p for p, _ in pieces])
+        if into is not None and out["codes"] is not into:
+            out["codes"] = into.copy_(out["codes"])
         kept = Kept()
         for _, k in pieces:
             kept = kept.add(k)
