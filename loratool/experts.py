@@ -199,9 +199,15 @@ def split_experts(
     experts = rows // rank
     a = lora_A.reshape(experts, rank, lora_A.shape[1])  # (E, r, in)
     b = lora_B.reshape(lora_B.shape[0], rank, experts)  # (out, r, E)
+
+    def own(t: torch.Tensor) -> torch.Tensor:  # each expert's factors apart from the stacked ones
+        # (a lazy read's meta tensors hold no data, and cloning a strided meta view costs torch a 0.3 s
+        # import of its symbolic shapes: every validate and merge of an experts adapter paid it)
+        return t if t.is_meta else t.clone()
+
     return {
         f"{parameter}.{e}": LoraModule(
-            lora_A=a[e].clone(), lora_B=b[:, :, e].clone(), alpha=alpha, use_rslora=use_rslora, expert=(e, experts)
+            lora_A=own(a[e]), lora_B=own(b[:, :, e]), alpha=alpha, use_rslora=use_rslora, expert=(e, experts)
         )
         for e in range(experts)
     }

@@ -120,6 +120,11 @@ def peft_deltas(model, adapter_name: str = "default") -> dict[str, torch.Tensor]
     }
 
 
+# main_in_a_process's ``then`` that says whether torch imported its symbolic shapes (sympy: 0.3 s or more), which
+# operations on a lazy read's meta tensors (a strided clone, a concatenation) set off
+SYMBOLIC_SHAPES = "print('symbolic shapes:', 'torch.fx.experimental.symbolic_shapes' in sys.modules)"
+
+
 def main_in_a_process(*argvs: list[str], then: str = "print('torch imported:', 'torch' in sys.modules)") -> str:
     """loratool's entry point (``loratool.cli.main``) on each command line in turn, in one fresh
     interpreter, each required to exit 0, then the statement ``then``: that interpreter's stdout."""

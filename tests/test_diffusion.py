@@ -418,3 +418,21 @@ def test_metadata_keys_of_no_component_are_left_out_as_diffusers_leaves_them(tmp
     run("merge", base, stray, "-o", tmp_path / "got", "-q")
     want, got = merged_state(tmp_path / "want"), merged_state(tmp_path / "got")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_fitting_a_flux_kohya_file_to_its_base_costs_torch_no_symbolic_shapes(tmp_path: Path) -> None:
+    """`validate --base` maps a Flux kohya file's names onto the base from the headers (factors as ``meta``
+    tensors): swapping the final modulation's shift and scale rows there by a concatenation made torch
+    import its symbolic shapes (sympy: about a second)."""
+    from helpers import SYMBOLIC_SHAPES, main_in_a_process
+    from safetensors.torch import save_file
+
+    flux = tiny_flux()
+    base = pipeline(flux, tmp_path / "pipe", "transformer")
+    stems = {"final_layer_adaLN_modulation_1": ["norm_out.linear"],
+             "double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                              "transformer_blocks.0.attn.to_v"]}  # fmt: skip
+    save_file(flux_kohya(flux, stems, 0), str(tmp_path / "flux.safetensors"))
+    out = main_in_a_process(["validate", tmp_path / "flux.safetensors", "--base", base],
+                            then=SYMBOLIC_SHAPES)  # fmt: skip
+    assert "symbolic shapes: False" in out, out

@@ -288,8 +288,8 @@ def flux_modules(modules: Mapping[str, LoraModule], shapes: Mapping[str, tuple[i
                 f"the kohya module '{name}' is Flux's {', '.join(paths)}, which the base does not have ({missing[0]})",
                 path=where, fix="give the Flux transformer it was trained for",
             )  # fmt: skip
-        if paths == ["norm_out.linear"]:
-            shift, scale = m.lora_B.chunk(2, dim=0)
+        if paths == ["norm_out.linear"] and not m.lora_B.is_meta:  # (a lazy read's factors hold no rows to swap,
+            shift, scale = m.lora_B.chunk(2, dim=0)  # and concatenating them makes torch import its symbolic shapes)
             m = dataclasses.replace(m, lora_B=torch.cat([scale, shift]))
         parts = [m] if len(paths) == 1 else split_module(m, [shapes[p][0] for p in paths])
         out.update(zip(paths, parts))

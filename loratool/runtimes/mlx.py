@@ -180,9 +180,10 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
             "names its checkpoint holds (language_model.model...), not transformers', and no vision tower",
             "merge the adapter (loratool merge) and convert the merged model, or serve it with PEFT",
         ))  # fmt: skip
+    experts: dict[str, int] = {}  # each 3-D experts parameter adapted -> its experts: one problem for all of them
     for path, m in sorted(adapter.modules.items()):
         if m.expert is not None:
-            out.append(Refusal(path, "mlx-lm has no LoRA layer for 3-D expert parameters", "use PEFT"))
+            experts[path.rpartition(".")[0]] = m.expert[1]
             continue
         if m.bias is not None:
             out.append(Refusal(path, "mlx-lm LoRA layers have no bias (lora_bias)", "merge the adapter instead"))
@@ -194,6 +195,8 @@ def mlx_refusals(adapter: Adapter) -> list[Refusal]:
                                "not supported: convert adapters of Llama-style models"))  # fmt: skip
         if m.kind == "conv2d":
             out.append(Refusal(path, "a Conv2d LoRA: mlx-lm's LoRA layers are linear", "use PEFT"))
+    out += [Refusal(path, f"mlx-lm has no LoRA layer for 3-D expert parameters ({n} experts adapted here)", "use PEFT")
+            for path, n in experts.items()]  # fmt: skip
     return out
 
 
