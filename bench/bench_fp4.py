@@ -264,12 +264,51 @@ def copy_and_sync(src: Path, dst: Path) -> float:
     return time.perf_counter() - t
 
 
-def run_speed(workdir: Path, layers: int, rank: int, repeats: int, rules: tuple[str, ...] = RULES) -> dict[str, Any]:
-    pair = ensure_pair(workdir, layers)
-    adapter = make_adapter(pair / "base", workdir / f"adapter-l{layers}", rank)
+def gpt_oss_20b_layer(workdir: Path, rank: int) -> tuple[Path, Path]:
+    """One gpt-oss-20b-shaped layer (32 experts, hidden and expert width 2880; a small vocabulary) with its
+    experts in MXFP4, and a rank-``rank`` PEFT adapter on both experts parameters (target_parameters),
+    its lora_B random: the checkpoint and the adapter, made once."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    root = workdir / "gpt-oss-20b-l1"
+    base, adapter = root / "mxfp4", root / f"adapter-r{rank}"
+    if not (adapter / "adapter_config.json").exists():
+        torch.manual_seed(0)
+        config = tf.GptOssConfig(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+                                 num_hidden_layers=1, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                                 vocab_size=1024, layer_types=["full_attention"], tie_word_embeddings=False)  # fmt: skip
+        model = tf.GptOssForCausalLM(config).to(torch.bfloat16).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "experts" in name and p.dim() == 3:
+                    p.normal_(0, 0.02)
+        model.save_pretrained(root / "bf16")
+        mxfp4_gpt_oss(root / "bf16", base)
+        shutil.rmtree(root / "bf16")
+        targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        pm = get_peft_model(
+            model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[], target_parameters=targets)
+        )
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(adapter)
+    return base, adapter
+
+
+def run_speed(workdir: Path, layers: int, rank: int, repeats: int, rules: tuple[str, ...] = RULES,
+              formats: tuple[str, ...] = ("int4", "nvfp4")) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {"layers": layers, "rank": rank, "formats": {}}
-    for fmt in ("int4", "nvfp4"):
-        base = quantized_llama(pair / "base", workdir / f"1b-l{layers}-{fmt}", fmt)
+    for fmt in formats:
+        if fmt == "mxfp4":
+            base, adapter = gpt_oss_20b_layer(workdir, rank)
+        else:
+            pair = ensure_pair(workdir, layers)
+            adapter = make_adapter(pair / "base", workdir / f"adapter-l{layers}", rank)
+            base = quantized_llama(pair / "base", workdir / f"1b-l{layers}-{fmt}", fmt)
         home = keep_digests(fresh(workdir / "digest-home"), base, adapter)
         copies, times, warm = [], {r: [] for r in rules}, {r: [] for r in rules if r != "subspace"}
         kept, peak = {}, {}
@@ -323,7 +362,8 @@ def report(r: dict[str, Any]) -> str:
     if "speed" in r:
         s = r["speed"]
         lines += ["", f"merge a rank-{s['rank']} adapter into a Llama-1B-shaped checkpoint ({s['layers']} layers), "
-                      "projections 4-bit; against cp -r + sync of the same files (best of each)"]  # fmt: skip
+                      "projections 4-bit (mxfp4: one gpt-oss-20b-shaped layer, its 32 experts' two parameters); "
+                      "against cp -r + sync of the same files (best of each)"]  # fmt: skip
         for fmt, f in s["formats"].items():
             lines.append(f"  {fmt}: {f['gib']:.2f} GiB, copy {f['copy_s']:.1f} s")
             for rule, c in f["rules"].items():
@@ -337,13 +377,14 @@ def report(r: dict[str, Any]) -> str:
 
 
 def run(workdir: Path, layers: int = 4, rank: int = 16, device: str = "cpu", *, steps: int = 300,
-        repeats: int = 2, keep: bool = True, speed: bool = True, rules: tuple[str, ...] = RULES) -> dict[str, Any]:  # fmt: skip
+        repeats: int = 2, keep: bool = True, speed: bool = True, rules: tuple[str, ...] = RULES,
+        formats: tuple[str, ...] = ("int4", "nvfp4")) -> dict[str, Any]:  # fmt: skip
     """The figures (run_all's signature; the merges run on the CPU)."""
     result: dict[str, Any] = {"machine": machine()}
     if keep:
         result["keep"] = run_keep(workdir, steps, rank)
     if speed:
-        result["speed"] = run_speed(workdir, layers, rank, repeats, rules)
+        result["speed"] = run_speed(workdir, layers, rank, repeats, rules, formats)
     return result
 
 
@@ -359,11 +400,18 @@ def main() -> None:
     ap.add_argument(
         "--rules", default=",".join(RULES), help="The rounding rules the speed part times (comma-separated)."
     )
+    ap.add_argument(
+        "--formats",
+        default="int4,nvfp4",
+        help="The speed part's bases (comma-separated): int4 and "
+        "nvfp4 (--layers Llama-1B-shaped layers), mxfp4 (one gpt-oss-20b-shaped layer; made once, 0.5 GB)",
+    )
     ap.add_argument("--json", action="store_true", help="Print the figures as JSON.")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result = run(args.workdir, args.layers, args.rank, steps=args.steps, repeats=args.repeats,
-                 keep=not args.skip_keep, speed=not args.skip_speed, rules=tuple(args.rules.split(",")))  # fmt: skip
+                 keep=not args.skip_keep, speed=not args.skip_speed, rules=tuple(args.rules.split(",")),
+                 formats=tuple(args.formats.split(",")))  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else report(result))
 
 
