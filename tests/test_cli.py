@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
-from helpers import main_in_a_process
+from helpers import SYMBOLIC_SHAPES, main_in_a_process
 
 BASE = FIXTURES / "llama-base"
 FT = FIXTURES / "llama-ft"
@@ -181,6 +181,18 @@ def test_main_freezes_what_the_command_made_before_exit(tmp_path: Path) -> None:
     enabled, frozen, unfrozen = out.splitlines()[-1].split()
     assert (enabled, frozen) == ("True", "True") and int(unfrozen) < 1_000, unfrozen  # about 7,500 made after torch
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_everyday_commands_cost_torch_no_symbolic_shapes(tmp_path: Path) -> None:
+    """Reading adapters for their headers (meta tensors), merging, extracting: none of it makes torch import
+    its symbolic shapes (sympy, 0.3 s or more), which some operations on meta tensors set off (tests/helpers.py)."""
+    kohya = ADAPTER.parent / "llama-kohya.safetensors"
+    out = main_in_a_process(["validate", ADAPTER, "--base", BASE, "--runtime", "peft", "--runtime", "mlx"],
+                            ["inspect", ADAPTER], ["validate", kohya, "--base", BASE], ["inspect", kohya],
+                            ["merge", BASE, ADAPTER, "-o", tmp_path / "m", "-q"],
+                            ["extract", BASE, ADAPTER.parent / "llama-ft", "-r", "4", "-o", tmp_path / "e", "-q"],
+                            then=SYMBOLIC_SHAPES)  # fmt: skip
+    assert "symbolic shapes: False" in out, out
 
 
 def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
