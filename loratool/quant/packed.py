@@ -275,7 +275,7 @@ def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: Pac
     if codes_into is None:
         codes_into = torch.empty(like_codes.shape, dtype=like_codes.dtype)
     elif codes_into.shape != like_codes.shape or codes_into.dtype != like_codes.dtype or not codes_into.is_contiguous():
-        raise ValueError(f"codes_into must be contiguous, {tuple(like_codes.shape)} {like_codes.dtype}")
+        raise ValueError(f"codes_into must be contiguous, {like_codes.dtype}, of shape {tuple(like_codes.shape)}")
     codes, scale, zero, spans = _native_inputs(w, like, spec)
     codes_out = codes_into.view(torch.uint8).reshape(codes.shape)  # the same memory, as the kernels address it
     scale_out, zero_out = torch.empty_like(scale), torch.empty_like(zero)

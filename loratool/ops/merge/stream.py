@@ -283,9 +283,14 @@ class Stream:
         codes = self._codes_buffer(w)
         pieces = [self._packed_requantized(w, e, None if codes is None else codes if e is None else codes[e])
                   for e in (range(w.experts) if w.experts else [None])]  # fmt: skip
-        new = {role: (torch.stack([p[role] for p in pieces]) if w.experts and role in ("codes", "scale")
-                      else pieces[0][role]).cpu() if role != "codes" or codes is None else codes
-               for role in w.parts}  # fmt: skip
+        new = {}
+        for role in w.parts:
+            if role == "codes" and codes is not None:
+                new[role] = codes  # each piece's codes were written in their place
+            elif w.experts and role in ("codes", "scale"):
+                new[role] = torch.stack([p[role] for p in pieces]).cpu()
+            else:
+                new[role] = pieces[0][role].cpu()
         in_pool = {role: role == "codes" and codes is not None for role in w.parts}
         for role, name in w.parts.items():
             if name != key:
