@@ -311,6 +311,41 @@ def test_extract_from_a_quantized_base_equals_extract_from_its_dequantized_copy(
     assert [m["energy"] for m in first] == [m["energy"] for m in spectra]
 
 
+def test_extract_from_a_quantized_base_beside_a_cold_fine_tune(tmp_path: Path, plain, monkeypatch) -> None:
+    """A fine-tune mostly not in the page cache is read with O_DIRECT (the base, decoded from its parts,
+    is not). Each packed weight was then looked up by its model name in the stored files (a KeyError:
+    'a loratool bug'); now it is read as on a warm pair, and the adapter is the same bit for bit."""
+    from loratool.io import directread
+    from loratool.ops import extract as extract_op
+    from loratool.stream import deltas
+
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "int4-sym")
+    merge(tmp_path / "q", [adapter], output=tmp_path / "ft", dtype="bfloat16", show_progress=False)
+    warm = extract(tmp_path / "q", tmp_path / "ft", output=tmp_path / "warm", rank=4, show_progress=False)
+    reader = directread.DirectReader(buffers=1)
+    try:
+        if not reader.usable(tmp_path / "ft" / "model.safetensors"):
+            pytest.skip("this file system refuses O_DIRECT")
+    finally:
+        reader.close()
+    monkeypatch.setattr(extract_op, "resident_share", lambda paths: 0.0)  # as on a cold pair
+    monkeypatch.setattr("loratool.metadata.provenance.kept_sha256", lambda f: "0" * 64)  # (digests kept)
+    asked: list[str] = []
+    difference = deltas.DeltaReader._direct_difference
+
+    def spy(self, key):  # type: ignore[no-untyped-def]
+        asked.append(key)
+        return difference(self, key)
+
+    monkeypatch.setattr(deltas.DeltaReader, "_direct_difference", spy)
+    cold = extract(tmp_path / "q", tmp_path / "ft", output=tmp_path / "cold", rank=4, show_progress=False)
+    assert any(k.endswith("q_proj.weight") for k in asked)  # the direct path was asked for the packed weights
+    assert [r.relative_error for r in cold.report] == [r.relative_error for r in warm.report]
+    one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("warm", "cold"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_a_group_wider_than_a_row_is_the_row(tmp_path: Path) -> None:
     """A pack-quantized config whose group_size exceeds a row (one scale a row) reads and merges as
     group_size = the row's length, to the byte (a group size of 10^30 sized the kernels' buffers by

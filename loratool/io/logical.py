@@ -10,6 +10,7 @@ stored tensors (the wrapped :class:`Checkpoint`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import arch
@@ -76,6 +77,12 @@ class ModelView(Checkpoint):
             return packed.logical(w, packed.dequantize(w, self.parts(w)))
         return self.get_rows(key, 0, w.experts)
 
+    def byte_range(self, key: str) -> tuple[Path, int, int] | None:
+        """None for a packed weight (no tensor holds its values as the model does: it is decoded from
+        its parts), else the stored tensor's: reads that bypass safetensors take only the latter."""
+        self.info(key)
+        return None if key in self.layout.weights else self.stored.byte_range(key)
+
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         w = self.layout.weights.get(key)
         if w is None:
@@ -119,6 +126,10 @@ class RenamedView(Checkpoint):
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         self.info(key)
         return self.inner.get_rows(self._inner_names[key], start, stop)
+
+    def byte_range(self, key: str) -> tuple[Path, int, int] | None:
+        self.info(key)
+        return self.inner.byte_range(self._inner_names[key])
 
 
 def model_view(ckpt: Checkpoint, *, live_names: bool = True) -> Checkpoint:
