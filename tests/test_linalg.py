@@ -66,6 +66,8 @@ def test_squared_norm_is_accurate_on_large_tensors() -> None:
     half = t.bfloat16()
     assert abs(squared_norm(half) - float64_sq(half)) <= 2e-6 * float64_sq(half)  # rows in bf16: 1.6e-5
     assert squared_norm(torch.zeros(0, 3)) == 0.0
+    wide = t[:, :1024]  # a transposed view (a Conv1D or experts delta as (out, in)): its columns' norms, as accurate
+    assert abs(squared_norm(wide.T) - float64_sq(wide)) <= 1e-7 * float64_sq(wide)
     assert squared_norm(torch.tensor([[1.0, 2.0], [2.0, 4.0]])) == pytest.approx(25.0, rel=1e-6)
     assert math.isnan(squared_norm(torch.tensor([[1.0, float("nan")]])))
     assert math.isinf(squared_norm(torch.tensor([[1.0, float("inf")]])))

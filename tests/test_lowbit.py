@@ -584,11 +584,33 @@ def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_
     assert waiting == [1, 1, 1, 0], waiting  # four experts, each preparing the next
 
     # extract from the MXFP4 base and the bf16 merge: the experts' delta comes back as target_parameters
+    from loratool.quant import packed
+
+    decoded: list[bool] = []  # each packed expert's decoding: into a reused buffer?
+    dequantize = packed.dequantize
+
+    def counted(w, parts, out=None):  # type: ignore[no-untyped-def]
+        if w.experts is not None:
+            decoded.append(out is not None)
+        return dequantize(w, parts, out)
+
+    monkeypatch.setattr(packed, "dequantize", counted)
     a = extract(tmp_path / "q", tmp_path / "deq", output=tmp_path / "ex", rank=4, show_progress=False)
+    monkeypatch.undo()
     assert {m.module for m in a.report} >= {"model.layers.0.mlp.experts.gate_up_proj.0"}
     ex_cfg = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
     assert sorted(ex_cfg["target_parameters"]) == ["model.layers.0.mlp.experts.down_proj",
                                                    "model.layers.0.mlp.experts.gate_up_proj"]  # fmt: skip
+    # each expert decoded twice (the norm's pass, then the factoring), into a buffer of the pool; the
+    # adapter is the one the base's dequantized copy gives
+    assert decoded == [True] * (2 * 2 * 4), decoded
+    (tmp_path / "qdeq").mkdir()
+    save_file({k: v for k, v in q.items() if not k.endswith(("_blocks", "_scales"))} | oracle,
+              str(tmp_path / "qdeq" / "model.safetensors"))  # fmt: skip
+    (tmp_path / "qdeq" / "config.json").write_text((tmp_path / "bf" / "config.json").read_text())
+    extract(tmp_path / "qdeq", tmp_path / "deq", output=tmp_path / "ex2", rank=4, show_progress=False)
+    got, want = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ex", "ex2"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 # -- GPTQ and AWQ: read for extract and --dtype, refused in place -------------------------------------

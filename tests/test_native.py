@@ -588,3 +588,18 @@ def test_packed_kernels_that_disagree_with_torch_are_not_used(monkeypatch, kerne
         assert packed._kernels() is None
     w, parts, _ = _packed_case("nvfp4-ct", 37, 200)
     assert packed.requantize_native(w, parts, _terms(37, 200, 0.0), key=None) is None  # the torch passes, then
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4-ct", "int4-asym-bf16-g128"])
+def test_dequantize_into_a_buffer_gives_the_same_values(kernels, monkeypatch, fmt: str) -> None:
+    """``packed.dequantize(..., out=)`` writes the values into the buffer and returns it, by the kernels
+    and by the torch passes alike; a buffer of another shape is refused."""
+    w, parts, _ = _packed_case(fmt, 37, 1024)
+    want = packed.dequantize(w, parts)
+    out = torch.full(want.shape, float("nan"))
+    assert packed.dequantize(w, parts, out=out) is out and torch.equal(out, want)
+    with pytest.raises(ValueError, match="of shape"):
+        packed.dequantize(w, parts, out=torch.empty(want.shape[0], want.shape[1] + 1))
+    monkeypatch.setattr(packed, "_dequantize_native", lambda w, parts, out=None: None)  # the torch passes
+    out.fill_(float("nan"))
+    assert packed.dequantize(w, parts, out=out) is out and torch.equal(out, want)

@@ -146,6 +146,29 @@ def test_the_difference_in_strips_is_the_whole_difference(dtypes) -> None:
     assert got.dtype == torch.float32 and torch.equal(got, wf.float() - wb.float())
 
 
+def test_the_difference_from_a_transposed_base_is_the_whole_difference() -> None:
+    """A base side that is a transposed float32 view (a packed expert dequantized as stored, held as the
+    model holds it: gpt-oss's experts), beside a bfloat16 fine-tune: the same bits as the formula, the
+    transposed side copied whole into a pooled buffer (strips of it are columns of what is stored)."""
+    from loratool.stream.pipeline import BufferPool, widen_difference
+
+    g = torch.Generator().manual_seed(1)
+    stored = torch.randn(1500, 1000, generator=g)  # (out, in) as stored; the model holds (in, out)
+    wf = torch.randn(1000, 1500, generator=g).bfloat16()
+    pool = BufferPool()
+    taken: list[tuple[int, ...]] = []
+    take = pool.take
+
+    def recorded(shape, dtype, device):  # type: ignore[no-untyped-def]
+        taken.append(tuple(shape))
+        return take(shape, dtype, device)
+
+    pool.take = recorded  # type: ignore[method-assign]
+    got = widen_difference(wf, stored.T, torch.device("cpu"), pool)
+    assert got.dtype == torch.float32 and torch.equal(got, wf.float() - stored.T)
+    assert taken == [(1000, 1500), (1000, 1500)]  # the transposed side made contiguous, then the difference
+
+
 def test_a_tensor_the_fine_tune_left_alone_is_unchanged_without_its_difference(tmp_path: Path) -> None:
     """extract's reader tells an unchanged tensor by comparing the two sides (no float32 difference
     formed); one that changed, even in its last element only, and values that are not finite go the

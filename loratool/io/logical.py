@@ -93,7 +93,21 @@ class ModelView(Checkpoint):
 
         from ..quant import packed
 
-        return torch.stack([packed.logical(w, packed.dequantize(w, self.parts(w, e))) for e in range(start, stop)])
+        experts = [packed.logical(w, packed.dequantize(w, self.parts(w, e))) for e in range(start, stop)]
+        return experts[0][None] if len(experts) == 1 else torch.stack(experts)  # (one: a view, not a copy)
+
+    def packed_expert(self, key: str, expert: int, into: torch.Tensor) -> torch.Tensor:
+        """One expert of the packed experts weight ``key`` as the model holds it: a view of ``into``, a
+        float32 buffer of the expert's stored shape (:meth:`packed_shape`) its values are decoded into."""
+        from ..quant import packed
+
+        w = self.layout.weights[key]
+        return packed.logical(w, packed.dequantize(w, self.parts(w, expert), out=into))
+
+    def packed_shape(self, key: str) -> tuple[int, int] | None:
+        """The stored (rows, cols) of one expert of ``key`` where it is a packed experts weight, else None."""
+        w = self.layout.weights.get(key)
+        return None if w is None or w.experts is None else w.rows_cols
 
 
 class RenamedView(Checkpoint):

@@ -444,6 +444,8 @@ def squared_norm(t: torch.Tensor) -> float:
 
 
 def _squared_norm(t: torch.Tensor, dtype: torch.dtype) -> float:
+    if t.dim() == 2 and t.stride(-1) != 1 and t.stride(-2) == 1:
+        t = t.T  # a transposed view (a Conv1D or experts delta as (out, in)): its columns are the contiguous runs
     if t.dim() >= 2 and t.shape[-1] <= 1 << 16:
         rows = torch.linalg.vector_norm(t, dim=-1, dtype=dtype)
     else:

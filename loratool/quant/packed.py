@@ -30,10 +30,14 @@ from .rounding import E2M1, GridLike, IntGrid, Kept, Subspace, round_subspace, r
 Parts = dict[str, torch.Tensor]  # role -> tensor (one expert's slice for experts)
 
 
-def dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
-    """float32 (rows, cols) in the stored orientation of one weight (or expert)."""
-    fast = _dequantize_native(w, parts)
-    return fast if fast is not None else _torch_dequantize(w, parts)
+def dequantize(w: PackedWeight, parts: Parts, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (rows, cols) in the stored orientation of one weight (or expert); written into ``out``
+    (a contiguous float32 tensor of that shape: a reused buffer) where given."""
+    fast = _dequantize_native(w, parts, out)
+    if fast is not None:
+        return fast
+    values = _torch_dequantize(w, parts)
+    return values if out is None else out.copy_(values)
 
 
 def _torch_dequantize(w: PackedWeight, parts: Parts) -> torch.Tensor:
@@ -336,13 +340,17 @@ def _subspace_native(merged: torch.Tensor, scales: torch.Tensor, grid: GridLike,
     return out
 
 
-def _dequantize_native(w: PackedWeight, parts: Parts) -> torch.Tensor | None:
+def _dequantize_native(w: PackedWeight, parts: Parts, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """:func:`dequantize` by the compiled kernels (the same values), or None where they do not take it."""
     kernels, spec = _kernels(), _native_spec(w, parts)
     if kernels is None or spec is None:
         return None
     codes, scale, zero, spans = _native_inputs(w, parts, spec)
-    out = torch.empty(codes.shape[0], int(spec.cols))
+    shape = (codes.shape[0], int(spec.cols))
+    if out is None:
+        out = torch.empty(shape)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, float32, of shape {shape}")
 
     def part(rows: slice) -> int:
         return kernels.lowbit_decode(spec, codes[rows], scale[rows], zero[rows] if zero.numel() else None, out[rows])

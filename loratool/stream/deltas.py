@@ -15,6 +15,7 @@ from ..arch import OUTPUT_LAYER, UNTIE_STEPS, is_embedding, tied_output
 from ..errors import MissingKeyError, NonFiniteError, ShapeMismatchError, UnsupportedCheckpointError
 from ..io.checkpoint import Checkpoint, dtype_kind, torch_dtype
 from ..io.directread import STRIP_BYTES, DirectReader
+from ..io.logical import ModelView
 from ..math.linalg import is_finite, squared_norm
 from ..quant.fp8 import check_scale, dequantize_fp8
 from ..quant.layout import Fp8Layout
@@ -33,14 +34,27 @@ class ExpertDeltas:
     def dim(self) -> int:
         return 3
 
-    def sides(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e of the base and of the fine-tune, as stored."""
-        return self.b.get_rows(self.key, e, e + 1)[0], self.f.get_rows(self.key, e, e + 1)[0]
+    def sides(self, e: int, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e of the base and of the fine-tune, as the model holds them; a packed base's expert
+        decoded into ``into`` (a float32 buffer of :meth:`ModelView.packed_shape`) where given."""
+        if into is not None and isinstance(self.b, ModelView):
+            wb = self.b.packed_expert(self.key, e, into)
+        else:
+            wb = self.b.get_rows(self.key, e, e + 1)[0]
+        return wb, self.f.get_rows(self.key, e, e + 1)[0]
 
     def __getitem__(self, e: int) -> torch.Tensor:
         """Expert e's float32 delta, in a buffer of the pool: :meth:`release` it once consumed."""
-        wb, wf = self.sides(e)
-        return widen_difference(wf, wb.to(self.device), self.device, self.pool)
+        # a packed base's experts decoded into one reused buffer: a fresh one an expert cost a page fault
+        # each 4 KiB (twice an expert: the norm's pass reads them too)
+        shape = self.b.packed_shape(self.key) if isinstance(self.b, ModelView) else None
+        into = self.pool.take(shape, torch.float32, torch.device("cpu")) if shape is not None else None
+        try:
+            wb, wf = self.sides(e, into)
+            return widen_difference(wf, wb.to(self.device), self.device, self.pool)
+        finally:
+            if into is not None:
+                self.pool.give(into)
 
     def release(self, d: torch.Tensor) -> None:
         give_back(d, self.pool)
@@ -112,7 +126,8 @@ class DeltaReader:
             sq = 0.0
             for e in range(experts.shape[0]):  # the norm, an expert at a time (the consumer reads them again)
                 sq += squared_norm(d := experts[e])
-                _require_finite(key, math.sqrt(sq), d, *experts.sides(e))
+                if not (math.isfinite(norm := math.sqrt(sq)) and norm * norm <= _FLOAT32_MAX):
+                    _require_finite(key, norm, d, *experts.sides(e))  # (the sides read again only to name one)
                 experts.release(d)
             return Delta(key, self.b.get_meta(key), self.f.get_meta(key), experts, math.sqrt(sq))
         if key in self.direct and (delta := self._direct_difference(key)) is not None:
