@@ -273,7 +273,7 @@ def gpt_oss_20b_layer(workdir: Path, rank: int) -> tuple[Path, Path]:
 
     root = workdir / "gpt-oss-20b-l1"
     base, adapter = root / "mxfp4", root / f"adapter-r{rank}"
-    if not (adapter / "adapter_config.json").exists():
+    if not (adapter / "adapter_config.json").exists() or not (root / "bf16" / "config.json").exists():
         torch.manual_seed(0)
         config = tf.GptOssConfig(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
                                  num_hidden_layers=1, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
@@ -283,9 +283,8 @@ def gpt_oss_20b_layer(workdir: Path, rank: int) -> tuple[Path, Path]:
             for name, p in model.named_parameters():
                 if "experts" in name and p.dim() == 3:
                     p.normal_(0, 0.02)
-        model.save_pretrained(root / "bf16")
+        model.save_pretrained(root / "bf16")  # (kept: extraction's baseline, --extract)
         mxfp4_gpt_oss(root / "bf16", base)
-        shutil.rmtree(root / "bf16")
         targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
         pm = get_peft_model(
             model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[], target_parameters=targets)
@@ -297,6 +296,40 @@ def gpt_oss_20b_layer(workdir: Path, rank: int) -> tuple[Path, Path]:
                     p.copy_(0.02 * torch.randn(p.shape, generator=g))
         pm.save_pretrained(adapter)
     return base, adapter
+
+
+def gpt_oss_20b_finetune(workdir: Path, rank: int) -> tuple[Path, Path, Path]:
+    """:func:`gpt_oss_20b_layer`'s MXFP4 base, its bf16 original, and a fine-tune of the original: each
+    expert changed by a random rank-8 product (about 0.1% of its norm), the rest as it was."""
+    base, _ = gpt_oss_20b_layer(workdir, rank)
+    original, ft = base.parent / "bf16", base.parent / "ft"
+    if not (ft / "config.json").exists():
+        g = torch.Generator().manual_seed(5)
+        tensors = load_file(str(original / "model.safetensors"))
+        for name, t in tensors.items():
+            if t.dim() == 3:
+                e, a, b = t.shape
+                change = torch.randn(e, a, 8, generator=g) @ torch.randn(e, 8, b, generator=g) * 1e-3
+                tensors[name] = (t.float() + change).to(t.dtype)
+        fresh(ft).mkdir(parents=True)
+        save_file(tensors, str(ft / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(original / "config.json", ft / "config.json")
+    return base, original, ft
+
+
+def run_extract(workdir: Path, rank: int, repeats: int) -> dict[str, Any]:
+    """extract -r ``rank`` from the gpt-oss-20b-shaped layer's fine-tune: from its MXFP4 base and from
+    its bf16 original, alternated, digests kept, best of ``repeats``."""
+    base, original, ft = gpt_oss_20b_finetune(workdir, rank)
+    home = keep_digests(fresh(workdir / "digest-home"), base, original, ft)
+    runs: dict[str, list[float]] = {"mxfp4": [], "bf16": []}
+    for _ in range(repeats):
+        for name, b in (("mxfp4", base), ("bf16", original)):
+            m = measure("extract", _digests=home, base=str(b), finetuned=str(ft), rank=rank,
+                        output=str(fresh(workdir / "extract-fp4")), show_progress=False)  # fmt: skip
+            runs[name].append(m["seconds"])
+    fresh(workdir / "extract-fp4")
+    return {"rank": rank, "runs": runs, "mxfp4_s": min(runs["mxfp4"]), "bf16_s": min(runs["bf16"])}
 
 
 def run_speed(workdir: Path, layers: int, rank: int, repeats: int, rules: tuple[str, ...] = RULES,
@@ -373,18 +406,27 @@ def report(r: dict[str, Any]) -> str:
                 if c.get("kept_digests_s") is not None:
                     lines.append(f"      digests kept {c['kept_digests_s']:6.1f} s = {c['kept_digests_s'] / f['copy_s']:5.2f}x the "
                                  "copy  (a second merge into the same base: not hashed again)")  # fmt: skip
+    if "extract" in r:
+        x = r["extract"]
+        lines += ["", f"extract -r {x['rank']} from a fine-tune of one gpt-oss-20b-shaped layer (its 64 expert matrices "
+                      "changed), digests kept, alternated (best of each)",
+                  f"  from its MXFP4 base        {x['mxfp4_s']:6.1f} s  (runs {', '.join(f'{t:.1f}' for t in x['runs']['mxfp4'])})",
+                  f"  from its bf16 original     {x['bf16_s']:6.1f} s  (runs {', '.join(f'{t:.1f}' for t in x['runs']['bf16'])})",
+                  f"  MXFP4 / bf16              {x['mxfp4_s'] / x['bf16_s']:6.2f}x"]  # fmt: skip
     return "\n".join(lines)
 
 
 def run(workdir: Path, layers: int = 4, rank: int = 16, device: str = "cpu", *, steps: int = 300,
         repeats: int = 2, keep: bool = True, speed: bool = True, rules: tuple[str, ...] = RULES,
-        formats: tuple[str, ...] = ("int4", "nvfp4")) -> dict[str, Any]:  # fmt: skip
+        formats: tuple[str, ...] = ("int4", "nvfp4"), extract: bool = False) -> dict[str, Any]:  # fmt: skip
     """The figures (run_all's signature; the merges run on the CPU)."""
     result: dict[str, Any] = {"machine": machine()}
     if keep:
         result["keep"] = run_keep(workdir, steps, rank)
     if speed:
         result["speed"] = run_speed(workdir, layers, rank, repeats, rules, formats)
+    if extract:
+        result["extract"] = run_extract(workdir, rank, repeats)
     return result
 
 
@@ -406,12 +448,18 @@ def main() -> None:
         help="The speed part's bases (comma-separated): int4 and "
         "nvfp4 (--layers Llama-1B-shaped layers), mxfp4 (one gpt-oss-20b-shaped layer; made once, 0.5 GB)",
     )
+    ap.add_argument(
+        "--extract",
+        action="store_true",
+        help="Also time extract from a fine-tune of the gpt-oss-20b-shaped "
+        "layer, from its MXFP4 base against its bf16 original (made once, 3.7 GB)",
+    )
     ap.add_argument("--json", action="store_true", help="Print the figures as JSON.")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result = run(args.workdir, args.layers, args.rank, steps=args.steps, repeats=args.repeats,
                  keep=not args.skip_keep, speed=not args.skip_speed, rules=tuple(args.rules.split(",")),
-                 formats=tuple(args.formats.split(",")))  # fmt: skip
+                 formats=tuple(args.formats.split(",")), extract=args.extract)  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else report(result))
 
 
