@@ -312,9 +312,10 @@ def test_extract_from_a_quantized_base_equals_extract_from_its_dequantized_copy(
 
 
 def test_extract_from_a_quantized_base_beside_a_cold_fine_tune(tmp_path: Path, plain, monkeypatch) -> None:
-    """A fine-tune mostly not in the page cache is read with O_DIRECT (the base, decoded from its parts,
-    is not). Each packed weight was then looked up by its model name in the stored files (a KeyError:
-    'a loratool bug'); now it is read as on a warm pair, and the adapter is the same bit for bit."""
+    """A plain side mostly not in the page cache is read with O_DIRECT (the quantized side, decoded from
+    its parts, is not). Each packed weight was then looked up by its model name in the stored files (a
+    KeyError: 'a loratool bug'), a quantized base's or a quantized fine-tune's; now it is read as on a warm
+    pair, and the adapter is the same bit for bit."""
     from loratool.io import directread
     from loratool.ops import extract as extract_op
     from loratool.stream import deltas
@@ -343,6 +344,14 @@ def test_extract_from_a_quantized_base_beside_a_cold_fine_tune(tmp_path: Path, p
     assert any(k.endswith("q_proj.weight") for k in asked)  # the direct path was asked for the packed weights
     assert [r.relative_error for r in cold.report] == [r.relative_error for r in warm.report]
     one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("warm", "cold"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    # the other way round: a quantized fine-tune beside a cold plain base (its weights read direct, the packed not)
+    asked.clear()
+    cold = extract(base, tmp_path / "q", output=tmp_path / "cold2", rank=4, show_progress=False)
+    monkeypatch.undo()
+    warm = extract(base, tmp_path / "q", output=tmp_path / "warm2", rank=4, show_progress=False)
+    assert any(k.endswith("q_proj.weight") for k in asked)
+    one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("warm2", "cold2"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
