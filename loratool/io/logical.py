@@ -96,18 +96,19 @@ class ModelView(Checkpoint):
         experts = [packed.logical(w, packed.dequantize(w, self.parts(w, e))) for e in range(start, stop)]
         return experts[0][None] if len(experts) == 1 else torch.stack(experts)  # (one: a view, not a copy)
 
-    def packed_expert(self, key: str, expert: int, into: torch.Tensor) -> torch.Tensor:
-        """One expert of the packed experts weight ``key`` as the model holds it: a view of ``into``, a
-        float32 buffer of the expert's stored shape (:meth:`packed_shape`) its values are decoded into."""
+    def packed_weight(self, key: str, into: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """The packed weight ``key`` (one expert of it) as the model holds it: a view of ``into``, a
+        float32 buffer of its stored shape (:meth:`packed_shape`) its values are decoded into."""
         from ..quant import packed
 
         w = self.layout.weights[key]
         return packed.logical(w, packed.dequantize(w, self.parts(w, expert), out=into))
 
-    def packed_shape(self, key: str) -> tuple[int, int] | None:
-        """The stored (rows, cols) of one expert of ``key`` where it is a packed experts weight, else None."""
+    def packed_shape(self, key: str, *, experts: bool = True) -> tuple[int, int] | None:
+        """The stored (rows, cols) of ``key`` (one expert's) where it is a packed weight with experts
+        (``experts``) or without, else None."""
         w = self.layout.weights.get(key)
-        return None if w is None or w.experts is None else w.rows_cols
+        return None if w is None or (w.experts is not None) != experts else w.rows_cols
 
 
 class RenamedView(Checkpoint):

@@ -353,7 +353,7 @@ def _extract_keys(
 ) -> _Partial:
     """Extract the tensors named by ``keys``: SVD of each changed 2-D weight, the rest kept or dropped."""
     pool = BufferPool(keep_bytes=POOL_BYTES)
-    read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct,
+    read = DeltaReader(b, f, o.device, pool, o.fp8, experts_apart=o.budget is None, direct=o.direct, base_unused=True,
                        direct_sides=o.direct_sides, tee=o.tee)  # fmt: skip
     # the exact SVD's workspace is a dense matrix's size (U, and LAPACK's): one at a time, on every core;
     # asked before the prefetch thread goes single-threaded (it reads this thread's count, fixing it)

@@ -38,7 +38,7 @@ class ExpertDeltas:
         """Expert e of the base and of the fine-tune, as the model holds them; a packed base's expert
         decoded into ``into`` (a float32 buffer of :meth:`ModelView.packed_shape`) where given."""
         if into is not None and isinstance(self.b, ModelView):
-            wb = self.b.packed_expert(self.key, e, into)
+            wb = self.b.packed_weight(self.key, into, expert=e)
         else:
             wb = self.b.get_rows(self.key, e, e + 1)[0]
         return wb, self.f.get_rows(self.key, e, e + 1)[0]
@@ -111,8 +111,12 @@ class DeltaReader:
         direct: frozenset[str] = frozenset(),
         direct_sides: tuple[bool, bool] = (True, True),
         tee: Mapping[Path, Callable[[int, memoryview], None]] | None = None,
+        base_unused: bool = False,
     ) -> None:
         self.b, self.f, self.device, self.pool, self.fp8 = base, finetuned, device, pool, fp8
+        # the consumer reads only the delta (extract, not analyze): a packed base weight is decoded into a
+        # reused buffer and the Delta holds the base as meta
+        self.base_unused = base_unused
         self.experts_apart = experts_apart  # 3-D floating tensors as ExpertDeltas, one expert in memory
         self.direct = direct  # keys read with O_DIRECT (only their delta is used: base and fine-tune come as meta)
         self.direct_sides = direct_sides  # of those, which sides (base, fine-tune) are read so
@@ -137,6 +141,9 @@ class DeltaReader:
             if not (math.isfinite(norm) and norm * norm <= _FLOAT32_MAX):
                 _require_finite(key, norm, delta, self.b.get(key), self.f.get(key))
             return Delta(key, self.b.get_meta(key), self.f.get_meta(key), delta, norm)
+        if self.base_unused and self.device.type == "cpu" and isinstance(self.b, ModelView):
+            if (shape := self.b.packed_shape(key, experts=False)) is not None:
+                return self._packed_difference(key, shape)
         wb, wf = read_weight(self.b, self.fp8[0], key, self.device), read_weight(self.f, self.fp8[1], key, self.device)
         if not wb.is_floating_point():
             return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
@@ -146,6 +153,22 @@ class DeltaReader:
         norm = math.sqrt(squared_norm(delta))  # one norm tells changed (> 0) and finite
         _require_finite(key, norm, delta, wb, wf)
         return Delta(key, wb, wf, delta, norm)
+
+    def _packed_difference(self, key: str, shape: tuple[int, int]) -> Delta:
+        """A packed base weight's delta, the weight decoded into a buffer of the pool (a fresh tensor a
+        weight costs a page fault each 4 KiB) that goes back once the difference is formed."""
+        assert isinstance(self.b, ModelView)
+        into = self.pool.take(shape, torch.float32, self.device)
+        try:
+            wb, wf = self.b.packed_weight(key, into), read_weight(self.f, self.fp8[1], key, self.device)
+            if _unchanged(wb, wf):
+                return Delta(key, self.b.get_meta(key), wf, None, 0.0)
+            delta = widen_difference(wf, wb, self.device, self.pool)
+            norm = math.sqrt(squared_norm(delta))
+            _require_finite(key, norm, delta, wb, wf)
+            return Delta(key, self.b.get_meta(key), wf, delta, norm)
+        finally:
+            self.pool.give(into)
 
     def _direct_difference(self, key: str) -> torch.Tensor | None:
         """``fine-tune - base`` in float32 as :func:`widen_difference` forms it (the same elementwise
