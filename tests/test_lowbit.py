@@ -213,6 +213,25 @@ def test_a_dequantized_output_equals_peft_merging_into_the_dequantized_base(tmp_
         torch.testing.assert_close(out[key], oracle[key], rtol=0, atol=1e-5 * float(oracle[key].abs().max()), msg=key)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_a_dequantized_output_is_rounded_in_strips_as_whole(tmp_path: Path, plain, monkeypatch, rounding: str) -> None:
+    """`merge --dtype bfloat16` from a packed base rounds each weight a strip of rows at a time (its
+    temporaries reused; whole weights' cost a gpt-oss layer most of a minute in fresh pages): strips of a few
+    rows give the bytes and kept sums of one strip a weight (each draw a function of its element's place)."""
+    from loratool.ops.merge import stream as merge_stream
+
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "int4-sym")
+    whole = merge(tmp_path / "q", [adapter], output=tmp_path / "whole", dtype="bfloat16", rounding=rounding,
+                  show_progress=False)  # fmt: skip
+    monkeypatch.setattr(merge_stream, "BLOCK_ELEMENTS", 100)  # strips of one to three rows of the tiny weights
+    strips = merge(tmp_path / "q", [adapter], output=tmp_path / "strips", dtype="bfloat16", rounding=rounding,
+                   show_progress=False)  # fmt: skip
+    one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "strips"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert strips.quantization["kept"] == pytest.approx(whole.quantization["kept"], rel=1e-9)
+
+
 def test_unmerge_round_trips_within_the_rounding(tmp_path: Path, plain, quantized) -> None:
     fmt, path = quantized
     _, adapter = plain

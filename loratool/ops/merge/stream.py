@@ -313,39 +313,80 @@ class Stream:
         assert isinstance(self.view, ModelView)
         return {role: t.to(self.device) for role, t in self.view.parts(w, expert).items()}
 
-    def _packed_each(self, w: PackedWeight, one: Callable[[PackedWeight, int | None], torch.Tensor]) -> torch.Tensor:
-        """``one(w, expert)`` for each expert of a 3-D parameter (a 2-D weight: ``one(w, None)``), stacked."""
+    def _packed_each(
+        self, w: PackedWeight, one: Callable[[PackedWeight, int | None, torch.Tensor | None], torch.Tensor]
+    ) -> torch.Tensor:
+        """``one(w, expert, out)`` for each expert of a 3-D parameter, each written into its place in one
+        tensor (no stacking of the pieces); a 2-D weight: ``one(w, None, None)``."""
         if w.experts is None:
-            return one(w, None)
-        return torch.stack([one(w, e) for e in range(w.experts)])
+            return one(w, None, None)
+        first = one(w, 0, None)
+        out = torch.empty((w.experts, *first.shape), dtype=first.dtype, device=first.device)
+        out[0].copy_(first)
+        for e in range(1, w.experts):
+            one(w, e, out[e])
+        return out
 
-    def _packed_dequantized(self, w: PackedWeight, expert: int | None) -> torch.Tensor:
-        """One weight (or expert) dequantized, the terms added, in the output dtype by the rounding rule."""
+    def _packed_dequantized(self, w: PackedWeight, expert: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One weight (or expert) dequantized, the terms added, in the output dtype by the rounding rule
+        (into ``out`` where given). Its float32 temporaries are buffers of the pool: fresh ones cost a
+        page fault each 4 KiB, three a weight (a gpt-oss layer's experts: most of a minute, before)."""
         assert self.view is not None and self.out_dtype is not None
-        before = packed.logical(w, packed.dequantize(w, self._parts(w, expert))).contiguous()
-        name = w.name if expert is None else f"{w.name}.{expert}"
-        if w.name not in self.terms:
-            _require_finite(before, self.out_dtype, name, before)
-            return quantize_values(before, self.out_dtype, None)
-        merged = before.clone()
-        factors = self._stored_factors(w, expert)
-        stored = merged.T if w.transposed else merged  # merged is as the model holds it: this is its stored view
-        for left, right, factor, _ in factors:
-            stored.addmm_(left, right, alpha=factor)  # (rows, r) @ (r, cols), written through the view
-        _require_finite(merged, self.out_dtype, name, before)
-        # the rule rounds the model's rows: their right factors are the stored ones' left, transposed
-        stream, space = self._rule_for(name, [f.left.T if w.transposed else f.right for f in factors])
-        if space is not None and self.out_dtype != torch.float32:
-            written = round_subspace(merged, torch.ones_like(merged), self.out_dtype, space).to(self.out_dtype)
-        else:
-            rows, cols = merged.shape
-            u = uniforms(stream, 0, rows, cols, merged.device) if stream is not None else None
-            written = quantize_values(merged, self.out_dtype, u)
-        self.requantized.append((name, Kept.of(merged - before, merged - written.float())))
-        if self.check is not None and self.reference is not None:
-            ref = _reference_tensor(self._reference_view(), w.name)
-            self.check.add(written.cpu(), ref[expert] if expert is not None else ref, merged.cpu(), w.name)
-        return written
+        rows, cols = w.rows_cols
+        as_held = (cols, rows) if w.transposed else (rows, cols)
+        stored, before = (
+            self.pool.take((rows, cols), torch.float32, self.device),
+            self.pool.take(as_held, torch.float32, self.device),
+        )
+        merged: torch.Tensor | None = None
+        try:
+            before.copy_(packed.logical(w, packed.dequantize(w, self._parts(w, expert), out=stored)))
+            name = w.name if expert is None else f"{w.name}.{expert}"
+            if w.name not in self.terms:
+                _require_finite(before, self.out_dtype, name, before)
+                return before.to(self.out_dtype, copy=True) if out is None else out.copy_(before)
+            merged = self.pool.take(as_held, torch.float32, self.device).copy_(before)
+            factors = self._stored_factors(w, expert)
+            view = merged.T if w.transposed else merged  # merged is as the model holds it: this is its stored view
+            for left, right, factor, _ in factors:
+                view.addmm_(left, right, alpha=factor)  # (rows, r) @ (r, cols), written through the view
+            _require_finite(merged, self.out_dtype, name, before)
+            # the rule rounds the model's rows: their right factors are the stored ones' left, transposed
+            stream, space = self._rule_for(name, [f.left.T if w.transposed else f.right for f in factors])
+            if space is not None and self.out_dtype != torch.float32:
+                written = round_subspace(merged, torch.ones_like(merged), self.out_dtype, space).to(self.out_dtype)
+                kept = Kept.of(merged - before, merged - written.float())
+                written = written if out is None else out.copy_(written)
+            else:
+                written, kept = self._rounded_in_strips(merged, before, stream, out)
+            self.requantized.append((name, kept))
+            if self.check is not None and self.reference is not None:
+                ref = _reference_tensor(self._reference_view(), w.name)
+                self.check.add(written.cpu(), ref[expert] if expert is not None else ref, merged.cpu(), w.name)
+            return written
+        finally:
+            for t in (stored, before, merged):
+                if t is not None:
+                    self.pool.give(t)
+
+    def _rounded_in_strips(self, merged: torch.Tensor, before: torch.Tensor, stream: int | None,
+                           written: torch.Tensor | None = None) -> tuple[torch.Tensor, Kept]:  # fmt: skip
+        """``merged`` in the output dtype, nearest or by the stochastic ``stream`` (each element's draw a
+        function of its place), and the kept sums against ``before``: a strip of rows at a time, whose
+        temporaries stay small and are reused (a weight's would be fresh pages, several a weight: a
+        gpt-oss expert's rounding took seconds of the system's time)."""
+        assert self.out_dtype is not None
+        rows, cols = merged.shape
+        if written is None:
+            written = torch.empty(rows, cols, dtype=self.out_dtype, device=merged.device)
+        kept, step = Kept(), max(1, BLOCK_ELEMENTS // max(1, cols))
+        for i in range(0, rows, step):
+            m, n = merged[i : i + step], min(step, rows - i)
+            u = uniforms(stream, i, n, cols, merged.device) if stream is not None else None
+            out = written[i : i + n]
+            out.copy_(quantize_values(m, self.out_dtype, u))
+            kept = kept.add(Kept.of(m - before[i : i + n], m - out.float()))
+        return written, kept
 
     def _packed_requantized(self, w: PackedWeight, expert: int | None, into: torch.Tensor | None) -> packed.Parts:
         """One weight (or expert) dequantized, the terms added, requantized in its format by the rule:
