@@ -141,34 +141,31 @@ class DeltaReader:
             if not (math.isfinite(norm) and norm * norm <= _FLOAT32_MAX):
                 _require_finite(key, norm, delta, self.b.get(key), self.f.get(key))
             return Delta(key, self.b.get_meta(key), self.f.get_meta(key), delta, norm)
+        # a packed base weight the consumer does not read (extract) is decoded into a buffer of the pool (a
+        # fresh tensor a weight costs a page fault each 4 KiB), handed back once the difference is formed
+        shape = None
         if self.base_unused and self.device.type == "cpu" and isinstance(self.b, ModelView):
-            if (shape := self.b.packed_shape(key, experts=False)) is not None:
-                return self._packed_difference(key, shape)
-        wb, wf = read_weight(self.b, self.fp8[0], key, self.device), read_weight(self.f, self.fp8[1], key, self.device)
-        if not wb.is_floating_point():
-            return Delta(key, wb, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
-        if _unchanged(wb, wf):  # no difference to form: an unchanged embedding in a tenth of the time
-            return Delta(key, wb, wf, None, 0.0)
-        delta = widen_difference(wf, wb, self.device, self.pool)
-        norm = math.sqrt(squared_norm(delta))  # one norm tells changed (> 0) and finite
-        _require_finite(key, norm, delta, wb, wf)
-        return Delta(key, wb, wf, delta, norm)
-
-    def _packed_difference(self, key: str, shape: tuple[int, int]) -> Delta:
-        """A packed base weight's delta, the weight decoded into a buffer of the pool (a fresh tensor a
-        weight costs a page fault each 4 KiB) that goes back once the difference is formed."""
-        assert isinstance(self.b, ModelView)
-        into = self.pool.take(shape, torch.float32, self.device)
+            shape = self.b.packed_shape(key, experts=False)
+        into = self.pool.take(shape, torch.float32, self.device) if shape is not None else None
         try:
-            wb, wf = self.b.packed_weight(key, into), read_weight(self.f, self.fp8[1], key, self.device)
-            if _unchanged(wb, wf):
-                return Delta(key, self.b.get_meta(key), wf, None, 0.0)
+            if into is not None:
+                assert isinstance(self.b, ModelView)
+                wb = self.b.packed_weight(key, into)
+            else:
+                wb = read_weight(self.b, self.fp8[0], key, self.device)
+            wf = read_weight(self.f, self.fp8[1], key, self.device)
+            held = wb if into is None else self.b.get_meta(key)  # the base the Delta hands on
+            if not wb.is_floating_point():
+                return Delta(key, held, wf, None, 0.0 if torch.equal(wb, wf) else 1.0)
+            if _unchanged(wb, wf):  # no difference to form: an unchanged embedding in a tenth of the time
+                return Delta(key, held, wf, None, 0.0)
             delta = widen_difference(wf, wb, self.device, self.pool)
-            norm = math.sqrt(squared_norm(delta))
+            norm = math.sqrt(squared_norm(delta))  # one norm tells changed (> 0) and finite
             _require_finite(key, norm, delta, wb, wf)
-            return Delta(key, self.b.get_meta(key), wf, delta, norm)
+            return Delta(key, held, wf, delta, norm)
         finally:
-            self.pool.give(into)
+            if into is not None:
+                self.pool.give(into)
 
     def _direct_difference(self, key: str) -> torch.Tensor | None:
         """``fine-tune - base`` in float32 as :func:`widen_difference` forms it (the same elementwise

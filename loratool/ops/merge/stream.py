@@ -334,11 +334,15 @@ class Stream:
         assert self.view is not None and self.out_dtype is not None
         rows, cols = w.rows_cols
         as_held = (cols, rows) if w.transposed else (rows, cols)
-        stored = self.pool.take((rows, cols), torch.float32, self.device)  # as stored, decoded
         before = self.pool.take(as_held, torch.float32, self.device)  # as the model holds it
+        stored = self.pool.take((rows, cols), torch.float32, self.device) if w.transposed else None  # decoded
         merged: torch.Tensor | None = None
         try:
-            before.copy_(packed.logical(w, packed.dequantize(w, self._parts(w, expert), out=stored)))
+            parts = self._parts(w, expert)
+            if stored is None:  # stored as held: decoded in place
+                packed.dequantize(w, parts, out=before)
+            else:
+                before.copy_(packed.logical(w, packed.dequantize(w, parts, out=stored)))
             name = w.name if expert is None else f"{w.name}.{expert}"
             if w.name not in self.terms:
                 _require_finite(before, self.out_dtype, name, before)
