@@ -464,6 +464,87 @@ def test_a_damaged_scale_is_refused_naming_it(tmp_path: Path, plain, cli, fmt, p
         assert "damaged" in res.stderr and not out.exists()
 
 
+def _weights_spec(edit):
+    return lambda c: edit(c["quantization_config"]["config_groups"]["group_0"]["weights"])
+
+
+def _retype(part: str, dtype: torch.dtype):
+    return lambda ts: ts.update({k: v.to(dtype) for k, v in ts.items() if k.endswith("." + part)})
+
+
+@pytest.mark.parametrize(
+    ("fmt", "edit_config", "edit_tensors", "says"),
+    [
+        # a float zero point was read by its bytes: every asymmetric weight decoded wrong
+        ("int4-asym", None, _retype("weight_zero_point", torch.float32), "are F32"),
+        # read as symmetric, its zero points were dropped: the dequantized model was wrong and kept them as tensors
+        ("int4-asym", _weights_spec(lambda w: w.update(symmetric=True)), None, "says symmetric"),
+        ("int4-sym", None, _retype("weight_shape", torch.float32), "whole numbers"),
+        # NVFP4's layout is fixed by its definition: a config saying otherwise was read as NVFP4 regardless
+        ("nvfp4-compressed", _weights_spec(lambda w: w.update(group_size=32)), None, "group_size = 32"),
+        ("nvfp4-compressed", _weights_spec(lambda w: w.update(num_bits=8)), None, "num_bits = 8"),
+        ("nvfp4-compressed", _weights_spec(lambda w: w.update(type="int")), None, 'type = "int"'),
+        ("nvfp4-compressed", _weights_spec(lambda w: w.update(strategy="channel")), None, 'strategy = "channel"'),
+        ("nvfp4-compressed", _weights_spec(lambda w: w.update(symmetric=False)), None, "symmetric = false"),
+        ("nvfp4-modelopt", lambda c: c["quantization_config"].update(group_size=32), None, "group_size = 32"),
+        # the plain tensor was listed, the packed one read
+        ("int4-sym", None, lambda ts: ts.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(64, 32)}),
+         "'model.layers.1.mlp.up_proj.weight' is stored twice"),
+    ],
+    ids=["float-zero-points", "symmetric-with-zero-points", "float-shape", "nvfp4-group-32", "nvfp4-8-bit",
+         "nvfp4-int", "nvfp4-per-channel", "nvfp4-asymmetric", "modelopt-group-32", "stored-twice"],
+)  # fmt: skip
+def test_a_part_or_config_that_contradicts_the_layout_is_refused(tmp_path: Path, plain, cli, fmt, edit_config,
+                                                                  edit_tensors, says) -> None:  # fmt: skip
+    """Where a checkpoint's config and its tensors disagree on how the weights are stored, or a part is
+    stored in a dtype its format does not use, every command refuses it by name (each of these was read
+    without a word before, by guess); nothing is written."""
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", fmt)
+    if edit_config is not None:
+        config = json.loads((tmp_path / "q" / "config.json").read_text())
+        edit_config(config)
+        (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    if edit_tensors is not None:
+        ts = load_file(str(tmp_path / "q" / "model.safetensors"))
+        edit_tensors(ts)
+        save_file(ts, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    for args in (("merge", tmp_path / "q", adapter, "--min-kept", "0"), ("merge", tmp_path / "q", adapter, "--dtype",
+                 "bfloat16"), ("extract", tmp_path / "q", base, "-r", "2")):  # fmt: skip
+        res = cli(*args, "-o", out)
+        assert res.exit_code == 1 and "malformed" in res.stderr and says in res.stderr, (args[0], res.stderr)
+        assert not out.exists()
+    shown = json.loads(cli("inspect", tmp_path / "q", "--json").stdout)["quantization"]
+    assert not shown["supported"] and says in shown["why_unsupported"]
+
+
+def test_gptq_parts_in_dtypes_gptq_does_not_use_are_refused(tmp_path: Path, plain) -> None:
+    from loratool.errors import UnsupportedCheckpointError
+
+    base, _ = plain
+    g = torch.Generator().manual_seed(5)
+    for part, dtype in (("qzeros", torch.float32), ("scales", torch.int32), ("g_idx", torch.float32)):
+        ts = {}
+        for name, t in load_file(str(base / "model.safetensors")).items():
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and module.rsplit(".", 1)[-1] in PROJ:
+                parts = gptq_and_awq(t, 16, "gptq", g)[0]
+                parts[part] = parts[part].to(dtype)
+                ts.update({f"{module}.{k}": v.contiguous() for k, v in parts.items()})
+            else:
+                ts[name] = t
+        q = tmp_path / part
+        q.mkdir()
+        save_file(ts, str(q / "model.safetensors"))
+        config = json.loads((base / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True}
+        (q / "config.json").write_text(json.dumps(config))
+        with open_checkpoint(q) as ck, pytest.raises(UnsupportedCheckpointError, match=f"down_proj.{part}'") as e:
+            model_view(ck)
+        assert "GPTQ checkpoint is malformed" in str(e.value)
+
+
 def test_scale_bytes_are_checked_as_their_formats_define_them() -> None:
     """E8M0's 0xFF is NaN; E4M3's 0x7F and 0xFF are NaN, and above 0x80 negative; a zero scale (0x00, and
     E4M3's -0, 0x80) stands for a group of zeros and passes; so does an MXFP4 byte 0xFE (2^127)."""

@@ -390,8 +390,11 @@ def packed_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[i
     if method == "mxfp4":
         weights = _mxfp4_weights(tensors)
     elif method == "nvfp4-modelopt":
+        _require_nvfp4_config(_modelopt_spec(config, qc), "its ModelOpt quantization config")
         weights = _nvfp4_weights(tensors, "weight", "weight_scale", "weight_scale_2", divide=False)
     elif method == "nvfp4-compressed":
+        for spec in _group_specs(qc):
+            _require_nvfp4_config(spec, "a config group's weights spec")
         weights = _nvfp4_weights(tensors, "weight_packed", "weight_scale", "weight_global_scale", divide=True)
     elif method in ("gptq", "awq"):
         weights = _gptq_awq_weights(tensors, qc, method)
@@ -403,6 +406,9 @@ def packed_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[i
         weights = _int_weights(tensors, qc, found)
     if not weights:
         _malformed(f"config.json says {method}, but no tensor is stored that way", method)
+    for w in weights.values():  # which of the two the model holds would be a guess
+        if w.name in tensors and w.name not in w.parts.values():
+            _malformed(f"'{w.name}' is stored twice: as itself, and packed as '{w.parts['codes']}'", method)
     named = {"mxfp4": "mxfp4", "nvfp4-modelopt": "modelopt (NVFP4)", "gptq": "gptq", "awq": "awq"}.get(
         method, "compressed-tensors")  # fmt: skip
     weights = {w.name: PackedWeight(**{**w.__dict__, "method": named}) for w in weights.values()}
@@ -432,6 +438,30 @@ def _mxfp4_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]]) -> dict[s
         out[stem] = PackedWeight(stem, (e, groups * 32, rows), {"codes": name, "scale": stem + "_scales"}, scheme,
                                  transposed=True)  # fmt: skip
     return out
+
+
+# NVFP4 as its definition fixes it (E2M1 values, one E4M3 scale per 16 and a tensor scale, symmetric), in the
+# fields a config may state it by; a config that states otherwise contradicts its tensors' layout
+_NVFP4_FIELDS = {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group", "symmetric": True}
+
+
+def _modelopt_spec(config: Mapping[str, Any], qc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """ModelOpt's NVFP4 fields: config.json's quantization_config, else hf_quant_config.json's quantization."""
+    modelopt = config.get("hf_quant_config")
+    section = modelopt.get("quantization") if isinstance(modelopt, Mapping) else None
+    group = qc.get("group_size", section.get("group_size") if isinstance(section, Mapping) else None)
+    return {"group_size": group}
+
+
+def _require_nvfp4_config(spec: Mapping[str, Any], where: str) -> None:
+    """A config's statement of NVFP4 (``spec``: a compressed-tensors weights spec, or ModelOpt's fields)
+    that agrees with NVFP4's definition wherever it states a field; else the checkpoint is malformed
+    (which of the two to believe is a guess: the tensors are read as NVFP4's definition lays them out)."""
+    for field, value in _NVFP4_FIELDS.items():
+        stated = spec.get(field)
+        if stated is not None and (type(stated) is not type(value) or stated != value):
+            _malformed(f"{where} gives {field} = {json.dumps(stated)[:40]}, but NVFP4 has {field} = "
+                       f"{json.dumps(value)} by definition", "nvfp4")  # fmt: skip
 
 
 def _nvfp4_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], codes: str, block: str, second: str, *,
@@ -484,6 +514,9 @@ def _int_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping
         parts = {"codes": name, "scale": stem + "scale", "shape": stem + "shape"}
         if not symmetric:
             parts["zero"] = stem + "zero_point"
+        elif stem + "zero_point" in tensors:  # read as symmetric, its zero points would be dropped unread
+            _malformed(f"its config says symmetric, but '{stem}zero_point' is stored beside '{name}'",
+                       "pack-quantized")  # fmt: skip
         if stem + "g_idx" in tensors:
             parts["g_idx"] = stem + "g_idx"
         missing = [t for t in parts.values() if t not in tensors]
@@ -498,9 +531,12 @@ def _int_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mapping
         if s_dtype not in ("F32", "BF16", "F16") or tuple(s_shape) != (rows, -(-cols // group)):
             _malformed(f"the scale '{parts['scale']}' is {s_dtype} {list(s_shape)}; expected a float tensor of shape "
                        f"{[rows, -(-cols // group)]} for the weight '{name}'", "pack-quantized")  # fmt: skip
-        if not symmetric and tuple(tensors[parts["zero"]][0]) != (-(-rows * int(bits) // 32), s_shape[1]):
-            _malformed(f"the zero points '{parts['zero']}' have shape {list(tensors[parts['zero']][0])}, not "
-                       f"{[-(-rows * int(bits) // 32), s_shape[1]]}", "pack-quantized")  # fmt: skip
+        z_shape, z_dtype = tensors[parts["zero"]] if not symmetric else ((), "I32")
+        z_want = (-(-rows * int(bits) // 32), s_shape[1])  # packed along the rows, as int32 words
+        if not symmetric and (z_dtype != "I32" or tuple(z_shape) != z_want):
+            _malformed(f"the zero points '{parts['zero']}' are {z_dtype} {list(z_shape)}, not int32 {list(z_want)}",
+                       "pack-quantized")  # fmt: skip
+        _require_integers(tensors, parts, ("shape", "g_idx"), "pack-quantized")
         extra = tuple(stem[: -len("weight_")] + a for a in ("input_global_scale", "input_scale")
                       if stem[: -len("weight_")] + a in tensors)  # fmt: skip
         scheme = PackedScheme("int", group, int(bits), symmetric)
@@ -522,6 +558,8 @@ def _mixed_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Mappi
                        f"{', '.join(_MIXED_FORMATS)} groups")  # fmt: skip
     weights = {}
     if "nvfp4-pack-quantized" in formats:
+        for spec in _group_specs(qc, "nvfp4-pack-quantized"):
+            _require_nvfp4_config(spec, "an nvfp4-pack-quantized config group's weights spec")
         weights.update(_nvfp4_weights(tensors, "weight_packed", "weight_scale", "weight_global_scale", divide=True))
     if "pack-quantized" in formats:
         int_only = {"config_groups": {str(i): {"weights": spec}
@@ -557,6 +595,11 @@ def _gptq_awq_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Ma
             _malformed(
                 f"'{name}' is {dtype} {list(shape)}; {method.upper()} packs 2-D weights into int32", method.upper()
             )
+        if tensors[parts["zero"]][1] != "I32" or tensors[parts["scale"]][1] not in ("F16", "BF16", "F32"):
+            _malformed(f"'{parts['zero']}' is {tensors[parts['zero']][1]} and '{parts['scale']}' "
+                       f"{tensors[parts['scale']][1]}; {method.upper()} packs zero points into int32 and stores "
+                       "float scales", method.upper())  # fmt: skip
+        _require_integers(tensors, parts, ("g_idx",), method.upper())
         pack = 32 // bits
         rows, cols = (shape[1], shape[0] * pack) if method == "gptq" else (shape[1] * pack, shape[0])
         group = cols if group_size <= 0 else min(group_size, cols)  # a group wider than a row: the row
@@ -569,6 +612,16 @@ def _gptq_awq_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Ma
         scheme = PackedScheme(method, group, bits, symmetric=False, v1=fmt != "gptq_v2")
         out[stem + "weight"] = PackedWeight(stem + "weight", (rows, cols), parts, scheme)
     return out
+
+
+def _require_integers(tensors: Mapping[str, tuple[tuple[int, ...], str]], parts: Mapping[str, str],
+                      roles: tuple[str, ...], what: str) -> None:  # fmt: skip
+    """The parts in ``roles`` (where the weight has them: its shape, its columns' groups) stored as
+    integers: others would be read as numbers they do not hold."""
+    for role in roles:
+        if role in parts and not tensors[parts[role]][1].startswith(("I", "U")):
+            _malformed(f"'{parts[role]}' is {tensors[parts[role]][1]}; it holds whole numbers, stored as integers",
+                       what)  # fmt: skip
 
 
 def _numel(shape: tuple[int, ...]) -> int:
