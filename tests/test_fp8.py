@@ -472,6 +472,22 @@ def test_a_bad_scale_is_refused_naming_it(tmp_path: Path, plain, cli, how: str, 
         assert "loratool bug" not in r.stderr and "unquantized checkpoint" not in r.stderr
 
 
+def test_a_weight_not_stored_as_fp8_beside_its_scale_is_refused(tmp_path: Path, plain, cli) -> None:
+    """A scale beside a weight stored in bfloat16: read as stored, the scale was dropped unread (merge,
+    extract and the dequantized output all went on without a word); now each refuses it by name."""
+    base, adapter = plain
+    fp8_checkpoint(base, tmp_path / "fp8", "block")
+    ts = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    weight = SCALE.removesuffix("_scale_inv")
+    ts[weight] = ts[weight].to(torch.bfloat16)
+    save_file(ts, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    for args in (["merge", tmp_path / "fp8", adapter], ["merge", tmp_path / "fp8", adapter, "--dtype", "bfloat16"],
+                 ["extract", tmp_path / "fp8", base, "-r", "2"]):  # fmt: skip
+        r = cli(*args, "-o", tmp_path / "out")
+        assert r.exit_code == 1 and f"'{weight}' is BF16, not FP8, but its scale '{SCALE}'" in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("which", ["both", "base"])
 def test_extract_from_fp8_equals_extract_from_its_dequantized_copy(tmp_path: Path, plain, which: str) -> None:
     base, _ = plain

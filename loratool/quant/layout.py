@@ -138,7 +138,13 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
     block = _config_block(qc)
     weights = {}
     for name, (shape, dtype) in tensors.items():
-        if not dtype.startswith("F8_") or name in skip:
+        if name in skip:
+            continue
+        if not dtype.startswith("F8_"):
+            unpaired = next((name[: -len("weight")] + s for s in _SCALES if name.endswith(".weight")
+                             and name[: -len("weight")] + s in tensors), None)  # fmt: skip
+            if unpaired is not None:  # read as it is stored, its scale would be dropped unread
+                _malformed(f"'{name}' is {dtype}, not FP8, but its scale '{unpaired}' is stored beside it")
             continue
         if name.rsplit(".", 1)[-1] in (*_SCALES, *ACTIVATION_SCALES):
             _malformed(f"the scale tensor '{name}' is {dtype}; FP8 scales are float32, bfloat16 or float16")
