@@ -22,7 +22,7 @@ files (three copies a repeat: their time swings twofold with the page cache), be
 whose sha256 for the provenance record loratool then keeps from the first (loratool.metadata.digests).
 
     python bench/bench_fp4.py --workdir /tmp/loratool-bench [--layers 4] [--skip-speed] [--skip-keep]
-        [--rules nearest,stochastic,subspace]
+        [--rules nearest,stochastic,subspace] [--formats int4,nvfp4,mxfp4] [--extract] [--dequantize]
 """
 
 from __future__ import annotations
@@ -332,6 +332,27 @@ def run_extract(workdir: Path, rank: int, repeats: int) -> dict[str, Any]:
     return {"rank": rank, "runs": runs, "mxfp4_s": min(runs["mxfp4"]), "bf16_s": min(runs["bf16"])}
 
 
+def run_dequantize(workdir: Path, rank: int, repeats: int) -> dict[str, Any]:
+    """merge --dtype bfloat16 of the rank-``rank`` experts adapter into the gpt-oss-20b-shaped layer: from
+    its MXFP4 base (stochastic, the default for a dequantized output, and nearest), against the same merge
+    into its bf16 original; alternated, digests kept, best of ``repeats``."""
+    base, adapter = gpt_oss_20b_layer(workdir, rank)
+    original = base.parent / "bf16"
+    home = keep_digests(fresh(workdir / "digest-home"), base, original, adapter)
+    cases = {"mxfp4 stochastic": (base, "stochastic"), "mxfp4 nearest": (base, "nearest"), "bf16": (original, None)}
+    runs: dict[str, list[float]] = {name: [] for name in cases}
+    peak: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, (b, rule) in cases.items():
+            m = measure("merge", _args=[str(b), [str(adapter)]], _digests=home, dtype="bfloat16", rounding=rule,
+                        output=str(fresh(workdir / "merged-fp4")), show_progress=False)  # fmt: skip
+            runs[name].append(m["seconds"])
+            peak[name] = max(peak.get(name, 0.0), m["peak_anon_mib"])
+    fresh(workdir / "merged-fp4")
+    best = {name: min(r) for name, r in runs.items()}
+    return {"rank": rank, "runs": runs, "best": best, "peak_mib": peak}
+
+
 def run_speed(workdir: Path, layers: int, rank: int, repeats: int, rules: tuple[str, ...] = RULES,
               formats: tuple[str, ...] = ("int4", "nvfp4")) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {"layers": layers, "rank": rank, "formats": {}}
@@ -413,12 +434,21 @@ def report(r: dict[str, Any]) -> str:
                   f"  from its MXFP4 base        {x['mxfp4_s']:6.1f} s  (runs {', '.join(f'{t:.1f}' for t in x['runs']['mxfp4'])})",
                   f"  from its bf16 original     {x['bf16_s']:6.1f} s  (runs {', '.join(f'{t:.1f}' for t in x['runs']['bf16'])})",
                   f"  MXFP4 / bf16              {x['mxfp4_s'] / x['bf16_s']:6.2f}x"]  # fmt: skip
+    if "dequantize" in r:
+        d = r["dequantize"]
+        lines += ["", f"merge --dtype bfloat16 of a rank-{d['rank']} adapter on the experts of one gpt-oss-20b-shaped "
+                      "layer, digests kept, alternated (best of each)"]  # fmt: skip
+        for name, t in d["best"].items():
+            runs = ", ".join(f"{x:.1f}" for x in d["runs"][name])
+            lines.append(f"  {'from its ' + name:<28} {t:6.1f} s = {t / d['best']['bf16']:5.2f}x the bf16 original's  "
+                         f"(runs {runs}; peak private memory {d['peak_mib'][name]:.0f} MiB)")  # fmt: skip
     return "\n".join(lines)
 
 
 def run(workdir: Path, layers: int = 4, rank: int = 16, device: str = "cpu", *, steps: int = 300,
         repeats: int = 2, keep: bool = True, speed: bool = True, rules: tuple[str, ...] = RULES,
-        formats: tuple[str, ...] = ("int4", "nvfp4"), extract: bool = False) -> dict[str, Any]:  # fmt: skip
+        formats: tuple[str, ...] = ("int4", "nvfp4"), extract: bool = False,
+        dequantize: bool = False) -> dict[str, Any]:  # fmt: skip
     """The figures (run_all's signature; the merges run on the CPU)."""
     result: dict[str, Any] = {"machine": machine()}
     if keep:
@@ -427,6 +457,8 @@ def run(workdir: Path, layers: int = 4, rank: int = 16, device: str = "cpu", *, 
         result["speed"] = run_speed(workdir, layers, rank, repeats, rules, formats)
     if extract:
         result["extract"] = run_extract(workdir, rank, repeats)
+    if dequantize:
+        result["dequantize"] = run_dequantize(workdir, rank, repeats)
     return result
 
 
@@ -454,12 +486,19 @@ def main() -> None:
         help="Also time extract from a fine-tune of the gpt-oss-20b-shaped "
         "layer, from its MXFP4 base against its bf16 original (made once, 3.7 GB)",
     )
+    ap.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="Also time merge --dtype bfloat16 into the gpt-oss-20b-shaped layer, from its MXFP4 base against its "
+        "bf16 original",
+    )
     ap.add_argument("--json", action="store_true", help="Print the figures as JSON.")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result = run(args.workdir, args.layers, args.rank, steps=args.steps, repeats=args.repeats,
                  keep=not args.skip_keep, speed=not args.skip_speed, rules=tuple(args.rules.split(",")),
-                 formats=tuple(args.formats.split(",")), extract=args.extract)  # fmt: skip
+                 formats=tuple(args.formats.split(",")), extract=args.extract,
+                 dequantize=args.dequantize)  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else report(result))
 
 

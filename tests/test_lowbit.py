@@ -215,21 +215,37 @@ def test_a_dequantized_output_equals_peft_merging_into_the_dequantized_base(tmp_
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_a_dequantized_output_is_rounded_in_strips_as_whole(tmp_path: Path, plain, monkeypatch, rounding: str) -> None:
-    """`merge --dtype bfloat16` from a packed base rounds each weight a strip of rows at a time (its
-    temporaries reused; whole weights' cost a gpt-oss layer most of a minute in fresh pages): strips of a few
-    rows give the bytes and kept sums of one strip a weight (each draw a function of its element's place)."""
+    """`merge --dtype bfloat16` from a packed base rounds each weight by the compiled kernels (rows split
+    across the cores), else by torch passes a strip of rows at a time (their temporaries reused; whole
+    weights' cost a gpt-oss layer most of a minute in fresh pages): strips of a few rows give the bytes and
+    kept sums of one strip a weight (each draw a function of its element's place), and the kernels both."""
     from loratool.ops.merge import stream as merge_stream
 
     base, adapter = plain
     make_quantized(base, tmp_path / "q", "int4-sym")
-    whole = merge(tmp_path / "q", [adapter], output=tmp_path / "whole", dtype="bfloat16", rounding=rounding,
-                  show_progress=False)  # fmt: skip
-    monkeypatch.setattr(merge_stream, "BLOCK_ELEMENTS", 100)  # strips of one to three rows of the tiny weights
-    strips = merge(tmp_path / "q", [adapter], output=tmp_path / "strips", dtype="bfloat16", rounding=rounding,
-                   show_progress=False)  # fmt: skip
-    one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "strips"))
-    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
-    assert strips.quantization["kept"] == pytest.approx(whole.quantization["kept"], rel=1e-9)
+    runs = {}
+    for name, native, block in (("kernels", "1", None), ("whole", "0", None), ("strips", "0", 100)):
+        monkeypatch.setenv("LORATOOL_NATIVE", native)
+        if block is not None:  # strips of one to three rows of the tiny weights
+            monkeypatch.setattr(merge_stream, "BLOCK_ELEMENTS", block)
+        runs[name] = merge(tmp_path / "q", [adapter], output=tmp_path / name, dtype="bfloat16", rounding=rounding,
+                           show_progress=False)  # fmt: skip
+    one, *others = (load_file(str(tmp_path / name / "model.safetensors")) for name in runs)
+    for other in others:
+        assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
+    assert runs["strips"].quantization["kept"] == pytest.approx(runs["whole"].quantization["kept"], rel=1e-9)
+    assert runs["kernels"].quantization["kept"] == pytest.approx(runs["whole"].quantization["kept"], rel=1e-6)
+
+
+def test_a_transposed_weight_is_copied_as_held_in_tiles_on_every_core() -> None:
+    from loratool.quant.layout import PackedScheme, PackedWeight
+    from loratool.quant.packed import logical_into
+
+    w = PackedWeight("e", (2, 700, 300), {"codes": "e_blocks", "scale": "e_scales"}, PackedScheme("mxfp4", 32),
+                     transposed=True)  # fmt: skip
+    stored = torch.randn(300, 700)  # rows split into spans across the cores, columns into several tiles
+    out = torch.empty(700, 300)
+    assert logical_into(w, stored, out) is out and torch.equal(out, stored.T)
 
 
 def test_unmerge_round_trips_within_the_rounding(tmp_path: Path, plain, quantized) -> None:

@@ -57,7 +57,7 @@ class Fp8Kernels:
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 8  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
+    ABI = 9  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.fp8_agrees: bool | None = None  # agrees_with_torch's answer, once fp8_kernels has asked
@@ -87,6 +87,9 @@ class Fp8Kernels:
         f32 = ctypes.c_float
         lib.lt_lowbit_subspace.argtypes = [p, p, p, i64, i64, i32, f32, f32, p, p, i64, i64, p]
         lib.lt_lowbit_subspace.restype = i32
+        lib.lt_round_bf16.argtypes = [p, p, p, i64, i64, i64, ctypes.c_uint32, i32, p]
+        lib.lt_round_bf16.restype = None
+        self.bf16_agrees: bool | None = None  # bf16_kernels' check of round_bf16, once asked
         self._lib = lib
 
     def simd(self, allow: bool = True) -> bool:
@@ -161,6 +164,34 @@ class Fp8Kernels:
         assert left.dtype == right.dtype == out.dtype == torch.float32
         assert left.shape[1] == right.shape[0] and out.shape == (left.shape[0], right.shape[1])
         self._lib.lt_lowbit_delta(left.data_ptr(), right.data_ptr(), left.shape[1], *out.shape, out.data_ptr())
+
+    def round_bf16(self, x: torch.Tensor, before: torch.Tensor, out: torch.Tensor, row0: int, stream: int | None,
+                   sums: torch.Tensor) -> None:  # fmt: skip
+        """``out`` (bfloat16 (rows, cols)) = ``x`` (float32, finite) on bfloat16's grid as
+        :func:`.rounding.quantize_values` puts it: nearest, or stochastically with the key ``stream``
+        (the draws of rows ``row0``..); the kept sums against ``before`` (float32, x's shape) added to
+        ``sums`` (float64[3]) in float runs, then double (csrc/lowbit.c)."""
+        _check(x, before, out, sums)
+        assert x.dtype == before.dtype == torch.float32 and out.dtype == torch.bfloat16
+        assert x.shape == before.shape == out.shape and x.dim() == 2 and sums.dtype == torch.float64
+        self._lib.lt_round_bf16(x.data_ptr(), before.data_ptr(), out.data_ptr(), *x.shape, row0, stream or 0,
+                                int(stream is not None), sums.data_ptr())  # fmt: skip
+
+    def bf16_agrees_with_torch(self) -> bool:
+        """:meth:`round_bf16` against :func:`.rounding.quantize_values`, nearest and stochastic, on values
+        across bfloat16's range: its subnormals, ties, its largest value and beyond it, zeros of both signs."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(7, 150, generator=g) * torch.logspace(-40, 38, 150).clamp_max(3e38)
+        ends = torch.tensor([0.0, -0.0, 3.3895e38, -3.3895e38, 3.4e38, -3.4e38, 1e-39, -3e-45, 1.00390625, 1.01171875])
+        x[0, : ends.numel()] = ends  # bfloat16's ties (1 + 2^-8, 1 + 3 * 2^-8), subnormals, the top and past it
+        before = torch.randn(7, 150, generator=g)
+        for stream in (None, 0x5EED):
+            out, sums = torch.empty(7, 150, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.float64)
+            self.round_bf16(x, before, out, 3, stream, sums)
+            u = rounding.uniforms(stream, 3, 7, 150) if stream is not None else None
+            if not torch.equal(out.view(torch.int16), rounding.quantize_values(x, torch.bfloat16, u).view(torch.int16)):
+                return False
+        return True
 
     @staticmethod
     def handles(dtype: torch.dtype) -> bool:
@@ -341,6 +372,55 @@ def fp8_kernels() -> Fp8Kernels | None:
                     stacklevel=2,
                 )
     return kernels if kernels.fp8_agrees else None
+
+
+def bf16_kernels() -> Fp8Kernels | None:
+    """The kernels where their bfloat16 rounding agrees with torch's passes (checked once per loaded
+    library, at the first call), else None."""
+    kernels = library()
+    if kernels is None:
+        return None
+    with _checking:
+        if kernels.bf16_agrees is None:
+            kernels.bf16_agrees = kernels.bf16_agrees_with_torch()
+            if not kernels.bf16_agrees:
+                warnings.warn(
+                    f"{_library_name()} disagrees with torch's bfloat16 rounding (a miscompiled build?); merges "
+                    "written in bfloat16 from a quantized base use torch's passes. Reinstall loratool, or set "
+                    "LORATOOL_NATIVE=0 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return kernels if kernels.bf16_agrees else None
+
+
+def row_spans(rows: int, per_core: int = 4, least: int = 64) -> list[slice]:
+    """Rows split into about ``per_core`` spans a core (none under ``least`` rows but one), which
+    :func:`run_parts` hands out as the cores come free: an even finish where a core is also busy with
+    reading or writing."""
+    step = max(least, -(-rows // (available_cores() * per_core)))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)] or [slice(0, 0)]
+
+
+def rounded_bf16(x: torch.Tensor, before: torch.Tensor, out: torch.Tensor, stream: int | None,
+                 row0: int = 0) -> rounding.Kept | None:  # fmt: skip
+    """``out`` = ``x`` in bfloat16 by :func:`.rounding.quantize_values`'s rule (nearest, or the draws of
+    ``stream`` for rows ``row0``..), and the kept sums against ``before``, by the compiled kernels, the
+    rows split across the cores; None where they do not take it (not built, not agreeing, not CPU
+    tensors of that layout), and nothing written."""
+    takes = x.dim() == 2 and x.shape == before.shape == out.shape and out.dtype == torch.bfloat16
+    takes &= x.dtype == before.dtype == torch.float32
+    if not takes or any(t.device.type != "cpu" or not t.is_contiguous() for t in (x, before, out)):
+        return None
+    kernels = bf16_kernels()
+    if kernels is None:
+        return None
+    spans = row_spans(x.shape[0])
+    sums = torch.zeros(len(spans), 3, dtype=torch.float64)
+    run_parts(lambda i: kernels.round_bf16(x[spans[i]], before[spans[i]], out[spans[i]], row0 + spans[i].start,
+                                           stream, sums[i]), range(len(spans)))  # fmt: skip
+    dd, ed, ee = sums.sum(0).tolist()
+    return rounding.Kept(dd, ed, ee)
 
 
 def _library() -> Path | None:

@@ -342,7 +342,7 @@ class Stream:
             if stored is None:  # stored as held: decoded in place
                 packed.dequantize(w, parts, out=before)
             else:
-                before.copy_(packed.logical(w, packed.dequantize(w, parts, out=stored)))
+                packed.logical_into(w, packed.dequantize(w, parts, out=stored), before)
             name = w.name if expert is None else f"{w.name}.{expert}"
             if w.name not in self.terms:
                 _require_finite(before, self.out_dtype, name, before)
@@ -381,6 +381,9 @@ class Stream:
         rows, cols = merged.shape
         if written is None:
             written = torch.empty(rows, cols, dtype=self.out_dtype, device=merged.device)
+        fast = native.rounded_bf16(merged, before, written, stream)  # the same bits, on every core
+        if fast is not None:
+            return written, fast
         kept, step = Kept(), max(1, BLOCK_ELEMENTS // max(1, cols))
         for i in range(0, rows, step):
             m, n = merged[i : i + step], min(step, rows - i)
@@ -539,13 +542,12 @@ class Stream:
         stream, space = self._rule_for(key, rights)
         if self.dequantize:
             assert self.out_dtype is not None
-            rows, cols = w32.shape
             if space is not None and self.out_dtype != torch.float32:  # onto the dtype's grid: a scale of 1
                 written = round_subspace(w32, torch.ones_like(w32), self.out_dtype, space).to(self.out_dtype)
+                kept = Kept.of(w32 - before, w32 - written.float())
             else:
-                u = uniforms(stream, 0, rows, cols, w32.device) if stream is not None else None
-                written = quantize_values(w32, self.out_dtype, u)
-            self.requantized.append((key, Kept.of(w32 - before, w32 - written.float())))
+                written, kept = self._rounded_in_strips(w32, before, stream)
+            self.requantized.append((key, kept))
             return written, scale
         q_new, s_new = quantize_fp8(w32, scheme, q.dtype, tuple(scale.shape), key=stream, space=space)
         self.requantized.append((key, Kept.of(w32 - before, w32 - dequantize_fp8(q_new, s_new, scheme))))

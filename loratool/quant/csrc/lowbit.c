@@ -1077,6 +1077,68 @@ LT_INLINE int32_t subspace_rows4(const float *w, const float *scale, const float
     return LT_OK;
 }
 
+/* ---- float32 onto bfloat16's grid (merge --dtype bfloat16 from a quantized base) -------------- */
+
+/* The bfloat16 bits of x (finite): nearest, ties to even (torch's cast, which gives Inf beyond
+ * bfloat16's range), or stochastically against the draw u24 (rounding.round_to_grid with
+ * torch.bfloat16: |x| clamped to the largest value, up where u < the fraction between its two
+ * neighbours). That fraction is |x|'s low sixteen bits over 2^16, for normal and subnormal values
+ * alike, and u = u24 / 2^24, so u is below it exactly where u24's top sixteen bits are below those
+ * bits; going up adds one to the kept bits, carrying into the exponent as the next value does. */
+LT_INLINE uint32_t bf16_bits(float x, int stochastic, uint32_t u24) {
+    const uint32_t b = bits_of(x);
+    if (!stochastic) return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    uint32_t a = b & 0x7FFFFFFFu;
+    a = a < 0x7F7F0000u ? a : 0x7F7F0000u; /* bfloat16's largest value */
+    const uint32_t up = (u24 >> 8) < (a & 0xFFFFu) ? 0x10000u : 0u;
+    return ((b & 0x80000000u) | ((a & 0xFFFF0000u) + up)) >> 16;
+}
+
+/* One element of lt_round_bf16: its bits written, its kept terms added into lane sums dd, ed, ee. */
+LT_INLINE void round_bf16_one(float v, float b, uint32_t row_hash, uint32_t j, const int stochastic,
+                              uint16_t *restrict o, float *dd, float *ed, float *ee) {
+    const uint32_t h = bf16_bits(v, stochastic, mix32(row_hash ^ j) >> 8);
+    *o = (uint16_t)h;
+    const float delta = v - b, err = v - float_of(h << 16);
+    *dd = *dd + delta * delta;
+    *ed = *ed + err * delta;
+    *ee = *ee + err * err;
+}
+
+/* lt_round_bf16's rows, the rule constant in each compiled copy (no branch in the element loop). */
+LT_INLINE void round_bf16_rows(const float *restrict x, const float *restrict before, uint16_t *restrict out,
+                               int64_t rows, int64_t cols, int64_t row0, uint32_t key, const int stochastic,
+                               double total[3]) {
+    for (int64_t i = 0; i < rows; i++) {
+        const uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
+        const float *xr = x + i * cols, *br = before + i * cols;
+        uint16_t *o = out + i * cols;
+        for (int64_t j0 = 0; j0 < cols; j0 += LT_RUN) {
+            const int64_t n = cols - j0 < LT_RUN ? cols - j0 : LT_RUN, full = j0 + (n & ~(int64_t)15);
+            float dd[16] = {0.0f}, ed[16] = {0.0f}, ee[16] = {0.0f};
+            for (int64_t j = j0; j < full; j += 16)
+                for (int l = 0; l < 16; l++)
+                    round_bf16_one(xr[j + l], br[j + l], row_hash, (uint32_t)(j + l), stochastic, o + j + l, &dd[l],
+                                   &ed[l], &ee[l]);
+            for (int64_t j = full; j < j0 + n; j++)
+                round_bf16_one(xr[j], br[j], row_hash, (uint32_t)j, stochastic, o + j, &dd[0], &ed[0], &ee[0]);
+            double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+            for (int l = 0; l < 16; l++) s0 += dd[l], s1 += ed[l], s2 += ee[l];
+            total[0] += s0, total[1] += s1, total[2] += s2;
+        }
+    }
+}
+
+LT_INLINE void round_bf16(const float *x, const float *before, uint16_t *out, int64_t rows, int64_t cols, int64_t row0,
+                          uint32_t key, int32_t stochastic, double *sums) {
+    double total[3] = {0.0, 0.0, 0.0};
+    if (stochastic)
+        round_bf16_rows(x, before, out, rows, cols, row0, key, 1, total);
+    else
+        round_bf16_rows(x, before, out, rows, cols, row0, key, 0, total);
+    for (int t = 0; t < 3; t++) sums[t] += total[t];
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 /* The passes compiled for AVX2 (eight lanes) and for AVX-512 (sixteen; an NVFP4 group is one
  * vector), LANES the product loop's vectors: the rounding is IEEE's either way, so the same bytes. */
@@ -1107,6 +1169,10 @@ LT_INLINE int32_t subspace_rows4(const float *w, const float *scale, const float
                                               int64_t cols, int32_t is_int, float lo, float hi, const float *basis,    \
                                               const float *gain, int64_t width, int64_t rank, float *out) {            \
         return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out, LANES);       \
+    }                                                                                                                  \
+    ATTR static void round_bf16##SUFFIX(const float *x, const float *before, uint16_t *out, int64_t rows,              \
+                                        int64_t cols, int64_t row0, uint32_t key, int32_t stochastic, double *sums) {  \
+        round_bf16(x, before, out, rows, cols, row0, key, stochastic, sums);                                           \
     }
 LT_VARIANTS(LT_AVX2, _avx2, 8)
 LT_VARIANTS(LT_AVX512, _avx512, 16)
@@ -1168,4 +1234,21 @@ LT_EXPORT int32_t lt_lowbit_subspace(const float *w, const float *scale, const f
         return subspace_rows_avx2(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out);
 #endif
     return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out, 16);
+}
+
+/* out (rows x cols, bfloat16 bits) = x (float32, finite) on bfloat16's grid: nearest, ties to even, or
+ * with `stochastic` against the draws of rows row0.. of the stream `key` (rounding.quantize_values:
+ * the same bits); adds to sums[0..3) the kept sums <delta, delta>, <err, delta>, <err, err> (delta =
+ * x - before, err = x - out) in float lanes over runs of LT_RUN, then double. Rows are independent,
+ * so a caller may split them across threads. */
+LT_EXPORT void lt_round_bf16(const float *x, const float *before, uint16_t *out, int64_t rows, int64_t cols,
+                             int64_t row0, uint32_t key, int32_t stochastic, double *sums) {
+#ifdef LT_SIMD_VARIANTS
+    if (lt_simd_usable() >= 2)
+        round_bf16_avx512(x, before, out, rows, cols, row0, key, stochastic, sums);
+    else if (lt_simd_usable() >= 1)
+        round_bf16_avx2(x, before, out, rows, cols, row0, key, stochastic, sums);
+    else
+#endif
+        round_bf16(x, before, out, rows, cols, row0, key, stochastic, sums);
 }
