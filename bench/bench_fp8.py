@@ -4,9 +4,10 @@ copy of the same files and the read + write floor, in the same run (as bench_mer
 
 Every projection is dequantized, merged in float32 and requantized to its blocks; the rest streams
 through unchanged. The merge runs with each rounding rule (subspace, the default; stochastic;
-nearest), each printed with the share of the delta the written weights carry (kept), with the compiled FP8
-kernels where they are built (loratool.quant.native), and again with torch's passes alone
-(``LORATOOL_NATIVE=0``), for comparison.
+nearest), each printed with the share of the delta the written weights carry (kept), and as a
+bfloat16 checkpoint (``--dtype bfloat16``: the dequantized weights merged and rounded stochastically),
+with the compiled kernels where they are built (loratool.quant.native), and again with torch's passes
+alone (``LORATOOL_NATIVE=0``), for comparison.
 Beside them: the merge's CPU time (all threads), and the sha256 of the base's files alone, which
 every merge computes for its provenance record (DESIGN.md), on one core per file.
 
@@ -82,6 +83,8 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
     floor = read_floor(base)
     hashed = hash_seconds(base)
     copies, floors, merges, nearest, stochastic, torch_merges, peaks, cpus = [], [], [], [], [], [], [], []
+    dequantized: list[float] = []
+    torch_dequantized: float | None = None
     for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
         copies.append(copy_tree(base, fresh(workdir / "copy")))
         fresh(workdir / "copy")
@@ -98,8 +101,12 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
         sto = measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp8")),
                       device=device, rounding="stochastic", show_progress=False)  # fmt: skip
         stochastic.append(sto["seconds"])
+        dequantized.append(measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp8")),
+                                   device=device, dtype="bfloat16", show_progress=False)["seconds"])  # fmt: skip
         if kernels:  # stochastic: the subspace rule's torch passes run column by column, minutes here
-            torch_merges.append(_merge_without_kernels(base, adapter, workdir, device))
+            torch_merges.append(_merge_without_kernels(base, adapter, workdir, device, rounding="stochastic"))
+            if torch_dequantized is None:  # once: its torch passes take most of a minute
+                torch_dequantized = _merge_without_kernels(base, adapter, workdir, device, dtype="bfloat16")
     result = merged["result"]
     fresh(workdir / "merged-fp8")
     return {
@@ -120,15 +127,16 @@ def run(workdir: Path, layers: int, rank: int, device: str, repeats: int = 3) ->
         "merge_cpu_s": cpus[merges.index(min(merges))],
         "kernels": "compiled (loratool.quant.native)" if kernels else "not built: torch's passes",
         "torch_merge_s": min(torch_merges, default=None), "torch_merge_runs": torch_merges,
-        "sha256_s": hashed,
+        "sha256_s": hashed, "dequantized_s": min(dequantized), "dequantized_runs": dequantized,
+        "torch_dequantized_s": torch_dequantized,
     }  # fmt: skip
 
 
-def _merge_without_kernels(base: Path, adapter: Path, workdir: Path, device: str) -> float:
+def _merge_without_kernels(base: Path, adapter: Path, workdir: Path, device: str, **options: str) -> float:
     os.environ["LORATOOL_NATIVE"] = "0"
     try:
         return float(measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp8")),
-                             device=device, rounding="stochastic", show_progress=False)["seconds"])  # fmt: skip
+                             device=device, show_progress=False, **options)["seconds"])  # fmt: skip
     finally:
         del os.environ["LORATOOL_NATIVE"]
 
@@ -151,6 +159,18 @@ def report(r: dict[str, Any]) -> str:
                 if r.get("torch_merge_s") is not None
                 else []
             ),
+            *(
+                [
+                    f"  --dtype bfloat16 (stochastic)  {r['dequantized_s']:8.1f} s   best of {runs(r['dequantized_runs'])}"
+                    + (
+                        f"; torch's passes alone {r['torch_dequantized_s']:.1f} s"
+                        if r.get("torch_dequantized_s")
+                        else ""
+                    )
+                ]
+                if r.get("dequantized_s") is not None
+                else []
+            ),  # fmt: skip
             f"  read + write floor (O_DIRECT)   {r['read_write_s']:8.1f} s   best of {runs(r['read_write_runs'])}",
             f"  sha256 of the base's files      {r['sha256_s']:8.1f} s   (one after another; provenance needs them)",
             f"  CPU time of the fastest merge   {r['merge_cpu_s']:8.1f} s   ({r['merge_cpu_s'] / r['merge_s']:.1f} of "

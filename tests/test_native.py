@@ -299,19 +299,23 @@ def test_a_build_of_another_version_is_not_used(monkeypatch, kernels) -> None:
 
 @pytest.mark.parametrize(
     ("scheme", "scale_shape"),
-    [(Fp8Scheme("block", (16, 8)), (5, 6)), (Fp8Scheme("channel"), (70,)), (Fp8Scheme("tensor"), ())],
+    [(Fp8Scheme("block", (24, 8)), (9, 6)), (Fp8Scheme("channel"), (200,)), (Fp8Scheme("tensor"), ())],
     ids=["block", "channel", "tensor"],
 )
 @pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3fn", "e5m2"])
 def test_dequantize_fp8_gives_the_bytes_of_the_torch_passes(monkeypatch, kernels, scheme, scale_shape, dtype) -> None:
+    """Decoded on every core (spans of rows that start inside a tile of 24), into a fresh tensor or ``out``."""
     g = torch.Generator().manual_seed(6)
-    q = torch.randint(0, 256, (70, 44), dtype=torch.uint8, generator=g).view(dtype)  # every kind of code, NaN too
+    q = torch.randint(0, 256, (200, 44), dtype=torch.uint8, generator=g).view(dtype)  # every kind of code, NaN too
     s = torch.rand(scale_shape, generator=g) + 0.5
     fast = linalg.dequantize_fp8(q, s, scheme)
+    into = torch.empty(200, 44)
+    assert linalg.dequantize_fp8(q, s, scheme, out=into) is into
     monkeypatch.setenv("LORATOOL_NATIVE", "0")
     slow = linalg.dequantize_fp8(q, s, scheme)
-    assert torch.equal(fast.isnan(), slow.isnan()) and fast.isnan().any()
-    assert torch.equal(fast.nan_to_num(0.0).view(torch.int32), slow.nan_to_num(0.0).view(torch.int32))
+    for got in (fast, into, linalg.dequantize_fp8(q, s, scheme, out=torch.empty(200, 44))):
+        assert torch.equal(got.isnan(), slow.isnan()) and got.isnan().any()
+        assert torch.equal(got.nan_to_num(0.0).view(torch.int32), slow.nan_to_num(0.0).view(torch.int32))
 
 
 @pytest.mark.parametrize(

@@ -42,15 +42,22 @@ def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
     return fp8_to_float32_into(q, torch.empty(q.shape, dtype=torch.float32), code)
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:
-    """The float32 weight an FP8 ``q`` (out, in) and its ``scale`` stand for."""
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme,
+                   out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The float32 weight an FP8 ``q`` (out, in) and its ``scale`` stand for (written into ``out``, a
+    contiguous float32 tensor of q's shape, where given). The compiled kernels decode it on every core."""
     kernels = native.fp8_kernels() if q.device.type == "cpu" and q.dim() == 2 and q.is_contiguous() else None
-    if kernels is None or not kernels.handles(q.dtype):
-        return fp8_to_float32(q).mul_(_expand_scale(scale.to(q.device), tuple(q.shape), scheme))
+    if out is not None and not (out.shape == q.shape and out.dtype == torch.float32 and out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(q.shape)}")
+    if kernels is None or not kernels.handles(q.dtype) or (out is not None and out.device != q.device):
+        values = fp8_to_float32(q).mul_(_expand_scale(scale.to(q.device), tuple(q.shape), scheme))
+        return values if out is None else out.copy_(values)
     rows, cols = q.shape
     tile = {"block": scheme.block, "channel": (1, cols)}.get(scheme.kind) or (rows, cols)  # "tensor": one tile
-    out = torch.empty(q.shape)
-    if kernels.decode(q, out, 0, scale.to(torch.float32).reshape(-(-rows // tile[0]), -1).contiguous(), tile):
+    out = torch.empty(q.shape) if out is None else out
+    tiles = scale.to(torch.float32).reshape(-(-rows // tile[0]), -1).contiguous()
+    spans = native.row_spans(rows)  # (each row finds its tile from its own index: row0 is the span's first)
+    if any(native.run_parts(lambda r: kernels.decode(q[r], out[r], r.start, tiles, tile), spans)):
         out[q.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")  # e4m3fn NaN codes came out as 480
     return out
 

@@ -186,6 +186,9 @@ class Stream:
         q = w_in if key == wkey else self.ckpt.get(wkey)
         scale = w_in if key == info.scale_key else self.ckpt.get(info.scale_key)
         check_scale(info.scale_key, scale)
+        if self.dequantize and self.device.type == "cpu":
+            written = self._fp8_dequantized(wkey, q, scale, info.scheme)
+            return written, written.dtype, True  # the pool's, in out_dtype; its scale is not in the layout
         if self.dequantize or info.scheme.kind == "tensor" or self._has_dora(wkey):
             q_new, s_new = self._fp8_whole(wkey, q, scale, info.scheme)
             if self.dequantize:
@@ -524,6 +527,38 @@ class Stream:
         if self.rounding.subspace:
             return None, subspace_of(rights)
         return (self.rounding.key(key) if self.rounding.stochastic else None), None
+
+    def _fp8_dequantized(self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:
+        """:meth:`_fp8_whole` for a dequantized output on the CPU: the weight decoded on every core into a
+        buffer of the pool, the terms added in another, rounded into a third (fresh ones cost a page fault
+        each 4 KiB, three a weight), which the writer hands back once written."""
+        assert self.out_dtype is not None
+        before = dequantize_fp8(q, scale, scheme, out=self.pool.take(q.shape, torch.float32, self.device))
+        written = self.pool.take(q.shape, self.out_dtype, self.device)
+        w32: torch.Tensor | None = None
+        try:
+            if key not in self.terms:  # dequantized only: nothing to keep, so no draws
+                _require_finite(before, self.out_dtype, key, before)  # e.g. beyond float16's range
+                return written.copy_(before)
+            w32 = self._add(key, self.pool.take(q.shape, torch.float32, self.device).copy_(before), self.out_dtype,
+                            before)  # fmt: skip
+            rights = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind).right
+                      for t in self.terms[key]] if self.rounding.subspace else []  # fmt: skip
+            stream, space = self._rule_for(key, rights)
+            if space is not None and self.out_dtype != torch.float32:  # onto the dtype's grid: a scale of 1
+                written.copy_(round_subspace(w32, torch.ones_like(w32), self.out_dtype, space))
+                kept = Kept.of(w32 - before, w32 - written.float())
+            else:
+                written, kept = self._rounded_in_strips(w32, before, stream, written)
+            self.requantized.append((key, kept))
+            return written
+        except BaseException:
+            self.pool.give(written)
+            raise
+        finally:
+            for t in (before, w32):
+                if t is not None:
+                    self.pool.give(t)
 
     def _fp8_whole(
         self, key: str, q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme
