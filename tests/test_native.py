@@ -643,3 +643,17 @@ def test_dequantize_into_a_buffer_gives_the_same_values(kernels, monkeypatch, fm
     monkeypatch.setattr(packed, "_dequantize_native", lambda w, parts, out=None: None)  # the torch passes
     out.fill_(float("nan"))
     assert packed.dequantize(w, parts, out=out) is out and torch.equal(out, want)
+
+
+def test_run_parts_called_from_a_part_runs_there_instead_of_waiting_on_the_pool(monkeypatch) -> None:
+    """A part that itself splits its work (an FP8 decode inside a part, say) does it on its own thread:
+    on the pool's thread, its helpers would queue behind the very part that waits for them."""
+    import threading
+
+    monkeypatch.setattr(native, "available_cores", lambda: 2)
+    answers: list[list[list[int]]] = []
+    nested = lambda i: native.run_parts(lambda j: 10 * i + j, range(4))  # noqa: E731
+    worker = threading.Thread(target=lambda: answers.append(native.run_parts(nested, range(8))), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert answers == [[[10 * i + j for j in range(4)] for i in range(8)]], "run_parts waited on itself"

@@ -455,6 +455,7 @@ def _load() -> Fp8Kernels | None:
 
 
 _pool: list[ThreadPoolExecutor] = []
+_PART_THREADS = "loratool-part"  # the pool's threads' names begin so
 
 
 def run_parts(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
@@ -463,11 +464,11 @@ def run_parts(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     (ctypes and torch let go of the GIL in their calls, so the parts run on separate cores)."""
     todo = list(items)
     helpers = min(available_cores() - 1, len(todo) - 1)
-    if helpers <= 0:
-        return [fn(x) for x in todo]
+    if helpers <= 0 or threading.current_thread().name.startswith(_PART_THREADS):
+        return [fn(x) for x in todo]  # (called from a part, on the pool: its helpers could wait behind it)
     if not _pool:  # torch on one thread in each worker: the parts are the parallelism
         workers = max(1, available_cores() - 1)
-        _pool.append(ThreadPoolExecutor(workers, "loratool-part", initializer=torch.set_num_threads, initargs=(1,)))
+        _pool.append(ThreadPoolExecutor(workers, _PART_THREADS, initializer=torch.set_num_threads, initargs=(1,)))
     results: list[R | None] = [None] * len(todo)
     order = itertools.count()  # next() on it is atomic under the GIL
     failed = threading.Event()
