@@ -353,17 +353,19 @@ def test_a_dequantized_output_is_rounded_by_the_rule_and_reports_kept(tmp_path: 
         assert q["kept"] > 0.5 and any("ran as torch passes" in w for w in res.warnings), res.warnings
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_a_dequantized_output_has_the_same_bytes_with_and_without_the_kernels(tmp_path: Path, plain, monkeypatch,
-                                                                             rounding: str) -> None:  # fmt: skip
-    """--dtype bfloat16 from an FP8 base rounds by the compiled kernels where they are built (the rows split
-    across the cores): the bytes of the torch passes, the kept figure to its printed digits."""
+def test_a_dequantized_output_has_the_same_bytes_with_and_without_the_kernels(
+    tmp_path: Path, plain, monkeypatch, rounding: str, dtype: str
+) -> None:
+    """--dtype bfloat16 (float16) from an FP8 base rounds by the compiled kernels where they are built (the
+    rows split across the cores): the bytes of the torch passes, the kept figure to its printed digits."""
     base, adapter = plain
     fp8_checkpoint(base, tmp_path / "fp8", "block")
     runs = {}
     for native in ("1", "0"):
         monkeypatch.setenv("LORATOOL_NATIVE", native)
-        runs[native] = merge(tmp_path / "fp8", [adapter], output=tmp_path / native, dtype="bfloat16",
+        runs[native] = merge(tmp_path / "fp8", [adapter], output=tmp_path / native, dtype=dtype,
                              rounding=rounding, show_progress=False).quantization  # fmt: skip
     fast, slow = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("1", "0"))
     assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in fast)

@@ -254,40 +254,50 @@ def test_a_4bit_merge_does_not_pay_for_the_fp8_checks_nor_an_fp8_one_twice(monke
     assert asked == [1]
 
 
+# each dtype's largest value, past it, its subnormals, its ties, the smallest bfloat16 subnormal's step
+HALF_EDGES = {
+    torch.bfloat16: [0.0, -0.0, 3.3895e38, -3.39e38, 3.4e38, 1e-39, -3e-45, 1.00390625, -1.01171875, 2.0**-133],
+    torch.float16: [0.0, -0.0, 65504.0, -65504.0, 65503.0, 6.1e-5, -5.96e-8, 2.9e-8, 1.00048828125, -1.00146484375],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("stream", [None, 0x5EED], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize(("rows", "cols"), [(1, 1), (3, 17), (300, 270), (70, 512)])
-def test_bfloat16_rounding_gives_the_bits_of_the_torch_passes(kernels, stream, rows: int, cols: int) -> None:
-    """``merge --dtype bfloat16`` from a quantized base: the compiled rounding (rows split across the
-    cores, runs of 16 lanes and a ragged tail) writes rounding.quantize_values' bits, over bfloat16's whole
-    range (its subnormals, its ties, its largest value and beyond), with the kept sums of Kept.of."""
+def test_16_bit_rounding_gives_the_bits_of_the_torch_passes(kernels, dtype, stream, rows: int, cols: int) -> None:
+    """``merge --dtype bfloat16`` (or float16) from a quantized base: the compiled rounding (rows split
+    across the cores, runs of 16 lanes and a ragged tail) writes rounding.quantize_values' bits, over the
+    dtype's whole range (its subnormals, its ties, its largest value), with the kept sums of Kept.of."""
     from loratool.quant.rounding import Kept, quantize_values, uniforms
 
     g = torch.Generator().manual_seed(rows * cols)
-    x = torch.randn(rows, cols, generator=g) * torch.logspace(-44, 38, rows * cols).clamp_max(3.4e38).view(rows, cols)
-    edges = torch.tensor([0.0, -0.0, 3.3895e38, -3.39e38, 3.4e38, 1e-39, -3e-45, 1.00390625, -1.01171875, 2.0**-133])
+    top = float(torch.finfo(dtype).max) if dtype == torch.float16 else 3.4e38  # merges refuse more than float16's
+    spread = torch.logspace(-44, 38, rows * cols).view(rows, cols)
+    x = (torch.randn(rows, cols, generator=g) * spread).clamp(-top, top)
+    edges = torch.tensor(HALF_EDGES[dtype])
     x.view(-1)[: min(x.numel(), edges.numel())] = edges[: x.numel()]
     before = x + torch.randn(rows, cols, generator=g) * 1e-3
-    out = torch.empty(rows, cols, dtype=torch.bfloat16)
-    kept = native.rounded_bf16(x, before, out, stream, row0=5)
-    want = quantize_values(x, torch.bfloat16, uniforms(stream, 5, rows, cols) if stream is not None else None)
+    out = torch.empty(rows, cols, dtype=dtype)
+    kept = native.rounded_half(x, before, out, stream, row0=5)
+    want = quantize_values(x, dtype, uniforms(stream, 5, rows, cols) if stream is not None else None)
     assert kept is not None and torch.equal(out.view(torch.int16), want.view(torch.int16))
     x = torch.randn(rows, cols, generator=g) * 0.02  # the kept sums where their squares fit float32, as merges need
     before = x + torch.randn(rows, cols, generator=g) * 1e-3
-    kept = native.rounded_bf16(x, before, out, stream, row0=5)
-    want = quantize_values(x, torch.bfloat16, uniforms(stream, 5, rows, cols) if stream is not None else None)
+    kept = native.rounded_half(x, before, out, stream, row0=5)
+    want = quantize_values(x, dtype, uniforms(stream, 5, rows, cols) if stream is not None else None)
     oracle = Kept.of(x - before, x - want.float())
     assert kept is not None and torch.equal(out.view(torch.int16), want.view(torch.int16))
     assert (kept.dd, kept.ed, kept.ee) == pytest.approx((oracle.dd, oracle.ed, oracle.ee), rel=1e-5)
 
 
-def test_bfloat16_rounding_is_left_to_torch_where_the_kernels_do_not_take_it(monkeypatch, kernels) -> None:
+def test_16_bit_rounding_is_left_to_torch_where_the_kernels_do_not_take_it(monkeypatch, kernels) -> None:
     x = torch.randn(4, 8)
-    assert native.rounded_bf16(x, x, torch.empty(4, 8, dtype=torch.float16), None) is None  # not bfloat16
-    assert native.rounded_bf16(x.T, x.T, torch.empty(8, 4, dtype=torch.bfloat16), None) is None  # not contiguous
+    assert native.rounded_half(x, x, torch.empty(4, 8, dtype=torch.float32), None) is None  # not 16 bits
+    assert native.rounded_half(x.T, x.T, torch.empty(8, 4, dtype=torch.bfloat16), None) is None  # not contiguous
     monkeypatch.setattr(native, "_loaded", [])
-    monkeypatch.setattr(native.Fp8Kernels, "bf16_agrees_with_torch", lambda self: False)
-    with pytest.warns(RuntimeWarning, match="disagrees with torch's bfloat16 rounding"):
-        assert native.rounded_bf16(x, x, torch.empty(4, 8, dtype=torch.bfloat16), None) is None
+    monkeypatch.setattr(native.Fp8Kernels, "half_agrees_with_torch", lambda self: False)
+    with pytest.warns(RuntimeWarning, match="disagrees with torch's bfloat16 and float16 rounding"):
+        assert native.rounded_half(x, x, torch.empty(4, 8, dtype=torch.float16), None) is None
 
 
 def test_a_build_of_another_version_is_not_used(monkeypatch, kernels) -> None:

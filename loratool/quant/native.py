@@ -47,6 +47,7 @@ LOWBIT_FORMATS = {"mxfp4": 0, "nvfp4": 1, "int": 2}  # the C enum
 LOWBIT_SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the integers' scale dtypes the kernel rounds to
 LOWBIT_FRESH, LOWBIT_NONFINITE, LOWBIT_NOMEM = 1, 2, 3  # lt_lowbit_encode's answers besides 0
 SIMD_BEST = 2  # Fp8Kernels.simd_level's highest level
+HALF_KINDS = {torch.bfloat16: 0, torch.float16: 1}  # lt_round_half's kinds
 
 
 class Fp8Kernels:
@@ -57,7 +58,7 @@ class Fp8Kernels:
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 9  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
+    ABI = 10  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.fp8_agrees: bool | None = None  # agrees_with_torch's answer, once fp8_kernels has asked
@@ -87,9 +88,9 @@ class Fp8Kernels:
         f32 = ctypes.c_float
         lib.lt_lowbit_subspace.argtypes = [p, p, p, i64, i64, i32, f32, f32, p, p, i64, i64, p]
         lib.lt_lowbit_subspace.restype = i32
-        lib.lt_round_bf16.argtypes = [p, p, p, i64, i64, i64, ctypes.c_uint32, i32, p]
-        lib.lt_round_bf16.restype = None
-        self.bf16_agrees: bool | None = None  # bf16_kernels' check of round_bf16, once asked
+        lib.lt_round_half.argtypes = [p, p, p, i64, i64, i64, ctypes.c_uint32, i32, i32, p]
+        lib.lt_round_half.restype = None
+        self.half_agrees: bool | None = None  # half_kernels' check of round_half, once asked
         self._lib = lib
 
     def simd(self, allow: bool = True) -> bool:
@@ -165,32 +166,35 @@ class Fp8Kernels:
         assert left.shape[1] == right.shape[0] and out.shape == (left.shape[0], right.shape[1])
         self._lib.lt_lowbit_delta(left.data_ptr(), right.data_ptr(), left.shape[1], *out.shape, out.data_ptr())
 
-    def round_bf16(self, x: torch.Tensor, before: torch.Tensor, out: torch.Tensor, row0: int, stream: int | None,
+    def round_half(self, x: torch.Tensor, before: torch.Tensor, out: torch.Tensor, row0: int, stream: int | None,
                    sums: torch.Tensor) -> None:  # fmt: skip
-        """``out`` (bfloat16 (rows, cols)) = ``x`` (float32, finite) on bfloat16's grid as
-        :func:`.rounding.quantize_values` puts it: nearest, or stochastically with the key ``stream``
-        (the draws of rows ``row0``..); the kept sums against ``before`` (float32, x's shape) added to
-        ``sums`` (float64[3]) in float runs, then double (csrc/lowbit.c)."""
+        """``out`` (bfloat16 or float16 (rows, cols)) = ``x`` (float32, finite; within float16's range for
+        float16) on that grid as :func:`.rounding.quantize_values` puts it: nearest, or stochastically with
+        the key ``stream`` (the draws of rows ``row0``..); the kept sums against ``before`` (float32, x's
+        shape) added to ``sums`` (float64[3]) in float runs, then double (csrc/lowbit.c)."""
         _check(x, before, out, sums)
-        assert x.dtype == before.dtype == torch.float32 and out.dtype == torch.bfloat16
+        assert x.dtype == before.dtype == torch.float32 and out.dtype in HALF_KINDS
         assert x.shape == before.shape == out.shape and x.dim() == 2 and sums.dtype == torch.float64
-        self._lib.lt_round_bf16(x.data_ptr(), before.data_ptr(), out.data_ptr(), *x.shape, row0, stream or 0,
-                                int(stream is not None), sums.data_ptr())  # fmt: skip
+        self._lib.lt_round_half(x.data_ptr(), before.data_ptr(), out.data_ptr(), *x.shape, row0, stream or 0,
+                                int(stream is not None), HALF_KINDS[out.dtype], sums.data_ptr())  # fmt: skip
 
-    def bf16_agrees_with_torch(self) -> bool:
-        """:meth:`round_bf16` against :func:`.rounding.quantize_values`, nearest and stochastic, on values
-        across bfloat16's range: its subnormals, ties, its largest value and beyond it, zeros of both signs."""
+    def half_agrees_with_torch(self) -> bool:
+        """:meth:`round_half` against :func:`.rounding.quantize_values`, nearest and stochastic, into each
+        dtype, on values across its range: its subnormals, its ties, its largest value (and for bfloat16
+        beyond it), zeros of both signs."""
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(7, 150, generator=g) * torch.logspace(-40, 38, 150).clamp_max(3e38)
-        ends = torch.tensor([0.0, -0.0, 3.3895e38, -3.3895e38, 3.4e38, -3.4e38, 1e-39, -3e-45, 1.00390625, 1.01171875])
-        x[0, : ends.numel()] = ends  # bfloat16's ties (1 + 2^-8, 1 + 3 * 2^-8), subnormals, the top and past it
-        before = torch.randn(7, 150, generator=g)
-        for stream in (None, 0x5EED):
-            out, sums = torch.empty(7, 150, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.float64)
-            self.round_bf16(x, before, out, 3, stream, sums)
-            u = rounding.uniforms(stream, 3, 7, 150) if stream is not None else None
-            if not torch.equal(out.view(torch.int16), rounding.quantize_values(x, torch.bfloat16, u).view(torch.int16)):
-                return False
+        for dtype, top in ((torch.bfloat16, 3.4e38), (torch.float16, 65504.0)):
+            x = (torch.randn(7, 150, generator=g) * torch.logspace(-45, 39, 150)).clamp(-top, top)
+            ends = [0.0, -0.0, top, -top, 1e-39, -3e-45, 6.1e-5, -5.96e-8, 2.9e-8]  # subnormals, the tops
+            ties = [1.00390625, 1.01171875, 1.00048828125, -1.00146484375]  # bfloat16's, then float16's
+            x[0, : len(ends) + len(ties)] = torch.tensor(ends + ties)
+            before = torch.randn(7, 150, generator=g)
+            for stream in (None, 0x5EED):
+                out, sums = torch.empty(7, 150, dtype=dtype), torch.zeros(3, dtype=torch.float64)
+                self.round_half(x, before, out, 3, stream, sums)
+                u = rounding.uniforms(stream, 3, 7, 150) if stream is not None else None
+                if not torch.equal(out.view(torch.int16), rounding.quantize_values(x, dtype, u).view(torch.int16)):
+                    return False
         return True
 
     @staticmethod
@@ -374,24 +378,24 @@ def fp8_kernels() -> Fp8Kernels | None:
     return kernels if kernels.fp8_agrees else None
 
 
-def bf16_kernels() -> Fp8Kernels | None:
-    """The kernels where their bfloat16 rounding agrees with torch's passes (checked once per loaded
-    library, at the first call), else None."""
+def half_kernels() -> Fp8Kernels | None:
+    """The kernels where their bfloat16 and float16 rounding agrees with torch's passes (checked once per
+    loaded library, at the first call), else None."""
     kernels = library()
     if kernels is None:
         return None
     with _checking:
-        if kernels.bf16_agrees is None:
-            kernels.bf16_agrees = kernels.bf16_agrees_with_torch()
-            if not kernels.bf16_agrees:
+        if kernels.half_agrees is None:
+            kernels.half_agrees = kernels.half_agrees_with_torch()
+            if not kernels.half_agrees:
                 warnings.warn(
-                    f"{_library_name()} disagrees with torch's bfloat16 rounding (a miscompiled build?); merges "
-                    "written in bfloat16 from a quantized base use torch's passes. Reinstall loratool, or set "
+                    f"{_library_name()} disagrees with torch's bfloat16 and float16 rounding (a miscompiled build?); "
+                    "merges written in 16 bits from a quantized base use torch's passes. Reinstall loratool, or set "
                     "LORATOOL_NATIVE=0 to silence this.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-    return kernels if kernels.bf16_agrees else None
+    return kernels if kernels.half_agrees else None
 
 
 def row_spans(rows: int, per_core: int = 4, least: int = 64) -> list[slice]:
@@ -402,22 +406,23 @@ def row_spans(rows: int, per_core: int = 4, least: int = 64) -> list[slice]:
     return [slice(i, min(rows, i + step)) for i in range(0, rows, step)] or [slice(0, 0)]
 
 
-def rounded_bf16(x: torch.Tensor, before: torch.Tensor, out: torch.Tensor, stream: int | None,
+def rounded_half(x: torch.Tensor, before: torch.Tensor, out: torch.Tensor, stream: int | None,
                  row0: int = 0) -> rounding.Kept | None:  # fmt: skip
-    """``out`` = ``x`` in bfloat16 by :func:`.rounding.quantize_values`'s rule (nearest, or the draws of
-    ``stream`` for rows ``row0``..), and the kept sums against ``before``, by the compiled kernels, the
-    rows split across the cores; None where they do not take it (not built, not agreeing, not CPU
-    tensors of that layout), and nothing written."""
-    takes = x.dim() == 2 and x.shape == before.shape == out.shape and out.dtype == torch.bfloat16
+    """``out`` = ``x`` in bfloat16 or float16 (out's dtype) by :func:`.rounding.quantize_values`'s rule
+    (nearest, or the draws of ``stream`` for rows ``row0``..), and the kept sums against ``before``, by
+    the compiled kernels, the rows split across the cores; None where they do not take it (not built, not
+    agreeing, not CPU tensors of that layout), and nothing written. ``x`` must be finite, and within
+    float16's range for float16 (merges refuse more first)."""
+    takes = x.dim() == 2 and x.shape == before.shape == out.shape and out.dtype in HALF_KINDS
     takes &= x.dtype == before.dtype == torch.float32
     if not takes or any(t.device.type != "cpu" or not t.is_contiguous() for t in (x, before, out)):
         return None
-    kernels = bf16_kernels()
+    kernels = half_kernels()
     if kernels is None:
         return None
     spans = row_spans(x.shape[0])
     sums = torch.zeros(len(spans), 3, dtype=torch.float64)
-    run_parts(lambda i: kernels.round_bf16(x[spans[i]], before[spans[i]], out[spans[i]], row0 + spans[i].start,
+    run_parts(lambda i: kernels.round_half(x[spans[i]], before[spans[i]], out[spans[i]], row0 + spans[i].start,
                                            stream, sums[i]), range(len(spans)))  # fmt: skip
     dd, ed, ee = sums.sum(0).tolist()
     return rounding.Kept(dd, ed, ee)

@@ -384,7 +384,7 @@ class Stream:
         rows, cols = merged.shape
         if written is None:
             written = torch.empty(rows, cols, dtype=self.out_dtype, device=merged.device)
-        fast = native.rounded_bf16(merged, before, written, stream)  # the same bits, on every core
+        fast = native.rounded_half(merged, before, written, stream)  # the same bits, on every core
         if fast is not None:
             return written, fast
         kept, step = Kept(), max(1, BLOCK_ELEMENTS // max(1, cols))

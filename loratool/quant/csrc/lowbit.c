@@ -1077,7 +1077,9 @@ LT_INLINE int32_t subspace_rows4(const float *w, const float *scale, const float
     return LT_OK;
 }
 
-/* ---- float32 onto bfloat16's grid (merge --dtype bfloat16 from a quantized base) -------------- */
+/* ---- float32 onto bfloat16's or float16's grid (merge --dtype from a quantized base) ---------- */
+
+enum { LT_BF16 = 0, LT_F16 = 1 }; /* lt_round_half's kinds */
 
 /* The bfloat16 bits of x (finite): nearest, ties to even (torch's cast, which gives Inf beyond
  * bfloat16's range), or stochastically against the draw u24 (rounding.round_to_grid with
@@ -1094,21 +1096,55 @@ LT_INLINE uint32_t bf16_bits(float x, int stochastic, uint32_t u24) {
     return ((b & 0x80000000u) | ((a & 0xFFFF0000u) + up)) >> 16;
 }
 
-/* One element of lt_round_bf16: its bits written, its kept terms added into lane sums dd, ed, ee. */
-LT_INLINE void round_bf16_one(float v, float b, uint32_t row_hash, uint32_t j, const int stochastic,
+/* The float16 bits of x (finite, |x| <= 65504 where nearest: merges refuse more): rounding.round_to_grid
+ * with torch.float16, nearest (ties to even on the steps, as torch's cast) or against the draw u24:
+ * |x| clamped to 65504, its spacing 2^(max(e, -14) - 10), so that |x| / spacing (a product by a power of
+ * two), its floor and its fraction are exact; the rounded value, a float16's, then as float16 bits
+ * (a normal's exponent and top ten mantissa bits, a subnormal's multiple of 2^-24). */
+LT_INLINE uint32_t f16_bits(float x, int stochastic, uint32_t u24) {
+    const uint32_t b = bits_of(x);
+    float a = float_of(b & 0x7FFFFFFFu);
+    a = a < 65504.0f ? a : 65504.0f;
+    uint32_t field = bits_of(a) >> 23;
+    field = field > 113u ? field : 113u; /* float16's smallest normal, 2^-14: below it the subnormals' spacing */
+    const float spacing = float_of((field - 10u) << 23), y = a * float_of((264u - field) << 23);
+    float r;
+    if (stochastic) {
+        const float below = floorf(y);
+        r = below + ((float)(int32_t)u24 * 0x1p-24f < y - below ? 1.0f : 0.0f);
+    } else {
+        r = rintf(y);
+    }
+    const float v = r * spacing;
+    const uint32_t vb = bits_of(v);
+    const uint32_t h = vb >= 0x38800000u ? (((vb >> 23) - 112u) << 10) | ((vb >> 13) & 0x3FFu) : (uint32_t)(v * 0x1p24f);
+    return ((b >> 16) & 0x8000u) | h;
+}
+
+/* One element of lt_round_half: its bits written, its kept terms added into lane sums dd, ed, ee. */
+LT_INLINE void round_half_one(float v, float b, uint32_t row_hash, uint32_t j, const int stochastic, const int kind,
                               uint16_t *restrict o, float *dd, float *ed, float *ee) {
-    const uint32_t h = bf16_bits(v, stochastic, mix32(row_hash ^ j) >> 8);
+    const uint32_t u24 = mix32(row_hash ^ j) >> 8;
+    const uint32_t h = kind == LT_BF16 ? bf16_bits(v, stochastic, u24) : f16_bits(v, stochastic, u24);
     *o = (uint16_t)h;
-    const float delta = v - b, err = v - float_of(h << 16);
+    float w;
+    if (kind == LT_BF16) {
+        w = float_of(h << 16);
+    } else { /* the value just rounded, back from its bits */
+        const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+        const float mag = e ? float_of(((e + 112u) << 23) | (m << 13)) : (float)(int32_t)m * 0x1p-24f;
+        w = float_of(bits_of(mag) | ((h & 0x8000u) << 16));
+    }
+    const float delta = v - b, err = v - w;
     *dd = *dd + delta * delta;
     *ed = *ed + err * delta;
     *ee = *ee + err * err;
 }
 
-/* lt_round_bf16's rows, the rule constant in each compiled copy (no branch in the element loop). */
-LT_INLINE void round_bf16_rows(const float *restrict x, const float *restrict before, uint16_t *restrict out,
+/* lt_round_half's rows, the rule and kind constant in each compiled copy (no branch in the element loop). */
+LT_INLINE void round_half_rows(const float *restrict x, const float *restrict before, uint16_t *restrict out,
                                int64_t rows, int64_t cols, int64_t row0, uint32_t key, const int stochastic,
-                               double total[3]) {
+                               const int kind, double total[3]) {
     for (int64_t i = 0; i < rows; i++) {
         const uint32_t row_hash = mix32((uint32_t)(row0 + i) ^ key);
         const float *xr = x + i * cols, *br = before + i * cols;
@@ -1118,10 +1154,10 @@ LT_INLINE void round_bf16_rows(const float *restrict x, const float *restrict be
             float dd[16] = {0.0f}, ed[16] = {0.0f}, ee[16] = {0.0f};
             for (int64_t j = j0; j < full; j += 16)
                 for (int l = 0; l < 16; l++)
-                    round_bf16_one(xr[j + l], br[j + l], row_hash, (uint32_t)(j + l), stochastic, o + j + l, &dd[l],
-                                   &ed[l], &ee[l]);
+                    round_half_one(xr[j + l], br[j + l], row_hash, (uint32_t)(j + l), stochastic, kind, o + j + l,
+                                   &dd[l], &ed[l], &ee[l]);
             for (int64_t j = full; j < j0 + n; j++)
-                round_bf16_one(xr[j], br[j], row_hash, (uint32_t)j, stochastic, o + j, &dd[0], &ed[0], &ee[0]);
+                round_half_one(xr[j], br[j], row_hash, (uint32_t)j, stochastic, kind, o + j, &dd[0], &ed[0], &ee[0]);
             double s0 = 0.0, s1 = 0.0, s2 = 0.0;
             for (int l = 0; l < 16; l++) s0 += dd[l], s1 += ed[l], s2 += ee[l];
             total[0] += s0, total[1] += s1, total[2] += s2;
@@ -1129,13 +1165,15 @@ LT_INLINE void round_bf16_rows(const float *restrict x, const float *restrict be
     }
 }
 
-LT_INLINE void round_bf16(const float *x, const float *before, uint16_t *out, int64_t rows, int64_t cols, int64_t row0,
-                          uint32_t key, int32_t stochastic, double *sums) {
+LT_INLINE void round_half(const float *x, const float *before, uint16_t *out, int64_t rows, int64_t cols, int64_t row0,
+                          uint32_t key, int32_t stochastic, int32_t kind, double *sums) {
     double total[3] = {0.0, 0.0, 0.0};
-    if (stochastic)
-        round_bf16_rows(x, before, out, rows, cols, row0, key, 1, total);
+#define LT_HALF(STOCHASTIC, KIND) round_half_rows(x, before, out, rows, cols, row0, key, STOCHASTIC, KIND, total)
+    if (kind == LT_BF16)
+        stochastic ? LT_HALF(1, LT_BF16) : LT_HALF(0, LT_BF16);
     else
-        round_bf16_rows(x, before, out, rows, cols, row0, key, 0, total);
+        stochastic ? LT_HALF(1, LT_F16) : LT_HALF(0, LT_F16);
+#undef LT_HALF
     for (int t = 0; t < 3; t++) sums[t] += total[t];
 }
 
@@ -1170,9 +1208,10 @@ LT_INLINE void round_bf16(const float *x, const float *before, uint16_t *out, in
                                               const float *gain, int64_t width, int64_t rank, float *out) {            \
         return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out, LANES);       \
     }                                                                                                                  \
-    ATTR static void round_bf16##SUFFIX(const float *x, const float *before, uint16_t *out, int64_t rows,              \
-                                        int64_t cols, int64_t row0, uint32_t key, int32_t stochastic, double *sums) {  \
-        round_bf16(x, before, out, rows, cols, row0, key, stochastic, sums);                                           \
+    ATTR static void round_half##SUFFIX(const float *x, const float *before, uint16_t *out, int64_t rows,              \
+                                        int64_t cols, int64_t row0, uint32_t key, int32_t stochastic, int32_t kind,    \
+                                        double *sums) {                                                                \
+        round_half(x, before, out, rows, cols, row0, key, stochastic, kind, sums);                                     \
     }
 LT_VARIANTS(LT_AVX2, _avx2, 8)
 LT_VARIANTS(LT_AVX512, _avx512, 16)
@@ -1236,19 +1275,19 @@ LT_EXPORT int32_t lt_lowbit_subspace(const float *w, const float *scale, const f
     return subspace_rows4(w, scale, zero, rows, cols, is_int, lo, hi, basis, gain, width, rank, out, 16);
 }
 
-/* out (rows x cols, bfloat16 bits) = x (float32, finite) on bfloat16's grid: nearest, ties to even, or
- * with `stochastic` against the draws of rows row0.. of the stream `key` (rounding.quantize_values:
- * the same bits); adds to sums[0..3) the kept sums <delta, delta>, <err, delta>, <err, err> (delta =
- * x - before, err = x - out) in float lanes over runs of LT_RUN, then double. Rows are independent,
- * so a caller may split them across threads. */
-LT_EXPORT void lt_round_bf16(const float *x, const float *before, uint16_t *out, int64_t rows, int64_t cols,
-                             int64_t row0, uint32_t key, int32_t stochastic, double *sums) {
+/* out (rows x cols, bfloat16 or float16 bits: kind LT_BF16, LT_F16) = x (float32, finite; within
+ * float16's range for LT_F16) on that grid: nearest, ties to even, or with `stochastic` against the draws
+ * of rows row0.. of the stream `key` (rounding.quantize_values: the same bits); adds to sums[0..3) the
+ * kept sums <delta, delta>, <err, delta>, <err, err> (delta = x - before, err = x - out) in float lanes
+ * over runs of LT_RUN, then double. Rows are independent, so a caller may split them across threads. */
+LT_EXPORT void lt_round_half(const float *x, const float *before, uint16_t *out, int64_t rows, int64_t cols,
+                             int64_t row0, uint32_t key, int32_t stochastic, int32_t kind, double *sums) {
 #ifdef LT_SIMD_VARIANTS
     if (lt_simd_usable() >= 2)
-        round_bf16_avx512(x, before, out, rows, cols, row0, key, stochastic, sums);
+        round_half_avx512(x, before, out, rows, cols, row0, key, stochastic, kind, sums);
     else if (lt_simd_usable() >= 1)
-        round_bf16_avx2(x, before, out, rows, cols, row0, key, stochastic, sums);
+        round_half_avx2(x, before, out, rows, cols, row0, key, stochastic, kind, sums);
     else
 #endif
-        round_bf16(x, before, out, rows, cols, row0, key, stochastic, sums);
+        round_half(x, before, out, rows, cols, row0, key, stochastic, kind, sums);
 }
