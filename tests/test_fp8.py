@@ -532,6 +532,29 @@ def test_extract_from_fp8_equals_extract_from_its_dequantized_copy(tmp_path: Pat
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_extract_decodes_an_fp8_base_into_buffers_of_the_pool(tmp_path: Path, plain, monkeypatch) -> None:
+    """Extraction reads only the difference, so an FP8 base's weights are decoded into reused buffers (a
+    fresh tensor a weight costs a page fault each 4 KiB); the adapter is the one extracted without."""
+    from loratool.stream import deltas
+
+    base, _ = plain
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "ft")
+    fp8_checkpoint(base, tmp_path / "base8", "block")
+    kw = dict(rank=4, dtype="float32", show_progress=False, seed=0)
+    extract(tmp_path / "base8", tmp_path / "ft", output=tmp_path / "pooled", **kw)
+    decoded: list[bool] = []
+    real = deltas.dequantize_fp8
+    monkeypatch.setattr(
+        deltas, "dequantize_fp8", lambda *a, out=None: decoded.append(out is not None) or real(*a, out=out)
+    )
+    extract(tmp_path / "base8", tmp_path / "ft", output=tmp_path / "again", **kw)
+    assert decoded and all(decoded)
+    monkeypatch.setattr(deltas, "dequantize_fp8", lambda *a, out=None: real(*a))  # fresh tensors, as before
+    extract(tmp_path / "base8", tmp_path / "ft", output=tmp_path / "fresh", **kw)
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("pooled", "fresh"))
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_extract_factors_of_an_fp8_finetune_default_to_bfloat16(tmp_path: Path, plain) -> None:
     base, _ = plain
     (tmp_path / "ft").mkdir()

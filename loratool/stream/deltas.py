@@ -141,18 +141,22 @@ class DeltaReader:
             if not (math.isfinite(norm) and norm * norm <= _FLOAT32_MAX):
                 _require_finite(key, norm, delta, self.b.get(key), self.f.get(key))
             return Delta(key, self.b.get_meta(key), self.f.get_meta(key), delta, norm)
-        # a packed base weight the consumer does not read (extract) is decoded into a buffer of the pool (a
-        # fresh tensor a weight costs a page fault each 4 KiB), handed back once the difference is formed
-        shape = None
+        # a packed or FP8 base weight the consumer does not read (extract) is decoded into a buffer of the pool
+        # (a fresh tensor a weight costs a page fault each 4 KiB), handed back once the difference is formed
+        packed_shape = None
         if self.base_unused and self.device.type == "cpu" and isinstance(self.b, ModelView):
-            shape = self.b.packed_shape(key, experts=False)
+            packed_shape = self.b.packed_shape(key, experts=False)
+        fp8_shape = None
+        if self.base_unused and self.device.type == "cpu" and self.fp8[0] is not None and key in self.fp8[0].weights:
+            fp8_shape = tuple(self.b.info(key).shape)
+        shape = packed_shape or fp8_shape
         into = self.pool.take(shape, torch.float32, self.device) if shape is not None else None
         try:
-            if into is not None:
+            if into is not None and packed_shape is not None:
                 assert isinstance(self.b, ModelView)
                 wb = self.b.packed_weight(key, into)
             else:
-                wb = read_weight(self.b, self.fp8[0], key, self.device)
+                wb = read_weight(self.b, self.fp8[0], key, self.device, out=into)
             wf = read_weight(self.f, self.fp8[1], key, self.device)
             held = wb if into is None else self.b.get_meta(key)  # the base the Delta hands on
             if not wb.is_floating_point():
@@ -279,14 +283,16 @@ def _require_finite(key: str, norm: float, delta: torch.Tensor, wb: torch.Tensor
     )
 
 
-def read_weight(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.device) -> torch.Tensor:
-    """A tensor as stored (on the CPU), or an FP8 weight dequantized to float32 on ``device``."""
+def read_weight(ck: Checkpoint, fp8: Fp8Layout | None, key: str, device: torch.device,
+                out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """A tensor as stored (on the CPU), or an FP8 weight dequantized to float32 on ``device`` (into
+    ``out``, a float32 tensor of its shape, where given)."""
     if fp8 is None or key not in fp8.weights:
         return ck.get(key)
     w = fp8.weights[key]
     scale = ck.get(w.scale_key)
     check_scale(w.scale_key, scale)
-    return dequantize_fp8(ck.get(key).to(device), scale, w.scheme)
+    return dequantize_fp8(ck.get(key).to(device), scale, w.scheme, out=out)
 
 
 def paired_keys(b: Checkpoint, f: Checkpoint, *, skip: set[str]) -> list[str]:
