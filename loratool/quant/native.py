@@ -61,7 +61,7 @@ class Fp8Kernels:
     ABI = 10  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self.fp8_agrees: bool | None = None  # agrees_with_torch's answer, once fp8_kernels has asked
+        self.agreement: dict[str, bool] = {}  # each check's answer (by its method's name), once asked
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
         lib.lt_fp8_abi.restype = i32
         if lib.lt_fp8_abi() != self.ABI:
@@ -90,7 +90,6 @@ class Fp8Kernels:
         lib.lt_lowbit_subspace.restype = i32
         lib.lt_round_half.argtypes = [p, p, p, i64, i64, i64, ctypes.c_uint32, i32, i32, p]
         lib.lt_round_half.restype = None
-        self.half_agrees: bool | None = None  # half_kernels' check of round_half, once asked
         self._lib = lib
 
     def simd(self, allow: bool = True) -> bool:
@@ -344,7 +343,7 @@ def _check(*tensors: torch.Tensor) -> None:
 
 
 _loaded: list[Fp8Kernels | None] = []
-_checking = threading.Lock()  # fp8_kernels' check, once for callers on several threads
+_checking = threading.Lock()  # _agreeing's checks, once each for callers on several threads
 
 
 def library() -> Fp8Kernels | None:
@@ -362,40 +361,30 @@ def library() -> Fp8Kernels | None:
 def fp8_kernels() -> Fp8Kernels | None:
     """The FP8 kernels, or None: not built, ``LORATOOL_NATIVE=0``, or not agreeing with torch
     (checked once per loaded library, at the first call; a build that disagrees says so, once)."""
-    kernels = library()
-    if kernels is None:
-        return None
-    with _checking:
-        if kernels.fp8_agrees is None:
-            kernels.fp8_agrees = kernels.agrees_with_torch()
-            if not kernels.fp8_agrees:
-                warnings.warn(
-                    f"{_library_name()} disagrees with torch's FP8 conversions (a miscompiled build?); FP8 merges "
-                    "use torch's passes. Reinstall loratool, or set LORATOOL_NATIVE=0 to silence this.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    return kernels if kernels.fp8_agrees else None
+    return _agreeing("agrees_with_torch", "torch's FP8 conversions", "FP8 merges use torch's passes")
 
 
 def half_kernels() -> Fp8Kernels | None:
-    """The kernels where their bfloat16 and float16 rounding agrees with torch's passes (checked once per
-    loaded library, at the first call), else None."""
+    """The kernels where their bfloat16 and float16 rounding agrees with torch's passes (checked as
+    :func:`fp8_kernels` checks the FP8 passes), else None."""
+    return _agreeing("half_agrees_with_torch", "torch's bfloat16 and float16 rounding",
+                     "merges written in 16 bits from a quantized base use torch's passes")  # fmt: skip
+
+
+def _agreeing(check: str, what: str, instead: str) -> Fp8Kernels | None:
+    """The loaded kernels where their method ``check`` answers that they agree with torch (asked once
+    per loaded library); a build that disagrees says so, once: with ``what``, and what runs ``instead``."""
     kernels = library()
     if kernels is None:
         return None
     with _checking:
-        if kernels.half_agrees is None:
-            kernels.half_agrees = kernels.half_agrees_with_torch()
-            if not kernels.half_agrees:
-                warnings.warn(
-                    f"{_library_name()} disagrees with torch's bfloat16 and float16 rounding (a miscompiled build?); "
-                    "merges written in 16 bits from a quantized base use torch's passes. Reinstall loratool, or set "
-                    "LORATOOL_NATIVE=0 to silence this.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    return kernels if kernels.half_agrees else None
+        if check not in kernels.agreement:
+            kernels.agreement[check] = getattr(kernels, check)()
+            if not kernels.agreement[check]:
+                why = f"{_library_name()} disagrees with {what} (a miscompiled build?); {instead}"
+                warnings.warn(f"{why}. Reinstall loratool, or set LORATOOL_NATIVE=0 to silence this.", RuntimeWarning,
+                              stacklevel=3)  # fmt: skip
+    return kernels if kernels.agreement[check] else None
 
 
 def row_spans(rows: int, per_core: int = 4, least: int = 64) -> list[slice]:
