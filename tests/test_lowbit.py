@@ -898,6 +898,29 @@ def test_requantize_fp8_writes_a_mixed_checkpoint_that_transformers_loads(tmp_pa
     assert json.loads(res.stdout)["check"]["relative_diff"] < 0.05  # FP8 round trip of NVFP4 values, twice rounded
 
 
+@pytest.mark.parametrize("edit", [{"num_bits": 4}, {"type": "int"}], ids=["4-bit", "int"])
+def test_fp8_weights_no_config_group_describes_are_refused(tmp_path: Path, plain, cli, edit: dict) -> None:
+    """A mixed checkpoint (merge --requantize fp8's) whose FP8 group no longer says FP8: its float8 weights
+    were read as plain numbers, their scales dropped (merge wrote them back so, without a word); now every
+    command refuses them by name."""
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "nvfp4-compressed")
+    assert cli("merge", tmp_path / "q", adapter, "-o", tmp_path / "m", "--requantize", "fp8").exit_code == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    fp8_groups = [
+        g for g in config["quantization_config"]["config_groups"].values() if g["format"] == "float-quantized"
+    ]
+    assert fp8_groups
+    for group in fp8_groups:
+        group["weights"].update(edit)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    for args in (("merge", tmp_path / "m", adapter, "--min-kept", "0"), ("merge", tmp_path / "m", adapter, "--dtype",
+                 "bfloat16"), ("extract", tmp_path / "m", base, "-r", "2")):  # fmt: skip
+        res = cli(*args, "-o", tmp_path / "out")
+        assert res.exit_code == 1 and "no config group describes FP8 weights" in res.stderr, (args[0], res.stderr)
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("fmt", "says"), [("nvfp4-modelopt", "compressed-tensors base"), ("plain", "has none")])
 def test_requantize_fp8_is_refused_where_no_loader_would_read_it(tmp_path: Path, plain, cli, fmt, says) -> None:
     base, adapter = plain

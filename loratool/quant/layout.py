@@ -124,13 +124,12 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
     method = str(qc.get("quant_method") or "")
     packed = packed_method(config, found)
     skip: Mapping[str, str] = {}
-    if packed == "mixed-compressed":  # FP8 groups beside packed ones: the packed weights' tensors are not FP8's
-        if not any(_float8(spec) for spec in _group_specs(qc)):
-            return None
-        layout = packed_layout(config, tensors)
+    if packed == "mixed-compressed" and any(_float8(spec) for spec in _group_specs(qc)):
+        layout = packed_layout(config, tensors)  # FP8 groups beside packed ones, whose tensors are not FP8's
         skip = layout.companions if layout is not None else {}
-    elif packed is not None:
-        return None  # a packed low-bit layout: packed_layout reads it
+    elif packed is not None:  # a packed low-bit layout alone: packed_layout reads it
+        _refuse_stray_fp8(tensors)
+        return None
     elif not method and found.method.startswith("fp8"):
         _refuse(found, "config.json has no quantization_config saying how its FP8 scales apply")
     elif method not in _FP8_METHODS or (method == "compressed-tensors" and not _float8_groups(qc)):
@@ -161,6 +160,14 @@ def fp8_layout(config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int,
         weights[name] = Fp8Weight(scale_key, _scheme(name, scale_key, shape, tensors[scale_key][0], block))
     companions = {n for n in tensors if n.rsplit(".", 1)[-1] in (*_SCALES, *ACTIVATION_SCALES) and n not in skip}
     return Fp8Layout(method, weights, companions)
+
+
+def _refuse_stray_fp8(tensors: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    """A packed checkpoint whose config describes no FP8 weights may hold no float8 weight (its float8
+    tensors are NVFP4's block scales, ``*.weight_scale``): read as plain numbers, one would lose its scale."""
+    stray = next((n for n, (_, dtype) in tensors.items() if dtype.startswith("F8_") and n.endswith(".weight")), None)
+    if stray is not None:
+        _malformed(f"'{stray}' is {tensors[stray][1]}, but no config group describes FP8 weights", "quantized")
 
 
 # compressed-tensors: the fields of a config group's weights spec loratool reads, and the JSON type of each
