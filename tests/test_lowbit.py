@@ -535,7 +535,7 @@ def test_a_part_or_config_that_contradicts_the_layout_is_refused(tmp_path: Path,
     assert not shown["supported"] and says in shown["why_unsupported"]
 
 
-def test_gptq_parts_in_dtypes_gptq_does_not_use_are_refused(tmp_path: Path, plain) -> None:
+def test_gptq_parts_and_packings_gptq_does_not_use_are_refused(tmp_path: Path, plain) -> None:
     from loratool.errors import UnsupportedCheckpointError
 
     base, _ = plain
@@ -559,6 +559,10 @@ def test_gptq_parts_in_dtypes_gptq_does_not_use_are_refused(tmp_path: Path, plai
         with open_checkpoint(q) as ck, pytest.raises(UnsupportedCheckpointError, match=f"down_proj.{part}'") as e:
             model_view(ck)
         assert "GPTQ checkpoint is malformed" in str(e.value)
+    config["quantization_config"]["checkpoint_format"] = "marlin"  # another packing under the same names
+    (q / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(q) as ck, pytest.raises(UnsupportedCheckpointError, match="checkpoint_format='marlin'"):
+        model_view(ck)
 
 
 def test_scale_bytes_are_checked_as_their_formats_define_them() -> None:

@@ -593,6 +593,8 @@ def _gptq_awq_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], qc: Ma
     if not isinstance(bits, int) or bits not in (2, 4, 8) or not isinstance(group_size, int):
         _malformed(f"bits={bits!r}, group_size={group_size!r}: loratool reads 2-, 4- and 8-bit GPTQ", method.upper())
     fmt = str(qc.get("checkpoint_format") or "gptq")
+    if method == "gptq" and fmt not in ("gptq", "gptq_v2"):  # marlin's repacking, say: read as gptq, every code wrong
+        _malformed(f"checkpoint_format={fmt!r}: loratool reads GPTQ's gptq and gptq_v2 packing", "GPTQ")
     out = {}
     for name, (shape, dtype) in tensors.items():
         if not name.endswith(".qweight"):
