@@ -436,3 +436,43 @@ def test_fitting_a_flux_kohya_file_to_its_base_costs_torch_no_symbolic_shapes(tm
     out = main_in_a_process(["validate", tmp_path / "flux.safetensors", "--base", base],
                             then=SYMBOLIC_SHAPES)  # fmt: skip
     assert "symbolic shapes: False" in out, out
+
+
+def test_a_kohya_flux_file_combines_and_resizes_against_its_component_and_a_wrong_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    """combine and resize with --base PIPE/transformer read a kohya Flux file as merge does (they refused
+    its names before: 'map to no module path'); a fused projection whose rows do not add up to the base's
+    parts is refused by name (it was 'a loratool bug')."""
+    from safetensors.torch import save_file
+
+    flux = tiny_flux()
+    base = pipeline(flux, tmp_path / "pipe", "transformer")
+    stems = {"double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                              "transformer_blocks.0.attn.to_v"],
+             "img_in": ["x_embedder"]}  # fmt: skip
+    tensors = flux_kohya(flux, stems, 2)
+    save_file(tensors, str(tmp_path / "k.safetensors"))
+    run("combine", tmp_path / "k.safetensors", f"{tmp_path / 'k.safetensors'}:0.5", "--base", base, "-o",
+        tmp_path / "c", "-q")  # fmt: skip
+    run("merge", base, tmp_path / "c", "-o", tmp_path / "mc", "-q")
+    run("merge", base, f"{tmp_path / 'k.safetensors'}:1.5", "-o", tmp_path / "mk", "-q")
+    combined, scaled = merged_state(tmp_path / "mc"), merged_state(tmp_path / "mk")
+    assert combined.keys() == scaled.keys()
+    for key in combined:
+        torch.testing.assert_close(combined[key], scaled[key], rtol=1e-5, atol=1e-6, msg=key)
+    run("resize", tmp_path / "k.safetensors", "-r", "2", "--base", base, "-o", tmp_path / "r", "-q")  # rank 2: exact
+    run("merge", base, tmp_path / "r", "-o", tmp_path / "mr", "-q")
+    run("merge", base, tmp_path / "k.safetensors", "-o", tmp_path / "m1", "-q")
+    resized, once = merged_state(tmp_path / "mr"), merged_state(tmp_path / "m1")
+    for key in once:
+        torch.testing.assert_close(resized[key], once[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    up = "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"
+    save_file({**tensors, up: tensors[up][:-1].contiguous()}, str(tmp_path / "bad.safetensors"))
+    for args in (("merge", base, tmp_path / "bad.safetensors"), ("combine", tmp_path / "bad.safetensors", "--base",
+                 base), ("validate", tmp_path / "bad.safetensors", "--base", base)):  # fmt: skip
+        result = CliRunner().invoke(cli, [str(a) for a in (*args, *(["-o", tmp_path / "out"] if args[0] != "validate"
+                                                                    else []))])  # fmt: skip
+        assert result.exit_code == 1 and "'lora_unet_double_blocks_0_img_attn_qkv' has 23 output rows" in result.output
+        assert "loratool bug" not in result.output and not (tmp_path / "out").exists()

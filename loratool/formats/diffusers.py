@@ -291,7 +291,14 @@ def flux_modules(modules: Mapping[str, LoraModule], shapes: Mapping[str, tuple[i
         if paths == ["norm_out.linear"] and not m.lora_B.is_meta:  # (a lazy read's factors hold no rows to swap,
             shift, scale = m.lora_B.chunk(2, dim=0)  # and concatenating them makes torch import its symbolic shapes)
             m = dataclasses.replace(m, lora_B=torch.cat([scale, shift]))
-        parts = [m] if len(paths) == 1 else split_module(m, [shapes[p][0] for p in paths])
+        sizes = [shapes[p][0] for p in paths]
+        if len(paths) > 1 and m.out_features != sum(sizes):  # (one path: merge and validate check its shape)
+            raise InputFileError(
+                f"the kohya module '{name}' has {m.out_features} output rows, but Flux's {', '.join(paths)} in the "
+                f"base have {' + '.join(map(str, sizes))} = {sum(sizes)}", path=where,
+                fix="give the Flux transformer it was trained for, or check the file",
+            )  # fmt: skip
+        parts = [m] if len(paths) == 1 else split_module(m, sizes)
         out.update(zip(paths, parts))
     return out
 
