@@ -535,6 +535,20 @@ def test_a_part_or_config_that_contradicts_the_layout_is_refused(tmp_path: Path,
     assert not shown["supported"] and says in shown["why_unsupported"]
 
 
+def test_an_nvfp4_config_that_says_strategy_group_is_read_as_nvfp4(tmp_path: Path, plain) -> None:
+    """W4A16 NVFP4 configs are seen with strategy "group" (TensorRT-LLM reads them so), beside compressed-tensors'
+    "tensor_group": the same layout, read the same, not refused as a contradiction."""
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "nvfp4-compressed")
+    merge(tmp_path / "q", [adapter], output=tmp_path / "a", dtype="bfloat16", show_progress=False)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "group"
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    merge(tmp_path / "q", [adapter], output=tmp_path / "b", dtype="bfloat16", show_progress=False)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gptq_parts_and_packings_gptq_does_not_use_are_refused(tmp_path: Path, plain) -> None:
     from loratool.errors import UnsupportedCheckpointError
 

@@ -454,8 +454,12 @@ def _mxfp4_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]]) -> dict[s
 
 
 # NVFP4 as its definition fixes it (E2M1 values, one E4M3 scale per 16 and a tensor scale, symmetric), in the
-# fields a config may state it by; a config that states otherwise contradicts its tensors' layout
-_NVFP4_FIELDS = {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group", "symmetric": True}
+# fields a config may state it by (each field's values that say so: W4A16 NVFP4 configs are seen with strategy
+# "group" beside compressed-tensors' "tensor_group"); a config that states otherwise contradicts its tensors' layout
+_NVFP4_FIELDS: dict[str, tuple[Any, ...]] = {
+    "num_bits": (4,), "type": ("float",), "group_size": (16,), "strategy": ("tensor_group", "group"),
+    "symmetric": (True,),
+}  # fmt: skip
 
 
 def _modelopt_spec(config: Mapping[str, Any], qc: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -470,11 +474,11 @@ def _require_nvfp4_config(spec: Mapping[str, Any], where: str) -> None:
     """A config's statement of NVFP4 (``spec``: a compressed-tensors weights spec, or ModelOpt's fields)
     that agrees with NVFP4's definition wherever it states a field; else the checkpoint is malformed
     (which of the two to believe is a guess: the tensors are read as NVFP4's definition lays them out)."""
-    for field, value in _NVFP4_FIELDS.items():
+    for field, values in _NVFP4_FIELDS.items():
         stated = spec.get(field)
-        if stated is not None and (type(stated) is not type(value) or stated != value):
+        if stated is not None and not any(type(stated) is type(v) and stated == v for v in values):
             _malformed(f"{where} gives {field} = {json.dumps(stated)[:40]}, but NVFP4 has {field} = "
-                       f"{json.dumps(value)} by definition", "nvfp4")  # fmt: skip
+                       f"{' or '.join(json.dumps(v) for v in values)} by definition", "nvfp4")  # fmt: skip
 
 
 def _nvfp4_weights(tensors: Mapping[str, tuple[tuple[int, ...], str]], codes: str, block: str, second: str, *,
