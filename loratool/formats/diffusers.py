@@ -162,6 +162,21 @@ def for_base(adapter: Adapter, ckpt: Checkpoint) -> tuple[Adapter, list[str]]:
     return kohya_for_component(adapter, component, shapes, config)
 
 
+def each_for_base(loaded: list[tuple[Adapter, float, str]], ckpt: Checkpoint, warnings: list[str],
+                  then: str = "") -> list[tuple[Adapter, float, str]]:  # fmt: skip
+    """(adapter, scale, name) triples through :func:`for_base`: diffusers and kohya files cut to the component
+    ``ckpt`` is (``PIPE/unet``), what they hold for other components left out and said in ``warnings``
+    (with ``then``, what to do about them)."""
+    out = []
+    for adapter, scale, name in loaded:
+        adapter, left_out = for_base(adapter, ckpt)
+        if left_out:
+            warnings.append(f"{name}: {len(left_out)} module(s) of other pipeline components left out (first: "
+                            f"{left_out[0]}){then}")  # fmt: skip
+        out.append((adapter, scale, name))
+    return out
+
+
 def for_component(adapter: Adapter, component: str | None, where: str) -> tuple[Adapter, list[str]]:
     """The modules of ``adapter`` (a diffusers LoRA file) for ``component``'s checkpoint, under their
     paths in it, and the other components' modules left out. Refuses a base that is no pipeline

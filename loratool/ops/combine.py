@@ -28,7 +28,7 @@ import torch
 from .. import arch
 from ..adapter import Adapter, LoraModule
 from ..errors import InputFileError, LoraToolError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
-from ..formats import PathArg, check_output_name, load_adapter, save_adapter, split_scale
+from ..formats import PathArg, check_output_name, diffusers, load_adapter, save_adapter, split_scale
 from ..formats.kohya import resolve_paths
 from ..formats.peft import new_config
 from ..host import map_on_cores, progress, resolve_device
@@ -227,7 +227,8 @@ def _run(
             fix="convert the other adapters first: loratool convert A --to diffusers --base PIPE/unet",
         )  # fmt: skip
     if base is not None and format != "kohya" and any(a.format == "kohya" for a, _, _ in loaded):
-        loaded = _kohya_for_component(loaded, base, allow_pickle, warnings)
+        with open_checkpoint(base, allow_pickle=allow_pickle) as ck:  # a kohya file for a pipeline component
+            loaded = diffusers.each_for_base(loaded, ck, warnings)
     warnings += _align_kohya_names(loaded, _module_paths(base, allow_pickle) if base is not None else [],
                                    keep_unmapped=format == "kohya")  # fmt: skip
     hasher = InputHasher([f for a, _, _ in loaded for f in _files(Path(a.path or ""))])
@@ -502,25 +503,6 @@ def _joint_stats(method: str, parts: list[tuple[MergeStats, int]]) -> tuple[floa
     signs = [(st.sign_agreement, size) for st, size in parts if st.sign_agreement is not None]
     agreement = sum(v * size for v, size in signs) / sum(size for _, size in signs) if signs else None
     return density, agreement
-
-
-def _kohya_for_component(loaded: list[tuple[Adapter, float, str]], base: str | os.PathLike[str], allow_pickle: bool,
-                         warnings: list[str]) -> list[tuple[Adapter, float, str]]:  # fmt: skip
-    """Kohya files for a diffusion pipeline's component (``--base PIPE/transformer``) with their modules
-    named as that component holds them, as merge and convert --base read them (Flux's fused q/k/v split, SDXL's
-    original blocks renamed: :func:`.diffusers.for_base`); the other components' modules left out, said."""
-    from ..formats import diffusers
-
-    out = []
-    with open_checkpoint(base, allow_pickle=allow_pickle) as ck:
-        for a, w, name in loaded:
-            if a.format == "kohya":
-                a, left_out = diffusers.for_base(a, ck)
-                if left_out:
-                    warnings.append(f"{name}: {len(left_out)} module(s) of other pipeline components left out "
-                                    f"(first: {left_out[0]})")  # fmt: skip
-            out.append((a, w, name))
-    return out
 
 
 def _module_paths(base: str | os.PathLike[str], allow_pickle: bool) -> list[str]:

@@ -422,11 +422,4 @@ def for_the_base(
 ) -> list[tuple[Adapter, float, str]]:
     """diffusers and kohya files, which hold modules by pipeline component, cut to the component the
     base is (``PIPE/unet``); what they hold for other components is left out, saying so."""
-    out = []
-    for adapter, scale, name in loaded:
-        adapter, left_out = diffusers.for_base(adapter, ckpt)
-        if left_out:
-            warnings.append(f"{name}: {len(left_out)} module(s) of other pipeline components left out (first: "
-                            f"{left_out[0]}): merge the file into their own component's folder too")  # fmt: skip
-        out.append((adapter, scale, name))
-    return out
+    return diffusers.each_for_base(loaded, ckpt, warnings, ": merge the file into their own component's folder too")
