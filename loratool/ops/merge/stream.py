@@ -358,13 +358,7 @@ class Stream:
             _require_finite(merged, self.out_dtype, name, before)
             # the rule rounds the model's rows: their right factors are the stored ones' left, transposed
             stream, space = self._rule_for(name, [f.left.T if w.transposed else f.right for f in factors])
-            if space is not None and self.out_dtype != torch.float32:
-                written = round_subspace(merged, torch.ones_like(merged), self.out_dtype, space).to(self.out_dtype)
-                kept = Kept.of(merged - before, merged - written.float())
-                written = written if out is None else out.copy_(written)
-            else:
-                written, kept = self._rounded_in_strips(merged, before, stream, out)
-            self.requantized.append((name, kept))
+            written = self._dequantized_out(name, merged, before, stream, space, out)
             if self.check is not None and self.reference is not None:
                 ref = _reference_tensor(self._reference_view(), w.name)
                 self.check.add(written.cpu(), ref[expert] if expert is not None else ref, merged.cpu(), w.name)
@@ -373,6 +367,21 @@ class Stream:
             for t in (stored, before, merged):
                 if t is not None:
                     self.pool.give(t)
+
+    def _dequantized_out(self, key: str, merged: torch.Tensor, before: torch.Tensor, stream: int | None,
+                         space: Subspace | None, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """``merged`` in the output dtype by the rule (into ``out`` where given): the subspace rule onto the
+        dtype's grid (a scale of 1), else :meth:`_rounded_in_strips`; what it kept of the delta from ``before``
+        recorded under ``key``."""
+        assert self.out_dtype is not None
+        if space is not None and self.out_dtype != torch.float32:
+            written = round_subspace(merged, torch.ones_like(merged), self.out_dtype, space).to(self.out_dtype)
+            kept = Kept.of(merged - before, merged - written.float())
+            written = written if out is None else out.copy_(written)
+        else:
+            written, kept = self._rounded_in_strips(merged, before, stream, out)
+        self.requantized.append((key, kept))
+        return written
 
     def _rounded_in_strips(self, merged: torch.Tensor, before: torch.Tensor, stream: int | None,
                            written: torch.Tensor | None = None) -> tuple[torch.Tensor, Kept]:  # fmt: skip
@@ -545,13 +554,7 @@ class Stream:
             rights = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind).right
                       for t in self.terms[key]] if self.rounding.subspace else []  # fmt: skip
             stream, space = self._rule_for(key, rights)
-            if space is not None and self.out_dtype != torch.float32:  # onto the dtype's grid: a scale of 1
-                written.copy_(round_subspace(w32, torch.ones_like(w32), self.out_dtype, space))
-                kept = Kept.of(w32 - before, w32 - written.float())
-            else:
-                written, kept = self._rounded_in_strips(w32, before, stream, written)
-            self.requantized.append((key, kept))
-            return written
+            return self._dequantized_out(key, w32, before, stream, space, written)
         except BaseException:
             self.pool.give(written)
             raise
@@ -577,13 +580,7 @@ class Stream:
         stream, space = self._rule_for(key, rights)
         if self.dequantize:
             assert self.out_dtype is not None
-            if space is not None and self.out_dtype != torch.float32:  # onto the dtype's grid: a scale of 1
-                written = round_subspace(w32, torch.ones_like(w32), self.out_dtype, space).to(self.out_dtype)
-                kept = Kept.of(w32 - before, w32 - written.float())
-            else:
-                written, kept = self._rounded_in_strips(w32, before, stream)
-            self.requantized.append((key, kept))
-            return written, scale
+            return self._dequantized_out(key, w32, before, stream, space), scale
         q_new, s_new = quantize_fp8(w32, scheme, q.dtype, tuple(scale.shape), key=stream, space=space)
         self.requantized.append((key, Kept.of(w32 - before, w32 - dequantize_fp8(q_new, s_new, scheme))))
         return q_new, s_new
