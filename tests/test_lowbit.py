@@ -554,29 +554,38 @@ def test_gptq_parts_and_packings_gptq_does_not_use_are_refused(tmp_path: Path, p
 
     base, _ = plain
     g = torch.Generator().manual_seed(5)
-    for part, dtype in (("qzeros", torch.float32), ("scales", torch.int32), ("g_idx", torch.float32)):
+    cases = (("qzeros", torch.float32), ("scales", torch.int32), ("g_idx", torch.float32), (None, None))
+    for part, dtype in cases:
         ts = {}
         for name, t in load_file(str(base / "model.safetensors")).items():
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module.rsplit(".", 1)[-1] in PROJ:
                 parts = gptq_and_awq(t, 16, "gptq", g)[0]
-                parts[part] = parts[part].to(dtype)
+                if part is not None:
+                    parts[part] = parts[part].to(dtype)
                 ts.update({f"{module}.{k}": v.contiguous() for k, v in parts.items()})
             else:
                 ts[name] = t
-        q = tmp_path / part
+        q = tmp_path / (part or "sound")
         q.mkdir()
         save_file(ts, str(q / "model.safetensors"))
         config = json.loads((base / "config.json").read_text())
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True}
         (q / "config.json").write_text(json.dumps(config))
+        if part is None:  # sound parts: read, then refused once the config says another packing of the same names
+            with open_checkpoint(q) as ck:
+                assert model_view(ck).get("model.layers.0.mlp.down_proj.weight").dtype == torch.float32
+            config["quantization_config"]["checkpoint_format"] = "marlin"
+            (q / "config.json").write_text(json.dumps(config))
+            with (
+                open_checkpoint(q) as ck,
+                pytest.raises(UnsupportedCheckpointError, match="checkpoint_format='marlin'"),
+            ):
+                model_view(ck)
+            continue
         with open_checkpoint(q) as ck, pytest.raises(UnsupportedCheckpointError, match=f"down_proj.{part}'") as e:
             model_view(ck)
         assert "GPTQ checkpoint is malformed" in str(e.value)
-    config["quantization_config"]["checkpoint_format"] = "marlin"  # another packing under the same names
-    (q / "config.json").write_text(json.dumps(config))
-    with open_checkpoint(q) as ck, pytest.raises(UnsupportedCheckpointError, match="checkpoint_format='marlin'"):
-        model_view(ck)
 
 
 def test_scale_bytes_are_checked_as_their_formats_define_them() -> None:
