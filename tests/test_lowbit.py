@@ -734,6 +734,64 @@ def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_
     assert len(waiting) == 2 * 4 and max(waiting) == 1 and waiting[-1] == 0  # the last piece has none after it
     again = load_file(str(tmp_path / "in2" / "model.safetensors"))
     assert all(torch.equal(again[k], written[k]) for k in written)
+    # each experts weight's codes went to the writer before they were computed, and were written an expert
+    # at a time, each once computed (the writer slowed, so that it waits on the computation or runs behind it)
+    import time
+
+    from loratool.errors import UnsupportedCheckpointError
+    from loratool.io.writer import CheckpointWriter
+    from loratool.stream.pipeline import BackgroundWriter
+
+    events: list[tuple[str, str, int]] = []
+    requantized, write_pieces = merge_stream.Stream._packed_requantized, CheckpointWriter.write_pieces
+
+    def computed(self, w, expert, into):  # type: ignore[no-untyped-def]
+        out = requantized(self, w, expert, into)
+        events.append(("computed", w.name, expert))
+        return out
+
+    def pieces(self, name, parts):  # type: ignore[no-untyped-def]
+        def each():  # type: ignore[no-untyped-def]
+            for i, part in enumerate(parts):
+                events.append(("written", name, i))
+                time.sleep(0.01)
+                yield part
+
+        write_pieces(self, name, each())
+
+    def handed(self, name, tensor, *args, pieces=None, **kwargs):  # type: ignore[no-untyped-def]
+        if pieces is not None:
+            events.append(("handed", name, -1))
+        hand(self, name, tensor, *args, pieces=pieces, **kwargs)
+
+    hand = BackgroundWriter.write
+    monkeypatch.setattr(merge_stream.Stream, "_packed_requantized", computed)
+    monkeypatch.setattr(CheckpointWriter, "write_pieces", pieces)
+    monkeypatch.setattr(BackgroundWriter, "write", handed)
+    res = cli("merge", tmp_path / "q", tmp_path / "adapter", "-o", tmp_path / "in4", "--min-kept", "0", "--rounding",
+              "nearest")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    again = load_file(str(tmp_path / "in4" / "model.safetensors"))
+    assert all(torch.equal(again[k], written[k]) for k in written)
+    for key in oracle:
+        order = [(what, i) for what, name, i in events if name in (key, key + "_blocks")]
+        assert order[0] == ("handed", -1) and [i for what, i in order if what == "written"] == [0, 1, 2, 3], order
+        assert all(order.index(("computed", i)) < order.index(("written", i)) for i in range(4)), order
+
+    # a computation that stops halfway through a weight's experts does not leave the writer waiting for
+    # the rest: the error is the merge's, and nothing is written
+    def failing(self, w, expert, into):  # type: ignore[no-untyped-def]
+        if expert == 2:
+            raise UnsupportedCheckpointError("made up for the test", key=w.name)
+        return requantized(self, w, expert, into)
+
+    monkeypatch.setattr(merge_stream.Stream, "_packed_requantized", failing)
+    with pytest.raises(UnsupportedCheckpointError, match="made up"):
+        merge(tmp_path / "q", [tmp_path / "adapter"], output=tmp_path / "in5", min_kept=0.0, show_progress=False)
+    assert not (tmp_path / "in5").exists()
+    monkeypatch.setattr(merge_stream.Stream, "_packed_requantized", requantized)
+    monkeypatch.setattr(CheckpointWriter, "write_pieces", write_pieces)
+    monkeypatch.setattr(BackgroundWriter, "write", hand)
     # one packed weight alone (an adapter on down_proj's experts only): its experts are still prepared ahead
     one = get_peft_model(tf.GptOssForCausalLM(config).eval(), LoraConfig(
         r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.experts.down_proj"]))  # fmt: skip

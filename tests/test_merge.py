@@ -154,6 +154,43 @@ def test_sharded_input_gives_identically_sharded_output(tmp_path: Path, fixtures
     assert (tmp_path / "m" / "config.json").read_text() == (fixtures / "llama-ft" / "config.json").read_text()
 
 
+def test_a_shard_with_nothing_to_compute_is_written_first(tmp_path: Path, fixtures: Path, monkeypatch) -> None:
+    """A shard the adapter does not reach is written first, while the others' results are computed (a
+    head alone in the last shard was copied after the last result); its bytes and the merge's are as
+    before."""
+    from helpers import adapter_deltas
+    from safetensors.torch import save_file
+
+    from loratool.io.writer import SafetensorsStreamWriter
+
+    lora = load_file(str(fixtures / "llama-peft-adapter" / "adapter_model.safetensors"))
+    kept = {k: v for k, v in lora.items() if ".layers.0.self_attn." in k}  # all in the first shard, one scaling
+    cfg = json.loads((fixtures / "llama-peft-adapter" / "adapter_config.json").read_text())
+    modules = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in kept})
+    cfg.update(rank_pattern={}, alpha_pattern={}, target_modules=modules)
+    (tmp_path / "first").mkdir()
+    save_file(kept, str(tmp_path / "first" / "adapter_model.safetensors"))
+    (tmp_path / "first" / "adapter_config.json").write_text(json.dumps(cfg))
+    opened: list[str] = []
+    init = SafetensorsStreamWriter.__init__
+
+    def recorded(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(path.name)
+        init(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(SafetensorsStreamWriter, "__init__", recorded)
+    merge(fixtures / "llama-ft", [tmp_path / "first"], output=tmp_path / "m", show_progress=False)
+    assert opened == ["model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"]
+    deltas = adapter_deltas(tmp_path / "first")
+    for shard in opened:
+        got, base = load_file(str(tmp_path / "m" / shard)), load_file(str(fixtures / "llama-ft" / shard))
+        assert got.keys() == base.keys()
+        for k, w in base.items():
+            want = (w.double() + deltas[k]).to(w.dtype) if k in deltas else w
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6, msg=k)
+    assert any(k in deltas for k in load_file(str(tmp_path / "m" / opened[1])))
+
+
 def test_kohya_adapter_with_scale(tmp_path: Path, fixtures: Path) -> None:
     merge(
         fixtures / "llama-base",

@@ -200,3 +200,52 @@ def test_a_tensor_the_fine_tune_left_alone_is_unchanged_without_its_difference(t
         for key in ("inf", "nan"):
             with pytest.raises(NonFiniteError, match="base holds NaN or Inf"):
                 read(key)
+
+
+def test_a_tensor_handed_over_in_pieces_is_written_as_each_is_ready(tmp_path: Path) -> None:
+    """A tensor handed to the writer before it is computed (a mixture-of-experts weight's codes) is
+    written a piece at a time, each once the computation marks it ready, between the tensors
+    around it; the file is the one the whole tensor would give."""
+    from loratool.stream.pipeline import Pieces
+
+    specs = [TensorSpec("before", (2,), "F32"), TensorSpec("experts", (4, 3), "F32"), TensorSpec("after", (1,), "F32")]
+    writer = BackgroundWriter(CheckpointWriter(tmp_path, [("model.safetensors", specs)]))
+    experts, pieces = torch.zeros(4, 3), Pieces(4)
+    writer.write("before", torch.ones(2))
+    writer.write("experts", experts, pieces=pieces)
+    for e in range(4):
+        experts[e] = e + 1.0  # computed in place, then marked ready
+        pieces.ready(e + 1)
+    writer.write("after", torch.full((1,), 7.0))
+    writer.close()
+    out = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(out["experts"], torch.arange(1.0, 5.0)[:, None].expand(4, 3))
+    assert torch.equal(out["before"], torch.ones(2)) and torch.equal(out["after"], torch.full((1,), 7.0))
+
+
+def test_pieces_that_do_not_fit_the_declared_tensor_are_refused(tmp_path: Path) -> None:
+    from loratool.errors import ShapeMismatchError
+    from loratool.io.writer import SafetensorsStreamWriter
+
+    for pieces, says in (([torch.zeros(1, 3)] * 5, "do not add up"), ([torch.zeros(1, 3)] * 3, "do not add up"),
+                         ([torch.zeros(1, 2)], "a piece does not match"),
+                         ([torch.zeros(1, 3, dtype=torch.float16)], "a piece does not match")):  # fmt: skip
+        w = SafetensorsStreamWriter(tmp_path / "m.safetensors", [TensorSpec("experts", (4, 3), "F32")])
+        with pytest.raises(ShapeMismatchError, match=says):
+            w.write_pieces("experts", pieces)
+        w.abort()
+
+
+def test_an_abort_stops_the_writer_waiting_for_pieces_never_computed(tmp_path: Path) -> None:
+    """A computation that fails halfway through a tensor handed over in pieces: abort returns (the
+    writer stops waiting for the rest) and the error it met is the writer's, not a hang."""
+    from loratool.stream.pipeline import Pieces
+
+    writer = BackgroundWriter(CheckpointWriter(tmp_path, [("model.safetensors", [TensorSpec("e", (3, 2), "F32")])]))
+    pieces = Pieces(3)
+    writer.write("e", torch.zeros(3, 2), pieces=pieces)
+    pieces.ready(1)
+    done = threading.Thread(target=writer.abort)
+    done.start()
+    done.join(5)
+    assert not done.is_alive()

@@ -13,6 +13,7 @@ import ctypes
 import json
 import shutil
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,12 +63,17 @@ class SafetensorsStreamWriter:
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _expect(self, name: str) -> TensorSpec:
+        """The spec of ``name``, whose turn it must be."""
         if self._next >= len(self._specs):
             raise RuntimeError(f"{self.path.name}: tensor '{name}' was not declared")
         spec = self._specs[self._next]
         if name != spec.name:
             raise RuntimeError(f"{self.path.name}: expected tensor '{spec.name}' next, got '{name}'")
+        return spec
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._expect(name)
         if tuple(tensor.shape) != spec.shape or dtype_name(tensor.dtype) != spec.dtype:
             raise ShapeMismatchError(
                 "does not match the declared layout",
@@ -78,6 +84,26 @@ class SafetensorsStreamWriter:
         flat = tensor.detach().to("cpu").contiguous()
         if flat.numel():
             self._file.write(tensor_bytes(flat))  # flat stays alive across the write
+        self._next += 1
+
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Write tensor ``name`` as consecutive slices of its first dimension, each as it comes (a
+        mixture-of-experts weight an expert at a time, while the next is computed)."""
+        spec, rows = self._expect(name), 0
+        for piece in pieces:
+            if tuple(piece.shape[1:]) != spec.shape[1:] or dtype_name(piece.dtype) != spec.dtype or not spec.shape:
+                raise ShapeMismatchError("a piece does not match the declared layout", key=name,
+                                         expected=f"(rows, {', '.join(map(str, spec.shape[1:]))}) {spec.dtype}",
+                                         got=f"{list(piece.shape)} {dtype_name(piece.dtype)}")  # fmt: skip
+            rows += piece.shape[0]
+            if rows > spec.shape[0]:
+                break
+            flat = piece.detach().to("cpu").contiguous()
+            if flat.numel():
+                self._file.write(tensor_bytes(flat))
+        if rows != spec.shape[0]:
+            raise ShapeMismatchError("its pieces do not add up to the declared layout", key=name,
+                                     expected=f"{spec.shape[0]} rows", got=f"{rows}")  # fmt: skip
         self._next += 1
 
     def close(self) -> None:
@@ -136,11 +162,19 @@ class CheckpointWriter:
         self._remaining = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._shard().write(name, tensor)
+        self._remaining -= 1
+
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """:meth:`SafetensorsStreamWriter.write_pieces` in the shard whose turn it is."""
+        self._shard().write_pieces(name, pieces)
+        self._remaining -= 1
+
+    def _shard(self) -> SafetensorsStreamWriter:
         while self._writer is None or self._remaining == 0:
             self._open_next()
         assert self._writer is not None
-        self._writer.write(name, tensor)
-        self._remaining -= 1
+        return self._writer
 
     def _open_next(self) -> None:
         if self._writer is not None:

@@ -180,6 +180,7 @@ def stream(fn: Callable[[T], R], items: list[T], *, desc: str, show: bool, depth
 
 class _Writer(Protocol):
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -224,6 +225,43 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
             thread.join(timeout=0.05)
 
 
+class Pieces:
+    """A tensor handed to :meth:`BackgroundWriter.write` before it is computed, whose slices along the
+    first dimension (``count`` equal ones: a mixture-of-experts weight's experts) the writer writes as
+    the computation marks them :meth:`ready`, while it computes the next: the last piece's write is
+    then all that follows the computation, not the whole tensor's."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._ready, self._failed = 0, False
+        self._changed = threading.Condition()
+
+    def ready(self, n: int) -> None:
+        """The first ``n`` pieces are computed."""
+        with self._changed:
+            self._ready = n
+            self._changed.notify_all()
+
+    def fail(self) -> None:
+        """The rest will not come: the writer stops waiting for them (and fails the write)."""
+        with self._changed:
+            self._failed = True
+            self._changed.notify_all()
+
+    def slices(self, tensor: torch.Tensor) -> Generator[torch.Tensor, None, None]:
+        """``tensor``'s pieces, each once it is ready."""
+        step = tensor.shape[0] // self.count
+        for i in range(self.count):
+            self._wait(i + 1)
+            yield tensor[i * step : (i + 1) * step]
+
+    def _wait(self, n: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._ready >= n or self._failed)
+            if self._ready < n:
+                raise RuntimeError("the computation of a tensor being written stopped")
+
+
 QUEUE_BYTES = 128 * 2**20  # a BackgroundWriter's queue_bytes where results should not wait on the writer
 
 
@@ -239,22 +277,23 @@ class BackgroundWriter:
                  queue_bytes: int = 0) -> None:  # fmt: skip
         self._writer = writer
         self._pool = pool
-        self._queue: queue.SimpleQueue[tuple[str, torch.Tensor, torch.dtype | None, bool, bool] | None]
+        self._queue: queue.SimpleQueue[tuple[str, torch.Tensor, torch.dtype | None, bool, bool, Pieces | None] | None]
         self._queue = queue.SimpleQueue()
         self._room = threading.Condition()
         self._held = (0, 0)  # computed tensors queued and being written: how many, their bytes
         self._slots, self._queue_bytes = depth + 1, queue_bytes  # queued (depth) and the one being written
         self._error: BaseException | None = None
+        self._pieces: list[Pieces] = []  # the tensors queued while still being computed
         self._thread = threading.Thread(target=self._run, name="loratool-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            name, tensor, dtype, recycle, borrowed = item
+            name, tensor, dtype, recycle, borrowed, pieces = item
             n = _nbytes(tensor)  # (a recycled tensor is the pool's once written)
             if self._error is None:
                 try:
-                    self._write(name, tensor, dtype, recycle)
+                    self._write(name, tensor, dtype, recycle, pieces)
                 except BaseException as e:  # handed to the caller on its next call
                     self._error = e
             if not borrowed:
@@ -262,11 +301,14 @@ class BackgroundWriter:
                     self._held = (self._held[0] - 1, self._held[1] - n)
                     self._room.notify()
 
-    def _write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None, recycle: bool) -> None:
+    def _write(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None, recycle: bool,
+               pieces: Pieces | None) -> None:  # fmt: skip
         import torch
 
         on_cpu = tensor.device.type == "cpu"
-        if on_cpu and dtype in (None, tensor.dtype):
+        if pieces is not None:
+            self._writer.write_pieces(name, pieces.slices(tensor))
+        elif on_cpu and dtype in (None, tensor.dtype):
             self._writer.write(name, tensor)
         elif not on_cpu or self._pool is None:
             self._writer.write(name, to_host(tensor, dtype))
@@ -290,17 +332,21 @@ class BackgroundWriter:
         *,
         recycle: bool = False,
         borrowed: bool = False,
+        pieces: Pieces | None = None,
     ) -> None:
         """Queue ``tensor`` (cast to ``dtype`` on the writer thread, if given) for writing;
         ``recycle``: ``tensor`` came from the pool and goes back to it once written; ``borrowed``: it
-        is the input's own (it does not count against ``depth``)."""
+        is the input's own (it does not count against ``depth``); ``pieces``: it is still being
+        computed (a CPU tensor, in its own dtype), and written piece by piece as they are ready."""
         self._raise()
         if not borrowed:
             n = _nbytes(tensor)
             with self._room:
                 self._room.wait_for(lambda: self._held[0] < self._slots or self._held[1] + n <= self._queue_bytes)
                 self._held = (self._held[0] + 1, self._held[1] + n)
-        self._queue.put((name, tensor, dtype, recycle, borrowed))
+        if pieces is not None:
+            self._pieces.append(pieces)
+        self._queue.put((name, tensor, dtype, recycle, borrowed, pieces))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -309,6 +355,8 @@ class BackgroundWriter:
         self._writer.close()
 
     def abort(self) -> None:
+        for pieces in self._pieces:  # a computation that stopped: its writes must not wait for it
+            pieces.fail()
         if self._thread.is_alive():
             self._error = self._error or RuntimeError("aborted")
             self._queue.put(None)

@@ -23,7 +23,7 @@ from ...quant import native, packed
 from ...quant.fp8 import check_scale, dequantize_fp8, fp8_scratch_elements, merge_fp8_rows, quantize_fp8
 from ...quant.layout import Fp8Layout, Fp8Scheme, PackedLayout, PackedWeight
 from ...quant.rounding import Kept, Rounding, Subspace, quantize_values, round_subspace, subspace_of, uniforms
-from ...stream.pipeline import QUEUE_BYTES, BackgroundWriter, BufferPool, fault_in, stream, to_device, widen
+from ...stream.pipeline import QUEUE_BYTES, BackgroundWriter, BufferPool, Pieces, fault_in, stream, to_device, widen
 from .check import RoundTripCheck, fp8_steps
 from .plan import Term
 from .quantized import FP8_BLOCK
@@ -58,6 +58,7 @@ class Stream:
     _packed_next: dict[str, str] = field(default_factory=dict)
     _prepared: dict[tuple[str, int | None], Future[PackedInputs]] = field(default_factory=dict)
     _ahead: ThreadPoolExecutor | None = None
+    _writer: BackgroundWriter | None = None  # while writing: results handed over as they are computed
 
     def __post_init__(self) -> None:
         # FP8 weights to rewrite (those with terms, or all when dequantizing), by weight and by scale key
@@ -92,12 +93,16 @@ class Stream:
         # choose; its header names every tensor's place, and each shard keeps its tensors.
         shards = [(f, [s for s in specs if not self._computed(s.name)] + [s for s in specs if self._computed(s.name)])
                   for f, specs in shards]  # fmt: skip
+        # Likewise the shards with nothing to compute come first (a Llama's head alone in the last shard: a
+        # sixth of a 4-bit checkpoint's bytes, which were written after the last result, bench_fp4).
+        shards.sort(key=lambda shard: any(self._computed(s.name) for s in shard[1]))
         # Results requantized in place are slow to compute and small to write: while the writer copies the
         # tensors passed on as read, they queue past its depth (up to QUEUE_BYTES) instead of stalling
         # the computation behind it. Full-precision results are quick, large, and pooled: depth holds them.
         in_place = (self.fp8 is not None or self.low_bit is not None) and not self.dequantize
         writer = BackgroundWriter(CheckpointWriter(root, shards, metadata=metadata, index_name=None), pool=self.pool,
                                   queue_bytes=QUEUE_BYTES if in_place else 0)  # fmt: skip
+        self._writer = writer
         keys = [s.name for _, specs in shards for s in specs]
         position = {k: i for i, k in enumerate(keys)}
         # the member of an FP8 pair that comes second is computed with the first: never read it
@@ -118,12 +123,15 @@ class Stream:
             try:
                 for key, w_in, w32 in stream(self._read, keys, desc=desc, show=show):
                     w, out_dtype, pooled = self._result(key, w_in, w32)
-                    writer.write(key, w, out_dtype, recycle=pooled, borrowed=w is w_in and w_in.device.type == "cpu")
+                    if w is not None:
+                        borrowed = w is w_in and w_in.device.type == "cpu"
+                        writer.write(key, w, out_dtype, recycle=pooled, borrowed=borrowed)
                 writer.close()
             except BaseException:
                 writer.abort()
                 raise
             finally:
+                self._writer = None
                 if self._ahead is not None:
                     self._ahead.shutdown(wait=True, cancel_futures=True)
                     self._ahead, self._prepared = None, {}
@@ -142,9 +150,11 @@ class Stream:
         """Whether ``key`` is a packed weight's part computed here, or a packed weight dequantized."""
         return key in self._group_of or (self.dequantize and self.low_bit is not None and key in self.low_bit.weights)
 
-    def _result(self, key: str, w_in: torch.Tensor, w32: torch.Tensor | None) -> tuple[torch.Tensor, torch.dtype, bool]:
-        """The result for ``key`` (the input where nothing changes), the dtype to write it in, and
-        whether the tensor is the pool's (the writer hands it back once written)."""
+    def _result(self, key: str, w_in: torch.Tensor,
+                w32: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.dtype, bool]:  # fmt: skip
+        """The result for ``key`` (the input where nothing changes; None where it was handed to the
+        writer while computed), the dtype to write it in, and whether the tensor is the pool's (the
+        writer hands it back once written)."""
         if key in self._pair_of:
             return self._fp8_result(key, w_in)
         if self._packed(key):
@@ -266,9 +276,10 @@ class Stream:
         return q_new, s_new
 
     # -- packed low-bit weights (MXFP4, NVFP4, INT4/INT8) ------------------------------------------
-    def _packed_result(self, key: str) -> tuple[torch.Tensor, torch.dtype, bool]:
+    def _packed_result(self, key: str) -> tuple[torch.Tensor | None, torch.dtype, bool]:
         """A packed weight's part (requantized in place: the weight is computed at its first part, the
-        others wait in ``_stash``), or the whole weight in the output dtype when dequantizing."""
+        others wait in ``_stash``), or the whole weight in the output dtype when dequantizing; None
+        where it was handed to the writer while computed."""
         if key in self._stash:
             t, pooled = self._stash.pop(key)
             return t, t.dtype, pooled
@@ -284,8 +295,15 @@ class Stream:
             self._stash[w.name + "_scale" if key == w.name else w.name] = other
             return mine, mine.dtype, False
         codes = self._codes_buffer(w)
-        pieces = [self._packed_requantized(w, e, None if codes is None else codes if e is None else codes[e])
-                  for e in (range(w.experts) if w.experts else [None])]  # fmt: skip
+        early = None  # a mixture-of-experts weight's codes, written an expert at a time as they are computed
+        if codes is not None and w.experts and key == w.parts["codes"] and self._writer is not None:
+            early = Pieces(w.experts)
+            self._writer.write(key, codes, recycle=True, pieces=early)
+        pieces = []
+        for e in range(w.experts) if w.experts else [None]:
+            pieces.append(self._packed_requantized(w, e, None if codes is None else codes if e is None else codes[e]))
+            if early is not None and e is not None:
+                early.ready(e + 1)
         new = {}
         for role in w.parts:
             if role == "codes" and codes is not None:
@@ -299,7 +317,7 @@ class Stream:
             if name != key:
                 self._stash[name] = (new[role], in_pool[role])
         own = next(role for role, name in w.parts.items() if name == key)
-        return new[own], new[own].dtype, in_pool[own]
+        return (None if early is not None else new[own]), new[own].dtype, in_pool[own]
 
     def _codes_buffer(self, w: PackedWeight) -> torch.Tensor | None:
         """A pooled buffer for ``w``'s requantized codes as stored (each expert's in its place), which
