@@ -777,6 +777,12 @@ def test_gpt_oss_mxfp4_experts_merge_and_extract_as_transformers_reads_them(tmp_
         order = [(what, i) for what, name, i in events if name in (key, key + "_blocks")]
         assert order[0] == ("handed", -1) and [i for what, i in order if what == "written"] == [0, 1, 2, 3], order
         assert all(order.index(("computed", i)) < order.index(("written", i)) for i in range(4)), order
+    events.clear()  # written dequantized, likewise (the first expert computed before the tensor is handed over)
+    res = cli("merge", tmp_path / "q", tmp_path / "adapter", "-o", tmp_path / "deq2", "--dtype", "float32")
+    assert res.exit_code == 0, res.stderr
+    assert [(what, name) for what, name, _ in events if what == "handed"] == [("handed", k) for k in oracle]
+    again = load_file(str(tmp_path / "deq2" / "model.safetensors"))
+    assert again.keys() == got.keys() and all(torch.equal(again[k], got[k]) for k in got)
 
     # a computation that stops halfway through a weight's experts does not leave the writer waiting for
     # the rest: the error is the merge's, and nothing is written

@@ -286,8 +286,8 @@ class Stream:
         assert self.low_bit is not None
         if self.dequantize:
             w = self.low_bit.weights[key]
-            out = self._packed_each(w, self._packed_dequantized).cpu()
-            return out, out.dtype, False
+            whole = self._packed_each(w, key, self._packed_dequantized)
+            return (None, self.out_dtype or torch.float32, True) if whole is None else (whole.cpu(), whole.dtype, False)
         w = self.low_bit.weights[self._group_of[key]]
         if w.name in self.to_fp8:
             q, scale = (t.cpu() for t in self._packed_to_fp8(w))
@@ -335,18 +335,28 @@ class Stream:
         return {role: t.to(self.device) for role, t in self.view.parts(w, expert).items()}
 
     def _packed_each(
-        self, w: PackedWeight, one: Callable[[PackedWeight, int | None, torch.Tensor | None], torch.Tensor]
-    ) -> torch.Tensor:
+        self, w: PackedWeight, key: str, one: Callable[[PackedWeight, int | None, torch.Tensor | None], torch.Tensor]
+    ) -> torch.Tensor | None:
         """``one(w, expert, out)`` for each expert of a 3-D parameter, each written into its place in one
-        tensor (no stacking of the pieces); a 2-D weight: ``one(w, None, None)``."""
+        tensor (no stacking of the pieces); a 2-D weight: ``one(w, None, None)``. On the CPU the tensor
+        is the pool's and goes to the writer as ``key`` once its first expert is computed, each next one
+        written as it comes (a gpt-oss gate_up_proj in bfloat16 is a GiB, which was written whole after its
+        last expert): then None."""
         if w.experts is None:
             return one(w, None, None)
         first = one(w, 0, None)
-        out = torch.empty((w.experts, *first.shape), dtype=first.dtype, device=first.device)
+        early = Pieces(w.experts) if first.device.type == "cpu" and self._writer is not None else None
+        shape = (w.experts, *first.shape)
+        out = self.pool.take(shape, first.dtype, first.device) if early else first.new_empty(shape)
         out[0].copy_(first)
+        if early is not None and self._writer is not None:
+            early.ready(1)
+            self._writer.write(key, out, recycle=True, pieces=early)
         for e in range(1, w.experts):
             one(w, e, out[e])
-        return out
+            if early is not None:
+                early.ready(e + 1)
+        return None if early is not None else out
 
     def _packed_dequantized(self, w: PackedWeight, expert: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
         """One weight (or expert) dequantized, the terms added, in the output dtype by the rounding rule
