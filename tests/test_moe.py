@@ -183,13 +183,25 @@ def test_per_expert_weights_extract_and_merge_back_to_the_fine_tune(tmp_path: Pa
     torch.testing.assert_close(logits(merged), logits(ft), rtol=1e-4, atol=1e-4)
 
 
-def test_untransposed_3d_experts_merge_as_peft(tmp_path: Path) -> None:
+def test_untransposed_3d_experts_merge_as_peft(tmp_path: Path, monkeypatch) -> None:
     """Qwen3-MoE's fused experts are (E, out, in) in memory (transformers: not is_transposed); a
-    checkpoint that stores them so takes a target_parameters adapter as PEFT merges it."""
+    checkpoint that stores them so takes a target_parameters adapter as PEFT merges it. Each experts
+    parameter goes to the writer before it is merged, and is written an expert at a time."""
     import transformers as tf
     from safetensors.torch import save_file
 
     from loratool.ops.merge import merge
+    from loratool.stream.pipeline import BackgroundWriter
+
+    handed: list[tuple[str, int]] = []
+    write = BackgroundWriter.write
+
+    def recorded(self, name, tensor, *args, pieces=None, **kwargs):  # type: ignore[no-untyped-def]
+        if pieces is not None:
+            handed.append((name, pieces.count))
+        write(self, name, tensor, *args, pieces=pieces, **kwargs)
+
+    monkeypatch.setattr(BackgroundWriter, "write", recorded)
 
     config = tf.Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
                                num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -207,6 +219,26 @@ def test_untransposed_3d_experts_merge_as_peft(tmp_path: Path) -> None:
     assert merged["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 32, 32)
     for key, value in merged.items():
         torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+    assert sorted(handed) == [(f"model.layers.0.mlp.experts.{p}", 4) for p in ("down_proj", "gate_up_proj")]
+    # an error at an experts parameter's second expert stops the merge with it, the writer (handed the
+    # parameter) not left waiting for the rest
+    from loratool.errors import NonFiniteError
+    from loratool.ops.merge import stream as merge_stream
+
+    handed.clear()
+    calls, merge_rows = [], merge_stream.merge_rows
+
+    def failing(w, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if handed:
+            calls.append(1)
+            if len(calls) == 2:
+                raise NonFiniteError("made up for the test", key="expert 1")
+        return merge_rows(w, *args, **kwargs)
+
+    monkeypatch.setattr(merge_stream, "merge_rows", failing)
+    with pytest.raises(NonFiniteError, match="made up"):
+        merge(tmp_path / "base", [tmp_path / "adapter"], output=tmp_path / "stopped", show_progress=False)
+    assert not (tmp_path / "stopped").exists() and len(handed) == 1 and len(calls) == 2
 
 
 def test_expert_adapters_fit_their_base_in_validate_and_the_registry(tmp_path: Path) -> None:

@@ -166,7 +166,10 @@ class Stream:
             # model's parameters, in the base's dtype
             out_dtype = torch_dtype(stored)
         if w32 is None and self._blocked(key):
-            w, pooled = self._merge_blocked(key, w_in, out_dtype), True
+            merged = self._merge_blocked(key, w_in, out_dtype)
+            if merged is None:  # handed to the writer while merged
+                return None, out_dtype, True
+            w, pooled = merged, True
         elif w32 is None:
             w, pooled = w_in, False
             _require_castable(w_in, out_dtype, key)
@@ -640,22 +643,37 @@ class Stream:
             return key, w, None
         return key, w, widen(w, self.device, self.pool)
 
-    def _merge_blocked(self, key: str, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def _merge_blocked(self, key: str, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """``key`` merged a block of rows at a time into a buffer of the pool (:func:`merge_rows`). A 3-D
+        experts parameter goes to the writer before it is merged and is written an expert at a time as
+        each is done (:class:`Pieces`): then None."""
         out = self.pool.take(w.shape, out_dtype, self.device)
+        experts = w.dim() == 3 and any(t.expert is not None for t in self.terms[key])
         rows = w.shape[-2] if w.dim() == 3 else 0  # 3-D experts: expert e is rows e*rows.. of (E*rows, cols)
         factors = [row_factors(t.module.lora_A, t.module.lora_B, t.factor, t.kind)._replace(row0=(t.expert or 0) * rows)
                    for t in self.terms[key]]  # fmt: skip
         cols = w[0].numel() if w.dim() == 4 else w.shape[-1]  # a Conv2d weight's row: (in, kh, kw) flattened
         scratch = self.pool.take((max(BLOCK_ELEMENTS, cols),), torch.float32, self.device)  # >= one row
         w2, out2 = w.reshape(-1, cols), out.view(-1, cols)
+        handed = experts and self._writer is not None and self.check is None  # (--check compares the result whole)
+        early = Pieces(w.shape[0]) if handed else None
+        if early is not None and self._writer is not None:
+            self._writer.write(key, out, recycle=True, pieces=early)
+        spans = [(e * rows, (e + 1) * rows) for e in range(w.shape[0])] if early is not None else [(0, w2.shape[0])]
         try:
-            merge_rows(w2, factors, out2, scratch, check=lambda block: _require_finite(block, out_dtype, key, w))
+            for i, (start, stop) in enumerate(spans):
+                part = [f._replace(row0=f.row0 - start) for f in factors]  # merge_rows takes the rows it covers
+                merge_rows(w2[start:stop], part, out2[start:stop], scratch,
+                           check=lambda block: _require_finite(block, out_dtype, key, w))  # fmt: skip
+                if early is not None:
+                    early.ready(i + 1)
         except BaseException:
-            self.pool.give(out)
+            if early is None:
+                self.pool.give(out)  # (handed over, it is the writer's: the abort lets it go)
             raise
         finally:
             self.pool.give(scratch)
-        return out
+        return None if early is not None else out
 
     def _add(self, key: str, w32: torch.Tensor, out_dtype: torch.dtype, w_in: torch.Tensor) -> torch.Tensor:
         """w32 (float32, a private copy of ``w_in``) plus every term for ``key``; refuses a non-finite result."""
