@@ -238,7 +238,7 @@ def test_pieces_that_do_not_fit_the_declared_tensor_are_refused(tmp_path: Path) 
 
 def test_an_abort_stops_the_writer_waiting_for_pieces_never_computed(tmp_path: Path) -> None:
     """A computation that fails halfway through a tensor handed over in pieces: abort returns (the
-    writer stops waiting for the rest) and the error it met is the writer's, not a hang."""
+    writer stops waiting for the rest) instead of hanging."""
     from loratool.stream.pipeline import Pieces
 
     writer = BackgroundWriter(CheckpointWriter(tmp_path, [("model.safetensors", [TensorSpec("e", (3, 2), "F32")])]))
