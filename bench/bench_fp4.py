@@ -19,7 +19,9 @@ subspace rounding.
 Speed. A Llama-1B-shaped bf16 checkpoint (``--layers`` layers) with its projections as INT4 and as
 NVFP4; loratool merge of a rank-16 adapter by each rule, against ``cp -r`` + ``sync`` of the same
 files (three copies a repeat: their time swings twofold with the page cache), best of ``--repeats``; nearest and stochastic also as a second merge into the same base,
-whose sha256 for the provenance record loratool then keeps from the first (loratool.metadata.digests).
+whose sha256 for the provenance record loratool then keeps from the first (loratool.metadata.digests);
+and the same merge with the compiled 4-bit pass replaced by a copy of the base's codes (``no pass``):
+what the reads, writes and interpreter cost apart from the pass.
 
     python bench/bench_fp4.py --workdir /tmp/loratool-bench [--layers 4] [--skip-speed] [--skip-keep]
         [--rules nearest,stochastic,subspace] [--formats int4,nvfp4,mxfp4] [--extract] [--dequantize]
@@ -257,6 +259,27 @@ def run_keep(workdir: Path, steps: int, rank: int) -> dict[str, Any]:
 COPIES = 3  # copies a repeat: a buffered copy's time swings twofold with the page cache (the quickest is the baseline)
 
 
+def merge_without_pass(*args: Any, **kwargs: Any) -> Any:
+    """``loratool.merge`` with the compiled 4-bit pass replaced by a copy of the base's codes: the same
+    reads, writes and interpreter work, none of the pass's arithmetic. What a merge in place costs
+    apart from the pass (run through ``measure("bench_fp4:merge_without_pass", ...)``; nearest or
+    stochastic, which the pass serves)."""
+    import gc
+
+    from loratool.quant import packed
+    from loratool.quant.rounding import Kept
+
+    def copied(w: PackedWeight, like: packed.Parts, terms: packed.LowRank, *, key: int | None, row0: int = 0,
+               codes_into: torch.Tensor | None = None) -> packed.Requantized:  # fmt: skip
+        codes = codes_into.copy_(like["codes"]) if codes_into is not None else like["codes"].clone()
+        return packed.Requantized({**like, "codes": codes}, Kept(1.0, 0.0, 0.0))
+
+    packed.requantize_native = copied  # type: ignore[assignment]
+    gc.collect()
+    gc.freeze()  # this module's imports (transformers among them) out of the collector's way, as the command's are
+    return loratool.merge(*args, **kwargs)
+
+
 def copy_and_sync(src: Path, dst: Path) -> float:
     t = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
@@ -365,12 +388,15 @@ def run_speed(workdir: Path, layers: int, rank: int, repeats: int, rules: tuple[
             base = quantized_llama(pair / "base", workdir / f"1b-l{layers}-{fmt}", fmt)
         home = keep_digests(fresh(workdir / "digest-home"), base, adapter)
         copies, times, warm = [], {r: [] for r in rules}, {r: [] for r in rules if r != "subspace"}
-        kept, peak = {}, {}
+        kept, peak, floor = {}, {}, []
         subprocess.run(["sync"], check=True)  # the inputs just written: not the first copy's to flush
         for _ in range(repeats):  # alternated, best of each: this machine's I/O drifts from run to run
             for _ in range(COPIES):
                 copies.append(copy_and_sync(base, fresh(workdir / "copy")))
             fresh(workdir / "copy")
+            floor.append(measure("bench_fp4:merge_without_pass", _args=[str(base), [str(adapter)]], _digests=home,
+                                 output=str(fresh(workdir / "merged-fp4")), rounding="nearest", min_kept=0.0,
+                                 show_progress=False)["seconds"])  # fmt: skip
             for rule in rules:
                 m = measure("merge", _args=[str(base), [str(adapter)]], output=str(fresh(workdir / "merged-fp4")),
                             rounding=rule, min_kept=0.0, show_progress=False)  # fmt: skip
@@ -384,6 +410,7 @@ def run_speed(workdir: Path, layers: int, rank: int, repeats: int, rules: tuple[
         fresh(workdir / "merged-fp4")
         out["formats"][fmt] = {
             "gib": sum(f.stat().st_size for f in base.iterdir()) / 2**30, "copy_s": min(copies), "copy_runs": copies,
+            "without_pass_s": min(floor), "without_pass_runs": floor,
             "rules": {r: {"s": min(times[r]), "runs": times[r], "vs_copy": min(times[r]) / min(copies),
                           "kept": kept[r], "peak_mib": peak[r], "kept_digests_s": min(warm[r]) if r in warm else None}
                       for r in rules},
@@ -420,6 +447,9 @@ def report(r: dict[str, Any]) -> str:
                       "against cp -r + sync of the same files (best of each)"]  # fmt: skip
         for fmt, f in s["formats"].items():
             lines.append(f"  {fmt}: {f['gib']:.2f} GiB, copy {f['copy_s']:.1f} s")
+            if "without_pass_s" in f:
+                lines.append(f"    {'no pass':<10} {f['without_pass_s']:6.1f} s = {f['without_pass_s'] / f['copy_s']:5.2f}x the "
+                             "copy  (digests kept; the 4-bit pass replaced by a copy of the base's codes: the rest)")  # fmt: skip
             for rule, c in f["rules"].items():
                 runs = ", ".join(f"{x:.1f}" for x in c["runs"])
                 lines.append(f"    {rule:<10} {c['s']:6.1f} s = {c['vs_copy']:5.2f}x the copy  (runs {runs}; kept "
