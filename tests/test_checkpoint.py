@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,35 @@ def test_direct_file_falls_back_when_writes_are_refused(tmp_path: Path, monkeypa
     f.close()
     assert refused and not f.direct
     assert (tmp_path / "x.bin").read_bytes() == b"".join(chunks)
+
+
+def test_a_failed_direct_write_is_raised_by_a_later_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staging buffers are written on a thread of the file's own while the next is filled: a write
+    that fails there (a full disk) is raised by the caller's next write, or by close, and never leaves
+    it waiting for a buffer."""
+    monkeypatch.setattr(directio, "STAGING_BYTES", 2 * ALIGN)
+    real_write, calls = directio.os.write, []
+
+    def write(fd: int, data) -> int:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(directio.os, "write", write)
+    for chunks in ([b"x" * (2 * ALIGN)] * 50, [b"x" * (2 * ALIGN + 1)]):  # raised by a write; by close
+        calls.clear()
+        f = DirectFile(tmp_path / "x.bin", direct=True)
+        if not f.direct:
+            f.abort()
+            pytest.skip("this file system refuses O_DIRECT")
+        with pytest.raises(OSError, match="No space left"):
+            for c in chunks:
+                f.write(c)
+            f.write(b"x" * (2 * ALIGN))
+            f.close()
+        f.abort()
+        assert calls == ["loratool-direct-io"] * 2
 
 
 def test_direct_io_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

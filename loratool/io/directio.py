@@ -20,6 +20,8 @@ import contextlib
 import errno
 import mmap
 import os
+import queue
+import threading
 from pathlib import Path
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
@@ -37,6 +39,11 @@ class DirectFile:
 
     ``direct=False`` (or a file system that refuses ``O_DIRECT``) gives plain buffered writes with
     the same interface. After :meth:`close` the file's bytes are exactly those written.
+
+    Direct writes go through two page-aligned staging buffers: while a thread of the file's own writes
+    one to the disk, ``write`` fills the other (one buffer, filled and written in turn, left the disk
+    idle during every copy: 768 MiB in 0.36-0.43 s against 0.33 s, bench_fp4's notes). A write's error
+    is raised by the next ``write`` or by ``close``.
     """
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
@@ -52,9 +59,19 @@ class DirectFile:
                     raise
         if not self._direct:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._stage = mmap.mmap(-1, STAGING_BYTES) if self._direct else None  # page-aligned
-        self._staged = 0  # bytes in the staging buffer, not yet written
-        self._written = 0  # bytes on disk (a multiple of ALIGN while direct)
+        # page-aligned; the second is only touched once the first is handed to the writing thread
+        self._stages = [mmap.mmap(-1, STAGING_BYTES) for _ in range(2)] if self._direct else []
+        self._stage = self._stages[0] if self._stages else None  # the one being filled
+        self._staged = 0  # bytes in it, not yet handed over
+        self._handed = 0  # bytes handed to the writing thread (all of them written once it is idle)
+        self._written = 0  # bytes on disk (a multiple of ALIGN while direct): the writing thread's count
+        self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()  # (stage, length)
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()  # stages written, to fill again
+        self._free.put(1)
+        self._filling = 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._stopping = False
 
     @property
     def direct(self) -> bool:
@@ -71,37 +88,73 @@ class DirectFile:
             self._staged += n
             view = view[n:]
             if self._staged == STAGING_BYTES:
-                self._flush_stage(STAGING_BYTES)
+                self._hand_over(STAGING_BYTES)
 
-    def _flush_stage(self, length: int) -> None:
-        """Write the first ``length`` bytes (a multiple of ALIGN) of the staging buffer."""
-        assert self._stage is not None
-        with memoryview(self._stage) as stage:
+    def _hand_over(self, length: int) -> None:
+        """Give the first ``length`` bytes (a multiple of ALIGN) of the stage being filled to the writing
+        thread, and go on filling the other once it is written."""
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_stages, name="loratool-direct-io", daemon=True)
+            self._thread.start()
+        self._todo.put((self._filling, length))
+        self._handed += length
+        self._filling = self._free.get()
+        self._stage, self._staged = self._stages[self._filling], 0
+        if self._error is not None:
+            raise self._error
+
+    def _write_stages(self) -> None:
+        """The writing thread: each stage handed over, in order, then handed back (after an error too,
+        so that ``write`` never waits for it; the error is raised there)."""
+        while (item := self._todo.get()) is not None:
+            index, length = item
+            if self._error is None and not self._stopping:
+                try:
+                    self._flush_stage(self._stages[index], length)
+                except BaseException as e:
+                    self._error = e
+            self._free.put(index)
+
+    def _flush_stage(self, stage: mmap.mmap, length: int) -> None:
+        """Write the first ``length`` bytes (a multiple of ALIGN) of ``stage``."""
+        with memoryview(stage) as view:
             try:
-                _write_all(self._fd, stage[:length])
+                _write_all(self._fd, view[:length])
             except OSError as e:
                 if e.errno not in _REFUSED:
                     raise
                 self._fall_back()  # the file system took the open but refuses direct writes
-                _write_all(self._fd, stage[:length])
+                _write_all(self._fd, view[:length])
         self._written += length
-        self._staged = 0
 
     def _fall_back(self) -> None:
-        """Go on with buffered writes (still through the staging buffer, to keep the order)."""
+        """Go on with buffered writes (still through the staging buffers, to keep the order)."""
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY)
         os.lseek(self._fd, self._written, os.SEEK_SET)
         self._direct = False
 
+    def _finish_writes(self) -> None:
+        """Wait until the writing thread has written everything handed over, and stop it."""
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+
     def close(self) -> None:
         """Write what is staged, give the file its exact length, fsync and close."""
         try:
-            if self._stage is not None and self._staged:
-                true_size = self._written + self._staged
-                length = -(-self._staged // ALIGN) * ALIGN if self._direct else self._staged
-                self._stage[self._staged : length] = bytes(length - self._staged)
-                self._flush_stage(length)
+            if self._stage is not None:
+                true_size = self._handed + self._staged
+                if self._staged:
+                    length = -(-self._staged // ALIGN) * ALIGN  # whole blocks (cut back below)
+                    self._stage[self._staged : length] = bytes(length - self._staged)
+                    self._hand_over(length)
+                self._finish_writes()
+                if self._error is not None:
+                    raise self._error
                 if self._written != true_size:
                     os.ftruncate(self._fd, true_size)  # cut the padding of the last block
             os.fsync(self._fd)
@@ -110,13 +163,15 @@ class DirectFile:
 
     def abort(self) -> None:
         """Close without flushing (the caller removes the file). Never raises over the error being
-        handled: a failed write's traceback still holds views of the staging buffer, which then
+        handled: a failed write's traceback still holds views of a staging buffer, which then
         cannot close (BufferError) and is freed with them instead."""
+        self._stopping = True  # what is still queued is not written
+        self._finish_writes()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._stage is not None:
-            stage, self._stage = self._stage, None
+        stages, self._stages, self._stage = self._stages, [], None
+        for stage in stages:
             with contextlib.suppress(BufferError):
                 stage.close()
 
