@@ -42,8 +42,8 @@ class DirectFile:
 
     Direct writes go through two page-aligned staging buffers: while a thread of the file's own writes
     one to the disk, ``write`` fills the other (one buffer, filled and written in turn, left the disk
-    idle during every copy: 768 MiB in 0.36-0.43 s against 0.33 s, bench_fp4's notes). A write's error
-    is raised by the next ``write`` or by ``close``.
+    idle during every copy: ``bench/write_paths.py``'s 2 GiB took 1.7-2.9 s so, 1.5-1.6 s now). A
+    write's error is raised by the next ``write`` or by ``close``.
     """
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
