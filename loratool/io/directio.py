@@ -8,8 +8,9 @@ with ``O_DIRECT``, where the disk reads straight from our buffer (``bench/bench_
 the effect on a whole merge).
 
 ``O_DIRECT`` wants the buffer address, the file offset and the length aligned to the device's
-block size, so :class:`DirectFile` stages data in a page-aligned buffer, writes it in full
-blocks, and pads the last block, then cuts the file back to its true length. Where the platform
+block size, so :class:`DirectFile` stages data in page-aligned buffers (two: one is written while
+the other fills), writes them in full blocks, and pads the last block, then cuts the file back to
+its true length. Where the platform
 or file system has no ``O_DIRECT`` (macOS, tmpfs, some network file systems), it falls back to
 ordinary buffered writes; so does ``LORATOOL_DIRECT_IO=0``.
 """
