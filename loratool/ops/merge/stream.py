@@ -299,9 +299,8 @@ class Stream:
             return mine, mine.dtype, False
         codes = self._codes_buffer(w)
         early = None  # a mixture-of-experts weight's codes, written an expert at a time as they are computed
-        if codes is not None and w.experts and key == w.parts["codes"] and self._writer is not None:
-            early = Pieces(w.experts)
-            self._writer.write(key, codes, recycle=True, pieces=early)
+        if codes is not None and w.experts and key == w.parts["codes"]:
+            early = self._hand_over(key, codes, w.experts)
         pieces = []
         for e in range(w.experts) if w.experts else [None]:
             pieces.append(self._packed_requantized(w, e, None if codes is None else codes if e is None else codes[e]))
@@ -321,6 +320,17 @@ class Stream:
                 self._stash[name] = (new[role], in_pool[role])
         own = next(role for role, name in w.parts.items() if name == key)
         return (None if early is not None else new[own]), new[own].dtype, in_pool[own]
+
+    def _hand_over(self, key: str, tensor: torch.Tensor, count: int, ready: int = 0) -> Pieces | None:
+        """``tensor`` (the pool's, on the CPU) to the writer as ``key`` before its ``count`` pieces (experts)
+        are computed, the first ``ready`` of them already: the :class:`Pieces` to mark each done in, or
+        None where no writer is open (the caller then hands the tensor over whole)."""
+        if self._writer is None:
+            return None
+        pieces = Pieces(count)
+        pieces.ready(ready)
+        self._writer.write(key, tensor, recycle=True, pieces=pieces)
+        return pieces
 
     def _codes_buffer(self, w: PackedWeight) -> torch.Tensor | None:
         """A pooled buffer for ``w``'s requantized codes as stored (each expert's in its place), which
@@ -348,13 +358,10 @@ class Stream:
         if w.experts is None:
             return one(w, None, None)
         first = one(w, 0, None)
-        early = Pieces(w.experts) if first.device.type == "cpu" and self._writer is not None else None
-        shape = (w.experts, *first.shape)
-        out = self.pool.take(shape, first.dtype, first.device) if early else first.new_empty(shape)
+        shape, handed = (w.experts, *first.shape), first.device.type == "cpu" and self._writer is not None
+        out = self.pool.take(shape, first.dtype, first.device) if handed else first.new_empty(shape)
         out[0].copy_(first)
-        if early is not None and self._writer is not None:
-            early.ready(1)
-            self._writer.write(key, out, recycle=True, pieces=early)
+        early = self._hand_over(key, out, w.experts, ready=1) if handed else None
         for e in range(1, w.experts):
             one(w, e, out[e])
             if early is not None:
@@ -655,10 +662,7 @@ class Stream:
         cols = w[0].numel() if w.dim() == 4 else w.shape[-1]  # a Conv2d weight's row: (in, kh, kw) flattened
         scratch = self.pool.take((max(BLOCK_ELEMENTS, cols),), torch.float32, self.device)  # >= one row
         w2, out2 = w.reshape(-1, cols), out.view(-1, cols)
-        handed = experts and self._writer is not None and self.check is None  # (--check compares the result whole)
-        early = Pieces(w.shape[0]) if handed else None
-        if early is not None and self._writer is not None:
-            self._writer.write(key, out, recycle=True, pieces=early)
+        early = self._hand_over(key, out, w.shape[0]) if experts and self.check is None else None  # (--check: whole)
         spans = [(e * rows, (e + 1) * rows) for e in range(w.shape[0])] if early is not None else [(0, w2.shape[0])]
         try:
             for i, (start, stop) in enumerate(spans):
