@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -135,17 +136,26 @@ def _chunks(seed: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
-def test_direct_file_writes_exact_bytes(tmp_path: Path, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("source", ["bytes", "writable"])
+def test_direct_file_writes_exact_bytes(tmp_path: Path, direct: bool, source: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Every byte as written, from read-only chunks (copied into the staging buffers as slices) and from
+    writable ones, as a tensor's bytes are (copied by memmove, which lets go of the GIL)."""
     monkeypatch.setattr(directio, "STAGING_BYTES", 2 * ALIGN)
+    monkeypatch.setattr(directio, "_MEMMOVE_MIN", 1)
+    moved = []
+    memmove = ctypes.memmove
+    monkeypatch.setattr(directio.ctypes, "memmove", lambda d, s, n: moved.append(n) or memmove(d, s, n))
     chunks = _chunks(0)
     f = DirectFile(tmp_path / "x.bin", direct=direct)
     if direct and not f.direct:
         f.abort()
         pytest.skip("this file system refuses O_DIRECT")
     for c in chunks:
-        f.write(c)
+        f.write(c if source == "bytes" else memoryview(bytearray(c)))
     f.close()
     assert (tmp_path / "x.bin").read_bytes() == b"".join(chunks)
+    assert sum(moved) == (sum(map(len, chunks)) if direct and source == "writable" else 0)
 
 
 def test_direct_file_falls_back_when_writes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ ordinary buffered writes; so does ``LORATOOL_DIRECT_IO=0``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -63,6 +64,7 @@ class DirectFile:
         # page-aligned; the second is only touched once the first is handed to the writing thread
         self._stages = [mmap.mmap(-1, STAGING_BYTES) for _ in range(2)] if self._direct else []
         self._stage = self._stages[0] if self._stages else None  # the one being filled
+        self._addresses = [_address(stage) for stage in self._stages]
         self._staged = 0  # bytes in it, not yet handed over
         self._handed = 0  # bytes handed to the writing thread (all of them written once it is idle)
         self._written = 0  # bytes on disk (a multiple of ALIGN while direct): the writing thread's count
@@ -83,11 +85,19 @@ class DirectFile:
         if self._stage is None:
             _write_all(self._fd, view)
             return
-        while len(view):
-            n = min(len(view), STAGING_BYTES - self._staged)
-            self._stage[self._staged : self._staged + n] = view[:n]
+        # Copied by memmove where the source's address is known (a tensor's bytes): it lets go of the
+        # GIL, which a slice assignment holds for the whole copy (up to 16 MiB, and the source's page
+        # faults), stalling every other thread that comes back from a kernel to Python meanwhile.
+        source = _address(view) if len(view) >= _MEMMOVE_MIN and not view.readonly else None
+        done = 0
+        while done < len(view):
+            n = min(len(view) - done, STAGING_BYTES - self._staged)
+            if source is None:
+                self._stage[self._staged : self._staged + n] = view[done : done + n]
+            else:
+                ctypes.memmove(self._addresses[self._filling] + self._staged, source + done, n)
             self._staged += n
-            view = view[n:]
+            done += n
             if self._staged == STAGING_BYTES:
                 self._hand_over(STAGING_BYTES)
 
@@ -175,6 +185,17 @@ class DirectFile:
         for stage in stages:
             with contextlib.suppress(BufferError):
                 stage.close()
+
+
+_MEMMOVE_MIN = 64 * 1024  # smaller writes (a header, a norm's weight) are copied as slices
+
+
+def _address(buffer: mmap.mmap | memoryview) -> int:
+    """The address of a writable buffer's first byte."""
+    first = ctypes.c_char.from_buffer(buffer)
+    address = ctypes.addressof(first)
+    del first  # releases the buffer: a staging mmap must stay closable
+    return address
 
 
 def _write_all(fd: int, view: memoryview) -> None:
