@@ -485,6 +485,35 @@ def _check_native_merge(fmt: str, rule: str, size: float, *, rows: int, cols: in
     assert changed > 0 or size < 0.1  # the large delta takes the quantizer's new scales somewhere
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4-ct", "int4-asym-bf16-g128"])
+@pytest.mark.parametrize("rule", ["nearest", "stochastic"])
+def test_blocks_of_rows_on_any_number_of_cores_give_the_same_bytes_and_sums(monkeypatch, kernels, fmt: str,
+                                                                           rule: str) -> None:  # fmt: skip
+    """The encode pass takes a weight's rows in blocks (packed.ENCODE_BLOCK_ROWS), each core the next
+    block as it comes free: on one, two or three cores, every block (a short one last) gets the bytes
+    of the torch passes, and the kept sums (each block's own, added in the blocks' order) are the
+    same to the last bit. A block that is not finite stops them all: the torch passes then."""
+    rows, cols = 37, 1024
+    monkeypatch.setattr(packed, "ENCODE_BLOCK_ROWS", 5)  # eight blocks, the last of two rows
+    w, parts, _ = _packed_case(fmt, rows, cols)
+    terms = _terms(rows, cols, 0.3, rank=16)
+    key = 0xBEEF if rule == "stochastic" else None
+    before = packed.dequantize(w, parts)
+    slow = packed.requantize(w, before + _torch_delta(terms), parts, before=before, key=key, row0=64)
+    kept = set()
+    for cores in (1, 2, 3):
+        monkeypatch.setattr(native, "available_cores", lambda cores=cores: cores)
+        fast = packed.requantize_native(w, parts, terms, key=key, row0=64)
+        assert fast is not None
+        for role, t in slow.parts.items():
+            assert torch.equal(fast.parts[role].view(torch.uint8), t.view(torch.uint8)), (cores, role)
+        kept.add((fast.kept.dd, fast.kept.ed, fast.kept.ee))
+    assert len(kept) == 1
+    assert next(iter(kept))[0] == pytest.approx(slow.kept.dd, rel=1e-5)
+    terms.left[31, 2] = float("nan")  # in the seventh block
+    assert packed.requantize_native(w, parts, terms, key=key, row0=64) is None
+
+
 def test_terms_folded_into_one_product_and_none_at_all() -> None:
     """LowRank.of folds each term's factor into its left half and stacks the terms; with none (an
     expert no term reaches) it is a product of rank 0, whose delta is zeros."""

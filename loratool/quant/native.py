@@ -45,7 +45,7 @@ class LowBitSpec(ctypes.Structure):
 
 LOWBIT_FORMATS = {"mxfp4": 0, "nvfp4": 1, "int": 2}  # the C enum
 LOWBIT_SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the integers' scale dtypes the kernel rounds to
-LOWBIT_FRESH, LOWBIT_NONFINITE, LOWBIT_NOMEM = 1, 2, 3  # lt_lowbit_encode's answers besides 0
+LOWBIT_FRESH, LOWBIT_NONFINITE, LOWBIT_NOMEM = 1, 2, 3  # lt_lowbit_encode_blocks's answers besides 0
 SIMD_BEST = 2  # Fp8Kernels.simd_level's highest level
 HALF_KINDS = {torch.bfloat16: 0, torch.float16: 1}  # lt_round_half's kinds
 
@@ -58,7 +58,7 @@ class Fp8Kernels:
     below the first row the scale array covers. Every tensor is 2-D, contiguous, on the CPU.
     """
 
-    ABI = 10  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
+    ABI = 11  # csrc/fp8.c's lt_fp8_abi(): the entry points below (lowbit.c's too) as declared
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.agreement: dict[str, bool] = {}  # each check's answer (by its method's name), once asked
@@ -81,8 +81,9 @@ class Fp8Kernels:
         spec = ctypes.POINTER(LowBitSpec)
         lib.lt_lowbit_decode.argtypes = [spec, p, p, p, i64, p]
         lib.lt_lowbit_decode.restype = i32
-        lib.lt_lowbit_encode.argtypes = [spec, p, p, i64, i64, i64, p, p, p, p, p, p, i32, i32, ctypes.c_uint32, p]
-        lib.lt_lowbit_encode.restype = i32
+        lib.lt_lowbit_encode_blocks.argtypes = [spec, p, p, i64, i64, i64, p, p, p, p, p, p, i32, i32, ctypes.c_uint32,
+                                                p, i64, p, p]  # fmt: skip
+        lib.lt_lowbit_encode_blocks.restype = i32
         lib.lt_lowbit_delta.argtypes = [p, p, i64, i64, i64, p]
         lib.lt_lowbit_delta.restype = None
         f32 = ctypes.c_float
@@ -125,21 +126,27 @@ class Fp8Kernels:
 
     def lowbit_encode(self, spec: LowBitSpec, terms: tuple[torch.Tensor, torch.Tensor], row0: int,
                       base: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...], *, stream: int | None,
-                      sums: torch.Tensor) -> int:  # fmt: skip
-        """A strip's base (``base`` = (codes, scale, zero or an empty tensor), rows ``row0``.. of the
-        weight) plus the delta ``left @ right`` (``terms`` = (left, right), float32 (rows, k) and (k,
-        cols), summed as :meth:`lowbit_delta` sums) requantized with the base's scales kept where they
-        fit, into ``out`` (alike), nearest or stochastically with the key ``stream``, the kept sums
-        added to ``sums`` (float64[3]); returns 0, :data:`LOWBIT_FRESH`, :data:`LOWBIT_NONFINITE` or
-        :data:`LOWBIT_NOMEM` (csrc/lowbit.c)."""
+                      sums: torch.Tensor, block: int) -> list[int]:  # fmt: skip
+        """A weight's base (``base`` = (codes, scale, zero or an empty tensor), rows ``row0``.. of it) plus
+        the delta ``left @ right`` (``terms`` = (left, right), float32 (rows, k) and (k, cols), summed as
+        :meth:`lowbit_delta` sums) requantized with the base's scales kept where they fit, into ``out``
+        (alike), nearest or stochastically with the key ``stream``, on every core (:func:`run_parts`):
+        blocks of ``block`` rows, each taken by whichever core comes free (csrc/lowbit.c's
+        ``lt_lowbit_encode_blocks``). Block ``b``'s kept sums are added to ``sums[b]`` (float64 (blocks,
+        3)), so that they add up alike on any number of cores. Returns each core's answer: 0,
+        :data:`LOWBIT_FRESH`, :data:`LOWBIT_NONFINITE` or :data:`LOWBIT_NOMEM`; after any but 0 the
+        cores stop taking blocks, and ``out`` is incomplete."""
         (left, right), (codes, scale, zero), (codes_out, scale_out, zero_out) = terms, base, out
         _check(left, right, *base, *out, sums)
-        assert left.dtype == right.dtype == torch.float32 and left.shape[1] == right.shape[0]
+        rows = codes.shape[0]
+        assert left.dtype == right.dtype == torch.float32 and left.shape == (rows, right.shape[0])
+        assert scale.shape[0] == rows and tuple(sums.shape) == (-(-rows // block), 3) and sums.dtype == torch.float64
         z, z_out = (zero.data_ptr(), zero_out.data_ptr()) if zero.numel() else (None, None)
-        return int(self._lib.lt_lowbit_encode(ctypes.byref(spec), left.data_ptr(), right.data_ptr(), left.shape[1],
-                                              codes.shape[0], row0, codes.data_ptr(), scale.data_ptr(), z,
-                                              codes_out.data_ptr(), scale_out.data_ptr(), z_out, 1,
-                                              int(stream is not None), stream or 0, sums.data_ptr()))  # fmt: skip
+        taken, stop = ctypes.c_int64(0), ctypes.c_int32(0)  # the blocks' counter, and the cores' signal to stop
+        args = (ctypes.byref(spec), left.data_ptr(), right.data_ptr(), left.shape[1], rows, row0, codes.data_ptr(),
+                scale.data_ptr(), z, codes_out.data_ptr(), scale_out.data_ptr(), z_out, 1, int(stream is not None),
+                stream or 0, sums.data_ptr(), block, ctypes.byref(taken), ctypes.byref(stop))  # fmt: skip
+        return run_parts(lambda _: int(self._lib.lt_lowbit_encode_blocks(*args)), range(available_cores()))
 
     def lowbit_subspace(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                         grid: tuple[float, float] | None, space: rounding.Subspace,

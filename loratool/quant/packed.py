@@ -296,19 +296,20 @@ def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: Pac
         codes_into = torch.empty(like_codes.shape, dtype=like_codes.dtype)
     elif codes_into.shape != like_codes.shape or codes_into.dtype != like_codes.dtype or not codes_into.is_contiguous():
         raise ValueError(f"codes_into must be contiguous, {like_codes.dtype}, of shape {tuple(like_codes.shape)}")
-    codes, scale, zero, spans = _native_inputs(w, like, spec)
+    codes, scale, zero, _ = _native_inputs(w, like, spec)
     codes_out = codes_into.view(torch.uint8).reshape(codes.shape)  # the same memory, as the kernels address it
     scale_out, zero_out = torch.empty_like(scale), torch.empty_like(zero)
-    sums = torch.zeros(len(spans), 3, dtype=torch.float64)
-
-    def part(i: int) -> int:
-        rows, z = spans[i], zero[spans[i]] if zero.numel() else zero
-        return kernels.lowbit_encode(spec, (terms.left[rows], terms.right), row0 + rows.start,
-                                     (codes[rows], scale[rows], z),
-                                     (codes_out[rows], scale_out[rows], zero_out[rows] if zero.numel() else zero_out),
-                                     stream=key, sums=sums[i])  # fmt: skip
-
-    answers = native.run_parts(part, range(len(spans)))
+    sums = torch.zeros(-(-codes.shape[0] // ENCODE_BLOCK_ROWS), 3, dtype=torch.float64)
+    answers = kernels.lowbit_encode(
+        spec,
+        (terms.left, terms.right),
+        row0,
+        (codes, scale, zero),
+        (codes_out, scale_out, zero_out),
+        stream=key,
+        sums=sums,
+        block=ENCODE_BLOCK_ROWS,
+    )
     if native.LOWBIT_NOMEM in answers:
         raise MemoryError("the packed low-bit kernels could not allocate their row buffers")
     if native.LOWBIT_NONFINITE in answers:
@@ -504,6 +505,10 @@ def _native_spec(w: PackedWeight, like: Parts) -> native.LowBitSpec | None:
     return native.LowBitSpec(cols, row_bytes, group, groups, native.LOWBIT_FORMATS[s.format], s.bits or 4,
                              int(bool(s.divide)), kind, second, 0)  # fmt: skip
 
+
+# rows a core takes at a time in the compiled encode pass (native.Fp8Kernels.lowbit_encode): small
+# enough that the cores finish a weight together, large enough that the factors' chunk serves many rows
+ENCODE_BLOCK_ROWS = 64
 
 _E2M1_REACH = 7.0  # past 6 (the top), half of the top step (4 to 6): values up to 7 scales round to 6
 

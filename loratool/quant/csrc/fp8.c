@@ -510,7 +510,7 @@ static void kept_sums(const float *w, const uint8_t *q, const uint8_t *base, int
 /* -- the entry points: rows of tiles ------------------------------------------------------------ */
 
 /* Raised with any change to an entry point's signature or meaning: loratool.quant.native loads only its own. */
-LT_EXPORT int32_t lt_fp8_abi(void) { return 10; } /* lowbit.c's entry points included */
+LT_EXPORT int32_t lt_fp8_abi(void) { return 11; } /* lowbit.c's entry points included */
 
 /* The highest SIMD level to use where the CPU has it (see simd_level; tests run each, the portable
  * C too); returns the level used now. */

@@ -1245,6 +1245,36 @@ LT_EXPORT int32_t lt_lowbit_encode(const Spec *sp, const float *left, const floa
                        keep, stochastic, key, sums, 0);
 }
 
+/* lt_lowbit_encode over blocks of `block` rows, taken in turn through the counter *next (zeroed first)
+ * by every thread that calls this for the same weight at once (one a core): the core that comes free
+ * takes the next block, so that none waits at the end behind a share given to another. Block b's kept sums are added to sums[3b .. 3b + 3), so that their total does not depend on which
+ * thread took which block. A block answered otherwise than LT_OK sets *stop, after which no caller
+ * takes another; each caller returns the worst answer it met (LT_NOMEM, then LT_NONFINITE, then
+ * LT_FRESH). */
+LT_EXPORT int32_t lt_lowbit_encode_blocks(const Spec *sp, const float *left, const float *right, int64_t k,
+                                          int64_t rows, int64_t row0, const uint8_t *codes_in, const void *scale_in,
+                                          const int32_t *zero_in, uint8_t *codes_out, void *scale_out,
+                                          int32_t *zero_out, int32_t keep, int32_t stochastic, uint32_t key,
+                                          double *sums, int64_t block, int64_t *next, int32_t *stop) {
+    const int64_t scale_row = sp->groups * (sp->fmt == LT_INT ? (int64_t)sizeof(float) : 1); /* bytes */
+    int32_t worst = LT_OK;
+    while (!__atomic_load_n(stop, __ATOMIC_RELAXED)) {
+        const int64_t b = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED), r = b * block;
+        if (r >= rows) break;
+        const int64_t n = rows - r < block ? rows - r : block;
+        const int32_t answer = lt_lowbit_encode(
+            sp, left + r * k, right, k, n, row0 + r, codes_in + r * sp->row_bytes,
+            (const uint8_t *)scale_in + r * scale_row, zero_in ? zero_in + r * sp->groups : NULL,
+            codes_out + r * sp->row_bytes, (uint8_t *)scale_out + r * scale_row,
+            zero_out ? zero_out + r * sp->groups : NULL, keep, stochastic, key, sums + 3 * b);
+        if (answer != LT_OK) {
+            __atomic_store_n(stop, 1, __ATOMIC_RELAXED);
+            worst = answer > worst ? answer : worst;
+        }
+    }
+    return worst;
+}
+
 /* out (rows x cols) = left (rows x k) @ right (k x cols), summed as the encode pass sums the terms. */
 LT_EXPORT void lt_lowbit_delta(const float *left, const float *right, int64_t k, int64_t rows, int64_t cols,
                                float *out) {
