@@ -514,6 +514,33 @@ def test_blocks_of_rows_on_any_number_of_cores_give_the_same_bytes_and_sums(monk
     assert packed.requantize_native(w, parts, terms, key=key, row0=64) is None
 
 
+def test_requantizations_begun_on_the_kernel_threads_give_what_the_call_gives(kernels) -> None:
+    """packed.start_native returns at once, its work queued behind what was begun before it on the
+    kernel threads; finish() gives requantize_native's codes, scales and kept sums, or its answers
+    (None where not finite, NeedsFreshScales); cancel() stops one and waits for its cores."""
+    w, parts, _ = _packed_case("nvfp4-ct", 37, 1024)
+    jobs = []
+    for seed in range(3):  # begun one after another, before any is waited for
+        terms = _terms(37, 1024, 0.01 * (1 + seed), rank=16)
+        started = packed.start_native(w, parts, terms, key=seed, codes_into=torch.empty_like(parts["codes"]))
+        assert started is not None
+        jobs.append((terms, seed, started))
+    for terms, seed, started in jobs:
+        got, want = started.finish(), packed.requantize_native(w, parts, terms, key=seed)
+        assert got is not None and want is not None
+        assert all(torch.equal(got.parts[r].view(torch.uint8), want.parts[r].view(torch.uint8)) for r in want.parts)
+        assert (got.kept.dd, got.kept.ed, got.kept.ee) == (want.kept.dd, want.kept.ed, want.kept.ee)
+    terms = _terms(37, 1024, 0.3, rank=16)
+    terms.left[30, 1] = float("nan")
+    assert packed.start_native(w, parts, terms, key=None, codes_into=torch.empty_like(parts["codes"])).finish() is None
+    grow = packed.LowRank(packed.dequantize(w, parts) * 999.0, torch.eye(1024))
+    with pytest.raises(packed.NeedsFreshScales):
+        packed.start_native(w, parts, grow, key=None, codes_into=torch.empty_like(parts["codes"])).finish()
+    started = packed.start_native(w, parts, terms, key=None, codes_into=torch.empty_like(parts["codes"]))
+    started.cancel()
+    assert all(f.done() for f in started.running.futures)
+
+
 def test_terms_folded_into_one_product_and_none_at_all() -> None:
     """LowRank.of folds each term's factor into its left half and stacks the terms; with none (an
     expert no term reaches) it is a product of rank 0, whose delta is zeros."""

@@ -17,7 +17,8 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -136,6 +137,23 @@ class Fp8Kernels:
         3)), so that they add up alike on any number of cores. Returns each core's answer: 0,
         :data:`LOWBIT_FRESH`, :data:`LOWBIT_NONFINITE` or :data:`LOWBIT_NOMEM`; after any but 0 the
         cores stop taking blocks, and ``out`` is incomplete."""
+        call, _ = self._encode_call(spec, terms, row0, base, out, stream, sums, block)
+        return run_parts(lambda _: call(), range(available_cores()))
+
+    def lowbit_encode_later(self, spec: LowBitSpec, terms: tuple[torch.Tensor, torch.Tensor], row0: int,
+                            base: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...], *, stream: int | None,
+                            sums: torch.Tensor, block: int) -> Running:  # fmt: skip
+        """:meth:`lowbit_encode` on the kernel threads (:func:`on_every_core`), returning at once: the
+        cores go on to it as they finish the work queued before it. The tensors must stay as they are
+        until :meth:`Running.answers` has returned."""
+        call, stop = self._encode_call(spec, terms, row0, base, out, stream, sums, block)
+        return Running(on_every_core(call), stop)
+
+    def _encode_call(self, spec: LowBitSpec, terms: tuple[torch.Tensor, torch.Tensor], row0: int,
+                     base: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...], stream: int | None,
+                     sums: torch.Tensor, block: int) -> tuple[Callable[[], int], ctypes.c_int32]:  # fmt: skip
+        """What each core calls for :meth:`lowbit_encode` (the call holds the tensors), and the flag that
+        stops the cores taking blocks."""
         (left, right), (codes, scale, zero), (codes_out, scale_out, zero_out) = terms, base, out
         _check(left, right, *base, *out, sums)
         rows = codes.shape[0]
@@ -146,7 +164,11 @@ class Fp8Kernels:
         args = (ctypes.byref(spec), left.data_ptr(), right.data_ptr(), left.shape[1], rows, row0, codes.data_ptr(),
                 scale.data_ptr(), z, codes_out.data_ptr(), scale_out.data_ptr(), z_out, 1, int(stream is not None),
                 stream or 0, sums.data_ptr(), block, ctypes.byref(taken), ctypes.byref(stop))  # fmt: skip
-        return run_parts(lambda _: int(self._lib.lt_lowbit_encode_blocks(*args)), range(available_cores()))
+
+        def call(_held: object = (spec, terms, base, out, sums, taken)) -> int:  # alive while a core may use them
+            return int(self._lib.lt_lowbit_encode_blocks(*args))
+
+        return call, stop
 
     def lowbit_subspace(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                         grid: tuple[float, float] | None, space: rounding.Subspace,
@@ -457,6 +479,37 @@ def _load() -> Fp8Kernels | None:
 
 _pool: list[ThreadPoolExecutor] = []
 _PART_THREADS = "loratool-part"  # the pool's threads' names begin so
+
+
+@dataclass
+class Running:
+    """A kernel's calls on every core, on the kernel threads (:func:`on_every_core`)."""
+
+    futures: list[Future[int]]
+    stop: ctypes.c_int32  # set: the cores take no more of its blocks
+
+    def answers(self) -> list[int]:
+        """Each core's answer, once all have returned."""
+        return [f.result() for f in self.futures]
+
+    def cancel(self) -> None:
+        """Stop the cores taking its blocks, and wait until none works on it."""
+        self.stop.value = 1
+        wait(self.futures)
+
+
+_kernel_pool: list[ThreadPoolExecutor] = []
+_KERNEL_THREADS = "loratool-kernel"
+
+
+def on_every_core(call: Callable[[], int]) -> list[Future[int]]:
+    """``call()`` once for each core, on threads of their own that take work in the order given, so
+    that the cores go on from one kernel's calls to the next one's without waiting for the caller
+    (who prepares the next while they work). For kernels whose calls share out their work among
+    themselves (``lt_lowbit_encode_blocks``)."""
+    if not _kernel_pool:
+        _kernel_pool.append(ThreadPoolExecutor(available_cores(), _KERNEL_THREADS))
+    return [_kernel_pool[0].submit(call) for _ in range(available_cores())]
 
 
 def run_parts(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:

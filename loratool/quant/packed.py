@@ -280,52 +280,105 @@ def requantize_native(
         NeedsFreshScales: as :func:`requantize`.
     """
     kernels, spec = _kernels(), _native_spec(w, like)
-    if kernels is None or spec is None:
-        return None
-    left, right = terms.left, terms.right
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in (left, right)):
+    if kernels is None or spec is None or not _native_terms(terms):
         return None
     return _requantize_with(kernels, spec, w, like, terms, key, row0, codes_into)
+
+
+def _native_terms(terms: LowRank) -> bool:
+    """Whether the kernels take these factors as they are (contiguous float32 on the CPU)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in (terms.left, terms.right))  # fmt: skip
 
 
 def _requantize_with(kernels: native.Fp8Kernels, spec: native.LowBitSpec, w: PackedWeight, like: Parts,
                      terms: LowRank, key: int | None, row0: int,
                      codes_into: torch.Tensor | None = None) -> Requantized | None:  # fmt: skip
-    like_codes = like["codes"]
-    if codes_into is None:
-        codes_into = torch.empty(like_codes.shape, dtype=like_codes.dtype)
-    elif codes_into.shape != like_codes.shape or codes_into.dtype != like_codes.dtype or not codes_into.is_contiguous():
-        raise ValueError(f"codes_into must be contiguous, {like_codes.dtype}, of shape {tuple(like_codes.shape)}")
-    codes, scale, zero, _ = _native_inputs(w, like, spec)
-    codes_out = codes_into.view(torch.uint8).reshape(codes.shape)  # the same memory, as the kernels address it
-    scale_out, zero_out = torch.empty_like(scale), torch.empty_like(zero)
-    sums = torch.zeros(-(-codes.shape[0] // ENCODE_BLOCK_ROWS), 3, dtype=torch.float64)
-    answers = kernels.lowbit_encode(
-        spec,
-        (terms.left, terms.right),
-        row0,
-        (codes, scale, zero),
-        (codes_out, scale_out, zero_out),
-        stream=key,
-        sums=sums,
-        block=ENCODE_BLOCK_ROWS,
-    )
-    if native.LOWBIT_NOMEM in answers:
-        raise MemoryError("the packed low-bit kernels could not allocate their row buffers")
-    if native.LOWBIT_NONFINITE in answers:
+    job = _EncodeJob.of(w, like, spec, codes_into)
+    answers = kernels.lowbit_encode(spec, (terms.left, terms.right), row0, job.inputs, job.outputs, stream=key,
+                                    sums=job.sums, block=ENCODE_BLOCK_ROWS)  # fmt: skip
+    return job.result(answers)
+
+
+def start_native(w: PackedWeight, like: Parts, terms: LowRank, *, key: int | None,
+                 codes_into: torch.Tensor) -> Started | None:  # fmt: skip
+    """:func:`requantize_native` begun on the kernel threads (native.on_every_core), which go on to it
+    once they finish the work begun before it; :meth:`Started.finish` waits for it and gives what
+    requantize_native would have. None where the kernels do not take the weight (nothing begun)."""
+    kernels, spec = _kernels(), _native_spec(w, like)
+    if kernels is None or spec is None or not _native_terms(terms):
         return None
-    if native.LOWBIT_FRESH in answers:
-        raise NeedsFreshScales
-    like_scale = like["scale"]
-    out: Parts = {"codes": codes_into}
-    out["scale"] = scale_out.to(like_scale.dtype) if w.scheme.format == "int" else scale_out.view(like_scale.dtype)
-    if "zero" in like:
-        out["zero"] = intpack.pack_int32(zero_out.T.contiguous(), w.scheme.bits).T.contiguous()
-    for role in ("global", "shape", "g_idx"):
-        if role in like:
-            out[role] = like[role]
-    dd, ed, ee = sums.sum(0).tolist()
-    return Requantized(out, Kept(dd, ed, ee))
+    job = _EncodeJob.of(w, like, spec, codes_into)
+    running = kernels.lowbit_encode_later(spec, (terms.left, terms.right), 0, job.inputs, job.outputs, stream=key,
+                                          sums=job.sums, block=ENCODE_BLOCK_ROWS)  # fmt: skip
+    return Started(job, running)
+
+
+@dataclass
+class Started:
+    """A requantization under way on the kernel threads (:func:`start_native`)."""
+
+    job: _EncodeJob
+    running: native.Running
+
+    def finish(self) -> Requantized | None:
+        """Wait for it: :func:`requantize_native`'s result (None where a merged value is not finite).
+
+        Raises:
+            NeedsFreshScales: as :func:`requantize`.
+        """
+        return self.job.result(self.running.answers())
+
+    def cancel(self) -> None:
+        """Stop it, and wait until no core works on it (its buffers are then the caller's again)."""
+        self.running.cancel()
+
+
+@dataclass
+class _EncodeJob:
+    """The compiled encode pass's inputs and outputs for one weight (or expert), and what it reports."""
+
+    w: PackedWeight
+    like: Parts
+    codes_into: torch.Tensor
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes (rows, row_bytes), scale, zero codes
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    sums: torch.Tensor  # float64 (blocks, 3): each block's kept sums
+
+    @classmethod
+    def of(cls, w: PackedWeight, like: Parts, spec: native.LowBitSpec, codes_into: torch.Tensor | None) -> _EncodeJob:
+        like_codes = like["codes"]
+        if codes_into is None:
+            codes_into = torch.empty(like_codes.shape, dtype=like_codes.dtype)
+        elif (codes_into.shape != like_codes.shape or codes_into.dtype != like_codes.dtype
+              or not codes_into.is_contiguous()):  # fmt: skip
+            raise ValueError(f"codes_into must be contiguous, {like_codes.dtype}, of shape {tuple(like_codes.shape)}")
+        codes, scale, zero, _ = _native_inputs(w, like, spec)
+        codes_out = codes_into.view(torch.uint8).reshape(codes.shape)  # the same memory, as the kernels address it
+        outputs = (codes_out, torch.empty_like(scale), torch.empty_like(zero))
+        sums = torch.zeros(-(-codes.shape[0] // ENCODE_BLOCK_ROWS), 3, dtype=torch.float64)
+        return cls(w, like, codes_into, (codes, scale, zero), outputs, sums)
+
+    def result(self, answers: list[int]) -> Requantized | None:
+        """The weight's parts and kept sums once the cores gave ``answers``; None where a merged value is
+        not finite (the torch passes then say where)."""
+        if native.LOWBIT_NOMEM in answers:
+            raise MemoryError("the packed low-bit kernels could not allocate their row buffers")
+        if native.LOWBIT_NONFINITE in answers:
+            return None
+        if native.LOWBIT_FRESH in answers:
+            raise NeedsFreshScales
+        w, like, (_, scale_out, zero_out) = self.w, self.like, self.outputs
+        out: Parts = {"codes": self.codes_into}
+        like_scale = like["scale"]
+        out["scale"] = scale_out.to(like_scale.dtype) if w.scheme.format == "int" else scale_out.view(like_scale.dtype)
+        if "zero" in like:
+            out["zero"] = intpack.pack_int32(zero_out.T.contiguous(), w.scheme.bits).T.contiguous()
+        for role in ("global", "shape", "g_idx"):
+            if role in like:
+                out[role] = like[role]
+        dd, ed, ee = self.sums.sum(0).tolist()
+        return Requantized(out, Kept(dd, ed, ee))
 
 
 def subspace_compiled(device: torch.device) -> bool:
