@@ -274,7 +274,22 @@ def merge_without_pass(*args: Any, **kwargs: Any) -> Any:
         codes = codes_into.copy_(like["codes"]) if codes_into is not None else like["codes"].clone()
         return packed.Requantized({**like, "codes": codes}, Kept(1.0, 0.0, 0.0))
 
+    class Begun:  # packed.Started's face (a merge in place begins each piece's pass ahead of its turn)
+        def __init__(self, result: packed.Requantized) -> None:
+            self.result = result
+
+        def finish(self) -> packed.Requantized:
+            return self.result
+
+        def cancel(self) -> None:
+            pass
+
+    def begun(w: PackedWeight, like: packed.Parts, terms: packed.LowRank, *, key: int | None,
+              codes_into: torch.Tensor) -> Begun:  # fmt: skip
+        return Begun(copied(w, like, terms, key=key, codes_into=codes_into))
+
     packed.requantize_native = copied  # type: ignore[assignment]
+    packed.start_native = begun  # type: ignore[assignment]
     gc.collect()
     gc.freeze()  # this module's imports (transformers among them) out of the collector's way, as the command's are
     return loratool.merge(*args, **kwargs)
