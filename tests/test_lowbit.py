@@ -1155,6 +1155,37 @@ def test_an_error_met_ahead_is_raised_at_its_weight(tmp_path: Path, plain, monke
     assert not (tmp_path / "m").exists()
 
 
+def test_pieces_begun_ahead_that_need_a_new_tensor_scale_go_to_torch(tmp_path: Path, plain, monkeypatch) -> None:
+    """An NVFP4 merge whose delta outgrows the tensor scales: each piece's pass, begun on the kernel threads
+    while the one before is computed, answers that its scales no longer serve, and the torch passes then
+    requantize it into the same buffer (NVFP4's new tensor scale): every byte as without the kernels."""
+    from loratool.quant import packed
+
+    base, adapter = plain
+    make_quantized(base, tmp_path / "q", "nvfp4-compressed")
+    answers: list[str] = []
+    finish = packed.Started.finish
+
+    def finished(self):  # type: ignore[no-untyped-def]
+        try:
+            return finish(self)
+        except packed.NeedsFreshScales:
+            answers.append("fresh")
+            raise
+
+    monkeypatch.setattr(packed.Started, "finish", finished)
+    big = (adapter, 300.0)  # past what the tensor scales serve
+    merge(tmp_path / "q", [big], output=tmp_path / "kernels", min_kept=0.0, show_progress=False)
+    assert len(answers) == len(PROJ) * 2  # every weight's pass (each but the first begun ahead) said so
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    merge(tmp_path / "q", [big], output=tmp_path / "torch", min_kept=0.0, show_progress=False)
+    got, want = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("kernels", "torch"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    changed = [k for k in want if k.endswith("weight_global_scale")]
+    q = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert changed and all(not torch.equal(got[k], q[k]) for k in changed)
+
+
 @pytest.mark.parametrize("fmt", ["int4-sym", "int4-asym"])
 def test_pooled_codes_go_back_to_the_pool_only_once_written(tmp_path: Path, plain, monkeypatch, fmt: str) -> None:
     """The kernels write each 2-D weight's codes into a pooled buffer that the writer hands back once it

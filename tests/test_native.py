@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -539,6 +540,35 @@ def test_requantizations_begun_on_the_kernel_threads_give_what_the_call_gives(ke
     started = packed.start_native(w, parts, terms, key=None, codes_into=torch.empty_like(parts["codes"]))
     started.cancel()
     assert all(f.done() for f in started.running.futures)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_gets_kernel_threads_of_its_own(kernels) -> None:
+    """A process forked after the kernels ran has none of its parent's threads: its requantizations start
+    pools of their own rather than wait for threads that do not exist (they hung)."""
+    w, parts, _ = _packed_case("int4-sym-bf16", 37, 200)
+    terms = _terms(37, 200, 0.01)
+    want = packed.requantize_native(w, parts, terms, key=None)  # both pools started here
+    started = packed.start_native(w, parts, terms, key=None, codes_into=torch.empty_like(parts["codes"]))
+    assert want is not None and started is not None and started.finish() is not None
+    pid = os.fork()
+    if pid == 0:  # the child: 0 if both paths give the parent's codes
+        code = 2
+        try:
+            got = packed.start_native(w, parts, terms, key=None, codes_into=torch.empty_like(parts["codes"]))
+            again = packed.requantize_native(w, parts, terms, key=None)
+            ok = got is not None and again is not None
+            code = 0 if ok and torch.equal(got.finish().parts["codes"], want.parts["codes"]) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's requantization hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_terms_folded_into_one_product_and_none_at_all() -> None:

@@ -502,6 +502,16 @@ _kernel_pool: list[ThreadPoolExecutor] = []
 _KERNEL_THREADS = "loratool-kernel"
 
 
+def _forget_pools() -> None:
+    """In a forked child, which has none of its parent's threads: the pools start anew when next used."""
+    _pool.clear()
+    _kernel_pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 def on_every_core(call: Callable[[], int]) -> list[Future[int]]:
     """``call()`` once for each core, on threads of their own that take work in the order given, so
     that the cores go on from one kernel's calls to the next one's without waiting for the caller
