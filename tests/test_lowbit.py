@@ -266,6 +266,7 @@ def test_a_4bit_merge_that_loses_the_adapter_exits_1_and_writes_nothing(tmp_path
     assert res.exit_code == 1 and not (tmp_path / "m").exists()
     assert "below --min-kept 0.8" in res.stderr and "--dtype bfloat16" in res.stderr
     assert "serving the adapter unmerged" in res.stderr and "model.layers." in res.stderr  # names the weights
+    assert "--rounding stochastic (the default)" in res.stderr  # into a 4-bit base (subspace is FP8's default)
     ok = cli("merge", tmp_path / "q", f"{adapter}:0.002", "-o", tmp_path / "m", "--rounding", "nearest",
              "--min-kept", "0")  # fmt: skip
     assert ok.exit_code == 0 and "carry only" in ok.stderr  # written, with the warning

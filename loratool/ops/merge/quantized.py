@@ -188,7 +188,11 @@ def _names(tensors: list[dict[str, Any]], most: int = 3) -> str:
 
 
 def _remedy(report: dict[str, Any], rounding: Rounding) -> str:
-    steps = ["--rounding subspace (the default: keeps the delta)"] if rounding.rule == "nearest" else []
+    steps = []
+    if rounding.rule == "nearest":  # the default rule is rounding.default_rule's: subspace into FP8 in place only
+        fp8_in_place = report["grid"] == "FP8" and not report["dequantized"]
+        steps.append("--rounding subspace (the default: keeps the delta)" if fp8_in_place else
+                     "--rounding stochastic (the default) or subspace (keeps the most, much slower)")  # fmt: skip
     if not report["dequantized"]:
         steps.append("--dtype bfloat16 for a dequantized checkpoint")
     steps.append("serving the adapter unmerged")
