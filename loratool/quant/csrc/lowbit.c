@@ -1247,10 +1247,10 @@ LT_EXPORT int32_t lt_lowbit_encode(const Spec *sp, const float *left, const floa
 
 /* lt_lowbit_encode over blocks of `block` rows, taken in turn through the counter *next (zeroed first)
  * by every thread that calls this for the same weight at once (one a core): the core that comes free
- * takes the next block, so that none waits at the end behind a share given to another. Block b's kept sums are added to sums[3b .. 3b + 3), so that their total does not depend on which
- * thread took which block. A block answered otherwise than LT_OK sets *stop, after which no caller
- * takes another; each caller returns the worst answer it met (LT_NOMEM, then LT_NONFINITE, then
- * LT_FRESH). */
+ * takes the next block, so that none waits at the end behind a share given to another. Block b's kept
+ * sums are added to sums[3b .. 3b + 3), so that their total does not depend on which thread took which
+ * block. A block answered otherwise than LT_OK sets *stop, after which no caller takes another; each
+ * caller returns the worst answer it met (LT_NOMEM, then LT_NONFINITE, then LT_FRESH). */
 LT_EXPORT int32_t lt_lowbit_encode_blocks(const Spec *sp, const float *left, const float *right, int64_t k,
                                           int64_t rows, int64_t row0, const uint8_t *codes_in, const void *scale_in,
                                           const int32_t *zero_in, uint8_t *codes_out, void *scale_out,
