@@ -471,13 +471,13 @@ class Stream:
         else:
             prepared = self._prepared.pop((w.name, expert), None)
             parts, terms, stream, space = prepared.result() if prepared is not None else self._packed_inputs(w, expert)
-            if into is not None and space is None and self.check is None:  # (the compiled kernels' conditions)
+            if into is not None and self._compiled(space):
                 started = packed.start_native(w, parts, terms, key=stream, codes_into=into)
         rows = w.rows_cols[0]
         # strips of rows whose temporaries stay small; the subspace rule's column loop in torch passes
         # pays its overhead per strip, so without the compiled kernels it takes the weight whole
         step = rows if space is not None and not packed.subspace_compiled(self.device) else packed.strip_rows(w)
-        compiled = space is None and self.check is None  # the compiled kernels where they take the weight
+        compiled = self._compiled(space)
         try:
             self._prepare_after(w, expert)
             if started is not None:
@@ -505,6 +505,11 @@ class Stream:
         self.requantized.append((name, kept))
         return out
 
+    def _compiled(self, space: Subspace | None) -> bool:
+        """Whether a packed piece goes to the compiled encode pass (where the kernels take its weight):
+        nearest or stochastic, not under ``--check`` (which compares the torch passes' strips)."""
+        return space is None and self.check is None
+
     def _start_next(self, w: PackedWeight, expert: int | None, after: torch.Tensor | None) -> None:
         """Begin the compiled requantization of the piece after ``w`` (``expert``) on the kernel threads,
         its inputs as prepared ahead, while this one is computed: the cores go on to it as they finish
@@ -523,7 +528,7 @@ class Stream:
             return
         inputs = prepared.result()
         parts, terms, stream, space = inputs
-        if space is not None or self.check is not None:
+        if not self._compiled(space):
             return
         if after is None:
             if piece not in (None, 0) or later.name in self._early_codes:
